@@ -1,0 +1,59 @@
+# parma-sandbox: `make run` runs the example group, `make test` runs the default test tiers.
+# Both install what they need first (Debian packages via sudo when not root, then a venv in .venv).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PS := $(BIN)/parma-sandbox
+PYTEST := $(BIN)/pytest
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help host-packages setup run test test-unit test-tools test-vm test-snp test-slow lint bench kernel uvm firmware-snp \
+        example-images clean
+
+help: ## Show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+host-packages:
+	@scripts/install-host-packages.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+setup: host-packages ## Install Debian packages (if missing) and the venv (idempotent)
+	@$(MAKE) --no-print-directory $(STAMP)
+
+run: setup ## Run the example group (examples/hello) in a confidential UVM
+	$(PS) up examples/hello/group.json
+
+test: setup ## Run the default tiers: unit, tools and vm
+	$(PYTEST) -m "(unit or tools or vm) and not slow" tests
+
+test-unit: setup ## Pure tests only (seconds)
+	$(PYTEST) -m "unit and not slow" tests
+
+test-tools: setup ## Tests that drive real external tools and services
+	$(PYTEST) -m "tools and not slow" tests
+
+test-vm: setup ## Tests that boot the real UVM under QEMU
+	$(PYTEST) -m "vm and not slow" tests
+
+test-snp: setup ## Tests that need SEV-SNP hardware (they skip elsewhere)
+	$(PYTEST) -m snp tests
+
+test-slow: setup ## Long-running tests (reproducibility rebuilds, boot loops)
+	$(PYTEST) -m slow tests
+
+lint: setup ## ruff
+	$(BIN)/ruff check sandbox tests bench
+
+bench: setup ## Benchmarks; each prints JSON
+	@for b in bench/bench_*.py; do echo "== $$b" >&2; $(BIN)/python $$b || exit 1; done
+
+clean: ## Remove build outputs (not the cache in ~/.cache/parma-sandbox)
+	rm -rf build

@@ -1,0 +1,73 @@
+"""Shared CLI plumbing: the context object, --format handling, and result output on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import click
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+
+
+@dataclass
+class CliContext:
+    debug: bool = False
+    quiet: bool = False
+    format: OutputFormat = OutputFormat.table
+
+
+def cli_context() -> CliContext:
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return CliContext()
+    obj = ctx.find_object(CliContext)
+    return obj if obj is not None else CliContext()
+
+
+def format_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Per-command --format; when omitted the global --format applies."""
+    return click.option("--format", "fmt", type=click.Choice([f.value for f in OutputFormat]), default=None,
+                        help="Output format (default: the global --format, else table).")(f)
+
+
+def resolve_format(fmt: str | None) -> OutputFormat:
+    return OutputFormat(fmt) if fmt else cli_context().format
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h).upper() for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def emit(data: Any, fmt: str | None, table: Callable[[Any], str]) -> None:
+    """Print a result document: JSON, or the human rendering produced by `table`."""
+    if resolve_format(fmt) == OutputFormat.json:
+        echo_json(data)
+    else:
+        text = table(data)
+        if text:
+            click.echo(text)
+
+
+def info(message: str) -> None:
+    """A human note on stderr (suppressed by -q)."""
+    if not cli_context().quiet:
+        click.echo(message, err=True)
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()

@@ -1,0 +1,40 @@
+"""`parma-sandbox validate group.json`: check a group spec without touching the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sandbox.cli.common import emit, format_option
+from sandbox.group import GroupSpec, load_group
+
+
+def group_summary(spec: GroupSpec) -> dict[str, object]:
+    return {
+        "name": spec.name,
+        "tee": spec.tee.value,
+        "resources": {"vcpus": spec.resources.vcpus, "memoryMiB": spec.resources.memory_mib},
+        "containers": [{"name": c.name, "image": c.image} for c in spec.containers],
+        "ports": [{"port": p.port, "hostPort": p.host_port, "protocol": p.protocol, "hostAddress": p.host_address}
+                  for p in spec.ports],
+        "volumes": [{"name": v.name, "kind": v.kind.value} for v in spec.volumes],
+    }
+
+
+@click.command("validate")
+@click.argument("group_file", type=click.Path(path_type=Path, dir_okay=False))
+@format_option
+def validate(group_file: Path, fmt: str | None) -> None:
+    """Validate GROUP_FILE (exit 0 when valid, 2 with every problem listed otherwise)."""
+    spec = load_group(group_file)
+    summary = {"valid": True, "file": str(group_file), **group_summary(spec)}
+
+    def table(s: dict) -> str:
+        names = ", ".join(c["name"] for c in s["containers"])
+        return f"{group_file}: valid: group {s['name']!r} with {len(s['containers'])} container(s): {names}"
+
+    emit(summary, fmt, table)
+
+
+commands = [validate]

@@ -1,0 +1,620 @@
+"""The container-group spec (group.json): a frozen model and a validator that reports every problem.
+
+Field names follow ACI's containerGroup where one exists (camelCase, `environmentVariables`-style
+`{name, value|secureValue}` env entries, group-level `volumes` referenced by name from container
+`mounts`). docs/group-spec.md is the user-facing description; group.schema.json is the JSON Schema
+shipped for editors. Semantics: `command` replaces the image's ENTRYPOINT and `args` its CMD.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import posixpath
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sandbox.group.jsonio import ValidationError, load_json_file
+from sandbox.shared.errors import InputError
+
+
+class TeeMode(StrEnum):
+    auto = "auto"
+    sev_snp = "sev-snp"
+    emulated = "emulated"
+
+
+class VolumeKind(StrEnum):
+    empty_dir = "emptyDir"   # shared scratch directory in guest memory, writable
+    tmpfs = "tmpfs"          # private tmpfs of a given size
+    files = "files"          # a directory shipped with the group, mounted read-only
+    secret = "secret"        # small base64 items, mounted read-only
+
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
+# Simplified docker reference grammar: [host[:port]/]path[:tag][@sha256:hex].
+IMAGE_RE = re.compile(
+    r"^(?:(?P<host>[A-Za-z0-9.-]+(?::[0-9]+)?)/)?"
+    r"(?P<path>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+LOCAL_IMAGE_PREFIXES = ("oci:", "docker-archive:")
+
+SIGNALS = {
+    "HUP": 1, "INT": 2, "QUIT": 3, "ILL": 4, "TRAP": 5, "ABRT": 6, "BUS": 7, "FPE": 8, "KILL": 9,
+    "USR1": 10, "SEGV": 11, "USR2": 12, "PIPE": 13, "ALRM": 14, "TERM": 15, "STKFLT": 16, "CHLD": 17,
+    "CONT": 18, "STOP": 19, "TSTP": 20, "TTIN": 21, "TTOU": 22, "URG": 23, "XCPU": 24, "XFSZ": 25,
+    "VTALRM": 26, "PROF": 27, "WINCH": 28, "IO": 29, "PWR": 30, "SYS": 31,
+}
+
+CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
+    "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
+    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    value: str
+    secure: bool = False  # secure values never appear in logs, `inspect` or error messages
+
+    def shown(self) -> str:
+        return f"{self.name}=<secure>" if self.secure else f"{self.name}={self.value}"
+
+
+@dataclass(frozen=True)
+class ContainerPort:
+    port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class GroupPort:
+    port: int             # port inside the group's network namespace
+    host_port: int        # port on the host
+    protocol: str = "TCP"
+    host_address: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ExecProcess:
+    command: tuple[str, ...]
+    signals: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Mount:
+    volume: str
+    mount_path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Volume:
+    name: str
+    kind: VolumeKind
+    size_mib: int | None = None                            # tmpfs
+    source: Path | None = None                             # files: resolved against the group file
+    items: tuple[tuple[str, bytes], ...] = ()              # secret: (file name, content)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    add: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Container:
+    name: str
+    image: str
+    command: tuple[str, ...] | None = None   # replaces ENTRYPOINT
+    args: tuple[str, ...] | None = None      # replaces CMD
+    env: tuple[EnvVar, ...] = ()
+    working_dir: str | None = None
+    mounts: tuple[Mount, ...] = ()
+    ports: tuple[ContainerPort, ...] = ()
+    exec_processes: tuple[ExecProcess, ...] = ()
+    signals: tuple[int, ...] = ()
+    user: str | None = None
+    privileged: bool = False
+    capabilities: Capabilities = Capabilities()
+    stdio: bool = True
+    attestation_api: bool = False
+
+
+@dataclass(frozen=True)
+class Resources:
+    vcpus: int = 1
+    memory_mib: int = 512
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    debug_mode: bool = False
+    allow_environment_variable_dropping: bool = False
+    allow_capability_dropping: bool = False
+    allow_unencrypted_scratch: bool = True
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    name: str
+    containers: tuple[Container, ...]
+    ports: tuple[GroupPort, ...] = ()
+    volumes: tuple[Volume, ...] = ()
+    resources: Resources = Resources()
+    policy: PolicyOptions = PolicyOptions()
+    tee: TeeMode = TeeMode.auto
+    base_dir: Path = field(default=Path("."), compare=False)
+
+    def container(self, name: str) -> Container:
+        for c in self.containers:
+            if c.name == name:
+                return c
+        raise InputError(f"group {self.name!r} has no container {name!r}",
+                         hint="containers: " + ", ".join(c.name for c in self.containers))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation: walk the raw JSON, collect every problem with its path, build the model only when clean.
+
+_MISSING = object()
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}" if path else message)
+
+    def obj(self, value: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict | None:
+        if not isinstance(value, dict):
+            self.problem(path, f"expected an object, got {_type(value)}")
+            return None
+        for key in value:
+            if key not in allowed:
+                close = [a for a in sorted(allowed) if a.lower() == key.lower()]
+                extra = f" (did you mean {close[0]!r}?)" if close else ""
+                self.problem(_join(path, key), f"unknown field{extra}")
+        for key in sorted(required):
+            if key not in value:
+                self.problem(_join(path, key), "required field is missing")
+        return value
+
+    def string(self, d: dict, key: str, path: str, *, default: Any = _MISSING, nonempty: bool = True) -> Any:
+        v = d.get(key, _MISSING)
+        if v is _MISSING:
+            return default
+        p = _join(path, key)
+        if not isinstance(v, str):
+            self.problem(p, f"expected a string, got {_type(v)}")
+            return default
+        if nonempty and not v:
+            self.problem(p, "must not be empty")
+            return default
+        if "\x00" in v:
+            self.problem(p, "must not contain NUL characters")
+            return default
+        return v
+
+    def boolean(self, d: dict, key: str, path: str, default: bool) -> bool:
+        v = d.get(key, _MISSING)
+        if v is _MISSING:
+            return default
+        if not isinstance(v, bool):
+            self.problem(_join(path, key), f"expected true or false, got {_type(v)}")
+            return default
+        return v
+
+    def integer(self, d: dict, key: str, path: str, lo: int, hi: int, default: Any = _MISSING) -> Any:
+        v = d.get(key, _MISSING)
+        if v is _MISSING:
+            return default
+        p = _join(path, key)
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.problem(p, f"expected an integer, got {_type(v)}")
+            return default
+        if not lo <= v <= hi:
+            self.problem(p, f"must be between {lo} and {hi}, got {v}")
+            return default
+        return v
+
+    def array(self, d: dict, key: str, path: str) -> list | None:
+        v = d.get(key, _MISSING)
+        if v is _MISSING:
+            return None
+        if not isinstance(v, list):
+            self.problem(_join(path, key), f"expected an array, got {_type(v)}")
+            return None
+        return v
+
+    def string_list(self, d: dict, key: str, path: str, *, nonempty_list: bool = False) -> tuple[str, ...] | None:
+        items = self.array(d, key, path)
+        if items is None:
+            return None
+        p = _join(path, key)
+        if nonempty_list and not items:
+            self.problem(p, "must not be an empty array")
+        out = []
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                self.problem(f"{p}[{i}]", f"expected a string, got {_type(item)}")
+            elif "\x00" in item:
+                self.problem(f"{p}[{i}]", "must not contain NUL characters")
+            else:
+                out.append(item)
+        return tuple(out)
+
+    def signal_list(self, d: dict, key: str, path: str) -> tuple[int, ...]:
+        items = self.array(d, key, path)
+        if items is None:
+            return ()
+        out = []
+        for i, item in enumerate(items):
+            sig = parse_signal(item)
+            if sig is None:
+                self.problem(f"{_join(path, key)}[{i}]",
+                             f"unknown signal {item!r} (use a number 1-64 or a name like SIGTERM)")
+            else:
+                out.append(sig)
+        return tuple(out)
+
+
+def _type(v: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def parse_signal(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 1 <= value <= 64 else None
+    if isinstance(value, str):
+        name = value.upper().removeprefix("SIG")
+        if name in SIGNALS:
+            return SIGNALS[name]
+        if name.isdigit() and 1 <= int(name) <= 64:
+            return int(name)
+    return None
+
+
+def normalize_capability(name: str) -> str | None:
+    cap = name.upper()
+    if not cap.startswith("CAP_"):
+        cap = "CAP_" + cap
+    return cap if cap in CAPABILITIES else None
+
+
+def check_image_reference(ref: str) -> str | None:
+    """Return a problem description, or None when `ref` is a syntactically valid image reference."""
+    if ref.startswith(LOCAL_IMAGE_PREFIXES):
+        kind, _, rest = ref.partition(":")
+        return None if rest else f"{kind}: needs a path after the colon"
+    if len(ref) > 4096:
+        return "is too long"
+    if not IMAGE_RE.match(ref):
+        return ("is not a valid image reference (expected [registry/]name[:tag][@sha256:digest], "
+                "oci:DIR[:TAG] or docker-archive:FILE)")
+    return None
+
+
+def _abs_path(c: _Checker, value: Any, path: str) -> str | None:
+    if not isinstance(value, str):
+        return None
+    if not value.startswith("/"):
+        c.problem(path, f"must be an absolute path, got {value!r}")
+        return None
+    if ".." in value.split("/"):
+        c.problem(path, "must not contain '..'")
+        return None
+    return posixpath.normpath(value)
+
+
+def _check_env(c: _Checker, items: list, path: str) -> tuple[EnvVar, ...]:
+    out: list[EnvVar] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        ipath = f"{path}[{i}]"
+        if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]:
+            ipath = f"{path}.{item['name']}"
+        d = c.obj(item, ipath, {"name", "value", "secureValue"}, {"name"})
+        if d is None:
+            continue
+        name = c.string(d, "name", f"{path}[{i}]", default=None)
+        if name is None:
+            continue
+        if not ENV_NAME_RE.match(name):
+            c.problem(ipath, "invalid environment variable name (letters, digits and '_', not starting with a digit)")
+            continue
+        if name in seen:
+            c.problem(ipath, "duplicate environment variable")
+            continue
+        seen.add(name)
+        has_value, has_secure = "value" in d, "secureValue" in d
+        if has_value == has_secure:
+            c.problem(ipath, "needs exactly one of 'value' and 'secureValue'")
+            continue
+        key = "value" if has_value else "secureValue"
+        value = c.string(d, key, ipath, default=None, nonempty=False)
+        if value is not None:
+            out.append(EnvVar(name, value, secure=has_secure))
+    return tuple(out)
+
+
+def _check_port_number(c: _Checker, d: dict, key: str, path: str, default: Any = _MISSING) -> Any:
+    return c.integer(d, key, path, 1, 65535, default)
+
+
+def _check_protocol(c: _Checker, d: dict, path: str) -> str:
+    proto = c.string(d, "protocol", path, default="TCP")
+    if isinstance(proto, str) and proto.upper() not in ("TCP", "UDP"):
+        c.problem(_join(path, "protocol"), f"must be TCP or UDP, got {proto!r}")
+        return "TCP"
+    return proto.upper()
+
+
+def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume]) -> Container | None:
+    allowed = {"name", "image", "command", "args", "env", "workingDir", "mounts", "ports", "execProcesses",
+               "signals", "user", "privileged", "capabilities", "stdio", "attestationApi"}
+    d = c.obj(raw, path, allowed, {"name", "image"})
+    if d is None:
+        return None
+    before = len(c.problems)
+    name = c.string(d, "name", path, default=None)
+    if name is not None and not NAME_RE.match(name):
+        c.problem(_join(path, "name"), f"{name!r} is not a valid name (lowercase letters, digits and '-', max 63)")
+    image = c.string(d, "image", path, default=None)
+    if image is not None and (why := check_image_reference(image)):
+        c.problem(_join(path, "image"), why)
+    command = c.string_list(d, "command", path, nonempty_list=True)
+    args = c.string_list(d, "args", path)
+    env_items = c.array(d, "env", path)
+    env = _check_env(c, env_items, _join(path, "env")) if env_items is not None else ()
+    working_dir = None
+    if "workingDir" in d:
+        working_dir = _abs_path(c, c.string(d, "workingDir", path, default=None), _join(path, "workingDir"))
+
+    mounts: list[Mount] = []
+    seen_paths: set[str] = set()
+    for i, m in enumerate(c.array(d, "mounts", path) or []):
+        mpath = f"{_join(path, 'mounts')}[{i}]"
+        md = c.obj(m, mpath, {"name", "mountPath", "readOnly"}, {"name", "mountPath"})
+        if md is None:
+            continue
+        vol = c.string(md, "name", mpath, default=None)
+        if vol is not None and vol not in volumes:
+            c.problem(_join(mpath, "name"), f"no volume named {vol!r} in the group's 'volumes'")
+        mount_path = _abs_path(c, c.string(md, "mountPath", mpath, default=None), _join(mpath, "mountPath"))
+        if mount_path == "/":
+            c.problem(_join(mpath, "mountPath"), "cannot mount over the container's root")
+        elif mount_path in seen_paths:
+            c.problem(_join(mpath, "mountPath"), f"{mount_path} is mounted twice")
+        read_only = c.boolean(md, "readOnly", mpath, False)
+        if vol in volumes and mount_path:
+            seen_paths.add(mount_path)
+            if volumes[vol].kind in (VolumeKind.files, VolumeKind.secret):
+                read_only = True
+            mounts.append(Mount(vol, mount_path, read_only))
+
+    ports: list[ContainerPort] = []
+    for i, p in enumerate(c.array(d, "ports", path) or []):
+        ppath = f"{_join(path, 'ports')}[{i}]"
+        pd = c.obj(p, ppath, {"port", "protocol"}, {"port"})
+        if pd is None:
+            continue
+        port = _check_port_number(c, pd, "port", ppath, None)
+        proto = _check_protocol(c, pd, ppath)
+        if port is not None:
+            ports.append(ContainerPort(port, proto))
+
+    execs: list[ExecProcess] = []
+    for i, e in enumerate(c.array(d, "execProcesses", path) or []):
+        epath = f"{_join(path, 'execProcesses')}[{i}]"
+        ed = c.obj(e, epath, {"command", "signals"}, {"command"})
+        if ed is None:
+            continue
+        cmd = c.string_list(ed, "command", epath, nonempty_list=True)
+        sigs = c.signal_list(ed, "signals", epath)
+        if cmd:
+            execs.append(ExecProcess(cmd, sigs))
+
+    signals = c.signal_list(d, "signals", path)
+    user = c.string(d, "user", path, default=None)
+    if user is not None and not USER_RE.match(user):
+        c.problem(_join(path, "user"), f"{user!r} is not a valid user (use uid, uid:gid, name or name:group)")
+    privileged = c.boolean(d, "privileged", path, False)
+    caps = Capabilities()
+    if "capabilities" in d:
+        cpath = _join(path, "capabilities")
+        cd = c.obj(d["capabilities"], cpath, {"add", "drop"})
+        if cd is not None:
+            lists = {}
+            for key in ("add", "drop"):
+                names = c.string_list(cd, key, cpath) or ()
+                norm = []
+                for i, n in enumerate(names):
+                    cap = normalize_capability(n)
+                    if cap is None:
+                        c.problem(f"{cpath}.{key}[{i}]", f"unknown capability {n!r}")
+                    else:
+                        norm.append(cap)
+                lists[key] = tuple(norm)
+            caps = Capabilities(**lists)
+    stdio = c.boolean(d, "stdio", path, True)
+    attestation_api = c.boolean(d, "attestationApi", path, False)
+    if len(c.problems) != before:
+        return None
+    return Container(name=name, image=image, command=command, args=args, env=env, working_dir=working_dir,
+                     mounts=tuple(mounts), ports=tuple(ports), exec_processes=tuple(execs), signals=signals,
+                     user=user, privileged=privileged, capabilities=caps, stdio=stdio,
+                     attestation_api=attestation_api)
+
+
+def _check_volume(c: _Checker, raw: Any, path: str, base_dir: Path) -> Volume | None:
+    d = c.obj(raw, path, {"name", "emptyDir", "tmpfs", "files", "secret"}, {"name"})
+    if d is None:
+        return None
+    name = c.string(d, "name", path, default=None)
+    if name is not None and not NAME_RE.match(name):
+        c.problem(_join(path, "name"), f"{name!r} is not a valid name (lowercase letters, digits and '-')")
+        name = None
+    kinds = [k for k in VolumeKind if k.value in d]
+    if len(kinds) != 1:
+        c.problem(path, "needs exactly one of 'emptyDir', 'tmpfs', 'files', 'secret'")
+        return None
+    kind = kinds[0]
+    body = d[kind.value]
+    kpath = _join(path, kind.value)
+    if kind == VolumeKind.empty_dir:
+        c.obj(body, kpath, set())
+        return Volume(name, kind) if name else None
+    if kind == VolumeKind.tmpfs:
+        bd = c.obj(body, kpath, {"sizeMiB"})
+        size = c.integer(bd, "sizeMiB", kpath, 1, 65536, 64) if bd is not None else None
+        return Volume(name, kind, size_mib=size) if name and size else None
+    if kind == VolumeKind.files:
+        bd = c.obj(body, kpath, {"path"}, {"path"})
+        rel = c.string(bd, "path", kpath, default=None) if bd is not None else None
+        if rel is None:
+            return None
+        src = (base_dir / rel).resolve()
+        if not src.is_dir():
+            c.problem(_join(kpath, "path"), f"{rel!r} is not a directory next to the group file ({src})")
+            return None
+        return Volume(name, kind, source=src) if name else None
+    # secret: {"file-name": "base64 content"}
+    if not isinstance(body, dict) or not body:
+        c.problem(kpath, "expected a non-empty object mapping file names to base64 content")
+        return None
+    items = []
+    for fname, b64 in sorted(body.items()):
+        ipath = _join(kpath, fname)
+        if not re.match(r"^[A-Za-z0-9._-]{1,255}$", fname) or fname in (".", ".."):
+            c.problem(ipath, "invalid file name")
+            continue
+        if not isinstance(b64, str):
+            c.problem(ipath, f"expected a base64 string, got {_type(b64)}")
+            continue
+        try:
+            items.append((fname, base64.b64decode(b64, validate=True)))
+        except (binascii.Error, ValueError):
+            c.problem(ipath, "is not valid base64")
+    return Volume(name, kind, items=tuple(items)) if name else None
+
+
+def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group.json") -> GroupSpec:
+    """Validate a parsed group document; raise ValidationError listing every problem."""
+    c = _Checker()
+    top = c.obj(raw, "", {"$schema", "name", "containers", "ports", "volumes", "resources", "policy", "tee"},
+                {"name", "containers"})
+    if top is None:
+        raise ValidationError(source, c.problems, hint="a group file is a JSON object; see docs/group-spec.md")
+    name = c.string(top, "name", "", default=None)
+    if name is not None and not NAME_RE.match(name):
+        c.problem("name", f"{name!r} is not a valid group name (lowercase letters, digits and '-', max 63)")
+
+    volumes: dict[str, Volume] = {}
+    for i, v in enumerate(c.array(top, "volumes", "") or []):
+        vol = _check_volume(c, v, f"volumes[{i}]", base_dir)
+        if vol is not None:
+            if vol.name in volumes:
+                c.problem(f"volumes[{i}].name", f"duplicate volume name {vol.name!r}")
+            volumes[vol.name] = vol
+
+    containers: list[Container] = []
+    raw_containers = c.array(top, "containers", "")
+    if raw_containers is not None and not raw_containers:
+        c.problem("containers", "a group needs at least one container")
+    names: set[str] = set()
+    for i, rc in enumerate(raw_containers or []):
+        ctr = _check_container(c, rc, f"containers[{i}]", volumes)
+        if ctr is None:
+            continue
+        if ctr.name in names:
+            c.problem(f"containers[{i}].name", f"duplicate container name {ctr.name!r}")
+        names.add(ctr.name)
+        containers.append(ctr)
+
+    ports: list[GroupPort] = []
+    host_ports: set[tuple[str, int, str]] = set()
+    for i, p in enumerate(c.array(top, "ports", "") or []):
+        ppath = f"ports[{i}]"
+        pd = c.obj(p, ppath, {"port", "hostPort", "protocol", "hostAddress"}, {"port"})
+        if pd is None:
+            continue
+        port = _check_port_number(c, pd, "port", ppath, None)
+        host_port = _check_port_number(c, pd, "hostPort", ppath, port)
+        proto = _check_protocol(c, pd, ppath)
+        addr = c.string(pd, "hostAddress", ppath, default="127.0.0.1")
+        try:
+            ipaddress.ip_address(addr)
+        except ValueError:
+            c.problem(_join(ppath, "hostAddress"), f"{addr!r} is not an IP address")
+            continue
+        if port is None or host_port is None:
+            continue
+        key = (addr, host_port, proto)
+        if key in host_ports:
+            c.problem(_join(ppath, "hostPort"), f"host port {host_port}/{proto} is forwarded twice")
+        host_ports.add(key)
+        ports.append(GroupPort(port, host_port, proto, addr))
+
+    resources = Resources()
+    if "resources" in top:
+        rd = c.obj(top["resources"], "resources", {"vcpus", "memoryMiB"})
+        if rd is not None:
+            resources = Resources(vcpus=c.integer(rd, "vcpus", "resources", 1, 64, 1),
+                                  memory_mib=c.integer(rd, "memoryMiB", "resources", 128, 65536, 512))
+
+    policy = PolicyOptions()
+    if "policy" in top:
+        keys = {"debugMode", "allowEnvironmentVariableDropping", "allowCapabilityDropping",
+                "allowUnencryptedScratch"}
+        pd = c.obj(top["policy"], "policy", keys)
+        if pd is not None:
+            policy = PolicyOptions(
+                debug_mode=c.boolean(pd, "debugMode", "policy", False),
+                allow_environment_variable_dropping=c.boolean(pd, "allowEnvironmentVariableDropping", "policy", False),
+                allow_capability_dropping=c.boolean(pd, "allowCapabilityDropping", "policy", False),
+                allow_unencrypted_scratch=c.boolean(pd, "allowUnencryptedScratch", "policy", True),
+            )
+
+    tee = TeeMode.auto
+    tee_raw = c.string(top, "tee", "", default=None)
+    if tee_raw is not None:
+        try:
+            tee = TeeMode(tee_raw)
+        except ValueError:
+            c.problem("tee", f"must be one of auto, sev-snp, emulated; got {tee_raw!r}")
+
+    if c.problems:
+        raise ValidationError(source, c.problems, hint="see docs/group-spec.md for the format")
+    return GroupSpec(name=name, containers=tuple(containers), ports=tuple(ports), volumes=tuple(volumes.values()),
+                     resources=resources, policy=policy, tee=tee, base_dir=base_dir)
+
+
+def load_group(path: Path) -> GroupSpec:
+    """Read and validate a group file. Never touches the network."""
+    path = Path(path)
+    raw = load_json_file(path)
+    return validate_group(raw, base_dir=path.resolve().parent, source=str(path))

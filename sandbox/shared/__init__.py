@@ -1,0 +1,1 @@
+"""The shared zone: stdlib-only code imported by both the host and the guest agent."""

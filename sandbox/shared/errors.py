@@ -1,0 +1,65 @@
+"""Typed errors used across the project.
+
+Library code raises these; only the CLI layer (sandbox.cli.errors) turns them into exit codes and
+messages. Each carries a one-line message and an optional hint telling the user what to do next.
+"""
+
+from __future__ import annotations
+
+
+class SandboxError(Exception):
+    """Base of every expected failure. Never shown with a traceback unless --debug."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InputError(SandboxError):
+    """Bad user input: a malformed file, an invalid spec, a bad argument value (exit 2)."""
+
+
+class ToolMissing(SandboxError):
+    """An external program the step needs is not installed."""
+
+
+class ToolError(SandboxError):
+    """An external program ran and failed."""
+
+    def __init__(self, message: str, hint: str | None = None, *, returncode: int | None = None,
+                 stderr: str = "") -> None:
+        super().__init__(message, hint)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class NetworkError(SandboxError):
+    """A remote service (registry, KDS, key broker) could not be reached or refused us."""
+
+
+class NotFoundError(SandboxError):
+    """A named object (sandbox, image, secret) does not exist."""
+
+
+class StateError(SandboxError):
+    """On-disk state is inconsistent or locked by another process."""
+
+
+class CheckFailed(SandboxError):
+    """A verification ran to completion and one of its checks failed (exit 1)."""
+
+
+class PolicyDenied(SandboxError):
+    """The execution policy refused a request; the message carries the engine's explanation."""
+
+
+class GuestError(SandboxError):
+    """The guest agent reported an error or stopped answering."""
+
+
+class NotImplementedStep(SandboxError):
+    """A pipeline step that this version of parma-sandbox does not provide yet."""

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Install the Debian packages parma-sandbox needs, only when something is missing.
+# Idempotent: a second run with everything present does no apt work at all.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+
+# Packages from bookworm itself.
+BASE_PACKAGES=(
+    ovmf                       # UEFI firmware for emulated boots
+    cpio kmod                  # absent on a fresh machine; used by kernel builds
+    cryptsetup-bin             # veritysetup: the reference for our dm-verity code
+    e2fsprogs                  # e2fsck/debugfs: check the ext4 images we write
+    mmdebstrap                 # builds the UVM rootfs
+    skopeo docker-registry     # tools tests: a real OCI registry and a pusher
+    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
+    pkg-config gcc make        # libvirt-python builds from source
+    bison flex libelf-dev dwarves bc libssl-dev xz-utils  # kernel build
+    busybox-static             # trivial-init baseline in the boot benchmark
+    python3-venv python3-dev    # the project venv (Debian python needs these)
+    curl zstd ca-certificates
+)
+# QEMU must come from bookworm-backports: SNP needs >= 9.1, and 7.2 crashes 6.12 guests under TCG.
+BACKPORTS_PACKAGES=(qemu-system-x86 qemu-utils)
+
+missing=()
+for p in "${BASE_PACKAGES[@]}" "${BACKPORTS_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+qemu_ok=0
+if command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    major=$(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p')
+    [ "${major:-0}" -ge 9 ] && qemu_ok=1
+fi
+if [ ${#missing[@]} -eq 0 ] && [ $qemu_ok -eq 1 ]; then
+    exit 0
+fi
+
+echo "installing host packages: ${missing[*]:-qemu from backports}" >&2
+export DEBIAN_FRONTEND=noninteractive
+bp=/etc/apt/sources.list.d/bookworm-backports.sources
+if [ ! -f "$bp" ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    $SUDO tee "$bp" >/dev/null <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${BASE_PACKAGES[@]}"
+$SUDO apt-get install -y -q --no-install-recommends -t bookworm-backports "${BACKPORTS_PACKAGES[@]}"
