@@ -1,0 +1,1 @@
+"""Container images: acquisition (registry, OCI layout, docker-archive) and layer conversion."""
