@@ -67,10 +67,7 @@ class VerityInfo:
         return (self.hash_start_block + self.hash_blocks) * self.hash_block_size
 
     def dm_table(self, data_dev: str, hash_dev: str) -> str:
-        return dm_table_line(data_dev, hash_dev, data_blocks=self.data_blocks,
-                             hash_start_block=self.hash_start_block, root_hash=self.root_hash, salt=self.salt,
-                             data_block_size=self.data_block_size, hash_block_size=self.hash_block_size,
-                             algorithm=self.algorithm, hash_type=self.hash_type)
+        return _table_of(self, data_dev, hash_dev)
 
 
 def dm_table_line(data_dev: str, hash_dev: str, *, data_blocks: int, hash_start_block: int, root_hash: str,
@@ -84,6 +81,12 @@ def dm_table_line(data_dev: str, hash_dev: str, *, data_blocks: int, hash_start_
     sectors = data_blocks * data_block_size // 512
     return (f"0 {sectors} verity {hash_type} {data_dev} {hash_dev} {data_block_size} {hash_block_size} "
             f"{data_blocks} {hash_start_block} {algorithm} {root_hash} {salt.hex() or '-'}")
+
+
+def _table_of(p: VerityInfo | VerityLayout, data_dev: str, hash_dev: str) -> str:
+    return dm_table_line(data_dev, hash_dev, data_blocks=p.data_blocks, hash_start_block=p.hash_start_block,
+                         root_hash=p.root_hash, salt=p.salt, data_block_size=p.data_block_size,
+                         hash_block_size=p.hash_block_size, algorithm=p.algorithm, hash_type=p.hash_type)
 
 
 def digests_per_block(hash_block_size: int, digest_size: int) -> int:
@@ -346,10 +349,7 @@ class VerityLayout:
 
     def dm_table(self, device: str) -> str:
         """Data and tree on the same device, as layers are attached."""
-        return dm_table_line(device, device, data_blocks=self.data_blocks, hash_start_block=self.hash_start_block,
-                             root_hash=self.root_hash, salt=self.salt, data_block_size=self.data_block_size,
-                             hash_block_size=self.hash_block_size, algorithm=self.algorithm,
-                             hash_type=self.hash_type)
+        return _table_of(self, device, device)
 
 
 def _read_exact(read_at: Callable[[int, int], bytes], offset: int, size: int, what: str) -> bytes:
