@@ -71,5 +71,9 @@ class GuestError(SandboxError):
     """The guest agent reported an error or stopped answering."""
 
 
+class AttestationError(SandboxError):
+    """Attestation evidence could not be produced (no TEE interface, a firmware error...)."""
+
+
 class NotImplementedStep(SandboxError):
     """A pipeline step that this version of parma-sandbox does not provide yet."""
