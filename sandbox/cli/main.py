@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "sandbox.cli.validate",
     "sandbox.cli.up",
     "sandbox.cli.policy",
+    "sandbox.cli.attest",
 )
 
 
