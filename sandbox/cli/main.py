@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "sandbox.cli.check",
     "sandbox.cli.validate",
     "sandbox.cli.up",
+    "sandbox.cli.policy",
     "sandbox.cli.attest",
 )
 

@@ -8,21 +8,26 @@ from typing import Any
 from sandbox.shared.errors import InputError, InvalidDocument
 from sandbox.shared.jsonstrict import decode_utf8, loads_strict
 
-__all__ = ["ValidationError", "load_json_file", "loads_strict"]
+__all__ = ["ValidationError", "load_json_file", "loads_strict", "read_input_file"]
 
 
 class ValidationError(InvalidDocument):
     """A group document failed validation; `problems` holds one 'path: message' line per problem."""
 
 
-def load_json_file(path: Path) -> Any:
+def read_input_file(path: Path, expected: str = "a JSON file") -> bytes:
+    """The bytes of a user-named input file, with errors that say what was expected there."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a JSON file") from None
+        raise InputError(f"{path}: is a directory, expected {expected}") from None
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
+
+
+def load_json_file(path: Path) -> Any:
+    raw = read_input_file(path)
     return loads_strict(decode_utf8(raw, str(path)), str(path))

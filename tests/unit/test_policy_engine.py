@@ -40,7 +40,7 @@ def container(**over: Any) -> dict[str, Any]:
         "working_dir": "/srv",
         "mounts": [{"destination": "/data", "source": "sandbox:///volumes/data", "type": "bind",
                     "options": ["rbind", "rprivate", "rw"]},
-                   {"destination": "/www", "source": "/run/volumes/www", "type": "bind",
+                   {"destination": "/www", "source": "/run/parma/volumes/www", "type": "bind",
                     "options": ["rbind", "rprivate", "ro"]}],
         "exec_processes": [{"command": ["/bin/cat", "/www/index.html"], "signals": [9]}],
         "signals": [15],
@@ -57,7 +57,7 @@ def policy(*containers: dict[str, Any], framework: str = "0.5.0", **top: Any) ->
            "containers": list(containers) or [container()],
            "external_processes": [{"command": ["/usr/bin/uptime"], "env_rules": [env_rule("TERM=xterm")],
                                    "working_dir": "/", "allow_stdio_access": False}],
-           "volumes": [{"name": "www", "target": "/run/volumes/www", "device_hash": V0}],
+           "volumes": [{"name": "www", "target": "/run/parma/volumes/www", "device_hash": V0}],
            "allow_properties_access": False, "allow_dump_stacks": False, "allow_runtime_logging": False,
            "allow_environment_variable_dropping": False, "allow_unencrypted_scratch": False,
            "allow_capability_dropping": False}
@@ -66,11 +66,11 @@ def policy(*containers: dict[str, Any], framework: str = "0.5.0", **top: Any) ->
 
 
 def mounts_for(layers: list[str], first: int = 0) -> list[tuple[str, dict]]:
-    return [("mount_device", {"target": f"/run/layers/{first + i}", "device_hash": h}) for i, h in enumerate(layers)]
+    return [("mount_device", {"target": f"/run/parma/layers/{first + i}", "device_hash": h}) for i, h in enumerate(layers)]
 
 
 def overlay(cid: str = "c1", n: int = 3, first: int = 0, target: str | None = None) -> tuple[str, dict]:
-    paths = [f"/run/layers/{first + i}" for i in reversed(range(n))]   # top-most first
+    paths = [f"/run/parma/layers/{first + i}" for i in reversed(range(n))]   # top-most first
     return ("mount_overlay", {"container_id": cid, "layer_paths": paths, "target": target or f"/run/c/{cid}"})
 
 
@@ -82,7 +82,7 @@ def create(cid: str = "c1", **over: Any) -> tuple[str, dict]:
 
 MOUNTED = [*mounts_for([L0, L1, L2]), overlay()]
 CREATED = [*MOUNTED, create()]
-WWW_MOUNT = {"destination": "/www", "source": "/run/volumes/www", "type": "bind",
+WWW_MOUNT = {"destination": "/www", "source": "/run/parma/volumes/www", "type": "bind",
              "options": ["rbind", "rprivate", "ro"]}
 
 
@@ -110,43 +110,43 @@ V021 = {k: v for k, v in container().items() if k not in ("capabilities", "secco
 
 CASES = [
     # -- mount_device / unmount_device ------------------------------------------------------------------
-    Case("device-layer-ok", ("mount_device", {"target": "/run/layers/0", "device_hash": L0}), True),
-    Case("device-unknown-hash", ("mount_device", {"target": "/run/layers/0", "device_hash": L3}), False,
+    Case("device-layer-ok", ("mount_device", {"target": "/run/parma/layers/0", "device_hash": L0}), True),
+    Case("device-unknown-hash", ("mount_device", {"target": "/run/parma/layers/0", "device_hash": L3}), False,
          "is not a layer of any container"),
     Case("device-bad-target", ("mount_device", {"target": "/etc", "device_hash": L0}), False,
          "may only be mounted at targets matching"),
-    Case("device-target-anchored", ("mount_device", {"target": "/run/layers/0/../../etc", "device_hash": L0}),
+    Case("device-target-anchored", ("mount_device", {"target": "/run/parma/layers/0/../../etc", "device_hash": L0}),
          False, "may only be mounted at targets"),
-    Case("device-double-mount", ("mount_device", {"target": "/run/layers/0", "device_hash": L1}), False,
+    Case("device-double-mount", ("mount_device", {"target": "/run/parma/layers/0", "device_hash": L1}), False,
          "already mounted", setup=mounts_for([L0])),
-    Case("device-same-hash-twice", ("mount_device", {"target": "/run/layers/5", "device_hash": L0}), True,
+    Case("device-same-hash-twice", ("mount_device", {"target": "/run/parma/layers/5", "device_hash": L0}), True,
          setup=mounts_for([L0])),
-    Case("device-unmount", ("unmount_device", {"target": "/run/layers/0"}), True, setup=mounts_for([L0])),
-    Case("device-unmount-unknown", ("unmount_device", {"target": "/run/layers/9"}), False,
+    Case("device-unmount", ("unmount_device", {"target": "/run/parma/layers/0"}), True, setup=mounts_for([L0])),
+    Case("device-unmount-unknown", ("unmount_device", {"target": "/run/parma/layers/9"}), False,
          "no device is mounted"),
-    Case("device-unmount-twice", ("unmount_device", {"target": "/run/layers/0"}), False, "no device is mounted",
-         setup=[*mounts_for([L0]), ("unmount_device", {"target": "/run/layers/0"})]),
-    Case("device-remount-after-unmount", ("mount_device", {"target": "/run/layers/0", "device_hash": L0}), True,
-         setup=[*mounts_for([L0]), ("unmount_device", {"target": "/run/layers/0"})]),
-    Case("volume-device-ok", ("mount_device", {"target": "/run/volumes/www", "device_hash": V0}), True),
-    Case("volume-device-wrong-hash", ("mount_device", {"target": "/run/volumes/www", "device_hash": L0}), False,
+    Case("device-unmount-twice", ("unmount_device", {"target": "/run/parma/layers/0"}), False, "no device is mounted",
+         setup=[*mounts_for([L0]), ("unmount_device", {"target": "/run/parma/layers/0"})]),
+    Case("device-remount-after-unmount", ("mount_device", {"target": "/run/parma/layers/0", "device_hash": L0}), True,
+         setup=[*mounts_for([L0]), ("unmount_device", {"target": "/run/parma/layers/0"})]),
+    Case("volume-device-ok", ("mount_device", {"target": "/run/parma/volumes/www", "device_hash": V0}), True),
+    Case("volume-device-wrong-hash", ("mount_device", {"target": "/run/parma/volumes/www", "device_hash": L0}), False,
          "not the hash pinned for volume 'www'"),
-    Case("volume-hash-at-layer-target", ("mount_device", {"target": "/run/layers/0", "device_hash": V0}), False,
+    Case("volume-hash-at-layer-target", ("mount_device", {"target": "/run/parma/layers/0", "device_hash": V0}), False,
          "is not a layer"),
     # -- mount_overlay / unmount_overlay ----------------------------------------------------------------
     Case("overlay-ok", overlay(), True, setup=mounts_for([L0, L1, L2])),
     Case("overlay-order-swapped", ("mount_overlay", {"container_id": "c1", "target": "/run/c/c1",
-                                                     "layer_paths": ["/run/layers/0", "/run/layers/1",
-                                                                     "/run/layers/2"]}),
+                                                     "layer_paths": ["/run/parma/layers/0", "/run/parma/layers/1",
+                                                                     "/run/parma/layers/2"]}),
          False, "different order", setup=mounts_for([L0, L1, L2])),
     Case("overlay-one-extra", overlay(n=4), False, "1 extra layer", setup=mounts_for([L0, L1, L2, L0])),
     Case("overlay-extra-foreign", overlay(n=4), False, "extra layer",
-         setup=[*mounts_for([L0, L1, L2]), ("mount_device", {"target": "/run/layers/3", "device_hash": L3})],
+         setup=[*mounts_for([L0, L1, L2]), ("mount_device", {"target": "/run/parma/layers/3", "device_hash": L3})],
          policy=policy(container(), container(name="other", layers=[L3]))),
     Case("overlay-one-missing", overlay(n=2), False, "1 missing layer", setup=mounts_for([L0, L1])),
     Case("overlay-path-not-mounted", overlay(n=3), False, "has no device mounted", setup=mounts_for([L0, L1])),
     Case("overlay-after-device-unmount", overlay(), False, "has no device mounted",
-         setup=[*mounts_for([L0, L1, L2]), ("unmount_device", {"target": "/run/layers/1"})]),
+         setup=[*mounts_for([L0, L1, L2]), ("unmount_device", {"target": "/run/parma/layers/1"})]),
     Case("overlay-twice-same-container", overlay(target="/run/c/other"), False, "already has an overlay",
          setup=MOUNTED),
     Case("overlay-target-in-use", overlay(cid="c2", target="/run/c/c1"), False, "already has an overlay",
@@ -212,25 +212,25 @@ CASES = [
          setup=MOUNTED, policy=two({"env_rules": [env_rule("X=1")]}, {"name": "web2", "env_rules": [env_rule("Y=1")]},
                                    allow_environment_variable_dropping=True)),
     # -- create_container: mounts ------------------------------------------------------------------------------
-    Case("mount-sandbox-ok", create(mounts=[{"destination": "/data", "source": "/run/sandbox/volumes/data",
+    Case("mount-sandbox-ok", create(mounts=[{"destination": "/data", "source": "/run/parma/sandbox/volumes/data",
                                              "type": "bind", "options": ["rbind", "rw", "rprivate"]}]),
          True, setup=MOUNTED),
-    Case("mount-source-mismatch", create(mounts=[{"destination": "/data", "source": "/run/sandbox/volumes/other",
+    Case("mount-source-mismatch", create(mounts=[{"destination": "/data", "source": "/run/parma/sandbox/volumes/other",
                                                   "type": "bind", "options": ["rbind", "rprivate", "rw"]}]),
-         False, "source '/run/sandbox/volumes/other' does not match", setup=MOUNTED),
+         False, "source '/run/parma/sandbox/volumes/other' does not match", setup=MOUNTED),
     Case("mount-source-anchored", create(mounts=[{"destination": "/data",
-                                                  "source": "/run/sandbox/volumes/data/../../../etc",
+                                                  "source": "/run/parma/sandbox/volumes/data/../../../etc",
                                                   "type": "bind", "options": ["rbind", "rprivate", "rw"]}]),
          False, "does not match 'sandbox:///volumes/data'", setup=MOUNTED),
-    Case("mount-destination-mismatch", create(mounts=[{"destination": "/etc", "source": "/run/sandbox/volumes/data",
+    Case("mount-destination-mismatch", create(mounts=[{"destination": "/etc", "source": "/run/parma/sandbox/volumes/data",
                                                        "type": "bind", "options": ["rbind", "rprivate", "rw"]}]),
          False, "matches no allowed mount destination", setup=MOUNTED),
     Case("mount-options-mismatch", create(mounts=[{**WWW_MOUNT, "options": ["rbind", "rprivate", "rw"]}]),
          False, "options ['rbind', 'rprivate', 'rw'] are not", setup=[*MOUNTED, ("mount_device", {
-             "target": "/run/volumes/www", "device_hash": V0})]),
+             "target": "/run/parma/volumes/www", "device_hash": V0})]),
     Case("mount-options-extra", create(mounts=[{**WWW_MOUNT, "options": ["rbind", "rprivate", "ro", "suid"]}]),
-         False, "options", setup=[*MOUNTED, ("mount_device", {"target": "/run/volumes/www", "device_hash": V0})]),
-    Case("mount-type-mismatch", create(mounts=[{"destination": "/data", "source": "/run/sandbox/volumes/data",
+         False, "options", setup=[*MOUNTED, ("mount_device", {"target": "/run/parma/volumes/www", "device_hash": V0})]),
+    Case("mount-type-mismatch", create(mounts=[{"destination": "/data", "source": "/run/parma/sandbox/volumes/data",
                                                 "type": "tmpfs", "options": ["rbind", "rprivate", "rw"]}]),
          False, "type 'tmpfs' is not 'bind'", setup=MOUNTED),
     Case("mount-default-proc", create(mounts=[{"destination": "/proc", "source": "proc", "type": "proc",
@@ -243,7 +243,7 @@ CASES = [
         "destination": "/sys", "source": "sysfs", "type": "sysfs", "options": ["nosuid", "noexec", "nodev", "rw"]}]),
          True, setup=MOUNTED, policy=PRIV),
     Case("volume-bind-pinned", create(mounts=[WWW_MOUNT]), True,
-         setup=[*MOUNTED, ("mount_device", {"target": "/run/volumes/www", "device_hash": V0})]),
+         setup=[*MOUNTED, ("mount_device", {"target": "/run/parma/volumes/www", "device_hash": V0})]),
     Case("volume-bind-not-mounted", create(mounts=[WWW_MOUNT]), False, "pinned device is not mounted there",
          setup=MOUNTED),
     # -- create_container: privileges, user, seccomp ------------------------------------------------------------
@@ -425,10 +425,10 @@ def test_action_runs_only_when_allowed_and_state_commits_after_it() -> None:
         seen.append(decision)
         assert engine.snapshot()["devices"] == {}, "state must not change before the action finished"
 
-    d = engine.enforce("mount_device", {"target": "/run/layers/0", "device_hash": L0}, action)
+    d = engine.enforce("mount_device", {"target": "/run/parma/layers/0", "device_hash": L0}, action)
     assert d.allowed and seen == [d]
-    assert engine.snapshot()["devices"] == {"/run/layers/0": L0}
-    denied = engine.enforce("mount_device", {"target": "/run/layers/1", "device_hash": L3}, action)
+    assert engine.snapshot()["devices"] == {"/run/parma/layers/0": L0}
+    denied = engine.enforce("mount_device", {"target": "/run/parma/layers/1", "device_hash": L3}, action)
     assert not denied.allowed and seen == [d]
 
 
@@ -454,14 +454,14 @@ def test_failed_action_rolls_back_and_propagates() -> None:
 
 def test_failed_unmount_keeps_the_device_tracked() -> None:
     engine = engine_for(policy())
-    engine.enforce("mount_device", {"target": "/run/layers/0", "device_hash": L0})
+    engine.enforce("mount_device", {"target": "/run/parma/layers/0", "device_hash": L0})
 
     def fail(_d):
         raise OSError("device busy")
 
     with pytest.raises(OSError):
-        engine.enforce("unmount_device", {"target": "/run/layers/0"}, fail)
-    assert not engine.enforce("mount_device", {"target": "/run/layers/0", "device_hash": L0}).allowed
+        engine.enforce("unmount_device", {"target": "/run/parma/layers/0"}, fail)
+    assert not engine.enforce("mount_device", {"target": "/run/parma/layers/0", "device_hash": L0}).allowed
 
 
 def test_enforce_inside_an_action_is_refused() -> None:
@@ -481,7 +481,7 @@ def test_enforce_inside_an_action_is_refused() -> None:
 
 @pytest.mark.parametrize(("ep", "inp", "message"), [
     ("mount_devices", {}, "unknown enforcement point 'mount_devices' (did you mean 'mount_device'?)"),
-    ("mount_device", {"target": "/run/layers/0"}, "mount_device: input.device_hash: required field is missing"),
+    ("mount_device", {"target": "/run/parma/layers/0"}, "mount_device: input.device_hash: required field is missing"),
     ("create_container", {"container_id": "c1", "argList": []}, "input.argList: unknown field (did you mean 'argv'?)"),
     ("create_container", {"container_id": "c1", "argv": "/bin/sh"}, "input.argv: expected an array of strings"),
     ("create_container", {"container_id": "c1", "argv": ["/x"], "mounts": [{"destination": "/x"}]},

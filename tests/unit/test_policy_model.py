@@ -108,8 +108,8 @@ def test_every_semantic_change_changes_the_hash(change) -> None:
     (lambda d: d.update(framework_version="latest"), "framework_version: 'latest' is not a version"),
     (lambda d: d.update(framework_version="0.2.0"), "containers[0].user: needs framework_version 0.2.1"),
     (lambda d: d.update(fragments=[{"issuer": "x"}]), "fragments: policy fragments are not supported"),
-    (lambda d: d.update(volumes=[{"name": "v", "target": "/run/layers/3", "device_hash": H}]),
-     "volumes[0].target: '/run/layers/3' must be an absolute path outside the layer mount targets"),
+    (lambda d: d.update(volumes=[{"name": "v", "target": "/run/parma/layers/3", "device_hash": H}]),
+     "volumes[0].target: '/run/parma/layers/3' must be an absolute path outside the layer mount targets"),
     (lambda d: d.update(containers={}), "containers: expected an array, got an object"),
 ])
 def test_schema_errors_name_the_json_path(mutate, problem) -> None:

@@ -16,21 +16,31 @@ API_VERSION = "0.12.0"
 
 SANDBOX_PREFIX = "sandbox://"
 # Guest directory that `sandbox://` in a mount source stands for (ACI: /run/gcs/c/<sandbox>/sandboxMounts).
-DEFAULT_SANDBOX_DIR = "/run/sandbox"
+DEFAULT_SANDBOX_DIR = "/run/parma/sandbox"
 
-# Where the agent mounts container layer devices: mount_device only accepts layer hashes at these
-# targets (ACI passes the analogous `mountPathRegex` from the guest, not from the host).
-LAYER_TARGET_PATTERN = "/run/layers/[0-9]+"
-# Where the agent mounts the read-only device of a `files` volume (parma-sandbox extension).
-VOLUME_TARGET_DIR = "/run/volumes"
+# Guest paths shared with the agent (sandbox/shared/protocol.py uses the same ones). Layer devices are
+# mounted at LAYERS_DIR/<name>: mount_device only accepts layer hashes at targets matching
+# LAYER_TARGET_PATTERN (ACI passes the analogous `mountPathRegex` from the guest, not from the host).
+LAYERS_DIR = "/run/parma/layers"
+LAYER_TARGET_PATTERN = "/run/parma/layers/[a-z0-9][a-z0-9-]{0,63}"
+# Group volumes live at VOLUMES_DIR/<volume>; a `files` volume's verity device is mounted there.
+VOLUMES_DIR = "/run/parma/volumes"
+# Options of the bind mount that puts a group volume into a container.
+VOLUME_BIND_OPTIONS = ("rbind", "rprivate", "nosuid", "nodev")
 
 
-def layer_target(index: int) -> str:
-    return f"/run/layers/{index}"
+def layer_target(name: str | int) -> str:
+    return f"{LAYERS_DIR}/{name}"
 
 
 def volume_target(name: str) -> str:
-    return f"{VOLUME_TARGET_DIR}/{name}"
+    return f"{VOLUMES_DIR}/{name}"
+
+
+def volume_bind_mount(volume: str, destination: str, read_only: bool) -> dict[str, object]:
+    """The mount entry (policy constraint and OCI mount alike) that binds a group volume into a container."""
+    return {"destination": destination, "source": volume_target(volume), "type": "bind",
+            "options": [*VOLUME_BIND_OPTIONS, "ro" if read_only else "rw"]}
 
 
 def _mount(destination: str, type_: str, source: str, options: tuple[str, ...]) -> MappingProxyType:

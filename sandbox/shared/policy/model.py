@@ -12,6 +12,7 @@ the bytes are pure ASCII, hence UTF-8), integers only, and no trailing newline.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -303,6 +304,7 @@ class _Checker:
         for key in value:
             if key not in allowed:
                 close = [a for a in allowed if a.replace("_", "").lower() == key.replace("_", "").lower()]
+                close = close or difflib.get_close_matches(key, allowed, n=1, cutoff=0.8)
                 extra = f" (did you mean {close[0]!r}?)" if close else ""
                 self.problem(_join(path, key), f"unknown field{extra}")
         for key in required:
