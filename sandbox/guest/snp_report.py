@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import secrets
 import struct
@@ -24,8 +25,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+from sandbox.shared.crypto.p384 import PrivateKey
 from sandbox.shared.errors import AttestationError, InputError
+from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.emulated_psp import GUEST_PATH, EmulatedPsp, PspMaterial
+from sandbox.shared.snp.evidence import ReportEvidence
 from sandbox.shared.snp.report import REPORT_SIZE
 
 REPORT_DATA_SIZE = 64
@@ -316,3 +320,21 @@ def get_extended_report(report_data: bytes, vmpl: int = 0, *, paths: GuestPaths 
 def get_report(report_data: bytes, vmpl: int = 0, *, paths: GuestPaths = DEFAULT_PATHS) -> bytes:
     """The 1184-byte ATTESTATION_REPORT for `report_data` requested at `vmpl`."""
     return get_extended_report(report_data, vmpl, paths=paths).report
+
+
+# --- the agent's runtime key and the evidence for a verifier's nonce --------------------------------
+
+@functools.cache
+def runtime_key() -> PrivateKey:
+    """The agent's runtime P-384 key pair: made in memory once per boot, never leaves the guest.
+    Verifiers (and the key broker) encrypt to its public key; REPORT_DATA binds it to the report."""
+    return PrivateKey.generate()
+
+
+def evidence_for(nonce: bytes, *, key: PrivateKey | None = None, paths: GuestPaths = DEFAULT_PATHS,
+                 fs_ops: FsOps | None = None, ioctl: IoctlFn | None = None) -> ReportEvidence:
+    """A fresh report with REPORT_DATA = SHA-512(nonce || runtime public key DER), plus what a
+    verifier needs to check it. This is the agent's `get_report` result (`.to_payload()`)."""
+    public_der = (key or runtime_key()).public_key.to_der()
+    result = get_extended_report(report_data_for(nonce, public_der), paths=paths, fs_ops=fs_ops, ioctl=ioctl)
+    return ReportEvidence(result.report, result.cert_table, public_der, nonce, result.backend.value)

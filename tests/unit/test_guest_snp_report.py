@@ -257,3 +257,20 @@ def test_sev_guest_plain_report_and_errors(tmp_path: Path) -> None:
 
     with pytest.raises(AttestationError, match="firmware error 0x16"):
         g.SevGuestDevice(dev, firmware_says_no).get(bytes(64), 0)
+
+
+def test_evidence_for_a_nonce_binds_the_runtime_key(tmp_path: Path) -> None:
+    from sandbox.shared.snp.evidence import ReportEvidence
+    p = paths(tmp_path, fw_cfg_psp=material().to_bytes())
+    assert g.runtime_key() is g.runtime_key()  # one key per agent process
+    evidence = g.evidence_for(bytes(range(16)), paths=p)
+    payload = evidence.to_payload()
+    assert set(payload) == {"report", "cert_table", "runtime_public_key", "nonce", "backend"}
+    back = ReportEvidence.from_payload(payload)
+    assert back == evidence and back.binding_holds() and back.backend == "emulated"
+    assert back.runtime_public_key == g.runtime_key().public_key.to_der()
+    assert not ReportEvidence.from_payload({**payload, "nonce": "ff" * 16}).binding_holds()
+    with pytest.raises(InputError, match="exactly the keys"):
+        ReportEvidence.from_payload({**payload, "extra": 1})
+    with pytest.raises(InputError, match="nonce must be"):
+        g.evidence_for(b"short", paths=p)
