@@ -88,6 +88,27 @@ class _EnvRule:
             self.text = f"{rule.pattern!r} (re2)"
 
 
+class _EnvRules:
+    """A container's env rules, indexed: exact `string` patterns in a set, regexes in a list."""
+
+    __slots__ = ("rules", "exact", "regexes", "required")
+
+    def __init__(self, rules: tuple[EnvRule, ...]) -> None:
+        self.rules = tuple(_EnvRule(r) for r in rules)
+        self.exact = frozenset(r.pattern for r in rules if r.strategy == Strategy.string)
+        self.regexes = tuple(c.matches for c, r in zip(self.rules, rules, strict=True) if r.strategy == Strategy.re2)
+        self.required = tuple(r for r in self.rules if r.required)
+
+    def allows(self, env: str) -> bool:
+        """framework.rego: some rule in env_rules matches env."""
+        if env in self.exact:
+            return True
+        for match in self.regexes:
+            if match(env):
+                return True
+        return False
+
+
 class _Mount:
     __slots__ = ("destination", "type", "source", "options", "option_set", "source_ok")
 
@@ -145,7 +166,7 @@ class _Candidate:
         self.label = c.label(index)
         self.layers = c.layers
         self.command = c.command
-        self.env_rules = tuple(_EnvRule(r) for r in c.env_rules)
+        self.env_rules = _EnvRules(c.env_rules)
         self.working_dir = c.working_dir
         self.mounts = tuple(_Mount(m.__dict__, sandbox_dir) for m in c.mounts)
         self.exec_processes = tuple((p.command, frozenset(p.signals)) for p in c.exec_processes)
@@ -179,7 +200,7 @@ class _External:
                  allow_stdio_access: bool) -> None:
         self.label = f"external_processes[{index}]"
         self.command = command
-        self.env_rules = tuple(_EnvRule(r) for r in env_rules)
+        self.env_rules = _EnvRules(env_rules)
         self.working_dir = working_dir
         self.allow_stdio_access = allow_stdio_access
 
@@ -467,7 +488,7 @@ class PolicyEngine:
     def _narrow_env(self, ep: str, who: Subject, survivors: tuple, env: tuple[str, ...]) -> tuple[list[str], tuple]:
         """framework.rego valid_envs_for_all + envList_ok."""
         if self._env_dropping:
-            kept_sets = [frozenset(e for e in env if any(r.matches(e) for r in c.env_rules)) for c in survivors]
+            kept_sets = [frozenset(e for e in env if c.env_rules.allows(e)) for c in survivors]
             largest = max(len(s) for s in kept_sets)
             biggest = {s for s in kept_sets if len(s) == largest}
             if len(biggest) > 1:
@@ -643,13 +664,14 @@ def _user_mismatch(c: _Candidate, a: dict[str, Any]) -> str | None:
     return None
 
 
-def _env_mismatch(rules: tuple[_EnvRule, ...], env_list: list[str]) -> str | None:
+def _env_mismatch(rules: _EnvRules, env_list: list[str]) -> str | None:
     """framework.rego envList_ok: every env matches some rule, every required rule matches some env."""
+    allows = rules.allows
     for env in env_list:
-        if not any(r.matches(env) for r in rules):
+        if not allows(env):
             return f"env {_short(env)!r} matches no env_rule"
-    for r in rules:
-        if r.required and not any(r.matches(env) for env in env_list):
+    for r in rules.required:
+        if not any(r.matches(env) for env in env_list):
             return f"required env_rule {r.text} is matched by no env"
     return None
 

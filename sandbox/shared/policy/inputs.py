@@ -69,17 +69,19 @@ def _bool(value: Any, path: str) -> bool:
 
 
 def _strings(value: Any, path: str) -> tuple[str, ...]:
-    if not isinstance(value, list | tuple):
+    if type(value) not in (list, tuple):
         raise _fail(path, "an array of strings", value)
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _fail(f"{path}[{i}]", "a string", item)
-    return tuple(value)
+    value = tuple(value)
+    if not all(type(item) is str for item in value):   # fast path first; find the culprit only on failure
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise _fail(f"{path}[{i}]", "a string", item)
+    return value
 
 
 def _object(value: Any, path: str, fields: Mapping[str, tuple[Parser, Any]]) -> dict[str, Any]:
     """Parse an object whose fields map to (parser, default); default REQUIRED means required."""
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         raise _fail(path, "an object", value)
     for key in value:
         if key not in fields:
@@ -87,7 +89,7 @@ def _object(value: Any, path: str, fields: Mapping[str, tuple[Parser, Any]]) -> 
     out = {}
     for key, (parse, default) in fields.items():
         if key in value:
-            out[key] = parse(value[key], f"{path}.{key}")
+            out[key] = parse(value[key], path + "." + key)
         elif default is REQUIRED:
             raise PolicyInputError(f"{path}.{key}: required field is missing")
         else:
@@ -115,11 +117,8 @@ def _id(value: Any, path: str) -> str:
     return _string(value, path)
 
 
-_IDNAME = {"id": (_id, None), "name": (_string, None)}
-
-
 def _idname(value: Any, path: str) -> tuple[str, str]:
-    d = _object(value, path, {k: (p, REQUIRED) for k, (p, _) in _IDNAME.items()})
+    d = _object(value, path, _IDNAME)
     return d["id"], d["name"]
 
 
@@ -132,11 +131,9 @@ def _groups(value: Any, path: str) -> tuple[tuple[str, str], ...]:
 def _mounts(value: Any, path: str) -> tuple[tuple[str, str, str, tuple[str, ...]], ...]:
     if not isinstance(value, list | tuple):
         raise _fail(path, "an array of mount objects", value)
-    fields = {"destination": (_string, REQUIRED), "source": (_string, REQUIRED), "type": (_string, REQUIRED),
-              "options": (_strings, ())}
     out = []
     for i, m in enumerate(value):
-        d = _object(m, f"{path}[{i}]", fields)
+        d = _object(m, f"{path}[{i}]", _MOUNT)
         out.append((d["destination"], d["source"], d["type"], d["options"]))
     return tuple(out)
 
@@ -144,7 +141,7 @@ def _mounts(value: Any, path: str) -> tuple[tuple[str, str, str, tuple[str, ...]
 def _capabilities(value: Any, path: str) -> dict[str, tuple[str, ...]] | None:
     if value is None:
         return None
-    return _object(value, path, {k: (_strings, ()) for k in defaults.CAPABILITY_SETS})
+    return _object(value, path, _CAPABILITIES)
 
 
 def _signal(value: Any, path: str) -> int:
@@ -167,6 +164,10 @@ class _Required:
 
 
 REQUIRED: Any = _Required()
+_IDNAME = {"id": (_id, REQUIRED), "name": (_string, REQUIRED)}
+_MOUNT = {"destination": (_string, REQUIRED), "source": (_string, REQUIRED), "type": (_string, REQUIRED),
+          "options": (_strings, ())}
+_CAPABILITIES = {k: (_strings, ()) for k in defaults.CAPABILITY_SETS}
 
 # Defaults: least privilege and fail-closed. A capabilities value of None means "the runtime's default
 # sets for this container" (what the agent applies when the host asks for nothing special).
