@@ -13,7 +13,7 @@ import sys
 import threading
 
 from sandbox.guest import procs, sysapi, sysinit
-from sandbox.guest.server import find_ports, serve_ports
+from sandbox.guest.server import serve_ports
 from sandbox.guest.service import AgentService
 from sandbox.shared.protocol import PORT_COUNT, PORT_PREFIX, READY_LINE
 
@@ -39,15 +39,10 @@ def main() -> int:
     procs.REAPER.start()
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
-    ports = find_ports()
-    if not ports:
-        log(f"no virtio-serial port named {PORT_PREFIX}*: nothing to serve; powering off")
-        sysapi.power_off()
-        return 1
-    if len(ports) < PORT_COUNT:
-        log(f"only {len(ports)} of {PORT_COUNT} agent ports present")
     service = AgentService(hostname=HOSTNAME, runtime_logging=log)
-    serve_ports(ports, service.handle)
+    ports = serve_ports(service.handle, log=log)
+    if len(ports) < PORT_COUNT:
+        log(f"{len(ports)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any that appear")
     print(READY_LINE, file=sys.stderr, flush=True)
     threading.Event().wait()
     return 0

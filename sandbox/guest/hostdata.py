@@ -15,7 +15,9 @@ from pathlib import Path
 FW_CFG = Path("/sys/firmware/qemu_fw_cfg/by_name")
 FW_CFG_HOST_DATA = "opt/parma/host_data"
 FW_CFG_MEASUREMENT = "opt/parma/measurement"
-SNP_DEVICES = (Path("/dev/sev-guest"), Path("/sys/kernel/config/tsm/report"))
+# Only an SEV-SNP guest has /dev/sev-guest (the kernel registers the device when SNP is active). The
+# configfs-tsm directory exists whenever the kernel has TSM_REPORTS, so it proves nothing.
+SNP_DEVICES = (Path("/dev/sev-guest"),)
 HOST_DATA_LEN = 32
 
 

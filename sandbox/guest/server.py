@@ -82,32 +82,50 @@ def serve_fd(fd: int, handler: Handler, *, reconnecting: bool, stop: threading.E
             _write_all(fd, respond(handler, frame))
 
 
-def find_ports(prefix: str = P.PORT_PREFIX, timeout: float = 10.0) -> dict[str, Path]:
+def find_ports(prefix: str = P.PORT_PREFIX) -> dict[str, Path]:
     """virtio-serial ports whose name starts with prefix: name -> /dev node (no udev here)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = {}
+    found = {}
+    try:
+        entries = sorted(VIRTIO_PORTS.iterdir())
+    except OSError:
+        return found
+    for entry in entries:
         try:
-            for entry in sorted(VIRTIO_PORTS.iterdir()):
-                try:
-                    name = (entry / "name").read_text().strip()
-                except OSError:
-                    continue
-                if name.startswith(prefix):
-                    found[name] = Path("/dev") / entry.name
+            name = (entry / "name").read_text().strip()
         except OSError:
-            pass
-        if len(found) >= P.PORT_COUNT or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+            continue
+        if name.startswith(prefix):
+            found[name] = Path("/dev") / entry.name
+    return found
 
 
-def serve_ports(ports: dict[str, Path], handler: Handler) -> list[threading.Thread]:
-    threads = []
-    for name, dev in sorted(ports.items()):
-        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
-        t = threading.Thread(target=serve_fd, args=(fd, handler), kwargs={"reconnecting": True},
-                             name=f"port-{name}", daemon=True)
-        t.start()
-        threads.append(t)
-    return threads
+def serve_port(name: str, dev: Path, handler: Handler) -> threading.Thread:
+    fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    t = threading.Thread(target=serve_fd, args=(fd, handler), kwargs={"reconnecting": True},
+                         name=f"port-{name}", daemon=True)
+    t.start()
+    return t
+
+
+def serve_ports(handler: Handler, *, log: Callable[[str], None], poll: float = 1.0) -> dict[str, Path]:
+    """Serve the agent ports present now, and any that appear later (port hot-plug), on their own threads."""
+    served: dict[str, Path] = {}
+
+    def scan() -> None:
+        for name, dev in find_ports().items():
+            if name not in served:
+                try:
+                    serve_port(name, dev, handler)
+                    served[name] = dev
+                except OSError as e:
+                    log(f"cannot open {dev} ({name}): {e}")
+
+    scan()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll)
+            scan()
+
+    threading.Thread(target=watch, name="port-watch", daemon=True).start()
+    return dict(served)

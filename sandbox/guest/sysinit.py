@@ -47,9 +47,10 @@ RTF_GATEWAY = 0x2
 
 
 def mount_basics(log: list[str]) -> None:
-    mounted = sysapi.mount_points()
     for source, target, fstype, flags, data in BASE_MOUNTS:
-        if target in mounted:
+        # Re-read each time: before /proc is mounted, nothing is visible (the kernel may have
+        # mounted /dev already, and the init may have mounted more).
+        if target in sysapi.mount_points():
             continue
         try:
             Path(target).mkdir(parents=True, exist_ok=True)
