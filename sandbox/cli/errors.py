@@ -7,7 +7,6 @@ import traceback
 
 import click
 
-from sandbox.group.jsonio import ValidationError
 from sandbox.shared import errors as E
 
 EXIT_OK = 0
@@ -44,7 +43,7 @@ def report_error(error: BaseException, *, debug: bool) -> int:
         traceback.print_exception(error, file=sys.stderr)
     if isinstance(error, E.SandboxError):
         click.echo(f"error: {error.message}", err=True)
-        if isinstance(error, ValidationError):
+        if isinstance(error, E.InvalidDocument):
             for problem in error.problems:
                 click.echo(f"  {error.source}: {problem}", err=True)
         if error.hint:

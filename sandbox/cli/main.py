@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "sandbox.cli.check",
     "sandbox.cli.validate",
     "sandbox.cli.up",
+    "sandbox.cli.policy",
+    "sandbox.cli.attest",
 )
 
 

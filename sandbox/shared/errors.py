@@ -23,6 +23,16 @@ class InputError(SandboxError):
     """Bad user input: a malformed file, an invalid spec, a bad argument value (exit 2)."""
 
 
+class InvalidDocument(InputError):
+    """A document (group spec, policy, trace) failed validation; `problems` holds 'path: message' lines."""
+
+    def __init__(self, source: str, problems: list[str], hint: str | None = None) -> None:
+        n = len(problems)
+        super().__init__(f"{source} is invalid ({n} problem{'s' if n != 1 else ''})", hint)
+        self.source = source
+        self.problems = problems
+
+
 class ToolMissing(SandboxError):
     """An external program the step needs is not installed."""
 
@@ -59,6 +69,10 @@ class PolicyDenied(SandboxError):
 
 class GuestError(SandboxError):
     """The guest agent reported an error or stopped answering."""
+
+
+class AttestationError(SandboxError):
+    """Attestation evidence could not be produced (no TEE interface, a firmware error...)."""
 
 
 class NotImplementedStep(SandboxError):

@@ -1,0 +1,1 @@
+"""Host-side attestation: AMD certificates and KDS, the emulated test CA and PSP material, the verifier."""

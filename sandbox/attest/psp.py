@@ -1,0 +1,62 @@
+"""Emulated PSP material for one launch, handed to the guest through QEMU fw_cfg.
+
+The launcher (emulation mode only) calls `write_launch_material(...)` and adds `fw_cfg_args(path)` to
+the QEMU command line. HOST_DATA is the policy hash, MEASUREMENT the UVM manifest's expected launch
+measurement and CHIP_ID the emulated VCEK's hwID, so evidence from an emulated launch has the same
+meaning as evidence from SEV-SNP hardware. Format: docs/attestation.md ("The emulated PSP").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from pathlib import Path
+
+from sandbox.attest.amd_certs import to_der
+from sandbox.attest.emulated_ca import EmulatedCa, ensure_emulated_ca
+from sandbox.fsutil import atomic_write
+from sandbox.shared.errors import InputError
+from sandbox.shared.snp.cert_table import CertKind
+from sandbox.shared.snp.emulated_psp import FW_CFG_NAME, PspMaterial
+from sandbox.shared.snp.policy import GuestPolicy
+
+# QEMU's default sev-snp-guest policy: SMT allowed, reserved bit 17 set, no debug, no migration agent.
+DEFAULT_POLICY = GuestPolicy.build(smt=True).raw
+
+
+def policy_host_data(policy_bytes: bytes) -> bytes:
+    """HOST_DATA for an execution policy: SHA-256 of its exact bytes."""
+    return hashlib.sha256(policy_bytes).digest()
+
+
+def launch_material(*, host_data: bytes, measurement: bytes, policy: int = DEFAULT_POLICY,
+                    ca: EmulatedCa | None = None, report_id: bytes | None = None) -> PspMaterial:
+    if len(host_data) != 32:
+        raise InputError(f"HOST_DATA must be 32 bytes, got {len(host_data)}")
+    if len(measurement) != 48:
+        raise InputError(f"the launch measurement must be 48 bytes, got {len(measurement)}")
+    problems = GuestPolicy(policy).reserved_problems()
+    if problems:
+        raise InputError(f"invalid guest policy 0x{policy:x}: " + "; ".join(problems))
+    ca = ca or ensure_emulated_ca()
+    return PspMaterial(
+        product=ca.product, report_version=ca.report_version, cpuid=ca.cpuid, policy=policy, guest_svn=0,
+        family_id=bytes(16), image_id=bytes(16), host_data=host_data, measurement=measurement,
+        id_key_digest=bytes(48), author_key_digest=bytes(48), report_id=report_id or secrets.token_bytes(32),
+        report_id_ma=b"\xff" * 32, chip_id=ca.chip_id, platform_info=0x1, tcb=ca.tcb.raw, firmware=ca.firmware,
+        mit_vector=0, vcek_private_key=ca.vcek_private_key,
+        certificates={CertKind.VCEK: to_der(ca.vcek), CertKind.ASK: to_der(ca.ask), CertKind.ARK: to_der(ca.ark)})
+
+
+def write_launch_material(path: Path, *, policy_bytes: bytes, measurement: bytes,
+                          guest_policy: int = DEFAULT_POLICY, ca: EmulatedCa | None = None) -> PspMaterial:
+    """Write the fw_cfg file for a launch (0600: it holds the emulated VCEK key) and return its content."""
+    material = launch_material(host_data=policy_host_data(policy_bytes), measurement=measurement,
+                               policy=guest_policy, ca=ca)
+    atomic_write(path, material.to_bytes(), mode=0o600)
+    return material
+
+
+def fw_cfg_args(path: Path) -> list[str]:
+    """QEMU arguments that expose `path` to the guest as fw_cfg file opt/parma/psp."""
+    return ["-fw_cfg", f"name={FW_CFG_NAME},file={str(path).replace(',', ',,')}"]

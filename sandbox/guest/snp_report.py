@@ -1,0 +1,340 @@
+"""Fetch an SEV-SNP attestation report from inside the guest.
+
+Order: configfs-tsm (Linux >= 6.7, /sys/kernel/config/tsm/report), then /dev/sev-guest
+(SNP_GET_REPORT / SNP_GET_EXT_REPORT), then - only when this guest is *not* a confidential guest
+and the host launched it in emulation mode - the emulated PSP whose material arrives through QEMU
+fw_cfg. Whenever the guest shows any sign of running under a TEE, fw_cfg material is never used:
+otherwise a host could make the agent sign HOST_DATA of its choosing with a key it knows.
+
+All paths are injectable (GuestPaths) so the logic can be tested against fake trees.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import functools
+import os
+import secrets
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from sandbox.shared.crypto.p384 import PrivateKey
+from sandbox.shared.errors import AttestationError, InputError
+from sandbox.shared.snp.binding import report_data_for
+from sandbox.shared.snp.emulated_psp import GUEST_PATH, EmulatedPsp, PspMaterial
+from sandbox.shared.snp.evidence import ReportEvidence
+from sandbox.shared.snp.report import REPORT_SIZE
+
+REPORT_DATA_SIZE = 64
+
+
+class Backend(StrEnum):
+    CONFIGFS_TSM = "configfs-tsm"
+    SEV_GUEST = "sev-guest"
+    EMULATED = "emulated"
+
+
+@dataclass(frozen=True)
+class GuestPaths:
+    configfs_tsm: Path = Path("/sys/kernel/config/tsm/report")
+    sev_guest: Path = Path("/dev/sev-guest")
+    sev_sysfs: Path = Path("/sys/devices/system/cpu/sev")  # present only in SNP guests (Linux >= 6.11)
+    msr: Path = Path("/dev/cpu/0/msr")
+    fw_cfg_psp: Path = Path(GUEST_PATH)
+
+
+DEFAULT_PATHS = GuestPaths()
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    report: bytes
+    cert_table: bytes  # the certificate table (§2.4 of snp.md); b"" when the host supplied none
+    backend: Backend
+
+
+def _pad_report_data(report_data: bytes) -> bytes:
+    if len(report_data) > REPORT_DATA_SIZE:
+        raise InputError(f"report data must be at most {REPORT_DATA_SIZE} bytes, got {len(report_data)}")
+    return report_data.ljust(REPORT_DATA_SIZE, b"\0")
+
+
+def _check_vmpl(vmpl: int) -> None:
+    if not 0 <= vmpl <= 3:
+        raise InputError(f"VMPL must be 0..3, got {vmpl}")
+
+
+# --- configfs-tsm (Documentation/ABI/testing/configfs-tsm-report) ---------------------------------
+
+class FsOps(Protocol):
+    def mkdir(self, path: Path) -> None: ...
+    def rmdir(self, path: Path) -> None: ...
+    def read(self, path: Path) -> bytes: ...
+    def write(self, path: Path, data: bytes) -> None: ...
+    def exists(self, path: Path) -> bool: ...
+
+
+class OsFsOps:
+    def mkdir(self, path: Path) -> None:
+        os.mkdir(path)
+
+    def rmdir(self, path: Path) -> None:
+        os.rmdir(path)
+
+    def read(self, path: Path) -> bytes:
+        with open(path, "rb", buffering=0) as f:
+            chunks = []
+            while chunk := f.read(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    def write(self, path: Path, data: bytes) -> None:
+        with open(path, "wb", buffering=0) as f:
+            f.write(data)
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+
+class ConfigfsTsm:
+    """One private report instance per request, so no other writer can race us; the generation
+    counter is still checked as the kernel documentation asks."""
+
+    PROVIDER = "sev_guest"
+    ATTEMPTS = 3
+
+    def __init__(self, root: Path, ops: FsOps | None = None) -> None:
+        self.root = root
+        self.ops = ops or OsFsOps()
+
+    def available(self) -> bool:
+        return self.ops.exists(self.root)
+
+    def _generation(self, entry: Path) -> int:
+        return int(self.ops.read(entry / "generation").strip() or b"0")
+
+    def get(self, report_data: bytes, vmpl: int) -> ReportResult:
+        for _ in range(self.ATTEMPTS):
+            entry = self.root / f"parma-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                self.ops.mkdir(entry)
+            except OSError as e:
+                raise AttestationError(f"configfs-tsm: cannot create {entry}: {e.strerror}") from e
+            try:
+                result = self._request(entry, report_data, vmpl)
+            finally:
+                try:
+                    self.ops.rmdir(entry)
+                except OSError:
+                    pass  # the kernel removes nothing on its own; a leftover entry is harmless
+            if result is not None:
+                return result
+        raise AttestationError(f"configfs-tsm: report generation kept changing under us ({self.ATTEMPTS} tries)")
+
+    def _request(self, entry: Path, report_data: bytes, vmpl: int) -> ReportResult | None:
+        provider = self.ops.read(entry / "provider").decode(errors="replace").strip()
+        if provider != self.PROVIDER:
+            raise AttestationError(f"configfs-tsm provider is {provider!r}, not {self.PROVIDER!r}",
+                                   hint="this guest's TEE is not AMD SEV-SNP")
+        before = self._generation(entry)
+        writes = 0
+        if self.ops.exists(entry / "privlevel"):
+            floor_path = entry / "privlevel_floor"
+            floor = int(self.ops.read(floor_path).strip() or b"0") if self.ops.exists(floor_path) else 0
+            if vmpl < floor:
+                raise AttestationError(f"requested VMPL {vmpl} is below this guest's floor {floor}")
+            self.ops.write(entry / "privlevel", str(vmpl).encode())
+            writes += 1
+        elif vmpl:
+            raise AttestationError("this kernel's configfs-tsm cannot request a VMPL other than its own")
+        self.ops.write(entry / "inblob", report_data)
+        writes += 1
+        try:
+            report = self.ops.read(entry / "outblob")
+        except OSError as e:
+            raise AttestationError(f"configfs-tsm: reading outblob failed: {e.strerror}",
+                                   hint="the kernel log (dmesg) has the firmware's error") from e
+        aux = self.ops.read(entry / "auxblob") if self.ops.exists(entry / "auxblob") else b""
+        if self._generation(entry) != before + writes:
+            return None  # somebody else wrote to this instance between our writes and reads
+        if len(report) != REPORT_SIZE:
+            raise AttestationError(f"configfs-tsm returned {len(report)} bytes, expected {REPORT_SIZE}")
+        return ReportResult(report, aux, Backend.CONFIGFS_TSM)
+
+
+# --- /dev/sev-guest (include/uapi/linux/sev-guest.h) -----------------------------------------------
+
+# _IOWR('S', n, struct snp_guest_request_ioctl) with a 32-byte argument.
+SNP_GET_REPORT = 0xC0205300
+SNP_GET_EXT_REPORT = 0xC0205302
+GUEST_REQUEST = struct.Struct("<B7xQQQ")  # msg_version, req_data, resp_data, exitinfo2
+REPORT_REQ = struct.Struct("<64sI28x")  # snp_report_req: user_data, vmpl, rsvd
+EXT_REPORT_REQ = struct.Struct("<64sI28xQI4x")  # snp_ext_report_req: data, certs_address, certs_len
+REPORT_RESP_SIZE = 4000  # snp_report_resp: MSG_REPORT_RSP, the report at offset 0x20
+REPORT_RESP_HEADER = struct.Struct("<II24x")  # status, report_size, reserved
+VMM_ERR_INVALID_LEN = 1
+VMM_ERR_BUSY = 2
+PAGE = 4096
+MAX_CERTS = 0x4000 * 16  # far more than an ARK+ASK+VCEK table needs
+
+IoctlFn = Callable[[int, int, bytearray], int]
+
+
+class SevGuestDevice:
+    def __init__(self, path: Path, ioctl: IoctlFn | None = None,
+                 opener: Callable[[Path], int] | None = None) -> None:
+        self.path = path
+        self.ioctl: IoctlFn = ioctl or (lambda fd, req, buf: fcntl.ioctl(fd, req, buf, True))
+        self.opener = opener or (lambda p: os.open(p, os.O_RDWR | os.O_CLOEXEC))
+
+    def available(self) -> bool:
+        return self.path.exists()
+
+    def _call(self, fd: int, code: int, req: ctypes.Array, resp: ctypes.Array) -> tuple[int, int, int]:
+        """Issue one guest request; returns (errno or 0, fw_error, vmm_error)."""
+        arg = bytearray(GUEST_REQUEST.pack(1, ctypes.addressof(req), ctypes.addressof(resp), 0))
+        err = 0
+        try:
+            self.ioctl(fd, code, arg)
+        except OSError as e:
+            err = e.errno or errno.EIO
+        _, _, _, exitinfo2 = GUEST_REQUEST.unpack(bytes(arg))
+        return err, exitinfo2 & 0xFFFFFFFF, exitinfo2 >> 32
+
+    def get(self, report_data: bytes, vmpl: int, *, with_certs: bool = True) -> ReportResult:
+        try:
+            fd = self.opener(self.path)
+        except OSError as e:
+            raise AttestationError(f"cannot open {self.path}: {e.strerror}") from e
+        try:
+            return self._get(fd, report_data, vmpl, with_certs)
+        finally:
+            os.close(fd)
+
+    def _get(self, fd: int, report_data: bytes, vmpl: int, with_certs: bool) -> ReportResult:
+        resp = ctypes.create_string_buffer(REPORT_RESP_SIZE)
+        certs_len = 4 * PAGE
+        for attempt in range(8):
+            if with_certs:
+                certs = ctypes.create_string_buffer(certs_len)
+                req = ctypes.create_string_buffer(
+                    EXT_REPORT_REQ.pack(report_data, vmpl, ctypes.addressof(certs), certs_len), EXT_REPORT_REQ.size)
+                err, fw_error, vmm_error = self._call(fd, SNP_GET_EXT_REPORT, req, resp)
+                if err and vmm_error == VMM_ERR_INVALID_LEN:
+                    needed = EXT_REPORT_REQ.unpack(req.raw)[3]  # the kernel wrote back the size it needs
+                    if not certs_len < needed <= MAX_CERTS:
+                        raise AttestationError(f"{self.path}: the host's certificate table needs {needed} bytes")
+                    certs_len = -(-needed // PAGE) * PAGE
+                    continue
+            else:
+                req = ctypes.create_string_buffer(REPORT_REQ.pack(report_data, vmpl), REPORT_REQ.size)
+                err, fw_error, vmm_error = self._call(fd, SNP_GET_REPORT, req, resp)
+            if err in (errno.EAGAIN, errno.EBUSY) or (err and vmm_error == VMM_ERR_BUSY):
+                time.sleep(0.2 * (attempt + 1))  # the kernel throttles guest requests
+                continue
+            if err:
+                raise AttestationError(f"{self.path}: request failed: {os.strerror(err)} "
+                                       f"(firmware error 0x{fw_error:x}, VMM error 0x{vmm_error:x})")
+            status, size = REPORT_RESP_HEADER.unpack_from(resp.raw)
+            if status != 0:
+                raise AttestationError(f"{self.path}: firmware returned status 0x{status:x}",
+                                       hint="0x16 means invalid parameters (e.g. a VMPL below the guest's own)")
+            if size != REPORT_SIZE:
+                raise AttestationError(f"{self.path}: firmware returned a {size}-byte report")
+            report = resp.raw[REPORT_RESP_HEADER.size:REPORT_RESP_HEADER.size + REPORT_SIZE]
+            table = certs.raw if with_certs else b""
+            return ReportResult(report, table if table.strip(b"\0") else b"", Backend.SEV_GUEST)
+        raise AttestationError(f"{self.path}: the firmware stayed busy", hint="retry in a few seconds")
+
+
+# --- deciding what this guest is ---------------------------------------------------------------------
+
+MSR_SEV_STATUS = 0xC0010131
+SEV_STATUS_SNP = 1 << 2
+
+
+def tee_evidence(paths: GuestPaths = DEFAULT_PATHS) -> list[str]:
+    """Every sign that this guest runs under a TEE. Non-empty means: never use emulated material."""
+    found = [str(p) for p in (paths.configfs_tsm, paths.sev_guest, paths.sev_sysfs) if p.exists()]
+    try:
+        fd = os.open(paths.msr, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return found
+    try:
+        (status,) = struct.unpack("<Q", os.pread(fd, 8, MSR_SEV_STATUS))
+        if status & SEV_STATUS_SNP:
+            found.append("SEV_STATUS MSR: SNP active")
+    except OSError:
+        pass  # not an SEV guest: the MSR read faults and the msr driver returns EIO
+    finally:
+        os.close(fd)
+    return found
+
+
+def select_backend(paths: GuestPaths = DEFAULT_PATHS) -> Backend:
+    if ConfigfsTsm(paths.configfs_tsm).available():
+        return Backend.CONFIGFS_TSM
+    if SevGuestDevice(paths.sev_guest).available():
+        return Backend.SEV_GUEST
+    if evidence := tee_evidence(paths):
+        raise AttestationError("this guest runs under a TEE but has no report interface ("
+                               + ", ".join(evidence) + " present)",
+                               hint="mount configfs on /sys/kernel/config or load the sev-guest driver; "
+                                    "emulated material is never used inside a TEE")
+    if paths.fw_cfg_psp.exists():
+        return Backend.EMULATED
+    raise AttestationError("no attestation interface: not an SEV-SNP guest and no emulated PSP",
+                           hint=f"SEV-SNP guests need configfs-tsm or /dev/sev-guest; emulation mode passes "
+                                f"{paths.fw_cfg_psp} through QEMU fw_cfg")
+
+
+def load_emulated_psp(paths: GuestPaths = DEFAULT_PATHS) -> EmulatedPsp:
+    try:
+        raw = paths.fw_cfg_psp.read_bytes()
+    except OSError as e:
+        raise AttestationError(f"cannot read the emulated PSP material {paths.fw_cfg_psp}: {e.strerror}") from e
+    return EmulatedPsp(PspMaterial.from_bytes(raw, source=str(paths.fw_cfg_psp)))
+
+
+def get_extended_report(report_data: bytes, vmpl: int = 0, *, paths: GuestPaths = DEFAULT_PATHS,
+                        fs_ops: FsOps | None = None, ioctl: IoctlFn | None = None) -> ReportResult:
+    """A fresh report for `report_data` (at most 64 bytes, zero-padded) plus the certificate table."""
+    data = _pad_report_data(report_data)
+    _check_vmpl(vmpl)
+    backend = select_backend(paths)
+    if backend == Backend.CONFIGFS_TSM:
+        return ConfigfsTsm(paths.configfs_tsm, fs_ops).get(data, vmpl)
+    if backend == Backend.SEV_GUEST:
+        return SevGuestDevice(paths.sev_guest, ioctl).get(data, vmpl)
+    psp = load_emulated_psp(paths)
+    return ReportResult(psp.report(data, vmpl), psp.cert_table(), Backend.EMULATED)
+
+
+def get_report(report_data: bytes, vmpl: int = 0, *, paths: GuestPaths = DEFAULT_PATHS) -> bytes:
+    """The 1184-byte ATTESTATION_REPORT for `report_data` requested at `vmpl`."""
+    return get_extended_report(report_data, vmpl, paths=paths).report
+
+
+# --- the agent's runtime key and the evidence for a verifier's nonce --------------------------------
+
+@functools.cache
+def runtime_key() -> PrivateKey:
+    """The agent's runtime P-384 key pair: made in memory once per boot, never leaves the guest.
+    Verifiers (and the key broker) encrypt to its public key; REPORT_DATA binds it to the report."""
+    return PrivateKey.generate()
+
+
+def evidence_for(nonce: bytes, *, key: PrivateKey | None = None, paths: GuestPaths = DEFAULT_PATHS,
+                 fs_ops: FsOps | None = None, ioctl: IoctlFn | None = None) -> ReportEvidence:
+    """A fresh report with REPORT_DATA = SHA-512(nonce || runtime public key DER), plus what a
+    verifier needs to check it. This is the agent's `get_report` result (`.to_payload()`)."""
+    public_der = (key or runtime_key()).public_key.to_der()
+    result = get_extended_report(report_data_for(nonce, public_der), paths=paths, fs_ops=fs_ops, ioctl=ioctl)
+    return ReportEvidence(result.report, result.cert_table, public_der, nonce, result.backend.value)

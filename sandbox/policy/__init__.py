@@ -1,0 +1,1 @@
+"""Host-side policy work: generation from a group spec, summaries, diffs and trace replay."""

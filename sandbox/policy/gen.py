@@ -1,0 +1,202 @@
+"""Policy generation: a group spec plus its resolved images become canonical policy bytes.
+
+Pure function of its inputs: the same spec, image configs, layer root hashes and volume hashes give
+the same bytes on every machine. `container_process` is the single place that decides a container's
+argv, env, working directory and user, so the launcher asks the agent for exactly what the policy
+allows.
+
+Mapping (docs/policy.md, "Generation"):
+- argv: `command` (else the image ENTRYPOINT) followed by `args` (else the image CMD, unless `command`
+  was given: as in Kubernetes, overriding the entrypoint drops the image CMD);
+- env: the image ENV, overridden by name by the group's env, then the group's new names; PATH gets the
+  usual default when neither defines it. Every var becomes a required rule: `string` for plain values,
+  `NAME=(?s:.*)` (re2) for secure values so that the secret never enters the policy;
+- working_dir: `workingDir`, else the image WorkingDir, else "/";
+- user: `user`, else the image User; empty means root (uid 0); names match by name, numbers by id;
+- mounts: one bind per group mount from /run/parma/volumes/<volume>, read-only when asked (always for
+  `files` and `secret` volumes); `files` volumes are pinned by root hash in the policy's `volumes`;
+- capabilities: the usual 14 (bounding/effective/permitted) adjusted by the group's add/drop;
+  privileged: all 41 in four sets and allow_elevated;
+- debug mode: exec processes /bin/sh and /bin/bash, an allow-all env rule, and runtime logging,
+  properties access and stack dumps turned on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sandbox.group.spec import Container as SpecContainer
+from sandbox.group.spec import GroupSpec, VolumeKind
+from sandbox.images.model import ImageConfig, ResolvedImage
+from sandbox.shared.errors import InputError
+from sandbox.shared.policy import defaults
+from sandbox.shared.policy.model import (
+    ANY_ID,
+    HEX64,
+    Capabilities,
+    Container,
+    EnvRule,
+    ExecProcess,
+    IdName,
+    IdStrategy,
+    Mount,
+    Policy,
+    Strategy,
+    User,
+    Volume,
+)
+
+DEBUG_SHELLS = (("/bin/sh",), ("/bin/bash",))
+# Matches any NAME=VALUE (VALUE may be empty or span lines): the debug-mode allow-all env rule.
+ALLOW_ALL_ENV = "[^=]+=(?s:.*)"
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """What the launcher asks the agent to run for a container, and what the policy pins."""
+
+    argv: tuple[str, ...]
+    env: tuple[str, ...]              # "NAME=VALUE", secure values included (they never enter the policy)
+    secure_names: frozenset[str]      # names whose values are secret
+    working_dir: str
+    user: str                         # "", "uid", "uid:gid", "name" or "name:group"
+
+
+def container_process(container: SpecContainer, config: ImageConfig) -> ProcessSpec:
+    """argv, env, working dir and user of a container: image config with the group's overrides."""
+    entrypoint = container.command if container.command is not None else config.entrypoint
+    if container.args is not None:
+        cmd = container.args
+    else:
+        cmd = () if container.command is not None else config.cmd
+    argv = tuple(entrypoint) + tuple(cmd)
+    if not argv:
+        raise InputError(f"container {container.name!r} has no command",
+                         hint="the image defines neither ENTRYPOINT nor CMD: set 'command' in the group file")
+    values: dict[str, str] = {}
+    for item in config.env:
+        name, sep, value = item.partition("=")
+        if sep and name:
+            values[name] = value
+    secure: set[str] = set()
+    for var in container.env:
+        values[var.name] = var.value
+        (secure.add if var.secure else secure.discard)(var.name)
+    if "PATH" not in values:
+        values["PATH"] = defaults.DEFAULT_PATH_ENV.partition("=")[2]
+    env = tuple(f"{name}={value}" for name, value in values.items())
+    working_dir = container.working_dir or config.working_dir or "/"
+    user = container.user if container.user is not None else config.user
+    return ProcessSpec(argv, env, frozenset(secure), working_dir, user or "")
+
+
+def _idname(part: str) -> IdName:
+    return IdName(part, IdStrategy.id if part.isdigit() else IdStrategy.name)
+
+
+def policy_user(user: str) -> User:
+    """The policy's user entry for a User string; no user means root, as container runtimes do."""
+    user_part, _, group_part = user.partition(":")
+    groups = (_idname(group_part),) if group_part else (ANY_ID,)
+    return User(_idname(user_part or "0"), groups, defaults.DEFAULT_UMASK)
+
+
+def container_capabilities(container: SpecContainer) -> Capabilities:
+    """The runtime's default sets for the container, with the group's `add` joining every non-empty set
+    and its `drop` leaving all of them."""
+    drop = set(container.capabilities.drop)
+    added = [c for c in container.capabilities.add if c not in drop]
+    sets = {}
+    for name, caps in defaults.default_capabilities(container.privileged).items():
+        kept = [c for c in caps if c not in drop]
+        if caps:
+            kept += [c for c in added if c not in kept]
+        sets[name] = tuple(kept)
+    return Capabilities(**sets)
+
+
+def _env_rules(process: ProcessSpec, debug: bool) -> tuple[EnvRule, ...]:
+    rules = []
+    for item in process.env:
+        name = item.partition("=")[0]
+        if name in process.secure_names:
+            rules.append(EnvRule(f"{name}=(?s:.*)", Strategy.re2, required=True))
+        else:
+            rules.append(EnvRule(item, Strategy.string, required=True))
+    if debug:
+        rules.append(EnvRule(ALLOW_ALL_ENV, Strategy.re2, required=False))
+    return tuple(rules)
+
+
+def _mounts(spec: GroupSpec, container: SpecContainer) -> tuple[Mount, ...]:
+    kinds = {v.name: v.kind for v in spec.volumes}
+    out = []
+    for m in container.mounts:
+        read_only = m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret)
+        entry = defaults.volume_bind_mount(m.volume, m.mount_path, read_only)
+        out.append(Mount(entry["destination"], entry["source"], entry["type"], tuple(entry["options"])))
+    return tuple(out)
+
+
+def _exec_processes(container: SpecContainer, debug: bool) -> tuple[ExecProcess, ...]:
+    procs = [ExecProcess(tuple(p.command), tuple(dict.fromkeys(p.signals))) for p in container.exec_processes]
+    if debug:
+        listed = {p.command for p in procs}
+        procs += [ExecProcess(shell, ()) for shell in DEBUG_SHELLS if shell not in listed]
+    return tuple(procs)
+
+
+def _policy_container(spec: GroupSpec, container: SpecContainer, image: ResolvedImage, debug: bool) -> Container:
+    layers = image.layer_hashes
+    if not layers:
+        raise InputError(f"image {image.reference!r} of container {container.name!r} has no layers")
+    for h in layers:
+        if not HEX64.fullmatch(h):
+            raise InputError(f"image {image.reference!r}: layer root hash {h!r} is not 64 lowercase hex digits")
+    process = container_process(container, image.config)
+    return Container(
+        name=container.name, id=container.image, layers=tuple(layers), command=process.argv,
+        env_rules=_env_rules(process, debug), working_dir=process.working_dir, mounts=_mounts(spec, container),
+        exec_processes=_exec_processes(container, debug), signals=tuple(dict.fromkeys(container.signals)),
+        allow_elevated=container.privileged, allow_stdio_access=container.stdio, no_new_privileges=False,
+        user=policy_user(process.user), capabilities=container_capabilities(container), seccomp_profile_sha256="",
+    )
+
+
+def build_policy(spec: GroupSpec, images: Mapping[str, ResolvedImage], *, debug_mode: bool | None = None,
+                 volume_hashes: Mapping[str, str] | None = None) -> Policy:
+    """The policy model for a group; see the module docstring for the mapping."""
+    debug = spec.policy.debug_mode if debug_mode is None else debug_mode
+    volume_hashes = volume_hashes or {}
+    missing = [c.name for c in spec.containers if c.name not in images]
+    if missing:
+        raise InputError(f"no resolved image for container(s) {', '.join(missing)}",
+                         hint="resolve every container's image before generating the policy")
+    volumes = []
+    for v in spec.volumes:
+        if v.kind != VolumeKind.files:
+            continue
+        digest = volume_hashes.get(v.name)
+        if digest is None:
+            raise InputError(f"files volume {v.name!r} has no device root hash",
+                             hint="build the volume's read-only device first and pass its dm-verity root hash")
+        if not HEX64.fullmatch(digest):
+            raise InputError(f"files volume {v.name!r}: root hash {digest!r} is not 64 lowercase hex digits")
+        volumes.append(Volume(v.name, defaults.volume_target(v.name), digest))
+    containers = tuple(_policy_container(spec, c, images[c.name], debug) for c in spec.containers)
+    return Policy(
+        api_version=defaults.API_VERSION, framework_version=defaults.FRAMEWORK_VERSION, containers=containers,
+        external_processes=(), volumes=tuple(volumes),
+        allow_properties_access=debug, allow_dump_stacks=debug, allow_runtime_logging=debug,
+        allow_environment_variable_dropping=spec.policy.allow_environment_variable_dropping,
+        allow_unencrypted_scratch=spec.policy.allow_unencrypted_scratch,
+        allow_capability_dropping=spec.policy.allow_capability_dropping,
+    )
+
+
+def generate_policy(spec: GroupSpec, images: Mapping[str, ResolvedImage], *, debug_mode: bool | None = None,
+                    volume_hashes: Mapping[str, str] | None = None) -> bytes:
+    """Canonical policy bytes for a group (their SHA-256 is the launch's HOST_DATA)."""
+    policy = build_policy(spec, images, debug_mode=debug_mode, volume_hashes=volume_hashes)
+    return policy.canonical_bytes()

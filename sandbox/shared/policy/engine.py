@@ -1,0 +1,708 @@
+"""The enforcement engine: every host request is checked against the policy, with ACI's semantics.
+
+It follows hcsshim's framework.rego (0.5.0) rule by rule, re-implemented in plain Python:
+- candidate-set narrowing: mount_overlay records every policy container whose layers match the
+  mounted devices; create_container, exec_in_container and signal_container_process narrow that set;
+- tracked state: mounted devices, overlays, candidate sets, started containers, scratch mounts;
+- transactions: a decision's state changes are committed only when it allows and the caller's action
+  succeeds; if the action raises, nothing changes and the exception propagates;
+- env and capability dropping when the policy allows it, with the framework's "largest set, and all
+  largest sets must agree" rule; ambiguity on allow_stdio_access denies;
+- version-dependent defaults for older framework_versions (framework.rego check_container).
+Regexes match whole values (see regex.py; one deliberate difference from the framework).
+
+Every decision explains itself: a denial names the first failing field with expected and actual.
+Beyond ACI, parma-sandbox pins `files` volumes (`volumes` in the policy): their devices may only be
+mounted at their own target with their own root hash, and a container may bind-mount a volume
+target only while that pinned device is mounted there.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandbox.shared.errors import StateError
+from sandbox.shared.policy import defaults
+from sandbox.shared.policy.inputs import EnforcementPoint as EP
+from sandbox.shared.policy.inputs import enforcement_point, parse_input
+from sandbox.shared.policy.model import (
+    CAPABILITY_DROPPING_SINCE,
+    DEFAULT_SIGNALS_UNTIL,
+    VERSIONED_FIELDS,
+    Container,
+    EnvRule,
+    IdName,
+    IdStrategy,
+    Policy,
+    Strategy,
+    parse_policy,
+    parse_version,
+    policy_hash,
+)
+from sandbox.shared.policy.regex import whole_matcher
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one request. `changes` lists the state changes it commits (if allowed)."""
+
+    ep: str
+    allowed: bool
+    reason: str = ""
+    results: Mapping[str, Any] = field(default_factory=dict)
+    changes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ep": self.ep, "allowed": self.allowed, "reason": self.reason, "results": dict(self.results),
+                "changes": list(self.changes)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiled policy pieces
+
+
+def _fmt(values: tuple[str, ...] | list[str]) -> str:
+    return "[" + ", ".join(repr(v) for v in values) + "]"
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _EnvRule:
+    __slots__ = ("text", "required", "matches")
+
+    def __init__(self, rule: EnvRule) -> None:
+        self.required = rule.required
+        if rule.strategy == Strategy.string:
+            pattern = rule.pattern
+            self.matches: Callable[[str], bool] = pattern.__eq__
+            self.text = repr(pattern)
+        else:
+            self.matches = whole_matcher(rule.pattern)
+            self.text = f"{rule.pattern!r} (re2)"
+
+
+class _EnvRules:
+    """A container's env rules, indexed: exact `string` patterns in a set, regexes in a list."""
+
+    __slots__ = ("rules", "exact", "regexes", "required")
+
+    def __init__(self, rules: tuple[EnvRule, ...]) -> None:
+        self.rules = tuple(_EnvRule(r) for r in rules)
+        self.exact = frozenset(r.pattern for r in rules if r.strategy == Strategy.string)
+        self.regexes = tuple(c.matches for c, r in zip(self.rules, rules, strict=True) if r.strategy == Strategy.re2)
+        self.required = tuple(r for r in self.rules if r.required)
+
+    def allows(self, env: str) -> bool:
+        """framework.rego: some rule in env_rules matches env."""
+        if env in self.exact:
+            return True
+        for match in self.regexes:
+            if match(env):
+                return True
+        return False
+
+
+class _Mount:
+    __slots__ = ("destination", "type", "source", "options", "option_set", "source_ok")
+
+    def __init__(self, m: Mapping[str, Any], sandbox_dir: str) -> None:
+        self.destination, self.type, self.source = m["destination"], m["type"], m["source"]
+        self.options = tuple(m["options"])
+        self.option_set = frozenset(self.options)
+        src = self.source
+        if src.startswith(defaults.SANDBOX_PREFIX):
+            regex = whole_matcher(re.escape(sandbox_dir) + src[len(defaults.SANDBOX_PREFIX):])
+            self.source_ok: Callable[[str], bool] = lambda s: s == src or regex(s)
+        else:
+            self.source_ok = src.__eq__
+
+    def mismatch(self, destination: str, source: str, type_: str, options: tuple[str, ...]) -> str | None:
+        """framework.rego mountConstraint_ok, explained."""
+        if destination != self.destination or not destination:
+            return f"destination {destination!r} is not {self.destination!r}"
+        if type_ != self.type:
+            return f"type {type_!r} is not {self.type!r}"
+        if not self.source_ok(source):
+            return f"source {source!r} does not match {self.source!r}"
+        if len(options) != len(self.options) or frozenset(options) != self.option_set:
+            return f"options {_fmt(options)} are not {_fmt(self.options)}"
+        return None
+
+    def describe(self) -> str:
+        return f"{self.type} {self.source!r} at {self.destination!r}"
+
+
+class _IdName:
+    __slots__ = ("pattern", "strategy", "matches")
+
+    def __init__(self, i: IdName) -> None:
+        self.pattern, self.strategy = i.pattern, i.strategy
+        if i.strategy == IdStrategy.any:
+            self.matches: Callable[[tuple[str, str]], bool] = lambda v: True
+        elif i.strategy == IdStrategy.id:
+            self.matches = lambda v, p=i.pattern: v[0] == p
+        elif i.strategy == IdStrategy.name:
+            self.matches = lambda v, p=i.pattern: v[1] == p
+        else:
+            m = whole_matcher(i.pattern)
+            self.matches = lambda v: m(v[1])
+
+    def __str__(self) -> str:
+        return "any" if self.strategy == IdStrategy.any else f"{self.strategy.value} {self.pattern!r}"
+
+
+class _Candidate:
+    """One policy container with the framework's version defaults applied and its regexes compiled."""
+
+    def __init__(self, index: int, c: Container, version: tuple[int, int, int], sandbox_dir: str) -> None:
+        self.index = index
+        self.label = c.label(index)
+        self.layers = c.layers
+        self.command = c.command
+        self.env_rules = _EnvRules(c.env_rules)
+        self.working_dir = c.working_dir
+        self.mounts = tuple(_Mount(m.__dict__, sandbox_dir) for m in c.mounts)
+        self.exec_processes = tuple((p.command, frozenset(p.signals)) for p in c.exec_processes)
+        signals = c.signals + ((9, 15) if version < DEFAULT_SIGNALS_UNTIL else ())
+        self.signals = frozenset(signals)
+        self.signal_list = tuple(sorted(self.signals))
+        self.allow_elevated = c.allow_elevated
+        self.allow_stdio_access = c.allow_stdio_access
+        has = {k: version >= since for k, since in VERSIONED_FIELDS.items()}
+        self.no_new_privileges = bool(c.no_new_privileges) if has["no_new_privileges"] else False
+        user = c.user if has["user"] and c.user is not None else None
+        self.user_idname = _IdName(user.user_idname if user else IdName("", IdStrategy.any))
+        self.group_idnames = tuple(_IdName(g) for g in (user.group_idnames if user else (IdName("", IdStrategy.any),)))
+        self.umask = user.umask if user else defaults.DEFAULT_UMASK
+        caps = c.capabilities if has["capabilities"] else None
+        self.capabilities = caps.sets() if caps is not None else None
+        self.seccomp = (c.seccomp_profile_sha256 or "") if has["seccomp_profile_sha256"] else ""
+
+    def caps_for(self, privileged: bool) -> dict[str, tuple[str, ...]]:
+        """framework.rego get_capabilities: explicit sets, else the runtime defaults."""
+        if self.capabilities is not None:
+            return self.capabilities
+        return defaults.default_capabilities(privileged and self.allow_elevated)
+
+    def has_exec(self, argv: tuple[str, ...]) -> bool:
+        return any(cmd == argv for cmd, _ in self.exec_processes)
+
+
+class _External:
+    def __init__(self, index: int, command: tuple[str, ...], env_rules: tuple[EnvRule, ...], working_dir: str,
+                 allow_stdio_access: bool) -> None:
+        self.label = f"external_processes[{index}]"
+        self.command = command
+        self.env_rules = _EnvRules(env_rules)
+        self.working_dir = working_dir
+        self.allow_stdio_access = allow_stdio_access
+
+
+# ---------------------------------------------------------------------------------------------------------
+# State and transactions
+
+_REMOVE = object()
+
+
+class _State:
+    __slots__ = ("devices", "overlays", "matches", "started", "stdio", "scratch")
+
+    def __init__(self) -> None:
+        self.devices: dict[str, str] = {}                       # target -> dm-verity root hash
+        self.overlays: dict[str, str] = {}                      # overlay target -> container id
+        self.matches: dict[str, tuple[_Candidate, ...]] = {}    # container id -> remaining candidates
+        self.started: dict[str, bool] = {}                      # container id -> privileged
+        self.stdio: dict[str, bool] = {}                        # container id -> allow_stdio_access
+        self.scratch: dict[str, bool] = {}                      # scratch target -> encrypted
+
+
+Op = tuple[str, str, Any]
+
+
+def _describe(op: Op) -> str:
+    table, key, value = op
+    if value is _REMOVE:
+        return f"{table}: removed {key!r}"
+    if table == "matches":
+        return f"matches: {key!r} -> {', '.join(repr(c.label) for c in value)}"
+    if table == "started":
+        return f"started: {key!r} (privileged={str(value).lower()})"
+    if table == "stdio":
+        return f"stdio: {key!r} -> {str(value).lower()}"
+    if table == "scratch":
+        return f"scratch: {key!r} (encrypted={str(value).lower()})"
+    return f"{table}: {key!r} -> {value!r}"
+
+
+class _Deny(Exception):
+    """Raised inside a rule with the explanation; turned into a denied Decision."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine
+
+
+class PolicyEngine:
+    """Checks host requests against one policy. Thread-safe; one decision (and its action) at a time."""
+
+    def __init__(self, policy: Policy, *, raw: bytes | None = None,
+                 sandbox_dir: str = defaults.DEFAULT_SANDBOX_DIR) -> None:
+        self.policy = policy
+        self.hash = policy_hash(raw) if raw is not None else None
+        version = parse_version(policy.framework_version)
+        self._candidates = tuple(_Candidate(i, c, version, sandbox_dir) for i, c in enumerate(policy.containers))
+        self._externals = tuple(_External(i, e.command, e.env_rules, e.working_dir, e.allow_stdio_access)
+                                for i, e in enumerate(policy.external_processes))
+        self._layer_hashes = frozenset(h for c in policy.containers for h in c.layers)
+        self._layer_target = whole_matcher(defaults.LAYER_TARGET_PATTERN)
+        self._volumes = {v.target: v for v in policy.volumes}
+        self._default_mounts = tuple(_Mount(m, sandbox_dir) for m in defaults.DEFAULT_MOUNTS)
+        self._privileged_mounts = tuple(_Mount(m, sandbox_dir) for m in defaults.PRIVILEGED_MOUNTS)
+        self._env_dropping = policy.allow_environment_variable_dropping
+        self._caps_dropping = policy.allow_capability_dropping and version >= CAPABILITY_DROPPING_SINCE
+        self._state = _State()
+        self._lock = threading.RLock()
+        self._in_action = False
+        self._rules: dict[EP, Callable[[dict[str, Any]], tuple[dict[str, Any], list[Op]]]] = {
+            EP.mount_device: self._mount_device, EP.unmount_device: self._unmount_device,
+            EP.mount_overlay: self._mount_overlay, EP.unmount_overlay: self._unmount_overlay,
+            EP.scratch_mount: self._scratch_mount, EP.scratch_unmount: self._scratch_unmount,
+            EP.create_container: self._create_container, EP.exec_in_container: self._exec_in_container,
+            EP.exec_external: self._exec_external, EP.shutdown_container: self._shutdown_container,
+            EP.signal_container_process: self._signal_container_process,
+            EP.get_properties: self._flag_rule("allow_properties_access"),
+            EP.dump_stacks: self._flag_rule("allow_dump_stacks"),
+            EP.runtime_logging: self._flag_rule("allow_runtime_logging"),
+        }
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, source: str = "policy",
+                   sandbox_dir: str = defaults.DEFAULT_SANDBOX_DIR) -> PolicyEngine:
+        """Parse and validate the exact policy bytes (whose SHA-256 is HOST_DATA) and build an engine."""
+        return cls(parse_policy(raw, source), raw=raw, sandbox_dir=sandbox_dir)
+
+    # -- the public entry point ------------------------------------------------------------------------
+
+    def enforce(self, ep: str, input: Mapping[str, Any] | None = None,  # noqa: A002 - the contract's name
+                action: Callable[[Decision], object] | None = None) -> Decision:
+        """Decide one request. When it is allowed, run `action(decision)` and only then commit the state
+        changes; if the action raises, the state is left as it was and the exception propagates.
+        Malformed requests raise PolicyInputError (an InputError): treat them as denials."""
+        point = enforcement_point(ep)
+        args = parse_input(point, input)
+        with self._lock:
+            if self._in_action:
+                raise StateError(f"{point.value} was enforced from inside the action of another decision",
+                                 hint="actions must not call enforce(); decide first, then act")
+            try:
+                results, ops = self._rules[point](args)
+            except _Deny as deny:
+                return Decision(point.value, False, deny.reason)
+            decision = Decision(point.value, True, "", results, tuple(_describe(op) for op in ops))
+            if action is not None:
+                self._in_action = True
+                try:
+                    action(decision)
+                finally:
+                    self._in_action = False
+            self._commit(ops)
+            return decision
+
+    def snapshot(self) -> dict[str, Any]:
+        """The tracked state, for logs and `policy check`."""
+        with self._lock:
+            s = self._state
+            return {"devices": dict(s.devices), "overlays": dict(s.overlays),
+                    "matches": {k: [c.label for c in v] for k, v in s.matches.items()},
+                    "started": dict(s.started), "scratch": dict(s.scratch)}
+
+    def _commit(self, ops: list[Op]) -> None:
+        for table, key, value in ops:
+            d = getattr(self._state, table)
+            if value is _REMOVE:
+                d.pop(key, None)
+            else:
+                d[key] = value
+
+    # -- devices, overlays, scratch --------------------------------------------------------------------
+
+    def _mount_device(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
+        target, digest = a["target"], a["device_hash"]
+        deny = f"mount_device denied for target {target!r}"
+        if target in self._state.devices:
+            raise _Deny(f"{deny}: a device is already mounted there ({self._state.devices[target]})")
+        volume = self._volumes.get(target)
+        if volume is not None:
+            if digest != volume.device_hash:
+                raise _Deny(f"{deny}: device hash {digest!r} is not the hash pinned for volume {volume.name!r} "
+                            f"({volume.device_hash})")
+        else:
+            if digest not in self._layer_hashes:
+                raise _Deny(f"{deny}: device hash {digest!r} is not a layer of any container in the policy")
+            if not self._layer_target(target):
+                raise _Deny(f"{deny}: layer devices may only be mounted at targets matching "
+                            f"{defaults.LAYER_TARGET_PATTERN!r}")
+        return {}, [("devices", target, digest)]
+
+    def _unmount_device(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
+        target = a["target"]
+        if target not in self._state.devices:
+            raise _Deny(f"unmount_device denied for target {target!r}: no device is mounted there")
+        return {}, [("devices", target, _REMOVE)]
+
+    def _mount_overlay(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
+        cid, paths, target = a["container_id"], a["layer_paths"], a["target"]
+        deny = f"mount_overlay denied for container {cid!r}"
+        if cid in self._state.matches:
+            raise _Deny(f"{deny}: it already has an overlay")
+        if target in self._state.overlays:
+            raise _Deny(f"{deny}: target {target!r} already has an overlay")
+        devices = self._state.devices
+        unmounted = [p for p in paths if p not in devices]
+        if unmounted:
+            raise _Deny(f"{deny}: layer path {unmounted[0]!r} has no device mounted")
+        stack = tuple(devices[p] for p in reversed(paths))  # layer_paths are top-most first
+        matched = tuple(c for c in self._candidates if c.layers == stack)
+        if not matched:
+            raise _Deny(f"{deny}: {self._explain_layers(stack)}")
+        return {}, [("matches", cid, matched), ("overlays", target, cid)]
+
+    def _explain_layers(self, stack: tuple[str, ...]) -> str:
+        """Name the policy container closest to the requested layer stack and how it differs."""
+        if not self._candidates:
+            return "the policy allows no containers"
+        best = max(self._candidates, key=lambda c: difflib.SequenceMatcher(a=c.layers, b=stack).ratio())
+        want = best.layers
+        if sorted(want) == sorted(stack):
+            return (f"layers of {best.label!r} are in a different order "
+                    f"(expected base-first {_fmt(_abbrev(want))}, got {_fmt(_abbrev(stack))})")
+        if not set(want) & set(stack):
+            return f"the layer stack {_fmt(_abbrev(stack))} (base first) matches no container in the policy"
+        parts = []
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=want, b=stack).get_opcodes():
+            if tag == "insert":
+                parts.append(f"{j2 - j1} extra layer(s) {_fmt(_abbrev(stack[j1:j2]))} at position {j1}")
+            elif tag == "delete":
+                parts.append(f"{i2 - i1} missing layer(s) {_fmt(_abbrev(want[i1:i2]))} at position {i1}")
+            elif tag == "replace":
+                parts.append(f"layer(s) {_fmt(_abbrev(stack[j1:j2]))} at position {j1} instead of "
+                             f"{_fmt(_abbrev(want[i1:i2]))}")
+        return f"layers do not match {best.label!r} (positions count from the base): " + "; ".join(parts)
+
+    def _unmount_overlay(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
+        target = a["target"]
+        if target not in self._state.overlays:
+            raise _Deny(f"unmount_overlay denied for target {target!r}: no overlay is mounted there")
+        return {}, [("overlays", target, _REMOVE)]
+
+    def _scratch_mount(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
+        target, encrypted = a["target"], a["encrypted"]
+        if target in self._state.scratch:
+            raise _Deny(f"scratch_mount denied for target {target!r}: scratch is already mounted there")
+        if not encrypted and not self.policy.allow_unencrypted_scratch:
+            raise _Deny(f"scratch_mount denied for target {target!r}: encrypted is false but the policy "
+                        "requires encrypted scratch (allow_unencrypted_scratch is false)")
+        return {}, [("scratch", target, encrypted)]
+
+    def _scratch_unmount(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
+        target = a["target"]
+        if target not in self._state.scratch:
+            raise _Deny(f"scratch_unmount denied for target {target!r}: no scratch is mounted there")
+        return {}, [("scratch", target, _REMOVE)]
+
+    # -- containers -----------------------------------------------------------------------------------
+
+    def _create_container(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
+        cid = a["container_id"]
+        state = self._state
+        if cid in state.started:
+            gone = "" if cid in state.matches else " and has been shut down"
+            raise _Deny(f"create_container denied for container {cid!r}: it was already created{gone}")
+        candidates = state.matches.get(cid)
+        if not candidates:
+            raise _Deny(f"create_container denied for container {cid!r}: no overlay has been mounted for it")
+        self._check_volume_mounts(cid, a["mounts"])
+        privileged = a["privileged"]
+        who = _container_subject(cid)
+        survivors = _narrow("create_container", who, candidates, lambda c: self._create_mismatch(c, a))
+        env_list, survivors = self._narrow_env("create_container", who, survivors, a["env"])
+        caps_list, survivors = self._narrow_caps("create_container", who, survivors, a["capabilities"], privileged)
+        stdio = _stdio_agreement("create_container", who, survivors)
+        results = {"env_list": env_list, "caps_list": caps_list, "allow_stdio_access": stdio}
+        return results, [("matches", cid, survivors), ("started", cid, privileged), ("stdio", cid, stdio)]
+
+    def _check_volume_mounts(self, cid: str, mounts: tuple) -> None:
+        for destination, source, _type, _options in mounts:
+            volume = self._volumes.get(source)
+            if volume is not None and self._state.devices.get(source) != volume.device_hash:
+                raise _Deny(f"create_container denied for container {cid!r}: mount at {destination!r} binds "
+                            f"volume {volume.name!r} ({source}), but its pinned device is not mounted there")
+
+    def _create_mismatch(self, c: _Candidate, a: dict[str, Any]) -> str | None:
+        """The first field of a create request that this candidate does not allow (framework.rego
+        create_container's initial narrowing), or None."""
+        if a["argv"] != c.command:
+            return f"argv {_fmt(a['argv'])} does not match command {_fmt(c.command)}"
+        if a["working_dir"] != c.working_dir:
+            return f"working_dir {a['working_dir']!r} does not match {c.working_dir!r}"
+        why = _user_mismatch(c, a)
+        if why:
+            return why
+        if a["privileged"] and not c.allow_elevated:
+            return "privileged is requested but allow_elevated is false"
+        if c.no_new_privileges and not a["no_new_privileges"]:
+            return "no_new_privileges is false but the policy requires true"
+        for mount in a["mounts"]:
+            why = self._mount_mismatch(c, mount)
+            if why:
+                return why
+        if a["seccomp_profile_sha256"] != c.seccomp:
+            return f"seccomp_profile_sha256 {a['seccomp_profile_sha256']!r} does not match {c.seccomp!r}"
+        return None
+
+    def _mount_mismatch(self, c: _Candidate, mount: tuple) -> str | None:
+        allowed = c.mounts + self._default_mounts + (self._privileged_mounts if c.allow_elevated else ())
+        reasons = []
+        for constraint in allowed:
+            why = constraint.mismatch(*mount)
+            if why is None:
+                return None
+            if constraint.destination == mount[0]:
+                reasons.append(why)
+        destination, source, type_, _ = mount
+        if reasons:
+            return f"mount at {destination!r}: {reasons[0]}"
+        return f"mount {type_} {source!r} at {destination!r} matches no allowed mount destination"
+
+    def _narrow_env(self, ep: str, who: Subject, survivors: tuple, env: tuple[str, ...]) -> tuple[list[str], tuple]:
+        """framework.rego valid_envs_for_all + envList_ok."""
+        if self._env_dropping:
+            kept_sets = [frozenset(e for e in env if c.env_rules.allows(e)) for c in survivors]
+            largest = max(len(s) for s in kept_sets)
+            biggest = {s for s in kept_sets if len(s) == largest}
+            if len(biggest) > 1:
+                raise _Deny(f"{ep} denied for {who(survivors)}: env after dropping is ambiguous "
+                            f"(candidates keep different sets of {largest} variables)")
+            keep = next(iter(biggest))
+            env_list = _dedupe(e for e in env if e in keep)
+        else:
+            env_list = _dedupe(env)
+        return env_list, _narrow(ep, who, survivors, lambda c: _env_mismatch(c.env_rules, env_list))
+
+    def _narrow_caps(self, ep: str, who: Subject, survivors: tuple, requested: dict | None,
+                     privileged: bool) -> tuple[dict[str, list[str]], tuple]:
+        """framework.rego valid_caps_for_all + caps_ok."""
+        if requested is None:
+            requested = defaults.default_capabilities(privileged)
+        if self._caps_dropping:
+            filtered = []
+            for c in survivors:
+                allowed = c.caps_for(privileged)
+                filtered.append({k: frozenset(requested[k]) & frozenset(allowed[k]) for k in requested})
+            largest = max(sum(len(v) for v in f.values()) for f in filtered)
+            biggest = [f for f in filtered if sum(len(v) for v in f.values()) == largest]
+            if any(f != biggest[0] for f in biggest[1:]):
+                raise _Deny(f"{ep} denied for {who(survivors)}: capabilities after dropping are "
+                            "ambiguous (candidates keep different sets)")
+            caps_list = {k: [cap for cap in _dedupe(requested[k]) if cap in biggest[0][k]] for k in requested}
+            checked = {k: tuple(v) for k, v in caps_list.items()}
+        else:
+            caps_list = {k: _dedupe(v) for k, v in requested.items()}
+            checked = requested
+        survivors = _narrow(ep, who, survivors, lambda c: _caps_mismatch(c.caps_for(privileged), checked))
+        return caps_list, survivors
+
+    def _exec_in_container(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
+        cid = a["container_id"]
+        state = self._state
+        if cid not in state.started:
+            raise _Deny(f"exec_in_container denied for container {cid!r}: it has not been created")
+        candidates = state.matches.get(cid)
+        if not candidates:
+            raise _Deny(f"exec_in_container denied for container {cid!r}: it has been shut down")
+        privileged = state.started[cid]
+
+        def mismatch(c: _Candidate) -> str | None:
+            if not c.has_exec(a["argv"]):
+                listed = ", ".join(_fmt(cmd) for cmd, _ in c.exec_processes) or "none"
+                return f"argv {_fmt(a['argv'])} is not an exec_process (allowed: {listed})"
+            if a["working_dir"] != c.working_dir:
+                return f"working_dir {a['working_dir']!r} does not match {c.working_dir!r}"
+            if c.no_new_privileges and not a["no_new_privileges"]:
+                return "no_new_privileges is false but the policy requires true"
+            return _user_mismatch(c, a)
+
+        who = _container_subject(cid)
+        survivors = _narrow("exec_in_container", who, candidates, mismatch)
+        env_list, survivors = self._narrow_env("exec_in_container", who, survivors, a["env"])
+        caps_list, survivors = self._narrow_caps("exec_in_container", who, survivors, a["capabilities"],
+                                                 privileged)
+        results = {"env_list": env_list, "caps_list": caps_list, "allow_stdio_access": state.stdio.get(cid, False)}
+        return results, [("matches", cid, survivors)]
+
+    def _exec_external(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
+        argv = a["argv"]
+
+        def mismatch(p: _External) -> str | None:
+            if argv != p.command:
+                return f"argv {_fmt(argv)} is not {_fmt(p.command)}"
+            if a["working_dir"] != p.working_dir:
+                return f"working_dir {a['working_dir']!r} does not match {p.working_dir!r}"
+            return None
+
+        if not self._externals:
+            raise _Deny(f"exec_external denied for {_fmt(argv)}: the policy allows no external processes")
+        def who(_c: tuple) -> str:
+            return f"argv {_fmt(argv)}"
+        survivors = _narrow("exec_external", who, self._externals, mismatch)
+        env_list, survivors = self._narrow_env("exec_external", who, survivors, a["env"])
+        stdio = _stdio_agreement("exec_external", who, survivors)
+        return {"env_list": env_list, "allow_stdio_access": stdio}, []
+
+    def _shutdown_container(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
+        cid = a["container_id"]
+        if cid not in self._state.started:
+            raise _Deny(f"shutdown_container denied for container {cid!r}: it has not been created")
+        # Like the framework, `started` stays: a shut-down id can never be created again.
+        return {}, [("matches", cid, _REMOVE)]
+
+    def _signal_container_process(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
+        cid, sig = a["container_id"], a["signal"]
+        if cid not in self._state.started:
+            raise _Deny(f"signal_container_process denied for container {cid!r}: it has not been created")
+        candidates = self._state.matches.get(cid)
+        if not candidates:
+            raise _Deny(f"signal_container_process denied for container {cid!r}: it has been shut down")
+        if a["is_init"]:
+            def mismatch(c: _Candidate) -> str | None:
+                if sig in c.signals:
+                    return None
+                return f"signal {sig} to the init process is not in signals {list(c.signal_list)}"
+        else:
+            argv = a["argv"]
+
+            def mismatch(c: _Candidate) -> str | None:
+                procs = [sigs for cmd, sigs in c.exec_processes if cmd == argv]
+                if not procs:
+                    return f"argv {_fmt(argv)} is not an exec_process"
+                if not any(sig in sigs for sigs in procs):
+                    return f"signal {sig} is not in the signals {sorted(set().union(*procs))} of exec_process " \
+                           f"{_fmt(argv)}"
+                return None
+        survivors = _narrow("signal_container_process", _container_subject(cid), candidates, mismatch)
+        return {}, [("matches", cid, survivors)]
+
+    def _flag_rule(self, flag: str) -> Callable[[dict[str, Any]], tuple[dict, list[Op]]]:
+        ep = {"allow_properties_access": "get_properties", "allow_dump_stacks": "dump_stacks",
+              "allow_runtime_logging": "runtime_logging"}[flag]
+
+        def rule(_a: dict[str, Any]) -> tuple[dict, list[Op]]:
+            if not getattr(self.policy, flag):
+                raise _Deny(f"{ep} denied: {flag} is false")
+            return {}, []
+        return rule
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Narrowing helpers
+
+
+Subject = Callable[[tuple], str]
+
+
+def _container_subject(cid: str) -> Subject:
+    """Name a request by its container id and the policy containers still in question."""
+    def who(candidates: tuple) -> str:
+        labels = [c.label for c in candidates]
+        if len(labels) == 1:
+            return repr(cid) if labels[0] == cid else f"{cid!r} (policy container {labels[0]!r})"
+        return f"{cid!r} (candidates {', '.join(repr(x) for x in labels)})"
+    return who
+
+
+def _narrow(ep: str, who: Subject, candidates: tuple, mismatch: Callable[[Any], str | None]) -> tuple:
+    """Keep the candidates that allow the request; deny with every candidate's reason if none does."""
+    kept = []
+    reasons = []
+    for c in candidates:
+        why = mismatch(c)
+        if why is None:
+            kept.append(c)
+        else:
+            reasons.append((c.label, why))
+    if kept:
+        return tuple(kept)
+    if len(reasons) == 1:
+        raise _Deny(f"{ep} denied for {who(candidates)}: {reasons[0][1]}")
+    detail = "; ".join(f"{label!r}: {why}" for label, why in reasons)
+    raise _Deny(f"{ep} denied for {who(candidates)}: no candidate allows it ({detail})")
+
+
+def _user_mismatch(c: _Candidate, a: dict[str, Any]) -> str | None:
+    """framework.rego user_ok."""
+    if a["umask"] != c.umask:
+        return f"umask {a['umask']!r} does not match {c.umask!r}"
+    if not c.user_idname.matches(a["user"]):
+        uid, name = a["user"]
+        return f"user {name!r} (id {uid}) does not match user_idname {c.user_idname}"
+    for group in a["groups"]:
+        if not any(g.matches(group) for g in c.group_idnames):
+            gid, name = group
+            allowed = ", ".join(str(g) for g in c.group_idnames) or "none"
+            return f"group {name!r} (id {gid}) matches no group_idname ({allowed})"
+    return None
+
+
+def _env_mismatch(rules: _EnvRules, env_list: list[str]) -> str | None:
+    """framework.rego envList_ok: every env matches some rule, every required rule matches some env."""
+    allows = rules.allows
+    for env in env_list:
+        if not allows(env):
+            return f"env {_short(env)!r} matches no env_rule"
+    for r in rules.required:
+        if not any(r.matches(env) for env in env_list):
+            return f"required env_rule {r.text} is matched by no env"
+    return None
+
+
+def _caps_mismatch(allowed: Mapping[str, tuple[str, ...]], requested: Mapping[str, tuple[str, ...]]) -> str | None:
+    """framework.rego caps_ok/capsList_ok: per set, same size and the same members."""
+    for name in defaults.CAPABILITY_SETS:
+        want, got = allowed[name], requested[name]
+        if len(want) == len(got) and set(want) == set(got):
+            continue
+        extra = sorted(set(got) - set(want))
+        missing = sorted(set(want) - set(got))
+        if extra:
+            return f"capabilities.{name}: {', '.join(extra)} not allowed"
+        if missing:
+            return f"capabilities.{name}: missing {', '.join(missing)} (the policy expects exactly {len(want)})"
+        return f"capabilities.{name}: lists a capability more than once"
+    return None
+
+
+def _stdio_agreement(ep: str, who: Subject, survivors: tuple) -> bool:
+    values = {c.allow_stdio_access for c in survivors}
+    if len(values) > 1:
+        raise _Deny(f"{ep} denied for {who(survivors)}: the remaining candidates disagree on "
+                    "allow_stdio_access, so the decision is ambiguous")
+    return values.pop()
+
+
+def _dedupe(items: Any) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _abbrev(hashes: tuple[str, ...] | list[str]) -> list[str]:
+    return [h[:12] for h in hashes]

@@ -1,0 +1,588 @@
+"""The execution policy document: model, strict validation, canonical bytes and the policy hash.
+
+Field names are ACI's (hcsshim framework.rego / confcom), so a policy maps 1:1 onto the data of an
+ACI Rego policy. One parma-sandbox extension, `volumes`, pins the read-only devices of `files`
+volumes (docs/policy.md). Validation reports every problem with its JSON path and rejects unknown
+fields; regexes are checked when the policy is loaded, not when they are first used.
+
+Canonical form (fixed forever, because HOST_DATA is the SHA-256 of these bytes): JSON with keys
+sorted by code point, separators "," and ":" with no whitespace, non-ASCII escaped as \\uXXXX (so
+the bytes are pure ASCII, hence UTF-8), integers only, and no trailing newline.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sandbox.shared.errors import InvalidDocument
+from sandbox.shared.jsonstrict import decode_utf8, loads_strict
+from sandbox.shared.policy import defaults
+from sandbox.shared.policy.regex import RegexError, translate
+
+
+class Strategy(StrEnum):
+    """How an env rule's pattern is compared with `NAME=VALUE`."""
+
+    string = "string"   # exact equality
+    re2 = "re2"         # regex, always matched against the whole string
+
+
+class IdStrategy(StrEnum):
+    """How a user or group is matched: anything, by numeric id, by name, or by regex on the name."""
+
+    any = "any"
+    id = "id"
+    name = "name"
+    re2 = "re2"
+
+
+@dataclass(frozen=True)
+class EnvRule:
+    pattern: str
+    strategy: Strategy
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Mount:
+    destination: str
+    source: str           # exact path, or "sandbox://" + regex (relative to the sandbox dir)
+    type: str
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExecProcess:
+    command: tuple[str, ...]
+    signals: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class IdName:
+    pattern: str
+    strategy: IdStrategy
+
+
+ANY_ID = IdName("", IdStrategy.any)
+
+
+@dataclass(frozen=True)
+class User:
+    user_idname: IdName = ANY_ID
+    group_idnames: tuple[IdName, ...] = (ANY_ID,)
+    umask: str = defaults.DEFAULT_UMASK
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    bounding: tuple[str, ...]
+    effective: tuple[str, ...]
+    inheritable: tuple[str, ...]
+    permitted: tuple[str, ...]
+    ambient: tuple[str, ...]
+
+    def sets(self) -> dict[str, tuple[str, ...]]:
+        return {name: getattr(self, name) for name in defaults.CAPABILITY_SETS}
+
+
+@dataclass(frozen=True)
+class Container:
+    """One allowed container. Fields that the policy's framework_version predates are None (absent)."""
+
+    layers: tuple[str, ...]                 # dm-verity root hashes, base first
+    command: tuple[str, ...]
+    env_rules: tuple[EnvRule, ...]
+    working_dir: str
+    mounts: tuple[Mount, ...]
+    exec_processes: tuple[ExecProcess, ...]
+    signals: tuple[int, ...]
+    allow_elevated: bool
+    allow_stdio_access: bool
+    name: str | None = None
+    id: str | None = None                   # image reference, informational
+    no_new_privileges: bool | None = None   # framework >= 0.2.0
+    user: User | None = None                # framework >= 0.2.1
+    capabilities: Capabilities | None = None  # framework >= 0.2.2; None (JSON null) = the runtime defaults
+    seccomp_profile_sha256: str | None = None  # framework >= 0.2.3; "" = no seccomp profile
+
+    def label(self, index: int) -> str:
+        return self.name if self.name else f"containers[{index}]"
+
+
+@dataclass(frozen=True)
+class ExternalProcess:
+    command: tuple[str, ...]
+    env_rules: tuple[EnvRule, ...]
+    working_dir: str
+    allow_stdio_access: bool
+
+
+@dataclass(frozen=True)
+class Volume:
+    """parma-sandbox extension: a read-only `files` volume device, pinned by its dm-verity root hash."""
+
+    name: str
+    target: str         # where the agent mounts the device (defaults.volume_target(name))
+    device_hash: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    api_version: str
+    framework_version: str
+    containers: tuple[Container, ...]
+    external_processes: tuple[ExternalProcess, ...] = ()
+    volumes: tuple[Volume, ...] = ()
+    allow_properties_access: bool = False
+    allow_dump_stacks: bool = False
+    allow_runtime_logging: bool = False
+    allow_environment_variable_dropping: bool = False
+    allow_unencrypted_scratch: bool = False
+    allow_capability_dropping: bool = False
+
+    def to_document(self) -> dict[str, Any]:
+        return _policy_doc(self)
+
+    def canonical_bytes(self) -> bytes:
+        return canonical_bytes(self.to_document())
+
+    def container_labels(self) -> list[str]:
+        return [c.label(i) for i, c in enumerate(self.containers)]
+
+
+FLAGS = ("allow_properties_access", "allow_dump_stacks", "allow_runtime_logging",
+         "allow_environment_variable_dropping", "allow_unencrypted_scratch", "allow_capability_dropping")
+
+# Container fields that appeared in later framework versions (framework.rego check_container).
+VERSIONED_FIELDS = {
+    "no_new_privileges": (0, 2, 0),
+    "user": (0, 2, 1),
+    "capabilities": (0, 2, 2),
+    "seccomp_profile_sha256": (0, 2, 3),
+}
+CAPABILITY_DROPPING_SINCE = (0, 2, 2)
+DEFAULT_SIGNALS_UNTIL = (0, 4, 1)     # below this, the init process always accepts SIGKILL and SIGTERM
+
+HEX64 = re.compile(r"[0-9a-f]{64}")
+SEMVER = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+UMASK = re.compile(r"[0-7]{3,4}")
+CAP_NAME = re.compile(r"CAP_[A-Z_]+")
+MAX_SIGNAL = 64
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    m = SEMVER.fullmatch(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a version of the form MAJOR.MINOR.PATCH")
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+def canonical_bytes(document: Any) -> bytes:
+    """The canonical serialisation (see the module docstring). Floats are refused."""
+    _refuse_floats(document, "")
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def _refuse_floats(value: Any, path: str) -> None:
+    if isinstance(value, float):
+        raise ValueError(f"{path or 'document'}: floats have no canonical form")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_floats(v, _join(path, k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _refuse_floats(v, f"{path}[{i}]")
+
+
+def policy_hash(raw: bytes) -> str:
+    """SHA-256 hex of the exact policy bytes: the value that becomes SNP HOST_DATA."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def parse_policy(raw: bytes, source: str = "policy") -> Policy:
+    """Decode, parse strictly and validate a policy document; raise InvalidDocument listing every problem."""
+    return validate_policy(loads_strict(decode_utf8(raw, source), source), source=source)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Serialisation
+
+
+def _env_rule_doc(r: EnvRule) -> dict[str, Any]:
+    return {"pattern": r.pattern, "strategy": r.strategy.value, "required": r.required}
+
+
+def _idname_doc(i: IdName) -> dict[str, Any]:
+    return {"pattern": i.pattern, "strategy": i.strategy.value}
+
+
+def _container_doc(c: Container, version: tuple[int, int, int]) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "layers": list(c.layers),
+        "command": list(c.command),
+        "env_rules": [_env_rule_doc(r) for r in c.env_rules],
+        "working_dir": c.working_dir,
+        "mounts": [{"destination": m.destination, "source": m.source, "type": m.type, "options": list(m.options)}
+                   for m in c.mounts],
+        "exec_processes": [{"command": list(p.command), "signals": list(p.signals)} for p in c.exec_processes],
+        "signals": list(c.signals),
+        "allow_elevated": c.allow_elevated,
+        "allow_stdio_access": c.allow_stdio_access,
+    }
+    if c.name is not None:
+        d["name"] = c.name
+    if c.id is not None:
+        d["id"] = c.id
+    # Versioned fields are written exactly when the policy's framework_version has them.
+    if version >= VERSIONED_FIELDS["no_new_privileges"]:
+        d["no_new_privileges"] = bool(c.no_new_privileges)
+    if version >= VERSIONED_FIELDS["user"]:
+        user = c.user or User()
+        d["user"] = {"user_idname": _idname_doc(user.user_idname),
+                     "group_idnames": [_idname_doc(g) for g in user.group_idnames],
+                     "umask": user.umask}
+    if version >= VERSIONED_FIELDS["capabilities"]:
+        d["capabilities"] = ({k: list(v) for k, v in c.capabilities.sets().items()}
+                             if c.capabilities is not None else None)
+    if version >= VERSIONED_FIELDS["seccomp_profile_sha256"]:
+        d["seccomp_profile_sha256"] = c.seccomp_profile_sha256 or ""
+    return d
+
+
+def _policy_doc(p: Policy) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "api_version": p.api_version,
+        "framework_version": p.framework_version,
+        "containers": [_container_doc(c, parse_version(p.framework_version)) for c in p.containers],
+        "external_processes": [{"command": list(e.command), "env_rules": [_env_rule_doc(r) for r in e.env_rules],
+                                "working_dir": e.working_dir, "allow_stdio_access": e.allow_stdio_access}
+                               for e in p.external_processes],
+    }
+    for flag in FLAGS:
+        d[flag] = getattr(p, flag)
+    if p.volumes:
+        d["volumes"] = [{"name": v.name, "target": v.target, "device_hash": v.device_hash} for v in p.volumes]
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation: walk the raw JSON, collect every problem with its JSON path, build the model only when clean.
+
+_MISSING = object()
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "an object"}.get(type(v), type(v).__name__)
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}" if path else message)
+
+    def obj(self, value: Any, path: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict | None:
+        if not isinstance(value, dict):
+            self.problem(path, f"expected an object, got {_type(value)}")
+            return None
+        for key in value:
+            if key not in allowed:
+                close = [a for a in allowed if a.replace("_", "").lower() == key.replace("_", "").lower()]
+                close = close or difflib.get_close_matches(key, allowed, n=1, cutoff=0.8)
+                extra = f" (did you mean {close[0]!r}?)" if close else ""
+                self.problem(_join(path, key), f"unknown field{extra}")
+        for key in required:
+            if key not in value:
+                self.problem(_join(path, key), "required field is missing")
+        return value
+
+    def get(self, d: dict, key: str, path: str, kind: type, default: Any = _MISSING) -> Any:
+        v = d.get(key, _MISSING)
+        if v is _MISSING:
+            return default
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            self.problem(_join(path, key), f"expected {_type(kind())}, got {_type(v)}")
+            return default
+        return v
+
+    def string(self, d: dict, key: str, path: str, default: Any = _MISSING, *,
+               pattern: re.Pattern | None = None, what: str = "") -> Any:
+        v = self.get(d, key, path, str, default)
+        if isinstance(v, str) and v is not default:
+            if "\x00" in v:
+                self.problem(_join(path, key), "must not contain NUL characters")
+                return default
+            if pattern is not None and not pattern.fullmatch(v):
+                self.problem(_join(path, key), f"{v!r} is not {what}")
+                return default
+        return v
+
+    def strings(self, d: dict, key: str, path: str, *, nonempty: bool = False, unique: bool = False,
+                pattern: re.Pattern | None = None, what: str = "") -> tuple[str, ...] | None:
+        items = self.get(d, key, path, list, None)
+        if items is None:
+            return None
+        p = _join(path, key)
+        if nonempty and not items:
+            self.problem(p, "must not be empty")
+        out = []
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                self.problem(f"{p}[{i}]", f"expected a string, got {_type(item)}")
+            elif "\x00" in item:
+                self.problem(f"{p}[{i}]", "must not contain NUL characters")
+            elif pattern is not None and not pattern.fullmatch(item):
+                self.problem(f"{p}[{i}]", f"{item!r} is not {what}")
+            elif unique and item in out:
+                self.problem(f"{p}[{i}]", f"{item!r} is listed twice")
+            else:
+                out.append(item)
+        return tuple(out)
+
+    def signals(self, d: dict, key: str, path: str) -> tuple[int, ...] | None:
+        items = self.get(d, key, path, list, None)
+        if items is None:
+            return None
+        out = []
+        for i, item in enumerate(items):
+            if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= MAX_SIGNAL:
+                self.problem(f"{_join(path, key)}[{i}]", f"expected a signal number 1-{MAX_SIGNAL}, got {item!r}")
+            else:
+                out.append(item)
+        return tuple(out)
+
+    def regex(self, pattern: str, path: str) -> None:
+        try:
+            translate(pattern)
+        except RegexError as e:
+            self.problem(path, f"regex {pattern!r} {e}")
+
+    def items(self, d: dict, key: str, path: str, check: Callable[[Any, str], Any]) -> tuple | None:
+        raw = self.get(d, key, path, list, None)
+        if raw is None:
+            return None
+        out = [check(item, f"{_join(path, key)}[{i}]") for i, item in enumerate(raw)]
+        return tuple(out) if all(x is not None for x in out) else None
+
+
+def _check_env_rule(c: _Checker, raw: Any, path: str) -> EnvRule | None:
+    d = c.obj(raw, path, ("pattern", "strategy", "required"), ("pattern", "strategy"))
+    if d is None:
+        return None
+    pattern = c.string(d, "pattern", path, None)
+    strategy = c.string(d, "strategy", path, None)
+    required = c.get(d, "required", path, bool, False)
+    if strategy is not None and strategy not in Strategy.__members__:
+        c.problem(_join(path, "strategy"), f"must be 'string' or 're2', got {strategy!r}")
+        return None
+    if pattern is None or strategy is None:
+        return None
+    if strategy == Strategy.re2:
+        c.regex(pattern, _join(path, "pattern"))
+    return EnvRule(pattern, Strategy(strategy), required)
+
+
+def _check_mount(c: _Checker, raw: Any, path: str) -> Mount | None:
+    keys = ("destination", "source", "type", "options")
+    d = c.obj(raw, path, keys, keys)
+    if d is None:
+        return None
+    destination = c.string(d, "destination", path, None)
+    source = c.string(d, "source", path, None)
+    type_ = c.string(d, "type", path, None)
+    options = c.strings(d, "options", path)
+    if destination == "":
+        c.problem(_join(path, "destination"), "must not be empty")
+    if source is not None and source.startswith(defaults.SANDBOX_PREFIX):
+        c.regex(source[len(defaults.SANDBOX_PREFIX):], _join(path, "source"))
+    elif source is not None and source.startswith(("plan9://", "hugepages://")):
+        c.problem(_join(path, "source"), f"{source.split('://')[0]}:// sources are not supported by parma-sandbox")
+    if not destination or source is None or type_ is None or options is None:
+        return None
+    return Mount(destination, source, type_, options)
+
+
+def _check_exec_process(c: _Checker, raw: Any, path: str) -> ExecProcess | None:
+    d = c.obj(raw, path, ("command", "signals"), ("command", "signals"))
+    if d is None:
+        return None
+    command = c.strings(d, "command", path, nonempty=True)
+    signals = c.signals(d, "signals", path)
+    return ExecProcess(command, signals) if command and signals is not None else None
+
+
+def _check_idname(c: _Checker, raw: Any, path: str) -> IdName | None:
+    d = c.obj(raw, path, ("pattern", "strategy"), ("pattern", "strategy"))
+    if d is None:
+        return None
+    pattern = c.string(d, "pattern", path, None)
+    strategy = c.string(d, "strategy", path, None)
+    if strategy is not None and strategy not in IdStrategy.__members__:
+        c.problem(_join(path, "strategy"), f"must be one of any, id, name, re2; got {strategy!r}")
+        return None
+    if pattern is None or strategy is None:
+        return None
+    if strategy == IdStrategy.re2:
+        c.regex(pattern, _join(path, "pattern"))
+    return IdName(pattern, IdStrategy(strategy))
+
+
+def _check_user(c: _Checker, raw: Any, path: str) -> User | None:
+    keys = ("user_idname", "group_idnames", "umask")
+    d = c.obj(raw, path, keys, keys)
+    if d is None:
+        return None
+    user = _check_idname(c, d.get("user_idname"), _join(path, "user_idname")) if "user_idname" in d else None
+    groups = c.items(d, "group_idnames", path, lambda r, p: _check_idname(c, r, p))
+    umask = c.string(d, "umask", path, None, pattern=UMASK, what="an octal umask such as '0022'")
+    if user is None or groups is None or umask is None:
+        return None
+    return User(user, groups, umask)
+
+
+def _check_capabilities(c: _Checker, raw: Any, path: str) -> Capabilities | None:
+    d = c.obj(raw, path, defaults.CAPABILITY_SETS, defaults.CAPABILITY_SETS)
+    if d is None:
+        return None
+    sets = {k: c.strings(d, k, path, unique=True, pattern=CAP_NAME, what="a capability name like CAP_CHOWN")
+            for k in defaults.CAPABILITY_SETS}
+    return None if any(v is None for v in sets.values()) else Capabilities(**sets)
+
+
+def _check_container(c: _Checker, raw: Any, path: str, version: tuple[int, int, int]) -> Container | None:
+    base = ("layers", "command", "env_rules", "working_dir", "mounts", "exec_processes", "signals",
+            "allow_elevated", "allow_stdio_access")
+    versioned = tuple(k for k, since in VERSIONED_FIELDS.items() if version >= since)
+    d = c.obj(raw, path, (*base, "name", "id", *VERSIONED_FIELDS), (*base, *versioned))
+    if d is None:
+        return None
+    before = len(c.problems)
+    for key, since in VERSIONED_FIELDS.items():
+        if key in d and version < since:
+            c.problem(_join(path, key), f"needs framework_version {'.'.join(map(str, since))} or later "
+                                        f"(the policy says {'.'.join(map(str, version))})")
+    name = c.string(d, "name", path, None)
+    image_id = c.string(d, "id", path, None)
+    layers = c.strings(d, "layers", path, nonempty=True, pattern=HEX64,
+                       what="a dm-verity root hash (64 lowercase hex digits)")
+    command = c.strings(d, "command", path, nonempty=True)
+    env_rules = c.items(d, "env_rules", path, lambda r, p: _check_env_rule(c, r, p))
+    working_dir = c.string(d, "working_dir", path, None)
+    if working_dir is not None and not working_dir.startswith("/"):
+        c.problem(_join(path, "working_dir"), f"{working_dir!r} is not an absolute path")
+    mounts = c.items(d, "mounts", path, lambda r, p: _check_mount(c, r, p))
+    execs = c.items(d, "exec_processes", path, lambda r, p: _check_exec_process(c, r, p))
+    signals = c.signals(d, "signals", path)
+    allow_elevated = c.get(d, "allow_elevated", path, bool, None)
+    allow_stdio = c.get(d, "allow_stdio_access", path, bool, None)
+    nnp = c.get(d, "no_new_privileges", path, bool, None)
+    user = _check_user(c, d["user"], _join(path, "user")) if "user" in d else None
+    caps = None
+    if d.get("capabilities") is not None:
+        caps = _check_capabilities(c, d["capabilities"], _join(path, "capabilities"))
+    seccomp = c.string(d, "seccomp_profile_sha256", path, None, pattern=re.compile(r"|[0-9a-f]{64}"),
+                       what="'' or a SHA-256 hex digest")
+    if len(c.problems) != before:
+        return None
+    return Container(layers=layers, command=command, env_rules=env_rules, working_dir=working_dir, mounts=mounts,
+                     exec_processes=execs, signals=signals, allow_elevated=allow_elevated,
+                     allow_stdio_access=allow_stdio, name=name, id=image_id, no_new_privileges=nnp, user=user,
+                     capabilities=caps, seccomp_profile_sha256=seccomp)
+
+
+def _check_external_process(c: _Checker, raw: Any, path: str) -> ExternalProcess | None:
+    keys = ("command", "env_rules", "working_dir", "allow_stdio_access")
+    d = c.obj(raw, path, keys, keys)
+    if d is None:
+        return None
+    before = len(c.problems)
+    command = c.strings(d, "command", path, nonempty=True)
+    env_rules = c.items(d, "env_rules", path, lambda r, p: _check_env_rule(c, r, p))
+    working_dir = c.string(d, "working_dir", path, None)
+    allow_stdio = c.get(d, "allow_stdio_access", path, bool, None)
+    if len(c.problems) != before:
+        return None
+    return ExternalProcess(command, env_rules, working_dir, allow_stdio)
+
+
+def _check_volume(c: _Checker, raw: Any, path: str) -> Volume | None:
+    keys = ("name", "target", "device_hash")
+    d = c.obj(raw, path, keys, keys)
+    if d is None:
+        return None
+    name = c.string(d, "name", path, None)
+    target = c.string(d, "target", path, None)
+    device_hash = c.string(d, "device_hash", path, None, pattern=HEX64,
+                           what="a dm-verity root hash (64 lowercase hex digits)")
+    if target is not None and (not target.startswith("/") or re.fullmatch(defaults.LAYER_TARGET_PATTERN, target)):
+        c.problem(_join(path, "target"), f"{target!r} must be an absolute path outside the layer mount targets")
+        return None
+    if not name or target is None or device_hash is None:
+        return None
+    return Volume(name, target, device_hash)
+
+
+TOP_LEVEL = ("api_version", "framework_version", "containers", "external_processes", "fragments", "volumes",
+             *FLAGS)
+
+
+def validate_policy(raw: Any, *, source: str = "policy") -> Policy:
+    """Validate a parsed policy document; raise InvalidDocument listing every problem with its JSON path."""
+    c = _Checker()
+    hint = "see docs/policy.md for the policy format"
+    d = c.obj(raw, "", TOP_LEVEL, ("api_version", "framework_version", "containers"))
+    if d is None:
+        raise InvalidDocument(source, c.problems, hint=hint)
+    versions = {}
+    for key, newest in (("api_version", defaults.API_VERSION), ("framework_version", defaults.FRAMEWORK_VERSION)):
+        text = c.string(d, key, "", None)
+        if text is None:
+            continue
+        try:
+            versions[key] = parse_version(text)
+        except ValueError as e:
+            c.problem(key, str(e))
+            continue
+        if versions[key] > parse_version(newest):
+            c.problem(key, f"{text} is newer than this engine supports ({newest})")
+        elif versions[key] < (0, 1, 0):
+            c.problem(key, f"{text} predates every framework release (0.1.0)")
+    version = versions.get("framework_version", parse_version(defaults.FRAMEWORK_VERSION))
+    containers = c.items(d, "containers", "", lambda r, p: _check_container(c, r, p, version))
+    externals = c.items(d, "external_processes", "", lambda r, p: _check_external_process(c, r, p))
+    volumes = c.items(d, "volumes", "", lambda r, p: _check_volume(c, r, p))
+    fragments = c.get(d, "fragments", "", list, None)
+    if fragments:
+        c.problem("fragments", "policy fragments are not supported by parma-sandbox (remove them)")
+    flags = {flag: c.get(d, flag, "", bool, False) for flag in FLAGS}
+    if flags["allow_capability_dropping"] and version < CAPABILITY_DROPPING_SINCE:
+        c.problem("allow_capability_dropping", "needs framework_version 0.2.2 or later")
+    seen_names: set[str] = set()
+    seen_targets: set[str] = set()
+    for i, v in enumerate(volumes or ()):
+        if v.name in seen_names:
+            c.problem(f"volumes[{i}].name", f"duplicate volume name {v.name!r}")
+        if v.target in seen_targets:
+            c.problem(f"volumes[{i}].target", f"{v.target} is the target of two volumes")
+        seen_names.add(v.name)
+        seen_targets.add(v.target)
+    if c.problems:
+        raise InvalidDocument(source, c.problems, hint=hint)
+    return Policy(api_version=d["api_version"], framework_version=d["framework_version"], containers=containers,
+                  external_processes=externals or (), volumes=volumes or (), **flags)

@@ -1,0 +1,24 @@
+"""How a report is bound to a verifier's nonce and to the guest agent's runtime key.
+
+REPORT_DATA (64 bytes) = SHA-512(nonce ‖ DER SubjectPublicKeyInfo of the agent's runtime public key).
+A verifier that sent `nonce` and received the public key recomputes this value and compares it with
+the signed report: the report is fresh (nonce) and speaks for whoever holds the runtime private key,
+so secrets encrypted to that key reach only the attested guest. See docs/attestation.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from sandbox.shared.errors import InputError
+
+MIN_NONCE = 16
+MAX_NONCE = 1024
+
+
+def report_data_for(nonce: bytes, runtime_public_key_der: bytes) -> bytes:
+    if not MIN_NONCE <= len(nonce) <= MAX_NONCE:
+        raise InputError(f"nonce must be {MIN_NONCE}..{MAX_NONCE} bytes, got {len(nonce)}")
+    if not runtime_public_key_der:
+        raise InputError("runtime public key is empty")
+    return hashlib.sha512(nonce + runtime_public_key_der).digest()

@@ -1,0 +1,446 @@
+"""dm-verity hash trees (format 1), byte for byte as `veritysetup format` writes them.
+
+Two users: the host formats layer images and the UVM rootfs (`format_verity`), and the guest derives
+the root hash of an attached layer device from the device itself (`read_verity_layout`), so that it
+never has to trust a hash the host sends.
+
+Sources for the byte layout: cryptsetup lib/verity/verity_hash.c (tree) and lib/verity/verity.c
+(`struct verity_sb`), the kernel's Documentation/admin-guide/device-mapper/verity.rst (table line);
+summarised in the project's research notes, verity-formats.md §1.
+Stdlib only: this module is in the shared zone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox.shared.errors import InputError
+
+BLOCK_SIZE = 4096
+ZERO_SALT = bytes(32)
+ALGORITHM = "sha256"
+HASH_TYPE = 1                       # "normal" format: H(salt || block), digest slots padded to 2^k
+MAX_SALT = 256                      # the superblock's salt field
+SUPERBLOCK_SIZE = 512               # struct verity_sb; the rest of its hash block is zero
+SIGNATURE = b"verity\0\0"
+SB_VERSION = 1
+
+# struct verity_sb (lib/verity/verity.c), little-endian:
+#   signature[8] version:u32 hash_type:u32 uuid[16] algorithm[32] data_block_size:u32
+#   hash_block_size:u32 data_blocks:u64 salt_size:u16 _pad1[6] salt[256] _pad2[168]
+_SB = struct.Struct("<8sII16s32sIIQH6s256s168s")
+assert _SB.size == SUPERBLOCK_SIZE
+
+_READ_CHUNK = 8 << 20               # data read per system call while hashing
+_DIGEST_FLUSH = 1 << 20             # bytes of digests buffered before they are written out
+
+
+@dataclass(frozen=True)
+class VerityInfo:
+    """What `format_verity` wrote, and what a dm-verity table needs."""
+
+    root_hash: str                  # hex
+    salt: bytes
+    data_blocks: int
+    data_block_size: int
+    hash_block_size: int
+    hash_offset: int                # byte offset on the hash device of the superblock (or of the tree)
+    hash_start_block: int           # hash-block index of the top tree block (the table's <hash_start>)
+    hash_blocks: int                # tree size in hash blocks (superblock not included)
+    superblock: bool
+    uuid: bytes | None              # superblock UUID, raw 16 bytes (None without a superblock)
+    algorithm: str = ALGORITHM
+    hash_type: int = HASH_TYPE
+
+    @property
+    def data_size(self) -> int:
+        return self.data_blocks * self.data_block_size
+
+    @property
+    def hash_end(self) -> int:
+        """Byte offset on the hash device just after the last tree block."""
+        return (self.hash_start_block + self.hash_blocks) * self.hash_block_size
+
+    def dm_table(self, data_dev: str, hash_dev: str) -> str:
+        return _table_of(self, data_dev, hash_dev)
+
+
+def dm_table_line(data_dev: str, hash_dev: str, *, data_blocks: int, hash_start_block: int, root_hash: str,
+                  salt: bytes, data_block_size: int = BLOCK_SIZE, hash_block_size: int = BLOCK_SIZE,
+                  algorithm: str = ALGORITHM, hash_type: int = HASH_TYPE) -> str:
+    """`<start> <sectors> verity <version> <data> <hash> <dbs> <hbs> <blocks> <hash_start> <alg> <root> <salt>`.
+
+    verity.rst: the version is the hash type, hash_start counts hash blocks up to the top tree block, and
+    an empty salt is written as '-'.
+    """
+    sectors = data_blocks * data_block_size // 512
+    return (f"0 {sectors} verity {hash_type} {data_dev} {hash_dev} {data_block_size} {hash_block_size} "
+            f"{data_blocks} {hash_start_block} {algorithm} {root_hash} {salt.hex() or '-'}")
+
+
+def _table_of(p: VerityInfo | VerityLayout, data_dev: str, hash_dev: str) -> str:
+    return dm_table_line(data_dev, hash_dev, data_blocks=p.data_blocks, hash_start_block=p.hash_start_block,
+                         root_hash=p.root_hash, salt=p.salt, data_block_size=p.data_block_size,
+                         hash_block_size=p.hash_block_size, algorithm=p.algorithm, hash_type=p.hash_type)
+
+
+def digests_per_block(hash_block_size: int, digest_size: int) -> int:
+    """verity_hash.c: hash_per_block = 2^floor(log2(hbs / digest_size))."""
+    return 1 << ((hash_block_size // digest_size).bit_length() - 1)
+
+
+def level_sizes(data_blocks: int, per_block: int) -> list[int]:
+    """Hash blocks in each tree level, level 0 (hashing the data) first; [] for a single data block."""
+    sizes = []
+    n = data_blocks
+    while n > 1:
+        n = -(-n // per_block)
+        sizes.append(n)
+    return sizes
+
+
+def hash_start_block(hash_offset: int, *, superblock: bool, hash_block_size: int = BLOCK_SIZE) -> int:
+    """VERITY_hash_offset_block: the tree starts after the superblock, in whole hash blocks."""
+    if superblock:
+        return -(-(hash_offset + SUPERBLOCK_SIZE) // hash_block_size)
+    return hash_offset // hash_block_size
+
+
+def tree_size(data_blocks: int, *, hash_block_size: int = BLOCK_SIZE, algorithm: str = ALGORITHM) -> int:
+    """Bytes of hash tree (no superblock) for `data_blocks` data blocks."""
+    per = digests_per_block(hash_block_size, hashlib.new(algorithm).digest_size)
+    return sum(level_sizes(data_blocks, per)) * hash_block_size
+
+
+def pack_superblock(*, uuid: bytes, data_blocks: int, salt: bytes, data_block_size: int = BLOCK_SIZE,
+                    hash_block_size: int = BLOCK_SIZE, algorithm: str = ALGORITHM,
+                    hash_type: int = HASH_TYPE) -> bytes:
+    """The 512-byte struct verity_sb."""
+    if len(uuid) != 16:
+        raise ValueError("a verity superblock UUID is 16 bytes")
+    return _SB.pack(SIGNATURE, SB_VERSION, hash_type, uuid, algorithm.encode(), data_block_size,
+                    hash_block_size, data_blocks, len(salt), bytes(6), salt, bytes(168))
+
+
+def _check_params(salt: bytes, data_block_size: int, hash_block_size: int, algorithm: str) -> int:
+    if len(salt) > MAX_SALT:
+        raise InputError(f"verity salt is {len(salt)} bytes; at most {MAX_SALT} are allowed")
+    for what, size in (("data", data_block_size), ("hash", hash_block_size)):
+        if size < 512 or size & (size - 1):
+            raise InputError(f"verity {what} block size {size} is not a power of two >= 512")
+    try:
+        digest_size = hashlib.new(algorithm).digest_size
+    except ValueError as e:
+        raise InputError(f"unknown hash algorithm {algorithm!r} for dm-verity") from e
+    if digest_size > hash_block_size:
+        raise InputError(f"a {algorithm} digest does not fit in a {hash_block_size}-byte hash block")
+    return digest_size
+
+
+class _TreeWriter:
+    """Hashes blocks into one tree level and writes the digests, slot by slot, at the level's offset."""
+
+    def __init__(self, fd: int, offset: int, base: hashlib._Hash, slot: int, hash_block_size: int) -> None:
+        self.fd = fd
+        self.pos = offset
+        self.base = base
+        self.pad = bytes(slot - base.digest_size)
+        self.hash_block_size = hash_block_size
+        self.buf: list[bytes] = []
+        self.buffered = 0
+        self.written = 0
+
+    def hash_blocks(self, view: memoryview, block_size: int) -> None:
+        # The hot loop: one pre-salted hash object copied per block, bound methods kept local.
+        copy, append, pad = self.base.copy, self.buf.append, self.pad
+        for block in [view[off:off + block_size] for off in range(0, len(view), block_size)]:
+            h = copy()
+            h.update(block)
+            append(h.digest())
+            if pad:
+                append(pad)
+        self.buffered += (len(view) // block_size) * (self.base.digest_size + len(pad))
+        if self.buffered >= _DIGEST_FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            data = b"".join(self.buf)
+            _pwrite_all(self.fd, data, self.pos)
+            self.pos += len(data)
+            self.written += len(data)
+            self.buf.clear()
+            self.buffered = 0
+
+    def finish(self) -> None:
+        """Flush and zero-pad the level's last hash block (its digest covers the padded block)."""
+        self.flush()
+        tail = -self.written % self.hash_block_size
+        if tail:
+            _pwrite_all(self.fd, bytes(tail), self.pos)
+            self.pos += tail
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _hash_region(src_fd: int, start: int, blocks: int, block_size: int, writer: _TreeWriter) -> None:
+    """Feed `blocks` blocks read from `src_fd` at byte `start` through `writer`."""
+    chunk_blocks = max(1, _READ_CHUNK // block_size)
+    buf = bytearray(chunk_blocks * block_size)
+    view = memoryview(buf)
+    done = 0
+    while done < blocks:
+        n = min(chunk_blocks, blocks - done) * block_size
+        got = os.preadv(src_fd, [view[:n]], start + done * block_size)
+        if got != n:
+            raise InputError(f"short read while hashing: the file shrank below {start + blocks * block_size} bytes")
+        writer.hash_blocks(view[:n], block_size)
+        done += n // block_size
+
+
+def format_verity(data: Path, *, salt: bytes = ZERO_SALT, superblock: bool = True, hash_file: Path | None = None,
+                  data_blocks: int | None = None, uuid: bytes | None = None, hash_offset: int | None = None,
+                  data_block_size: int = BLOCK_SIZE, hash_block_size: int = BLOCK_SIZE,
+                  algorithm: str = ALGORITHM) -> VerityInfo:
+    """Write a format-1 dm-verity tree for `data`, as `veritysetup format` does, and return its parameters.
+
+    - hash_file None: the tree is appended to `data` at hash_offset = data size (whatever followed the data
+      is replaced). The data size must then be a whole number of data blocks.
+    - hash_file given: the tree goes to that file (created or truncated) at `hash_offset` (default 0).
+    - data_blocks defaults to floor(size / data_block_size): like veritysetup, a partial last block is ignored.
+    - superblock: write `struct verity_sb` at hash_offset, its block zero-padded, the tree in the next hash
+      block. The UUID defaults to one derived from the root hash, so the output is a pure function of input.
+    Memory stays bounded: data is read in large chunks and each level's digests go straight to disk.
+    """
+    digest_size = _check_params(salt, data_block_size, hash_block_size, algorithm)
+    if uuid is not None and len(uuid) != 16:
+        raise InputError(f"a verity UUID is 16 bytes, got {len(uuid)}")
+    data = Path(data)
+    try:
+        size = data.stat().st_size
+    except OSError as e:
+        raise InputError(f"cannot read {data}: {e.strerror}") from e
+    blocks = size // data_block_size if data_blocks is None else data_blocks
+    if blocks <= 0:
+        raise InputError(f"{data} holds no whole {data_block_size}-byte block ({size} bytes)",
+                         hint="dm-verity needs at least one data block")
+    if blocks * data_block_size > size:
+        raise InputError(f"{data} has {size} bytes, fewer than the {blocks} data blocks requested")
+    if hash_file is None:
+        if hash_offset is None:
+            hash_offset = blocks * data_block_size
+            if data_blocks is None and size % data_block_size:
+                raise InputError(f"{data} is {size} bytes, not a whole number of {data_block_size}-byte blocks",
+                                 hint="pad it with zeros first, or write the tree to a separate --hash-file")
+        if hash_offset < blocks * data_block_size:
+            raise InputError(f"hash offset {hash_offset} overlaps the {blocks} data blocks")
+    elif hash_offset is None:
+        hash_offset = 0
+    align = SUPERBLOCK_SIZE if superblock else hash_block_size
+    if hash_offset % align:
+        raise InputError(f"hash offset {hash_offset} is not a multiple of {align}")
+
+    per = digests_per_block(hash_block_size, digest_size)
+    slot = hash_block_size // per
+    sizes = level_sizes(blocks, per)
+    start = hash_start_block(hash_offset, superblock=superblock, hash_block_size=hash_block_size)
+    # Top level first on disk: level i sits after all levels above it.
+    offsets = []
+    pos = start
+    for i in range(len(sizes)):
+        offsets.append((pos + sum(sizes[i + 1:])) * hash_block_size)
+    end = (start + sum(sizes)) * hash_block_size
+
+    base = hashlib.new(algorithm)
+    base.update(salt)
+    data_fd = os.open(data, os.O_RDWR if hash_file is None else os.O_RDONLY)
+    try:
+        if hash_file is None:
+            hash_fd = data_fd
+        else:
+            hash_fd = os.open(hash_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(hash_fd, max(end, hash_offset + (hash_block_size if superblock else 0)))
+            if superblock:
+                _pwrite_all(hash_fd, bytes(start * hash_block_size - hash_offset), hash_offset)
+            if not sizes:
+                # A single data block: no tree at all, the root is the digest of that block.
+                h = base.copy()
+                h.update(os.pread(data_fd, data_block_size, 0))
+                root = h.digest()
+            else:
+                src_fd, src_start, src_blocks, src_bs = data_fd, 0, blocks, data_block_size
+                for level, count in enumerate(sizes):
+                    writer = _TreeWriter(hash_fd, offsets[level], base, slot, hash_block_size)
+                    _hash_region(src_fd, src_start, src_blocks, src_bs, writer)
+                    writer.finish()
+                    src_fd, src_start, src_blocks, src_bs = hash_fd, offsets[level], count, hash_block_size
+                h = base.copy()
+                h.update(os.pread(hash_fd, hash_block_size, offsets[-1]))
+                root = h.digest()
+            if superblock:
+                if uuid is None:
+                    uuid = derived_uuid(root)
+                sb = pack_superblock(uuid=uuid, data_blocks=blocks, salt=salt, data_block_size=data_block_size,
+                                     hash_block_size=hash_block_size, algorithm=algorithm)
+                _pwrite_all(hash_fd, sb, hash_offset)
+        finally:
+            if hash_fd != data_fd:
+                os.close(hash_fd)
+    finally:
+        os.close(data_fd)
+    return VerityInfo(root_hash=root.hex(), salt=salt, data_blocks=blocks, data_block_size=data_block_size,
+                      hash_block_size=hash_block_size, hash_offset=hash_offset, hash_start_block=start,
+                      hash_blocks=sum(sizes), superblock=superblock, uuid=uuid if superblock else None,
+                      algorithm=algorithm)
+
+
+def derived_uuid(root: bytes) -> bytes:
+    """A superblock UUID that is a function of the tree (cryptsetup would pick a random one)."""
+    return hashlib.sha256(b"parma-sandbox verity uuid\0" + root).digest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Guest side: find and check the verity parameters of a layer device (ext4 | superblock | tree).
+
+EXT4_SB_OFFSET = 1024
+EXT4_MAGIC = 0xEF53
+EXT4_INCOMPAT_64BIT = 0x80
+
+
+class VerityLayoutError(InputError):
+    """The device is not an ext4 image followed by a well-formed dm-verity superblock and tree."""
+
+
+@dataclass(frozen=True)
+class VerityLayout:
+    """Everything needed to open a layer device with dm-verity, derived from the device's own bytes."""
+
+    root_hash: str
+    salt: bytes
+    data_blocks: int
+    hash_start_block: int
+    hash_blocks: int
+    uuid: bytes
+    data_block_size: int = BLOCK_SIZE
+    hash_block_size: int = BLOCK_SIZE
+    algorithm: str = ALGORITHM
+    hash_type: int = HASH_TYPE
+
+    @property
+    def data_size(self) -> int:
+        return self.data_blocks * self.data_block_size
+
+    @property
+    def device_size(self) -> int:
+        """The least device size holding the data, the superblock and the whole tree."""
+        return (self.hash_start_block + self.hash_blocks) * self.hash_block_size
+
+    def dm_table(self, device: str) -> str:
+        """Data and tree on the same device, as layers are attached."""
+        return _table_of(self, device, device)
+
+
+def _read_exact(read_at: Callable[[int, int], bytes], offset: int, size: int, what: str) -> bytes:
+    data = read_at(offset, size)
+    if len(data) != size:
+        raise VerityLayoutError(f"device too short: cannot read the {what} ({size} bytes at offset {offset})")
+    return data
+
+
+def ext4_size(read_at: Callable[[int, int], bytes]) -> int:
+    """Size in bytes of the ext4 filesystem at the start of a device, from its superblock."""
+    sb = _read_exact(read_at, EXT4_SB_OFFSET, 1024, "ext4 superblock")
+    # struct ext4_super_block: s_blocks_count_lo @0x4, s_log_block_size @0x18, s_magic @0x38,
+    # s_feature_incompat @0x60, s_blocks_count_hi @0x150.
+    (magic,) = struct.unpack_from("<H", sb, 0x38)
+    if magic != EXT4_MAGIC:
+        raise VerityLayoutError(f"no ext4 superblock at offset {EXT4_SB_OFFSET} (magic {magic:#06x})")
+    (blocks_lo,) = struct.unpack_from("<I", sb, 0x4)
+    (log_block,) = struct.unpack_from("<I", sb, 0x18)
+    (incompat,) = struct.unpack_from("<I", sb, 0x60)
+    if log_block > 6:
+        raise VerityLayoutError(f"ext4 superblock has an invalid block size (log {log_block})")
+    blocks = blocks_lo
+    if incompat & EXT4_INCOMPAT_64BIT:
+        blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
+    if blocks == 0:
+        raise VerityLayoutError("ext4 superblock says the filesystem has no blocks")
+    return blocks * (1024 << log_block)
+
+
+def parse_superblock(raw: bytes) -> tuple[bytes, int, bytes, str, int, int, int]:
+    """Unpack and validate a 512-byte verity superblock: (uuid, hash_type, salt, algorithm, dbs, hbs, blocks)."""
+    (sig, version, hash_type, uuid, alg, dbs, hbs, blocks, salt_size, pad1, salt_field,
+     pad2) = _SB.unpack(raw[:SUPERBLOCK_SIZE])
+    if sig != SIGNATURE:
+        raise VerityLayoutError("no dm-verity superblock after the ext4 data (bad signature)")
+    if version != SB_VERSION:
+        raise VerityLayoutError(f"unsupported dm-verity superblock version {version}")
+    if salt_size > MAX_SALT:
+        raise VerityLayoutError(f"dm-verity superblock salt size {salt_size} exceeds {MAX_SALT}")
+    if any(pad1) or any(pad2) or any(salt_field[salt_size:]):
+        raise VerityLayoutError("dm-verity superblock has non-zero padding")
+    name, nul, rest = alg.partition(b"\0")
+    if not nul or any(rest):
+        raise VerityLayoutError("dm-verity superblock algorithm name is not NUL-terminated")
+    return uuid, hash_type, salt_field[:salt_size], name.decode("ascii", "replace"), dbs, hbs, blocks
+
+
+def read_verity_layout(read_at: Callable[[int, int], bytes], *, algorithm: str = ALGORITHM,
+                       block_size: int = BLOCK_SIZE) -> VerityLayout:
+    """Derive the dm-verity parameters and root hash of a layer device from its bytes.
+
+    `read_at(offset, size)` reads from the device. The layout is: ext4 filesystem (its superblock gives
+    the data size), the verity superblock in the next block, then the tree, top level first. Only format 1
+    with the given algorithm and block size is accepted; anything else fails closed. The root hash is
+    computed from the top tree block: a device whose tree does not match its data then fails to read in
+    dm-verity, and a root hash the policy does not list is refused before that.
+    """
+    data_size = ext4_size(read_at)
+    if data_size % block_size:
+        raise VerityLayoutError(f"ext4 size {data_size} is not a multiple of {block_size}")
+    uuid, hash_type, salt, alg, dbs, hbs, blocks = parse_superblock(
+        _read_exact(read_at, data_size, SUPERBLOCK_SIZE, "dm-verity superblock"))
+    if hash_type != HASH_TYPE:
+        raise VerityLayoutError(f"dm-verity hash type {hash_type} is not supported (need {HASH_TYPE})")
+    if alg != algorithm:
+        raise VerityLayoutError(f"dm-verity algorithm {alg!r} is not supported (need {algorithm!r})")
+    if dbs != block_size or hbs != block_size:
+        raise VerityLayoutError(f"dm-verity block sizes {dbs}/{hbs} are not supported (need {block_size})")
+    if blocks * dbs != data_size:
+        raise VerityLayoutError(f"dm-verity superblock covers {blocks} blocks but the ext4 filesystem has "
+                                f"{data_size // block_size}")
+    base = hashlib.new(algorithm)
+    base.update(salt)
+    sizes = level_sizes(blocks, digests_per_block(hbs, base.digest_size))
+    start = hash_start_block(data_size, superblock=True, hash_block_size=hbs)
+    if sizes:
+        top = _read_exact(read_at, start * hbs, hbs, "top dm-verity hash block")
+        _read_exact(read_at, (start + sum(sizes)) * hbs - 1, 1, "end of the dm-verity tree")
+    else:
+        top = _read_exact(read_at, 0, dbs, "single data block")
+    h = base.copy()
+    h.update(top)
+    return VerityLayout(root_hash=h.hexdigest(), salt=salt, data_blocks=blocks, hash_start_block=start,
+                        hash_blocks=sum(sizes), uuid=uuid, data_block_size=dbs, hash_block_size=hbs,
+                        algorithm=alg, hash_type=hash_type)
+
+
+def file_reader(path: Path) -> Callable[[int, int], bytes]:
+    """A `read_at` for a file or block device (the caller keeps the returned function short-lived)."""
+    def read_at(offset: int, size: int) -> bytes:
+        with open(path, "rb", buffering=0) as f:
+            return os.pread(f.fileno(), size, offset)
+    return read_at
