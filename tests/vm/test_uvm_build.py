@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,10 @@ def test_expected_measurement_matches_sev_snp_measure(uvm: UvmArtifacts) -> None
     """The manifest's table, checked against the sev-snp-measure command itself."""
     m = json.loads(uvm.manifest_path.read_text())
     row = next(r for r in m["snp"]["measurements"] if r["vcpus"] == 2 and r["cpu_type"] == "EPYC-Milan")
-    ref = run(["sev-snp-measure", "--mode", "snp", "--vcpus", "2", "--vcpu-type", "EPYC-Milan",
+    tool = Path(sys.executable).parent / "sev-snp-measure"     # installed with the package, in the venv
+    ref = run([tool, "--mode", "snp", "--vcpus", "2", "--vcpu-type", "EPYC-Milan",
                "--ovmf", uvm.firmware, "--kernel", uvm.kernel, "--append", uvm.cmdline,
-               "--guest-features", "0x1"], )
+               "--guest-features", "0x1"])
     assert row["measurement"] == ref.stdout.decode().strip()
     assert uvm.expected_measurement(2, "EPYC-Milan") == row["measurement"]
     assert m["expected_measurement"]["snp"] == uvm.expected_measurement(1, "EPYC-v4")
