@@ -29,6 +29,8 @@ from sandbox.shared.errors import NetworkError, NotFoundError
 INSECURE_ENV = "PARMA_SANDBOX_INSECURE_REGISTRIES"
 MAX_MANIFEST = 4 << 20
 RETRY_STATUS = frozenset((408, 429, 500, 502, 503, 504))
+RETRIES = 4
+BACKOFF = 0.5                       # seconds before the first retry; doubles each time
 _CHUNK = 1 << 20
 _LOCAL_HOSTS = frozenset(("localhost", "127.0.0.1", "::1", "[::1]"))
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
@@ -109,13 +111,13 @@ class RegistryClient:
     """One registry; keeps a session, the chosen scheme and tokens per scope."""
 
     def __init__(self, domain: str, api_host: str, *, credentials: Credentials | None = None,
-                 timeout: float = 30.0, retries: int = 4, backoff: float = 0.5) -> None:
+                 timeout: float = 30.0, retries: int | None = None, backoff: float | None = None) -> None:
         self.domain = domain
         self.host = api_host
         self.credentials = credentials if credentials is not None else load_credentials(domain)
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
+        self.retries = RETRIES if retries is None else retries
+        self.backoff = BACKOFF if backoff is None else backoff
         self.session = requests.Session()
         self.session.headers["User-Agent"] = "parma-sandbox"
         self.insecure = insecure_allowed(api_host)
