@@ -12,12 +12,15 @@ from pathlib import Path
 
 import click
 
+from sandbox.aci.arm import ccepolicy_of_template, is_arm_template
 from sandbox.aci.rego import ccepolicy_base64, decode_policy_text, export_rego, import_rego
 from sandbox.cli.common import emit, format_option, info
 from sandbox.cli.policy import policy as policy_group
 from sandbox.fsutil import atomic_write
 from sandbox.group.jsonio import read_input_file
 from sandbox.policy.summary import read_policy
+from sandbox.shared.errors import InputError
+from sandbox.shared.jsonstrict import decode_utf8, loads_strict
 from sandbox.shared.policy import policy_hash
 
 FILE = click.Path(path_type=Path, dir_okay=False)
@@ -53,6 +56,21 @@ def export(policy_file: Path, target: str, as_base64: bool, output: Path | None)
     _write(data, output, None, "ACI policy", "ACI HOST_DATA (sha256 of the Rego)", digest)
 
 
+def _template_ccepolicy(path: Path, raw: bytes) -> bytes:
+    """The ccePolicy of an ARM template, or the file's bytes when it is not a template."""
+    if not raw.lstrip().startswith(b"{"):
+        return raw
+    doc = loads_strict(decode_utf8(raw, str(path)), str(path))
+    if not is_arm_template(doc):
+        raise InputError(f"{path}: a JSON file that is not an ARM template",
+                         hint="import reads a Rego policy (text or base64) or an ARM template with a ccePolicy")
+    policy = ccepolicy_of_template(path, doc)
+    if policy is None:
+        raise InputError(f"{path}: the container group's confidentialComputeProperties.ccePolicy is empty",
+                         hint="an empty ccePolicy means ACI's allow-all policy, which parma-sandbox does not run")
+    return policy.encode("utf-8")
+
+
 @click.command("import")
 @click.argument("rego_file", type=FILE)
 @click.option("--drop-fragments", is_flag=True,
@@ -61,12 +79,13 @@ def export(policy_file: Path, target: str, as_base64: bool, output: Path | None)
 @click.option("-o", "--output", type=FILE, help="Write the policy here (default: stdout, exact bytes).")
 @format_option
 def import_(rego_file: Path, drop_fragments: bool, output: Path | None, fmt: str | None) -> None:
-    """Read an ACI Rego policy (text or base64; confcom-generated ones included) as a parma-sandbox policy.
+    """Read an ACI Rego policy as a parma-sandbox policy: Rego text, its base64, or the ccePolicy of an
+    ARM template (confcom-generated policies included).
 
     Only the data assignments and framework delegations are read; docs/aci.md lists the accepted
     subset, and anything else is refused with the line where it starts."""
-    raw = read_input_file(rego_file, "a Rego policy (text or base64)")
-    text = decode_policy_text(raw, str(rego_file))
+    raw = read_input_file(rego_file, "a Rego policy (text or base64) or an ARM template")
+    text = decode_policy_text(_template_ccepolicy(rego_file, raw), str(rego_file))
     parsed = import_rego(text, source=str(rego_file), drop_fragments=drop_fragments)
     data = parsed.canonical_bytes()
     _write(data, output, fmt, "policy", "policy sha256 (HOST_DATA)", policy_hash(data))
