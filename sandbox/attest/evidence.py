@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -19,6 +21,7 @@ from sandbox.attest.roots import CertRole
 from sandbox.fsutil import atomic_write
 from sandbox.shared.errors import InputError
 from sandbox.shared.snp.cert_table import parse_cert_table
+from sandbox.shared.snp.evidence import ReportEvidence
 from sandbox.shared.snp.key_info import SigningKey
 from sandbox.shared.snp.product import Product, parse_product
 from sandbox.shared.snp.report import AttestationReport, decode_report_file
@@ -26,12 +29,44 @@ from sandbox.shared.snp.report import AttestationReport, decode_report_file
 CERT_SUFFIXES = {".pem", ".der", ".crt", ".cer"}
 
 
-def read_report_file(path: Path) -> bytes:
+EVIDENCE_FORMAT = "parma-sandbox/evidence/v1"
+
+
+@dataclass(frozen=True)
+class EvidenceFile:
+    """What a report file holds: the raw report, plus (for `attest report` output) the agent's evidence."""
+    report: bytes
+    evidence: ReportEvidence | None = None
+    sandbox: str | None = None
+
+    def certificates(self) -> list[x509.Certificate]:
+        if self.evidence is None or not self.evidence.cert_table:
+            return []
+        return certificates_from_table(self.evidence.cert_table, source="the evidence's certificate table")
+
+
+def evidence_document(evidence: ReportEvidence, sandbox: str) -> bytes:
+    doc = {"format": EVIDENCE_FORMAT, "sandbox": sandbox, "evidence": evidence.to_payload()}
+    return json.dumps(doc, indent=2).encode() + b"\n"
+
+
+def read_report_file(path: Path) -> EvidenceFile:
+    """A raw report (binary or hex text) or an evidence document written by `attest report`."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read report {path}: {e.strerror}") from e
-    return decode_report_file(raw, source=str(path))
+    if raw.lstrip()[:1] == b"{":
+        try:
+            doc = json.loads(raw)
+        except ValueError as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(doc, dict) or doc.get("format") != EVIDENCE_FORMAT or set(doc) != {
+                "format", "sandbox", "evidence"}:
+            raise InputError(f"{path}: not a parma-sandbox evidence document ({EVIDENCE_FORMAT})")
+        evidence = ReportEvidence.from_payload(doc["evidence"], source=str(path))
+        return EvidenceFile(evidence.report, evidence, str(doc["sandbox"]))
+    return EvidenceFile(decode_report_file(raw, source=str(path)))
 
 
 def certificates_from_dir(directory: Path) -> list[x509.Certificate]:

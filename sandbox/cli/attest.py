@@ -69,7 +69,7 @@ def _product_opt(value: str | None) -> Product | None:
 
 
 def load_report(path: Path, product: str | None = None) -> AttestationReport:
-    return parse_report(read_report_file(path), product=_product_opt(product), source=str(path))
+    return parse_report(read_report_file(path).report, product=_product_opt(product), source=str(path))
 
 
 def kds_client(kds_url: str | None, offline: Path | None) -> KdsClient:
@@ -205,8 +205,8 @@ def verify(report_file: Path, certs_dir: Path | None, vek_file: Path | None, cha
         raise InputError("give either --host-data or --policy, not both")
     if report_data and (nonce or runtime_key):
         raise InputError("give either --report-data or --nonce with --runtime-key, not both")
-    if bool(nonce) != bool(runtime_key):
-        raise InputError("--nonce and --runtime-key go together")
+    if runtime_key and not nonce:
+        raise InputError("--runtime-key needs --nonce")
     expected_host_data = parse_hex(host_data, "--host-data", 32)
     if policy_file is not None:
         try:
@@ -214,17 +214,26 @@ def verify(report_file: Path, certs_dir: Path | None, vek_file: Path | None, cha
         except OSError as e:
             raise InputError(f"cannot read policy {policy_file}: {e.strerror}") from e
     expected_report_data = parse_hex(report_data, "--report-data", 64, pad=True)
-    if nonce and runtime_key:
-        expected_report_data = report_data_for(_nonce_bytes(nonce), _runtime_key_der(runtime_key))
+    loaded = read_report_file(report_file)
+    if nonce and not runtime_key and loaded.evidence is None:
+        raise InputError("--nonce needs --runtime-key (or an evidence file from 'attest report', which has the key)")
+    if nonce or runtime_key or (loaded.evidence is not None and not report_data):
+        # The binding: SHA-512(nonce || runtime key DER); an evidence file supplies what is not given.
+        key_der = _runtime_key_der(runtime_key) if runtime_key else loaded.evidence.runtime_public_key  # type: ignore[union-attr]
+        nonce_bytes = _nonce_bytes(nonce) if nonce else loaded.evidence.nonce  # type: ignore[union-attr]
+        expected_report_data = report_data_for(nonce_bytes, key_der)
+        if not nonce:
+            info("note: REPORT_DATA is checked against the nonce recorded in the evidence; pass --nonce "
+                 "with the nonce you sent to check freshness")
     expect = Expectations(
         measurement=parse_hex(measurement, "--measurement", 48), host_data=expected_host_data,
         report_data=expected_report_data, vmpl=None if any_vmpl else vmpl, min_tcb=min_tcb, product=product,
         allow_debug=allow_debug, allow_migration_agent=allow_migration_agent, forbid_smt=forbid_smt,
         csp_id=csp_id, at=parse_timestamp(at_text), allow_emulated=allow_emulated)
 
-    raw = read_report_file(report_file)
+    raw = loaded.report
     report = parse_report(raw, product=_product_opt(product), source=str(report_file))
-    certs = []
+    certs = loaded.certificates()
     if certs_dir:
         certs += certificates_from_dir(certs_dir)
     for path in (vek_file, chain_file):

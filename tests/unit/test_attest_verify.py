@@ -19,6 +19,8 @@ from sandbox.attest.amd_certs import load_certificate_file, load_der_certificate
 from sandbox.attest.roots import CertRole
 from sandbox.attest.verify import Expectations, Status, verify_report
 from sandbox.shared.errors import InputError
+from sandbox.shared.snp.key_info import KeyInfo, SigningKey
+from sandbox.shared.snp.report import parse_report
 
 AT = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)  # inside every vector certificate's validity
 
@@ -221,3 +223,31 @@ def test_v3_report_with_another_products_chain_is_wrong_product() -> None:
 
 def test_expected_values_cover_all_sets() -> None:
     assert len(expected_sets()) >= 6
+
+
+def test_turin_report_against_the_real_turin_vcek() -> None:
+    """No public Turin report exists; build one in Turin's layout whose CHIP_ID and REPORTED_TCB
+    match the real Turin VCEK: everything but the signature (we lack the key) must verify."""
+    from dataclasses import replace
+
+    from sandbox.shared.snp.product import Cpuid, Product, layout_of
+    from sandbox.shared.snp.tcb import TcbVersion
+    vcek = load_certificate_file(snp_dir() / "virtee-sev/vcek_turin.der")
+    chain = load_certificate_file(snp_dir() / "virtee-sev/cert_chain_turin")
+    base = parse_report(report_bytes(get_set("trustee/milan-v3-vlek")))
+    tcb = TcbVersion.from_parts(layout_of(Product.TURIN), fmc=0, bl=0, tee=0, snp=0, ucode=9)
+    turin = replace(base, cpuid=Cpuid(0x1A, 0x02, 0), chip_id=bytes.fromhex("1e550a8ee5cf9f4d") + bytes(56),
+                    key_info=KeyInfo.build(SigningKey.VCEK), vmpl=0, product=None,
+                    current_tcb=tcb, reported_tcb=tcb, committed_tcb=tcb, launch_tcb=tcb)
+    raw = turin.to_bytes()
+    assert parse_report(raw).product == Product.TURIN and parse_report(raw).reported_tcb.fmc == 0
+    result = verify_report(raw, vcek + chain, Expectations(at=AT))
+    assert [c.name for c in result.failed()] == ["report.signature"]
+    checks = {c.name: c for c in result.checks}
+    assert "8-byte hwID 1e550a8ee5cf9f4d == CHIP_ID" in checks["vek.hwid"].detail
+    assert "fmc=0" in checks["vek.tcb"].detail and checks["ark.trusted"].detail.startswith("pinned AMD ARK-Turin")
+    # One more ucode SPL and the certificate no longer matches; a CHIP_ID with more than 8 bytes neither.
+    newer = TcbVersion.from_parts(layout_of(Product.TURIN), fmc=0, bl=0, tee=0, snp=0, ucode=10)
+    assert "vek.tcb" in failed(replace(turin, reported_tcb=newer).to_bytes(), vcek + chain, Expectations(at=AT))
+    wide = replace(turin, chip_id=turin.chip_id[:8] + b"\x01" + bytes(55)).to_bytes()
+    assert "vek.hwid" in failed(wide, vcek + chain, Expectations(at=AT))

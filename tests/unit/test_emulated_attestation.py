@@ -13,7 +13,12 @@ from clirun import run_cli
 
 from sandbox.attest.amd_certs import has_amd_signature_profile, to_der, vek_extensions
 from sandbox.attest.emulated_ca import EMULATED_ORG, EmulatedCa, ensure_emulated_ca, load_emulated_ca
-from sandbox.attest.evidence import certificates_from_table, write_certs_dir
+from sandbox.attest.evidence import (
+    certificates_from_table,
+    evidence_document,
+    read_report_file,
+    write_certs_dir,
+)
 from sandbox.attest.psp import fw_cfg_args, write_launch_material
 from sandbox.attest.verify import Expectations, verify_report
 from sandbox.guest import snp_report
@@ -134,3 +139,27 @@ def test_emulated_evidence_through_the_cli(ca: EmulatedCa, guest: snp_report.Gue
     monkeypatch.setenv("PARMA_SANDBOX_CACHE", str(tmp_path / "other-install"))
     code, out, err = run_cli([*base, "--nonce", nonce, "--allow-emulated"], capsys)
     assert code == 1 and "is not a pinned AMD ARK" in out
+
+
+def test_evidence_document_from_the_agent_verifies(ca: EmulatedCa, guest: snp_report.GuestPaths, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """What `attest report` writes: the agent's evidence (report, certificate table, runtime key, nonce)."""
+    nonce = "a1" * 32
+    evidence = snp_report.evidence_for(bytes.fromhex(nonce), key=PrivateKey.generate(), paths=guest)
+    doc = tmp_path / "ev.json"
+    doc.write_bytes(evidence_document(evidence, "hello"))
+    assert read_report_file(doc).sandbox == "hello"
+    code, out, _ = run_cli(["attest", "display", str(doc), "--format", "json"], capsys)
+    assert code == 0 and json.loads(out)["host_data"] == hashlib.sha256(POLICY).hexdigest()
+    base = ["attest", "verify", str(doc), "--measurement", MEASUREMENT.hex(), "--host-data",
+            hashlib.sha256(POLICY).hexdigest()]
+    code, out, err = run_cli([*base, "--nonce", nonce], capsys)
+    assert code == 1 and "ark.trusted" in err and "--allow-emulated" in err
+    code, out, err = run_cli([*base, "--nonce", nonce, "--allow-emulated"], capsys)
+    assert code == 0 and "verified: EMULATED evidence" in out, err
+    code, out, err = run_cli([*base, "--nonce", "b2" * 32, "--allow-emulated"], capsys)
+    assert code == 1 and "verification failed: report.report_data" in err
+    code, out, err = run_cli([*base, "--allow-emulated"], capsys)
+    assert code == 0 and "nonce recorded in the evidence" in err
+    doc.write_text('{"format": "something else"}')
+    assert run_cli(["attest", "verify", str(doc)], capsys)[0] == 2
