@@ -8,9 +8,12 @@ logging and lookup rules.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +43,14 @@ PACKAGE_OF = {
     "busybox": "busybox-static",
     "zstd": "zstd",
 }
+
+
+def _die_with_parent(parent: int) -> None:
+    """Runs in the child between fork and exec: PR_SET_PDEATHSIG(SIGKILL), then check we were not orphaned."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def find_tool(name: str, *, extra_dirs: Sequence[PathLike] = ()) -> Path:
@@ -115,13 +126,19 @@ def spawn(
     cwd: PathLike | None = None,
     new_session: bool = False,
     pass_fds: Sequence[int] = (),
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-lived tool and return its Popen; the caller owns its lifetime."""
+    """Start a long-lived tool and return its Popen; the caller owns its lifetime.
+
+    die_with_parent: the kernel SIGKILLs the tool when this process dies, even by SIGKILL
+    (PR_SET_PDEATHSIG), so an attached VM never outlives the command that runs it.
+    """
     cmd = _resolve(argv)
     log.debug("+ %s &", command_line(cmd))
     full_env = None if env is None else {**os.environ, **env}
     try:
         return subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=stderr, env=full_env, cwd=cwd,
-                                start_new_session=new_session, pass_fds=tuple(pass_fds))
+                                start_new_session=new_session, pass_fds=tuple(pass_fds),
+                                preexec_fn=functools.partial(_die_with_parent, os.getpid()) if die_with_parent else None)
     except FileNotFoundError as e:
         raise ToolMissing(f"required tool '{cmd[0]}' was not found", hint="run 'make setup'") from e

@@ -12,10 +12,17 @@ from sandbox.shared import errors as E
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_EXEC_SETUP = 125     # docker: the error is with the sandbox/container, not the command
+EXIT_EXEC_CANNOT_RUN = 126  # docker: the command cannot be invoked (here also: the policy denies it)
+EXIT_EXEC_NOT_FOUND = 127
 EXIT_INTERRUPTED = 130
 
 # First match wins; subclasses before their bases.
 EXIT_CODES: tuple[tuple[type[E.SandboxError], int], ...] = (
+    (E.ExecSetupError, EXIT_EXEC_SETUP),
+    (E.ExecDenied, EXIT_EXEC_CANNOT_RUN),
+    (E.ExecCannotInvoke, EXIT_EXEC_CANNOT_RUN),
+    (E.ExecNotFound, EXIT_EXEC_NOT_FOUND),
     (E.InputError, EXIT_USAGE),
     (E.CheckFailed, EXIT_FAILURE),
     (E.PolicyDenied, EXIT_FAILURE),

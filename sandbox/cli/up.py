@@ -1,16 +1,20 @@
-"""`parma-sandbox up group.json`: the main job. Steps land with their issues; missing ones say so."""
+"""Lifecycle commands: up, ps, logs, exec, inspect, down."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import click
 
-from sandbox.cli.common import info
+from sandbox.cli.common import emit, format_option, info, render_table
 from sandbox.group import TeeMode, load_group
-from sandbox.hostcheck import check_host
-from sandbox.progress import step
-from sandbox.shared.errors import NotImplementedStep
+from sandbox.launch import lifecycle
+from sandbox.launch.pipeline import UpOptions
+from sandbox.launch.pipeline import up as launch_up
+from sandbox.shared.errors import InputError
+from sandbox.vmm.config import Backend
 
 
 @click.command("up")
@@ -21,18 +25,127 @@ from sandbox.shared.errors import NotImplementedStep
               help="Use this policy file instead of generating one.")
 @click.option("--tee", type=click.Choice([t.value for t in TeeMode]), default=None,
               help="TEE mode (default: the group's 'tee', else auto).")
-def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, tee: str | None) -> None:
-    """Pull, convert, generate the policy, launch the UVM and start GROUP_FILE's containers."""
+@click.option("--backend", type=click.Choice([b.value for b in Backend]), default=Backend.qemu.value,
+              show_default=True, help="Run QEMU directly, or as a transient libvirt domain.")
+@format_option
+def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, tee: str | None,
+       backend: str, fmt: str | None) -> int:
+    """Pull, convert, generate the policy, launch the UVM and start GROUP_FILE's containers.
+
+    Attached (the default), it streams the containers' output and exits with the first container's
+    exit code, taking the sandbox down; Ctrl-C also takes it down. With -d it prints the sandbox and
+    returns.
+    """
     spec = load_group(group_file)
-    mode = TeeMode(tee) if tee else spec.tee
-    with step("Probing host"):
-        report = check_host()
-    if mode == TeeMode.auto:
-        info(f"tee: auto -> {report.tee.value} ({'; '.join(report.reasons) or 'SEV-SNP available'})")
-    info(f"group {spec.name!r}: {len(spec.containers)} container(s) validated")
-    raise NotImplementedStep("step 'pull and convert images' is not implemented yet",
-                             hint="image pulling and layer conversion land with the layers issue (#3); "
-                                  "'parma-sandbox validate' and 'parma-sandbox check' work today")
+    opts = UpOptions(name=name, policy_file=policy_file, tee=TeeMode(tee) if tee else None,
+                     backend=Backend(backend), detach=detach)
+    launched = launch_up(spec, opts)
+    d = launched.record.details
+    summary = {"name": launched.name, "status": launched.record.status, "tee": d["tee"], "accel": d["accel"],
+               "backend": d["backend"], "policy_hash": d["policy_hash"],
+               "containers": [c["name"] for c in d["containers"]],
+               "ports": [f"{p['hostAddress']}:{p['hostPort']}->{p['port']}" for p in d["ports"]],
+               "timings": launched.timings.marks}
+    if detach:
+        emit(summary, fmt, lambda s: f"{s['name']}: running ({s['tee']}, {s['accel']}); containers: "
+                                     f"{', '.join(s['containers'])}"
+                                     + (f"; ports: {', '.join(s['ports'])}" if s["ports"] else ""))
+        return 0
+    info(f"{launched.name}: running; streaming output (Ctrl-C stops the sandbox)")
+    containers = [c.name for c in launched.plan.containers if c.stdio]
+    return lifecycle.run_attached(launched.name, launched.plan.containers[0].name, containers)
 
 
-commands = [up]
+def _age(created: float) -> str:
+    secs = max(0, int(time.time() - created))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+@click.command("ps")
+@format_option
+def ps(fmt: str | None) -> None:
+    """List sandboxes (including failed or stale ones that 'down' should clean)."""
+    rows = lifecycle.list_sandboxes()
+
+    def table(items: list[dict[str, Any]]) -> str:
+        return render_table(("name", "status", "tee", "backend", "containers", "ports", "age"),
+                            [(r["name"], r["status"], f"{r['tee']}/{r['accel']}", r["backend"],
+                              ",".join(r["containers"]), ",".join(r["ports"]), _age(r["created"]))
+                             for r in items])
+
+    emit(rows, fmt, table)
+
+
+@click.command("logs")
+@click.argument("name")
+@click.argument("container", required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming until the containers exit.")
+def logs(name: str, container: str | None, follow: bool) -> None:
+    """Print the output of NAME's containers (or of CONTAINER): stdout to stdout, stderr to stderr."""
+    lifecycle.logs(name, container, follow=follow)
+
+
+@click.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("name")
+@click.argument("container")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
+    """Run COMMAND in CONTAINER of sandbox NAME, if the policy allows it: exec NAME CONTAINER -- CMD...
+
+    Exits with the command's exit code; 125 when the sandbox or container is not there, 126 when the
+    policy denies the command or it cannot be run, 127 when it does not exist.
+    """
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise InputError("no command given", hint="usage: parma-sandbox exec NAME CONTAINER -- CMD [ARG...]")
+    return lifecycle.exec_in(name, container, command)
+
+
+@click.command("inspect")
+@click.argument("name")
+@format_option
+def inspect(name: str, fmt: str | None) -> None:
+    """Show a sandbox: policy hash, expected measurement, TEE mode, devices, containers."""
+    data = lifecycle.inspect(name)
+
+    def table(d: dict[str, Any]) -> str:
+        lines = [f"name:         {d['name']}", f"status:       {d['status']}",
+                 f"tee:          {d['tee']} ({d['accel']}, backend {d['backend']})",
+                 f"policy hash:  {d['policy_hash']}",
+                 f"measurement:  {d['expected_measurement'] or '(unknown)'}",
+                 f"state:        {d['state_dir']}", "devices:"]
+        lines += [f"  {x['serial']:<4} {x['target']:<28} {x['root_hash']}  {x['path']}" for x in d["devices"]]
+        lines.append("containers:")
+        for c in d["containers"]:
+            status = c.get("status", "?")
+            code = f" (exit {c['exit_code']})" if c.get("exit_code") is not None else ""
+            lines.append(f"  {c['name']:<12} {status}{code}  {c['image']}  argv={c['argv']}")
+        if d["ports"]:
+            lines.append("ports:")
+            lines += [f"  {p['hostAddress']}:{p['hostPort']} -> {p['port']}/{p['protocol']}" for p in d["ports"]]
+        if d.get("agent_error"):
+            lines.append(f"agent: {d['agent_error']}")
+        return "\n".join(lines)
+
+    emit(data, fmt, table)
+
+
+@click.command("down")
+@click.argument("name", required=False)
+@click.option("--all", "all_", is_flag=True, help="Take down every sandbox.")
+@click.option("-t", "--timeout", default=10.0, show_default=True, help="Seconds to wait for containers to stop.")
+@format_option
+def down(name: str | None, all_: bool, timeout: float, fmt: str | None) -> None:
+    """Stop sandbox NAME (or --all): containers first, then the VM, gracefully and then forced."""
+    if bool(name) == all_:
+        raise InputError("give a sandbox NAME or --all", hint="'parma-sandbox ps' lists them")
+    results = list(lifecycle.down_all()) if all_ else [lifecycle.down(name or "", timeout=timeout)]
+    emit(results, fmt, lambda rs: "\n".join(f"{r['name']}: removed" + ("" if r["graceful"] else " (forced)")
+                                            for r in rs))
+
+
+commands = [up, ps, logs, exec_, inspect, down]

@@ -1,25 +1,62 @@
-"""The guest agent (placeholder until the `up` work lands): set up the basics and announce readiness.
+"""The guest agent: `python3 -m sandbox.guest.agent`, run by the UVM's init (possibly as PID 1).
 
-The init in the UVM rootfs runs `python3 -m sandbox.guest.agent`. Readiness is the line
-`parma-agent: ready` on the console; the host and the boot tests wait for it.
+It mounts the basics, configures the network, becomes the reaper of container processes, serves the
+protocol on every virtio-serial port named org.parma.agent.*, and prints `parma-agent: ready` on the
+console once it serves. It starts deny-all (see gate.py). The console is readable by the host, so the
+agent logs only lifecycle events there, never container data.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
+import threading
 
-READY_LINE = "parma-agent: ready"
+from sandbox.guest import procs, sysapi, sysinit
+from sandbox.guest.server import serve_ports
+from sandbox.guest.service import AgentService
+from sandbox.shared.protocol import PORT_COUNT, PORT_PREFIX, READY_LINE
+
+HOSTNAME = "parma"
+
+
+def log(message: str) -> None:
+    print(f"parma-agent: {message}", file=sys.stderr, flush=True)
 
 
 def main() -> int:
+    notes: list[str] = []
+    sysinit.mount_basics(notes)
+    sysinit.set_hostname(HOSTNAME)
+    nic = sysinit.configure_network(notes)
+    for note in notes:
+        log(note)
+    log(f"network: {nic or 'no interface'}")
+    try:
+        sysapi.set_child_subreaper()
+    except OSError as e:
+        log(f"not a subreaper: {e}")
+    procs.REAPER.start()
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+
+    service = AgentService(hostname=HOSTNAME, runtime_logging=log)
+    ports = serve_ports(service.handle, log=log)
+    if len(ports) < PORT_COUNT:
+        log(f"{len(ports)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any that appear")
     print(READY_LINE, file=sys.stderr, flush=True)
-    while True:
-        time.sleep(3600)
+    threading.Event().wait()
     return 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BaseException as e:  # noqa: BLE001 - as PID 1 a crash would panic the kernel without a word
+        log(f"fatal: {type(e).__name__}: {e}")
+        if os.getpid() == 1:
+            try:
+                sysapi.power_off()
+            except OSError:
+                pass
+        raise

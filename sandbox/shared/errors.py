@@ -77,3 +77,20 @@ class AttestationError(SandboxError):
 
 class NotImplementedStep(SandboxError):
     """A pipeline step that this version of parma-sandbox does not provide yet."""
+
+
+# `exec` follows docker's exit codes; sandbox/cli/errors.py maps these three.
+class ExecSetupError(SandboxError):
+    """exec could not reach the process's container: no such sandbox/container, not running (exit 125)."""
+
+
+class ExecDenied(PolicyDenied):
+    """The policy refused to exec the command (exit 126, docker's "cannot be invoked")."""
+
+
+class ExecCannotInvoke(SandboxError):
+    """The command exists but cannot be executed, e.g. permission denied (exit 126)."""
+
+
+class ExecNotFound(SandboxError):
+    """The command to exec does not exist in the container (exit 127)."""

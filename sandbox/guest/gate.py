@@ -1,0 +1,100 @@
+"""The enforcement gate: deny-all until one policy whose hash equals HOST_DATA is installed.
+
+After that, every state-changing request goes through the policy engine. The engine commits its own
+state only when the decision allows and the action (the real mount/create/exec) succeeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sandbox.guest.hostdata import HostData, HostDataUnavailable
+from sandbox.shared.protocol import ErrorCode, ProtocolError
+
+NO_POLICY_REASON = "no execution policy has been set: the agent denies every request until set_policy succeeds"
+
+
+def load_engine_class() -> Any:
+    try:
+        from sandbox.shared.policy.engine import PolicyEngine  # noqa: PLC0415 - provided by the policy work
+    except ImportError as e:
+        raise ProtocolError(ErrorCode.unavailable, f"this agent has no policy engine ({e})") from None
+    return PolicyEngine
+
+
+class Gate:
+    def __init__(self, host_data: Callable[[], HostData]) -> None:
+        self._host_data = host_data
+        self._lock = threading.Lock()
+        self._engine: Any = None
+        self.policy_hash: str | None = None
+        self.host_data_source: str | None = None
+        self.enforce_seconds = 0.0        # total time spent deciding (benchmarks read it)
+        self.last_enforce_seconds = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self._engine is not None
+
+    def install(self, raw: bytes) -> str:
+        with self._lock:
+            if self._engine is not None:
+                raise ProtocolError(ErrorCode.policy_already_set,
+                                    f"a policy is already set (sha256 {self.policy_hash}); it can be set only once")
+            digest = hashlib.sha256(raw).digest()
+            try:
+                host = self._host_data()
+            except HostDataUnavailable as e:
+                raise ProtocolError(ErrorCode.unavailable, f"cannot verify the policy: {e}") from None
+            if not hmac.compare_digest(digest, host.value):
+                raise ProtocolError(
+                    ErrorCode.policy_mismatch,
+                    f"policy sha256 {digest.hex()} does not match HOST_DATA {host.value.hex()} "
+                    f"(from {host.source}); the agent stays deny-all",
+                    details={"policy_hash": digest.hex(), "host_data": host.value.hex(), "source": host.source})
+            engine_cls = load_engine_class()
+            try:
+                engine = engine_cls.from_bytes(raw)
+            except Exception as e:  # noqa: BLE001 - any rejection by the engine is a bad policy
+                raise ProtocolError(ErrorCode.invalid_request, f"the policy was rejected: {e}") from None
+            self._engine = engine
+            self.policy_hash = digest.hex()
+            self.host_data_source = host.source
+            return self.policy_hash
+
+    def enforce(self, endpoint: str, input: dict[str, Any], action: Callable[[Any], object] | None = None) -> Any:
+        """Ask the engine; raise policy_denied with its explanation, or run `action` under its transaction."""
+        engine = self._engine
+        if engine is None:
+            raise ProtocolError(ErrorCode.policy_denied, NO_POLICY_REASON, details={"endpoint": endpoint})
+        # Enforcement time is the decision only: the clock stops when the engine hands over to the
+        # action (the real mount/create), and restarts for the commit after it.
+        action_time = [0.0]
+
+        def timed_action(decision: Any) -> object:
+            t0 = time.perf_counter()
+            try:
+                return action(decision) if action is not None else None
+            finally:
+                action_time[0] = time.perf_counter() - t0
+
+        started = time.perf_counter()
+        decision = engine.enforce(endpoint, input, timed_action)
+        spent = time.perf_counter() - started - action_time[0]
+        self.enforce_seconds += spent
+        self.last_enforce_seconds = spent
+        if not decision.allowed:
+            raise ProtocolError(ErrorCode.policy_denied, decision.reason or f"{endpoint} denied by policy",
+                                details={"endpoint": endpoint})
+        return decision
+
+    def allows(self, endpoint: str, input: dict[str, Any]) -> bool:
+        """A read-only question (no action, no state change): does the policy allow this?"""
+        if self._engine is None:
+            return False
+        return bool(self._engine.enforce(endpoint, input, None).allowed)

@@ -1,0 +1,124 @@
+"""The OCI runtime spec (config.json) the agent writes for crun. The host never supplies a spec.
+
+Everything security-relevant comes from the policy engine's decision (env, capabilities) or is fixed
+here (namespaces, masked paths, default mounts, no hooks). Containers share the UVM's network
+namespace, which is the group's network namespace. Field names follow the OCI runtime spec 1.0.2.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+OCI_VERSION = "1.0.2"
+
+# Capabilities of an unprivileged container (the usual container-engine default set).
+DEFAULT_CAPABILITIES = (
+    "CAP_AUDIT_WRITE", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_MKNOD",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_RAW", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID",
+    "CAP_SYS_CHROOT",
+)
+CAPABILITY_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
+
+MASKED_PATHS = (
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+)
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+# Mounts every container gets, not chosen by the host.
+BASE_MOUNTS: tuple[dict[str, Any], ...] = (
+    {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+    {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+     "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+    {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+     "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+    {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+     "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+    {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+    {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+    {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+     "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+)
+
+
+@dataclass(frozen=True)
+class BindMount:
+    destination: str
+    source: str
+    read_only: bool
+
+    def to_oci(self) -> dict[str, Any]:
+        return {"destination": self.destination, "type": "bind", "source": self.source,
+                "options": ["rbind", "rprivate", "nosuid", "nodev", "ro" if self.read_only else "rw"]}
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    argv: tuple[str, ...]
+    env: tuple[str, ...]
+    cwd: str
+    uid: int
+    gid: int
+    additional_gids: tuple[int, ...] = ()
+    umask: int = 0o022
+    capabilities: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    no_new_privileges: bool = False
+
+    def to_oci(self) -> dict[str, Any]:
+        return {
+            "terminal": False,
+            "user": {"uid": self.uid, "gid": self.gid, "umask": self.umask,
+                     "additionalGids": list(self.additional_gids)},
+            "args": list(self.argv),
+            "env": list(self.env),
+            "cwd": self.cwd or "/",
+            "capabilities": {s: list(self.capabilities.get(s, ())) for s in CAPABILITY_SETS},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+            "noNewPrivileges": self.no_new_privileges,
+        }
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    container_id: str
+    rootfs: str
+    process: ProcessSpec
+    hostname: str
+    binds: tuple[BindMount, ...] = ()
+    privileged: bool = False
+
+
+def build_spec(spec: ContainerSpec) -> dict[str, Any]:
+    mounts = [dict(m) for m in BASE_MOUNTS] + [b.to_oci() for b in spec.binds]
+    linux: dict[str, Any] = {
+        # No network namespace: the group shares the UVM's. No user namespace: ids are the guest's.
+        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
+        "cgroupsPath": f"/parma/{spec.container_id}",
+        "resources": {"devices": [{"allow": spec.privileged, "access": "rwm"}]},
+    }
+    if not spec.privileged:
+        linux["maskedPaths"] = list(MASKED_PATHS)
+        linux["readonlyPaths"] = list(READONLY_PATHS)
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": spec.process.to_oci(),
+        "root": {"path": spec.rootfs, "readonly": False},
+        "hostname": spec.hostname,
+        "mounts": mounts,
+        "linux": linux,
+        # Deliberately no "hooks" and no "annotations": nothing host-controlled runs outside the container.
+    }
+
+
+def clean_container_path(path: str) -> str | None:
+    """An absolute, normalised path without '..' components, or None."""
+    if not path.startswith("/") or "\0" in path:
+        return None
+    norm = posixpath.normpath(path)
+    if norm.startswith("//"):
+        norm = norm[1:]
+    if any(part == ".." for part in path.split("/")):
+        return None
+    return norm

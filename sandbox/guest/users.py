@@ -1,0 +1,86 @@
+"""Resolve an image `User` string (uid, uid:gid, name, name:group) against the container's own files.
+
+/etc/passwd and /etc/group are opened relative to the rootfs without following symlinks, so an image
+cannot make the agent read a file outside its rootfs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ResolvedUser:
+    uid: int
+    gid: int
+    user_name: str            # "" when the uid has no passwd entry
+    group_name: str           # "" when the gid has no group entry
+    additional_gids: tuple[tuple[int, str], ...] = ()
+
+
+class UserError(ValueError):
+    pass
+
+
+def _read_etc(rootfs: str, name: str) -> list[list[str]]:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        root = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        etc = os.open("etc", flags | os.O_DIRECTORY, dir_fd=root)
+        try:
+            fd = os.open(name, flags, dir_fd=etc)
+        finally:
+            os.close(etc)
+    except OSError:
+        return []
+    finally:
+        os.close(root)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(1 << 20)
+    rows = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        if line and not line.startswith("#"):
+            rows.append(line.split(":"))
+    return rows
+
+
+def resolve_user(rootfs: str, user: str) -> ResolvedUser:
+    passwd = [r for r in _read_etc(rootfs, "passwd") if len(r) >= 4]
+    groups = [r for r in _read_etc(rootfs, "group") if len(r) >= 3]
+    user = user.strip()
+    user_part, _, group_part = user.partition(":")
+    user_part = user_part or "0"
+
+    if user_part.isdigit():
+        uid = int(user_part)
+        entry = next((r for r in passwd if r[2] == user_part), None)
+    else:
+        entry = next((r for r in passwd if r[0] == user_part), None)
+        if entry is None:
+            raise UserError(f"user {user_part!r} is not in the image's /etc/passwd")
+        uid = int(entry[2])
+    user_name = entry[0] if entry else ""
+
+    if group_part:
+        if group_part.isdigit():
+            gid = int(group_part)
+        else:
+            g = next((r for r in groups if r[0] == group_part), None)
+            if g is None:
+                raise UserError(f"group {group_part!r} is not in the image's /etc/group")
+            gid = int(g[2])
+    else:
+        gid = int(entry[3]) if entry and entry[3].isdigit() else 0
+    group_name = next((r[0] for r in groups if r[2] == str(gid)), "")
+
+    extra: list[tuple[int, str]] = []
+    if user_name and not group_part:
+        for g in groups:
+            members = g[3].split(",") if len(g) > 3 and g[3] else []
+            if user_name in members and g[2].isdigit() and int(g[2]) != gid:
+                extra.append((int(g[2]), g[0]))
+    return ResolvedUser(uid, gid, user_name, group_name, tuple(extra))

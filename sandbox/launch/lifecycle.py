@@ -1,0 +1,320 @@
+"""What runs against an existing sandbox: list, inspect, logs, exec and down."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sandbox.launch.agent_client import AgentClient, AgentDenied, AgentError, AgentUnreachable
+from sandbox.launch.pipeline import (
+    STATUS_STARTING,
+    STATUS_STOPPING,
+    agent_sockets,
+    load_running,
+    sandbox_paths,
+)
+from sandbox.log import log
+from sandbox.shared import errors as E
+from sandbox.shared.protocol import Op, b64decode
+from sandbox.state import ProcessRef, SandboxRecord, StateStore, process_start_time
+from sandbox.vmm import backend as vmm
+
+
+def display_status(record: SandboxRecord) -> str:
+    """What `ps` shows: a sandbox whose launcher died before it was up is 'failed'."""
+    launcher = record.processes.get("launcher")
+    vm_alive = any(ref.alive() for key, ref in record.processes.items() if key != "launcher")
+    if record.status == STATUS_STARTING and launcher is not None and not launcher.alive():
+        return "failed" if vm_alive else "stale"
+    if record.status not in ("stale", "corrupt") and not vm_alive and not (launcher and launcher.alive()):
+        return "stale"
+    return record.status
+
+
+def list_sandboxes(store: StateStore | None = None) -> list[dict[str, Any]]:
+    store = store or StateStore()
+    out = []
+    for rec in store.list():
+        d = rec.details
+        out.append({
+            "name": rec.name,
+            "status": display_status(rec),
+            "tee": d.get("tee"),
+            "accel": d.get("accel"),
+            "backend": d.get("backend"),
+            "containers": [c["name"] for c in d.get("containers", [])],
+            "ports": [f"{p['hostAddress']}:{p['hostPort']}->{p['port']}/{p['protocol'].lower()}"
+                      for p in d.get("ports", [])],
+            "policy_hash": d.get("policy_hash"),
+            "created": rec.created,
+            "pid": rec.processes["qemu"].pid if "qemu" in rec.processes else None,
+        })
+    return out
+
+
+def connect(record: SandboxRecord, store: StateStore | None = None, *, wait: float = 30.0) -> AgentClient:
+    store = store or StateStore()
+    return AgentClient.connect(agent_sockets(store.dir(record.name)), wait=wait)
+
+
+def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
+    store = store or StateStore()
+    record = store.load(name)
+    if record is None:
+        raise E.InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
+    d = dict(record.details)
+    state_dir = store.dir(name)
+    info: dict[str, Any] = {
+        "name": name, "status": display_status(record), "created": record.created,
+        "tee": d.get("tee"), "accel": d.get("accel"), "backend": d.get("backend"),
+        "policy_hash": d.get("policy_hash"), "expected_measurement": d.get("measurement"),
+        "devices": d.get("devices", []), "ports": d.get("ports", []), "vm": d.get("vm"),
+        "uvm": d.get("uvm"), "state_dir": str(state_dir), "startup": d.get("startup"),
+        "containers": [{k: v for k, v in c.items() if k != "env"} for c in d.get("containers", [])],
+    }
+    live: dict[str, Any] = {}
+    if info["status"] == "running":
+        try:
+            with connect(record, store, wait=2) as client:
+                live = {c["id"]: c for c in client.call(Op.list_containers, timeout=10)["containers"]}
+        except E.SandboxError as e:
+            info["agent_error"] = str(e)
+    for c in info["containers"]:
+        if c["name"] in live:
+            c["status"] = live[c["name"]]["status"]
+            c["exit_code"] = live[c["name"]]["exit_code"]
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# logs
+
+
+@dataclass
+class Stream:
+    container: str
+    exec_id: str | None = None
+    offset: int = 0
+    eof: bool = False
+
+
+def _write(out: BinaryIO, prefix: bytes, data: bytes, pending: dict[int, bytes]) -> None:
+    """Write data, prefixing every line when several containers share the terminal."""
+    if not prefix:
+        out.write(data)
+        out.flush()
+        return
+    buf = pending.get(id(out), b"") + data
+    *lines, rest = buf.split(b"\n")
+    for line in lines:
+        out.write(prefix + line + b"\n")
+    pending[id(out)] = rest
+    out.flush()
+
+
+def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
+                stop: Callable[[], bool] | None = None, prefixed: bool | None = None,
+                stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> None:
+    """Copy container output to our stdout/stderr until every stream ends (or, without follow, is drained)."""
+    stdout = stdout or sys.stdout.buffer
+    stderr = stderr or sys.stderr.buffer
+    prefixed = len(streams) > 1 if prefixed is None else prefixed
+    width = max((len(s.container) for s in streams), default=0)
+    pending: dict[int, bytes] = {}
+    while True:
+        progressed = False
+        for s in streams:
+            if s.eof:
+                continue
+            wait = 0.5 if follow and len([x for x in streams if not x.eof]) == 1 else 0.0
+            r = client.call(Op.read_output, {"container_id": s.container, "exec_id": s.exec_id,
+                                             "offset": s.offset, "max_bytes": 256 * 1024, "wait": wait},
+                            timeout=wait + 30)
+            prefix = f"{s.container.ljust(width)} | ".encode() if prefixed else b""
+            for ch in r["chunks"]:
+                data = b64decode(ch["data"])
+                _write(stdout if ch["stream"] == "stdout" else stderr, prefix, data, pending)
+                progressed = progressed or bool(data)
+            s.offset = r["next_offset"]
+            s.eof = bool(r["eof"])
+        if all(s.eof for s in streams) or (not follow and not progressed):
+            break
+        if stop is not None and stop():
+            break
+        if not progressed and follow and len([x for x in streams if not x.eof]) > 1:
+            time.sleep(0.2)
+    for out in (stdout, stderr):
+        rest = pending.get(id(out))
+        if rest:
+            out.write(rest + b"\n")
+            out.flush()
+
+
+def logs(name: str, container: str | None, *, follow: bool, store: StateStore | None = None) -> None:
+    store = store or StateStore()
+    record = load_running(name, store)
+    names = [c["name"] for c in record.details.get("containers", [])]
+    if container is not None and container not in names:
+        raise E.InputError(f"sandbox {name!r} has no container {container!r}",
+                           hint=f"its containers: {', '.join(names)}")
+    chosen = [container] if container else [c["name"] for c in record.details["containers"] if c.get("stdio", True)]
+    if not chosen:
+        raise E.PolicyDenied(f"no container of {name!r} allows stdio access")
+    with connect(record, store) as client:
+        pump_output(client, [Stream(c) for c in chosen], follow=follow, prefixed=container is None and len(names) > 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# exec
+
+
+def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore | None = None) -> int:
+    """Run argv in a running container (policy-checked); stream its output; return its exit code."""
+    store = store or StateStore()
+    try:
+        record = load_running(name, store)
+    except (E.InputError, E.StateError) as e:
+        raise E.ExecSetupError(e.message, hint=e.hint) from None
+    spec = next((c for c in record.details.get("containers", []) if c["name"] == container), None)
+    if spec is None:
+        raise E.ExecSetupError(f"sandbox {name!r} has no container {container!r}")
+    try:
+        client = connect(record, store, wait=10)
+    except AgentUnreachable as e:
+        raise E.ExecSetupError(str(e), hint=e.hint) from None
+    with client:
+        try:
+            r = client.call(Op.exec_process, {"container_id": container, "argv": list(argv),
+                                              "env": spec.get("env", []), "working_dir": spec.get("working_dir", "")})
+        except AgentDenied as e:
+            raise E.ExecDenied(e.message, hint=e.hint) from None
+        except AgentError as e:
+            reason = e.details.get("reason")
+            if reason == "not_found":
+                raise E.ExecNotFound(e.message) from None
+            if reason == "permission":
+                raise E.ExecCannotInvoke(e.message) from None
+            raise E.ExecSetupError(e.message) from None
+        exec_id = r["exec_id"]
+        if r.get("stdio"):
+            pump_output(client, [Stream(container, exec_id)], follow=True, prefixed=False)
+        while True:
+            w = client.call(Op.wait_process, {"container_id": container, "exec_id": exec_id, "timeout": 30},
+                            timeout=60)
+            if not w["running"]:
+                return int(w["exit_code"])
+
+
+# ---------------------------------------------------------------------------------------------
+# down
+
+
+def _pidfile_ref(state_dir: Path) -> ProcessRef | None:
+    """QEMU's own pidfile: covers an `up` killed between spawning QEMU and recording it."""
+    try:
+        pid = int(sandbox_paths(state_dir)["pidfile"].read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if str(state_dir).encode() not in cmdline:
+        return None
+    start = process_start_time(pid)
+    return ProcessRef(pid, start) if start is not None else None
+
+
+def _graceful(record: SandboxRecord, store: StateStore, timeout: float) -> bool:
+    """Ask the agent to stop every container and power off. False when the agent cannot be reached."""
+    try:
+        with connect(record, store, wait=2) as client:
+            for c in record.details.get("containers", []):
+                try:
+                    client.call(Op.shutdown_container, {"container_id": c["name"], "timeout": timeout},
+                                timeout=timeout + 30)
+                except AgentError as e:
+                    log.debug("shutdown %s: %s", c["name"], e)
+            client.call(Op.poweroff, timeout=10)
+        return True
+    except (E.SandboxError, OSError) as e:
+        log.debug("graceful shutdown of %s failed: %s", record.name, e)
+        return False
+
+
+def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -> dict[str, Any]:
+    """Stop the sandbox: containers, then the VM (gracefully, then forced). Its state is removed."""
+    store = store or StateStore()
+    record = store.load(name)
+    if record is None:
+        raise E.InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
+    state_dir = store.dir(name)
+    vm: vmm.Vm | None = vmm.attach(record.details["vm"]) if "vm" in record.details else None
+    refs = [ref for key, ref in record.processes.items() if key != "launcher"]
+    if (ref := _pidfile_ref(state_dir)) is not None and ref not in refs:
+        refs.append(ref)
+    graceful = False
+    if vm is not None and vm.alive() and record.status != STATUS_STARTING:
+        record.status = STATUS_STOPPING
+        store.save(record)
+        graceful = _graceful(record, store, timeout) and vm.wait(timeout)
+    if vm is not None:
+        vm.stop(timeout=5)
+    for ref in refs:   # anything left: QEMU recorded only by pid or pidfile
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if ref.alive():
+                try:
+                    os.kill(ref.pid, sig)
+                except ProcessLookupError:
+                    pass
+                deadline = time.monotonic() + 5
+                while ref.alive() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+    launcher = record.processes.get("launcher")
+    if launcher is not None and launcher.alive() and launcher.pid != os.getpid():
+        # An `up` still starting: its VM is gone now, so it fails and removes the state itself.
+        deadline = time.monotonic() + 10
+        while launcher.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    left = [r.pid for r in refs if r.alive()]
+    if left:
+        raise E.StateError(f"processes of sandbox {name!r} are still running: {left}")
+    store.remove(name)
+    return {"name": name, "graceful": graceful}
+
+
+def down_all(store: StateStore | None = None) -> Iterator[dict[str, Any]]:
+    store = store or StateStore()
+    for name in store.names():
+        yield down(name, store=store)
+
+
+def run_attached(name: str, main: str, containers: Sequence[str], *, store: StateStore | None = None) -> int:
+    """Stream the group's output until the main container exits, then take the sandbox down.
+
+    Returns the main container's exit code (128 + signal when it was killed). Ctrl-C also takes the
+    sandbox down, and re-raises.
+    """
+    store = store or StateStore()
+    record = load_running(name, store)
+    code = 1
+    try:
+        with connect(record, store) as client:
+            def main_exited() -> bool:
+                w = client.call(Op.wait_process, {"container_id": main, "timeout": 0})
+                return not w["running"]
+
+            streams = [Stream(c) for c in containers]
+            if streams:
+                pump_output(client, streams, follow=True, stop=main_exited)
+                pump_output(client, streams, follow=False)
+            w = client.call(Op.wait_process, {"container_id": main, "timeout": 600}, timeout=660)
+            while w["running"]:
+                w = client.call(Op.wait_process, {"container_id": main, "timeout": 600}, timeout=660)
+            code = int(w["exit_code"])
+    finally:
+        down(name, store=store)
+    return code

@@ -1,0 +1,319 @@
+"""`up`: pull -> convert -> policy -> UVM -> launch -> set policy -> mount -> create -> start.
+
+The sandbox's state directory is created (under its lock) before QEMU starts and records every
+process as soon as it exists, so a crashed or killed `up` leaves nothing that `ps` cannot show or
+`down` cannot clean. A failure after the launch stops the VM and removes the state again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandbox.fsutil import atomic_write
+from sandbox.group import GroupSpec, TeeMode
+from sandbox.hostcheck import Accel, CheckReport, Tee, check_host
+from sandbox.images.model import ResolvedImage
+from sandbox.launch import deps
+from sandbox.launch.agent_client import AgentClient, wait_for_agent
+from sandbox.launch.plan import LaunchPlan, build_plan
+from sandbox.launch.volumes import package_files_volume
+from sandbox.log import log
+from sandbox.progress import step
+from sandbox.shared.errors import CheckFailed, InputError, SandboxError, StateError
+from sandbox.shared.protocol import PORT_COUNT, Op, b64encode
+from sandbox.state import ProcessRef, SandboxRecord, StateStore
+from sandbox.vmm import backend as vmm
+from sandbox.vmm.config import Backend, Disk, FwCfgFile, PortForward, SnpLaunch, VmConfig
+
+ROOT_SERIAL = "parma-root"
+BOOT_TIMEOUT = float(os.environ.get("PARMA_SANDBOX_BOOT_TIMEOUT", "180"))
+SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
+
+STATUS_STARTING = "starting"
+STATUS_RUNNING = "running"
+STATUS_STOPPING = "stopping"
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    name: str | None = None
+    policy_file: Path | None = None
+    tee: TeeMode | None = None
+    backend: Backend = Backend.qemu
+    detach: bool = False
+
+
+@dataclass
+class Timings:
+    marks: dict[str, float] = field(default_factory=dict)
+    t0: float = field(default_factory=time.monotonic)
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = round(time.monotonic() - self.t0, 3)
+
+
+@dataclass
+class Launched:
+    name: str
+    record: SandboxRecord
+    vm: vmm.Vm
+    plan: LaunchPlan
+    timings: Timings
+
+
+def sandbox_paths(state_dir: Path) -> dict[str, Path]:
+    return {
+        "qmp": state_dir / "qmp.sock",
+        "console": state_dir / "console.log",
+        "qemu_log": state_dir / "qemu.log",
+        "pidfile": state_dir / "qemu.pid",
+        "policy": state_dir / "policy.json",
+        "host_data": state_dir / "host_data",
+        "measurement": state_dir / "measurement",
+    }
+
+
+def agent_sockets(state_dir: Path) -> tuple[Path, ...]:
+    return tuple(state_dir / f"agent-{i}.sock" for i in range(PORT_COUNT))
+
+
+def choose_tee(requested: TeeMode, report: CheckReport) -> tuple[Tee, Accel, str]:
+    """The TEE and accelerator to use, and a sentence saying why."""
+    if requested == TeeMode.sev_snp:
+        if report.tee != Tee.sev_snp:
+            raise CheckFailed("SEV-SNP was requested but this host cannot launch SEV-SNP guests",
+                              hint="\n".join(report.reasons) or "see 'parma-sandbox check'")
+        return Tee.sev_snp, Accel.kvm, "sev-snp (requested)"
+    accel = report.accel
+    if requested == TeeMode.emulated:
+        return Tee.emulated, accel, f"emulated (requested), {accel.value}"
+    if report.tee == Tee.sev_snp:
+        return Tee.sev_snp, Accel.kvm, "auto -> sev-snp (this host supports it)"
+    why = "; ".join(report.reasons) or "no SEV-SNP"
+    return Tee.emulated, accel, f"auto -> emulated with {accel.value} ({why})"
+
+
+def resolve_images(spec: GroupSpec) -> dict[str, ResolvedImage]:
+    resolve = deps.resolve_image()
+    by_ref: dict[str, ResolvedImage] = {}
+    out = {}
+    with step("Resolve and convert images", total=len(spec.containers)) as task:
+        for c in spec.containers:
+            if c.image not in by_ref:
+                by_ref[c.image] = resolve(c.image, base_dir=spec.base_dir)
+            out[c.name] = by_ref[c.image]
+            task.advance()
+    return out
+
+
+def package_volumes(spec: GroupSpec) -> dict[str, tuple[str, Path]]:
+    files = [v for v in spec.volumes if v.source is not None]
+    out = {}
+    if files:
+        with step("Package files volumes", total=len(files)) as task:
+            for v in files:
+                assert v.source is not None
+                out[v.name] = package_files_volume(v.source)
+                task.advance()
+    return out
+
+
+def policy_bytes(spec: GroupSpec, images: Mapping[str, ResolvedImage], volume_hashes: Mapping[str, str],
+                 policy_file: Path | None) -> bytes:
+    if policy_file is not None:
+        try:
+            return Path(policy_file).read_bytes()
+        except OSError as e:
+            raise InputError(f"cannot read policy file {policy_file}: {e.strerror}") from e
+    generate = deps.generate_policy()
+    with step("Generate the execution policy"):
+        return bytes(generate(spec, images, volume_hashes=dict(volume_hashes)))
+
+
+def expected_measurement(manifest_path: Path | None) -> str | None:
+    if manifest_path is None:
+        return None
+    try:
+        manifest = json.loads(Path(manifest_path).read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("expected_measurement", "measurement", "snp_measurement"):
+        value = manifest.get(key)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict):
+            for sub in ("snp", "sev-snp", "value", "hex"):
+                if isinstance(value.get(sub), str):
+                    return value[sub]
+    return None
+
+
+def _check_socket_paths(state_dir: Path) -> None:
+    longest = max([*agent_sockets(state_dir), state_dir / "qmp.sock"], key=lambda p: len(str(p)))
+    if len(os.fsencode(longest)) > SOCKET_PATH_MAX:
+        raise InputError(f"the state directory {state_dir} is too deep for unix sockets ({longest})",
+                         hint="set PARMA_SANDBOX_RUNTIME (or XDG_RUNTIME_DIR) to a shorter directory")
+
+
+def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee, accel: Accel,
+               state_dir: Path, policy_hash: bytes, measurement: str | None) -> VmConfig:
+    paths = sandbox_paths(state_dir)
+    disks = [Disk(Path(uvm.rootfs), ROOT_SERIAL)] + [Disk(d.path, d.serial) for d in plan.disks]
+    forwards = tuple(PortForward(p.port, p.host_port, p.protocol.lower(), p.host_address) for p in spec.ports)
+    fw_cfg: tuple[FwCfgFile, ...] = ()
+    snp = None
+    if tee == Tee.sev_snp:
+        firmware = check_host().amdsev_ovmf
+        if firmware is None:
+            raise CheckFailed("the AmdSev OVMF is not built", hint="run 'make firmware-snp'")
+        snp = SnpLaunch(host_data=policy_hash, firmware=Path(firmware),
+                        cbitpos=int(os.environ.get("PARMA_SANDBOX_SNP_CBITPOS", "51")),
+                        reduced_phys_bits=int(os.environ.get("PARMA_SANDBOX_SNP_REDUCED_PHYS_BITS", "1")))
+    else:
+        # Emulation: the agent reads HOST_DATA (and the expected measurement) from fw_cfg.
+        atomic_write(paths["host_data"], policy_hash.hex().encode())
+        fw_cfg = (FwCfgFile("opt/parma/host_data", paths["host_data"]),)
+        if measurement:
+            atomic_write(paths["measurement"], measurement.encode())
+            fw_cfg += (FwCfgFile("opt/parma/measurement", paths["measurement"]),)
+    return VmConfig(
+        name=name, tee=tee, accel=accel, vcpus=spec.resources.vcpus, memory_mib=spec.resources.memory_mib,
+        kernel=Path(uvm.kernel), cmdline=str(uvm.cmdline), disks=tuple(disks),
+        agent_sockets=agent_sockets(state_dir), console_log=paths["console"], qmp_socket=paths["qmp"],
+        forwards=forwards, fw_cfg=fw_cfg, snp=snp, initrd=getattr(uvm, "initrd", None),
+        pidfile=paths["pidfile"],
+    )
+
+
+def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: Timings) -> dict[str, Any]:
+    """set_policy, mounts, create and start every container, in group order. Returns per-step results."""
+    results: dict[str, Any] = {"containers": {}}
+    with step("Set the execution policy"):
+        results["policy"] = client.call(Op.set_policy, {"policy": b64encode(policy)})
+    with step("Mount layers and volumes", total=len(plan.disks) + len(plan.memory_volumes)) as task:
+        devices = {}
+        for d in plan.disks:
+            r = client.call(Op.mount_device, {"device": d.serial, "target": d.target})
+            if r["root_hash"] != d.root_hash:
+                # The policy already decided; this only catches a host-side cache mix-up early.
+                log.warning("device %s: the guest derived root hash %s, the host expected %s",
+                            d.serial, r["root_hash"], d.root_hash)
+            devices[d.target] = r
+            task.advance()
+        for v in plan.memory_volumes:
+            client.call(Op.create_volume, v)
+            task.advance()
+        results["devices"] = devices
+    timings.mark("mounted")
+    for c in plan.containers:
+        with step(f"Start container {c.name}"):
+            t0 = time.monotonic()
+            client.call(Op.mount_scratch, {"container_id": c.name})
+            client.call(Op.mount_overlay, {"container_id": c.name, "layer_paths": list(c.layer_targets),
+                                           "target": f"/run/parma/containers/{c.name}/rootfs"})
+            created = client.call(Op.create_container, c.create, timeout=120)
+            started = client.call(Op.start_container, {"container_id": c.name}, timeout=120)
+            results["containers"][c.name] = {"create": created, "start": started,
+                                             "seconds": round(time.monotonic() - t0, 3)}
+        timings.mark(f"started:{c.name}")
+    return results
+
+
+def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Launched:
+    """Bring the group up (detached semantics: returns once every container has started)."""
+    store = store or StateStore()
+    timings = Timings()
+    name = opts.name or spec.name
+    requested = opts.tee or spec.tee
+    with step("Probe host"):
+        report = check_host()
+    tee, accel, why = choose_tee(requested, report)
+    log.info("tee: %s", why)
+
+    images = resolve_images(spec)
+    timings.mark("images")
+    volumes = package_volumes(spec)
+    policy = policy_bytes(spec, images, {k: h for k, (h, _) in volumes.items()}, opts.policy_file)
+    policy_hash = hashlib.sha256(policy).digest()
+    plan = build_plan(spec, images, volumes)
+    with step("Prepare the UVM"):
+        uvm = deps.ensure_uvm()()
+    measurement = expected_measurement(getattr(uvm, "manifest_path", None))
+    timings.mark("prepared")
+
+    with store.lock(name) as state_dir:
+        existing = store.load(name)
+        if existing is not None:
+            if existing.alive():
+                raise InputError(f"a sandbox named {name!r} already exists ({existing.status})",
+                                 hint=f"'parma-sandbox down {name}' first, or choose another --name")
+            store.remove(name)
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _check_socket_paths(state_dir)
+        for sock in agent_sockets(state_dir):
+            sock.unlink(missing_ok=True)
+        paths = sandbox_paths(state_dir)
+        atomic_write(paths["policy"], policy, 0o600)
+        record = SandboxRecord(name=name, status=STATUS_STARTING,
+                               processes={"launcher": ProcessRef.of(os.getpid())})
+        record.details = {
+            "group": spec.name, "group_file": str(spec.base_dir), "tee": tee.value, "accel": accel.value,
+            "backend": opts.backend.value, "policy_hash": policy_hash.hex(), "measurement": measurement,
+            "detached": opts.detach,
+            "ports": [{"port": p.port, "hostPort": p.host_port, "protocol": p.protocol,
+                       "hostAddress": p.host_address} for p in spec.ports],
+            "devices": [{"serial": d.serial, "path": str(d.path), "root_hash": d.root_hash, "target": d.target}
+                        for d in plan.disks],
+            "containers": [{"name": c.name, "image": next(x.image for x in spec.containers if x.name == c.name),
+                            "argv": c.create["argv"], "env": c.create["env"],
+                            "working_dir": c.create["working_dir"], "stdio": c.stdio,
+                            "exec_processes": [list(e) for e in c.exec_processes]} for c in plan.containers],
+            "uvm": {"kernel": str(uvm.kernel), "rootfs": str(uvm.rootfs), "cmdline": str(uvm.cmdline)},
+        }
+        store.save(record)
+        cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, policy_hash, measurement)
+        vm: vmm.Vm | None = None
+        try:
+            with step(f"Launch the UVM ({tee.value}, {accel.value}, {opts.backend.value})"):
+                vm = vmm.launch(cfg, opts.backend, log_file=paths["qemu_log"], attached=not opts.detach)
+            ref = vm.process()
+            if ref is not None:
+                record.processes["qemu"] = ref
+            record.details["vm"] = vm.record()
+            store.save(record)
+            timings.mark("launched")
+            with step("Wait for the guest agent"):
+                wait_for_agent(cfg.agent_sockets, timeout=BOOT_TIMEOUT, alive=vm.alive, console=cfg.console_log)
+            timings.mark("agent")
+            with AgentClient.connect(cfg.agent_sockets) as client:
+                results = _setup_guest(client, policy, plan, timings)
+            record.details["startup"] = {"timings": timings.marks, "containers": results["containers"]}
+            record.status = STATUS_RUNNING
+            store.save(record)
+        except BaseException:
+            if vm is not None:
+                try:
+                    vm.stop(3)
+                except SandboxError as e:
+                    log.warning("could not stop the VM: %s", e)
+            store.remove(name)
+            raise
+    return Launched(name, record, vm, plan, timings)
+
+
+def load_running(name: str, store: StateStore | None = None) -> SandboxRecord:
+    store = store or StateStore()
+    record = store.load(name)
+    if record is None:
+        raise InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
+    if "vm" not in record.details:
+        raise StateError(f"sandbox {name!r} is still starting (or its launch failed)",
+                         hint=f"'parma-sandbox down {name}' cleans it up")
+    return record

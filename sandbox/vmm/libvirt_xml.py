@@ -1,0 +1,113 @@
+"""VmConfig -> libvirt domain XML with the same devices as the QEMU argv (golden-tested).
+
+Two things have no native libvirt element in libvirt 9.0 and go through <qemu:commandline>: user-mode
+networking with host port forwards (libvirt's <portForward> needs the passt backend) is passed as the
+same -netdev/-device pair the QEMU backend uses. fw_cfg entries use <sysinfo type='fwcfg'>.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+
+from sandbox.vmm.config import CPU_SNP, Accel, VmConfig
+from sandbox.vmm.qemu import network_args
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+DOMAIN_PREFIX = "parma-sandbox-"
+
+
+def domain_name(cfg: VmConfig) -> str:
+    return DOMAIN_PREFIX + cfg.name
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def _disk_target(index: int) -> str:
+    letters = ""
+    n = index
+    while True:
+        letters = chr(ord("a") + n % 26) + letters
+        n = n // 26 - 1
+        if n < 0:
+            return "vd" + letters
+
+
+def build_domain_xml(cfg: VmConfig) -> str:
+    ET.register_namespace("qemu", QEMU_NS)
+    dom = ET.Element("domain", {"type": "kvm" if cfg.accel == Accel.kvm else "qemu"})
+    _sub(dom, "name", domain_name(cfg))
+    _sub(dom, "memory", str(cfg.memory_mib), unit="MiB")
+    _sub(dom, "vcpu", str(cfg.vcpus))
+    if cfg.snp is not None:
+        backing = _sub(dom, "memoryBacking")
+        _sub(backing, "source", type="memfd")
+        _sub(backing, "access", mode="shared")
+
+    os_el = _sub(dom, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64", machine="q35")
+    if cfg.snp is not None:
+        _sub(os_el, "loader", os.fspath(cfg.snp.firmware), type="rom", stateless="yes")
+    _sub(os_el, "kernel", os.fspath(cfg.kernel))
+    if cfg.initrd is not None:
+        _sub(os_el, "initrd", os.fspath(cfg.initrd))
+    _sub(os_el, "cmdline", cfg.cmdline)
+
+    if cfg.fw_cfg:
+        sysinfo = _sub(dom, "sysinfo", type="fwcfg")
+        for entry in cfg.fw_cfg:
+            _sub(sysinfo, "entry", name=entry.name, file=os.fspath(entry.path))
+
+    features = _sub(dom, "features")
+    _sub(features, "acpi")
+    if cfg.snp is not None:
+        cpu = _sub(dom, "cpu", mode="custom", match="exact", check="none")
+        _sub(cpu, "model", CPU_SNP, fallback="forbid")
+    elif cfg.accel == Accel.kvm:
+        _sub(dom, "cpu", mode="host-passthrough")
+    _sub(dom, "clock", offset="utc")
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        _sub(dom, event, "destroy")
+
+    devices = _sub(dom, "devices")
+    for i, disk in enumerate(cfg.disks):
+        d = _sub(devices, "disk", type="file", device="disk")
+        _sub(d, "driver", name="qemu", type="raw")
+        _sub(d, "source", file=os.fspath(disk.path))
+        _sub(d, "target", dev=_disk_target(i), bus="virtio")
+        if disk.readonly:
+            _sub(d, "readonly")
+        _sub(d, "serial", disk.serial)
+    _sub(devices, "controller", type="virtio-serial", index="0")
+    for i, sock in enumerate(cfg.agent_sockets):
+        ch = _sub(devices, "channel", type="unix")
+        _sub(ch, "source", mode="bind", path=os.fspath(sock))
+        _sub(ch, "target", type="virtio", name=cfg.port_name(i))
+    serial = _sub(devices, "serial", type="file")
+    _sub(serial, "source", path=os.fspath(cfg.console_log), append="off")
+    _sub(serial, "target", port="0")
+    rng = _sub(devices, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+    _sub(devices, "memballoon", model="none")
+
+    if cfg.snp is not None:
+        snp = cfg.snp
+        ls = _sub(dom, "launchSecurity", type="sev-snp", kernelHashes="yes" if snp.kernel_hashes else "no")
+        _sub(ls, "cbitpos", str(snp.cbitpos))
+        _sub(ls, "reducedPhysBits", str(snp.reduced_phys_bits))
+        _sub(ls, "policy", f"0x{snp.policy:08x}")
+        _sub(ls, "hostData", snp.host_data_b64())
+
+    net = network_args(cfg)
+    if net:
+        cmd = _sub(dom, f"{{{QEMU_NS}}}commandline")
+        for arg in net:
+            _sub(cmd, f"{{{QEMU_NS}}}arg", value=arg)
+
+    ET.indent(dom, space="  ")
+    return ET.tostring(dom, encoding="unicode") + "\n"

@@ -1,0 +1,182 @@
+"""The VM backends against a real QEMU and a real libvirtd, with a tiny multiboot guest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox.run import run
+from sandbox.state import process_start_time
+from sandbox.vmm import backend as vmm
+from sandbox.vmm.config import Backend
+from sandbox.vmm.qmp import QmpClient
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tinyguest import MARKER, tiny_config  # noqa: E402
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed")
+
+
+def wait_marker(console: Path, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if console.exists() and MARKER in console.read_bytes():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_qemu_backend_launches_reports_and_stops(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    vm = vmm.launch(cfg, Backend.qemu, log_file=tmp_path / "qemu.log", attached=True)
+    try:
+        assert vm.alive()
+        assert wait_marker(cfg.console_log), (tmp_path / "qemu.log").read_text()
+        with QmpClient(cfg.qmp_socket) as qmp:
+            assert qmp.execute("query-status")["status"] == "running"
+        assert int(cfg.pidfile.read_text()) == vm.process().pid
+        assert (tmp_path / "qemu.sh").read_text().startswith("qemu-system-x86_64 -name guest=tiny")
+        # A later command re-attaches from the saved record and stops it.
+        again = vmm.attach(vm.record())
+        assert again.alive()
+        again.stop(5)
+        assert not again.alive() and not vm.alive()
+    finally:
+        vm.stop(2)
+
+
+def test_qemu_start_failure_is_reported_with_qemu_output(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    cfg.disks[0].path.unlink()  # QEMU refuses a missing drive file
+    with pytest.raises(vmm.LaunchError) as exc:
+        vmm.launch(cfg, Backend.qemu, log_file=tmp_path / "qemu.log", attached=True)
+    assert "disk.img" in exc.value.message
+
+
+LAUNCHER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from tinyguest import tiny_config
+from sandbox.vmm import backend as vmm
+from sandbox.vmm.config import Backend
+cfg = tiny_config(Path({tmp!r}))
+vm = vmm.launch(cfg, Backend.qemu, log_file=Path({tmp!r}) / "qemu.log", attached={attached})
+print(vm.process().pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("attached", [True, False])
+def test_attached_qemu_dies_with_its_launcher_detached_survives(tmp_path: Path, attached: bool) -> None:
+    code = LAUNCHER.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), attached=attached)
+    launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        qemu_pid = int(launcher.stdout.readline())
+        assert process_start_time(qemu_pid) is not None
+        launcher.kill()   # SIGKILL: no cleanup code runs in the launcher
+        launcher.wait()
+        deadline = time.monotonic() + 5
+        while process_start_time(qemu_pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (process_start_time(qemu_pid) is None) == attached
+    finally:
+        launcher.kill()
+        if process_start_time(qemu_pid) is not None:
+            os.kill(qemu_pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# libvirt: a real libvirtd, started (and configured) by the fixture and stopped afterwards.
+
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+DAEMONS = (("virtlogd", Path("/run/virtlogd.pid")), ("virtlockd", Path("/run/virtlockd.pid")),
+           ("libvirtd", Path("/run/libvirtd.pid")))
+
+
+def _pid(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if process_start_time(pid) is not None else None
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[None]:
+    if shutil.which("libvirtd") is None or os.geteuid() != 0:
+        pytest.skip("needs libvirtd and root")
+    pytest.importorskip("libvirt")
+    if _pid(Path("/run/libvirtd.pid")) is not None:
+        pytest.skip("a libvirtd is already running; this fixture only manages its own")
+    original = QEMU_CONF.read_bytes() if QEMU_CONF.exists() else None
+    # /dev/kvm is 0600 root here (no udev): with QEMU running as libvirt-qemu, libvirt re-probes QEMU on
+    # every call and a domain start takes about a minute. Running QEMU as root avoids that.
+    QEMU_CONF.write_bytes((original or b"") + b'\nuser = "root"\ngroup = "root"\n')
+    started: list[int] = []
+    try:
+        for daemon, pidfile in DAEMONS:
+            if _pid(pidfile) is None:
+                run([daemon, "-d"], timeout=30)
+                deadline = time.monotonic() + 10
+                while _pid(pidfile) is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                pid = _pid(pidfile)
+                assert pid is not None, f"{daemon} did not start"
+                started.append(pid)
+        deadline = time.monotonic() + 20
+        while not Path("/run/libvirt/libvirt-sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield
+    finally:
+        for pid in reversed(started):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pid in started:
+            deadline = time.monotonic() + 10
+            while process_start_time(pid) is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if original is None:
+            QEMU_CONF.unlink(missing_ok=True)
+        else:
+            QEMU_CONF.write_bytes(original)
+
+
+def test_libvirt_backend_runs_the_same_config(tmp_path: Path, libvirtd: None) -> None:
+    import libvirt
+
+    cfg = tiny_config(tmp_path, name=f"tiny-{os.getpid()}")
+    t0 = time.monotonic()
+    vm = vmm.launch(cfg, Backend.libvirt, log_file=tmp_path / "qemu.log", attached=False)
+    try:
+        assert time.monotonic() - t0 < 30, "libvirt took too long: is QEMU re-probed on every call?"
+        assert vm.alive()
+        assert wait_marker(cfg.console_log), "the guest's serial output did not reach the console file"
+        conn = libvirt.open(vmm.LIBVIRT_URI)
+        try:
+            dom = conn.lookupByName(f"parma-sandbox-{cfg.name}")
+            xml = dom.XMLDesc()
+            assert "org.parma.agent.0" in xml and "<serial>parma-root</serial>" in xml
+        finally:
+            conn.close()
+        rec = vm.record()
+        assert rec["backend"] == "libvirt" and rec["domain"] == f"parma-sandbox-{cfg.name}"
+        vmm.attach(rec).stop(5)
+        assert not vm.alive()
+        conn = libvirt.open(vmm.LIBVIRT_URI)
+        try:
+            assert f"parma-sandbox-{cfg.name}" not in [d.name() for d in conn.listAllDomains()]
+        finally:
+            conn.close()
+    finally:
+        vm.stop(2)

@@ -1,0 +1,99 @@
+"""What `up` asks the agent for, derived from the group spec and the images (pure)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sandbox.group import validate_group
+from sandbox.group.spec import TeeMode
+from sandbox.hostcheck import Accel, CheckReport, Tee
+from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
+from sandbox.launch.pipeline import choose_tee, expected_measurement
+from sandbox.launch.plan import build_plan
+from sandbox.shared.errors import CheckFailed
+
+
+def layer(n: int) -> LayerInfo:
+    return LayerInfo(f"sha256:{n:064x}", "application/vnd.oci.image.layer.v1.tar", 10, f"{n:064x}",
+                     Path(f"/cache/l{n}.img"))
+
+
+def image(*layers: int, **config: object) -> ResolvedImage:
+    return ResolvedImage("img", "sha256:" + "0" * 64, ImageConfig(**config), tuple(layer(n) for n in layers))
+
+
+def group(tmp_path: Path) -> object:
+    (tmp_path / "www").mkdir()
+    raw = {
+        "name": "hello",
+        "volumes": [{"name": "www", "files": {"path": "www"}}, {"name": "scratch", "emptyDir": {}},
+                    {"name": "cfg", "secret": {"token": "aGVsbG8="}}],
+        "containers": [
+            {"name": "web", "image": "busybox", "command": ["/bin/httpd", "-f"],
+             "env": [{"name": "GREETING", "value": "hi"}, {"name": "PATH", "value": "/bin"}],
+             "mounts": [{"name": "www", "mountPath": "/www"}, {"name": "scratch", "mountPath": "/s"}],
+             "capabilities": {"drop": ["NET_RAW"], "add": ["SYS_TIME"]}},
+            {"name": "probe", "image": "busybox", "args": ["sleep", "1"], "user": "65534:65534",
+             "mounts": [{"name": "cfg", "mountPath": "/cfg"}], "execProcesses": [{"command": ["/bin/cat"]}]},
+        ],
+    }
+    return validate_group(raw, base_dir=tmp_path)
+
+
+def test_plan_dedupes_layers_orders_them_top_first_and_maps_volumes(tmp_path: Path) -> None:
+    spec = group(tmp_path)
+    web = image(1, 2, entrypoint=("/bin/sh",), cmd=("-c", "x"), env=("PATH=/usr/bin", "HOME=/root"))
+    probe = image(1, 3, entrypoint=(), cmd=("/bin/true",), working_dir="/tmp", user="1:1")
+    plan = build_plan(spec, {"web": web, "probe": probe}, {"www": ("ab" * 32, Path("/cache/www.img"))})
+    assert [(d.serial, d.target) for d in plan.layers] == [
+        ("L0", "/run/parma/layers/l0"), ("L1", "/run/parma/layers/l1"), ("L2", "/run/parma/layers/l2")]
+    assert [(d.serial, d.target, d.root_hash) for d in plan.file_volumes] == [
+        ("V0", "/run/parma/volumes/www", "ab" * 32)]
+    assert plan.memory_volumes == ({"name": "scratch", "kind": "emptyDir"},
+                                   {"name": "cfg", "kind": "secret", "items": {"token": "aGVsbG8="}})
+    w, p = plan.containers
+    assert w.layer_targets == ("/run/parma/layers/l1", "/run/parma/layers/l0")
+    assert p.layer_targets == ("/run/parma/layers/l2", "/run/parma/layers/l0")
+    # command replaces ENTRYPOINT and drops the image CMD; group env overrides image env in place.
+    assert w.create["argv"] == ["/bin/httpd", "-f"]
+    assert w.create["env"] == ["PATH=/bin", "HOME=/root", "GREETING=hi"]
+    assert w.create["working_dir"] == "/" and w.create["user"] == ""
+    assert w.create["mounts"] == [
+        {"destination": "/www", "source": "/run/parma/volumes/www", "type": "bind",
+         "options": ["rbind", "rprivate", "ro"]},
+        {"destination": "/s", "source": "/run/parma/volumes/scratch", "type": "bind",
+         "options": ["rbind", "rprivate", "rw"]}]
+    caps = w.create["capabilities"]
+    assert "CAP_SYS_TIME" in caps["bounding"] and "CAP_NET_RAW" not in caps["bounding"]
+    assert caps["ambient"] == [] and caps["inheritable"] == []
+    # args replace CMD; the image has no PATH, so the default one is added.
+    assert p.create["argv"] == ["sleep", "1"]
+    assert p.create["env"][0].startswith("PATH=/usr/local/sbin")
+    assert p.create["working_dir"] == "/tmp" and p.create["user"] == "65534:65534"
+    assert p.create["mounts"][0]["options"][-1] == "ro"
+    assert p.exec_processes == (("/bin/cat",),)
+
+
+def report(tee: Tee, accel: Accel) -> CheckReport:
+    return CheckReport(items=(), tee=tee, accel=accel, reasons=("KVM unusable",) if accel == Accel.tcg else ())
+
+
+def test_choose_tee() -> None:
+    assert choose_tee(TeeMode.auto, report(Tee.emulated, Accel.tcg))[:2] == (Tee.emulated, Accel.tcg)
+    assert "auto -> emulated with tcg (KVM unusable)" in choose_tee(TeeMode.auto, report(Tee.emulated, Accel.tcg))[2]
+    assert choose_tee(TeeMode.auto, report(Tee.sev_snp, Accel.kvm))[:2] == (Tee.sev_snp, Accel.kvm)
+    assert choose_tee(TeeMode.emulated, report(Tee.sev_snp, Accel.kvm))[:2] == (Tee.emulated, Accel.kvm)
+    with pytest.raises(CheckFailed, match="SEV-SNP was requested"):
+        choose_tee(TeeMode.sev_snp, report(Tee.emulated, Accel.tcg))
+
+
+def test_expected_measurement_from_manifest(tmp_path: Path) -> None:
+    m = tmp_path / "manifest.json"
+    m.write_text(json.dumps({"expected_measurement": "ab" * 48}))
+    assert expected_measurement(m) == "ab" * 48
+    m.write_text(json.dumps({"measurement": {"snp": "cd" * 48}}))
+    assert expected_measurement(m) == "cd" * 48
+    assert expected_measurement(tmp_path / "missing.json") is None

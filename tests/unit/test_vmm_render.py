@@ -1,0 +1,133 @@
+"""The VM config renders to QEMU argv and libvirt XML as pure functions; golden files pin both.
+
+Regenerate after an intended change with PARMA_UPDATE_GOLDEN=1 and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from sandbox.vmm.config import Accel, Disk, FwCfgFile, PortForward, SnpLaunch, Tee, VmConfig
+from sandbox.vmm.libvirt_xml import QEMU_NS, build_domain_xml
+from sandbox.vmm.qemu import build_argv
+
+GOLDEN = Path(__file__).parent / "golden"
+RUN = Path("/run/user/0/parma-sandbox/hello")
+CACHE = Path("/root/.cache/parma-sandbox")
+HOST_DATA = bytes.fromhex("5e6c6e2dfde7b4f26a6a7b0fd55d0cc8a9a5c3b8a26b8f5e5dc3d3b0a6b1c2d3")
+
+
+def config(tee: Tee, accel: Accel) -> VmConfig:
+    snp = SnpLaunch(host_data=HOST_DATA, firmware=CACHE / "firmware/OVMF.amdsev.fd") if tee == Tee.sev_snp else None
+    fw_cfg = () if snp else (FwCfgFile("opt/parma/host_data", RUN / "host_data"),
+                             FwCfgFile("opt/parma/measurement", RUN / "measurement"))
+    return VmConfig(
+        name="hello", tee=tee, accel=accel, vcpus=1, memory_mib=512,
+        kernel=CACHE / "uvm/abc/bzImage",
+        cmdline='console=ttyS0 panic=-1 dm-mod.create="root,,,ro,0 8 verity 1 /dev/vda /dev/vda 4096 4096 1 1 '
+                'sha256 aa bb" root=/dev/dm-0 ro',
+        disks=(Disk(CACHE / "uvm/abc/rootfs.img", "parma-root"), Disk(CACHE / "layers/l0.img", "L0"),
+               Disk(CACHE / "volumes/www.img", "V0")),
+        agent_sockets=tuple(RUN / f"agent-{i}.sock" for i in range(4)),
+        console_log=RUN / "console.log", qmp_socket=RUN / "qmp.sock",
+        forwards=(PortForward(8080, 18080),), fw_cfg=fw_cfg, snp=snp, pidfile=RUN / "qemu.pid",
+    )
+
+
+MODES = {
+    "emulated-tcg": (Tee.emulated, Accel.tcg),
+    "emulated-kvm": (Tee.emulated, Accel.kvm),
+    "sev-snp": (Tee.sev_snp, Accel.kvm),
+}
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("PARMA_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.exists(), f"missing golden file {path}; run with PARMA_UPDATE_GOLDEN=1"
+    assert text == path.read_text()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_qemu_argv_golden(mode: str) -> None:
+    argv = build_argv(config(*MODES[mode]))
+    check_golden(f"qemu-{mode}.argv", "\n".join(argv) + "\n")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_libvirt_xml_golden(mode: str) -> None:
+    check_golden(f"libvirt-{mode}.xml", build_domain_xml(config(*MODES[mode])))
+
+
+def test_snp_argv_binds_the_policy_hash() -> None:
+    argv = build_argv(config(Tee.sev_snp, Accel.kvm))
+    snp = argv[argv.index("-object", argv.index("-object") + 1) + 1]
+    assert snp.startswith("sev-snp-guest,id=sev0,")
+    assert "policy=0x30000" in snp and "kernel-hashes=on" in snp
+    assert "host-data=XmxuLf3ntPJqansP1V0MyKmlw7iia49eXcPTsKaxwtM=" in snp
+    machine = argv[argv.index("-machine") + 1]
+    assert "confidential-guest-support=sev0" in machine and "memory-backend=ram0" in machine
+    assert "memory-backend-memfd" in argv[argv.index("-object") + 1]
+    assert argv[argv.index("-bios") + 1].endswith("OVMF.amdsev.fd")
+    assert "-fw_cfg" not in argv  # nothing host-supplied beyond the measured launch
+
+
+def test_emulated_argv_passes_host_data_by_fw_cfg_and_forwards_to_loopback() -> None:
+    argv = build_argv(config(Tee.emulated, Accel.tcg))
+    assert "name=opt/parma/host_data,file=/run/user/0/parma-sandbox/hello/host_data" in argv
+    assert "user,id=net0,hostfwd=tcp:127.0.0.1:18080-:8080" in argv
+    assert "sev-snp-guest" not in " ".join(argv)
+    assert argv[argv.index("-machine") + 1] == "q35,accel=tcg"
+
+
+def test_qemu_option_values_escape_commas() -> None:
+    cfg = config(Tee.emulated, Accel.tcg)
+    cfg = VmConfig(**{**cfg.__dict__, "console_log": Path("/tmp/a,b/console.log")})
+    argv = build_argv(cfg)
+    assert "file,id=console0,path=/tmp/a,,b/console.log" in argv
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_both_renderings_have_the_same_devices(mode: str) -> None:
+    cfg = config(*MODES[mode])
+    argv = build_argv(cfg)
+    dom = ET.fromstring(build_domain_xml(cfg))
+    disks = [(d.find("source").get("file"), d.find("serial").text) for d in dom.iter("disk")]
+    argv_disks = [(a.split("file=")[1].split(",")[0], b.split("serial=")[1])
+                  for a, b in zip(argv[argv.index("-drive") + 1::4], argv[argv.index("-drive") + 3::4], strict=False)
+                  if a.startswith("if=none")]
+    assert disks == argv_disks == [(os.fspath(d.path), d.serial) for d in cfg.disks]
+    channels = [(c.find("source").get("path"), c.find("target").get("name")) for c in dom.iter("channel")]
+    assert channels == [(os.fspath(s), f"org.parma.agent.{i}") for i, s in enumerate(cfg.agent_sockets)]
+    assert all(f"name={n}" in " ".join(argv) for _, n in channels)
+    assert dom.find("os/kernel").text == argv[argv.index("-kernel") + 1]
+    assert dom.find("os/cmdline").text == argv[argv.index("-append") + 1]
+    assert dom.find("devices/serial/source").get("path") == os.fspath(cfg.console_log)
+    net = [a.get("value") for a in dom.iter(f"{{{QEMU_NS}}}arg")]
+    assert net == argv[argv.index("-netdev"):argv.index("-netdev") + 4]
+    fw = [(e.get("name"), e.get("file")) for e in dom.iter("entry")]
+    assert fw == [(f.name, os.fspath(f.path)) for f in cfg.fw_cfg]
+    ls = dom.find("launchSecurity")
+    if cfg.snp is None:
+        assert ls is None
+    else:
+        assert ls.get("type") == "sev-snp" and ls.get("kernelHashes") == "yes"
+        assert ls.find("hostData").text == cfg.snp.host_data_b64()
+        assert ls.find("policy").text == "0x00030000"
+        assert dom.find("memoryBacking/source").get("type") == "memfd"
+
+
+def test_invalid_configs_are_refused() -> None:
+    cfg = config(Tee.emulated, Accel.tcg)
+    with pytest.raises(ValueError, match="SnpLaunch"):
+        VmConfig(**{**cfg.__dict__, "tee": Tee.sev_snp})
+    snp = config(Tee.sev_snp, Accel.kvm)
+    with pytest.raises(ValueError, match="KVM"):
+        VmConfig(**{**snp.__dict__, "accel": Accel.tcg})
+    with pytest.raises(ValueError, match="serials"):
+        VmConfig(**{**cfg.__dict__, "disks": cfg.disks + (Disk(Path("/x"), "L0"),)})
