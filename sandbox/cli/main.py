@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "sandbox.cli.policy",
     "sandbox.cli.attest",
     "sandbox.cli.image",
+    "sandbox.cli.aci",
 )
 
 
