@@ -115,7 +115,21 @@ class ConfigfsTsm:
         self.ops = ops or OsFsOps()
 
     def available(self) -> bool:
-        return self.ops.exists(self.root)
+        """The report directory exists *and* a TSM provider is registered. A kernel with TSM_REPORTS has
+        the directory in every guest, confidential or not; without a provider (no SEV-SNP), creating an
+        entry fails with ENXIO."""
+        if not self.ops.exists(self.root):
+            return False
+        probe = self.root / f"parma-probe-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            self.ops.mkdir(probe)
+        except OSError as e:
+            return e.errno != errno.ENXIO
+        try:
+            self.ops.rmdir(probe)
+        except OSError:
+            pass
+        return True
 
     def _generation(self, entry: Path) -> int:
         return int(self.ops.read(entry / "generation").strip() or b"0")
@@ -262,7 +276,10 @@ SEV_STATUS_SNP = 1 << 2
 
 def tee_evidence(paths: GuestPaths = DEFAULT_PATHS) -> list[str]:
     """Every sign that this guest runs under a TEE. Non-empty means: never use emulated material."""
-    found = [str(p) for p in (paths.configfs_tsm, paths.sev_guest, paths.sev_sysfs) if p.exists()]
+    # configfs-tsm counts only with a provider registered (see ConfigfsTsm.available).
+    found = [str(p) for p in (paths.sev_guest, paths.sev_sysfs) if p.exists()]
+    if ConfigfsTsm(paths.configfs_tsm).available():
+        found.append(str(paths.configfs_tsm))
     try:
         fd = os.open(paths.msr, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

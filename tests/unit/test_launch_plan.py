@@ -63,9 +63,9 @@ def test_plan_dedupes_layers_orders_them_top_first_and_maps_volumes(tmp_path: Pa
     assert w.create["working_dir"] == "/" and w.create["user"] == ""
     assert w.create["mounts"] == [
         {"destination": "/www", "source": "/run/parma/volumes/www", "type": "bind",
-         "options": ["rbind", "rprivate", "ro"]},
+         "options": ["rbind", "rprivate", "nosuid", "nodev", "ro"]},
         {"destination": "/s", "source": "/run/parma/volumes/scratch", "type": "bind",
-         "options": ["rbind", "rprivate", "rw"]}]
+         "options": ["rbind", "rprivate", "nosuid", "nodev", "rw"]}]
     caps = w.create["capabilities"]
     assert "CAP_SYS_TIME" in caps["bounding"] and "CAP_NET_RAW" not in caps["bounding"]
     assert caps["ambient"] == [] and caps["inheritable"] == []
