@@ -67,12 +67,16 @@ class Task:
 
 class Reporter:
     def __init__(self, mode: ProgressMode = ProgressMode.auto, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
+        self._stream = stream           # None: whatever sys.stderr is when writing (it may be swapped)
         if mode == ProgressMode.auto:
             mode = ProgressMode.tty if self.stream.isatty() else ProgressMode.plain
         self.mode = mode
         self.interval = {ProgressMode.tty: 0.1, ProgressMode.json: 0.5}.get(mode, 3600.0)
         self._frame = 0
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stderr
 
     def _write(self, text: str) -> None:
         self.stream.write(text)
