@@ -55,7 +55,8 @@ class AgentService:
         self.volumes: dict[str, Path] = {}                      # volume name -> dir
         self.containers: dict[str, Container] = {}
         self._dm_counter = 0
-        self._log = runtime_logging or (lambda msg: None)
+        self._console = runtime_logging or (lambda msg: None)
+        self.verbose_logging = False   # the policy's allow_runtime_logging (ep runtime_logging) turns it on
         self.poweroff_hook: Callable[[], None] = sysapi.power_off
 
     # -- dispatch -------------------------------------------------------------------------------
@@ -70,6 +71,11 @@ class AgentService:
         with self._lock:
             return method(**request.payload)
 
+    def _log(self, message: str) -> None:
+        """Details of what runs go to the (host-readable) console only when the policy allows it."""
+        if self.verbose_logging:
+            self._console(message)
+
     # -- basics ---------------------------------------------------------------------------------
 
     def op_ping(self) -> dict[str, Any]:
@@ -79,7 +85,8 @@ class AgentService:
     def op_set_policy(self, policy: str) -> dict[str, Any]:
         raw = base64.b64decode(policy, validate=True)
         digest = self.gate.install(raw)
-        self._log(f"policy {digest} installed (HOST_DATA from {self.gate.host_data_source})")
+        self._console(f"policy {digest} installed (HOST_DATA from {self.gate.host_data_source})")
+        self.verbose_logging = self.gate.allows("runtime_logging", {})
         return {"policy_hash": digest, "host_data_source": self.gate.host_data_source}
 
     def op_get_properties(self) -> dict[str, Any]:

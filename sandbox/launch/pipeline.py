@@ -26,6 +26,7 @@ from sandbox.launch.agent_client import AgentClient, wait_for_agent
 from sandbox.launch.plan import LaunchPlan, build_plan
 from sandbox.launch.volumes import package_files_volume
 from sandbox.log import log
+from sandbox.policy.gen import generate_policy
 from sandbox.progress import step
 from sandbox.shared.errors import CheckFailed, InputError, SandboxError, StateError
 from sandbox.shared.protocol import PORT_COUNT, Op, b64encode
@@ -133,9 +134,8 @@ def policy_bytes(spec: GroupSpec, images: Mapping[str, ResolvedImage], volume_ha
             return Path(policy_file).read_bytes()
         except OSError as e:
             raise InputError(f"cannot read policy file {policy_file}: {e.strerror}") from e
-    generate = deps.generate_policy()
     with step("Generate the execution policy"):
-        return bytes(generate(spec, images, volume_hashes=dict(volume_hashes)))
+        return generate_policy(spec, images, volume_hashes=dict(volume_hashes))
 
 
 def expected_measurement(manifest_path: Path | None) -> str | None:

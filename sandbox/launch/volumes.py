@@ -14,8 +14,8 @@ import stat
 import tarfile
 from pathlib import Path
 
-from sandbox.fsutil import atomic_output, atomic_write, file_lock
-from sandbox.launch import deps
+from sandbox.fsutil import atomic_write, file_lock
+from sandbox.layers.convert import convert_layer
 from sandbox.paths import cache_dir
 from sandbox.shared.errors import InputError
 
@@ -63,12 +63,10 @@ def package_files_volume(source: Path) -> tuple[str, Path]:
     with file_lock(out_dir / f".{key}.lock"):
         if image.is_file() and hash_file.is_file():
             return hash_file.read_text().strip(), image
-        convert = deps.convert_layer()
         tar_path = out_dir / f".{key}.tar"
         atomic_write(tar_path, data)
         try:
-            with atomic_output(image) as tmp:
-                result = convert(tar_path, tmp)
+            result = convert_layer(tar_path, image, name=f"files volume {source.name}")
         finally:
             tar_path.unlink(missing_ok=True)
         atomic_write(hash_file, (str(result.root_hash) + "\n").encode())
