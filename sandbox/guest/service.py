@@ -24,6 +24,7 @@ from sandbox.guest.hostdata import HostData, read_host_data, uptime
 from sandbox.guest.runtime import Container, ContainerStatus, CrunError
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import protocol as P
+from sandbox.shared.errors import AttestationError, InputError
 from sandbox.shared.protocol import ErrorCode, Op, ProtocolError
 
 AGENT_VERSION = "1"
@@ -109,12 +110,13 @@ class AgentService:
         return {"stacks": text}
 
     def op_get_report(self, nonce: str) -> dict[str, Any]:
-        # REPORT_DATA = SHA-512(nonce || the agent's runtime public key); see sandbox/shared/snp/binding.py.
+        # REPORT_DATA = SHA-512(nonce || runtime public key DER); docs/attestation.md.
         try:
-            evidence = snp_report.evidence_for(bytes.fromhex(nonce))
-        except Exception as e:  # noqa: BLE001 - no report interface, or the PSP refused
-            raise _err(ErrorCode.unavailable, f"cannot get an attestation report: {e}") from None
-        return evidence.to_payload()
+            return snp_report.evidence_for(bytes.fromhex(nonce)).to_payload()
+        except InputError as e:
+            raise _err(ErrorCode.invalid_request, e.message) from e
+        except AttestationError as e:
+            raise _err(ErrorCode.unavailable, e.message) from e
 
     def op_poweroff(self) -> dict[str, Any]:
         def later() -> None:

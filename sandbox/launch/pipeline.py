@@ -179,11 +179,12 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
                         reduced_phys_bits=int(os.environ.get("PARMA_SANDBOX_SNP_REDUCED_PHYS_BITS", "1")))
     else:
         # Emulation: the emulated PSP signs reports with HOST_DATA = the policy hash and MEASUREMENT = the
-        # manifest's expected launch measurement; its material reaches the guest through fw_cfg.
+        # manifest's expected launch measurement (zeros, and verifiers will say so, when it has none); its
+        # material reaches the guest through fw_cfg.
         if not measurement:
-            raise CheckFailed("the UVM manifest has no expected launch measurement",
-                              hint="rebuild the UVM ('parma-sandbox build uvm')")
-        write_launch_material(paths["psp"], policy_bytes=policy, measurement=bytes.fromhex(measurement))
+            log.warning("the UVM manifest has no expected launch measurement; emulated reports carry zeros")
+        write_launch_material(paths["psp"], policy_bytes=policy,
+                              measurement=bytes.fromhex(measurement) if measurement else bytes(48))
         fw_cfg = (FwCfgFile(PSP_FW_CFG_NAME, paths["psp"]),)
     return VmConfig(
         name=name, tee=tee, accel=accel, vcpus=spec.resources.vcpus, memory_mib=spec.resources.memory_mib,

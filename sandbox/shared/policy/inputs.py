@@ -164,6 +164,14 @@ class _Required:
 
 
 REQUIRED: Any = _Required()
+
+
+class _Inherit:
+    def __repr__(self) -> str:
+        return "INHERIT"
+
+
+INHERIT: Any = _Inherit()   # take the value the container was created with
 _IDNAME = {"id": (_id, REQUIRED), "name": (_string, REQUIRED)}
 _MOUNT = {"destination": (_string, REQUIRED), "source": (_string, REQUIRED), "type": (_string, REQUIRED),
           "options": (_strings, ())}
@@ -188,11 +196,12 @@ INPUTS: dict[EnforcementPoint, dict[str, tuple[Parser, Any]]] = {
         "privileged": (_bool, False), "no_new_privileges": (_bool, False),
         "seccomp_profile_sha256": (_string, ""),
     },
+    # The identity fields of an exec default to the container's own (recorded at create_container): an
+    # exec runs as the container's process unless the request says otherwise.
     EnforcementPoint.exec_in_container: {
         "container_id": (_nonempty_string, REQUIRED), "argv": (_strings, REQUIRED), "env": (_strings, ()),
-        "working_dir": (_string, "/"), "user": (_idname, ROOT), "groups": (_groups, ()),
-        "umask": (_string, defaults.DEFAULT_UMASK), "capabilities": (_capabilities, None),
-        "no_new_privileges": (_bool, False),
+        "working_dir": (_string, "/"), "user": (_idname, INHERIT), "groups": (_groups, INHERIT),
+        "umask": (_string, INHERIT), "capabilities": (_capabilities, INHERIT), "no_new_privileges": (_bool, INHERIT),
     },
     EnforcementPoint.exec_external: {"argv": (_strings, REQUIRED), "env": (_strings, ()),
                                      "working_dir": (_string, "/")},
