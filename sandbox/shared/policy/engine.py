@@ -123,6 +123,12 @@ class _Mount:
         else:
             self.source_ok = src.__eq__
 
+    def allows(self, destination: str, source: str, type_: str, options: tuple[str, ...]) -> bool:
+        """framework.rego mountConstraint_ok."""
+        return (destination == self.destination and destination != "" and type_ == self.type
+                and self.source_ok(source) and len(options) == len(self.options)
+                and frozenset(options) == self.option_set)
+
     def mismatch(self, destination: str, source: str, type_: str, options: tuple[str, ...]) -> str | None:
         """framework.rego mountConstraint_ok, explained."""
         if destination != self.destination or not destination:
@@ -168,7 +174,8 @@ class _Candidate:
         self.command = c.command
         self.env_rules = _EnvRules(c.env_rules)
         self.working_dir = c.working_dir
-        self.mounts = tuple(_Mount(m.__dict__, sandbox_dir) for m in c.mounts)
+        self.mounts = tuple(_Mount({"destination": m.destination, "type": m.type, "source": m.source,
+                                    "options": m.options}, sandbox_dir) for m in c.mounts)
         self.exec_processes = tuple((p.command, frozenset(p.signals)) for p in c.exec_processes)
         signals = c.signals + ((9, 15) if version < DEFAULT_SIGNALS_UNTIL else ())
         self.signals = frozenset(signals)
@@ -487,13 +494,11 @@ class PolicyEngine:
 
     def _mount_mismatch(self, c: _Candidate, mount: tuple) -> str | None:
         allowed = c.mounts + self._default_mounts + (self._privileged_mounts if c.allow_elevated else ())
-        reasons = []
         for constraint in allowed:
-            why = constraint.mismatch(*mount)
-            if why is None:
+            if constraint.allows(*mount):
                 return None
-            if constraint.destination == mount[0]:
-                reasons.append(why)
+        # Denied: explain against the constraints for the same destination.
+        reasons = [constraint.mismatch(*mount) for constraint in allowed if constraint.destination == mount[0]]
         destination, source, type_, _ = mount
         if reasons:
             return f"mount at {destination!r}: {reasons[0]}"
