@@ -36,10 +36,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sandbox.layers import ext4_format as F
-from sandbox.layers.convert import ConvertResult, Ext4Result, convert_layer, convert_tar_to_ext4
+from sandbox.layers.convert import (
+    CONVERTER_VERSION,
+    ConvertResult,
+    Ext4Result,
+    convert_layer,
+    convert_tar_to_ext4,
+)
 from sandbox.layers.ext4_writer import Ext4LimitError, Node
 from sandbox.layers.tar2ext4 import (
     AUFS_META,
+    DEFAULT_OPTIONS,
     OPAQUE,
     WHITEOUT,
     Ext4Options,
@@ -48,8 +55,11 @@ from sandbox.layers.tar2ext4 import (
     _show,
 )
 from sandbox.layers.tarstream import EntryType, TarEntry, TarReader, TarTime
+from sandbox.shared.errors import InputError
 
 ACI_OPTIONS = Ext4Options(whiteouts=True, origin_xattr=False, lost_and_found=True, compat_aci=True)
+ACI_CONVERTER = f"{CONVERTER_VERSION}-aci1"     # cache key of --compat aci conversions
+COMPAT_MODES = ("aci",)
 
 GO_INSERTION_SORT_MAX = 12      # Go sort.Slice (pdqsort) sorts this many elements or fewer by insertion sort
 TIME_MIN = -(1 << 31)
@@ -215,6 +225,15 @@ class AciLayerBuilder(LayerBuilder):
         node.atime = node.ctime = node.mtime = node.crtime = (0, 0)
         self.w.set_xattrs(node, {})
         self.w.set_device(node, 0, 0)
+
+
+def layer_mode(compat: str | None) -> tuple[Ext4Options, str]:
+    """Conversion options and cache key for a --compat value (None: the default, e2fsck-clean images)."""
+    if compat is None:
+        return DEFAULT_OPTIONS, CONVERTER_VERSION
+    if compat == "aci":
+        return ACI_OPTIONS, ACI_CONVERTER
+    raise InputError(f"unknown layer compatibility mode {compat!r}", hint="modes: " + ", ".join(COMPAT_MODES))
 
 
 def convert_layer_aci(src: Path, out: Path, *, expected_diff_id: str | None = None,

@@ -115,7 +115,7 @@ class Ext4Writer:
     def __init__(self, fd: int, *, max_disk_size: int = DEFAULT_MAX_DISK_SIZE, lost_and_found: bool = False,
                  uuid: bytes = bytes(16), volume_name: bytes = b"", compat_aci: bool = False) -> None:
         self.fd = fd
-        # compat_aci (sandbox/aci/layers.py): the two bytes-level habits of hcsshim's compactext4 that this
+        # compat_aci (sandbox/aci/ext4compat.py): the two bytes-level habits of hcsshim's compactext4 that this
         # writer otherwise avoids: inode-bitmap padding bits left clear (e2fsck flags it) and s_max_mnt_count 0.
         self.compat_aci = compat_aci
         max_blocks = -(-max_disk_size // F.BLOCK_SIZE)
@@ -252,7 +252,7 @@ class Ext4Writer:
                 node.xattr_block = 0
             return
         if self.compat_aci:
-            from sandbox.aci.ext4compat import xattr_block_aci   # tar2ext4's entry order and zero hash
+            from sandbox.aci.ext4compat import xattr_block_aci  # tar2ext4's entry order and zero hash
             raw = xattr_block_aci(block)
         else:
             raw = F.pack_xattr_block(sorted(block, key=F.Xattr.sort_key))
