@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "sandbox.cli.up",
     "sandbox.cli.policy",
     "sandbox.cli.attest",
+    "sandbox.cli.kbs",
 )
 
 
