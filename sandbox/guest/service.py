@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandbox.guest import blockdev, oci, runtime, sysapi
+from sandbox.guest import blockdev, oci, runtime, snp_report, sysapi
 from sandbox.guest.gate import NO_POLICY_REASON, Gate
 from sandbox.guest.hostdata import HostData, emulation_measurement, read_host_data, uptime
 from sandbox.guest.runtime import Container, ContainerStatus, CrunError
 from sandbox.guest.users import UserError, resolve_user
 from sandbox.shared import protocol as P
+from sandbox.shared.errors import AttestationError, InputError
 from sandbox.shared.protocol import ErrorCode, Op, ProtocolError
 
 AGENT_VERSION = "1"
@@ -103,7 +104,13 @@ class AgentService:
         return {"stacks": text}
 
     def op_get_report(self, nonce: str) -> dict[str, Any]:
-        raise _err(ErrorCode.unavailable, "attestation reports are not available in this agent yet")
+        # REPORT_DATA = SHA-512(nonce || runtime public key DER); docs/attestation.md.
+        try:
+            return snp_report.evidence_for(bytes.fromhex(nonce)).to_payload()
+        except InputError as e:
+            raise _err(ErrorCode.invalid_request, e.message) from e
+        except AttestationError as e:
+            raise _err(ErrorCode.unavailable, e.message) from e
 
     def op_poweroff(self) -> dict[str, Any]:
         def later() -> None:

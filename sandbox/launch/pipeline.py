@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandbox.attest.psp import write_psp_material
 from sandbox.fsutil import atomic_write
 from sandbox.group import GroupSpec, TeeMode
 from sandbox.hostcheck import Accel, CheckReport, Tee, check_host
@@ -28,6 +29,7 @@ from sandbox.log import log
 from sandbox.progress import step
 from sandbox.shared.errors import CheckFailed, InputError, SandboxError, StateError
 from sandbox.shared.protocol import PORT_COUNT, Op, b64encode
+from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
 from sandbox.state import ProcessRef, SandboxRecord, StateStore
 from sandbox.vmm import backend as vmm
 from sandbox.vmm.config import Backend, Disk, FwCfgFile, PortForward, SnpLaunch, VmConfig
@@ -77,6 +79,7 @@ def sandbox_paths(state_dir: Path) -> dict[str, Path]:
         "policy": state_dir / "policy.json",
         "host_data": state_dir / "host_data",
         "measurement": state_dir / "measurement",
+        "psp": state_dir / "psp.json",
     }
 
 
@@ -183,6 +186,10 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
         if measurement:
             atomic_write(paths["measurement"], measurement.encode())
             fw_cfg += (FwCfgFile("opt/parma/measurement", paths["measurement"]),)
+        # The emulated PSP's material (docs/attestation.md): reports with HOST_DATA = the policy hash.
+        write_psp_material(paths["psp"], host_data=policy_hash,
+                           measurement=bytes.fromhex(measurement) if measurement else bytes(48))
+        fw_cfg += (FwCfgFile(PSP_FW_CFG_NAME, paths["psp"]),)
     return VmConfig(
         name=name, tee=tee, accel=accel, vcpus=spec.resources.vcpus, memory_mib=spec.resources.memory_mib,
         kernel=Path(uvm.kernel), cmdline=str(uvm.cmdline), disks=tuple(disks),

@@ -9,46 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import stat
-import tarfile
 from pathlib import Path
 
 from sandbox.fsutil import atomic_output, atomic_write, file_lock
 from sandbox.launch import deps
+from sandbox.layers.volumes import write_directory_tar
 from sandbox.paths import cache_dir
-from sandbox.shared.errors import InputError
 
 
 def directory_tar(root: Path) -> bytes:
     """A reproducible tar of `root`: regular files, directories and symlinks only."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            base = Path(dirpath)
-            for name in sorted(dirnames) + sorted(filenames):
-                path = base / name
-                rel = path.relative_to(root).as_posix()
-                st = path.lstat()
-                info = tarfile.TarInfo(rel)
-                info.mtime = 0
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                info.mode = stat.S_IMODE(st.st_mode)
-                if stat.S_ISDIR(st.st_mode):
-                    info.type = tarfile.DIRTYPE
-                    tar.addfile(info)
-                elif stat.S_ISLNK(st.st_mode):
-                    info.type = tarfile.SYMTYPE
-                    info.linkname = os.readlink(path)
-                    tar.addfile(info)
-                elif stat.S_ISREG(st.st_mode):
-                    info.size = st.st_size
-                    with open(path, "rb") as f:
-                        tar.addfile(info, f)
-                else:
-                    raise InputError(f"{path}: only files, directories and symlinks can be in a files volume")
+    write_directory_tar(root, buf)
     return buf.getvalue()
 
 

@@ -18,7 +18,7 @@ Mapping (docs/policy.md, "Generation"):
   `attestationApi: true` adds the read-only bind of the attestation API socket directory (docs/kbs.md);
 - key_brokers: the pins of the key brokers the agent may accept secrets from (`key_brokers` argument);
 - capabilities: the usual 14 (bounding/effective/permitted) adjusted by the group's add/drop;
-  privileged: all 41 in four sets and allow_elevated;
+  privileged: all 41 (bounding/effective/permitted) and allow_elevated; inheritable/ambient empty;
 - debug mode: exec processes /bin/sh and /bin/bash, an allow-all env rule, and runtime logging,
   properties access and stack dumps turned on.
 """
@@ -107,17 +107,16 @@ def policy_user(user: str) -> User:
 
 
 def container_capabilities(container: SpecContainer) -> Capabilities:
-    """The runtime's default sets for the container, with the group's `add` joining every non-empty set
-    and its `drop` leaving all of them."""
-    drop = set(container.capabilities.drop)
-    added = [c for c in container.capabilities.add if c not in drop]
-    sets = {}
-    for name, caps in defaults.default_capabilities(container.privileged).items():
-        kept = [c for c in caps if c not in drop]
-        if caps:
-            kept += [c for c in added if c not in kept]
-        sets[name] = tuple(kept)
-    return Capabilities(**sets)
+    """Unprivileged: the usual 14 in bounding/effective/permitted with the group's add/drop applied.
+    Privileged: all 41 there. Inheritable and ambient stay empty either way, as runtimes do since
+    CVE-2022-24769 (inheritable capabilities survive execve of non-root programs)."""
+    if container.privileged:
+        caps = defaults.PRIVILEGED_CAPABILITIES
+    else:
+        drop = set(container.capabilities.drop)
+        caps = tuple(c for c in defaults.UNPRIVILEGED_CAPABILITIES if c not in drop)
+        caps += tuple(c for c in dict.fromkeys(container.capabilities.add) if c not in drop and c not in caps)
+    return Capabilities(bounding=caps, effective=caps, inheritable=(), permitted=caps, ambient=())
 
 
 def _env_rules(process: ProcessSpec, debug: bool) -> tuple[EnvRule, ...]:
