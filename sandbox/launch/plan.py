@@ -18,6 +18,7 @@ from sandbox.group.spec import CAPABILITIES, Container, GroupSpec, VolumeKind
 from sandbox.guest.oci import DEFAULT_CAPABILITIES
 from sandbox.images.model import ResolvedImage
 from sandbox.shared import protocol as P
+from sandbox.shared.kbs_protocol import attestation_api_mount
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -87,6 +88,8 @@ def container_mounts(c: Container, spec: GroupSpec) -> list[dict[str, Any]]:
         read_only = m.read_only or volume.kind in (VolumeKind.files, VolumeKind.secret)
         out.append({"destination": m.mount_path, "source": P.volume_path(volume.name), "type": "bind",
                     "options": ["rbind", "rprivate", "ro" if read_only else "rw"]})
+    if c.attestation_api:
+        out.append(attestation_api_mount())  # the same entry policy generation pins (docs/kbs.md)
     return out
 
 

@@ -83,3 +83,13 @@ def test_key_broker_pins_are_validated(tmp_path: Path) -> None:
         with pytest.raises(InvalidDocument) as e:
             parse_policy(json.dumps({**raw, "key_brokers": bad}).encode())
         assert any(problem in p for p in e.value.problems), e.value.problems
+
+
+def test_key_brokers_survive_the_aci_rego_export(tmp_path: Path) -> None:
+    from sandbox.aci.rego import export_rego, import_rego
+
+    spec = _spec(tmp_path)
+    policy = parse_policy(generate_policy(spec, _images(spec), key_brokers=[PIN]))
+    rego = export_rego(policy)
+    assert f'key_brokers := [{{"public_key_sha256":"{PIN}"}}]' in rego
+    assert import_rego(rego) == policy
