@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +145,29 @@ def test_bad_requests_get_errors_and_the_api_keeps_serving(api: Api) -> None:
             s.sendall(request)
             assert status_line in s.recv(1024).split(b"\r\n")[0]
     assert api.json("GET", "/status")[0] == 200
+
+
+@pytest.fixture(scope="module")
+def example_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/secret's static C client, built as its image recipe builds it."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed (needed to build the example client)")
+    out = tmp_path_factory.mktemp("client") / "parma-secret"
+    source = Path(__file__).resolve().parents[2] / "examples" / "secret" / "parma-secret.c"
+    subprocess.run(["gcc", "-static", "-Os", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(source)], check=True)
+    return out
+
+
+def test_the_example_client_prints_the_secret_or_the_reason(api: Api, example_client: Path, store: KbsStore) -> None:
+    env = {"PARMA_ATTEST_SOCKET": str(api.sock)}
+    done = subprocess.run([example_client, "app-key"], env=env, capture_output=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == SECRET, done.stderr
+    store.remove("app-key")
+    done = subprocess.run([example_client, "app-key"], env=env, capture_output=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == b""
+    assert b"app-key: HTTP 403: " in done.stderr and b"no secret named 'app-key'" in done.stderr
+    done = subprocess.run([example_client, "../x"], env=env, capture_output=True, timeout=60)
+    assert done.returncode == 2
+    done = subprocess.run([example_client, "app-key"], env={"PARMA_ATTEST_SOCKET": "/nonexistent/api.sock"},
+                          capture_output=True, timeout=60)
+    assert done.returncode == 1 and b"attestationApi: true" in done.stderr
