@@ -322,8 +322,10 @@ class AgentService:
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}]: only bind mounts with string options")
             if source == ATTEST_API_DIR:
                 # The attestation API socket directory (docs/kbs.md); the policy decides who gets it.
+                if "ro" not in options or "rw" in options:
+                    raise _err(ErrorCode.invalid_request, f"mounts[{i}]: {ATTEST_API_DIR} is bound read-only")
                 inputs.append({"destination": dest, "source": source, "type": "bind", "options": list(options)})
-                binds.append(oci.BindMount(dest, source, True))
+                binds.append(oci.BindMount(dest, source, tuple(options)))
                 continue
             volume = source.removeprefix(P.VOLUMES_DIR + "/")
             vpath = self.volumes.get(volume) or (Path(source) if source in self.devices else None)

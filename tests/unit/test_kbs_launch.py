@@ -74,7 +74,9 @@ def test_the_agent_binds_the_api_directory_read_only_and_nothing_beside_it() -> 
     service = AgentService(host_data=lambda: None)  # type: ignore[arg-type, return-value]
     inputs, binds = service._bind_mounts([attestation_api_mount()])
     assert inputs == [attestation_api_mount()]
-    assert binds[0].source == binds[0].destination == "/run/parma/attest" and binds[0].read_only
+    assert binds[0].source == binds[0].destination == "/run/parma/attest" and "ro" in binds[0].options
+    with pytest.raises(ProtocolError, match="read-only"):
+        service._bind_mounts([{**attestation_api_mount(), "options": ["rbind", "rw"]}])
     for source in ("/run/parma", "/run/parma/attest/..", "/run/parma/attest/api.sock"):
         with pytest.raises(ProtocolError, match="not a group volume"):
             service._bind_mounts([{**attestation_api_mount(), "source": source}])

@@ -24,8 +24,6 @@ from sandbox.kbs.audit import AuditLog
 from sandbox.kbs.challenges import ChallengeStore
 from sandbox.kbs.server import BrokerHttpServer
 from sandbox.kbs.store import KbsStore, ReleasePolicy, new_secret
-from sandbox.launch import deps
-from sandbox.shared.errors import NotImplementedStep
 from sandbox.shared.kbs_protocol import CHALLENGE_PATH, RELEASE_PATH
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,21 +32,25 @@ SECRET = b"correct horse battery staple"
 BOOT_TIMEOUT = 600
 
 
+ENV: dict[str, str] = {}
+
+
 def cli(*args: str, timeout: float = BOOT_TIMEOUT, check: bool = True) -> subprocess.CompletedProcess[str]:
     done = subprocess.run([sys.executable, "-m", "sandbox", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          cwd=REPO, env=ENV)
     if check and done.returncode != 0:
         raise AssertionError(f"parma-sandbox {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
 
 
 @pytest.fixture(scope="module")
-def example_image() -> None:
-    try:
-        deps.ensure_uvm()
-    except NotImplementedStep as e:
-        pytest.skip(f"no UVM build in this tree: {e}")
-    subprocess.run([sys.executable, str(REPO / "examples" / "secret" / "build_image.py")], check=True, timeout=600)
+def example_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    ENV.update({**os.environ, "PARMA_SANDBOX_RUNTIME": str(tmp_path_factory.mktemp("run")),
+                "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    subprocess.run([sys.executable, str(REPO / "examples" / "secret" / "build_image.py")], check=True, timeout=600,
+                   stdout=subprocess.DEVNULL)
+    yield
+    cli("down", "--all", check=False, timeout=120)
 
 
 @pytest.fixture
