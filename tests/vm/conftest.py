@@ -1,0 +1,31 @@
+"""The vm tier boots the project's UVM; a tree without the UVM build (or the image resolver) skips it
+with the name of the missing step instead of failing."""
+
+from __future__ import annotations
+
+import pytest
+
+from sandbox.launch import deps
+from sandbox.shared.errors import NotImplementedStep
+
+
+def _missing(*loaders: object) -> str | None:
+    for load in loaders:
+        try:
+            load()  # type: ignore[operator]
+        except NotImplementedStep as e:
+            return e.message
+    return None
+
+
+# Modules that pull images through the resolver (the others build their layers themselves).
+NEEDS_IMAGES = {"test_hello", "test_attached"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_the_uvm(request: pytest.FixtureRequest) -> None:
+    needs = [deps.ensure_uvm]
+    if request.module.__name__.rpartition(".")[2] in NEEDS_IMAGES:
+        needs.append(deps.resolve_image)
+    if (why := _missing(*needs)) is not None:
+        pytest.skip(why)
