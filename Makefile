@@ -28,7 +28,10 @@ $(STAMP): pyproject.toml
 setup: host-packages ## Install Debian packages (if missing) and the venv (idempotent)
 	@$(MAKE) --no-print-directory $(STAMP)
 
-run: setup ## Run the example group (examples/hello) in a confidential UVM
+example-images: setup ## Build the example images (build/images/busybox) from Debian packages
+	$(BIN)/python images/examples/busybox.py build/images/busybox
+
+run: setup example-images ## Run the example group (examples/hello) in a confidential UVM
 	$(PS) up examples/hello/group.json
 
 test: setup ## Run the default tiers: unit, tools and vm

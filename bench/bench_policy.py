@@ -1,8 +1,9 @@
 """Decision latency of the policy engine, per enforcement point, on a 20-container policy.
 
 Each sample is one engine.enforce() call as the guest agent makes it (input parsing, decision,
-explanation, commit). Prints one JSON document: median, p99 and max in microseconds per point, the
-policy load time, and whether every p99 is under the 200 µs goal. No reference tool runs here: ACI's
+explanation, commit). Prints one JSON document: median, p99 and max in microseconds per point, as
+wall time and as the thread's CPU time (which leaves out time spent waiting for a CPU on a busy
+host), the policy load time, the load average, and whether every p99 is under the 200 µs goal. No reference tool runs here: ACI's
 Rego framework cannot be shipped with the project (see docs/policy.md, "Agreement with ACI").
 
 Usage: python bench/bench_policy.py [--iterations N] [--containers N]
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -105,15 +107,23 @@ class Timer:
 
     def __init__(self, engine: PolicyEngine) -> None:
         self.enforce = engine.enforce
-        self.samples: dict[str, list[float]] = {}
+        self.wall: dict[str, list[float]] = {}
+        self.cpu: dict[str, list[float]] = {}
 
     def time(self, name: str, ep: str, inp: dict[str, Any], expect: bool = True) -> None:
-        t0 = time.perf_counter_ns()
+        c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
         decision = self.enforce(ep, inp)
-        elapsed = time.perf_counter_ns() - t0
+        t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
         if decision.allowed != expect:
             raise SystemExit(f"{name}: unexpected decision: {decision.reason}")
-        self.samples.setdefault(name, []).append(elapsed / 1000)
+        self.wall.setdefault(name, []).append((t1 - t0) / 1000)
+        self.cpu.setdefault(name, []).append((c1 - c0) / 1000)
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {"median_us": round(statistics.median(xs), 1),
+            "p99_us": round(xs[min(len(xs) - 1, int(len(xs) * 0.99))], 1), "max_us": round(xs[-1], 1)}
 
 
 def run(iterations: int, n_containers: int) -> dict[str, Any]:
@@ -154,18 +164,17 @@ def run(iterations: int, n_containers: int) -> dict[str, Any]:
                 t.time(ep, ep, {})
     finally:
         gc.enable()
-    points = {}
-    for name, xs in t.samples.items():
-        xs.sort()
-        points[name] = {"n": len(xs), "median_us": round(statistics.median(xs), 1),
-                        "p99_us": round(xs[min(len(xs) - 1, int(len(xs) * 0.99))], 1), "max_us": round(xs[-1], 1)}
+    points = {name: {"n": len(xs), "wall": stats(xs), "cpu": stats(t.cpu[name])} for name, xs in t.wall.items()}
     return {
         "benchmark": "policy engine decision latency",
         "python": platform.python_version(), "machine": platform.machine(),
+        # Wall time includes waiting for a CPU on a busy host; thread CPU time does not.
+        "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
         "policy": {"containers": n_containers, "bytes": len(raw), "load_ms": round(load_ms, 2)},
         "iterations": iterations,
         "goal_p99_us": GOAL_P99_US,
-        "all_under_goal": all(p["p99_us"] < GOAL_P99_US for p in points.values()),
+        "all_under_goal_wall": all(p["wall"]["p99_us"] < GOAL_P99_US for p in points.values()),
+        "all_under_goal_cpu": all(p["cpu"]["p99_us"] < GOAL_P99_US for p in points.values()),
         "points": points,
     }
 

@@ -45,3 +45,12 @@ def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PARMA_SANDBOX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PARMA_SANDBOX_RUNTIME", str(tmp_path / "run"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def emulated_ca_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache directory holding one emulated test CA, made once per test session (RSA-4096 keygen is slow)."""
+    from sandbox.attest.emulated_ca import ensure_emulated_ca
+    base = tmp_path_factory.mktemp("emulated-ca-cache")
+    ensure_emulated_ca(base)
+    return base

@@ -48,13 +48,19 @@ def launch_material(*, host_data: bytes, measurement: bytes, policy: int = DEFAU
         certificates={CertKind.VCEK: to_der(ca.vcek), CertKind.ASK: to_der(ca.ask), CertKind.ARK: to_der(ca.ark)})
 
 
-def write_launch_material(path: Path, *, policy_bytes: bytes, measurement: bytes,
-                          guest_policy: int = DEFAULT_POLICY, ca: EmulatedCa | None = None) -> PspMaterial:
+def write_psp_material(path: Path, *, host_data: bytes, measurement: bytes, guest_policy: int = DEFAULT_POLICY,
+                       ca: EmulatedCa | None = None) -> PspMaterial:
     """Write the fw_cfg file for a launch (0600: it holds the emulated VCEK key) and return its content."""
-    material = launch_material(host_data=policy_host_data(policy_bytes), measurement=measurement,
-                               policy=guest_policy, ca=ca)
+    material = launch_material(host_data=host_data, measurement=measurement, policy=guest_policy, ca=ca)
     atomic_write(path, material.to_bytes(), mode=0o600)
     return material
+
+
+def write_launch_material(path: Path, *, policy_bytes: bytes, measurement: bytes,
+                          guest_policy: int = DEFAULT_POLICY, ca: EmulatedCa | None = None) -> PspMaterial:
+    """`write_psp_material` with HOST_DATA computed from the exact policy bytes."""
+    return write_psp_material(path, host_data=policy_host_data(policy_bytes), measurement=measurement,
+                              guest_policy=guest_policy, ca=ca)
 
 
 def fw_cfg_args(path: Path) -> list[str]:

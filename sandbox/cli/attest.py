@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from sandbox.attest.emulated_ca import load_emulated_ca
 from sandbox.attest.evidence import (
     certificates_from_dir,
     complete_from_kds,
+    evidence_document,
     product_hint,
     read_report_file,
     write_certs_dir,
@@ -23,9 +25,13 @@ from sandbox.attest.kds import KdsClient
 from sandbox.attest.roots import CertRole
 from sandbox.attest.verify import Expectations, Status, verify_report
 from sandbox.cli.common import emit, format_option, info, render_table
+from sandbox.fsutil import atomic_write
+from sandbox.progress import step
 from sandbox.shared.crypto.p384 import PublicKey
-from sandbox.shared.errors import CheckFailed, InputError
+from sandbox.shared.errors import CheckFailed, GuestError, InputError
 from sandbox.shared.snp.binding import report_data_for
+from sandbox.shared.snp.cert_table import parse_cert_table
+from sandbox.shared.snp.evidence import ReportEvidence
 from sandbox.shared.snp.key_info import SigningKey
 from sandbox.shared.snp.product import Product, parse_product
 from sandbox.shared.snp.report import AttestationReport, parse_report
@@ -252,6 +258,54 @@ def verify(report_file: Path, certs_dir: Path | None, vek_file: Path | None, cha
     for check in result.checks:
         if check.status == Status.SKIP and check.name in ("report.measurement", "report.host_data"):
             info(f"note: {check.name} not checked (no expected value given)")
+
+
+# --- report -------------------------------------------------------------------------------------
+
+NONCE_SIZES = (16, 64)  # bytes; the agent's get_report takes at most 64
+
+
+@attest.command("report")
+@click.argument("name")
+@click.option("--nonce", help="Verifier nonce, 16..64 bytes of hex (default: 32 random bytes).")
+@click.option("-o", "--output", type=PathArg, help="Write the evidence document here (default: stdout).")
+@format_option
+def report(name: str, nonce: str | None, output: Path | None, fmt: str | None) -> None:
+    """Ask sandbox NAME's agent for a fresh report bound to a nonce and to its runtime key.
+
+    The evidence document holds the report, the platform's certificate table, the agent's runtime
+    public key and the nonce; 'attest verify FILE --nonce HEX' checks it.
+    """
+    from sandbox.launch.lifecycle import connect  # noqa: PLC0415 - the launch stack is only needed here
+    from sandbox.launch.pipeline import load_running  # noqa: PLC0415
+    from sandbox.shared.protocol import Op  # noqa: PLC0415
+
+    nonce_bytes = _nonce_bytes(nonce) if nonce else secrets.token_bytes(32)
+    if not NONCE_SIZES[0] <= len(nonce_bytes) <= NONCE_SIZES[1]:
+        raise InputError(f"--nonce must be {NONCE_SIZES[0]}..{NONCE_SIZES[1]} bytes, got {len(nonce_bytes)}")
+    record = load_running(name)
+    with step(f"Ask {name}'s agent for a report"), connect(record) as client:
+        result = client.call(Op.get_report, {"nonce": nonce_bytes.hex()}, timeout=120)
+    evidence = ReportEvidence.from_payload(result, source=f"the agent of {name}")
+    if evidence.nonce != nonce_bytes:
+        raise GuestError(f"the agent of {name} answered for another nonce ({evidence.nonce.hex()})")
+    if not evidence.binding_holds():
+        raise GuestError(f"the report from {name} does not bind the nonce and the runtime key "
+                         "(REPORT_DATA != SHA-512(nonce || runtime key))")
+    document = evidence_document(evidence, name)
+    if output is None:
+        click.echo(document.decode(), nl=False)
+        return
+    atomic_write(output, document)
+    parsed = parse_report(evidence.report)
+    summary = {"sandbox": name, "evidence": str(output), "backend": evidence.backend, "nonce": nonce_bytes.hex(),
+               "runtime_key_sha256": hashlib.sha256(evidence.runtime_public_key).hexdigest(),
+               "measurement": parsed.measurement.hex(), "host_data": parsed.host_data.hex(),
+               "certificates": len(parse_cert_table(evidence.cert_table)) if evidence.cert_table else 0}
+    emit(summary, fmt, lambda d: render_table(["field", "value"], list(d.items())))
+    emulated = " --allow-emulated" if evidence.backend == "emulated" else ""
+    info(f"verify with: parma-sandbox attest verify {output} --nonce {nonce_bytes.hex()}{emulated} "
+         "[--policy POLICY] [--measurement HEX]")
 
 
 def _nonce_bytes(nonce: str) -> bytes:

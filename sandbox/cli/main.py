@@ -21,6 +21,9 @@ COMMAND_MODULES = (
     "sandbox.cli.up",
     "sandbox.cli.policy",
     "sandbox.cli.attest",
+    "sandbox.cli.image",
+    "sandbox.cli.aci",
+    "sandbox.cli.kbs",
     "sandbox.cli.build",
     "sandbox.cli.measure",
 )

@@ -608,7 +608,10 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
 
 
 def load_group(path: Path) -> GroupSpec:
-    """Read and validate a group file. Never touches the network."""
+    """Read and validate a group file, or an ACI ARM template (docs/aci.md). Never touches the network."""
     path = Path(path)
     raw = load_json_file(path)
+    from sandbox.aci.arm import is_arm_template, load_template_group  # sandbox.aci.arm imports this module
+    if is_arm_template(raw):
+        return load_template_group(path, raw)
     return validate_group(raw, base_dir=path.resolve().parent, source=str(path))

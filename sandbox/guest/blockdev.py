@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sandbox.guest import devmapper, sysapi
+from sandbox.shared.verity import VerityLayout, read_verity_layout
 
 SYS_BLOCK = Path("/sys/block")
 
@@ -46,12 +46,8 @@ def find_by_serial(serial: str) -> Path:
     raise BlockError(f"no disk with serial {serial!r}")
 
 
-def read_layout(device: Path) -> Any:
+def read_layout(device: Path) -> VerityLayout:
     """Parse the verity layout from the device's own bytes."""
-    try:
-        from sandbox.shared.verity import read_verity_layout  # noqa: PLC0415 - provided by the layers work
-    except ImportError as e:
-        raise BlockError(f"this agent cannot read verity layouts ({e})") from None
     fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     try:
         def read_at(offset: int, size: int) -> bytes:
@@ -69,32 +65,15 @@ def read_layout(device: Path) -> Any:
         os.close(fd)
 
 
-def _salt_hex(salt: Any) -> str:
-    if isinstance(salt, bytes | bytearray):
-        return bytes(salt).hex() or "-"
-    return str(salt) or "-"
+def verity_target(device: Path, layout: VerityLayout) -> devmapper.Target:
+    """The dm-verity target for data and tree on one device (format 1, verity.rst). No error-handling
+    mode options: a corrupted block returns EIO, never data."""
+    start, length, kind, params = layout.dm_table(str(device)).split(" ", 3)
+    return devmapper.Target(int(start), int(length), kind, params)
 
 
-def verity_table(device: Path, layout: Any) -> devmapper.Target:
-    """The dm-verity target (Documentation/admin-guide/device-mapper/verity.rst, format version 1).
-
-    Data and hash tree live on the same device: the tree starts at hash_start_block (in hash
-    blocks), right after the verity superblock that follows the ext4 data. No error-handling mode
-    options: a corrupted block returns EIO, never data.
-    """
-    data_bs = int(getattr(layout, "data_block_size", 4096))
-    hash_bs = int(getattr(layout, "hash_block_size", 4096))
-    algorithm = str(getattr(layout, "hash_algorithm", getattr(layout, "algorithm", "sha256")))
-    blocks = int(layout.data_blocks)
-    params = " ".join([
-        "1", str(device), str(device), str(data_bs), str(hash_bs), str(blocks), str(int(layout.hash_start_block)),
-        algorithm, str(layout.root_hash), _salt_hex(layout.salt),
-    ])
-    return devmapper.Target(0, blocks * data_bs // devmapper.SECTOR, "verity", params)
-
-
-def mount_verity(device: Path, dm_name: str, layout: Any, target: Path) -> VerityMount:
-    dm = devmapper.create(dm_name, (verity_table(device, layout),), readonly=True)
+def mount_verity(device: Path, dm_name: str, layout: VerityLayout, target: Path) -> VerityMount:
+    dm = devmapper.create(dm_name, (verity_target(device, layout),), readonly=True)
     try:
         target.mkdir(parents=True, exist_ok=True)
         sysapi.mount(str(dm.node), target, "ext4", sysapi.MS_RDONLY | sysapi.MS_NODEV | sysapi.MS_NOSUID,

@@ -14,24 +14,18 @@ from collections.abc import Callable
 from typing import Any
 
 from sandbox.guest.hostdata import HostData, HostDataUnavailable
+from sandbox.shared.policy.engine import PolicyEngine
+from sandbox.shared.policy.inputs import PolicyInputError
 from sandbox.shared.protocol import ErrorCode, ProtocolError
 
 NO_POLICY_REASON = "no execution policy has been set: the agent denies every request until set_policy succeeds"
-
-
-def load_engine_class() -> Any:
-    try:
-        from sandbox.shared.policy.engine import PolicyEngine  # noqa: PLC0415 - provided by the policy work
-    except ImportError as e:
-        raise ProtocolError(ErrorCode.unavailable, f"this agent has no policy engine ({e})") from None
-    return PolicyEngine
 
 
 class Gate:
     def __init__(self, host_data: Callable[[], HostData]) -> None:
         self._host_data = host_data
         self._lock = threading.Lock()
-        self._engine: Any = None
+        self._engine: PolicyEngine | None = None
         self.policy_hash: str | None = None
         self.host_data_source: str | None = None
         self.enforce_seconds = 0.0        # total time spent deciding (benchmarks read it)
@@ -40,6 +34,12 @@ class Gate:
     @property
     def active(self) -> bool:
         return self._engine is not None
+
+    @property
+    def policy(self) -> Any:
+        """The installed policy model, or None before set_policy (the attestation API reads key_brokers)."""
+        engine = self._engine
+        return engine.policy if engine is not None else None
 
     def install(self, raw: bytes) -> str:
         with self._lock:
@@ -57,9 +57,8 @@ class Gate:
                     f"policy sha256 {digest.hex()} does not match HOST_DATA {host.value.hex()} "
                     f"(from {host.source}); the agent stays deny-all",
                     details={"policy_hash": digest.hex(), "host_data": host.value.hex(), "source": host.source})
-            engine_cls = load_engine_class()
             try:
-                engine = engine_cls.from_bytes(raw)
+                engine = PolicyEngine.from_bytes(raw)
             except Exception as e:  # noqa: BLE001 - any rejection by the engine is a bad policy
                 raise ProtocolError(ErrorCode.invalid_request, f"the policy was rejected: {e}") from None
             self._engine = engine
@@ -84,7 +83,11 @@ class Gate:
                 action_time[0] = time.perf_counter() - t0
 
         started = time.perf_counter()
-        decision = engine.enforce(endpoint, input, timed_action)
+        try:
+            decision = engine.enforce(endpoint, input, timed_action)
+        except PolicyInputError as e:
+            raise ProtocolError(ErrorCode.policy_denied, f"{endpoint} denied: malformed request: {e}",
+                                details={"endpoint": endpoint}) from None
         spent = time.perf_counter() - started - action_time[0]
         self.enforce_seconds += spent
         self.last_enforce_seconds = spent

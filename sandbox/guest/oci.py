@@ -11,15 +11,13 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from sandbox.shared.policy import defaults
+
 OCI_VERSION = "1.0.2"
 
-# Capabilities of an unprivileged container (the usual container-engine default set).
-DEFAULT_CAPABILITIES = (
-    "CAP_AUDIT_WRITE", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_MKNOD",
-    "CAP_NET_BIND_SERVICE", "CAP_NET_RAW", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID",
-    "CAP_SYS_CHROOT",
-)
-CAPABILITY_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
+# The runtime's own lists, shared with the policy engine (which allows exactly these by default).
+DEFAULT_CAPABILITIES = defaults.UNPRIVILEGED_CAPABILITIES
+CAPABILITY_SETS = defaults.CAPABILITY_SETS
 
 MASKED_PATHS = (
     "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
@@ -27,31 +25,23 @@ MASKED_PATHS = (
 )
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
-# Mounts every container gets, not chosen by the host.
-BASE_MOUNTS: tuple[dict[str, Any], ...] = (
-    {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-    {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-     "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-    {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-     "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-    {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-     "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-    {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-    {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-    {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-     "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
-)
+
+def base_mounts() -> list[dict[str, Any]]:
+    """The mounts every container gets (the engine's default mounts; one cgroup entry, which crun maps
+    to cgroup2 on the unified hierarchy)."""
+    return [{"destination": m["destination"], "type": m["type"], "source": m["source"],
+             "options": list(m["options"])} for m in defaults.DEFAULT_MOUNTS if m["type"] != "cgroup2"]
 
 
 @dataclass(frozen=True)
 class BindMount:
     destination: str
     source: str
-    read_only: bool
+    options: tuple[str, ...]     # exactly as the policy allowed them
 
     def to_oci(self) -> dict[str, Any]:
         return {"destination": self.destination, "type": "bind", "source": self.source,
-                "options": ["rbind", "rprivate", "nosuid", "nodev", "ro" if self.read_only else "rw"]}
+                "options": list(self.options)}
 
 
 @dataclass(frozen=True)
@@ -91,7 +81,7 @@ class ContainerSpec:
 
 
 def build_spec(spec: ContainerSpec) -> dict[str, Any]:
-    mounts = [dict(m) for m in BASE_MOUNTS] + [b.to_oci() for b in spec.binds]
+    mounts = base_mounts() + [b.to_oci() for b in spec.binds]
     linux: dict[str, Any] = {
         # No network namespace: the group shares the UVM's. No user namespace: ids are the guest's.
         "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],

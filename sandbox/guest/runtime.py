@@ -57,6 +57,9 @@ class Container:
     exec_env: tuple[str, ...] = ()
     exec_caps: dict[str, tuple[str, ...]] = field(default_factory=dict)
     user: tuple[int, int, tuple[int, ...]] = (0, 0, ())
+    identity: dict[str, Any] = field(default_factory=dict)   # user/groups/umask as the policy saw them
+    working_dir: str = "/"
+    no_new_privileges: bool = False
     status: ContainerStatus = ContainerStatus.created
     init: Process | None = None
     execs: dict[str, Process] = field(default_factory=dict)
@@ -159,7 +162,7 @@ def exec_process(container: Container, exec_id: str, argv: tuple[str, ...], env:
         "env": list(env),
         "cwd": cwd or "/",
         "capabilities": {k: list(v) for k, v in container.exec_caps.items()},
-        "noNewPrivileges": False,
+        "noNewPrivileges": container.no_new_privileges,
     }
     exec_dir = container.bundle / "exec"
     exec_dir.mkdir(exist_ok=True)

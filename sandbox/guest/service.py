@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandbox.guest import blockdev, oci, runtime, sysapi
+from sandbox.guest import blockdev, oci, runtime, snp_report, sysapi
 from sandbox.guest.gate import NO_POLICY_REASON, Gate
-from sandbox.guest.hostdata import HostData, emulation_measurement, read_host_data, uptime
+from sandbox.guest.hostdata import HostData, read_host_data, uptime
 from sandbox.guest.runtime import Container, ContainerStatus, CrunError
-from sandbox.guest.users import UserError, resolve_user
+from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import protocol as P
+from sandbox.shared.errors import AttestationError, InputError
+from sandbox.shared.kbs_protocol import ATTEST_API_DIR
 from sandbox.shared.protocol import ErrorCode, Op, ProtocolError
 
 AGENT_VERSION = "1"
@@ -55,7 +57,8 @@ class AgentService:
         self.volumes: dict[str, Path] = {}                      # volume name -> dir
         self.containers: dict[str, Container] = {}
         self._dm_counter = 0
-        self._log = runtime_logging or (lambda msg: None)
+        self._console = runtime_logging or (lambda msg: None)
+        self.verbose_logging = False   # the policy's allow_runtime_logging (ep runtime_logging) turns it on
         self.poweroff_hook: Callable[[], None] = sysapi.power_off
 
     # -- dispatch -------------------------------------------------------------------------------
@@ -70,6 +73,11 @@ class AgentService:
         with self._lock:
             return method(**request.payload)
 
+    def _log(self, message: str) -> None:
+        """Details of what runs go to the (host-readable) console only when the policy allows it."""
+        if self.verbose_logging:
+            self._console(message)
+
     # -- basics ---------------------------------------------------------------------------------
 
     def op_ping(self) -> dict[str, Any]:
@@ -79,7 +87,8 @@ class AgentService:
     def op_set_policy(self, policy: str) -> dict[str, Any]:
         raw = base64.b64decode(policy, validate=True)
         digest = self.gate.install(raw)
-        self._log(f"policy {digest} installed (HOST_DATA from {self.gate.host_data_source})")
+        self._console(f"policy {digest} installed (HOST_DATA from {self.gate.host_data_source})")
+        self.verbose_logging = self.gate.allows("runtime_logging", {})
         return {"policy_hash": digest, "host_data_source": self.gate.host_data_source}
 
     def op_get_properties(self) -> dict[str, Any]:
@@ -87,7 +96,6 @@ class AgentService:
         return {
             "policy_hash": self.gate.policy_hash,
             "host_data_source": self.gate.host_data_source,
-            "emulation_measurement": emulation_measurement(),
             "uptime_s": round(uptime(), 3),
             "devices": {t: {"root_hash": m.root_hash, "dm": str(m.dm.node)} for t, m in self.devices.items()},
             "containers": {cid: c.refresh().value for cid, c in self.containers.items()},
@@ -103,7 +111,13 @@ class AgentService:
         return {"stacks": text}
 
     def op_get_report(self, nonce: str) -> dict[str, Any]:
-        raise _err(ErrorCode.unavailable, "attestation reports are not available in this agent yet")
+        # REPORT_DATA = SHA-512(nonce || runtime public key DER); docs/attestation.md.
+        try:
+            return snp_report.evidence_for(bytes.fromhex(nonce)).to_payload()
+        except InputError as e:
+            raise _err(ErrorCode.invalid_request, e.message) from e
+        except AttestationError as e:
+            raise _err(ErrorCode.unavailable, e.message) from e
 
     def op_poweroff(self) -> dict[str, Any]:
         def later() -> None:
@@ -306,14 +320,21 @@ class AgentService:
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}].destination must be an absolute path")
             if mtype != "bind" or not isinstance(options, list) or not all(isinstance(o, str) for o in options):
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}]: only bind mounts with string options")
+            if source == ATTEST_API_DIR:
+                # The attestation API socket directory (docs/kbs.md); the policy decides who gets it.
+                if "ro" not in options or "rw" in options:
+                    raise _err(ErrorCode.invalid_request, f"mounts[{i}]: {ATTEST_API_DIR} is bound read-only")
+                inputs.append({"destination": dest, "source": source, "type": "bind", "options": list(options)})
+                binds.append(oci.BindMount(dest, source, tuple(options)))
+                continue
             volume = source.removeprefix(P.VOLUMES_DIR + "/")
             vpath = self.volumes.get(volume) or (Path(source) if source in self.devices else None)
             if not source.startswith(P.VOLUMES_DIR + "/") or vpath is None:
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}].source {source!r} is not a group volume")
-            read_only = "ro" in options or source in self.devices
-            inputs.append({"destination": dest, "source": source, "type": "bind",
-                           "options": list(options)})
-            binds.append(oci.BindMount(dest, source, read_only))
+            if "rbind" not in options and "bind" not in options:
+                raise _err(ErrorCode.invalid_request, f"mounts[{i}]: a bind mount needs the rbind or bind option")
+            inputs.append({"destination": dest, "source": source, "type": "bind", "options": list(options)})
+            binds.append(oci.BindMount(dest, source, tuple(options)))
         return inputs, binds
 
     def op_create_container(self, container_id: str, argv: list[str], env: list[str], working_dir: str,
@@ -337,13 +358,10 @@ class AgentService:
         except UserError as e:
             raise _err(ErrorCode.failed, str(e)) from None
         mount_inputs, binds = self._bind_mounts(mounts)
+        identity = _identity(who, umask)
         input = {
             "container_id": container_id, "argv": list(argv), "env": list(env), "working_dir": working_dir,
-            "mounts": mount_inputs,
-            "user": {"id": str(who.uid), "name": who.user_name},
-            "groups": [{"id": str(who.gid), "name": who.group_name}]
-                      + [{"id": str(g), "name": n} for g, n in who.additional_gids],
-            "umask": umask.rjust(4, "0"),
+            "mounts": oci.base_mounts() + mount_inputs, **identity,
             "capabilities": {k: list(v) for k, v in caps.items()},
             "privileged": privileged, "no_new_privileges": no_new_privileges,
             "seccomp_profile_sha256": seccomp_profile_sha256,
@@ -362,7 +380,8 @@ class AgentService:
             spec = oci.build_spec(oci.ContainerSpec(container_id, rootfs, process, self.hostname, tuple(binds),
                                                     privileged))
             c = Container(container_id, Path(P.container_dir(container_id)), Path(rootfs), tuple(argv), stdio,
-                          exec_caps=final_caps, user=(who.uid, who.gid, process.additional_gids))
+                          exec_caps=final_caps, user=(who.uid, who.gid, process.additional_gids),
+                          identity=identity, working_dir=working_dir, no_new_privileges=no_new_privileges)
             try:
                 runtime.create(c, spec)
             except (CrunError, OSError) as e:
@@ -401,13 +420,17 @@ class AgentService:
             results = getattr(decision, "results", None) or {}
             final_env = tuple(results.get("env_list") if results.get("env_list") is not None else env)
             try:
-                started.append(runtime.exec_process(c, exec_id, tuple(argv), final_env, working_dir))
+                started.append(runtime.exec_process(c, exec_id, tuple(argv), final_env, cwd))
             except (CrunError, OSError) as e:
                 reason = e.reason if isinstance(e, CrunError) else "other"
                 raise _err(ErrorCode.failed, f"exec in {container_id}: {e}", reason=reason) from None
 
-        self.gate.enforce("exec_in_container", {"container_id": container_id, "argv": list(argv),
-                                                "env": list(env), "working_dir": working_dir}, action)
+        # The process runs as the container's user with its capabilities, in its working dir unless asked.
+        cwd = working_dir or c.working_dir
+        self.gate.enforce("exec_in_container", {"container_id": container_id, "argv": list(argv), "env": list(env),
+                                                "working_dir": cwd, **c.identity,
+                                                "capabilities": {k: list(v) for k, v in c.exec_caps.items()},
+                                                "no_new_privileges": c.no_new_privileges}, action)
         return {"exec_id": exec_id, "pid": started[0].pid, "stdio": c.stdio}
 
     def _process(self, container_id: str, exec_id: str | None) -> runtime.Process:
@@ -468,6 +491,14 @@ class AgentService:
             out.append({"id": cid, "status": status.value, "pid": c.init.pid if c.init else None,
                         "exit_code": exit_status.shell_code if exit_status else None, "stdio": c.stdio})
         return {"containers": out}
+
+
+def _identity(who: ResolvedUser, umask: str) -> dict[str, Any]:
+    """The user, groups and umask fields of create/exec policy inputs."""
+    return {"user": {"id": str(who.uid), "name": who.user_name},
+            "groups": [{"id": str(who.gid), "name": who.group_name}]
+                      + [{"id": str(g), "name": n} for g, n in who.additional_gids],
+            "umask": umask.rjust(4, "0")}
 
 
 def _capabilities(raw: Any) -> dict[str, tuple[str, ...]]:

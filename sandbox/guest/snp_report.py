@@ -1,7 +1,7 @@
 """Fetch an SEV-SNP attestation report from inside the guest.
 
-Order: configfs-tsm (Linux >= 6.7, /sys/kernel/config/tsm/report), then /dev/sev-guest
-(SNP_GET_REPORT / SNP_GET_EXT_REPORT), then - only when this guest is *not* a confidential guest
+Order: configfs-tsm (Linux >= 6.7, /sys/kernel/config/tsm/report, when its provider is sev_guest),
+then /dev/sev-guest (SNP_GET_REPORT / SNP_GET_EXT_REPORT), then - only when this guest is *not* a confidential guest
 and the host launched it in emulation mode - the emulated PSP whose material arrives through QEMU
 fw_cfg. Whenever the guest shows any sign of running under a TEE, fw_cfg material is never used:
 otherwise a host could make the agent sign HOST_DATA of its choosing with a key it knows.
@@ -47,6 +47,7 @@ class GuestPaths:
     sev_guest: Path = Path("/dev/sev-guest")
     sev_sysfs: Path = Path("/sys/devices/system/cpu/sev")  # present only in SNP guests (Linux >= 6.11)
     msr: Path = Path("/dev/cpu/0/msr")
+    kmsg: Path = Path("/dev/kmsg")
     fw_cfg_psp: Path = Path(GUEST_PATH)
 
 
@@ -114,8 +115,25 @@ class ConfigfsTsm:
         self.root = root
         self.ops = ops or OsFsOps()
 
-    def available(self) -> bool:
-        return self.ops.exists(self.root)
+    def provider(self) -> str | None:
+        """The registered TSM provider ("sev_guest", "tdx_guest"...), or None. The report directory
+        exists whenever the kernel has TSM_REPORTS; without a provider, mkdir fails with ENXIO."""
+        if not self.ops.exists(self.root):
+            return None
+        probe = self.root / f"parma-probe-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            self.ops.mkdir(probe)
+        except OSError:
+            return None
+        try:
+            return self.ops.read(probe / "provider").decode(errors="replace").strip() or None
+        except OSError:
+            return None
+        finally:
+            try:
+                self.ops.rmdir(probe)
+            except OSError:
+                pass
 
     def _generation(self, entry: Path) -> int:
         return int(self.ops.read(entry / "generation").strip() or b"0")
@@ -260,9 +278,42 @@ MSR_SEV_STATUS = 0xC0010131
 SEV_STATUS_SNP = 1 << 2
 
 
-def tee_evidence(paths: GuestPaths = DEFAULT_PATHS) -> list[str]:
+SNP_KMSG_MARK = b"Memory Encryption Features active:"
+
+
+def _kmsg_says_snp(path: Path) -> bool:
+    """Whether the kernel log has the boot line 'Memory Encryption Features active: AMD SEV SEV-ES
+    SEV-SNP' (arch/x86/mm/mem_encrypt.c). Works on kernels that predate /sys/devices/system/cpu/sev."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        for _ in range(100_000):  # one record per read; stop at the end of the buffer
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                return False
+            except BrokenPipeError:
+                continue  # the record was overwritten while we read: go on with the next
+            except OSError:
+                return False
+            if not record:
+                return False
+            if SNP_KMSG_MARK in record and b"SEV-SNP" in record:
+                return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def tee_evidence(paths: GuestPaths = DEFAULT_PATHS, fs_ops: FsOps | None = None) -> list[str]:
     """Every sign that this guest runs under a TEE. Non-empty means: never use emulated material."""
-    found = [str(p) for p in (paths.configfs_tsm, paths.sev_guest, paths.sev_sysfs) if p.exists()]
+    found = [str(p) for p in (paths.sev_guest, paths.sev_sysfs) if p.exists()]
+    if provider := ConfigfsTsm(paths.configfs_tsm, fs_ops).provider():
+        found.append(f"configfs-tsm provider {provider!r}")
+    if _kmsg_says_snp(paths.kmsg):
+        found.append("kernel log: SEV-SNP memory encryption active")
     try:
         fd = os.open(paths.msr, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -278,16 +329,17 @@ def tee_evidence(paths: GuestPaths = DEFAULT_PATHS) -> list[str]:
     return found
 
 
-def select_backend(paths: GuestPaths = DEFAULT_PATHS) -> Backend:
-    if ConfigfsTsm(paths.configfs_tsm).available():
+def select_backend(paths: GuestPaths = DEFAULT_PATHS, fs_ops: FsOps | None = None) -> Backend:
+    provider = ConfigfsTsm(paths.configfs_tsm, fs_ops).provider()
+    if provider == ConfigfsTsm.PROVIDER:
         return Backend.CONFIGFS_TSM
     if SevGuestDevice(paths.sev_guest).available():
         return Backend.SEV_GUEST
-    if evidence := tee_evidence(paths):
-        raise AttestationError("this guest runs under a TEE but has no report interface ("
-                               + ", ".join(evidence) + " present)",
-                               hint="mount configfs on /sys/kernel/config or load the sev-guest driver; "
-                                    "emulated material is never used inside a TEE")
+    if evidence := tee_evidence(paths, fs_ops):
+        raise AttestationError("this guest runs under a TEE but has no SEV-SNP report interface ("
+                               + ", ".join(evidence) + ")",
+                               hint="SEV-SNP guests need the sev-guest driver (configfs-tsm on /sys/kernel/config "
+                                    "or /dev/sev-guest); emulated material is never used inside a TEE")
     if paths.fw_cfg_psp.exists():
         return Backend.EMULATED
     raise AttestationError("no attestation interface: not an SEV-SNP guest and no emulated PSP",
@@ -308,7 +360,7 @@ def get_extended_report(report_data: bytes, vmpl: int = 0, *, paths: GuestPaths 
     """A fresh report for `report_data` (at most 64 bytes, zero-padded) plus the certificate table."""
     data = _pad_report_data(report_data)
     _check_vmpl(vmpl)
-    backend = select_backend(paths)
+    backend = select_backend(paths, fs_ops)
     if backend == Backend.CONFIGFS_TSM:
         return ConfigfsTsm(paths.configfs_tsm, fs_ops).get(data, vmpl)
     if backend == Backend.SEV_GUEST:

@@ -25,13 +25,5 @@ def resolve_image() -> Callable[..., Any]:
     return _load("sandbox.images.resolve", "resolve_image", "pull and convert images", "layers (#3)")
 
 
-def convert_layer() -> Callable[..., Any]:
-    return _load("sandbox.layers.convert", "convert_layer", "package files volumes", "layers (#3)")
-
-
-def generate_policy() -> Callable[..., Any]:
-    return _load("sandbox.policy.gen", "generate_policy", "generate the policy", "policy (#9)")
-
-
 def ensure_uvm() -> Callable[..., Any]:
     return _load("sandbox.uvm.build", "ensure_uvm", "build the UVM", "uvm (#4)")

@@ -1,10 +1,9 @@
 """From a validated group, its resolved images and its volume devices to the requests `up` sends.
 
 A pure function: which read-only disks the VM gets (with the serials the guest finds them by), where
-the agent mounts them, and the exact create_container payload of every container. Everything here
-is also what the generated policy must allow, so the mapping from the group spec follows the
-Kubernetes/ACI rules: `command` replaces ENTRYPOINT (and then the image CMD is not used), `args`
-replaces CMD, group env overrides image env by name.
+the agent mounts them, and the exact create_container payload of every container. The process,
+capabilities and mounts come from the policy generator's own functions (sandbox.policy.gen), so the
+launcher asks for exactly what a generated policy allows.
 """
 
 from __future__ import annotations
@@ -14,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.spec import CAPABILITIES, Container, GroupSpec, VolumeKind
-from sandbox.guest.oci import DEFAULT_CAPABILITIES
+from sandbox.group.spec import Container, GroupSpec, VolumeKind
 from sandbox.images.model import ResolvedImage
+from sandbox.policy.gen import container_capabilities, container_process
 from sandbox.shared import protocol as P
-
-DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+from sandbox.shared.kbs_protocol import attestation_api_mount
+from sandbox.shared.policy import defaults
 
 
 @dataclass(frozen=True)
@@ -52,41 +51,13 @@ class LaunchPlan:
         return self.layers + self.file_volumes
 
 
-def container_argv(c: Container, image: ResolvedImage) -> list[str]:
-    if c.command is not None:
-        return [*c.command, *(c.args or ())]
-    return [*image.config.entrypoint, *(c.args if c.args is not None else image.config.cmd)]
-
-
-def container_env(c: Container, image: ResolvedImage) -> list[str]:
-    env: dict[str, str] = {}
-    for entry in image.config.env:
-        key, _, value = entry.partition("=")
-        env[key] = value
-    if "PATH" not in env:
-        env["PATH"] = DEFAULT_PATH.split("=", 1)[1]
-    for var in c.env:
-        env[var.name] = var.value
-    return [f"{k}={v}" for k, v in env.items()]
-
-
-def container_capabilities(c: Container) -> dict[str, list[str]]:
-    if c.privileged:
-        caps = list(CAPABILITIES)
-    else:
-        chosen = set(DEFAULT_CAPABILITIES) | set(c.capabilities.add)
-        chosen -= set(c.capabilities.drop)
-        caps = sorted(chosen)
-    return {"bounding": caps, "effective": caps, "inheritable": [], "permitted": caps, "ambient": []}
-
-
 def container_mounts(c: Container, spec: GroupSpec) -> list[dict[str, Any]]:
-    out = []
-    for m in c.mounts:
-        volume = next(v for v in spec.volumes if v.name == m.volume)
-        read_only = m.read_only or volume.kind in (VolumeKind.files, VolumeKind.secret)
-        out.append({"destination": m.mount_path, "source": P.volume_path(volume.name), "type": "bind",
-                    "options": ["rbind", "rprivate", "ro" if read_only else "rw"]})
+    kinds = {v.name: v.kind for v in spec.volumes}
+    out = [defaults.volume_bind_mount(m.volume, m.mount_path,
+                                      m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret))
+           for m in c.mounts]
+    if c.attestation_api:
+        out.append(attestation_api_mount())  # the same entry policy generation pins (docs/kbs.md)
     return out
 
 
@@ -118,17 +89,19 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
     for c in spec.containers:
         image = images[c.name]
         targets = tuple(layers[layer.root_hash].target for layer in reversed(image.layers))
+        process = container_process(c, image.config)
+        caps = container_capabilities(c).sets()
         create = {
             "container_id": c.name,
-            "argv": container_argv(c, image),
-            "env": container_env(c, image),
-            "working_dir": c.working_dir or image.config.working_dir or "/",
-            "user": c.user or image.config.user or "",
+            "argv": list(process.argv),
+            "env": list(process.env),
+            "working_dir": process.working_dir,
+            "user": process.user,
             "mounts": container_mounts(c, spec),
-            "capabilities": container_capabilities(c),
+            "capabilities": {k: list(v) for k, v in caps.items()},
             "privileged": c.privileged,
             "no_new_privileges": False,
-            "umask": "0022",
+            "umask": defaults.DEFAULT_UMASK,
             "seccomp_profile_sha256": "",
         }
         containers.append(ContainerPlan(c.name, targets, create, c.stdio,

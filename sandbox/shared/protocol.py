@@ -125,7 +125,7 @@ PAYLOADS: dict[Op, dict[str, Field]] = {
     Op.set_policy: {"policy": Field("b64", max_len=MAX_FRAME_BYTES)},
     Op.get_properties: {},
     Op.dump_stacks: {},
-    Op.get_report: {"nonce": Field("hex", max_len=64)},
+    Op.get_report: {"nonce": Field("hex", max_len=1024)},  # binding.py: 16..1024 bytes
     Op.mount_device: {"device": Field("str", pattern=DEVICE_SERIAL), "target": Field("str", pattern=ABS_PATH)},
     Op.unmount_device: {"target": Field("str", pattern=ABS_PATH)},
     Op.mount_scratch: {"container_id": Field("str", pattern=CONTAINER_ID),

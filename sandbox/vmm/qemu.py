@@ -13,6 +13,7 @@ import os
 from sandbox.vmm.config import Accel, Tee, VmConfig
 
 QEMU_BINARY = "qemu-system-x86_64"
+NET_SLOT = "0x1e"
 
 
 def _opts(*pairs: tuple[str, object] | str) -> str:
@@ -108,7 +109,10 @@ def network_args(cfg: VmConfig) -> list[str]:
     netdev: list[tuple[str, object] | str] = ["user", ("id", "net0")]
     for fwd in cfg.forwards:
         netdev.append(("hostfwd", f"{fwd.protocol}:{fwd.host_address}:{fwd.host_port}-:{fwd.guest_port}"))
-    return ["-netdev", _opts(*netdev), "-device", _opts("virtio-net-pci", ("netdev", "net0"), ("romfile", ""))]
+    # A fixed slot: libvirt assigns every other slot itself and would collide with an unplaced device
+    # passed through <qemu:commandline>. 0x1e is unused on q35 with -nodefaults (0x1f holds the LPC).
+    return ["-netdev", _opts(*netdev), "-device", _opts("virtio-net-pci", ("netdev", "net0"), ("romfile", ""),
+                                                        ("bus", "pcie.0"), ("addr", NET_SLOT))]
 
 
 def device_args(cfg: VmConfig) -> list[str]:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.images.layout import LAYER_TAR, LayoutWriter, write_layout
+from sandbox.images.resolve import resolve_image
 from sandbox.layers.convert import convert_layer, convert_tar_to_ext4
 from sandbox.layers.tar2ext4 import Ext4Options
 from sandbox.run import run
-from sandbox.shared.errors import ToolError
+from sandbox.shared.errors import InputError, SandboxError, ToolError
 from tests.ext4read import Ext4Image, Item, walk
 from tests.layertars import Layer, edge_case_layer, expected_tree, strip_ino
 from tests.minbase import minbase_tar
@@ -256,3 +258,41 @@ def test_plain_ext4_for_a_rootfs(tmp_path: Path) -> None:
     e2fsck_clean(tmp_path / "r.ext4")
     tree = walk(Ext4Image(tmp_path / "r.ext4"))
     assert tree[b"etc/.wh.keep"].type == "file" and tree[b"lost+found"].perm == 0o700
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounting a small tmpfs needs root")
+def test_full_disk_leaves_a_consistent_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", small])
+    try:
+        monkeypatch.setenv("PARMA_SANDBOX_CACHE", str(small / "cache"))
+        lay = Layer().add("big", data=os.urandom(1 << 20))
+        oci_dir = tmp_path / "img"
+
+        def build(w: LayoutWriter) -> None:
+            raw = lay.tar_bytes()
+            w.add_image([w.add_bytes(raw, LAYER_TAR)], ["sha256:" + hashlib.sha256(raw).hexdigest()], tag="latest")
+
+        write_layout(oci_dir, build)
+        with pytest.raises(SandboxError, match="no space left") as exc:
+            resolve_image("oci:img", base_dir=tmp_path)
+        assert "PARMA_SANDBOX_CACHE" in (exc.value.hint or "")
+        leftovers = [p for p in (small / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+        assert leftovers == []
+    finally:
+        run(["umount", small], check=False)
+
+
+def test_truncated_and_corrupt_zstd(tmp_path: Path) -> None:
+    (tmp_path / "l.tar").write_bytes(edge_case_layer().tar_bytes())
+    run(["zstd", "-q", tmp_path / "l.tar", "-o", tmp_path / "l.tar.zst"])
+    data = (tmp_path / "l.tar.zst").read_bytes()
+    broken = bytearray(data)
+    broken[len(data) // 2] ^= 0xFF
+    for name, content in (("cut.zst", data[:len(data) // 2]), ("flipped.zst", bytes(broken))):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(InputError, match="zstd|tar stream") as exc:
+            convert_layer(tmp_path / name, tmp_path / f"{name}.img", name=f"layer {name}")
+        assert exc.value.message.startswith(f"layer {name}: ")
+        assert not (tmp_path / f"{name}.img").exists()

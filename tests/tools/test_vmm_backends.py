@@ -8,12 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sandbox.run import run
 from sandbox.state import process_start_time
 from sandbox.vmm import backend as vmm
 from sandbox.vmm.config import Backend
@@ -97,62 +95,11 @@ def test_attached_qemu_dies_with_its_launcher_detached_survives(tmp_path: Path, 
 # ---------------------------------------------------------------------------------------------
 # libvirt: a real libvirtd, started (and configured) by the fixture and stopped afterwards.
 
-QEMU_CONF = Path("/etc/libvirt/qemu.conf")
-DAEMONS = (("virtlogd", Path("/run/virtlogd.pid")), ("virtlockd", Path("/run/virtlockd.pid")),
-           ("libvirtd", Path("/run/libvirtd.pid")))
+from libvirt_daemon import libvirtd  # noqa: E402, F401 - a fixture
 
 
-def _pid(pidfile: Path) -> int | None:
-    try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if process_start_time(pid) is not None else None
-
-
-@pytest.fixture(scope="module")
-def libvirtd() -> Iterator[None]:
-    if shutil.which("libvirtd") is None or os.geteuid() != 0:
-        pytest.skip("needs libvirtd and root")
-    pytest.importorskip("libvirt")
-    if _pid(Path("/run/libvirtd.pid")) is not None:
-        pytest.skip("a libvirtd is already running; this fixture only manages its own")
-    original = QEMU_CONF.read_bytes() if QEMU_CONF.exists() else None
-    # /dev/kvm is 0600 root here (no udev): with QEMU running as libvirt-qemu, libvirt re-probes QEMU on
-    # every call and a domain start takes about a minute. Running QEMU as root avoids that.
-    QEMU_CONF.write_bytes((original or b"") + b'\nuser = "root"\ngroup = "root"\n')
-    started: list[int] = []
-    try:
-        for daemon, pidfile in DAEMONS:
-            if _pid(pidfile) is None:
-                run([daemon, "-d"], timeout=30)
-                deadline = time.monotonic() + 10
-                while _pid(pidfile) is None and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                pid = _pid(pidfile)
-                assert pid is not None, f"{daemon} did not start"
-                started.append(pid)
-        deadline = time.monotonic() + 20
-        while not Path("/run/libvirt/libvirt-sock").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        yield
-    finally:
-        for pid in reversed(started):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for pid in started:
-            deadline = time.monotonic() + 10
-            while process_start_time(pid) is not None and time.monotonic() < deadline:
-                time.sleep(0.05)
-        if original is None:
-            QEMU_CONF.unlink(missing_ok=True)
-        else:
-            QEMU_CONF.write_bytes(original)
-
-
-def test_libvirt_backend_runs_the_same_config(tmp_path: Path, libvirtd: None) -> None:
+@pytest.mark.usefixtures("libvirtd")
+def test_libvirt_backend_runs_the_same_config(tmp_path: Path) -> None:
     import libvirt
 
     cfg = tiny_config(tmp_path, name=f"tiny-{os.getpid()}")

@@ -31,16 +31,9 @@ MEASUREMENT = bytes.fromhex("6d287813eb5222d770f75005c664e34c204f385ce832cc2ce7d
                             "f390ef83a92046c042e706363b4b08fa")
 
 
-@pytest.fixture(scope="session")
-def ca_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("emulated-cache")
-    ensure_emulated_ca(base)
-    return base
-
-
 @pytest.fixture
-def ca(ca_cache: Path, monkeypatch: pytest.MonkeyPatch) -> EmulatedCa:
-    monkeypatch.setenv("PARMA_SANDBOX_CACHE", str(ca_cache))
+def ca(emulated_ca_base: Path, monkeypatch: pytest.MonkeyPatch) -> EmulatedCa:
+    monkeypatch.setenv("PARMA_SANDBOX_CACHE", str(emulated_ca_base))
     loaded = load_emulated_ca()
     assert loaded is not None
     return loaded

@@ -54,7 +54,7 @@ def paths(tmp_path: Path, **present: bytes | None) -> g.GuestPaths:
     """GuestPaths under tmp_path; each name given in `present` is created (file content or a dir)."""
     p = g.GuestPaths(configfs_tsm=tmp_path / "tsm" / "report", sev_guest=tmp_path / "dev" / "sev-guest",
                      sev_sysfs=tmp_path / "sys" / "sev", msr=tmp_path / "dev" / "msr",
-                     fw_cfg_psp=tmp_path / "fw_cfg" / "raw")
+                     kmsg=tmp_path / "dev" / "kmsg", fw_cfg_psp=tmp_path / "fw_cfg" / "raw")
     for name, content in present.items():
         path: Path = getattr(p, name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,18 +101,30 @@ def test_emulated_backend_through_fw_cfg(tmp_path: Path) -> None:
         g.get_report(bytes(65), paths=p)
 
 
-@pytest.mark.parametrize("tee_sign", ["sev_sysfs", "configfs_tsm", "sev_guest"])
-def test_tee_guest_never_uses_fw_cfg_material(tmp_path: Path, tee_sign: str) -> None:
+@pytest.mark.parametrize(("tee_sign", "content"), [
+    ("sev_sysfs", None), ("sev_guest", b""),
+    ("kmsg", b"6,123,456,-;Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP\n")])
+def test_tee_guest_never_uses_fw_cfg_material(tmp_path: Path, tee_sign: str, content: bytes | None) -> None:
     p = paths(tmp_path, fw_cfg_psp=material().to_bytes())
     assert g.select_backend(p) == g.Backend.EMULATED
     path: Path = getattr(p, tee_sign)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir() if tee_sign != "sev_guest" else path.write_bytes(b"")
-    if tee_sign == "sev_sysfs":  # SNP is active but neither report interface is there: refuse
-        with pytest.raises(AttestationError, match="runs under a TEE but has no report interface"):
+    path.mkdir() if content is None else path.write_bytes(content)
+    if tee_sign == "sev_guest":
+        assert g.select_backend(p) == g.Backend.SEV_GUEST
+    else:  # SNP is active but neither report interface is there: refuse, never emulate
+        with pytest.raises(AttestationError, match="runs under a TEE but has no SEV-SNP report interface"):
             g.get_report(bytes(64), paths=p)
-    else:
-        assert g.select_backend(p) != g.Backend.EMULATED
+
+
+def test_configfs_tsm_counts_only_with_a_provider(tmp_path: Path) -> None:
+    p = paths(tmp_path, fw_cfg_psp=material().to_bytes(), configfs_tsm=None)
+    psp = EmulatedPsp(material())
+    # TSM_REPORTS=y without a provider (an ordinary guest): mkdir fails with ENXIO; emulation is fine.
+    assert g.select_backend(p, FakeTsm(p.configfs_tsm, psp, provider=None)) == g.Backend.EMULATED
+    assert g.select_backend(p, FakeTsm(p.configfs_tsm, psp)) == g.Backend.CONFIGFS_TSM
+    with pytest.raises(AttestationError, match="provider 'tdx_guest'"):
+        g.select_backend(p, FakeTsm(p.configfs_tsm, psp, provider=b"tdx_guest\n"))
 
 
 def test_no_interface_at_all(tmp_path: Path) -> None:
@@ -126,7 +138,8 @@ class FakeTsm:
     """In-memory configfs-tsm with the kernel's semantics: per-entry attributes, a generation counter
     bumped on each write, outblob generated from inblob/privlevel on read."""
 
-    def __init__(self, root: Path, psp: EmulatedPsp, provider: bytes = b"sev_guest\n", floor: int = 0) -> None:
+    def __init__(self, root: Path, psp: EmulatedPsp, provider: bytes | None = b"sev_guest\n",
+                 floor: int = 0) -> None:
         self.root, self.psp, self.provider, self.floor = root, psp, provider, floor
         self.entries: dict[Path, dict[str, object]] = {}
         self.meddle = False  # simulate a concurrent writer
@@ -139,6 +152,8 @@ class FakeTsm:
 
     def mkdir(self, path: Path) -> None:
         assert path.parent == self.root
+        if self.provider is None:
+            raise OSError(errno.ENXIO, "No such device or address")
         self.entries[path] = {"generation": 0, "inblob": bytes(64), "privlevel": self.floor}
 
     def rmdir(self, path: Path) -> None:
@@ -162,7 +177,7 @@ class FakeTsm:
     def read(self, path: Path) -> bytes:
         e = self.entries[path.parent]
         if path.name == "provider":
-            return self.provider
+            return self.provider or b""
         if path.name == "generation":
             return f"{e['generation']}\n".encode()
         if path.name == "privlevel_floor":

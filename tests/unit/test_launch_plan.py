@@ -14,6 +14,7 @@ from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
 from sandbox.launch.pipeline import choose_tee, expected_measurement
 from sandbox.launch.plan import build_plan
 from sandbox.shared.errors import CheckFailed
+from sandbox.shared.policy import defaults
 
 
 def layer(n: int) -> LayerInfo:
@@ -61,11 +62,10 @@ def test_plan_dedupes_layers_orders_them_top_first_and_maps_volumes(tmp_path: Pa
     assert w.create["argv"] == ["/bin/httpd", "-f"]
     assert w.create["env"] == ["PATH=/bin", "HOME=/root", "GREETING=hi"]
     assert w.create["working_dir"] == "/" and w.create["user"] == ""
+    opts = list(defaults.VOLUME_BIND_OPTIONS)
     assert w.create["mounts"] == [
-        {"destination": "/www", "source": "/run/parma/volumes/www", "type": "bind",
-         "options": ["rbind", "rprivate", "ro"]},
-        {"destination": "/s", "source": "/run/parma/volumes/scratch", "type": "bind",
-         "options": ["rbind", "rprivate", "rw"]}]
+        {"destination": "/www", "source": "/run/parma/volumes/www", "type": "bind", "options": opts + ["ro"]},
+        {"destination": "/s", "source": "/run/parma/volumes/scratch", "type": "bind", "options": opts + ["rw"]}]
     caps = w.create["capabilities"]
     assert "CAP_SYS_TIME" in caps["bounding"] and "CAP_NET_RAW" not in caps["bounding"]
     assert caps["ambient"] == [] and caps["inheritable"] == []

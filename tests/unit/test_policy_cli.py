@@ -196,12 +196,17 @@ def test_gen_without_image_resolution_says_what_is_missing(tmp_path: Path, capsy
     assert "sandbox.images.resolve.resolve_image" in err
 
 
-def test_volume_hashes_without_a_builder_say_what_is_missing(tmp_path: Path, monkeypatch) -> None:
+def test_files_volume_hashes_come_from_the_launcher(tmp_path: Path, isolated_dirs: Path) -> None:
+    """The same deterministic ext4 + dm-verity device `up` attaches; its hash depends only on content."""
     from sandbox.group import validate_group
-    from sandbox.shared.errors import NotImplementedStep
-    monkeypatch.setitem(sys.modules, "sandbox.layers.volumes", None)
-    (tmp_path / "www").mkdir()
-    spec = validate_group({"name": "g", "volumes": [{"name": "www", "files": {"path": "www"}}],
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "index.html").write_text("hello\n")
+    spec = validate_group({"name": "g", "volumes": [{"name": "a", "files": {"path": "a"}},
+                                                    {"name": "b", "files": {"path": "b"}}],
                            "containers": [{"name": "web", "image": "busybox:1.36"}]}, base_dir=tmp_path)
-    with pytest.raises(NotImplementedStep, match="files volume 'www'"):
-        sources.files_volume_hashes(spec)
+    hashes = sources.files_volume_hashes(spec)
+    assert set(hashes) == {"a", "b"} and hashes["a"] == hashes["b"]
+    assert len(hashes["a"]) == 64
+    (tmp_path / "b" / "index.html").write_text("changed\n")
+    assert sources.files_volume_hashes(spec)["b"] != hashes["a"]

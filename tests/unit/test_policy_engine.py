@@ -105,6 +105,8 @@ class Case:
 OLD = policy(container(signals=[]), framework="0.4.0")
 NEW_NO_SIGNALS = policy(container(signals=[]))
 PRIV = policy(container(allow_elevated=True, capabilities=caps(True)))
+WWW_USER = policy(container(user={"user_idname": {"pattern": "33", "strategy": "id"}, "group_idnames": [ANY],
+                                  "umask": "0027"}))
 V020 = {k: v for k, v in container().items() if k not in ("user", "capabilities", "seccomp_profile_sha256")}
 V021 = {k: v for k, v in container().items() if k not in ("capabilities", "seccomp_profile_sha256")}
 
@@ -315,6 +317,13 @@ CASES = [
                                                                                           "/www/index.html"],
                                                            "env": ENV, "working_dir": "/srv"})],
          policy=two({}, {"name": "web2", "signals": [10], "exec_processes": []})),
+    Case("exec-inherits-container-identity", ("exec_in_container", {
+        "container_id": "c1", "argv": ["/bin/cat", "/www/index.html"], "env": ENV, "working_dir": "/srv"}), True,
+         setup=[*MOUNTED, create(user={"id": 33, "name": "www"}, umask="0027")], policy=WWW_USER),
+    Case("exec-explicit-identity-checked", ("exec_in_container", {
+        "container_id": "c1", "argv": ["/bin/cat", "/www/index.html"], "env": ENV, "working_dir": "/srv",
+        "user": {"id": 0, "name": "root"}}), False, "user 'root' (id 0) does not match user_idname id '33'",
+         setup=[*MOUNTED, create(user={"id": 33, "name": "www"}, umask="0027")], policy=WWW_USER),
     # -- exec_external -------------------------------------------------------------------------------------------
     Case("external-listed", ("exec_external", {"argv": ["/usr/bin/uptime"], "env": ["TERM=xterm"]}), True,
          results={"allow_stdio_access": False, "env_list": ["TERM=xterm"]}),

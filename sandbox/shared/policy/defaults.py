@@ -25,8 +25,9 @@ LAYERS_DIR = "/run/parma/layers"
 LAYER_TARGET_PATTERN = "/run/parma/layers/[a-z0-9][a-z0-9-]{0,63}"
 # Group volumes live at VOLUMES_DIR/<volume>; a `files` volume's verity device is mounted there.
 VOLUMES_DIR = "/run/parma/volumes"
-# Options of the bind mount that puts a group volume into a container.
-VOLUME_BIND_OPTIONS = ("rbind", "rprivate", "nosuid", "nodev")
+# Options of the bind mount that puts a group volume into a container, as the launcher requests it
+# (the agent adds nosuid and nodev on its own).
+VOLUME_BIND_OPTIONS = ("rbind", "rprivate")
 
 
 def layer_target(name: str | int) -> str:

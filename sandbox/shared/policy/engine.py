@@ -28,8 +28,8 @@ from typing import Any
 
 from sandbox.shared.errors import StateError
 from sandbox.shared.policy import defaults
+from sandbox.shared.policy.inputs import INHERIT, enforcement_point, parse_input
 from sandbox.shared.policy.inputs import EnforcementPoint as EP
-from sandbox.shared.policy.inputs import enforcement_point, parse_input
 from sandbox.shared.policy.model import (
     CAPABILITY_DROPPING_SINCE,
     DEFAULT_SIGNALS_UNTIL,
@@ -123,6 +123,12 @@ class _Mount:
         else:
             self.source_ok = src.__eq__
 
+    def allows(self, destination: str, source: str, type_: str, options: tuple[str, ...]) -> bool:
+        """framework.rego mountConstraint_ok."""
+        return (destination == self.destination and destination != "" and type_ == self.type
+                and self.source_ok(source) and len(options) == len(self.options)
+                and frozenset(options) == self.option_set)
+
     def mismatch(self, destination: str, source: str, type_: str, options: tuple[str, ...]) -> str | None:
         """framework.rego mountConstraint_ok, explained."""
         if destination != self.destination or not destination:
@@ -168,7 +174,8 @@ class _Candidate:
         self.command = c.command
         self.env_rules = _EnvRules(c.env_rules)
         self.working_dir = c.working_dir
-        self.mounts = tuple(_Mount(m.__dict__, sandbox_dir) for m in c.mounts)
+        self.mounts = tuple(_Mount({"destination": m.destination, "type": m.type, "source": m.source,
+                                    "options": m.options}, sandbox_dir) for m in c.mounts)
         self.exec_processes = tuple((p.command, frozenset(p.signals)) for p in c.exec_processes)
         signals = c.signals + ((9, 15) if version < DEFAULT_SIGNALS_UNTIL else ())
         self.signals = frozenset(signals)
@@ -212,7 +219,7 @@ _REMOVE = object()
 
 
 class _State:
-    __slots__ = ("devices", "overlays", "matches", "started", "stdio", "scratch")
+    __slots__ = ("devices", "overlays", "matches", "started", "stdio", "scratch", "process")
 
     def __init__(self) -> None:
         self.devices: dict[str, str] = {}                       # target -> dm-verity root hash
@@ -221,6 +228,7 @@ class _State:
         self.started: dict[str, bool] = {}                      # container id -> privileged
         self.stdio: dict[str, bool] = {}                        # container id -> allow_stdio_access
         self.scratch: dict[str, bool] = {}                      # scratch target -> encrypted
+        self.process: dict[str, dict[str, Any]] = {}            # container id -> identity it was created with
 
 
 Op = tuple[str, str, Any]
@@ -236,6 +244,9 @@ def _describe(op: Op) -> str:
         return f"started: {key!r} (privileged={str(value).lower()})"
     if table == "stdio":
         return f"stdio: {key!r} -> {str(value).lower()}"
+    if table == "process":
+        uid, name = value["user"]
+        return f"process: {key!r} runs as {name or uid!r} (id {uid}), umask {value['umask']}"
     if table == "scratch":
         return f"scratch: {key!r} (encrypted={str(value).lower()})"
     return f"{table}: {key!r} -> {value!r}"
@@ -320,12 +331,18 @@ class PolicyEngine:
             return decision
 
     def snapshot(self) -> dict[str, Any]:
-        """The tracked state, for logs and `policy check`."""
+        """The tracked state (JSON-able), for logs and `policy check`."""
         with self._lock:
             s = self._state
             return {"devices": dict(s.devices), "overlays": dict(s.overlays),
                     "matches": {k: [c.label for c in v] for k, v in s.matches.items()},
-                    "started": dict(s.started), "scratch": dict(s.scratch)}
+                    "started": dict(s.started), "scratch": dict(s.scratch),
+                    "processes": {cid: {"user": {"id": p["user"][0], "name": p["user"][1]},
+                                        "groups": [{"id": g, "name": n} for g, n in p["groups"]],
+                                        "umask": p["umask"],
+                                        "capabilities": {k: list(v) for k, v in p["capabilities"].items()},
+                                        "no_new_privileges": p["no_new_privileges"]}
+                                  for cid, p in s.process.items()}}
 
     def _commit(self, ops: list[Op]) -> None:
         for table, key, value in ops:
@@ -440,7 +457,11 @@ class PolicyEngine:
         caps_list, survivors = self._narrow_caps("create_container", who, survivors, a["capabilities"], privileged)
         stdio = _stdio_agreement("create_container", who, survivors)
         results = {"env_list": env_list, "caps_list": caps_list, "allow_stdio_access": stdio}
-        return results, [("matches", cid, survivors), ("started", cid, privileged), ("stdio", cid, stdio)]
+        identity = {"user": a["user"], "groups": a["groups"], "umask": a["umask"],
+                    "capabilities": {k: tuple(v) for k, v in caps_list.items()},
+                    "no_new_privileges": a["no_new_privileges"]}
+        return results, [("matches", cid, survivors), ("started", cid, privileged), ("stdio", cid, stdio),
+                         ("process", cid, identity)]
 
     def _check_volume_mounts(self, cid: str, mounts: tuple) -> None:
         for destination, source, _type, _options in mounts:
@@ -473,13 +494,11 @@ class PolicyEngine:
 
     def _mount_mismatch(self, c: _Candidate, mount: tuple) -> str | None:
         allowed = c.mounts + self._default_mounts + (self._privileged_mounts if c.allow_elevated else ())
-        reasons = []
         for constraint in allowed:
-            why = constraint.mismatch(*mount)
-            if why is None:
+            if constraint.allows(*mount):
                 return None
-            if constraint.destination == mount[0]:
-                reasons.append(why)
+        # Denied: explain against the constraints for the same destination.
+        reasons = [constraint.mismatch(*mount) for constraint in allowed if constraint.destination == mount[0]]
         destination, source, type_, _ = mount
         if reasons:
             return f"mount at {destination!r}: {reasons[0]}"
@@ -532,6 +551,8 @@ class PolicyEngine:
         if not candidates:
             raise _Deny(f"exec_in_container denied for container {cid!r}: it has been shut down")
         privileged = state.started[cid]
+        inherited = state.process.get(cid, {})
+        a = {k: inherited.get(k) if v is INHERIT else v for k, v in a.items()}
 
         def mismatch(c: _Candidate) -> str | None:
             if not c.has_exec(a["argv"]):

@@ -40,58 +40,73 @@ class PolicyInputError(InputError):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Field parsers: (value, path) -> normalised value, raising PolicyInputError.
+# Field parsers: value -> normalised value, raising _Bad. The path of a bad field is assembled only on
+# the way out of a failure, so the common (valid) case builds no strings.
 
-Parser = Callable[[Any, str], Any]
+Parser = Callable[[Any], Any]
 
 
-def _fail(path: str, expected: str, value: Any) -> PolicyInputError:
+class _Bad(Exception):
+    def __init__(self, message: str, at: str = "", hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.at, self.hint = message, at, hint
+
+    def under(self, prefix: str) -> _Bad:
+        self.at = prefix + self.at
+        return self
+
+
+def _expected(expected: str, value: Any) -> _Bad:
     shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-    return PolicyInputError(f"{path}: expected {expected}, got {shown}")
+    return _Bad(f"expected {expected}, got {shown}")
 
 
-def _string(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        raise _fail(path, "a string", value)
+def _string(value: Any) -> str:
+    if type(value) is not str:
+        raise _expected("a string", value)
     return value
 
 
-def _nonempty_string(value: Any, path: str) -> str:
-    if not _string(value, path):
-        raise PolicyInputError(f"{path}: must not be empty")
+def _nonempty_string(value: Any) -> str:
+    if not _string(value):
+        raise _Bad("must not be empty")
     return value
 
 
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(path, "true or false", value)
+def _bool(value: Any) -> bool:
+    if type(value) is not bool:
+        raise _expected("true or false", value)
     return value
 
 
-def _strings(value: Any, path: str) -> tuple[str, ...]:
+def _strings(value: Any) -> tuple[str, ...]:
     if type(value) not in (list, tuple):
-        raise _fail(path, "an array of strings", value)
-    value = tuple(value)
-    if not all(type(item) is str for item in value):   # fast path first; find the culprit only on failure
+        raise _expected("an array of strings", value)
+    try:
+        "".join(value)   # a C-speed check that every item is a string
+    except TypeError:
         for i, item in enumerate(value):
-            if not isinstance(item, str):
-                raise _fail(f"{path}[{i}]", "a string", item)
-    return value
+            if type(item) is not str:
+                raise _expected("a string", item).under(f"[{i}]") from None
+    return tuple(value)
 
 
-def _object(value: Any, path: str, fields: Mapping[str, tuple[Parser, Any]]) -> dict[str, Any]:
+def _object(value: Any, fields: Mapping[str, tuple[Parser, Any]]) -> dict[str, Any]:
     """Parse an object whose fields map to (parser, default); default REQUIRED means required."""
     if type(value) is not dict:
-        raise _fail(path, "an object", value)
+        raise _expected("an object", value)
     for key in value:
         if key not in fields:
-            raise _unknown(path, key, fields)
+            raise _unknown(key, fields)
     out = {}
     for key, (parse, default) in fields.items():
         if key in value:
-            out[key] = parse(value[key], path + "." + key)
+            try:
+                out[key] = parse(value[key])
+            except _Bad as e:
+                raise e.under("." + key) from None
         elif default is REQUIRED:
-            raise PolicyInputError(f"{path}.{key}: required field is missing")
+            raise _Bad("required field is missing", "." + key)
         else:
             out[key] = default
     return out
@@ -104,58 +119,67 @@ ACI_NAMES = {"containerID": "container_id", "argList": "argv", "envList": "env",
              "seccompProfileSHA256": "seccomp_profile_sha256"}
 
 
-def _unknown(path: str, key: str, fields: Mapping[str, Any]) -> PolicyInputError:
+def _unknown(key: str, fields: Mapping[str, Any]) -> _Bad:
     close = [ACI_NAMES[key]] if ACI_NAMES.get(key) in fields else difflib.get_close_matches(key, list(fields), n=1)
     extra = f" (did you mean {close[0]!r}?)" if close else ""
-    return PolicyInputError(f"{path}.{key}: unknown field{extra}", hint="known fields: " + ", ".join(fields))
+    return _Bad(f"unknown field{extra}", "." + key, hint="known fields: " + ", ".join(fields))
 
 
-def _id(value: Any, path: str) -> str:
+def _id(value: Any) -> str:
     # Ids are compared as strings (hcsshim IDName.ID is a string); accept JSON numbers too.
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if type(value) is int and value >= 0:
         return str(value)
-    return _string(value, path)
+    return _string(value)
 
 
-def _idname(value: Any, path: str) -> tuple[str, str]:
-    d = _object(value, path, _IDNAME)
+def _idname(value: Any) -> tuple[str, str]:
+    d = _object(value, _IDNAME)
     return d["id"], d["name"]
 
 
-def _groups(value: Any, path: str) -> tuple[tuple[str, str], ...]:
-    if not isinstance(value, list | tuple):
-        raise _fail(path, "an array of {id, name} objects", value)
-    return tuple(_idname(g, f"{path}[{i}]") for i, g in enumerate(value))
-
-
-def _mounts(value: Any, path: str) -> tuple[tuple[str, str, str, tuple[str, ...]], ...]:
-    if not isinstance(value, list | tuple):
-        raise _fail(path, "an array of mount objects", value)
+def _each(value: Any, what: str, parse: Parser) -> tuple:
+    if type(value) not in (list, tuple):
+        raise _expected(what, value)
     out = []
-    for i, m in enumerate(value):
-        d = _object(m, f"{path}[{i}]", _MOUNT)
-        out.append((d["destination"], d["source"], d["type"], d["options"]))
+    for i, item in enumerate(value):
+        try:
+            out.append(parse(item))
+        except _Bad as e:
+            raise e.under(f"[{i}]") from None
     return tuple(out)
 
 
-def _capabilities(value: Any, path: str) -> dict[str, tuple[str, ...]] | None:
+def _groups(value: Any) -> tuple[tuple[str, str], ...]:
+    return _each(value, "an array of {id, name} objects", _idname)
+
+
+def _mount(value: Any) -> tuple[str, str, str, tuple[str, ...]]:
+    d = _object(value, _MOUNT)
+    return d["destination"], d["source"], d["type"], d["options"]
+
+
+def _mounts(value: Any) -> tuple[tuple[str, str, str, tuple[str, ...]], ...]:
+    return _each(value, "an array of mount objects", _mount)
+
+
+def _capabilities(value: Any) -> dict[str, tuple[str, ...]] | None:
     if value is None:
         return None
-    return _object(value, path, _CAPABILITIES)
+    return _object(value, _CAPABILITIES)
 
 
-def _signal(value: Any, path: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
+def _signal(value: Any) -> int:
+    if type(value) is int:
         if 1 <= value <= 64:
             return value
-        raise PolicyInputError(f"{path}: signal {value} is out of range 1-64")
+        raise _Bad(f"signal {value} is out of range 1-64")
     if isinstance(value, str):
         name = value.upper()
         name = name if name.startswith("SIG") else "SIG" + name
         sig = getattr(signal_module.Signals, name, None) if name.isidentifier() else None
         if sig is not None:
             return int(sig)
-    raise _fail(path, "a signal number or name such as 15 or 'SIGTERM'", value)
+    raise _expected("a signal number or name such as 15 or 'SIGTERM'", value)
 
 
 class _Required:
@@ -164,6 +188,14 @@ class _Required:
 
 
 REQUIRED: Any = _Required()
+
+
+class _Inherit:
+    def __repr__(self) -> str:
+        return "INHERIT"
+
+
+INHERIT: Any = _Inherit()   # take the value the container was created with
 _IDNAME = {"id": (_id, REQUIRED), "name": (_string, REQUIRED)}
 _MOUNT = {"destination": (_string, REQUIRED), "source": (_string, REQUIRED), "type": (_string, REQUIRED),
           "options": (_strings, ())}
@@ -188,11 +220,12 @@ INPUTS: dict[EnforcementPoint, dict[str, tuple[Parser, Any]]] = {
         "privileged": (_bool, False), "no_new_privileges": (_bool, False),
         "seccomp_profile_sha256": (_string, ""),
     },
+    # The identity fields of an exec default to the container's own (recorded at create_container): an
+    # exec runs as the container's process unless the request says otherwise.
     EnforcementPoint.exec_in_container: {
         "container_id": (_nonempty_string, REQUIRED), "argv": (_strings, REQUIRED), "env": (_strings, ()),
-        "working_dir": (_string, "/"), "user": (_idname, ROOT), "groups": (_groups, ()),
-        "umask": (_string, defaults.DEFAULT_UMASK), "capabilities": (_capabilities, None),
-        "no_new_privileges": (_bool, False),
+        "working_dir": (_string, "/"), "user": (_idname, INHERIT), "groups": (_groups, INHERIT),
+        "umask": (_string, INHERIT), "capabilities": (_capabilities, INHERIT), "no_new_privileges": (_bool, INHERIT),
     },
     EnforcementPoint.exec_external: {"argv": (_strings, REQUIRED), "env": (_strings, ()),
                                      "working_dir": (_string, "/")},
@@ -220,13 +253,11 @@ def enforcement_point(name: Any) -> EnforcementPoint:
 
 def parse_input(ep: EnforcementPoint, raw: Any) -> dict[str, Any]:
     """Validate and normalise the input of one request; missing optional fields get their defaults."""
-    if raw is None:
-        raw = {}
     fields = INPUTS[ep]
     try:
-        return _object(raw, "input", fields)
-    except PolicyInputError as e:
+        return _object({} if raw is None else raw, fields)
+    except _Bad as e:
         required = [k for k, (_, d) in fields.items() if d is REQUIRED]
         optional = [k for k, (_, d) in fields.items() if d is not REQUIRED]
         hint = e.hint or (f"required: {', '.join(required) or 'nothing'}; optional: {', '.join(optional) or '-'}")
-        raise PolicyInputError(f"{ep.value}: {e.message}", hint=hint) from None
+        raise PolicyInputError(f"{ep.value}: input{e.at}: {e.message}", hint=hint) from None

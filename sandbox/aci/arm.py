@@ -1,0 +1,288 @@
+"""An ACI ARM template (a `Microsoft.ContainerInstance/containerGroups` resource) read as a group spec.
+
+`az confcom acipolicygen -a` reads the same templates. The mapping (docs/aci.md):
+
+| template (resource `properties`)                      | group spec                                  |
+|-------------------------------------------------------|---------------------------------------------|
+| resource `name`                                       | `name`                                      |
+| `containers[].name`, `.properties.image`              | `containers[].name`, `.image`               |
+| `.properties.command`                                 | `command` (the whole argv, as in ACI)        |
+| `.properties.environmentVariables` (value/secureValue)| `env`                                       |
+| `.properties.ports`                                   | container `ports`                           |
+| `.properties.volumeMounts`                            | `mounts`                                    |
+| `.properties.securityContext` privileged/capabilities/runAsUser/runAsGroup | `privileged`, `capabilities`, `user` |
+| `.properties.livenessProbe`/`readinessProbe` `exec.command` | `execProcesses` (as confcom does)      |
+| `.properties.resources.requests` cpu/memoryInGB (summed) | `resources` vcpus/memoryMiB (rounded up)  |
+| `volumes[]` emptyDir / secret                         | `volumes[]` emptyDir / secret               |
+| `ipAddress.ports`                                     | `ports` (forwarded from 127.0.0.1, same port)|
+
+Parameter values come from `<template stem>.parameters.json` next to the template when it exists
+(the usual `azuredeploy.json` / `azuredeploy.parameters.json` pair), else from `defaultValue`.
+Fields that would change what a container may do and that parma-sandbox cannot honour (init
+containers, azureFile/gitRepo volumes, seccomp profiles, allowPrivilegeEscalation false) are errors;
+fields with no local meaning (location, sku, osType, restartPolicy, dnsNameLabel, registry
+credentials, the template's own ccePolicy) are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from sandbox.aci.armexpr import ArmError, Resolver
+from sandbox.group.jsonio import ValidationError, load_json_file
+from sandbox.group.spec import GroupSpec, validate_group
+from sandbox.log import log
+
+RESOURCE_TYPE = "microsoft.containerinstance/containergroups"
+
+
+def is_arm_template(raw: Any) -> bool:
+    """A deployment template has a `resources` array; a group file never does."""
+    return isinstance(raw, dict) and isinstance(raw.get("resources"), list)
+
+
+def parameters_file(template: Path) -> Path:
+    return template.with_name(f"{template.stem}.parameters.json")
+
+
+def _parameter_values(template: Path) -> dict[str, Any]:
+    path = parameters_file(template)
+    if not path.is_file():
+        return {}
+    raw = load_json_file(path)
+    params = raw.get("parameters") if isinstance(raw, dict) else None
+    if not isinstance(params, dict):
+        raise ArmError(f"{path}: expected an object with 'parameters'",
+                       hint='a parameters file looks like {"parameters": {"name": {"value": ...}}}')
+    values = {}
+    for name, entry in params.items():
+        if not isinstance(entry, dict) or "value" not in entry:
+            what = "a Key Vault reference" if isinstance(entry, dict) and "reference" in entry else "no 'value'"
+            raise ArmError(f"{path}: parameters.{name}: {what} (only literal values are supported)")
+        values[name] = entry["value"]
+    return values
+
+
+def _get(d: Any, key: str) -> Any:
+    """Case-insensitive key lookup, as ARM property names are."""
+    if not isinstance(d, dict):
+        return None
+    if key in d:
+        return d[key]
+    return next((v for k, v in d.items() if k.lower() == key.lower()), None)
+
+
+class _Reader:
+    def __init__(self, resolver: Resolver, source: str) -> None:
+        self.r = resolver
+        self.source = source
+
+    def fail(self, path: str, message: str, hint: str | None = None) -> ArmError:
+        return ArmError(f"{self.source}: {path}: {message}", hint=hint or "see docs/aci.md for what is supported")
+
+    def value(self, d: Any, key: str, path: str, kind: type | tuple[type, ...] | None = None) -> Any:
+        """A field of an already resolved object, type-checked."""
+        value = _get(d, key)
+        if kind is not None and value is not None and not isinstance(value, kind):
+            raise self.fail(f"{path}.{key}", f"expected {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+    def number(self, d: Any, key: str, path: str) -> float:
+        v = self.value(d, key, path)
+        if v is None:
+            return 0.0
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            raise self.fail(f"{path}.{key}", f"{v!r} is not a number") from None
+
+    def container(self, raw: Any, path: str, execs_seen: set) -> dict[str, Any]:
+        name = self.value(raw, "name", path, str)
+        props = _get(raw, "properties")
+        ppath = f"{path}.properties"
+        if not isinstance(props, dict):
+            raise self.fail(ppath, "a container needs 'properties'")
+        out: dict[str, Any] = {"name": name, "image": self.value(props, "image", ppath, str)}
+        command = self.value(props, "command", ppath, list)
+        if command:
+            out["command"] = [str(a) for a in command]
+        env = []
+        for i, e in enumerate(self.value(props, "environmentVariables", ppath, list) or []):
+            epath = f"{ppath}.environmentVariables[{i}]"
+            var = {"name": self.value(e, "name", epath, str)}
+            secure = _get(e, "secureValue") is not None
+            value = self.value(e, "secureValue" if secure else "value", epath)
+            if value is None:
+                raise self.fail(epath, f"environment variable {var['name']!r} has no value")
+            var["secureValue" if secure else "value"] = value if isinstance(value, str) else _scalar(value)
+            env.append(var)
+        if env:
+            out["env"] = env
+        ports = [{"port": self.value(p, "port", f"{ppath}.ports[{i}]", int),
+                  **({"protocol": proto} if (proto := self.value(p, "protocol", f"{ppath}.ports[{i}]", str))
+                     else {})}
+                 for i, p in enumerate(self.value(props, "ports", ppath, list) or [])]
+        if ports:
+            out["ports"] = ports
+        mounts = []
+        for i, m in enumerate(self.value(props, "volumeMounts", ppath, list) or []):
+            mpath = f"{ppath}.volumeMounts[{i}]"
+            mount = {"name": self.value(m, "name", mpath, str), "mountPath": self.value(m, "mountPath", mpath, str)}
+            if (ro := self.value(m, "readOnly", mpath, bool)) is not None:
+                mount["readOnly"] = ro
+            mounts.append(mount)
+        if mounts:
+            out["mounts"] = mounts
+        execs = []
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            cmd = self.value(_get(_get(props, probe), "exec"), "command", f"{ppath}.{probe}.exec", list)
+            if cmd and tuple(cmd) not in execs_seen:
+                execs_seen.add(tuple(cmd))
+                execs.append({"command": [str(a) for a in cmd]})
+        if execs:
+            out["execProcesses"] = execs
+        out.update(self.security_context(_get(props, "securityContext"), f"{ppath}.securityContext"))
+        for unsupported in ("gpu", "configMap"):
+            if _get(props, unsupported) is not None:
+                raise self.fail(f"{ppath}.{unsupported}", "is not supported by parma-sandbox")
+        return out
+
+    def security_context(self, sc: Any, path: str) -> dict[str, Any]:
+        if sc is None:
+            return {}
+        out: dict[str, Any] = {}
+        if self.value(sc, "privileged", path, bool):
+            out["privileged"] = True
+        caps = _get(sc, "capabilities")
+        if caps is not None:
+            out["capabilities"] = {k: self.value(caps, k, f"{path}.capabilities", list) or []
+                                   for k in ("add", "drop")}
+        user = self.value(sc, "runAsUser", path, (int, str))
+        group = self.value(sc, "runAsGroup", path, (int, str))
+        if group is not None and user is None:
+            raise self.fail(f"{path}.runAsGroup", "needs runAsUser as well (the image's user is not known here)")
+        if user is not None:
+            out["user"] = f"{user}:{group}" if group is not None else str(user)
+        if self.value(sc, "allowPrivilegeEscalation", path, bool) is False:
+            raise self.fail(f"{path}.allowPrivilegeEscalation", "false (no_new_privileges) is not supported by "
+                            "parma-sandbox yet", hint="remove it to run locally (containers then may gain privileges "
+                                                      "through setuid binaries)")
+        if _get(sc, "seccompProfile") is not None:
+            raise self.fail(f"{path}.seccompProfile", "custom seccomp profiles are not supported by parma-sandbox")
+        return out
+
+    def volume(self, raw: Any, path: str) -> dict[str, Any]:
+        name = self.value(raw, "name", path, str)
+        if _get(raw, "emptyDir") is not None:
+            return {"name": name, "emptyDir": {}}
+        secret = self.value(raw, "secret", path, dict)
+        if secret is not None:
+            return {"name": name, "secret": {k: v if isinstance(v, str) else _scalar(v) for k, v in secret.items()}}
+        kinds = [k for k in ("azureFile", "gitRepo") if _get(raw, k) is not None]
+        if kinds:
+            raise self.fail(f"{path}.{kinds[0]}", f"{kinds[0]} volumes are not supported locally",
+                            hint="use an emptyDir or secret volume, or a group file with a 'files' volume")
+        raise self.fail(path, "a volume needs one of emptyDir, secret")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "a boolean", list: "an array", dict: "an object"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    raise ValueError(f"{v!r} is not a scalar")
+
+
+def container_group(raw: dict[str, Any], source: str) -> tuple[int, dict[str, Any]]:
+    groups = [(i, r) for i, r in enumerate(raw["resources"])
+              if isinstance(r, dict) and str(_get(r, "type") or "").lower() == RESOURCE_TYPE]
+    if not groups:
+        raise ArmError(f"{source}: no Microsoft.ContainerInstance/containerGroups resource in 'resources'",
+                       hint="parma-sandbox runs ACI container groups; see docs/aci.md")
+    if len(groups) > 1:
+        names = ", ".join(repr(_get(r, "name")) for _, r in groups)
+        raise ArmError(f"{source}: {len(groups)} container groups ({names}); parma-sandbox runs one per file",
+                       hint="split the template, one containerGroups resource per file")
+    return groups[0]
+
+
+def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str, Any]) -> dict[str, Any]:
+    """The group-spec document (docs/group-spec.md) for an ARM template, expressions resolved."""
+    index, resource = container_group(raw, source)
+    reader = _Reader(Resolver(raw, parameter_values, source), source)
+    path = f"resources[{index}]"
+    props = _get(resource, "properties")
+    if not isinstance(props, dict):
+        raise reader.fail(path, "the containerGroups resource has no 'properties'")
+    ppath = f"{path}.properties"
+    if _get(props, "initContainers"):
+        raise reader.fail(f"{ppath}.initContainers", "init containers are not supported by parma-sandbox")
+    # Resolve, once, only what is read: fields with no local meaning (location, tags...) may use
+    # template functions that are not evaluated here.
+    props = {key: reader.r.resolve(_get(props, key), f"{ppath}.{key}") for key in ("containers", "volumes", "ipAddress")
+             if _get(props, key) is not None}
+    resource = {"name": reader.r.resolve(_get(resource, "name"), f"{path}.name")}
+    raw_containers = reader.value(props, "containers", ppath, list) or []
+    if not raw_containers:
+        raise reader.fail(f"{ppath}.containers", "a container group needs at least one container")
+    execs_seen: set = set()
+    containers = [reader.container(c, f"{ppath}.containers[{i}]", execs_seen) for i, c in enumerate(raw_containers)]
+    cpu = memory_gb = 0.0
+    for i, c in enumerate(raw_containers):
+        rpath = f"{ppath}.containers[{i}].properties.resources.requests"
+        requests = _get(_get(_get(c, "properties"), "resources"), "requests")
+        cpu += reader.number(requests, "cpu", rpath)
+        memory_gb += reader.number(requests, "memoryInGB", rpath)
+    doc: dict[str, Any] = {"name": reader.value(resource, "name", path, str), "containers": containers}
+    volumes = [reader.volume(v, f"{ppath}.volumes[{i}]")
+               for i, v in enumerate(reader.value(props, "volumes", ppath, list) or [])]
+    if volumes:
+        doc["volumes"] = volumes
+    ip = _get(props, "ipAddress")
+    ports = []
+    for i, p in enumerate(reader.value(ip, "ports", f"{ppath}.ipAddress", list) or []):
+        port = {"port": reader.value(p, "port", f"{ppath}.ipAddress.ports[{i}]", int)}
+        if proto := reader.value(p, "protocol", f"{ppath}.ipAddress.ports[{i}]", str):
+            port["protocol"] = proto.upper()
+        ports.append(port)
+    if ports:
+        doc["ports"] = ports
+    doc["resources"] = {"vcpus": max(1, math.ceil(cpu)), "memoryMiB": max(128, math.ceil(memory_gb * 1024))}
+    for ignored in ("imageRegistryCredentials", "confidentialComputeProperties", "diagnostics", "dnsConfig"):
+        if _get(props, ignored) is not None:
+            log.debug("%s: %s.%s has no local meaning and is ignored", source, ppath, ignored)
+    return doc
+
+
+def load_template_group(path: Path, raw: dict[str, Any]) -> GroupSpec:
+    """The group spec of an ACI ARM template file (already parsed as `raw`)."""
+    source = str(path)
+    doc = group_document(raw, source, _parameter_values(path))
+    try:
+        return validate_group(doc, base_dir=path.resolve().parent, source=f"{source} (as a group)")
+    except ValidationError as e:
+        raise ValidationError(e.source, e.problems,
+                              hint="the template maps to a group spec with these problems (paths are the "
+                                   "group's, docs/group-spec.md; the mapping is in docs/aci.md)") from None
+
+
+def ccepolicy_of_template(path: Path, raw: dict[str, Any]) -> str | None:
+    """The ccePolicy (base64) of the template's container group, resolved; None when empty or absent."""
+    source = str(path)
+    index, resource = container_group(raw, source)
+    value = _get(_get(_get(resource, "properties"), "confidentialComputeProperties"), "ccePolicy")
+    if value is None:
+        return None
+    resolver = Resolver(raw, _parameter_values(path), source)
+    policy = resolver.resolve(value, f"resources[{index}].properties.confidentialComputeProperties.ccePolicy")
+    if policy is not None and not isinstance(policy, str):
+        raise ArmError(f"{source}: the ccePolicy is not a string")
+    return policy or None

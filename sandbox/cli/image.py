@@ -1,0 +1,174 @@
+"""`parma-sandbox image ...` (pull, layers, convert) and `parma-sandbox verity`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sandbox.aci.ext4compat import COMPAT_MODES, layer_mode
+from sandbox.cli.common import OutputFormat, echo_json, emit, format_option, render_table, resolve_format
+from sandbox.fsutil import atomic_output
+from sandbox.images.resolve import DEFAULT_PLATFORM, PullResult, pull_image
+from sandbox.layers.convert import convert_layer, convert_tar_to_ext4
+from sandbox.layers.tar2ext4 import Ext4Options
+from sandbox.shared.errors import InputError
+from sandbox.shared.verity import ZERO_SALT, VerityInfo, format_verity
+
+FILE = click.Path(path_type=Path, dir_okay=False)
+
+
+def verity_doc(info: VerityInfo, hash_file: Path | None) -> dict[str, Any]:
+    return {
+        "root_hash": info.root_hash,
+        "salt": info.salt.hex(),
+        "data_blocks": info.data_blocks,
+        "data_block_size": info.data_block_size,
+        "hash_block_size": info.hash_block_size,
+        "hash_offset": info.hash_offset,
+        "hash_start_block": info.hash_start_block,
+        "hash_blocks": info.hash_blocks,
+        "superblock": info.superblock,
+        "uuid": info.uuid.hex() if info.uuid else None,
+        "hash_file": str(hash_file) if hash_file else None,
+        "algorithm": info.algorithm,
+        "hash_type": info.hash_type,
+    }
+
+
+def _kv_table(doc: dict[str, Any]) -> str:
+    return render_table(["field", "value"], [(k, "" if v is None else v) for k, v in doc.items()])
+
+
+@click.group("image")
+def image() -> None:
+    """Container images as dm-verity block devices: pull, list layers, convert."""
+
+
+def _compat_option(f):  # noqa: ANN001, ANN202 - click decorator
+    return click.option("--compat", type=click.Choice(COMPAT_MODES), default=None,
+                        help="aci: layer images byte-identical to ACI's (hcsshim tar2ext4), so root hashes "
+                             "equal those in ACI policies; see docs/aci.md.")(f)
+
+
+def _platform_option(f):  # noqa: ANN001, ANN202 - click decorator
+    return click.option("--platform", default=DEFAULT_PLATFORM, show_default=True,
+                        help="Platform to pick from a multi-platform image (os/arch[/variant]).")(f)
+
+
+def image_doc(result: PullResult) -> dict[str, Any]:
+    img = result.image
+    return {
+        "reference": img.reference,
+        "digest": img.digest,
+        "platform": result.platform,
+        "converted": result.converted,
+        "config": {"entrypoint": list(img.config.entrypoint), "cmd": list(img.config.cmd),
+                   "env": list(img.config.env), "working_dir": img.config.working_dir, "user": img.config.user},
+        "layers": [{"diff_id": layer.diff_id, "media_type": layer.media_type, "size": layer.size,
+                    "root_hash": layer.root_hash, "device_path": str(layer.device_path)} for layer in img.layers],
+    }
+
+
+@image.command("pull")
+@click.argument("ref")
+@_platform_option
+@_compat_option
+@format_option
+def pull(ref: str, platform: str, compat: str | None, fmt: str | None) -> None:
+    """Pull REF (registry image, oci:DIR[:TAG] or docker-archive:FILE) and convert its layers."""
+    doc = image_doc(pull_image(ref, base_dir=Path.cwd(), platform=platform, compat=compat))
+
+    def table(d: dict[str, Any]) -> str:
+        cached = len(d["layers"]) - d["converted"]
+        return (f"{d['reference']}: {d['digest']} ({d['platform']}), {len(d['layers'])} layer(s): "
+                f"{d['converted']} converted, {cached} cached")
+
+    emit(doc, fmt, table)
+
+
+@image.command("layers")
+@click.argument("ref")
+@_platform_option
+@_compat_option
+@format_option
+def layers(ref: str, platform: str, compat: str | None, fmt: str | None) -> None:
+    """List REF's layers: diff_id, media type, size, dm-verity root hash and device image (pulls if needed)."""
+    doc = image_doc(pull_image(ref, base_dir=Path.cwd(), platform=platform, compat=compat))
+    if resolve_format(fmt) == OutputFormat.json:
+        echo_json(doc["layers"])
+        return
+    click.echo(render_table(["diff_id", "media type", "size", "root hash", "device"],
+                            [(d["diff_id"], d["media_type"], d["size"], d["root_hash"], d["device_path"])
+                             for d in doc["layers"]]))
+
+
+@image.command("convert")
+@click.argument("layer", type=FILE)
+@click.option("-o", "--output", type=FILE, required=True, help="Write the device image here.")
+@click.option("--no-verity", is_flag=True, help="Write the plain ext4 image, without the dm-verity tree.")
+@click.option("--no-whiteouts", is_flag=True, help="Keep '.wh.*' names as plain files (for a root filesystem).")
+@_compat_option
+@format_option
+def convert(layer: Path, output: Path, no_verity: bool, no_whiteouts: bool, compat: str | None,
+            fmt: str | None) -> None:
+    """Convert LAYER (a tar, tar.gz or tar.zst) into ext4 + dm-verity and print the root hash."""
+    if compat and no_whiteouts:
+        raise InputError("--compat aci converts whiteouts, as ACI does: drop --no-whiteouts")
+    options = layer_mode(compat)[0] if compat else Ext4Options(whiteouts=not no_whiteouts)
+    if no_verity:
+        ext4 = convert_tar_to_ext4(layer, output, options=options)
+        doc: dict[str, Any] = {"output": str(output), "diff_id": ext4.diff_id, "ext4_size": ext4.ext4_size,
+                               "entries": ext4.entries, "compression": ext4.compression.value}
+        emit(doc, fmt, _kv_table)
+        return
+    res = convert_layer(layer, output, options=options)
+    doc = {"root_hash": res.root_hash, "output": str(output), "diff_id": res.diff_id, "ext4_size": res.ext4_size,
+           "image_size": res.image_size, "entries": res.entries, "compression": res.compression.value,
+           "verity": verity_doc(res.verity, None)}
+    emit(doc, fmt, lambda d: d["root_hash"])
+
+
+def parse_salt(text: str) -> bytes:
+    if text == "-":
+        return b""
+    try:
+        salt = bytes.fromhex(text)
+    except ValueError:
+        raise InputError(f"--salt {text!r} is not hexadecimal",
+                         hint="give the salt as hex digits, or '-' for an empty salt") from None
+    return salt
+
+
+@click.command("verity")
+@click.argument("file", type=FILE)
+@click.option("--no-superblock", is_flag=True, help="Do not write a verity superblock (pass the parameters at open).")
+@click.option("--salt", "salt_hex", default=ZERO_SALT.hex(), show_default="32 zero bytes",
+              help="Salt as hex, or '-' for none.")
+@click.option("--hash-file", type=FILE, help="Write the tree to this file instead of appending it to FILE.")
+@format_option
+def verity(file: Path, no_superblock: bool, salt_hex: str, hash_file: Path | None, fmt: str | None) -> None:
+    """Format a dm-verity hash tree for FILE (as `veritysetup format` would) and print its parameters.
+
+    Without --hash-file the tree is appended to FILE (which must be a whole number of 4096-byte blocks).
+    """
+    salt = parse_salt(salt_hex)
+    if hash_file is not None:
+        with atomic_output(hash_file) as tmp:
+            info = format_verity(file, salt=salt, superblock=not no_superblock, hash_file=tmp)
+    else:
+        try:
+            size = file.stat().st_size
+        except OSError as e:
+            raise InputError(f"cannot read {file}: {e.strerror}") from e
+        try:
+            info = format_verity(file, salt=salt, superblock=not no_superblock)
+        except BaseException:
+            os.truncate(file, size)             # leave FILE as it was
+            raise
+    emit(verity_doc(info, hash_file), fmt, _kv_table)
+
+
+commands = [image, verity]

@@ -1,0 +1,145 @@
+"""Acceptance: examples/hello through the real CLI, `up -d` to `down` (one UVM for the module, in order)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HELLO = REPO / "examples" / "hello"
+BUSYBOX_LAYOUT = REPO / "build" / "images" / "busybox"
+NAME = "hello-vm"
+
+
+@dataclass
+class Cli:
+    env: dict[str, str]
+    cwd: Path
+
+    def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sandbox", *args], env=self.env, cwd=self.cwd, text=True,
+                              capture_output=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_example_image() -> None:
+    if not (BUSYBOX_LAYOUT / "index.json").exists():
+        subprocess.run(["make", "-C", str(REPO), "example-images"], check=True, timeout=600,
+                       stdout=subprocess.DEVNULL)
+
+
+def hello_group(tmp: Path, port: int) -> Path:
+    """examples/hello with a free host port, and its relative paths made absolute."""
+    group = json.loads((HELLO / "group.json").read_text())
+    group["ports"] = [{"port": 8080, "hostPort": port}]
+    for c in group["containers"]:
+        c["image"] = f"oci:{BUSYBOX_LAYOUT}:latest"
+    group["volumes"][0]["files"]["path"] = str(HELLO / "www")
+    path = tmp / "group.json"
+    path.write_text(json.dumps(group, indent=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    run_dir = tmp_path_factory.mktemp("run")
+    env = {**os.environ, "PARMA_SANDBOX_RUNTIME": str(run_dir), "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    c = Cli(env, REPO)
+    yield c
+    c("down", "--all", timeout=120)
+
+
+@pytest.fixture(scope="module")
+def hello(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    ensure_example_image()
+    port = free_port()
+    group = hello_group(tmp_path_factory.mktemp("hello"), port)
+    t0 = time.monotonic()
+    r = cli("--progress", "plain", "up", "-d", "--name", NAME, "--format", "json", str(group), timeout=600)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    return {"port": port, "summary": summary, "up_s": time.monotonic() - t0, "stderr": r.stderr}
+
+
+def test_up_detached_serves_the_page_on_loopback(hello: dict) -> None:
+    assert hello["summary"]["status"] == "running" and hello["summary"]["tee"] == "emulated"
+    assert "auto -> emulated" in hello["stderr"]
+    expected = (HELLO / "www" / "index.html").read_bytes()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{hello['port']}/", timeout=10).read()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert body == expected
+
+
+def test_ps_and_inspect_describe_the_sandbox(cli: Cli, hello: dict) -> None:
+    rows = json.loads(cli("ps", "--format", "json").stdout)
+    row = next(r for r in rows if r["name"] == NAME)
+    assert row["status"] == "running" and row["containers"] == ["web", "probe"]
+    assert row["ports"] == [f"127.0.0.1:{hello['port']}->8080/tcp"]
+    info = json.loads(cli("inspect", NAME, "--format", "json").stdout)
+    policy = Path(info["state_dir"], "policy.json").read_bytes()
+    assert info["policy_hash"] == hashlib.sha256(policy).hexdigest()
+    assert info["tee"] == "emulated" and info["expected_measurement"]
+    assert {d["target"] for d in info["devices"]} == {"/run/parma/layers/l0", "/run/parma/volumes/www"}
+    assert [(c["name"], c["status"]) for c in info["containers"]] == [("web", "running"), ("probe", "running")]
+
+
+def test_logs_show_the_containers_output(cli: Cli, hello: dict) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        r = cli("logs", NAME, "probe")
+        if "Hello from a confidential container group" in r.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert r.returncode == 0 and "<title>parma-sandbox hello</title>" in r.stdout
+    r = cli("logs", NAME)
+    assert "probe | " in r.stdout and "web   | " in r.stderr  # httpd -v logs requests on stderr
+
+
+def test_exec_of_a_listed_process_works(cli: Cli, hello: dict) -> None:
+    r = cli("exec", NAME, "web", "--", "/bin/cat", "/www/index.html")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (HELLO / "www" / "index.html").read_text()
+
+
+def test_exec_of_an_unlisted_shell_is_denied_with_the_reason(cli: Cli, hello: dict) -> None:
+    r = cli("exec", NAME, "web", "--", "/bin/sh")
+    assert r.returncode == 126
+    assert "denied by policy" in r.stderr and "not an exec_process" in r.stderr
+    assert "/bin/cat" in r.stderr  # the explanation lists what is allowed
+    assert cli("exec", NAME, "nope", "--", "/bin/true").returncode == 125
+
+
+def test_down_leaves_no_qemu_and_no_state(cli: Cli, hello: dict) -> None:
+    info = json.loads(cli("inspect", NAME, "--format", "json").stdout)
+    pid = info["vm"]["pid"]
+    state_dir = Path(info["state_dir"])
+    r = cli("down", NAME)
+    assert r.returncode == 0, r.stderr
+    assert "removed" in r.stdout
+    assert not Path(f"/proc/{pid}").exists() or "qemu" not in Path(f"/proc/{pid}/cmdline").read_text()
+    assert not state_dir.exists()
+    assert json.loads(cli("ps", "--format", "json").stdout) == []

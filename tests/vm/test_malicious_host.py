@@ -1,0 +1,187 @@
+"""The host is the attacker: drive the agent's protocol directly against one booted UVM (in order).
+
+Disks: L0 busybox, L1 data, L2 a copy of the data layer with one flipped bit in /data/big.txt (its
+verity tree untouched, so its root hash is the policy's), R0 a layer no policy lists.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox.group import validate_group
+from sandbox.launch.agent_client import AgentClient
+from sandbox.launch.plan import build_plan
+from sandbox.shared.protocol import MAX_FRAME_BYTES, Op
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import (  # noqa: E402
+    DATA_LINE,
+    Guest,
+    boot,
+    busybox_tar,
+    data_tar,
+    image_of,
+    make_layer,
+    tamper_file_block,
+    tar_of,
+)
+
+ARGV = ["/bin/sh", "-c", "echo started; exec sleep 100000"]
+CAT_BIG = ["/bin/cat", "/data/big.txt"]
+CAT_SMALL = ["/bin/cat", "/data/small.txt"]
+BIG = b"".join(DATA_LINE % i for i in range(8000))
+TAMPER_AT = 200_000  # byte offset in big.txt: about the middle
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    d = tmp_path_factory.mktemp("mal")
+    base = make_layer(d, "busybox", busybox_tar())
+    data = make_layer(d, "data", data_tar())
+    rogue = make_layer(d, "rogue", tar_of([("evil", b"#!/bin/sh\necho pwned\n", None, 0o755)]))
+    tamper_file_block(data.image, d / "data-tampered.img", "/data/big.txt", TAMPER_AT)
+    spec = validate_group({"name": "mal", "containers": [{
+        "name": "app", "image": "test", "command": ARGV,
+        "execProcesses": [{"command": CAT_BIG}, {"command": CAT_SMALL}]}]}, base_dir=d)
+    images = {"app": image_of(base, data)}
+    create = build_plan(spec, images, {}).containers[0].create
+    guest = boot(d / "s", spec=spec, images=images,
+                 disks=[(base.image, "L0"), (data.image, "L1"), (d / "data-tampered.img", "L2"), (rogue.image, "R0")])
+    try:
+        with guest.client() as client:
+            yield {"guest": guest, "client": client, "env": create["env"], "create": create}
+    finally:
+        guest.stop()
+
+
+def err(client: AgentClient, op: Op, payload: dict) -> dict:
+    resp = client.request(op, payload)
+    assert not resp.ok, f"{op.value} unexpectedly succeeded: {resp.result}"
+    return {"code": str(resp.error.code), "message": resp.error.message}
+
+
+def create_payload(world: dict, cid: str, **changes: object) -> dict:
+    """The launcher's own create_container request for the policy's container, under another id."""
+    return {**world["create"], "container_id": cid, **changes}
+
+
+def run_exec(client: AgentClient, cid: str, argv: list[str], env: list[str]) -> tuple[int, bytes, bytes]:
+    r = client.call(Op.exec_process, {"container_id": cid, "argv": argv, "env": env})
+    out, errs, offset = [], [], 0
+    while True:
+        page = client.call(Op.read_output, {"container_id": cid, "exec_id": r["exec_id"], "offset": offset,
+                                            "wait": 5})
+        for ch in page["chunks"]:
+            (out if ch["stream"] == "stdout" else errs).append(base64.b64decode(ch["data"]))
+        offset = page["next_offset"]
+        if page["eof"]:
+            break
+    w = client.call(Op.wait_process, {"container_id": cid, "exec_id": r["exec_id"], "timeout": 60}, timeout=90)
+    return w["exit_code"], b"".join(out), b"".join(errs)
+
+
+def test_policy_with_another_hash_is_rejected_and_agent_stays_deny_all(world: dict) -> None:
+    c, guest = world["client"], world["guest"]
+    e = err(c, Op.set_policy, {"policy": base64.b64encode(guest.policy + b"\n").decode()})
+    assert e["code"] == "policy_mismatch" and "does not match HOST_DATA" in e["message"]
+    assert c.call(Op.ping)["policy_set"] is False
+    e = err(c, Op.mount_device, {"device": "L0", "target": "/run/parma/layers/l0"})
+    assert e["code"] == "policy_denied" and "no execution policy" in e["message"]
+
+
+def test_matching_policy_is_accepted_exactly_once(world: dict) -> None:
+    c, guest = world["client"], world["guest"]
+    r = c.call(Op.set_policy, {"policy": base64.b64encode(guest.policy).decode()})
+    assert r["host_data_source"] == "emulated report"
+    e = err(c, Op.set_policy, {"policy": base64.b64encode(guest.policy).decode()})
+    assert e["code"] == "policy_already_set"
+
+
+def test_device_not_in_policy_is_denied(world: dict) -> None:
+    c = world["client"]
+    e = err(c, Op.mount_device, {"device": "R0", "target": "/run/parma/layers/rogue"})
+    assert e["code"] == "policy_denied" and "is not a layer of any container in the policy" in e["message"]
+    e = err(c, Op.mount_device, {"device": "L0", "target": "/etc"})
+    assert e["code"] == "invalid_request"
+
+
+def test_swapped_layer_order_is_denied(world: dict) -> None:
+    c = world["client"]
+    c.call(Op.mount_device, {"device": "L0", "target": "/run/parma/layers/l0"})
+    c.call(Op.mount_device, {"device": "L1", "target": "/run/parma/layers/l1"})
+    c.call(Op.mount_scratch, {"container_id": "app"})
+    target = "/run/parma/containers/app/rootfs"
+    e = err(c, Op.mount_overlay, {"container_id": "app", "target": target,
+                                  "layer_paths": ["/run/parma/layers/l0", "/run/parma/layers/l1"]})
+    assert e["code"] == "policy_denied" and "different order" in e["message"]
+    c.call(Op.mount_overlay, {"container_id": "app", "target": target,
+                              "layer_paths": ["/run/parma/layers/l1", "/run/parma/layers/l0"]})
+
+
+def test_extra_ld_preload_is_denied(world: dict) -> None:
+    c, env = world["client"], world["env"]
+    e = err(c, Op.create_container, create_payload(world, "app", env=env + ["LD_PRELOAD=/tmp/evil.so"]))
+    assert e["code"] == "policy_denied" and "LD_PRELOAD" in e["message"]
+    c.call(Op.create_container, create_payload(world, "app"))
+    c.call(Op.start_container, {"container_id": "app"})
+    code, out, _ = run_exec(c, "app", CAT_BIG, env)
+    assert code == 0 and out == BIG
+
+
+def test_tampered_block_gives_read_errors_never_wrong_data(world: dict) -> None:
+    c, env = world["client"], world["env"]
+    # The tampered copy has the data layer's root hash: the policy lets it be mounted and used...
+    c.call(Op.mount_device, {"device": "L2", "target": "/run/parma/layers/l2"})
+    c.call(Op.mount_scratch, {"container_id": "tamp"})
+    c.call(Op.mount_overlay, {"container_id": "tamp", "target": "/run/parma/containers/tamp/rootfs",
+                              "layer_paths": ["/run/parma/layers/l2", "/run/parma/layers/l0"]})
+    c.call(Op.create_container, create_payload(world, "tamp"))
+    c.call(Op.start_container, {"container_id": "tamp"})
+    # ...but dm-verity refuses the flipped block: a read error, and what was read is all correct.
+    code, out, errs = run_exec(c, "tamp", CAT_BIG, env)
+    assert code != 0
+    assert b"Input/output error" in errs
+    assert len(out) < TAMPER_AT and BIG.startswith(out)
+    code, out, _ = run_exec(c, "tamp", CAT_SMALL, env)
+    assert code == 0 and out == b"small and intact\n"
+    assert "is corrupted" in world["guest"].console()
+
+
+def test_malformed_and_oversized_frames_get_errors_and_the_agent_keeps_serving(world: dict) -> None:
+    guest: Guest = world["guest"]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(guest.cfg.agent_sockets[-1]))
+        s.settimeout(60)
+        buf = b""
+
+        def reply() -> dict:
+            nonlocal buf
+            while b"\n" not in buf:
+                chunk = s.recv(65536)
+                assert chunk, "the agent closed the port"
+                buf += chunk
+            line, buf = buf.split(b"\n", 1)
+            return json.loads(line)
+
+        s.sendall(b"\n{this is not json\n")
+        assert reply()["error"]["code"] == "malformed_frame"
+        s.sendall(b"[1, 2, 3]\n")
+        assert reply()["error"]["code"] == "malformed_frame"
+        s.sendall(b'{"v":1,"id":41,"op":"mount_device","payload":{"device":7}}\n')
+        r = reply()
+        assert r["id"] == 41 and r["error"]["code"] == "invalid_request"
+        s.sendall(b'{"v":1,"id":42,"op":"set_policy","payload":{"policy":"' + b"QUFB" * (MAX_FRAME_BYTES // 4)
+                  + b'"}}\n')
+        r = reply()
+        assert r["id"] == 42 and r["error"]["code"] == "frame_too_large"
+        s.sendall(b'{"v":1,"id":43,"op":"ping"}\n')
+        r = reply()
+        assert r["id"] == 43 and r["ok"] and r["result"]["policy_set"] is True
+    assert world["client"].call(Op.list_containers)["containers"][0]["status"] == "running"
