@@ -30,7 +30,7 @@ class UvmArtifacts:
     kernel: Path                    # bzImage (EFI stub; boots directly or through OVMF)
     rootfs: Path                    # ext4 + dm-verity tree (no superblock); attach first, read-only
     cmdline: str                    # pins the rootfs root hash and salt (dm-mod.create=)
-    manifest_path: Path             # manifest.json in the cache (also copied to build/uvm/)
+    manifest_path: Path             # manifest.json in the cache (the complete UVM's is copied to build/uvm/)
     root_hash: str
     salt: str
     firmware: Path | None           # AmdSevX64 OVMF for SEV-SNP launches (None if not built)
@@ -69,8 +69,8 @@ def ensure_uvm(*, firmware: bool = True) -> UvmArtifacts:
                 atomic_write(out, manifest_bytes(build_manifest(kernel, tar, rootfs, cmdline, fw)))
     data = out.read_bytes()
     local = BUILD_DIR / "uvm" / "manifest.json"
-    if not local.is_file() or local.read_bytes() != data:
-        atomic_write(local, data)
+    if fw is not None and (not local.is_file() or local.read_bytes() != data):
+        atomic_write(local, data)   # the complete UVM's manifest only (a firmware-less one lacks the measurement)
     return UvmArtifacts(kernel=kernel.bzimage, rootfs=rootfs.path, cmdline=cmdline, manifest_path=out,
                         root_hash=rootfs.root_hash, salt=rootfs.salt.hex(), firmware=fw.path if fw else None,
                         manifest=json.loads(data))
