@@ -80,7 +80,7 @@ def group(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: 
 def test_the_template_runs_and_serves_its_secret_volume(group: dict) -> None:
     s = group["summary"]
     assert s["status"] == "running" and s["tee"] == "emulated" and s["containers"] == ["web", "probe"]
-    assert s["ports"] == [f"127.0.0.1:{group['port']}->{group['port']}/tcp"]
+    assert s["ports"] == [f"127.0.0.1:{group['port']}->{group['port']}"]
     deadline = time.monotonic() + 30
     while True:
         try:
