@@ -10,7 +10,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from test_hello import BUSYBOX_LAYOUT, Cli, cli, ensure_example_image, free_port  # noqa: F401 - cli is a fixture
 
 NAME = "aci-template-vm"
