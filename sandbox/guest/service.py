@@ -8,6 +8,7 @@ the OCI spec is written here without hooks, and stdio is readable only when the 
 from __future__ import annotations
 
 import base64
+import gc
 import re
 import sys
 import threading
@@ -88,6 +89,7 @@ class AgentService:
         digest = self.gate.install(raw)
         self._console(f"policy {digest} installed (HOST_DATA from {self.gate.host_data_source})")
         self.verbose_logging = self.gate.allows("runtime_logging", {})
+        gc.freeze()  # the compiled policy lives as long as the agent (see agent.py)
         return {"policy_hash": digest, "host_data_source": self.gate.host_data_source}
 
     def op_get_properties(self) -> dict[str, Any]:
