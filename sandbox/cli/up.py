@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     returns.
     """
     spec = load_group(group_file)
+    # SIGTERM/SIGHUP (a closed terminal, a supervisor) take the same clean path as Ctrl-C: a VM being
+    # launched is stopped and its state removed; an attached sandbox is taken down.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     opts = UpOptions(name=name, policy_file=policy_file, tee=TeeMode(tee) if tee else None,
                      backend=Backend(backend), detach=detach)
     launched = launch_up(spec, opts)
@@ -54,6 +59,10 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     info(f"{launched.name}: running; streaming output (Ctrl-C stops the sandbox)")
     containers = [c.name for c in launched.plan.containers if c.stdio]
     return lifecycle.run_attached(launched.name, launched.plan.containers[0].name, containers)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _age(created: float) -> str:
