@@ -158,6 +158,20 @@ def xattrs() -> bytes:
     return t.bytes()
 
 
+def xattr_order() -> bytes:
+    """Xattr blocks with entries that tar2ext4's comparator (not a strict order) finds each less than the
+    other, and empty values (whose e_value_offs tar2ext4 sets), in the inode and in the block."""
+    t = _Tar()
+    fill = {"SCHILY.xattr.user.fill": "f" * 40, "SCHILY.xattr.user.empty": ""}   # the inode holds these
+    for i, names in enumerate((["user.zz", "trusted.a", "user.b"],
+                               ["security.q", "user.longer-name", "trusted.bb", "user.c", "trusted.zzzz"],
+                               [f"user.{'k' * (12 - n)}{n}" for n in range(6)] + ["trusted.x", "security.yy"])):
+        pax = dict(fill)
+        pax.update({f"SCHILY.xattr.{n}": "v" * (10 + 3 * j) * (j % 3 != 1) for j, n in enumerate(names)})
+        t.add(f"order/f{i}", data=b"x\n", pax=pax)
+    return t.bytes()
+
+
 def timestamps() -> bytes:
     t = _Tar()
     t.add("t/epoch", data=b"0\n", mtime=0)
@@ -211,6 +225,7 @@ GENERATED: dict[str, Callable[[], bytes]] = {
     "longnames-pax": longnames_pax,
     "xattrs": xattrs,
     "timestamps": timestamps,
+    "xattr-order": xattr_order,
     "implicit-parents": implicit_parents,
     "many-files": many_files,
     "big-file": big_file,

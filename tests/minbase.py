@@ -16,9 +16,11 @@ from sandbox.run import run
 ARGS = ("--variant=minbase", "--mode=auto", "bookworm")
 
 
-def minbase_tar() -> Path:
-    """Path of a cached `mmdebstrap --variant=minbase bookworm` tarball (about 170 MB)."""
-    key = hashlib.sha256("\0".join(ARGS).encode()).hexdigest()[:16]
+def minbase_tar(include: tuple[str, ...] = ()) -> Path:
+    """Path of a cached `mmdebstrap --variant=minbase bookworm` tarball (about 170 MB; with
+    include=("python3-minimal",) about 200 MB)."""
+    args = (*ARGS[:-1], *(f"--include={p}" for p in include), ARGS[-1])
+    key = hashlib.sha256("\0".join(args).encode()).hexdigest()[:16]
     out = cache_dir() / "testdata" / f"minbase-bookworm-{key}.tar"
     if out.exists():
         return out
@@ -28,7 +30,7 @@ def minbase_tar() -> Path:
         with atomic_output(out) as tmp:
             made = tmp.with_suffix(".tar")          # mmdebstrap picks the format from the extension
             try:
-                run(["mmdebstrap", "--quiet", *ARGS, made], timeout=900)
+                run(["mmdebstrap", "--quiet", *args, made], timeout=900)
                 made.replace(tmp)
             finally:
                 made.unlink(missing_ok=True)

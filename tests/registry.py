@@ -174,15 +174,9 @@ def start_registry(root: Path, *, token_auth: bool) -> Registry:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    reg = start_registry(tmp_path_factory.mktemp("registry"), token_auth=False)
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture(scope="module")
-def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    reg = start_registry(tmp_path_factory.mktemp("token-registry"), token_auth=True)
+def serve(tmp_path_factory: pytest.TempPathFactory, *, token_auth: bool) -> Iterator[Registry]:
+    """Body of a module-scoped fixture: a registry for the module's tests, stopped afterwards."""
+    reg = start_registry(tmp_path_factory.mktemp("token-registry" if token_auth else "registry"),
+                         token_auth=token_auth)
     yield reg
     reg.stop()

@@ -2,7 +2,8 @@
 
     python images/examples/busybox.py [OUT_DIR]      (default: build/images/busybox, tag "latest")
 
-The image has one uncompressed layer: /bin/busybox, a symlink per applet (from `busybox --list-full`), a
+The image has one uncompressed layer: /bin/busybox, a symlink /bin/<applet> per applet (from `busybox --list`;
+all in /bin, as in Docker's busybox image, so groups can say /bin/httpd or /bin/sh), a
 minimal /etc/passwd and /etc/group (root, and nobody 65534), /root and a sticky /tmp. Every entry has owner
 0:0 and mtime 0, entries are sorted, the JSON documents are canonical: the layout (and so every digest and
 the layer's dm-verity root hash) is a pure function of the .deb. The .deb is fetched with `apt-get download`
@@ -27,7 +28,7 @@ from sandbox.paths import cache_dir  # noqa: E402
 from sandbox.progress import ProgressMode, Reporter, set_reporter, step  # noqa: E402
 from sandbox.run import run  # noqa: E402
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 PACKAGE = "busybox-static"
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 GROUP = b"root:x:0:\nnobody:x:65534:\n"
@@ -68,13 +69,13 @@ def applets(binary: bytes, workdir: Path) -> list[str]:
     exe = workdir / "busybox"
     exe.write_bytes(binary)
     exe.chmod(0o755)
-    listed = run([exe, "--list-full"]).stdout.decode().split()
-    return sorted({a.strip("/") for a in listed if a.strip("/") and a.strip("/") != "bin/busybox"})
+    listed = run([exe, "--list"]).stdout.decode().split()
+    return sorted({f"bin/{a}" for a in listed if a and "/" not in a and a != "busybox"})
 
 
 def layer_tar(binary: bytes, links: list[str]) -> bytes:
     entries: dict[str, tuple[bytes, int, bytes | str]] = {}     # path -> (type, mode, data or link)
-    for d in ("bin", "etc", "root", "sbin", "tmp", "usr", "usr/bin", "usr/sbin"):
+    for d in ("bin", "etc", "root", "tmp"):
         entries[d] = (tarfile.DIRTYPE, 0o700 if d == "root" else 0o1777 if d == "tmp" else 0o755, b"")
     for link in links:
         parent = link.rsplit("/", 1)[0] if "/" in link else ""

@@ -6,7 +6,7 @@ template): `package policy`, the future-keyword imports, `api_version` and `fram
 enforcement point delegating to `data.framework`, and `reason`. Versions, fragments and flags are
 written as confcom writes them (JSON with sorted keys and a 2-space indent). Two assignments that
 confcom does not write appear only when the policy has them: `external_processes` (read by ACI's
-framework) and `volumes` (the parma-sandbox extension; ACI's framework ignores it).
+framework), and `volumes` and `key_brokers` (parma-sandbox extensions; ACI's framework ignores them).
 
 Import reads the data assignments of such a module (confcom's, hcsshim's or ours) into the policy
 model and validates it like any policy. Rules must be exactly `EP := data.framework.EP`: a module
@@ -68,8 +68,9 @@ ACCEPTED_IMPORTS = frozenset({"future.keywords", "future.keywords.every", "futur
 REASON_RULES = (Ref(("data", "framework", "errors")), Ref(("data", "framework", "reason")))
 
 # Data assignments: our model's names, plus deprecated and newer ACI names handled on import.
-DATA_NAMES = ("api_version", "framework_version", "fragments", "containers", "external_processes", "volumes", *FLAGS)
-COMPACT = ("containers", "external_processes", "volumes")
+DATA_NAMES = ("api_version", "framework_version", "fragments", "containers", "external_processes", "volumes",
+              "key_brokers", *FLAGS)
+COMPACT = ("containers", "external_processes", "volumes", "key_brokers")
 LEGACY_NAMES = {"api_svn": "api_version", "framework_svn": "framework_version"}
 FALSE_ONLY = ("allow_host_network", "allow_log_provider_dropping")
 
@@ -94,7 +95,7 @@ def export_rego(policy: Policy) -> str:
               f"framework_version := {_pretty(doc['framework_version'])}", "",
               f"fragments := {_pretty([])}", "",
               f"containers := {_compact(doc['containers'])}", ""]
-    for name in ("external_processes", "volumes"):
+    for name in ("external_processes", "volumes", "key_brokers"):
         if doc.get(name):
             lines += [f"{name} := {_compact(doc[name])}", ""]
     lines += [f"{flag} := {_pretty(doc[flag])}" for flag in FLAGS]

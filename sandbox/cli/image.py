@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from sandbox.aci.ext4compat import COMPAT_MODES, layer_mode
 from sandbox.cli.common import OutputFormat, echo_json, emit, format_option, render_table, resolve_format
 from sandbox.fsutil import atomic_output
 from sandbox.images.resolve import DEFAULT_PLATFORM, PullResult, pull_image
@@ -46,6 +47,12 @@ def image() -> None:
     """Container images as dm-verity block devices: pull, list layers, convert."""
 
 
+def _compat_option(f):  # noqa: ANN001, ANN202 - click decorator
+    return click.option("--compat", type=click.Choice(COMPAT_MODES), default=None,
+                        help="aci: layer images byte-identical to ACI's (hcsshim tar2ext4), so root hashes "
+                             "equal those in ACI policies; see docs/aci.md.")(f)
+
+
 def _platform_option(f):  # noqa: ANN001, ANN202 - click decorator
     return click.option("--platform", default=DEFAULT_PLATFORM, show_default=True,
                         help="Platform to pick from a multi-platform image (os/arch[/variant]).")(f)
@@ -68,10 +75,11 @@ def image_doc(result: PullResult) -> dict[str, Any]:
 @image.command("pull")
 @click.argument("ref")
 @_platform_option
+@_compat_option
 @format_option
-def pull(ref: str, platform: str, fmt: str | None) -> None:
+def pull(ref: str, platform: str, compat: str | None, fmt: str | None) -> None:
     """Pull REF (registry image, oci:DIR[:TAG] or docker-archive:FILE) and convert its layers."""
-    doc = image_doc(pull_image(ref, base_dir=Path.cwd(), platform=platform))
+    doc = image_doc(pull_image(ref, base_dir=Path.cwd(), platform=platform, compat=compat))
 
     def table(d: dict[str, Any]) -> str:
         cached = len(d["layers"]) - d["converted"]
@@ -84,10 +92,11 @@ def pull(ref: str, platform: str, fmt: str | None) -> None:
 @image.command("layers")
 @click.argument("ref")
 @_platform_option
+@_compat_option
 @format_option
-def layers(ref: str, platform: str, fmt: str | None) -> None:
+def layers(ref: str, platform: str, compat: str | None, fmt: str | None) -> None:
     """List REF's layers: diff_id, media type, size, dm-verity root hash and device image (pulls if needed)."""
-    doc = image_doc(pull_image(ref, base_dir=Path.cwd(), platform=platform))
+    doc = image_doc(pull_image(ref, base_dir=Path.cwd(), platform=platform, compat=compat))
     if resolve_format(fmt) == OutputFormat.json:
         echo_json(doc["layers"])
         return
@@ -101,10 +110,14 @@ def layers(ref: str, platform: str, fmt: str | None) -> None:
 @click.option("-o", "--output", type=FILE, required=True, help="Write the device image here.")
 @click.option("--no-verity", is_flag=True, help="Write the plain ext4 image, without the dm-verity tree.")
 @click.option("--no-whiteouts", is_flag=True, help="Keep '.wh.*' names as plain files (for a root filesystem).")
+@_compat_option
 @format_option
-def convert(layer: Path, output: Path, no_verity: bool, no_whiteouts: bool, fmt: str | None) -> None:
+def convert(layer: Path, output: Path, no_verity: bool, no_whiteouts: bool, compat: str | None,
+            fmt: str | None) -> None:
     """Convert LAYER (a tar, tar.gz or tar.zst) into ext4 + dm-verity and print the root hash."""
-    options = Ext4Options(whiteouts=not no_whiteouts)
+    if compat and no_whiteouts:
+        raise InputError("--compat aci converts whiteouts, as ACI does: drop --no-whiteouts")
+    options = layer_mode(compat)[0] if compat else Ext4Options(whiteouts=not no_whiteouts)
     if no_verity:
         ext4 = convert_tar_to_ext4(layer, output, options=options)
         doc: dict[str, Any] = {"output": str(output), "diff_id": ext4.diff_id, "ext4_size": ext4.ext4_size,

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "sandbox.cli.attest",
     "sandbox.cli.image",
     "sandbox.cli.aci",
+    "sandbox.cli.kbs",
 )
 
 

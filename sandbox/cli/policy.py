@@ -11,6 +11,7 @@ import click
 from sandbox.cli.common import OutputFormat, emit, format_option, info, resolve_format
 from sandbox.fsutil import atomic_write
 from sandbox.group import load_group
+from sandbox.kbs.client import broker_pins
 from sandbox.policy.diff import diff_policies
 from sandbox.policy.gen import generate_policy
 from sandbox.policy.sources import files_volume_hashes, resolve_group_images
@@ -35,12 +36,18 @@ def policy() -> None:
 @click.option("--debug-mode/--no-debug-mode", default=None,
               help="Add a shell exec process, an allow-all env rule, logging and properties access "
                    "(default: the group's policy.debugMode). Changes the hash.")
+@click.option("--kbs", "kbs_url", help="Pin the key broker serving at this URL (key_brokers; docs/kbs.md).")
+@click.option("--kbs-key", "kbs_keys", multiple=True,
+              help="Pin this key broker (its public key's SHA-256, as 'kbs key' prints). Repeatable.")
 @format_option
-def gen(group_file: Path, output: Path | None, debug_mode: bool | None, fmt: str | None) -> None:
+def gen(group_file: Path, output: Path | None, debug_mode: bool | None, kbs_url: str | None,
+        kbs_keys: tuple[str, ...], fmt: str | None) -> None:
     """Generate the policy of GROUP_FILE from its images, volumes and options."""
     spec = load_group(group_file)
+    pins = broker_pins(kbs_url, kbs_keys)
     images = resolve_group_images(spec)
-    raw = generate_policy(spec, images, debug_mode=debug_mode, volume_hashes=files_volume_hashes(spec))
+    raw = generate_policy(spec, images, debug_mode=debug_mode, volume_hashes=files_volume_hashes(spec),
+                          key_brokers=pins)
     digest = policy_hash(raw)
     if debug_features(parse_policy(raw)):
         info(f"warning: {BANNER}")

@@ -11,6 +11,7 @@ import click
 
 from sandbox.cli.common import emit, format_option, info, render_table
 from sandbox.group import TeeMode, load_group
+from sandbox.kbs.client import check_url
 from sandbox.launch import lifecycle
 from sandbox.launch.pipeline import UpOptions
 from sandbox.launch.pipeline import up as launch_up
@@ -28,9 +29,13 @@ from sandbox.vmm.config import Backend
               help="TEE mode (default: the group's 'tee', else auto).")
 @click.option("--backend", type=click.Choice([b.value for b in Backend]), default=Backend.qemu.value,
               show_default=True, help="Run QEMU directly, or as a transient libvirt domain.")
+@click.option("--kbs", "kbs_url", help="Key broker URL for the attestation API (pinned in the generated policy; "
+                                        "docs/kbs.md), e.g. http://127.0.0.1:8300.")
+@click.option("--kbs-key", "kbs_keys", multiple=True,
+              help="Pin this broker key (SHA-256, as 'kbs key' prints) instead of asking --kbs. Repeatable.")
 @format_option
 def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, tee: str | None,
-       backend: str, fmt: str | None) -> int:
+       backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], fmt: str | None) -> int:
     """Pull, convert, generate the policy, launch the UVM and start GROUP_FILE's containers.
 
     Attached (the default), it streams the containers' output and exits with the first container's
@@ -43,7 +48,8 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     opts = UpOptions(name=name, policy_file=policy_file, tee=TeeMode(tee) if tee else None,
-                     backend=Backend(backend), detach=detach)
+                     backend=Backend(backend), detach=detach,
+                     kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys)
     launched = launch_up(spec, opts)
     d = launched.record.details
     summary = {"name": launched.name, "status": launched.record.status, "tee": d["tee"], "accel": d["accel"],

@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 
-from sandbox.guest import procs, sysapi, sysinit
+from sandbox.guest import keyapi, procs, sysapi, sysinit
 from sandbox.guest.server import serve_ports
 from sandbox.guest.service import AgentService
 from sandbox.shared.protocol import PORT_COUNT, PORT_PREFIX, READY_LINE
@@ -41,6 +41,10 @@ def main() -> int:
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
     service = AgentService(hostname=HOSTNAME, runtime_logging=log)
+    try:  # the attestation API for containers (docs/kbs.md); only policy-allowed containers see it
+        keyapi.start(keyapi.KeyApiConfig(pins=lambda: keyapi.policy_pins(service.gate.policy), log=log))
+    except OSError as e:
+        log(f"attestation API unavailable: {e}")
     ports = serve_ports(service.handle, log=log)
     if len(ports) < PORT_COUNT:
         log(f"{len(ports)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any that appear")

@@ -35,6 +35,12 @@ class Gate:
     def active(self) -> bool:
         return self._engine is not None
 
+    @property
+    def policy(self) -> Any:
+        """The installed policy model, or None before set_policy (the attestation API reads key_brokers)."""
+        engine = self._engine
+        return engine.policy if engine is not None else None
+
     def install(self, raw: bytes) -> str:
         with self._lock:
             if self._engine is not None:

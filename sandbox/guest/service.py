@@ -26,6 +26,7 @@ from sandbox.guest.runtime import Container, ContainerStatus, CrunError
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import protocol as P
 from sandbox.shared.errors import AttestationError, InputError
+from sandbox.shared.kbs_protocol import ATTEST_API_DIR
 from sandbox.shared.protocol import ErrorCode, Op, ProtocolError
 
 AGENT_VERSION = "1"
@@ -322,6 +323,13 @@ class AgentService:
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}].destination must be an absolute path")
             if mtype != "bind" or not isinstance(options, list) or not all(isinstance(o, str) for o in options):
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}]: only bind mounts with string options")
+            if source == ATTEST_API_DIR:
+                # The attestation API socket directory (docs/kbs.md); the policy decides who gets it.
+                if "ro" not in options or "rw" in options:
+                    raise _err(ErrorCode.invalid_request, f"mounts[{i}]: {ATTEST_API_DIR} is bound read-only")
+                inputs.append({"destination": dest, "source": source, "type": "bind", "options": list(options)})
+                binds.append(oci.BindMount(dest, source, tuple(options)))
+                continue
             volume = source.removeprefix(P.VOLUMES_DIR + "/")
             vpath = self.volumes.get(volume) or (Path(source) if source in self.devices else None)
             if not source.startswith(P.VOLUMES_DIR + "/") or vpath is None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from sandbox.aci.ext4compat import layer_mode
 from sandbox.images.local import DOCKER_LAYER, DockerArchive, OciLayout, is_index
 from sandbox.images.manifest import (
     CONFIG_TYPES,
@@ -201,10 +202,12 @@ class PullResult:
     converted: int              # layers converted in this call (the others came from the cache)
 
 
-def pull_image(ref: str, *, base_dir: Path, platform: str = DEFAULT_PLATFORM) -> PullResult:
+def pull_image(ref: str, *, base_dir: Path, platform: str = DEFAULT_PLATFORM, compat: str | None = None) -> PullResult:
+    """`compat="aci"` converts layers as ACI does (sandbox/aci/ext4compat.py), cached separately."""
     image_ref = parse_reference(ref, base_dir=base_dir)
     plat = parse_platform(platform)
-    cache = LayerCache()
+    options, converter = layer_mode(compat)
+    cache = LayerCache(converter=converter)
     src = open_source(image_ref)
     converted = 0
     try:
@@ -226,7 +229,7 @@ def pull_image(ref: str, *, base_dir: Path, platform: str = DEFAULT_PLATFORM) ->
             def convert(out: Path, desc: Descriptor = desc, diff_id: str = diff_id, what: str = what) -> ConvertResult:
                 nonlocal converted
                 with src.layer_blob(desc, what) as blob:
-                    result = convert_layer(blob, out, expected_diff_id=diff_id, name=what)
+                    result = convert_layer(blob, out, expected_diff_id=diff_id, name=what, options=options)
                 converted += 1
                 return result
 
@@ -239,9 +242,10 @@ def pull_image(ref: str, *, base_dir: Path, platform: str = DEFAULT_PLATFORM) ->
     return PullResult(image=image, platform=str(plat), converted=converted)
 
 
-def resolve_image(ref: str, *, base_dir: Path, platform: str = DEFAULT_PLATFORM) -> ResolvedImage:
+def resolve_image(ref: str, *, base_dir: Path, platform: str = DEFAULT_PLATFORM,
+                  compat: str | None = None) -> ResolvedImage:
     """Pull or read `ref`, convert every layer (cached by content), and return devices and root hashes.
 
     `oci:DIR[:TAG]` and `docker-archive:FILE` paths are relative to base_dir (the group file's directory).
     """
-    return pull_image(ref, base_dir=base_dir, platform=platform).image
+    return pull_image(ref, base_dir=base_dir, platform=platform, compat=compat).image

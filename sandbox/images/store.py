@@ -136,9 +136,10 @@ class LayerRecord:
 class LayerCache:
     """Converted layer devices, keyed by diff_id (the uncompressed tar) and converter version."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, converter: str = CONVERTER_VERSION) -> None:
         base = Path(root) if root is not None else cache_dir()
-        self.dir = base / "layers" / CONVERTER_VERSION
+        self.converter = converter          # another converter (e.g. --compat aci) gets its own entries
+        self.dir = base / "layers" / converter
         self.locks = base / "locks"
 
     def image_path(self, diff_id: str) -> Path:
@@ -154,7 +155,7 @@ class LayerCache:
             doc = json.loads(rec_path.read_bytes())
             record = LayerRecord(diff_id=doc["diff_id"], root_hash=doc["root_hash"], ext4_size=int(doc["ext4_size"]),
                                  image_size=int(doc["image_size"]), converter=doc["converter"], device_path=image)
-            if record.diff_id != diff_id or record.converter != CONVERTER_VERSION \
+            if record.diff_id != diff_id or record.converter != self.converter \
                     or image.stat().st_size != record.image_size:
                 return None
             if read_verity_layout(file_reader(image)).root_hash != record.root_hash:
@@ -167,7 +168,7 @@ class LayerCache:
         """The converted layer, running `convert(output_path)` under the key's lock if it is not cached."""
         if (record := self.get(diff_id)) is not None:
             return record
-        with file_lock(self.locks / f"layer-{CONVERTER_VERSION}-{_hex(diff_id)}.lock"):
+        with file_lock(self.locks / f"layer-{self.converter}-{_hex(diff_id)}.lock"):
             if (record := self.get(diff_id)) is not None:
                 return record
             image = self.image_path(diff_id)
@@ -177,7 +178,7 @@ class LayerCache:
                 image.unlink(missing_ok=True)
                 raise DigestMismatch(f"layer content is {result.diff_id}, not {diff_id}")
             record = LayerRecord(diff_id=diff_id, root_hash=result.root_hash, ext4_size=result.ext4_size,
-                                 image_size=result.image_size, converter=CONVERTER_VERSION, device_path=image)
+                                 image_size=result.image_size, converter=self.converter, device_path=image)
             atomic_write(self.record_path(diff_id), record.to_json())
             return record
 

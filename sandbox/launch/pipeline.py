@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from sandbox.fsutil import atomic_write
 from sandbox.group import GroupSpec, TeeMode
 from sandbox.hostcheck import Accel, CheckReport, Tee, check_host
 from sandbox.images.model import ResolvedImage
+from sandbox.kbs.client import broker_pins, guest_url
 from sandbox.launch import deps
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
 from sandbox.launch.plan import LaunchPlan, build_plan
@@ -29,6 +30,7 @@ from sandbox.log import log
 from sandbox.policy.gen import generate_policy
 from sandbox.progress import step
 from sandbox.shared.errors import CheckFailed, InputError, SandboxError, StateError
+from sandbox.shared.kbs_protocol import FW_CFG_KBS_URL
 from sandbox.shared.protocol import PORT_COUNT, Op, b64encode
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
 from sandbox.state import ProcessRef, SandboxRecord, StateStore
@@ -51,6 +53,8 @@ class UpOptions:
     tee: TeeMode | None = None
     backend: Backend = Backend.qemu
     detach: bool = False
+    kbs_url: str | None = None          # key broker for the containers' attestation API (docs/kbs.md)
+    kbs_keys: tuple[str, ...] = ()      # broker pins for the policy; default: the broker at kbs_url
 
 
 @dataclass
@@ -79,6 +83,7 @@ def sandbox_paths(state_dir: Path) -> dict[str, Path]:
         "pidfile": state_dir / "qemu.pid",
         "policy": state_dir / "policy.json",
         "psp": state_dir / "psp.bin",
+        "kbs_url": state_dir / "kbs_url",
     }
 
 
@@ -128,14 +133,14 @@ def package_volumes(spec: GroupSpec) -> dict[str, tuple[str, Path]]:
 
 
 def policy_bytes(spec: GroupSpec, images: Mapping[str, ResolvedImage], volume_hashes: Mapping[str, str],
-                 policy_file: Path | None) -> bytes:
+                 policy_file: Path | None, key_brokers: Sequence[str] = ()) -> bytes:
     if policy_file is not None:
         try:
             return Path(policy_file).read_bytes()
         except OSError as e:
             raise InputError(f"cannot read policy file {policy_file}: {e.strerror}") from e
     with step("Generate the execution policy"):
-        return generate_policy(spec, images, volume_hashes=dict(volume_hashes))
+        return generate_policy(spec, images, volume_hashes=dict(volume_hashes), key_brokers=key_brokers)
 
 
 def expected_measurement(manifest_path: Path | None) -> str | None:
@@ -172,7 +177,7 @@ def _check_socket_paths(state_dir: Path) -> None:
 
 
 def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee, accel: Accel,
-               state_dir: Path, policy: bytes, measurement: str | None) -> VmConfig:
+               state_dir: Path, policy: bytes, measurement: str | None, kbs_url: str | None = None) -> VmConfig:
     paths = sandbox_paths(state_dir)
     disks = [Disk(Path(uvm.rootfs), ROOT_SERIAL)] + [Disk(d.path, d.serial) for d in plan.disks]
     forwards = tuple(PortForward(p.port, p.host_port, p.protocol.lower(), p.host_address) for p in spec.ports)
@@ -194,6 +199,10 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
         write_launch_material(paths["psp"], policy_bytes=policy,
                               measurement=bytes.fromhex(measurement) if measurement else bytes(48))
         fw_cfg = (FwCfgFile(PSP_FW_CFG_NAME, paths["psp"]),)
+    if kbs_url:
+        # Where the key broker is, as the guest sees it: a hint, not trusted (docs/kbs.md).
+        atomic_write(paths["kbs_url"], guest_url(kbs_url).encode())
+        fw_cfg += (FwCfgFile(FW_CFG_KBS_URL, paths["kbs_url"]),)
     return VmConfig(
         name=name, tee=tee, accel=accel, vcpus=spec.resources.vcpus, memory_mib=spec.resources.memory_mib,
         kernel=Path(uvm.kernel), cmdline=str(uvm.cmdline), disks=tuple(disks),
@@ -251,7 +260,10 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
     images = resolve_images(spec)
     timings.mark("images")
     volumes = package_volumes(spec)
-    policy = policy_bytes(spec, images, {k: h for k, (h, _) in volumes.items()}, opts.policy_file)
+    if opts.policy_file is not None and opts.kbs_keys:
+        raise InputError("--kbs-key pins brokers in a generated policy; with --policy the file's key_brokers apply")
+    pins = broker_pins(opts.kbs_url, opts.kbs_keys) if opts.policy_file is None else []
+    policy = policy_bytes(spec, images, {k: h for k, (h, _) in volumes.items()}, opts.policy_file, pins)
     policy_hash = hashlib.sha256(policy).digest()
     plan = build_plan(spec, images, volumes)
     with step("Prepare the UVM"):
@@ -287,9 +299,10 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                             "working_dir": c.create["working_dir"], "stdio": c.stdio,
                             "exec_processes": [list(e) for e in c.exec_processes]} for c in plan.containers],
             "uvm": {"kernel": str(uvm.kernel), "rootfs": str(uvm.rootfs), "cmdline": str(uvm.cmdline)},
+            "kbs": {"url": opts.kbs_url, "guest_url": guest_url(opts.kbs_url), "pins": pins} if opts.kbs_url else None,
         }
         store.save(record)
-        cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, policy, measurement)
+        cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, policy, measurement, opts.kbs_url)
         vm: vmm.Vm | None = None
         try:
             with step(f"Launch the UVM ({tee.value}, {accel.value}, {opts.backend.value})"):

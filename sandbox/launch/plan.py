@@ -17,6 +17,7 @@ from sandbox.group.spec import Container, GroupSpec, VolumeKind
 from sandbox.images.model import ResolvedImage
 from sandbox.policy.gen import container_capabilities, container_process
 from sandbox.shared import protocol as P
+from sandbox.shared.kbs_protocol import attestation_api_mount
 from sandbox.shared.policy import defaults
 
 
@@ -52,9 +53,12 @@ class LaunchPlan:
 
 def container_mounts(c: Container, spec: GroupSpec) -> list[dict[str, Any]]:
     kinds = {v.name: v.kind for v in spec.volumes}
-    return [defaults.volume_bind_mount(m.volume, m.mount_path,
-                                       m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret))
-            for m in c.mounts]
+    out = [defaults.volume_bind_mount(m.volume, m.mount_path,
+                                      m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret))
+           for m in c.mounts]
+    if c.attestation_api:
+        out.append(attestation_api_mount())  # the same entry policy generation pins (docs/kbs.md)
+    return out
 
 
 def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],

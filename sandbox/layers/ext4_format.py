@@ -146,19 +146,21 @@ class Xattr:
         return self.index, len(self.name), self.name
 
 
-def pack_xattrs(xattrs: list[Xattr], region: int, value_base: int) -> tuple[bytes, list[int]]:
+def pack_xattrs(xattrs: list[Xattr], region: int, value_base: int, *,
+                empty_value_offs: bool = False) -> tuple[bytes, list[int]]:
     """Entries from the start of a region of `region` bytes, values packed downwards from its end.
 
     e_value_offs counts from `value_base` bytes before the region start (0 for the in-inode area, whose
     offsets are relative to the first entry; 32 for a block, whose entries follow the 32-byte header).
-    The entry list ends with 4 zero bytes. Returns the region and the entry hashes.
+    The entry list ends with 4 zero bytes. Returns the region and the entry hashes. An empty value gets
+    e_value_offs 0, or with `empty_value_offs` the current value offset, as hcsshim's compactext4 writes.
     """
     out = bytearray(region)
     pos = 0
     end = region
     hashes = []
     for x in xattrs:
-        if x.value:
+        if x.value or empty_value_offs:
             end -= x.value_size
             out[end:end + len(x.value)] = x.value
             offs = end + value_base
@@ -176,9 +178,9 @@ def pack_xattrs(xattrs: list[Xattr], region: int, value_base: int) -> tuple[byte
     return bytes(out), hashes
 
 
-def pack_inode_xattrs(xattrs: list[Xattr]) -> bytes:
+def pack_inode_xattrs(xattrs: list[Xattr], *, empty_value_offs: bool = False) -> bytes:
     """The in-inode xattr area (after i_extra_isize): ext4_xattr_ibody_header magic, then entries."""
-    body, _ = pack_xattrs(xattrs, INODE_SIZE - INODE_XATTR_START - 4, 0)
+    body, _ = pack_xattrs(xattrs, INODE_SIZE - INODE_XATTR_START - 4, 0, empty_value_offs=empty_value_offs)
     return struct.pack("<I", XATTR_MAGIC) + body
 
 
@@ -311,6 +313,7 @@ class SuperblockFields:
     uuid: bytes = bytes(16)
     volume_name: bytes = b""
     lpf_ino: int = 0
+    max_mnt_count: int = -1     # -1: no mount-count checks; hcsshim's compactext4 writes 0
 
 
 def pack_superblock(f: SuperblockFields) -> bytes:
@@ -327,7 +330,7 @@ def pack_superblock(f: SuperblockFields) -> bytes:
         (0x20, "I", BLOCKS_PER_GROUP),
         (0x24, "I", BLOCKS_PER_GROUP),              # s_clusters_per_group
         (0x28, "I", f.inodes_per_group),
-        (0x36, "h", -1),                            # s_max_mnt_count: no mount-count checks
+        (0x36, "h", f.max_mnt_count),               # s_max_mnt_count
         (0x38, "H", MAGIC),
         (0x3A, "H", 1),                             # s_state: cleanly unmounted
         (0x3C, "H", 1),                             # s_errors: continue

@@ -113,8 +113,11 @@ class Ext4Writer:
     """Build an ext4 image in a file opened for writing (`fd`), starting at offset 0."""
 
     def __init__(self, fd: int, *, max_disk_size: int = DEFAULT_MAX_DISK_SIZE, lost_and_found: bool = False,
-                 uuid: bytes = bytes(16), volume_name: bytes = b"") -> None:
+                 uuid: bytes = bytes(16), volume_name: bytes = b"", compat_aci: bool = False) -> None:
         self.fd = fd
+        # compat_aci (sandbox/aci/ext4compat.py): the two bytes-level habits of hcsshim's compactext4 that this
+        # writer otherwise avoids: inode-bitmap padding bits left clear (e2fsck flags it) and s_max_mnt_count 0.
+        self.compat_aci = compat_aci
         max_blocks = -(-max_disk_size // F.BLOCK_SIZE)
         max_groups = -(-max_blocks // F.BLOCKS_PER_GROUP)
         self.max_blocks = max_blocks
@@ -248,7 +251,11 @@ class Ext4Writer:
                 self.freed.append((node.xattr_block, 1))
                 node.xattr_block = 0
             return
-        raw = F.pack_xattr_block(sorted(block, key=F.Xattr.sort_key))
+        if self.compat_aci:
+            from sandbox.aci.ext4compat import xattr_block_aci  # tar2ext4's entry order and zero hash
+            raw = xattr_block_aci(block)
+        else:
+            raw = F.pack_xattr_block(sorted(block, key=F.Xattr.sort_key))
         if node.xattr_block:
             self._rewrite_block(node.xattr_block, raw)
         else:
@@ -382,7 +389,8 @@ class Ext4Writer:
                     if node is not None and node.is_dir:
                         used_dirs += 1
             free_inodes = ipg - _popcount(ibm)
-            _set_bits(ibm, ipg, F.BLOCK_SIZE * 8)     # padding after the group's last inode
+            if not self.compat_aci:
+                _set_bits(ibm, ipg, F.BLOCK_SIZE * 8)     # padding after the group's last inode
             self._append(bbm)
             self._append(ibm)
             descs.append(F.pack_group_desc(block_bitmap=bitmap_start + 2 * g, inode_bitmap=bitmap_start + 2 * g + 1,
@@ -402,7 +410,8 @@ class Ext4Writer:
             inodes_count=groups * ipg, blocks_count=disk_blocks, free_blocks=total_free_blocks,
             free_inodes=total_free_inodes, inodes_per_group=ipg, ro_compat=ro_compat, uuid=self.uuid,
             volume_name=self.volume_name,
-            lpf_ino=self.lost_and_found.ino if self.lost_and_found else 0))
+            lpf_ino=self.lost_and_found.ino if self.lost_and_found else 0,
+            max_mnt_count=0 if self.compat_aci else -1))
         self._pwrite(bytes(1024) + sb + bytes(F.BLOCK_SIZE - 2048), 0)
         return Ext4Stats(blocks=disk_blocks, inodes=inode_count, groups=groups, inodes_per_group=ipg)
 
@@ -459,7 +468,7 @@ class Ext4Writer:
         return F.InodeRecord(
             mode=node.mode, uid=node.uid, gid=node.gid, size=node.size, links=links, blocks=blocks, flags=flags,
             i_block=i_block, xattr_block=node.xattr_block, atime=node.atime, ctime=node.ctime, mtime=node.mtime,
-            crtime=node.crtime, inline_xattrs=F.pack_inode_xattrs(inline) if inline else b"")
+            crtime=node.crtime, inline_xattrs=F.pack_inode_xattrs(inline, empty_value_offs=self.compat_aci) if inline else b"")
 
 
 def split_xattrs(xattrs: dict[bytes, bytes]) -> tuple[list[F.Xattr], list[F.Xattr]]:

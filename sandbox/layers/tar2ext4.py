@@ -61,6 +61,7 @@ class Ext4Options:
     lost_and_found: bool = False
     max_disk_size: int = DEFAULT_MAX_DISK_SIZE
     uuid: bytes = bytes(16)
+    compat_aci: bool = False        # byte-identical to hcsshim tar2ext4 (sandbox/aci/ext4compat.py sets the rest)
 
 
 DEFAULT_OPTIONS = Ext4Options()
@@ -316,8 +317,12 @@ def convert_tar_stream(stream: BinaryIO, fd: int, options: Ext4Options = DEFAULT
                        on_entry: Callable[[TarEntry], None] | None = None) -> TarStats:
     """Read a tar stream and write an ext4 image to `fd`; the stream is read to its end."""
     writer = Ext4Writer(fd, max_disk_size=options.max_disk_size, lost_and_found=options.lost_and_found,
-                        uuid=options.uuid)
-    builder = LayerBuilder(writer, options)
+                        uuid=options.uuid, compat_aci=options.compat_aci)
+    if options.compat_aci:
+        from sandbox.aci.ext4compat import AciLayerBuilder  # tar2ext4's rules (docs/aci.md)
+        builder: LayerBuilder = AciLayerBuilder(writer, options)
+    else:
+        builder = LayerBuilder(writer, options)
     reader = TarReader(stream)
     count = 0
     for entry in reader:

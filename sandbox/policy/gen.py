@@ -15,6 +15,8 @@ Mapping (docs/policy.md, "Generation"):
 - user: `user`, else the image User; empty means root (uid 0); names match by name, numbers by id;
 - mounts: one bind per group mount from /run/parma/volumes/<volume>, read-only when asked (always for
   `files` and `secret` volumes); `files` volumes are pinned by root hash in the policy's `volumes`;
+  `attestationApi: true` adds the read-only bind of the attestation API socket directory (docs/kbs.md);
+- key_brokers: the pins of the key brokers the agent may accept secrets from (`key_brokers` argument);
 - capabilities: the usual 14 (bounding/effective/permitted) adjusted by the group's add/drop;
   privileged: all 41 (bounding/effective/permitted) and allow_elevated; inheritable/ambient empty;
 - debug mode: exec processes /bin/sh and /bin/bash, an allow-all env rule, and runtime logging,
@@ -23,13 +25,14 @@ Mapping (docs/policy.md, "Generation"):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sandbox.group.spec import Container as SpecContainer
 from sandbox.group.spec import GroupSpec, VolumeKind
 from sandbox.images.model import ImageConfig, ResolvedImage
 from sandbox.shared.errors import InputError
+from sandbox.shared.kbs_protocol import PIN, attestation_api_mount
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.model import (
     ANY_ID,
@@ -40,6 +43,7 @@ from sandbox.shared.policy.model import (
     ExecProcess,
     IdName,
     IdStrategy,
+    KeyBroker,
     Mount,
     Policy,
     Strategy,
@@ -135,6 +139,9 @@ def _mounts(spec: GroupSpec, container: SpecContainer) -> tuple[Mount, ...]:
         read_only = m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret)
         entry = defaults.volume_bind_mount(m.volume, m.mount_path, read_only)
         out.append(Mount(entry["destination"], entry["source"], entry["type"], tuple(entry["options"])))
+    if container.attestation_api:
+        api = attestation_api_mount()
+        out.append(Mount(api["destination"], api["source"], api["type"], tuple(api["options"])))
     return tuple(out)
 
 
@@ -164,7 +171,7 @@ def _policy_container(spec: GroupSpec, container: SpecContainer, image: Resolved
 
 
 def build_policy(spec: GroupSpec, images: Mapping[str, ResolvedImage], *, debug_mode: bool | None = None,
-                 volume_hashes: Mapping[str, str] | None = None) -> Policy:
+                 volume_hashes: Mapping[str, str] | None = None, key_brokers: Sequence[str] = ()) -> Policy:
     """The policy model for a group; see the module docstring for the mapping."""
     debug = spec.policy.debug_mode if debug_mode is None else debug_mode
     volume_hashes = volume_hashes or {}
@@ -183,10 +190,17 @@ def build_policy(spec: GroupSpec, images: Mapping[str, ResolvedImage], *, debug_
         if not HEX64.fullmatch(digest):
             raise InputError(f"files volume {v.name!r}: root hash {digest!r} is not 64 lowercase hex digits")
         volumes.append(Volume(v.name, defaults.volume_target(v.name), digest))
+    pins = []
+    for pin in key_brokers:
+        if not PIN.fullmatch(pin):
+            raise InputError(f"key broker pin {pin!r} is not a SHA-256 (64 lowercase hex digits)",
+                             hint="'parma-sandbox kbs key' prints the broker's pin")
+        if pin not in pins:
+            pins.append(pin)
     containers = tuple(_policy_container(spec, c, images[c.name], debug) for c in spec.containers)
     return Policy(
         api_version=defaults.API_VERSION, framework_version=defaults.FRAMEWORK_VERSION, containers=containers,
-        external_processes=(), volumes=tuple(volumes),
+        external_processes=(), volumes=tuple(volumes), key_brokers=tuple(KeyBroker(p) for p in pins),
         allow_properties_access=debug, allow_dump_stacks=debug, allow_runtime_logging=debug,
         allow_environment_variable_dropping=spec.policy.allow_environment_variable_dropping,
         allow_unencrypted_scratch=spec.policy.allow_unencrypted_scratch,
@@ -195,7 +209,8 @@ def build_policy(spec: GroupSpec, images: Mapping[str, ResolvedImage], *, debug_
 
 
 def generate_policy(spec: GroupSpec, images: Mapping[str, ResolvedImage], *, debug_mode: bool | None = None,
-                    volume_hashes: Mapping[str, str] | None = None) -> bytes:
+                    volume_hashes: Mapping[str, str] | None = None, key_brokers: Sequence[str] = ()) -> bytes:
     """Canonical policy bytes for a group (their SHA-256 is the launch's HOST_DATA)."""
-    policy = build_policy(spec, images, debug_mode=debug_mode, volume_hashes=volume_hashes)
+    policy = build_policy(spec, images, debug_mode=debug_mode, volume_hashes=volume_hashes,
+                          key_brokers=key_brokers)
     return policy.canonical_bytes()

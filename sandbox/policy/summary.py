@@ -86,6 +86,7 @@ def summarize(raw: bytes, policy: Policy) -> dict[str, Any]:
         "external_processes": [{"command": list(e.command), "working_dir": e.working_dir,
                                 "allow_stdio_access": e.allow_stdio_access} for e in policy.external_processes],
         "volumes": [{"name": v.name, "target": v.target, "device_hash": v.device_hash} for v in policy.volumes],
+        "key_brokers": [b.public_key_sha256 for b in policy.key_brokers],
     }
 
 
@@ -104,6 +105,8 @@ def render(summary: dict[str, Any]) -> str:
     lines.append(f"flags: {', '.join(flags) if flags else 'none (everything optional is denied)'}")
     for v in summary["volumes"]:
         lines.append(f"volume {v['name']}: {v['target']} pinned to {v['device_hash']}")
+    for pin in summary["key_brokers"]:
+        lines.append(f"key broker: public key sha256 {pin} (secrets are accepted only from it)")
     for c in summary["containers"]:
         lines.append("")
         lines.append(f"container {c['name']}" + (f" ({c['id']})" if c["id"] else ""))

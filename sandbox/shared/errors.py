@@ -94,3 +94,7 @@ class ExecCannotInvoke(SandboxError):
 
 class ExecNotFound(SandboxError):
     """The command to exec does not exist in the container (exit 127)."""
+
+
+class KeyReleaseRefused(CheckFailed):
+    """A key broker refused to release a secret: the evidence does not satisfy its release policy."""

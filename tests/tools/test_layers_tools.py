@@ -16,7 +16,7 @@ from sandbox.images.resolve import resolve_image
 from sandbox.layers.convert import convert_layer, convert_tar_to_ext4
 from sandbox.layers.tar2ext4 import Ext4Options
 from sandbox.run import run
-from sandbox.shared.errors import SandboxError, ToolError
+from sandbox.shared.errors import InputError, SandboxError, ToolError
 from tests.ext4read import Ext4Image, Item, walk
 from tests.layertars import Layer, edge_case_layer, expected_tree, strip_ino
 from tests.minbase import minbase_tar
@@ -282,3 +282,17 @@ def test_full_disk_leaves_a_consistent_cache(tmp_path: Path, monkeypatch: pytest
         assert leftovers == []
     finally:
         run(["umount", small], check=False)
+
+
+def test_truncated_and_corrupt_zstd(tmp_path: Path) -> None:
+    (tmp_path / "l.tar").write_bytes(edge_case_layer().tar_bytes())
+    run(["zstd", "-q", tmp_path / "l.tar", "-o", tmp_path / "l.tar.zst"])
+    data = (tmp_path / "l.tar.zst").read_bytes()
+    broken = bytearray(data)
+    broken[len(data) // 2] ^= 0xFF
+    for name, content in (("cut.zst", data[:len(data) // 2]), ("flipped.zst", bytes(broken))):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(InputError, match="zstd|tar stream") as exc:
+            convert_layer(tmp_path / name, tmp_path / f"{name}.img", name=f"layer {name}")
+        assert exc.value.message.startswith(f"layer {name}: ")
+        assert not (tmp_path / f"{name}.img").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,19 @@ from sandbox.cli.main import cli
 from sandbox.images.resolve import pull_image, resolve_image
 from sandbox.shared.errors import NetworkError, NotFoundError
 from tests.imagefixtures import oci_image
-from tests.registry import PASSWORD, USER, Registry, free_port
+from tests.registry import PASSWORD, USER, Registry, free_port, serve
 
 ALL = ("linux/amd64", "linux/arm64/v8")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    yield from serve(tmp_path_factory, token_auth=False)
+
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    yield from serve(tmp_path_factory, token_auth=True)
 
 
 @pytest.fixture(scope="module")

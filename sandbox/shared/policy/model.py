@@ -1,8 +1,8 @@
 """The execution policy document: model, strict validation, canonical bytes and the policy hash.
 
 Field names are ACI's (hcsshim framework.rego / confcom), so a policy maps 1:1 onto the data of an
-ACI Rego policy. One parma-sandbox extension, `volumes`, pins the read-only devices of `files`
-volumes (docs/policy.md). Validation reports every problem with its JSON path and rejects unknown
+ACI Rego policy. Two parma-sandbox extensions: `volumes` pins the read-only devices of `files`
+volumes, and `key_brokers` pins the key brokers the agent trusts for secret release (docs/policy.md). Validation reports every problem with its JSON path and rejects unknown
 fields; regexes are checked when the policy is loaded, not when they are first used.
 
 Canonical form (fixed forever, because HOST_DATA is the SHA-256 of these bytes): JSON with keys
@@ -134,12 +134,20 @@ class Volume:
 
 
 @dataclass(frozen=True)
+class KeyBroker:
+    """parma-sandbox extension: a key broker the agent accepts secrets from, pinned by its public key."""
+
+    public_key_sha256: str  # SHA-256 (hex) of the broker's DER SubjectPublicKeyInfo (docs/kbs.md)
+
+
+@dataclass(frozen=True)
 class Policy:
     api_version: str
     framework_version: str
     containers: tuple[Container, ...]
     external_processes: tuple[ExternalProcess, ...] = ()
     volumes: tuple[Volume, ...] = ()
+    key_brokers: tuple[KeyBroker, ...] = ()
     allow_properties_access: bool = False
     allow_dump_stacks: bool = False
     allow_runtime_logging: bool = False
@@ -270,6 +278,8 @@ def _policy_doc(p: Policy) -> dict[str, Any]:
         d[flag] = getattr(p, flag)
     if p.volumes:
         d["volumes"] = [{"name": v.name, "target": v.target, "device_hash": v.device_hash} for v in p.volumes]
+    if p.key_brokers:
+        d["key_brokers"] = [{"public_key_sha256": b.public_key_sha256} for b in p.key_brokers]
     return d
 
 
@@ -538,8 +548,17 @@ def _check_volume(c: _Checker, raw: Any, path: str) -> Volume | None:
     return Volume(name, target, device_hash)
 
 
+def _check_key_broker(c: _Checker, raw: Any, path: str) -> KeyBroker | None:
+    d = c.obj(raw, path, ("public_key_sha256",), ("public_key_sha256",))
+    if d is None:
+        return None
+    pin = c.string(d, "public_key_sha256", path, None, pattern=HEX64,
+                   what="a SHA-256 of the broker's public key (64 lowercase hex digits)")
+    return KeyBroker(pin) if pin is not None else None
+
+
 TOP_LEVEL = ("api_version", "framework_version", "containers", "external_processes", "fragments", "volumes",
-             *FLAGS)
+             "key_brokers", *FLAGS)
 
 
 def validate_policy(raw: Any, *, source: str = "policy") -> Policy:
@@ -567,6 +586,10 @@ def validate_policy(raw: Any, *, source: str = "policy") -> Policy:
     containers = c.items(d, "containers", "", lambda r, p: _check_container(c, r, p, version))
     externals = c.items(d, "external_processes", "", lambda r, p: _check_external_process(c, r, p))
     volumes = c.items(d, "volumes", "", lambda r, p: _check_volume(c, r, p))
+    key_brokers = c.items(d, "key_brokers", "", lambda r, p: _check_key_broker(c, r, p))
+    for i, b in enumerate(key_brokers or ()):
+        if b in (key_brokers or ())[:i]:
+            c.problem(f"key_brokers[{i}]", f"broker {b.public_key_sha256} is listed twice")
     fragments = c.get(d, "fragments", "", list, None)
     if fragments:
         c.problem("fragments", "policy fragments are not supported by parma-sandbox (remove them)")
@@ -585,4 +608,5 @@ def validate_policy(raw: Any, *, source: str = "policy") -> Policy:
     if c.problems:
         raise InvalidDocument(source, c.problems, hint=hint)
     return Policy(api_version=d["api_version"], framework_version=d["framework_version"], containers=containers,
-                  external_processes=externals or (), volumes=volumes or (), **flags)
+                  external_processes=externals or (), volumes=volumes or (), key_brokers=key_brokers or (),
+                  **flags)

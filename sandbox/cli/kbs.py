@@ -1,0 +1,211 @@
+"""`parma-sandbox kbs ...` (the key broker) and `parma-sandbox secret ...` (its store)."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sandbox.cli.common import emit, format_option, info, render_table, resolve_format
+from sandbox.kbs.audit import AuditLog, Event
+from sandbox.kbs.server import DEFAULT_MAX_CONNECTIONS, make_server, parse_listen
+from sandbox.kbs.store import KbsStore, ReleasePolicy, default_store, new_secret
+from sandbox.shared.errors import CheckFailed, InputError
+from sandbox.shared.kbs_protocol import MAX_SECRET_SIZE
+
+DEFAULT_LISTEN = "127.0.0.1:8300"
+
+store_option = click.option(
+    "--store", "store_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+    help="Key broker store directory (default: $PARMA_SANDBOX_KBS_STORE, else ~/.local/share/parma-sandbox/kbs).")
+
+
+def _store(store_dir: Path | None, *, create: bool = True) -> KbsStore:
+    return KbsStore.open(store_dir or default_store(), create=create)
+
+
+@click.group("kbs")
+def kbs() -> None:
+    """The key broker: releases secrets only to attested container groups."""
+
+
+@kbs.command("serve")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to listen on (port 0: any free one).")
+@store_option
+@click.option("--challenge-ttl", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+              help="Seconds a challenge nonce stays valid.")
+@click.option("--max-connections", type=click.IntRange(1, 4096), default=DEFAULT_MAX_CONNECTIONS, show_default=True,
+              help="Requests handled at once; more get 503.")
+@click.option("--fetch-certs", is_flag=True, help="Fetch VCEKs missing from the evidence from AMD's KDS.")
+@format_option
+def serve(listen: str, store_dir: Path | None, challenge_ttl: float, max_connections: int, fetch_certs: bool,
+          fmt: str | None) -> None:
+    """Serve the key broker over HTTP until interrupted (SIGINT/SIGTERM)."""
+    address = parse_listen(listen)
+    store = _store(store_dir)
+    server = make_server(store, address, challenge_ttl=challenge_ttl, fetch_certs=fetch_certs,
+                         max_connections=max_connections)
+    if not ipaddress.ip_address(address[0]).is_loopback:
+        info(f"warning: listening on {address[0]}, reachable from other machines; the protocol needs no "
+             "confidentiality from the network, but anyone there can ask for challenges")
+    service = server.service
+    service.audit.append(Event.SERVE, url=server.url, broker_key=service.pin, store=str(store.root))
+    doc = {"url": server.url, "public_key_sha256": service.pin, "store": str(store.root),
+           "secrets": len(store.names())}
+    emit(doc, fmt, lambda d: f"kbs: listening on {d['url']}\nkbs: broker key sha256 {d['public_key_sha256']}\n"
+                             f"kbs: store {d['store']} ({d['secrets']} secrets)")
+    sys.stdout.flush()
+
+    def stop(_signum: int, _frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.server_close()
+        info("kbs: stopped")
+
+
+@kbs.command("key")
+@store_option
+@format_option
+def key(store_dir: Path | None, fmt: str | None) -> None:
+    """Print the broker's public key and its pin (what `policy gen --kbs-key` and `up --kbs-key` take)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - host-only, CLI-local
+
+    store = _store(store_dir)
+    pem = store.broker_key().public_key().public_bytes(serialization.Encoding.PEM,
+                                                       serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    emit({"public_key_sha256": store.broker_pin(), "public_key_pem": pem}, fmt,
+         lambda d: f"{d['public_key_sha256']}\n{d['public_key_pem'].rstrip()}")
+
+
+@kbs.command("audit")
+@store_option
+@click.option("--verify", "check", is_flag=True, help="Check the hash chain; exit 1 if it is broken.")
+@click.option("--tail", type=click.IntRange(0), default=0, help="Only the last N records (0: all).")
+@format_option
+def audit(store_dir: Path | None, check: bool, tail: int, fmt: str | None) -> None:
+    """Show the audit log (every release and refusal, with the reason)."""
+    log = AuditLog(_store(store_dir, create=False).audit_path)
+    if check:
+        result = log.verify()
+        emit({"records": result.records, "intact": result.intact, "problems": list(result.problems)}, fmt,
+             lambda d: f"{d['records']} records, chain {'intact' if d['intact'] else 'BROKEN'}"
+                       + "".join(f"\n  {p}" for p in d["problems"]))
+        if not result.intact:
+            raise CheckFailed(f"the audit log's hash chain is broken ({len(result.problems)} problems)")
+        return
+    records = list(log.records())
+    if tail:
+        records = records[-tail:]
+    if resolve_format(fmt).value == "json":
+        emit(records, fmt, str)
+        return
+    rows = [(r.get("time", ""), r.get("event", ""), r.get("secret", ""), r.get("peer", ""),
+             str(r.get("reason", r.get("url", "")))[:120]) for r in records]
+    emit(records, fmt, lambda _d: render_table(["time", "event", "secret", "peer", "reason"], rows))
+
+
+@click.group("secret")
+def secret() -> None:
+    """Secrets held by the key broker, each with its release policy."""
+
+
+def _read_value(path: Path) -> bytes:
+    try:
+        data = sys.stdin.buffer.read(MAX_SECRET_SIZE + 1) if str(path) == "-" else path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read secret file {path}: {e.strerror}") from None
+    return data
+
+
+def _policy_hashes(policy_files: tuple[Path, ...], hashes: tuple[str, ...]) -> list[str]:
+    out = list(hashes)
+    for p in policy_files:
+        try:
+            out.append(hashlib.sha256(p.read_bytes()).hexdigest())
+        except OSError as e:
+            raise InputError(f"cannot read policy {p}: {e.strerror}") from None
+    return out
+
+
+@secret.command("put")
+@click.argument("name")
+@click.option("--file", "file", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="The secret's value ('-' reads stdin); at most 64 KiB.")
+@click.option("--policy", "policy_files", type=click.Path(path_type=Path, dir_okay=False), multiple=True,
+              help="Release only to groups running this execution policy (its SHA-256 is HOST_DATA). Repeatable.")
+@click.option("--policy-hash", "policy_hashes", multiple=True,
+              help="Release only to this HOST_DATA (64 hex digits, as 'policy hash' prints). Repeatable.")
+@click.option("--measurement", "measurements", multiple=True,
+              help="Also require this launch MEASUREMENT (96 hex digits). Repeatable.")
+@click.option("--min-tcb", help="Minimum REPORTED_TCB: bl=N,tee=N,snp=N,ucode=N[,fmc=N].")
+@click.option("--allow-emulated", is_flag=True,
+              help="Accept evidence from this installation's emulated PSP (laptops, CI). Never for real secrets.")
+@click.option("--replace", is_flag=True, help="Overwrite an existing secret of that name.")
+@store_option
+@format_option
+def put(name: str, file: Path, policy_files: tuple[Path, ...], policy_hashes: tuple[str, ...],
+        measurements: tuple[str, ...], min_tcb: str | None, allow_emulated: bool, replace: bool,
+        store_dir: Path | None, fmt: str | None) -> None:
+    """Store secret NAME with its release policy (written 0600, atomically)."""
+    if not policy_files and not policy_hashes:
+        raise InputError("a secret needs a release policy: pass --policy FILE or --policy-hash HEX",
+                         hint="'parma-sandbox policy gen group.json -o policy.json' writes the policy")
+    policy = ReleasePolicy(tuple(_policy_hashes(policy_files, policy_hashes)), tuple(measurements), min_tcb,
+                           allow_emulated)
+    record = new_secret(name, _read_value(file), policy)
+    store = _store(store_dir)
+    store.put(record, replace=replace)
+    AuditLog(store.audit_path).append(Event.PUT, secret=name, secret_sha256=record.sha256, replace=replace,
+                                      release_policy=policy.to_dict())
+    emit(_summary(record), fmt, lambda d: f"stored {d['name']} ({d['size']} bytes, sha256 {d['sha256']})")
+    if allow_emulated:
+        info("note: this secret will also be released to EMULATED evidence (no AMD hardware vouches for it)")
+
+
+def _summary(record: Any) -> dict[str, Any]:
+    return {"name": record.name, "size": len(record.value), "sha256": record.sha256, "created": record.created,
+            "release_policy": record.policy.to_dict()}
+
+
+@secret.command("list")
+@store_option
+@format_option
+def list_secrets(store_dir: Path | None, fmt: str | None) -> None:
+    """List stored secrets and their release policies (never the values)."""
+    records = [_summary(r) for r in _store(store_dir).list()]
+
+    def table(items: list[dict[str, Any]]) -> str:
+        rows = [(d["name"], d["size"], ", ".join(h[:16] for h in d["release_policy"]["host_data"]),
+                 "any" if not d["release_policy"]["measurement"] else len(d["release_policy"]["measurement"]),
+                 d["release_policy"]["min_tcb"] or "-", "yes" if d["release_policy"]["allow_emulated"] else "no",
+                 d["created"]) for d in items]
+        return render_table(["name", "bytes", "host_data", "measurement", "min tcb", "emulated", "created"], rows)
+
+    emit(records, fmt, table)
+
+
+@secret.command("rm")
+@click.argument("name")
+@store_option
+def rm(name: str, store_dir: Path | None) -> None:
+    """Remove secret NAME."""
+    store = _store(store_dir, create=False)
+    store.remove(name)
+    AuditLog(store.audit_path).append(Event.REMOVE, secret=name)
+    info(f"removed {name}")
+
+
+commands = [kbs, secret]

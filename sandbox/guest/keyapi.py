@@ -1,0 +1,346 @@
+"""The in-guest attestation and key-release API for containers, and the agent's key broker client.
+
+Modelled on Azure's confidential-sidecar-containers `skr` API (HTTP + JSON), served by the agent on
+the unix socket ATTEST_API_SOCKET. The launcher bind-mounts its directory only into containers whose
+policy entry lists that mount (group.json `attestationApi: true`), so the execution policy decides
+which containers may attest or ask for keys; every other container has no path to the socket.
+
+  GET  /status        -> {"message": "STATUS OK", "attestation": backend, "key_brokers": n,
+                          "broker_configured": bool}
+  POST /attest/raw    {"runtime_data": b64} -> {"report": hex, "cert_table": b64, "backend": ...}
+                      REPORT_DATA = SHA-256(runtime_data) || 32 zero bytes, as the sidecar does. The
+                      zero half keeps these reports apart from the agent's own key-binding reports,
+                      whose REPORT_DATA is a full SHA-512 (a container cannot impersonate the agent).
+  POST /key/release   {"name": NAME} -> {"name": NAME, "secret": b64}
+                      (or the raw bytes with `Accept: application/octet-stream`)
+  errors              -> {"error": "..."}: 400 bad request, 403 the broker refused (its reason),
+                         502 broker unreachable or not trusted, 503 not configured
+
+For /key/release the agent runs the broker protocol itself (sandbox/shared/kbs_protocol.py) with its
+own runtime key: challenge, evidence with REPORT_DATA = SHA-512(nonce || runtime key), then the
+sealed secret, which it opens only if the broker's key is pinned by the policy (`key_brokers`). The
+broker's address comes from the host (fw_cfg FW_CFG_KBS_URL) and is not trusted: a wrong address
+can only make the release fail.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import http.client
+import json
+import os
+import socket
+import socketserver
+import struct
+import threading
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+from sandbox.guest import snp_report
+from sandbox.shared.bounded_server import BoundedThreadingMixIn
+from sandbox.shared.crypto.p384 import PrivateKey
+from sandbox.shared.errors import InputError, KeyReleaseRefused, NetworkError, SandboxError
+from sandbox.shared.kbs_protocol import (
+    ATTEST_API_SOCKET,
+    CHALLENGE_PATH,
+    FW_CFG_KBS_URL,
+    MAX_RESPONSE_BYTES,
+    RELEASE_PATH,
+    BrokerNotTrusted,
+    Sealed,
+    check_secret_name,
+    open_sealed,
+)
+
+MAX_BODY = 64 * 1024
+READ_TIMEOUT = 10.0
+BROKER_TIMEOUT = 60.0   # a TCG guest signs its report in pure Python: give the exchange time
+MAX_CONNECTIONS = 8
+FW_CFG_DIR = Path("/sys/firmware/qemu_fw_cfg/by_name")
+
+
+class NotConfigured(SandboxError):
+    """The API cannot do this here: no key broker pinned or located, no attestation interface."""
+
+
+def read_broker_url(fw_cfg_dir: Path = FW_CFG_DIR) -> str | None:
+    try:
+        raw = (fw_cfg_dir / FW_CFG_KBS_URL / "raw").read_bytes()
+    except OSError:
+        return None
+    text = raw.rstrip(b"\0").decode("utf-8", "replace").strip()
+    return text or None
+
+
+# --- the agent's key broker client -----------------------------------------------------------------
+
+def _post_json(url: str, path: str, body: dict[str, Any], timeout: float) -> tuple[int, Any]:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise NotConfigured(f"key broker URL {url!r} is not http://HOST[:PORT]",
+                            hint="the exchange is authenticated end to end; plain HTTP is all it needs")
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    try:
+        data = json.dumps(body).encode()
+        conn.request("POST", parts.path.rstrip("/") + path, body=data,
+                     headers={"Content-Type": "application/json", "Content-Length": str(len(data))})
+        response = conn.getresponse()
+        raw = response.read(MAX_RESPONSE_BYTES + 1)
+        status = response.status
+    except (OSError, http.client.HTTPException) as e:
+        raise NetworkError(f"key broker {url} unreachable: {e}") from None
+    finally:
+        conn.close()
+    if len(raw) > MAX_RESPONSE_BYTES:
+        raise NetworkError(f"key broker {url}: response larger than {MAX_RESPONSE_BYTES} bytes")
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        raise NetworkError(f"key broker {url}: HTTP {status} with a body that is not JSON") from None
+
+
+def _broker_error(status: int, doc: Any, url: str) -> SandboxError:
+    message = doc.get("message") if isinstance(doc, dict) else None
+    message = str(message)[:1000] if message else f"HTTP {status}"
+    if status == HTTPStatus.FORBIDDEN:
+        return KeyReleaseRefused(f"the key broker refused: {message}")
+    return NetworkError(f"key broker {url}: HTTP {status}: {message}")
+
+
+EvidenceFn = Callable[[bytes], Any]  # nonce -> ReportEvidence
+
+
+def release_secret(url: str, name: str, *, evidence_for: EvidenceFn, runtime_key: PrivateKey,
+                   pins: frozenset[str], timeout: float = BROKER_TIMEOUT) -> bytes:
+    """Run the broker protocol for secret `name` and return its value, authenticated by a pinned key."""
+    check_secret_name(name)
+    if not pins:
+        raise NotConfigured("the execution policy pins no key broker (key_brokers), so no secret can be trusted",
+                            hint="generate the policy with 'policy gen --kbs URL' or 'up --kbs URL'")
+    status, doc = _post_json(url, CHALLENGE_PATH, {}, timeout)
+    if status != HTTPStatus.OK:
+        raise _broker_error(status, doc, url)
+    try:
+        nonce = bytes.fromhex(doc["nonce"])
+    except (TypeError, KeyError, ValueError):
+        raise NetworkError(f"key broker {url}: the challenge has no valid nonce") from None
+    if not 16 <= len(nonce) <= 64:
+        raise NetworkError(f"key broker {url}: a {len(nonce)}-byte nonce (expected 16..64)")
+    evidence = evidence_for(nonce)
+    status, doc = _post_json(url, RELEASE_PATH, {"secret": name, "evidence": evidence.to_payload()}, timeout)
+    if status != HTTPStatus.OK:
+        raise _broker_error(status, doc, url)
+    if not isinstance(doc, dict) or doc.get("secret") != name:
+        raise NetworkError(f"key broker {url}: the response is not for secret {name!r}")
+    try:
+        sealed = Sealed.from_payload(doc.get("sealed"))
+    except InputError as e:
+        raise NetworkError(f"key broker {url}: malformed sealed secret: {e}") from None
+    return open_sealed(sealed, secret=name, nonce=nonce, runtime_key=runtime_key, pins=pins)
+
+
+# --- the API server -------------------------------------------------------------------------------
+
+@dataclass
+class KeyApiConfig:
+    """What the API needs from the agent. Callables, because the policy arrives after the API starts."""
+
+    pins: Callable[[], frozenset[str]]                       # key_brokers of the installed policy
+    broker_url: Callable[[], str | None] = read_broker_url
+    paths: snp_report.GuestPaths = field(default_factory=lambda: snp_report.DEFAULT_PATHS)
+    runtime_key: Callable[[], PrivateKey] = snp_report.runtime_key
+    log: Callable[[str], None] = lambda message: None
+
+    def evidence_for(self, nonce: bytes) -> Any:
+        return snp_report.evidence_for(nonce, key=self.runtime_key(), paths=self.paths)
+
+
+class ApiError(Exception):
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _status_for(error: SandboxError) -> HTTPStatus:
+    if isinstance(error, KeyReleaseRefused):
+        return HTTPStatus.FORBIDDEN
+    if isinstance(error, NotConfigured):
+        return HTTPStatus.SERVICE_UNAVAILABLE
+    if isinstance(error, BrokerNotTrusted | NetworkError):
+        return HTTPStatus.BAD_GATEWAY
+    if isinstance(error, InputError):
+        return HTTPStatus.BAD_REQUEST
+    return HTTPStatus.SERVICE_UNAVAILABLE  # AttestationError and the like: the guest cannot attest
+
+
+def peer_container(sock: socket.socket) -> str:
+    """The container (crun cgroup /parma/<id>) of the process at the other end, for the agent's log."""
+    try:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            path = line.split(":", 2)[-1]
+            if path.startswith("/parma/"):
+                return path.split("/")[2]
+        return f"pid {pid}"
+    except (OSError, struct.error, IndexError):
+        return "unknown"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: KeyApiServer
+    timeout = READ_TIMEOUT
+    server_version = "parma-attestation-api/1"
+    sys_version = ""
+
+    def address_string(self) -> str:  # unix sockets have no address; BaseHTTPRequestHandler indexes it
+        return "unix"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        pass
+
+    def _body(self) -> dict[str, Any]:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required") from None
+        if not 0 <= length <= MAX_BODY:
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body must be at most {MAX_BODY} bytes")
+        raw = self.rfile.read(length)
+        try:
+            doc = json.loads(raw) if raw.strip() else {}
+        except (ValueError, RecursionError):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
+        if not isinstance(doc, dict):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+        return doc
+
+    def _reply(self, status: HTTPStatus, doc: dict[str, Any] | None = None, raw: bytes | None = None) -> None:
+        data = raw if raw is not None else json.dumps(doc).encode() + b"\n"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _route(self, method: str) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        routes = {("GET", "/status"): self._status, ("POST", "/attest/raw"): self._attest_raw,
+                  ("POST", "/key/release"): self._key_release}
+        handler = routes.get((method, path))
+        try:
+            if handler is None:
+                known = {p for _, p in routes}
+                raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED if path in known else HTTPStatus.NOT_FOUND,
+                               f"{method} {path[:200]} is not an endpoint of this API "
+                               "(GET /status, POST /attest/raw, POST /key/release)")
+            handler()
+        except ApiError as e:
+            self.close_connection = True
+            self._reply(e.status, {"error": e.message})
+        except SandboxError as e:
+            self.close_connection = True
+            self._reply(_status_for(e), {"error": e.message + (f" (hint: {e.hint})" if e.hint else "")})
+        except Exception as e:  # noqa: BLE001 - a bug must not take the API (or the agent) down
+            self.close_connection = True
+            self.server.config.log(f"attestation API: internal error: {type(e).__name__}: {e}")
+            self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(e).__name__}"})
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._route("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._route("POST")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._route("DELETE")
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    def _status(self) -> None:
+        config = self.server.config
+        try:
+            backend = snp_report.select_backend(config.paths).value
+        except SandboxError as e:
+            backend = f"unavailable: {e.message}"
+        self._reply(HTTPStatus.OK, {"message": "STATUS OK", "attestation": backend,
+                                    "key_brokers": len(config.pins()), "broker_configured": bool(config.broker_url())})
+
+    def _attest_raw(self) -> None:
+        doc = self._body()
+        if set(doc) != {"runtime_data"} or not isinstance(doc["runtime_data"], str):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "expected {\"runtime_data\": \"<base64>\"}")
+        try:
+            runtime_data = base64.b64decode(doc["runtime_data"], validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "runtime_data is not valid base64") from None
+        report_data = hashlib.sha256(runtime_data).digest() + bytes(32)
+        result = snp_report.get_extended_report(report_data, paths=self.server.config.paths)
+        self._reply(HTTPStatus.OK, {"report": result.report.hex(),
+                                    "cert_table": base64.b64encode(result.cert_table).decode(),
+                                    "backend": result.backend.value})
+
+    def _key_release(self) -> None:
+        config = self.server.config
+        doc = self._body()
+        if set(doc) != {"name"}:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "expected {\"name\": \"<secret name>\"}")
+        name = check_secret_name(doc["name"], where="name")
+        url = config.broker_url()
+        if not url:
+            raise NotConfigured("no key broker address: the sandbox was started without one",
+                                hint="start it with 'parma-sandbox up --kbs URL'")
+        who = peer_container(self.connection)
+        try:
+            value = release_secret(url, name, evidence_for=config.evidence_for, runtime_key=config.runtime_key(),
+                                   pins=config.pins())
+        except SandboxError as e:
+            config.log(f"key release for container {who}: failed ({type(e).__name__})")
+            raise
+        config.log(f"key release for container {who}: released")
+        if "application/octet-stream" in self.headers.get("Accept", ""):
+            self._reply(HTTPStatus.OK, raw=value)
+        else:
+            self._reply(HTTPStatus.OK, {"name": name, "secret": base64.b64encode(value).decode()})
+
+
+class KeyApiServer(BoundedThreadingMixIn, socketserver.UnixStreamServer):
+    max_connections = MAX_CONNECTIONS
+
+    def __init__(self, path: str | Path, config: KeyApiConfig) -> None:
+        self.config = config
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o755)
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        super().__init__(str(self.path), _Handler)
+        os.chmod(self.path, 0o666)  # containers may run as any user; the mount is the gate
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that hangs up or times out; errors in handlers are answered in _route
+
+
+def policy_pins(policy: Any) -> frozenset[str]:
+    """The key broker pins of an installed policy model (none when absent)."""
+    brokers = getattr(policy, "key_brokers", None) or ()
+    return frozenset(b.public_key_sha256 for b in brokers)
+
+
+def start(config: KeyApiConfig, path: str = ATTEST_API_SOCKET) -> KeyApiServer:
+    """Serve the API on `path` in a daemon thread (the agent calls this once at boot)."""
+    server = KeyApiServer(path, config)
+    threading.Thread(target=server.serve_forever, name="attestation-api", daemon=True).start()
+    return server

@@ -1,0 +1,1 @@
+"""The key broker (host side): store, audit log, release decisions, HTTP service, client helpers."""

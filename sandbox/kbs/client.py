@@ -1,0 +1,82 @@
+"""Host-side helpers for talking about a key broker: its pin, and its address as the guest sees it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+
+from sandbox.shared.errors import InputError, NetworkError
+from sandbox.shared.kbs_protocol import IDENTITY_FORMAT, IDENTITY_PATH, PIN, key_pin
+
+# QEMU user networking: the guest reaches the host's loopback at the gateway address.
+QEMU_USER_HOST = "10.0.2.2"
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
+
+
+def check_url(url: str, *, option: str = "--kbs") -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
+        raise InputError(f"{option}: {url!r} is not an http://HOST:PORT URL",
+                         hint="e.g. http://127.0.0.1:8300 (the exchange is authenticated end to end; "
+                              "plain HTTP is all it needs)")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise InputError(f"{option}: {url!r} has an invalid port") from None
+    return url.rstrip("/")
+
+
+def guest_url(url: str) -> str:
+    """The broker's address from inside the UVM: a loopback host becomes QEMU's user-net gateway."""
+    parts = urllib.parse.urlsplit(check_url(url))
+    if parts.hostname not in LOOPBACK_NAMES:
+        return url.rstrip("/")
+    netloc = QEMU_USER_HOST + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def fetch_pin(url: str, *, timeout: float = 10.0) -> str:
+    """Ask a broker for its identity and return its pin (SHA-256 of its public key).
+
+    This trusts whoever answers at `url`, which is right for the person generating a policy for their
+    own broker; the guest never does this (it only trusts the pins in its attested policy)."""
+    try:
+        with urllib.request.urlopen(check_url(url) + IDENTITY_PATH, timeout=timeout) as response:  # noqa: S310
+            doc = json.loads(response.read(64 * 1024))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise NetworkError(f"cannot get the identity of the key broker at {url}: {e}",
+                           hint="is 'parma-sandbox kbs serve' running there?") from None
+    try:
+        if doc["format"] != IDENTITY_FORMAT:
+            raise ValueError(f"format {doc['format']!r}")
+        public_key = base64.b64decode(doc["public_key"], validate=True)
+        pin = key_pin(public_key)
+        if doc["public_key_sha256"] != pin:
+            raise ValueError("public_key_sha256 does not match public_key")
+    except (KeyError, TypeError, ValueError, binascii.Error) as e:
+        raise NetworkError(f"{url} did not answer like a parma-sandbox key broker: {e}") from None
+    return pin
+
+
+def check_pins(pins: Sequence[str], *, option: str = "--kbs-key") -> list[str]:
+    out = []
+    for pin in pins:
+        text = pin.strip().lower()
+        if not PIN.fullmatch(text):
+            raise InputError(f"{option}: {pin!r} is not a broker pin (64 hex digits)",
+                             hint="'parma-sandbox kbs key' prints the pin of your broker")
+        out.append(text)
+    return out
+
+
+def broker_pins(url: str | None, pins: Sequence[str]) -> list[str]:
+    """The pins to put in a policy: the explicit ones, else the identity of the broker at `url`."""
+    explicit = check_pins(pins)
+    if explicit:
+        return explicit
+    return [fetch_pin(url)] if url else []

@@ -1,0 +1,321 @@
+"""`kbs serve`: the key broker's HTTP service (protocol: sandbox/shared/kbs_protocol.py, docs/kbs.md).
+
+The host relays all traffic between the guest and the broker, so this service assumes every request
+is hostile: bodies are bounded (MAX_REQUEST_BYTES) and need a Content-Length, reads time out, at most
+`max_connections` requests are handled at once (the rest get 503 at once, without a thread), and no
+input can stop the server. Every release and every refusal is written to the audit log first.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+from sandbox.attest.emulated_ca import EmulatedCa, load_emulated_ca
+from sandbox.attest.kds import KdsClient
+from sandbox.kbs.audit import AuditLog, Event
+from sandbox.kbs.challenges import ChallengesFull, ChallengeStore, NonceStatus
+from sandbox.kbs.release import evaluate, seal
+from sandbox.kbs.store import KbsStore
+from sandbox.log import log
+from sandbox.shared.bounded_server import BoundedThreadingMixIn
+from sandbox.shared.errors import InputError, SandboxError
+from sandbox.shared.jsonstrict import decode_utf8, loads_strict
+from sandbox.shared.kbs_protocol import (
+    CHALLENGE_PATH,
+    IDENTITY_FORMAT,
+    IDENTITY_PATH,
+    MAX_REQUEST_BYTES,
+    RELEASE_PATH,
+    ErrorCode,
+    b64,
+    check_secret_name,
+)
+from sandbox.shared.snp.evidence import ReportEvidence
+
+READ_TIMEOUT = 10.0
+BODY_DEADLINE = 15.0
+DEFAULT_MAX_CONNECTIONS = 64
+
+
+class KbsHttpError(Exception):
+    def __init__(self, status: HTTPStatus, code: ErrorCode, message: str, **audit: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.audit = audit
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: HTTPStatus
+    body: dict[str, Any]
+
+
+class BrokerService:
+    """The broker's logic, independent of HTTP: identity, challenges, release decisions, audit."""
+
+    def __init__(self, store: KbsStore, *, challenge_ttl: float = 60.0, fetch_certs: bool = False,
+                 emulated_ca: Callable[[], EmulatedCa | None] = load_emulated_ca,
+                 challenges: ChallengeStore | None = None) -> None:
+        self.store = store
+        self.audit = AuditLog(store.audit_path)
+        self.challenges = challenges if challenges is not None else ChallengeStore(challenge_ttl)
+        self.fetch_certs = fetch_certs
+        self._emulated_ca_loader = emulated_ca
+        self._emulated_ca: EmulatedCa | None = None
+        self._key = store.broker_key()
+        self.public_der = store.broker_public_der()
+        self.pin = store.broker_pin()
+        self.kds = KdsClient()
+
+    def emulated_ca(self) -> EmulatedCa | None:
+        # The emulated CA may be created after the broker starts (by the first emulated `up`).
+        if self._emulated_ca is None:
+            self._emulated_ca = self._emulated_ca_loader()
+        return self._emulated_ca
+
+    def identity(self) -> dict[str, Any]:
+        return {"format": IDENTITY_FORMAT, "public_key": b64(self.public_der), "public_key_sha256": self.pin}
+
+    def challenge(self) -> dict[str, Any]:
+        try:
+            nonce = self.challenges.issue()
+        except ChallengesFull as e:
+            raise KbsHttpError(HTTPStatus.SERVICE_UNAVAILABLE, ErrorCode.busy,
+                               f"too many outstanding challenges ({e}); retry later") from None
+        return {"nonce": nonce.hex(), "expires_in": self.challenges.ttl}
+
+    def release(self, body: Any, peer: str) -> dict[str, Any]:
+        if not isinstance(body, dict) or set(body) != {"secret", "evidence"}:
+            raise KbsHttpError(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request,
+                               "a release request is an object with exactly the keys 'secret' and 'evidence'")
+        try:
+            name = check_secret_name(body["secret"], where="secret")
+        except InputError as e:
+            raise KbsHttpError(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request, str(e)) from None
+        try:
+            evidence = ReportEvidence.from_payload(body["evidence"], source="evidence")
+        except InputError as e:
+            raise KbsHttpError(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request, f"invalid evidence: {e}",
+                               secret=name) from None
+        nonce_hex = evidence.nonce.hex()
+        status, late = self.challenges.consume(evidence.nonce)
+        if status != NonceStatus.OK:
+            reason = {
+                NonceStatus.UNKNOWN: "the evidence's nonce was not issued by this broker (wrong or forged nonce)",
+                NonceStatus.USED: "the evidence's nonce was already used (replayed evidence)",
+                NonceStatus.EXPIRED: f"the challenge expired {late:.1f} s before the evidence arrived "
+                                     f"(challenges live {self.challenges.ttl:g} s)",
+            }[status]
+            raise KbsHttpError(HTTPStatus.FORBIDDEN, ErrorCode.refused, reason, secret=name, nonce=nonce_hex,
+                               failed=[f"nonce.{status.value}"])
+        record = self.store.get(name)
+        if record is None:
+            raise KbsHttpError(HTTPStatus.FORBIDDEN, ErrorCode.refused, f"no secret named {name!r}",
+                               secret=name, nonce=nonce_hex, failed=["secret.exists"])
+        decision = evaluate(record.policy, evidence, emulated_ca=self.emulated_ca(), kds=self.kds,
+                            fetch_certs=self.fetch_certs)
+        if not decision.released:
+            raise KbsHttpError(HTTPStatus.FORBIDDEN, ErrorCode.refused, decision.reason, secret=name,
+                               nonce=nonce_hex, failed=list(decision.failed), **decision.facts)
+        sealed = seal(record.value, secret=name, nonce=evidence.nonce,
+                      runtime_public_key=evidence.runtime_public_key, broker_key=self._key)
+        self.audit.append(Event.RELEASE, secret=name, peer=peer, nonce=nonce_hex, reason=decision.reason,
+                          secret_sha256=record.sha256, **decision.facts)
+        return {"secret": name, "sealed": sealed.to_payload()}
+
+    def handle(self, method: str, path: str, body: bytes | None, peer: str) -> Reply:
+        """Route one request; every error becomes a JSON reply and (except 404/405 noise) an audit record."""
+        try:
+            if path == IDENTITY_PATH and method == "GET":
+                return Reply(HTTPStatus.OK, self.identity())
+            if path == CHALLENGE_PATH and method == "POST":
+                return Reply(HTTPStatus.OK, self.challenge())
+            if path == RELEASE_PATH and method == "POST":
+                return Reply(HTTPStatus.OK, self.release(_json_body(body), peer))
+            if path in (IDENTITY_PATH, CHALLENGE_PATH, RELEASE_PATH):
+                raise KbsHttpError(HTTPStatus.METHOD_NOT_ALLOWED, ErrorCode.method_not_allowed,
+                                   f"{method} is not allowed on {path}")
+            raise KbsHttpError(HTTPStatus.NOT_FOUND, ErrorCode.not_found, f"no endpoint {path[:200]!r}")
+        except KbsHttpError as e:
+            self.refuse(e, method, path, peer)
+            return Reply(e.status, {"error": e.code.value, "message": e.message})
+        except SandboxError as e:  # e.g. a damaged secret file: refuse, never crash
+            err = KbsHttpError(HTTPStatus.INTERNAL_SERVER_ERROR, ErrorCode.internal, f"broker error: {e}")
+            self.refuse(err, method, path, peer)
+            return Reply(err.status, {"error": err.code.value, "message": err.message})
+
+    def refuse(self, e: KbsHttpError, method: str, path: str, peer: str) -> None:
+        try:
+            self.audit.append(Event.REFUSE, peer=peer, endpoint=f"{method} {path[:200]}",
+                              status=int(e.status), reason=e.message, **e.audit)
+        except (OSError, SandboxError) as err:
+            log.error("kbs: cannot write the audit log: %s", err)
+
+
+def _json_body(body: bytes | None) -> Any:
+    if body is None:
+        raise KbsHttpError(HTTPStatus.LENGTH_REQUIRED, ErrorCode.bad_request, "a Content-Length is required")
+    try:
+        return loads_strict(decode_utf8(body, "request body"), "request body")
+    except InputError as e:
+        raise KbsHttpError(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request, str(e)) from None
+    except RecursionError:
+        raise KbsHttpError(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request, "request body nests too deeply") from None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: BrokerHttpServer
+    timeout = READ_TIMEOUT
+    server_version = "parma-sandbox-kbs/1"
+    sys_version = ""
+
+    def _peer(self) -> str:
+        host, port = self.client_address[:2]
+        return f"{host}:{port}"
+
+    def _serve(self, method: str) -> None:
+        service = self.server.service
+        peer = self._peer()
+        body: bytes | None = None
+        length_text = self.headers.get("Content-Length")
+        if length_text is not None:
+            try:
+                length = int(length_text)
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                self._error(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request, "invalid Content-Length", method)
+                return
+            if length > MAX_REQUEST_BYTES:
+                self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, ErrorCode.too_large,
+                            f"request body of {length} bytes exceeds the {MAX_REQUEST_BYTES}-byte limit", method)
+                return
+            body = self._read_body(length)
+            if body is None:
+                self._error(HTTPStatus.REQUEST_TIMEOUT, ErrorCode.bad_request,
+                            f"the request body did not arrive within {BODY_DEADLINE:g} s", method)
+                return
+        elif method == "POST":
+            body = None  # _json_body reports the missing length
+        reply = service.handle(method, self.path.split("?", 1)[0], body, peer)
+        self._send(reply.status, reply.body)
+
+    def _read_body(self, length: int) -> bytes | None:
+        """The body, or None when it does not arrive in time (a trickling client holds a slot only so long)."""
+        deadline = time.monotonic() + BODY_DEADLINE
+        chunks = []
+        remaining = length
+        while remaining:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.connection.settimeout(min(left, READ_TIMEOUT))
+            try:
+                chunk = self.rfile.read1(min(remaining, 65536))
+            except TimeoutError:
+                return None
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def _error(self, status: HTTPStatus, code: ErrorCode, message: str, method: str) -> None:
+        err = KbsHttpError(status, code, message)
+        self.server.service.refuse(err, method, self.path.split("?", 1)[0], self._peer())
+        self.close_connection = True
+        self._send(status, {"error": code.value, "message": message})
+
+    def _send(self, status: HTTPStatus, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode() + b"\n"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._serve("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._serve("POST")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._serve("PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._serve("DELETE")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (unparsable request line, headers too long...): audited like ours."""
+        status = HTTPStatus(code)
+        path = getattr(self, "path", "") or ""
+        self.server.service.refuse(KbsHttpError(status, ErrorCode.bad_request, message or status.phrase),
+                                   getattr(self, "command", None) or "?", path.split("?", 1)[0], self._peer())
+        super().send_error(code, message, explain)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        log.debug("kbs: %s %s", self._peer(), format % args)
+
+
+class BrokerHttpServer(BoundedThreadingMixIn, HTTPServer):
+    request_queue_size = 256
+
+    def __init__(self, address: tuple[str, int], service: BrokerService, *,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        self.service = service
+        self.max_connections = max_connections
+        self.busy_refusals = 0
+        super().__init__(address, _Handler)
+
+    def on_busy(self, client_address: Any) -> None:
+        self.busy_refusals += 1
+        host, port = client_address[:2]
+        self.service.refuse(KbsHttpError(HTTPStatus.SERVICE_UNAVAILABLE, ErrorCode.busy,
+                                         "too many concurrent requests"), "?", "", f"{host}:{port}")
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that resets or times out mid-request is not the broker's problem; a bug is logged.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError | TimeoutError):
+            log.debug("kbs: connection from %s ended: %s", client_address, exc)
+        else:
+            log.error("kbs: internal error serving %s: %s: %s", client_address, type(exc).__name__, exc)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise InputError(f"--listen: {text!r} is not HOST:PORT", hint="e.g. 127.0.0.1:8300 (port 0 picks a free one)")
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        raise InputError(f"--listen: {host!r} is not an IPv4 address", hint="e.g. 127.0.0.1") from None
+    return host, int(port_text)
+
+
+def make_server(store: KbsStore, listen: tuple[str, int], *, challenge_ttl: float = 60.0,
+                fetch_certs: bool = False, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                service: BrokerService | None = None) -> BrokerHttpServer:
+    service = service or BrokerService(store, challenge_ttl=challenge_ttl, fetch_certs=fetch_certs)
+    try:
+        return BrokerHttpServer(listen, service, max_connections=max_connections)
+    except OSError as e:
+        raise InputError(f"cannot listen on {listen[0]}:{listen[1]}: {e.strerror}",
+                         hint="choose another port with --listen") from None
