@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -83,6 +84,41 @@ def attestation_numbers(tmp: Path) -> dict[str, float]:
     }
 
 
+# Runs as the UVM's init (python3 -S -c ...) under QEMU TCG and prints one BENCH line on the console.
+GUEST_CODE = (
+    "import time;from sandbox.shared.crypto import p384;t=time.perf_counter();p384._g_table();"
+    "tb=(time.perf_counter()-t)*1000;k=p384.PrivateKey.generate();m=bytes(672);s=k.sign(m);"
+    "f=lambda g,n:(lambda t0:([g() for _ in range(n)],(time.perf_counter()-t0)/n*1000)[1])(time.perf_counter());"
+    "print('BENCH',round(tb,1),round(f(lambda:p384.PrivateKey.generate().public_key,5),1),"
+    "round(f(lambda:k.sign(m),10),1),round(f(lambda:k.public_key.verify(m,s),5),1),"
+    "round(f(lambda:k.exchange(k.public_key),5),1),flush=True)")
+
+
+def in_guest_numbers() -> dict[str, object]:
+    """The same P-384 operations inside the UVM under TCG (1 vCPU), where the agent really runs them."""
+    try:
+        from sandbox.uvm.build import ensure_uvm
+    except ImportError:
+        return {"skipped": "the UVM build (sandbox.uvm) is not in this tree"}
+    from sandbox.run import run
+    uvm = ensure_uvm(firmware=False)
+    cmdline = f'{uvm.cmdline} PYTHONPATH=/usr/lib/parma-sandbox init=/usr/bin/python3 -- -S -c "{GUEST_CODE}"'
+    start = time.perf_counter()
+    out = run(["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+               "-machine", "q35,accel=tcg", "-smp", "1", "-m", "512M", "-kernel", str(uvm.kernel),
+               "-append", cmdline, "-serial", "stdio",
+               "-drive", f"if=none,id=disk0,file={uvm.rootfs},format=raw,readonly=on",
+               "-device", "virtio-blk-pci,drive=disk0,serial=parma-root", "-device", "virtio-rng-pci"],
+              stdout=subprocess.PIPE, timeout=600, check=False).stdout
+    wall = time.perf_counter() - start
+    line = next((x for x in out.decode(errors="replace").splitlines() if x.startswith("BENCH ")), None)
+    if line is None:
+        return {"error": "no BENCH line on the guest console"}
+    values = [float(v) for v in line.split()[1:]]
+    return {"accel": "tcg", "vcpus": 1, "boot_and_run_s": round(wall, 1),
+            **dict(zip(("table_build_ms", "keygen_ms", "sign_ms", "verify_ms", "ecdh_ms"), values, strict=True))}
+
+
 def main() -> int:
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,6 +127,7 @@ def main() -> int:
             "p384_fixed_base_table_build_ms": table_build_ms(),
             "p384": p384_numbers(),
             "attestation": attestation_numbers(Path(tmp)),
+            "p384_in_uvm_tcg": in_guest_numbers(),
         }
     print(json.dumps(doc, indent=2))
     return 0
