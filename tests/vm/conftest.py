@@ -22,7 +22,7 @@ def _missing(*loaders: object) -> str | None:
 
 
 # Modules that pull images through the resolver (the others build their layers themselves).
-NEEDS_IMAGES = {"test_hello", "test_attached", "test_attest"}
+NEEDS_IMAGES = {"test_hello", "test_attached", "test_attest", "test_aci_template"}
 
 
 @pytest.fixture(autouse=True, scope="module")
