@@ -6,9 +6,13 @@ python3, the agent) versus a one-file busybox-static image whose /init echoes a 
 between the two (A B A B ...) so machine load hits both alike. Also finds the smallest guest memory that
 still reaches agent-ready, and optionally runs N consecutive boots counting failures.
 
+A third variant, the "python floor", boots the UVM rootfs with `python3 -S -c print(...)` as init: the
+cost of any Python agent before its own imports, which splits the agent's time into kernel, interpreter
+and agent code.
+
 Prints one JSON document. Goals (issue #4): ratio <= 1.5, minimal memory <= 256 MiB, 0 failures in 50 boots.
 
-Usage: python bench/bench_boot.py [--runs 5] [--boots 50] [--memory 512] [--no-memory-search]
+Usage: python bench/bench_boot.py [--runs 5] [--boots 50] [--memory 512] [--no-memory-search] [--hello]
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import platform
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,8 @@ from sandbox.uvm.image import RootfsImage, convert_rootfs, kernel_cmdline  # noq
 GOAL_RATIO = 1.5
 GOAL_MEMORY_MIB = 256
 TRIVIAL_MARKER = "trivial-init: ready"
+PYTHON_MARKER = "python-floor: ready"
+REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 60.0
 
 
@@ -76,13 +86,17 @@ def compare(uvm: UvmArtifacts, runs: int, memory: int, accel: str, work: Path) -
     image, cmdline = trivial_root(work)
     uvm_spec = BootSpec(uvm.kernel, uvm.rootfs, uvm.cmdline, memory_mib=memory, accel=accel)
     trivial_spec = BootSpec(uvm.kernel, image, cmdline, memory_mib=memory, accel=accel)
-    agent, trivial = [], []
+    python_cmdline = uvm.cmdline.replace(f"init={uvm.cmdline.rsplit('init=', 1)[1]}",
+                                         f"init=/usr/bin/python3 -- -S -c \"print('{PYTHON_MARKER}')\"")
+    python_spec = BootSpec(uvm.kernel, uvm.rootfs, python_cmdline, memory_mib=memory, accel=accel)
+    agent, trivial, python = [], [], []
     for _ in range(runs):
         agent.append(boot(uvm_spec, timeout=TIMEOUT))
         trivial.append(boot(trivial_spec, marker=TRIVIAL_MARKER, timeout=TIMEOUT))
-    a, t = _summary(agent), _summary(trivial)
+        python.append(boot(python_spec, marker=PYTHON_MARKER, timeout=TIMEOUT))
+    a, t, p = _summary(agent), _summary(trivial), _summary(python)
     ratio = round(a["median_s"] / t["median_s"], 3) if a["median_s"] and t["median_s"] else None
-    return {"agent_ready": a, "trivial_init": t, "ratio": ratio, "goal_ratio": GOAL_RATIO,
+    return {"agent_ready": a, "trivial_init": t, "python_floor": p, "ratio": ratio, "goal_ratio": GOAL_RATIO,
             "meets_goal": ratio is not None and ratio <= GOAL_RATIO}
 
 
@@ -107,6 +121,59 @@ def memory_search(uvm: UvmArtifacts, accel: str, low: int = 32, high: int = 512)
             "tried": dict(sorted(tried.items()))}
 
 
+def hello_memory_search(low: int = 128, high: int = 256) -> dict[str, Any]:
+    """Smallest group memoryMiB (the spec allows >= 128) at which examples/hello serves its page."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    layout = REPO / "build" / "images" / "busybox"
+    if not (layout / "index.json").exists():
+        subprocess.run(["make", "-C", str(REPO), "example-images"], check=True, timeout=600, stdout=subprocess.DEVNULL)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sandbox", *args], env=env, text=True, capture_output=True,
+                              timeout=600)
+
+    def serves(mib: int) -> bool:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        group = json.loads((REPO / "examples/hello/group.json").read_text())
+        group["resources"]["memoryMiB"] = mib
+        group["ports"] = [{"port": 8080, "hostPort": port}]
+        for c in group["containers"]:
+            c["image"] = f"oci:{layout}:latest"
+        group["volumes"][0]["files"]["path"] = str(REPO / "examples/hello/www")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "group.json"
+            path.write_text(json.dumps(group))
+            name = f"bench-mem-{mib}"
+            try:
+                if cli("up", "-d", "--name", name, "--tee", "emulated", str(path)).returncode != 0:
+                    return False
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    try:
+                        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()
+                        return body == (REPO / "examples/hello/www/index.html").read_bytes()
+                    except OSError:
+                        time.sleep(1)
+                return False
+            finally:
+                cli("down", name)
+
+    tried: dict[int, bool] = {high: serves(high)}
+    if not tried[high]:
+        return {"min_memory_mib": None, "tried": tried}
+    if serves(low):
+        return {"min_memory_mib": low, "note": "the group spec's minimum", "tried": {low: True, **tried}}
+    tried[low] = False
+    while high - low > 8:
+        mid = (low + high) // 2
+        tried[mid] = serves(mid)
+        low, high = (low, mid) if tried[mid] else (mid, high)
+    return {"min_memory_mib": high, "goal_mib": GOAL_MEMORY_MIB, "meets_goal": high <= GOAL_MEMORY_MIB,
+            "tried": dict(sorted(tried.items()))}
+
+
 def reliability(uvm: UvmArtifacts, boots: int, memory: int, accel: str) -> dict[str, Any]:
     spec = BootSpec(uvm.kernel, uvm.rootfs, uvm.cmdline, memory_mib=memory, accel=accel)
     results, failures = [], []
@@ -127,6 +194,8 @@ def main() -> int:
     ap.add_argument("--memory", type=int, default=512, help="guest memory in MiB for the timed boots")
     ap.add_argument("--accel", default="tcg", choices=["tcg", "kvm"])
     ap.add_argument("--no-memory-search", action="store_true")
+    ap.add_argument("--hello", action="store_true",
+                    help="also find the smallest memory at which examples/hello serves its page (slow)")
     args = ap.parse_args()
 
     uvm = ensure_uvm()
@@ -138,6 +207,8 @@ def main() -> int:
         doc["boot"] = compare(uvm, args.runs, args.memory, args.accel, Path(tmp))
     if not args.no_memory_search:
         doc["memory"] = memory_search(uvm, args.accel)
+    if args.hello:
+        doc["hello_memory"] = hello_memory_search()
     if args.boots:
         doc["reliability"] = reliability(uvm, args.boots, args.memory, args.accel)
     doc["bench_seconds"] = round(time.monotonic() - started, 1)
