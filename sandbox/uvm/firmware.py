@@ -24,23 +24,30 @@ from sandbox.fsutil import atomic_dir, atomic_output, file_lock
 from sandbox.paths import cache_dir
 from sandbox.progress import step
 from sandbox.run import find_tool, run
+from sandbox.shared.errors import StateError
 from sandbox.uvm.fetch import fetch_pinned, sha256_file
 from sandbox.uvm.longrun import require_build_tools, run_logged
 from sandbox.uvm.pins import EDK2, Edk2Source
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 TOOLCHAIN = "GCC5"          # the tag Debian's edk2 packaging builds with
 PLATFORM = "OvmfPkg/AmdSev/AmdSevX64.dsc"
 OUTPUT = "Build/AmdSev/RELEASE_GCC5/FV/OVMF.fd"
 # AmdSevX64 embeds a GRUB (for SEV secret injection) built by grub.sh from a GRUB source tree. We
 # boot the kernel directly, so an empty grub.efi stands in (as AMD's own SNP build scripts do).
 GRUB_PLACEHOLDER = "OvmfPkg/AmdSev/Grub/grub.efi"
+# Reproducibility. GenFw writes the absolute path of each module's .dll into the PE debug directory
+# (its length shapes the image) and a time stamp; both end up in the compressed firmware volume.
+# So the build runs at a fixed path, and GenFw zeroes its debug data and time stamps (--zero).
+WORK_ROOT = Path("/tmp/parma-sandbox-edk2")
+TOOLS_DEF = "BaseTools/Conf/tools_def.template"
+GENFW_FLAGS_LINE = "*_*_*_GENFW_FLAGS                  ="
 BUILD_TOOLS = ("make", "gcc", "g++", "nasm", "iasl", "python3", "patch", "bash", "tar", "xz")
 BUILD_HEADERS = {"/usr/include/uuid/uuid.h": "uuid-dev"}
 # Reproducibility: edk2 stamps nothing from the clock into the image, but pin the locale and TZ.
 BUILD_ENV = {"LC_ALL": "C", "TZ": "UTC", "SOURCE_DATE_EPOCH": "1735689600"}
-# Modules compiled in a full AmdSevX64 build (counted once); only drives the progress bar.
-EXPECTED_STEPS = 1000
+# Modules built in a full AmdSevX64 build (about; from a build log): only drives the progress bar.
+EXPECTED_STEPS = 350
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,12 @@ def _unpack(src: Edk2Source, work: Path) -> Path:
         for name in (s for s in series if not s.startswith("#")):
             run(["patch", "-p1", "--quiet", "--forward", "-i", tree / "debian/patches" / name], cwd=tree)
         (tree / GRUB_PLACEHOLDER).write_bytes(b"")
+        tools_def = tree / TOOLS_DEF
+        text = tools_def.read_text()
+        if text.count(GENFW_FLAGS_LINE + "\n") != 1:
+            raise StateError(f"{TOOLS_DEF} in edk2 {src.version} has no default GENFW_FLAGS line to set",
+                             hint="the reproducibility setting needs updating for this edk2 version")
+        tools_def.write_text(text.replace(GENFW_FLAGS_LINE + "\n", GENFW_FLAGS_LINE + " --zero\n"))
         (tree / ".parma-unpacked").write_text(src.version + "\n")
     return tree
 
@@ -113,7 +126,7 @@ def _edk2(tree: Path, command: str, log_path: Path, *, what: str, total: int | N
 
 
 def build_firmware(*, force: bool = False) -> FirmwareArtifact:
-    """Return the cached AmdSevX64 OVMF, building it if needed (about 10 minutes on 2 cores)."""
+    """Return the cached AmdSevX64 OVMF, building it if needed (2 to 4 minutes on 2 cores)."""
     key = firmware_key()
     if not force and (hit := cached_firmware(key)):
         _publish(hit)
@@ -124,8 +137,12 @@ def build_firmware(*, force: bool = False) -> FirmwareArtifact:
         if not force and (hit := cached_firmware(key)):
             _publish(hit)
             return hit
-        work = final.with_name(f"work-{key}")
+        work = WORK_ROOT / key
         work.mkdir(parents=True, exist_ok=True)
+        if work.stat().st_uid != os.getuid():
+            raise StateError(f"the firmware build directory {work} belongs to another user",
+                             hint="the build needs this fixed path for a reproducible image; remove it or "
+                                  "build as that user")
         tree = _unpack(EDK2, work)
         log_path = work / "build.log"
         jobs = os.cpu_count() or 1
@@ -136,6 +153,7 @@ def build_firmware(*, force: bool = False) -> FirmwareArtifact:
         digest = sha256_file(image)
         with atomic_dir(final) as stage:
             shutil.copy2(image, stage / "OVMF.amdsev.fd")
+            shutil.copy2(log_path, stage / "build.log")
             (stage / "firmware.json").write_text(json.dumps({
                 "platform": PLATFORM, "source_version": EDK2.version, "orig_sha256": EDK2.orig.sha256,
                 "debian_sha256": EDK2.debian.sha256, "sha256": digest, "size": image.stat().st_size,

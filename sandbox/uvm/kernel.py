@@ -205,6 +205,7 @@ def build_kernel(*, force: bool = False) -> KernelArtifact:
         with atomic_dir(final_dir) as stage:
             shutil.copy2(out / "arch/x86/boot/bzImage", stage / "bzImage")
             shutil.copy2(out / ".config", stage / "config")
+            shutil.copy2(out / "build.log", stage / "build.log")
             (stage / "kernel.json").write_text(json.dumps({
                 "source_package": KERNEL.package, "source_version": KERNEL.version, "release": release,
                 "tarball_sha256": KERNEL.tarball_sha256, "fragments": [f.name for f in files],
