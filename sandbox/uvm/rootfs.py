@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -252,12 +253,14 @@ def build_base(*, update_lock: bool = False) -> BaseArtifact:
     with file_lock(final.with_name(f"{key}.lock")):
         if not update_lock and (hit := cached_base(key)):
             return hit
-        with tempfile.TemporaryDirectory(prefix="uvm-base-", dir=final.parent) as tmp_name:
+        # In the system temp dir: in unshare mode the build's mapped root user must reach the chroot and
+        # write the fetched .debs, which a private home directory (and so the cache) would not allow.
+        with tempfile.TemporaryDirectory(prefix="parma-uvm-base-") as tmp_name:
             tmp = Path(tmp_name)
-            # In unshare mode the unprivileged build user must reach these paths.
             os.chmod(tmp, 0o755)
             debs = tmp / "debs"
             debs.mkdir()
+            os.chmod(debs, 0o777 if os.geteuid() != 0 else 0o755)
             prefs = tmp / "parma-uvm.pref"
             prefs.write_text(preferences_text(None if update_lock else lock))
             out_tar = tmp / "base.tar"
@@ -292,7 +295,7 @@ def build_base(*, update_lock: bool = False) -> BaseArtifact:
                                  "change and re-pin with 'parma-sandbox build rootfs --update-lock'; the "
                                  "rootfs root hash and the expected measurement change with it")
             with atomic_dir(final) as stage:
-                os.rename(out_tar, stage / "base.tar")
+                shutil.move(out_tar, stage / "base.tar")     # /tmp may be another filesystem
                 (stage / "base.json").write_text(json.dumps({
                     "packages": [asdict(p) for p in resolved_t],
                     "installed": [asdict(p) for p in installed],
