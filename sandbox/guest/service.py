@@ -397,7 +397,8 @@ class AgentService:
         self.containers[container_id] = c
         self._log(f"created container {container_id}")
         return {"pid": c.init.pid if c.init else None, "stdio": c.stdio,
-                "enforce_s": self.gate.last_enforce_seconds, "total_s": time.perf_counter() - t0}
+                "enforce_s": self.gate.last_enforce_seconds, "enforce_cpu_s": self.gate.last_enforce_cpu_seconds,
+                "total_s": time.perf_counter() - t0}
 
     def op_start_container(self, container_id: str) -> dict[str, Any]:
         t0 = time.perf_counter()
