@@ -164,6 +164,14 @@ def expected_measurement(manifest_path: Path | None) -> str | None:
     return None
 
 
+def uvm_measurement(uvm: Any, vcpus: int) -> str | None:
+    """The SNP launch measurement this UVM gets with `vcpus` vCPUs (what the emulated PSP reports too)."""
+    per_vcpus = getattr(uvm, "expected_measurement", None)
+    if callable(per_vcpus):
+        return per_vcpus(vcpus)
+    return expected_measurement(getattr(uvm, "manifest_path", None))
+
+
 def _check_socket_paths(state_dir: Path) -> None:
     longest = max([*agent_sockets(state_dir), state_dir / "qmp.sock"], key=lambda p: len(str(p)))
     if len(os.fsencode(longest)) > SOCKET_PATH_MAX:
@@ -179,7 +187,7 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
     fw_cfg: tuple[FwCfgFile, ...] = ()
     snp = None
     if tee == Tee.sev_snp:
-        firmware = check_host().amdsev_ovmf
+        firmware = getattr(uvm, "firmware", None) or check_host().amdsev_ovmf
         if firmware is None:
             raise CheckFailed("the AmdSev OVMF is not built", hint="run 'make firmware-snp'")
         snp = SnpLaunch(host_data=hashlib.sha256(policy).digest(), firmware=Path(firmware),
@@ -263,7 +271,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
     plan = build_plan(spec, images, volumes)
     with step("Prepare the UVM"):
         uvm = deps.ensure_uvm()()
-    measurement = expected_measurement(getattr(uvm, "manifest_path", None))
+    measurement = uvm_measurement(uvm, spec.resources.vcpus)
     timings.mark("prepared")
 
     with store.lock(name) as state_dir:
