@@ -58,5 +58,14 @@ lint: setup ## ruff
 bench: setup ## Benchmarks; each prints JSON
 	@for b in bench/bench_*.py; do echo "== $$b" >&2; $(BIN)/python $$b || exit 1; done
 
+kernel: setup ## Build (or reuse) the UVM kernel from kernel_configs/
+	$(PS) build kernel
+
+firmware-snp: setup ## Build (or reuse) the AmdSev OVMF for SEV-SNP launches (about 4 min)
+	$(PS) build firmware-snp
+
+uvm: setup ## Build (or reuse) the whole UVM: kernel, rootfs, firmware, build/uvm/manifest.json
+	$(PS) build uvm
+
 clean: ## Remove build outputs (not the cache in ~/.cache/parma-sandbox)
 	rm -rf build

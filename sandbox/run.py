@@ -42,6 +42,15 @@ PACKAGE_OF = {
     "gcc": "gcc",
     "busybox": "busybox-static",
     "zstd": "zstd",
+    "lz4": "lz4",
+    "flex": "flex",
+    "bison": "bison",
+    "bc": "bc",
+    "nasm": "nasm",
+    "iasl": "acpica-tools",
+    "g++": "g++",
+    "patch": "patch",
+    "dpkg-deb": "dpkg",
 }
 
 

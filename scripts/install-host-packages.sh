@@ -19,6 +19,8 @@ BASE_PACKAGES=(
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
     pkg-config gcc make        # libvirt-python builds from source
     bison flex libelf-dev dwarves bc libssl-dev xz-utils  # kernel build
+    lz4                        # the UVM kernel is LZ4-compressed (fastest to decompress under TCG)
+    nasm acpica-tools uuid-dev g++ patch  # edk2 build: the AmdSev OVMF for SEV-SNP
     busybox-static             # trivial-init baseline in the boot benchmark
     python3-venv python3-dev    # the project venv (Debian python needs these)
     curl zstd ca-certificates

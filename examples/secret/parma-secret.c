@@ -9,6 +9,7 @@
  * images without curl (`curl --unix-socket ... -d '{"name":"NAME"}' http://x/key/release` does the
  * same). Built static, so it runs in any image.
  */
+#define _GNU_SOURCE /* memmem */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,6 +47,29 @@ static int write_all(int fd, const char *buf, size_t len)
 		len -= (size_t)n;
 	}
 	return 0;
+}
+
+/* The API's errors are {"error": "..."}: print the message, unescaped; anything else as it came. */
+static void print_error(const char *name, int status, const char *body, size_t len)
+{
+	static const char key[] = "\"error\": \"";
+	const char *p = memmem(body, len, key, sizeof(key) - 1);
+	fprintf(stderr, "parma-secret: %s: HTTP %d: ", name, status);
+	if (p == NULL) {
+		while (len > 0 && (body[len - 1] == '\n' || body[len - 1] == '\r'))
+			len--;
+		fprintf(stderr, "%.*s\n", (int)len, body);
+		return;
+	}
+	for (p += sizeof(key) - 1; p < body + len && *p != '"'; p++) {
+		if (*p == '\\' && p + 1 < body + len) {
+			p++;
+			fputc(*p == 'n' ? '\n' : *p, stderr);
+		} else {
+			fputc(*p, stderr);
+		}
+	}
+	fputc('\n', stderr);
 }
 
 int main(int argc, char **argv)
@@ -112,9 +136,7 @@ int main(int argc, char **argv)
 	start += 4;
 	size_t len = used - (size_t)(start - response);
 	if (status != 200) {
-		while (len > 0 && (start[len - 1] == '\n' || start[len - 1] == '\r'))
-			len--;
-		fprintf(stderr, "parma-secret: %s: HTTP %d: %.*s\n", argv[1], status, (int)len, start);
+		print_error(argv[1], status, start, len);
 		return 1;
 	}
 	if (fwrite(start, 1, len, stdout) != len || fflush(stdout) != 0) {

@@ -24,6 +24,8 @@ COMMAND_MODULES = (
     "sandbox.cli.image",
     "sandbox.cli.aci",
     "sandbox.cli.kbs",
+    "sandbox.cli.build",
+    "sandbox.cli.measure",
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,10 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     returns.
     """
     spec = load_group(group_file)
+    # SIGTERM/SIGHUP (a closed terminal, a supervisor) take the same clean path as Ctrl-C: a VM being
+    # launched is stopped and its state removed; an attached sandbox is taken down.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     opts = UpOptions(name=name, policy_file=policy_file, tee=TeeMode(tee) if tee else None,
                      backend=Backend(backend), detach=detach,
                      kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys)
@@ -60,6 +65,10 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     info(f"{launched.name}: running; streaming output (Ctrl-C stops the sandbox)")
     containers = [c.name for c in launched.plan.containers if c.stdio]
     return lifecycle.run_attached(launched.name, launched.plan.containers[0].name, containers)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _age(created: float) -> str:

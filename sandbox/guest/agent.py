@@ -8,6 +8,7 @@ agent logs only lifecycle events there, never container data.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -47,6 +48,9 @@ def main() -> int:
     ports = serve_ports(service.handle, log=log)
     if len(ports) < PORT_COUNT:
         log(f"{len(ports)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any that appear")
+    # Everything allocated so far lives as long as the agent: keep it out of the collector's way, so a
+    # full collection (slow under emulation) cannot land in the middle of a request.
+    gc.freeze()
     print(READY_LINE, file=sys.stderr, flush=True)
     threading.Event().wait()
     return 0

@@ -65,6 +65,7 @@ class Container:
     execs: dict[str, Process] = field(default_factory=dict)
     exec_counter: int = 0
     deleted: bool = False
+    stopping: bool = False
 
     def refresh(self) -> ContainerStatus:
         if self.status == ContainerStatus.running and self.init is not None and self.init.status() is not None:
@@ -186,14 +187,18 @@ def kill(proc: Process, signum: int) -> None:
         pass
 
 
-def stop(container: Container, timeout: float) -> ExitStatus | None:
-    """SIGTERM the init process, SIGKILL it after `timeout`, then delete the container from crun."""
+def begin_stop(container: Container) -> None:
+    """SIGTERM the init process (quick: safe to run inside a policy decision's action)."""
+    if container.init is not None and container.status != ContainerStatus.created:
+        if container.init.status() is None:
+            kill(container.init, signal.SIGTERM)
+
+
+def finish_stop(container: Container, timeout: float) -> ExitStatus | None:
+    """Wait up to `timeout` for the init process, SIGKILL it then, and delete the container from crun."""
     status = None
     if container.init is not None and container.status != ContainerStatus.created:
-        status = container.init.status()
-        if status is None:
-            kill(container.init, signal.SIGTERM)
-            status = container.init.status(timeout)
+        status = container.init.status(timeout)
         if status is None:
             kill(container.init, signal.SIGKILL)
             status = container.init.status(10)

@@ -19,6 +19,7 @@ from sandbox.shared import protocol as P
 from sandbox.shared.protocol import ErrorCode, ProtocolError, Response
 
 VIRTIO_PORTS = Path("/sys/class/virtio-ports")
+IDLE_MIN, IDLE_MAX = 0.02, 0.2   # seconds between reads of a port with no host connected
 
 Handler = Callable[[P.Request], dict[str, Any]]
 
@@ -63,6 +64,7 @@ def serve_fd(fd: int, handler: Handler, *, reconnecting: bool, stop: threading.E
     """Read frames from fd and answer each. With `reconnecting`, EOF means the host went away for now
     (virtio-serial returns 0 while no host is connected): drop any partial frame and poll again."""
     reader = P.FrameReader()
+    idle = IDLE_MIN
     while stop is None or not stop.is_set():
         try:
             data = os.read(fd, 65536)
@@ -75,9 +77,13 @@ def serve_fd(fd: int, handler: Handler, *, reconnecting: bool, stop: threading.E
         if not data:
             if not reconnecting:
                 return
+            # No host on this port. virtio-serial cannot block until one connects (read and poll
+            # return at once), so back off: an idle port costs a few wakeups a second, not fifty.
             reader.reset()
-            time.sleep(0.05)
+            time.sleep(idle)
+            idle = min(idle * 2, IDLE_MAX)
             continue
+        idle = IDLE_MIN
         for frame in reader.feed(data):
             _write_all(fd, respond(handler, frame))
 

@@ -8,6 +8,7 @@ the OCI spec is written here without hooks, and stdio is readable only when the 
 from __future__ import annotations
 
 import base64
+import gc
 import re
 import sys
 import threading
@@ -68,7 +69,8 @@ class AgentService:
         if not self.gate.active and request.op not in OPEN_OPS:
             raise ProtocolError(ErrorCode.policy_denied, NO_POLICY_REASON, details={"op": request.op.value})
         # Ops that block waiting (for output, for a process) must not hold the state lock.
-        if request.op in (Op.read_output, Op.wait_process, Op.ping, Op.get_report, Op.poweroff):
+        if request.op in (Op.read_output, Op.wait_process, Op.ping, Op.get_report, Op.poweroff,
+                          Op.shutdown_container):
             return method(**request.payload)
         with self._lock:
             return method(**request.payload)
@@ -89,6 +91,7 @@ class AgentService:
         digest = self.gate.install(raw)
         self._console(f"policy {digest} installed (HOST_DATA from {self.gate.host_data_source})")
         self.verbose_logging = self.gate.allows("runtime_logging", {})
+        gc.freeze()  # the compiled policy lives as long as the agent (see agent.py)
         return {"policy_hash": digest, "host_data_source": self.gate.host_data_source}
 
     def op_get_properties(self) -> dict[str, Any]:
@@ -476,11 +479,16 @@ class AgentService:
                 "next_offset": res.next_offset, "dropped": res.dropped, "eof": res.eof}
 
     def op_shutdown_container(self, container_id: str, timeout: float) -> dict[str, Any]:
-        c = self._container(container_id)
-        result: list[Any] = []
-        self.gate.enforce("shutdown_container", {"container_id": container_id},
-                          lambda _d: result.append(runtime.stop(c, min(max(0.0, float(timeout)), 300.0))))
-        status = result[0]
+        # Decide and send SIGTERM under the lock; wait for the exit without it, so that the containers
+        # of a group can be stopped in parallel (one port each) and other requests are not held up.
+        with self._lock:
+            c = self._container(container_id)
+            if c.stopping:
+                raise _err(ErrorCode.conflict, f"container {container_id} is already being shut down")
+            self.gate.enforce("shutdown_container", {"container_id": container_id},
+                              lambda _d: runtime.begin_stop(c))
+            c.stopping = True
+        status = runtime.finish_stop(c, min(max(0.0, float(timeout)), 300.0))
         return {"exit_code": status.shell_code if status else None, "signal": status.signal if status else None}
 
     def op_list_containers(self) -> dict[str, Any]:

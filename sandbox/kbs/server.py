@@ -149,8 +149,11 @@ class BrokerService:
         except KbsHttpError as e:
             self.refuse(e, method, path, peer)
             return Reply(e.status, {"error": e.code.value, "message": e.message})
-        except SandboxError as e:  # e.g. a damaged secret file: refuse, never crash
-            err = KbsHttpError(HTTPStatus.INTERNAL_SERVER_ERROR, ErrorCode.internal, f"broker error: {e}")
+        except Exception as e:  # noqa: BLE001 - a damaged secret file, a bug: refuse on the record, never crash
+            what = str(e) if isinstance(e, SandboxError) else f"internal error: {type(e).__name__}: {e}"
+            if not isinstance(e, SandboxError):
+                log.error("kbs: %s", what)
+            err = KbsHttpError(HTTPStatus.INTERNAL_SERVER_ERROR, ErrorCode.internal, f"broker error: {what}")
             self.refuse(err, method, path, peer)
             return Reply(err.status, {"error": err.code.value, "message": err.message})
 
@@ -203,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._read_body(length)
             if body is None:
                 self._error(HTTPStatus.REQUEST_TIMEOUT, ErrorCode.bad_request,
-                            f"the request body did not arrive within {BODY_DEADLINE:g} s", method)
+                            f"the request body was cut short or took longer than {BODY_DEADLINE:g} s", method)
                 return
         elif method == "POST":
             body = None  # _json_body reports the missing length

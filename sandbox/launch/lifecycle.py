@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,7 +22,7 @@ from sandbox.launch.pipeline import (
 )
 from sandbox.log import log
 from sandbox.shared import errors as E
-from sandbox.shared.protocol import Op, b64decode
+from sandbox.shared.protocol import PORT_COUNT, Op, b64decode
 from sandbox.state import ProcessRef, SandboxRecord, StateStore, process_start_time
 from sandbox.vmm import backend as vmm
 
@@ -228,16 +229,23 @@ def _pidfile_ref(state_dir: Path) -> ProcessRef | None:
     return ProcessRef(pid, start) if start is not None else None
 
 
+def _shutdown_one(record: SandboxRecord, store: StateStore, name: str, timeout: float) -> None:
+    try:
+        with connect(record, store, wait=timeout) as client:
+            client.call(Op.shutdown_container, {"container_id": name, "timeout": timeout}, timeout=timeout + 30)
+    except E.SandboxError as e:
+        log.debug("shutdown %s: %s", name, e)
+
+
 def _graceful(record: SandboxRecord, store: StateStore, timeout: float) -> bool:
-    """Ask the agent to stop every container and power off. False when the agent cannot be reached."""
+    """Ask the agent to stop every container (in parallel, one agent port each) and power off.
+    False when the agent cannot be reached."""
     try:
         with connect(record, store, wait=2) as client:
-            for c in record.details.get("containers", []):
-                try:
-                    client.call(Op.shutdown_container, {"container_id": c["name"], "timeout": timeout},
-                                timeout=timeout + 30)
-                except AgentError as e:
-                    log.debug("shutdown %s: %s", c["name"], e)
+            client.call(Op.ping, timeout=10)
+            names = [c["name"] for c in record.details.get("containers", [])]
+            with ThreadPoolExecutor(max_workers=max(1, min(len(names), PORT_COUNT - 1))) as pool:
+                list(pool.map(lambda n: _shutdown_one(record, store, n, timeout), names))
             client.call(Op.poweroff, timeout=10)
         return True
     except (E.SandboxError, OSError) as e:

@@ -19,6 +19,7 @@ from typing import Any
 from sandbox.attest.psp import write_launch_material
 from sandbox.fsutil import atomic_write
 from sandbox.group import GroupSpec, TeeMode
+from sandbox.group.spec import LayerFormat
 from sandbox.hostcheck import Accel, CheckReport, Tee, check_host
 from sandbox.images.model import ResolvedImage
 from sandbox.kbs.client import broker_pins, guest_url
@@ -114,7 +115,9 @@ def resolve_images(spec: GroupSpec) -> dict[str, ResolvedImage]:
     with step("Resolve and convert images", total=len(spec.containers)) as task:
         for c in spec.containers:
             if c.image not in by_ref:
-                by_ref[c.image] = resolve(c.image, base_dir=spec.base_dir)
+                # layerFormat aci: layer hashes as ACI computes them (docs/aci.md)
+                compat = {"compat": spec.layer_format.value} if spec.layer_format != LayerFormat.default else {}
+                by_ref[c.image] = resolve(c.image, base_dir=spec.base_dir, **compat)
             out[c.name] = by_ref[c.image]
             task.advance()
     return out
@@ -161,6 +164,14 @@ def expected_measurement(manifest_path: Path | None) -> str | None:
     return None
 
 
+def uvm_measurement(uvm: Any, vcpus: int) -> str | None:
+    """The SNP launch measurement this UVM gets with `vcpus` vCPUs (what the emulated PSP reports too)."""
+    per_vcpus = getattr(uvm, "expected_measurement", None)
+    if callable(per_vcpus):
+        return per_vcpus(vcpus)
+    return expected_measurement(getattr(uvm, "manifest_path", None))
+
+
 def _check_socket_paths(state_dir: Path) -> None:
     longest = max([*agent_sockets(state_dir), state_dir / "qmp.sock"], key=lambda p: len(str(p)))
     if len(os.fsencode(longest)) > SOCKET_PATH_MAX:
@@ -176,7 +187,7 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
     fw_cfg: tuple[FwCfgFile, ...] = ()
     snp = None
     if tee == Tee.sev_snp:
-        firmware = check_host().amdsev_ovmf
+        firmware = getattr(uvm, "firmware", None) or check_host().amdsev_ovmf
         if firmware is None:
             raise CheckFailed("the AmdSev OVMF is not built", hint="run 'make firmware-snp'")
         snp = SnpLaunch(host_data=hashlib.sha256(policy).digest(), firmware=Path(firmware),
@@ -260,7 +271,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
     plan = build_plan(spec, images, volumes)
     with step("Prepare the UVM"):
         uvm = deps.ensure_uvm()()
-    measurement = expected_measurement(getattr(uvm, "manifest_path", None))
+    measurement = uvm_measurement(uvm, spec.resources.vcpus)
     timings.mark("prepared")
 
     with store.lock(name) as state_dir:

@@ -34,11 +34,15 @@ class Ext4LimitError(InputError):
 
 
 class Node:
-    """One inode while the image is being built."""
+    """One inode while the image is being built.
+
+    Kept small (a layer may hold hundreds of thousands of entries): block runs are plain ints, and a file
+    whose data is one contiguous run stores no extent bytes (its extents follow from the run at close).
+    """
 
     __slots__ = ("ino", "ftype", "perm", "uid", "gid", "atime", "ctime", "mtime", "crtime", "links", "size",
-                 "xattrs", "xattr_block", "extents", "tree_blocks", "data_blocks", "i_block", "children",
-                 "device", "has_whiteouts")
+                 "xattrs", "xattr_block", "data_start", "data_count", "tree_start", "tree_count", "mapping",
+                 "i_block", "children", "device", "has_whiteouts")
 
     def __init__(self, ino: int, ftype: F.FileType, perm: int = 0, uid: int = 0, gid: int = 0) -> None:
         self.ino = ino
@@ -49,12 +53,12 @@ class Node:
         self.atime = self.ctime = self.mtime = self.crtime = ZERO_TIME   # encoded (seconds, extra)
         self.links = 0
         self.size = 0
-        self.xattrs: dict[bytes, bytes] = {}
+        self.xattrs: dict[bytes, bytes] | None = None
         self.xattr_block = 0
-        self.extents: list[tuple[int, int, int]] = []  # (logical block, length, physical block)
-        self.tree_blocks: list[int] = []                # extent index/leaf blocks
-        self.data_blocks: list[tuple[int, int]] = []    # (first physical block, count) runs of file data
-        self.i_block = b""
+        self.data_start = self.data_count = 0          # the file's data (or directory) blocks
+        self.tree_start = self.tree_count = 0          # extent index/leaf blocks, right after the data
+        self.mapping = NO_EXTENTS
+        self.i_block = b""                             # fast symlink target, or explicit extent tree root
         self.children: dict[bytes, Node] | None = {} if ftype == F.FileType.directory else None
         self.device = (0, 0)
         self.has_whiteouts = False
@@ -67,13 +71,26 @@ class Node:
     def mode(self) -> int:
         return F.MODE_OF[self.ftype] | self.perm
 
+    @property
+    def data_blocks(self) -> list[tuple[int, int]]:
+        """(first block, count) runs of file data."""
+        return [(self.data_start, self.data_count)] if self.data_count else []
+
+    @property
+    def tree_blocks(self) -> list[int]:
+        return list(range(self.tree_start, self.tree_start + self.tree_count))
+
     def reset_content(self) -> None:
         self.size = 0
-        self.extents = []
-        self.tree_blocks = []
-        self.data_blocks = []
+        self.data_start = self.data_count = self.tree_start = self.tree_count = 0
+        self.mapping = NO_EXTENTS
         self.i_block = b""
         self.device = (0, 0)
+
+
+NO_EXTENTS = 0          # no extents flag: empty files, devices, fifos, fast symlinks
+CONTIGUOUS = 1          # one run of data from logical block 0: extents derived from data_start/data_count
+EXPLICIT = 2            # i_block holds the extent tree root (holes, or more than 4 extents)
 
 
 @dataclass(frozen=True)
@@ -181,10 +198,10 @@ class Ext4Writer:
         self.nodes[node.ino - 1] = None
 
     def release_blocks(self, node: Node, *, xattr_block: bool) -> None:
-        for start, count in node.data_blocks:
-            self.freed.append((start, count))
-        for block in node.tree_blocks:
-            self.freed.append((block, 1))
+        if node.data_count:
+            self.freed.append((node.data_start, node.data_count))
+        if node.tree_count:
+            self.freed.append((node.tree_start, node.tree_count))
         if xattr_block and node.xattr_block:
             self.freed.append((node.xattr_block, 1))
             node.xattr_block = 0
@@ -244,7 +261,7 @@ class Ext4Writer:
 
     def set_xattrs(self, node: Node, xattrs: dict[bytes, bytes]) -> None:
         """Replace the node's xattrs; the overflow block is written now (reusing the node's old one)."""
-        node.xattrs = dict(xattrs)
+        node.xattrs = dict(xattrs) if xattrs else None
         _, block = split_xattrs(node.xattrs)
         if not block:
             if node.xattr_block:
@@ -294,10 +311,9 @@ class Ext4Writer:
         blocks = written // bs
         if blocks:
             self._alloc_written(blocks)
-            node.data_blocks = [(start, blocks)]
+            node.data_start, node.data_count = start, blocks
         node.size = size
-        node.extents = _runs_to_extents(runs, start + blocks)
-        self._finish_extents(node)
+        self._finish_extents(node, runs)
 
     def _pad_run(self, written: int) -> int:
         pad = -written % F.BLOCK_SIZE
@@ -305,18 +321,25 @@ class Ext4Writer:
             self._append(bytes(pad))
         return pad
 
-    def _finish_extents(self, node: Node) -> None:
-        """Build the extent tree: up to 4 extents in the inode, else leaf (and index) blocks after the data."""
-        extents = node.extents
-        if not extents:
-            node.i_block = b""                      # an empty file: no extents flag, zero i_block
+    def _finish_extents(self, node: Node, runs: list[tuple[int, int]]) -> None:
+        """Map the data: up to 4 extents in the inode, else leaf (and index) blocks right after the data.
+
+        `runs` are (logical block, physical block) where each run of data starts (see write_data).
+        """
+        if not node.data_count:
+            node.mapping, node.i_block = NO_EXTENTS, b""    # an empty file: no extents flag, zero i_block
             return
+        if runs == [(0, node.data_start)] and node.data_count <= F.EXTENTS_IN_INODE * F.MAX_EXTENT_LEN:
+            node.mapping, node.i_block = CONTIGUOUS, b""
+            return
+        extents = _runs_to_extents(runs, node.data_start + node.data_count)
+        node.mapping = EXPLICIT
         if len(extents) <= F.EXTENTS_IN_INODE:
-            node.i_block = F.pack_extent_header(len(extents), F.EXTENTS_IN_INODE, 0) + b"".join(
-                F.pack_extent_leaf(*e) for e in extents)
+            node.i_block = _extent_root(extents)
             return
         level: list[tuple[int, int]] = []           # (first logical block, tree block) of each node
         per = F.EXTENTS_PER_BLOCK
+        node.tree_start = self.next_block
         for i in range(0, len(extents), per):
             chunk = extents[i:i + per]
             raw = F.pack_extent_header(len(chunk), per, 0) + b"".join(F.pack_extent_leaf(*e) for e in chunk)
@@ -331,7 +354,7 @@ class Ext4Writer:
                 upper.append((chunk[0][0], self._write_block(raw)))
             level = upper
             depth += 1
-        node.tree_blocks = [b for b in range(node.data_blocks[0][0] + node.data_blocks[0][1], self.next_block)]
+        node.tree_count = self.next_block - node.tree_start
         node.i_block = F.pack_extent_header(len(level), F.EXTENTS_IN_INODE, depth) + b"".join(
             F.pack_extent_index(*c) for c in level)
 
@@ -440,9 +463,8 @@ class Ext4Writer:
             self._append(raw)
         self._alloc_written(len(out))
         node.size = len(out) * F.BLOCK_SIZE
-        node.data_blocks = [(start, len(out))]
-        node.extents = _runs_to_extents([(0, start)], start + len(out))
-        self._finish_extents(node)
+        node.data_start, node.data_count = start, len(out)
+        self._finish_extents(node, [(0, start)])
         for _, child in children:
             if child.is_dir:
                 self._write_dir(child, node)
@@ -456,11 +478,13 @@ class Ext4Writer:
     def _inode_record(self, node: Node) -> F.InodeRecord:
         flags = F.InodeFlag.HUGE_FILE
         i_block = node.i_block
-        if node.extents:
+        if node.mapping == CONTIGUOUS:
+            i_block = _extent_root(_runs_to_extents([(0, node.data_start)], node.data_start + node.data_count))
+        if node.mapping != NO_EXTENTS:
             flags |= F.InodeFlag.EXTENTS
         if node.ftype in (F.FileType.char, F.FileType.block):
             i_block = bytes(4) + F.encode_device(*node.device).to_bytes(4, "little")
-        blocks = sum(c for _, c in node.data_blocks) + len(node.tree_blocks) + (1 if node.xattr_block else 0)
+        blocks = node.data_count + node.tree_count + (1 if node.xattr_block else 0)
         inline, _ = split_xattrs(node.xattrs)
         links = node.links
         if node.is_dir and links > F.LINK_MAX:
@@ -471,7 +495,13 @@ class Ext4Writer:
             crtime=node.crtime, inline_xattrs=F.pack_inode_xattrs(inline, empty_value_offs=self.compat_aci) if inline else b"")
 
 
-def split_xattrs(xattrs: dict[bytes, bytes]) -> tuple[list[F.Xattr], list[F.Xattr]]:
+def _extent_root(extents: list[tuple[int, int, int]]) -> bytes:
+    """i_block holding up to 4 extents directly (a depth-0 tree)."""
+    return F.pack_extent_header(len(extents), F.EXTENTS_IN_INODE, 0) + b"".join(
+        F.pack_extent_leaf(*e) for e in extents)
+
+
+def split_xattrs(xattrs: dict[bytes, bytes] | None) -> tuple[list[F.Xattr], list[F.Xattr]]:
     """Place xattrs (by sorted full name) in the inode while they fit, the rest in one block.
 
     Raises Ext4LimitError naming the attribute that fits in neither, or one in a namespace ext4 cannot
@@ -479,6 +509,8 @@ def split_xattrs(xattrs: dict[bytes, bytes]) -> tuple[list[F.Xattr], list[F.Xatt
     """
     inode: list[F.Xattr] = []
     block: list[F.Xattr] = []
+    if not xattrs:
+        return inode, block
     inode_left, block_left = F.INODE_XATTR_ROOM, F.BLOCK_XATTR_ROOM
     for full in sorted(xattrs):
         split = F.split_xattr_name(full)

@@ -112,6 +112,7 @@ class LayerBuilder:
         self.whiteout_nodes: set[int] = set()      # inode numbers of whiteouts we created
         self.opaque: set[int] = set()              # directories to mark opaque
         self.tar_xattrs: dict[int, dict[bytes, bytes]] = {}   # directory xattrs as the tar gave them
+        self.shared: dict[object, object] = {}                # interned attribute values
 
     # --- paths ---------------------------------------------------------------------------------------
 
@@ -220,11 +221,15 @@ class LayerBuilder:
         for what, value in (("uid", entry.uid), ("gid", entry.gid)):
             if not 0 <= value <= MAX_ID:
                 raise LayerEntryError(f"{entry.describe()}: {what} {value} is out of range")
-        node.perm = entry.mode | (0o777 if node.ftype == F.FileType.symlink else 0)
-        node.uid, node.gid = entry.uid, entry.gid
-        node.mtime = node.crtime = _encode(entry.mtime)
-        node.atime = _encode(entry.atime)
-        node.ctime = _encode(entry.ctime)
+        # Interned: layers repeat the same modes, owners and times; one object each saves memory per inode.
+        shared = self.shared
+        perm = entry.mode | (0o777 if node.ftype == F.FileType.symlink else 0)
+        node.perm = shared.setdefault(perm, perm)
+        node.uid, node.gid = shared.setdefault(entry.uid, entry.uid), shared.setdefault(entry.gid, entry.gid)
+        mtime = _encode(entry.mtime)
+        node.mtime = node.crtime = shared.setdefault(mtime, mtime)
+        atime, ctime = _encode(entry.atime), _encode(entry.ctime)
+        node.atime, node.ctime = shared.setdefault(atime, atime), shared.setdefault(ctime, ctime)
 
     def _set_dir_xattrs(self, node: Node, entry: TarEntry) -> None:
         self.tar_xattrs[node.ino] = self._xattrs(entry)

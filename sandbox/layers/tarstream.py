@@ -12,7 +12,7 @@ Every error is a TarError naming the entry (or header offset) where reading fail
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import BinaryIO
@@ -78,6 +78,13 @@ class TarEntry:
         return f"entry {self.name.decode(errors='replace')!r} (at byte {self.offset})"
 
 
+What = str | Callable[[], str]           # a description, or how to make one if an error needs it
+
+
+def _text(what: What) -> str:
+    return what if isinstance(what, str) else what()
+
+
 class _Input:
     """Reads exact byte counts from a stream and counts the position."""
 
@@ -91,29 +98,29 @@ class _Input:
         self.pos += len(data)
         return data
 
-    def exact(self, n: int, what: str) -> bytes:
+    def exact(self, n: int, what: What) -> bytes:
         out = bytearray()
         while len(out) < n:
             part = self.read(n - len(out))
             if not part:
-                raise TarError(f"tar stream ends inside {what} (truncated after {self.pos} bytes)",
+                raise TarError(f"tar stream ends inside {_text(what)} (truncated after {self.pos} bytes)",
                                hint="the layer file is incomplete or corrupt")
             out += part
         return bytes(out)
 
-    def chunks(self, n: int, what: str) -> Iterator[memoryview]:
+    def chunks(self, n: int, what: What) -> Iterator[memoryview]:
         """Yield exactly n bytes as views into a reused buffer (consume each before the next)."""
         view = memoryview(self._buf)
         while n > 0:
             got = self.stream.readinto(view[:min(n, _CHUNK)])
             self.pos += got
             if not got:
-                raise TarError(f"tar stream ends inside {what} (truncated after {self.pos} bytes)",
+                raise TarError(f"tar stream ends inside {_text(what)} (truncated after {self.pos} bytes)",
                                hint="the layer file is incomplete or corrupt")
             n -= got
             yield view[:got]
 
-    def skip(self, n: int, what: str) -> None:
+    def skip(self, n: int, what: What) -> None:
         for _ in self.chunks(n, what):
             pass
 
@@ -130,7 +137,7 @@ def _parse_number(field_: bytes, what: str, offset: int) -> int:
     text = field_.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
-    if not all(48 <= c <= 55 for c in text):
+    if text.translate(None, b"01234567"):
         raise TarError(f"corrupt tar header at byte {offset}: {what} field {bytes(field_)!r} is not octal",
                        hint="the layer is not a valid tar archive")
     return int(text, 8)
@@ -142,10 +149,11 @@ def _cstr(field_: bytes) -> bytes:
 
 def _checksum_ok(header: bytes) -> bool:
     stored = _parse_number(header[148:156], "checksum", 0)
-    blanked = header[:148] + b" " * 8 + header[156:]
-    unsigned = sum(blanked)
-    signed = sum(b - 256 if b > 127 else b for b in blanked)
-    return stored in (unsigned, signed)
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32      # the field counts as 8 spaces
+    if stored == unsigned:
+        return True
+    high = sum(1 for b in header if b > 127) - sum(1 for b in header[148:156] if b > 127)
+    return stored == unsigned - 256 * high                      # some old writers summed signed chars
 
 
 _PAX_RECORD = re.compile(rb"(\d+) ")
@@ -224,8 +232,8 @@ class TarReader:
 
     def _skip_pending(self) -> None:
         if self._pending:
-            what = self._current.describe() if self._current else "entry data"
-            self.input.skip(self._pending, f"the data of {what}")
+            current = self._current
+            self.input.skip(self._pending, lambda: f"the data of {current.describe() if current else 'an entry'}")
             self._pending = 0
 
     def drain(self) -> int:
@@ -473,7 +481,8 @@ class TarReader:
     def data(self, entry: TarEntry) -> Iterator[tuple[int, memoryview]]:
         """Yield (file offset, bytes) of the current regular-file entry; views are reused, copy to keep."""
         assert entry is self._current and entry.type == EntryType.file
-        what = f"the data of {entry.describe()}"
+        def what() -> str:
+            return f"the data of {entry.describe()}"
         segments = entry.sparse if entry.sparse is not None else [(0, entry.stored)]
         pad = -entry.stored % BLOCK
         self._pending = 0

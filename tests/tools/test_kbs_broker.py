@@ -235,3 +235,13 @@ def test_the_broker_survives_200_concurrent_bad_requests(store: KbsStore, guest:
     # Every one of the 200 was refused on the record, with a reason (busy ones included).
     refusals = [r for r in log.records() if r["event"] == "refuse"]
     assert len(refusals) == 200 and all(r["reason"] for r in refusals)
+
+
+def test_a_damaged_secret_file_is_a_refusal_on_the_record(store: KbsStore, guest: snp_report.GuestPaths,
+                                                           runtime: PrivateKey) -> None:
+    (store.secrets_dir / "emu-ok.json").write_text("{")
+    with running_broker(store) as server:
+        status, doc = _release(server.url, "emu-ok", _evidence(_challenge(server.url), guest, runtime))
+        assert status == 500 and doc["error"] == "internal" and "emu-ok.json" in doc["message"]
+        assert http_call(server.url, "GET", IDENTITY_PATH)[0] == 200
+    assert _last_audit(store)["status"] == 500

@@ -165,7 +165,7 @@ def test_the_example_client_prints_the_secret_or_the_reason(api: Api, example_cl
     store.remove("app-key")
     done = subprocess.run([example_client, "app-key"], env=env, capture_output=True, timeout=60)
     assert done.returncode == 1 and done.stdout == b""
-    assert b"app-key: HTTP 403: " in done.stderr and b"no secret named 'app-key'" in done.stderr
+    assert done.stderr == b"parma-secret: app-key: HTTP 403: the key broker refused: no secret named 'app-key'\n"
     done = subprocess.run([example_client, "../x"], env=env, capture_output=True, timeout=60)
     assert done.returncode == 2
     done = subprocess.run([example_client, "app-key"], env={"PARMA_ATTEST_SOCKET": "/nonexistent/api.sock"},

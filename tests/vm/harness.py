@@ -22,7 +22,7 @@ from sandbox.group import GroupSpec
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
 from sandbox.launch import deps
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
-from sandbox.launch.pipeline import expected_measurement
+from sandbox.launch.pipeline import uvm_measurement
 from sandbox.layers.convert import convert_layer
 from sandbox.policy.gen import generate_policy
 from sandbox.shared.protocol import PORT_COUNT
@@ -145,7 +145,7 @@ def boot(state: Path, *, spec: GroupSpec, images: dict[str, ResolvedImage], disk
     uvm = deps.ensure_uvm()()
     state.mkdir(parents=True, exist_ok=True)
     policy = generate_policy(spec, images)
-    measurement = expected_measurement(getattr(uvm, "manifest_path", None)) or "00" * 48
+    measurement = uvm_measurement(uvm, 1) or "00" * 48
     psp = state / "psp.bin"
     write_launch_material(psp, policy_bytes=policy, measurement=bytes.fromhex(measurement))
     cfg = VmConfig(

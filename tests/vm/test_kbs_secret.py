@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from kbsenv import http_call, running_broker
 
+from sandbox.attest.emulated_ca import load_emulated_ca
 from sandbox.kbs.audit import AuditLog
 from sandbox.kbs.challenges import ChallengeStore
 from sandbox.kbs.server import BrokerHttpServer
@@ -61,7 +62,9 @@ def clock() -> list[float]:
 @pytest.fixture
 def broker(tmp_path: Path, clock: list[float]) -> Iterator[tuple[KbsStore, BrokerHttpServer]]:
     store = KbsStore.open(tmp_path / "kbs")
-    with running_broker(store, challenges=ChallengeStore(60, clock=lambda: clock[0])) as server:
+    # The UVM's emulated PSP signs with this installation's emulated CA, as `kbs serve` expects.
+    with running_broker(store, challenges=ChallengeStore(60, clock=lambda: clock[0]),
+                        emulated_ca=load_emulated_ca) as server:
         yield store, server
 
 

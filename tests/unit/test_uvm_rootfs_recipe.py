@@ -1,0 +1,100 @@
+"""The rootfs recipe: package list, lock comparison, apt pins, dpkg status, what is dropped, the agent files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandbox.shared.errors import InputError
+from sandbox.uvm.image import derive_salt, kernel_cmdline
+from sandbox.uvm.rootfs import (
+    DROP,
+    LockedPackage,
+    _parse_dpkg_status,
+    agent_files,
+    apt_preferences,
+    compare_with_lock,
+    read_lock,
+    read_package_list,
+)
+
+P = LockedPackage
+
+
+def test_package_list_parsing(tmp_path: Path) -> None:
+    f = tmp_path / "packages.txt"
+    f.write_text("# comment\npython3   # why\n\ncrun\n")
+    assert read_package_list(f) == ["python3", "crun"]
+    f.write_text("python3\nrm -rf /\n")
+    with pytest.raises(InputError, match=r"packages.txt:2"):
+        read_package_list(f)
+
+
+def test_the_repo_lock_covers_the_package_list() -> None:
+    lock = read_lock()
+    assert lock is not None, "images/uvm/packages.lock.json is missing"
+    names = {p.name for p in lock}
+    assert set(read_package_list()) <= names
+    assert "perl" not in names and "usrmerge" not in names
+    assert all(len(p.sha256) == 64 and p.size > 0 for p in lock)
+
+
+def test_compare_with_lock_names_every_difference() -> None:
+    lock = (P("a", "1", "amd64", "aa" * 32, 1), P("b", "2", "all", "bb" * 32, 2), P("c", "3", "amd64", "cc" * 32, 3))
+    got = (P("a", "1", "amd64", "aa" * 32, 1), P("b", "2", "all", "ee" * 32, 2), P("d", "4", "amd64", "dd" * 32, 4))
+    diffs = compare_with_lock(got, lock)
+    assert diffs == [f"b 2: .deb SHA-256 {'ee' * 32} differs from the locked {'bb' * 32}",
+                     "c 3: locked but not installed", "d 4: not in the lock"]
+    assert compare_with_lock(lock, lock) == []
+    newer = (P("a", "1.1", "amd64", "ab" * 32, 1), *lock[1:])
+    assert compare_with_lock(newer, lock) == ["a: locked 1, the mirror gave 1.1"]
+
+
+def test_apt_preferences_pin_exact_versions() -> None:
+    text = apt_preferences((P("libc6", "2.36-9+deb12u14", "amd64", "00" * 32, 1),))
+    assert text == "Package: libc6\nPin: version 2.36-9+deb12u14\nPin-Priority: 1001\n\n"
+
+
+def test_dpkg_status_parsing_keeps_installed_packages_only() -> None:
+    status = ("Package: a\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1\nInstalled-Size: 10\n"
+              "Description: x\n continued: line\n\n"
+              "Package: b\nStatus: deinstall ok config-files\nArchitecture: all\nVersion: 2\n")
+    (a,) = _parse_dpkg_status(status)
+    assert (a.name, a.version, a.arch, a.installed_kib) == ("a", "1", "amd64", 10)
+
+
+@pytest.mark.parametrize(("path", "dropped"), [
+    ("dev/null", True), ("dev", False), ("var/cache/ldconfig/aux-cache", True), ("var/lib/apt/lists/x", True),
+    ("var/log/dpkg.log", True), ("var/lib/dpkg/status-old", True), ("var/lib/dpkg/status", False),
+    ("usr/lib/python3.11/lib2to3/main.py", True), ("usr/lib/python3.11/json/__init__.py", False),
+    ("usr/lib/python3.11/pydoc.py", True), ("usr/bin/python3.11", False), ("etc/passwd", False),
+])
+def test_dropped_paths(path: str, dropped: bool) -> None:
+    assert bool(DROP.match(path)) == dropped
+
+
+def test_agent_files_are_the_guest_and_shared_zones() -> None:
+    files = dict(agent_files())
+    assert "usr/lib/parma-sandbox/sandbox/__init__.py" in files
+    assert "usr/lib/parma-sandbox/sandbox/guest/agent.py" in files
+    assert "usr/lib/parma-sandbox/sandbox/shared/verity.py" in files
+    assert not any("__pycache__" in d or d.endswith(".pyc") for d in files)
+    assert not any(d.startswith("usr/lib/parma-sandbox/sandbox/uvm") for d in files)
+
+
+def test_salt_is_derived_from_the_tar() -> None:
+    a, b = derive_salt("00" * 32), derive_salt("01" + "00" * 31)
+    assert len(a) == 32 and a != b and a == derive_salt("00" * 32)
+
+
+def test_command_line_pins_root_hash_and_salt() -> None:
+    from sandbox.uvm.image import RootfsImage
+
+    img = RootfsImage(path=Path("/x"), sha256="", size=0, root_hash="ab" * 32, salt=bytes(range(32)),
+                      data_blocks=1000, hash_start_block=1000, tar_sha256="", key="")
+    cmd = kernel_cmdline(img)
+    table = f"0 8000 verity 1 /dev/vda /dev/vda 4096 4096 1000 1000 sha256 {'ab' * 32} {bytes(range(32)).hex()}"
+    assert f'dm-mod.create="uvm-root,,,ro,{table}"' in cmd
+    assert " root=/dev/dm-0 ro " in cmd and "console=ttyS0" in cmd
+    assert cmd.endswith("init=/usr/lib/parma-sandbox/init")
