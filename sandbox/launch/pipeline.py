@@ -259,6 +259,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
         report = check_host()
     tee, accel, why = choose_tee(requested, report)
     log.info("tee: %s", why)
+    timings.mark("probed")
 
     images = resolve_images(spec)
     timings.mark("images")
