@@ -241,7 +241,8 @@ def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str,
         requests = _get(_get(_get(c, "properties"), "resources"), "requests")
         cpu += reader.number(requests, "cpu", rpath)
         memory_gb += reader.number(requests, "memoryInGB", rpath)
-    doc: dict[str, Any] = {"name": reader.value(resource, "name", path, str), "containers": containers}
+    doc: dict[str, Any] = {"name": reader.value(resource, "name", path, str), "containers": containers,
+                           "layerFormat": "aci"}
     volumes = [reader.volume(v, f"{ppath}.volumes[{i}]")
                for i, v in enumerate(reader.value(props, "volumes", ppath, list) or [])]
     if volumes:

@@ -111,7 +111,8 @@ def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
     """Run COMMAND in CONTAINER of sandbox NAME, if the policy allows it: exec NAME CONTAINER -- CMD...
 
     Exits with the command's exit code; 125 when the sandbox or container is not there, 126 when the
-    policy denies the command or it cannot be run, 127 when it does not exist.
+    policy denies the command or it cannot be run, 127 when it does not exist. Non-interactive: the
+    process gets no stdin and no TTY; its output is shown only if the policy allows stdio access.
     """
     if command and command[0] == "--":
         command = command[1:]

@@ -29,6 +29,11 @@ class TeeMode(StrEnum):
     emulated = "emulated"
 
 
+class LayerFormat(StrEnum):
+    default = "default"      # e2fsck-clean ext4 images (sandbox/layers)
+    aci = "aci"              # byte-identical to ACI's tar2ext4, so layer hashes equal ACI's (docs/aci.md)
+
+
 class VolumeKind(StrEnum):
     empty_dir = "emptyDir"   # shared scratch directory in guest memory, writable
     tmpfs = "tmpfs"          # private tmpfs of a given size
@@ -153,6 +158,7 @@ class GroupSpec:
     resources: Resources = Resources()
     policy: PolicyOptions = PolicyOptions()
     tee: TeeMode = TeeMode.auto
+    layer_format: LayerFormat = LayerFormat.default
     base_dir: Path = field(default=Path("."), compare=False)
 
     def container(self, name: str) -> Container:
@@ -519,7 +525,8 @@ def _check_volume(c: _Checker, raw: Any, path: str, base_dir: Path) -> Volume | 
 def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group.json") -> GroupSpec:
     """Validate a parsed group document; raise ValidationError listing every problem."""
     c = _Checker()
-    top = c.obj(raw, "", {"$schema", "name", "containers", "ports", "volumes", "resources", "policy", "tee"},
+    top = c.obj(raw, "", {"$schema", "name", "containers", "ports", "volumes", "resources", "policy", "tee",
+                          "layerFormat"},
                 {"name", "containers"})
     if top is None:
         raise ValidationError(source, c.problems, hint="a group file is a JSON object; see docs/group-spec.md")
@@ -600,11 +607,18 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
             tee = TeeMode(tee_raw)
         except ValueError:
             c.problem("tee", f"must be one of auto, sev-snp, emulated; got {tee_raw!r}")
+    layer_format = LayerFormat.default
+    format_raw = c.string(top, "layerFormat", "", default=None)
+    if format_raw is not None:
+        try:
+            layer_format = LayerFormat(format_raw)
+        except ValueError:
+            c.problem("layerFormat", f"must be one of default, aci; got {format_raw!r}")
 
     if c.problems:
         raise ValidationError(source, c.problems, hint="see docs/group-spec.md for the format")
     return GroupSpec(name=name, containers=tuple(containers), ports=tuple(ports), volumes=tuple(volumes.values()),
-                     resources=resources, policy=policy, tee=tee, base_dir=base_dir)
+                     resources=resources, policy=policy, tee=tee, layer_format=layer_format, base_dir=base_dir)
 
 
 def load_group(path: Path) -> GroupSpec:

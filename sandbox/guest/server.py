@@ -85,7 +85,12 @@ def serve_fd(fd: int, handler: Handler, *, reconnecting: bool, stop: threading.E
             continue
         idle = IDLE_MIN
         for frame in reader.feed(data):
-            _write_all(fd, respond(handler, frame))
+            try:
+                _write_all(fd, respond(handler, frame))
+            except OSError as e:  # the host went away mid-reply: drop it, keep serving
+                print(f"parma-agent: write error on fd {fd}: {e}", file=sys.stderr, flush=True)
+                reader.reset()
+                break
 
 
 def find_ports(prefix: str = P.PORT_PREFIX) -> dict[str, Path]:

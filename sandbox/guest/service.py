@@ -213,13 +213,7 @@ class AgentService:
         if any(o.container_id == container_id for o in self.overlays.values()):
             raise _err(ErrorCode.conflict, f"the overlay of {container_id} still uses its scratch")
 
-        def action(_decision: Any) -> None:
-            try:
-                sysapi.umount(target, detach=True)
-            except OSError as e:
-                raise _err(ErrorCode.failed, f"cannot unmount {target}: {e}") from None
-
-        self.gate.enforce("scratch_unmount", {"target": str(target)}, action)
+        self.gate.enforce("scratch_unmount", {"target": str(target)}, _unmount_action(target))
         del self.scratch[container_id]
         return {}
 
@@ -260,13 +254,7 @@ class AgentService:
         if c is not None and not c.deleted:
             raise _err(ErrorCode.conflict, f"container {c.id} still uses {target}")
 
-        def action(_decision: Any) -> None:
-            try:
-                sysapi.umount(target, detach=True)
-            except OSError as e:
-                raise _err(ErrorCode.failed, f"cannot unmount {target}: {e}") from None
-
-        self.gate.enforce("unmount_overlay", {"target": target}, action)
+        self.gate.enforce("unmount_overlay", {"target": target}, _unmount_action(target))
         del self.overlays[target]
         return {}
 
@@ -397,7 +385,8 @@ class AgentService:
         self.containers[container_id] = c
         self._log(f"created container {container_id}")
         return {"pid": c.init.pid if c.init else None, "stdio": c.stdio,
-                "enforce_s": self.gate.last_enforce_seconds, "total_s": time.perf_counter() - t0}
+                "enforce_s": self.gate.last_enforce_seconds, "enforce_cpu_s": self.gate.last_enforce_cpu_seconds,
+                "total_s": time.perf_counter() - t0}
 
     def op_start_container(self, container_id: str) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -499,6 +488,16 @@ class AgentService:
             out.append({"id": cid, "status": status.value, "pid": c.init.pid if c.init else None,
                         "exit_code": exit_status.shell_code if exit_status else None, "stdio": c.stdio})
         return {"containers": out}
+
+
+def _unmount_action(target: str | Path) -> Callable[[Any], None]:
+    """A policy action that lazily unmounts `target` (processes still using it keep their view)."""
+    def action(_decision: Any) -> None:
+        try:
+            sysapi.umount(target, detach=True)
+        except OSError as e:
+            raise _err(ErrorCode.failed, f"cannot unmount {target}: {e}") from None
+    return action
 
 
 def _identity(who: ResolvedUser, umask: str) -> dict[str, Any]:

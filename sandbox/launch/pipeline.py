@@ -19,6 +19,7 @@ from typing import Any
 from sandbox.attest.psp import write_launch_material
 from sandbox.fsutil import atomic_write
 from sandbox.group import GroupSpec, TeeMode
+from sandbox.group.spec import LayerFormat
 from sandbox.hostcheck import Accel, CheckReport, Tee, check_host
 from sandbox.images.model import ResolvedImage
 from sandbox.kbs.client import broker_pins, guest_url
@@ -114,7 +115,9 @@ def resolve_images(spec: GroupSpec) -> dict[str, ResolvedImage]:
     with step("Resolve and convert images", total=len(spec.containers)) as task:
         for c in spec.containers:
             if c.image not in by_ref:
-                by_ref[c.image] = resolve(c.image, base_dir=spec.base_dir)
+                # layerFormat aci: layer hashes as ACI computes them (docs/aci.md)
+                compat = {"compat": spec.layer_format.value} if spec.layer_format != LayerFormat.default else {}
+                by_ref[c.image] = resolve(c.image, base_dir=spec.base_dir, **compat)
             out[c.name] = by_ref[c.image]
             task.advance()
     return out
@@ -256,6 +259,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
         report = check_host()
     tee, accel, why = choose_tee(requested, report)
     log.info("tee: %s", why)
+    timings.mark("probed")
 
     images = resolve_images(spec)
     timings.mark("images")

@@ -12,7 +12,7 @@ from clirun import run_cli
 
 from sandbox.aci.arm import ccepolicy_of_template, group_document, is_arm_template
 from sandbox.aci.armexpr import ArmError, Resolver
-from sandbox.group import load_group
+from sandbox.group import load_group, validate_group
 from sandbox.group.jsonio import ValidationError
 from sandbox.group.spec import VolumeKind
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
@@ -262,3 +262,28 @@ def test_policy_import_reads_a_templates_ccepolicy(tmp_path: Path, capsys) -> No
     assert out.encode() == policy.canonical_bytes()
     code, _, err = run_cli(["policy", "import", str(write(tmp_path, TEMPLATE, name="empty"))], capsys)
     assert code == 2 and "ccePolicy is empty" in err
+
+
+def test_templates_use_acis_layer_format_and_the_launcher_passes_it_on(tmp_path: Path, monkeypatch) -> None:
+    from sandbox.group.spec import LayerFormat
+    from sandbox.launch import pipeline
+    spec = load_group(write(tmp_path))
+    assert spec.layer_format == LayerFormat.aci
+    calls = []
+    layers = (LayerInfo("sha256:" + "0" * 64, "application/vnd.oci.image.layer.v1.tar", 1, "1a" * 32, Path("/x")),)
+    image = ResolvedImage("busybox", "sha256:" + "9" * 64, ImageConfig(cmd=("sh",)), layers)
+
+    def fake_resolve(ref: str, **kw: Any) -> ResolvedImage:
+        calls.append(kw)
+        return image
+
+    monkeypatch.setattr(pipeline.deps, "resolve_image", lambda: fake_resolve)
+    pipeline.resolve_images(spec)
+    assert calls == [{"base_dir": spec.base_dir, "compat": "aci"}]
+    calls.clear()
+    doc = {"name": "g", "containers": [{"name": "c", "image": "busybox"}]}
+    pipeline.resolve_images(validate_group(doc, base_dir=tmp_path))
+    assert calls == [{"base_dir": tmp_path}]
+    with pytest.raises(ValidationError, match="invalid"):
+        validate_group({**doc, "layerFormat": "kata"}, base_dir=tmp_path)
+    assert validate_group({**doc, "layerFormat": "aci"}, base_dir=tmp_path).layer_format == LayerFormat.aci

@@ -1,5 +1,6 @@
 """Acceptance: an ACI ARM template (2 containers, env vars with a secure value, a secret volume, ports)
-runs with `up` in emulation, and its policy survives the ccePolicy export/import round trip."""
+runs with `up` in emulation on layers converted as ACI converts them, and its policy survives the
+ccePolicy export/import round trip."""
 
 from __future__ import annotations
 
@@ -113,6 +114,11 @@ def test_the_running_policy_round_trips_through_rego(cli: Cli, group: dict) -> N
     info = json.loads(cli("inspect", NAME, "--format", "json").stdout)
     policy = Path(info["state_dir"], "policy.json")
     assert "k3y-from-parameters" not in policy.read_text()     # the secure value never enters the policy
+    # layers are converted as ACI converts them (layerFormat aci), so the policy pins ACI's root hashes
+    r = cli("image", "layers", "--compat", "aci", f"oci:{BUSYBOX_LAYOUT}:latest", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    aci_hashes = [layer["root_hash"] for layer in json.loads(r.stdout)]
+    assert [c["layers"] for c in json.loads(policy.read_text())["containers"]] == [aci_hashes, aci_hashes]
     rego = group["tmp"] / "policy.rego"
     assert cli("policy", "export", str(policy), "-o", str(rego)).returncode == 0
     r = cli("policy", "import", str(rego))

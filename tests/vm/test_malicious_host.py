@@ -185,3 +185,19 @@ def test_malformed_and_oversized_frames_get_errors_and_the_agent_keeps_serving(w
         r = reply()
         assert r["id"] == 43 and r["ok"] and r["result"]["policy_set"] is True
     assert world["client"].call(Op.list_containers)["containers"][0]["status"] == "running"
+
+
+def test_teardown_is_checked_and_ordered(world: dict) -> None:
+    c = world["client"]
+    e = err(c, Op.unmount_device, {"target": "/run/parma/layers/l0"})
+    assert e["code"] == "conflict"                      # still a layer of the app's and tamp's overlays
+    assert err(c, Op.unmount_overlay, {"target": "/run/parma/containers/tamp/rootfs"})["code"] == "conflict"
+    r = c.call(Op.shutdown_container, {"container_id": "tamp", "timeout": 2}, timeout=60)
+    assert r["exit_code"] is not None
+    c.call(Op.unmount_overlay, {"target": "/run/parma/containers/tamp/rootfs"})
+    c.call(Op.unmount_scratch, {"container_id": "tamp"})
+    c.call(Op.unmount_device, {"target": "/run/parma/layers/l2"})
+    e = err(c, Op.create_container, create_payload(world, "tamp"))
+    assert e["code"] == "conflict"                      # no overlay any more
+    statuses = {x["id"]: x["status"] for x in c.call(Op.list_containers)["containers"]}
+    assert statuses == {"app": "running", "tamp": "exited"}
