@@ -31,8 +31,9 @@ def _kernel(force: bool) -> dict[str, Any]:
 
 
 def _rootfs(update_lock: bool) -> dict[str, Any]:
+    from sandbox.uvm.base import build_base
     from sandbox.uvm.image import build_rootfs_image, kernel_cmdline
-    from sandbox.uvm.rootfs import build_base, build_rootfs_tar
+    from sandbox.uvm.overlay import build_rootfs_tar
 
     base = build_base(update_lock=update_lock)
     tar = build_rootfs_tar(base)
@@ -51,8 +52,8 @@ def _firmware(force: bool) -> dict[str, Any]:
 
 
 def _uvm(update_lock: bool, firmware: bool) -> dict[str, Any]:
+    from sandbox.uvm.base import build_base
     from sandbox.uvm.build import ensure_uvm
-    from sandbox.uvm.rootfs import build_base
 
     if update_lock:
         build_base(update_lock=True)

@@ -16,12 +16,13 @@ from typing import Any
 
 from sandbox.fsutil import atomic_write, file_lock
 from sandbox.paths import cache_dir
+from sandbox.uvm.base import build_base
 from sandbox.uvm.firmware import FirmwareArtifact, build_firmware
 from sandbox.uvm.image import ROOT_DEVICE, build_rootfs_image, kernel_cmdline
 from sandbox.uvm.kernel import build_kernel
 from sandbox.uvm.manifest import DEFAULT_CPU_TYPE, build_manifest, manifest_bytes
 from sandbox.uvm.measure import QEMU_SNP_GUEST_FEATURES, MeasureRequest, Mode, launch_digest
-from sandbox.uvm.rootfs import build_base, build_rootfs_tar
+from sandbox.uvm.overlay import build_rootfs_tar
 from sandbox.uvm.source_tree import BUILD_DIR
 
 

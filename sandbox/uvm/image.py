@@ -25,7 +25,7 @@ from sandbox.paths import cache_dir
 from sandbox.progress import step
 from sandbox.shared.verity import dm_table_line, format_verity
 from sandbox.uvm.fetch import sha256_file
-from sandbox.uvm.rootfs import INIT_PATH, RootfsTar
+from sandbox.uvm.overlay import INIT_PATH, RootfsTar
 
 RECIPE_VERSION = 1
 SALT_CONTEXT = b"parma-sandbox/uvm-rootfs-salt/v1\0"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.uvm import image as image_mod
+from sandbox.uvm.base import SOURCE_DATE_EPOCH
 from sandbox.uvm.fetch import sha256_file
 from sandbox.uvm.firmware import PLATFORM, FirmwareArtifact
 from sandbox.uvm.kernel import KernelArtifact, fragment_files
@@ -22,8 +23,8 @@ from sandbox.uvm.measure import (
     QEMU_SNP_GUEST_FEATURES,
     expected_snp_measurements,
 )
+from sandbox.uvm.overlay import AGENT_PREFIX, RootfsTar, agent_files
 from sandbox.uvm.pins import EDK2, KERNEL
-from sandbox.uvm.rootfs import AGENT_PREFIX, SOURCE_DATE_EPOCH, RootfsTar, agent_files
 
 FORMAT = 1
 DEFAULT_VCPUS = 1

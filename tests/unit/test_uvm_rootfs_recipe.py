@@ -8,13 +8,12 @@ import pytest
 
 from sandbox.shared.errors import InputError
 from sandbox.uvm.image import derive_salt, kernel_cmdline
-from sandbox.uvm.rootfs import (
-    DROP,
+from sandbox.uvm.overlay import DROP, agent_files
+from sandbox.uvm.packages import (
     LockedPackage,
-    _parse_dpkg_status,
-    agent_files,
     apt_preferences,
     compare_with_lock,
+    parse_dpkg_status,
     read_lock,
     read_package_list,
 )
@@ -60,7 +59,7 @@ def test_dpkg_status_parsing_keeps_installed_packages_only() -> None:
     status = ("Package: a\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1\nInstalled-Size: 10\n"
               "Description: x\n continued: line\n\n"
               "Package: b\nStatus: deinstall ok config-files\nArchitecture: all\nVersion: 2\n")
-    (a,) = _parse_dpkg_status(status)
+    (a,) = parse_dpkg_status(status)
     assert (a.name, a.version, a.arch, a.installed_kib) == ("a", "1", "amd64", 10)
 
 

@@ -11,7 +11,7 @@ import pytest
 from sandbox.run import run
 from sandbox.uvm.boot import BootSpec, boot
 from sandbox.uvm.build import UvmArtifacts
-from sandbox.uvm.rootfs import INIT_PATH
+from sandbox.uvm.overlay import INIT_PATH
 
 BOOT_BUDGET = 10.0      # issue #4: agent ready on the serial console within 10 s
 HARD_TIMEOUT = 60.0     # never wait on a hung guest longer than this

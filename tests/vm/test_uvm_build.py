@@ -10,11 +10,12 @@ import pytest
 from sevsnpmeasure.ovmf import OVMF, SectionType
 
 from sandbox.run import run
+from sandbox.uvm.base import build_base
 from sandbox.uvm.boot import BootSpec, boot
 from sandbox.uvm.build import UvmArtifacts, ensure_uvm
 from sandbox.uvm.fetch import sha256_file
 from sandbox.uvm.image import convert_rootfs
-from sandbox.uvm.rootfs import build_base, build_rootfs_tar, write_rootfs_tar
+from sandbox.uvm.overlay import build_rootfs_tar, write_rootfs_tar
 
 
 def test_two_conversions_of_the_rootfs_tar_give_identical_images(uvm: UvmArtifacts, tmp_path: Path) -> None:
