@@ -32,6 +32,9 @@ SALT_CONTEXT = b"parma-sandbox/uvm-rootfs-salt/v1\0"
 # The rootfs is the UVM's first virtio-blk disk. The launcher must attach it first (disks[0]).
 ROOT_DEVICE = "/dev/vda"
 DM_NAME = "uvm-root"
+# dm-verity optional argument: verify blocks in softirq context instead of a workqueue when possible
+# (falls back to the workqueue on failure): about 4% faster to agent-ready under TCG.
+VERITY_OPTIONS = ("try_verify_in_tasklet",)
 # A base filesystem, not an OCI layer: no whiteout conversion, no overlay origin marks.
 EXT4_OPTIONS = Ext4Options(whiteouts=False, origin_xattr=False)
 
@@ -49,8 +52,10 @@ class RootfsImage:
     key: str
 
     def dm_table(self, device: str = ROOT_DEVICE) -> str:
-        return dm_table_line(device, device, data_blocks=self.data_blocks, hash_start_block=self.hash_start_block,
-                             root_hash=self.root_hash, salt=self.salt)
+        table = dm_table_line(device, device, data_blocks=self.data_blocks, hash_start_block=self.hash_start_block,
+                              root_hash=self.root_hash, salt=self.salt)
+        # verity.rst: optional parameters follow as <count> <args...>
+        return f"{table} {len(VERITY_OPTIONS)} {' '.join(VERITY_OPTIONS)}" if VERITY_OPTIONS else table
 
 
 def derive_salt(tar_sha256: str) -> bytes:

@@ -93,7 +93,8 @@ def test_command_line_pins_root_hash_and_salt() -> None:
     img = RootfsImage(path=Path("/x"), sha256="", size=0, root_hash="ab" * 32, salt=bytes(range(32)),
                       data_blocks=1000, hash_start_block=1000, tar_sha256="", key="")
     cmd = kernel_cmdline(img)
-    table = f"0 8000 verity 1 /dev/vda /dev/vda 4096 4096 1000 1000 sha256 {'ab' * 32} {bytes(range(32)).hex()}"
+    table = (f"0 8000 verity 1 /dev/vda /dev/vda 4096 4096 1000 1000 sha256 {'ab' * 32} {bytes(range(32)).hex()}"
+             " 1 try_verify_in_tasklet")
     assert f'dm-mod.create="uvm-root,,,ro,{table}"' in cmd
     assert " root=/dev/dm-0 ro " in cmd and "console=ttyS0" in cmd
     assert cmd.endswith("init=/usr/lib/parma-sandbox/init")
