@@ -11,11 +11,8 @@ when the busybox .deb, the client source or the compiler changes.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -25,10 +22,7 @@ sys.path.insert(0, str(REPO / "images" / "examples"))
 
 import busybox  # noqa: E402 - the busybox example recipe, reused for the base layer
 
-from sandbox.fsutil import atomic_write  # noqa: E402
-from sandbox.images.layout import LAYER_TAR, LayoutWriter, write_layout  # noqa: E402
-from sandbox.paths import cache_dir  # noqa: E402
-from sandbox.progress import ProgressMode, Reporter, set_reporter, step  # noqa: E402
+from sandbox.progress import step  # noqa: E402
 from sandbox.run import run  # noqa: E402
 
 RECIPE_VERSION = "1"
@@ -43,16 +37,8 @@ def compile_client(workdir: Path) -> bytes:
 
 
 def client_layer(binary: bytes) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for path in ("usr", "usr/local", "usr/local/bin"):
-            ti = tarfile.TarInfo(path)
-            ti.type, ti.mode, ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = tarfile.DIRTYPE, 0o755, 0, 0, 0, "", ""
-            tf.addfile(ti)
-        ti = tarfile.TarInfo(CLIENT_PATH)
-        ti.mode, ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname, ti.size = 0o755, 0, 0, 0, "", "", len(binary)
-        tf.addfile(ti, io.BytesIO(binary))
-    return buf.getvalue()
+    dirs = {d: (tarfile.DIRTYPE, 0o755, b"") for d in ("usr", "usr/local", "usr/local/bin")}
+    return busybox.tar_of({**dirs, CLIENT_PATH: (tarfile.REGTYPE, 0o755, binary)})
 
 
 def build(out: Path) -> str:
@@ -62,41 +48,13 @@ def build(out: Path) -> str:
     key = {"recipe": RECIPE_VERSION, "busybox_recipe": busybox.RECIPE_VERSION,
            "deb_sha256": hashlib.sha256(deb.read_bytes()).hexdigest(),
            "client_sha256": hashlib.sha256(CLIENT_SOURCE.read_bytes()).hexdigest(), "gcc": gcc}
-    stamp = out.parent / f".{out.name}.stamp"
-    if stamp.exists() and (out / "index.json").exists():
-        try:
-            done = json.loads(stamp.read_text())
-            if done.get("key") == key:
-                return str(done["manifest"])
-        except (ValueError, KeyError):
-            pass
-    with step(f"Building {out}"):
-        work = cache_dir() / "tmp"
-        work.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=work) as tmp:
-            binary = busybox.busybox_binary(deb)
-            base = busybox.layer_tar(binary, busybox.applets(binary, Path(tmp)))
-            client = client_layer(compile_client(Path(tmp)))
-        manifest: list[str] = []
 
-        def fill(w: LayoutWriter) -> None:
-            layers = [w.add_bytes(base, LAYER_TAR), w.add_bytes(client, LAYER_TAR)]
-            diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in (base, client)]
-            m = w.add_image(layers, diff_ids, tag="latest",
-                            config={"Env": busybox.ENV, "Cmd": ["/bin/sh"], "WorkingDir": "/"})
-            manifest.append(m.digest)
+    def layers(workdir: Path) -> list[bytes]:
+        binary = busybox.busybox_binary(deb)
+        return [busybox.layer_tar(binary, busybox.applets(binary, workdir)), client_layer(compile_client(workdir))]
 
-        write_layout(out, fill)
-    atomic_write(stamp, json.dumps({"key": key, "manifest": manifest[0]}, indent=2).encode() + b"\n")
-    return manifest[0]
-
-
-def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "build" / "images" / "secret-client"
-    set_reporter(Reporter(ProgressMode.plain))
-    digest = build(out.resolve())
-    print(f"{out} (tag latest): {digest}")
+    return busybox.write_image(out, key, layers)
 
 
 if __name__ == "__main__":
-    main()
+    busybox.main_for(build, "secret-client")

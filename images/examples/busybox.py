@@ -17,6 +17,8 @@ import io
 import json
 import sys
 import tarfile
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,18 +75,11 @@ def applets(binary: bytes, workdir: Path) -> list[str]:
     return sorted({f"bin/{a}" for a in listed if a and "/" not in a and a != "busybox"})
 
 
-def layer_tar(binary: bytes, links: list[str]) -> bytes:
-    entries: dict[str, tuple[bytes, int, bytes | str]] = {}     # path -> (type, mode, data or link)
-    for d in ("bin", "etc", "root", "tmp"):
-        entries[d] = (tarfile.DIRTYPE, 0o700 if d == "root" else 0o1777 if d == "tmp" else 0o755, b"")
-    for link in links:
-        parent = link.rsplit("/", 1)[0] if "/" in link else ""
-        if parent and parent not in entries:
-            entries[parent] = (tarfile.DIRTYPE, 0o755, b"")
-        entries[link] = (tarfile.SYMTYPE, 0o777, "/bin/busybox")
-    entries["bin/busybox"] = (tarfile.REGTYPE, 0o755, binary)
-    entries["etc/passwd"] = (tarfile.REGTYPE, 0o644, PASSWD)
-    entries["etc/group"] = (tarfile.REGTYPE, 0o644, GROUP)
+Entries = dict[str, tuple[bytes, int, bytes | str]]   # path -> (tar type, mode, data or link target)
+
+
+def tar_of(entries: Entries) -> bytes:
+    """A reproducible uncompressed tar: sorted entries, owner 0:0, mtime 0, PAX format."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for path in sorted(entries):
@@ -104,12 +99,28 @@ def layer_tar(binary: bytes, links: list[str]) -> bytes:
     return buf.getvalue()
 
 
-def build(out: Path) -> str:
-    with step("Fetching busybox-static"):
-        deb = fetch_deb()
-    deb_sha = hashlib.sha256(deb.read_bytes()).hexdigest()
+def layer_tar(binary: bytes, links: list[str]) -> bytes:
+    entries: Entries = {}
+    for d in ("bin", "etc", "root", "tmp"):
+        entries[d] = (tarfile.DIRTYPE, 0o700 if d == "root" else 0o1777 if d == "tmp" else 0o755, b"")
+    for link in links:
+        parent = link.rsplit("/", 1)[0] if "/" in link else ""
+        if parent and parent not in entries:
+            entries[parent] = (tarfile.DIRTYPE, 0o755, b"")
+        entries[link] = (tarfile.SYMTYPE, 0o777, "/bin/busybox")
+    entries["bin/busybox"] = (tarfile.REGTYPE, 0o755, binary)
+    entries["etc/passwd"] = (tarfile.REGTYPE, 0o644, PASSWD)
+    entries["etc/group"] = (tarfile.REGTYPE, 0o644, GROUP)
+    return tar_of(entries)
+
+
+def write_image(out: Path, key: dict[str, str], make_layers: Callable[[Path], list[bytes]]) -> str:
+    """Write an OCI layout (tag "latest") of the uncompressed layers `make_layers(workdir)` returns.
+
+    A stamp next to `out` records `key` and the manifest digest, so an unchanged recipe is not rebuilt.
+    Returns the manifest digest.
+    """
     stamp = out.parent / f".{out.name}.stamp"
-    key = {"recipe": RECIPE_VERSION, "deb": deb.name, "deb_sha256": deb_sha}
     if stamp.exists() and (out / "index.json").exists():
         try:
             done = json.loads(stamp.read_text())
@@ -120,14 +131,14 @@ def build(out: Path) -> str:
     with step(f"Building {out}"):
         work = cache_dir() / "tmp"
         work.mkdir(parents=True, exist_ok=True)
-        binary = busybox_binary(deb)
-        tar = layer_tar(binary, applets(binary, work))
-        diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            tars = make_layers(Path(tmp))
         manifest: list[str] = []
 
         def fill(w: LayoutWriter) -> None:
-            layer = w.add_bytes(tar, LAYER_TAR)
-            m = w.add_image([layer], [diff_id], tag="latest",
+            layers = [w.add_bytes(t, LAYER_TAR) for t in tars]
+            diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]
+            m = w.add_image(layers, diff_ids, tag="latest",
                             config={"Env": ENV, "Cmd": ["/bin/sh"], "WorkingDir": "/"})
             manifest.append(m.digest)
 
@@ -136,12 +147,24 @@ def build(out: Path) -> str:
     return manifest[0]
 
 
-def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "build" / "images" / "busybox"
+def build(out: Path) -> str:
+    with step("Fetching busybox-static"):
+        deb = fetch_deb()
+    key = {"recipe": RECIPE_VERSION, "deb": deb.name, "deb_sha256": hashlib.sha256(deb.read_bytes()).hexdigest()}
+
+    def layers(workdir: Path) -> list[bytes]:
+        binary = busybox_binary(deb)
+        return [layer_tar(binary, applets(binary, workdir))]
+
+    return write_image(out, key, layers)
+
+
+def main_for(build: Callable[[Path], str], default_name: str) -> None:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "build" / "images" / default_name
     set_reporter(Reporter(ProgressMode.plain))
     digest = build(out.resolve())
     print(f"{out} (tag latest): {digest}")
 
 
 if __name__ == "__main__":
-    main()
+    main_for(build, "busybox")
