@@ -20,6 +20,7 @@ from typing import Any
 
 from sandbox.group.jsonio import ValidationError, load_json_file
 from sandbox.shared.errors import InputError
+from sandbox.shared.jsoncheck import MISSING, Checker, join, type_name
 from sandbox.shared.policy.defaults import PRIVILEGED_CAPABILITIES
 
 
@@ -172,93 +173,20 @@ class GroupSpec:
 # ---------------------------------------------------------------------------------------------------------
 # Validation: walk the raw JSON, collect every problem with its path, build the model only when clean.
 
-_MISSING = object()
+class _Checker(Checker):
+    """The shared checker with group.json's conventions: strings are non-empty unless said otherwise."""
 
-
-class _Checker:
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def problem(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}" if path else message)
-
-    def obj(self, value: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict | None:
-        if not isinstance(value, dict):
-            self.problem(path, f"expected an object, got {_type(value)}")
-            return None
-        for key in value:
-            if key not in allowed:
-                close = [a for a in sorted(allowed) if a.lower() == key.lower()]
-                extra = f" (did you mean {close[0]!r}?)" if close else ""
-                self.problem(_join(path, key), f"unknown field{extra}")
-        for key in sorted(required):
-            if key not in value:
-                self.problem(_join(path, key), "required field is missing")
-        return value
-
-    def string(self, d: dict, key: str, path: str, *, default: Any = _MISSING, nonempty: bool = True) -> Any:
-        v = d.get(key, _MISSING)
-        if v is _MISSING:
-            return default
-        p = _join(path, key)
-        if not isinstance(v, str):
-            self.problem(p, f"expected a string, got {_type(v)}")
-            return default
-        if nonempty and not v:
-            self.problem(p, "must not be empty")
-            return default
-        if "\x00" in v:
-            self.problem(p, "must not contain NUL characters")
-            return default
-        return v
+    def string(self, d: dict, key: str, path: str, *, default: Any = MISSING, nonempty: bool = True) -> Any:
+        return super().string(d, key, path, default, nonempty=nonempty)
 
     def boolean(self, d: dict, key: str, path: str, default: bool) -> bool:
-        v = d.get(key, _MISSING)
-        if v is _MISSING:
-            return default
-        if not isinstance(v, bool):
-            self.problem(_join(path, key), f"expected true or false, got {_type(v)}")
-            return default
-        return v
-
-    def integer(self, d: dict, key: str, path: str, lo: int, hi: int, default: Any = _MISSING) -> Any:
-        v = d.get(key, _MISSING)
-        if v is _MISSING:
-            return default
-        p = _join(path, key)
-        if isinstance(v, bool) or not isinstance(v, int):
-            self.problem(p, f"expected an integer, got {_type(v)}")
-            return default
-        if not lo <= v <= hi:
-            self.problem(p, f"must be between {lo} and {hi}, got {v}")
-            return default
-        return v
+        return self.get(d, key, path, bool, default)
 
     def array(self, d: dict, key: str, path: str) -> list | None:
-        v = d.get(key, _MISSING)
-        if v is _MISSING:
-            return None
-        if not isinstance(v, list):
-            self.problem(_join(path, key), f"expected an array, got {_type(v)}")
-            return None
-        return v
+        return self.get(d, key, path, list, None)
 
     def string_list(self, d: dict, key: str, path: str, *, nonempty_list: bool = False) -> tuple[str, ...] | None:
-        items = self.array(d, key, path)
-        if items is None:
-            return None
-        p = _join(path, key)
-        if nonempty_list and not items:
-            self.problem(p, "must not be an empty array")
-        out = []
-        for i, item in enumerate(items):
-            if not isinstance(item, str):
-                self.problem(f"{p}[{i}]", f"expected a string, got {_type(item)}")
-            elif "\x00" in item:
-                self.problem(f"{p}[{i}]", "must not contain NUL characters")
-            else:
-                out.append(item)
-        return tuple(out)
+        return self.strings(d, key, path, nonempty=nonempty_list)
 
     def signal_list(self, d: dict, key: str, path: str) -> tuple[int, ...]:
         items = self.array(d, key, path)
@@ -268,20 +196,11 @@ class _Checker:
         for i, item in enumerate(items):
             sig = parse_signal(item)
             if sig is None:
-                self.problem(f"{_join(path, key)}[{i}]",
+                self.problem(f"{join(path, key)}[{i}]",
                              f"unknown signal {item!r} (use a number 1-64 or a name like SIGTERM)")
             else:
                 out.append(sig)
         return tuple(out)
-
-
-def _type(v: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
 
 
 def parse_signal(value: Any) -> int | None:
@@ -361,14 +280,14 @@ def _check_env(c: _Checker, items: list, path: str) -> tuple[EnvVar, ...]:
     return tuple(out)
 
 
-def _check_port_number(c: _Checker, d: dict, key: str, path: str, default: Any = _MISSING) -> Any:
+def _check_port_number(c: _Checker, d: dict, key: str, path: str, default: Any = MISSING) -> Any:
     return c.integer(d, key, path, 1, 65535, default)
 
 
 def _check_protocol(c: _Checker, d: dict, path: str) -> str:
     proto = c.string(d, "protocol", path, default="TCP")
     if isinstance(proto, str) and proto.upper() not in ("TCP", "UDP"):
-        c.problem(_join(path, "protocol"), f"must be TCP or UDP, got {proto!r}")
+        c.problem(join(path, "protocol"), f"must be TCP or UDP, got {proto!r}")
         return "TCP"
     return proto.upper()
 
@@ -382,33 +301,33 @@ def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume
     before = len(c.problems)
     name = c.string(d, "name", path, default=None)
     if name is not None and not NAME_RE.match(name):
-        c.problem(_join(path, "name"), f"{name!r} is not a valid name (lowercase letters, digits and '-', max 63)")
+        c.problem(join(path, "name"), f"{name!r} is not a valid name (lowercase letters, digits and '-', max 63)")
     image = c.string(d, "image", path, default=None)
     if image is not None and (why := check_image_reference(image)):
-        c.problem(_join(path, "image"), why)
+        c.problem(join(path, "image"), why)
     command = c.string_list(d, "command", path, nonempty_list=True)
     args = c.string_list(d, "args", path)
     env_items = c.array(d, "env", path)
-    env = _check_env(c, env_items, _join(path, "env")) if env_items is not None else ()
+    env = _check_env(c, env_items, join(path, "env")) if env_items is not None else ()
     working_dir = None
     if "workingDir" in d:
-        working_dir = _abs_path(c, c.string(d, "workingDir", path, default=None), _join(path, "workingDir"))
+        working_dir = _abs_path(c, c.string(d, "workingDir", path, default=None), join(path, "workingDir"))
 
     mounts: list[Mount] = []
     seen_paths: set[str] = set()
     for i, m in enumerate(c.array(d, "mounts", path) or []):
-        mpath = f"{_join(path, 'mounts')}[{i}]"
+        mpath = f"{join(path, 'mounts')}[{i}]"
         md = c.obj(m, mpath, {"name", "mountPath", "readOnly"}, {"name", "mountPath"})
         if md is None:
             continue
         vol = c.string(md, "name", mpath, default=None)
         if vol is not None and vol not in volumes:
-            c.problem(_join(mpath, "name"), f"no volume named {vol!r} in the group's 'volumes'")
-        mount_path = _abs_path(c, c.string(md, "mountPath", mpath, default=None), _join(mpath, "mountPath"))
+            c.problem(join(mpath, "name"), f"no volume named {vol!r} in the group's 'volumes'")
+        mount_path = _abs_path(c, c.string(md, "mountPath", mpath, default=None), join(mpath, "mountPath"))
         if mount_path == "/":
-            c.problem(_join(mpath, "mountPath"), "cannot mount over the container's root")
+            c.problem(join(mpath, "mountPath"), "cannot mount over the container's root")
         elif mount_path in seen_paths:
-            c.problem(_join(mpath, "mountPath"), f"{mount_path} is mounted twice")
+            c.problem(join(mpath, "mountPath"), f"{mount_path} is mounted twice")
         read_only = c.boolean(md, "readOnly", mpath, False)
         if vol in volumes and mount_path:
             seen_paths.add(mount_path)
@@ -418,7 +337,7 @@ def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume
 
     ports: list[ContainerPort] = []
     for i, p in enumerate(c.array(d, "ports", path) or []):
-        ppath = f"{_join(path, 'ports')}[{i}]"
+        ppath = f"{join(path, 'ports')}[{i}]"
         pd = c.obj(p, ppath, {"port", "protocol"}, {"port"})
         if pd is None:
             continue
@@ -429,7 +348,7 @@ def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume
 
     execs: list[ExecProcess] = []
     for i, e in enumerate(c.array(d, "execProcesses", path) or []):
-        epath = f"{_join(path, 'execProcesses')}[{i}]"
+        epath = f"{join(path, 'execProcesses')}[{i}]"
         ed = c.obj(e, epath, {"command", "signals"}, {"command"})
         if ed is None:
             continue
@@ -441,11 +360,11 @@ def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume
     signals = c.signal_list(d, "signals", path)
     user = c.string(d, "user", path, default=None)
     if user is not None and not USER_RE.match(user):
-        c.problem(_join(path, "user"), f"{user!r} is not a valid user (use uid, uid:gid, name or name:group)")
+        c.problem(join(path, "user"), f"{user!r} is not a valid user (use uid, uid:gid, name or name:group)")
     privileged = c.boolean(d, "privileged", path, False)
     caps = Capabilities()
     if "capabilities" in d:
-        cpath = _join(path, "capabilities")
+        cpath = join(path, "capabilities")
         cd = c.obj(d["capabilities"], cpath, {"add", "drop"})
         if cd is not None:
             lists = {}
@@ -476,7 +395,7 @@ def _check_volume(c: _Checker, raw: Any, path: str, base_dir: Path) -> Volume | 
         return None
     name = c.string(d, "name", path, default=None)
     if name is not None and not NAME_RE.match(name):
-        c.problem(_join(path, "name"), f"{name!r} is not a valid name (lowercase letters, digits and '-')")
+        c.problem(join(path, "name"), f"{name!r} is not a valid name (lowercase letters, digits and '-')")
         name = None
     kinds = [k for k in VolumeKind if k.value in d]
     if len(kinds) != 1:
@@ -484,7 +403,7 @@ def _check_volume(c: _Checker, raw: Any, path: str, base_dir: Path) -> Volume | 
         return None
     kind = kinds[0]
     body = d[kind.value]
-    kpath = _join(path, kind.value)
+    kpath = join(path, kind.value)
     if kind == VolumeKind.empty_dir:
         c.obj(body, kpath, set())
         return Volume(name, kind) if name else None
@@ -499,7 +418,7 @@ def _check_volume(c: _Checker, raw: Any, path: str, base_dir: Path) -> Volume | 
             return None
         src = (base_dir / rel).resolve()
         if not src.is_dir():
-            c.problem(_join(kpath, "path"), f"{rel!r} is not a directory next to the group file ({src})")
+            c.problem(join(kpath, "path"), f"{rel!r} is not a directory next to the group file ({src})")
             return None
         return Volume(name, kind, source=src) if name else None
     # secret: {"file-name": "base64 content"}
@@ -508,12 +427,12 @@ def _check_volume(c: _Checker, raw: Any, path: str, base_dir: Path) -> Volume | 
         return None
     items = []
     for fname, b64 in sorted(body.items()):
-        ipath = _join(kpath, fname)
+        ipath = join(kpath, fname)
         if not re.match(r"^[A-Za-z0-9._-]{1,255}$", fname) or fname in (".", ".."):
             c.problem(ipath, "invalid file name")
             continue
         if not isinstance(b64, str):
-            c.problem(ipath, f"expected a base64 string, got {_type(b64)}")
+            c.problem(ipath, f"expected a base64 string, got {type_name(b64)}")
             continue
         try:
             items.append((fname, base64.b64decode(b64, validate=True)))
@@ -570,13 +489,13 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
         try:
             ipaddress.ip_address(addr)
         except ValueError:
-            c.problem(_join(ppath, "hostAddress"), f"{addr!r} is not an IP address")
+            c.problem(join(ppath, "hostAddress"), f"{addr!r} is not an IP address")
             continue
         if port is None or host_port is None:
             continue
         key = (addr, host_port, proto)
         if key in host_ports:
-            c.problem(_join(ppath, "hostPort"), f"host port {host_port}/{proto} is forwarded twice")
+            c.problem(join(ppath, "hostPort"), f"host port {host_port}/{proto} is forwarded twice")
         host_ports.add(key)
         ports.append(GroupPort(port, host_port, proto, addr))
 

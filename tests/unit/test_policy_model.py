@@ -103,7 +103,7 @@ def test_every_semantic_change_changes_the_hash(change) -> None:
     (lambda d: d["containers"][0]["signals"].append(99), "containers[0].signals[1]: expected a signal number"),
     (lambda d: d["containers"][0]["user"].update(umask="22"), "containers[0].user.umask"),
     (lambda d: d["containers"][0]["capabilities"]["bounding"].append("CAP_CHOWN"), "is listed twice"),
-    (lambda d: d["containers"][0].update(allow_elevated="no"), "containers[0].allow_elevated: expected a boolean"),
+    (lambda d: d["containers"][0].update(allow_elevated="no"), "containers[0].allow_elevated: expected true or false"),
     (lambda d: d.update(framework_version="0.6.0"), "framework_version: 0.6.0 is newer than this engine supports"),
     (lambda d: d.update(framework_version="latest"), "framework_version: 'latest' is not a version"),
     (lambda d: d.update(framework_version="0.2.0"), "containers[0].user: needs framework_version 0.2.1"),

@@ -12,16 +12,15 @@ the bytes are pure ASCII, hence UTF-8), integers only, and no trailing newline.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from sandbox.shared.errors import InvalidDocument
+from sandbox.shared.jsoncheck import Checker, join
 from sandbox.shared.jsonstrict import decode_utf8, loads_strict
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.regex import RegexError, translate
@@ -204,7 +203,7 @@ def _refuse_floats(value: Any, path: str) -> None:
         raise ValueError(f"{path or 'document'}: floats have no canonical form")
     if isinstance(value, dict):
         for k, v in value.items():
-            _refuse_floats(v, _join(path, k))
+            _refuse_floats(v, join(path, k))
     elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
             _refuse_floats(v, f"{path}[{i}]")
@@ -286,85 +285,7 @@ def _policy_doc(p: Policy) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 # Validation: walk the raw JSON, collect every problem with its JSON path, build the model only when clean.
 
-_MISSING = object()
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _type(v: Any) -> str:
-    if v is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "an object"}.get(type(v), type(v).__name__)
-
-
-class _Checker:
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def problem(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}" if path else message)
-
-    def obj(self, value: Any, path: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict | None:
-        if not isinstance(value, dict):
-            self.problem(path, f"expected an object, got {_type(value)}")
-            return None
-        for key in value:
-            if key not in allowed:
-                close = [a for a in allowed if a.replace("_", "").lower() == key.replace("_", "").lower()]
-                close = close or difflib.get_close_matches(key, allowed, n=1, cutoff=0.8)
-                extra = f" (did you mean {close[0]!r}?)" if close else ""
-                self.problem(_join(path, key), f"unknown field{extra}")
-        for key in required:
-            if key not in value:
-                self.problem(_join(path, key), "required field is missing")
-        return value
-
-    def get(self, d: dict, key: str, path: str, kind: type, default: Any = _MISSING) -> Any:
-        v = d.get(key, _MISSING)
-        if v is _MISSING:
-            return default
-        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-            self.problem(_join(path, key), f"expected {_type(kind())}, got {_type(v)}")
-            return default
-        return v
-
-    def string(self, d: dict, key: str, path: str, default: Any = _MISSING, *,
-               pattern: re.Pattern | None = None, what: str = "") -> Any:
-        v = self.get(d, key, path, str, default)
-        if isinstance(v, str) and v is not default:
-            if "\x00" in v:
-                self.problem(_join(path, key), "must not contain NUL characters")
-                return default
-            if pattern is not None and not pattern.fullmatch(v):
-                self.problem(_join(path, key), f"{v!r} is not {what}")
-                return default
-        return v
-
-    def strings(self, d: dict, key: str, path: str, *, nonempty: bool = False, unique: bool = False,
-                pattern: re.Pattern | None = None, what: str = "") -> tuple[str, ...] | None:
-        items = self.get(d, key, path, list, None)
-        if items is None:
-            return None
-        p = _join(path, key)
-        if nonempty and not items:
-            self.problem(p, "must not be empty")
-        out = []
-        for i, item in enumerate(items):
-            if not isinstance(item, str):
-                self.problem(f"{p}[{i}]", f"expected a string, got {_type(item)}")
-            elif "\x00" in item:
-                self.problem(f"{p}[{i}]", "must not contain NUL characters")
-            elif pattern is not None and not pattern.fullmatch(item):
-                self.problem(f"{p}[{i}]", f"{item!r} is not {what}")
-            elif unique and item in out:
-                self.problem(f"{p}[{i}]", f"{item!r} is listed twice")
-            else:
-                out.append(item)
-        return tuple(out)
-
+class _Checker(Checker):
     def signals(self, d: dict, key: str, path: str) -> tuple[int, ...] | None:
         items = self.get(d, key, path, list, None)
         if items is None:
@@ -372,7 +293,7 @@ class _Checker:
         out = []
         for i, item in enumerate(items):
             if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= MAX_SIGNAL:
-                self.problem(f"{_join(path, key)}[{i}]", f"expected a signal number 1-{MAX_SIGNAL}, got {item!r}")
+                self.problem(f"{join(path, key)}[{i}]", f"expected a signal number 1-{MAX_SIGNAL}, got {item!r}")
             else:
                 out.append(item)
         return tuple(out)
@@ -383,13 +304,6 @@ class _Checker:
         except RegexError as e:
             self.problem(path, f"regex {pattern!r} {e}")
 
-    def items(self, d: dict, key: str, path: str, check: Callable[[Any, str], Any]) -> tuple | None:
-        raw = self.get(d, key, path, list, None)
-        if raw is None:
-            return None
-        out = [check(item, f"{_join(path, key)}[{i}]") for i, item in enumerate(raw)]
-        return tuple(out) if all(x is not None for x in out) else None
-
 
 def _check_env_rule(c: _Checker, raw: Any, path: str) -> EnvRule | None:
     d = c.obj(raw, path, ("pattern", "strategy", "required"), ("pattern", "strategy"))
@@ -399,12 +313,12 @@ def _check_env_rule(c: _Checker, raw: Any, path: str) -> EnvRule | None:
     strategy = c.string(d, "strategy", path, None)
     required = c.get(d, "required", path, bool, False)
     if strategy is not None and strategy not in Strategy.__members__:
-        c.problem(_join(path, "strategy"), f"must be 'string' or 're2', got {strategy!r}")
+        c.problem(join(path, "strategy"), f"must be 'string' or 're2', got {strategy!r}")
         return None
     if pattern is None or strategy is None:
         return None
     if strategy == Strategy.re2:
-        c.regex(pattern, _join(path, "pattern"))
+        c.regex(pattern, join(path, "pattern"))
     return EnvRule(pattern, Strategy(strategy), required)
 
 
@@ -418,11 +332,11 @@ def _check_mount(c: _Checker, raw: Any, path: str) -> Mount | None:
     type_ = c.string(d, "type", path, None)
     options = c.strings(d, "options", path)
     if destination == "":
-        c.problem(_join(path, "destination"), "must not be empty")
+        c.problem(join(path, "destination"), "must not be empty")
     if source is not None and source.startswith(defaults.SANDBOX_PREFIX):
-        c.regex(source[len(defaults.SANDBOX_PREFIX):], _join(path, "source"))
+        c.regex(source[len(defaults.SANDBOX_PREFIX):], join(path, "source"))
     elif source is not None and source.startswith(("plan9://", "hugepages://")):
-        c.problem(_join(path, "source"), f"{source.split('://')[0]}:// sources are not supported by parma-sandbox")
+        c.problem(join(path, "source"), f"{source.split('://')[0]}:// sources are not supported by parma-sandbox")
     if not destination or source is None or type_ is None or options is None:
         return None
     return Mount(destination, source, type_, options)
@@ -444,12 +358,12 @@ def _check_idname(c: _Checker, raw: Any, path: str) -> IdName | None:
     pattern = c.string(d, "pattern", path, None)
     strategy = c.string(d, "strategy", path, None)
     if strategy is not None and strategy not in IdStrategy.__members__:
-        c.problem(_join(path, "strategy"), f"must be one of any, id, name, re2; got {strategy!r}")
+        c.problem(join(path, "strategy"), f"must be one of any, id, name, re2; got {strategy!r}")
         return None
     if pattern is None or strategy is None:
         return None
     if strategy == IdStrategy.re2:
-        c.regex(pattern, _join(path, "pattern"))
+        c.regex(pattern, join(path, "pattern"))
     return IdName(pattern, IdStrategy(strategy))
 
 
@@ -458,7 +372,7 @@ def _check_user(c: _Checker, raw: Any, path: str) -> User | None:
     d = c.obj(raw, path, keys, keys)
     if d is None:
         return None
-    user = _check_idname(c, d.get("user_idname"), _join(path, "user_idname")) if "user_idname" in d else None
+    user = _check_idname(c, d.get("user_idname"), join(path, "user_idname")) if "user_idname" in d else None
     groups = c.items(d, "group_idnames", path, lambda r, p: _check_idname(c, r, p))
     umask = c.string(d, "umask", path, None, pattern=UMASK, what="an octal umask such as '0022'")
     if user is None or groups is None or umask is None:
@@ -485,7 +399,7 @@ def _check_container(c: _Checker, raw: Any, path: str, version: tuple[int, int, 
     before = len(c.problems)
     for key, since in VERSIONED_FIELDS.items():
         if key in d and version < since:
-            c.problem(_join(path, key), f"needs framework_version {'.'.join(map(str, since))} or later "
+            c.problem(join(path, key), f"needs framework_version {'.'.join(map(str, since))} or later "
                                         f"(the policy says {'.'.join(map(str, version))})")
     name = c.string(d, "name", path, None)
     image_id = c.string(d, "id", path, None)
@@ -495,17 +409,17 @@ def _check_container(c: _Checker, raw: Any, path: str, version: tuple[int, int, 
     env_rules = c.items(d, "env_rules", path, lambda r, p: _check_env_rule(c, r, p))
     working_dir = c.string(d, "working_dir", path, None)
     if working_dir is not None and not working_dir.startswith("/"):
-        c.problem(_join(path, "working_dir"), f"{working_dir!r} is not an absolute path")
+        c.problem(join(path, "working_dir"), f"{working_dir!r} is not an absolute path")
     mounts = c.items(d, "mounts", path, lambda r, p: _check_mount(c, r, p))
     execs = c.items(d, "exec_processes", path, lambda r, p: _check_exec_process(c, r, p))
     signals = c.signals(d, "signals", path)
     allow_elevated = c.get(d, "allow_elevated", path, bool, None)
     allow_stdio = c.get(d, "allow_stdio_access", path, bool, None)
     nnp = c.get(d, "no_new_privileges", path, bool, None)
-    user = _check_user(c, d["user"], _join(path, "user")) if "user" in d else None
+    user = _check_user(c, d["user"], join(path, "user")) if "user" in d else None
     caps = None
     if d.get("capabilities") is not None:
-        caps = _check_capabilities(c, d["capabilities"], _join(path, "capabilities"))
+        caps = _check_capabilities(c, d["capabilities"], join(path, "capabilities"))
     seccomp = c.string(d, "seccomp_profile_sha256", path, None, pattern=re.compile(r"|[0-9a-f]{64}"),
                        what="'' or a SHA-256 hex digest")
     if len(c.problems) != before:
@@ -541,7 +455,7 @@ def _check_volume(c: _Checker, raw: Any, path: str) -> Volume | None:
     device_hash = c.string(d, "device_hash", path, None, pattern=HEX64,
                            what="a dm-verity root hash (64 lowercase hex digits)")
     if target is not None and (not target.startswith("/") or re.fullmatch(defaults.LAYER_TARGET_PATTERN, target)):
-        c.problem(_join(path, "target"), f"{target!r} must be an absolute path outside the layer mount targets")
+        c.problem(join(path, "target"), f"{target!r} must be an absolute path outside the layer mount targets")
         return None
     if not name or target is None or device_hash is None:
         return None
