@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 
-from sandbox.guest import keyapi, procs, sysapi, sysinit
+from sandbox.guest import procs, sysapi, sysinit
 from sandbox.guest.server import serve_ports
 from sandbox.guest.service import AgentService
 from sandbox.shared.protocol import PORT_COUNT, PORT_PREFIX, READY_LINE
@@ -41,10 +41,6 @@ def main() -> int:
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
     service = AgentService(hostname=HOSTNAME, runtime_logging=log)
-    try:  # the attestation API for containers (docs/kbs.md); only policy-allowed containers see it
-        keyapi.start(keyapi.KeyApiConfig(pins=lambda: keyapi.policy_pins(service.gate.policy), log=log))
-    except OSError as e:
-        log(f"attestation API unavailable: {e}")
     ports = serve_ports(service.handle, log=log)
     if len(ports) < PORT_COUNT:
         log(f"{len(ports)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any that appear")
@@ -52,8 +48,24 @@ def main() -> int:
     # full collection (slow under emulation) cannot land in the middle of a request.
     gc.freeze()
     print(READY_LINE, file=sys.stderr, flush=True)
+    # The attestation API (http.server & co.) costs more imports than the rest of the agent; no container
+    # can use it before the host has set a policy and created one, so it starts after "ready".
+    threading.Thread(target=start_attestation_api, args=(service,), name="attestation-api-start",
+                     daemon=True).start()
     threading.Event().wait()
     return 0
+
+
+def start_attestation_api(service: AgentService) -> None:
+    """Serve the attestation API for containers (docs/kbs.md); only policy-allowed containers see it."""
+    try:
+        from sandbox.guest import keyapi
+
+        keyapi.start(keyapi.KeyApiConfig(pins=lambda: keyapi.policy_pins(service.gate.policy), log=log))
+    except OSError as e:
+        log(f"attestation API unavailable: {e}")
+    finally:
+        service.attest_api_started.set()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from sandbox.shared.kbs_protocol import ATTEST_API_DIR
 from sandbox.shared.protocol import ErrorCode, Op, ProtocolError
 
 AGENT_VERSION = "1"
+ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API in the background right after boot
 # What the host may ask before a policy is set: nothing that touches guest state.
 OPEN_OPS = frozenset({Op.ping, Op.set_policy, Op.get_report, Op.poweroff})
 
@@ -61,6 +62,7 @@ class AgentService:
         self._console = runtime_logging or (lambda msg: None)
         self.verbose_logging = False   # the policy's allow_runtime_logging (ep runtime_logging) turns it on
         self.poweroff_hook: Callable[[], None] = sysapi.power_off
+        self.attest_api_started = threading.Event()   # set by the agent once the API socket is up (or failed)
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -315,6 +317,8 @@ class AgentService:
                 # The attestation API socket directory (docs/kbs.md); the policy decides who gets it.
                 if "ro" not in options or "rw" in options:
                     raise _err(ErrorCode.invalid_request, f"mounts[{i}]: {ATTEST_API_DIR} is bound read-only")
+                if not self.attest_api_started.wait(ATTEST_API_START_TIMEOUT):
+                    raise _err(ErrorCode.unavailable, "the attestation API has not started")
                 inputs.append({"destination": dest, "source": source, "type": "bind", "options": list(options)})
                 binds.append(oci.BindMount(dest, source, tuple(options)))
                 continue

@@ -72,6 +72,7 @@ def test_the_agent_binds_the_api_directory_read_only_and_nothing_beside_it() -> 
     from sandbox.shared.protocol import ProtocolError
 
     service = AgentService(host_data=lambda: None)  # type: ignore[arg-type, return-value]
+    service.attest_api_started.set()
     inputs, binds = service._bind_mounts([attestation_api_mount()])
     assert inputs == [attestation_api_mount()]
     assert binds[0].source == binds[0].destination == "/run/parma/attest" and "ro" in binds[0].options
@@ -80,3 +81,15 @@ def test_the_agent_binds_the_api_directory_read_only_and_nothing_beside_it() -> 
     for source in ("/run/parma", "/run/parma/attest/..", "/run/parma/attest/api.sock"):
         with pytest.raises(ProtocolError, match="not a group volume"):
             service._bind_mounts([{**attestation_api_mount(), "source": source}])
+
+
+def test_binding_the_api_waits_for_it_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent starts the API after 'ready'; a create that binds it waits, and fails clearly if it never came."""
+    from sandbox.guest import service as service_mod
+    from sandbox.shared.protocol import ErrorCode, ProtocolError
+
+    monkeypatch.setattr(service_mod, "ATTEST_API_START_TIMEOUT", 0.05)
+    service = service_mod.AgentService(host_data=lambda: None)  # type: ignore[arg-type, return-value]
+    with pytest.raises(ProtocolError, match="has not started") as exc:
+        service._bind_mounts([attestation_api_mount()])
+    assert exc.value.code == ErrorCode.unavailable
