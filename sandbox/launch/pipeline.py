@@ -8,7 +8,6 @@ process as soon as it exists, so a crashed or killed `up` leaves nothing that `p
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +22,6 @@ from sandbox.group.spec import LayerFormat
 from sandbox.hostcheck import Accel, CheckReport, Tee, check_host
 from sandbox.images.model import ResolvedImage
 from sandbox.kbs.client import broker_pins, guest_url
-from sandbox.launch import deps
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
 from sandbox.launch.plan import LaunchPlan, build_plan
 from sandbox.launch.volumes import package_files_volume
@@ -109,7 +107,8 @@ def choose_tee(requested: TeeMode, report: CheckReport) -> tuple[Tee, Accel, str
 
 
 def resolve_images(spec: GroupSpec) -> dict[str, ResolvedImage]:
-    resolve = deps.resolve_image()
+    from sandbox.images.resolve import resolve_image  # heavy (requests); only `up` needs it
+
     by_ref: dict[str, ResolvedImage] = {}
     out = {}
     with step("Resolve and convert images", total=len(spec.containers)) as task:
@@ -117,7 +116,7 @@ def resolve_images(spec: GroupSpec) -> dict[str, ResolvedImage]:
             if c.image not in by_ref:
                 # layerFormat aci: layer hashes as ACI computes them (docs/aci.md)
                 compat = {"compat": spec.layer_format.value} if spec.layer_format != LayerFormat.default else {}
-                by_ref[c.image] = resolve(c.image, base_dir=spec.base_dir, **compat)
+                by_ref[c.image] = resolve_image(c.image, base_dir=spec.base_dir, **compat)
             out[c.name] = by_ref[c.image]
             task.advance()
     return out
@@ -144,32 +143,6 @@ def policy_bytes(spec: GroupSpec, images: Mapping[str, ResolvedImage], volume_ha
             raise InputError(f"cannot read policy file {policy_file}: {e.strerror}") from e
     with step("Generate the execution policy"):
         return generate_policy(spec, images, volume_hashes=dict(volume_hashes), key_brokers=key_brokers)
-
-
-def expected_measurement(manifest_path: Path | None) -> str | None:
-    if manifest_path is None:
-        return None
-    try:
-        manifest = json.loads(Path(manifest_path).read_text())
-    except (OSError, ValueError):
-        return None
-    for key in ("expected_measurement", "measurement", "snp_measurement"):
-        value = manifest.get(key)
-        if isinstance(value, str):
-            return value
-        if isinstance(value, dict):
-            for sub in ("snp", "sev-snp", "value", "hex"):
-                if isinstance(value.get(sub), str):
-                    return value[sub]
-    return None
-
-
-def uvm_measurement(uvm: Any, vcpus: int) -> str | None:
-    """The SNP launch measurement this UVM gets with `vcpus` vCPUs (what the emulated PSP reports too)."""
-    per_vcpus = getattr(uvm, "expected_measurement", None)
-    if callable(per_vcpus):
-        return per_vcpus(vcpus)
-    return expected_measurement(getattr(uvm, "manifest_path", None))
 
 
 def _check_socket_paths(state_dir: Path) -> None:
@@ -270,9 +243,11 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
     policy = policy_bytes(spec, images, {k: h for k, (h, _) in volumes.items()}, opts.policy_file, pins)
     policy_hash = hashlib.sha256(policy).digest()
     plan = build_plan(spec, images, volumes)
+    from sandbox.uvm.build import ensure_uvm  # heavy (sev-snp-measure); only `up` needs it
+
     with step("Prepare the UVM"):
-        uvm = deps.ensure_uvm()()
-    measurement = uvm_measurement(uvm, spec.resources.vcpus)
+        uvm = ensure_uvm()
+    measurement = uvm.expected_measurement(spec.resources.vcpus)
     timings.mark("prepared")
 
     with store.lock(name) as state_dir:

@@ -1,8 +1,7 @@
 """Where `policy gen` gets its inputs: the same resolved images and `files` volume devices as `up`.
 
 Both come from the launcher's pipeline (sandbox.launch.pipeline), so `policy gen` writes exactly the
-policy that `up` would generate for the group. Where a step is not in this build yet, the pipeline
-stops with a NotImplementedStep that names it.
+policy that `up` would generate for the group.
 """
 
 from __future__ import annotations

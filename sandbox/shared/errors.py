@@ -75,10 +75,6 @@ class AttestationError(SandboxError):
     """Attestation evidence could not be produced (no TEE interface, a firmware error...)."""
 
 
-class NotImplementedStep(SandboxError):
-    """A pipeline step that this version of parma-sandbox does not provide yet."""
-
-
 # `exec` follows docker's exit codes; sandbox/cli/errors.py maps these three.
 class ExecSetupError(SandboxError):
     """exec could not reach the process's container: no such sandbox/container, not running (exit 125)."""

@@ -277,7 +277,7 @@ def test_templates_use_acis_layer_format_and_the_launcher_passes_it_on(tmp_path:
         calls.append(kw)
         return image
 
-    monkeypatch.setattr(pipeline.deps, "resolve_image", lambda: fake_resolve)
+    monkeypatch.setattr("sandbox.images.resolve.resolve_image", fake_resolve)
     pipeline.resolve_images(spec)
     assert calls == [{"base_dir": spec.base_dir, "compat": "aci"}]
     calls.clear()

@@ -36,7 +36,6 @@ def run_main(args: list[str]) -> int:
     (E.PolicyDenied("denied"), 1),
     (E.ToolMissing("no tool"), 1),
     (E.NetworkError("down"), 1),
-    (E.NotImplementedStep("later"), 1),
 ])
 def test_exit_codes(error: E.SandboxError, code: int) -> None:
     assert exit_code_for(error) == code

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from sandbox.group import validate_group
 from sandbox.group.spec import TeeMode
 from sandbox.hostcheck import Accel, CheckReport, Tee
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
-from sandbox.launch.pipeline import choose_tee, expected_measurement
+from sandbox.launch.pipeline import choose_tee
 from sandbox.launch.plan import build_plan
 from sandbox.shared.errors import CheckFailed
 from sandbox.shared.policy import defaults
@@ -90,10 +89,3 @@ def test_choose_tee() -> None:
         choose_tee(TeeMode.sev_snp, report(Tee.emulated, Accel.tcg))
 
 
-def test_expected_measurement_from_manifest(tmp_path: Path) -> None:
-    m = tmp_path / "manifest.json"
-    m.write_text(json.dumps({"expected_measurement": "ab" * 48}))
-    assert expected_measurement(m) == "ab" * 48
-    m.write_text(json.dumps({"measurement": {"snp": "cd" * 48}}))
-    assert expected_measurement(m) == "cd" * 48
-    assert expected_measurement(tmp_path / "missing.json") is None

@@ -20,13 +20,12 @@ from typing import Any
 from sandbox.attest.psp import write_launch_material
 from sandbox.group import GroupSpec
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
-from sandbox.launch import deps
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
-from sandbox.launch.pipeline import uvm_measurement
 from sandbox.layers.convert import convert_layer
 from sandbox.policy.gen import generate_policy
 from sandbox.shared.protocol import PORT_COUNT
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME
+from sandbox.uvm.build import ensure_uvm
 from sandbox.vmm import backend as vmm
 from sandbox.vmm.config import Accel, Backend, Disk, FwCfgFile, PortForward, Tee, VmConfig
 
@@ -142,10 +141,10 @@ def boot(state: Path, *, spec: GroupSpec, images: dict[str, ResolvedImage], disk
          boot_timeout: float = 240) -> Guest:
     """Launch the project's UVM (emulated, TCG) with the given extra disks and the generated policy's
     HOST_DATA; return once the agent answers."""
-    uvm = deps.ensure_uvm()()
+    uvm = ensure_uvm()
     state.mkdir(parents=True, exist_ok=True)
     policy = generate_policy(spec, images)
-    measurement = uvm_measurement(uvm, 1) or "00" * 48
+    measurement = uvm.expected_measurement(1) or "00" * 48
     psp = state / "psp.bin"
     write_launch_material(psp, policy_bytes=policy, measurement=bytes.fromhex(measurement))
     cfg = VmConfig(
