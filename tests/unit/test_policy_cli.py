@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -185,15 +184,6 @@ def test_gen_debug_mode_changes_the_hash_and_warns(group_file: Path, tmp_path: P
     assert (tmp_path / "a.json").read_bytes() != (tmp_path / "b.json").read_bytes()
     code, out, _ = run(["policy", "diff", str(tmp_path / "a.json"), str(tmp_path / "b.json")], capsys)
     assert code == 2 and "policy: allow_runtime_logging: false -> true" in out
-
-
-def test_gen_without_image_resolution_says_what_is_missing(tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "sandbox.images.resolve", None)
-    g = tmp_path / "group.json"
-    g.write_text(json.dumps({"name": "g", "containers": [{"name": "web", "image": "busybox:1.36"}]}))
-    code, out, err = run(["policy", "gen", str(g)], capsys)
-    assert code == 1 and out == ""
-    assert "sandbox.images.resolve.resolve_image" in err
 
 
 def test_files_volume_hashes_come_from_the_launcher(tmp_path: Path, isolated_dirs: Path) -> None:
