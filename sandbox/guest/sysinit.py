@@ -100,21 +100,33 @@ def _add_default_route(sock: socket.socket, gateway: str) -> None:
     fcntl.ioctl(sock.fileno(), SIOCADDRT, entry)
 
 
-def network_interfaces() -> list[str]:
+ARPHRD_ETHER = 1   # include/uapi/linux/if_arp.h; /sys/class/net/<if>/type
+
+
+def network_interfaces(sys_net: Path = Path("/sys/class/net")) -> list[str]:
+    """Ethernet interfaces, sorted: not loopback, and not tunnels (sit0 and the like) the kernel may add."""
     try:
-        return sorted(p.name for p in Path("/sys/class/net").iterdir())
+        names = sorted(p.name for p in sys_net.iterdir())
     except OSError:
         return []
+    out = []
+    for name in names:
+        try:
+            if int((sys_net / name / "type").read_text()) == ARPHRD_ETHER:
+                out.append(name)
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def configure_network(log: list[str]) -> str | None:
-    """lo up; the first other interface gets QEMU's user-network address. Returns its name, if any."""
+    """lo up; the first Ethernet interface gets QEMU's user-network address. Returns its name, if any."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             _set_up(sock, "lo")
         except OSError as e:
             log.append(f"loopback not configured: {e}")
-        nics = [n for n in network_interfaces() if n != "lo"]
+        nics = network_interfaces()
         if not nics:
             return None
         nic = nics[0]

@@ -137,3 +137,14 @@ def test_internal_errors_are_reported_not_fatal(peer: Peer, monkeypatch: pytest.
     assert r["error"]["code"] == "internal" and "ZeroDivisionError" in r["error"]["message"]
     monkeypatch.undo()
     assert peer.call("ping")["ok"]
+
+
+def test_network_interfaces_are_ethernet_only(tmp_path) -> None:
+    """The agent configures the first Ethernet NIC, never loopback or a tunnel such as sit0."""
+    from sandbox.guest.sysinit import network_interfaces
+
+    for name, kind in (("lo", "772"), ("sit0", "776"), ("eth1", "1"), ("enp0s2", "1"), ("broken", "x")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "type").write_text(kind + "\n")
+    assert network_interfaces(tmp_path) == ["enp0s2", "eth1"]
+    assert network_interfaces(tmp_path / "absent") == []
