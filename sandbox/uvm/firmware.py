@@ -89,7 +89,7 @@ def check_build_dependencies() -> None:
 
 
 def _bump_hint() -> str:
-    return ("move the edk2 pin in sandbox/uvm/pins.py to a version on the mirror (apt-get source "
+    return ("move the edk2 pin in firmware/edk2.json to a version on the mirror (apt-get source "
             "--print-uris edk2 with a deb-src line for the suite), with its SHA-256s")
 
 

@@ -132,7 +132,7 @@ def check_build_dependencies() -> None:
 
 
 def _bump_hint(src: KernelSource) -> str:
-    return (f"move the pin in sandbox/uvm/pins.py to the version 'apt-cache policy {src.package}' offers, "
+    return (f"move the pin in kernel_configs/linux-source.json to the version 'apt-cache policy {src.package}' offers, "
             "with the SHA-256 of its .deb (apt-cache show) and of the tarball inside it")
 
 

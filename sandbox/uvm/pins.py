@@ -1,13 +1,20 @@
 """Pinned upstream sources for the UVM build: exact versions, URLs and SHA-256s.
 
-Bumping a pin is a deliberate change: update the version, both URLs' hashes and re-run `make uvm`.
+The pins are data in the source tree: kernel_configs/linux-source.json (Debian's linux-source .deb) and
+firmware/edk2.json (Debian's edk2 source package). Bumping a pin is a deliberate change: update the
+version, the URLs' hashes and sizes, and re-run `make uvm`.
 The hashes of .deb files are the ones in Debian's signed Packages/Sources indices (`apt-cache show`,
 `apt-get source --print-uris`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox.shared.errors import StateError
+from sandbox.uvm.source_tree import FIRMWARE_DIR, KERNEL_CONFIGS
 
 
 @dataclass(frozen=True)
@@ -43,34 +50,28 @@ class Edk2Source:
     tree: str
 
 
-# linux-source-6.12 from bookworm-security: 6.12 has configfs-tsm (TSM_REPORTS) and the SNP guest fixes.
-KERNEL = KernelSource(
-    package="linux-source-6.12",
-    version="6.12.117-1~deb12u1",
-    deb=PinnedFile(
-        url="https://deb.debian.org/debian-security/pool/updates/main/l/linux-6.12/"
-            "linux-source-6.12_6.12.117-1~deb12u1_all.deb",
-        sha256="e849faf31ca3555757f3a8877cb01af92122f744f75d1f3102734651c4e14703",
-        size=153476148,
-    ),
-    tarball_member="./usr/src/linux-source-6.12.tar.xz",
-    tarball_sha256="585a4a074597aefa2b1a68ada83a3184ba351c127544dea80618bbcceaa3961f",
-    tree="linux-source-6.12",
-)
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise StateError(f"cannot read the source pin {path}: {e}",
+                         hint="the UVM recipes come from the source tree; reinstall or check out again") from None
 
-# edk2 from trixie: bookworm's 2022.11 lacks the SNP_KERNEL_HASHES metadata section that measured
-# direct boot (QEMU kernel-hashes=on) and sev-snp-measure need; 2025.02 has it.
-EDK2 = Edk2Source(
-    version="2025.02-8+deb13u1",
-    orig=PinnedFile(
-        url="https://deb.debian.org/debian/pool/main/e/edk2/edk2_2025.02.orig.tar.xz",
-        sha256="b63b6053d6d89c74d9291f9e96fde1584be99e6fb9c169ba9511505129d6b049",
-        size=29646336,
-    ),
-    debian=PinnedFile(
-        url="https://deb.debian.org/debian/pool/main/e/edk2/edk2_2025.02-8%2bdeb13u1.debian.tar.xz",
-        sha256="e2a7f6fc58640818416a028d6d5e9dfc255697a7cdc60c14566c236df6bd9b08",
-        size=53652,
-    ),
-    tree="edk2-2025.02",
-)
+
+def _pinned(d: dict) -> PinnedFile:
+    return PinnedFile(url=d["url"], sha256=d["sha256"], size=d["size"])
+
+
+def load_kernel_source(path: Path = KERNEL_CONFIGS / "linux-source.json") -> KernelSource:
+    d = _load(path)
+    return KernelSource(package=d["package"], version=d["version"], deb=_pinned(d["deb"]),
+                        tarball_member=d["tarball_member"], tarball_sha256=d["tarball_sha256"], tree=d["tree"])
+
+
+def load_edk2_source(path: Path = FIRMWARE_DIR / "edk2.json") -> Edk2Source:
+    d = _load(path)
+    return Edk2Source(version=d["version"], orig=_pinned(d["orig"]), debian=_pinned(d["debian"]), tree=d["tree"])
+
+
+KERNEL = load_kernel_source()    # kernel_configs/linux-source.json
+EDK2 = load_edk2_source()        # firmware/edk2.json
