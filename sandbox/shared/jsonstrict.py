@@ -8,7 +8,7 @@ from typing import Any
 from sandbox.shared.errors import InputError
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
@@ -17,7 +17,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _reject_constant(name: str) -> Any:
+def reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
@@ -26,7 +26,7 @@ def loads_strict(text: str, source: str) -> Any:
     if not text.strip():
         raise InputError(f"{source} is empty", hint="it must contain a JSON object")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+        return json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=reject_constant)
     except json.JSONDecodeError as e:
         raise InputError(f"{source}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                          hint="check for a missing comma, quote or bracket near that position") from None

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from sandbox.shared.jsonstrict import no_duplicate_keys, reject_constant
+
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MAX_FRAME_BYTES = 1 << 20
@@ -312,17 +314,14 @@ def guess_request_id(frame_prefix: bytes) -> RequestId:
 
 def _load_object(line: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+        obj = json.loads(line.decode("utf-8"), object_pairs_hook=no_duplicate_keys,
+                         parse_constant=reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ProtocolError(ErrorCode.malformed_frame, f"not a JSON object: {e}",
                             request_id=guess_request_id(line)) from e
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.malformed_frame, f"a frame must be a JSON object, got {_type_name(obj)}")
     return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_request(line: bytes) -> Request:

@@ -73,6 +73,16 @@ def test_non_utf8_and_nan_are_malformed() -> None:
         assert exc.value.code == ErrorCode.malformed_frame
 
 
+@pytest.mark.parametrize("raw", [b'{"v":1,"id":1,"op":"ping","op":"set_policy"}',
+                                 b'{"v":1,"id":1,"op":"ping","payload":{"a":1,"a":2}}'])
+def test_duplicate_keys_are_malformed(raw: bytes) -> None:
+    """One frame, one meaning: a host must not smuggle a second value past a first-wins reader."""
+    with pytest.raises(ProtocolError) as exc:
+        P.parse_request(raw)
+    assert exc.value.code == ErrorCode.malformed_frame
+    assert "duplicate key" in str(exc.value)
+
+
 def test_frame_reader_reassembles_and_splits() -> None:
     r = P.FrameReader()
     assert r.feed(b'{"a":') == []
