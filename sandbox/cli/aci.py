@@ -7,16 +7,14 @@ ACI interoperability code stays in its own module.
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import click
 
 from sandbox.aci.arm import ccepolicy_of_template, is_arm_template
 from sandbox.aci.rego import ccepolicy_base64, decode_policy_text, export_rego, import_rego
-from sandbox.cli.common import emit, format_option, info
+from sandbox.cli.common import format_option, write_document
 from sandbox.cli.policy import policy as policy_group
-from sandbox.fsutil import atomic_write
 from sandbox.group.jsonio import read_input_file
 from sandbox.policy.summary import read_policy
 from sandbox.shared.errors import InputError
@@ -24,16 +22,6 @@ from sandbox.shared.jsonstrict import decode_utf8, loads_strict
 from sandbox.shared.policy import policy_hash
 
 FILE = click.Path(path_type=Path, dir_okay=False)
-
-
-def _write(data: bytes, output: Path | None, fmt: str | None, what: str, digest_label: str, digest: str) -> None:
-    if output is None:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        info(f"{digest_label}: {digest}")
-        return
-    atomic_write(output, data)
-    emit({"file": str(output), "sha256": digest}, fmt, lambda r: f"wrote {what} {r['file']} ({digest_label} {digest})")
 
 
 @click.command("export")
@@ -53,7 +41,8 @@ def export(policy_file: Path, target: str, as_base64: bool, output: Path | None)
     rego = export_rego(parsed)
     data = (ccepolicy_base64(rego) if as_base64 else rego).encode("ascii" if as_base64 else "utf-8")
     digest = hashlib.sha256(rego.encode("utf-8")).hexdigest()
-    _write(data, output, None, "ACI policy", "ACI HOST_DATA (sha256 of the Rego)", digest)
+    write_document(data, output, None, what="ACI policy", digest_label="ACI HOST_DATA (sha256 of the Rego)",
+                   digest=digest)
 
 
 def _template_ccepolicy(path: Path, raw: bytes) -> bytes:
@@ -88,7 +77,8 @@ def import_(rego_file: Path, drop_fragments: bool, output: Path | None, fmt: str
     text = decode_policy_text(_template_ccepolicy(rego_file, raw), str(rego_file))
     parsed = import_rego(text, source=str(rego_file), drop_fragments=drop_fragments)
     data = parsed.canonical_bytes()
-    _write(data, output, fmt, "policy", "policy sha256 (HOST_DATA)", policy_hash(data))
+    write_document(data, output, fmt, what="policy", digest_label="policy sha256 (HOST_DATA)",
+                   digest=policy_hash(data))
 
 
 policy_group.add_command(export)

@@ -7,9 +7,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import click
+
+from sandbox.fsutil import atomic_write
 
 
 class OutputFormat(StrEnum):
@@ -61,6 +64,19 @@ def emit(data: Any, fmt: str | None, table: Callable[[Any], str]) -> None:
         text = table(data)
         if text:
             click.echo(text)
+
+
+def write_document(data: bytes, output: Path | None, fmt: str | None, *, what: str, digest_label: str,
+                   digest: str) -> None:
+    """A generated document: exact bytes on stdout with its digest noted on stderr, or written atomically to
+    `output` with a result line (or JSON) saying where and with which digest."""
+    if output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        info(f"{digest_label}: {digest}")
+        return
+    atomic_write(output, data)
+    emit({"file": str(output), "sha256": digest}, fmt, lambda r: f"wrote {what} {r['file']} ({digest_label} {digest})")
 
 
 def info(message: str) -> None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from sandbox.cli.common import OutputFormat, emit, format_option, info, resolve_format
-from sandbox.fsutil import atomic_write
+from sandbox.cli.common import OutputFormat, emit, format_option, info, resolve_format, write_document
 from sandbox.group import load_group
 from sandbox.kbs.client import broker_pins
 from sandbox.policy.diff import diff_policies
@@ -51,13 +49,7 @@ def gen(group_file: Path, output: Path | None, debug_mode: bool | None, kbs_url:
     digest = policy_hash(raw)
     if debug_features(parse_policy(raw)):
         info(f"warning: {BANNER}")
-    if output is None:
-        sys.stdout.buffer.write(raw)
-        sys.stdout.buffer.flush()
-        info(f"policy sha256 (HOST_DATA): {digest}")
-        return
-    atomic_write(output, raw)
-    emit({"file": str(output), "sha256": digest}, fmt, lambda r: f"wrote {r['file']} (sha256 {r['sha256']})")
+    write_document(raw, output, fmt, what="policy", digest_label="policy sha256 (HOST_DATA)", digest=digest)
 
 
 @policy.command("show")
