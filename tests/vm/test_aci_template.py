@@ -7,11 +7,10 @@ from __future__ import annotations
 import base64
 import json
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from test_hello import BUSYBOX_LAYOUT, Cli, cli, ensure_example_image, free_port  # noqa: F401 - cli is a fixture
+from test_hello import BUSYBOX_LAYOUT, Cli, cli, ensure_example_image, fetch_page, free_port  # noqa: F401 - cli is a fixture
 
 NAME = "aci-template-vm"
 PAGE = b"<html>served from an ACI secret volume</html>\n"
@@ -81,16 +80,7 @@ def test_the_template_runs_and_serves_its_secret_volume(group: dict) -> None:
     s = group["summary"]
     assert s["status"] == "running" and s["tee"] == "emulated" and s["containers"] == ["web", "probe"]
     assert s["ports"] == [f"127.0.0.1:{group['port']}->{group['port']}"]
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            body = urllib.request.urlopen(f"http://127.0.0.1:{group['port']}/", timeout=10).read()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    assert body == PAGE
+    assert fetch_page(group["port"]) == PAGE
 
 
 def test_env_vars_and_the_secure_value_reach_the_container(cli: Cli, group: dict) -> None:  # noqa: F811

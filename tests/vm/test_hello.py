@@ -38,6 +38,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fetch_page(port: int, timeout: float = 30) -> bytes:
+    """GET / on a forwarded loopback port, retrying while the server inside the guest comes up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def ensure_example_image() -> None:
     if not (BUSYBOX_LAYOUT / "index.json").exists():
         subprocess.run(["make", "-C", str(REPO), "example-images"], check=True, timeout=600,
@@ -82,16 +94,7 @@ def test_up_detached_serves_the_page_on_loopback(hello: dict) -> None:
     assert hello["summary"]["status"] == "running" and hello["summary"]["tee"] == "emulated"
     assert "auto -> emulated" in hello["stderr"]
     expected = (HELLO / "www" / "index.html").read_bytes()
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            body = urllib.request.urlopen(f"http://127.0.0.1:{hello['port']}/", timeout=10).read()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    assert body == expected
+    assert fetch_page(hello["port"]) == expected
 
 
 def test_ps_and_inspect_describe_the_sandbox(cli: Cli, hello: dict) -> None:
