@@ -57,9 +57,6 @@ class Task:
             self._last_draw = now
             self.reporter.update(self)
 
-    def set_total(self, total: float | None) -> None:
-        self.total = total
-
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started

@@ -70,7 +70,6 @@ REASON_RULES = (Ref(("data", "framework", "errors")), Ref(("data", "framework", 
 # Data assignments: our model's names, plus deprecated and newer ACI names handled on import.
 DATA_NAMES = ("api_version", "framework_version", "fragments", "containers", "external_processes", "volumes",
               "key_brokers", *FLAGS)
-COMPACT = ("containers", "external_processes", "volumes", "key_brokers")
 LEGACY_NAMES = {"api_svn": "api_version", "framework_svn": "framework_version"}
 FALSE_ONLY = ("allow_host_network", "allow_log_provider_dropping")
 

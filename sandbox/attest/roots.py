@@ -51,7 +51,3 @@ def fingerprint(der: bytes) -> str:
 
 def pin_of(der: bytes) -> Pin | None:
     return PINNED.get(fingerprint(der))
-
-
-def pinned_fingerprint(product: Product, role: CertRole) -> str:
-    return next(fp for fp, pin in PINNED.items() if pin.product == product and pin.role == role)

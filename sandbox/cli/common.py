@@ -83,7 +83,3 @@ def info(message: str) -> None:
     """A human note on stderr (suppressed by -q)."""
     if not cli_context().quiet:
         click.echo(message, err=True)
-
-
-def stdout_is_tty() -> bool:
-    return sys.stdout.isatty()

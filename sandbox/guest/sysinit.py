@@ -33,7 +33,6 @@ OPTIONAL_MOUNTS = {"/sys/kernel/config"}  # configfs (for configfs-tsm) may be a
 GUEST_ADDR = "10.0.2.15"
 GUEST_NETMASK = "255.255.255.0"
 GUEST_GATEWAY = "10.0.2.2"
-GUEST_DNS = "10.0.2.3"
 
 # ioctl numbers from include/uapi/linux/sockios.h; flags from include/uapi/linux/if.h, route.h.
 SIOCGIFFLAGS = 0x8913

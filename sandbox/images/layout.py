@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,17 +51,6 @@ class LayoutWriter:
         if not path.exists():
             path.write_bytes(data)
         return Descriptor(media_type, digest, len(data))
-
-    def add_file(self, src: Path, media_type: str) -> Descriptor:
-        h = hashlib.sha256()
-        with open(src, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        digest = "sha256:" + h.hexdigest()
-        dest = self.root / "blobs" / "sha256" / digest[7:]
-        if not dest.exists():
-            shutil.copyfile(src, dest)
-        return Descriptor(media_type, digest, dest.stat().st_size)
 
     def add_image(self, layers: list[Descriptor], diff_ids: list[str], *, tag: str | None = None,
                   architecture: str = "amd64", os: str = "linux", variant: str = "",

@@ -34,9 +34,8 @@ from sandbox.shared.protocol import PORT_COUNT, Op, b64encode
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
 from sandbox.state import ProcessRef, SandboxRecord, StateStore
 from sandbox.vmm import backend as vmm
-from sandbox.vmm.config import Backend, Disk, FwCfgFile, PortForward, SnpLaunch, VmConfig
+from sandbox.vmm.config import ROOT_DISK_SERIAL, Backend, Disk, FwCfgFile, PortForward, SnpLaunch, VmConfig
 
-ROOT_SERIAL = "parma-root"
 BOOT_TIMEOUT = float(os.environ.get("PARMA_SANDBOX_BOOT_TIMEOUT", "180"))
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 
@@ -155,7 +154,7 @@ def _check_socket_paths(state_dir: Path) -> None:
 def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee, accel: Accel,
                state_dir: Path, policy: bytes, measurement: str | None, kbs_url: str | None = None) -> VmConfig:
     paths = sandbox_paths(state_dir)
-    disks = [Disk(Path(uvm.rootfs), ROOT_SERIAL)] + [Disk(d.path, d.serial) for d in plan.disks]
+    disks = [Disk(Path(uvm.rootfs), ROOT_DISK_SERIAL)] + [Disk(d.path, d.serial) for d in plan.disks]
     forwards = tuple(PortForward(p.port, p.host_port, p.protocol.lower(), p.host_address) for p in spec.ports)
     fw_cfg: tuple[FwCfgFile, ...] = ()
     snp = None

@@ -34,10 +34,10 @@ RequestId = int | str | None
 # Where things live in the guest. The agent refuses mount targets elsewhere, and policy generation
 # uses the same paths for volume mount sources.
 GUEST_RUN_DIR = "/run/parma"
-LAYERS_DIR = "/run/parma/layers"          # mount_device targets for image layers: LAYERS_DIR/<name>
-VOLUMES_DIR = "/run/parma/volumes"        # group volumes: VOLUMES_DIR/<volume name>
-CONTAINERS_DIR = "/run/parma/containers"  # CONTAINERS_DIR/<id>/{rootfs,scratch,config.json}
-LAYER_TARGET_RE = r"/run/parma/layers/[a-z0-9][a-z0-9-]{0,63}"
+LAYERS_DIR = f"{GUEST_RUN_DIR}/layers"          # mount_device targets for image layers: LAYERS_DIR/<name>
+VOLUMES_DIR = f"{GUEST_RUN_DIR}/volumes"        # group volumes: VOLUMES_DIR/<volume name>
+CONTAINERS_DIR = f"{GUEST_RUN_DIR}/containers"  # CONTAINERS_DIR/<id>/{rootfs,scratch,config.json}
+LAYER_TARGET_RE = LAYERS_DIR + r"/[a-z0-9][a-z0-9-]{0,63}"
 VOLUME_TARGET_RE = r"/run/parma/volumes/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 
 

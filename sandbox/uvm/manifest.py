@@ -84,7 +84,3 @@ def build_manifest(kernel: KernelArtifact, tar: RootfsTar, rootfs: image_mod.Roo
 def manifest_bytes(doc: dict[str, Any]) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
 
-
-def package_summary(doc: dict[str, Any]) -> list[tuple[str, str, int | None]]:
-    return [(p["name"], p["version"], p["installed_kib"]) for p in doc["packages"]]
-

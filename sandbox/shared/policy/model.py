@@ -160,9 +160,6 @@ class Policy:
     def canonical_bytes(self) -> bytes:
         return canonical_bytes(self.to_document())
 
-    def container_labels(self) -> list[str]:
-        return [c.label(i) for i, c in enumerate(self.containers)]
-
 
 FLAGS = ("allow_properties_access", "allow_dump_stacks", "allow_runtime_logging",
          "allow_environment_variable_dropping", "allow_unencrypted_scratch", "allow_capability_dropping")

@@ -51,9 +51,6 @@ class TcbVersion:
     def from_u64(cls, value: int, layout: TcbLayout) -> TcbVersion:
         return cls(value.to_bytes(8, "little"), layout)
 
-    def to_u64(self) -> int:
-        return int.from_bytes(self.raw, "little")
-
     def relayout(self, layout: TcbLayout) -> TcbVersion:
         return TcbVersion(self.raw, layout)
 
