@@ -23,6 +23,10 @@ STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
 STATE_VERSION = 1
 
+STATUS_STARTING = "starting"
+STATUS_RUNNING = "running"
+STATUS_STOPPING = "stopping"
+
 
 def process_start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
@@ -144,3 +148,35 @@ class StateStore:
                         removed.append(rec.name)
         return removed
 
+
+def display_status(record: SandboxRecord) -> str:
+    """What `ps` shows: a sandbox whose launcher died before it was up is 'failed'."""
+    launcher = record.processes.get("launcher")
+    vm_alive = any(ref.alive() for key, ref in record.processes.items() if key != "launcher")
+    if record.status == STATUS_STARTING and launcher is not None and not launcher.alive():
+        return "failed" if vm_alive else "stale"
+    if record.status not in ("stale", "corrupt") and not vm_alive and not (launcher and launcher.alive()):
+        return "stale"
+    return record.status
+
+
+def list_sandboxes(store: StateStore | None = None) -> list[dict[str, Any]]:
+    """What `ps` lists: one summary per sandbox (kept here, beside the records, so `ps` imports nothing else)."""
+    store = store or StateStore()
+    out = []
+    for rec in store.list():
+        d = rec.details
+        out.append({
+            "name": rec.name,
+            "status": display_status(rec),
+            "tee": d.get("tee"),
+            "accel": d.get("accel"),
+            "backend": d.get("backend"),
+            "containers": [c["name"] for c in d.get("containers", [])],
+            "ports": [f"{p['hostAddress']}:{p['hostPort']}->{p['port']}/{p['protocol'].lower()}"
+                      for p in d.get("ports", [])],
+            "policy_hash": d.get("policy_hash"),
+            "created": rec.created,
+            "pid": rec.processes["qemu"].pid if "qemu" in rec.processes else None,
+        })
+    return out

@@ -11,15 +11,14 @@ from pathlib import Path
 
 import click
 
-from sandbox.aci.arm import ccepolicy_of_template, is_arm_template
-from sandbox.aci.rego import ccepolicy_base64, decode_policy_text, export_rego, import_rego
 from sandbox.cli.common import format_option, write_document
 from sandbox.cli.policy import policy as policy_group
-from sandbox.group.jsonio import read_input_file
 from sandbox.policy.summary import read_policy
 from sandbox.shared.errors import InputError
-from sandbox.shared.jsonstrict import decode_utf8, loads_strict
 from sandbox.shared.policy import policy_hash
+
+# The Rego and ARM code is imported by the commands that use it: this module loads with every `policy`
+# subcommand (sandbox/cli/main.py).
 
 FILE = click.Path(path_type=Path, dir_okay=False)
 
@@ -37,6 +36,8 @@ def export(policy_file: Path, target: str, as_base64: bool, output: Path | None)
 
     ACI sets HOST_DATA to SHA-256 of the Rego text, so the exported policy has its own hash: it is
     printed on stderr (or in the result with -o)."""
+    from sandbox.aci.rego import ccepolicy_base64, export_rego
+
     _, parsed = read_policy(policy_file)
     rego = export_rego(parsed)
     data = (ccepolicy_base64(rego) if as_base64 else rego).encode("ascii" if as_base64 else "utf-8")
@@ -47,6 +48,9 @@ def export(policy_file: Path, target: str, as_base64: bool, output: Path | None)
 
 def _template_ccepolicy(path: Path, raw: bytes) -> bytes:
     """The ccePolicy of an ARM template, or the file's bytes when it is not a template."""
+    from sandbox.aci.arm import ccepolicy_of_template, is_arm_template
+    from sandbox.shared.jsonstrict import decode_utf8, loads_strict
+
     if not raw.lstrip().startswith(b"{"):
         return raw
     doc = loads_strict(decode_utf8(raw, str(path)), str(path))
@@ -73,6 +77,9 @@ def import_(rego_file: Path, drop_fragments: bool, output: Path | None, fmt: str
 
     Only the data assignments and framework delegations are read; docs/aci.md lists the accepted
     subset, and anything else is refused with the line where it starts."""
+    from sandbox.aci.rego import decode_policy_text, import_rego
+    from sandbox.fsutil import read_input_file
+
     raw = read_input_file(rego_file, "a Rego policy (text or base64) or an ARM template")
     text = decode_policy_text(_template_ccepolicy(rego_file, raw), str(rego_file))
     parsed = import_rego(text, source=str(rego_file), drop_fragments=drop_fragments)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +26,28 @@ class CliContext:
     debug: bool = False
     quiet: bool = False
     format: OutputFormat = OutputFormat.table
+
+
+class DeferredChoice(click.Choice):
+    """A choice among the values of an enum whose module is imported only when the option is parsed or
+    its help is shown: a command's options are built whenever its module loads, and the enum's module
+    may be too heavy for the start of the other commands there (`ps` beside `up`; sandbox/cli/main.py)."""
+
+    def __init__(self, module: str, enum: str) -> None:
+        self._source = (module, enum)
+        self._choices: tuple[str, ...] | None = None
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if self._choices is None:
+            module, enum = self._source
+            self._choices = tuple(member.value for member in getattr(importlib.import_module(module), enum))
+        return self._choices
+
+    @choices.setter
+    def choices(self, values: Sequence[str]) -> None:
+        self._choices = tuple(values)
 
 
 def cli_context() -> CliContext:

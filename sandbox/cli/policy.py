@@ -8,14 +8,11 @@ from pathlib import Path
 import click
 
 from sandbox.cli.common import OutputFormat, emit, format_option, info, resolve_format, write_document
-from sandbox.group import load_group
-from sandbox.kbs.client import broker_pins
-from sandbox.policy.diff import diff_policies
-from sandbox.policy.gen import generate_policy
-from sandbox.policy.sources import files_volume_hashes, resolve_group_images
 from sandbox.policy.summary import BANNER, debug_features, read_policy, render, summarize
-from sandbox.policy.trace import read_trace, replay
 from sandbox.shared.policy import PolicyEngine, parse_policy, policy_hash
+
+# Generating a policy needs the image resolver and the key broker client; each command imports what it
+# uses beyond reading policies, so that `policy check` starts at once (sandbox/cli/main.py).
 
 EXIT_DENIED = 1
 EXIT_DIFFERENT = 2
@@ -41,6 +38,11 @@ def policy() -> None:
 def gen(group_file: Path, output: Path | None, debug_mode: bool | None, kbs_url: str | None,
         kbs_keys: tuple[str, ...], fmt: str | None) -> None:
     """Generate the policy of GROUP_FILE from its images, volumes and options."""
+    from sandbox.group import load_group
+    from sandbox.kbs.client import broker_pins
+    from sandbox.policy.gen import generate_policy
+    from sandbox.policy.sources import files_volume_hashes, resolve_group_images
+
     spec = load_group(group_file)
     pins = broker_pins(kbs_url, kbs_keys)
     images = resolve_group_images(spec)
@@ -80,6 +82,8 @@ def hash_(policy_file: Path, fmt: str | None) -> None:
 @click.pass_context
 def diff(ctx: click.Context, a: Path, b: Path, fmt: str | None) -> None:
     """Compare two policies by container and field; exit 0 when identical, 2 when they differ."""
+    from sandbox.policy.diff import diff_policies
+
     raw_a, pa = read_policy(a)
     raw_b, pb = read_policy(b)
     changes = diff_policies(pa, pb)
@@ -109,6 +113,8 @@ def check(ctx: click.Context, policy_file: Path, trace_file: Path, fmt: str | No
     """Replay TRACE_FILE (JSON lines of {"ep", "input"}) against POLICY_FILE, one decision per line.
 
     Exit 0 when every request is allowed, 1 when any is denied, 2 for bad input."""
+    from sandbox.policy.trace import read_trace, replay
+
     raw, _ = read_policy(policy_file)
     engine = PolicyEngine.from_bytes(raw, source=str(policy_file))
     requests = read_trace(trace_file)

@@ -9,14 +9,11 @@ from typing import Any
 
 import click
 
-from sandbox.cli.common import emit, format_option, info, render_table
-from sandbox.group import TeeMode, load_group
-from sandbox.kbs.client import check_url
-from sandbox.launch import lifecycle
-from sandbox.launch.pipeline import UpOptions
-from sandbox.launch.pipeline import up as launch_up
+from sandbox.cli.common import DeferredChoice, emit, format_option, info, render_table
 from sandbox.shared.errors import InputError
-from sandbox.vmm.config import Backend
+
+# The group loader, the launcher, the key broker client and the lifecycle operations are imported by the
+# commands that use them: `ps` must not pay for `up` (start-up time, sandbox/cli/main.py).
 
 
 @click.command("up")
@@ -25,9 +22,9 @@ from sandbox.vmm.config import Backend
 @click.option("--name", help="Sandbox name (default: the group's name).")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path, dir_okay=False),
               help="Use this policy file instead of generating one.")
-@click.option("--tee", type=click.Choice([t.value for t in TeeMode]), default=None,
+@click.option("--tee", type=DeferredChoice("sandbox.group", "TeeMode"), default=None,
               help="TEE mode (default: the group's 'tee', else auto).")
-@click.option("--backend", type=click.Choice([b.value for b in Backend]), default=Backend.qemu.value,
+@click.option("--backend", type=DeferredChoice("sandbox.vmm.config", "Backend"), default="qemu",
               show_default=True, help="Run QEMU directly, or as a transient libvirt domain.")
 @click.option("--kbs", "kbs_url", help="Key broker URL for the attestation API (pinned in the generated policy; "
                                         "docs/kbs.md), e.g. http://127.0.0.1:8300.")
@@ -42,6 +39,13 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     exit code, taking the sandbox down; Ctrl-C also takes it down. With -d it prints the sandbox and
     returns.
     """
+    from sandbox.group import TeeMode, load_group
+    from sandbox.kbs.client import check_url
+    from sandbox.launch import lifecycle
+    from sandbox.launch.pipeline import UpOptions
+    from sandbox.launch.pipeline import up as launch_up
+    from sandbox.vmm.config import Backend
+
     spec = load_group(group_file)
     # SIGTERM/SIGHUP (a closed terminal, a supervisor) take the same clean path as Ctrl-C: a VM being
     # launched is stopped and its state removed; an attached sandbox is taken down.
@@ -83,7 +87,9 @@ def _age(created: float) -> str:
 @format_option
 def ps(fmt: str | None) -> None:
     """List sandboxes (including failed or stale ones that 'down' should clean)."""
-    rows = lifecycle.list_sandboxes()
+    from sandbox.state import list_sandboxes
+
+    rows = list_sandboxes()
 
     def table(items: list[dict[str, Any]]) -> str:
         return render_table(("name", "status", "tee", "backend", "containers", "ports", "age"),
@@ -100,6 +106,8 @@ def ps(fmt: str | None) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the containers exit.")
 def logs(name: str, container: str | None, follow: bool) -> None:
     """Print the output of NAME's containers (or of CONTAINER): stdout to stdout, stderr to stderr."""
+    from sandbox.launch import lifecycle
+
     lifecycle.logs(name, container, follow=follow)
 
 
@@ -118,6 +126,8 @@ def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
         command = command[1:]
     if not command:
         raise InputError("no command given", hint="usage: parma-sandbox exec NAME CONTAINER -- CMD [ARG...]")
+    from sandbox.launch import lifecycle
+
     return lifecycle.exec_in(name, container, command)
 
 
@@ -126,6 +136,8 @@ def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
 @format_option
 def inspect(name: str, fmt: str | None) -> None:
     """Show a sandbox: policy hash, expected measurement, TEE mode, devices, containers."""
+    from sandbox.launch import lifecycle
+
     data = lifecycle.inspect(name)
 
     def table(d: dict[str, Any]) -> str:
@@ -159,6 +171,8 @@ def down(name: str | None, all_: bool, timeout: float, fmt: str | None) -> None:
     """Stop sandbox NAME (or --all): containers first, then the VM, gracefully and then forced."""
     if bool(name) == all_:
         raise InputError("give a sandbox NAME or --all", hint="'parma-sandbox ps' lists them")
+    from sandbox.launch import lifecycle
+
     results = list(lifecycle.down_all()) if all_ else [lifecycle.down(name or "", timeout=timeout)]
     emit(results, fmt, lambda rs: "\n".join(f"{r['name']}: removed" + ("" if r["graceful"] else " (forced)")
                                             for r in rs))

@@ -13,50 +13,20 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sandbox.launch.agent_client import AgentClient, AgentDenied, AgentError, AgentUnreachable
-from sandbox.launch.pipeline import (
-    STATUS_STARTING,
-    STATUS_STOPPING,
-    agent_sockets,
-    load_running,
-    sandbox_paths,
-)
+from sandbox.launch.pipeline import agent_sockets, load_running, sandbox_paths
 from sandbox.log import log
 from sandbox.shared import errors as E
 from sandbox.shared.protocol import PORT_COUNT, Op, b64decode
-from sandbox.state import ProcessRef, SandboxRecord, StateStore, process_start_time
+from sandbox.state import (
+    STATUS_STARTING,
+    STATUS_STOPPING,
+    ProcessRef,
+    SandboxRecord,
+    StateStore,
+    display_status,
+    process_start_time,
+)
 from sandbox.vmm import backend as vmm
-
-
-def display_status(record: SandboxRecord) -> str:
-    """What `ps` shows: a sandbox whose launcher died before it was up is 'failed'."""
-    launcher = record.processes.get("launcher")
-    vm_alive = any(ref.alive() for key, ref in record.processes.items() if key != "launcher")
-    if record.status == STATUS_STARTING and launcher is not None and not launcher.alive():
-        return "failed" if vm_alive else "stale"
-    if record.status not in ("stale", "corrupt") and not vm_alive and not (launcher and launcher.alive()):
-        return "stale"
-    return record.status
-
-
-def list_sandboxes(store: StateStore | None = None) -> list[dict[str, Any]]:
-    store = store or StateStore()
-    out = []
-    for rec in store.list():
-        d = rec.details
-        out.append({
-            "name": rec.name,
-            "status": display_status(rec),
-            "tee": d.get("tee"),
-            "accel": d.get("accel"),
-            "backend": d.get("backend"),
-            "containers": [c["name"] for c in d.get("containers", [])],
-            "ports": [f"{p['hostAddress']}:{p['hostPort']}->{p['port']}/{p['protocol'].lower()}"
-                      for p in d.get("ports", [])],
-            "policy_hash": d.get("policy_hash"),
-            "created": rec.created,
-            "pid": rec.processes["qemu"].pid if "qemu" in rec.processes else None,
-        })
-    return out
 
 
 def connect(record: SandboxRecord, store: StateStore | None = None, *, wait: float = 30.0) -> AgentClient:

@@ -32,16 +32,12 @@ from sandbox.shared.errors import CheckFailed, InputError, SandboxError, StateEr
 from sandbox.shared.kbs_protocol import FW_CFG_KBS_URL
 from sandbox.shared.protocol import PORT_COUNT, Op, b64encode
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
-from sandbox.state import ProcessRef, SandboxRecord, StateStore
+from sandbox.state import STATUS_RUNNING, STATUS_STARTING, ProcessRef, SandboxRecord, StateStore
 from sandbox.vmm import backend as vmm
 from sandbox.vmm.config import ROOT_DISK_SERIAL, Backend, Disk, FwCfgFile, PortForward, SnpLaunch, VmConfig
 
 BOOT_TIMEOUT = float(os.environ.get("PARMA_SANDBOX_BOOT_TIMEOUT", "180"))
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
-
-STATUS_STARTING = "starting"
-STATUS_RUNNING = "running"
-STATUS_STOPPING = "stopping"
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.launch.lifecycle import display_status, down, list_sandboxes
-from sandbox.launch.pipeline import STATUS_RUNNING, STATUS_STARTING
+from sandbox.launch.lifecycle import down
 from sandbox.shared.errors import InputError
-from sandbox.state import ProcessRef, SandboxRecord, StateStore
+from sandbox.state import (
+    STATUS_RUNNING,
+    STATUS_STARTING,
+    ProcessRef,
+    SandboxRecord,
+    StateStore,
+    display_status,
+    list_sandboxes,
+)
 
 
 def dead_ref() -> ProcessRef:
