@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +38,9 @@ SB_VERSION = 1
 _SB = struct.Struct("<8sII16s32sIIQH6s256s168s")
 assert _SB.size == SUPERBLOCK_SIZE
 
-_READ_CHUNK = 8 << 20               # data read per system call while hashing
+_READ_CHUNK = 1 << 20               # data read per system call while hashing
 _DIGEST_FLUSH = 1 << 20             # bytes of digests buffered before they are written out
+PARALLEL_MIN = 32 << 20             # data from which a second process hashes half of the tree's first level
 
 
 @dataclass(frozen=True)
@@ -158,9 +161,9 @@ class _TreeWriter:
     def hash_blocks(self, view: memoryview, block_size: int) -> None:
         # The hot loop: one pre-salted hash object copied per block, bound methods kept local.
         copy, append, pad = self.base.copy, self.buf.append, self.pad
-        for block in [view[off:off + block_size] for off in range(0, len(view), block_size)]:
+        for off in range(0, len(view), block_size):
             h = copy()
-            h.update(block)
+            h.update(view[off:off + block_size])
             append(h.digest())
             if pad:
                 append(pad)
@@ -195,7 +198,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 
 def _hash_region(src_fd: int, start: int, blocks: int, block_size: int, writer: _TreeWriter) -> None:
-    """Feed `blocks` blocks read from `src_fd` at byte `start` through `writer`."""
+    """Feed `blocks` blocks read from `src_fd` at byte `start` through `writer` (which is flushed)."""
     chunk_blocks = max(1, _READ_CHUNK // block_size)
     buf = bytearray(chunk_blocks * block_size)
     view = memoryview(buf)
@@ -207,6 +210,40 @@ def _hash_region(src_fd: int, start: int, blocks: int, block_size: int, writer: 
             raise InputError(f"short read while hashing: the file shrank below {start + blocks * block_size} bytes")
         writer.hash_blocks(view[:n], block_size)
         done += n // block_size
+    writer.flush()
+
+
+def _hash_first_level(src_fd: int, blocks: int, block_size: int, writer: _TreeWriter) -> None:
+    """Hash the data blocks into the tree's first level, in two processes when that pays and is safe.
+
+    Hashing a block takes the GIL back and forth, so threads do not help; a forked child hashes the second
+    half and writes its digests in place. Forking is safe only while this process runs a single thread.
+    """
+    slot = writer.base.digest_size + len(writer.pad)
+    half = blocks // 2
+    if blocks * block_size < PARALLEL_MIN or threading.active_count() != 1:
+        _hash_region(src_fd, 0, blocks, block_size, writer)
+        return
+    second = _TreeWriter(writer.fd, writer.pos + half * slot, writer.base, slot, writer.hash_block_size)
+    pid = os.fork()
+    if pid == 0:                                    # the child: hash the second half, then leave at once
+        code = 1
+        try:
+            _hash_region(src_fd, half * block_size, blocks - half, block_size, second)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        _hash_region(src_fd, 0, half, block_size, writer)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise InputError("hashing the second half of the data failed (a read error, or the file shrank)")
+    writer.pos += (blocks - half) * slot            # the child's digests follow the parent's
+    writer.written += (blocks - half) * slot
 
 
 def format_verity(data: Path, *, salt: bytes = ZERO_SALT, superblock: bool = True, hash_file: Path | None = None,
@@ -280,12 +317,13 @@ def format_verity(data: Path, *, salt: bytes = ZERO_SALT, superblock: bool = Tru
                 h.update(os.pread(data_fd, data_block_size, 0))
                 root = h.digest()
             else:
-                src_fd, src_start, src_blocks, src_bs = data_fd, 0, blocks, data_block_size
-                for level, count in enumerate(sizes):
+                writer = _TreeWriter(hash_fd, offsets[0], base, slot, hash_block_size)
+                _hash_first_level(data_fd, blocks, data_block_size, writer)
+                writer.finish()
+                for level in range(1, len(sizes)):
                     writer = _TreeWriter(hash_fd, offsets[level], base, slot, hash_block_size)
-                    _hash_region(src_fd, src_start, src_blocks, src_bs, writer)
+                    _hash_region(hash_fd, offsets[level - 1], sizes[level - 1], hash_block_size, writer)
                     writer.finish()
-                    src_fd, src_start, src_blocks, src_bs = hash_fd, offsets[level], count, hash_block_size
                 h = base.copy()
                 h.update(os.pread(hash_fd, hash_block_size, offsets[-1]))
                 root = h.digest()
