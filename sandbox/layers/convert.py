@@ -52,7 +52,7 @@ def _write_ext4(src: Path, tmp: Path, options: Ext4Options, expected_diff_id: st
             open_layer(src, what=what, on_read=task.advance) as layer:
         fd = os.open(tmp, os.O_RDWR | os.O_TRUNC | os.O_CLOEXEC)
         try:
-            stats = convert_tar_stream(layer.stream, fd, options)
+            stats = convert_tar_stream(layer.chunks, fd, options)
         except InputError as e:
             if not e.message.startswith(what):
                 raise type(e)(f"{what}: {e.message}", hint=e.hint) from e
