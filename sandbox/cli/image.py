@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from sandbox.aci.ext4compat import COMPAT_MODES, layer_mode
 from sandbox.cli.common import OutputFormat, echo_json, emit, format_option, render_table, resolve_format
 from sandbox.cli.verity import kv_table, verity_doc
-from sandbox.images.resolve import DEFAULT_PLATFORM, PullResult, pull_image
+from sandbox.images.manifest import DEFAULT_PLATFORM
 from sandbox.layers.convert import convert_layer, convert_tar_to_ext4
 from sandbox.layers.tar2ext4 import Ext4Options
 from sandbox.shared.errors import InputError
+
+if TYPE_CHECKING:
+    from sandbox.images.resolve import PullResult
+
+# The registry client (requests) is imported by the commands that pull: `image convert` works offline and
+# should start as fast as the converter it competes with (bench/bench_tar2ext4.py).
 
 FILE = click.Path(path_type=Path, dir_okay=False)
 
@@ -55,6 +61,8 @@ def image_doc(result: PullResult) -> dict[str, Any]:
 @format_option
 def pull(ref: str, platform: str, compat: str | None, fmt: str | None) -> None:
     """Pull REF (registry image, oci:DIR[:TAG] or docker-archive:FILE) and convert its layers."""
+    from sandbox.images.resolve import pull_image
+
     doc = image_doc(pull_image(ref, base_dir=Path.cwd(), platform=platform, compat=compat))
 
     def table(d: dict[str, Any]) -> str:
@@ -72,6 +80,8 @@ def pull(ref: str, platform: str, compat: str | None, fmt: str | None) -> None:
 @format_option
 def layers(ref: str, platform: str, compat: str | None, fmt: str | None) -> None:
     """List REF's layers: diff_id, media type, size, dm-verity root hash and device image (pulls if needed)."""
+    from sandbox.images.resolve import pull_image
+
     doc = image_doc(pull_image(ref, base_dir=Path.cwd(), platform=platform, compat=compat))
     if resolve_format(fmt) == OutputFormat.json:
         echo_json(doc["layers"])

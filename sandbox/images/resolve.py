@@ -19,6 +19,7 @@ from sandbox.aci.ext4compat import layer_mode
 from sandbox.images.local import DOCKER_LAYER, DockerArchive, OciLayout, is_index
 from sandbox.images.manifest import (
     CONFIG_TYPES,
+    DEFAULT_PLATFORM,
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     Descriptor,
@@ -42,7 +43,6 @@ from sandbox.log import log
 from sandbox.paths import cache_dir
 from sandbox.progress import step
 
-DEFAULT_PLATFORM = "linux/amd64"
 _DOWNLOAD_ATTEMPTS = 3
 
 

@@ -36,6 +36,8 @@ FREE = F.FileType.unknown               # the file type of an inode number that 
 _FLUSH_AT = 256 << 10                   # small enough to stay in the CPU cache between copy and write
 _DIRECT_AT = 64 << 10                   # data pieces at least this large are written without the buffer
 _ZERO_INODE = bytes(F.INODE_SIZE)
+_INODES_PER_WRITE = 256                 # inode records packed and written at once
+_ZERO_INODES = bytes(F.INODE_SIZE * _INODES_PER_WRITE)
 _ZEROS = memoryview(bytes(F.BLOCK_SIZE))
 _HUGE_FILE, _EXTENTS = int(F.InodeFlag.HUGE_FILE), int(F.InodeFlag.EXTENTS)
 _ONE_EXTENT = struct.Struct("<HHHHIIHHI")      # extent header (depth 0) and one leaf: i_block of a small file
@@ -355,10 +357,15 @@ class Ext4Writer:
         """Stream a regular file's content that has no holes: `pieces` are its bytes in order."""
         start = self.next_block
         written = 0
-        append = self._append
         for piece in pieces:
-            append(piece)
-            written += len(piece)
+            n = len(piece)
+            fill = self._fill
+            if n < _DIRECT_AT and fill < _FLUSH_AT:     # the usual small piece: straight into the buffer
+                self._buf[fill:fill + n] = piece
+                self._fill = fill + n
+            else:
+                self._append(piece)
+            written += n
         if written != size:
             raise Ext4LimitError(f"file data does not match its size ({written} != {size})")
         self.size[ino] = size
@@ -555,9 +562,7 @@ class Ext4Writer:
                 self._append(block.ljust(bs, b"\0"))
                 blocks += 1
                 block = bytearray()
-            block += pack(child, rec, len(name), kind)
-            block += name
-            block += bytes(rec - F.DIRENT_HEADER - len(name))
+            block += pack(child, rec, len(name), kind) + name + _ZEROS[:rec - F.DIRENT_HEADER - len(name)]
         block += pack(0, bs - len(block), 0, 0)
         self._append(block.ljust(bs, b"\0"))
         blocks += 1
@@ -568,12 +573,18 @@ class Ext4Writer:
 
     def _write_inode_table(self, slots: int) -> None:
         count = self.inode_count
-        append = self._append
-        for ino in range(1, slots + 1):
-            if ino <= count and self.ftype[ino] != FREE:
-                append(self._inode_record(ino))
-            else:
-                append(_ZERO_INODE)
+        ftype = self.ftype
+        record = self._inode_record
+        batch: list[bytes] = []
+        for first in range(1, min(count, slots) + 1, _INODES_PER_WRITE):
+            batch = [_ZERO_INODE if ftype[ino] == FREE else record(ino)
+                     for ino in range(first, min(first + _INODES_PER_WRITE, count + 1, slots + 1))]
+            self._append(b"".join(batch))
+        unused = slots - min(count, slots)           # the rest of the last group's table
+        for _ in range(unused // _INODES_PER_WRITE):
+            self._append(_ZERO_INODES)
+        if unused % _INODES_PER_WRITE:
+            self._append(_ZERO_INODES[:unused % _INODES_PER_WRITE * F.INODE_SIZE])
         self._alloc_written(slots * F.INODE_SIZE // F.BLOCK_SIZE)
 
     def _inode_record(self, ino: int) -> bytes:

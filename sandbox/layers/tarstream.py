@@ -146,6 +146,14 @@ class _Input:
             n -= take
             yield self._buf[off:off + take]
 
+    def skip_within(self, n: int) -> bool:
+        """Skip n bytes if the current chunk holds them (the usual case); False, having done nothing, if not."""
+        off = self._off + n
+        if off > len(self._buf):
+            return False
+        self._off = off
+        return True
+
     def skip(self, n: int, what: What) -> None:
         while n > 0:
             if self._off == len(self._buf) and not self._advance():
@@ -279,7 +287,9 @@ class TarReader:
     def _skip_pending(self) -> None:
         if self._pending:
             current = self._current
-            self.input.skip(self._pending, lambda: f"the data of {current.describe() if current else 'an entry'}")
+            if not self.input.skip_within(self._pending):
+                self.input.skip(self._pending,
+                                lambda: f"the data of {current.describe() if current else 'an entry'}")
             self._pending = 0
 
     def drain(self) -> int:
@@ -356,10 +366,12 @@ class TarReader:
                numbers: tuple[int, int, int, int] | None) -> TarEntry:
         magic = header[257:265]
         gnu = magic == b"ustar  \0"
-        name = _cstr(header[0:100])
+        end = header.find(0, 0, 100)
+        name = header[:end if end >= 0 else 100]
         if magic[:6] == b"ustar\0" and header[345]:
             name = _cstr(header[345:500]) + b"/" + name
-        linkname = _cstr(header[157:257])
+        end = header.find(0, 157, 257)
+        linkname = header[157:end if end >= 0 else 257]
         entry_type = _TYPES.get(typeflag)
         if entry_type is None:
             shown = typeflag.decode("latin-1")

@@ -332,3 +332,14 @@ def test_rewriting_a_block_split_by_a_flush(tmp_path: Path) -> None:
         assert os.pread(fd, 4096, first * 4096) == b"c" * 4096
     finally:
         os.close(fd)
+
+
+def test_the_layers_package_does_not_import_aci() -> None:
+    """sandbox.aci builds on the converter (its rules come in through Ext4Options), never the other way round."""
+    import ast
+
+    for path in sorted((REPO / "sandbox" / "layers").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "sandbox.aci" or n.startswith("sandbox.aci.") for n in names), path
