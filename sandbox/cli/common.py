@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from sandbox.fsutil import atomic_write
 
 
 class OutputFormat(StrEnum):
@@ -69,6 +66,8 @@ def resolve_format(fmt: str | None) -> OutputFormat:
 
 
 def echo_json(data: Any) -> None:
+    import json  # imported on use: most runs print no JSON, and every run imports this module
+
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
@@ -98,6 +97,8 @@ def write_document(data: bytes, output: Path | None, fmt: str | None, *, what: s
         sys.stdout.buffer.flush()
         info(f"{digest_label}: {digest}")
         return
+    from sandbox.fsutil import atomic_write  # imported on use, as json above
+
     atomic_write(output, data)
     emit({"file": str(output), "sha256": digest}, fmt, lambda r: f"wrote {what} {r['file']} ({digest_label} {digest})")
 
