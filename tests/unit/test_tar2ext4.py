@@ -343,3 +343,13 @@ def test_the_layers_package_does_not_import_aci() -> None:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == "sandbox.aci" or n.startswith("sandbox.aci.") for n in names), path
+
+
+@pytest.mark.parametrize("fill", [0, 0x7F, 0x80, 0xFF])
+def test_header_byte_sum_is_exact(fill: int) -> None:
+    from sandbox.layers.tarstream import _byte_sum
+
+    header = bytes([fill]) * 512
+    assert _byte_sum(header) == sum(header)
+    mixed = bytes(range(256)) * 2
+    assert _byte_sum(mixed) == sum(mixed)
