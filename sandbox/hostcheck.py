@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import tempfile
@@ -40,8 +39,6 @@ def amdsev_ovmf_candidates() -> tuple[Path, ...]:
         Path("/usr/share/edk2/ovmf/OVMF.amdsev.fd"),
     )
 
-
-LIBVIRT_SOCKETS = (Path("/run/libvirt/libvirt-sock"), Path("/var/run/libvirt/libvirt-sock"))
 
 # Tools later steps call, with what they are for.
 TOOLS = {
@@ -269,23 +266,6 @@ def probe_firmware() -> tuple[Item, Item, Path | None, Path | None]:
     return g_item, a_item, generic, amdsev
 
 
-def probe_libvirt() -> Item:
-    for sock_path in LIBVIRT_SOCKETS:
-        if sock_path.exists():
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(2)
-            try:
-                s.connect(str(sock_path))
-                return Item("libvirtd", Status.ok, f"reachable at {sock_path}")
-            except OSError as e:
-                return Item("libvirtd", Status.unusable, f"{sock_path}: {e.strerror}",
-                            "start it with 'virtlogd -d; virtlockd -d; libvirtd -d'")
-            finally:
-                s.close()
-    return Item("libvirtd", Status.missing, "not running (only needed for --backend libvirt)",
-                "start it with 'virtlogd -d; virtlockd -d; libvirtd -d'")
-
-
 def probe_vsock() -> Item:
     dev = Path("/dev/vhost-vsock")
     if dev.exists() and os.access(dev, os.R_OK | os.W_OK):
@@ -310,8 +290,7 @@ def check_host() -> CheckReport:
     kvm_item = probe_kvm_cached(qemu)
     snp_items = probe_snp_host()
     g_item, a_item, generic, amdsev = probe_firmware()
-    items = [qemu_item, snp_qemu_item, kvm_item, *snp_items, g_item, a_item, probe_libvirt(), probe_vsock(),
-             *probe_tools()]
+    items = [qemu_item, snp_qemu_item, kvm_item, *snp_items, g_item, a_item, probe_vsock(), *probe_tools()]
 
     reasons = []
     if kvm_item.status != Status.ok:

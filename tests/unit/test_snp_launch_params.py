@@ -139,14 +139,7 @@ def test_cpuid_leaf_8000001f() -> None:
     assert (other.cbitpos, other.reduced_phys_bits, other.snp) == (47, 5, False)
 
 
-DOMCAPS = """<domainCapabilities>
-  <path>/usr/bin/qemu-system-x86_64</path><domain>kvm</domain><machine>pc-q35-10.0</machine><arch>x86_64</arch>
-  <features>
-    <sev supported='yes'><cbitpos>51</cbitpos><reducedPhysBits>1</reducedPhysBits>
-      <maxGuests>15</maxGuests><maxESGuests>494</maxESGuests></sev>
-    <launchSecurity supported='yes'><enum name='sectype'><value>sev</value><value>sev-snp</value></enum></launchSecurity>
-  </features>
-</domainCapabilities>"""
+DOMCAPS = (Path(__file__).parents[1] / "data" / "libvirt" / "domcaps-sev-snp.xml").read_text()   # schema-checked
 
 
 def test_domain_capabilities() -> None:
