@@ -22,6 +22,7 @@ from sandbox.fsutil import atomic_write
 from sandbox.paths import cache_dir, runtime_dir
 from sandbox.run import find_tool, run, spawn
 from sandbox.shared.errors import SandboxError
+from sandbox.vmm.snp import host_sev_info
 
 QEMU_SNP_MIN = (9, 1)
 
@@ -252,7 +253,19 @@ def probe_snp_host() -> list[Item]:
     has = "sev_snp" in flags
     items.append(Item("cpu sev_snp flag", Status.ok if has else Status.missing,
                       "present" if has else "the CPU does not advertise sev_snp"))
+    if has:
+        items.append(probe_sev_parameters())
     return items
+
+
+def probe_sev_parameters() -> Item:
+    """The host values QEMU checks an SEV-SNP launch against (CPUID Fn8000_001F; sandbox/vmm/snp.py)."""
+    try:
+        info = host_sev_info()
+    except SandboxError as e:
+        return Item("sev launch parameters", Status.unusable, e.message, e.hint)
+    return Item("sev launch parameters", Status.ok, f"cbitpos {info.cbitpos}, reduced-phys-bits "
+                                                    f"{info.reduced_phys_bits} (from {info.source.value})")
 
 
 def probe_firmware() -> tuple[Item, Item, Path | None, Path | None]:

@@ -1,7 +1,9 @@
 """`parma-sandbox --debug up`: keep everything needed to report a failed (or puzzling) launch.
 
-With --debug, `up` copies into <cache>/debug/<name>-<UTC time>/ (default
-~/.cache/parma-sandbox/debug/), whether the launch succeeded or not:
+With --debug, `up` copies into <runtime dir>/.debug/<name>-<UTC time>/ (the runtime dir is
+$PARMA_SANDBOX_RUNTIME, else $XDG_RUNTIME_DIR/parma-sandbox, else /tmp/parma-sandbox-<uid>;
+$PARMA_SANDBOX_DEBUG_DIR replaces <runtime dir>/.debug), whether the launch succeeded or not, and
+says where on stderr:
   qemu.sh           the exact QEMU command (a replay script; QEMU backend)
   domain.xml        the domain XML libvirt was given (libvirt backend)
   console.log       the guest's serial console
@@ -16,6 +18,7 @@ The emulated PSP's material (psp.bin) is not copied: it holds the emulated VCEK'
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import traceback
@@ -24,15 +27,18 @@ from typing import Any
 
 from sandbox.hostcheck import check_host
 from sandbox.log import DEBUG, log
-from sandbox.paths import cache_dir
+from sandbox.paths import runtime_dir
 from sandbox.vmm.libvirt_probe import with_libvirt
 
 FILES = ("qemu.sh", "domain.xml", "console.log", "qemu.log", "selfcheck.json")
 LIBVIRT_LOG_DIR = Path("/var/log/libvirt/qemu")
+DEBUG_DIR_ENV = "PARMA_SANDBOX_DEBUG_DIR"
 
 
 def debug_dir(name: str) -> Path:
-    return cache_dir() / "debug" / f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    """Where `up --debug` keeps a launch's files (a dot directory: `ps` never mistakes it for a sandbox)."""
+    base = Path(os.environ.get(DEBUG_DIR_ENV) or runtime_dir() / ".debug")
+    return base / f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
 
 
 def keep_diagnostics(state_dir: Path, record: Any, *, error: BaseException | None = None) -> Path | None:

@@ -172,3 +172,34 @@ def test_measure_id_options_need_snp(capsys: pytest.CaptureFixture[str], uvm: Si
     code, out, _ = run_cli([*base, "--mode", "snp", "--id-key", str(KEYS / "id_key.pem"), "--family-id", "0102",
                             "--format", "json"], capsys)
     assert code == 0 and json.loads(out)["id"]["family_id"] == "0102" + "00" * 14
+
+
+def test_debug_files_are_kept_only_under_debug(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.launch import diagnostics
+    from sandbox.launch.diagnostics import keep_diagnostics
+    from sandbox.log import DEBUG
+    from sandbox.state import SandboxRecord
+
+    # The host probe is the tools tier's business; here only the bundle's layout matters.
+    monkeypatch.setattr(diagnostics, "check_host", lambda: SimpleNamespace(to_json=lambda: {"tee": "emulated"}))
+    monkeypatch.setattr(diagnostics, "with_libvirt", lambda report: report)
+
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in ("qemu.sh", "console.log", "selfcheck.json", "psp.bin"):
+        (state / name).write_text(name)
+    record = SandboxRecord(name="dbg", status="starting")
+    record.details = {"launch": {"predicted_measurement": "00" * 48}}
+    monkeypatch.setenv("PARMA_SANDBOX_RUNTIME", str(tmp_path / "run"))
+    token = DEBUG.set(False)
+    try:
+        assert keep_diagnostics(state, record) is None
+        DEBUG.set(True)
+        kept = keep_diagnostics(state, record, error=CheckFailed("launch self-check failed"))
+    finally:
+        DEBUG.reset(token)
+    assert kept is not None and kept.parent == tmp_path / "run" / ".debug" and kept.name.startswith("dbg-")
+    names = {p.name for p in kept.iterdir()}
+    assert {"qemu.sh", "console.log", "selfcheck.json", "launch.json", "record.json", "check.json",
+            "error.txt"} <= names and "psp.bin" not in names
+    assert "launch self-check failed" in (kept / "error.txt").read_text()
