@@ -10,11 +10,9 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,17 +20,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 KEYS = REPO / "tests" / "data" / "snp-id"
 sys.path.insert(0, str(Path(__file__).parent))
-from test_hello import BUSYBOX_LAYOUT, Cli, ensure_example_image  # noqa: E402
+from test_hello import BUSYBOX_LAYOUT, Cli, cli, ensure_example_image  # noqa: E402, F401 - cli: a fixture
 
 
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    run_dir = tmp_path_factory.mktemp("run")
-    env = {**os.environ, "PARMA_SANDBOX_RUNTIME": str(run_dir), "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    c = Cli(env, REPO)
-    yield c
-    c("down", "--all", timeout=120)
+def run(cli: Cli) -> Cli:  # noqa: F811 - the imported fixture, by name
+    return cli
 
 
 @pytest.fixture(scope="module")
@@ -50,44 +43,44 @@ def _qemu_pids_of(run_dir: Path) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def test_a_wrong_expected_measurement_stops_the_sandbox(cli: Cli, group: Path) -> None:
+def test_a_wrong_expected_measurement_stops_the_sandbox(run: Cli, group: Path) -> None:
     wrong = "ab" * 48
-    r = cli("--progress", "plain", "up", "-d", "--name", "wrong-m", "--tee", "emulated",
+    r = run("--progress", "plain", "up", "-d", "--name", "wrong-m", "--tee", "emulated",
             "--expect-measurement", wrong, str(group), timeout=600)
     assert r.returncode == 1, r.stderr
     assert "launch self-check failed, the sandbox was stopped" in r.stderr
     assert "report.measurement: " in r.stderr and f"!= expected {wrong}" in r.stderr
     assert "hint: the UVM that started is not the one predicted" in r.stderr
-    run_dir = Path(cli.env["PARMA_SANDBOX_RUNTIME"])
+    run_dir = Path(run.env["PARMA_SANDBOX_RUNTIME"])
     assert not (run_dir / "wrong-m").exists()
     assert _qemu_pids_of(run_dir) == []
-    assert json.loads(cli("ps", "--format", "json").stdout) == []
+    assert json.loads(run("ps", "--format", "json").stdout) == []
 
 
-def test_id_block_up_verify_and_debug_files(cli: Cli, group: Path, tmp_path: Path) -> None:
-    r = cli("--progress", "plain", "up", "-d", "--debug", "--name", "idblock", "--tee", "emulated",
+def test_id_block_up_verify_and_debug_files(run: Cli, group: Path, tmp_path: Path) -> None:
+    r = run("--progress", "plain", "up", "-d", "--debug", "--name", "idblock", "--tee", "emulated",
             "--id-key", str(KEYS / "id_key.pem"), "--author-key", str(KEYS / "author_key.pem"), str(group),
             timeout=600)
     try:
         assert r.returncode == 0, r.stderr
-        info = json.loads(cli("inspect", "idblock", "--format", "json").stdout)
+        info = json.loads(run("inspect", "idblock", "--format", "json").stdout)
         nonce = secrets.token_hex(32)
         evidence = tmp_path / "evidence.json"
-        rr = cli("attest", "report", "idblock", "--nonce", nonce, "-o", str(evidence), timeout=300)
+        rr = run("attest", "report", "idblock", "--nonce", nonce, "-o", str(evidence), timeout=300)
         assert rr.returncode == 0, rr.stderr
         base = ["attest", "verify", str(evidence), "--nonce", nonce, "--allow-emulated",
                 "--measurement", info["expected_measurement"], "--format", "json"]
-        v = cli(*base, "--id-key-digest", str(KEYS / "id_key.pem"), "--author-key-digest",
+        v = run(*base, "--id-key-digest", str(KEYS / "id_key.pem"), "--author-key-digest",
                 str(KEYS / "author_key.pem"))
         assert v.returncode == 0, v.stderr
         checks = {c["name"]: c["status"] for c in json.loads(v.stdout)["checks"]}
         assert checks["report.id_key_digest"] == checks["report.author_key_digest"] == "pass"
-        wrong = cli(*base, "--id-key-digest", str(KEYS / "author_key.pem"))
+        wrong = run(*base, "--id-key-digest", str(KEYS / "author_key.pem"))
         assert wrong.returncode == 1 and "report.id_key_digest" in wrong.stderr
         # --debug: the files docs/snp-lab.md lists, in <runtime>/.debug/<name>-<time>/
         line = next(x for x in r.stderr.splitlines() if "debug files for idblock kept in" in x)
         kept = Path(line.rsplit(" in ", 1)[1])
-        assert kept.parent == Path(cli.env["PARMA_SANDBOX_RUNTIME"]) / ".debug"
+        assert kept.parent == Path(run.env["PARMA_SANDBOX_RUNTIME"]) / ".debug"
         assert {"qemu.sh", "console.log", "qemu.log", "selfcheck.json", "launch.json", "record.json",
                 "check.json"} <= {p.name for p in kept.iterdir()}
         assert not (kept / "psp.bin").exists()
@@ -96,4 +89,4 @@ def test_id_block_up_verify_and_debug_files(cli: Cli, group: Path, tmp_path: Pat
         assert json.loads((kept / "selfcheck.json").read_text())["summary"]["verified"]
         assert (kept / "qemu.sh").read_text().startswith("qemu-system-x86_64 ")
     finally:
-        cli("down", "idblock", timeout=120)
+        run("down", "idblock", timeout=120)
