@@ -98,7 +98,7 @@ def parse_domcaps_sev(xml_text: str) -> tuple[HostSevInfo | None, bool]:
     return info, snp
 
 
-def _query_qemu(qemu: str, timeout: float = 15.0) -> HostSevInfo:
+def query_qemu_sev_capabilities(qemu: str, timeout: float = 15.0) -> HostSevInfo:
     """QMP query-sev-capabilities from a machine-less QEMU with KVM (needs /dev/sev and /dev/kvm)."""
     commands = [{"execute": "qmp_capabilities"}, {"execute": "query-sev-capabilities"}, {"execute": "quit"}]
     stdin = "".join(json.dumps(c) + "\n" for c in commands)
@@ -137,7 +137,7 @@ def host_sev_info(qemu: str = "qemu-system-x86_64") -> HostSevInfo:
         problems.append(f"{CPUID_DEVICE}: {e.strerror or e}")
     t0 = time.monotonic()
     try:
-        return _query_qemu(qemu)
+        return query_qemu_sev_capabilities(qemu)
     except (OSError, subprocess.TimeoutExpired) as e:
         problems.append(f"QEMU query-sev-capabilities ({time.monotonic() - t0:.1f} s): {e}")
     raise CheckFailed("cannot read the host's SEV C-bit position and physical address reduction: "
