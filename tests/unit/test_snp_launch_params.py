@@ -96,6 +96,8 @@ def test_argv_xml_and_measurement_use_the_same_parameters(tmp_path: Path, vcpus:
     digest = launch_measurement(cfg)
     assert launch_digest(argv_req) == digest == launch_digest(xml_req)
     # The measurement really depends on each of them (so the comparison above means something).
+    if cfg.initrd is not None:                     # an initrd is measured, not ignored
+        assert launch_measurement(dataclasses.replace(cfg, initrd=None)) != digest
     others = {launch_measurement(dataclasses.replace(cfg, vcpus=vcpus + 1)),
               launch_measurement(dataclasses.replace(cfg, snp=dataclasses.replace(cfg.snp, cpu_model="EPYC-Genoa"))),
               launch_measurement(dataclasses.replace(cfg, cmdline=cfg.cmdline + " quiet"))}
