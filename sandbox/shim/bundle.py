@@ -4,6 +4,8 @@ Annotations the shim reads (docs/kubernetes.md):
 - `io.parma.policy`: the execution policy, base64 of its exact bytes (SHA-256 of those bytes is HOST_DATA).
   On a pod's sandbox container (Kubernetes passes pod annotations there when the runtime's
   `pod_annotations` lets them through); on a plain `ctr run` container, the container's own.
+- `io.parma.policy-sha256`: optional; when present it must be SHA-256 of the policy (a copy/paste check).
+- `io.parma.vcpus`, `io.parma.memory-mib`: the UVM's size (default: the node config's).
 - `io.parma.image`: the image reference to take this container's layers from (`ctr run` passes no
   image name to a runtime; CRI's `io.kubernetes.cri.image-name` serves otherwise).
 - CRI's own: `io.kubernetes.cri.container-type` (sandbox | container), `...sandbox-id`,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 import tomllib
@@ -29,6 +32,9 @@ from sandbox.group.spec import Container, EnvVar, TeeMode
 from sandbox.shared.errors import InputError
 
 POLICY_ANNOTATION = "io.parma.policy"
+POLICY_HASH_ANNOTATION = "io.parma.policy-sha256"
+VCPUS_ANNOTATION = "io.parma.vcpus"
+MEMORY_ANNOTATION = "io.parma.memory-mib"
 IMAGE_ANNOTATION = "io.parma.image"
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
@@ -109,11 +115,31 @@ class OciContainer:
         if raw is None:
             return None
         try:
-            return base64.b64decode(raw.strip(), validate=True)
+            policy = base64.b64decode(raw.strip(), validate=True)
         except (binascii.Error, ValueError):
             raise InputError(f"annotation {POLICY_ANNOTATION} is not valid base64",
                              hint="set it to base64 of the policy file's exact bytes "
                                   "('parma-sandbox export k8s' writes it)") from None
+        expected = self.annotations.get(POLICY_HASH_ANNOTATION)
+        if expected is not None and expected.strip().lower() != hashlib.sha256(policy).hexdigest():
+            raise InputError(f"annotation {POLICY_HASH_ANNOTATION} is {expected.strip()!r}, but the policy in "
+                             f"{POLICY_ANNOTATION} hashes to {hashlib.sha256(policy).hexdigest()}",
+                             hint="the two annotations come from different exports")
+        return policy
+
+    def uvm_size(self, node: NodeConfig) -> tuple[int, int]:
+        """(vcpus, memory MiB) from the annotations, else the node config's."""
+        out = []
+        for key, default, low, high in ((VCPUS_ANNOTATION, node.vcpus, 1, 64),
+                                        (MEMORY_ANNOTATION, node.memory_mib, 128, 65536)):
+            raw = self.annotations.get(key)
+            if raw is None:
+                out.append(default)
+                continue
+            if not raw.strip().isdigit() or not low <= int(raw) <= high:
+                raise InputError(f"annotation {key}={raw!r} is not a number from {low} to {high}")
+            out.append(int(raw))
+        return out[0], out[1]
 
     def image(self) -> str | None:
         return self.annotations.get(IMAGE_ANNOTATION) or self.annotations.get(CRI_IMAGE_NAME)

@@ -193,9 +193,10 @@ class TaskService:
         name = sandbox_name(self.namespace, oci.sandbox_id(task.id))
         t0 = time.monotonic()
         log.info("launching sandbox %s for %s", name, task.id)
+        vcpus, memory_mib = oci.uvm_size(self.node)
         self.sandbox = GuestSandbox.launch(Launch(name=name, containers=containers, policy=policy,
-                                                  tee=_tee(self.node), vcpus=self.node.vcpus,
-                                                  memory_mib=self.node.memory_mib), task.bundle)
+                                                  tee=_tee(self.node), vcpus=vcpus, memory_mib=memory_mib),
+                                           task.bundle)
         self.sandbox_task = task.id
         atomic_write(task.bundle / STATE_FILE, json.dumps({"sandbox": name, "config": self.node.path}).encode())
         log.info("sandbox %s up in %.1f s (qemu pid %d)", name, time.monotonic() - t0, self.sandbox.qemu_pid)
