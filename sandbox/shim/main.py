@@ -94,8 +94,9 @@ def parse_flags(argv: list[str]) -> Flags:
 
 def socket_address(node: NodeConfig, containerd_address: str, namespace: str, grouping: str) -> str:
     """Where a sandbox's shim listens: one socket per (containerd, namespace, sandbox), as containerd's own
-    shims name them (sha256 of address/namespace/id under the socket directory)."""
-    digest = hashlib.sha256(os.path.join(containerd_address, namespace, grouping).encode()).hexdigest()
+    shims name them (sha256 of address/namespace/id under the socket directory; 128 bits of it, which
+    leaves room in the 107 bytes of a socket path for a deeper socket directory)."""
+    digest = hashlib.sha256(os.path.join(containerd_address, namespace, grouping).encode()).hexdigest()[:32]
     return f"unix://{os.path.join(node.socket_dir, digest)}"
 
 
@@ -247,6 +248,10 @@ def main(argv: list[str] | None = None) -> None:
             if not flags.socket_fd:
                 raise UsageError("the daemon is started by 'start' (it needs -socket-fd)")
             code = serve(flags)
+            # Handler threads may still block in Wait for processes that are gone with the sandbox;
+            # the daemon has cleaned up, so it leaves now rather than joining them at interpreter exit.
+            logging.shutdown()
+            os._exit(code)
         else:
             raise UsageError(f"unknown action {flags.action!r} (start, delete)")
     except (SandboxError, UsageError, OSError, ValueError) as e:
