@@ -8,7 +8,9 @@ Pure function of the group spec and the policy bytes. The pod carries:
 - each container as the group says: image, command/args (same meaning as in Kubernetes: command
   replaces ENTRYPOINT, args replaces CMD), env (secure values through a Secret written alongside),
   working dir, ports, user (numeric only: Kubernetes cannot run as a user name), privileges;
-- `enableServiceLinks: false`: Kubernetes would otherwise add service env vars the policy does not list.
+- `enableServiceLinks: false`: Kubernetes would otherwise add service env vars the policy does not list;
+  `automountServiceAccountToken: false`: host mounts do not reach the UVM (and the token would be the
+  host's to read anyway).
 
 What the shim cannot give a pod yet is refused here with the reason (docs/kubernetes.md): volumes
 (Kubernetes volumes are host directories, the UVM has none of the host's), host ports, and images
@@ -111,7 +113,7 @@ def manifests(spec: GroupSpec, policy: bytes, *, kind: Kind = Kind.pod, namespac
     if namespace:
         metadata["namespace"] = namespace
     pod_spec: dict[str, Any] = {"runtimeClassName": RUNTIME_CLASS, "enableServiceLinks": False,
-                                "containers": containers}
+                                "automountServiceAccountToken": False, "containers": containers}
     annotations = pod_annotations(spec, policy)
     docs: list[dict[str, Any]] = []
     secure = {v.name: v.value for c in spec.containers for v in c.env if v.secure}

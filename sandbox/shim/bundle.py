@@ -102,6 +102,11 @@ class OciContainer:
     annotations: dict[str, str]
 
     @property
+    def is_cri_container(self) -> bool:
+        """A container of a Kubernetes pod (CRI's io.kubernetes.cri.container-type=container)."""
+        return self.annotations.get(CRI_CONTAINER_TYPE) == "container"
+
+    @property
     def is_pod_sandbox(self) -> bool:
         """CRI's sandbox (pause) container: the pod's UVM, not a process in it."""
         return self.annotations.get(CRI_CONTAINER_TYPE) == "sandbox"
@@ -144,11 +149,12 @@ class OciContainer:
     def image(self) -> str | None:
         return self.annotations.get(IMAGE_ANNOTATION) or self.annotations.get(CRI_IMAGE_NAME)
 
-    def group_container(self, name: str, image: str) -> Container:
+    def group_container(self, name: str, image: str, *, drop_env: frozenset[str] = frozenset()) -> Container:
         """This container as a group container: its argv replaces the image's (no image CMD is added),
-        its env and working directory are the ones containerd asks for (image env already merged in)."""
+        its env and working directory are the ones containerd asks for (image env already merged in),
+        less the variables named in drop_env."""
         env = []
-        seen = set()
+        seen = set(drop_env)
         for item in self.env:
             key, sep, value = item.partition("=")
             if sep and key and key not in seen:

@@ -72,6 +72,7 @@ class GuestSandbox:
     layer_targets: dict[str, str]                      # layer root hash -> where the agent mounted it
     images: dict[str, ResolvedImage] = field(default_factory=dict)   # by reference
     layer_format: LayerFormat = LayerFormat.default
+    policy: Policy | None = None                       # the annotation's policy (None: generated)
     _client: AgentClient | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -83,9 +84,10 @@ class GuestSandbox:
         store = store or StateStore()
         spec = GroupSpec(name=req.name, containers=req.containers, tee=req.tee,
                          resources=Resources(vcpus=req.vcpus, memory_mib=req.memory_mib))
-        policy_file = None
+        policy_file = policy = None
         if req.policy is not None:
-            spec = replace(spec, layer_format=_layer_format_for(spec, parse_policy(req.policy, "io.parma.policy")))
+            policy = parse_policy(req.policy, "io.parma.policy")
+            spec = replace(spec, layer_format=_layer_format_for(spec, policy))
             policy_file = policy_dir / "policy.json"
             policy_file.write_bytes(req.policy)
         images = resolve_images(spec)
@@ -94,7 +96,8 @@ class GuestSandbox:
         qemu = launched.record.processes.get("qemu")
         return cls(name=req.name, store=store, qemu_pid=qemu.pid if qemu else 0,
                    layer_targets={d.root_hash: d.target for d in launched.plan.layers},
-                   images={c.image: images[c.name] for c in req.containers}, layer_format=spec.layer_format)
+                   images={c.image: images[c.name] for c in req.containers}, layer_format=spec.layer_format,
+                   policy=policy)
 
     def down(self, timeout: float = 10.0) -> None:
         """Stop every container and the UVM and remove the sandbox's state (`parma-sandbox down`)."""
@@ -162,6 +165,23 @@ class GuestSandbox:
         """SIGTERM, then SIGKILL after `timeout` (the agent's shutdown, which a policy always allows)."""
         with self.connect() as client:
             client.call(Op.shutdown_container, {"container_id": guest_id, "timeout": timeout}, timeout=timeout + 30)
+
+
+def cri_env_to_drop(policy: Policy | None, container_name: str) -> frozenset[str]:
+    """Variables containerd's CRI plugin adds to every container that the pod's policy does not expect.
+
+    CRI sets HOSTNAME (the pod's hostname) in every container; a group, and so its policy, names only
+    the variables the workload needs. The shim leaves HOSTNAME out unless the policy's container of that
+    name has a rule for it: the host chooses what to ask, the policy still decides.
+    """
+    if policy is None:
+        return frozenset()
+    for c in policy.containers:
+        if c.name == container_name:
+            if any(r.pattern.startswith("HOSTNAME=") for r in c.env_rules):
+                return frozenset()
+            return frozenset({"HOSTNAME"})
+    return frozenset({"HOSTNAME"})
 
 
 def _layer_format_for(spec: GroupSpec, policy: Policy) -> LayerFormat:

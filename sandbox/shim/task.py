@@ -36,6 +36,7 @@ from sandbox.shim.sandbox import (
     GuestSandbox,
     Launch,
     containers_from_policy,
+    cri_env_to_drop,
     guest_container_id,
     sandbox_name,
 )
@@ -218,8 +219,9 @@ class TaskService:
         oci = task.oci
         name = oci.annotations.get("io.kubernetes.cri.container-name") or "main"
         image = self._image_of(oci, oci.policy() if task.id == self.sandbox_task else None)
+        drop = cri_env_to_drop(self.sandbox.policy, name) if oci.is_cri_container else frozenset()
         try:
-            result = self.sandbox.create(task.guest_id, oci.group_container(_group_name(name), image))
+            result = self.sandbox.create(task.guest_id, oci.group_container(_group_name(name), image, drop_env=drop))
         except BaseException:
             if task.id == self.sandbox_task:
                 self._teardown()

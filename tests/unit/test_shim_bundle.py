@@ -121,3 +121,23 @@ def test_names_fit_the_state_store_and_the_agent() -> None:
     upper = guest_container_id("MyContainer")
     assert upper.startswith("c-") and upper == upper.lower()
     assert guest_container_id("x" * 70) != guest_container_id("x" * 71)
+
+
+def test_cri_hostname_is_left_out_unless_the_policy_expects_it(tmp_path: Path) -> None:
+    from sandbox.shared.policy.model import EnvRule, Strategy
+    from sandbox.shim.sandbox import cri_env_to_drop
+
+    class _C:
+        def __init__(self, name: str, patterns: list[str]) -> None:
+            self.name = name
+            self.env_rules = tuple(EnvRule(p, Strategy.string) for p in patterns)
+
+    class _P:
+        containers = (_C("app", ["PATH=/bin"]), _C("named", ["HOSTNAME=web-0"]))
+
+    assert cri_env_to_drop(None, "app") == frozenset()
+    assert cri_env_to_drop(_P(), "app") == {"HOSTNAME"}          # type: ignore[arg-type]
+    assert cri_env_to_drop(_P(), "named") == frozenset()          # type: ignore[arg-type]
+    oci = read_bundle(_bundle(tmp_path, {}, env=["PATH=/bin", "HOSTNAME=pod-1"]))
+    c = oci.group_container("app", "img", drop_env=frozenset({"HOSTNAME"}))
+    assert [(e.name, e.value) for e in c.env] == [("PATH", "/bin")]

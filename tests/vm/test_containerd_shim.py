@@ -213,15 +213,18 @@ def test_a_pod_is_one_uvm_and_its_containers_join_it(containerd: Containerd, tmp
     policy = _policy(tmp_path, [
         {"name": "app", "image": LOCAL_REF, "command": ["/bin/sh", "-c", TICKER]},
         {"name": "once", "image": LOCAL_REF, "command": ["/bin/echo", "once-done"]}])
-    cri = ["--annotation", "io.kubernetes.cri.sandbox-id=pod1"]
+    # CRI sets HOSTNAME in every container; the group's policy does not list it, so the shim leaves it out.
+    cri = ["--annotation", "io.kubernetes.cri.sandbox-id=pod1", "--env", "HOSTNAME=pod1"]
     image = ["--annotation", f"io.kubernetes.cri.image-name={LOCAL_REF}"]
     containerd.ctr("run", "-d", "--runtime", RUNTIME, *cri, "--annotation", "io.kubernetes.cri.container-type=sandbox",
                    "--annotation", f"io.parma.policy={policy}", IMAGE_NAME, "pod1", "/pause", check=True)
     containerd.ctr("run", "-d", "--runtime", RUNTIME, *cri, *image, "--annotation",
-                   "io.kubernetes.cri.container-type=container", IMAGE_NAME, "app1", "/bin/sh", "-c", TICKER,
+                   "io.kubernetes.cri.container-type=container", "--annotation", "io.kubernetes.cri.container-name=app",
+                   IMAGE_NAME, "app1", "/bin/sh", "-c", TICKER,
                    check=True)
     once = containerd.ctr("run", "--runtime", RUNTIME, *cri, *image, "--annotation",
-                          "io.kubernetes.cri.container-type=container", IMAGE_NAME, "once1", "/bin/echo", "once-done")
+                          "io.kubernetes.cri.container-type=container", "--annotation",
+                          "io.kubernetes.cri.container-name=once", IMAGE_NAME, "once1", "/bin/echo", "once-done")
     assert once.returncode == 0, once.stderr
     assert once.stdout == "once-done\n"
     rogue = containerd.ctr("run", "--runtime", RUNTIME, *cri, *image, "--annotation",
