@@ -6,11 +6,11 @@ import hashlib
 from pathlib import Path
 
 import click
+import yaml
 
 from sandbox.cli.common import info, write_document
 from sandbox.group import load_group
 from sandbox.k8s.manifest import Kind, check_policy_images, exec_notes, manifests
-from sandbox.k8s.yaml import dump_all
 from sandbox.policy.gen import generate_policy
 from sandbox.policy.sources import resolve_group_images
 from sandbox.policy.summary import read_policy
@@ -44,7 +44,8 @@ def command(group_file: Path, kind: str, policy_file: Path | None, namespace: st
         check_policy_images(spec, parsed)
     else:
         policy = generate_policy(spec, resolve_group_images(spec))
-    text = dump_all(manifests(spec, policy, kind=Kind(kind), namespace=namespace, replicas=replicas))
+    docs = manifests(spec, policy, kind=Kind(kind), namespace=namespace, replicas=replicas)
+    text = yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, allow_unicode=True)
     notes = exec_notes(spec)
     if notes:
         info("kubectl exec may run only: " + "; ".join(notes))
