@@ -51,15 +51,19 @@ def _stale(pid: int) -> bool:
 
 
 def _stop(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for pid in pids:
-        deadline = time.monotonic() + 15
-        while process_start_time(pid) is not None and time.monotonic() < deadline:
+    """SIGTERM, and SIGKILL for what is still there after 30 s (libvirtd can take long to shut down
+    on a loaded machine)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 30
+        while any(process_start_time(p) is not None for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
+        if all(process_start_time(p) is None for p in pids):
+            return
 
 
 def _start_missing() -> list[int]:
