@@ -39,7 +39,7 @@ def _pid(pidfile: Path) -> int | None:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if process_start_time(pid) is not None else None
+    return pid if process_start_time(pid) is not None and _running(pid) else None
 
 
 def _stale(pid: int) -> bool:
@@ -50,9 +50,17 @@ def _stale(pid: int) -> bool:
         return False
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (daemons started with -d are reparented to PID 1, which reaps them late)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
 def _stop(pids: list[int]) -> None:
-    """SIGTERM, and SIGKILL for what is still there after 30 s (libvirtd can take long to shut down
-    on a loaded machine)."""
+    """SIGTERM, and SIGKILL for what still runs after 30 s (libvirtd can be slow to stop on a busy host)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -60,9 +68,9 @@ def _stop(pids: list[int]) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 30
-        while any(process_start_time(p) is not None for p in pids) and time.monotonic() < deadline:
+        while any(map(_running, pids)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if all(process_start_time(p) is None for p in pids):
+        if not any(map(_running, pids)):
             return
 
 
