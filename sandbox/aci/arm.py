@@ -301,8 +301,17 @@ def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str,
         raise reader.fail(f"{ppath}.initContainers", "init containers are not supported by parma-sandbox")
     # Resolve, once, only what is read: fields with no local meaning (location, tags...) may use
     # template functions that are not evaluated here.
-    props = {key: reader.r.resolve(_get(props, key), f"{ppath}.{key}") for key in ("containers", "volumes", "ipAddress")
-             if _get(props, key) is not None}
+    resolved = {key: reader.r.resolve(_get(props, key), f"{ppath}.{key}") for key in ("containers", "ipAddress")
+                if _get(props, key) is not None}
+    # A volume's kind and name are read; an azureFile or gitRepo volume's account, key or URL are not
+    # (a local directory stands in), so their expressions are left unevaluated.
+    raw_vols = _get(props, "volumes")
+    if raw_vols is not None:
+        raw_vols = reader.r.resolve(raw_vols, f"{ppath}.volumes") if not isinstance(raw_vols, list) else [
+            {k: (v if str(k).lower() in ("azurefile", "gitrepo") else reader.r.resolve(v, f"{ppath}.volumes[{i}].{k}"))
+             for k, v in vol.items()} if isinstance(vol, dict) else vol for i, vol in enumerate(raw_vols)]
+        resolved["volumes"] = raw_vols
+    props = resolved
     resource = {"name": reader.r.resolve(_get(resource, "name"), f"{path}.name")}
     raw_volumes = reader.value(props, "volumes", ppath, list) or []
     for i, v in enumerate(raw_volumes):

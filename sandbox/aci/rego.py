@@ -28,7 +28,8 @@ from sandbox.shared.policy.model import FLAGS, Policy, parse_version, validate_p
 from sandbox.shared.rego.policy import RegoPolicy, RuleKind, read_policy_text
 
 # Enforcement points and the API version that introduced each (hcsshim pkg/securitypolicy/api.rego).
-# The first 18, in this order, are the rules of confcom's customer policy template.
+# The first 17, in this order, are the rules of confcom's customer policy template (rw_mount_device, next,
+# is written when the policy's api_version has it).
 ENFORCEMENT_POINTS: dict[str, tuple[int, int, int]] = {
     "mount_device": (0, 1, 0),
     "unmount_device": (0, 2, 0),
@@ -57,7 +58,7 @@ ENFORCEMENT_POINTS: dict[str, tuple[int, int, int]] = {
     "load_transparency_trust_list": (0, 12, 0),
     "host_network": (0, 12, 0),
 }
-CONFCOM_RULES = tuple(ENFORCEMENT_POINTS)[:18]
+CONFCOM_RULES = tuple(ENFORCEMENT_POINTS)[:17]
 
 # The points our engine enforces: an imported module must delegate each of them (when its
 # api_version has it), otherwise ACI would deny requests that our engine would judge.
@@ -79,20 +80,26 @@ def _pretty(value: Any) -> str:
 
 def export_rego(policy: Policy) -> str:
     """The policy as an ACI Rego policy module (UTF-8 text; ACI's HOST_DATA is SHA-256 of its bytes)."""
-    doc = policy.to_document()
-    version = parse_version(policy.api_version)
+    return rego_module(policy.to_document())
+
+
+def rego_module(doc: dict[str, Any], fragments: list[dict[str, Any]] | None = None) -> str:
+    """A policy document (and fragment imports) in confcom's module layout; one rule per enforcement point
+    of confcom's template plus those the document's api_version adds."""
+    version = parse_version(doc["api_version"])
     lines = ["package policy", ""]
     lines += [f"import {name}" for name in FUTURE_IMPORTS]
     lines += ["", f"api_version := {_pretty(doc['api_version'])}",
               f"framework_version := {_pretty(doc['framework_version'])}", "",
-              f"fragments := {_pretty([])}", "",
+              f"fragments := {_pretty(fragments or [])}", "",
               f"containers := {_compact(doc['containers'])}", ""]
     for name in ("external_processes", "volumes", "key_brokers"):
         if doc.get(name):
             lines += [f"{name} := {_compact(doc[name])}", ""]
     lines += [f"{flag} := {_pretty(doc[flag])}" for flag in FLAGS]
     lines.append("")
-    rules = [ep for ep, since in ENFORCEMENT_POINTS.items() if ep in CONFCOM_RULES or since <= version]
+    rules = [ep for ep, since in ENFORCEMENT_POINTS.items()
+             if ep in CONFCOM_RULES or since <= version]
     lines += [f"{ep} := data.framework.{ep}" for ep in rules]
     lines += ["", 'reason := {"errors": data.framework.errors}', ""]
     return "\n".join(lines)
