@@ -26,6 +26,7 @@ from sandbox.aci.fragment_crypto import (
     sign_fragment,
     verify_fragment,
 )
+from sandbox.aci.fragment_oci import fetch_fragments
 from sandbox.aci.rego import ccepolicy_base64, decode_policy_text, export_rego, import_rego, read_rego
 from sandbox.cli.common import (
     OutputFormat,
@@ -39,11 +40,13 @@ from sandbox.cli.common import (
 from sandbox.cli.export import export as export_group
 from sandbox.cli.policy import policy as policy_group
 from sandbox.cli.template_options import template_options, volume_paths
+from sandbox.fsutil import atomic_write
 from sandbox.group import load_group
 from sandbox.group.jsonio import read_input_file
 from sandbox.group.spec import LayerFormat
 from sandbox.policy.sources import resolve_group_images
 from sandbox.policy.summary import read_policy
+from sandbox.shared.cose import FRAGMENT_ARTIFACT_TYPE
 from sandbox.shared.didx509 import DidError
 from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.jsonstrict import decode_utf8, loads_strict
@@ -294,3 +297,26 @@ def export_aci(group_file: Path, output: Path | None, registry: str | None, poli
 
 
 export_group.add_command(export_aci)
+
+
+@fragment.command("fetch")
+@click.argument("image")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Write each envelope here as <n>.cose.")
+@format_option
+def fragment_fetch(image: str, output_dir: Path, fmt: str | None) -> None:
+    """Fetch the fragments attached to IMAGE in its registry (as 'az confcom' attaches them), verify each
+    (chain, signature, issuer) and write them to OUTPUT_DIR."""
+    found = fetch_fragments(image)
+    if not found:
+        raise CheckFailed(f"{image}: no policy fragment is attached to this image",
+                          hint=f"confcom attaches them as OCI referrers of artifact type {FRAGMENT_ARTIFACT_TYPE}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, attached in enumerate(found):
+        path = output_dir / f"{i}.cose"
+        atomic_write(path, attached.envelope)
+        v, f = _verified(path)
+        results.append(_fragment_summary(path, v, f) | {"manifest": attached.manifest_digest})
+    emit(results, fmt, lambda rs: "\n".join(f"{r['file']}: {r['namespace']} from {r['issuer']} ({r['feed']})"
+                                             for r in rs))
