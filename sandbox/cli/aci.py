@@ -77,15 +77,16 @@ def export(policy_file: Path, target: str, as_base64: bool, output: Path | None)
                    digest=digest)
 
 
-def _template_ccepolicy(path: Path, raw: bytes) -> bytes:
-    """The ccePolicy of an ARM template, or the file's bytes when it is not a template."""
+def _template_ccepolicy(path: Path, raw: bytes, group: str | None = None) -> bytes:
+    """The ccePolicy of an ARM template (of the container group `group` names, when it has several), or the
+    file's bytes when it is not a template."""
     if not raw.lstrip().startswith(b"{"):
         return raw
     doc = loads_strict(decode_utf8(raw, str(path)), str(path))
     if not is_arm_template(doc):
         raise InputError(f"{path}: a JSON file that is not an ARM template",
                          hint="import reads a Rego policy (text or base64) or an ARM template with a ccePolicy")
-    policy = ccepolicy_of_template(path, doc)
+    policy = ccepolicy_of_template(path, doc, group)
     if policy is None:
         raise InputError(f"{path}: the container group's confidentialComputeProperties.ccePolicy is empty",
                          hint="an empty ccePolicy means ACI's allow-all policy, which parma-sandbox does not run")
@@ -97,17 +98,18 @@ def _template_ccepolicy(path: Path, raw: bytes) -> bytes:
 @click.option("--drop-fragments", is_flag=True,
               help="Import a policy that lists fragments without them (fragments are not supported; "
                    "dropping them only removes what they would allow).")
+@click.option("--group", help="A file with several policy modules (confcom's multi-group output): the module's "
+                             "0-based index; an ARM template with several container groups: the group's name.")
 @click.option("-o", "--output", type=FILE, help="Write the policy here (default: stdout, exact bytes).")
 @format_option
-def import_(rego_file: Path, drop_fragments: bool, output: Path | None, fmt: str | None) -> None:
+def import_(rego_file: Path, drop_fragments: bool, group: str | None, output: Path | None, fmt: str | None) -> None:
     """Read an ACI Rego policy as a parma-sandbox policy: Rego text, its base64, or the ccePolicy of an
     ARM template (confcom-generated policies included).
 
     Only the data assignments and framework delegations are read; docs/aci.md lists the accepted
     subset, and anything else is refused with the line where it starts."""
-    raw = read_input_file(rego_file, "a Rego policy (text or base64) or an ARM template")
-    text = decode_policy_text(_template_ccepolicy(rego_file, raw), str(rego_file))
-    parsed = import_rego(text, source=str(rego_file), drop_fragments=drop_fragments)
+    text, index = _policy_text(rego_file, group)
+    parsed = import_rego(text, source=str(rego_file), drop_fragments=drop_fragments, module_index=index)
     data = parsed.canonical_bytes()
     write_document(data, output, fmt, what="policy", digest_label="policy sha256 (HOST_DATA)",
                    digest=policy_hash(data))
@@ -230,7 +232,8 @@ def fragment_show(envelope: Path, fmt: str | None) -> None:
 @click.argument("envelope", type=FILE)
 @click.option("--policy", "policy_file", type=FILE,
               help="Also check that this Rego policy (text, base64 or an ARM template) accepts the fragment.")
-@click.option("--group", "group", help="For a multi-group policy file: the module index (0-based).")
+@click.option("--group", "group", help="For a multi-group policy file, the module's 0-based index; for an ARM "
+                                       "template with several container groups, the group's name.")
 @format_option
 def fragment_verify(envelope: Path, policy_file: Path | None, group: str | None, fmt: str | None) -> None:
     """Check ENVELOPE as ACI's guest does: certificate chain, signature, did:x509 issuer; with --policy,
@@ -238,9 +241,8 @@ def fragment_verify(envelope: Path, policy_file: Path | None, group: str | None,
     v, f = _verified(envelope)
     result = _fragment_summary(envelope, v, f)
     if policy_file is not None:
-        raw = read_input_file(policy_file, "a Rego policy (text or base64) or an ARM template")
-        text = decode_policy_text(_template_ccepolicy(policy_file, raw), str(policy_file))
-        rego = read_rego(text, source=str(policy_file), module_index=_module_index(group))
+        text, index = _policy_text(policy_file, group)
+        rego = read_rego(text, source=str(policy_file), module_index=index)
         try:
             accepted = check_load(rego.fragments, issuer=v.issuer, feed=v.feed, header_svn=v.header_svn, fragment=f)
         except FragmentRefused as e:
@@ -250,12 +252,17 @@ def fragment_verify(envelope: Path, policy_file: Path | None, group: str | None,
     emit(result, fmt, _render_fragment)
 
 
-def _module_index(group: str | None) -> int | None:
-    if group is None:
-        return None
+def _policy_text(path: Path, group: str | None) -> tuple[str, int | None]:
+    """The Rego text of a policy file (text, base64, or an ARM template's ccePolicy) and, for a file of
+    several modules, the module --group picks."""
+    raw = read_input_file(path, "a Rego policy (text or base64) or an ARM template")
+    is_template = raw.lstrip().startswith(b"{")
+    text = decode_policy_text(_template_ccepolicy(path, raw, group), str(path))
+    if is_template or group is None:
+        return text, None
     if not group.isdigit():
         raise InputError(f"--group {group!r}: for a policy file, give the module's 0-based index")
-    return int(group)
+    return text, int(group)
 
 
 policy_group.add_command(explain)

@@ -322,3 +322,12 @@ def test_cli_export_and_import(tmp_path: Path, capsys) -> None:
 
 def test_every_point_the_engine_enforces_is_an_aci_point() -> None:
     assert ENFORCED and set(ENFORCED) <= set(CONFCOM_RULES)
+
+
+def test_cli_import_picks_a_module_of_multi_group_output(tmp_path: Path, capsys) -> None:
+    one = export_rego(policy_of())
+    (tmp_path / "multi.rego").write_text(one + "\n\n" + one.replace('"0.12.0"', '"0.11.0"', 1))
+    code, _, err = run_cli(["policy", "import", str(tmp_path / "multi.rego")], capsys)
+    assert code == 2 and "2 policy modules" in err and "--group" in err
+    code, out, err = run_cli(["policy", "import", str(tmp_path / "multi.rego"), "--group", "1"], capsys)
+    assert code == 0 and json.loads(out)["api_version"] == "0.11.0", err
