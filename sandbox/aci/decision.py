@@ -30,6 +30,38 @@ INPUT_NAMES = {"containerID": "container_id", "argList": "argv", "envList": "env
                "privileged": "privileged", "signal": "signal", "layerHashes": "layer_hashes"}
 
 
+# What the framework's error strings (framework.rego `errors`) mean for the request, and what to check.
+MEANINGS = {
+    "deviceHash not found": "the layer's dm-verity root hash is in no container of the policy (nor of a loaded "
+                            "fragment): the image changed since the policy was generated (pin images by digest; "
+                            "regenerate the policy)",
+    "device already mounted at path": "the host asked to mount a layer where one is mounted already",
+    "mountpoint invalid": "the layer's mount target is not one ACI's guest allows (/run/mounts/scsi/m<N>)",
+    "no matching containers for overlay": "no container of the policy has exactly these layers in this order",
+    "overlay has already been mounted": "the container's root filesystem is mounted already",
+    "invalid command": "the argv is not the command of any container the layers matched",
+    "invalid env list": "an environment variable matches no env rule of the container (and the policy does not "
+                        "allow dropping it)",
+    "missing required environment variable": "a required env rule is matched by no variable",
+    "invalid working directory": "the working directory differs from the policy's",
+    "invalid user": "the user or group (resolved from the image's /etc/passwd and /etc/group) is not the policy's",
+    "invalid noNewPrivileges": "no_new_privileges differs from the policy's",
+    "invalid seccomp": "the seccomp profile's SHA-256 differs from the policy's",
+    "privileged escalation not allowed": "the container asks to run privileged, and allow_elevated is false",
+    "capabilities don't match": "the capability sets differ from the policy's (and dropping is not allowed)",
+    "container already started": "a container with this id was created already",
+    "container not started": "the request names a container that is not running",
+    "target isn't allowed to receive the signal": "the signal is not in the container's (or exec process's) list",
+    "unencrypted scratch not allowed": "scratch must be encrypted (allow_unencrypted_scratch is false)",
+    "invalid fragment issuer": "no fragment import of the policy names this issuer",
+    "invalid fragment feed": "the policy imports fragments from this issuer, but not from this feed",
+    "fragment svn is below the specified minimum": "the fragment's SVN is below the import's minimum_svn",
+    "missing fragment svn in either header or rego payload": "neither the fragment nor its envelope declares an SVN",
+    "containers only distinguishable by allow_stdio_access": "several containers match and disagree on stdio access",
+    "containers only distinguishable by capabilties": "several containers match and disagree on capabilities",
+}
+
+
 @dataclass(frozen=True)
 class PolicyDecision:
     rule: str
@@ -41,7 +73,8 @@ class PolicyDecision:
     policy_error: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"rule": self.rule, "decision": self.decision, "errors": list(self.errors), "input": self.input,
+        return {"rule": self.rule, "decision": self.decision, "errors": list(self.errors),
+                "meanings": {e: MEANINGS[e] for e in self.errors if e in MEANINGS}, "input": self.input,
                 "error_objects": list(self.error_objects), "truncated": list(self.truncated),
                 "policy_error": self.policy_error}
 
@@ -84,7 +117,12 @@ def parse_decision(text: str) -> PolicyDecision:
 
 def render(d: PolicyDecision) -> str:
     lines = [f"{d.rule}: {d.decision}"]
-    lines += [f"  because: {e}" for e in d.errors] or ["  because: (no reason given)"]
+    for e in d.errors:
+        lines.append(f"  because: {e}")
+        if e in MEANINGS:
+            lines.append(f"    ({MEANINGS[e]})")
+    if not d.errors:
+        lines.append("  because: (no reason given)")
     if d.policy_error:
         lines.append(f"  policy error: {d.policy_error}")
     for key, value in d.request()["input"].items():

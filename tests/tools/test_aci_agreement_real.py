@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from test_aci_agreement import EVAL, Evaluator, Generator, complete_input, default_caps, difference, ours
 
+from sandbox.aci.decision import parse_decision
 from sandbox.aci.export import aci_policy
 from sandbox.aci.rego import import_rego
 from sandbox.group import validate_group
@@ -286,9 +287,16 @@ def test_exported_policy_accepts_acis_request_sequence_and_denies_attacks(evalua
     for req in ok:
         answer = evaluator.ask(req)
         assert answer["allowed"], f"{req['ep']} denied: {answer.get('error', '')[:600]}"
+    explained = Counter()
     for name, req in attacks:
         answer = evaluator.ask(req)
         assert not answer["allowed"], f"attack allowed: {name}"
+        # ACI's denial carries a policyDecision blob; `policy explain` decodes it
+        decision = parse_decision(answer["error"])
+        assert decision.rule == req["ep"] and decision.decision == "deny", name
+        for error in decision.errors or ("(no reason: a policy flag)",):
+            explained[error] += 1
+    print(json.dumps(dict(explained)))
     # another command is denied; an injected LD_PRELOAD is dropped (the policy allows env dropping, as
     # confcom's do), so the container starts without it
     assert evaluator.ask({"rego": exported_rego()})["ok"]

@@ -180,7 +180,8 @@ def test_policy_explain_decodes_acis_decision_blob(capsys) -> None:
     message = f"failed to create container: policyDecision< {blob} >policyDecision"
     code, out, err = run_cli(["policy", "explain", message], capsys)
     assert code == 0, err
-    assert out.splitlines()[:2] == ["create_container: deny", "  because: invalid command"]
+    assert out.splitlines()[:3] == ["create_container: deny", "  because: invalid command",
+                                    "    (the argv is not the command of any container the layers matched)"]
     assert "argv: [\"/bin/sh\"]" in out and "1 candidate object(s)" in out
     code, out, err = run_cli(["--format", "json", "policy", "explain", blob], capsys)
     doc = json.loads(out)
