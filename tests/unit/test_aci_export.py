@@ -116,3 +116,29 @@ def test_local_images_need_a_registry() -> None:
     t = aci_template(spec, local, "myregistry.azurecr.io/team").template
     assert t["resources"][0]["properties"]["containers"][0]["properties"]["image"] == \
         f"myregistry.azurecr.io/team/busybox@{DIGEST}"
+
+
+def test_cli_export_aci_with_a_local_image(tmp_path: Path, isolated_dirs: Path, capsys) -> None:
+    from clirun import run_cli
+
+    from tests.imagefixtures import oci_image
+
+    oci_image(tmp_path / "img")
+    group = {"name": "g", "containers": [{"name": "c", "image": "oci:img", "command": ["/bin/true"],
+                                          "env": [{"name": "K", "secureValue": "v"}]}]}
+    (tmp_path / "group.json").write_text(json.dumps(group))
+    code, _, err = run_cli(["export", "aci", str(tmp_path / "group.json")], capsys)
+    assert code == 2 and "--registry" in err
+    args = ["export", "aci", str(tmp_path / "group.json"), "--registry", "r.example/team"]
+    code, out, err = run_cli([*args, "-o", str(tmp_path / "azuredeploy.json")], capsys)
+    assert code == 0, err
+    t = json.loads((tmp_path / "azuredeploy.json").read_text())
+    rego = base64.b64decode(t["resources"][0]["properties"]["confidentialComputeProperties"]["ccePolicy"]).decode()
+    assert t["metadata"]["hostData"] == hashlib.sha256(rego.encode()).hexdigest() and t["metadata"]["hostData"] in out
+    # the layers pinned are ACI's root hashes (compat aci), as `image layers --compat aci` prints them
+    code, out, _ = run_cli(["--format", "json", "image", "layers", "--compat", "aci", "oci:" + str(tmp_path / "img")],
+                           capsys)
+    assert read_policy_text(rego).containers[0]["layers"] == [x["root_hash"] for x in json.loads(out)]
+    code, out, err = run_cli([*args, "--policy-only", "--format", "json"], capsys)
+    assert code == 0 and json.loads(out) == {"ccePolicy": base64.b64encode(rego.encode()).decode(),
+                                             "host_data": t["metadata"]["hostData"]}
