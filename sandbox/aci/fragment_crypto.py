@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
@@ -37,6 +37,11 @@ _SUBJECT = {NameOID.COUNTRY_NAME: "C", NameOID.ORGANIZATION_NAME: "O", NameOID.O
 _HASH = {"ES256": hashes.SHA256, "ES384": hashes.SHA384, "ES512": hashes.SHA512,
          "PS256": hashes.SHA256, "PS384": hashes.SHA384, "PS512": hashes.SHA512}
 _CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
+
+
+# What cryptography raises for malformed certificates, keys and extensions.
+_UNREADABLE = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion, x509.DuplicateExtension,
+               x509.UnsupportedGeneralNameType)
 
 
 class SignatureError(InputError):
@@ -99,7 +104,7 @@ def verify_chain(chain: tuple[bytes, ...]) -> list[x509.Certificate]:
     """Check each certificate is signed by the next (the last is taken as the root, as cosesign1go does)."""
     try:
         certs = [x509.load_der_x509_certificate(der) for der in chain]
-    except ValueError as e:
+    except _UNREADABLE as e:
         raise SignatureError(f"x5chain holds a certificate that does not parse: {e}") from None
     at = _validity(certs[0])[1]
     for i in range(len(certs) - 1):
@@ -145,9 +150,13 @@ def verify_fragment(data: bytes) -> VerifiedFragment:
     envelope = cose.parse_sign1(data)
     if not envelope.issuer or not envelope.feed:
         raise cose.CoseError("the protected header must carry both the issuer and the feed")
-    certs = verify_chain(envelope.chain)
-    verify_envelope_signature(envelope, certs[0])
-    facts = tuple(certificate_facts(der) for der in envelope.chain)
+    try:
+        certs = verify_chain(envelope.chain)
+        verify_envelope_signature(envelope, certs[0])
+        facts = tuple(certificate_facts(der) for der in envelope.chain)
+    except _UNREADABLE as e:
+        # malformed keys, extensions or algorithms in host-supplied certificates: a refusal, never a crash
+        raise SignatureError(f"the certificate chain cannot be used: {e}") from None
     try:
         check_did(envelope.issuer, list(facts))
     except DidError as e:

@@ -190,3 +190,19 @@ def test_policy_explain_decodes_acis_decision_blob(capsys) -> None:
         "capabilities": "[unprivileged]"}}
     code, out, err = run_cli(["policy", "explain", "not a blob"], capsys)
     assert code == 2 and "policyDecision" in err
+
+
+def test_hostile_envelopes_give_errors_never_crashes(issuer) -> None:
+    import random
+    good = sign_fragment(issuer, fragment_text(), feed=FEED, svn=3)
+    r = random.Random(9)
+    for _ in range(400):
+        data = bytearray(good)
+        for _ in range(r.randint(1, 6)):
+            data[r.randrange(len(data))] = r.randrange(256)
+        if r.random() < 0.2:
+            data = data[: r.randrange(len(data))]
+        try:
+            verify_fragment(bytes(data))
+        except (cose.CoseError, SignatureError, DidError, cbor.CborError):
+            pass

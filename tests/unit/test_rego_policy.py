@@ -143,3 +143,21 @@ def test_syntax_fast_path_refuses_floats_and_duplicate_keys_like_the_slow_path()
         parse_modules('package p\nx := {"a": 1, "a": 2}\n')
     m = parse_modules('package p\nx := [1, 2,] # trailing\ny := `raw\\n`\n')[0]
     assert m.assignments()["x"].value == [1, 2] and m.assignments()["y"].value == "raw\\n"
+
+
+def test_hostile_text_gives_errors_never_crashes() -> None:
+    import random
+    base = module([container(command=None), container(name="pause-container")])
+    r = random.Random(3)
+    for _ in range(400):
+        text = list(base)
+        for _ in range(r.randint(1, 8)):
+            i = r.randrange(len(text))
+            text[i] = r.choice(['"', "[", "{", "}", "]", ",", ":", "\n", "`", "#", "\x00", "é", "1.5", "x"])
+        try:
+            for m in parse_modules("".join(text)):
+                read_policy_text("".join(text)[m.start:m.end])
+        except InputError:
+            pass
+    with pytest.raises(RegoSyntaxError, match="nested deeper"):
+        parse_modules("package p\nx := " + "[" * 100000 + "]" * 100000)

@@ -65,7 +65,10 @@ _STRING = re.compile(r'"(?:[^"\\\n]|\\.)*"')
 _RAW = re.compile(r"`[^`]*`")
 _NUMBER = re.compile(r"-?[0-9][0-9A-Za-z_.+-]*")
 _INT = re.compile(r"-?(0|[1-9][0-9]*)")
-_PUNCT = frozenset("[]{}(),:.=")
+_LINE_END = re.compile(r"[ \t\r]*(#[^\n]*)?(\n|$)")
+_ALIAS = re.compile(r"[ \t]+as\b")
+# Nesting bound: the guest parses host-supplied bytes, and must answer with an error, never a crash.
+MAX_DEPTH = 64
 _KEYWORDS = frozenset({"true", "false", "null"})
 _HINT = "only constant data assignments and framework delegations are accepted (docs/aci.md, 'Rego import')"
 
@@ -124,8 +127,7 @@ class _Parser:
 
     def at_line_end(self, since: int) -> bool:
         """No token between `since` and the next newline (comments allowed)."""
-        m = re.compile(r"[ \t\r]*(#[^\n]*)?(\n|$)").match(self.text, since)
-        return m is not None
+        return _LINE_END.match(self.text, since) is not None
 
     def peek(self) -> str:
         self.skip()
@@ -163,14 +165,16 @@ class _Parser:
 
     # -- terms -------------------------------------------------------------------------------------
 
-    def term(self) -> Any:
+    def term(self, depth: int = 0) -> Any:
         c = self.peek()
         start = self.pos
-        if c in "[{":
+        if depth > MAX_DEPTH:
+            raise self.fail(start, f"values nested deeper than {MAX_DEPTH}")
+        if c and c in "[{":
             try:
                 value, end = _JSON.raw_decode(self.text, start)
-            except (_NoFast, ValueError):
-                return self.array() if c == "[" else self.object()
+            except (_NoFast, ValueError, RecursionError):
+                return self.array(depth) if c == "[" else self.object(depth)
             self.pos = end
             return value
         if c == '"':
@@ -218,22 +222,22 @@ class _Parser:
             return False
         raise self.fail(self.pos, f"expected ',' or {close!r}, found {self.describe(self.pos)}")
 
-    def array(self) -> list:
+    def array(self, depth: int) -> list:
         self.expect("[")
         items = []
         while self.peek() != "]":
-            items.append(self.term())
+            items.append(self.term(depth + 1))
             if not self._comma_or("]"):
                 break
         self.expect("]")
         return items
 
-    def object(self) -> dict:
+    def object(self, depth: int) -> dict:
         self.expect("{")
         out: dict[str, Any] = {}
         while self.peek() != "}":
             key_pos = self.pos
-            key = self.term()
+            key = self.term(depth + 1)
             if self.peek() != ":":
                 raise self.fail(self.pos, "sets are not accepted (expected ':' after an object key)")
             self.pos += 1
@@ -241,7 +245,7 @@ class _Parser:
                 raise self.fail(key_pos, f"object keys must be strings, found {self.describe(key_pos)}")
             if key in out:
                 raise self.fail(key_pos, f"duplicate key {key!r}")
-            out[key] = self.term()
+            out[key] = self.term(depth + 1)
             if not self._comma_or("}"):
                 break
         self.expect("}")
@@ -258,7 +262,7 @@ class _Parser:
             return ("package", line, start)
         if word == "import":
             name = ".".join(self.path())
-            alias = re.compile(r"[ \t]+as\b").match(self.text, self.pos)
+            alias = _ALIAS.match(self.text, self.pos)
             if alias:
                 raise self.fail(alias.end() - 2, "import aliases are not accepted")
             return self._end(Statement("import", line, name), start)
