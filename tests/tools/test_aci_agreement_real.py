@@ -309,3 +309,50 @@ def test_exported_policy_accepts_acis_request_sequence_and_denies_attacks(evalua
             continue
         assert evaluator.ask(req)["allowed"]
     print(json.dumps({"sequence": len(ok), "attacks denied": len(attacks) + 1, "env dropped": 1}))
+
+
+def test_reader_keeps_exactly_the_containers_acis_framework_evaluates(evaluator: Evaluator) -> None:
+    """For every module the reader accepts (no engine needed): a container's layer stack mounts as an
+    overlay on ACI exactly when the reader kept some container with that stack (version defaults,
+    dropped objects, newer framework versions)."""
+    counts: Counter[str] = Counter()
+    differences = []
+    for source, text in policy_texts():
+        try:
+            modules = parse_modules(text, source)
+        except InputError:
+            continue
+        for m in modules:
+            module = text[m.start:m.end]
+            try:
+                policy = read_policy_text(module, source)
+            except InputError:
+                continue
+            if not evaluator.ask({"rego": module})["ok"]:
+                counts["modules ACI's framework refuses"] += 1
+                continue
+            counts["modules"] += 1
+            kept = {tuple(c["layers"]) for c in policy.containers}
+            raw = m.assignments().get("containers")
+            stacks = [tuple(c["layers"]) for c in (raw.value if raw and isinstance(raw.value, list) else [])
+                      if isinstance(c, dict) and isinstance(c.get("layers"), list)
+                      and all(isinstance(h, str) for h in c["layers"])]
+            n = 0
+            for i, stack in enumerate(stacks):
+                paths = []
+                for h in stack:
+                    evaluator.ask({"ep": "mount_device", "input": {"target": f"/run/mounts/scsi/m{n}",
+                                                                   "device_hash": h}})
+                    paths.insert(0, f"/run/mounts/scsi/m{n}")
+                    n += 1
+                cid = "%064x" % (i + 1)
+                answer = evaluator.ask({"ep": "mount_overlay", "input": {
+                    "container_id": cid, "layer_paths": paths, "target": f"/run/gcs/c/{cid}/rootfs"}})
+                counts["containers"] += 1
+                if answer["allowed"] != (stack in kept):
+                    differences.append(f"{source}: containers[{i}]: ACI {answer['allowed']}, reader kept "
+                                       f"{stack in kept}")
+    counts["disagreements"] = len(differences)
+    print(json.dumps(dict(counts), indent=1))
+    assert counts["containers"] > 0
+    assert not differences, "\n".join(differences[:10])
