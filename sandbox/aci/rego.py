@@ -25,40 +25,15 @@ from sandbox.log import log
 from sandbox.shared.errors import InputError, InvalidDocument
 from sandbox.shared.policy.inputs import EnforcementPoint
 from sandbox.shared.policy.model import FLAGS, Policy, parse_version, validate_policy
+from sandbox.shared.rego import framework as fw
 from sandbox.shared.rego.policy import RegoPolicy, RuleKind, read_policy_text
 
-# Enforcement points and the API version that introduced each (hcsshim pkg/securitypolicy/api.rego).
-# The first 17, in this order, are the rules of confcom's customer policy template (rw_mount_device, next,
-# is written when the policy's api_version has it).
-ENFORCEMENT_POINTS: dict[str, tuple[int, int, int]] = {
-    "mount_device": (0, 1, 0),
-    "unmount_device": (0, 2, 0),
-    "mount_overlay": (0, 1, 0),
-    "unmount_overlay": (0, 6, 0),
-    "create_container": (0, 1, 0),
-    "exec_in_container": (0, 2, 0),
-    "exec_external": (0, 3, 0),
-    "shutdown_container": (0, 4, 0),
-    "signal_container_process": (0, 5, 0),
-    "plan9_mount": (0, 6, 0),
-    "plan9_unmount": (0, 6, 0),
-    "get_properties": (0, 7, 0),
-    "dump_stacks": (0, 7, 0),
-    "runtime_logging": (0, 8, 0),
-    "load_fragment": (0, 9, 0),
-    "scratch_mount": (0, 10, 0),
-    "scratch_unmount": (0, 10, 0),
-    "rw_mount_device": (0, 11, 0),
-    "rw_unmount_device": (0, 11, 0),
-    "mount_cims": (0, 11, 0),
-    "registry_changes": (0, 10, 0),
-    "log_provider": (0, 11, 0),
-    "mount_blockdev": (0, 11, 1),
-    "unmount_blockdev": (0, 11, 1),
-    "load_transparency_trust_list": (0, 12, 0),
-    "host_network": (0, 12, 0),
-}
-CONFCOM_RULES = tuple(ENFORCEMENT_POINTS)[:17]
+# The rules of confcom's customer policy template, in its order. An export writes them, then every other
+# enforcement point of api.rego (sandbox/shared/rego/framework.py) that the policy's api_version has.
+CONFCOM_RULES = ("mount_device", "unmount_device", "mount_overlay", "unmount_overlay", "create_container",
+                 "exec_in_container", "exec_external", "shutdown_container", "signal_container_process",
+                 "plan9_mount", "plan9_unmount", "get_properties", "dump_stacks", "runtime_logging", "load_fragment",
+                 "scratch_mount", "scratch_unmount")
 
 # The points our engine enforces: an imported module must delegate each of them (when its
 # api_version has it), otherwise ACI would deny requests that our engine would judge.
@@ -98,8 +73,8 @@ def rego_module(doc: dict[str, Any], fragments: list[dict[str, Any]] | None = No
             lines += [f"{name} := {_compact(doc[name])}", ""]
     lines += [f"{flag} := {_pretty(doc[flag])}" for flag in FLAGS]
     lines.append("")
-    rules = [ep for ep, since in ENFORCEMENT_POINTS.items()
-             if ep in CONFCOM_RULES or since <= version]
+    rules = [*CONFCOM_RULES, *(ep for ep, info in fw.ENFORCEMENT_POINTS.items()
+                               if ep not in CONFCOM_RULES and info.introduced <= version)]
     lines += [f"{ep} := data.framework.{ep}" for ep in rules]
     lines += ["", 'reason := {"errors": data.framework.errors}', ""]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import os
 import random
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ from sandbox.shared.errors import InputError
 from sandbox.shared.policy import PolicyEngine
 from sandbox.shared.rego.fragment import FragmentRefused, check_load, read_fragment_text
 from sandbox.shared.rego.policy import read_policy_text
-from sandbox.shared.rego.syntax import parse_modules
+from sandbox.shared.rego.syntax import Module, parse_modules
 
 pytestmark = pytest.mark.skipif(
     not EVAL or not os.access(EVAL, os.X_OK),
@@ -118,10 +119,8 @@ def policy_texts() -> list[tuple[str, str]]:
     return out
 
 
-def test_real_policies_agree(evaluator: Evaluator) -> None:
-    gen = RealGenerator(int(os.environ.get("PARMA_SANDBOX_ACI_SEED", "17")))
-    counts: Counter[str] = Counter()
-    differences = []
+def policy_modules(counts: Counter[str]) -> Iterator[tuple[str, str, Module]]:
+    """(source, module text, parsed module) of every module of policy_texts() in the Rego subset."""
     for source, text in policy_texts():
         try:
             modules = parse_modules(text, source)
@@ -129,30 +128,37 @@ def test_real_policies_agree(evaluator: Evaluator) -> None:
             counts["modules outside the Rego subset"] += 1
             continue
         for m in modules:
-            module = text[m.start:m.end]
-            counts["modules"] += 1
-            try:
-                policy = import_rego(module, source=source, drop_fragments=True)
-            except InputError:
-                counts["modules the current policy model cannot hold"] += 1
-                continue
-            if not evaluator.ask({"rego": module})["ok"]:
-                counts["modules ACI's framework refuses"] += 1
-                continue
-            counts["modules compared"] += 1
-            raw = policy.canonical_bytes()
-            engine = PolicyEngine.from_bytes(raw)
-            doc = json.loads(raw)
-            if not doc["containers"]:
-                continue
-            for req in gen.trace(doc, 40):
-                req = {**req, "input": complete_input(engine, req["ep"], req["input"])}
-                a = ours(engine, req)
-                why = difference(req["ep"], a, evaluator.ask(req))
-                counts["requests"] += 1
-                counts["allowed"] += a["allowed"]
-                if why:
-                    differences.append(f"{source}: {req['ep']}: {why}\n  request: {json.dumps(req)[:300]}")
+            yield source, text[m.start:m.end], m
+
+
+def test_real_policies_agree(evaluator: Evaluator) -> None:
+    gen = RealGenerator(int(os.environ.get("PARMA_SANDBOX_ACI_SEED", "17")))
+    counts: Counter[str] = Counter()
+    differences = []
+    for source, module, _ in policy_modules(counts):
+        counts["modules"] += 1
+        try:
+            policy = import_rego(module, source=source, drop_fragments=True)
+        except InputError:
+            counts["modules the current policy model cannot hold"] += 1
+            continue
+        if not evaluator.ask({"rego": module})["ok"]:
+            counts["modules ACI's framework refuses"] += 1
+            continue
+        counts["modules compared"] += 1
+        raw = policy.canonical_bytes()
+        engine = PolicyEngine.from_bytes(raw)
+        doc = json.loads(raw)
+        if not doc["containers"]:
+            continue
+        for req in gen.trace(doc, 40):
+            req = {**req, "input": complete_input(engine, req["ep"], req["input"])}
+            a = ours(engine, req)
+            why = difference(req["ep"], a, evaluator.ask(req))
+            counts["requests"] += 1
+            counts["allowed"] += a["allowed"]
+            if why:
+                differences.append(f"{source}: {req['ep']}: {why}\n  request: {json.dumps(req)[:300]}")
     counts["disagreements"] = len(differences)
     print(json.dumps(dict(sorted(counts.items())), indent=1))
     assert counts["modules compared"] > 0 and counts["allowed"] > 0
@@ -317,41 +323,35 @@ def test_reader_keeps_exactly_the_containers_acis_framework_evaluates(evaluator:
     dropped objects, newer framework versions)."""
     counts: Counter[str] = Counter()
     differences = []
-    for source, text in policy_texts():
+    for source, module, m in policy_modules(counts):
         try:
-            modules = parse_modules(text, source)
+            policy = read_policy_text(module, source)
         except InputError:
             continue
-        for m in modules:
-            module = text[m.start:m.end]
-            try:
-                policy = read_policy_text(module, source)
-            except InputError:
-                continue
-            if not evaluator.ask({"rego": module})["ok"]:
-                counts["modules ACI's framework refuses"] += 1
-                continue
-            counts["modules"] += 1
-            kept = {tuple(c["layers"]) for c in policy.containers}
-            raw = m.assignments().get("containers")
-            stacks = [tuple(c["layers"]) for c in (raw.value if raw and isinstance(raw.value, list) else [])
-                      if isinstance(c, dict) and isinstance(c.get("layers"), list)
-                      and all(isinstance(h, str) for h in c["layers"])]
-            n = 0
-            for i, stack in enumerate(stacks):
-                paths = []
-                for h in stack:
-                    evaluator.ask({"ep": "mount_device", "input": {"target": f"/run/mounts/scsi/m{n}",
-                                                                   "device_hash": h}})
-                    paths.insert(0, f"/run/mounts/scsi/m{n}")
-                    n += 1
-                cid = "%064x" % (i + 1)
-                answer = evaluator.ask({"ep": "mount_overlay", "input": {
-                    "container_id": cid, "layer_paths": paths, "target": f"/run/gcs/c/{cid}/rootfs"}})
-                counts["containers"] += 1
-                if answer["allowed"] != (stack in kept):
-                    differences.append(f"{source}: containers[{i}]: ACI {answer['allowed']}, reader kept "
-                                       f"{stack in kept}")
+        if not evaluator.ask({"rego": module})["ok"]:
+            counts["modules ACI's framework refuses"] += 1
+            continue
+        counts["modules"] += 1
+        kept = {tuple(c["layers"]) for c in policy.containers}
+        raw = m.assignments().get("containers")
+        stacks = [tuple(c["layers"]) for c in (raw.value if raw and isinstance(raw.value, list) else [])
+                  if isinstance(c, dict) and isinstance(c.get("layers"), list)
+                  and all(isinstance(h, str) for h in c["layers"])]
+        n = 0
+        for i, stack in enumerate(stacks):
+            paths = []
+            for h in stack:
+                evaluator.ask({"ep": "mount_device", "input": {"target": f"/run/mounts/scsi/m{n}",
+                                                               "device_hash": h}})
+                paths.insert(0, f"/run/mounts/scsi/m{n}")
+                n += 1
+            cid = "%064x" % (i + 1)
+            answer = evaluator.ask({"ep": "mount_overlay", "input": {
+                "container_id": cid, "layer_paths": paths, "target": f"/run/gcs/c/{cid}/rootfs"}})
+            counts["containers"] += 1
+            if answer["allowed"] != (stack in kept):
+                differences.append(f"{source}: containers[{i}]: ACI {answer['allowed']}, reader kept "
+                                   f"{stack in kept}")
     counts["disagreements"] = len(differences)
     print(json.dumps(dict(counts), indent=1))
     assert counts["containers"] > 0
