@@ -6,7 +6,6 @@ ACI interoperability code stays in its own module.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -16,7 +15,6 @@ import click
 from sandbox.aci.arm import ccepolicy_of_template, is_arm_template
 from sandbox.aci.decision import parse_decision
 from sandbox.aci.decision import render as render_decision
-from sandbox.aci.export import aci_template
 from sandbox.aci.fragment_crypto import (
     SignatureError,
     VerifiedFragment,
@@ -29,22 +27,13 @@ from sandbox.aci.fragment_crypto import (
 from sandbox.aci.fragment_oci import fetch_fragments
 from sandbox.aci.rego import ccepolicy_base64, decode_policy_text, export_rego, import_rego, read_rego
 from sandbox.cli.common import (
-    OutputFormat,
-    echo_json,
     emit,
     format_option,
-    info,
-    resolve_format,
     write_document,
 )
-from sandbox.cli.export import export as export_group
 from sandbox.cli.policy import policy as policy_group
-from sandbox.cli.template_options import template_options, volume_paths
 from sandbox.fsutil import atomic_write
-from sandbox.group import load_group
 from sandbox.group.jsonio import read_input_file
-from sandbox.group.spec import LayerFormat
-from sandbox.policy.sources import resolve_group_images
 from sandbox.policy.summary import read_policy
 from sandbox.shared.cose import FRAGMENT_ARTIFACT_TYPE
 from sandbox.shared.didx509 import DidError
@@ -265,47 +254,6 @@ def _policy_text(path: Path, group: str | None) -> tuple[str, int | None]:
     return text, int(group)
 
 
-policy_group.add_command(explain)
-policy_group.add_command(fragment)
-
-
-# -- export aci ----------------------------------------------------------------------------------------------
-
-
-@click.command("aci")
-@click.argument("group_file", type=FILE)
-@click.option("-o", "--output", type=FILE, help="Write the ARM template here (default: stdout).")
-@click.option("--registry", metavar="REGISTRY/PREFIX",
-              help="Where local images (oci:, docker-archive:) are pushed, unchanged: they are named "
-                   "REGISTRY/PREFIX/<name>@<digest> in the template.")
-@click.option("--policy-only", is_flag=True,
-              help="Print only the base64 ccePolicy, and the HOST_DATA ACI will attest for it (stderr).")
-@template_options
-@format_option
-def export_aci(group_file: Path, output: Path | None, registry: str | None, policy_only: bool,
-               template_group: str | None,
-               volumes: tuple[str, ...], fmt: str | None) -> None:
-    """Write an ARM template that deploys GROUP_FILE on Confidential ACI, with the ccePolicy that
-    describes ACI's runtime (docs/aci.md, 'Export to ACI'). Images are resolved and their layers
-    hashed as ACI hashes them; every image is pinned by digest."""
-    spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
-    spec = dataclasses.replace(spec, layer_format=LayerFormat.aci)
-    result = aci_template(spec, resolve_group_images(spec), registry)
-    if policy_only:
-        policy = ccepolicy_base64(result.rego)
-        if resolve_format(fmt) == OutputFormat.json:
-            echo_json({"ccePolicy": policy, "host_data": result.host_data})
-            return
-        click.echo(policy)
-        info(f"ACI HOST_DATA (sha256 of the Rego): {result.host_data}")
-        return
-    data = (json.dumps(result.template, indent=2) + "\n").encode()
-    write_document(data, output, fmt, what="ARM template", digest_label="ACI HOST_DATA", digest=result.host_data)
-
-
-export_group.add_command(export_aci)
-
-
 @fragment.command("fetch")
 @click.argument("image")
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
@@ -327,3 +275,7 @@ def fragment_fetch(image: str, output_dir: Path, fmt: str | None) -> None:
         results.append(_fragment_summary(path, v, f) | {"manifest": attached.manifest_digest})
     emit(results, fmt, lambda rs: "\n".join(f"{r['file']}: {r['namespace']} from {r['issuer']} ({r['feed']})"
                                              for r in rs))
+
+
+policy_group.add_command(explain)
+policy_group.add_command(fragment)

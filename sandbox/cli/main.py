@@ -23,10 +23,10 @@ COMMAND_MODULES = (
     "sandbox.cli.attest",
     "sandbox.cli.image",
     "sandbox.cli.aci",
-    "sandbox.cli.export",
     "sandbox.cli.kbs",
     "sandbox.cli.build",
     "sandbox.cli.measure",
+    "sandbox.cli.export",
 )
 
 
