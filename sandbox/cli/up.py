@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from sandbox.cli.common import emit, format_option, info, render_table
+from sandbox.cli.template_options import template_options, volume_paths
 from sandbox.group import TeeMode, load_group
 from sandbox.kbs.client import check_url
 from sandbox.launch import lifecycle
@@ -46,10 +47,12 @@ from sandbox.vmm.config import Backend
 @click.option("--debug", "debug_files", is_flag=True,
               help="Keep the launch's debug files (argv, domain XML, console, report) and show tracebacks; "
                    "see docs/snp-lab.md.")
+@template_options
 @format_option
 def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, tee: str | None,
        backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], id_key: Path | None, author_key: Path | None,
-       id_block: Path | None, expect_measurement: str | None, debug_files: bool, fmt: str | None) -> int:
+       id_block: Path | None, expect_measurement: str | None, debug_files: bool, template_group: str | None,
+       volumes: tuple[str, ...], fmt: str | None) -> int:
     """Pull, convert, generate the policy, launch the UVM and start GROUP_FILE's containers.
 
     Attached (the default), it streams the containers' output and exits with the first container's
@@ -60,7 +63,7 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
         setup_logging(debug=True, quiet=QUIET.get())
     identity = IdentityOptions(id_key=id_key, author_key=author_key, id_block=id_block,
                                expect_measurement=_measurement(expect_measurement))
-    spec = load_group(group_file)
+    spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
     # SIGTERM/SIGHUP (a closed terminal, a supervisor) take the same clean path as Ctrl-C: a VM being
     # launched is stopped and its state removed; an attached sandbox is taken down.
     for sig in (signal.SIGTERM, signal.SIGHUP):
