@@ -1,0 +1,45 @@
+"""The typed JSON codec (sandbox/shared/codec.py): the features the protocol's classes rely on."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Annotated
+
+import pytest
+
+from sandbox.shared.codec import FieldError, Match, MaxLen, Message, Sentinel, encode, field_names
+
+
+class Mode(Sentinel):
+    KEEP = "keep"
+
+
+@dataclass(frozen=True)
+class Inner(Message):
+    name: Annotated[str, Match(r"[a-z]+", "a lower-case word")]
+
+
+@dataclass(frozen=True)
+class Outer(Message):
+    inner: Inner
+    many: Annotated[tuple[Inner, ...], MaxLen(2)] = ()
+    mode: int | Mode = Mode.KEEP
+    table: dict[str, int] | None = None
+
+
+def test_codec_features_beyond_the_protocol() -> None:
+    o = Outer.from_json({"inner": {"name": "a"}, "many": [{"name": "b"}], "table": {"x": 1}})
+    assert o == Outer(Inner("a"), (Inner("b"),), Mode.KEEP, {"x": 1})
+    assert encode(o) == {"inner": {"name": "a"}, "many": [{"name": "b"}], "table": {"x": 1}}   # no "mode"
+    assert Outer.from_json({"inner": {"name": "a"}, "mode": 3}).mode == 3
+    assert field_names(Outer) == (["inner"], ["many", "mode", "table"])
+    for raw, message in (({"inner": {"name": "A"}}, "inner.name: 'A' is not a lower-case word"),
+                         ({"inner": {"name": "a"}, "many": [{"name": "b"}] * 3}, "many: more than 2 items"),
+                         ({"inner": {"name": "a"}, "many": [{"name": "b"}, {}]}, "many[1].name: required"),
+                         ({"inner": {"name": "a"}, "table": {"x": "1"}}, "table.x: expected an integer"),
+                         ({"inner": {"name": "a"}, "mode": None}, "mode: expected an integer, got null")):
+        with pytest.raises(FieldError) as exc:
+            Outer.from_json(raw)
+        assert message in str(exc.value)
+    assert dataclasses.is_dataclass(o)
