@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.shared import protocol as P
+from sandbox.shared.messages import AgentRequest, Message
 from sandbox.shared.protocol import ErrorCode, ProtocolError, Response
 
 VIRTIO_PORTS = Path("/sys/class/virtio-ports")
 IDLE_MIN, IDLE_MAX = 0.02, 0.2   # seconds between reads of a port with no host connected
 
-Handler = Callable[[P.Request], dict[str, Any]]
+Handler = Callable[[AgentRequest], Message | dict[str, Any]]
 
 
 def respond(handler: Handler, frame: bytes | P.Oversized) -> bytes:
@@ -29,17 +30,19 @@ def respond(handler: Handler, frame: bytes | P.Oversized) -> bytes:
     try:
         if isinstance(frame, P.Oversized):
             raise P.oversized_error(frame)
-        request = P.parse_request(frame)
+        envelope = P.parse_request(frame)
+        request = envelope.request
         try:
             result = handler(request)
+            payload = result.to_json() if isinstance(result, Message) else result
         except ProtocolError as e:
-            e.request_id = request.id
+            e.request_id = envelope.id
             raise
         except Exception as e:  # noqa: BLE001 - a bug must not kill the agent
             traceback.print_exc(file=sys.stderr)
             raise ProtocolError(ErrorCode.internal, f"internal error in {request.op.value}: "
-                                f"{type(e).__name__}: {e}", request_id=request.id) from None
-        response = Response.success(request.id, result)
+                                f"{type(e).__name__}: {e}", request_id=envelope.id) from None
+        response = Response.success(envelope.id, payload)
     except ProtocolError as e:
         response = Response.failure(e)
     try:
