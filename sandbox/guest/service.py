@@ -28,6 +28,7 @@ from sandbox.guest.hostdata import HostData, read_host_data, uptime
 from sandbox.guest.runtime import Container, ContainerStatus, CrunError
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import protocol as P
+from sandbox.shared.codec import shown
 from sandbox.shared.errors import AttestationError, InputError
 from sandbox.shared.kbs_protocol import ATTEST_API_DIR
 from sandbox.shared.messages import (
@@ -254,7 +255,7 @@ class AgentService:
     def _check_device_target(target: str) -> Path:
         if not (re.fullmatch(P.LAYER_TARGET_RE, target) or re.fullmatch(P.VOLUME_TARGET_RE, target)):
             raise _err(ErrorCode.invalid_request,
-                       f"mount target {target!r} must be {P.LAYERS_DIR}/<name> or {P.VOLUMES_DIR}/<volume>")
+                       f"mount target {shown(target)} must be {P.LAYERS_DIR}/<name> or {P.VOLUMES_DIR}/<volume>")
         return Path(target)
 
     def op_mount_device(self, r: MountDeviceRequest) -> MountDeviceResult:
@@ -393,7 +394,7 @@ class AgentService:
         if kind == MemoryVolumeKind.secret:
             for fname in items or {}:
                 if not re.fullmatch(r"[A-Za-z0-9._-]{1,255}", fname) or fname in (".", ".."):
-                    raise _err(ErrorCode.invalid_request, f"invalid secret item name {fname!r}")
+                    raise _err(ErrorCode.invalid_request, f"invalid secret item name {shown(fname)}")
         size = f",size={size_mib}m" if kind == MemoryVolumeKind.tmpfs and size_mib else ""
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -440,7 +441,7 @@ class AgentService:
             volume = source.removeprefix(P.VOLUMES_DIR + "/")
             vpath = self.volumes.get(volume) or (Path(source) if source in self.devices else None)
             if not source.startswith(P.VOLUMES_DIR + "/") or vpath is None:
-                raise _err(ErrorCode.invalid_request, f"mounts[{i}].source {source!r} is not a group volume")
+                raise _err(ErrorCode.invalid_request, f"mounts[{i}].source {shown(source)} is not a group volume")
             if "rbind" not in options and "bind" not in options:
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}]: a bind mount needs the rbind or bind option")
             binds.append(ContainerMount(dest, source, "bind", options))
@@ -456,7 +457,7 @@ class AgentService:
             raise _err(ErrorCode.conflict, f"mount_overlay for {container_id} first (at {rootfs})")
         for e in r.env:
             if "=" not in e:
-                raise _err(ErrorCode.invalid_request, f"env entry {e.split('=')[0]!r} has no '='")
+                raise _err(ErrorCode.invalid_request, f"env entry {shown(e)} has no '='")
         caps = r.capabilities or _default_capabilities()
         try:
             who = resolve_user(rootfs, r.user)

@@ -88,10 +88,10 @@ class Capabilities(Message):
 class ContainerMount(Message):
     """One mount of a container, as the host asks for it and as the policy engine checks it."""
 
-    destination: str
-    source: str
-    type: str = "bind"
-    options: Annotated[tuple[str, ...], MaxLen(64)] = ()
+    destination: Annotated[str, MaxLen(4096)]
+    source: Annotated[str, MaxLen(4096)]
+    type: Annotated[str, MaxLen(64)] = "bind"
+    options: Annotated[tuple[Annotated[str, MaxLen(256)], ...], MaxLen(64)] = ()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sandbox.shared.codec import FieldError
+from sandbox.shared.codec import FieldError, label, shown
 from sandbox.shared.jsoncheck import type_name
-from sandbox.shared.jsonstrict import no_duplicate_keys, reject_constant
+from sandbox.shared.jsonstrict import finite_float, int64, no_duplicate_keys, reject_constant
 from sandbox.shared.messages import REQUEST_TYPES, AgentRequest
 from sandbox.shared.messages import Op as Op  # re-exported: the op names are part of the protocol
 
@@ -137,14 +137,17 @@ def encode_frame(message: dict[str, Any]) -> bytes:
 
 
 def _valid_id(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
+    if type(value) is int:
         return -(2**53) < value < 2**53
-    return isinstance(value, str) and 0 < len(value) <= ID_MAX_LEN
+    return type(value) is str and 0 < len(value) <= ID_MAX_LEN
 
 
-_ID_GUESS = re.compile(rb'"id"\s*:\s*(-?\d{1,15}|"[^"\\]{1,64}")')
+def _supported_version(value: Any) -> bool:
+    # `true == 1` and `1.0 == 1` in Python: only the integer 1 is version 1.
+    return type(value) is int and value in SUPPORTED_VERSIONS
+
+
+_ID_GUESS = re.compile(rb'"id"\s*:\s*(-?\d{1,15}(?![\d.eE])|"[^"\\]{1,64}")')   # whole ints only
 
 
 def guess_request_id(frame_prefix: bytes) -> RequestId:
@@ -156,16 +159,38 @@ def guess_request_id(frame_prefix: bytes) -> RequestId:
     return raw[1:-1].decode("utf-8", "replace") if raw.startswith(b'"') else int(raw)
 
 
+# A \uD800-\uDFFF escape: the only way a JSON text in UTF-8 can spell a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _load_object(line: bytes) -> dict[str, Any]:
+    """Parse one frame strictly: UTF-8, one JSON object, no duplicate keys, numbers a double or a
+    64-bit integer can hold, nesting the parser can follow, and strings that are valid Unicode."""
     try:
         obj = json.loads(line.decode("utf-8"), object_pairs_hook=no_duplicate_keys,
-                         parse_constant=reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                         parse_constant=reject_constant, parse_float=finite_float, parse_int=int64)
+    except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(ErrorCode.malformed_frame, f"not a JSON object: {e}",
                             request_id=guess_request_id(line)) from e
+    except RecursionError:
+        raise ProtocolError(ErrorCode.malformed_frame, "not a JSON object: arrays or objects are nested too deeply",
+                            request_id=guess_request_id(line)) from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.malformed_frame, f"a frame must be a JSON object, got {type_name(obj)}")
+    if _SURROGATE_ESCAPE.search(line) is not None and not _round_trips(obj):
+        # Its id may be the bad string: an error reply that echoed it could not be encoded either.
+        raise ProtocolError(ErrorCode.malformed_frame, "a string in the frame is not valid Unicode "
+                                                       "(it escapes a lone UTF-16 surrogate)")
     return obj
+
+
+def _round_trips(obj: dict[str, Any]) -> bool:
+    """Every key and string of a parsed frame can be written back as UTF-8."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
 
 
 def parse_request(line: bytes) -> Envelope:
@@ -175,17 +200,19 @@ def parse_request(line: bytes) -> Envelope:
     if not _valid_id(rid):
         raise ProtocolError(ErrorCode.malformed_frame,
                             f"'id' must be an integer or a string of 1-{ID_MAX_LEN} characters")
-    unknown = sorted(set(obj) - {"v", "id", "op", "payload"})
+    unknown = [k for k in obj if k not in ("v", "id", "op", "payload")]
     if unknown:
-        raise ProtocolError(ErrorCode.malformed_frame, f"unknown request field(s): {', '.join(unknown)}",
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ProtocolError(ErrorCode.malformed_frame, f"unknown request field {label(unknown[0])}{more}",
                             request_id=rid)
-    if obj.get("v") not in SUPPORTED_VERSIONS:
-        raise ProtocolError(ErrorCode.unsupported_version, f"protocol version {obj.get('v')!r} is not supported",
+    if not _supported_version(obj.get("v")):
+        raise ProtocolError(ErrorCode.unsupported_version, f"protocol version {shown(obj.get('v'))} is not supported",
                             details={"supported": list(SUPPORTED_VERSIONS)}, request_id=rid)
     op_name = obj.get("op")
     request_type = REQUEST_TYPES.get(op_name) if type(op_name) is str else None
     if request_type is None:
-        raise ProtocolError(ErrorCode.unknown_op, f"unknown op {str(op_name)[:64]!r}", request_id=rid)
+        what = shown(op_name) if type(op_name) is str else f"({type_name(op_name)}, not a string)"
+        raise ProtocolError(ErrorCode.unknown_op, f"unknown op {what}", request_id=rid)
     try:
         request = request_type.from_json(obj.get("payload", {}))
     except FieldError as e:
@@ -199,8 +226,8 @@ def parse_response(line: bytes) -> Response:
     rid = obj.get("id")
     if rid is not None and not _valid_id(rid):
         raise ProtocolError(ErrorCode.malformed_frame, "response 'id' is invalid")
-    if obj.get("v") not in SUPPORTED_VERSIONS:
-        raise ProtocolError(ErrorCode.unsupported_version, f"response has protocol version {obj.get('v')!r}")
+    if not _supported_version(obj.get("v")):
+        raise ProtocolError(ErrorCode.unsupported_version, f"response has protocol version {shown(obj.get('v'))}")
     ok = obj.get("ok")
     if ok is True:
         result = obj.get("result", {})
