@@ -188,6 +188,17 @@ def test_malformed_and_oversized_frames_get_errors_and_the_agent_keeps_serving(w
                   + b'"}}\n')
         r = reply()
         assert r["id"] == 42 and r["error"]["code"] == "frame_too_large"
+        # One frame must never silence a port (issue 13): a lone surrogate, a boolean version, an
+        # overflowing number and deep nesting each get their one reply, and the port goes on.
+        s.sendall(rb'{"v":1,"id":"\ud800","op":"ping"}' + b"\n")
+        r = reply()
+        assert r["id"] is None and r["error"]["code"] == "malformed_frame"
+        s.sendall(b'{"v":true,"id":44,"op":"ping"}\n')
+        assert reply()["error"]["code"] == "unsupported_version"
+        s.sendall(b'{"v":1,"id":45,"op":"wait_process","payload":{"container_id":"app","timeout":1e400}}\n')
+        assert reply()["error"]["code"] == "malformed_frame"
+        s.sendall(b'{"v":1,"id":46,"op":"ping","payload":' + b"[" * 50_000 + b"]" * 50_000 + b"}\n")
+        assert reply()["error"]["code"] == "malformed_frame"
         s.sendall(b'{"v":1,"id":43,"op":"ping"}\n')
         r = reply()
         assert r["id"] == 43 and r["ok"] and r["result"]["policy_set"] is True
