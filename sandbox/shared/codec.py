@@ -128,7 +128,7 @@ class Range:
 
         def check(value: float) -> float:
             if not lo <= value <= hi:
-                raise FieldError(f"must be between {lo:g} and {hi:g}, got {value:g}")
+                raise FieldError(f"must be between {lo:g} and {hi:g}, got {shown(value)}")
             return value
         return check
 
@@ -224,12 +224,15 @@ def _int(value: Any) -> int:
 
 
 def _float(value: Any) -> float:
-    # The frame parser refuses non-finite floats and integers beyond 64 bits, so float() is exact enough
-    # and never overflows here; a bool is not a number.
+    # JSON parsers here refuse non-finite floats (jsonstrict.finite_float); an int may still be too
+    # large for a double where no frame limit applies (a trace file). A bool is not a number.
     if type(value) is float:
         return value
     if type(value) is int:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise FieldError(f"number {shown(value)} is out of range") from None
     raise _expected("a number", value)
 
 

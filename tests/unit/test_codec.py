@@ -8,7 +8,7 @@ from typing import Annotated
 
 import pytest
 
-from sandbox.shared.codec import FieldError, Match, MaxLen, Message, Sentinel, encode, field_names
+from sandbox.shared.codec import FieldError, Match, MaxLen, Message, Range, Sentinel, encode, field_names
 
 
 class Mode(Sentinel):
@@ -43,3 +43,18 @@ def test_codec_features_beyond_the_protocol() -> None:
             Outer.from_json(raw)
         assert message in str(exc.value)
     assert dataclasses.is_dataclass(o)
+
+
+@dataclass(frozen=True)
+class Numbers(Message):
+    seconds: float = 0.0
+    count: Annotated[int, Range(1, 10)] = 1
+
+
+def test_numbers_beyond_a_double_are_field_errors_not_overflows() -> None:
+    """Where no frame limit applies (a trace file), an int too large for float() or for a message."""
+    with pytest.raises(FieldError, match="seconds: number 1000.* is out of range"):
+        Numbers.from_json({"seconds": 10**400})
+    with pytest.raises(FieldError, match="count: must be between 1 and 10, got 1000"):
+        Numbers.from_json({"count": 10**400})
+    assert Numbers.from_json({"seconds": 3}) == Numbers(3.0)

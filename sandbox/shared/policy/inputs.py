@@ -75,7 +75,7 @@ def _signal(value: Any) -> int:
     if type(value) is int:
         if 1 <= value <= 64:
             return value
-        raise FieldError(f"signal {value} is out of range 1-64")
+        raise FieldError(f"signal {shown(value)} is out of range 1-64")
     if type(value) is str:
         name = value.upper()
         name = name if name.startswith("SIG") else "SIG" + name
