@@ -27,57 +27,11 @@ from sandbox.guest.gate import NO_POLICY_REASON, Gate
 from sandbox.guest.hostdata import HostData, read_host_data, uptime
 from sandbox.guest.runtime import Container, ContainerStatus, CrunError
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
+from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
 from sandbox.shared.codec import shown
 from sandbox.shared.errors import AttestationError, InputError
 from sandbox.shared.kbs_protocol import ATTEST_API_DIR
-from sandbox.shared.messages import (
-    AgentRequest,
-    Capabilities,
-    ContainerInfo,
-    ContainerMount,
-    CreateContainerRequest,
-    CreateContainerResult,
-    CreateVolumeRequest,
-    CreateVolumeResult,
-    DumpStacksRequest,
-    DumpStacksResult,
-    EmptyResult,
-    ExecProcessRequest,
-    ExecProcessResult,
-    GetPropertiesRequest,
-    GetReportRequest,
-    JsonObject,
-    ListContainersRequest,
-    ListContainersResult,
-    MemoryVolumeKind,
-    Message,
-    MountDeviceRequest,
-    MountDeviceResult,
-    MountOverlayRequest,
-    MountOverlayResult,
-    MountScratchRequest,
-    MountScratchResult,
-    OutputChunk,
-    OutputStream,
-    PingRequest,
-    PingResult,
-    PoweroffRequest,
-    ProcessExit,
-    ReadOutputRequest,
-    ReadOutputResult,
-    SetPolicyRequest,
-    SetPolicyResult,
-    ShutdownContainerRequest,
-    ShutdownResult,
-    SignalProcessRequest,
-    StartContainerRequest,
-    StartContainerResult,
-    UnmountDeviceRequest,
-    UnmountOverlayRequest,
-    UnmountScratchRequest,
-    WaitProcessRequest,
-)
 from sandbox.shared.policy.engine import Decision
 from sandbox.shared.policy.inputs import (
     CreateContainerInput,
@@ -94,19 +48,19 @@ from sandbox.shared.protocol import ErrorCode, ProtocolError
 AGENT_VERSION = "1"
 ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API in the background right after boot
 # What the host may ask before a policy is set: nothing that touches guest state.
-OPEN_REQUESTS = (PingRequest, SetPolicyRequest, GetReportRequest, PoweroffRequest)
+OPEN_REQUESTS = (M.PingRequest, M.SetPolicyRequest, M.GetReportRequest, M.PoweroffRequest)
 # Requests that block waiting (for output, for a process) and must not hold the state lock.
-UNLOCKED_REQUESTS = (ReadOutputRequest, WaitProcessRequest, PingRequest, GetReportRequest, PoweroffRequest,
-                     ShutdownContainerRequest)
+UNLOCKED_REQUESTS = (M.ReadOutputRequest, M.WaitProcessRequest, M.PingRequest, M.GetReportRequest,
+                     M.PoweroffRequest, M.ShutdownContainerRequest)
 # The mounts the runtime gives every container, as the engine sees them (oci.base_mounts in the spec).
-BASE_MOUNTS = tuple(ContainerMount(m["destination"], m["source"], m["type"], tuple(m["options"]))
+BASE_MOUNTS = tuple(M.ContainerMount(m["destination"], m["source"], m["type"], tuple(m["options"]))
                     for m in oci.base_mounts())
 MAX_WAIT_PROCESS_S = 600.0
 MAX_READ_WAIT_S = 60.0
 MAX_READ_BYTES = 512 * 1024
 MAX_SHUTDOWN_S = 300.0
 
-Result = Message | JsonObject
+Result = M.Message | M.JsonObject
 
 
 def _err(code: ErrorCode, message: str, **details: Any) -> ProtocolError:
@@ -140,7 +94,7 @@ class AgentService:
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    def handle(self, request: AgentRequest) -> Result:
+    def handle(self, request: M.AgentRequest) -> Result:
         """Serve one typed request; raises ProtocolError when it cannot be served."""
         if not self.gate.active and not isinstance(request, OPEN_REQUESTS):
             raise ProtocolError(ErrorCode.policy_denied, NO_POLICY_REASON, details={"op": request.op.value})
@@ -149,49 +103,49 @@ class AgentService:
         with self._lock:
             return self._dispatch(request)
 
-    def _dispatch(self, r: AgentRequest) -> Result:
+    def _dispatch(self, r: M.AgentRequest) -> Result:
         match r:
-            case PingRequest():
+            case M.PingRequest():
                 return self.op_ping()
-            case SetPolicyRequest():
+            case M.SetPolicyRequest():
                 return self.op_set_policy(r)
-            case GetPropertiesRequest():
+            case M.GetPropertiesRequest():
                 return self.op_get_properties(r)
-            case DumpStacksRequest():
+            case M.DumpStacksRequest():
                 return self.op_dump_stacks(r)
-            case GetReportRequest():
+            case M.GetReportRequest():
                 return self.op_get_report(r)
-            case MountDeviceRequest():
+            case M.MountDeviceRequest():
                 return self.op_mount_device(r)
-            case UnmountDeviceRequest():
+            case M.UnmountDeviceRequest():
                 return self.op_unmount_device(r)
-            case MountScratchRequest():
+            case M.MountScratchRequest():
                 return self.op_mount_scratch(r)
-            case UnmountScratchRequest():
+            case M.UnmountScratchRequest():
                 return self.op_unmount_scratch(r)
-            case MountOverlayRequest():
+            case M.MountOverlayRequest():
                 return self.op_mount_overlay(r)
-            case UnmountOverlayRequest():
+            case M.UnmountOverlayRequest():
                 return self.op_unmount_overlay(r)
-            case CreateVolumeRequest():
+            case M.CreateVolumeRequest():
                 return self.op_create_volume(r)
-            case CreateContainerRequest():
+            case M.CreateContainerRequest():
                 return self.op_create_container(r)
-            case StartContainerRequest():
+            case M.StartContainerRequest():
                 return self.op_start_container(r)
-            case ExecProcessRequest():
+            case M.ExecProcessRequest():
                 return self.op_exec_process(r)
-            case SignalProcessRequest():
+            case M.SignalProcessRequest():
                 return self.op_signal_process(r)
-            case WaitProcessRequest():
+            case M.WaitProcessRequest():
                 return self.op_wait_process(r)
-            case ReadOutputRequest():
+            case M.ReadOutputRequest():
                 return self.op_read_output(r)
-            case ShutdownContainerRequest():
+            case M.ShutdownContainerRequest():
                 return self.op_shutdown_container(r)
-            case ListContainersRequest():
+            case M.ListContainersRequest():
                 return self.op_list_containers()
-            case PoweroffRequest():
+            case M.PoweroffRequest():
                 return self.op_poweroff()
             case _:
                 assert_never(r)
@@ -203,18 +157,18 @@ class AgentService:
 
     # -- basics ---------------------------------------------------------------------------------
 
-    def op_ping(self) -> PingResult:
-        return PingResult(P.PROTOCOL_VERSION, AGENT_VERSION, self.gate.active, self.gate.policy_hash,
+    def op_ping(self) -> M.PingResult:
+        return M.PingResult(P.PROTOCOL_VERSION, AGENT_VERSION, self.gate.active, self.gate.policy_hash,
                           round(uptime(), 3))
 
-    def op_set_policy(self, r: SetPolicyRequest) -> SetPolicyResult:
+    def op_set_policy(self, r: M.SetPolicyRequest) -> M.SetPolicyResult:
         digest = self.gate.install(r.policy)
         self._console(f"policy {digest} installed (HOST_DATA from {self.gate.host_data_source})")
         self.verbose_logging = self.gate.allows(RuntimeLoggingInput())
         gc.freeze()  # the compiled policy lives as long as the agent (see agent.py)
-        return SetPolicyResult(digest, self.gate.host_data_source or "")
+        return M.SetPolicyResult(digest, self.gate.host_data_source or "")
 
-    def op_get_properties(self, r: GetPropertiesRequest) -> JsonObject:
+    def op_get_properties(self, r: M.GetPropertiesRequest) -> M.JsonObject:
         self.gate.require(r)
         return {
             "policy_hash": self.gate.policy_hash,
@@ -225,15 +179,15 @@ class AgentService:
             "enforce_seconds_total": round(self.gate.enforce_seconds, 6),
         }
 
-    def op_dump_stacks(self, r: DumpStacksRequest) -> DumpStacksResult:
+    def op_dump_stacks(self, r: M.DumpStacksRequest) -> M.DumpStacksResult:
         self.gate.require(r)
         frames = sys._current_frames()
         names = {t.ident: t.name for t in threading.enumerate()}
         text = "".join(f"--- thread {names.get(tid, tid)}\n" + "".join(traceback.format_stack(f))
                        for tid, f in frames.items())
-        return DumpStacksResult(text)
+        return M.DumpStacksResult(text)
 
-    def op_get_report(self, r: GetReportRequest) -> JsonObject:
+    def op_get_report(self, r: M.GetReportRequest) -> M.JsonObject:
         # REPORT_DATA = SHA-512(nonce || runtime public key DER); docs/attestation.md.
         try:
             return snp_report.evidence_for(r.nonce).to_payload()
@@ -242,12 +196,12 @@ class AgentService:
         except AttestationError as e:
             raise _err(ErrorCode.unavailable, e.message) from e
 
-    def op_poweroff(self) -> EmptyResult:
+    def op_poweroff(self) -> M.EmptyResult:
         def later() -> None:
             time.sleep(0.2)  # let the reply reach the host first
             self.poweroff_hook()
         threading.Thread(target=later, name="poweroff", daemon=True).start()
-        return EmptyResult()
+        return M.EmptyResult()
 
     # -- devices --------------------------------------------------------------------------------
 
@@ -258,7 +212,7 @@ class AgentService:
                        f"mount target {shown(target)} must be {P.LAYERS_DIR}/<name> or {P.VOLUMES_DIR}/<volume>")
         return Path(target)
 
-    def op_mount_device(self, r: MountDeviceRequest) -> MountDeviceResult:
+    def op_mount_device(self, r: M.MountDeviceRequest) -> M.MountDeviceResult:
         device, target = r.device, r.target
         path = self._check_device_target(target)
         if target in self.devices or (re.fullmatch(P.VOLUME_TARGET_RE, target) and
@@ -281,10 +235,10 @@ class AgentService:
         mounted = self.gate.enforce(MountDeviceInput.from_request(r, str(layout.root_hash)), action)
         self.devices[target] = mounted
         self._log(f"mounted {device} ({node}) root hash {layout.root_hash} at {target}")
-        return MountDeviceResult(str(layout.root_hash), int(layout.data_blocks), str(mounted.dm.node),
+        return M.MountDeviceResult(str(layout.root_hash), int(layout.data_blocks), str(mounted.dm.node),
                                  self.gate.last_enforce_seconds)
 
-    def op_unmount_device(self, r: UnmountDeviceRequest) -> EmptyResult:
+    def op_unmount_device(self, r: M.UnmountDeviceRequest) -> M.EmptyResult:
         target = r.target
         mount = self.devices.get(target)
         if mount is None:
@@ -301,11 +255,11 @@ class AgentService:
 
         self.gate.enforce(r, action)
         del self.devices[target]
-        return EmptyResult()
+        return M.EmptyResult()
 
     # -- scratch and overlays -------------------------------------------------------------------
 
-    def op_mount_scratch(self, r: MountScratchRequest) -> MountScratchResult:
+    def op_mount_scratch(self, r: M.MountScratchRequest) -> M.MountScratchResult:
         container_id = r.container_id
         if container_id in self.scratch:
             raise _err(ErrorCode.conflict, f"container {container_id} already has a scratch")
@@ -326,9 +280,9 @@ class AgentService:
 
         self.gate.enforce(check, action)
         self.scratch[container_id] = Path(target)
-        return MountScratchResult(target)
+        return M.MountScratchResult(target)
 
-    def op_unmount_scratch(self, r: UnmountScratchRequest) -> EmptyResult:
+    def op_unmount_scratch(self, r: M.UnmountScratchRequest) -> M.EmptyResult:
         container_id = r.container_id
         target = self.scratch.get(container_id)
         if target is None:
@@ -338,9 +292,9 @@ class AgentService:
 
         self.gate.enforce(ScratchUnmountInput.from_request(r), _unmount_action(target))
         del self.scratch[container_id]
-        return EmptyResult()
+        return M.EmptyResult()
 
-    def op_mount_overlay(self, r: MountOverlayRequest) -> MountOverlayResult:
+    def op_mount_overlay(self, r: M.MountOverlayRequest) -> M.MountOverlayResult:
         container_id, layer_paths, target = r.container_id, r.layer_paths, r.target
         expected = P.container_dir(container_id) + "/rootfs"
         if target != expected:
@@ -367,9 +321,9 @@ class AgentService:
 
         self.gate.enforce(r, action)
         self.overlays[target] = Overlay(container_id, Path(target), layer_paths)
-        return MountOverlayResult(self.gate.last_enforce_seconds)
+        return M.MountOverlayResult(self.gate.last_enforce_seconds)
 
-    def op_unmount_overlay(self, r: UnmountOverlayRequest) -> EmptyResult:
+    def op_unmount_overlay(self, r: M.UnmountOverlayRequest) -> M.EmptyResult:
         target = r.target
         overlay = self.overlays.get(target)
         if overlay is None:
@@ -380,26 +334,26 @@ class AgentService:
 
         self.gate.enforce(r, _unmount_action(target))
         del self.overlays[target]
-        return EmptyResult()
+        return M.EmptyResult()
 
     # -- volumes --------------------------------------------------------------------------------
 
-    def op_create_volume(self, r: CreateVolumeRequest) -> CreateVolumeResult:
+    def op_create_volume(self, r: M.CreateVolumeRequest) -> M.CreateVolumeResult:
         name, kind, size_mib, items = r.name, r.kind, r.size_mib, r.items
         # Not a policy endpoint: it makes an empty (or host-filled, for secrets) tmpfs that no
         # container sees until a create_container, whose mounts the policy checks, binds it.
         path = Path(P.VOLUMES_DIR) / name
         if name in self.volumes or str(path) in self.devices:
             raise _err(ErrorCode.conflict, f"volume {name} already exists")
-        if kind == MemoryVolumeKind.secret:
+        if kind == M.MemoryVolumeKind.secret:
             for fname in items or {}:
                 if not re.fullmatch(r"[A-Za-z0-9._-]{1,255}", fname) or fname in (".", ".."):
                     raise _err(ErrorCode.invalid_request, f"invalid secret item name {shown(fname)}")
-        size = f",size={size_mib}m" if kind == MemoryVolumeKind.tmpfs and size_mib else ""
+        size = f",size={size_mib}m" if kind == M.MemoryVolumeKind.tmpfs and size_mib else ""
         try:
             path.mkdir(parents=True, exist_ok=True)
             sysapi.mount("tmpfs", path, "tmpfs", sysapi.MS_NODEV | sysapi.MS_NOSUID, "mode=0777" + size)
-            if kind == MemoryVolumeKind.secret:
+            if kind == M.MemoryVolumeKind.secret:
                 for fname, content in (items or {}).items():
                     f = path / fname
                     f.write_bytes(content)
@@ -410,7 +364,7 @@ class AgentService:
         except OSError as e:
             raise _err(ErrorCode.failed, f"cannot create volume {name}: {e}") from None
         self.volumes[name] = path
-        return CreateVolumeResult(str(path))
+        return M.CreateVolumeResult(str(path))
 
     # -- containers -----------------------------------------------------------------------------
 
@@ -420,7 +374,7 @@ class AgentService:
             raise _err(ErrorCode.not_found, f"no container {container_id}")
         return c
 
-    def _bind_mounts(self, mounts: tuple[ContainerMount, ...]) -> tuple[ContainerMount, ...]:
+    def _bind_mounts(self, mounts: tuple[M.ContainerMount, ...]) -> tuple[M.ContainerMount, ...]:
         """Validate host-requested mounts: only binds of group volumes to clean container paths."""
         binds = []
         for i, m in enumerate(mounts):
@@ -436,7 +390,7 @@ class AgentService:
                     raise _err(ErrorCode.invalid_request, f"mounts[{i}]: {ATTEST_API_DIR} is bound read-only")
                 if not self.attest_api_started.wait(ATTEST_API_START_TIMEOUT):
                     raise _err(ErrorCode.unavailable, "the attestation API has not started")
-                binds.append(ContainerMount(dest, source, "bind", options))
+                binds.append(M.ContainerMount(dest, source, "bind", options))
                 continue
             volume = source.removeprefix(P.VOLUMES_DIR + "/")
             vpath = self.volumes.get(volume) or (Path(source) if source in self.devices else None)
@@ -444,10 +398,10 @@ class AgentService:
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}].source {shown(source)} is not a group volume")
             if "rbind" not in options and "bind" not in options:
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}]: a bind mount needs the rbind or bind option")
-            binds.append(ContainerMount(dest, source, "bind", options))
+            binds.append(M.ContainerMount(dest, source, "bind", options))
         return tuple(binds)
 
-    def op_create_container(self, r: CreateContainerRequest) -> CreateContainerResult:
+    def op_create_container(self, r: M.CreateContainerRequest) -> M.CreateContainerResult:
         t0 = time.perf_counter()
         container_id = r.container_id
         if container_id in self.containers:
@@ -492,10 +446,10 @@ class AgentService:
         c = self.gate.enforce(check, action)
         self.containers[container_id] = c
         self._log(f"created container {container_id}")
-        return CreateContainerResult(c.init.pid if c.init else None, c.stdio, self.gate.last_enforce_seconds,
+        return M.CreateContainerResult(c.init.pid if c.init else None, c.stdio, self.gate.last_enforce_seconds,
                                      self.gate.last_enforce_cpu_seconds, time.perf_counter() - t0)
 
-    def op_start_container(self, r: StartContainerRequest) -> StartContainerResult:
+    def op_start_container(self, r: M.StartContainerRequest) -> M.StartContainerResult:
         t0 = time.perf_counter()
         c = self._container(r.container_id)
         if c.status != ContainerStatus.created:
@@ -504,9 +458,9 @@ class AgentService:
             runtime.start(c)
         except CrunError as e:
             raise _err(ErrorCode.failed, f"crun start {c.id}: {e}") from None
-        return StartContainerResult(c.init.pid if c.init else None, time.perf_counter() - t0)
+        return M.StartContainerResult(c.init.pid if c.init else None, time.perf_counter() - t0)
 
-    def op_exec_process(self, r: ExecProcessRequest) -> ExecProcessResult:
+    def op_exec_process(self, r: M.ExecProcessRequest) -> M.ExecProcessResult:
         c = self._container(r.container_id)
         if c.refresh() != ContainerStatus.running:
             raise _err(ErrorCode.conflict, f"container {c.id} is {c.status.value}, not running")
@@ -524,7 +478,7 @@ class AgentService:
                 raise _err(ErrorCode.failed, f"exec in {c.id}: {e}", reason=reason) from None
 
         started = self.gate.enforce(ExecInContainerInput(c.id, r.argv, r.env, cwd), action)
-        return ExecProcessResult(exec_id, started.pid, c.stdio)
+        return M.ExecProcessResult(exec_id, started.pid, c.stdio)
 
     def _process(self, container_id: str, exec_id: str | None) -> runtime.Process:
         c = self._container(container_id)
@@ -537,21 +491,21 @@ class AgentService:
             raise _err(ErrorCode.not_found, f"no process {exec_id} in container {container_id}")
         return proc
 
-    def op_signal_process(self, r: SignalProcessRequest) -> EmptyResult:
+    def op_signal_process(self, r: M.SignalProcessRequest) -> M.EmptyResult:
         proc = self._process(r.container_id, r.exec_id)
         check = SignalContainerProcessInput(r.container_id, r.signal, r.exec_id is None, proc.argv)
         self.gate.enforce(check, lambda _d: runtime.kill(proc, r.signal))
-        return EmptyResult()
+        return M.EmptyResult()
 
-    def op_wait_process(self, r: WaitProcessRequest) -> ProcessExit:
+    def op_wait_process(self, r: M.WaitProcessRequest) -> M.ProcessExit:
         with self._lock:
             proc = self._process(r.container_id, r.exec_id)
         status = proc.status(_clamp(r.timeout, MAX_WAIT_PROCESS_S))
         if status is None:
-            return ProcessExit(True, None, None)
-        return ProcessExit(False, status.shell_code, status.signal)
+            return M.ProcessExit(True, None, None)
+        return M.ProcessExit(False, status.shell_code, status.signal)
 
-    def op_read_output(self, r: ReadOutputRequest) -> ReadOutputResult:
+    def op_read_output(self, r: M.ReadOutputRequest) -> M.ReadOutputResult:
         with self._lock:
             c = self._container(r.container_id)
             proc = self._process(r.container_id, r.exec_id)
@@ -561,10 +515,10 @@ class AgentService:
                        "(allow_stdio_access is false)", endpoint="create_container")
         res = proc.log.read(max(0, r.offset), min(max(1, r.max_bytes), MAX_READ_BYTES),
                             _clamp(r.wait, MAX_READ_WAIT_S))
-        return ReadOutputResult(tuple(OutputChunk(OutputStream(ch.stream), ch.data) for ch in res.chunks),
+        return M.ReadOutputResult(tuple(M.OutputChunk(M.OutputStream(ch.stream), ch.data) for ch in res.chunks),
                                 res.next_offset, res.dropped, res.eof)
 
-    def op_shutdown_container(self, r: ShutdownContainerRequest) -> ShutdownResult:
+    def op_shutdown_container(self, r: M.ShutdownContainerRequest) -> M.ShutdownResult:
         # Decide and send SIGTERM under the lock; wait for the exit without it, so that the containers
         # of a group can be stopped in parallel (one port each) and other requests are not held up.
         with self._lock:
@@ -574,16 +528,16 @@ class AgentService:
             self.gate.enforce(r, lambda _d: runtime.begin_stop(c))
             c.stopping = True
         status = runtime.finish_stop(c, _clamp(r.timeout, MAX_SHUTDOWN_S))
-        return ShutdownResult(status.shell_code if status else None, status.signal if status else None)
+        return M.ShutdownResult(status.shell_code if status else None, status.signal if status else None)
 
-    def op_list_containers(self) -> ListContainersResult:
+    def op_list_containers(self) -> M.ListContainersResult:
         out = []
         for cid, c in self.containers.items():
             status = c.refresh()
             exit_status = c.init.status() if c.init and status == ContainerStatus.exited else None
-            out.append(ContainerInfo(cid, status.value, c.init.pid if c.init else None,
+            out.append(M.ContainerInfo(cid, status.value, c.init.pid if c.init else None,
                                      exit_status.shell_code if exit_status else None, c.stdio))
-        return ListContainersResult(tuple(out))
+        return M.ListContainersResult(tuple(out))
 
 
 def _clamp(seconds: float, limit: float) -> float:
@@ -607,7 +561,7 @@ def _identity(who: ResolvedUser) -> tuple[NamedId, tuple[NamedId, ...]]:
             (NamedId(str(who.gid), who.group_name), *(NamedId(str(g), n) for g, n in who.additional_gids)))
 
 
-def _default_capabilities() -> Capabilities:
+def _default_capabilities() -> M.Capabilities:
     """The runtime's sets for a container that asks for nothing special."""
     default = tuple(oci.DEFAULT_CAPABILITIES)
-    return Capabilities(bounding=default, effective=default, permitted=default)
+    return M.Capabilities(bounding=default, effective=default, permitted=default)

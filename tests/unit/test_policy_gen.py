@@ -259,4 +259,4 @@ def test_generated_policy_allows_what_the_launcher_requests(tmp_path: Path) -> N
     ok("exec_in_container", {"container_id": "web", "argv": ["/bin/cat", "/www/index.html"],
                              "env": list(proc.env), "working_dir": "/"})
     assert not engine.enforce_json("exec_in_container", {"container_id": "web", "argv": ["/bin/sh"],
-                                                    "env": list(proc.env)}).allowed
+                                                         "env": list(proc.env)}).allowed

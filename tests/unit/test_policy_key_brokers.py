@@ -42,7 +42,7 @@ def _engine_with_overlays(raw: bytes) -> PolicyEngine:
     assert engine.enforce_json("mount_device", {"target": "/run/parma/layers/l0", "device_hash": LAYER}).allowed
     for cid in ("c1", "c2"):
         assert engine.enforce_json("mount_overlay", {"container_id": cid, "layer_paths": ["/run/parma/layers/l0"],
-                                                "target": f"/run/parma/containers/{cid}/rootfs"}).allowed
+                                                     "target": f"/run/parma/containers/{cid}/rootfs"}).allowed
     return engine
 
 
