@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from sandbox.cli.common import emit, format_option, info, render_table
+from sandbox.cli.template_options import template_options, volume_paths
 from sandbox.group import TeeMode, load_group
 from sandbox.kbs.client import check_url
 from sandbox.launch import lifecycle
@@ -33,16 +34,18 @@ from sandbox.vmm.config import Backend
                                         "docs/kbs.md), e.g. http://127.0.0.1:8300.")
 @click.option("--kbs-key", "kbs_keys", multiple=True,
               help="Pin this broker key (SHA-256, as 'kbs key' prints) instead of asking --kbs. Repeatable.")
+@template_options
 @format_option
 def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, tee: str | None,
-       backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], fmt: str | None) -> int:
+       backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], template_group: str | None,
+       volumes: tuple[str, ...], fmt: str | None) -> int:
     """Pull, convert, generate the policy, launch the UVM and start GROUP_FILE's containers.
 
     Attached (the default), it streams the containers' output and exits with the first container's
     exit code, taking the sandbox down; Ctrl-C also takes it down. With -d it prints the sandbox and
     returns.
     """
-    spec = load_group(group_file)
+    spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
     # SIGTERM/SIGHUP (a closed terminal, a supervisor) take the same clean path as Ctrl-C: a VM being
     # launched is stopped and its state removed; an attached sandbox is taken down.
     for sig in (signal.SIGTERM, signal.SIGHUP):
