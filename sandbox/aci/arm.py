@@ -15,13 +15,14 @@
 | `.properties.resources.requests` cpu/memoryInGB (summed) | `resources` vcpus/memoryMiB (rounded up)  |
 | `volumes[]` emptyDir / secret                         | `volumes[]` emptyDir / secret               |
 | `ipAddress.ports`                                     | `ports` (forwarded from 127.0.0.1, same port)|
+| `initContainers[]` (as containers, in order)          | `initContainers`                            |
+| `restartPolicy`, `dnsConfig`                          | `restartPolicy`, `dnsConfig`                |
 
 Parameter values come from `<template stem>.parameters.json` next to the template when it exists
 (the usual `azuredeploy.json` / `azuredeploy.parameters.json` pair), else from `defaultValue`.
-Fields that would change what a container may do and that parma-sandbox cannot honour (init
-containers, azureFile/gitRepo volumes, seccomp profiles, allowPrivilegeEscalation false) are errors;
-fields with no local meaning (location, sku, osType, restartPolicy, dnsNameLabel, registry
-credentials, the template's own ccePolicy) are ignored.
+Fields that would change what a container may do and that parma-sandbox cannot honour (azureFile/gitRepo
+volumes, seccomp profiles, allowPrivilegeEscalation false) are errors; fields with no local meaning
+(location, sku, osType, dnsNameLabel, registry credentials, the template's own ccePolicy) are ignored.
 """
 
 from __future__ import annotations
@@ -223,11 +224,10 @@ def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str,
     if not isinstance(props, dict):
         raise reader.fail(path, "the containerGroups resource has no 'properties'")
     ppath = f"{path}.properties"
-    if _get(props, "initContainers"):
-        raise reader.fail(f"{ppath}.initContainers", "init containers are not supported by parma-sandbox")
     # Resolve, once, only what is read: fields with no local meaning (location, tags...) may use
     # template functions that are not evaluated here.
-    props = {key: reader.r.resolve(_get(props, key), f"{ppath}.{key}") for key in ("containers", "volumes", "ipAddress")
+    props = {key: reader.r.resolve(_get(props, key), f"{ppath}.{key}")
+             for key in ("containers", "volumes", "ipAddress", "initContainers", "restartPolicy", "dnsConfig")
              if _get(props, key) is not None}
     resource = {"name": reader.r.resolve(_get(resource, "name"), f"{path}.name")}
     raw_containers = reader.value(props, "containers", ppath, list) or []
@@ -257,7 +257,16 @@ def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str,
     if ports:
         doc["ports"] = ports
     doc["resources"] = {"vcpus": max(1, math.ceil(cpu)), "memoryMiB": max(128, math.ceil(memory_gb * 1024))}
-    for ignored in ("imageRegistryCredentials", "confidentialComputeProperties", "diagnostics", "dnsConfig"):
+    init = [reader.container(c, f"{ppath}.initContainers[{i}]", set())
+            for i, c in enumerate(reader.value(props, "initContainers", ppath, list) or [])]
+    if init:
+        doc["initContainers"] = init
+    if (restart := reader.value(props, "restartPolicy", ppath, str)) is not None:
+        doc["restartPolicy"] = restart
+    if (dns := reader.value(props, "dnsConfig", ppath, dict)) is not None:
+        doc["dnsConfig"] = {k: v for k in ("nameServers", "searchDomains", "options")
+                            if (v := reader.value(dns, k, f"{ppath}.dnsConfig")) is not None}
+    for ignored in ("imageRegistryCredentials", "confidentialComputeProperties", "diagnostics"):
         if _get(props, ignored) is not None:
             log.debug("%s: %s.%s has no local meaning and is ignored", source, ppath, ignored)
     return doc

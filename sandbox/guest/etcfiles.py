@@ -17,31 +17,25 @@ validated so that nothing the host supplies can add a line, an option or a direc
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SLIRP_NAMESERVER = "10.0.2.3"     # QEMU user networking's DNS forwarder
-MAX_NAMESERVERS = 3               # resolv.conf(5): MAXNS, the resolver ignores more
-MAX_SEARCH_DOMAINS = 6            # resolv.conf(5) before glibc 2.26, and hcsshim's limit
-MAX_SEARCH_CHARS = 256
-HOST_NAME_MAX = 64                # the kernel's limit for the UTS hostname
+from sandbox.shared import names
+from sandbox.shared.names import SLIRP_NAMESERVER
+
 ETC_FILES = ("hostname", "hosts", "resolv.conf")
 # Options of the bind mounts that put the files in place (the policy engine pins them as default mounts).
 BIND_OPTIONS = ("rbind", "rprivate", "rw")
 
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
-HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-# resolv.conf(5) options; the numeric ones take a small value.
-OPTION_RE = re.compile(r"(?:ndots|timeout|attempts):[0-9]{1,2}|rotate|edns0|single-request|single-request-reopen|"
-                       r"no-tld-query|use-vc|no-reload|trust-ad|inet6|no-aaaa|debug")
-
 
 class EtcFilesError(ValueError):
     pass
+
+
+def _check(problem: str | None) -> None:
+    if problem is not None:
+        raise EtcFilesError(problem)
 
 
 @dataclass(frozen=True)
@@ -51,21 +45,9 @@ class DnsConfig:
     options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.nameservers) <= MAX_NAMESERVERS:
-            raise EtcFilesError(f"between 1 and {MAX_NAMESERVERS} name servers, got {len(self.nameservers)}")
-        for ns in self.nameservers:
-            try:
-                ipaddress.ip_address(ns)
-            except ValueError:
-                raise EtcFilesError(f"name server {ns!r} is not an IP address") from None
-        if len(self.search) > MAX_SEARCH_DOMAINS or len(" ".join(self.search)) > MAX_SEARCH_CHARS:
-            raise EtcFilesError(f"at most {MAX_SEARCH_DOMAINS} search domains of {MAX_SEARCH_CHARS} characters")
-        for domain in self.search:
-            if len(domain) > 253 or not DOMAIN_RE.fullmatch(domain):
-                raise EtcFilesError(f"search domain {domain!r} is not a domain name")
-        for option in self.options:
-            if not OPTION_RE.fullmatch(option):
-                raise EtcFilesError(f"resolver option {option!r} is not one resolv.conf(5) knows")
+        _check(names.nameservers_problem(self.nameservers))
+        _check(names.search_domains_problem(self.search))
+        _check(names.resolver_options_problem(self.options))
 
 
 @dataclass(frozen=True)
@@ -77,17 +59,9 @@ class NameFiles:
     dns: DnsConfig = field(default_factory=DnsConfig)
 
     def __post_init__(self) -> None:
-        check_hostname(self.hostname)
+        _check(names.hostname_problem(self.hostname))
         for name in self.group_names:
-            if len(name) > 253 or not HOSTNAME_RE.fullmatch(name):
-                raise EtcFilesError(f"{name!r} is not a host name")
-
-
-def check_hostname(name: str) -> str:
-    if not name or len(name) >= HOST_NAME_MAX or not HOSTNAME_RE.fullmatch(name):
-        raise EtcFilesError(f"{name!r} is not a valid hostname (letters, digits, '-' and '.', under "
-                            f"{HOST_NAME_MAX} characters)")
-    return name
+            _check(names.host_name_problem(name))
 
 
 def render_hostname(files: NameFiles) -> bytes:
