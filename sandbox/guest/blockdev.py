@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,31 +77,71 @@ def disk_wwn(entry: Path) -> int | None:
         return None
 
 
-def _block_entries() -> list[Path]:
+def _block_names() -> list[str]:
     try:
-        return sorted(SYS_BLOCK.iterdir())
+        return sorted(os.listdir(SYS_BLOCK))
     except OSError as e:
         raise BlockError(f"cannot list {SYS_BLOCK}: {e}") from None
 
 
-def _only(matches: list[Path], what: str) -> Path:
-    if not matches:
+def _read(entry: Path, name: str) -> str | None:
+    try:
+        return (entry / name).read_text().strip()
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Disk:
+    dev: str | None           # "major:minor", to notice a name that now stands for another disk
+    serial: str | None
+    wwn: int | None
+
+
+class _DiskIndex:
+    """Serials and WWNs of /sys/block, read once per disk: a group attaches hundreds of disks, and reading
+    every disk's VPD page for every lookup costs seconds under emulation. The listing is re-read on each
+    lookup (one directory read); disks that appeared are read, disks that went are dropped, and the disk
+    a lookup returns is read again, so a disk the host swapped since is not taken for the old one."""
+
+    def __init__(self) -> None:
+        self._disks: dict[str, _Disk] = {}
+
+    def _describe(self, name: str) -> _Disk:
+        entry = SYS_BLOCK / name
+        return _Disk(_read(entry, "dev"), disk_serial(entry), disk_wwn(entry))
+
+    def _refresh(self) -> None:
+        names = _block_names()
+        self._disks = {n: self._disks.get(n) or self._describe(n) for n in names}
+
+    def find(self, matches: Callable[[_Disk], bool], what: str) -> Path:
+        for attempt in range(2):
+            self._refresh()
+            found = [n for n, d in self._disks.items() if matches(d)]
+            if len(found) > 1:
+                raise BlockError(f"{len(found)} disks carry {what} ({', '.join(found)}): refusing to choose one")
+            if found:
+                again = self._describe(found[0])
+                if again == self._disks[found[0]]:
+                    return device_node(SYS_BLOCK / found[0])
+            if attempt == 0:
+                self._disks = {}    # something changed under the cache, or nothing matched: read it all again
         raise BlockError(f"no disk with {what}")
-    if len(matches) > 1:
-        raise BlockError(f"{len(matches)} disks carry {what} ({', '.join(m.name for m in matches)}): refusing to "
-                         "choose one")
-    return device_node(matches[0])
+
+
+_INDEX = _DiskIndex()
 
 
 def find_by_serial(serial: str) -> Path:
     """The /dev node of the disk (virtio-blk or SCSI) whose serial is `serial`. Two disks with one serial
     are an error, not a choice."""
-    return _only([e for e in _block_entries() if disk_serial(e) == serial], f"serial {serial!r}")
+    return _INDEX.find(lambda d: d.serial == serial, f"serial {serial!r}")
 
 
 def find_by_wwn(wwn: int) -> Path:
     """The /dev node of the SCSI disk whose NAA world wide name is `wwn`."""
-    return _only([e for e in _block_entries() if disk_wwn(e) == wwn], f"WWN {wwn:#018x}")
+    return _INDEX.find(lambda d: d.wwn == wwn, f"WWN {wwn:#018x}")
 
 
 def device_node(entry: Path) -> Path:

@@ -24,6 +24,7 @@ def sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     dev.mkdir()
     monkeypatch.setattr(blockdev, "SYS_BLOCK", sys_block)
     monkeypatch.setattr(blockdev, "DEV_DIR", dev)
+    monkeypatch.setattr(blockdev, "_INDEX", blockdev._DiskIndex())
     disks = {
         "vda": ("253:0", {"serial": b"parma-root\n"}),
         "vdb": ("253:16", {"serial": b"parma-scratch\n"}),
@@ -89,3 +90,28 @@ def test_vpd_parsing() -> None:
     assert blockdev.scsi_unit_serial(vpd80(b"abc") + b"trailing junk") == "abc"
     assert blockdev.scsi_unit_serial(bytes([0, 0x83, 0, 2]) + b"xy") is None   # another page
     assert blockdev.scsi_unit_serial(b"\0\x80") is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating device nodes needs root")
+def test_the_index_reads_each_disk_once_and_notices_changes(sysfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[str] = []
+    real = blockdev.disk_serial
+
+    def counting(entry: Path) -> str | None:
+        reads.append(entry.name)
+        return real(entry)
+
+    monkeypatch.setattr(blockdev, "disk_serial", counting)
+    for serial in ("L0", "L1", "V0", "parma-root"):
+        blockdev.find_by_serial(serial)
+    # Six disks read once each, plus one re-read of each disk a lookup returned.
+    assert len(reads) == 6 + 4
+    # A disk that appears later is found; one whose serial changed under its name is not taken for the old.
+    (sysfs / "sys/block/sdd/device").mkdir(parents=True)
+    (sysfs / "sys/block/sdd/dev").write_text("8:48\n")
+    (sysfs / "sys/block/sdd/device/vpd_pg80").write_bytes(vpd80(b"L7"))
+    assert blockdev.find_by_serial("L7") == sysfs / "dev/sdd"
+    (sysfs / "sys/block/sdd/device/vpd_pg80").write_bytes(vpd80(b"L8"))
+    with pytest.raises(blockdev.BlockError, match="no disk with serial 'L7'"):
+        blockdev.find_by_serial("L7")
+    assert blockdev.find_by_serial("L8") == sysfs / "dev/sdd"
