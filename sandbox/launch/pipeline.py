@@ -53,6 +53,9 @@ class UpOptions:
     detach: bool = False
     kbs_url: str | None = None          # key broker for the containers' attestation API (docs/kbs.md)
     kbs_keys: tuple[str, ...] = ()      # broker pins for the policy; default: the broker at kbs_url
+    # False: launch, set the policy and mount every layer and volume, but create no container. The
+    # containerd shim (sandbox/shim) creates and starts them one by one, as containerd asks.
+    create_containers: bool = True
 
 
 @dataclass
@@ -187,7 +190,8 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
     )
 
 
-def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: Timings) -> dict[str, Any]:
+def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: Timings, *,
+                 create_containers: bool = True) -> dict[str, Any]:
     """set_policy, mounts, create and start every container, in group order. Returns per-step results."""
     results: dict[str, Any] = {"containers": {}}
     with step("Set the execution policy"):
@@ -207,7 +211,7 @@ def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: 
             task.advance()
         results["devices"] = devices
     timings.mark("mounted")
-    for c in plan.containers:
+    for c in plan.containers if create_containers else ():
         with step(f"Start container {c.name}"):
             t0 = time.monotonic()
             client.call(Op.mount_scratch, {"container_id": c.name})
@@ -295,7 +299,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                 wait_for_agent(cfg.agent_sockets, timeout=BOOT_TIMEOUT, alive=vm.alive, console=cfg.console_log)
             timings.mark("agent")
             with AgentClient.connect(cfg.agent_sockets) as client:
-                results = _setup_guest(client, policy, plan, timings)
+                results = _setup_guest(client, policy, plan, timings, create_containers=opts.create_containers)
             record.details["startup"] = {"timings": timings.marks, "containers": results["containers"]}
             record.status = STATUS_RUNNING
             store.save(record)
