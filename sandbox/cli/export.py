@@ -11,13 +11,14 @@ import importlib
 import click
 
 SUBCOMMAND_MODULES = (
+    "sandbox.cli.export_aci",
     "sandbox.cli.export_k8s",
 )
 
 
 @click.group("export")
 def export() -> None:
-    """Write a group as a deployment for another engine (Kubernetes with the parma runtime, ...)."""
+    """Write a group as a deployment for another engine (Confidential ACI, Kubernetes with the parma runtime)."""
 
 
 for _module in SUBCOMMAND_MODULES:

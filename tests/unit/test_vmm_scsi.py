@@ -133,3 +133,24 @@ def test_config_rejects_a_scsi_root_disk_and_misplaced_wwns() -> None:
         config(layer(0, wwn=0))
     with pytest.raises(ValueError, match="unique"):
         config(layer(0), layer(0))
+
+
+def test_publishing_for_libvirts_qemu_user_keeps_the_bus_and_wwn(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from sandbox.vmm import libvirt_share
+
+    monkeypatch.setenv(libvirt_share.SHARE_ENV, str(tmp_path / "share"))
+    files = {n: tmp_path / n for n in ("bzImage", "root.img", "l0.img", "scratch.img")}
+    for f in files.values():
+        f.write_bytes(b"x" * 4096)
+    cfg = replace(config(), kernel=files["bzImage"], disks=(
+        Disk(files["root.img"], "parma-root"), Disk(files["l0.img"], "L0", bus=DiskBus.scsi, wwn=0x5000C0DE00000007),
+        Disk(files["scratch.img"], "parma-scratch", readonly=False)))
+    published = libvirt_share.publish(cfg, "parma-sandbox-big", libvirt_share.QemuUser(os.getuid() + 1, os.getgid()))
+    try:
+        assert [(d.serial, d.bus, d.wwn, d.readonly) for d in published.config.disks] == \
+            [(d.serial, d.bus, d.wwn, d.readonly) for d in cfg.disks]
+    finally:
+        libvirt_share.remove(published.directory)
