@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from sandbox.vmm.qmp import QmpClient
 
 sys.path.insert(0, str(Path(__file__).parent))
 from libvirt_daemon import libvirtd  # noqa: E402, F401 - a fixture
-from tinyguest import MARKER, tiny_config  # noqa: E402
+from test_vmm_backends import wait_marker  # noqa: E402
+from tinyguest import tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed")
 LUNS = 300   # more than one controller's 256
@@ -35,15 +35,6 @@ def scsi_config(tmp: Path, name: str) -> VmConfig:
     scratch.write_bytes(b"")
     os.truncate(scratch, 1 << 20)
     return replace(cfg, disks=(*cfg.disks, *disks, Disk(scratch, "parma-scratch", readonly=False)))
-
-
-def wait_marker(console: Path, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if console.exists() and MARKER in console.read_bytes():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _block_devices(cfg: VmConfig) -> dict[str, bool]:
