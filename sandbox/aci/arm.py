@@ -17,13 +17,14 @@
 | `volumes[]` azureFile / gitRepo                       | `files` volume from `--volume NAME=PATH`    |
 | `.properties.configMap.keyValuePairs`                 | a secret-kind volume at /mnt/configmap      |
 | `ipAddress.ports`                                     | `ports` (forwarded from 127.0.0.1, same port)|
+| `initContainers[]` (as containers, in order)          | `initContainers`                            |
+| `restartPolicy`, `dnsConfig`                          | `restartPolicy`, `dnsConfig`                |
 
 Parameter values come from `<template stem>.parameters.json` next to the template when it exists
 (the usual `azuredeploy.json` / `azuredeploy.parameters.json` pair), else from `defaultValue`.
-Fields that would change what a container may do and that parma-sandbox cannot honour (init
-containers, seccomp profiles, allowPrivilegeEscalation false) are errors;
-fields with no local meaning (location, sku, osType, restartPolicy, dnsNameLabel, registry
-credentials, the template's own ccePolicy) are ignored.
+Fields that would change what a container may do and that parma-sandbox cannot honour (seccomp profiles,
+allowPrivilegeEscalation false) are errors; fields with no local meaning (location, sku, osType,
+dnsNameLabel, registry credentials, the template's own ccePolicy) are ignored.
 """
 
 from __future__ import annotations
@@ -297,11 +298,10 @@ def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str,
     if not isinstance(props, dict):
         raise reader.fail(path, "the containerGroups resource has no 'properties'")
     ppath = f"{path}.properties"
-    if _get(props, "initContainers"):
-        raise reader.fail(f"{ppath}.initContainers", "init containers are not supported by parma-sandbox")
     # Resolve, once, only what is read: fields with no local meaning (location, tags...) may use
     # template functions that are not evaluated here.
-    resolved = {key: reader.r.resolve(_get(props, key), f"{ppath}.{key}") for key in ("containers", "ipAddress")
+    resolved = {key: reader.r.resolve(_get(props, key), f"{ppath}.{key}")
+                for key in ("containers", "ipAddress", "initContainers", "restartPolicy", "dnsConfig")
                 if _get(props, key) is not None}
     # A volume's kind and name are read; an azureFile or gitRepo volume's account, key or URL are not
     # (a local directory stands in), so their expressions are left unevaluated.
@@ -350,7 +350,16 @@ def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str,
     if ports:
         doc["ports"] = ports
     doc["resources"] = {"vcpus": max(1, math.ceil(cpu)), "memoryMiB": max(128, math.ceil(memory_gb * 1024))}
-    for ignored in ("imageRegistryCredentials", "confidentialComputeProperties", "diagnostics", "dnsConfig"):
+    init = [reader.container(c, f"{ppath}.initContainers[{i}]", set())
+            for i, c in enumerate(reader.value(props, "initContainers", ppath, list) or [])]
+    if init:
+        doc["initContainers"] = init
+    if (restart := reader.value(props, "restartPolicy", ppath, str)) is not None:
+        doc["restartPolicy"] = restart
+    if (dns := reader.value(props, "dnsConfig", ppath, dict)) is not None:
+        doc["dnsConfig"] = {k: v for k in ("nameServers", "searchDomains", "options")
+                            if (v := reader.value(dns, k, f"{ppath}.dnsConfig")) is not None}
+    for ignored in ("imageRegistryCredentials", "confidentialComputeProperties", "diagnostics"):
         if _get(props, ignored) is not None:
             log.debug("%s: %s.%s has no local meaning and is ignored", source, ppath, ignored)
     return doc

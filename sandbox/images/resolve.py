@@ -249,3 +249,17 @@ def resolve_image(ref: str, *, base_dir: Path, platform: str = DEFAULT_PLATFORM,
     `oci:DIR[:TAG]` and `docker-archive:FILE` paths are relative to base_dir (the group file's directory).
     """
     return pull_image(ref, base_dir=base_dir, platform=platform, compat=compat).image
+
+
+def local_layer_ids(ref: str, *, base_dir: Path, platform: str = DEFAULT_PLATFORM) -> tuple[str, ...] | None:
+    """The layer diff_ids of a local image (`oci:`, `docker-archive:`), read without converting anything, or
+    None for a registry image (whose layers are known only once it is pulled)."""
+    image_ref = parse_reference(ref, base_dir=base_dir)
+    if image_ref.transport not in (Transport.oci, Transport.docker_archive):
+        return None
+    src = open_source(image_ref)
+    try:
+        _, _, config_raw = src.resolve(parse_platform(platform))
+        return parse_config(config_raw, f"config of image {ref}").diff_ids
+    finally:
+        src.close()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sandbox.log import log
 from sandbox.shared.errors import InputError, StateError
-from sandbox.vmm.config import Disk, FwCfgFile, VmConfig
+from sandbox.vmm.config import FwCfgFile, VmConfig
 
 SHARE_ENV = "PARMA_SANDBOX_LIBVIRT_SHARE"
 ROOT_SHARE = Path("/var/lib/libvirt/images/parma-sandbox")
@@ -134,7 +134,7 @@ def publish(cfg: VmConfig, domain: str, user: QemuUser | None) -> Published:
         snp = cfg.snp
         if snp is not None:
             snp = dataclasses.replace(snp, firmware=place(snp.firmware, "firmware.fd", "copy"))
-        disks = tuple(Disk(place(d.path, f"disk{i}.img", "shared" if d.readonly else "relabel"), d.serial, d.readonly)
+        disks = tuple(dataclasses.replace(d, path=place(d.path, f"disk{i}.img", "shared" if d.readonly else "relabel"))
                       for i, d in enumerate(cfg.disks))
         fw_cfg = tuple(FwCfgFile(f.name, place(f.path, f"fwcfg{i}", "private")) for i, f in enumerate(cfg.fw_cfg))
     except OSError as e:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 
-from sandbox.vmm.config import Accel, VmConfig
-from sandbox.vmm.qemu import network_args
+from sandbox.vmm.config import Accel, Disk, VmConfig
+from sandbox.vmm.qemu import network_args, scsi_address
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 DOMAIN_PREFIX = "parma-sandbox-"
@@ -39,14 +39,45 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return el
 
 
-def _disk_target(index: int) -> str:
+def _disk_target(index: int, prefix: str = "vd") -> str:
     letters = ""
     n = index
     while True:
         letters = chr(ord("a") + n % 26) + letters
         n = n // 26 - 1
         if n < 0:
-            return "vd" + letters
+            return prefix + letters
+
+
+def _disk_driver(parent: ET.Element, disk: Disk) -> None:
+    # Writable disks report host-side write errors to the guest (as the QEMU argv: werror=report).
+    extra = {} if disk.readonly else {"error_policy": "report"}
+    _sub(parent, "driver", name="qemu", type="raw", **extra)
+
+
+def _disk_source(parent: ET.Element, disk: Disk) -> None:
+    source = _sub(parent, "source", file=os.fspath(disk.path))
+    if disk.readonly:
+        _sub(source, "seclabel", model="dac", relabel="no")
+
+
+def scsi_disk_elements(cfg: VmConfig, devices: ET.Element) -> None:
+    """The SCSI disks as libvirt renders them: virtio-scsi controllers and <disk bus='scsi'> elements at
+    the same (controller, target 0, LUN) addresses as the QEMU argv (sandbox.vmm.qemu.scsi_disk_args)."""
+    for n, disk in enumerate(cfg.scsi_disks):
+        controller, lun = scsi_address(n)
+        if lun == 0:
+            _sub(devices, "controller", type="scsi", index=str(controller), model="virtio-scsi")
+        d = _sub(devices, "disk", type="file", device="disk")
+        _disk_driver(d, disk)
+        _disk_source(d, disk)
+        _sub(d, "target", dev=_disk_target(n, "sd"), bus="scsi")
+        if disk.readonly:
+            _sub(d, "readonly")
+        _sub(d, "serial", disk.serial)
+        if disk.wwn is not None:
+            _sub(d, "wwn", f"{disk.wwn:016x}")
+        _sub(d, "address", type="drive", controller=str(controller), bus="0", target="0", unit=str(lun))
 
 
 def build_domain_xml(cfg: VmConfig) -> str:
@@ -86,16 +117,15 @@ def build_domain_xml(cfg: VmConfig) -> str:
         _sub(dom, event, "destroy")
 
     devices = _sub(dom, "devices")
-    for i, disk in enumerate(cfg.disks):
+    for i, disk in enumerate(cfg.blk_disks):
         d = _sub(devices, "disk", type="file", device="disk")
-        _sub(d, "driver", name="qemu", type="raw")
-        source = _sub(d, "source", file=os.fspath(disk.path))
-        if disk.readonly:
-            _sub(source, "seclabel", model="dac", relabel="no")
+        _disk_driver(d, disk)
+        _disk_source(d, disk)
         _sub(d, "target", dev=_disk_target(i), bus="virtio")
         if disk.readonly:
             _sub(d, "readonly")
         _sub(d, "serial", disk.serial)
+    scsi_disk_elements(cfg, devices)
     _sub(devices, "controller", type="virtio-serial", index="0")
     for i, sock in enumerate(cfg.agent_sockets):
         ch = _sub(devices, "channel", type="unix")

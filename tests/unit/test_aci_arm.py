@@ -161,7 +161,7 @@ def test_defaults_apply_without_a_parameters_file(tmp_path: Path) -> None:
      r"parameters.port: 81 is not one of the allowedValues"),
     (TEMPLATE, {"parameters": {"image": {"reference": {"keyVault": {}}}}}, "a Key Vault reference"),
     (edited(initContainers=[{"name": "init"}]), PARAMETERS,
-     r"resources\[1\].properties.initContainers: init containers are not supported"),
+     r"resources\[1\].properties.initContainers\[0\].properties: a container needs 'properties'"),
     (edited(volumes=[{"name": "secrets", "azureFile": {"shareName": "s"}}]), PARAMETERS,
      r"resources\[1\].properties.volumes\[0\].azureFile: azureFile volume 'secrets' needs a local directory"),
     (edited(containers=[]), PARAMETERS, "needs at least one container"),
