@@ -47,6 +47,34 @@ class DeferredChoice(click.Choice):
         self._choices = tuple(values)
 
 
+class ExtensibleGroup(click.Group):
+    """A click group some of whose subcommands live in other modules (`extensions`), which attach them when
+    imported. They are imported only when a subcommand the group does not define itself is asked for, or
+    the list of subcommands is shown: `policy check` does not load the ACI interoperability code."""
+
+    def __init__(self, *args: Any, extensions: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.extensions = tuple(extensions)
+        self._extended = False
+
+    def _extend(self) -> None:
+        if not self._extended:
+            self._extended = True
+            for module in self.extensions:
+                importlib.import_module(module)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and not self._extended:
+            self._extend()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._extend()
+        return super().list_commands(ctx)
+
+
 def cli_context() -> CliContext:
     ctx = click.get_current_context(silent=True)
     if ctx is None:

@@ -40,6 +40,9 @@ COMMANDS: dict[str, LazyCommand] = {
                          "Probe the host: QEMU, KVM, SEV-SNP, firmware, libvirt, vsock and tools."),
     "down": LazyCommand(("sandbox.cli.up",),
                         "Stop sandbox NAME (or --all): containers first, then the VM, gracefully and then forced."),
+    "export": LazyCommand(("sandbox.cli.export",),
+                          "Write a group as a deployment for another engine (Confidential ACI, Kubernetes with the "
+                          "parma runtime)."),
     "exec": LazyCommand(("sandbox.cli.up",),
                         "Run COMMAND in CONTAINER of sandbox NAME, if the policy allows it: exec NAME CONTAINER -- "
                         "CMD..."),
@@ -54,7 +57,7 @@ COMMANDS: dict[str, LazyCommand] = {
     "measure": LazyCommand(("sandbox.cli.measure",),
                            "Calculate an AMD SEV / SEV-ES / SEV-SNP guest launch measurement (sev-snp-measure "
                            "compatible)."),
-    "policy": LazyCommand(("sandbox.cli.policy", "sandbox.cli.aci"),
+    "policy": LazyCommand(("sandbox.cli.policy",),
                           "Execution policies: generate, inspect, compare, and replay requests against them."),
     "ps": LazyCommand(("sandbox.cli.up",), "List sandboxes (including failed or stale ones that 'down' should clean)."),
     "secret": LazyCommand(("sandbox.cli.kbs",), "Secrets held by the key broker, each with its release policy."),

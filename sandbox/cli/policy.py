@@ -7,7 +7,16 @@ from pathlib import Path
 
 import click
 
-from sandbox.cli.common import OutputFormat, emit, format_option, info, resolve_format, write_document
+from sandbox.cli.common import (
+    ExtensibleGroup,
+    OutputFormat,
+    emit,
+    format_option,
+    info,
+    resolve_format,
+    write_document,
+)
+from sandbox.cli.template_options import template_options, volume_paths
 from sandbox.policy.summary import BANNER, debug_features, read_policy, render, summarize
 from sandbox.shared.policy import PolicyEngine, parse_policy, policy_hash
 
@@ -20,7 +29,8 @@ EXIT_DIFFERENT = 2
 FILE = click.Path(path_type=Path, dir_okay=False)
 
 
-@click.group("policy")
+# sandbox/cli/aci.py attaches export, import, explain and fragment (ACI's Rego format) when imported.
+@click.group("policy", cls=ExtensibleGroup, extensions=("sandbox.cli.aci",))
 def policy() -> None:
     """Execution policies: generate, inspect, compare, and replay requests against them."""
 
@@ -34,16 +44,17 @@ def policy() -> None:
 @click.option("--kbs", "kbs_url", help="Pin the key broker serving at this URL (key_brokers; docs/kbs.md).")
 @click.option("--kbs-key", "kbs_keys", multiple=True,
               help="Pin this key broker (its public key's SHA-256, as 'kbs key' prints). Repeatable.")
+@template_options
 @format_option
 def gen(group_file: Path, output: Path | None, debug_mode: bool | None, kbs_url: str | None,
-        kbs_keys: tuple[str, ...], fmt: str | None) -> None:
+        kbs_keys: tuple[str, ...], template_group: str | None, volumes: tuple[str, ...], fmt: str | None) -> None:
     """Generate the policy of GROUP_FILE from its images, volumes and options."""
     from sandbox.group import load_group
     from sandbox.kbs.client import broker_pins
     from sandbox.policy.gen import generate_policy
     from sandbox.policy.sources import files_volume_hashes, resolve_group_images
 
-    spec = load_group(group_file)
+    spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
     pins = broker_pins(kbs_url, kbs_keys)
     images = resolve_group_images(spec)
     raw = generate_policy(spec, images, debug_mode=debug_mode, volume_hashes=files_volume_hashes(spec),

@@ -21,6 +21,7 @@ from typing import Any
 from sandbox.group.jsonio import ValidationError, load_json_file
 from sandbox.shared.errors import InputError
 from sandbox.shared.jsoncheck import MISSING, Checker, join, type_name
+from sandbox.shared.names import nameservers_problem, resolver_options_problem, search_domains_problem
 from sandbox.shared.policy.defaults import PRIVILEGED_CAPABILITIES
 
 
@@ -35,6 +36,14 @@ class LayerFormat(StrEnum):
     aci = "aci"              # byte-identical to ACI's tar2ext4, so layer hashes equal ACI's (docs/aci.md)
 
 
+class RestartPolicy(StrEnum):
+    """ACI's containerGroup restartPolicy (the default is Always, as in ACI)."""
+
+    always = "Always"
+    on_failure = "OnFailure"
+    never = "Never"
+
+
 class VolumeKind(StrEnum):
     empty_dir = "emptyDir"   # shared scratch directory in guest memory, writable
     tmpfs = "tmpfs"          # private tmpfs of a given size
@@ -44,7 +53,9 @@ class VolumeKind(StrEnum):
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
+# "user", "user:group", or ":group" (the image's user with this group: an ARM template's runAsGroup alone).
+USER_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?"
+                     r"|:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})$")
 # Simplified docker reference grammar: [host[:port]/]path[:tag][@sha256:hex].
 IMAGE_RE = re.compile(
     r"^(?:(?P<host>[A-Za-z0-9.-]+(?::[0-9]+)?)/)?"
@@ -63,6 +74,19 @@ SIGNALS = {
 
 # Every capability name the group spec accepts (the full privileged set).
 CAPABILITIES = PRIVILEGED_CAPABILITIES
+
+# Layer and `files` volume disks one group may attach: SCSI LUNs on virtio-scsi (sandbox.vmm), as many as
+# hcsshim's LCOW UVM (4 SCSI controllers of 64 LUNs), so a group that runs here fits ACI too.
+MAX_DEVICES = 256
+DEFAULT_SCRATCH_GIB = 8
+
+CONTAINER_FIELDS = frozenset({"name", "image", "command", "args", "env", "workingDir", "mounts", "ports",
+                              "execProcesses", "signals", "user", "privileged", "capabilities", "stdio",
+                              "attestationApi"})
+# Init containers run to completion before the containers start (ACI's initContainers): no ports, no
+# exec processes or signals (nothing talks to them), no attestation API.
+INIT_CONTAINER_FIELDS = frozenset({"name", "image", "command", "args", "env", "workingDir", "mounts", "user",
+                                   "privileged", "capabilities", "stdio"})
 
 
 @dataclass(frozen=True)
@@ -140,6 +164,16 @@ class Container:
 class Resources:
     vcpus: int = 1
     memory_mib: int = 512
+    scratch_gib: int = DEFAULT_SCRATCH_GIB   # the group's disk scratch: a sparse file, encrypted in the guest
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """ACI's containerGroup dnsConfig: what the containers' /etc/resolv.conf says."""
+
+    name_servers: tuple[str, ...]
+    search_domains: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,14 +194,33 @@ class GroupSpec:
     policy: PolicyOptions = PolicyOptions()
     tee: TeeMode = TeeMode.auto
     layer_format: LayerFormat = LayerFormat.default
+    restart_policy: RestartPolicy = RestartPolicy.always
+    init_containers: tuple[Container, ...] = ()     # run in order, each to completion, before `containers`
+    dns_config: DnsConfig | None = None
     base_dir: Path = field(default=Path("."), compare=False)
 
     def container(self, name: str) -> Container:
-        for c in self.containers:
+        for c in self.containers + self.init_containers:
             if c.name == name:
                 return c
         raise InputError(f"group {self.name!r} has no container {name!r}",
-                         hint="containers: " + ", ".join(c.name for c in self.containers))
+                         hint="containers: " + ", ".join(c.name for c in self.containers + self.init_containers))
+
+
+def device_count_problem(spec: GroupSpec, layers: int) -> str | None:
+    """Why the group cannot be attached, given its number of distinct image layers (None when it can)."""
+    volumes = sum(1 for v in spec.volumes if v.kind == VolumeKind.files)
+    if layers + volumes <= MAX_DEVICES:
+        return None
+    return (f"the group needs {layers + volumes} layer and volume disks ({layers} distinct image layers, "
+            f"{volumes} files volumes); at most {MAX_DEVICES} can be attached")
+
+
+def check_device_count(spec: GroupSpec, layers: int, source: str = "group.json") -> None:
+    """Raise ValidationError (exit 2) when the group needs more disks than a UVM attaches."""
+    if problem := device_count_problem(spec, layers):
+        raise ValidationError(source, [problem], hint="use fewer or smaller images (images that share base "
+                                                      "layers share their disks), or merge files volumes")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,9 +345,8 @@ def _check_protocol(c: _Checker, d: dict, path: str) -> str:
     return proto.upper()
 
 
-def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume]) -> Container | None:
-    allowed = {"name", "image", "command", "args", "env", "workingDir", "mounts", "ports", "execProcesses",
-               "signals", "user", "privileged", "capabilities", "stdio", "attestationApi"}
+def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume],
+                     allowed: frozenset[str] = CONTAINER_FIELDS) -> Container | None:
     d = c.obj(raw, path, allowed, {"name", "image"})
     if d is None:
         return None
@@ -445,7 +497,7 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
     """Validate a parsed group document; raise ValidationError listing every problem."""
     c = _Checker()
     top = c.obj(raw, "", {"$schema", "name", "containers", "ports", "volumes", "resources", "policy", "tee",
-                          "layerFormat"},
+                          "layerFormat", "initContainers", "restartPolicy", "dnsConfig"},
                 {"name", "containers"})
     if top is None:
         raise ValidationError(source, c.problems, hint="a group file is a JSON object; see docs/group-spec.md")
@@ -465,15 +517,20 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
     raw_containers = c.array(top, "containers", "")
     if raw_containers is not None and not raw_containers:
         c.problem("containers", "a group needs at least one container")
-    names: set[str] = set()
-    for i, rc in enumerate(raw_containers or []):
-        ctr = _check_container(c, rc, f"containers[{i}]", volumes)
-        if ctr is None:
-            continue
-        if ctr.name in names:
-            c.problem(f"containers[{i}].name", f"duplicate container name {ctr.name!r}")
-        names.add(ctr.name)
-        containers.append(ctr)
+    # Init containers first: they run first, and a duplicate name is reported where it comes second.
+    init_containers: list[Container] = []
+    names_seen: set[str] = set()
+    for key, raw_list, out, allowed in (("initContainers", c.array(top, "initContainers", "") or [], init_containers,
+                                         INIT_CONTAINER_FIELDS),
+                                        ("containers", raw_containers or [], containers, CONTAINER_FIELDS)):
+        for i, rc in enumerate(raw_list):
+            ctr = _check_container(c, rc, f"{key}[{i}]", volumes, allowed)
+            if ctr is None:
+                continue
+            if ctr.name in names_seen:
+                c.problem(f"{key}[{i}].name", f"duplicate container name {ctr.name!r}")
+            names_seen.add(ctr.name)
+            out.append(ctr)
 
     ports: list[GroupPort] = []
     host_ports: set[tuple[str, int, str]] = set()
@@ -501,10 +558,11 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
 
     resources = Resources()
     if "resources" in top:
-        rd = c.obj(top["resources"], "resources", {"vcpus", "memoryMiB"})
+        rd = c.obj(top["resources"], "resources", {"vcpus", "memoryMiB", "scratchGiB"})
         if rd is not None:
             resources = Resources(vcpus=c.integer(rd, "vcpus", "resources", 1, 64, 1),
-                                  memory_mib=c.integer(rd, "memoryMiB", "resources", 128, 65536, 512))
+                                  memory_mib=c.integer(rd, "memoryMiB", "resources", 128, 65536, 512),
+                                  scratch_gib=c.integer(rd, "scratchGiB", "resources", 1, 4096, DEFAULT_SCRATCH_GIB))
 
     policy = PolicyOptions()
     if "policy" in top:
@@ -519,32 +577,63 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
                 allow_unencrypted_scratch=c.boolean(pd, "allowUnencryptedScratch", "policy", True),
             )
 
-    tee = TeeMode.auto
-    tee_raw = c.string(top, "tee", "", default=None)
-    if tee_raw is not None:
-        try:
-            tee = TeeMode(tee_raw)
-        except ValueError:
-            c.problem("tee", f"must be one of auto, sev-snp, emulated; got {tee_raw!r}")
-    layer_format = LayerFormat.default
-    format_raw = c.string(top, "layerFormat", "", default=None)
-    if format_raw is not None:
-        try:
-            layer_format = LayerFormat(format_raw)
-        except ValueError:
-            c.problem("layerFormat", f"must be one of default, aci; got {format_raw!r}")
+    tee = _enum_field(c, top, "tee", TeeMode.auto)
+    layer_format = _enum_field(c, top, "layerFormat", LayerFormat.default)
+    restart_policy = _enum_field(c, top, "restartPolicy", RestartPolicy.always)
+    dns_config = _check_dns_config(c, top["dnsConfig"]) if "dnsConfig" in top else None
 
     if c.problems:
         raise ValidationError(source, c.problems, hint="see docs/group-spec.md for the format")
     return GroupSpec(name=name, containers=tuple(containers), ports=tuple(ports), volumes=tuple(volumes.values()),
-                     resources=resources, policy=policy, tee=tee, layer_format=layer_format, base_dir=base_dir)
+                     resources=resources, policy=policy, tee=tee, layer_format=layer_format,
+                     restart_policy=restart_policy, init_containers=tuple(init_containers), dns_config=dns_config,
+                     base_dir=base_dir)
 
 
-def load_group(path: Path) -> GroupSpec:
-    """Read and validate a group file, or an ACI ARM template (docs/aci.md). Never touches the network."""
+def _enum_field(c: _Checker, top: dict, key: str, default: Any) -> Any:
+    """A top-level string field that takes one of the values of `default`'s StrEnum."""
+    raw = c.string(top, key, "", default=None)
+    if raw is None:
+        return default
+    kind = type(default)
+    try:
+        return kind(raw)
+    except ValueError:
+        c.problem(key, f"must be one of {', '.join(e.value for e in kind)}; got {raw!r}")
+        return default
+
+
+def _check_dns_config(c: _Checker, raw: Any) -> DnsConfig | None:
+    """ACI's shape: nameServers (a list), searchDomains and options (space-separated strings)."""
+    d = c.obj(raw, "dnsConfig", {"nameServers", "searchDomains", "options"}, {"nameServers"})
+    if d is None:
+        return None
+    before = len(c.problems)
+    servers = c.string_list(d, "nameServers", "dnsConfig", nonempty_list=True) or ()
+    search = tuple((c.string(d, "searchDomains", "dnsConfig", default="", nonempty=False) or "").split())
+    options = tuple((c.string(d, "options", "dnsConfig", default="", nonempty=False) or "").split())
+    for key, problem in (("nameServers", nameservers_problem(servers) if servers else None),
+                         ("searchDomains", search_domains_problem(search)),
+                         ("options", resolver_options_problem(options))):
+        if problem:
+            c.problem(f"dnsConfig.{key}", problem)
+    if len(c.problems) != before:
+        return None
+    return DnsConfig(servers, search, options)
+
+
+def load_group(path: Path, *, template_group: str | None = None,
+               volume_paths: dict[str, Path] | None = None) -> GroupSpec:
+    """Read and validate a group file, or an ACI ARM template (docs/aci.md). Never touches the network.
+
+    For a template, `template_group` picks one of several container groups and `volume_paths` gives
+    the local directories of its azureFile/gitRepo volumes; a group file takes neither."""
     path = Path(path)
     raw = load_json_file(path)
     from sandbox.aci.arm import is_arm_template, load_template_group  # sandbox.aci.arm imports this module
     if is_arm_template(raw):
-        return load_template_group(path, raw)
+        return load_template_group(path, raw, group=template_group, volume_paths=volume_paths)
+    if template_group is not None or volume_paths:
+        raise InputError(f"{path}: --group and --volume apply to ARM templates, and this is a group file",
+                         hint="a group file names its volumes itself (docs/group-spec.md)")
     return validate_group(raw, base_dir=path.resolve().parent, source=str(path))

@@ -44,6 +44,8 @@ DM_READONLY_FLAG = 1 << 0
 DM_SUSPEND_FLAG = 1 << 1
 DM_STATUS_TABLE_FLAG = 1 << 4
 DM_BUFFER_FULL_FLAG = 1 << 8
+# The kernel wipes its copy of the ioctl buffer after use: set on table loads that carry a key.
+DM_SECURE_DATA_FLAG = 1 << 15
 
 SECTOR = 512
 
@@ -61,8 +63,8 @@ class DeviceMapperError(OSError):
 class Target:
     start: int          # in 512-byte sectors
     length: int         # in 512-byte sectors
-    type: str           # "verity", "linear", ...
-    params: str
+    type: str           # "verity", "linear", "integrity", "crypt", ...
+    params: str | bytearray   # a bytearray for parameters that hold a key: create(secret=True) wipes it
 
 
 @dataclass(frozen=True)
@@ -84,20 +86,28 @@ def _ensure_control() -> Path:
 
 
 def _pack(name: str, *, flags: int = 0, targets: tuple[Target, ...] = (), buffer: int = 0) -> bytearray:
+    """The ioctl buffer: header, then each target spec followed by its NUL-terminated parameters padded to 8
+    bytes, then `buffer` bytes of room for the kernel's answer. Written in place into one allocation, so a
+    key in the parameters is copied once, into the buffer the caller wipes."""
     if not name or len(name.encode()) >= DM_NAME_LEN or "/" in name:
         raise ValueError(f"invalid device-mapper name {name!r}")
-    payload = bytearray()
-    for t in targets:
-        params = t.params.encode() + b"\0"
-        params += b"\0" * (-(DM_TARGET_SPEC_SIZE + len(params)) % 8)
-        next_off = DM_TARGET_SPEC_SIZE + len(params)
-        payload += struct.pack(DM_TARGET_SPEC_FMT, t.start, t.length, 0, next_off, t.type.encode())
-        payload += params
-    payload += b"\0" * buffer
-    size = DM_IOCTL_SIZE + len(payload)
-    header = struct.pack(DM_IOCTL_FMT, *DM_VERSION, size, DM_IOCTL_SIZE, len(targets), 0, flags, 0, 0, 0,
-                         name.encode(), b"", b"")
-    return bytearray(header + payload)
+    params = [t.params.encode() if isinstance(t.params, str) else t.params for t in targets]
+    spans = [DM_TARGET_SPEC_SIZE + len(p) + 1 + (-(DM_TARGET_SPEC_SIZE + len(p) + 1) % 8) for p in params]
+    size = DM_IOCTL_SIZE + sum(spans) + buffer
+    buf = bytearray(size)
+    struct.pack_into(DM_IOCTL_FMT, buf, 0, *DM_VERSION, size, DM_IOCTL_SIZE, len(targets), 0, flags, 0, 0, 0,
+                     name.encode(), b"", b"")
+    pos = DM_IOCTL_SIZE
+    for t, p, span in zip(targets, params, spans, strict=True):
+        struct.pack_into(DM_TARGET_SPEC_FMT, buf, pos, t.start, t.length, 0, span, t.type.encode())
+        buf[pos + DM_TARGET_SPEC_SIZE:pos + DM_TARGET_SPEC_SIZE + len(p)] = p
+        pos += span
+    return buf
+
+
+def wipe(buf: bytearray) -> None:
+    """Overwrite a buffer that held key material (best effort: it is the only copy this module makes)."""
+    buf[:] = bytes(len(buf))
 
 
 def _call(cmd: int, buf: bytearray, what: str) -> bytearray:
@@ -115,13 +125,26 @@ def _header(buf: bytes) -> tuple:
     return struct.unpack_from(DM_IOCTL_FMT, buf, 0)
 
 
-def create(name: str, targets: tuple[Target, ...], *, readonly: bool = True) -> DmDevice:
-    """DM_DEV_CREATE + DM_TABLE_LOAD + resume; the device is removed again if any step fails."""
+def create(name: str, targets: tuple[Target, ...], *, readonly: bool = True, secret: bool = False) -> DmDevice:
+    """DM_DEV_CREATE + DM_TABLE_LOAD + resume; the device is removed again if any step fails.
+
+    secret=True: the table holds a key (dm-crypt). The load asks the kernel to wipe its copy of the ioctl
+    buffer, and this module wipes its own and the targets' bytearray parameters, whatever happens."""
     out = _call(DM_DEV_CREATE_CMD, _pack(name), f"create {name}")
     dev = _header(out)[10]
     try:
-        _call(DM_TABLE_LOAD_CMD, _pack(name, flags=DM_READONLY_FLAG if readonly else 0, targets=targets),
-              f"load table of {name}")
+        flags = (DM_READONLY_FLAG if readonly else 0) | (DM_SECURE_DATA_FLAG if secret else 0)
+        # Python's fcntl.ioctl copies buffers of up to 1024 bytes through its own stack; a larger one is
+        # passed as is, so a key leaves no copy behind that nobody wipes.
+        table = _pack(name, flags=flags, targets=targets, buffer=1024 if secret else 0)
+        try:
+            _call(DM_TABLE_LOAD_CMD, table, f"load table of {name}")
+        finally:
+            if secret:
+                wipe(table)
+                for t in targets:
+                    if isinstance(t.params, bytearray):
+                        wipe(t.params)
         _call(DM_DEV_SUSPEND_CMD, _pack(name), f"resume {name}")  # SUSPEND without the flag = resume
     except OSError:
         try:
@@ -158,7 +181,8 @@ def remove(name: str) -> None:
 
 
 def status(name: str, *, table: bool = False) -> list[Target]:
-    """DM_TABLE_STATUS: the live targets with their status (or, with table=True, their table lines)."""
+    """DM_TABLE_STATUS: the live targets with their status (or, with table=True, their table lines, which for
+    dm-crypt include the key: never ask for the table of a crypt device other than to check it here)."""
     size = 16384
     while True:
         buf = _call(DM_TABLE_STATUS_CMD, _pack(name, flags=DM_STATUS_TABLE_FLAG if table else 0, buffer=size),

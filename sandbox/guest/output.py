@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 DEFAULT_CAPACITY = 4 << 20
@@ -47,10 +48,25 @@ class OutputLog:
                 self._size -= len(self._chunks.pop(0).data)
             self._cond.notify_all()
 
-    def pump(self, stream: str, fd: int) -> None:
-        """Copy a pipe into the log on a daemon thread until EOF; the fd is closed afterwards."""
+    def open_stream(self) -> Callable[[], None]:
+        """Count one more writer that has not reached EOF; call the returned function once when it has
+        (`eof` waits for every writer). pump() does this itself."""
         with self._cond:
             self._open_streams += 1
+        closed = threading.Event()
+
+        def close() -> None:
+            if closed.is_set():
+                return
+            closed.set()
+            with self._cond:
+                self._open_streams -= 1
+                self._cond.notify_all()
+        return close
+
+    def pump(self, stream: str, fd: int) -> None:
+        """Copy a pipe into the log on a daemon thread until EOF; the fd is closed afterwards."""
+        stream_closed = self.open_stream()
 
         def loop() -> None:
             try:
@@ -66,9 +82,7 @@ class OutputLog:
                     self.append(stream, data)
             finally:
                 os.close(fd)
-                with self._cond:
-                    self._open_streams -= 1
-                    self._cond.notify_all()
+                stream_closed()
 
         threading.Thread(target=loop, name=f"pump-{stream}", daemon=True).start()
 

@@ -17,12 +17,13 @@ from pathlib import Path
 from sandbox.fsutil import atomic_output
 from sandbox.layers.decompress import Compression, open_layer
 from sandbox.layers.tar2ext4 import DEFAULT_OPTIONS, Ext4Options, convert_tar_stream
+from sandbox.layers.version import CONVERTER_VERSION
 from sandbox.progress import step
 from sandbox.shared.errors import InputError
 from sandbox.shared.verity import ZERO_SALT, VerityInfo, format_verity
 
-# Bump whenever the bytes written for a given tar change: it keys the conversion cache.
-CONVERTER_VERSION = "ext4-1"
+__all__ = ["CONVERTER_VERSION", "ConvertResult", "DiffIdMismatch", "Ext4Result", "convert_layer", "convert_tar_to_ext4"]
+
 
 
 class DiffIdMismatch(InputError):

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 from sandbox.hostcheck import Accel, Tee
 from sandbox.shared.protocol import PORT_PREFIX
+from sandbox.vmm.snp import SnpLaunch
 
-__all__ = ["Accel", "Backend", "Disk", "FwCfgFile", "PortForward", "SnpLaunch", "Tee", "VmConfig"]
+__all__ = ["Accel", "Backend", "Disk", "DiskBus", "FwCfgFile", "PortForward", "SnpLaunch", "Tee", "VmConfig"]
 
 ROOT_DISK_SERIAL = "parma-root"
-SNP_POLICY_DEFAULT = 0x30000   # SMT allowed (bit 16), reserved bit 17 set, no debug, no migration agent
-CPU_SNP = "EPYC-v4"
+# virtio-scsi: disks sit on target 0 of a controller as LUNs 0..255 (the guest kernel finds them with one
+# REPORT LUNS); a further controller is added per 256 disks. hcsshim attaches layers the same way
+# (SCSI controller/LUN), with 4 controllers of 64 LUNs.
+SCSI_LUNS_PER_CONTROLLER = 256
 
 
 class Backend(StrEnum):
@@ -22,11 +24,18 @@ class Backend(StrEnum):
     libvirt = "libvirt"
 
 
+class DiskBus(StrEnum):
+    virtio_blk = "virtio-blk"    # one PCI device per disk: the root disk (/dev/vda on the measured cmdline)
+    scsi = "scsi"                # LUNs on virtio-scsi controllers: layers and volumes, hundreds of them
+
+
 @dataclass(frozen=True)
 class Disk:
     path: Path
-    serial: str              # how the guest finds it: /sys/block/vdX/serial
+    serial: str              # how the guest finds it: /sys/block/vdX/serial, or SCSI VPD page 0x80
     readonly: bool = True
+    bus: DiskBus = DiskBus.virtio_blk
+    wwn: int | None = None   # SCSI only: a 64-bit NAA world wide name (VPD page 0x83), a second identity
 
 
 @dataclass(frozen=True)
@@ -41,19 +50,6 @@ class PortForward:
 class FwCfgFile:
     name: str                # e.g. opt/parma/host_data (QEMU requires the opt/ prefix for user entries)
     path: Path
-
-
-@dataclass(frozen=True)
-class SnpLaunch:
-    host_data: bytes                 # 32 bytes: SHA-256 of the policy
-    firmware: Path                   # the AmdSev OVMF (kernel hashes support)
-    cbitpos: int = 51
-    reduced_phys_bits: int = 1
-    policy: int = SNP_POLICY_DEFAULT
-    kernel_hashes: bool = True
-
-    def host_data_b64(self) -> str:
-        return base64.b64encode(self.host_data).decode()
 
 
 @dataclass(frozen=True)
@@ -82,11 +78,23 @@ class VmConfig:
             raise ValueError("an sev-snp VM needs SnpLaunch parameters, and only it")
         if self.tee == Tee.sev_snp and self.accel != Accel.kvm:
             raise ValueError("SEV-SNP needs KVM")
-        if self.snp is not None and len(self.snp.host_data) != 32:
-            raise ValueError("SEV-SNP host_data is 32 bytes")
         serials = [d.serial for d in self.disks]
         if len(set(serials)) != len(serials):
             raise ValueError("disk serials must be unique")
+        if self.disks and self.disks[0].bus != DiskBus.virtio_blk:
+            raise ValueError("disks[0] is the root disk (/dev/vda on the measured command line): it must be virtio-blk")
+        if any(d.wwn is not None and (d.bus != DiskBus.scsi or not 0 < d.wwn < 1 << 64) for d in self.disks):
+            raise ValueError("a WWN is a non-zero 64-bit number, and only SCSI disks have one")
+
+    @property
+    def blk_disks(self) -> tuple[Disk, ...]:
+        """The virtio-blk disks, in order (the first is the root disk, /dev/vda)."""
+        return tuple(d for d in self.disks if d.bus == DiskBus.virtio_blk)
+
+    @property
+    def scsi_disks(self) -> tuple[Disk, ...]:
+        """The SCSI disks, in order: disk i is LUN i % 256 of controller i // 256."""
+        return tuple(d for d in self.disks if d.bus == DiskBus.scsi)
 
     def port_name(self, index: int) -> str:
         return f"{PORT_PREFIX}{index}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from sandbox.vmm.config import Accel, Tee, VmConfig
+from sandbox.vmm.config import SCSI_LUNS_PER_CONTROLLER, Accel, Disk, DiskBus, VmConfig
 
 QEMU_BINARY = "qemu-system-x86_64"
 NET_SLOT = "0x1e"
@@ -33,8 +33,10 @@ def machine_args(cfg: VmConfig) -> list[str]:
     if cfg.snp is not None:
         machine += [("confidential-guest-support", "sev0"), ("memory-backend", "ram0")]
     args = ["-machine", _opts(*machine)]
-    if cfg.accel == Accel.kvm:
-        args += ["-cpu", "EPYC-v4" if cfg.tee == Tee.sev_snp else "host"]
+    if cfg.snp is not None:
+        args += ["-cpu", cfg.snp.cpu_model]      # measured: its CPUID(1).EAX is in every VMSA
+    elif cfg.accel == Accel.kvm:
+        args += ["-cpu", "host"]
     args += ["-smp", str(cfg.vcpus), "-m", f"{cfg.memory_mib}M"]
     return args
 
@@ -43,13 +45,17 @@ def snp_args(cfg: VmConfig) -> list[str]:
     snp = cfg.snp
     if snp is None:
         return []
+    guest: list[tuple[str, object] | str] = [
+        "sev-snp-guest", ("id", "sev0"), ("cbitpos", snp.cbitpos), ("reduced-phys-bits", snp.reduced_phys_bits),
+        ("policy", f"{snp.policy:#x}"), ("kernel-hashes", "on" if snp.kernel_hashes else "off"),
+        ("host-data", snp.host_data_b64())]
+    if snp.id_block is not None and snp.id_auth is not None:
+        guest += [("id-block", snp.b64(snp.id_block)), ("id-auth", snp.b64(snp.id_auth)),
+                  ("author-key-enabled", "on" if snp.author_key_enabled else "off")]
     return [
         "-object", _opts("memory-backend-memfd", ("id", "ram0"), ("size", f"{cfg.memory_mib}M"),
                          ("share", "true"), ("prealloc", "false")),
-        "-object", _opts("sev-snp-guest", ("id", "sev0"), ("cbitpos", snp.cbitpos),
-                         ("reduced-phys-bits", snp.reduced_phys_bits), ("policy", f"{snp.policy:#x}"),
-                         ("kernel-hashes", "on" if snp.kernel_hashes else "off"),
-                         ("host-data", snp.host_data_b64())),
+        "-object", _opts(*guest),
         "-bios", os.fspath(snp.firmware),
     ]
 
@@ -91,15 +97,48 @@ def agent_args(cfg: VmConfig) -> list[str]:
     return args
 
 
+def _drive(index: int, disk: Disk) -> list[str]:
+    drive: list[tuple[str, object] | str] = [("if", "none"), ("id", f"disk{index}"), ("file", os.fspath(disk.path)),
+                                              ("format", "raw")]
+    if disk.readonly:
+        drive.append(("readonly", "on"))
+    else:
+        # A write the host cannot store (its disk is full) becomes an I/O error in the guest, not a VM that
+        # QEMU pauses (werror=enospc, the default) and nobody resumes.
+        drive.append(("werror", "report"))
+    return ["-drive", _opts(*drive)]
+
+
 def disk_args(cfg: VmConfig) -> list[str]:
     args = []
     for i, disk in enumerate(cfg.disks):
-        drive: list[tuple[str, object] | str] = [("if", "none"), ("id", f"disk{i}"), ("file", os.fspath(disk.path)),
-                                                  ("format", "raw")]
-        if disk.readonly:
-            drive.append(("readonly", "on"))
-        args += ["-drive", _opts(*drive),
-                 "-device", _opts("virtio-blk-pci", ("drive", f"disk{i}"), ("serial", disk.serial))]
+        if disk.bus == DiskBus.virtio_blk:
+            args += [*_drive(i, disk),
+                     "-device", _opts("virtio-blk-pci", ("drive", f"disk{i}"), ("serial", disk.serial))]
+    return args + scsi_disk_args(cfg)
+
+
+def scsi_address(scsi_index: int) -> tuple[int, int]:
+    """(controller, LUN) of the scsi_index-th SCSI disk; every disk is on target 0 of its controller."""
+    return divmod(scsi_index, SCSI_LUNS_PER_CONTROLLER)
+
+
+def scsi_disk_args(cfg: VmConfig) -> list[str]:
+    """virtio-scsi controllers and one scsi-hd per SCSI disk (layers and volumes), found in the guest by
+    serial (VPD page 0x80) or WWN (VPD page 0x83). Nothing here is on the measured path: the root disk
+    stays the first virtio-blk device, and the command line does not name these disks."""
+    args: list[str] = []
+    scsi = [(i, d) for i, d in enumerate(cfg.disks) if d.bus == DiskBus.scsi]
+    for n, (i, disk) in enumerate(scsi):
+        controller, lun = scsi_address(n)
+        if lun == 0:
+            args += ["-device", _opts("virtio-scsi-pci", ("id", f"scsi{controller}"))]
+        device: list[tuple[str, object] | str] = [
+            "scsi-hd", ("bus", f"scsi{controller}.0"), ("channel", 0), ("scsi-id", 0), ("lun", lun),
+            ("drive", f"disk{i}"), ("serial", disk.serial)]
+        if disk.wwn is not None:
+            device.append(("wwn", f"{disk.wwn:#018x}"))
+        args += [*_drive(i, disk), "-device", _opts(*device)]
     return args
 
 

@@ -158,7 +158,7 @@ def test_schema_and_validator_agree_on_fields() -> None:
     schema = json.loads(SCHEMA.read_text())
     defs = schema["$defs"]
     assert _schema_props(schema, defs) == {"$schema", "name", "containers", "ports", "volumes", "resources", "policy",
-                                           "tee", "layerFormat"}
+                                           "tee", "layerFormat", "initContainers", "restartPolicy", "dnsConfig"}
     container_fields = _schema_props(defs["container"], defs)
     full = {"name": "a", "image": "x", **{k: None for k in container_fields if k not in ("name", "image")}}
     with pytest.raises(ValidationError) as exc:

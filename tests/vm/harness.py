@@ -8,6 +8,7 @@ policy decides what the agent may do with them.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import shutil
@@ -21,13 +22,14 @@ from sandbox.attest.psp import write_launch_material
 from sandbox.group import GroupSpec
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
+from sandbox.launch.plan import LaunchPlan
 from sandbox.layers.convert import convert_layer
 from sandbox.policy.gen import generate_policy
-from sandbox.shared.protocol import PORT_COUNT
+from sandbox.shared.protocol import PORT_COUNT, Op
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME
 from sandbox.uvm.build import ensure_uvm
 from sandbox.vmm import backend as vmm
-from sandbox.vmm.config import Accel, Backend, Disk, FwCfgFile, PortForward, Tee, VmConfig
+from sandbox.vmm.config import Accel, Backend, Disk, DiskBus, FwCfgFile, PortForward, Tee, VmConfig
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "cat", "echo", "httpd", "wget", "sleep", "head", "ls", "id", "env", "true", "false", "wc")
@@ -138,9 +140,10 @@ class Guest:
 
 def boot(state: Path, *, spec: GroupSpec, images: dict[str, ResolvedImage], disks: list[tuple[Path, str]],
          forwards: tuple[PortForward, ...] = (), backend: Backend = Backend.qemu,
-         boot_timeout: float = 240) -> Guest:
-    """Launch the project's UVM (emulated, TCG) with the given extra disks and the generated policy's
-    HOST_DATA; return once the agent answers."""
+         boot_timeout: float = 240, disk_bus: DiskBus = DiskBus.virtio_blk, memory_mib: int = 512,
+         writable: tuple[str, ...] = ()) -> Guest:
+    """Launch the project's UVM (emulated, TCG) with the given extra disks (on `disk_bus`; the serials in
+    `writable` read-write on virtio-blk) and the generated policy's HOST_DATA; return once the agent answers."""
     uvm = ensure_uvm()
     state.mkdir(parents=True, exist_ok=True)
     policy = generate_policy(spec, images)
@@ -148,9 +151,10 @@ def boot(state: Path, *, spec: GroupSpec, images: dict[str, ResolvedImage], disk
     psp = state / "psp.bin"
     write_launch_material(psp, policy_bytes=policy, measurement=bytes.fromhex(measurement))
     cfg = VmConfig(
-        name="t", tee=Tee.emulated, accel=Accel.tcg, vcpus=1, memory_mib=512, kernel=Path(uvm.kernel),
+        name="t", tee=Tee.emulated, accel=Accel.tcg, vcpus=1, memory_mib=memory_mib, kernel=Path(uvm.kernel),
         cmdline=str(uvm.cmdline), disks=(Disk(Path(uvm.rootfs), "parma-root"),)
-        + tuple(Disk(p, serial) for p, serial in disks),
+        + tuple(Disk(p, serial, readonly=False) if serial in writable else Disk(p, serial, bus=disk_bus)
+                for p, serial in disks),
         agent_sockets=tuple(state / f"agent-{i}.sock" for i in range(PORT_COUNT)),
         console_log=state / "console.log", qmp_socket=state / "qmp.sock", forwards=forwards,
         fw_cfg=(FwCfgFile(FW_CFG_NAME, psp),), pidfile=state / "qemu.pid")
@@ -162,3 +166,18 @@ def boot(state: Path, *, spec: GroupSpec, images: dict[str, ResolvedImage], disk
     except BaseException:
         vm.stop(3)
         raise
+
+
+def start_plan(client: AgentClient, guest: Guest, plan: LaunchPlan) -> None:
+    """What `up` asks of the agent for a launch plan: the policy, every layer device, and each container's
+    scratch, overlay, create and start."""
+    client.call(Op.set_policy, {"policy": base64.b64encode(guest.policy).decode()})
+    for m in plan.layers:
+        r = client.call(Op.mount_device, {"device": m.serial, "target": m.target})
+        assert r["root_hash"] == m.root_hash
+    for ctr in plan.containers:
+        client.call(Op.mount_scratch, {"container_id": ctr.name})
+        client.call(Op.mount_overlay, {"container_id": ctr.name, "layer_paths": list(ctr.layer_targets),
+                                       "target": f"/run/parma/containers/{ctr.name}/rootfs"})
+        client.call(Op.create_container, ctr.create, timeout=120)
+        client.call(Op.start_container, {"container_id": ctr.name}, timeout=120)
