@@ -23,7 +23,7 @@ from sandbox.shared.errors import InvalidDocument
 from sandbox.shared.jsoncheck import Checker, join
 from sandbox.shared.jsonstrict import decode_utf8, loads_strict
 from sandbox.shared.policy import defaults
-from sandbox.shared.policy.regex import RegexError, translate
+from sandbox.shared.policy.regex import RegexError, check
 
 
 class Strategy(StrEnum):
@@ -297,7 +297,7 @@ class _Checker(Checker):
 
     def regex(self, pattern: str, path: str) -> None:
         try:
-            translate(pattern)
+            check(pattern)
         except RegexError as e:
             self.problem(path, f"regex {pattern!r} {e}")
 
