@@ -23,6 +23,7 @@ BASE_PACKAGES=(
     nasm acpica-tools uuid-dev g++ patch  # edk2 build: the AmdSev OVMF for SEV-SNP
     busybox-static             # trivial-init baseline in the boot benchmark
     python3-venv python3-dev    # the project venv (Debian python needs these)
+    python3-cryptography       # tools tests: the agent's crypto against the UVM's exact library version
     curl zstd ca-certificates
 )
 # QEMU must come from bookworm-backports: SNP needs >= 9.1, and 7.2 crashes 6.12 guests under TCG.

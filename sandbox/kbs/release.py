@@ -16,6 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sandbox.attest.emulated_ca import EmulatedCa
 from sandbox.attest.evidence import certificates_from_table, complete_from_kds, product_hint
@@ -23,7 +24,7 @@ from sandbox.attest.kds import KdsClient
 from sandbox.attest.verify import Check, Expectations, Status, verify_report
 from sandbox.kbs.store import ReleasePolicy
 from sandbox.shared.errors import InputError
-from sandbox.shared.kbs_protocol import IV_SIZE, Sealed, derive_key, header, key_pin, signed_bytes
+from sandbox.shared.kbs_protocol import IV_SIZE, KEY_SIZE, Sealed, header, key_info, key_pin, signed_bytes
 from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.evidence import ReportEvidence
 from sandbox.shared.snp.report import parse_report
@@ -99,7 +100,8 @@ def seal(value: bytes, *, secret: str, nonce: bytes, runtime_public_key: bytes,
     broker_der = _spki(broker_key.public_key())
     aad = header(secret=secret, nonce=nonce, runtime_public_key=runtime_public_key,
                  ephemeral_public_key=ephemeral_der, broker_public_key=broker_der)
-    key = derive_key(ephemeral.exchange(ec.ECDH(), runtime), nonce, aad)
+    key = HKDF(algorithm=hashes.SHA384(), length=KEY_SIZE, salt=nonce, info=key_info(aad)).derive(
+        ephemeral.exchange(ec.ECDH(), runtime))
     iv = os.urandom(IV_SIZE)
     ciphertext = AESGCM(key).encrypt(iv, value, aad)
     signature = broker_key.sign(signed_bytes(aad, iv, ciphertext), ec.ECDSA(hashes.SHA384()))
