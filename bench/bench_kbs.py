@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: E402
-from kbsenv import LOOPBACK_BROKER, POLICY_HASH, emulated_guest, running_broker  # noqa: E402
+from kbsenv import LOOPBACK_BROKER, MEASUREMENT, POLICY_HASH, emulated_guest, running_broker  # noqa: E402
 
 from sandbox.guest import keyapi, snp_report  # noqa: E402
 from sandbox.guest.keyapi import open_sealed  # noqa: E402
@@ -96,7 +96,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         store = KbsStore.open(Path(tmp) / "kbs")
-        store.put(new_secret("s", os.urandom(1024), ReleasePolicy((POLICY_HASH,), allow_emulated=True)))
+        store.put(new_secret("s", os.urandom(1024), ReleasePolicy((POLICY_HASH,), (MEASUREMENT.hex(),),
+                                                                             allow_emulated=True)))
         guest = emulated_guest(Path(tmp) / "guest")
         pin = frozenset({store.broker_pin()})
         with running_broker(store) as server:

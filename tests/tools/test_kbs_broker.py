@@ -39,8 +39,8 @@ SECRET = b"correct horse battery staple"
 @pytest.fixture
 def store(tmp_path: Path) -> KbsStore:
     store = KbsStore.open(tmp_path / "kbs")
-    store.put(new_secret("emu-ok", SECRET, ReleasePolicy((POLICY_HASH,), allow_emulated=True)))
-    store.put(new_secret("hw-only", SECRET, ReleasePolicy((POLICY_HASH,))))
+    store.put(new_secret("emu-ok", SECRET, ReleasePolicy((POLICY_HASH,), (MEASUREMENT.hex(),), allow_emulated=True)))
+    store.put(new_secret("hw-only", SECRET, ReleasePolicy((POLICY_HASH,), (MEASUREMENT.hex(),), min_tcb="0")))
     return store
 
 
@@ -162,8 +162,8 @@ def test_debug_guests_measurement_and_tcb_are_checked(store: KbsStore, tmp_path:
                                                       runtime: RuntimeKey) -> None:
     debug = emulated_guest(tmp_path / "debug", guest_policy=GuestPolicy.build(smt=True, debug=True).raw)
     store.put(new_secret("pinned", SECRET, ReleasePolicy((POLICY_HASH,), ("00" * 48,), allow_emulated=True)))
-    store.put(new_secret("new-tcb", SECRET, ReleasePolicy((POLICY_HASH,), (), "bl=9,tee=0,snp=24,ucode=72",
-                                                          allow_emulated=True)))
+    store.put(new_secret("new-tcb", SECRET, ReleasePolicy((POLICY_HASH,), (MEASUREMENT.hex(),),
+                                                          "bl=9,tee=0,snp=24,ucode=72", allow_emulated=True)))
     with running_broker(store) as server:
         status, doc = _release(server.url, "emu-ok", _evidence(_challenge(server.url), debug, runtime))
         _refused(store, status, doc, reason="report.debug", check="report.debug")
@@ -253,3 +253,26 @@ def test_a_damaged_secret_file_is_a_refusal_on_the_record(store: KbsStore, guest
         assert status == 500 and doc["error"] == "internal" and "emu-ok.json" in doc["message"]
         assert http_call(server.url, "GET", IDENTITY_PATH)[0] == 200
     assert _last_audit(store)["status"] == 500
+
+
+def test_same_host_data_on_another_uvm_is_refused(store: KbsStore, tmp_path: Path, runtime: RuntimeKey) -> None:
+    """The host boots its own kernel and rootfs with the policy's HOST_DATA: the measurement differs, so the
+    secret stays with the broker. A secret stored by an older version with HOST_DATA alone releases nothing
+    (and says how to re-store it); --any-uvm is the owner's explicit choice."""
+    own_uvm = emulated_guest(tmp_path / "own-uvm", measurement=bytes(range(48)))
+    legacy = json.loads(new_secret("legacy", SECRET, ReleasePolicy((POLICY_HASH,), (MEASUREMENT.hex(),),
+                                                                   allow_emulated=True)).to_bytes())
+    legacy["format"] = "parma-sandbox/kbs-secret/v1"
+    legacy["release_policy"] = {"host_data": [POLICY_HASH], "measurement": [], "min_tcb": None,
+                                "allow_emulated": True, "allow_debug": False}
+    (store.secrets_dir / "legacy.json").write_text(json.dumps(legacy))
+    store.put(new_secret("anywhere", SECRET, ReleasePolicy((POLICY_HASH,), allow_emulated=True, any_uvm=True)))
+    with running_broker(store) as server:
+        status, doc = _release(server.url, "emu-ok", _evidence(_challenge(server.url), own_uvm, runtime))
+        _refused(store, status, doc, reason=f"MEASUREMENT {bytes(range(48)).hex()} is not an allowed launch "
+                                            "measurement", check="release.measurement")
+        status, doc = _release(server.url, "legacy", _evidence(_challenge(server.url), own_uvm, runtime))
+        _refused(store, status, doc, reason="bound to HOST_DATA alone", check="release.measurement")
+        assert "secret put NAME --replace" in doc["message"]
+        status, doc = _release(server.url, "anywhere", _evidence(_challenge(server.url), own_uvm, runtime))
+        assert status == 200 and _last_audit(store)["event"] == "release"

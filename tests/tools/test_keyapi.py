@@ -15,7 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kbsenv import LOOPBACK_BROKER, POLICY, POLICY_HASH, api_call, emulated_guest, running_broker, shared_ca
+from kbsenv import (
+    LOOPBACK_BROKER,
+    MEASUREMENT,
+    POLICY,
+    POLICY_HASH,
+    api_call,
+    emulated_guest,
+    running_broker,
+    shared_ca,
+)
 
 from sandbox.attest.evidence import certificates_from_table
 from sandbox.attest.verify import Expectations, verify_report
@@ -29,7 +38,7 @@ SECRET = bytes(range(256)) * 3
 @pytest.fixture
 def store(tmp_path: Path) -> KbsStore:
     store = KbsStore.open(tmp_path / "kbs")
-    store.put(new_secret("app-key", SECRET, ReleasePolicy((POLICY_HASH,), allow_emulated=True)))
+    store.put(new_secret("app-key", SECRET, ReleasePolicy((POLICY_HASH,), (MEASUREMENT.hex(),), allow_emulated=True)))
     return store
 
 
