@@ -228,6 +228,7 @@ def test_stacked_repeats_are_bounded() -> None:
 
 def test_program_size_is_bounded() -> None:
     check("[a-z]{1000}")
+    check("[^=]{0,1000}=.{0,1000}")
     with pytest.raises(RegexError, match="too large"):
         check("(abcdefghijklmnopqrstuvwxyz){1000}")
 
