@@ -190,7 +190,7 @@ def test_malformed_requests_get_clear_errors(store: KbsStore, guest: snp_report.
                                                                                 base64.b64encode(b"junk").decode()}}},
              400, "runtime_public_key is not a P-384 SubjectPublicKeyInfo"),
             (("POST", RELEASE_PATH), {"raw_body": b"[" * 100000}, 413, "exceeds"),
-            (("POST", RELEASE_PATH), {"raw_body": b"[" * 5000}, 400, "nests too deeply"),
+            (("POST", RELEASE_PATH), {"raw_body": b"[" * 5000}, 400, "nested too deeply"),
             (("GET", RELEASE_PATH), {}, 405, "not allowed"),
             (("GET", "/kbs/v1/secrets"), {}, 404, "no endpoint"),
         ]
