@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import urllib.error
 import urllib.parse
@@ -13,8 +14,9 @@ from collections.abc import Sequence
 from sandbox.shared.errors import InputError, NetworkError
 from sandbox.shared.kbs_protocol import IDENTITY_FORMAT, IDENTITY_PATH, PIN, key_pin
 
-# QEMU user networking: the guest reaches the host's loopback at the gateway address.
+# QEMU user networking: the guest reaches the host's loopback at the gateway address; 10.0.2.15 is the guest.
 QEMU_USER_HOST = "10.0.2.2"
+QEMU_USER_GUEST = "10.0.2.15"
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -32,9 +34,22 @@ def check_url(url: str, *, option: str = "--kbs") -> str:
 
 
 def guest_url(url: str) -> str:
-    """The broker's address from inside the UVM: a loopback host becomes QEMU's user-net gateway."""
+    """The broker's address from inside the UVM: a loopback host becomes QEMU's user-net gateway.
+
+    The agent refuses locations inside the guest (sandbox/guest/broker_address.py); an IP literal it
+    would refuse is an input error here already, before anything boots."""
     parts = urllib.parse.urlsplit(check_url(url))
     if parts.hostname not in LOOPBACK_NAMES:
+        try:
+            address = ipaddress.ip_address(parts.hostname or "")
+        except ValueError:
+            return url.rstrip("/")  # a name: the guest resolves it and checks every address
+        if address.is_loopback or str(address) == QEMU_USER_GUEST or address.is_link_local \
+                or address.is_unspecified or address.is_multicast or address.is_reserved:
+            raise InputError(f"--kbs: {url} is not reachable as a key broker from the guest (the agent refuses "
+                             "loopback, link-local, unspecified, multicast and its own addresses)",
+                             hint=f"a broker on this machine: http://127.0.0.1:PORT (the guest reaches it as "
+                                  f"{QEMU_USER_HOST}); elsewhere: its address on the network")
         return url.rstrip("/")
     netloc = QEMU_USER_HOST + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))

@@ -23,9 +23,9 @@ from test_emulated_attestation import ca  # noqa: F401 - a fixture: this install
 from sandbox.attest.evidence import evidence_document
 from sandbox.attest.id_keys import key_digest, load_private_key
 from sandbox.guest import snp_report
+from sandbox.guest.keys import RuntimeKey
 from sandbox.hostcheck import Tee
 from sandbox.launch import measured, selfcheck
-from sandbox.shared.crypto.p384 import PrivateKey
 from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.messages import GetReportRequest
 from sandbox.shared.snp.report import parse_report
@@ -48,7 +48,7 @@ class GuestAgent:
 
     def __init__(self, paths: snp_report.GuestPaths) -> None:
         self.paths = paths
-        self.key = PrivateKey.generate()
+        self.key = RuntimeKey.generate()
 
     def call(self, request: GetReportRequest, timeout: float = 0) -> dict[str, Any]:
         assert isinstance(request, GetReportRequest)

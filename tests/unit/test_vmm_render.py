@@ -94,6 +94,8 @@ def test_snp_argv_binds_the_policy_hash() -> None:
     assert "memory-backend-memfd" in argv[argv.index("-object") + 1]
     assert argv[argv.index("-bios") + 1].endswith("OVMF.amdsev.fd")
     assert "-fw_cfg" not in argv  # nothing host-supplied beyond the measured launch
+    assert "virtio-rng-pci" not in argv  # nor entropy: the host could feed the guest chosen "random" bytes
+    assert build_domain_xml(config(Tee.sev_snp, Accel.kvm)).count("<rng") == 0
 
 
 def test_emulated_argv_passes_the_emulated_psp_by_fw_cfg_and_forwards_to_loopback() -> None:
@@ -102,6 +104,7 @@ def test_emulated_argv_passes_the_emulated_psp_by_fw_cfg_and_forwards_to_loopbac
     assert "user,id=net0,hostfwd=tcp:127.0.0.1:18080-:8080" in argv
     assert "sev-snp-guest" not in " ".join(argv)
     assert argv[argv.index("-machine") + 1] == "q35,accel=tcg"
+    assert "virtio-rng-pci" in argv  # an emulated guest trusts its host anyway: keep boot entropy quick
 
 
 def test_qemu_option_values_escape_commas() -> None:
