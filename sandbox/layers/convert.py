@@ -7,10 +7,7 @@ pure function of the tar's bytes: every run on every machine gives the same imag
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,43 +47,13 @@ class ConvertResult:
     verity: VerityInfo
 
 
-FLUSH_INTERVAL = 0.1           # seconds between writebacks of the image while it is being built
-
-
-@contextlib.contextmanager
-def _flush_behind(fd: int) -> Iterator[None]:
-    """Write the image to disk while it is being built.
-
-    The image is fsynced before it is renamed into place (nothing half-written is ever visible, even
-    after a crash); starting the writeback early lets the disk work while the converter does, so the
-    final fsync waits for the tail only. Errors are left for that fsync to report.
-    """
-    stop = threading.Event()
-
-    def writeback() -> None:
-        while not stop.wait(FLUSH_INTERVAL):
-            try:
-                os.fdatasync(fd)
-            except OSError:
-                return
-
-    thread = threading.Thread(target=writeback, name="flush-behind", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 def _write_ext4(src: Path, tmp: Path, options: Ext4Options, expected_diff_id: str | None, what: str) -> Ext4Result:
     size = src.stat().st_size if src.exists() else None
     with step(f"Converting {what}", total=size, unit="B") as task, \
             open_layer(src, what=what, on_read=task.advance) as layer:
         fd = os.open(tmp, os.O_RDWR | os.O_TRUNC | os.O_CLOEXEC)
         try:
-            with _flush_behind(fd):
-                stats = convert_tar_stream(layer.chunks, fd, options)
+            stats = convert_tar_stream(layer.chunks, fd, options)
         except InputError as e:
             if not e.message.startswith(what):
                 raise type(e)(f"{what}: {e.message}", hint=e.hint) from e
