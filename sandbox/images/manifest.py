@@ -197,7 +197,6 @@ class Platform:
 
 
 _DEFAULT_VARIANT = {"arm64": "v8"}
-DEFAULT_PLATFORM = "linux/amd64"        # what `image pull` and `up` pick from a multi-platform image
 
 
 def parse_platform(text: str) -> Platform:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from sandbox.images import DEFAULT_PLATFORM
 from sandbox.images.local import DOCKER_LAYER, DockerArchive, OciLayout, is_index
 from sandbox.images.manifest import (
     CONFIG_TYPES,
-    DEFAULT_PLATFORM,
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     Descriptor,
