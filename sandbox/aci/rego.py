@@ -141,7 +141,7 @@ def _first_ref(value: Any) -> Ref | None:
 def _data_and_rules(statements: list[Statement], source: str) -> tuple[dict[str, tuple[int, Any]], set[str]]:
     def fail(stmt: Statement, message: str) -> InputError:
         return InputError(f"{source}:{stmt.line}: {message}",
-                          hint="see docs/aci.md ('Rego import') for the accepted subset")
+                          hint="see docs/aci.md ('ccePolicy import') for the accepted subset")
 
     if not statements or statements[0].kind != "package":
         raise InputError(f"{source}: a policy module starts with 'package policy'",

@@ -118,7 +118,7 @@ class _Parser:
     def fail(self, tok: _Token, message: str) -> RegoSyntaxError:
         return RegoSyntaxError(f"{self.source}:{tok.line}:{tok.col}: {message}",
                                hint="only constant data assignments and framework delegations are accepted "
-                                    "(see docs/aci.md, 'Rego import')")
+                                    "(see docs/aci.md, 'ccePolicy import')")
 
     def expect(self, text: str) -> _Token:
         tok = self.take()

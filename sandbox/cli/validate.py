@@ -1,4 +1,8 @@
-"""`parma-sandbox validate group.json`: check a group spec without touching the network."""
+"""`parma-sandbox validate group.json`: check a group spec without touching the network.
+
+Besides the spec itself, local images (`oci:` layouts and `docker-archive:` tarballs) must exist and hold
+the named tag, so that a typo is found here rather than by `up`. Registry images are not contacted.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from pathlib import Path
 import click
 
 from sandbox.cli.common import emit, format_option
-from sandbox.group import GroupSpec, load_group
+from sandbox.group import GroupSpec, ValidationError, load_group
+from sandbox.images.local import check_local_image
 
 
 def group_summary(spec: GroupSpec) -> dict[str, object]:
@@ -28,6 +33,12 @@ def group_summary(spec: GroupSpec) -> dict[str, object]:
 def validate(group_file: Path, fmt: str | None) -> None:
     """Validate GROUP_FILE (exit 0 when valid, 2 with every problem listed otherwise)."""
     spec = load_group(group_file)
+    problems = [f"containers[{i}].image: {why}" for i, c in enumerate(spec.containers)
+                if (why := check_local_image(c.image, base_dir=spec.base_dir))]
+    if problems:
+        raise ValidationError(str(group_file), problems,
+                              hint="local image paths are relative to the group file; "
+                                   "'parma-sandbox image layers REF' reads one on its own")
     summary = {"valid": True, "file": str(group_file), **group_summary(spec)}
 
     def table(s: dict) -> str:
