@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import tempfile
@@ -23,6 +22,7 @@ from sandbox.fsutil import atomic_write
 from sandbox.paths import cache_dir, runtime_dir
 from sandbox.run import find_tool, run, spawn
 from sandbox.shared.errors import SandboxError
+from sandbox.vmm.snp import host_sev_info
 
 QEMU_SNP_MIN = (9, 1)
 
@@ -40,8 +40,6 @@ def amdsev_ovmf_candidates() -> tuple[Path, ...]:
         Path("/usr/share/edk2/ovmf/OVMF.amdsev.fd"),
     )
 
-
-LIBVIRT_SOCKETS = (Path("/run/libvirt/libvirt-sock"), Path("/var/run/libvirt/libvirt-sock"))
 
 # Tools later steps call, with what they are for.
 TOOLS = {
@@ -255,7 +253,19 @@ def probe_snp_host() -> list[Item]:
     has = "sev_snp" in flags
     items.append(Item("cpu sev_snp flag", Status.ok if has else Status.missing,
                       "present" if has else "the CPU does not advertise sev_snp"))
+    if has:
+        items.append(probe_sev_parameters())
     return items
+
+
+def probe_sev_parameters() -> Item:
+    """The host values QEMU checks an SEV-SNP launch against (CPUID Fn8000_001F; sandbox/vmm/snp.py)."""
+    try:
+        info = host_sev_info()
+    except SandboxError as e:
+        return Item("sev launch parameters", Status.unusable, e.message, e.hint)
+    return Item("sev launch parameters", Status.ok, f"cbitpos {info.cbitpos}, reduced-phys-bits "
+                                                    f"{info.reduced_phys_bits} (from {info.source.value})")
 
 
 def probe_firmware() -> tuple[Item, Item, Path | None, Path | None]:
@@ -267,23 +277,6 @@ def probe_firmware() -> tuple[Item, Item, Path | None, Path | None]:
                   str(amdsev) if amdsev else "not built",
                   None if amdsev else "run 'make firmware-snp' (needed only for SEV-SNP launches)")
     return g_item, a_item, generic, amdsev
-
-
-def probe_libvirt() -> Item:
-    for sock_path in LIBVIRT_SOCKETS:
-        if sock_path.exists():
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(2)
-            try:
-                s.connect(str(sock_path))
-                return Item("libvirtd", Status.ok, f"reachable at {sock_path}")
-            except OSError as e:
-                return Item("libvirtd", Status.unusable, f"{sock_path}: {e.strerror}",
-                            "start it with 'virtlogd -d; virtlockd -d; libvirtd -d'")
-            finally:
-                s.close()
-    return Item("libvirtd", Status.missing, "not running (only needed for --backend libvirt)",
-                "start it with 'virtlogd -d; virtlockd -d; libvirtd -d'")
 
 
 def probe_vsock() -> Item:
@@ -310,8 +303,7 @@ def check_host() -> CheckReport:
     kvm_item = probe_kvm_cached(qemu)
     snp_items = probe_snp_host()
     g_item, a_item, generic, amdsev = probe_firmware()
-    items = [qemu_item, snp_qemu_item, kvm_item, *snp_items, g_item, a_item, probe_libvirt(), probe_vsock(),
-             *probe_tools()]
+    items = [qemu_item, snp_qemu_item, kvm_item, *snp_items, g_item, a_item, probe_vsock(), *probe_tools()]
 
     reasons = []
     if kvm_item.status != Status.ok:

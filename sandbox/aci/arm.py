@@ -14,19 +14,23 @@
 | `.properties.livenessProbe`/`readinessProbe` `exec.command` | `execProcesses` (as confcom does)      |
 | `.properties.resources.requests` cpu/memoryInGB (summed) | `resources` vcpus/memoryMiB (rounded up)  |
 | `volumes[]` emptyDir / secret                         | `volumes[]` emptyDir / secret               |
+| `volumes[]` azureFile / gitRepo                       | `files` volume from `--volume NAME=PATH`    |
+| `.properties.configMap.keyValuePairs`                 | a secret-kind volume at /mnt/configmap      |
 | `ipAddress.ports`                                     | `ports` (forwarded from 127.0.0.1, same port)|
 
 Parameter values come from `<template stem>.parameters.json` next to the template when it exists
 (the usual `azuredeploy.json` / `azuredeploy.parameters.json` pair), else from `defaultValue`.
 Fields that would change what a container may do and that parma-sandbox cannot honour (init
-containers, azureFile/gitRepo volumes, seccomp profiles, allowPrivilegeEscalation false) are errors;
+containers, seccomp profiles, allowPrivilegeEscalation false) are errors;
 fields with no local meaning (location, sku, osType, restartPolicy, dnsNameLabel, registry
 credentials, the template's own ccePolicy) are ignored.
 """
 
 from __future__ import annotations
 
+import base64
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +82,8 @@ class _Reader:
     def __init__(self, resolver: Resolver, source: str) -> None:
         self.r = resolver
         self.source = source
+        self.names: dict[str, str] = {}          # ARM volume name -> group-spec volume name
+        self.extra_volumes: list[dict[str, Any]] = []
 
     def fail(self, path: str, message: str, hint: str | None = None) -> ArmError:
         return ArmError(f"{self.source}: {path}: {message}", hint=hint or "see docs/aci.md for what is supported")
@@ -88,6 +94,15 @@ class _Reader:
         if kind is not None and value is not None and not isinstance(value, kind):
             raise self.fail(f"{path}.{key}", f"expected {_kind_name(kind)}, got {type(value).__name__}")
         return value
+
+    def port(self, d: Any, path: str) -> int:
+        """A port number; ARM converts numeric strings ("80") to the integer the schema wants."""
+        v = self.value(d, "port", path, (int, str))
+        if isinstance(v, str):
+            if not v.isdigit():
+                raise self.fail(f"{path}.port", f"{v!r} is not a port number")
+            v = int(v)
+        return v
 
     def number(self, d: Any, key: str, path: str) -> float:
         v = self.value(d, key, path)
@@ -120,7 +135,7 @@ class _Reader:
             env.append(var)
         if env:
             out["env"] = env
-        ports = [{"port": self.value(p, "port", f"{ppath}.ports[{i}]", int),
+        ports = [{"port": self.port(p, f"{ppath}.ports[{i}]"),
                   **({"protocol": proto} if (proto := self.value(p, "protocol", f"{ppath}.ports[{i}]", str))
                      else {})}
                  for i, p in enumerate(self.value(props, "ports", ppath, list) or [])]
@@ -129,7 +144,8 @@ class _Reader:
         mounts = []
         for i, m in enumerate(self.value(props, "volumeMounts", ppath, list) or []):
             mpath = f"{ppath}.volumeMounts[{i}]"
-            mount = {"name": self.value(m, "name", mpath, str), "mountPath": self.value(m, "mountPath", mpath, str)}
+            arm_name = self.value(m, "name", mpath, str)
+            mount = {"name": self.names.get(arm_name, arm_name), "mountPath": self.value(m, "mountPath", mpath, str)}
             if (ro := self.value(m, "readOnly", mpath, bool)) is not None:
                 mount["readOnly"] = ro
             mounts.append(mount)
@@ -144,9 +160,17 @@ class _Reader:
         if execs:
             out["execProcesses"] = execs
         out.update(self.security_context(_get(props, "securityContext"), f"{ppath}.securityContext"))
-        for unsupported in ("gpu", "configMap"):
-            if _get(props, unsupported) is not None:
-                raise self.fail(f"{ppath}.{unsupported}", "is not supported by parma-sandbox")
+        if _get(props, "gpu") is not None:
+            raise self.fail(f"{ppath}.gpu", "is not supported by parma-sandbox")
+        config_map = self.value(_get(props, "configMap"), "keyValuePairs", f"{ppath}.configMap", dict)
+        if config_map:
+            # ACI writes the pairs as files under /mnt/configmap (confcom: CONFIGMAP_LOCATION); here they
+            # become a read-only secret-kind volume of this container.
+            volume = _volume_name(f"configmap-{name}", self.names)
+            self.extra_volumes.append({"name": volume, "secret": {
+                k: base64.b64encode(_scalar_text(v).encode()).decode() for k, v in config_map.items()}})
+            out.setdefault("mounts", []).append({"name": volume, "mountPath": CONFIGMAP_MOUNT_PATH,
+                                                 "readOnly": True})
         return out
 
     def security_context(self, sc: Any, path: str) -> dict[str, Any]:
@@ -161,10 +185,9 @@ class _Reader:
                                    for k in ("add", "drop")}
         user = self.value(sc, "runAsUser", path, (int, str))
         group = self.value(sc, "runAsGroup", path, (int, str))
-        if group is not None and user is None:
-            raise self.fail(f"{path}.runAsGroup", "needs runAsUser as well (the image's user is not known here)")
-        if user is not None:
-            out["user"] = f"{user}:{group}" if group is not None else str(user)
+        if user is not None or group is not None:
+            # runAsGroup alone keeps the image's user (":gid" in the group spec).
+            out["user"] = f"{'' if user is None else user}{'' if group is None else f':{group}'}"
         if self.value(sc, "allowPrivilegeEscalation", path, bool) is False:
             raise self.fail(f"{path}.allowPrivilegeEscalation", "false (no_new_privileges) is not supported by "
                             "parma-sandbox yet", hint="remove it to run locally (containers then may gain privileges "
@@ -173,8 +196,9 @@ class _Reader:
             raise self.fail(f"{path}.seccompProfile", "custom seccomp profiles are not supported by parma-sandbox")
         return out
 
-    def volume(self, raw: Any, path: str) -> dict[str, Any]:
-        name = self.value(raw, "name", path, str)
+    def volume(self, raw: Any, path: str, volume_paths: dict[str, Path]) -> dict[str, Any]:
+        arm_name = self.value(raw, "name", path, str)
+        name = self.names[arm_name]
         if _get(raw, "emptyDir") is not None:
             return {"name": name, "emptyDir": {}}
         secret = self.value(raw, "secret", path, dict)
@@ -182,9 +206,32 @@ class _Reader:
             return {"name": name, "secret": {k: v if isinstance(v, str) else _scalar(v) for k, v in secret.items()}}
         kinds = [k for k in ("azureFile", "gitRepo") if _get(raw, k) is not None]
         if kinds:
-            raise self.fail(f"{path}.{kinds[0]}", f"{kinds[0]} volumes are not supported locally",
-                            hint="use an emptyDir or secret volume, or a group file with a 'files' volume")
-        raise self.fail(path, "a volume needs one of emptyDir, secret")
+            # The share (or the repository) lives outside the TEE on ACI too; locally it is a directory the
+            # user names, shipped read-only as a `files` volume (pinned by its root hash).
+            local = volume_paths.get(arm_name)
+            if local is None:
+                raise self.fail(f"{path}.{kinds[0]}", f"{kinds[0]} volume {arm_name!r} needs a local directory",
+                                hint=f"give one with --volume {arm_name}=PATH (mounted read-only, docs/aci.md)")
+            if not local.is_dir():
+                raise ArmError(f"--volume {arm_name}={local}: not a directory")
+            return {"name": name, "files": {"path": str(local.resolve())}}
+        raise self.fail(path, "a volume needs one of emptyDir, secret, azureFile, gitRepo")
+
+
+CONFIGMAP_MOUNT_PATH = "/mnt/configmap"
+
+
+def _volume_name(arm_name: str, taken: dict[str, str]) -> str:
+    """A group-spec name (lowercase letters, digits, '-') for an ARM volume or group name, unique in `taken`."""
+    base = re.sub(r"[^a-z0-9-]+", "-", arm_name.lower()).strip("-")[:55] or "volume"
+    name, n = base, 2
+    while name in taken.values():
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def _scalar_text(v: Any) -> str:
+    return v if isinstance(v, str) else _scalar(v)
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -201,23 +248,50 @@ def _scalar(v: Any) -> str:
     raise ValueError(f"{v!r} is not a scalar")
 
 
-def container_group(raw: dict[str, Any], source: str) -> tuple[int, dict[str, Any]]:
-    groups = [(i, r) for i, r in enumerate(raw["resources"])
-              if isinstance(r, dict) and str(_get(r, "type") or "").lower() == RESOURCE_TYPE]
+def container_groups(raw: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    return [(i, r) for i, r in enumerate(raw["resources"])
+            if isinstance(r, dict) and str(_get(r, "type") or "").lower() == RESOURCE_TYPE]
+
+
+def container_group(raw: dict[str, Any], source: str, group: str | None = None,
+                    resolver: Resolver | None = None) -> tuple[int, dict[str, Any]]:
+    """The containerGroups resource to run: the only one, or the one `group` names (its name, as the
+    template resolves it, or its 0-based index among the template's container groups)."""
+    groups = container_groups(raw)
     if not groups:
         raise ArmError(f"{source}: no Microsoft.ContainerInstance/containerGroups resource in 'resources'",
                        hint="parma-sandbox runs ACI container groups; see docs/aci.md")
-    if len(groups) > 1:
-        names = ", ".join(repr(_get(r, "name")) for _, r in groups)
-        raise ArmError(f"{source}: {len(groups)} container groups ({names}); parma-sandbox runs one per file",
-                       hint="split the template, one containerGroups resource per file")
-    return groups[0]
+
+    def name_of(i: int, r: dict[str, Any]) -> str:
+        value = _get(r, "name")
+        if resolver is not None:
+            try:
+                value = resolver.resolve(value, f"resources[{i}].name")
+            except ArmError:
+                pass
+        return str(value)
+
+    names = [name_of(i, r) for i, r in groups]
+    if group is None:
+        if len(groups) > 1:
+            raise ArmError(f"{source}: {len(groups)} container groups ({', '.join(map(repr, names))})",
+                           hint="pick one with --group NAME (or its 0-based index)")
+        return groups[0]
+    if group in names:
+        return groups[names.index(group)]
+    if group.isdigit() and int(group) < len(groups):
+        return groups[int(group)]
+    raise ArmError(f"{source}: no container group {group!r} (the template has {', '.join(map(repr, names))})")
 
 
-def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str, Any]) -> dict[str, Any]:
+def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str, Any], *,
+                   group: str | None = None, volume_paths: dict[str, Path] | None = None,
+                   deployment_name: str = "parma-sandbox") -> dict[str, Any]:
     """The group-spec document (docs/group-spec.md) for an ARM template, expressions resolved."""
-    index, resource = container_group(raw, source)
-    reader = _Reader(Resolver(raw, parameter_values, source), source)
+    resolver = Resolver(raw, parameter_values, source, deployment_name)
+    index, resource = container_group(raw, source, group, resolver)
+    reader = _Reader(resolver, source)
+    volume_paths = dict(volume_paths or {})
     path = f"resources[{index}]"
     props = _get(resource, "properties")
     if not isinstance(props, dict):
@@ -227,9 +301,26 @@ def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str,
         raise reader.fail(f"{ppath}.initContainers", "init containers are not supported by parma-sandbox")
     # Resolve, once, only what is read: fields with no local meaning (location, tags...) may use
     # template functions that are not evaluated here.
-    props = {key: reader.r.resolve(_get(props, key), f"{ppath}.{key}") for key in ("containers", "volumes", "ipAddress")
-             if _get(props, key) is not None}
+    resolved = {key: reader.r.resolve(_get(props, key), f"{ppath}.{key}") for key in ("containers", "ipAddress")
+                if _get(props, key) is not None}
+    # A volume's kind and name are read; an azureFile or gitRepo volume's account, key or URL are not
+    # (a local directory stands in), so their expressions are left unevaluated.
+    raw_vols = _get(props, "volumes")
+    if raw_vols is not None:
+        raw_vols = reader.r.resolve(raw_vols, f"{ppath}.volumes") if not isinstance(raw_vols, list) else [
+            {k: (v if str(k).lower() in ("azurefile", "gitrepo") else reader.r.resolve(v, f"{ppath}.volumes[{i}].{k}"))
+             for k, v in vol.items()} if isinstance(vol, dict) else vol for i, vol in enumerate(raw_vols)]
+        resolved["volumes"] = raw_vols
+    props = resolved
     resource = {"name": reader.r.resolve(_get(resource, "name"), f"{path}.name")}
+    raw_volumes = reader.value(props, "volumes", ppath, list) or []
+    for i, v in enumerate(raw_volumes):
+        arm_name = reader.value(v, "name", f"{ppath}.volumes[{i}]", str)
+        reader.names[arm_name] = _volume_name(arm_name, reader.names)
+    unknown = sorted(set(volume_paths) - set(reader.names))
+    if unknown:
+        raise ArmError(f"--volume {unknown[0]}: the container group has no volume of that name",
+                       hint=f"its volumes: {', '.join(reader.names) or 'none'}")
     raw_containers = reader.value(props, "containers", ppath, list) or []
     if not raw_containers:
         raise reader.fail(f"{ppath}.containers", "a container group needs at least one container")
@@ -241,16 +332,18 @@ def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str,
         requests = _get(_get(_get(c, "properties"), "resources"), "requests")
         cpu += reader.number(requests, "cpu", rpath)
         memory_gb += reader.number(requests, "memoryInGB", rpath)
-    doc: dict[str, Any] = {"name": reader.value(resource, "name", path, str), "containers": containers,
+    # Azure resource names are case-insensitive and may hold capitals; group names are lowercase.
+    doc: dict[str, Any] = {"name": _volume_name(reader.value(resource, "name", path, str), {}),
+                           "containers": containers,
                            "layerFormat": "aci"}
-    volumes = [reader.volume(v, f"{ppath}.volumes[{i}]")
-               for i, v in enumerate(reader.value(props, "volumes", ppath, list) or [])]
+    volumes = [reader.volume(v, f"{ppath}.volumes[{i}]", volume_paths) for i, v in enumerate(raw_volumes)]
+    volumes += reader.extra_volumes
     if volumes:
         doc["volumes"] = volumes
     ip = _get(props, "ipAddress")
     ports = []
     for i, p in enumerate(reader.value(ip, "ports", f"{ppath}.ipAddress", list) or []):
-        port = {"port": reader.value(p, "port", f"{ppath}.ipAddress.ports[{i}]", int)}
+        port = {"port": reader.port(p, f"{ppath}.ipAddress.ports[{i}]")}
         if proto := reader.value(p, "protocol", f"{ppath}.ipAddress.ports[{i}]", str):
             port["protocol"] = proto.upper()
         ports.append(port)
@@ -263,10 +356,12 @@ def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str,
     return doc
 
 
-def load_template_group(path: Path, raw: dict[str, Any]) -> GroupSpec:
+def load_template_group(path: Path, raw: dict[str, Any], *, group: str | None = None,
+                        volume_paths: dict[str, Path] | None = None) -> GroupSpec:
     """The group spec of an ACI ARM template file (already parsed as `raw`)."""
     source = str(path)
-    doc = group_document(raw, source, _parameter_values(path))
+    doc = group_document(raw, source, _parameter_values(path), group=group, volume_paths=volume_paths,
+                         deployment_name=path.stem)
     try:
         return validate_group(doc, base_dir=path.resolve().parent, source=f"{source} (as a group)")
     except ValidationError as e:
@@ -275,14 +370,14 @@ def load_template_group(path: Path, raw: dict[str, Any]) -> GroupSpec:
                                    "group's, docs/group-spec.md; the mapping is in docs/aci.md)") from None
 
 
-def ccepolicy_of_template(path: Path, raw: dict[str, Any]) -> str | None:
+def ccepolicy_of_template(path: Path, raw: dict[str, Any], group: str | None = None) -> str | None:
     """The ccePolicy (base64) of the template's container group, resolved; None when empty or absent."""
     source = str(path)
-    index, resource = container_group(raw, source)
+    resolver = Resolver(raw, _parameter_values(path), source, path.stem)
+    index, resource = container_group(raw, source, group, resolver)
     value = _get(_get(_get(resource, "properties"), "confidentialComputeProperties"), "ccePolicy")
     if value is None:
         return None
-    resolver = Resolver(raw, _parameter_values(path), source)
     policy = resolver.resolve(value, f"resources[{index}].properties.confidentialComputeProperties.ccePolicy")
     if policy is not None and not isinstance(policy, str):
         raise ArmError(f"{source}: the ccePolicy is not a string")

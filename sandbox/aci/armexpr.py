@@ -11,8 +11,11 @@ deployment (location "local"). Anything else is an error naming the template pat
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
+import urllib.parse
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +107,56 @@ def _bool(v: Any) -> bool:
     raise ValueError(f"bool() of {v!r}")
 
 
+def _unique_string(*args: Any) -> str:
+    # ARM's uniqueString is a 13-character base-32 hash of its arguments. The arguments that make it
+    # unique on Azure (subscription and resource group ids) are local stand-ins here, so the value
+    # cannot equal Azure's anyway; this one is deterministic for the same arguments.
+    digest = hashlib.sha256("-".join(_text(a) for a in args).encode()).digest()
+    return base64.b32encode(digest).decode().lower()[:13]
+
+
+# A fixed namespace for guid(): deterministic per argument list, like ARM's (whose values differ, as
+# its inputs are Azure resource ids).
+_GUID_NAMESPACE = uuid.UUID("6f3b6a5e-2d7c-4f0e-9a51-7d0c1a5b9e21")
+
+
+def _guid(*args: Any) -> str:
+    if not args:
+        raise ValueError("guid() needs at least one argument")
+    return str(uuid.uuid5(_GUID_NAMESPACE, "-".join(_text(a) for a in args)))
+
+
+def _substring(s: str, start: int, length: int | None = None) -> str:
+    if start < 0 or start > len(s) or (length is not None and (length < 0 or start + length > len(s))):
+        raise ValueError(f"substring({s!r}, {start}, {length}) is out of range")
+    return s[start:] if length is None else s[start:start + length]
+
+
+def _contains(container: Any, item: Any) -> bool:
+    if isinstance(container, str):
+        return _text(item) in container
+    if isinstance(container, dict):
+        return any(k.lower() == str(item).lower() for k in container)
+    return item in container
+
+
+def _union(*args: Any) -> Any:
+    if all(isinstance(a, dict) for a in args):
+        out: dict[str, Any] = {}
+        for a in args:
+            out.update(a)
+        return out
+    if all(isinstance(a, list) for a in args):
+        keys = dict.fromkeys(json.dumps(x, sort_keys=True) for a in args for x in a)
+        return [json.loads(k) for k in keys]
+    raise ValueError("union() takes all objects or all arrays")
+
+
+def _pad_left(value: Any, width: int, pad: str = " ") -> str:
+    text = _text(value)
+    return text if len(text) >= width else pad[:1] * (width - len(text)) + text
+
+
 def _coalesce(*args: Any) -> Any:
     return next((a for a in args if a is not None), None)
 
@@ -134,13 +187,53 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "base64tostring": lambda s: base64.b64decode(s).decode(),
     "createarray": lambda *a: list(a),
     "json": lambda s: json.loads(s),
+    "uniquestring": _unique_string,
+    "guid": _guid,
+    "substring": _substring,
+    "indexof": lambda s, t: s.lower().find(t.lower()),
+    "lastindexof": lambda s, t: s.lower().rfind(t.lower()),
+    "startswith": lambda s, t: s.lower().startswith(t.lower()),
+    "endswith": lambda s, t: s.lower().endswith(t.lower()),
+    "contains": _contains,
+    "split": lambda s, d: s.split(d) if isinstance(d, str) else re.split("|".join(map(re.escape, d)), s),
+    "join": lambda items, d: d.join(_text(i) for i in items),
+    "first": lambda v: v[0] if v else None,
+    "last": lambda v: v[-1] if v else None,
+    "skip": lambda v, n: v[max(0, n):],
+    "take": lambda v, n: v[:max(0, n)],
+    "union": _union,
+    "intersection": lambda *a: [x for x in a[0] if all(x in o for o in a[1:])] if all(isinstance(o, list) for o in a)
+    else {k: v for k, v in a[0].items() if all(o.get(k) == v for o in a[1:])},
+    "array": lambda v: v if isinstance(v, list) else [v],
+    "createobject": lambda *a: dict(zip(a[::2], a[1::2], strict=True)),
+    "min": lambda *a: min(a[0]) if len(a) == 1 and isinstance(a[0], list) else min(a),
+    "max": lambda *a: max(a[0]) if len(a) == 1 and isinstance(a[0], list) else max(a),
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": lambda a, b: int(a / b),
+    "mod": lambda a, b: a - b * int(a / b),
+    "less": lambda a, b: a < b,
+    "lessorequals": lambda a, b: a <= b,
+    "greater": lambda a, b: a > b,
+    "greaterorequals": lambda a, b: a >= b,
+    "padleft": _pad_left,
+    "trimstart": lambda s: s.lstrip(),
+    "trimend": lambda s: s.rstrip(),
+    "datauri": lambda s: "data:text/plain;charset=utf8;base64," + base64.b64encode(_text(s).encode()).decode(),
+    "datauritostring": lambda s: base64.b64decode(s.split(",", 1)[1]).decode(),
+    "uricomponent": lambda s: urllib.parse.quote(s, safe=""),
+    "uricomponenttostring": lambda s: urllib.parse.unquote(s),
+    "range": lambda start, count: list(range(start, start + count)),
+    "items": lambda d: [{"key": k, "value": v} for k, v in d.items()],
 }
 
 
 class Resolver:
     """Evaluates expressions of one template, with its parameter values."""
 
-    def __init__(self, template: Mapping[str, Any], parameter_values: Mapping[str, Any], source: str) -> None:
+    def __init__(self, template: Mapping[str, Any], parameter_values: Mapping[str, Any], source: str,
+                 deployment_name: str = "parma-sandbox") -> None:
         self.source = source
         self.parameters = {k.lower(): (k, v) for k, v in (template.get("parameters") or {}).items()}
         self.values = {k.lower(): v for k, v in parameter_values.items()}
@@ -148,6 +241,11 @@ class Resolver:
         self._var_cache: dict[str, Any] = {}
         self._param_cache: dict[str, Any] = {}
         self._active: list[str] = []
+        # deployment(): a local stand-in with the template's own content (no templateLink).
+        self.deployment = {"name": deployment_name, "properties": {
+            "template": {"contentVersion": template.get("contentVersion", "1.0.0.0"),
+                         "metadata": template.get("metadata", {})},
+            "parameters": {k: {"value": v} for k, v in parameter_values.items()}, "mode": "Incremental"}}
         for name in self.values:
             if name not in self.parameters:
                 raise ArmError(f"{source}: the parameters file sets {name!r}, which the template does not declare")
@@ -238,6 +336,8 @@ class Resolver:
             return self._parameter(*args)
         if lname == "variables":
             return self._variable(*args)
+        if lname == "deployment":
+            return self.deployment
         if lname in ("resourcegroup", "subscription"):
             return {"name": "parma-sandbox", "location": LOCAL_LOCATION, "id": f"/local/{lname}",
                     "subscriptionId": "00000000-0000-0000-0000-000000000000"}

@@ -21,57 +21,26 @@ import binascii
 import json
 from typing import Any
 
-from sandbox.aci.regoparse import Ref, Statement, parse_module
+from sandbox.log import log
 from sandbox.shared.errors import InputError, InvalidDocument
 from sandbox.shared.policy.inputs import EnforcementPoint
 from sandbox.shared.policy.model import FLAGS, Policy, parse_version, validate_policy
+from sandbox.shared.rego import framework as fw
+from sandbox.shared.rego.policy import RegoPolicy, RuleKind, read_policy_text
 
-# Enforcement points and the API version that introduced each (hcsshim pkg/securitypolicy/api.rego).
-# The first 18, in this order, are the rules of confcom's customer policy template.
-ENFORCEMENT_POINTS: dict[str, tuple[int, int, int]] = {
-    "mount_device": (0, 1, 0),
-    "unmount_device": (0, 2, 0),
-    "mount_overlay": (0, 1, 0),
-    "unmount_overlay": (0, 6, 0),
-    "create_container": (0, 1, 0),
-    "exec_in_container": (0, 2, 0),
-    "exec_external": (0, 3, 0),
-    "shutdown_container": (0, 4, 0),
-    "signal_container_process": (0, 5, 0),
-    "plan9_mount": (0, 6, 0),
-    "plan9_unmount": (0, 6, 0),
-    "get_properties": (0, 7, 0),
-    "dump_stacks": (0, 7, 0),
-    "runtime_logging": (0, 8, 0),
-    "load_fragment": (0, 9, 0),
-    "scratch_mount": (0, 10, 0),
-    "scratch_unmount": (0, 10, 0),
-    "rw_mount_device": (0, 11, 0),
-    "rw_unmount_device": (0, 11, 0),
-    "mount_cims": (0, 11, 0),
-    "registry_changes": (0, 10, 0),
-    "log_provider": (0, 11, 0),
-    "mount_blockdev": (0, 11, 1),
-    "unmount_blockdev": (0, 11, 1),
-    "load_transparency_trust_list": (0, 12, 0),
-    "host_network": (0, 12, 0),
-}
-CONFCOM_RULES = tuple(ENFORCEMENT_POINTS)[:18]
+# The rules of confcom's customer policy template, in its order. An export writes them, then every other
+# enforcement point of api.rego (sandbox/shared/rego/framework.py) that the policy's api_version has.
+CONFCOM_RULES = ("mount_device", "unmount_device", "mount_overlay", "unmount_overlay", "create_container",
+                 "exec_in_container", "exec_external", "shutdown_container", "signal_container_process",
+                 "plan9_mount", "plan9_unmount", "get_properties", "dump_stacks", "runtime_logging", "load_fragment",
+                 "scratch_mount", "scratch_unmount")
 
 # The points our engine enforces: an imported module must delegate each of them (when its
 # api_version has it), otherwise ACI would deny requests that our engine would judge.
 ENFORCED = tuple(ep.value for ep in EnforcementPoint)
 
 FUTURE_IMPORTS = ("future.keywords.every", "future.keywords.in")
-ACCEPTED_IMPORTS = frozenset({"future.keywords", "future.keywords.every", "future.keywords.in",
-                              "future.keywords.if", "future.keywords.contains", "rego.v1"})
-REASON_RULES = (Ref(("data", "framework", "errors")), Ref(("data", "framework", "reason")))
 
-# Data assignments: our model's names, plus deprecated and newer ACI names handled on import.
-DATA_NAMES = ("api_version", "framework_version", "fragments", "containers", "external_processes", "volumes",
-              "key_brokers", *FLAGS)
-LEGACY_NAMES = {"api_svn": "api_version", "framework_svn": "framework_version"}
-FALSE_ONLY = ("allow_host_network", "allow_log_provider_dropping")
 
 
 def _compact(value: Any) -> str:
@@ -86,20 +55,26 @@ def _pretty(value: Any) -> str:
 
 def export_rego(policy: Policy) -> str:
     """The policy as an ACI Rego policy module (UTF-8 text; ACI's HOST_DATA is SHA-256 of its bytes)."""
-    doc = policy.to_document()
-    version = parse_version(policy.api_version)
+    return rego_module(policy.to_document())
+
+
+def rego_module(doc: dict[str, Any], fragments: list[dict[str, Any]] | None = None) -> str:
+    """A policy document (and fragment imports) in confcom's module layout; one rule per enforcement point
+    of confcom's template plus those the document's api_version adds."""
+    version = parse_version(doc["api_version"])
     lines = ["package policy", ""]
     lines += [f"import {name}" for name in FUTURE_IMPORTS]
     lines += ["", f"api_version := {_pretty(doc['api_version'])}",
               f"framework_version := {_pretty(doc['framework_version'])}", "",
-              f"fragments := {_pretty([])}", "",
+              f"fragments := {_pretty(fragments or [])}", "",
               f"containers := {_compact(doc['containers'])}", ""]
     for name in ("external_processes", "volumes", "key_brokers"):
         if doc.get(name):
             lines += [f"{name} := {_compact(doc[name])}", ""]
     lines += [f"{flag} := {_pretty(doc[flag])}" for flag in FLAGS]
     lines.append("")
-    rules = [ep for ep, since in ENFORCEMENT_POINTS.items() if ep in CONFCOM_RULES or since <= version]
+    rules = [*CONFCOM_RULES, *(ep for ep, info in fw.ENFORCEMENT_POINTS.items()
+                               if ep not in CONFCOM_RULES and info.introduced <= version)]
     lines += [f"{ep} := data.framework.{ep}" for ep in rules]
     lines += ["", 'reason := {"errors": data.framework.errors}', ""]
     return "\n".join(lines)
@@ -131,85 +106,35 @@ def decode_policy_text(raw: bytes, source: str) -> str:
     return text
 
 
-def _first_ref(value: Any) -> Ref | None:
-    if isinstance(value, Ref):
-        return value
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return next((r for r in map(_first_ref, items) if r is not None), None)
+def read_rego(text: str, *, source: str = "policy.rego", module_index: int | None = None) -> RegoPolicy:
+    """An ACI Rego policy module read as ACI's framework reads it (sandbox/shared/rego)."""
+    return read_policy_text(text, source, module_index=module_index)
 
 
-def _data_and_rules(statements: list[Statement], source: str) -> tuple[dict[str, tuple[int, Any]], set[str]]:
-    def fail(stmt: Statement, message: str) -> InputError:
-        return InputError(f"{source}:{stmt.line}: {message}",
-                          hint="see docs/aci.md ('ccePolicy import') for the accepted subset")
-
-    if not statements or statements[0].kind != "package":
-        raise InputError(f"{source}: a policy module starts with 'package policy'",
-                         hint="is this an ACI ccePolicy (Rego text, or its base64)?")
-    if statements[0].name != "policy":
-        raise fail(statements[0], f"package {statements[0].name!r}: only the top-level 'package policy' "
-                                  "is accepted (fragments are not supported)")
-    data: dict[str, tuple[int, Any]] = {}
-    rules: set[str] = set()
-    for stmt in statements[1:]:
-        if stmt.kind == "package":
-            raise fail(stmt, "a second package statement")
-        if stmt.kind == "import":
-            if stmt.name not in ACCEPTED_IMPORTS:
-                raise fail(stmt, f"import {stmt.name} is not accepted (only future keywords and rego.v1)")
-            continue
-        name, value = stmt.name, stmt.value
-        if name in data or name in rules or (name == "reason" and "reason" in rules):
-            raise fail(stmt, f"{name} is assigned twice")
-        if name in ENFORCEMENT_POINTS:
-            if value != Ref(("data", "framework", name)):
-                raise fail(stmt, f"rule {name} must be exactly '{name} := data.framework.{name}' "
-                                 "(custom rule logic cannot be imported)")
-            rules.add(name)
-        elif name == "reason":
-            if value not in REASON_RULES and value != {"errors": REASON_RULES[0]}:
-                raise fail(stmt, "reason must be {\"errors\": data.framework.errors} or data.framework.reason")
-            rules.add(name)
-        elif (ref := _first_ref(value)) is not None:
-            raise fail(stmt, f"{name} refers to {ref}: references are accepted only as framework rule delegations")
-        elif name in DATA_NAMES or name in LEGACY_NAMES or name in FALSE_ONLY:
-            data[name] = (stmt.line, value)
-        else:
-            raise fail(stmt, f"unknown assignment {name!r}")
-    return data, rules
-
-
-def import_rego(text: str, *, source: str = "policy.rego", drop_fragments: bool = False) -> Policy:
+def import_rego(text: str, *, source: str = "policy.rego", drop_fragments: bool = False,
+                module_index: int | None = None) -> Policy:
     """Read an ACI Rego policy module (the accepted subset, docs/aci.md) into the policy model."""
-    data, rules = _data_and_rules(parse_module(text, source), source)
-    doc: dict[str, Any] = {}
-    for name, (line, value) in data.items():
-        target = LEGACY_NAMES.get(name, name)
-        if target in doc:
-            raise InputError(f"{source}:{line}: {name} repeats {target}")
-        if name in FALSE_ONLY:
-            if value is not False:
-                raise InputError(f"{source}:{line}: {name} := {json.dumps(value)} is not supported by parma-sandbox",
-                                 hint="only false (the default) can be imported")
-            continue
-        doc[target] = value
-    if drop_fragments and isinstance(doc.get("fragments"), list):
+    rego = read_rego(text, source=source, module_index=module_index)
+    for warning in rego.warnings:
+        log.warning("%s: %s", source, warning)
+    doc = rego.document()
+    if drop_fragments:
         doc["fragments"] = []
-    if doc.get("fragments"):
+    if doc["fragments"]:
         raise InputError(f"{source}: the policy imports {len(doc['fragments'])} policy fragment(s), which "
-                         "parma-sandbox does not support",
+                         "parma-sandbox does not enforce yet",
                          hint="--drop-fragments imports it without them (stricter: fragments only add "
                               "containers, such as ACI's infrastructure sidecars)")
+    del doc["fragments"]
     try:
         policy = validate_policy(doc, source=f"{source} (data)")
     except InvalidDocument as e:
         raise InvalidDocument(e.source, e.problems,
                               hint="the data assignments of the module must form a valid policy "
                                    "(docs/policy.md); see docs/aci.md for what import accepts") from None
-    version = parse_version(policy.api_version)
-    missing = [ep for ep in ENFORCED if ENFORCEMENT_POINTS[ep] <= version and ep not in rules]
-    if missing:
-        raise InputError(f"{source}: no rule for {', '.join(missing)}: ACI denies every such request, and "
-                         "parma-sandbox cannot express that",
+    unenforceable = [f"{ep} ({rule.describe()})" for ep, rule in rego.rules.items()
+                     if ep in ENFORCED and rule.kind not in (RuleKind.framework, RuleKind.default)]
+    if unenforceable:
+        raise InputError(f"{source}: {', '.join(unenforceable)}: parma-sandbox's engine cannot express this yet",
                          hint="add 'EP := data.framework.EP' for each, as az confcom writes them")
     return policy

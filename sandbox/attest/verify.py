@@ -69,6 +69,8 @@ class Expectations:
     csp_id: str | None = None
     at: dt.datetime | None = None  # certificate validity time (default: now)
     allow_emulated: bool = False
+    id_key_digest: bytes | None = None      # SHA-384 of the ID key the launch's ID block was signed with
+    author_key_digest: bytes | None = None  # ... and of the author key (implies KEY_INFO.AUTHOR_KEY_EN)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class VerificationResult:
             "measurement": self.report.measurement.hex(),
             "host_data": self.report.host_data.hex(),
             "report_data": self.report.report_data.hex(),
+            "id_key_digest": self.report.id_key_digest.hex(),
+            "author_key_digest": self.report.author_key_digest.hex(),
             "checks": [{"name": c.name, "status": c.status.value, "detail": c.detail} for c in self.checks],
             "failed": [c.name for c in self.failed()],
             "certificates": self.certificates,
@@ -196,6 +200,27 @@ def _resolve_product(report: AttestationReport, anchor: Product | None, expect: 
     if report.product and wanted and report.product != wanted:
         raise InputError(f"wrong product: the report comes from a {report.product.value} CPU, not {wanted.value}")
     return anchor or report.product or wanted
+
+
+def _check_key_digests(checks: _Checks, report: AttestationReport, expect: Expectations) -> None:
+    """ID_KEY_DIGEST / AUTHOR_KEY_DIGEST: which keys signed the ID block the PSP enforced at launch."""
+    if expect.id_key_digest is None:
+        checks.add("report.id_key_digest", None, f"{_hex(report.id_key_digest)} (no expected value given)"
+                   if any(report.id_key_digest) else "no ID block at launch (zero; no expected value given)")
+    else:
+        ok = report.id_key_digest == expect.id_key_digest
+        checks.add("report.id_key_digest", ok, _hex(report.id_key_digest) if ok else
+                   (f"{_hex(report.id_key_digest)} != expected {_hex(expect.id_key_digest)}"
+                    if any(report.id_key_digest) else "zero: the guest was launched without an ID block"))
+    if expect.author_key_digest is None:
+        checks.add("report.author_key_digest", None, f"{_hex(report.author_key_digest)} (no expected value given)"
+                   if any(report.author_key_digest) else "no author key (zero; no expected value given)")
+    else:
+        ok = report.author_key_digest == expect.author_key_digest and report.key_info.author_key_en
+        checks.add("report.author_key_digest", ok, _hex(report.author_key_digest) + " (AUTHOR_KEY_EN set)" if ok else
+                   (f"{_hex(report.author_key_digest)} != expected {_hex(expect.author_key_digest)}"
+                    if report.author_key_digest != expect.author_key_digest
+                    else "KEY_INFO.AUTHOR_KEY_EN is clear: the launch did not use the author key"))
 
 
 def verify_report(raw_report: bytes, certificates: Sequence[x509.Certificate], expect: Expectations,
@@ -341,6 +366,8 @@ def verify_report(raw_report: bytes, certificates: Sequence[x509.Certificate], e
         else:
             ok = actual == wanted
             checks.add(f"report.{name}", ok, _hex(actual) if ok else f"{_hex(actual)} != expected {_hex(wanted)}")
+
+    _check_key_digests(checks, report, expect)
 
     certs = {label: {"subject": c.subject.rfc4514_string(), "sha256": fingerprint(to_der(c))}
              for label, c in (("vek", chain.vek), ("ask", chain.intermediate), ("ark", chain.root))}

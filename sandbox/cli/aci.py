@@ -7,19 +7,40 @@ ACI interoperability code stays in its own module.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import click
 
 from sandbox.aci.arm import ccepolicy_of_template, is_arm_template
-from sandbox.aci.rego import ccepolicy_base64, decode_policy_text, export_rego, import_rego
-from sandbox.cli.common import format_option, write_document
+from sandbox.aci.decision import parse_decision
+from sandbox.aci.decision import render as render_decision
+from sandbox.aci.fragment_crypto import (
+    SignatureError,
+    VerifiedFragment,
+    load_issuer,
+    make_test_issuer,
+    save_issuer,
+    sign_fragment,
+    verify_fragment,
+)
+from sandbox.aci.fragment_oci import fetch_fragments
+from sandbox.aci.rego import ccepolicy_base64, decode_policy_text, export_rego, import_rego, read_rego
+from sandbox.cli.common import (
+    emit,
+    format_option,
+    write_document,
+)
 from sandbox.cli.policy import policy as policy_group
+from sandbox.fsutil import atomic_write
 from sandbox.group.jsonio import read_input_file
 from sandbox.policy.summary import read_policy
-from sandbox.shared.errors import InputError
+from sandbox.shared.cose import FRAGMENT_ARTIFACT_TYPE
+from sandbox.shared.didx509 import DidError
+from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.jsonstrict import decode_utf8, loads_strict
 from sandbox.shared.policy import policy_hash
+from sandbox.shared.rego.fragment import FragmentRefused, RegoFragment, check_load, read_fragment_text
 
 FILE = click.Path(path_type=Path, dir_okay=False)
 
@@ -45,15 +66,16 @@ def export(policy_file: Path, target: str, as_base64: bool, output: Path | None)
                    digest=digest)
 
 
-def _template_ccepolicy(path: Path, raw: bytes) -> bytes:
-    """The ccePolicy of an ARM template, or the file's bytes when it is not a template."""
+def _template_ccepolicy(path: Path, raw: bytes, group: str | None = None) -> bytes:
+    """The ccePolicy of an ARM template (of the container group `group` names, when it has several), or the
+    file's bytes when it is not a template."""
     if not raw.lstrip().startswith(b"{"):
         return raw
     doc = loads_strict(decode_utf8(raw, str(path)), str(path))
     if not is_arm_template(doc):
         raise InputError(f"{path}: a JSON file that is not an ARM template",
                          hint="import reads a Rego policy (text or base64) or an ARM template with a ccePolicy")
-    policy = ccepolicy_of_template(path, doc)
+    policy = ccepolicy_of_template(path, doc, group)
     if policy is None:
         raise InputError(f"{path}: the container group's confidentialComputeProperties.ccePolicy is empty",
                          hint="an empty ccePolicy means ACI's allow-all policy, which parma-sandbox does not run")
@@ -65,17 +87,18 @@ def _template_ccepolicy(path: Path, raw: bytes) -> bytes:
 @click.option("--drop-fragments", is_flag=True,
               help="Import a policy that lists fragments without them (fragments are not supported; "
                    "dropping them only removes what they would allow).")
+@click.option("--group", help="A file with several policy modules (confcom's multi-group output): the module's "
+                             "0-based index; an ARM template with several container groups: the group's name.")
 @click.option("-o", "--output", type=FILE, help="Write the policy here (default: stdout, exact bytes).")
 @format_option
-def import_(rego_file: Path, drop_fragments: bool, output: Path | None, fmt: str | None) -> None:
+def import_(rego_file: Path, drop_fragments: bool, group: str | None, output: Path | None, fmt: str | None) -> None:
     """Read an ACI Rego policy as a parma-sandbox policy: Rego text, its base64, or the ccePolicy of an
     ARM template (confcom-generated policies included).
 
     Only the data assignments and framework delegations are read; docs/aci.md lists the accepted
     subset, and anything else is refused with the line where it starts."""
-    raw = read_input_file(rego_file, "a Rego policy (text or base64) or an ARM template")
-    text = decode_policy_text(_template_ccepolicy(rego_file, raw), str(rego_file))
-    parsed = import_rego(text, source=str(rego_file), drop_fragments=drop_fragments)
+    text, index = _policy_text(rego_file, group)
+    parsed = import_rego(text, source=str(rego_file), drop_fragments=drop_fragments, module_index=index)
     data = parsed.canonical_bytes()
     write_document(data, output, fmt, what="policy", digest_label="policy sha256 (HOST_DATA)",
                    digest=policy_hash(data))
@@ -86,3 +109,173 @@ policy_group.add_command(import_)
 
 # Subcommands of `policy` only; nothing at the top level.
 commands: list[click.Command] = []
+
+
+# -- policy explain ----------------------------------------------------------------------------------------
+
+
+@click.command("explain")
+@click.argument("blob")
+@format_option
+def explain(blob: str, fmt: str | None) -> None:
+    """Decode ACI's policyDecision BLOB (the base64 in a denial, or the whole message; '-' reads stdin).
+
+    Shows the enforcement point, the reasons ACI's framework gave and the request's input in the
+    field names `policy check` uses, so the request can be replayed against a policy here."""
+    text = click.get_text_stream("stdin").read() if blob == "-" else blob
+    decision = parse_decision(text)
+    emit(decision.to_json() | {"request": decision.request()}, fmt, lambda _: render_decision(decision))
+
+
+# -- policy fragment ... -----------------------------------------------------------------------------------
+
+
+@click.group("fragment")
+def fragment() -> None:
+    """Policy fragments: signed Rego modules that add containers to a policy (docs/aci.md, 'Fragments')."""
+
+
+@fragment.command("issuer")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@format_option
+def fragment_issuer(directory: Path, fmt: str | None) -> None:
+    """Create a local test issuer in DIRECTORY: key.pem (signing key) and chain.pem (leaf, root).
+
+    Prints its did:x509, the issuer a policy names to accept fragments it signs. For tests and local
+    development only: nothing outside this machine trusts it."""
+    if (directory / "key.pem").exists():
+        raise InputError(f"{directory}/key.pem exists already", hint="choose an empty directory")
+    issuer = make_test_issuer()
+    save_issuer(issuer, directory)
+    emit({"directory": str(directory), "issuer": issuer.did()}, fmt, lambda r: r["issuer"])
+
+
+@fragment.command("sign")
+@click.argument("rego_file", type=FILE)
+@click.option("--key", "key_file", type=FILE, required=True, help="The signing key (PEM, EC).")
+@click.option("--chain", "chain_file", type=FILE, required=True, help="Its certificate chain (PEM, leaf first).")
+@click.option("--feed", required=True, help="The feed (e.g. the image repository the fragment belongs to).")
+@click.option("--svn", type=click.IntRange(min=0), help="Put this SVN in the envelope's header too.")
+@click.option("--issuer", "did", help="The did:x509 to claim (default: root fingerprint + the test EKU).")
+@click.option("--alg", default="ES384", type=click.Choice(["ES256", "ES384", "ES512"]), show_default=True)
+@click.option("-o", "--output", type=FILE, required=True, help="Write the COSE_Sign1 envelope here.")
+@format_option
+def fragment_sign(rego_file: Path, key_file: Path, chain_file: Path, feed: str, svn: int | None, did: str | None,
+                  alg: str, output: Path, fmt: str | None) -> None:
+    """Sign REGO_FILE (a fragment module: 'package <name>', svn, framework_version, containers...)."""
+    payload = read_input_file(rego_file, "a fragment Rego module")
+    read_fragment_text(decode_utf8(payload, str(rego_file)), str(rego_file))   # refuse what could never load
+    envelope = sign_fragment(load_issuer(key_file, chain_file), payload, feed=feed, did=did, svn=svn, algorithm=alg)
+    write_document(envelope, output, fmt, what="fragment", digest_label="sha256",
+                   digest=hashlib.sha256(envelope).hexdigest())
+
+
+def _verified(path: Path) -> tuple[VerifiedFragment, RegoFragment]:
+    data = read_input_file(path, "a COSE_Sign1 fragment envelope")
+    try:
+        verified = verify_fragment(data)
+    except (SignatureError, DidError) as e:
+        raise CheckFailed(f"{path}: {e}") from None
+    text = decode_utf8(verified.payload, f"{path} (payload)")
+    return verified, read_fragment_text(text, f"{path} (payload)")
+
+
+def _fragment_summary(path: Path, v: VerifiedFragment, f: RegoFragment) -> dict:
+    return {"file": str(path), "issuer": v.issuer, "feed": v.feed, "header_svn": v.header_svn,
+            "content_type": v.content_type, "namespace": f.namespace, "svn": f.svn,
+            "framework_version": f.framework_version,
+            "chain": [dict(c.subject) for c in v.chain],
+            "containers": [{"name": c.get("name"), "id": c.get("id"), "command": c["command"], "layers": c["layers"]}
+                           for c in f.containers],
+            "fragments": list(f.fragments), "external_processes": len(f.external_processes),
+            "warnings": list(f.warnings)}
+
+
+def _render_fragment(r: dict) -> str:
+    lines = [f"fragment {r['namespace']} (svn {r['svn']!s}, framework {r['framework_version']})",
+             f"  issuer: {r['issuer']}", f"  feed:   {r['feed']}"]
+    if r["header_svn"] is not None:
+        lines.append(f"  header svn: {r['header_svn']}")
+    lines.append("  signed by: " + " <- ".join(c.get("CN", "?") for c in r["chain"]))
+    for c in r["containers"]:
+        lines.append(f"  container {c['name'] or c['id'] or '?'}: {len(c['layers'])} layer(s), "
+                     f"command {json.dumps(c['command'])}")
+    for imp in r["fragments"]:
+        lines.append(f"  imports fragments from {imp['issuer']} ({imp['feed']}, minimum svn {imp['minimum_svn']})")
+    lines += [f"  warning: {w}" for w in r["warnings"]]
+    if "accepted_by" in r:
+        lines.append(f"  accepted: {r['accepted_by']}")
+    return "\n".join(lines)
+
+
+@fragment.command("show")
+@click.argument("envelope", type=FILE)
+@format_option
+def fragment_show(envelope: Path, fmt: str | None) -> None:
+    """Verify ENVELOPE's signature and issuer, then show what the fragment holds."""
+    v, f = _verified(envelope)
+    emit(_fragment_summary(envelope, v, f), fmt, _render_fragment)
+
+
+@fragment.command("verify")
+@click.argument("envelope", type=FILE)
+@click.option("--policy", "policy_file", type=FILE,
+              help="Also check that this Rego policy (text, base64 or an ARM template) accepts the fragment.")
+@click.option("--group", "group", help="For a multi-group policy file, the module's 0-based index; for an ARM "
+                                       "template with several container groups, the group's name.")
+@format_option
+def fragment_verify(envelope: Path, policy_file: Path | None, group: str | None, fmt: str | None) -> None:
+    """Check ENVELOPE as ACI's guest does: certificate chain, signature, did:x509 issuer; with --policy,
+    the issuer, feed and SVN against the policy's fragment imports. Exit 1 with the reason when refused."""
+    v, f = _verified(envelope)
+    result = _fragment_summary(envelope, v, f)
+    if policy_file is not None:
+        text, index = _policy_text(policy_file, group)
+        rego = read_rego(text, source=str(policy_file), module_index=index)
+        try:
+            accepted = check_load(rego.fragments, issuer=v.issuer, feed=v.feed, header_svn=v.header_svn, fragment=f)
+        except FragmentRefused as e:
+            raise CheckFailed(f"{envelope}: {e}") from None
+        result["accepted_by"] = (f"import of {accepted.issuer} / {accepted.feed} (minimum svn "
+                                 f"{accepted.import_['minimum_svn']}, includes {', '.join(accepted.import_['includes'])})")
+    emit(result, fmt, _render_fragment)
+
+
+def _policy_text(path: Path, group: str | None) -> tuple[str, int | None]:
+    """The Rego text of a policy file (text, base64, or an ARM template's ccePolicy) and, for a file of
+    several modules, the module --group picks."""
+    raw = read_input_file(path, "a Rego policy (text or base64) or an ARM template")
+    is_template = raw.lstrip().startswith(b"{")
+    text = decode_policy_text(_template_ccepolicy(path, raw, group), str(path))
+    if is_template or group is None:
+        return text, None
+    if not group.isdigit():
+        raise InputError(f"--group {group!r}: for a policy file, give the module's 0-based index")
+    return text, int(group)
+
+
+@fragment.command("fetch")
+@click.argument("image")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Write each envelope here as <n>.cose.")
+@format_option
+def fragment_fetch(image: str, output_dir: Path, fmt: str | None) -> None:
+    """Fetch the fragments attached to IMAGE in its registry (as 'az confcom' attaches them), verify each
+    (chain, signature, issuer) and write them to OUTPUT_DIR."""
+    found = fetch_fragments(image)
+    if not found:
+        raise CheckFailed(f"{image}: no policy fragment is attached to this image",
+                          hint=f"confcom attaches them as OCI referrers of artifact type {FRAGMENT_ARTIFACT_TYPE}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, attached in enumerate(found):
+        path = output_dir / f"{i}.cose"
+        atomic_write(path, attached.envelope)
+        v, f = _verified(path)
+        results.append(_fragment_summary(path, v, f) | {"manifest": attached.manifest_digest})
+    emit(results, fmt, lambda rs: "\n".join(f"{r['file']}: {r['namespace']} from {r['issuer']} ({r['feed']})"
+                                             for r in rs))
+
+
+policy_group.add_command(explain)
+policy_group.add_command(fragment)

@@ -21,6 +21,7 @@ from sandbox.attest.evidence import (
     read_report_file,
     write_certs_dir,
 )
+from sandbox.attest.id_keys import parse_digest
 from sandbox.attest.kds import KdsClient
 from sandbox.attest.roots import CertRole
 from sandbox.attest.verify import Expectations, Status, verify_report
@@ -182,6 +183,10 @@ def _render_result(d: dict[str, Any]) -> str:
 @click.option("--report-data", help="Expected REPORT_DATA (up to 128 hex digits, zero-padded).")
 @click.option("--nonce", help="Verifier nonce (hex); with --runtime-key, REPORT_DATA = SHA-512(nonce || key DER).")
 @click.option("--runtime-key", "runtime_key", type=PathArg, help="The agent's runtime public key (DER or PEM SPKI).")
+@click.option("--id-key-digest", help="Expected ID_KEY_DIGEST: the ID key that signed the launch's ID block "
+                                     "(96 hex digits, base64, or the key file itself).")
+@click.option("--author-key-digest", help="Expected AUTHOR_KEY_DIGEST (as --id-key-digest); also requires "
+                                         "KEY_INFO.AUTHOR_KEY_EN.")
 @click.option("--vmpl", type=click.IntRange(0, 3), default=0, show_default=True, help="Expected VMPL.")
 @click.option("--any-vmpl", is_flag=True, help="Do not check the VMPL.")
 @click.option("--min-tcb", help="Minimum REPORTED_TCB: bl=N,tee=N,snp=N,ucode=N[,fmc=N] or a 16-hex-digit TCB.")
@@ -197,7 +202,8 @@ def _render_result(d: dict[str, Any]) -> str:
 @format_option
 def verify(report_file: Path, certs_dir: Path | None, vek_file: Path | None, chain_file: Path | None,
            measurement: str | None, host_data: str | None, policy_file: Path | None, report_data: str | None,
-           nonce: str | None, runtime_key: Path | None, vmpl: int, any_vmpl: bool, min_tcb: str | None,
+           nonce: str | None, runtime_key: Path | None, id_key_digest: str | None, author_key_digest: str | None,
+           vmpl: int, any_vmpl: bool, min_tcb: str | None,
            allow_debug: bool, allow_migration_agent: bool, forbid_smt: bool, csp_id: str | None,
            at_text: str | None, allow_emulated: bool, allow_fetch: bool, product: str | None,
            kds_url: str | None, offline: Path | None, fmt: str | None) -> None:
@@ -235,7 +241,9 @@ def verify(report_file: Path, certs_dir: Path | None, vek_file: Path | None, cha
         measurement=parse_hex(measurement, "--measurement", 48), host_data=expected_host_data,
         report_data=expected_report_data, vmpl=None if any_vmpl else vmpl, min_tcb=min_tcb, product=product,
         allow_debug=allow_debug, allow_migration_agent=allow_migration_agent, forbid_smt=forbid_smt,
-        csp_id=csp_id, at=parse_timestamp(at_text), allow_emulated=allow_emulated)
+        csp_id=csp_id, at=parse_timestamp(at_text), allow_emulated=allow_emulated,
+        id_key_digest=parse_digest(id_key_digest, "--id-key-digest") if id_key_digest else None,
+        author_key_digest=parse_digest(author_key_digest, "--author-key-digest") if author_key_digest else None)
 
     raw = loaded.report
     report = parse_report(raw, product=_product_opt(product), source=str(report_file))

@@ -1,4 +1,8 @@
-"""`parma-sandbox check`: what this host can do, and which TEE mode `up` will use."""
+"""`parma-sandbox check`: what this host can do, and which TEE mode `up` will use.
+
+Besides the TEE verdict it reports the libvirt side (sandbox/vmm/libvirt_probe.py): version, whether
+its domain capabilities offer sev-snp, who runs QEMU and whether that user can use /dev/kvm.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import click
 from sandbox.cli.common import emit, format_option, render_table
 from sandbox.hostcheck import CheckReport, Status, check_host
 from sandbox.progress import step
+from sandbox.vmm.libvirt_probe import with_libvirt
 
 MARK = {Status.ok: "ok", Status.missing: "MISSING", Status.unusable: "UNUSABLE", Status.info: "-"}
 
@@ -32,7 +37,7 @@ def _table(report: CheckReport) -> str:
 def check(fmt: str | None) -> None:
     """Probe the host: QEMU, KVM, SEV-SNP, firmware, libvirt, vsock and tools."""
     with step("Probing host capabilities"):
-        report = check_host()
+        report = with_libvirt(check_host())
     emit(report.to_json(), fmt, lambda _: _table(report))
 
 

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "sandbox.cli.kbs",
     "sandbox.cli.build",
     "sandbox.cli.measure",
+    "sandbox.cli.export",
 )
 
 

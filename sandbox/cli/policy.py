@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from sandbox.cli.common import OutputFormat, emit, format_option, info, resolve_format, write_document
+from sandbox.cli.template_options import template_options, volume_paths
 from sandbox.group import load_group
 from sandbox.kbs.client import broker_pins
 from sandbox.policy.diff import diff_policies
@@ -37,11 +38,12 @@ def policy() -> None:
 @click.option("--kbs", "kbs_url", help="Pin the key broker serving at this URL (key_brokers; docs/kbs.md).")
 @click.option("--kbs-key", "kbs_keys", multiple=True,
               help="Pin this key broker (its public key's SHA-256, as 'kbs key' prints). Repeatable.")
+@template_options
 @format_option
 def gen(group_file: Path, output: Path | None, debug_mode: bool | None, kbs_url: str | None,
-        kbs_keys: tuple[str, ...], fmt: str | None) -> None:
+        kbs_keys: tuple[str, ...], template_group: str | None, volumes: tuple[str, ...], fmt: str | None) -> None:
     """Generate the policy of GROUP_FILE from its images, volumes and options."""
-    spec = load_group(group_file)
+    spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
     pins = broker_pins(kbs_url, kbs_keys)
     images = resolve_group_images(spec)
     raw = generate_policy(spec, images, debug_mode=debug_mode, volume_hashes=files_volume_hashes(spec),

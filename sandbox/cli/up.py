@@ -10,11 +10,14 @@ from typing import Any
 import click
 
 from sandbox.cli.common import emit, format_option, info, render_table
+from sandbox.cli.template_options import template_options, volume_paths
 from sandbox.group import TeeMode, load_group
 from sandbox.kbs.client import check_url
 from sandbox.launch import lifecycle
+from sandbox.launch.measured import IdentityOptions
 from sandbox.launch.pipeline import UpOptions
 from sandbox.launch.pipeline import up as launch_up
+from sandbox.log import QUIET, setup_logging
 from sandbox.shared.errors import InputError
 from sandbox.vmm.config import Backend
 
@@ -33,23 +36,41 @@ from sandbox.vmm.config import Backend
                                         "docs/kbs.md), e.g. http://127.0.0.1:8300.")
 @click.option("--kbs-key", "kbs_keys", multiple=True,
               help="Pin this broker key (SHA-256, as 'kbs key' prints) instead of asking --kbs. Repeatable.")
+@click.option("--id-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Sign an SEV-SNP ID block with this EC P-384 key: the PSP then refuses any other measurement.")
+@click.option("--author-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also sign the ID key with this author key (author-key-enabled).")
+@click.option("--id-block", "id_block", type=click.Path(path_type=Path, dir_okay=False),
+              help="Use an ID block signed elsewhere ('parma-sandbox measure ... --id-key KEY --id-out FILE').")
+@click.option("--expect-measurement", help="Reference MEASUREMENT (96 hex digits) the post-launch report must "
+                                           "carry (default: the predicted one).")
+@click.option("--debug", "debug_files", is_flag=True,
+              help="Keep the launch's debug files (argv, domain XML, console, report) and show tracebacks; "
+                   "see docs/snp-lab.md.")
+@template_options
 @format_option
 def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, tee: str | None,
-       backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], fmt: str | None) -> int:
+       backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], id_key: Path | None, author_key: Path | None,
+       id_block: Path | None, expect_measurement: str | None, debug_files: bool, template_group: str | None,
+       volumes: tuple[str, ...], fmt: str | None) -> int:
     """Pull, convert, generate the policy, launch the UVM and start GROUP_FILE's containers.
 
     Attached (the default), it streams the containers' output and exits with the first container's
     exit code, taking the sandbox down; Ctrl-C also takes it down. With -d it prints the sandbox and
     returns.
     """
-    spec = load_group(group_file)
+    if debug_files:
+        setup_logging(debug=True, quiet=QUIET.get())
+    identity = IdentityOptions(id_key=id_key, author_key=author_key, id_block=id_block,
+                               expect_measurement=_measurement(expect_measurement))
+    spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
     # SIGTERM/SIGHUP (a closed terminal, a supervisor) take the same clean path as Ctrl-C: a VM being
     # launched is stopped and its state removed; an attached sandbox is taken down.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     opts = UpOptions(name=name, policy_file=policy_file, tee=TeeMode(tee) if tee else None,
                      backend=Backend(backend), detach=detach,
-                     kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys)
+                     kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys, identity=identity)
     launched = launch_up(spec, opts)
     d = launched.record.details
     summary = {"name": launched.name, "status": launched.record.status, "tee": d["tee"], "accel": d["accel"],
@@ -65,6 +86,18 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     info(f"{launched.name}: running; streaming output (Ctrl-C stops the sandbox)")
     containers = [c.name for c in launched.plan.containers if c.stdio]
     return lifecycle.run_attached(launched.name, launched.plan.containers[0].name, containers)
+
+
+def _measurement(value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        raw = bytes.fromhex(value.strip().removeprefix("0x"))
+    except ValueError:
+        raw = b""
+    if len(raw) != 48:
+        raise InputError(f"--expect-measurement: expected 96 hex digits (a SHA-384 launch digest), got {value!r}")
+    return raw
 
 
 def _interrupt(signum: int, _frame: object) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from sandbox.cli.common import emit, format_option
+from sandbox.cli.template_options import template_options, volume_paths
 from sandbox.group import GroupSpec, ValidationError, load_group
 from sandbox.images.local import check_local_image
 
@@ -29,10 +30,11 @@ def group_summary(spec: GroupSpec) -> dict[str, object]:
 
 @click.command("validate")
 @click.argument("group_file", type=click.Path(path_type=Path, dir_okay=False))
+@template_options
 @format_option
-def validate(group_file: Path, fmt: str | None) -> None:
+def validate(group_file: Path, template_group: str | None, volumes: tuple[str, ...], fmt: str | None) -> None:
     """Validate GROUP_FILE (exit 0 when valid, 2 with every problem listed otherwise)."""
-    spec = load_group(group_file)
+    spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
     problems = [f"containers[{i}].image: {why}" for i, c in enumerate(spec.containers)
                 if (why := check_local_image(c.image, base_dir=spec.base_dir))]
     if problems:

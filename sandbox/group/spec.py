@@ -44,7 +44,9 @@ class VolumeKind(StrEnum):
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
+# "user", "user:group", or ":group" (the image's user with this group: an ARM template's runAsGroup alone).
+USER_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?"
+                     r"|:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})$")
 # Simplified docker reference grammar: [host[:port]/]path[:tag][@sha256:hex].
 IMAGE_RE = re.compile(
     r"^(?:(?P<host>[A-Za-z0-9.-]+(?::[0-9]+)?)/)?"
@@ -540,11 +542,18 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
                      resources=resources, policy=policy, tee=tee, layer_format=layer_format, base_dir=base_dir)
 
 
-def load_group(path: Path) -> GroupSpec:
-    """Read and validate a group file, or an ACI ARM template (docs/aci.md). Never touches the network."""
+def load_group(path: Path, *, template_group: str | None = None,
+               volume_paths: dict[str, Path] | None = None) -> GroupSpec:
+    """Read and validate a group file, or an ACI ARM template (docs/aci.md). Never touches the network.
+
+    For a template, `template_group` picks one of several container groups and `volume_paths` gives
+    the local directories of its azureFile/gitRepo volumes; a group file takes neither."""
     path = Path(path)
     raw = load_json_file(path)
     from sandbox.aci.arm import is_arm_template, load_template_group  # sandbox.aci.arm imports this module
     if is_arm_template(raw):
-        return load_template_group(path, raw)
+        return load_template_group(path, raw, group=template_group, volume_paths=volume_paths)
+    if template_group is not None or volume_paths:
+        raise InputError(f"{path}: --group and --volume apply to ARM templates, and this is a group file",
+                         hint="a group file names its volumes itself (docs/group-spec.md)")
     return validate_group(raw, base_dir=path.resolve().parent, source=str(path))

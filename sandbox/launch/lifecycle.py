@@ -77,6 +77,7 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
         "policy_hash": d.get("policy_hash"), "expected_measurement": d.get("measurement"),
         "devices": d.get("devices", []), "ports": d.get("ports", []), "vm": d.get("vm"),
         "uvm": d.get("uvm"), "state_dir": str(state_dir), "startup": d.get("startup"),
+        "launch": d.get("launch"), "selfcheck": d.get("selfcheck"),
         "containers": [{k: v for k, v in c.items() if k != "env"} for c in d.get("containers", [])],
     }
     live: dict[str, Any] = {}

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.attest.psp import write_launch_material
 from sandbox.fsutil import atomic_write
 from sandbox.group import GroupSpec, TeeMode
 from sandbox.group.spec import LayerFormat
 from sandbox.hostcheck import Accel, CheckReport, Tee, check_host
 from sandbox.images.model import ResolvedImage
 from sandbox.kbs.client import broker_pins, guest_url
+from sandbox.launch import measured, selfcheck
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
+from sandbox.launch.diagnostics import keep_diagnostics
 from sandbox.launch.plan import LaunchPlan, build_plan
 from sandbox.launch.volumes import package_files_volume
 from sandbox.log import log
@@ -34,7 +35,7 @@ from sandbox.shared.protocol import PORT_COUNT, Op, b64encode
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
 from sandbox.state import ProcessRef, SandboxRecord, StateStore
 from sandbox.vmm import backend as vmm
-from sandbox.vmm.config import ROOT_DISK_SERIAL, Backend, Disk, FwCfgFile, PortForward, SnpLaunch, VmConfig
+from sandbox.vmm.config import ROOT_DISK_SERIAL, Backend, Disk, FwCfgFile, PortForward, VmConfig
 
 BOOT_TIMEOUT = float(os.environ.get("PARMA_SANDBOX_BOOT_TIMEOUT", "180"))
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
@@ -53,6 +54,10 @@ class UpOptions:
     detach: bool = False
     kbs_url: str | None = None          # key broker for the containers' attestation API (docs/kbs.md)
     kbs_keys: tuple[str, ...] = ()      # broker pins for the policy; default: the broker at kbs_url
+    identity: measured.IdentityOptions = field(default_factory=measured.IdentityOptions)  # ID block, reference
+    # False: launch, set the policy and mount every layer and volume, but create no container. The
+    # containerd shim (sandbox/shim) creates and starts them one by one, as containerd asks.
+    create_containers: bool = True
 
 
 @dataclass
@@ -152,27 +157,15 @@ def _check_socket_paths(state_dir: Path) -> None:
 
 
 def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee, accel: Accel,
-               state_dir: Path, policy: bytes, measurement: str | None, kbs_url: str | None = None) -> VmConfig:
+               state_dir: Path, identity: measured.LaunchIdentity, kbs_url: str | None = None) -> VmConfig:
     paths = sandbox_paths(state_dir)
     disks = [Disk(Path(uvm.rootfs), ROOT_DISK_SERIAL)] + [Disk(d.path, d.serial) for d in plan.disks]
     forwards = tuple(PortForward(p.port, p.host_port, p.protocol.lower(), p.host_address) for p in spec.ports)
     fw_cfg: tuple[FwCfgFile, ...] = ()
-    snp = None
-    if tee == Tee.sev_snp:
-        firmware = getattr(uvm, "firmware", None) or check_host().amdsev_ovmf
-        if firmware is None:
-            raise CheckFailed("the AmdSev OVMF is not built", hint="run 'make firmware-snp'")
-        snp = SnpLaunch(host_data=hashlib.sha256(policy).digest(), firmware=Path(firmware),
-                        cbitpos=int(os.environ.get("PARMA_SANDBOX_SNP_CBITPOS", "51")),
-                        reduced_phys_bits=int(os.environ.get("PARMA_SANDBOX_SNP_REDUCED_PHYS_BITS", "1")))
-    else:
+    if tee != Tee.sev_snp:
         # Emulation: the emulated PSP signs reports with HOST_DATA = the policy hash and MEASUREMENT = the
-        # manifest's expected launch measurement (zeros, and verifiers will say so, when it has none); its
-        # material reaches the guest through fw_cfg.
-        if not measurement:
-            log.warning("the UVM manifest has no expected launch measurement; emulated reports carry zeros")
-        write_launch_material(paths["psp"], policy_bytes=policy,
-                              measurement=bytes.fromhex(measurement) if measurement else bytes(48))
+        # predicted launch measurement (sandbox/launch/measured.py); its material reaches the guest by fw_cfg.
+        measured.write_emulated_psp(identity, paths["psp"])
         fw_cfg = (FwCfgFile(PSP_FW_CFG_NAME, paths["psp"]),)
     if kbs_url:
         # Where the key broker is, as the guest sees it: a hint, not trusted (docs/kbs.md).
@@ -182,12 +175,13 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
         name=name, tee=tee, accel=accel, vcpus=spec.resources.vcpus, memory_mib=spec.resources.memory_mib,
         kernel=Path(uvm.kernel), cmdline=str(uvm.cmdline), disks=tuple(disks),
         agent_sockets=agent_sockets(state_dir), console_log=paths["console"], qmp_socket=paths["qmp"],
-        forwards=forwards, fw_cfg=fw_cfg, snp=snp, initrd=getattr(uvm, "initrd", None),
+        forwards=forwards, fw_cfg=fw_cfg, snp=identity.snp, initrd=getattr(uvm, "initrd", None),
         pidfile=paths["pidfile"],
     )
 
 
-def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: Timings) -> dict[str, Any]:
+def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: Timings, *,
+                 create_containers: bool = True) -> dict[str, Any]:
     """set_policy, mounts, create and start every container, in group order. Returns per-step results."""
     results: dict[str, Any] = {"containers": {}}
     with step("Set the execution policy"):
@@ -207,7 +201,7 @@ def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: 
             task.advance()
         results["devices"] = devices
     timings.mark("mounted")
-    for c in plan.containers:
+    for c in plan.containers if create_containers else ():
         with step(f"Start container {c.name}"):
             t0 = time.monotonic()
             client.call(Op.mount_scratch, {"container_id": c.name})
@@ -246,7 +240,8 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
 
     with step("Prepare the UVM"):
         uvm = ensure_uvm()
-    measurement = uvm.expected_measurement(spec.resources.vcpus)
+    identity = measured.prepare(tee, uvm, policy, spec.resources.vcpus, opts.identity)
+    measurement = identity.measurement.hex() if identity.measurement else None
     timings.mark("prepared")
 
     with store.lock(name) as state_dir:
@@ -278,11 +273,13 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                             "exec_processes": [list(e) for e in c.exec_processes]} for c in plan.containers],
             "uvm": {"kernel": str(uvm.kernel), "rootfs": str(uvm.rootfs), "cmdline": str(uvm.cmdline)},
             "kbs": {"url": opts.kbs_url, "guest_url": guest_url(opts.kbs_url), "pins": pins} if opts.kbs_url else None,
+            "launch": identity.to_json(),
         }
         store.save(record)
-        cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, policy, measurement, opts.kbs_url)
         vm: vmm.Vm | None = None
         try:
+            cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, identity, opts.kbs_url)
+            measured.check_config(identity, cfg)
             with step(f"Launch the UVM ({tee.value}, {accel.value}, {opts.backend.value})"):
                 vm = vmm.launch(cfg, opts.backend, log_file=paths["qemu_log"], attached=not opts.detach)
             ref = vm.process()
@@ -295,11 +292,17 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                 wait_for_agent(cfg.agent_sockets, timeout=BOOT_TIMEOUT, alive=vm.alive, console=cfg.console_log)
             timings.mark("agent")
             with AgentClient.connect(cfg.agent_sockets) as client:
-                results = _setup_guest(client, policy, plan, timings)
+                with step("Verify the launch (a fresh attestation report)"):
+                    check = selfcheck.run(client, identity, record_to=state_dir / "selfcheck.json")
+                record.details["selfcheck"] = check.summary()
+                timings.mark("verified")
+                results = _setup_guest(client, policy, plan, timings, create_containers=opts.create_containers)
             record.details["startup"] = {"timings": timings.marks, "containers": results["containers"]}
             record.status = STATUS_RUNNING
             store.save(record)
-        except BaseException:
+            keep_diagnostics(state_dir, record)
+        except BaseException as e:
+            keep_diagnostics(state_dir, record, error=e)
             if vm is not None:
                 try:
                     vm.stop(3)

@@ -92,6 +92,9 @@ def container_process(container: SpecContainer, config: ImageConfig) -> ProcessS
     env = tuple(f"{name}={value}" for name, value in values.items())
     working_dir = container.working_dir or config.working_dir or "/"
     user = container.user if container.user is not None else config.user
+    if container.user is not None and container.user.startswith(":"):
+        # A group alone (an ARM template's runAsGroup without runAsUser) keeps the image's user.
+        user = ((config.user or "").partition(":")[0] or "0") + container.user
     return ProcessSpec(argv, env, frozenset(secure), working_dir, user or "")
 
 

@@ -25,10 +25,11 @@ from sandbox.uvm.measure import (
 )
 from sandbox.uvm.overlay import AGENT_PREFIX, RootfsTar, agent_files
 from sandbox.uvm.pins import EDK2, KERNEL
+from sandbox.vmm.snp import SNP_CPU_MODEL
 
 FORMAT = 1
 DEFAULT_VCPUS = 1
-DEFAULT_CPU_TYPE = "EPYC-v4"
+DEFAULT_CPU_TYPE = SNP_CPU_MODEL   # the model SEV-SNP launches use (sandbox/vmm/snp.py)
 
 
 def _file(path: Path, **extra: Any) -> dict[str, Any]:

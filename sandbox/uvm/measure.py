@@ -1,9 +1,12 @@
 """Expected AMD SEV(-ES/-SNP) launch measurements, computed with sev-snp-measure as a library.
 
 `MeasureRequest` mirrors sev-snp-measure's command-line options one to one, so `parma-sandbox measure`
-accepts the same flags and prints the same hex. `expected_snp_measurements` gives the table the UVM
-manifest records: the launch digest of our AmdSev OVMF + kernel + command line (kernel-hashes=on, no
-initrd) for a few vCPU counts and CPU models.
+accepts the same flags and prints the same hex. `launch_request(cfg)` is the request for an SEV-SNP
+VmConfig, every value read from the config that also renders the QEMU argv and the libvirt XML
+(firmware, vCPU count, CPU model, SEV features, kernel, initrd, command line), so the prediction
+cannot drift from the launch. `expected_snp_measurements` gives the table the UVM manifest records:
+the launch digest of our AmdSev OVMF + kernel + command line (kernel-hashes=on, no initrd) for a few
+vCPU counts and CPU models.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from sevsnpmeasure.sev_mode import SevMode
 from sevsnpmeasure.vmm_types import VMMType
 
 from sandbox.shared.errors import InputError
+from sandbox.vmm.config import VmConfig
+from sandbox.vmm.snp import SNP_CPU_MODEL, SNP_GUEST_FEATURES, snp_cpu_model
 
 # SEV_FEATURES that QEMU >= 9.1 (KVM_SEV_INIT2) gives an SNP guest: SNPActive only.
-QEMU_SNP_GUEST_FEATURES = 0x1
+QEMU_SNP_GUEST_FEATURES = SNP_GUEST_FEATURES
 # The manifest's table: vCPU counts and QEMU CPU models (their CPUID(1).EAX goes into every VMSA).
 MANIFEST_VCPUS = (1, 2, 4)
-MANIFEST_CPU_TYPES = ("EPYC-v4", "EPYC-Milan", "EPYC-Genoa")
+MANIFEST_CPU_TYPES = (SNP_CPU_MODEL, "EPYC-Milan", "EPYC-Genoa")
 CPU_TYPES = tuple(vcpu_types.CPU_SIGS)
 
 
@@ -170,3 +175,34 @@ def expected_snp_measurements(ovmf: Path, kernel: Path, cmdline: str, *,
             table.append({"vcpus": n, "cpu_type": cpu, "guest_features": hex(guest_features),
                           "measurement": launch_digest(req).hex()})
     return table
+
+
+def snp_request(*, firmware: Path, vcpus: int, cpu_model: str, guest_features: int, kernel: Path | None,
+                initrd: Path | None, cmdline: str | None, ovmf_hash: str | None = None) -> MeasureRequest:
+    """An SNP measurement request for a QEMU launch with kernel hashes (kernel None: no kernel hashes)."""
+    return MeasureRequest(mode=Mode.snp, ovmf=firmware, vcpus=vcpus, vcpu_type=cpu_model, kernel=kernel,
+                          initrd=initrd if kernel is not None else None,
+                          append=cmdline if kernel is not None else None, guest_features=guest_features,
+                          snp_ovmf_hash=ovmf_hash)
+
+
+def launch_request(cfg: VmConfig) -> MeasureRequest:
+    """The measurement request for an SEV-SNP VmConfig, read from the same fields the argv and XML use."""
+    if cfg.snp is None:
+        raise ValueError("only an SEV-SNP VmConfig has a launch measurement")
+    hashed = cfg.snp.kernel_hashes
+    return snp_request(firmware=cfg.snp.firmware, vcpus=cfg.vcpus, cpu_model=cfg.snp.cpu_model,
+                       guest_features=cfg.snp.guest_features, kernel=cfg.kernel if hashed else None,
+                       initrd=cfg.initrd, cmdline=cfg.cmdline)
+
+
+def launch_measurement(cfg: VmConfig) -> bytes:
+    """The expected MEASUREMENT of an SEV-SNP VmConfig."""
+    return launch_digest(launch_request(cfg))
+
+
+def reference_measurement(*, firmware: Path, kernel: Path, initrd: Path | None, cmdline: str, vcpus: int) -> bytes:
+    """The MEASUREMENT this UVM has on SEV-SNP with this host's CPU model: what the emulated PSP reports."""
+    return launch_digest(snp_request(firmware=firmware, vcpus=vcpus, cpu_model=snp_cpu_model(),
+                                     guest_features=SNP_GUEST_FEATURES, kernel=kernel, initrd=initrd,
+                                     cmdline=cmdline))

@@ -2,7 +2,11 @@
 
 A running VM is described by a small JSON-able record (saved in the sandbox state) from which any
 later command (`ps`, `down`) can re-attach: the QEMU pid plus its kernel start time (so a recycled
-pid is never mistaken for ours), and for libvirt the domain name.
+pid is never mistaken for ours), and for libvirt the domain name (and the directory its files were
+published in for libvirt's QEMU user, sandbox/vmm/libvirt_share.py).
+
+libvirt: qemu:///system for root, qemu:///session for other users (whose QEMU then runs as
+themselves); PARMA_SANDBOX_LIBVIRT_URI overrides.
 """
 
 from __future__ import annotations
@@ -20,13 +24,23 @@ from sandbox.log import log
 from sandbox.run import command_line, spawn
 from sandbox.shared.errors import SandboxError, StateError
 from sandbox.state import ProcessRef
-from sandbox.vmm.config import Backend, VmConfig
+from sandbox.vmm import libvirt_share
+from sandbox.vmm.config import Accel, Backend, VmConfig
 from sandbox.vmm.libvirt_xml import build_domain_xml, domain_name
 from sandbox.vmm.qemu import build_argv
 from sandbox.vmm.qmp import QmpClient, QmpError, wait_for_socket
 
-LIBVIRT_URI = os.environ.get("PARMA_SANDBOX_LIBVIRT_URI", "qemu:///system")
+URI_ENV = "PARMA_SANDBOX_LIBVIRT_URI"
 LIBVIRT_PIDFILE_DIR = Path("/run/libvirt/qemu")
+DAEMON_HINT = "start it: 'systemctl start libvirtd', or without systemd 'virtlogd -d; libvirtd -d' (docs/snp-lab.md)"
+
+
+def default_uri() -> str:
+    """$PARMA_SANDBOX_LIBVIRT_URI, else qemu:///system for root and qemu:///session for everyone else."""
+    return os.environ.get(URI_ENV) or ("qemu:///system" if os.getuid() == 0 else "qemu:///session")
+
+
+LIBVIRT_URI = default_uri()
 
 
 class LaunchError(SandboxError):
@@ -175,27 +189,36 @@ def attach_qemu(record: dict[str, Any]) -> QemuVm:
 # libvirt
 
 
-def _libvirt() -> Any:
+def libvirt_module() -> Any:
+    """The libvirt-python module (a LaunchError with a hint when it is missing), errors not printed."""
     try:
         import libvirt  # noqa: PLC0415 - optional at import time: only --backend libvirt needs it
     except ImportError as e:
         raise LaunchError("libvirt-python is not installed", hint="run 'make setup'") from e
+    # libvirt prints every error to stderr by default ("Domain not found" for each lookup); they are
+    # raised as libvirtError and reported by us instead.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     return libvirt
 
 
 def _open(uri: str) -> Any:
-    lv = _libvirt()
+    lv = libvirt_module()
     try:
         return lv.open(uri)
     except lv.libvirtError as e:
-        raise LaunchError(f"cannot connect to libvirt at {uri}: {e.get_error_message()}",
-                          hint="start it with 'virtlogd -d; virtlockd -d; libvirtd -d' "
-                               "(see 'parma-sandbox check')") from e
+        raise LaunchError(f"cannot connect to libvirt at {uri}: {e.get_error_message()}", hint=DAEMON_HINT) from e
 
 
-def _qemu_pid(name: str) -> ProcessRef | None:
+def _pidfile(uri: str, name: str) -> Path:
+    if uri.endswith("/session"):
+        runtime = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(Path.home(), ".cache")
+        return Path(runtime) / "libvirt" / "qemu" / "run" / f"{name}.pid"
+    return LIBVIRT_PIDFILE_DIR / f"{name}.pid"
+
+
+def _qemu_pid(uri: str, name: str) -> ProcessRef | None:
     try:
-        pid = int((LIBVIRT_PIDFILE_DIR / f"{name}.pid").read_text().strip())
+        pid = int(_pidfile(uri, name).read_text().strip())
     except (OSError, ValueError):
         return None
     try:
@@ -209,10 +232,11 @@ class LibvirtVm:
     name: str
     uri: str
     ref: ProcessRef | None
+    share: Path | None = None        # the domain's published files (removed when it stops)
     backend: Backend = Backend.libvirt
 
     def _domain(self) -> Any:
-        lv = _libvirt()
+        lv = libvirt_module()
         conn = _open(self.uri)
         try:
             return conn, conn.lookupByName(self.name)
@@ -244,7 +268,7 @@ class LibvirtVm:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Destroy the transient domain (libvirt terminates QEMU, SIGKILL after its own grace period)."""
-        lv = _libvirt()
+        lv = libvirt_module()
         conn, dom = self._domain()
         if dom is not None:
             try:
@@ -257,45 +281,70 @@ class LibvirtVm:
             _kill(self.ref, signal.SIGKILL)
             if not _wait_dead(self.ref, timeout):
                 raise StateError(f"QEMU of libvirt domain {self.name} (pid {self.ref.pid}) did not exit")
+        libvirt_share.remove(self.share)
 
     def record(self) -> dict[str, Any]:
         rec: dict[str, Any] = {"backend": self.backend.value, "domain": self.name, "uri": self.uri}
         if self.ref is not None:
             rec.update(pid=self.ref.pid, start_time=self.ref.start_time)
+        if self.share is not None:
+            rec["share"] = str(self.share)
         return rec
 
 
-def launch_libvirt(cfg: VmConfig, *, log_file: Path, uri: str = LIBVIRT_URI, timeout: float = 30.0) -> LibvirtVm:
-    lv = _libvirt()
-    xml = build_domain_xml(cfg)
-    atomic_write(log_file.with_name("domain.xml"), xml.encode(), 0o600)
+def qemu_user(conn: Any, accel: Accel) -> libvirt_share.QemuUser | None:
+    """Who libvirt runs this domain's QEMU as (None: no DAC security model, i.e. as libvirtd itself)."""
+    return libvirt_share.parse_dac_label(conn.getCapabilities(), "kvm" if accel == Accel.kvm else "qemu")
+
+
+def _log_hint(uri: str, name: str) -> str:
+    if uri.endswith("/session"):
+        return f"see ~/.cache/libvirt/qemu/log/{name}.log"
+    return f"see /var/log/libvirt/qemu/{name}.log"
+
+
+def launch_libvirt(cfg: VmConfig, *, log_file: Path, uri: str | None = None, timeout: float = 30.0) -> LibvirtVm:
+    """Start `cfg` as a transient domain; its files are published for libvirt's QEMU user first."""
+    lv = libvirt_module()
+    uri = uri or default_uri()
+    name = domain_name(cfg)
+    xml_path = log_file.with_name("domain.xml")
     conn = _open(uri)
+    published = None
     try:
         stale = None
         try:
-            stale = conn.lookupByName(domain_name(cfg))
+            stale = conn.lookupByName(name)
         except lv.libvirtError:
             pass
         if stale is not None:
-            raise LaunchError(f"libvirt domain {domain_name(cfg)} already exists",
+            raise LaunchError(f"libvirt domain {name} already exists",
                               hint=f"'parma-sandbox down {cfg.name}' removes it")
+        published = libvirt_share.publish(cfg, name, qemu_user(conn, cfg.accel))
+        xml = build_domain_xml(published.config)
+        atomic_write(xml_path, xml.encode(), 0o600)
         try:
             conn.createXML(xml, 0)
         except lv.libvirtError as e:
             raise LaunchError(f"libvirt could not start the domain: {e.get_error_message()}",
-                              hint=f"the domain XML is in {log_file.with_name('domain.xml')}") from e
+                              hint=f"the domain XML is in {xml_path}; {_log_hint(uri, name)}") from e
+    except BaseException:
+        if published is not None:
+            libvirt_share.remove(published.directory)
+        raise
     finally:
         conn.close()
-    vm = LibvirtVm(domain_name(cfg), uri, _qemu_pid(domain_name(cfg)))
+    vm = LibvirtVm(name, uri, _qemu_pid(uri, name), published.directory)
     if not wait_for_socket(cfg.agent_sockets[0], timeout, vm.alive):
         vm.stop(2)
-        raise LaunchError("the libvirt domain did not come up", hint=f"see /var/log/libvirt/qemu/{vm.name}.log")
+        raise LaunchError("the libvirt domain did not come up", hint=_log_hint(uri, name))
     return vm
 
 
 def attach_libvirt(record: dict[str, Any]) -> LibvirtVm:
     ref = ProcessRef(int(record["pid"]), int(record["start_time"])) if "pid" in record else None
-    return LibvirtVm(record["domain"], record.get("uri", LIBVIRT_URI), ref)
+    share = Path(record["share"]) if record.get("share") else None
+    return LibvirtVm(record["domain"], record.get("uri") or default_uri(), ref, share)
 
 
 def launch(cfg: VmConfig, backend: Backend, *, log_file: Path, attached: bool) -> Vm:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 from sandbox.hostcheck import Accel, Tee
 from sandbox.shared.protocol import PORT_PREFIX
+from sandbox.vmm.snp import SnpLaunch
 
 __all__ = ["Accel", "Backend", "Disk", "FwCfgFile", "PortForward", "SnpLaunch", "Tee", "VmConfig"]
 
 ROOT_DISK_SERIAL = "parma-root"
-SNP_POLICY_DEFAULT = 0x30000   # SMT allowed (bit 16), reserved bit 17 set, no debug, no migration agent
-CPU_SNP = "EPYC-v4"
 
 
 class Backend(StrEnum):
@@ -44,19 +42,6 @@ class FwCfgFile:
 
 
 @dataclass(frozen=True)
-class SnpLaunch:
-    host_data: bytes                 # 32 bytes: SHA-256 of the policy
-    firmware: Path                   # the AmdSev OVMF (kernel hashes support)
-    cbitpos: int = 51
-    reduced_phys_bits: int = 1
-    policy: int = SNP_POLICY_DEFAULT
-    kernel_hashes: bool = True
-
-    def host_data_b64(self) -> str:
-        return base64.b64encode(self.host_data).decode()
-
-
-@dataclass(frozen=True)
 class VmConfig:
     name: str
     tee: Tee
@@ -82,8 +67,6 @@ class VmConfig:
             raise ValueError("an sev-snp VM needs SnpLaunch parameters, and only it")
         if self.tee == Tee.sev_snp and self.accel != Accel.kvm:
             raise ValueError("SEV-SNP needs KVM")
-        if self.snp is not None and len(self.snp.host_data) != 32:
-            raise ValueError("SEV-SNP host_data is 32 bytes")
         serials = [d.serial for d in self.disks]
         if len(set(serials)) != len(serials):
             raise ValueError("disk serials must be unique")

@@ -1,8 +1,19 @@
 """VmConfig -> libvirt domain XML with the same devices as the QEMU argv (golden-tested).
 
-Two things have no native libvirt element in libvirt 9.0 and go through <qemu:commandline>: user-mode
-networking with host port forwards (libvirt's <portForward> needs the passt backend) is passed as the
-same -netdev/-device pair the QEMU backend uses. fw_cfg entries use <sysinfo type='fwcfg'>.
+Written for libvirt >= 10.5 (SEV-SNP launch security; the tests validate every rendering with the
+installed libvirt's own schema, virt-xml-validate). User-mode networking with host port forwards has
+no native element without the passt backend and goes through <qemu:commandline> as the same
+-netdev/-device pair the QEMU backend uses; fw_cfg entries use <sysinfo type='fwcfg'>.
+
+SEV-SNP uses libvirt's own form: <launchSecurity type='sev-snp'> with the same cbitpos,
+reduced-phys-bits, policy, host data and ID block as the QEMU object, a custom CPU model, and the
+AmdSev OVMF as a stateless ROM (<loader type='rom' stateless='yes'>: one image, no NVRAM; QEMU gets
+it with -bios, as in the QEMU argv).
+
+Read-only disks are content-addressed files shared with the cache and with other VMs: each carries
+<seclabel model='dac' relabel='no'/> so that libvirt's dynamic ownership never chowns them to the
+QEMU user (who could then write to them); the backend makes them readable instead
+(sandbox/vmm/libvirt_share.py).
 """
 
 from __future__ import annotations
@@ -10,7 +21,7 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 
-from sandbox.vmm.config import CPU_SNP, Accel, VmConfig
+from sandbox.vmm.config import Accel, VmConfig
 from sandbox.vmm.qemu import network_args
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -67,7 +78,7 @@ def build_domain_xml(cfg: VmConfig) -> str:
     _sub(features, "acpi")
     if cfg.snp is not None:
         cpu = _sub(dom, "cpu", mode="custom", match="exact", check="none")
-        _sub(cpu, "model", CPU_SNP, fallback="forbid")
+        _sub(cpu, "model", cfg.snp.cpu_model, fallback="forbid")  # measured: the same model as -cpu
     elif cfg.accel == Accel.kvm:
         _sub(dom, "cpu", mode="host-passthrough")
     _sub(dom, "clock", offset="utc")
@@ -78,7 +89,9 @@ def build_domain_xml(cfg: VmConfig) -> str:
     for i, disk in enumerate(cfg.disks):
         d = _sub(devices, "disk", type="file", device="disk")
         _sub(d, "driver", name="qemu", type="raw")
-        _sub(d, "source", file=os.fspath(disk.path))
+        source = _sub(d, "source", file=os.fspath(disk.path))
+        if disk.readonly:
+            _sub(source, "seclabel", model="dac", relabel="no")
         _sub(d, "target", dev=_disk_target(i), bus="virtio")
         if disk.readonly:
             _sub(d, "readonly")
@@ -97,10 +110,16 @@ def build_domain_xml(cfg: VmConfig) -> str:
 
     if cfg.snp is not None:
         snp = cfg.snp
-        ls = _sub(dom, "launchSecurity", type="sev-snp", kernelHashes="yes" if snp.kernel_hashes else "no")
+        attrs = {"type": "sev-snp", "kernelHashes": "yes" if snp.kernel_hashes else "no"}
+        if snp.id_block is not None:
+            attrs["authorKey"] = "yes" if snp.author_key_enabled else "no"
+        ls = _sub(dom, "launchSecurity", **attrs)
         _sub(ls, "cbitpos", str(snp.cbitpos))
         _sub(ls, "reducedPhysBits", str(snp.reduced_phys_bits))
         _sub(ls, "policy", f"0x{snp.policy:08x}")
+        if snp.id_block is not None and snp.id_auth is not None:
+            _sub(ls, "idBlock", snp.b64(snp.id_block))
+            _sub(ls, "idAuth", snp.b64(snp.id_auth))
         _sub(ls, "hostData", snp.host_data_b64())
 
     net = network_args(cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from sandbox.vmm.config import Accel, Tee, VmConfig
+from sandbox.vmm.config import Accel, VmConfig
 
 QEMU_BINARY = "qemu-system-x86_64"
 NET_SLOT = "0x1e"
@@ -33,8 +33,10 @@ def machine_args(cfg: VmConfig) -> list[str]:
     if cfg.snp is not None:
         machine += [("confidential-guest-support", "sev0"), ("memory-backend", "ram0")]
     args = ["-machine", _opts(*machine)]
-    if cfg.accel == Accel.kvm:
-        args += ["-cpu", "EPYC-v4" if cfg.tee == Tee.sev_snp else "host"]
+    if cfg.snp is not None:
+        args += ["-cpu", cfg.snp.cpu_model]      # measured: its CPUID(1).EAX is in every VMSA
+    elif cfg.accel == Accel.kvm:
+        args += ["-cpu", "host"]
     args += ["-smp", str(cfg.vcpus), "-m", f"{cfg.memory_mib}M"]
     return args
 
@@ -43,13 +45,17 @@ def snp_args(cfg: VmConfig) -> list[str]:
     snp = cfg.snp
     if snp is None:
         return []
+    guest: list[tuple[str, object] | str] = [
+        "sev-snp-guest", ("id", "sev0"), ("cbitpos", snp.cbitpos), ("reduced-phys-bits", snp.reduced_phys_bits),
+        ("policy", f"{snp.policy:#x}"), ("kernel-hashes", "on" if snp.kernel_hashes else "off"),
+        ("host-data", snp.host_data_b64())]
+    if snp.id_block is not None and snp.id_auth is not None:
+        guest += [("id-block", snp.b64(snp.id_block)), ("id-auth", snp.b64(snp.id_auth)),
+                  ("author-key-enabled", "on" if snp.author_key_enabled else "off")]
     return [
         "-object", _opts("memory-backend-memfd", ("id", "ram0"), ("size", f"{cfg.memory_mib}M"),
                          ("share", "true"), ("prealloc", "false")),
-        "-object", _opts("sev-snp-guest", ("id", "sev0"), ("cbitpos", snp.cbitpos),
-                         ("reduced-phys-bits", snp.reduced_phys_bits), ("policy", f"{snp.policy:#x}"),
-                         ("kernel-hashes", "on" if snp.kernel_hashes else "off"),
-                         ("host-data", snp.host_data_b64())),
+        "-object", _opts(*guest),
         "-bios", os.fspath(snp.firmware),
     ]
 

@@ -12,10 +12,12 @@ from clirun import run_cli
 
 from sandbox.aci.arm import ccepolicy_of_template, group_document, is_arm_template
 from sandbox.aci.armexpr import ArmError, Resolver
+from sandbox.cli.template_options import volume_paths
 from sandbox.group import load_group, validate_group
 from sandbox.group.jsonio import ValidationError
 from sandbox.group.spec import VolumeKind
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
+from sandbox.shared.errors import InputError
 from sandbox.shared.policy import parse_policy
 from tests.imagefixtures import oci_image
 
@@ -165,7 +167,7 @@ def test_defaults_apply_without_a_parameters_file(tmp_path: Path) -> None:
     (edited(initContainers=[{"name": "init"}]), PARAMETERS,
      r"resources\[1\].properties.initContainers: init containers are not supported"),
     (edited(volumes=[{"name": "secrets", "azureFile": {"shareName": "s"}}]), PARAMETERS,
-     r"resources\[1\].properties.volumes\[0\].azureFile: azureFile volumes are not supported locally"),
+     r"resources\[1\].properties.volumes\[0\].azureFile: azureFile volume 'secrets' needs a local directory"),
     (edited(containers=[]), PARAMETERS, "needs at least one container"),
 ])
 def test_template_errors_name_where(tmp_path: Path, template, parameters, match: str) -> None:
@@ -181,11 +183,64 @@ def test_security_context_that_cannot_be_honoured_is_an_error(tmp_path: Path) ->
         load_group(write(tmp_path, t))
 
 
-def test_two_container_groups_are_refused(tmp_path: Path) -> None:
+def test_two_container_groups_need_group(tmp_path: Path) -> None:
     t = copy.deepcopy(TEMPLATE)
     t["resources"].append(copy.deepcopy(t["resources"][1]))
-    with pytest.raises(ArmError, match="2 container groups"):
+    t["resources"][2]["name"] = "second"
+    with pytest.raises(ArmError, match="2 container groups") as e:
         load_group(write(tmp_path, t))
+    assert "--group" in e.value.hint
+    path = write(tmp_path, t)
+    assert load_group(path, template_group="second").name == "second"
+    assert load_group(path, template_group="0").name == "hello-aci"
+    with pytest.raises(ArmError, match="no container group 'third'"):
+        load_group(path, template_group="third")
+
+
+def test_azurefile_gitrepo_configmap_and_arm_volume_names(tmp_path: Path) -> None:
+    t = copy.deepcopy(TEMPLATE)
+    props = t["resources"][1]["properties"]
+    props["volumes"] = props.get("volumes", []) + [{"name": "Share_1", "azureFile": {"shareName": "s", "storageAccountName": "a"}},
+                        {"name": "repo", "gitRepo": {"repository": "https://example.com/r.git"}},
+                        {"name": "mySecrets", "secret": {"API.key": "aGk="}}]
+    web = props["containers"][0]["properties"]
+    web["volumeMounts"] = [{"name": "Share_1", "mountPath": "/mnt/share"}, {"name": "repo", "mountPath": "/src"},
+                           {"name": "mySecrets", "mountPath": "/secrets"}]
+    web["configMap"] = {"keyValuePairs": {"key1": "value1"}}
+    share, repo = tmp_path / "share", tmp_path / "repo"
+    share.mkdir()
+    repo.mkdir()
+    path = write(tmp_path, t)
+    with pytest.raises(ArmError, match="needs a local directory") as e:
+        load_group(path)
+    assert "--volume Share_1=PATH" in e.value.hint
+    spec = load_group(path, volume_paths={"Share_1": share, "repo": repo})
+    vols = {v.name: v for v in spec.volumes}
+    assert vols["share-1"].kind == VolumeKind.files and vols["share-1"].source == share.resolve()
+    assert vols["repo"].kind == VolumeKind.files and vols["mysecrets"].items == (("API.key", b"hi"),)
+    cm = vols["configmap-hello-aci-web"]
+    assert cm.kind == VolumeKind.secret and cm.items == (("key1", b"value1"),)
+    mounts = {m.mount_path: (m.volume, m.read_only) for m in spec.containers[0].mounts}
+    assert mounts == {"/mnt/share": ("share-1", True), "/src": ("repo", True), "/secrets": ("mysecrets", True),
+                      "/mnt/configmap": ("configmap-hello-aci-web", True)}
+    with pytest.raises(ArmError, match="no volume of that name"):
+        load_group(path, volume_paths={"nope": share, "Share_1": share, "repo": repo})
+    with pytest.raises(InputError, match="expected NAME=PATH"):
+        volume_paths(("share",))
+    with pytest.raises(InputError, match="apply to ARM templates"):
+        load_group(write_group(tmp_path), template_group="x")
+
+
+def write_group(tmp_path: Path) -> Path:
+    p = tmp_path / "group.json"
+    p.write_text(json.dumps({"name": "g", "containers": [{"name": "c", "image": "busybox"}]}))
+    return p
+
+
+def test_run_as_group_alone_keeps_the_images_user(tmp_path: Path) -> None:
+    t = copy.deepcopy(TEMPLATE)
+    t["resources"][1]["properties"]["containers"][1]["properties"]["securityContext"] = {"runAsGroup": 3000}
+    assert load_group(write(tmp_path, t)).containers[1].user == ":3000"
 
 
 def test_mapped_group_problems_are_reported_as_validation_errors(tmp_path: Path) -> None:
@@ -230,7 +285,7 @@ def test_expressions(expr: str, expected: Any) -> None:
 
 
 @pytest.mark.parametrize(("expr", "match"), [
-    ("[uniqueString('a')]", r"the template function uniqueString\(\) is not supported"),
+    ("[reference('a')]", r"the template function reference\(\) is not supported"),
     ("[parameters('missing')]", "declares no parameter 'missing'"),
     ("[variables('a')]", "circular reference: variables\\('a'\\) -> variables\\('b'\\) -> variables\\('a'\\)"),
     ("[concat('a', ]", "cannot parse"),
@@ -291,3 +346,19 @@ def test_templates_use_acis_layer_format_and_the_launcher_passes_it_on(tmp_path:
     with pytest.raises(ValidationError, match="invalid"):
         validate_group({**doc, "layerFormat": "kata"}, base_dir=tmp_path)
     assert validate_group({**doc, "layerFormat": "aci"}, base_dir=tmp_path).layer_format == LayerFormat.aci
+
+
+@pytest.mark.parametrize(("expr", "expected"), [
+    ("[substring('confidential', 3, 4)]", "fide"),
+    ("[join(split('a,b,c', ','), '-')]", "a-b-c"),
+    ("[padLeft(string(7), 3, '0')]", "007"),
+    ("[union(createObject('a', 1), createObject('b', 2))]", {"a": 1, "b": 2}),
+    ("[if(contains('hello', 'ell'), add(1, 2), 0)]", 3),
+    ("[length(uniqueString('a', 'b'))]", 13),
+    ("[equals(guid('x', 'y'), guid('x', 'y'))]", True),
+    ("[deployment().name]", "t"),
+    ("[last(range(1, 3))]", 3),
+])
+def test_pure_template_functions(expr: str, expected: Any) -> None:
+    r = Resolver({"contentVersion": "1.0.0.0"}, {}, "t.json", deployment_name="t")
+    assert r.resolve(expr, "x") == expected

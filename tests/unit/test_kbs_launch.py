@@ -39,17 +39,17 @@ def test_only_attestation_api_containers_get_the_mount(tmp_path: Path) -> None:
 
 
 def test_the_guest_gets_the_broker_address_through_fw_cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline, "write_launch_material", lambda *a, **k: None)  # no emulated CA needed here
+    monkeypatch.setattr(pipeline.measured, "write_emulated_psp", lambda *a, **k: None)  # no emulated CA needed here
+    identity = pipeline.measured.LaunchIdentity(Tee.emulated, bytes(32), None)
     spec = _spec(tmp_path)
     plan = build_plan(spec, {"app": _image(), "side": _image()}, {})
     uvm = SimpleNamespace(rootfs=tmp_path / "rootfs", kernel=tmp_path / "bzImage", cmdline="console=ttyS0")
     state = tmp_path / "state"
     state.mkdir()
-    cfg = _vm_config("secret", spec, plan, uvm, Tee.emulated, Accel.tcg, state, b"{}", None,
-                     "http://127.0.0.1:8300")
+    cfg = _vm_config("secret", spec, plan, uvm, Tee.emulated, Accel.tcg, state, identity, "http://127.0.0.1:8300")
     entry = next(f for f in cfg.fw_cfg if f.name == FW_CFG_KBS_URL)
     assert entry.path.read_text() == "http://10.0.2.2:8300"
-    cfg = _vm_config("secret", spec, plan, uvm, Tee.emulated, Accel.tcg, state, b"{}", None)
+    cfg = _vm_config("secret", spec, plan, uvm, Tee.emulated, Accel.tcg, state, identity)
     assert all(f.name != FW_CFG_KBS_URL for f in cfg.fw_cfg)
 
 

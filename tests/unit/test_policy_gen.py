@@ -182,6 +182,14 @@ def test_working_dir_and_user_precedence(tmp_path: Path) -> None:
     assert container_process(spec.containers[0], ImageConfig(cmd=("/app",))).working_dir == "/"
 
 
+def test_a_group_alone_keeps_the_images_user(tmp_path: Path) -> None:
+    # an ARM template's runAsGroup without runAsUser
+    spec = validate_group({"name": "g", "containers": [{"name": "a", "image": "app:1", "user": ":3000"}]},
+                          base_dir=tmp_path)
+    assert container_process(spec.containers[0], ImageConfig(cmd=("/app",), user="www:www")).user == "www:3000"
+    assert container_process(spec.containers[0], ImageConfig(cmd=("/app",))).user == "0:3000"   # no image user: root
+
+
 @pytest.mark.parametrize(("user", "expected"), [
     ("", ({"pattern": "0", "strategy": "id"}, [{"pattern": "", "strategy": "any"}])),
     ("1000", ({"pattern": "1000", "strategy": "id"}, [{"pattern": "", "strategy": "any"}])),

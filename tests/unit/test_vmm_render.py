@@ -5,12 +5,14 @@ Regenerate after an intended change with PARMA_UPDATE_GOLDEN=1 and review the di
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
+from sandbox.attest.id_keys import load_private_key, make_id_material
 from sandbox.vmm.config import Accel, Disk, FwCfgFile, PortForward, SnpLaunch, Tee, VmConfig
 from sandbox.vmm.libvirt_xml import QEMU_NS, build_domain_xml
 from sandbox.vmm.qemu import build_argv
@@ -19,10 +21,23 @@ GOLDEN = Path(__file__).parent / "golden"
 RUN = Path("/run/user/0/parma-sandbox/hello")
 CACHE = Path("/root/.cache/parma-sandbox")
 HOST_DATA = bytes.fromhex("5e6c6e2dfde7b4f26a6a7b0fd55d0cc8a9a5c3b8a26b8f5e5dc3d3b0a6b1c2d3")
+KEYS = Path(__file__).parents[1] / "data" / "snp-id"
 
 
-def config(tee: Tee, accel: Accel) -> VmConfig:
-    snp = SnpLaunch(host_data=HOST_DATA, firmware=CACHE / "firmware/OVMF.amdsev.fd") if tee == Tee.sev_snp else None
+def snp_launch(*, with_id: bool = False) -> SnpLaunch:
+    """Milan/Genoa/Turin values for cbitpos and reduced-phys-bits (on a host they are read from CPUID)."""
+    snp = SnpLaunch(host_data=HOST_DATA, firmware=CACHE / "firmware/OVMF.amdsev.fd", cbitpos=51, reduced_phys_bits=1)
+    if not with_id:
+        return snp
+    material = make_id_material(measurement=bytes(range(48)), policy=snp.policy,
+                                id_key=load_private_key(KEYS / "id_key.pem"),
+                                author_key=load_private_key(KEYS / "author_key.pem"))   # deterministic signatures
+    return dataclasses.replace(snp, id_block=material.block.to_bytes(), id_auth=material.auth.to_bytes(),
+                               author_key_enabled=True)
+
+
+def config(tee: Tee, accel: Accel, *, with_id: bool = False) -> VmConfig:
+    snp = snp_launch(with_id=with_id) if tee == Tee.sev_snp else None
     fw_cfg = () if snp else (FwCfgFile("opt/parma/psp", RUN / "psp.json"),)
     return VmConfig(
         name="hello", tee=tee, accel=accel, vcpus=1, memory_mib=512,
@@ -41,7 +56,12 @@ MODES = {
     "emulated-tcg": (Tee.emulated, Accel.tcg),
     "emulated-kvm": (Tee.emulated, Accel.kvm),
     "sev-snp": (Tee.sev_snp, Accel.kvm),
+    "sev-snp-id": (Tee.sev_snp, Accel.kvm),       # with an ID block and author key
 }
+
+
+def mode_config(mode: str) -> VmConfig:
+    return config(*MODES[mode], with_id=mode == "sev-snp-id")
 
 
 def check_golden(name: str, text: str) -> None:
@@ -54,13 +74,13 @@ def check_golden(name: str, text: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_qemu_argv_golden(mode: str) -> None:
-    argv = build_argv(config(*MODES[mode]))
+    argv = build_argv(mode_config(mode))
     check_golden(f"qemu-{mode}.argv", "\n".join(argv) + "\n")
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_libvirt_xml_golden(mode: str) -> None:
-    check_golden(f"libvirt-{mode}.xml", build_domain_xml(config(*MODES[mode])))
+    check_golden(f"libvirt-{mode}.xml", build_domain_xml(mode_config(mode)))
 
 
 def test_snp_argv_binds_the_policy_hash() -> None:
@@ -93,7 +113,7 @@ def test_qemu_option_values_escape_commas() -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_both_renderings_have_the_same_devices(mode: str) -> None:
-    cfg = config(*MODES[mode])
+    cfg = mode_config(mode)
     argv = build_argv(cfg)
     dom = ET.fromstring(build_domain_xml(cfg))
     disks = [(d.find("source").get("file"), d.find("serial").text) for d in dom.iter("disk")]
@@ -119,6 +139,16 @@ def test_both_renderings_have_the_same_devices(mode: str) -> None:
         assert ls.find("hostData").text == cfg.snp.host_data_b64()
         assert ls.find("policy").text == "0x00030000"
         assert dom.find("memoryBacking/source").get("type") == "memfd"
+        sev = argv[argv.index("-object", argv.index("-object") + 1) + 1]
+        props = dict(kv.split("=", 1) for kv in sev.split(",")[1:])
+        assert (ls.findtext("cbitpos"), ls.findtext("reducedPhysBits")) == (props["cbitpos"], props["reduced-phys-bits"])
+        assert int(ls.findtext("policy"), 16) == int(props["policy"], 16)
+        assert ls.findtext("idBlock") == props.get("id-block") and ls.findtext("idAuth") == props.get("id-auth")
+        assert ls.get("authorKey") == {"on": "yes", "off": "no", None: None}[props.get("author-key-enabled")]
+        assert dom.find("os/loader").text == argv[argv.index("-bios") + 1]
+    # read-only disks are shared cache files: libvirt must never chown them to its QEMU user
+    for d in dom.iter("disk"):
+        assert (d.find("source/seclabel") is not None) == (d.find("readonly") is not None)
 
 
 def test_invalid_configs_are_refused() -> None:

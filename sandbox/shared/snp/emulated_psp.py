@@ -131,7 +131,8 @@ class EmulatedPsp:
         unsigned = AttestationReport(
             version=version, guest_svn=m.guest_svn, policy=GuestPolicy(m.policy), family_id=m.family_id,
             image_id=m.image_id, vmpl=vmpl, signature_algo=SIG_ALGO_ECDSA_P384_SHA384, current_tcb=tcb,
-            platform_info=PlatformInfo(m.platform_info), key_info=KeyInfo.build(SigningKey.VCEK),
+            platform_info=PlatformInfo(m.platform_info),
+            key_info=KeyInfo.build(SigningKey.VCEK, author_key_en=any(m.author_key_digest)),
             report_data=report_data, measurement=m.measurement, host_data=m.host_data,
             id_key_digest=m.id_key_digest, author_key_digest=m.author_key_digest, report_id=m.report_id,
             report_id_ma=m.report_id_ma, reported_tcb=tcb, cpuid=m.cpuid if version >= 3 else None,

@@ -1,0 +1,125 @@
+"""`parma-sandbox export k8s`: a group as a Pod/Deployment with runtimeClassName parma and the policy."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sandbox.group.spec import validate_group
+from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
+from sandbox.k8s.manifest import Kind, manifests
+from sandbox.policy.gen import generate_policy
+from sandbox.shared.errors import InputError
+from tests.clirun import run_cli
+
+IMAGE = "registry.example/app@sha256:" + "1" * 64
+GROUP = {
+    "name": "web", "resources": {"vcpus": 2, "memoryMiB": 768},
+    "containers": [
+        {"name": "app", "image": IMAGE, "command": ["/bin/httpd", "-f"], "args": ["-p", "8080"],
+         "env": [{"name": "MODE", "value": "on"}, {"name": "TOKEN", "secureValue": "s3cret"}],
+         "workingDir": "/srv", "ports": [{"port": 8080}], "user": "65534:65534",
+         "execProcesses": [{"command": ["/bin/cat", "/etc/hostname"]}], "capabilities": {"drop": ["NET_RAW"]}},
+        {"name": "side", "image": IMAGE, "privileged": True},
+    ],
+}
+
+
+def _policy(spec) -> bytes:  # noqa: ANN001
+    layer = LayerInfo("sha256:" + "2" * 64, "application/vnd.oci.image.layer.v1.tar", 10, "3" * 64, Path("/x"))
+    image = ResolvedImage(IMAGE, "sha256:" + "4" * 64, ImageConfig(cmd=("sh",), env=("PATH=/bin",)), (layer,))
+    return generate_policy(spec, {c.name: image for c in spec.containers})
+
+
+def test_pod_carries_runtime_class_policy_and_the_group() -> None:
+    spec = validate_group(GROUP)
+    policy = _policy(spec)
+    secret, pod = manifests(spec, policy)
+    assert pod["kind"] == "Pod" and pod["spec"]["runtimeClassName"] == "parma"
+    ann = pod["metadata"]["annotations"]
+    assert base64.b64decode(ann["io.parma.policy"]) == policy
+    assert ann["io.parma.policy-sha256"] == hashlib.sha256(policy).hexdigest()
+    assert (ann["io.parma.vcpus"], ann["io.parma.memory-mib"]) == ("2", "768")
+    assert pod["spec"]["enableServiceLinks"] is False
+    app, side = pod["spec"]["containers"]
+    assert app["command"] == ["/bin/httpd", "-f"] and app["args"] == ["-p", "8080"]
+    assert app["workingDir"] == "/srv" and app["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
+    assert app["env"][0] == {"name": "MODE", "value": "on"}
+    assert app["env"][1]["valueFrom"]["secretKeyRef"] == {"name": "web-secure-env", "key": "TOKEN"}
+    assert app["securityContext"] == {"runAsUser": 65534, "runAsGroup": 65534,
+                                      "capabilities": {"drop": ["NET_RAW"]}}
+    assert side == {"name": "side", "image": IMAGE, "securityContext": {"privileged": True}}
+    assert secret["kind"] == "Secret" and base64.b64decode(secret["data"]["TOKEN"]) == b"s3cret"
+    assert "s3cret" not in json.dumps(pod)
+
+
+def test_deployment_template_carries_the_annotations() -> None:
+    spec = validate_group({**GROUP, "containers": [GROUP["containers"][1]]})
+    (deploy,) = manifests(spec, _policy(spec), kind=Kind.deployment, namespace="conf", replicas=3)
+    assert deploy["apiVersion"] == "apps/v1" and deploy["metadata"]["namespace"] == "conf"
+    assert deploy["spec"]["replicas"] == 3
+    assert deploy["spec"]["selector"]["matchLabels"] == deploy["spec"]["template"]["metadata"]["labels"]
+    assert "io.parma.policy" in deploy["spec"]["template"]["metadata"]["annotations"]
+    assert deploy["spec"]["template"]["spec"]["runtimeClassName"] == "parma"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"image": "oci:/tmp/img:latest"}, "exists only on this machine"),
+    ({"user": "nobody"}, "runs containers only as numeric ids"),
+])
+def test_what_a_pod_cannot_run_is_refused(change: dict, message: str) -> None:
+    spec = validate_group({"name": "g", "containers": [{**GROUP["containers"][1], **change}]})
+    with pytest.raises(InputError, match=message):
+        manifests(spec, b"{}")
+
+
+def test_volumes_and_host_ports_are_refused(tmp_path: Path) -> None:
+    vol = {"name": "g", "volumes": [{"name": "v", "emptyDir": {}}],
+           "containers": [{"name": "a", "image": IMAGE, "mounts": [{"name": "v", "mountPath": "/v"}]}]}
+    with pytest.raises(InputError, match="volumes"):
+        manifests(validate_group(vol), b"{}")
+    ports = {"name": "g", "ports": [{"port": 80, "hostPort": 8080}], "containers": [{"name": "a", "image": IMAGE}]}
+    with pytest.raises(InputError, match="Service"):
+        manifests(validate_group(ports), b"{}")
+
+
+def test_yaml_reads_back_as_the_same_documents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = validate_group(GROUP)
+    policy = _policy(spec)
+    (tmp_path / "policy.json").write_bytes(policy)
+    (tmp_path / "group.json").write_text(json.dumps(GROUP))
+    code, stdout, stderr = run_cli(["export", "k8s", str(tmp_path / "group.json"), "--policy",
+                                    str(tmp_path / "policy.json")], capsys)
+    assert code == 0, stderr
+    assert list(yaml.safe_load_all(stdout)) == manifests(spec, policy)
+
+
+def test_cli_with_a_policy_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = validate_group(GROUP)
+    policy = _policy(spec)
+    (tmp_path / "policy.json").write_bytes(policy)
+    (tmp_path / "group.json").write_text(json.dumps(GROUP))
+    out = tmp_path / "pod.yaml"
+    code, stdout, stderr = run_cli(["export", "k8s", str(tmp_path / "group.json"), "--policy",
+                                    str(tmp_path / "policy.json"), "-o", str(out)], capsys)
+    assert code == 0, stderr
+    assert hashlib.sha256(policy).hexdigest() in stdout
+    assert "kubectl exec may run only: app: /bin/cat /etc/hostname" in stderr
+    text = out.read_text()
+    assert "runtimeClassName: parma" in text and base64.b64encode(policy).decode() in text
+
+
+def test_cli_refuses_a_policy_for_other_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = validate_group({**GROUP, "containers": [{**GROUP["containers"][1], "image": "registry.example/x:1"}]})
+    layer = LayerInfo("sha256:" + "2" * 64, "application/vnd.oci.image.layer.v1.tar", 10, "3" * 64, Path("/x"))
+    image = ResolvedImage("x", "sha256:" + "4" * 64, ImageConfig(cmd=("sh",)), (layer,))
+    (tmp_path / "policy.json").write_bytes(generate_policy(other, {"side": image}))
+    (tmp_path / "group.json").write_text(json.dumps(GROUP))
+    code, _, stderr = run_cli(["export", "k8s", str(tmp_path / "group.json"), "--policy",
+                               str(tmp_path / "policy.json")], capsys)
+    assert code == 2 and "the policy lists no container with image" in stderr
