@@ -1,12 +1,15 @@
 """Decision latency of the policy engine, per enforcement point, on a 20-container policy.
 
-Each sample is one engine.enforce() call as the guest agent makes it (input parsing, decision,
-explanation, commit). Prints one JSON document: median, p99 and max in microseconds per point, as
-wall time and as the thread's CPU time (which leaves out time spent waiting for a CPU on a busy
-host), the policy load time, the load average, and whether every p99 is under the 200 µs goal. No reference tool runs here: ACI's
-Rego framework cannot be shipped with the project (see docs/policy.md, "Agreement with ACI").
+Each sample is one decision as the guest agent makes it: building the engine's typed input from the
+request's fields (sandbox/shared/policy/inputs.py), then engine.enforce() (decision, explanation,
+commit). With --from-json each sample decodes the input from its JSON form instead, as `policy check`
+does (and as the engine itself did before inputs were typed). Prints one JSON document: median, p99
+and max in microseconds per point, as wall time and as the thread's CPU time (which leaves out time
+spent waiting for a CPU on a busy host), the policy load time, the load average, and whether every
+p99 is under the 200 µs goal. No reference tool runs here: ACI's Rego framework cannot be shipped
+with the project (see docs/policy.md, "Agreement with ACI").
 
-Usage: python bench/bench_policy.py [--iterations N] [--containers N]
+Usage: python bench/bench_policy.py [--iterations N] [--containers N] [--from-json]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sandbox.shared.policy import PolicyEngine, canonical_bytes  # noqa: E402
 from sandbox.shared.policy.defaults import UNPRIVILEGED_CAPABILITIES, layer_target  # noqa: E402
+from sandbox.shared.policy.inputs import EnforcementPoint, parse_input  # noqa: E402
 
 GOAL_P99_US = 200.0
 ANY = {"pattern": "", "strategy": "any"}
@@ -102,18 +106,34 @@ def create_input(cid: str, c: int, env: list[str] | None = None) -> dict[str, An
             "privileged": False, "no_new_privileges": False, "seccomp_profile_sha256": ""}
 
 
-class Timer:
-    """Times engine.enforce(ep, input) calls; inputs are built before the clock starts."""
+def typed_fields(ep: EnforcementPoint, inp: dict[str, Any]) -> tuple[type, dict[str, Any]]:
+    """The input's class and its fields as typed values, ready for the agent's constructor call."""
+    typed = parse_input(ep, inp)
+    return type(typed), {f: getattr(typed, f) for f in typed.__dataclass_fields__}
 
-    def __init__(self, engine: PolicyEngine) -> None:
-        self.enforce = engine.enforce
+
+class Timer:
+    """Times one decision per call. The request's JSON (and, on the agent path, its typed field values)
+    is prepared before the clock starts; the clock covers building the input and engine.enforce()."""
+
+    def __init__(self, engine: PolicyEngine, from_json: bool) -> None:
+        self.engine = engine
+        self.from_json = from_json
         self.wall: dict[str, list[float]] = {}
         self.cpu: dict[str, list[float]] = {}
 
     def time(self, name: str, ep: str, inp: dict[str, Any], expect: bool = True) -> None:
-        c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
-        decision = self.enforce(ep, inp)
-        t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
+        point = EnforcementPoint(ep)
+        enforce, enforce_json = self.engine.enforce, self.engine.enforce_json
+        if self.from_json:
+            c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+            decision = enforce_json(point, inp)
+            t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
+        else:
+            cls, fields = typed_fields(point, inp)
+            c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+            decision = enforce(cls(**fields))
+            t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
         if decision.allowed != expect:
             raise SystemExit(f"{name}: unexpected decision: {decision.reason}")
         self.wall.setdefault(name, []).append((t1 - t0) / 1000)
@@ -126,16 +146,16 @@ def stats(xs: list[float]) -> dict[str, float]:
             "p99_us": round(xs[min(len(xs) - 1, int(len(xs) * 0.99))], 1), "max_us": round(xs[-1], 1)}
 
 
-def run(iterations: int, n_containers: int) -> dict[str, Any]:
+def run(iterations: int, n_containers: int, from_json: bool = False) -> dict[str, Any]:
     raw = policy(n_containers)
     t0 = time.perf_counter()
     engine = PolicyEngine.from_bytes(raw)
     load_ms = (time.perf_counter() - t0) * 1000
-    t = Timer(engine)
+    t = Timer(engine, from_json)
     last = n_containers - 1   # the candidate scanned last in every list
     # Layers of the last container stay mounted for the overlay and create measurements.
     for i in range(5):
-        engine.enforce("mount_device", {"target": layer_target(f"base{i}"), "device_hash": layer(last, i)})
+        engine.enforce_json("mount_device", {"target": layer_target(f"base{i}"), "device_hash": layer(last, i)})
     paths = [layer_target(f"base{i}") for i in reversed(range(5))]
     exec_env = [*ENV, f"APP_NAME=app{last}"]
     gc.disable()
@@ -172,6 +192,7 @@ def run(iterations: int, n_containers: int) -> dict[str, Any]:
         "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
         "policy": {"containers": n_containers, "bytes": len(raw), "load_ms": round(load_ms, 2)},
         "iterations": iterations,
+        "input": "decoded from JSON" if from_json else "typed, as the agent builds it",
         "goal_p99_us": GOAL_P99_US,
         "all_under_goal_wall": all(p["wall"]["p99_us"] < GOAL_P99_US for p in points.values()),
         "all_under_goal_cpu": all(p["cpu"]["p99_us"] < GOAL_P99_US for p in points.values()),
@@ -183,8 +204,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--containers", type=int, default=20)
+    parser.add_argument("--from-json", action="store_true", help="decode each input from JSON inside the clock")
     args = parser.parse_args()
-    print(json.dumps(run(args.iterations, args.containers), indent=2))
+    print(json.dumps(run(args.iterations, args.containers, args.from_json), indent=2))
     return 0
 
 

@@ -286,14 +286,14 @@ def report(name: str, nonce: str | None, output: Path | None, fmt: str | None) -
     """
     from sandbox.launch.lifecycle import connect  # noqa: PLC0415 - the launch stack is only needed here
     from sandbox.launch.pipeline import load_running  # noqa: PLC0415
-    from sandbox.shared.protocol import Op  # noqa: PLC0415
+    from sandbox.shared.messages import GetReportRequest  # noqa: PLC0415
 
     nonce_bytes = _nonce_bytes(nonce) if nonce else secrets.token_bytes(32)
     if not NONCE_SIZES[0] <= len(nonce_bytes) <= NONCE_SIZES[1]:
         raise InputError(f"--nonce must be {NONCE_SIZES[0]}..{NONCE_SIZES[1]} bytes, got {len(nonce_bytes)}")
     record = load_running(name)
     with step(f"Ask {name}'s agent for a report"), connect(record) as client:
-        result = client.call(Op.get_report, {"nonce": nonce_bytes.hex()}, timeout=120)
+        result = client.call(GetReportRequest(nonce_bytes), timeout=120)
     evidence = ReportEvidence.from_payload(result, source=f"the agent of {name}")
     if evidence.nonce != nonce_bytes:
         raise GuestError(f"the agent of {name} answered for another nonce ({evidence.nonce.hex()})")

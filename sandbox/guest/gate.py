@@ -1,7 +1,9 @@
 """The enforcement gate: deny-all until one policy whose hash equals HOST_DATA is installed.
 
-After that, every state-changing request goes through the policy engine. The engine commits its own
-state only when the decision allows and the action (the real mount/create/exec) succeeds.
+After that, every state-changing request goes through the policy engine, as a typed input
+(sandbox/shared/policy/inputs.py) whose type names the enforcement point. The engine commits its own
+state only when the decision allows and the action (the real mount/create/exec) succeeds; the gate
+returns what the action returned.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import hmac
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from sandbox.guest.hostdata import HostData, HostDataUnavailable
-from sandbox.shared.policy.engine import PolicyEngine
-from sandbox.shared.policy.inputs import PolicyInputError
+from sandbox.shared.policy.engine import Decision, PolicyEngine
+from sandbox.shared.policy.inputs import EnforcementInput, point_of
 from sandbox.shared.protocol import ErrorCode, ProtocolError
+
+T = TypeVar("T")
 
 NO_POLICY_REASON = "no execution policy has been set: the agent denies every request until set_policy succeeds"
 
@@ -67,40 +71,56 @@ class Gate:
             self.host_data_source = host.source
             return self.policy_hash
 
-    def enforce(self, endpoint: str, input: dict[str, Any], action: Callable[[Any], object] | None = None) -> Any:
-        """Ask the engine; raise policy_denied with its explanation, or run `action` under its transaction."""
+    def enforce(self, input: EnforcementInput, action: Callable[[Decision], T]) -> T:
+        """Ask the engine at the input's enforcement point; raise policy_denied with its explanation, or
+        run `action` under the engine's transaction and return what it returned."""
         engine = self._engine
+        point = point_of(input)
         if engine is None:
-            raise ProtocolError(ErrorCode.policy_denied, NO_POLICY_REASON, details={"endpoint": endpoint})
+            raise ProtocolError(ErrorCode.policy_denied, NO_POLICY_REASON, details={"endpoint": point.value})
         # Enforcement time is the decision only: the clocks stop when the engine hands over to the action
         # (the real mount/create) and restart for the commit after it. Two clocks: wall time, and this
         # thread's CPU time, which leaves out whatever else the (single, emulated) vCPU was doing.
-        in_action = [0.0, 0.0]
+        in_action = _Stopwatch()
 
-        def timed_action(decision: Any) -> object:
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                return action(decision) if action is not None else None
-            finally:
-                in_action[0], in_action[1] = time.perf_counter() - t0, time.thread_time() - c0
+        def timed_action(decision: Decision) -> T:
+            with in_action:
+                return action(decision)
 
         started, cpu_started = time.perf_counter(), time.thread_time()
-        try:
-            decision = engine.enforce(endpoint, input, timed_action)
-        except PolicyInputError as e:
-            raise ProtocolError(ErrorCode.policy_denied, f"{endpoint} denied: malformed request: {e}",
-                                details={"endpoint": endpoint}) from None
-        spent = time.perf_counter() - started - in_action[0]
+        decision, value = engine.transact(input, timed_action)
+        spent = time.perf_counter() - started - in_action.wall
         self.enforce_seconds += spent
         self.last_enforce_seconds = spent
-        self.last_enforce_cpu_seconds = time.thread_time() - cpu_started - in_action[1]
+        self.last_enforce_cpu_seconds = time.thread_time() - cpu_started - in_action.cpu
         if not decision.allowed:
-            raise ProtocolError(ErrorCode.policy_denied, decision.reason or f"{endpoint} denied by policy",
-                                details={"endpoint": endpoint})
-        return decision
+            raise ProtocolError(ErrorCode.policy_denied, decision.reason or f"{point.value} denied by policy",
+                                details={"endpoint": point.value})
+        return value  # type: ignore[return-value]  # allowed: the action ran and returned it
 
-    def allows(self, endpoint: str, input: dict[str, Any]) -> bool:
+    def require(self, input: EnforcementInput) -> None:
+        """enforce() for a request that changes nothing: raise policy_denied unless the policy allows it."""
+        self.enforce(input, _nothing)
+
+    def allows(self, input: EnforcementInput) -> bool:
         """A read-only question (no action, no state change): does the policy allow this?"""
         if self._engine is None:
             return False
-        return bool(self._engine.enforce(endpoint, input, None).allowed)
+        return self._engine.enforce(input).allowed
+
+
+def _nothing(_decision: Decision) -> None:
+    return None
+
+
+class _Stopwatch:
+    """Wall and thread CPU time spent inside a `with` block."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self._wall, time.thread_time() - self._cpu

@@ -1,11 +1,14 @@
 """Serve the protocol on byte streams: virtio-serial ports in the UVM, socket pairs in tests.
 
-One thread per port, one request at a time per port. The agent never dies from input: every
-malformed, oversized or failing request gets an error reply and the loop goes on.
+One thread per port, one request at a time per port. The agent never dies from input: every frame
+gets exactly one reply, whatever it contains (an error reply when it is malformed, oversized or
+fails, `internal` when the agent itself fails), and the port's loop goes on. Should a port's thread
+die anyway, the port watcher starts it again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -16,38 +19,98 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.shared import protocol as P
+from sandbox.shared.codec import shown
+from sandbox.shared.messages import AgentRequest, Message
 from sandbox.shared.protocol import ErrorCode, ProtocolError, Response
 
 VIRTIO_PORTS = Path("/sys/class/virtio-ports")
 IDLE_MIN, IDLE_MAX = 0.02, 0.2   # seconds between reads of a port with no host connected
+MAX_ERROR_MESSAGE = 4096         # characters of an error message that are sure to fit in a frame
 
-Handler = Callable[[P.Request], dict[str, Any]]
+Handler = Callable[[AgentRequest], Message | dict[str, Any]]
+
+# The reply of last resort, when not even an `internal` error with the request's id could be encoded.
+LAST_RESORT = (json.dumps({"v": P.PROTOCOL_VERSION, "id": None, "ok": False,
+                           "error": {"code": ErrorCode.internal.value, "message": "the reply could not be encoded",
+                                     "details": {}}}, separators=(",", ":")) + "\n").encode()
+
+
+def log(message: str) -> None:
+    """A line on the console. Never raises: a port thread must not die of a log line."""
+    try:
+        print(f"parma-agent: {message}", file=sys.stderr, flush=True)
+    except Exception:  # the console may be gone; the agent goes on without it
+        pass
+
+
+def _log_traceback() -> None:
+    try:
+        traceback.print_exc(file=sys.stderr)
+    except Exception:  # as log()
+        pass
 
 
 def respond(handler: Handler, frame: bytes | P.Oversized) -> bytes:
-    """One frame in, one encoded response out. Never raises."""
+    """One frame in, one encoded response out. Never raises (short of the interpreter's own exits)."""
+    request_id: P.RequestId = None
+    try:
+        response, request_id = _answer(handler, frame)
+        return _encode(response)
+    except Exception as e:  # a bug in the frame layer itself: answer anyway
+        _log_traceback()
+        return _encode(Response.failure(ProtocolError(ErrorCode.internal, f"internal error: {type(e).__name__}",
+                                                      request_id=request_id)))
+
+
+def _answer(handler: Handler, frame: bytes | P.Oversized) -> tuple[Response, P.RequestId]:
     try:
         if isinstance(frame, P.Oversized):
             raise P.oversized_error(frame)
-        request = P.parse_request(frame)
-        try:
-            result = handler(request)
-        except ProtocolError as e:
-            e.request_id = request.id
-            raise
-        except Exception as e:  # noqa: BLE001 - a bug must not kill the agent
-            traceback.print_exc(file=sys.stderr)
-            raise ProtocolError(ErrorCode.internal, f"internal error in {request.op.value}: "
-                                f"{type(e).__name__}: {e}", request_id=request.id) from None
-        response = Response.success(request.id, result)
+        envelope = P.parse_request(frame)
     except ProtocolError as e:
-        response = Response.failure(e)
+        return Response.failure(e), e.request_id
+    request = envelope.request
+    try:
+        result = handler(request)
+        payload = result.to_json() if isinstance(result, Message) else result
+    except ProtocolError as e:
+        e.request_id = envelope.id
+        return Response.failure(e), envelope.id
+    except BaseException as e:  # a bug (even a stray SystemExit) must not kill the port
+        _log_traceback()
+        return Response.failure(ProtocolError(ErrorCode.internal, f"internal error in {request.op.value}: "
+                                              f"{_describe(e)}", request_id=envelope.id)), envelope.id
+    return Response.success(envelope.id, payload), envelope.id
+
+
+def _describe(e: BaseException) -> str:
+    """An exception's type and text, cut short; its text may itself fail."""
+    try:
+        return f"{type(e).__name__}: {shown(str(e))}"
+    except Exception:  # even __str__ can be a bug
+        return type(e).__name__
+
+
+def _encode(response: Response) -> bytes:
+    """The response's frame; when it cannot be encoded, the same error cut short, or an internal error."""
     try:
         return P.encode_frame(response.to_json())
     except (ValueError, TypeError) as e:
-        fallback = ProtocolError(ErrorCode.internal, f"response could not be encoded: {e}",
-                                 request_id=response.id)
-        return P.encode_frame(Response.failure(fallback).to_json())
+        problem = _describe(e)
+    if not response.ok and response.error is not None:
+        # An error whose message or details do not fit (or hold what JSON cannot): keep its code.
+        error = response.error
+        code = error.code if isinstance(error.code, ErrorCode) else ErrorCode.internal
+        shortened = ProtocolError(code, error.message[:MAX_ERROR_MESSAGE], request_id=response.id)
+        try:
+            return P.encode_frame(Response.failure(shortened).to_json())
+        except (ValueError, TypeError):
+            pass
+    try:
+        return P.encode_frame(Response.failure(ProtocolError(
+            ErrorCode.internal, f"the reply could not be encoded ({problem})", request_id=response.id)).to_json())
+    except (ValueError, TypeError):
+        return LAST_RESORT
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -71,7 +134,7 @@ def serve_fd(fd: int, handler: Handler, *, reconnecting: bool, stop: threading.E
         except InterruptedError:
             continue
         except OSError as e:
-            print(f"parma-agent: read error on fd {fd}: {e}", file=sys.stderr, flush=True)
+            log(f"read error on fd {fd}: {e}")
             time.sleep(0.5)
             continue
         if not data:
@@ -84,11 +147,18 @@ def serve_fd(fd: int, handler: Handler, *, reconnecting: bool, stop: threading.E
             idle = min(idle * 2, IDLE_MAX)
             continue
         idle = IDLE_MIN
-        for frame in reader.feed(data):
+        try:
+            frames = reader.feed(data)
+        except Exception:  # a bug in the framing: drop what was buffered, keep serving
+            _log_traceback()
+            reader.reset()
+            continue
+        for frame in frames:
+            reply = respond(handler, frame)
             try:
-                _write_all(fd, respond(handler, frame))
+                _write_all(fd, reply)
             except OSError as e:  # the host went away mid-reply: drop it, keep serving
-                print(f"parma-agent: write error on fd {fd}: {e}", file=sys.stderr, flush=True)
+                log(f"write error on fd {fd}: {e}")
                 reader.reset()
                 break
 
@@ -110,33 +180,73 @@ def find_ports(prefix: str = P.PORT_PREFIX) -> dict[str, Path]:
     return found
 
 
-def serve_port(name: str, dev: Path, handler: Handler) -> threading.Thread:
-    fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
-    t = threading.Thread(target=serve_fd, args=(fd, handler), kwargs={"reconnecting": True},
-                         name=f"port-{name}", daemon=True)
-    t.start()
-    return t
+def open_port(dev: Path) -> int:
+    return os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+
+
+class PortWatcher:
+    """Serves every agent port on its own thread: the ports present now, any that appear later (port
+    hot-plug), and again any whose thread died (it keeps its open descriptor: virtio-serial lets one
+    open at a time)."""
+
+    def __init__(self, handler: Handler, *, log: Callable[[str], None] = log,
+                 find: Callable[[], dict[str, Path]] = find_ports, open_port: Callable[[Path], int] = open_port,
+                 serve: Callable[[int, Handler], None] | None = None) -> None:
+        self.handler = handler
+        self.log = log
+        self.find = find
+        self.open_port = open_port
+        self.serve = serve or (lambda fd, h: serve_fd(fd, h, reconnecting=True))
+        self.devices: dict[str, Path] = {}
+        self.fds: dict[str, int] = {}
+        self.threads: dict[str, threading.Thread] = {}
+        self.restarts: dict[str, int] = {}
+
+    def scan(self) -> None:
+        """Start a thread for each new port and for each port whose thread has died."""
+        for name, dev in self.find().items():
+            if name in self.fds:
+                continue
+            try:
+                self.fds[name] = self.open_port(dev)
+                self.devices[name] = dev
+            except OSError as e:
+                self.log(f"cannot open {dev} ({name}): {e}")
+                continue
+            self._start(name)
+        for name, thread in list(self.threads.items()):
+            if not thread.is_alive():
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                self.log(f"port {name}: its thread stopped; serving it again (restart {self.restarts[name]})")
+                self._start(name)
+
+    def _start(self, name: str) -> None:
+        fd = self.fds[name]
+
+        def run() -> None:
+            try:
+                self.serve(fd, self.handler)
+            except BaseException as e:  # say why the port stopped; the watcher restarts it
+                self.log(f"port {name} stopped: {_describe(e)}")
+
+        thread = threading.Thread(target=run, name=f"port-{name}", daemon=True)
+        self.threads[name] = thread
+        thread.start()
+
+    def watch(self, poll: float) -> None:
+        while True:
+            time.sleep(poll)
+            try:
+                self.scan()
+            except Exception as e:  # the watcher must outlive any one scan
+                self.log(f"port scan failed: {_describe(e)}")
 
 
 def serve_ports(handler: Handler, *, log: Callable[[str], None], poll: float = 1.0) -> dict[str, Path]:
-    """Serve the agent ports present now, and any that appear later (port hot-plug), on their own threads."""
-    served: dict[str, Path] = {}
-
-    def scan() -> None:
-        for name, dev in find_ports().items():
-            if name not in served:
-                try:
-                    serve_port(name, dev, handler)
-                    served[name] = dev
-                except OSError as e:
-                    log(f"cannot open {dev} ({name}): {e}")
-
-    scan()
-
-    def watch() -> None:
-        while True:
-            time.sleep(poll)
-            scan()
-
-    threading.Thread(target=watch, name="port-watch", daemon=True).start()
-    return dict(served)
+    """Serve the agent ports present now, and any that appear later or whose thread died, on their own
+    threads. Returns the ports served at once."""
+    watcher = PortWatcher(handler, log=log)
+    watcher.scan()
+    served = dict(watcher.devices)
+    threading.Thread(target=watcher.watch, args=(poll,), name="port-watch", daemon=True).start()
+    return served

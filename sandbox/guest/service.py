@@ -1,5 +1,9 @@
 """The agent's operations: one method per protocol op, each enforced by the policy where it changes state.
 
+Requests arrive typed (sandbox/shared/messages.py) and are dispatched on their type; each method
+builds the policy engine's typed input from the request and what the guest finds out itself
+(sandbox/shared/policy/inputs.py), and returns a typed result.
+
 Guest-side invariants hold regardless of the policy (the host chooses none of these): mount targets
 live in fixed directories, a container's rootfs is its own overlay, bind sources are group volumes,
 the OCI spec is written here without hooks, and stdio is readable only when the policy allowed it.
@@ -7,7 +11,6 @@ the OCI spec is written here without hooks, and stdio is readable only when the 
 
 from __future__ import annotations
 
-import base64
 import gc
 import re
 import sys
@@ -17,22 +20,47 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from sandbox.guest import blockdev, oci, runtime, snp_report, sysapi
 from sandbox.guest.gate import NO_POLICY_REASON, Gate
 from sandbox.guest.hostdata import HostData, read_host_data, uptime
 from sandbox.guest.runtime import Container, ContainerStatus, CrunError
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
+from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
+from sandbox.shared.codec import shown
 from sandbox.shared.errors import AttestationError, InputError
 from sandbox.shared.kbs_protocol import ATTEST_API_DIR
-from sandbox.shared.protocol import ErrorCode, Op, ProtocolError
+from sandbox.shared.policy.engine import Decision
+from sandbox.shared.policy.inputs import (
+    CreateContainerInput,
+    ExecInContainerInput,
+    MountDeviceInput,
+    NamedId,
+    RuntimeLoggingInput,
+    ScratchMountInput,
+    ScratchUnmountInput,
+    SignalContainerProcessInput,
+)
+from sandbox.shared.protocol import ErrorCode, ProtocolError
 
 AGENT_VERSION = "1"
 ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API in the background right after boot
 # What the host may ask before a policy is set: nothing that touches guest state.
-OPEN_OPS = frozenset({Op.ping, Op.set_policy, Op.get_report, Op.poweroff})
+OPEN_REQUESTS = (M.PingRequest, M.SetPolicyRequest, M.GetReportRequest, M.PoweroffRequest)
+# Requests that block waiting (for output, for a process) and must not hold the state lock.
+UNLOCKED_REQUESTS = (M.ReadOutputRequest, M.WaitProcessRequest, M.PingRequest, M.GetReportRequest,
+                     M.PoweroffRequest, M.ShutdownContainerRequest)
+# The mounts the runtime gives every container, as the engine sees them (oci.base_mounts in the spec).
+BASE_MOUNTS = tuple(M.ContainerMount(m["destination"], m["source"], m["type"], tuple(m["options"]))
+                    for m in oci.base_mounts())
+MAX_WAIT_PROCESS_S = 600.0
+MAX_READ_WAIT_S = 60.0
+MAX_READ_BYTES = 512 * 1024
+MAX_SHUTDOWN_S = 300.0
+
+Result = M.Message | M.JsonObject
 
 
 def _err(code: ErrorCode, message: str, **details: Any) -> ProtocolError:
@@ -66,16 +94,61 @@ class AgentService:
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    def handle(self, request: P.Request) -> dict[str, Any]:
-        method = getattr(self, f"op_{request.op.value}")
-        if not self.gate.active and request.op not in OPEN_OPS:
+    def handle(self, request: M.AgentRequest) -> Result:
+        """Serve one typed request; raises ProtocolError when it cannot be served."""
+        if not self.gate.active and not isinstance(request, OPEN_REQUESTS):
             raise ProtocolError(ErrorCode.policy_denied, NO_POLICY_REASON, details={"op": request.op.value})
-        # Ops that block waiting (for output, for a process) must not hold the state lock.
-        if request.op in (Op.read_output, Op.wait_process, Op.ping, Op.get_report, Op.poweroff,
-                          Op.shutdown_container):
-            return method(**request.payload)
+        if isinstance(request, UNLOCKED_REQUESTS):
+            return self._dispatch(request)
         with self._lock:
-            return method(**request.payload)
+            return self._dispatch(request)
+
+    def _dispatch(self, r: M.AgentRequest) -> Result:
+        match r:
+            case M.PingRequest():
+                return self.op_ping()
+            case M.SetPolicyRequest():
+                return self.op_set_policy(r)
+            case M.GetPropertiesRequest():
+                return self.op_get_properties(r)
+            case M.DumpStacksRequest():
+                return self.op_dump_stacks(r)
+            case M.GetReportRequest():
+                return self.op_get_report(r)
+            case M.MountDeviceRequest():
+                return self.op_mount_device(r)
+            case M.UnmountDeviceRequest():
+                return self.op_unmount_device(r)
+            case M.MountScratchRequest():
+                return self.op_mount_scratch(r)
+            case M.UnmountScratchRequest():
+                return self.op_unmount_scratch(r)
+            case M.MountOverlayRequest():
+                return self.op_mount_overlay(r)
+            case M.UnmountOverlayRequest():
+                return self.op_unmount_overlay(r)
+            case M.CreateVolumeRequest():
+                return self.op_create_volume(r)
+            case M.CreateContainerRequest():
+                return self.op_create_container(r)
+            case M.StartContainerRequest():
+                return self.op_start_container(r)
+            case M.ExecProcessRequest():
+                return self.op_exec_process(r)
+            case M.SignalProcessRequest():
+                return self.op_signal_process(r)
+            case M.WaitProcessRequest():
+                return self.op_wait_process(r)
+            case M.ReadOutputRequest():
+                return self.op_read_output(r)
+            case M.ShutdownContainerRequest():
+                return self.op_shutdown_container(r)
+            case M.ListContainersRequest():
+                return self.op_list_containers()
+            case M.PoweroffRequest():
+                return self.op_poweroff()
+            case _:
+                assert_never(r)
 
     def _log(self, message: str) -> None:
         """Details of what runs go to the (host-readable) console only when the policy allows it."""
@@ -84,20 +157,19 @@ class AgentService:
 
     # -- basics ---------------------------------------------------------------------------------
 
-    def op_ping(self) -> dict[str, Any]:
-        return {"protocol": P.PROTOCOL_VERSION, "agent": AGENT_VERSION, "policy_set": self.gate.active,
-                "policy_hash": self.gate.policy_hash, "uptime_s": round(uptime(), 3)}
+    def op_ping(self) -> M.PingResult:
+        return M.PingResult(P.PROTOCOL_VERSION, AGENT_VERSION, self.gate.active, self.gate.policy_hash,
+                          round(uptime(), 3))
 
-    def op_set_policy(self, policy: str) -> dict[str, Any]:
-        raw = base64.b64decode(policy, validate=True)
-        digest = self.gate.install(raw)
+    def op_set_policy(self, r: M.SetPolicyRequest) -> M.SetPolicyResult:
+        digest = self.gate.install(r.policy)
         self._console(f"policy {digest} installed (HOST_DATA from {self.gate.host_data_source})")
-        self.verbose_logging = self.gate.allows("runtime_logging", {})
+        self.verbose_logging = self.gate.allows(RuntimeLoggingInput())
         gc.freeze()  # the compiled policy lives as long as the agent (see agent.py)
-        return {"policy_hash": digest, "host_data_source": self.gate.host_data_source}
+        return M.SetPolicyResult(digest, self.gate.host_data_source or "")
 
-    def op_get_properties(self) -> dict[str, Any]:
-        self.gate.enforce("get_properties", {})
+    def op_get_properties(self, r: M.GetPropertiesRequest) -> M.JsonObject:
+        self.gate.require(r)
         return {
             "policy_hash": self.gate.policy_hash,
             "host_data_source": self.gate.host_data_source,
@@ -107,29 +179,29 @@ class AgentService:
             "enforce_seconds_total": round(self.gate.enforce_seconds, 6),
         }
 
-    def op_dump_stacks(self) -> dict[str, Any]:
-        self.gate.enforce("dump_stacks", {})
+    def op_dump_stacks(self, r: M.DumpStacksRequest) -> M.DumpStacksResult:
+        self.gate.require(r)
         frames = sys._current_frames()
         names = {t.ident: t.name for t in threading.enumerate()}
         text = "".join(f"--- thread {names.get(tid, tid)}\n" + "".join(traceback.format_stack(f))
                        for tid, f in frames.items())
-        return {"stacks": text}
+        return M.DumpStacksResult(text)
 
-    def op_get_report(self, nonce: str) -> dict[str, Any]:
+    def op_get_report(self, r: M.GetReportRequest) -> M.JsonObject:
         # REPORT_DATA = SHA-512(nonce || runtime public key DER); docs/attestation.md.
         try:
-            return snp_report.evidence_for(bytes.fromhex(nonce)).to_payload()
+            return snp_report.evidence_for(r.nonce).to_payload()
         except InputError as e:
             raise _err(ErrorCode.invalid_request, e.message) from e
         except AttestationError as e:
             raise _err(ErrorCode.unavailable, e.message) from e
 
-    def op_poweroff(self) -> dict[str, Any]:
+    def op_poweroff(self) -> M.EmptyResult:
         def later() -> None:
             time.sleep(0.2)  # let the reply reach the host first
             self.poweroff_hook()
         threading.Thread(target=later, name="poweroff", daemon=True).start()
-        return {}
+        return M.EmptyResult()
 
     # -- devices --------------------------------------------------------------------------------
 
@@ -137,10 +209,11 @@ class AgentService:
     def _check_device_target(target: str) -> Path:
         if not (re.fullmatch(P.LAYER_TARGET_RE, target) or re.fullmatch(P.VOLUME_TARGET_RE, target)):
             raise _err(ErrorCode.invalid_request,
-                       f"mount target {target!r} must be {P.LAYERS_DIR}/<name> or {P.VOLUMES_DIR}/<volume>")
+                       f"mount target {shown(target)} must be {P.LAYERS_DIR}/<name> or {P.VOLUMES_DIR}/<volume>")
         return Path(target)
 
-    def op_mount_device(self, device: str, target: str) -> dict[str, Any]:
+    def op_mount_device(self, r: M.MountDeviceRequest) -> M.MountDeviceResult:
+        device, target = r.device, r.target
         path = self._check_device_target(target)
         if target in self.devices or (re.fullmatch(P.VOLUME_TARGET_RE, target) and
                                       Path(target).name in self.volumes):
@@ -153,21 +226,20 @@ class AgentService:
         self._dm_counter += 1
         dm_name = f"parma-{self._dm_counter}"
 
-        def action(_decision: Any) -> blockdev.VerityMount:
+        def action(_decision: Decision) -> blockdev.VerityMount:
             try:
                 return blockdev.mount_verity(node, dm_name, layout, path)
             except (blockdev.BlockError, OSError) as e:
                 raise _err(ErrorCode.failed, str(e)) from None
 
-        mounted: list[blockdev.VerityMount] = []
-        self.gate.enforce("mount_device", {"target": target, "device_hash": str(layout.root_hash)},
-                          lambda d: mounted.append(action(d)))
-        self.devices[target] = mounted[0]
+        mounted = self.gate.enforce(MountDeviceInput.from_request(r, str(layout.root_hash)), action)
+        self.devices[target] = mounted
         self._log(f"mounted {device} ({node}) root hash {layout.root_hash} at {target}")
-        return {"root_hash": str(layout.root_hash), "data_blocks": int(layout.data_blocks),
-                "dm_device": str(mounted[0].dm.node), "enforce_s": self.gate.last_enforce_seconds}
+        return M.MountDeviceResult(str(layout.root_hash), int(layout.data_blocks), str(mounted.dm.node),
+                                 self.gate.last_enforce_seconds)
 
-    def op_unmount_device(self, target: str) -> dict[str, Any]:
+    def op_unmount_device(self, r: M.UnmountDeviceRequest) -> M.EmptyResult:
+        target = r.target
         mount = self.devices.get(target)
         if mount is None:
             raise _err(ErrorCode.not_found, f"nothing is mounted at {target}")
@@ -175,25 +247,27 @@ class AgentService:
         if users:
             raise _err(ErrorCode.conflict, f"{target} is a layer of the overlay of {', '.join(users)}")
 
-        def action(_decision: Any) -> None:
+        def action(_decision: Decision) -> None:
             try:
                 blockdev.unmount_verity(mount)
             except OSError as e:
                 raise _err(ErrorCode.failed, f"cannot unmount {target}: {e}") from None
 
-        self.gate.enforce("unmount_device", {"target": target}, action)
+        self.gate.enforce(r, action)
         del self.devices[target]
-        return {}
+        return M.EmptyResult()
 
     # -- scratch and overlays -------------------------------------------------------------------
 
-    def op_mount_scratch(self, container_id: str, encrypted: bool) -> dict[str, Any]:
+    def op_mount_scratch(self, r: M.MountScratchRequest) -> M.MountScratchResult:
+        container_id = r.container_id
         if container_id in self.scratch:
             raise _err(ErrorCode.conflict, f"container {container_id} already has a scratch")
-        target = P.container_dir(container_id) + "/scratch"
+        check = ScratchMountInput.from_request(r)
+        target = check.target
 
-        def action(_decision: Any) -> None:
-            if encrypted:
+        def action(_decision: Decision) -> None:
+            if r.encrypted:
                 raise _err(ErrorCode.failed, "encrypted (dm-crypt) scratch is not supported by this agent; "
                                              "the tmpfs scratch lives in guest memory, which SEV-SNP encrypts")
             try:
@@ -204,22 +278,24 @@ class AgentService:
             except OSError as e:
                 raise _err(ErrorCode.failed, f"cannot create scratch {target}: {e}") from None
 
-        self.gate.enforce("scratch_mount", {"target": target, "encrypted": encrypted}, action)
+        self.gate.enforce(check, action)
         self.scratch[container_id] = Path(target)
-        return {"target": target}
+        return M.MountScratchResult(target)
 
-    def op_unmount_scratch(self, container_id: str) -> dict[str, Any]:
+    def op_unmount_scratch(self, r: M.UnmountScratchRequest) -> M.EmptyResult:
+        container_id = r.container_id
         target = self.scratch.get(container_id)
         if target is None:
             raise _err(ErrorCode.not_found, f"container {container_id} has no scratch")
         if any(o.container_id == container_id for o in self.overlays.values()):
             raise _err(ErrorCode.conflict, f"the overlay of {container_id} still uses its scratch")
 
-        self.gate.enforce("scratch_unmount", {"target": str(target)}, _unmount_action(target))
+        self.gate.enforce(ScratchUnmountInput.from_request(r), _unmount_action(target))
         del self.scratch[container_id]
-        return {}
+        return M.EmptyResult()
 
-    def op_mount_overlay(self, container_id: str, layer_paths: list[str], target: str) -> dict[str, Any]:
+    def op_mount_overlay(self, r: M.MountOverlayRequest) -> M.MountOverlayResult:
+        container_id, layer_paths, target = r.container_id, r.layer_paths, r.target
         expected = P.container_dir(container_id) + "/rootfs"
         if target != expected:
             raise _err(ErrorCode.invalid_request, f"the rootfs of {container_id} must be mounted at {expected}")
@@ -234,7 +310,7 @@ class AgentService:
         if scratch is None:
             raise _err(ErrorCode.conflict, f"mount_scratch for {container_id} first")
 
-        def action(_decision: Any) -> None:
+        def action(_decision: Decision) -> None:
             # overlayfs lowerdir lists the top-most layer first, like layer_paths.
             opts = f"lowerdir={':'.join(layer_paths)},upperdir={scratch}/upper,workdir={scratch}/work"
             try:
@@ -243,12 +319,12 @@ class AgentService:
             except OSError as e:
                 raise _err(ErrorCode.failed, f"cannot mount the overlay at {target}: {e}") from None
 
-        self.gate.enforce("mount_overlay", {"container_id": container_id, "layer_paths": list(layer_paths),
-                                            "target": target}, action)
-        self.overlays[target] = Overlay(container_id, Path(target), tuple(layer_paths))
-        return {"enforce_s": self.gate.last_enforce_seconds}
+        self.gate.enforce(r, action)
+        self.overlays[target] = Overlay(container_id, Path(target), layer_paths)
+        return M.MountOverlayResult(self.gate.last_enforce_seconds)
 
-    def op_unmount_overlay(self, target: str) -> dict[str, Any]:
+    def op_unmount_overlay(self, r: M.UnmountOverlayRequest) -> M.EmptyResult:
+        target = r.target
         overlay = self.overlays.get(target)
         if overlay is None:
             raise _err(ErrorCode.not_found, f"no overlay is mounted at {target}")
@@ -256,31 +332,31 @@ class AgentService:
         if c is not None and not c.deleted:
             raise _err(ErrorCode.conflict, f"container {c.id} still uses {target}")
 
-        self.gate.enforce("unmount_overlay", {"target": target}, _unmount_action(target))
+        self.gate.enforce(r, _unmount_action(target))
         del self.overlays[target]
-        return {}
+        return M.EmptyResult()
 
     # -- volumes --------------------------------------------------------------------------------
 
-    def op_create_volume(self, name: str, kind: str, size_mib: int | None,
-                         items: dict[str, str] | None) -> dict[str, Any]:
+    def op_create_volume(self, r: M.CreateVolumeRequest) -> M.CreateVolumeResult:
+        name, kind, size_mib, items = r.name, r.kind, r.size_mib, r.items
         # Not a policy endpoint: it makes an empty (or host-filled, for secrets) tmpfs that no
         # container sees until a create_container, whose mounts the policy checks, binds it.
         path = Path(P.VOLUMES_DIR) / name
         if name in self.volumes or str(path) in self.devices:
             raise _err(ErrorCode.conflict, f"volume {name} already exists")
-        if kind == "secret":
+        if kind == M.MemoryVolumeKind.secret:
             for fname in items or {}:
                 if not re.fullmatch(r"[A-Za-z0-9._-]{1,255}", fname) or fname in (".", ".."):
-                    raise _err(ErrorCode.invalid_request, f"invalid secret item name {fname!r}")
-        size = f",size={int(size_mib)}m" if kind == "tmpfs" and size_mib else ""
+                    raise _err(ErrorCode.invalid_request, f"invalid secret item name {shown(fname)}")
+        size = f",size={size_mib}m" if kind == M.MemoryVolumeKind.tmpfs and size_mib else ""
         try:
             path.mkdir(parents=True, exist_ok=True)
             sysapi.mount("tmpfs", path, "tmpfs", sysapi.MS_NODEV | sysapi.MS_NOSUID, "mode=0777" + size)
-            if kind == "secret":
-                for fname, b64 in (items or {}).items():
+            if kind == M.MemoryVolumeKind.secret:
+                for fname, content in (items or {}).items():
                     f = path / fname
-                    f.write_bytes(base64.b64decode(b64, validate=True))
+                    f.write_bytes(content)
                     f.chmod(0o444)
                 path.chmod(0o755)
                 sysapi.mount("none", path, None, sysapi.MS_REMOUNT | sysapi.MS_RDONLY | sysapi.MS_NODEV
@@ -288,7 +364,7 @@ class AgentService:
         except OSError as e:
             raise _err(ErrorCode.failed, f"cannot create volume {name}: {e}") from None
         self.volumes[name] = path
-        return {"path": str(path)}
+        return M.CreateVolumeResult(str(path))
 
     # -- containers -----------------------------------------------------------------------------
 
@@ -298,136 +374,111 @@ class AgentService:
             raise _err(ErrorCode.not_found, f"no container {container_id}")
         return c
 
-    def _bind_mounts(self, mounts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[oci.BindMount]]:
+    def _bind_mounts(self, mounts: tuple[M.ContainerMount, ...]) -> tuple[M.ContainerMount, ...]:
         """Validate host-requested mounts: only binds of group volumes to clean container paths."""
-        inputs, binds = [], []
+        binds = []
         for i, m in enumerate(mounts):
-            unknown = sorted(set(m) - {"destination", "source", "type", "options"})
-            if unknown:
-                raise _err(ErrorCode.invalid_request, f"mounts[{i}]: unknown fields {', '.join(unknown)}")
-            dest = oci.clean_container_path(str(m.get("destination", "")))
-            source = str(m.get("source", ""))
-            mtype = m.get("type", "bind")
-            options = m.get("options", [])
+            dest = oci.clean_container_path(m.destination)
+            source, options = m.source, m.options
             if dest is None or dest == "/":
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}].destination must be an absolute path")
-            if mtype != "bind" or not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-                raise _err(ErrorCode.invalid_request, f"mounts[{i}]: only bind mounts with string options")
+            if m.type != "bind":
+                raise _err(ErrorCode.invalid_request, f"mounts[{i}]: only bind mounts")
             if source == ATTEST_API_DIR:
                 # The attestation API socket directory (docs/kbs.md); the policy decides who gets it.
                 if "ro" not in options or "rw" in options:
                     raise _err(ErrorCode.invalid_request, f"mounts[{i}]: {ATTEST_API_DIR} is bound read-only")
                 if not self.attest_api_started.wait(ATTEST_API_START_TIMEOUT):
                     raise _err(ErrorCode.unavailable, "the attestation API has not started")
-                inputs.append({"destination": dest, "source": source, "type": "bind", "options": list(options)})
-                binds.append(oci.BindMount(dest, source, tuple(options)))
+                binds.append(M.ContainerMount(dest, source, "bind", options))
                 continue
             volume = source.removeprefix(P.VOLUMES_DIR + "/")
             vpath = self.volumes.get(volume) or (Path(source) if source in self.devices else None)
             if not source.startswith(P.VOLUMES_DIR + "/") or vpath is None:
-                raise _err(ErrorCode.invalid_request, f"mounts[{i}].source {source!r} is not a group volume")
+                raise _err(ErrorCode.invalid_request, f"mounts[{i}].source {shown(source)} is not a group volume")
             if "rbind" not in options and "bind" not in options:
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}]: a bind mount needs the rbind or bind option")
-            inputs.append({"destination": dest, "source": source, "type": "bind", "options": list(options)})
-            binds.append(oci.BindMount(dest, source, tuple(options)))
-        return inputs, binds
+            binds.append(M.ContainerMount(dest, source, "bind", options))
+        return tuple(binds)
 
-    def op_create_container(self, container_id: str, argv: list[str], env: list[str], working_dir: str,
-                            user: str, mounts: list[dict[str, Any]], capabilities: dict[str, Any] | None,
-                            privileged: bool, no_new_privileges: bool, umask: str,
-                            seccomp_profile_sha256: str) -> dict[str, Any]:
+    def op_create_container(self, r: M.CreateContainerRequest) -> M.CreateContainerResult:
         t0 = time.perf_counter()
+        container_id = r.container_id
         if container_id in self.containers:
             raise _err(ErrorCode.conflict, f"container {container_id} already exists")
         rootfs = P.container_dir(container_id) + "/rootfs"
         if rootfs not in self.overlays:
             raise _err(ErrorCode.conflict, f"mount_overlay for {container_id} first (at {rootfs})")
-        if not argv:
-            raise _err(ErrorCode.invalid_request, "argv is empty")
-        for e in env:
+        for e in r.env:
             if "=" not in e:
-                raise _err(ErrorCode.invalid_request, f"env entry {e.split('=')[0]!r} has no '='")
-        caps = _capabilities(capabilities)
+                raise _err(ErrorCode.invalid_request, f"env entry {shown(e)} has no '='")
+        caps = r.capabilities or _default_capabilities()
         try:
-            who = resolve_user(rootfs, user)
+            who = resolve_user(rootfs, r.user)
         except UserError as e:
             raise _err(ErrorCode.failed, str(e)) from None
-        mount_inputs, binds = self._bind_mounts(mounts)
-        identity = _identity(who, umask)
-        input = {
-            "container_id": container_id, "argv": list(argv), "env": list(env), "working_dir": working_dir,
-            "mounts": oci.base_mounts() + mount_inputs, **identity,
-            "capabilities": {k: list(v) for k, v in caps.items()},
-            "privileged": privileged, "no_new_privileges": no_new_privileges,
-            "seccomp_profile_sha256": seccomp_profile_sha256,
-        }
-        created: list[Container] = []
+        binds = self._bind_mounts(r.mounts)
+        user, groups = _identity(who)
+        check = CreateContainerInput.from_request(r, mounts=BASE_MOUNTS + binds, user=user, groups=groups,
+                                                  capabilities=caps)
 
-        def action(decision: Any) -> None:
-            results = getattr(decision, "results", None) or {}
-            final_env = tuple(results.get("env_list") if results.get("env_list") is not None else env)
-            final_caps = _capabilities(results.get("caps_list")) if results.get("caps_list") is not None else caps
-            stdio = bool(results.get("allow_stdio_access", False))
-            process = oci.ProcessSpec(argv=tuple(argv), env=final_env, cwd=working_dir, uid=who.uid, gid=who.gid,
+        def action(decision: Decision) -> Container:
+            env = decision.env_list if decision.env_list is not None else r.env
+            final_caps = (decision.caps_list or caps).sets()
+            process = oci.ProcessSpec(argv=r.argv, env=env, cwd=r.working_dir, uid=who.uid, gid=who.gid,
                                       additional_gids=tuple(g for g, _ in who.additional_gids),
-                                      umask=int(umask, 8), capabilities=final_caps,
-                                      no_new_privileges=no_new_privileges)
-            spec = oci.build_spec(oci.ContainerSpec(container_id, rootfs, process, self.hostname, tuple(binds),
-                                                    privileged))
-            c = Container(container_id, Path(P.container_dir(container_id)), Path(rootfs), tuple(argv), stdio,
-                          exec_caps=final_caps, user=(who.uid, who.gid, process.additional_gids),
-                          identity=identity, working_dir=working_dir, no_new_privileges=no_new_privileges)
+                                      umask=int(r.umask, 8), capabilities=final_caps,
+                                      no_new_privileges=r.no_new_privileges)
+            spec = oci.build_spec(oci.ContainerSpec(container_id, rootfs, process, self.hostname,
+                                                    tuple(oci.BindMount(b.destination, b.source, b.options)
+                                                          for b in binds), r.privileged))
+            c = Container(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
+                          decision.allow_stdio_access, exec_caps=final_caps,
+                          user=(who.uid, who.gid, process.additional_gids), working_dir=r.working_dir,
+                          no_new_privileges=r.no_new_privileges)
             try:
                 runtime.create(c, spec)
             except (CrunError, OSError) as e:
                 runtime.delete(c)
                 raise _err(ErrorCode.failed, f"crun create {container_id}: {e}") from None
-            created.append(c)
+            return c
 
-        self.gate.enforce("create_container", input, action)
-        c = created[0]
+        c = self.gate.enforce(check, action)
         self.containers[container_id] = c
         self._log(f"created container {container_id}")
-        return {"pid": c.init.pid if c.init else None, "stdio": c.stdio,
-                "enforce_s": self.gate.last_enforce_seconds, "enforce_cpu_s": self.gate.last_enforce_cpu_seconds,
-                "total_s": time.perf_counter() - t0}
+        return M.CreateContainerResult(c.init.pid if c.init else None, c.stdio, self.gate.last_enforce_seconds,
+                                     self.gate.last_enforce_cpu_seconds, time.perf_counter() - t0)
 
-    def op_start_container(self, container_id: str) -> dict[str, Any]:
+    def op_start_container(self, r: M.StartContainerRequest) -> M.StartContainerResult:
         t0 = time.perf_counter()
-        c = self._container(container_id)
+        c = self._container(r.container_id)
         if c.status != ContainerStatus.created:
-            raise _err(ErrorCode.conflict, f"container {container_id} is {c.refresh().value}, not created")
+            raise _err(ErrorCode.conflict, f"container {c.id} is {c.refresh().value}, not created")
         try:
             runtime.start(c)
         except CrunError as e:
-            raise _err(ErrorCode.failed, f"crun start {container_id}: {e}") from None
-        return {"pid": c.init.pid if c.init else None, "total_s": time.perf_counter() - t0}
+            raise _err(ErrorCode.failed, f"crun start {c.id}: {e}") from None
+        return M.StartContainerResult(c.init.pid if c.init else None, time.perf_counter() - t0)
 
-    def op_exec_process(self, container_id: str, argv: list[str], env: list[str], working_dir: str) -> dict[str, Any]:
-        c = self._container(container_id)
+    def op_exec_process(self, r: M.ExecProcessRequest) -> M.ExecProcessResult:
+        c = self._container(r.container_id)
         if c.refresh() != ContainerStatus.running:
-            raise _err(ErrorCode.conflict, f"container {container_id} is {c.status.value}, not running")
-        if not argv:
-            raise _err(ErrorCode.invalid_request, "argv is empty")
+            raise _err(ErrorCode.conflict, f"container {c.id} is {c.status.value}, not running")
         exec_id = runtime.next_exec_id(c)
-        started: list[runtime.Process] = []
+        # The process runs as the container's user with its capabilities (the engine recorded them at
+        # create_container and the input inherits them), in its working dir unless the host asks.
+        cwd = r.working_dir or c.working_dir
 
-        def action(decision: Any) -> None:
-            results = getattr(decision, "results", None) or {}
-            final_env = tuple(results.get("env_list") if results.get("env_list") is not None else env)
+        def action(decision: Decision) -> runtime.Process:
+            env = decision.env_list if decision.env_list is not None else r.env
             try:
-                started.append(runtime.exec_process(c, exec_id, tuple(argv), final_env, cwd))
+                return runtime.exec_process(c, exec_id, r.argv, env, cwd)
             except (CrunError, OSError) as e:
                 reason = e.reason if isinstance(e, CrunError) else "other"
-                raise _err(ErrorCode.failed, f"exec in {container_id}: {e}", reason=reason) from None
+                raise _err(ErrorCode.failed, f"exec in {c.id}: {e}", reason=reason) from None
 
-        # The process runs as the container's user with its capabilities, in its working dir unless asked.
-        cwd = working_dir or c.working_dir
-        self.gate.enforce("exec_in_container", {"container_id": container_id, "argv": list(argv), "env": list(env),
-                                                "working_dir": cwd, **c.identity,
-                                                "capabilities": {k: list(v) for k, v in c.exec_caps.items()},
-                                                "no_new_privileges": c.no_new_privileges}, action)
-        return {"exec_id": exec_id, "pid": started[0].pid, "stdio": c.stdio}
+        started = self.gate.enforce(ExecInContainerInput(c.id, r.argv, r.env, cwd), action)
+        return M.ExecProcessResult(exec_id, started.pid, c.stdio)
 
     def _process(self, container_id: str, exec_id: str | None) -> runtime.Process:
         c = self._container(container_id)
@@ -440,63 +491,63 @@ class AgentService:
             raise _err(ErrorCode.not_found, f"no process {exec_id} in container {container_id}")
         return proc
 
-    def op_signal_process(self, container_id: str, exec_id: str | None, signal: int) -> dict[str, Any]:
-        proc = self._process(container_id, exec_id)
-        if not 1 <= signal <= 64:
-            raise _err(ErrorCode.invalid_request, f"invalid signal {signal}")
-        self.gate.enforce("signal_container_process",
-                          {"container_id": container_id, "signal": signal, "is_init": exec_id is None,
-                           "argv": list(proc.argv)},
-                          lambda _d: runtime.kill(proc, signal))
-        return {}
+    def op_signal_process(self, r: M.SignalProcessRequest) -> M.EmptyResult:
+        proc = self._process(r.container_id, r.exec_id)
+        check = SignalContainerProcessInput(r.container_id, r.signal, r.exec_id is None, proc.argv)
+        self.gate.enforce(check, lambda _d: runtime.kill(proc, r.signal))
+        return M.EmptyResult()
 
-    def op_wait_process(self, container_id: str, exec_id: str | None, timeout: float) -> dict[str, Any]:
+    def op_wait_process(self, r: M.WaitProcessRequest) -> M.ProcessExit:
         with self._lock:
-            proc = self._process(container_id, exec_id)
-        status = proc.status(min(max(0.0, float(timeout)), 600.0))
+            proc = self._process(r.container_id, r.exec_id)
+        status = proc.status(_clamp(r.timeout, MAX_WAIT_PROCESS_S))
         if status is None:
-            return {"running": True, "exit_code": None, "signal": None}
-        return {"running": False, "exit_code": status.shell_code, "signal": status.signal}
+            return M.ProcessExit(True, None, None)
+        return M.ProcessExit(False, status.shell_code, status.signal)
 
-    def op_read_output(self, container_id: str, exec_id: str | None, offset: int, max_bytes: int,
-                       wait: float) -> dict[str, Any]:
+    def op_read_output(self, r: M.ReadOutputRequest) -> M.ReadOutputResult:
         with self._lock:
-            c = self._container(container_id)
-            proc = self._process(container_id, exec_id)
+            c = self._container(r.container_id)
+            proc = self._process(r.container_id, r.exec_id)
         if not c.stdio or proc.log is None:
             raise _err(ErrorCode.policy_denied,
-                       f"the policy does not allow access to the stdio of container {container_id} "
+                       f"the policy does not allow access to the stdio of container {c.id} "
                        "(allow_stdio_access is false)", endpoint="create_container")
-        res = proc.log.read(max(0, offset), min(max(1, max_bytes), 512 * 1024), min(max(0.0, float(wait)), 60.0))
-        return {"chunks": [{"stream": ch.stream, "data": P.b64encode(ch.data)} for ch in res.chunks],
-                "next_offset": res.next_offset, "dropped": res.dropped, "eof": res.eof}
+        res = proc.log.read(max(0, r.offset), min(max(1, r.max_bytes), MAX_READ_BYTES),
+                            _clamp(r.wait, MAX_READ_WAIT_S))
+        return M.ReadOutputResult(tuple(M.OutputChunk(M.OutputStream(ch.stream), ch.data) for ch in res.chunks),
+                                res.next_offset, res.dropped, res.eof)
 
-    def op_shutdown_container(self, container_id: str, timeout: float) -> dict[str, Any]:
+    def op_shutdown_container(self, r: M.ShutdownContainerRequest) -> M.ShutdownResult:
         # Decide and send SIGTERM under the lock; wait for the exit without it, so that the containers
         # of a group can be stopped in parallel (one port each) and other requests are not held up.
         with self._lock:
-            c = self._container(container_id)
+            c = self._container(r.container_id)
             if c.stopping:
-                raise _err(ErrorCode.conflict, f"container {container_id} is already being shut down")
-            self.gate.enforce("shutdown_container", {"container_id": container_id},
-                              lambda _d: runtime.begin_stop(c))
+                raise _err(ErrorCode.conflict, f"container {c.id} is already being shut down")
+            self.gate.enforce(r, lambda _d: runtime.begin_stop(c))
             c.stopping = True
-        status = runtime.finish_stop(c, min(max(0.0, float(timeout)), 300.0))
-        return {"exit_code": status.shell_code if status else None, "signal": status.signal if status else None}
+        status = runtime.finish_stop(c, _clamp(r.timeout, MAX_SHUTDOWN_S))
+        return M.ShutdownResult(status.shell_code if status else None, status.signal if status else None)
 
-    def op_list_containers(self) -> dict[str, Any]:
+    def op_list_containers(self) -> M.ListContainersResult:
         out = []
         for cid, c in self.containers.items():
             status = c.refresh()
             exit_status = c.init.status() if c.init and status == ContainerStatus.exited else None
-            out.append({"id": cid, "status": status.value, "pid": c.init.pid if c.init else None,
-                        "exit_code": exit_status.shell_code if exit_status else None, "stdio": c.stdio})
-        return {"containers": out}
+            out.append(M.ContainerInfo(cid, status.value, c.init.pid if c.init else None,
+                                     exit_status.shell_code if exit_status else None, c.stdio))
+        return M.ListContainersResult(tuple(out))
 
 
-def _unmount_action(target: str | Path) -> Callable[[Any], None]:
+def _clamp(seconds: float, limit: float) -> float:
+    """A host-given wait, within [0, limit]."""
+    return min(max(0.0, seconds), limit)
+
+
+def _unmount_action(target: str | Path) -> Callable[[Decision], None]:
     """A policy action that lazily unmounts `target` (processes still using it keep their view)."""
-    def action(_decision: Any) -> None:
+    def action(_decision: Decision) -> None:
         try:
             sysapi.umount(target, detach=True)
         except OSError as e:
@@ -504,27 +555,13 @@ def _unmount_action(target: str | Path) -> Callable[[Any], None]:
     return action
 
 
-def _identity(who: ResolvedUser, umask: str) -> dict[str, Any]:
-    """The user, groups and umask fields of create/exec policy inputs."""
-    return {"user": {"id": str(who.uid), "name": who.user_name},
-            "groups": [{"id": str(who.gid), "name": who.group_name}]
-                      + [{"id": str(g), "name": n} for g, n in who.additional_gids],
-            "umask": umask.rjust(4, "0")}
+def _identity(who: ResolvedUser) -> tuple[NamedId, tuple[NamedId, ...]]:
+    """The user and groups of create_container's policy input."""
+    return (NamedId(str(who.uid), who.user_name),
+            (NamedId(str(who.gid), who.group_name), *(NamedId(str(g), n) for g, n in who.additional_gids)))
 
 
-def _capabilities(raw: Any) -> dict[str, tuple[str, ...]]:
-    """Normalise a {set: [CAP_...]} object; missing sets are empty. Raises invalid_request."""
-    if raw is None:
-        default = tuple(oci.DEFAULT_CAPABILITIES)
-        return {"bounding": default, "effective": default, "inheritable": (), "permitted": default,
-                "ambient": ()}
-    if not isinstance(raw, dict) or set(raw) - set(oci.CAPABILITY_SETS):
-        raise _err(ErrorCode.invalid_request, f"capabilities must be an object with keys {oci.CAPABILITY_SETS}")
-    out = {}
-    for name in oci.CAPABILITY_SETS:
-        values = raw.get(name) or []
-        if not isinstance(values, list | tuple) or not all(isinstance(v, str) and re.fullmatch(r"CAP_[A-Z_]+", v)
-                                                           for v in values):
-            raise _err(ErrorCode.invalid_request, f"capabilities.{name} must be a list of CAP_* names")
-        out[name] = tuple(values)
-    return out
+def _default_capabilities() -> M.Capabilities:
+    """The runtime's sets for a container that asks for nothing special."""
+    default = tuple(oci.DEFAULT_CAPABILITIES)
+    return M.Capabilities(bounding=default, effective=default, permitted=default)

@@ -1,8 +1,9 @@
 """The host end of the agent protocol: one client holds one of the sandbox's agent ports.
 
 Ports are taken with an flock on `agent-<i>.lock` next to the socket, so concurrent commands (`logs -f`,
-`exec`, `down`) never share a port. Errors come back typed: `policy_denied` as PolicyDenied with the
-engine's explanation, everything else as AgentError carrying the protocol error code.
+`exec`, `down`) never share a port. Requests go out typed (sandbox/shared/messages.py) and `call`
+returns their typed result. Errors come back typed: `policy_denied` as PolicyDenied with the engine's
+explanation, everything else as AgentError carrying the protocol error code.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sandbox.shared import protocol as P
+from sandbox.shared.codec import FieldError, Message, decode
 from sandbox.shared.errors import GuestError, PolicyDenied
+from sandbox.shared.messages import PingRequest, PingResult, Request
 from sandbox.shared.protocol import ErrorCode, Op
+
+R = TypeVar("R")
 
 
 class AgentError(GuestError):
@@ -116,10 +121,14 @@ class AgentClient:
         line, self._buf = self._buf.split(b"\n", 1)
         return line
 
-    def request(self, op: Op, payload: dict[str, Any] | None = None, *, timeout: float | None = None) -> P.Response:
-        """Send one request and return the agent's response (ok or not)."""
+    def request(self, request: Request[Any], *, timeout: float | None = None) -> P.Response:
+        """Send one typed request and return the agent's response (ok or not)."""
+        return self.send(request.op, request.to_json(), timeout=timeout)
+
+    def send(self, op: Op | str, payload: Any, *, timeout: float | None = None) -> P.Response:
+        """Send a payload as is (tests play the malicious host with it) and return the response."""
         rid = f"{self._prefix}-{next(self._ids)}"
-        data = P.encode_frame(P.Request(rid, op, payload or {}).to_json())
+        data = P.encode_frame({"v": P.PROTOCOL_VERSION, "id": rid, "op": str(op), "payload": payload})
         deadline = time.monotonic() + (timeout or self.timeout)
         try:
             self.sock.settimeout(timeout or self.timeout)
@@ -135,26 +144,34 @@ class AgentClient:
                 if resp.id == rid:
                     return resp
         except TimeoutError:
-            raise AgentUnreachable(f"the guest agent did not answer {op.value} within "
+            raise AgentUnreachable(f"the guest agent did not answer {op} within "
                                    f"{timeout or self.timeout:g} s") from None
         except OSError as e:
             raise AgentUnreachable(f"lost the connection to the guest agent: {e}") from None
 
-    def call(self, op: Op, payload: dict[str, Any] | None = None, *, timeout: float | None = None) -> dict[str, Any]:
-        """request(), raising the typed error when the agent refused."""
-        resp = self.request(op, payload, timeout=timeout)
-        if resp.ok:
-            return resp.result
-        assert resp.error is not None
-        code = resp.error.code
-        code_text = code.value if isinstance(code, ErrorCode) else str(code)
-        if code == ErrorCode.policy_denied:
-            raise AgentDenied(f"denied by policy: {resp.error.message}", details=resp.error.details)
-        raise AgentError(f"{op.value}: {resp.error.message}", code=code_text, details=resp.error.details)
+    def call(self, request: Request[R], *, timeout: float | None = None) -> R:
+        """Send a typed request and return its typed result, raising the typed error when the agent refused."""
+        op = request.op
+        resp = self.request(request, timeout=timeout)
+        if not resp.ok:
+            assert resp.error is not None
+            code = resp.error.code
+            code_text = code.value if isinstance(code, ErrorCode) else str(code)
+            if code == ErrorCode.policy_denied:
+                raise AgentDenied(f"denied by policy: {resp.error.message}", details=resp.error.details)
+            raise AgentError(f"{op.value}: {resp.error.message}", code=code_text, details=resp.error.details)
+        result_type = request.result_type
+        if not (isinstance(result_type, type) and issubclass(result_type, Message)):
+            return resp.result  # type: ignore[return-value]  # a JSON object result
+        try:
+            # Fields a newer agent added are ignored; missing or mistyped ones are the agent's error.
+            return decode(result_type, resp.result, ignore_unknown=True)  # type: ignore[no-any-return]
+        except FieldError as e:
+            raise AgentError(f"{op.value}: the agent sent a malformed result: {e}", code="malformed_result") from None
 
 
 def wait_for_agent(sockets: Sequence[Path], *, timeout: float, alive: Any = None,
-                   console: Path | None = None) -> dict[str, Any]:
+                   console: Path | None = None) -> PingResult:
     """Ping the agent until it answers (the guest is booting meanwhile). Returns the ping result."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
@@ -164,7 +181,7 @@ def wait_for_agent(sockets: Sequence[Path], *, timeout: float, alive: Any = None
         try:
             with AgentClient.connect(sockets, timeout=2, wait=1) as client:
                 left = max(0.5, deadline - time.monotonic())
-                return client.call(Op.ping, timeout=min(left, 5.0))
+                return client.call(PingRequest(), timeout=min(left, 5.0))
         except (AgentUnreachable, AgentError) as e:
             last = e
             time.sleep(0.1)

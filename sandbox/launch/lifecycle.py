@@ -22,7 +22,17 @@ from sandbox.launch.pipeline import (
 )
 from sandbox.log import log
 from sandbox.shared import errors as E
-from sandbox.shared.protocol import PORT_COUNT, Op, b64decode
+from sandbox.shared.messages import (
+    ExecProcessRequest,
+    ListContainersRequest,
+    OutputStream,
+    PingRequest,
+    PoweroffRequest,
+    ReadOutputRequest,
+    ShutdownContainerRequest,
+    WaitProcessRequest,
+)
+from sandbox.shared.protocol import PORT_COUNT
 from sandbox.state import ProcessRef, SandboxRecord, StateStore, process_start_time
 from sandbox.vmm import backend as vmm
 
@@ -84,13 +94,13 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
     if info["status"] == "running":
         try:
             with connect(record, store, wait=2) as client:
-                live = {c["id"]: c for c in client.call(Op.list_containers, timeout=10)["containers"]}
+                live = {c.id: c for c in client.call(ListContainersRequest(), timeout=10).containers}
         except E.SandboxError as e:
             info["agent_error"] = str(e)
     for c in info["containers"]:
         if c["name"] in live:
-            c["status"] = live[c["name"]]["status"]
-            c["exit_code"] = live[c["name"]]["exit_code"]
+            c["status"] = live[c["name"]].status
+            c["exit_code"] = live[c["name"]].exit_code
     return info
 
 
@@ -135,16 +145,13 @@ def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
             if s.eof:
                 continue
             wait = 0.5 if follow and len([x for x in streams if not x.eof]) == 1 else 0.0
-            r = client.call(Op.read_output, {"container_id": s.container, "exec_id": s.exec_id,
-                                             "offset": s.offset, "max_bytes": 256 * 1024, "wait": wait},
-                            timeout=wait + 30)
+            r = client.call(ReadOutputRequest(s.container, s.exec_id, s.offset, 256 * 1024, wait), timeout=wait + 30)
             prefix = f"{s.container.ljust(width)} | ".encode() if prefixed else b""
-            for ch in r["chunks"]:
-                data = b64decode(ch["data"])
-                _write(stdout if ch["stream"] == "stdout" else stderr, prefix, data, pending)
-                progressed = progressed or bool(data)
-            s.offset = r["next_offset"]
-            s.eof = bool(r["eof"])
+            for ch in r.chunks:
+                _write(stdout if ch.stream == OutputStream.stdout else stderr, prefix, ch.data, pending)
+                progressed = progressed or bool(ch.data)
+            s.offset = r.next_offset
+            s.eof = r.eof
         if all(s.eof for s in streams) or (not follow and not progressed):
             break
         if stop is not None and stop():
@@ -192,8 +199,8 @@ def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore
         raise E.ExecSetupError(str(e), hint=e.hint) from None
     with client:
         try:
-            r = client.call(Op.exec_process, {"container_id": container, "argv": list(argv),
-                                              "env": spec.get("env", []), "working_dir": spec.get("working_dir", "")})
+            r = client.call(ExecProcessRequest(container, tuple(argv), tuple(spec.get("env", [])),
+                                               spec.get("working_dir", "")))
         except AgentDenied as e:
             raise E.ExecDenied(e.message, hint=e.hint) from None
         except AgentError as e:
@@ -203,14 +210,12 @@ def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore
             if reason == "permission":
                 raise E.ExecCannotInvoke(e.message) from None
             raise E.ExecSetupError(e.message) from None
-        exec_id = r["exec_id"]
-        if r.get("stdio"):
-            pump_output(client, [Stream(container, exec_id)], follow=True, prefixed=False)
+        if r.stdio:
+            pump_output(client, [Stream(container, r.exec_id)], follow=True, prefixed=False)
         while True:
-            w = client.call(Op.wait_process, {"container_id": container, "exec_id": exec_id, "timeout": 30},
-                            timeout=60)
-            if not w["running"]:
-                return int(w["exit_code"])
+            w = client.call(WaitProcessRequest(container, r.exec_id, 30), timeout=60)
+            if not w.running:
+                return int(w.exit_code or 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +238,7 @@ def _pidfile_ref(state_dir: Path) -> ProcessRef | None:
 def _shutdown_one(record: SandboxRecord, store: StateStore, name: str, timeout: float) -> None:
     try:
         with connect(record, store, wait=timeout) as client:
-            client.call(Op.shutdown_container, {"container_id": name, "timeout": timeout}, timeout=timeout + 30)
+            client.call(ShutdownContainerRequest(name, timeout), timeout=timeout + 30)
     except E.SandboxError as e:
         log.debug("shutdown %s: %s", name, e)
 
@@ -243,11 +248,11 @@ def _graceful(record: SandboxRecord, store: StateStore, timeout: float) -> bool:
     False when the agent cannot be reached."""
     try:
         with connect(record, store, wait=2) as client:
-            client.call(Op.ping, timeout=10)
+            client.call(PingRequest(), timeout=10)
             names = [c["name"] for c in record.details.get("containers", [])]
             with ThreadPoolExecutor(max_workers=max(1, min(len(names), PORT_COUNT - 1))) as pool:
                 list(pool.map(lambda n: _shutdown_one(record, store, n, timeout), names))
-            client.call(Op.poweroff, timeout=10)
+            client.call(PoweroffRequest(), timeout=10)
         return True
     except (E.SandboxError, OSError) as e:
         log.debug("graceful shutdown of %s failed: %s", record.name, e)
@@ -313,17 +318,16 @@ def run_attached(name: str, main: str, containers: Sequence[str], *, store: Stat
     try:
         with connect(record, store) as client:
             def main_exited() -> bool:
-                w = client.call(Op.wait_process, {"container_id": main, "timeout": 0})
-                return not w["running"]
+                return not client.call(WaitProcessRequest(main)).running
 
             streams = [Stream(c) for c in containers]
             if streams:
                 pump_output(client, streams, follow=True, stop=main_exited)
                 pump_output(client, streams, follow=False)
-            w = client.call(Op.wait_process, {"container_id": main, "timeout": 600}, timeout=660)
-            while w["running"]:
-                w = client.call(Op.wait_process, {"container_id": main, "timeout": 600}, timeout=660)
-            code = int(w["exit_code"])
+            w = client.call(WaitProcessRequest(main, timeout=600), timeout=660)
+            while w.running:
+                w = client.call(WaitProcessRequest(main, timeout=600), timeout=660)
+            code = int(w.exit_code or 0)
     finally:
         down(name, store=store)
     return code

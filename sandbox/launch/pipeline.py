@@ -31,7 +31,8 @@ from sandbox.policy.gen import generate_policy
 from sandbox.progress import step
 from sandbox.shared.errors import CheckFailed, InputError, SandboxError, StateError
 from sandbox.shared.kbs_protocol import FW_CFG_KBS_URL
-from sandbox.shared.protocol import PORT_COUNT, Op, b64encode
+from sandbox.shared.messages import SetPolicyRequest, StartContainerRequest
+from sandbox.shared.protocol import PORT_COUNT
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
 from sandbox.state import ProcessRef, SandboxRecord, StateStore
 from sandbox.vmm import backend as vmm
@@ -185,31 +186,30 @@ def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: 
     """set_policy, mounts, create and start every container, in group order. Returns per-step results."""
     results: dict[str, Any] = {"containers": {}}
     with step("Set the execution policy"):
-        results["policy"] = client.call(Op.set_policy, {"policy": b64encode(policy)})
+        results["policy"] = client.call(SetPolicyRequest(policy)).to_json()
     with step("Mount layers and volumes", total=len(plan.disks) + len(plan.memory_volumes)) as task:
         devices = {}
         for d in plan.disks:
-            r = client.call(Op.mount_device, {"device": d.serial, "target": d.target})
-            if r["root_hash"] != d.root_hash:
+            r = client.call(d.mount)
+            if r.root_hash != d.root_hash:
                 # The policy already decided; this only catches a host-side cache mix-up early.
                 log.warning("device %s: the guest derived root hash %s, the host expected %s",
-                            d.serial, r["root_hash"], d.root_hash)
-            devices[d.target] = r
+                            d.serial, r.root_hash, d.root_hash)
+            devices[d.target] = r.to_json()
             task.advance()
         for v in plan.memory_volumes:
-            client.call(Op.create_volume, v)
+            client.call(v)
             task.advance()
         results["devices"] = devices
     timings.mark("mounted")
     for c in plan.containers if create_containers else ():
         with step(f"Start container {c.name}"):
             t0 = time.monotonic()
-            client.call(Op.mount_scratch, {"container_id": c.name})
-            client.call(Op.mount_overlay, {"container_id": c.name, "layer_paths": list(c.layer_targets),
-                                           "target": f"/run/parma/containers/{c.name}/rootfs"})
-            created = client.call(Op.create_container, c.create, timeout=120)
-            started = client.call(Op.start_container, {"container_id": c.name}, timeout=120)
-            results["containers"][c.name] = {"create": created, "start": started,
+            client.call(c.scratch)
+            client.call(c.overlay)
+            created = client.call(c.create, timeout=120)
+            started = client.call(StartContainerRequest(c.name), timeout=120)
+            results["containers"][c.name] = {"create": created.to_json(), "start": started.to_json(),
                                              "seconds": round(time.monotonic() - t0, 3)}
         timings.mark(f"started:{c.name}")
     return results
@@ -268,8 +268,8 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
             "devices": [{"serial": d.serial, "path": str(d.path), "root_hash": d.root_hash, "target": d.target}
                         for d in plan.disks],
             "containers": [{"name": c.name, "image": next(x.image for x in spec.containers if x.name == c.name),
-                            "argv": c.create["argv"], "env": c.create["env"],
-                            "working_dir": c.create["working_dir"], "stdio": c.stdio,
+                            "argv": list(c.create.argv), "env": list(c.create.env),
+                            "working_dir": c.create.working_dir, "stdio": c.stdio,
                             "exec_processes": [list(e) for e in c.exec_processes]} for c in plan.containers],
             "uvm": {"kernel": str(uvm.kernel), "rootfs": str(uvm.rootfs), "cmdline": str(uvm.cmdline)},
             "kbs": {"url": opts.kbs_url, "guest_url": guest_url(opts.kbs_url), "pins": pins} if opts.kbs_url else None,

@@ -1,7 +1,7 @@
 """From a validated group, its resolved images and its volume devices to the requests `up` sends.
 
 A pure function: which read-only disks the VM gets (with the serials the guest finds them by), where
-the agent mounts them, and the exact create_container payload of every container. The process,
+the agent mounts them, and the exact requests (sandbox/shared/messages.py) `up` sends for them. The process,
 capabilities and mounts come from the policy generator's own functions (sandbox.policy.gen), so the
 launcher asks for exactly what a generated policy allows.
 """
@@ -18,6 +18,15 @@ from sandbox.images.model import ResolvedImage
 from sandbox.policy.gen import container_capabilities, container_process
 from sandbox.shared import protocol as P
 from sandbox.shared.kbs_protocol import attestation_api_mount
+from sandbox.shared.messages import (
+    ContainerMount,
+    CreateContainerRequest,
+    CreateVolumeRequest,
+    MemoryVolumeKind,
+    MountDeviceRequest,
+    MountOverlayRequest,
+    MountScratchRequest,
+)
 from sandbox.shared.policy import defaults
 
 
@@ -28,21 +37,33 @@ class DeviceMount:
     serial: str         # virtio-blk serial, how the guest finds the disk
     target: str         # where the agent mounts it
 
+    @property
+    def mount(self) -> MountDeviceRequest:
+        return MountDeviceRequest(self.serial, self.target)
+
 
 @dataclass(frozen=True)
 class ContainerPlan:
     name: str
     layer_targets: tuple[str, ...]      # top-most first, as mount_overlay wants them
-    create: dict[str, Any]              # the create_container payload
+    create: CreateContainerRequest
     stdio: bool
     exec_processes: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def scratch(self) -> MountScratchRequest:
+        return MountScratchRequest(self.name)
+
+    @property
+    def overlay(self) -> MountOverlayRequest:
+        return MountOverlayRequest(self.name, self.layer_targets, P.container_dir(self.name) + "/rootfs")
 
 
 @dataclass(frozen=True)
 class LaunchPlan:
     layers: tuple[DeviceMount, ...]
     file_volumes: tuple[DeviceMount, ...]
-    memory_volumes: tuple[dict[str, Any], ...]     # create_volume payloads
+    memory_volumes: tuple[CreateVolumeRequest, ...]
     containers: tuple[ContainerPlan, ...]
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -51,14 +72,14 @@ class LaunchPlan:
         return self.layers + self.file_volumes
 
 
-def container_mounts(c: Container, spec: GroupSpec) -> list[dict[str, Any]]:
+def container_mounts(c: Container, spec: GroupSpec) -> tuple[ContainerMount, ...]:
     kinds = {v.name: v.kind for v in spec.volumes}
     out = [defaults.volume_bind_mount(m.volume, m.mount_path,
                                       m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret))
            for m in c.mounts]
     if c.attestation_api:
         out.append(attestation_api_mount())  # the same entry policy generation pins (docs/kbs.md)
-    return out
+    return tuple(ContainerMount.from_json(m) for m in out)
 
 
 def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
@@ -78,32 +99,22 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
             root_hash, path = volume_devices[v.name]
             file_volumes.append(DeviceMount(root_hash, path, f"V{len(file_volumes)}", P.volume_path(v.name)))
         elif v.kind == VolumeKind.secret:
-            memory_volumes.append({"name": v.name, "kind": "secret",
-                                   "items": {n: P.b64encode(data) for n, data in v.items}})
+            memory_volumes.append(CreateVolumeRequest(v.name, MemoryVolumeKind.secret, items=dict(v.items)))
         elif v.kind == VolumeKind.tmpfs:
-            memory_volumes.append({"name": v.name, "kind": "tmpfs", "size_mib": v.size_mib})
+            memory_volumes.append(CreateVolumeRequest(v.name, MemoryVolumeKind.tmpfs, size_mib=v.size_mib))
         else:
-            memory_volumes.append({"name": v.name, "kind": "emptyDir"})
+            memory_volumes.append(CreateVolumeRequest(v.name, MemoryVolumeKind.empty_dir))
 
     containers = []
     for c in spec.containers:
         image = images[c.name]
         targets = tuple(layers[layer.root_hash].target for layer in reversed(image.layers))
         process = container_process(c, image.config)
-        caps = container_capabilities(c).sets()
-        create = {
-            "container_id": c.name,
-            "argv": list(process.argv),
-            "env": list(process.env),
-            "working_dir": process.working_dir,
-            "user": process.user,
-            "mounts": container_mounts(c, spec),
-            "capabilities": {k: list(v) for k, v in caps.items()},
-            "privileged": c.privileged,
-            "no_new_privileges": False,
-            "umask": defaults.DEFAULT_UMASK,
-            "seccomp_profile_sha256": "",
-        }
+        create = CreateContainerRequest(
+            container_id=c.name, argv=process.argv, env=process.env, working_dir=process.working_dir,
+            user=process.user, mounts=container_mounts(c, spec), capabilities=container_capabilities(c),
+            privileged=c.privileged, no_new_privileges=False, umask=defaults.DEFAULT_UMASK,
+            seccomp_profile_sha256="")
         containers.append(ContainerPlan(c.name, targets, create, c.stdio,
                                         tuple(e.command for e in c.exec_processes)))
     return LaunchPlan(tuple(layers.values()), tuple(file_volumes), tuple(memory_volumes), tuple(containers))

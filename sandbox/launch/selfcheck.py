@@ -30,7 +30,7 @@ from sandbox.hostcheck import Tee
 from sandbox.launch.agent_client import AgentClient
 from sandbox.launch.measured import LaunchIdentity
 from sandbox.shared.errors import CheckFailed, GuestError, InputError
-from sandbox.shared.protocol import Op
+from sandbox.shared.messages import GetReportRequest
 from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.evidence import ReportEvidence
 from sandbox.shared.snp.report import parse_report
@@ -94,7 +94,7 @@ def run(client: AgentClient, identity: LaunchIdentity, *, kds: KdsClient | None 
     `record_to` receives the evidence and every check (JSON) before the verdict, pass or fail.
     """
     nonce = secrets.token_bytes(NONCE_SIZE)
-    payload = client.call(Op.get_report, {"nonce": nonce.hex()}, timeout=120)
+    payload = client.call(GetReportRequest(nonce), timeout=120)
     evidence = ReportEvidence.from_payload(payload, source="the agent's get_report answer")
     if record_to is not None:
         atomic_write(record_to, json.dumps({"evidence": evidence.to_payload()}, indent=2).encode() + b"\n", 0o600)

@@ -14,25 +14,25 @@ from typing import Any
 from sandbox.group.jsonio import read_input_file
 from sandbox.shared.errors import InputError
 from sandbox.shared.jsonstrict import decode_utf8, loads_strict
-from sandbox.shared.policy import PolicyEngine
-from sandbox.shared.policy.engine import Decision
-from sandbox.shared.policy.inputs import PolicyInputError, enforcement_point, parse_input
+from sandbox.shared.policy.engine import Decision, PolicyEngine
+from sandbox.shared.policy.inputs import EnforcementInput, PolicyInputError, enforcement_point, parse_input
 
 RECORD_KEYS = ("ep", "input", "action")
 ACTIONS = ("ok", "fail")
 
 
 @dataclass(frozen=True)
-class Request:
+class TraceRequest:
+    """One line of a trace: the engine's typed input (the same classes the agent enforces with)."""
+
     line: int
-    ep: str
-    input: dict[str, Any]
+    input: EnforcementInput
     action_fails: bool = False
 
 
 @dataclass(frozen=True)
 class Outcome:
-    request: Request
+    request: TraceRequest
     decision: Decision
     rolled_back: bool = False    # allowed, but the simulated action failed: nothing was committed
 
@@ -43,7 +43,7 @@ class Outcome:
                 "rolled_back": self.rolled_back}
 
 
-def read_trace(path: Path) -> list[Request]:
+def read_trace(path: Path) -> list[TraceRequest]:
     text = decode_utf8(read_input_file(path, "a JSON-lines trace"), str(path))
     requests = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -63,11 +63,10 @@ def read_trace(path: Path) -> list[Request]:
         if action not in ACTIONS:
             raise InputError(f"{where}: action must be 'ok' or 'fail', got {action!r}")
         try:
-            ep = enforcement_point(record["ep"])
-            parse_input(ep, record.get("input"))
+            typed = parse_input(enforcement_point(record["ep"]), record.get("input"))
         except PolicyInputError as e:
             raise PolicyInputError(f"{where}: {e.message}", hint=e.hint) from None
-        requests.append(Request(number, ep.value, record.get("input") or {}, action == "fail"))
+        requests.append(TraceRequest(number, typed, action == "fail"))
     if not requests:
         raise InputError(f"{path}: the trace has no requests", hint="one JSON object per line: "
                                                                   '{"ep": "mount_device", "input": {...}}')
@@ -77,23 +76,20 @@ def read_trace(path: Path) -> list[Request]:
 class SimulatedActionFailure(Exception):
     """Stands in for a failing mount or runtime call, to show that the state rolls back."""
 
-
-def _failing(seen: list[Decision]):
-    def fail(decision: Decision) -> None:
-        seen.append(decision)
-        raise SimulatedActionFailure("simulated action failure")
-    return fail
+    def __init__(self, decision: Decision) -> None:
+        super().__init__("simulated action failure")
+        self.decision = decision
 
 
-def replay(engine: PolicyEngine, requests: list[Request]) -> Iterator[Outcome]:
+def _fail(decision: Decision) -> None:
+    raise SimulatedActionFailure(decision)
+
+
+def replay(engine: PolicyEngine, requests: list[TraceRequest]) -> Iterator[Outcome]:
     for r in requests:
-        if not r.action_fails:
-            yield Outcome(r, engine.enforce(r.ep, r.input))
-            continue
-        seen: list[Decision] = []
         try:
-            decision = engine.enforce(r.ep, r.input, _failing(seen))
-        except SimulatedActionFailure:
-            yield Outcome(r, seen[0], rolled_back=True)   # allowed, but nothing was committed
+            decision = engine.enforce(r.input, _fail if r.action_fails else None)
+        except SimulatedActionFailure as failure:
+            yield Outcome(r, failure.decision, rolled_back=True)   # allowed, but nothing was committed
         else:
-            yield Outcome(r, decision)                     # denied: the action never ran
+            yield Outcome(r, decision)                              # denied, or allowed and committed

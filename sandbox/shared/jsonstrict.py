@@ -1,8 +1,10 @@
-"""Strict JSON parsing shared by host and guest: duplicate keys and NaN/Infinity are errors."""
+"""Strict JSON parsing shared by host and guest: duplicate keys, NaN/Infinity and numbers no float
+can hold (1e400) are errors, and so is nesting deeper than the parser can follow."""
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from sandbox.shared.errors import InputError
@@ -21,17 +23,39 @@ def reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def finite_float(text: str) -> float:
+    """json's parse_float: a number that overflows a double (1e400) is an error, not infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def int64(text: str) -> int:
+    """json's parse_int for frames: an integer outside the signed 64-bit range is an error (no field
+    of the protocol holds more, and no C program downstream could)."""
+    if len(text) > 20:
+        raise ValueError(f"integer {text[:40]}... is out of range")
+    value = int(text)
+    if not -(1 << 63) <= value < (1 << 63):
+        raise ValueError(f"integer {text} is out of range")
+    return value
+
+
 def loads_strict(text: str, source: str) -> Any:
     """Parse JSON, rejecting duplicate keys and NaN/Infinity; errors cite line and column."""
     if not text.strip():
         raise InputError(f"{source} is empty", hint="it must contain a JSON object")
     try:
-        return json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=reject_constant)
+        return json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=reject_constant,
+                          parse_float=finite_float)
     except json.JSONDecodeError as e:
         raise InputError(f"{source}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                          hint="check for a missing comma, quote or bracket near that position") from None
     except ValueError as e:
         raise InputError(f"{source}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise InputError(f"{source}: not valid JSON: arrays or objects are nested too deeply") from None
 
 
 def decode_utf8(raw: bytes, source: str) -> str:

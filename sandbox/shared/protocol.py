@@ -2,14 +2,14 @@
 
 Each frame is one UTF-8 JSON object followed by "\\n", at most MAX_FRAME_BYTES long including the
 newline. Requests are {v, id, op, payload}; responses are {v, id, ok: true, result} or
-{v, id, ok: false, error: {code, message, details}}. This module is stdlib-only: the host client and
-the guest agent both import it, so a payload schema here is checked identically on both sides.
+{v, id, ok: false, error: {code, message, details}}. A request's payload is one of the typed
+requests of sandbox/shared/messages.py, chosen by its op. This module is stdlib-only: the host client
+and the guest agent both import it, so a frame is checked identically on both sides.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 from collections.abc import Iterator
@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sandbox.shared.jsonstrict import no_duplicate_keys, reject_constant
+from sandbox.shared.codec import FieldError, label, shown
+from sandbox.shared.jsoncheck import type_name
+from sandbox.shared.jsonstrict import finite_float, int64, no_duplicate_keys, reject_constant
+from sandbox.shared.messages import REQUEST_TYPES, AgentRequest
+from sandbox.shared.messages import Op as Op  # re-exported: the op names are part of the protocol
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -49,30 +53,6 @@ def volume_path(volume: str) -> str:
     return f"{VOLUMES_DIR}/{volume}"
 
 
-class Op(StrEnum):
-    ping = "ping"
-    set_policy = "set_policy"
-    get_properties = "get_properties"
-    dump_stacks = "dump_stacks"
-    get_report = "get_report"
-    mount_device = "mount_device"
-    unmount_device = "unmount_device"
-    mount_scratch = "mount_scratch"
-    unmount_scratch = "unmount_scratch"
-    mount_overlay = "mount_overlay"
-    unmount_overlay = "unmount_overlay"
-    create_volume = "create_volume"
-    create_container = "create_container"
-    start_container = "start_container"
-    exec_process = "exec_process"
-    signal_process = "signal_process"
-    wait_process = "wait_process"
-    read_output = "read_output"
-    shutdown_container = "shutdown_container"
-    list_containers = "list_containers"
-    poweroff = "poweroff"
-
-
 class ErrorCode(StrEnum):
     malformed_frame = "malformed_frame"          # not a JSON object / not UTF-8 / missing fields
     frame_too_large = "frame_too_large"          # longer than MAX_FRAME_BYTES
@@ -102,155 +82,19 @@ class ProtocolError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Payload schemas: field name -> Field. Unknown fields are rejected, so a typo never goes unnoticed.
-
-
-@dataclass(frozen=True)
-class Field:
-    kind: str                 # str | int | number | bool | b64 | hex | list[str] | list[object] | object | map[b64]
-    required: bool = True
-    default: Any = None
-    pattern: str | None = None  # for str fields, a full-match regex
-    max_len: int | None = None  # for str, b64 (decoded) and list fields
-
-
-CONTAINER_ID = r"[a-z0-9][a-z0-9_.-]{0,63}"
-EXEC_ID = r"[a-z0-9][a-z0-9_.-]{0,63}"
-ABS_PATH = r"/[^\x00]{0,4095}"
-DEVICE_SERIAL = r"[A-Za-z0-9_-]{1,20}"
-VOLUME_NAME = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-
-_OPT_EXEC = Field("str", required=False, default=None, pattern=EXEC_ID)
-
-PAYLOADS: dict[Op, dict[str, Field]] = {
-    Op.ping: {},
-    Op.set_policy: {"policy": Field("b64", max_len=MAX_FRAME_BYTES)},
-    Op.get_properties: {},
-    Op.dump_stacks: {},
-    Op.get_report: {"nonce": Field("hex", max_len=1024)},  # binding.py: 16..1024 bytes
-    Op.mount_device: {"device": Field("str", pattern=DEVICE_SERIAL), "target": Field("str", pattern=ABS_PATH)},
-    Op.unmount_device: {"target": Field("str", pattern=ABS_PATH)},
-    Op.mount_scratch: {"container_id": Field("str", pattern=CONTAINER_ID),
-                       "encrypted": Field("bool", required=False, default=False)},
-    Op.unmount_scratch: {"container_id": Field("str", pattern=CONTAINER_ID)},
-    Op.mount_overlay: {"container_id": Field("str", pattern=CONTAINER_ID),
-                       "layer_paths": Field("list[str]", max_len=128),
-                       "target": Field("str", pattern=ABS_PATH)},
-    Op.unmount_overlay: {"target": Field("str", pattern=ABS_PATH)},
-    Op.create_volume: {"name": Field("str", pattern=VOLUME_NAME),
-                       "kind": Field("str", pattern=r"emptyDir|tmpfs|secret"),
-                       "size_mib": Field("int", required=False, default=None),
-                       "items": Field("map[b64]", required=False, default=None)},
-    Op.create_container: {
-        "container_id": Field("str", pattern=CONTAINER_ID),
-        "argv": Field("list[str]", max_len=4096),
-        "env": Field("list[str]", max_len=4096),
-        "working_dir": Field("str", required=False, default="/", pattern=ABS_PATH),
-        "user": Field("str", required=False, default=""),
-        "mounts": Field("list[object]", required=False, default=[], max_len=256),
-        "capabilities": Field("object", required=False, default=None),
-        "privileged": Field("bool", required=False, default=False),
-        "no_new_privileges": Field("bool", required=False, default=False),
-        "umask": Field("str", required=False, default="0022", pattern=r"0?[0-7]{3}"),
-        "seccomp_profile_sha256": Field("str", required=False, default="", pattern=r"|[0-9a-f]{64}"),
-    },
-    Op.start_container: {"container_id": Field("str", pattern=CONTAINER_ID)},
-    Op.exec_process: {"container_id": Field("str", pattern=CONTAINER_ID),
-                      "argv": Field("list[str]", max_len=4096),
-                      "env": Field("list[str]", required=False, default=[], max_len=4096),
-                      "working_dir": Field("str", required=False, default="", pattern=r"|" + ABS_PATH)},
-    Op.signal_process: {"container_id": Field("str", pattern=CONTAINER_ID), "exec_id": _OPT_EXEC,
-                        "signal": Field("int")},
-    Op.wait_process: {"container_id": Field("str", pattern=CONTAINER_ID), "exec_id": _OPT_EXEC,
-                      "timeout": Field("number", required=False, default=0)},
-    Op.read_output: {"container_id": Field("str", pattern=CONTAINER_ID), "exec_id": _OPT_EXEC,
-                     "offset": Field("int", required=False, default=0),
-                     "max_bytes": Field("int", required=False, default=65536),
-                     "wait": Field("number", required=False, default=0)},
-    Op.shutdown_container: {"container_id": Field("str", pattern=CONTAINER_ID),
-                            "timeout": Field("number", required=False, default=10)},
-    Op.list_containers: {},
-    Op.poweroff: {},
-}
-
-_TYPES: dict[str, tuple[type, ...]] = {
-    "str": (str,), "int": (int,), "number": (int, float), "bool": (bool,), "b64": (str,), "hex": (str,),
-    "list[str]": (list,), "list[object]": (list,), "object": (dict,), "map[b64]": (dict,),
-}
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _check_field(name: str, spec: Field, value: Any) -> Any:
-    ok_types = _TYPES[spec.kind]
-    # bool is an int in Python: never accept it where a number is expected, and vice versa.
-    if not isinstance(value, ok_types) or (isinstance(value, bool) and spec.kind != "bool"):
-        raise ValueError(f"{name}: expected {spec.kind}, got {_type_name(value)}")
-    if spec.kind == "str":
-        if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
-            raise ValueError(f"{name}: {value[:80]!r} does not match {spec.pattern}")
-        if spec.max_len is not None and len(value) > spec.max_len:
-            raise ValueError(f"{name}: longer than {spec.max_len} characters")
-    elif spec.kind == "b64":
-        try:
-            decoded = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise ValueError(f"{name}: not valid base64") from e
-        if spec.max_len is not None and len(decoded) > spec.max_len:
-            raise ValueError(f"{name}: longer than {spec.max_len} bytes")
-    elif spec.kind == "hex":
-        if not re.fullmatch(r"(?:[0-9a-fA-F]{2})*", value):
-            raise ValueError(f"{name}: not a hex string")
-        if spec.max_len is not None and len(value) // 2 > spec.max_len:
-            raise ValueError(f"{name}: longer than {spec.max_len} bytes")
-    elif spec.kind.startswith("list["):
-        elem = str if spec.kind == "list[str]" else dict
-        for i, item in enumerate(value):
-            if not isinstance(item, elem):
-                raise ValueError(f"{name}[{i}]: expected {'string' if elem is str else 'object'}, "
-                                 f"got {_type_name(item)}")
-        if spec.max_len is not None and len(value) > spec.max_len:
-            raise ValueError(f"{name}: more than {spec.max_len} items")
-    elif spec.kind == "map[b64]":
-        for key, item in value.items():
-            _check_field(f"{name}.{key}", Field("b64"), item)
-    return value
-
-
-def validate_payload(op: Op, payload: Any) -> dict[str, Any]:
-    """Check `payload` against the op's schema; return it with defaults filled in. Raises ValueError."""
-    if not isinstance(payload, dict):
-        raise ValueError(f"payload: expected object, got {_type_name(payload)}")
-    schema = PAYLOADS[op]
-    unknown = sorted(set(payload) - set(schema))
-    if unknown:
-        raise ValueError(f"payload: unknown field(s) {', '.join(unknown)} for op {op.value}")
-    out: dict[str, Any] = {}
-    for name, spec in schema.items():
-        if name not in payload or (payload[name] is None and not spec.required):
-            if spec.required:
-                raise ValueError(f"payload.{name}: required for op {op.value}")
-            out[name] = spec.default
-            continue
-        out[name] = _check_field(f"payload.{name}", spec, payload[name])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Messages
 
 
 @dataclass(frozen=True)
-class Request:
+class Envelope:
+    """One request frame: its id and its typed payload."""
+
     id: RequestId
-    op: Op
-    payload: dict[str, Any] = field(default_factory=dict)
+    request: AgentRequest
 
     def to_json(self) -> dict[str, Any]:
-        return {"v": PROTOCOL_VERSION, "id": self.id, "op": self.op.value, "payload": self.payload}
+        return {"v": PROTOCOL_VERSION, "id": self.id, "op": self.request.op.value,
+                "payload": self.request.to_json()}
 
 
 @dataclass(frozen=True)
@@ -293,14 +137,17 @@ def encode_frame(message: dict[str, Any]) -> bytes:
 
 
 def _valid_id(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
+    if type(value) is int:
         return -(2**53) < value < 2**53
-    return isinstance(value, str) and 0 < len(value) <= ID_MAX_LEN
+    return type(value) is str and 0 < len(value) <= ID_MAX_LEN
 
 
-_ID_GUESS = re.compile(rb'"id"\s*:\s*(-?\d{1,15}|"[^"\\]{1,64}")')
+def _supported_version(value: Any) -> bool:
+    # `true == 1` and `1.0 == 1` in Python: only the integer 1 is version 1.
+    return type(value) is int and value in SUPPORTED_VERSIONS
+
+
+_ID_GUESS = re.compile(rb'"id"\s*:\s*(-?\d{1,15}(?![\d.eE])|"[^"\\]{1,64}")')   # whole ints only
 
 
 def guess_request_id(frame_prefix: bytes) -> RequestId:
@@ -312,42 +159,65 @@ def guess_request_id(frame_prefix: bytes) -> RequestId:
     return raw[1:-1].decode("utf-8", "replace") if raw.startswith(b'"') else int(raw)
 
 
+# A \uD800-\uDFFF escape: the only way a JSON text in UTF-8 can spell a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _load_object(line: bytes) -> dict[str, Any]:
+    """Parse one frame strictly: UTF-8, one JSON object, no duplicate keys, numbers a double or a
+    64-bit integer can hold, nesting the parser can follow, and strings that are valid Unicode."""
     try:
         obj = json.loads(line.decode("utf-8"), object_pairs_hook=no_duplicate_keys,
-                         parse_constant=reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                         parse_constant=reject_constant, parse_float=finite_float, parse_int=int64)
+    except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(ErrorCode.malformed_frame, f"not a JSON object: {e}",
                             request_id=guess_request_id(line)) from e
+    except RecursionError:
+        raise ProtocolError(ErrorCode.malformed_frame, "not a JSON object: arrays or objects are nested too deeply",
+                            request_id=guess_request_id(line)) from None
     if not isinstance(obj, dict):
-        raise ProtocolError(ErrorCode.malformed_frame, f"a frame must be a JSON object, got {_type_name(obj)}")
+        raise ProtocolError(ErrorCode.malformed_frame, f"a frame must be a JSON object, got {type_name(obj)}")
+    if _SURROGATE_ESCAPE.search(line) is not None and not _round_trips(obj):
+        # Its id may be the bad string: an error reply that echoed it could not be encoded either.
+        raise ProtocolError(ErrorCode.malformed_frame, "a string in the frame is not valid Unicode "
+                                                       "(it escapes a lone UTF-16 surrogate)")
     return obj
 
 
-def parse_request(line: bytes) -> Request:
+def _round_trips(obj: dict[str, Any]) -> bool:
+    """Every key and string of a parsed frame can be written back as UTF-8."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
+
+
+def parse_request(line: bytes) -> Envelope:
     """Decode and validate one request frame (without its newline). Raises ProtocolError."""
     obj = _load_object(line)
     rid = obj.get("id")
     if not _valid_id(rid):
         raise ProtocolError(ErrorCode.malformed_frame,
                             f"'id' must be an integer or a string of 1-{ID_MAX_LEN} characters")
-    unknown = sorted(set(obj) - {"v", "id", "op", "payload"})
+    unknown = [k for k in obj if k not in ("v", "id", "op", "payload")]
     if unknown:
-        raise ProtocolError(ErrorCode.malformed_frame, f"unknown request field(s): {', '.join(unknown)}",
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ProtocolError(ErrorCode.malformed_frame, f"unknown request field {label(unknown[0])}{more}",
                             request_id=rid)
-    if obj.get("v") not in SUPPORTED_VERSIONS:
-        raise ProtocolError(ErrorCode.unsupported_version, f"protocol version {obj.get('v')!r} is not supported",
+    if not _supported_version(obj.get("v")):
+        raise ProtocolError(ErrorCode.unsupported_version, f"protocol version {shown(obj.get('v'))} is not supported",
                             details={"supported": list(SUPPORTED_VERSIONS)}, request_id=rid)
     op_name = obj.get("op")
+    request_type = REQUEST_TYPES.get(op_name) if type(op_name) is str else None
+    if request_type is None:
+        what = shown(op_name) if type(op_name) is str else f"({type_name(op_name)}, not a string)"
+        raise ProtocolError(ErrorCode.unknown_op, f"unknown op {what}", request_id=rid)
     try:
-        op = Op(op_name)
-    except ValueError:
-        raise ProtocolError(ErrorCode.unknown_op, f"unknown op {str(op_name)[:64]!r}", request_id=rid) from None
-    try:
-        payload = validate_payload(op, obj.get("payload", {}))
-    except ValueError as e:
-        raise ProtocolError(ErrorCode.invalid_request, str(e), request_id=rid) from None
-    return Request(rid, op, payload)
+        request = request_type.from_json(obj.get("payload", {}))
+    except FieldError as e:
+        raise ProtocolError(ErrorCode.invalid_request, f"payload{e.at}: {e.message}", request_id=rid) from None
+    return Envelope(rid, request)
 
 
 def parse_response(line: bytes) -> Response:
@@ -356,8 +226,8 @@ def parse_response(line: bytes) -> Response:
     rid = obj.get("id")
     if rid is not None and not _valid_id(rid):
         raise ProtocolError(ErrorCode.malformed_frame, "response 'id' is invalid")
-    if obj.get("v") not in SUPPORTED_VERSIONS:
-        raise ProtocolError(ErrorCode.unsupported_version, f"response has protocol version {obj.get('v')!r}")
+    if not _supported_version(obj.get("v")):
+        raise ProtocolError(ErrorCode.unsupported_version, f"response has protocol version {shown(obj.get('v'))}")
     ok = obj.get("ok")
     if ok is True:
         result = obj.get("result", {})

@@ -27,13 +27,12 @@ from sandbox.launch.agent_client import AgentClient
 from sandbox.launch.pipeline import UpOptions, load_running, resolve_images
 from sandbox.launch.pipeline import up as launch_up
 from sandbox.launch.plan import build_plan
-from sandbox.shared import protocol as P
+from sandbox.shared import messages as M
 from sandbox.shared.errors import InputError
 from sandbox.shared.policy.model import Policy, parse_policy
-from sandbox.shared.protocol import Op
 from sandbox.state import StateStore
 
-_GUEST_ID = re.compile(P.CONTAINER_ID)
+_GUEST_ID = re.compile(M.CONTAINER_ID)
 
 
 def sandbox_name(namespace: str, sandbox_id: str) -> str:
@@ -114,13 +113,14 @@ class GuestSandbox:
         """A new connection on a free agent port (for a caller that blocks on it, e.g. output)."""
         return lifecycle.connect(load_running(self.name, self.store), self.store, wait=wait)
 
-    def call(self, op: Op, payload: dict[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
-        """One request on the shim's control connection (serialised; quick requests only)."""
+    def call(self, request: M.Request[Any], *, timeout: float = 60.0) -> dict[str, Any]:
+        """One request on the shim's control connection (serialised; quick requests only); its result
+        in JSON form."""
         with self._lock:
             if self._client is None:
                 self._client = self.connect()
             try:
-                return self._client.call(op, payload, timeout=timeout)
+                return self._client.call(request, timeout=timeout).to_json()
             except Exception:
                 # A timed-out or broken connection may still carry a late answer: start afresh.
                 self._client.close()
@@ -144,27 +144,26 @@ class GuestSandbox:
                              hint="a pod's images come from its policy (io.parma.policy): every container "
                                   "must use an image the policy lists")
         plan = build_plan(GroupSpec(name=self.name, containers=(container,)), {container.name: image}, {})
-        create = dict(plan.containers[0].create, container_id=guest_id)
-        self.call(Op.mount_scratch, {"container_id": guest_id})
-        self.call(Op.mount_overlay, {"container_id": guest_id,
-                                     "layer_paths": [self.layer_targets[h] for h in reversed(image.layer_hashes)],
-                                     "target": f"{P.container_dir(guest_id)}/rootfs"})
-        return self.call(Op.create_container, create, timeout=120)
+        planned = replace(plan.containers[0], name=guest_id,
+                          layer_targets=tuple(self.layer_targets[h] for h in reversed(image.layer_hashes)))
+        self.call(planned.scratch)
+        self.call(planned.overlay)
+        return self.call(replace(planned.create, container_id=guest_id), timeout=120)
 
     def start(self, guest_id: str) -> dict[str, Any]:
-        return self.call(Op.start_container, {"container_id": guest_id}, timeout=120)
+        return self.call(M.StartContainerRequest(guest_id), timeout=120)
 
     def exec(self, guest_id: str, argv: list[str], env: list[str], cwd: str) -> dict[str, Any]:
         """Run a process in a running container if the policy lists it; returns its exec_id and pid."""
-        return self.call(Op.exec_process, {"container_id": guest_id, "argv": argv, "env": env, "working_dir": cwd})
+        return self.call(M.ExecProcessRequest(guest_id, tuple(argv), tuple(env), cwd))
 
     def signal(self, guest_id: str, exec_id: str | None, signal: int) -> None:
-        self.call(Op.signal_process, {"container_id": guest_id, "exec_id": exec_id, "signal": signal})
+        self.call(M.SignalProcessRequest(guest_id, signal, exec_id))
 
     def shutdown_container(self, guest_id: str, timeout: float) -> None:
         """SIGTERM, then SIGKILL after `timeout` (the agent's shutdown, which a policy always allows)."""
         with self.connect() as client:
-            client.call(Op.shutdown_container, {"container_id": guest_id, "timeout": timeout}, timeout=timeout + 30)
+            client.call(M.ShutdownContainerRequest(guest_id, timeout), timeout=timeout + 30)
 
 
 def cri_env_to_drop(policy: Policy | None, container_name: str) -> frozenset[str]:

@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from sandbox.launch.agent_client import AgentClient, AgentDenied, AgentError
 from sandbox.shared.errors import SandboxError
-from sandbox.shared.protocol import Op, b64decode
+from sandbox.shared.messages import PingRequest, ReadOutputRequest, WaitProcessRequest
 
 log = logging.getLogger("parma-sandbox.shim")
 
@@ -149,7 +149,7 @@ class OutputPump:
     def _sandbox_alive(self) -> bool:
         try:
             with self._connect() as c:
-                c.call(Op.ping, timeout=5)
+                c.call(PingRequest(), timeout=5)
             return True
         except SandboxError:
             return False
@@ -161,18 +161,16 @@ class OutputPump:
             if s.stdio and not s.eof:
                 wait = 0.5 if single else 0.0
                 try:
-                    r = client.call(Op.read_output, {"container_id": s.guest_id, "exec_id": s.exec_id,
-                                                     "offset": s.offset, "max_bytes": 256 * 1024, "wait": wait},
+                    r = client.call(ReadOutputRequest(s.guest_id, s.exec_id, s.offset, 256 * 1024, wait),
                                     timeout=wait + 30)
                 except AgentDenied:
                     s.stdio = False     # the policy keeps this container's output from the host
                     s.close()
                 else:
-                    for ch in r["chunks"]:
-                        data = b64decode(ch["data"])
-                        s.write(ch["stream"], data)
-                        progressed = progressed or bool(data)
-                    s.offset, s.eof = r["next_offset"], bool(r["eof"])
+                    for ch in r.chunks:
+                        s.write(ch.stream.value, ch.data)
+                        progressed = progressed or bool(ch.data)
+                    s.offset, s.eof = r.next_offset, r.eof
                     if not s.eof:
                         continue
             code = self._exit_code(client, s, wait=0.5 if single and not s.stdio else 0.0)
@@ -184,13 +182,12 @@ class OutputPump:
     @staticmethod
     def _exit_code(client: AgentClient, s: Stream, wait: float) -> int | None:
         try:
-            w = client.call(Op.wait_process, {"container_id": s.guest_id, "exec_id": s.exec_id, "timeout": wait},
-                            timeout=wait + 30)
+            w = client.call(WaitProcessRequest(s.guest_id, s.exec_id, wait), timeout=wait + 30)
         except AgentError as e:
             if e.code == "not_found":
                 return EXIT_LOST
             raise
-        return None if w["running"] else int(w["exit_code"])
+        return None if w.running else int(w.exit_code or 0)
 
     def _finish(self, s: Stream, code: int) -> None:
         with self._cond:

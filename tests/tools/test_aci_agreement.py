@@ -32,7 +32,7 @@ import pytest
 
 from sandbox.shared.policy import PolicyEngine, canonical_bytes
 from sandbox.shared.policy.defaults import PRIVILEGED_CAPABILITIES, UNPRIVILEGED_CAPABILITIES
-from sandbox.shared.policy.inputs import INHERIT, enforcement_point, parse_input
+from sandbox.shared.policy.inputs import enforcement_point, parse_input
 
 EVAL = os.environ.get("PARMA_SANDBOX_ACI_EVAL")
 pytestmark = pytest.mark.skipif(
@@ -274,20 +274,9 @@ class Generator:
 def complete_input(engine: PolicyEngine, ep: str, inp: dict) -> dict:
     """Our request with every default filled in, in JSON form, as the evaluator needs it. An exec
     inherits the identity the container was created with, which the engine recorded."""
-    out: dict[str, Any] = {}
-    for k, v in parse_input(enforcement_point(ep), inp).items():
-        if v is INHERIT:
-            continue
-        if k == "user":
-            out[k] = {"id": v[0], "name": v[1]}
-        elif k == "groups":
-            out[k] = [{"id": a, "name": b} for a, b in v]
-        elif k == "mounts":
-            out[k] = [{"destination": d, "source": s, "type": t, "options": list(o)} for d, s, t, o in v]
-        elif k == "capabilities":
-            out[k] = None if v is None else {name: list(x) for name, x in v.items()}
-        else:
-            out[k] = list(v) if isinstance(v, tuple) else v
+    out: dict[str, Any] = parse_input(enforcement_point(ep), inp).to_json()   # inherited fields left out
+    if ep == "shutdown_container":
+        out.pop("timeout")   # the shutdown request's own field, not a policy input
     if ep == "exec_in_container":
         recorded = engine.snapshot()["processes"].get(out["container_id"]) or {
             "user": {"id": "0", "name": "root"}, "groups": [], "umask": "0022", "capabilities": None,
@@ -310,7 +299,7 @@ def ours(engine: PolicyEngine, req: dict) -> dict:
         raise _ActionFailed
 
     try:
-        d = engine.enforce(req["ep"], req["input"], fail if req.get("action") == "fail" else None)
+        d = engine.enforce_json(req["ep"], req["input"], fail if req.get("action") == "fail" else None)
         rolled_back = False
     except _ActionFailed:
         d, rolled_back = seen[0], True

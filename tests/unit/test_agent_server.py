@@ -15,6 +15,7 @@ from sandbox.guest.hostdata import HostData, HostDataUnavailable
 from sandbox.guest.server import serve_fd
 from sandbox.guest.service import AgentService
 from sandbox.shared import protocol as P
+from sandbox.shared.messages import SetPolicyRequest
 
 POLICY = b'{"version": "test"}'
 
@@ -101,7 +102,7 @@ def test_policy_with_another_hash_is_rejected_and_agent_stays_deny_all(peer: Pee
 def test_without_host_data_no_policy_is_accepted() -> None:
     agent = make_agent(None)
     with pytest.raises(P.ProtocolError) as exc:
-        agent.handle(P.Request(1, P.Op.set_policy, {"policy": base64.b64encode(POLICY).decode()}))
+        agent.handle(SetPolicyRequest(POLICY))
     assert exc.value.code == P.ErrorCode.unavailable
     assert not agent.gate.active
 

@@ -3,6 +3,7 @@ asks, the guest learns the broker's address through fw_cfg (loopback rewritten f
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,12 +18,16 @@ from sandbox.launch.pipeline import _vm_config
 from sandbox.launch.plan import build_plan
 from sandbox.shared.errors import InputError, NetworkError
 from sandbox.shared.kbs_protocol import FW_CFG_KBS_URL, attestation_api_mount
+from sandbox.shared.messages import ContainerMount
 
 
 def _image() -> ResolvedImage:
     layer = LayerInfo("sha256:" + "1" * 64, "application/vnd.oci.image.layer.v1.tar", 1, "1" * 64,
                       Path("/cache/l.img"))
     return ResolvedImage("img", "sha256:" + "0" * 64, ImageConfig(cmd=("sh",)), (layer,))
+
+
+API_MOUNT = ContainerMount.from_json(attestation_api_mount())
 
 
 def _spec(tmp_path: Path):  # noqa: ANN202
@@ -34,8 +39,8 @@ def _spec(tmp_path: Path):  # noqa: ANN202
 def test_only_attestation_api_containers_get_the_mount(tmp_path: Path) -> None:
     plan = build_plan(_spec(tmp_path), {"app": _image(), "side": _image()}, {})
     app, side = plan.containers
-    assert attestation_api_mount() in app.create["mounts"]
-    assert attestation_api_mount() not in side.create["mounts"]
+    assert API_MOUNT in app.create.mounts
+    assert API_MOUNT not in side.create.mounts
 
 
 def test_the_guest_gets_the_broker_address_through_fw_cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,14 +78,14 @@ def test_the_agent_binds_the_api_directory_read_only_and_nothing_beside_it() -> 
 
     service = AgentService(host_data=lambda: None)  # type: ignore[arg-type, return-value]
     service.attest_api_started.set()
-    inputs, binds = service._bind_mounts([attestation_api_mount()])
-    assert inputs == [attestation_api_mount()]
+    binds = service._bind_mounts((API_MOUNT,))
+    assert binds == (API_MOUNT,)
     assert binds[0].source == binds[0].destination == "/run/parma/attest" and "ro" in binds[0].options
     with pytest.raises(ProtocolError, match="read-only"):
-        service._bind_mounts([{**attestation_api_mount(), "options": ["rbind", "rw"]}])
+        service._bind_mounts((replace(API_MOUNT, options=("rbind", "rw")),))
     for source in ("/run/parma", "/run/parma/attest/..", "/run/parma/attest/api.sock"):
         with pytest.raises(ProtocolError, match="not a group volume"):
-            service._bind_mounts([{**attestation_api_mount(), "source": source}])
+            service._bind_mounts((replace(API_MOUNT, source=source),))
 
 
 def test_binding_the_api_waits_for_it_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,5 +96,5 @@ def test_binding_the_api_waits_for_it_to_start(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(service_mod, "ATTEST_API_START_TIMEOUT", 0.05)
     service = service_mod.AgentService(host_data=lambda: None)  # type: ignore[arg-type, return-value]
     with pytest.raises(ProtocolError, match="has not started") as exc:
-        service._bind_mounts([attestation_api_mount()])
+        service._bind_mounts((API_MOUNT,))
     assert exc.value.code == ErrorCode.unavailable

@@ -52,27 +52,28 @@ def test_plan_dedupes_layers_orders_them_top_first_and_maps_volumes(tmp_path: Pa
         ("L0", "/run/parma/layers/l0"), ("L1", "/run/parma/layers/l1"), ("L2", "/run/parma/layers/l2")]
     assert [(d.serial, d.target, d.root_hash) for d in plan.file_volumes] == [
         ("V0", "/run/parma/volumes/www", "ab" * 32)]
-    assert plan.memory_volumes == ({"name": "scratch", "kind": "emptyDir"},
-                                   {"name": "cfg", "kind": "secret", "items": {"token": "aGVsbG8="}})
+    assert [v.to_json() for v in plan.memory_volumes] == [
+        {"name": "scratch", "kind": "emptyDir"}, {"name": "cfg", "kind": "secret", "items": {"token": "aGVsbG8="}}]
     w, p = plan.containers
+    wc, pc = w.create.to_json(), p.create.to_json()   # the create_container payloads, as sent
     assert w.layer_targets == ("/run/parma/layers/l1", "/run/parma/layers/l0")
     assert p.layer_targets == ("/run/parma/layers/l2", "/run/parma/layers/l0")
     # command replaces ENTRYPOINT and drops the image CMD; group env overrides image env in place.
-    assert w.create["argv"] == ["/bin/httpd", "-f"]
-    assert w.create["env"] == ["PATH=/bin", "HOME=/root", "GREETING=hi"]
-    assert w.create["working_dir"] == "/" and w.create["user"] == ""
+    assert wc["argv"] == ["/bin/httpd", "-f"]
+    assert wc["env"] == ["PATH=/bin", "HOME=/root", "GREETING=hi"]
+    assert wc["working_dir"] == "/" and wc["user"] == ""
     opts = list(defaults.VOLUME_BIND_OPTIONS)
-    assert w.create["mounts"] == [
+    assert wc["mounts"] == [
         {"destination": "/www", "source": "/run/parma/volumes/www", "type": "bind", "options": opts + ["ro"]},
         {"destination": "/s", "source": "/run/parma/volumes/scratch", "type": "bind", "options": opts + ["rw"]}]
-    caps = w.create["capabilities"]
+    caps = wc["capabilities"]
     assert "CAP_SYS_TIME" in caps["bounding"] and "CAP_NET_RAW" not in caps["bounding"]
     assert caps["ambient"] == [] and caps["inheritable"] == []
     # args replace CMD; the image has no PATH, so the default one is added.
-    assert p.create["argv"] == ["sleep", "1"]
-    assert p.create["env"][0].startswith("PATH=/usr/local/sbin")
-    assert p.create["working_dir"] == "/tmp" and p.create["user"] == "65534:65534"
-    assert p.create["mounts"][0]["options"][-1] == "ro"
+    assert pc["argv"] == ["sleep", "1"]
+    assert pc["env"][0].startswith("PATH=/usr/local/sbin")
+    assert pc["working_dir"] == "/tmp" and pc["user"] == "65534:65534"
+    assert pc["mounts"][0]["options"][-1] == "ro"
     assert p.exec_processes == (("/bin/cat",),)
 
 

@@ -395,6 +395,7 @@ def engine_for(doc: dict[str, Any]) -> PolicyEngine:
     return PolicyEngine.from_bytes(json.dumps(doc).encode())
 
 
+
 def test_table_is_large_and_covers_every_enforcement_point() -> None:
     from sandbox.shared.policy import EnforcementPoint
     assert len(CASES) >= 80
@@ -407,10 +408,10 @@ def test_table_is_large_and_covers_every_enforcement_point() -> None:
 def test_case(case: Case) -> None:
     engine = engine_for(case.policy)
     for ep, inp in case.setup:
-        d = engine.enforce(ep, inp)
+        d = engine.enforce_json(ep, inp)
         assert d.allowed, f"setup step {ep} {inp} was denied: {d.reason}"
     ep, inp = case.request
-    d = engine.enforce(ep, inp)
+    d = engine.enforce_json(ep, inp)
     assert d.allowed == case.allowed, d.reason
     if case.allowed:
         assert d.reason == ""
@@ -434,17 +435,17 @@ def test_action_runs_only_when_allowed_and_state_commits_after_it() -> None:
         seen.append(decision)
         assert engine.snapshot()["devices"] == {}, "state must not change before the action finished"
 
-    d = engine.enforce("mount_device", {"target": "/run/parma/layers/0", "device_hash": L0}, action)
+    d = engine.enforce_json("mount_device", {"target": "/run/parma/layers/0", "device_hash": L0}, action)
     assert d.allowed and seen == [d]
     assert engine.snapshot()["devices"] == {"/run/parma/layers/0": L0}
-    denied = engine.enforce("mount_device", {"target": "/run/parma/layers/1", "device_hash": L3}, action)
+    denied = engine.enforce_json("mount_device", {"target": "/run/parma/layers/1", "device_hash": L3}, action)
     assert not denied.allowed and seen == [d]
 
 
 def test_failed_action_rolls_back_and_propagates() -> None:
     engine = engine_for(policy())
     for ep, inp in MOUNTED:
-        engine.enforce(ep, inp)
+        engine.enforce_json(ep, inp)
     before = engine.snapshot()
 
     class Boom(Exception):
@@ -454,34 +455,34 @@ def test_failed_action_rolls_back_and_propagates() -> None:
         raise Boom("crun create failed")
 
     with pytest.raises(Boom):
-        engine.enforce(*create(), action=fail)
+        engine.enforce_json(*create(), action=fail)
     assert engine.snapshot() == before
     # nothing was recorded, so the same request is still allowed afterwards
-    assert engine.enforce(*create()).allowed
+    assert engine.enforce_json(*create()).allowed
     assert engine.snapshot()["started"] == {"c1": False}
 
 
 def test_failed_unmount_keeps_the_device_tracked() -> None:
     engine = engine_for(policy())
-    engine.enforce("mount_device", {"target": "/run/parma/layers/0", "device_hash": L0})
+    engine.enforce_json("mount_device", {"target": "/run/parma/layers/0", "device_hash": L0})
 
     def fail(_d):
         raise OSError("device busy")
 
     with pytest.raises(OSError):
-        engine.enforce("unmount_device", {"target": "/run/parma/layers/0"}, fail)
-    assert not engine.enforce("mount_device", {"target": "/run/parma/layers/0", "device_hash": L0}).allowed
+        engine.enforce_json("unmount_device", {"target": "/run/parma/layers/0"}, fail)
+    assert not engine.enforce_json("mount_device", {"target": "/run/parma/layers/0", "device_hash": L0}).allowed
 
 
 def test_enforce_inside_an_action_is_refused() -> None:
     engine = engine_for(policy(allow_properties_access=True))
 
     def nested(_d):
-        engine.enforce("get_properties", {})
+        engine.enforce_json("get_properties", {})
 
     with pytest.raises(StateError, match="inside the action"):
-        engine.enforce("get_properties", {}, nested)
-    assert engine.enforce("get_properties", {}).allowed
+        engine.enforce_json("get_properties", {}, nested)
+    assert engine.enforce_json("get_properties", {}).allowed
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -502,7 +503,7 @@ def test_enforce_inside_an_action_is_refused() -> None:
 def test_malformed_requests_are_input_errors(ep: str, inp: dict, message: str) -> None:
     engine = engine_for(policy())
     with pytest.raises(PolicyInputError) as exc:
-        engine.enforce(ep, inp)
+        engine.enforce_json(ep, inp)
     assert message in exc.value.message
     assert exc.value.hint
 

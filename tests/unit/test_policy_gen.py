@@ -239,7 +239,7 @@ def test_generated_policy_allows_what_the_launcher_requests(tmp_path: Path) -> N
     engine = PolicyEngine.from_bytes(generate_policy(spec, images, volume_hashes={"www": WWW_HASH}))
 
     def ok(ep: str, inp: dict) -> None:
-        d = engine.enforce(ep, inp)
+        d = engine.enforce_json(ep, inp)
         assert d.allowed, d.reason
 
     ok("mount_device", {"target": "/run/parma/volumes/www", "device_hash": WWW_HASH})
@@ -256,7 +256,7 @@ def test_generated_policy_allows_what_the_launcher_requests(tmp_path: Path) -> N
                              "target": f"/run/parma/containers/{cid}/rootfs"})
     req = {"container_id": "web", "argv": list(proc.argv), "env": list(proc.env), "working_dir": proc.working_dir,
            "mounts": mounts, "user": {"id": 0, "name": "root"}, "groups": [{"id": 0, "name": "root"}]}
-    tampered = engine.enforce("create_container", {**req, "env": [*proc.env, "LD_PRELOAD=/x.so"]})
+    tampered = engine.enforce_json("create_container", {**req, "env": [*proc.env, "LD_PRELOAD=/x.so"]})
     assert not tampered.allowed and "LD_PRELOAD" in tampered.reason
     ok("create_container", req)
     probe = container_process(spec.containers[1], images["probe"].config)
@@ -266,5 +266,5 @@ def test_generated_policy_allows_what_the_launcher_requests(tmp_path: Path) -> N
     ok("signal_container_process", {"container_id": "web", "signal": "SIGTERM", "is_init": True})
     ok("exec_in_container", {"container_id": "web", "argv": ["/bin/cat", "/www/index.html"],
                              "env": list(proc.env), "working_dir": "/"})
-    assert not engine.enforce("exec_in_container", {"container_id": "web", "argv": ["/bin/sh"],
-                                                    "env": list(proc.env)}).allowed
+    assert not engine.enforce_json("exec_in_container", {"container_id": "web", "argv": ["/bin/sh"],
+                                                         "env": list(proc.env)}).allowed

@@ -39,10 +39,10 @@ def _create_input(container_id: str, mounts: list[dict], argv: tuple[str, ...] =
 
 def _engine_with_overlays(raw: bytes) -> PolicyEngine:
     engine = PolicyEngine.from_bytes(raw)
-    assert engine.enforce("mount_device", {"target": "/run/parma/layers/l0", "device_hash": LAYER}).allowed
+    assert engine.enforce_json("mount_device", {"target": "/run/parma/layers/l0", "device_hash": LAYER}).allowed
     for cid in ("c1", "c2"):
-        assert engine.enforce("mount_overlay", {"container_id": cid, "layer_paths": ["/run/parma/layers/l0"],
-                                                "target": f"/run/parma/containers/{cid}/rootfs"}).allowed
+        assert engine.enforce_json("mount_overlay", {"container_id": cid, "layer_paths": ["/run/parma/layers/l0"],
+                                                     "target": f"/run/parma/containers/{cid}/rootfs"}).allowed
     return engine
 
 
@@ -56,11 +56,11 @@ def test_only_containers_with_attestation_api_may_get_the_socket(tmp_path: Path)
     assert parse_policy(raw).key_brokers[0].public_key_sha256 == PIN
     engine = _engine_with_overlays(raw)
     # The host cannot hand the socket to a container whose policy entry does not list it...
-    denied = engine.enforce("create_container", _create_input("c2", [attestation_api_mount()], ("sleep", "1")))
+    denied = engine.enforce_json("create_container", _create_input("c2", [attestation_api_mount()], ("sleep", "1")))
     assert not denied.allowed and "mount" in denied.reason
-    assert engine.enforce("create_container", _create_input("c2", [], ("sleep", "1"))).allowed
+    assert engine.enforce_json("create_container", _create_input("c2", [], ("sleep", "1"))).allowed
     # ...and the container whose entry lists it gets it.
-    decision = engine.enforce("create_container", _create_input("c1", [attestation_api_mount()]))
+    decision = engine.enforce_json("create_container", _create_input("c1", [attestation_api_mount()]))
     assert decision.allowed, decision.reason
 
 

@@ -1,18 +1,23 @@
 """The generated policy allows exactly what `up` asks for: the launcher's plan for examples/hello, turned
-into engine inputs the way the guest agent does (sandbox/guest/service.py), goes through the engine."""
+into engine inputs the way the guest agent does (sandbox/guest/service.py: the same from_request and
+the same runtime mounts), goes through the engine."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from sandbox.group import load_group
+from sandbox.guest.service import BASE_MOUNTS
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
 from sandbox.launch.plan import build_plan
 from sandbox.policy.gen import generate_policy
 from sandbox.shared import protocol as P
+from sandbox.shared.messages import CreateContainerRequest
 from sandbox.shared.policy import PolicyEngine
+from sandbox.shared.policy.inputs import CreateContainerInput, NamedId
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello" / "group.json"
 BUSYBOX = ImageConfig(cmd=("sh",), env=("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",))
@@ -32,24 +37,23 @@ def setup():
     return spec, plan, engine
 
 
-def create_input(create: dict) -> dict:
-    """service.op_create_container's engine input for a create_container payload."""
-    uid, user, gid, group = PASSWD[create["user"]]
-    return {"container_id": create["container_id"], "argv": create["argv"], "env": create["env"],
-            "working_dir": create["working_dir"],
-            "mounts": [{"destination": m["destination"], "source": m["source"], "type": "bind",
-                        "options": m["options"]} for m in create["mounts"]],
-            "user": {"id": uid, "name": user}, "groups": [{"id": gid, "name": group}],
-            "umask": create["umask"].rjust(4, "0"), "capabilities": create["capabilities"],
-            "privileged": create["privileged"], "no_new_privileges": create["no_new_privileges"],
-            "seccomp_profile_sha256": create["seccomp_profile_sha256"]}
+def create_input(create: CreateContainerRequest) -> CreateContainerInput:
+    """service.op_create_container's engine input for the launcher's create_container request."""
+    uid, user, gid, group = PASSWD[create.user]
+    assert create.capabilities is not None
+    return CreateContainerInput.from_request(create, mounts=BASE_MOUNTS + create.mounts, user=NamedId(uid, user),
+                                             groups=(NamedId(gid, group),), capabilities=create.capabilities)
 
 
 def test_every_request_of_up_is_allowed(setup) -> None:
     _spec, plan, engine = setup
 
     def allow(ep: str, inp: dict) -> None:
-        d = engine.enforce(ep, inp)
+        d = engine.enforce_json(ep, inp)
+        assert d.allowed, d.reason
+
+    def allow_input(inp: CreateContainerInput) -> None:
+        d = engine.enforce(inp)
         assert d.allowed, d.reason
 
     for disk in plan.disks:
@@ -59,10 +63,10 @@ def test_every_request_of_up_is_allowed(setup) -> None:
         allow("scratch_mount", {"target": cdir + "/scratch", "encrypted": False})
         allow("mount_overlay", {"container_id": c.name, "layer_paths": list(c.layer_targets),
                                 "target": cdir + "/rootfs"})
-        allow("create_container", create_input(c.create))
+        allow_input(create_input(c.create))
         for argv in c.exec_processes:   # `parma-sandbox exec` sends the container's env and working dir
-            allow("exec_in_container", {"container_id": c.name, "argv": list(argv), "env": c.create["env"],
-                                        "working_dir": c.create["working_dir"]})
+            allow("exec_in_container", {"container_id": c.name, "argv": list(argv), "env": list(c.create.env),
+                                        "working_dir": c.create.working_dir})
     allow("signal_container_process", {"container_id": "web", "signal": "SIGTERM", "is_init": True})
     for c in plan.containers:
         allow("shutdown_container", {"container_id": c.name})
@@ -71,19 +75,21 @@ def test_every_request_of_up_is_allowed(setup) -> None:
 def test_tampered_requests_of_up_are_denied(setup) -> None:
     _spec, plan, engine = setup
     for disk in plan.disks:
-        engine.enforce("mount_device", {"target": disk.target, "device_hash": disk.root_hash})
+        engine.enforce_json("mount_device", {"target": disk.target, "device_hash": disk.root_hash})
     web = next(c for c in plan.containers if c.name == "web")
-    engine.enforce("mount_overlay", {"container_id": "web", "layer_paths": list(web.layer_targets),
+    engine.enforce_json("mount_overlay", {"container_id": "web", "layer_paths": list(web.layer_targets),
                                      "target": P.container_dir("web") + "/rootfs"})
     good = create_input(web.create)
+    binds = [m for m in good.mounts if m not in BASE_MOUNTS]
     for change, expected in (
-        ({"argv": ["/bin/sh"]}, "argv"),
-        ({"env": [*good["env"], "LD_PRELOAD=/x.so"]}, "LD_PRELOAD"),
-        ({"mounts": [{**good["mounts"][0], "options": ["rbind", "rprivate", "rw"]}]}, "options"),
+        ({"argv": ("/bin/sh",)}, "argv"),
+        ({"env": (*good.env, "LD_PRELOAD=/x.so")}, "LD_PRELOAD"),
+        ({"mounts": (*BASE_MOUNTS, replace(binds[0], options=("rbind", "rprivate", "rw")))}, "options"),
         ({"privileged": True}, "privileged"),
     ):
-        d = engine.enforce("create_container", {**good, **change})
+        d = engine.enforce(replace(good, **change))
         assert not d.allowed and expected in d.reason
-    assert engine.enforce("create_container", good).allowed
-    shell = engine.enforce("exec_in_container", {"container_id": "web", "argv": ["/bin/sh"], "env": good["env"]})
+    assert engine.enforce(good).allowed
+    shell = engine.enforce_json("exec_in_container", {"container_id": "web", "argv": ["/bin/sh"],
+                                                      "env": list(good.env)})
     assert not shell.allowed and "is not an exec_process" in shell.reason

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from sandbox.guest.service import AgentService
 from sandbox.shared import protocol as P
+from sandbox.shared.messages import REQUEST_TYPES, ReadOutputRequest
 from sandbox.shared.protocol import ErrorCode, Op, ProtocolError
 
 
@@ -15,12 +17,12 @@ def frame(obj: object) -> bytes:
 
 
 def test_request_round_trip_fills_defaults() -> None:
-    req = P.Request(7, Op.read_output, {"container_id": "web", "offset": 10})
-    data = P.encode_frame(req.to_json())
+    data = P.encode_frame({"v": 1, "id": 7, "op": "read_output", "payload": {"container_id": "web", "offset": 10}})
     assert data.endswith(b"\n") and data.count(b"\n") == 1
     parsed = P.parse_request(data[:-1])
-    assert parsed.id == 7 and parsed.op == Op.read_output
-    assert parsed.payload == {"container_id": "web", "exec_id": None, "offset": 10, "max_bytes": 65536, "wait": 0}
+    assert parsed.id == 7 and parsed.request.op == Op.read_output
+    assert parsed.request == ReadOutputRequest("web", exec_id=None, offset=10, max_bytes=65536, wait=0)
+    assert P.parse_request(P.encode_frame(parsed.to_json())[:-1]) == parsed
 
 
 @pytest.mark.parametrize(("obj", "code", "needle"), [
@@ -38,7 +40,7 @@ def test_request_round_trip_fills_defaults() -> None:
     ({"v": 1, "id": 1, "op": "mount_device", "payload": {"device": "../../x", "target": "/a"}},
      ErrorCode.invalid_request, "payload.device"),
     ({"v": 1, "id": 1, "op": "signal_process", "payload": {"container_id": "web", "signal": True}},
-     ErrorCode.invalid_request, "expected int, got boolean"),
+     ErrorCode.invalid_request, "payload.signal: expected an integer, got a boolean"),
     ({"v": 1, "id": 1, "op": "set_policy", "payload": {"policy": "not base64!"}},
      ErrorCode.invalid_request, "base64"),
     ({"v": 1, "id": 1, "op": "create_container",
@@ -145,11 +147,14 @@ def test_malformed_responses_are_rejected(obj: object) -> None:
         P.parse_response(frame(obj))
 
 
-def test_every_op_has_a_schema_and_a_doc_section() -> None:
+def test_every_op_has_a_request_class_a_handler_and_a_doc_section() -> None:
     doc = (P.__file__.rsplit("/sandbox/", 1)[0] + "/docs/protocol.md")
     text = open(doc).read()
+    assert set(REQUEST_TYPES) == set(Op)
     for op in Op:
-        assert op in P.PAYLOADS
+        cls = REQUEST_TYPES[op]
+        assert cls.op == op and cls.__name__ == "".join(w.title() for w in op.value.split("_")) + "Request"
+        assert hasattr(AgentService, f"op_{op.value}"), f"the agent has no handler for {op.value}"
         assert f"### `{op.value}`" in text, f"docs/protocol.md does not document {op.value}"
     for code in ErrorCode:
         assert f"`{code.value}`" in text, f"docs/protocol.md does not document error {code.value}"

@@ -27,7 +27,7 @@ from sandbox.hostcheck import Tee
 from sandbox.launch import measured, selfcheck
 from sandbox.shared.crypto.p384 import PrivateKey
 from sandbox.shared.errors import CheckFailed, InputError
-from sandbox.shared.protocol import Op
+from sandbox.shared.messages import GetReportRequest
 from sandbox.shared.snp.report import parse_report
 
 pytestmark = pytest.mark.usefixtures("ca")
@@ -50,9 +50,9 @@ class GuestAgent:
         self.paths = paths
         self.key = PrivateKey.generate()
 
-    def call(self, op: Op, payload: dict[str, Any], timeout: float = 0) -> dict[str, Any]:
-        assert op == Op.get_report
-        return snp_report.evidence_for(bytes.fromhex(payload["nonce"]), key=self.key, paths=self.paths).to_payload()
+    def call(self, request: GetReportRequest, timeout: float = 0) -> dict[str, Any]:
+        assert isinstance(request, GetReportRequest)
+        return snp_report.evidence_for(request.nonce, key=self.key, paths=self.paths).to_payload()
 
 
 def launch(identity: measured.LaunchIdentity, tmp_path: Path) -> GuestAgent:

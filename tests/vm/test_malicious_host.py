@@ -12,12 +12,14 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sandbox.group import validate_group
 from sandbox.launch.agent_client import AgentClient
 from sandbox.launch.plan import build_plan
+from sandbox.shared.messages import REQUEST_TYPES
 from sandbox.shared.protocol import MAX_FRAME_BYTES, Op
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -51,7 +53,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "name": "app", "image": "test", "command": ARGV,
         "execProcesses": [{"command": CAT_BIG}, {"command": CAT_SMALL}]}]}, base_dir=d)
     images = {"app": image_of(base, data)}
-    create = build_plan(spec, images, {}).containers[0].create
+    create = build_plan(spec, images, {}).containers[0].create.to_json()
     guest = boot(d / "s", spec=spec, images=images,
                  disks=[(base.image, "L0"), (data.image, "L1"), (d / "data-tampered.img", "L2"), (rogue.image, "R0")])
     try:
@@ -61,8 +63,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         guest.stop()
 
 
+def call(client: AgentClient, op: Op, payload: dict | None = None, **kw: Any) -> dict:
+    """A request written as its JSON payload, sent typed; its result back as JSON."""
+    return client.call(REQUEST_TYPES[op].from_json(payload or {}), **kw).to_json()
+
+
 def err(client: AgentClient, op: Op, payload: dict) -> dict:
-    resp = client.request(op, payload)
+    resp = client.send(op, payload)
     assert not resp.ok, f"{op.value} unexpectedly succeeded: {resp.result}"
     return {"code": str(resp.error.code), "message": resp.error.message}
 
@@ -73,17 +80,17 @@ def create_payload(world: dict, cid: str, **changes: object) -> dict:
 
 
 def run_exec(client: AgentClient, cid: str, argv: list[str], env: list[str]) -> tuple[int, bytes, bytes]:
-    r = client.call(Op.exec_process, {"container_id": cid, "argv": argv, "env": env})
+    r = call(client, Op.exec_process, {"container_id": cid, "argv": argv, "env": env})
     out, errs, offset = [], [], 0
     while True:
-        page = client.call(Op.read_output, {"container_id": cid, "exec_id": r["exec_id"], "offset": offset,
+        page = call(client, Op.read_output, {"container_id": cid, "exec_id": r["exec_id"], "offset": offset,
                                             "wait": 5})
         for ch in page["chunks"]:
             (out if ch["stream"] == "stdout" else errs).append(base64.b64decode(ch["data"]))
         offset = page["next_offset"]
         if page["eof"]:
             break
-    w = client.call(Op.wait_process, {"container_id": cid, "exec_id": r["exec_id"], "timeout": 60}, timeout=90)
+    w = call(client, Op.wait_process, {"container_id": cid, "exec_id": r["exec_id"], "timeout": 60}, timeout=90)
     return w["exit_code"], b"".join(out), b"".join(errs)
 
 
@@ -91,14 +98,14 @@ def test_policy_with_another_hash_is_rejected_and_agent_stays_deny_all(world: di
     c, guest = world["client"], world["guest"]
     e = err(c, Op.set_policy, {"policy": base64.b64encode(guest.policy + b"\n").decode()})
     assert e["code"] == "policy_mismatch" and "does not match HOST_DATA" in e["message"]
-    assert c.call(Op.ping)["policy_set"] is False
+    assert call(c, Op.ping)["policy_set"] is False
     e = err(c, Op.mount_device, {"device": "L0", "target": "/run/parma/layers/l0"})
     assert e["code"] == "policy_denied" and "no execution policy" in e["message"]
 
 
 def test_matching_policy_is_accepted_exactly_once(world: dict) -> None:
     c, guest = world["client"], world["guest"]
-    r = c.call(Op.set_policy, {"policy": base64.b64encode(guest.policy).decode()})
+    r = call(c, Op.set_policy, {"policy": base64.b64encode(guest.policy).decode()})
     assert r["host_data_source"] == "emulated report"
     e = err(c, Op.set_policy, {"policy": base64.b64encode(guest.policy).decode()})
     assert e["code"] == "policy_already_set"
@@ -114,14 +121,14 @@ def test_device_not_in_policy_is_denied(world: dict) -> None:
 
 def test_swapped_layer_order_is_denied(world: dict) -> None:
     c = world["client"]
-    c.call(Op.mount_device, {"device": "L0", "target": "/run/parma/layers/l0"})
-    c.call(Op.mount_device, {"device": "L1", "target": "/run/parma/layers/l1"})
-    c.call(Op.mount_scratch, {"container_id": "app"})
+    call(c, Op.mount_device, {"device": "L0", "target": "/run/parma/layers/l0"})
+    call(c, Op.mount_device, {"device": "L1", "target": "/run/parma/layers/l1"})
+    call(c, Op.mount_scratch, {"container_id": "app"})
     target = "/run/parma/containers/app/rootfs"
     e = err(c, Op.mount_overlay, {"container_id": "app", "target": target,
                                   "layer_paths": ["/run/parma/layers/l0", "/run/parma/layers/l1"]})
     assert e["code"] == "policy_denied" and "different order" in e["message"]
-    c.call(Op.mount_overlay, {"container_id": "app", "target": target,
+    call(c, Op.mount_overlay, {"container_id": "app", "target": target,
                               "layer_paths": ["/run/parma/layers/l1", "/run/parma/layers/l0"]})
 
 
@@ -129,8 +136,8 @@ def test_extra_ld_preload_is_denied(world: dict) -> None:
     c, env = world["client"], world["env"]
     e = err(c, Op.create_container, create_payload(world, "app", env=env + ["LD_PRELOAD=/tmp/evil.so"]))
     assert e["code"] == "policy_denied" and "LD_PRELOAD" in e["message"]
-    c.call(Op.create_container, create_payload(world, "app"))
-    c.call(Op.start_container, {"container_id": "app"})
+    call(c, Op.create_container, create_payload(world, "app"))
+    call(c, Op.start_container, {"container_id": "app"})
     code, out, _ = run_exec(c, "app", CAT_BIG, env)
     assert code == 0 and out == BIG
 
@@ -138,12 +145,12 @@ def test_extra_ld_preload_is_denied(world: dict) -> None:
 def test_tampered_block_gives_read_errors_never_wrong_data(world: dict) -> None:
     c, env = world["client"], world["env"]
     # The tampered copy has the data layer's root hash: the policy lets it be mounted and used...
-    c.call(Op.mount_device, {"device": "L2", "target": "/run/parma/layers/l2"})
-    c.call(Op.mount_scratch, {"container_id": "tamp"})
-    c.call(Op.mount_overlay, {"container_id": "tamp", "target": "/run/parma/containers/tamp/rootfs",
+    call(c, Op.mount_device, {"device": "L2", "target": "/run/parma/layers/l2"})
+    call(c, Op.mount_scratch, {"container_id": "tamp"})
+    call(c, Op.mount_overlay, {"container_id": "tamp", "target": "/run/parma/containers/tamp/rootfs",
                               "layer_paths": ["/run/parma/layers/l2", "/run/parma/layers/l0"]})
-    c.call(Op.create_container, create_payload(world, "tamp"))
-    c.call(Op.start_container, {"container_id": "tamp"})
+    call(c, Op.create_container, create_payload(world, "tamp"))
+    call(c, Op.start_container, {"container_id": "tamp"})
     # ...but dm-verity refuses the flipped block: a read error, and what was read is all correct.
     code, out, errs = run_exec(c, "tamp", CAT_BIG, env)
     assert code != 0
@@ -181,10 +188,21 @@ def test_malformed_and_oversized_frames_get_errors_and_the_agent_keeps_serving(w
                   + b'"}}\n')
         r = reply()
         assert r["id"] == 42 and r["error"]["code"] == "frame_too_large"
+        # One frame must never silence a port (issue 13): a lone surrogate, a boolean version, an
+        # overflowing number and deep nesting each get their one reply, and the port goes on.
+        s.sendall(rb'{"v":1,"id":"\ud800","op":"ping"}' + b"\n")
+        r = reply()
+        assert r["id"] is None and r["error"]["code"] == "malformed_frame"
+        s.sendall(b'{"v":true,"id":44,"op":"ping"}\n')
+        assert reply()["error"]["code"] == "unsupported_version"
+        s.sendall(b'{"v":1,"id":45,"op":"wait_process","payload":{"container_id":"app","timeout":1e400}}\n')
+        assert reply()["error"]["code"] == "malformed_frame"
+        s.sendall(b'{"v":1,"id":46,"op":"ping","payload":' + b"[" * 50_000 + b"]" * 50_000 + b"}\n")
+        assert reply()["error"]["code"] == "malformed_frame"
         s.sendall(b'{"v":1,"id":43,"op":"ping"}\n')
         r = reply()
         assert r["id"] == 43 and r["ok"] and r["result"]["policy_set"] is True
-    assert world["client"].call(Op.list_containers)["containers"][0]["status"] == "running"
+    assert call(world["client"], Op.list_containers)["containers"][0]["status"] == "running"
 
 
 def test_teardown_is_checked_and_ordered(world: dict) -> None:
@@ -192,12 +210,12 @@ def test_teardown_is_checked_and_ordered(world: dict) -> None:
     e = err(c, Op.unmount_device, {"target": "/run/parma/layers/l0"})
     assert e["code"] == "conflict"                      # still a layer of the app's and tamp's overlays
     assert err(c, Op.unmount_overlay, {"target": "/run/parma/containers/tamp/rootfs"})["code"] == "conflict"
-    r = c.call(Op.shutdown_container, {"container_id": "tamp", "timeout": 2}, timeout=60)
+    r = call(c, Op.shutdown_container, {"container_id": "tamp", "timeout": 2}, timeout=60)
     assert r["exit_code"] is not None
-    c.call(Op.unmount_overlay, {"target": "/run/parma/containers/tamp/rootfs"})
-    c.call(Op.unmount_scratch, {"container_id": "tamp"})
-    c.call(Op.unmount_device, {"target": "/run/parma/layers/l2"})
+    call(c, Op.unmount_overlay, {"target": "/run/parma/containers/tamp/rootfs"})
+    call(c, Op.unmount_scratch, {"container_id": "tamp"})
+    call(c, Op.unmount_device, {"target": "/run/parma/layers/l2"})
     e = err(c, Op.create_container, create_payload(world, "tamp"))
     assert e["code"] == "conflict"                      # no overlay any more
-    statuses = {x["id"]: x["status"] for x in c.call(Op.list_containers)["containers"]}
+    statuses = {x["id"]: x["status"] for x in call(c, Op.list_containers)["containers"]}
     assert statuses == {"app": "running", "tamp": "exited"}

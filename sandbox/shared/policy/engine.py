@@ -23,13 +23,37 @@ import difflib
 import re
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from sandbox.shared.errors import StateError
+from sandbox.shared.messages import (
+    Capabilities,
+    ContainerMount,
+    DumpStacksRequest,
+    GetPropertiesRequest,
+    MountOverlayRequest,
+    ShutdownContainerRequest,
+    UnmountDeviceRequest,
+    UnmountOverlayRequest,
+)
 from sandbox.shared.policy import defaults
-from sandbox.shared.policy.inputs import INHERIT, enforcement_point, parse_input
-from sandbox.shared.policy.inputs import EnforcementPoint as EP
+from sandbox.shared.policy.inputs import (
+    INHERIT,
+    CreateContainerInput,
+    EnforcementInput,
+    ExecExternalInput,
+    ExecInContainerInput,
+    MountDeviceInput,
+    NamedId,
+    RuntimeLoggingInput,
+    ScratchMountInput,
+    ScratchUnmountInput,
+    SignalContainerProcessInput,
+    enforcement_point,
+    parse_input,
+    point_of,
+)
 from sandbox.shared.policy.model import (
     CAPABILITY_DROPPING_SINCE,
     DEFAULT_SIGNALS_UNTIL,
@@ -44,21 +68,62 @@ from sandbox.shared.policy.model import (
     parse_version,
     policy_hash,
 )
+from sandbox.shared.policy.points import EnforcementPoint as EP
 from sandbox.shared.policy.regex import whole_matcher
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Results:
+    """What an allowed create_container, exec_in_container or exec_external tells the agent to apply:
+    the env and capabilities after dropping (framework.rego env_list, caps_list) and stdio access."""
+
+    env_list: tuple[str, ...] | None = None
+    caps_list: Capabilities | None = None
+    allow_stdio_access: bool | None = None
+
+
+NO_RESULTS = Results()
 
 
 @dataclass(frozen=True)
 class Decision:
     """The outcome of one request. `changes` lists the state changes it commits (if allowed)."""
 
-    ep: str
+    ep: EP
     allowed: bool
     reason: str = ""
-    results: Mapping[str, Any] = field(default_factory=dict)
+    grant: Results = NO_RESULTS
     changes: tuple[str, ...] = ()
 
+    @property
+    def env_list(self) -> tuple[str, ...] | None:
+        return self.grant.env_list
+
+    @property
+    def caps_list(self) -> Capabilities | None:
+        return self.grant.caps_list
+
+    @property
+    def allow_stdio_access(self) -> bool:
+        return bool(self.grant.allow_stdio_access)
+
+    @property
+    def results(self) -> dict[str, Any]:
+        """The results in JSON form (docs/policy-trace.md), only those the point produces."""
+        g = self.grant
+        out: dict[str, Any] = {}
+        if g.env_list is not None:
+            out["env_list"] = list(g.env_list)
+        if g.caps_list is not None:
+            out["caps_list"] = {k: list(v) for k, v in g.caps_list.sets().items()}
+        if g.allow_stdio_access is not None:
+            out["allow_stdio_access"] = g.allow_stdio_access
+        return out
+
     def to_json(self) -> dict[str, Any]:
-        return {"ep": self.ep, "allowed": self.allowed, "reason": self.reason, "results": dict(self.results),
+        return {"ep": self.ep.value, "allowed": self.allowed, "reason": self.reason, "results": self.results,
                 "changes": list(self.changes)}
 
 
@@ -112,9 +177,10 @@ class _EnvRules:
 class _Mount:
     __slots__ = ("destination", "type", "source", "options", "option_set", "source_ok")
 
-    def __init__(self, m: Mapping[str, Any], sandbox_dir: str) -> None:
-        self.destination, self.type, self.source = m["destination"], m["type"], m["source"]
-        self.options = tuple(m["options"])
+    def __init__(self, destination: str, type_: str, source: str, options: tuple[str, ...],
+                 sandbox_dir: str) -> None:
+        self.destination, self.type, self.source = destination, type_, source
+        self.options = tuple(options)
         self.option_set = frozenset(self.options)
         src = self.source
         if src.startswith(defaults.SANDBOX_PREFIX):
@@ -123,22 +189,26 @@ class _Mount:
         else:
             self.source_ok = src.__eq__
 
-    def allows(self, destination: str, source: str, type_: str, options: tuple[str, ...]) -> bool:
-        """framework.rego mountConstraint_ok."""
-        return (destination == self.destination and destination != "" and type_ == self.type
-                and self.source_ok(source) and len(options) == len(self.options)
-                and frozenset(options) == self.option_set)
+    @classmethod
+    def of(cls, m: Mapping[str, Any], sandbox_dir: str) -> _Mount:
+        return cls(m["destination"], m["type"], m["source"], m["options"], sandbox_dir)
 
-    def mismatch(self, destination: str, source: str, type_: str, options: tuple[str, ...]) -> str | None:
+    def allows(self, m: ContainerMount) -> bool:
+        """framework.rego mountConstraint_ok."""
+        return (m.destination == self.destination and m.destination != "" and m.type == self.type
+                and self.source_ok(m.source) and len(m.options) == len(self.options)
+                and frozenset(m.options) == self.option_set)
+
+    def mismatch(self, m: ContainerMount) -> str | None:
         """framework.rego mountConstraint_ok, explained."""
-        if destination != self.destination or not destination:
-            return f"destination {destination!r} is not {self.destination!r}"
-        if type_ != self.type:
-            return f"type {type_!r} is not {self.type!r}"
-        if not self.source_ok(source):
-            return f"source {source!r} does not match {self.source!r}"
-        if len(options) != len(self.options) or frozenset(options) != self.option_set:
-            return f"options {_fmt(options)} are not {_fmt(self.options)}"
+        if m.destination != self.destination or not m.destination:
+            return f"destination {m.destination!r} is not {self.destination!r}"
+        if m.type != self.type:
+            return f"type {m.type!r} is not {self.type!r}"
+        if not self.source_ok(m.source):
+            return f"source {m.source!r} does not match {self.source!r}"
+        if len(m.options) != len(self.options) or frozenset(m.options) != self.option_set:
+            return f"options {_fmt(m.options)} are not {_fmt(self.options)}"
         return None
 
     def describe(self) -> str:
@@ -151,14 +221,14 @@ class _IdName:
     def __init__(self, i: IdName) -> None:
         self.pattern, self.strategy = i.pattern, i.strategy
         if i.strategy == IdStrategy.any:
-            self.matches: Callable[[tuple[str, str]], bool] = lambda v: True
+            self.matches: Callable[[NamedId], bool] = lambda v: True
         elif i.strategy == IdStrategy.id:
-            self.matches = lambda v, p=i.pattern: v[0] == p
+            self.matches = lambda v, p=i.pattern: v.id == p
         elif i.strategy == IdStrategy.name:
-            self.matches = lambda v, p=i.pattern: v[1] == p
+            self.matches = lambda v, p=i.pattern: v.name == p
         else:
             m = whole_matcher(i.pattern)
-            self.matches = lambda v: m(v[1])
+            self.matches = lambda v: m(v.name)
 
     def __str__(self) -> str:
         return "any" if self.strategy == IdStrategy.any else f"{self.strategy.value} {self.pattern!r}"
@@ -174,8 +244,7 @@ class _Candidate:
         self.command = c.command
         self.env_rules = _EnvRules(c.env_rules)
         self.working_dir = c.working_dir
-        self.mounts = tuple(_Mount({"destination": m.destination, "type": m.type, "source": m.source,
-                                    "options": m.options}, sandbox_dir) for m in c.mounts)
+        self.mounts = tuple(_Mount(m.destination, m.type, m.source, m.options, sandbox_dir) for m in c.mounts)
         self.exec_processes = tuple((p.command, frozenset(p.signals)) for p in c.exec_processes)
         signals = c.signals + ((9, 15) if version < DEFAULT_SIGNALS_UNTIL else ())
         self.signals = frozenset(signals)
@@ -218,6 +287,22 @@ class _External:
 _REMOVE = object()
 
 
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """Who a container's process runs as, recorded at create_container: an exec inherits it."""
+
+    user: NamedId
+    groups: tuple[NamedId, ...]
+    umask: str
+    capabilities: Capabilities
+    no_new_privileges: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"user": self.user.to_json(), "groups": [g.to_json() for g in self.groups], "umask": self.umask,
+                "capabilities": {k: list(v) for k, v in self.capabilities.sets().items()},
+                "no_new_privileges": self.no_new_privileges}
+
+
 class _State:
     __slots__ = ("devices", "overlays", "matches", "started", "stdio", "scratch", "process")
 
@@ -228,14 +313,15 @@ class _State:
         self.started: dict[str, bool] = {}                      # container id -> privileged
         self.stdio: dict[str, bool] = {}                        # container id -> allow_stdio_access
         self.scratch: dict[str, bool] = {}                      # scratch target -> encrypted
-        self.process: dict[str, dict[str, Any]] = {}            # container id -> identity it was created with
+        self.process: dict[str, ProcessIdentity] = {}           # container id -> identity it was created with
 
 
-Op = tuple[str, str, Any]
+Change = tuple[str, str, Any]     # (state table, key, new value or _REMOVE)
+Rule = Callable[[Any], tuple[Results, list[Change]]]
 
 
-def _describe(op: Op) -> str:
-    table, key, value = op
+def _describe(change: Change) -> str:
+    table, key, value = change
     if value is _REMOVE:
         return f"{table}: removed {key!r}"
     if table == "matches":
@@ -245,8 +331,8 @@ def _describe(op: Op) -> str:
     if table == "stdio":
         return f"stdio: {key!r} -> {str(value).lower()}"
     if table == "process":
-        uid, name = value["user"]
-        return f"process: {key!r} runs as {name or uid!r} (id {uid}), umask {value['umask']}"
+        user = value.user
+        return f"process: {key!r} runs as {user.name or user.id!r} (id {user.id}), umask {value.umask}"
     if table == "scratch":
         return f"scratch: {key!r} (encrypted={str(value).lower()})"
     return f"{table}: {key!r} -> {value!r}"
@@ -278,23 +364,24 @@ class PolicyEngine:
         self._layer_hashes = frozenset(h for c in policy.containers for h in c.layers)
         self._layer_target = whole_matcher(defaults.LAYER_TARGET_PATTERN)
         self._volumes = {v.target: v for v in policy.volumes}
-        self._default_mounts = tuple(_Mount(m, sandbox_dir) for m in defaults.DEFAULT_MOUNTS)
-        self._privileged_mounts = tuple(_Mount(m, sandbox_dir) for m in defaults.PRIVILEGED_MOUNTS)
+        self._default_mounts = tuple(_Mount.of(m, sandbox_dir) for m in defaults.DEFAULT_MOUNTS)
+        self._privileged_mounts = tuple(_Mount.of(m, sandbox_dir) for m in defaults.PRIVILEGED_MOUNTS)
         self._env_dropping = policy.allow_environment_variable_dropping
         self._caps_dropping = policy.allow_capability_dropping and version >= CAPABILITY_DROPPING_SINCE
         self._state = _State()
         self._lock = threading.RLock()
         self._in_action = False
-        self._rules: dict[EP, Callable[[dict[str, Any]], tuple[dict[str, Any], list[Op]]]] = {
-            EP.mount_device: self._mount_device, EP.unmount_device: self._unmount_device,
-            EP.mount_overlay: self._mount_overlay, EP.unmount_overlay: self._unmount_overlay,
-            EP.scratch_mount: self._scratch_mount, EP.scratch_unmount: self._scratch_unmount,
-            EP.create_container: self._create_container, EP.exec_in_container: self._exec_in_container,
-            EP.exec_external: self._exec_external, EP.shutdown_container: self._shutdown_container,
-            EP.signal_container_process: self._signal_container_process,
-            EP.get_properties: self._flag_rule("allow_properties_access"),
-            EP.dump_stacks: self._flag_rule("allow_dump_stacks"),
-            EP.runtime_logging: self._flag_rule("allow_runtime_logging"),
+        # One rule per input type (inputs.INPUT_TYPES says which point each type is checked at).
+        self._rules: dict[type, Rule] = {
+            MountDeviceInput: self._mount_device, UnmountDeviceRequest: self._unmount_device,
+            MountOverlayRequest: self._mount_overlay, UnmountOverlayRequest: self._unmount_overlay,
+            ScratchMountInput: self._scratch_mount, ScratchUnmountInput: self._scratch_unmount,
+            CreateContainerInput: self._create_container, ExecInContainerInput: self._exec_in_container,
+            ExecExternalInput: self._exec_external, ShutdownContainerRequest: self._shutdown_container,
+            SignalContainerProcessInput: self._signal_container_process,
+            GetPropertiesRequest: self._flag_rule("allow_properties_access", EP.get_properties),
+            DumpStacksRequest: self._flag_rule("allow_dump_stacks", EP.dump_stacks),
+            RuntimeLoggingInput: self._flag_rule("allow_runtime_logging", EP.runtime_logging),
         }
 
     @classmethod
@@ -303,32 +390,43 @@ class PolicyEngine:
         """Parse and validate the exact policy bytes (whose SHA-256 is HOST_DATA) and build an engine."""
         return cls(parse_policy(raw, source), raw=raw, sandbox_dir=sandbox_dir)
 
-    # -- the public entry point ------------------------------------------------------------------------
+    # -- the public entry points -----------------------------------------------------------------------
 
-    def enforce(self, ep: str, input: Mapping[str, Any] | None = None,  # noqa: A002 - the contract's name
+    def enforce(self, input: EnforcementInput,
                 action: Callable[[Decision], object] | None = None) -> Decision:
-        """Decide one request. When it is allowed, run `action(decision)` and only then commit the state
-        changes; if the action raises, the state is left as it was and the exception propagates.
-        Malformed requests raise PolicyInputError (an InputError): treat them as denials."""
-        point = enforcement_point(ep)
-        args = parse_input(point, input)
+        """Decide one request (a typed input, sandbox/shared/policy/inputs.py). When it is allowed, run
+        `action(decision)` and only then commit the state changes; if the action raises, the state is
+        left as it was and the exception propagates."""
+        return self.transact(input, action)[0]
+
+    def enforce_json(self, ep: str | EP, raw: Any,
+                     action: Callable[[Decision], object] | None = None) -> Decision:
+        """enforce() on an input spelled in JSON, as in a `policy check` trace (docs/policy-trace.md).
+        A malformed input raises PolicyInputError (an InputError)."""
+        return self.enforce(parse_input(enforcement_point(ep), raw), action)
+
+    def transact(self, input: EnforcementInput,
+                 action: Callable[[Decision], T] | None = None) -> tuple[Decision, T | None]:
+        """enforce(), also returning what the action returned (None when denied or without action)."""
+        point = point_of(input)
         with self._lock:
             if self._in_action:
                 raise StateError(f"{point.value} was enforced from inside the action of another decision",
                                  hint="actions must not call enforce(); decide first, then act")
             try:
-                results, ops = self._rules[point](args)
+                results, changes = self._rules[type(input)](input)
             except _Deny as deny:
-                return Decision(point.value, False, deny.reason)
-            decision = Decision(point.value, True, "", results, tuple(_describe(op) for op in ops))
+                return Decision(point, False, deny.reason), None
+            decision = Decision(point, True, "", results, tuple(_describe(c) for c in changes))
+            value = None
             if action is not None:
                 self._in_action = True
                 try:
-                    action(decision)
+                    value = action(decision)
                 finally:
                     self._in_action = False
-            self._commit(ops)
-            return decision
+            self._commit(changes)
+            return decision, value
 
     def snapshot(self) -> dict[str, Any]:
         """The tracked state (JSON-able), for logs and `policy check`."""
@@ -337,15 +435,10 @@ class PolicyEngine:
             return {"devices": dict(s.devices), "overlays": dict(s.overlays),
                     "matches": {k: [c.label for c in v] for k, v in s.matches.items()},
                     "started": dict(s.started), "scratch": dict(s.scratch),
-                    "processes": {cid: {"user": {"id": p["user"][0], "name": p["user"][1]},
-                                        "groups": [{"id": g, "name": n} for g, n in p["groups"]],
-                                        "umask": p["umask"],
-                                        "capabilities": {k: list(v) for k, v in p["capabilities"].items()},
-                                        "no_new_privileges": p["no_new_privileges"]}
-                                  for cid, p in s.process.items()}}
+                    "processes": {cid: p.to_json() for cid, p in s.process.items()}}
 
-    def _commit(self, ops: list[Op]) -> None:
-        for table, key, value in ops:
+    def _commit(self, changes: list[Change]) -> None:
+        for table, key, value in changes:
             d = getattr(self._state, table)
             if value is _REMOVE:
                 d.pop(key, None)
@@ -354,8 +447,8 @@ class PolicyEngine:
 
     # -- devices, overlays, scratch --------------------------------------------------------------------
 
-    def _mount_device(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
-        target, digest = a["target"], a["device_hash"]
+    def _mount_device(self, a: MountDeviceInput) -> tuple[Results, list[Change]]:
+        target, digest = a.target, a.device_hash
         deny = f"mount_device denied for target {target!r}"
         if target in self._state.devices:
             raise _Deny(f"{deny}: a device is already mounted there ({self._state.devices[target]})")
@@ -370,16 +463,16 @@ class PolicyEngine:
             if not self._layer_target(target):
                 raise _Deny(f"{deny}: layer devices may only be mounted at targets matching "
                             f"{defaults.LAYER_TARGET_PATTERN!r}")
-        return {}, [("devices", target, digest)]
+        return NO_RESULTS, [("devices", target, digest)]
 
-    def _unmount_device(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
-        target = a["target"]
+    def _unmount_device(self, a: UnmountDeviceRequest) -> tuple[Results, list[Change]]:
+        target = a.target
         if target not in self._state.devices:
             raise _Deny(f"unmount_device denied for target {target!r}: no device is mounted there")
-        return {}, [("devices", target, _REMOVE)]
+        return NO_RESULTS, [("devices", target, _REMOVE)]
 
-    def _mount_overlay(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
-        cid, paths, target = a["container_id"], a["layer_paths"], a["target"]
+    def _mount_overlay(self, a: MountOverlayRequest) -> tuple[Results, list[Change]]:
+        cid, paths, target = a.container_id, a.layer_paths, a.target
         deny = f"mount_overlay denied for container {cid!r}"
         if cid in self._state.matches:
             raise _Deny(f"{deny}: it already has an overlay")
@@ -393,7 +486,7 @@ class PolicyEngine:
         matched = tuple(c for c in self._candidates if c.layers == stack)
         if not matched:
             raise _Deny(f"{deny}: {self._explain_layers(stack)}")
-        return {}, [("matches", cid, matched), ("overlays", target, cid)]
+        return NO_RESULTS, [("matches", cid, matched), ("overlays", target, cid)]
 
     def _explain_layers(self, stack: tuple[str, ...]) -> str:
         """Name the policy container closest to the requested layer stack and how it differs."""
@@ -417,31 +510,31 @@ class PolicyEngine:
                              f"{_fmt(_abbrev(want[i1:i2]))}")
         return f"layers do not match {best.label!r} (positions count from the base): " + "; ".join(parts)
 
-    def _unmount_overlay(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
-        target = a["target"]
+    def _unmount_overlay(self, a: UnmountOverlayRequest) -> tuple[Results, list[Change]]:
+        target = a.target
         if target not in self._state.overlays:
             raise _Deny(f"unmount_overlay denied for target {target!r}: no overlay is mounted there")
-        return {}, [("overlays", target, _REMOVE)]
+        return NO_RESULTS, [("overlays", target, _REMOVE)]
 
-    def _scratch_mount(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
-        target, encrypted = a["target"], a["encrypted"]
+    def _scratch_mount(self, a: ScratchMountInput) -> tuple[Results, list[Change]]:
+        target, encrypted = a.target, a.encrypted
         if target in self._state.scratch:
             raise _Deny(f"scratch_mount denied for target {target!r}: scratch is already mounted there")
         if not encrypted and not self.policy.allow_unencrypted_scratch:
             raise _Deny(f"scratch_mount denied for target {target!r}: encrypted is false but the policy "
                         "requires encrypted scratch (allow_unencrypted_scratch is false)")
-        return {}, [("scratch", target, encrypted)]
+        return NO_RESULTS, [("scratch", target, encrypted)]
 
-    def _scratch_unmount(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
-        target = a["target"]
+    def _scratch_unmount(self, a: ScratchUnmountInput) -> tuple[Results, list[Change]]:
+        target = a.target
         if target not in self._state.scratch:
             raise _Deny(f"scratch_unmount denied for target {target!r}: no scratch is mounted there")
-        return {}, [("scratch", target, _REMOVE)]
+        return NO_RESULTS, [("scratch", target, _REMOVE)]
 
     # -- containers -----------------------------------------------------------------------------------
 
-    def _create_container(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
-        cid = a["container_id"]
+    def _create_container(self, a: CreateContainerInput) -> tuple[Results, list[Change]]:
+        cid = a.container_id
         state = self._state
         if cid in state.started:
             gone = "" if cid in state.matches else " and has been shut down"
@@ -449,62 +542,60 @@ class PolicyEngine:
         candidates = state.matches.get(cid)
         if not candidates:
             raise _Deny(f"create_container denied for container {cid!r}: no overlay has been mounted for it")
-        self._check_volume_mounts(cid, a["mounts"])
-        privileged = a["privileged"]
+        self._check_volume_mounts(cid, a.mounts)
+        privileged = a.privileged
         who = _container_subject(cid)
         survivors = _narrow("create_container", who, candidates, lambda c: self._create_mismatch(c, a))
-        env_list, survivors = self._narrow_env("create_container", who, survivors, a["env"])
-        caps_list, survivors = self._narrow_caps("create_container", who, survivors, a["capabilities"], privileged)
+        env_list, survivors = self._narrow_env("create_container", who, survivors, a.env)
+        caps_list, survivors = self._narrow_caps("create_container", who, survivors, a.capabilities, privileged)
         stdio = _stdio_agreement("create_container", who, survivors)
-        results = {"env_list": env_list, "caps_list": caps_list, "allow_stdio_access": stdio}
-        identity = {"user": a["user"], "groups": a["groups"], "umask": a["umask"],
-                    "capabilities": {k: tuple(v) for k, v in caps_list.items()},
-                    "no_new_privileges": a["no_new_privileges"]}
-        return results, [("matches", cid, survivors), ("started", cid, privileged), ("stdio", cid, stdio),
-                         ("process", cid, identity)]
+        identity = ProcessIdentity(a.user, a.groups, a.umask, caps_list, a.no_new_privileges)
+        return Results(env_list, caps_list, stdio), [
+            ("matches", cid, survivors), ("started", cid, privileged), ("stdio", cid, stdio),
+            ("process", cid, identity)]
 
-    def _check_volume_mounts(self, cid: str, mounts: tuple) -> None:
-        for destination, source, _type, _options in mounts:
-            volume = self._volumes.get(source)
-            if volume is not None and self._state.devices.get(source) != volume.device_hash:
-                raise _Deny(f"create_container denied for container {cid!r}: mount at {destination!r} binds "
-                            f"volume {volume.name!r} ({source}), but its pinned device is not mounted there")
+    def _check_volume_mounts(self, cid: str, mounts: tuple[ContainerMount, ...]) -> None:
+        for m in mounts:
+            volume = self._volumes.get(m.source)
+            if volume is not None and self._state.devices.get(m.source) != volume.device_hash:
+                raise _Deny(f"create_container denied for container {cid!r}: mount at {m.destination!r} binds "
+                            f"volume {volume.name!r} ({m.source}), but its pinned device is not mounted there")
 
-    def _create_mismatch(self, c: _Candidate, a: dict[str, Any]) -> str | None:
+    def _create_mismatch(self, c: _Candidate, a: CreateContainerInput) -> str | None:
         """The first field of a create request that this candidate does not allow (framework.rego
         create_container's initial narrowing), or None."""
-        if a["argv"] != c.command:
-            return f"argv {_fmt(a['argv'])} does not match command {_fmt(c.command)}"
-        if a["working_dir"] != c.working_dir:
-            return f"working_dir {a['working_dir']!r} does not match {c.working_dir!r}"
-        why = _user_mismatch(c, a)
+        if a.argv != c.command:
+            return f"argv {_fmt(a.argv)} does not match command {_fmt(c.command)}"
+        if a.working_dir != c.working_dir:
+            return f"working_dir {a.working_dir!r} does not match {c.working_dir!r}"
+        why = _user_mismatch(c, a.user, a.groups, a.umask)
         if why:
             return why
-        if a["privileged"] and not c.allow_elevated:
+        if a.privileged and not c.allow_elevated:
             return "privileged is requested but allow_elevated is false"
-        if c.no_new_privileges and not a["no_new_privileges"]:
+        if c.no_new_privileges and not a.no_new_privileges:
             return "no_new_privileges is false but the policy requires true"
-        for mount in a["mounts"]:
+        for mount in a.mounts:
             why = self._mount_mismatch(c, mount)
             if why:
                 return why
-        if a["seccomp_profile_sha256"] != c.seccomp:
-            return f"seccomp_profile_sha256 {a['seccomp_profile_sha256']!r} does not match {c.seccomp!r}"
+        if a.seccomp_profile_sha256 != c.seccomp:
+            return f"seccomp_profile_sha256 {a.seccomp_profile_sha256!r} does not match {c.seccomp!r}"
         return None
 
-    def _mount_mismatch(self, c: _Candidate, mount: tuple) -> str | None:
+    def _mount_mismatch(self, c: _Candidate, mount: ContainerMount) -> str | None:
         allowed = c.mounts + self._default_mounts + (self._privileged_mounts if c.allow_elevated else ())
         for constraint in allowed:
-            if constraint.allows(*mount):
+            if constraint.allows(mount):
                 return None
         # Denied: explain against the constraints for the same destination.
-        reasons = [constraint.mismatch(*mount) for constraint in allowed if constraint.destination == mount[0]]
-        destination, source, type_, _ = mount
+        reasons = [constraint.mismatch(mount) for constraint in allowed if constraint.destination == mount.destination]
         if reasons:
-            return f"mount at {destination!r}: {reasons[0]}"
-        return f"mount {type_} {source!r} at {destination!r} matches no allowed mount destination"
+            return f"mount at {mount.destination!r}: {reasons[0]}"
+        return f"mount {mount.type} {mount.source!r} at {mount.destination!r} matches no allowed mount destination"
 
-    def _narrow_env(self, ep: str, who: Subject, survivors: tuple, env: tuple[str, ...]) -> tuple[list[str], tuple]:
+    def _narrow_env(self, ep: str, who: Subject, survivors: tuple, env: tuple[str, ...]) -> tuple[tuple[str, ...],
+                                                                                                   tuple]:
         """framework.rego valid_envs_for_all + envList_ok."""
         if self._env_dropping:
             kept_sets = [frozenset(e for e in env if c.env_rules.allows(e)) for c in survivors]
@@ -519,11 +610,11 @@ class PolicyEngine:
             env_list = _dedupe(env)
         return env_list, _narrow(ep, who, survivors, lambda c: _env_mismatch(c.env_rules, env_list))
 
-    def _narrow_caps(self, ep: str, who: Subject, survivors: tuple, requested: dict | None,
-                     privileged: bool) -> tuple[dict[str, list[str]], tuple]:
+    def _narrow_caps(self, ep: str, who: Subject, survivors: tuple, capabilities: Capabilities | None,
+                     privileged: bool) -> tuple[Capabilities, tuple]:
         """framework.rego valid_caps_for_all + caps_ok."""
-        if requested is None:
-            requested = defaults.default_capabilities(privileged)
+        requested = (defaults.default_capabilities(privileged) if capabilities is None
+                     else capabilities.sets())
         if self._caps_dropping:
             filtered = []
             for c in survivors:
@@ -534,16 +625,16 @@ class PolicyEngine:
             if any(f != biggest[0] for f in biggest[1:]):
                 raise _Deny(f"{ep} denied for {who(survivors)}: capabilities after dropping are "
                             "ambiguous (candidates keep different sets)")
-            caps_list = {k: [cap for cap in _dedupe(requested[k]) if cap in biggest[0][k]] for k in requested}
-            checked = {k: tuple(v) for k, v in caps_list.items()}
+            caps_list = {k: tuple(cap for cap in _dedupe(requested[k]) if cap in biggest[0][k]) for k in requested}
+            checked = caps_list
         else:
             caps_list = {k: _dedupe(v) for k, v in requested.items()}
             checked = requested
         survivors = _narrow(ep, who, survivors, lambda c: _caps_mismatch(c.caps_for(privileged), checked))
-        return caps_list, survivors
+        return Capabilities(**caps_list), survivors
 
-    def _exec_in_container(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
-        cid = a["container_id"]
+    def _exec_in_container(self, a: ExecInContainerInput) -> tuple[Results, list[Change]]:
+        cid = a.container_id
         state = self._state
         if cid not in state.started:
             raise _Deny(f"exec_in_container denied for container {cid!r}: it has not been created")
@@ -551,35 +642,38 @@ class PolicyEngine:
         if not candidates:
             raise _Deny(f"exec_in_container denied for container {cid!r}: it has been shut down")
         privileged = state.started[cid]
-        inherited = state.process.get(cid, {})
-        a = {k: inherited.get(k) if v is INHERIT else v for k, v in a.items()}
+        own = state.process[cid]
+        argv, working_dir = a.argv, a.working_dir
+        user = own.user if a.user is INHERIT else a.user
+        groups = own.groups if a.groups is INHERIT else a.groups
+        umask = own.umask if a.umask is INHERIT else a.umask
+        capabilities = own.capabilities if a.capabilities is INHERIT else a.capabilities
+        no_new_privileges = own.no_new_privileges if a.no_new_privileges is INHERIT else a.no_new_privileges
 
         def mismatch(c: _Candidate) -> str | None:
-            if not c.has_exec(a["argv"]):
+            if not c.has_exec(argv):
                 listed = ", ".join(_fmt(cmd) for cmd, _ in c.exec_processes) or "none"
-                return f"argv {_fmt(a['argv'])} is not an exec_process (allowed: {listed})"
-            if a["working_dir"] != c.working_dir:
-                return f"working_dir {a['working_dir']!r} does not match {c.working_dir!r}"
-            if c.no_new_privileges and not a["no_new_privileges"]:
+                return f"argv {_fmt(argv)} is not an exec_process (allowed: {listed})"
+            if working_dir != c.working_dir:
+                return f"working_dir {working_dir!r} does not match {c.working_dir!r}"
+            if c.no_new_privileges and not no_new_privileges:
                 return "no_new_privileges is false but the policy requires true"
-            return _user_mismatch(c, a)
+            return _user_mismatch(c, user, groups, umask)
 
         who = _container_subject(cid)
         survivors = _narrow("exec_in_container", who, candidates, mismatch)
-        env_list, survivors = self._narrow_env("exec_in_container", who, survivors, a["env"])
-        caps_list, survivors = self._narrow_caps("exec_in_container", who, survivors, a["capabilities"],
-                                                 privileged)
-        results = {"env_list": env_list, "caps_list": caps_list, "allow_stdio_access": state.stdio.get(cid, False)}
-        return results, [("matches", cid, survivors)]
+        env_list, survivors = self._narrow_env("exec_in_container", who, survivors, a.env)
+        caps_list, survivors = self._narrow_caps("exec_in_container", who, survivors, capabilities, privileged)
+        return Results(env_list, caps_list, state.stdio.get(cid, False)), [("matches", cid, survivors)]
 
-    def _exec_external(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
-        argv = a["argv"]
+    def _exec_external(self, a: ExecExternalInput) -> tuple[Results, list[Change]]:
+        argv = a.argv
 
         def mismatch(p: _External) -> str | None:
             if argv != p.command:
                 return f"argv {_fmt(argv)} is not {_fmt(p.command)}"
-            if a["working_dir"] != p.working_dir:
-                return f"working_dir {a['working_dir']!r} does not match {p.working_dir!r}"
+            if a.working_dir != p.working_dir:
+                return f"working_dir {a.working_dir!r} does not match {p.working_dir!r}"
             return None
 
         if not self._externals:
@@ -587,31 +681,31 @@ class PolicyEngine:
         def who(_c: tuple) -> str:
             return f"argv {_fmt(argv)}"
         survivors = _narrow("exec_external", who, self._externals, mismatch)
-        env_list, survivors = self._narrow_env("exec_external", who, survivors, a["env"])
+        env_list, survivors = self._narrow_env("exec_external", who, survivors, a.env)
         stdio = _stdio_agreement("exec_external", who, survivors)
-        return {"env_list": env_list, "allow_stdio_access": stdio}, []
+        return Results(env_list=env_list, allow_stdio_access=stdio), []
 
-    def _shutdown_container(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
-        cid = a["container_id"]
+    def _shutdown_container(self, a: ShutdownContainerRequest) -> tuple[Results, list[Change]]:
+        cid = a.container_id
         if cid not in self._state.started:
             raise _Deny(f"shutdown_container denied for container {cid!r}: it has not been created")
         # Like the framework, `started` stays: a shut-down id can never be created again.
-        return {}, [("matches", cid, _REMOVE)]
+        return NO_RESULTS, [("matches", cid, _REMOVE)]
 
-    def _signal_container_process(self, a: dict[str, Any]) -> tuple[dict, list[Op]]:
-        cid, sig = a["container_id"], a["signal"]
+    def _signal_container_process(self, a: SignalContainerProcessInput) -> tuple[Results, list[Change]]:
+        cid, sig = a.container_id, a.signal
         if cid not in self._state.started:
             raise _Deny(f"signal_container_process denied for container {cid!r}: it has not been created")
         candidates = self._state.matches.get(cid)
         if not candidates:
             raise _Deny(f"signal_container_process denied for container {cid!r}: it has been shut down")
-        if a["is_init"]:
+        if a.is_init:
             def mismatch(c: _Candidate) -> str | None:
                 if sig in c.signals:
                     return None
                 return f"signal {sig} to the init process is not in signals {list(c.signal_list)}"
         else:
-            argv = a["argv"]
+            argv = a.argv
 
             def mismatch(c: _Candidate) -> str | None:
                 procs = [sigs for cmd, sigs in c.exec_processes if cmd == argv]
@@ -622,16 +716,13 @@ class PolicyEngine:
                            f"{_fmt(argv)}"
                 return None
         survivors = _narrow("signal_container_process", _container_subject(cid), candidates, mismatch)
-        return {}, [("matches", cid, survivors)]
+        return NO_RESULTS, [("matches", cid, survivors)]
 
-    def _flag_rule(self, flag: str) -> Callable[[dict[str, Any]], tuple[dict, list[Op]]]:
-        ep = {"allow_properties_access": "get_properties", "allow_dump_stacks": "dump_stacks",
-              "allow_runtime_logging": "runtime_logging"}[flag]
-
-        def rule(_a: dict[str, Any]) -> tuple[dict, list[Op]]:
+    def _flag_rule(self, flag: str, ep: EP) -> Rule:
+        def rule(_a: object) -> tuple[Results, list[Change]]:
             if not getattr(self.policy, flag):
-                raise _Deny(f"{ep} denied: {flag} is false")
-            return {}, []
+                raise _Deny(f"{ep.value} denied: {flag} is false")
+            return NO_RESULTS, []
         return rule
 
 
@@ -670,22 +761,20 @@ def _narrow(ep: str, who: Subject, candidates: tuple, mismatch: Callable[[Any], 
     raise _Deny(f"{ep} denied for {who(candidates)}: no candidate allows it ({detail})")
 
 
-def _user_mismatch(c: _Candidate, a: dict[str, Any]) -> str | None:
+def _user_mismatch(c: _Candidate, user: NamedId, groups: tuple[NamedId, ...], umask: str) -> str | None:
     """framework.rego user_ok."""
-    if a["umask"] != c.umask:
-        return f"umask {a['umask']!r} does not match {c.umask!r}"
-    if not c.user_idname.matches(a["user"]):
-        uid, name = a["user"]
-        return f"user {name!r} (id {uid}) does not match user_idname {c.user_idname}"
-    for group in a["groups"]:
+    if umask != c.umask:
+        return f"umask {umask!r} does not match {c.umask!r}"
+    if not c.user_idname.matches(user):
+        return f"user {user.name!r} (id {user.id}) does not match user_idname {c.user_idname}"
+    for group in groups:
         if not any(g.matches(group) for g in c.group_idnames):
-            gid, name = group
             allowed = ", ".join(str(g) for g in c.group_idnames) or "none"
-            return f"group {name!r} (id {gid}) matches no group_idname ({allowed})"
+            return f"group {group.name!r} (id {group.id}) matches no group_idname ({allowed})"
     return None
 
 
-def _env_mismatch(rules: _EnvRules, env_list: list[str]) -> str | None:
+def _env_mismatch(rules: _EnvRules, env_list: tuple[str, ...]) -> str | None:
     """framework.rego envList_ok: every env matches some rule, every required rule matches some env."""
     allows = rules.allows
     for env in env_list:
@@ -721,8 +810,8 @@ def _stdio_agreement(ep: str, who: Subject, survivors: tuple) -> bool:
     return values.pop()
 
 
-def _dedupe(items: Any) -> list[str]:
-    return list(dict.fromkeys(items))
+def _dedupe(items: Any) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
 
 
 def _abbrev(hashes: tuple[str, ...] | list[str]) -> list[str]:

@@ -1,115 +1,49 @@
-"""The enforcement points and their inputs: names, required fields, safe defaults, type checks.
+"""What the engine decides on: one typed input per enforcement point (ACI's Rego `input`).
 
-Input keys are snake_case versions of ACI's Rego input fields (containerID → container_id, argList →
-argv, envList → env, isInitProcess → is_init, unmountTarget → target ...). A missing required field,
-an unknown field or a wrong type is an InputError naming the enforcement point and the field; the
-guest agent treats it as a denial, `policy check` as bad input (exit 2).
+Where a protocol request carries everything the policy needs, its input *is* the request
+(sandbox/shared/messages.py): mount_overlay, unmount_device, unmount_overlay, shutdown_container,
+get_properties, dump_stacks. Elsewhere the agent adds what it finds out itself and never takes from
+the host (the device's root hash, the user as the container's /etc/passwd resolves it, the runtime's
+own mounts, the process a signal goes to), and the input is built from the request plus those facts
+by the `from_request` constructors below.
+
+`policy check` traces spell these inputs in JSON (docs/policy-trace.md): `parse_input` decodes them
+with the same classes. Field names are ACI's Rego input names in snake_case; a missing, unknown or
+mistyped field is a PolicyInputError naming the enforcement point and the field.
 """
 
 from __future__ import annotations
 
 import difflib
 import signal as signal_module
-from collections.abc import Callable, Mapping
-from enum import StrEnum
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
+from sandbox.shared.codec import Convert, FieldError, Message, NonEmpty, Sentinel, field_names, shown
 from sandbox.shared.errors import InputError
+from sandbox.shared.messages import (
+    Capabilities,
+    ContainerMount,
+    CreateContainerRequest,
+    DumpStacksRequest,
+    GetPropertiesRequest,
+    MountDeviceRequest,
+    MountOverlayRequest,
+    MountScratchRequest,
+    ShutdownContainerRequest,
+    UnmountDeviceRequest,
+    UnmountOverlayRequest,
+    UnmountScratchRequest,
+)
 from sandbox.shared.policy import defaults
+from sandbox.shared.policy.points import EnforcementPoint
+from sandbox.shared.protocol import container_dir
 
-
-class EnforcementPoint(StrEnum):
-    mount_device = "mount_device"
-    unmount_device = "unmount_device"
-    mount_overlay = "mount_overlay"
-    unmount_overlay = "unmount_overlay"
-    scratch_mount = "scratch_mount"
-    scratch_unmount = "scratch_unmount"
-    create_container = "create_container"
-    exec_in_container = "exec_in_container"
-    exec_external = "exec_external"
-    shutdown_container = "shutdown_container"
-    signal_container_process = "signal_container_process"
-    get_properties = "get_properties"
-    dump_stacks = "dump_stacks"
-    runtime_logging = "runtime_logging"
+__all__ = ["EnforcementPoint"]   # re-exported: where the engine's callers have always found it
 
 
 class PolicyInputError(InputError):
     """An enforcement request is malformed (unknown point, missing, unknown or mistyped field)."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Field parsers: value -> normalised value, raising _Bad. The path of a bad field is assembled only on
-# the way out of a failure, so the common (valid) case builds no strings.
-
-Parser = Callable[[Any], Any]
-
-
-class _Bad(Exception):
-    def __init__(self, message: str, at: str = "", hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.at, self.hint = message, at, hint
-
-    def under(self, prefix: str) -> _Bad:
-        self.at = prefix + self.at
-        return self
-
-
-def _expected(expected: str, value: Any) -> _Bad:
-    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-    return _Bad(f"expected {expected}, got {shown}")
-
-
-def _string(value: Any) -> str:
-    if type(value) is not str:
-        raise _expected("a string", value)
-    return value
-
-
-def _nonempty_string(value: Any) -> str:
-    if not _string(value):
-        raise _Bad("must not be empty")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if type(value) is not bool:
-        raise _expected("true or false", value)
-    return value
-
-
-def _strings(value: Any) -> tuple[str, ...]:
-    if type(value) not in (list, tuple):
-        raise _expected("an array of strings", value)
-    try:
-        "".join(value)   # a C-speed check that every item is a string
-    except TypeError:
-        for i, item in enumerate(value):
-            if type(item) is not str:
-                raise _expected("a string", item).under(f"[{i}]") from None
-    return tuple(value)
-
-
-def _object(value: Any, fields: Mapping[str, tuple[Parser, Any]]) -> dict[str, Any]:
-    """Parse an object whose fields map to (parser, default); default REQUIRED means required."""
-    if type(value) is not dict:
-        raise _expected("an object", value)
-    for key in value:
-        if key not in fields:
-            raise _unknown(key, fields)
-    out = {}
-    for key, (parse, default) in fields.items():
-        if key in value:
-            try:
-                out[key] = parse(value[key])
-            except _Bad as e:
-                raise e.under("." + key) from None
-        elif default is REQUIRED:
-            raise _Bad("required field is missing", "." + key)
-        else:
-            out[key] = default
-    return out
 
 
 # ACI's Rego input names, so that a request written against ACI's docs gets a pointed hint.
@@ -119,125 +53,185 @@ ACI_NAMES = {"containerID": "container_id", "argList": "argv", "envList": "env",
              "seccompProfileSHA256": "seccomp_profile_sha256"}
 
 
-def _unknown(key: str, fields: Mapping[str, Any]) -> _Bad:
-    close = [ACI_NAMES[key]] if ACI_NAMES.get(key) in fields else difflib.get_close_matches(key, list(fields), n=1)
-    extra = f" (did you mean {close[0]!r}?)" if close else ""
-    return _Bad(f"unknown field{extra}", "." + key, hint="known fields: " + ", ".join(fields))
+class Inherit(Sentinel):
+    """An exec's identity field the request leaves out: the container's own (recorded at create)."""
+
+    INHERIT = "inherit"
+
+
+INHERIT = Inherit.INHERIT
 
 
 def _id(value: Any) -> str:
     # Ids are compared as strings (hcsshim IDName.ID is a string); accept JSON numbers too.
     if type(value) is int and value >= 0:
         return str(value)
-    return _string(value)
-
-
-def _idname(value: Any) -> tuple[str, str]:
-    d = _object(value, _IDNAME)
-    return d["id"], d["name"]
-
-
-def _each(value: Any, what: str, parse: Parser) -> tuple:
-    if type(value) not in (list, tuple):
-        raise _expected(what, value)
-    out = []
-    for i, item in enumerate(value):
-        try:
-            out.append(parse(item))
-        except _Bad as e:
-            raise e.under(f"[{i}]") from None
-    return tuple(out)
-
-
-def _groups(value: Any) -> tuple[tuple[str, str], ...]:
-    return _each(value, "an array of {id, name} objects", _idname)
-
-
-def _mount(value: Any) -> tuple[str, str, str, tuple[str, ...]]:
-    d = _object(value, _MOUNT)
-    return d["destination"], d["source"], d["type"], d["options"]
-
-
-def _mounts(value: Any) -> tuple[tuple[str, str, str, tuple[str, ...]], ...]:
-    return _each(value, "an array of mount objects", _mount)
-
-
-def _capabilities(value: Any) -> dict[str, tuple[str, ...]] | None:
-    if value is None:
-        return None
-    return _object(value, _CAPABILITIES)
+    if type(value) is not str:
+        raise FieldError(f"expected a string or a non-negative integer, got {shown(value)}")
+    return value
 
 
 def _signal(value: Any) -> int:
     if type(value) is int:
         if 1 <= value <= 64:
             return value
-        raise _Bad(f"signal {value} is out of range 1-64")
-    if isinstance(value, str):
+        raise FieldError(f"signal {shown(value)} is out of range 1-64")
+    if type(value) is str:
         name = value.upper()
         name = name if name.startswith("SIG") else "SIG" + name
         sig = getattr(signal_module.Signals, name, None) if name.isidentifier() else None
         if sig is not None:
             return int(sig)
-    raise _expected("a signal number or name such as 15 or 'SIGTERM'", value)
+    raise FieldError(f"expected a signal number or name such as 15 or 'SIGTERM', got {shown(value)}")
 
 
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
+NonEmptyStr = Annotated[str, NonEmpty()]
+Strings = tuple[str, ...]
 
 
-REQUIRED: Any = _Required()
+@dataclass(frozen=True)
+class NamedId(Message):
+    """A user or group as the policy sees it: numeric id and name (hcsshim IDName)."""
+
+    id: Annotated[str, Convert(_id)]
+    name: str
 
 
-class _Inherit:
-    def __repr__(self) -> str:
-        return "INHERIT"
+ROOT = NamedId("0", "root")
 
 
-INHERIT: Any = _Inherit()   # take the value the container was created with
-_IDNAME = {"id": (_id, REQUIRED), "name": (_string, REQUIRED)}
-_MOUNT = {"destination": (_string, REQUIRED), "source": (_string, REQUIRED), "type": (_string, REQUIRED),
-          "options": (_strings, ())}
-_CAPABILITIES = {k: (_strings, ()) for k in defaults.CAPABILITY_SETS}
+class _Input(Message):
+    __slots__ = ()
+    json_aliases = ACI_NAMES
 
-# Defaults: least privilege and fail-closed. A capabilities value of None means "the runtime's default
-# sets for this container" (what the agent applies when the host asks for nothing special).
-ROOT = ("0", "root")
 
-INPUTS: dict[EnforcementPoint, dict[str, tuple[Parser, Any]]] = {
-    EnforcementPoint.mount_device: {"target": (_nonempty_string, REQUIRED), "device_hash": (_string, REQUIRED)},
-    EnforcementPoint.unmount_device: {"target": (_nonempty_string, REQUIRED)},
-    EnforcementPoint.mount_overlay: {"container_id": (_nonempty_string, REQUIRED),
-                                     "layer_paths": (_strings, REQUIRED), "target": (_nonempty_string, REQUIRED)},
-    EnforcementPoint.unmount_overlay: {"target": (_nonempty_string, REQUIRED)},
-    EnforcementPoint.scratch_mount: {"target": (_nonempty_string, REQUIRED), "encrypted": (_bool, False)},
-    EnforcementPoint.scratch_unmount: {"target": (_nonempty_string, REQUIRED)},
-    EnforcementPoint.create_container: {
-        "container_id": (_nonempty_string, REQUIRED), "argv": (_strings, REQUIRED), "env": (_strings, ()),
-        "working_dir": (_string, "/"), "mounts": (_mounts, ()), "user": (_idname, ROOT), "groups": (_groups, ()),
-        "umask": (_string, defaults.DEFAULT_UMASK), "capabilities": (_capabilities, None),
-        "privileged": (_bool, False), "no_new_privileges": (_bool, False),
-        "seccomp_profile_sha256": (_string, ""),
-    },
-    # The identity fields of an exec default to the container's own (recorded at create_container): an
-    # exec runs as the container's process unless the request says otherwise.
-    EnforcementPoint.exec_in_container: {
-        "container_id": (_nonempty_string, REQUIRED), "argv": (_strings, REQUIRED), "env": (_strings, ()),
-        "working_dir": (_string, "/"), "user": (_idname, INHERIT), "groups": (_groups, INHERIT),
-        "umask": (_string, INHERIT), "capabilities": (_capabilities, INHERIT), "no_new_privileges": (_bool, INHERIT),
-    },
-    EnforcementPoint.exec_external: {"argv": (_strings, REQUIRED), "env": (_strings, ()),
-                                     "working_dir": (_string, "/")},
-    EnforcementPoint.shutdown_container: {"container_id": (_nonempty_string, REQUIRED)},
-    EnforcementPoint.signal_container_process: {
-        "container_id": (_nonempty_string, REQUIRED), "signal": (_signal, REQUIRED), "is_init": (_bool, False),
-        "argv": (_strings, ()),
-    },
-    EnforcementPoint.get_properties: {},
-    EnforcementPoint.dump_stacks: {},
-    EnforcementPoint.runtime_logging: {},
+@dataclass(frozen=True)
+class MountDeviceInput(_Input):
+    target: NonEmptyStr
+    device_hash: str          # the dm-verity root hash the guest derived from the device
+
+    @classmethod
+    def from_request(cls, request: MountDeviceRequest, device_hash: str) -> MountDeviceInput:
+        return cls(request.target, device_hash)
+
+
+@dataclass(frozen=True)
+class ScratchMountInput(_Input):
+    target: NonEmptyStr
+    encrypted: bool = False
+
+    @classmethod
+    def from_request(cls, request: MountScratchRequest) -> ScratchMountInput:
+        return cls(scratch_target(request.container_id), request.encrypted)
+
+
+@dataclass(frozen=True)
+class ScratchUnmountInput(_Input):
+    target: NonEmptyStr
+
+    @classmethod
+    def from_request(cls, request: UnmountScratchRequest) -> ScratchUnmountInput:
+        return cls(scratch_target(request.container_id))
+
+
+def scratch_target(container_id: str) -> str:
+    return container_dir(container_id) + "/scratch"
+
+
+@dataclass(frozen=True)
+class CreateContainerInput(_Input):
+    container_id: NonEmptyStr
+    argv: Strings
+    env: Strings = ()
+    working_dir: str = "/"
+    mounts: tuple[ContainerMount, ...] = ()     # the runtime's own mounts and the binds the host asked for
+    user: NamedId = ROOT
+    groups: tuple[NamedId, ...] = ()
+    umask: str = defaults.DEFAULT_UMASK
+    capabilities: Capabilities | None = None    # None: the runtime's default sets for this container
+    privileged: bool = False
+    no_new_privileges: bool = False
+    seccomp_profile_sha256: str = ""
+
+    @classmethod
+    def from_request(cls, request: CreateContainerRequest, *, mounts: tuple[ContainerMount, ...], user: NamedId,
+                     groups: tuple[NamedId, ...], capabilities: Capabilities) -> CreateContainerInput:
+        """The request with what the guest decided itself: every mount the container gets (the
+        runtime's and the checked binds), the user and groups as its /etc files resolve them, and the
+        capability sets it applies (the runtime's defaults when the request named none)."""
+        return cls(request.container_id, request.argv, request.env, request.working_dir, mounts, user, groups,
+                   request.umask.rjust(4, "0"), capabilities, request.privileged, request.no_new_privileges,
+                   request.seccomp_profile_sha256)
+
+
+@dataclass(frozen=True)
+class ExecInContainerInput(_Input):
+    """The identity fields default to what the container was created with: an exec runs as the
+    container's process unless the request says otherwise."""
+
+    container_id: NonEmptyStr
+    argv: Strings
+    env: Strings = ()
+    working_dir: str = "/"
+    user: NamedId | Inherit = INHERIT
+    groups: tuple[NamedId, ...] | Inherit = INHERIT
+    umask: str | Inherit = INHERIT
+    capabilities: Capabilities | None | Inherit = INHERIT
+    no_new_privileges: bool | Inherit = INHERIT
+
+
+@dataclass(frozen=True)
+class ExecExternalInput(_Input):
+    argv: Strings
+    env: Strings = ()
+    working_dir: str = "/"
+
+
+@dataclass(frozen=True)
+class SignalContainerProcessInput(_Input):
+    container_id: NonEmptyStr
+    signal: Annotated[int, Convert(_signal)]
+    is_init: bool = False
+    argv: Strings = ()        # the exec process's argv when is_init is false
+
+
+@dataclass(frozen=True)
+class RuntimeLoggingInput(_Input):
+    pass
+
+
+EnforcementInput = (
+    MountDeviceInput | UnmountDeviceRequest | MountOverlayRequest | UnmountOverlayRequest |
+    ScratchMountInput | ScratchUnmountInput | CreateContainerInput | ExecInContainerInput |
+    ExecExternalInput | ShutdownContainerRequest | SignalContainerProcessInput | GetPropertiesRequest |
+    DumpStacksRequest | RuntimeLoggingInput
+)
+
+INPUT_TYPES: dict[EnforcementPoint, type[EnforcementInput]] = {
+    EnforcementPoint.mount_device: MountDeviceInput,
+    EnforcementPoint.unmount_device: UnmountDeviceRequest,
+    EnforcementPoint.mount_overlay: MountOverlayRequest,
+    EnforcementPoint.unmount_overlay: UnmountOverlayRequest,
+    EnforcementPoint.scratch_mount: ScratchMountInput,
+    EnforcementPoint.scratch_unmount: ScratchUnmountInput,
+    EnforcementPoint.create_container: CreateContainerInput,
+    EnforcementPoint.exec_in_container: ExecInContainerInput,
+    EnforcementPoint.exec_external: ExecExternalInput,
+    EnforcementPoint.shutdown_container: ShutdownContainerRequest,
+    EnforcementPoint.signal_container_process: SignalContainerProcessInput,
+    EnforcementPoint.get_properties: GetPropertiesRequest,
+    EnforcementPoint.dump_stacks: DumpStacksRequest,
+    EnforcementPoint.runtime_logging: RuntimeLoggingInput,
 }
+POINTS: dict[type, EnforcementPoint] = {cls: ep for ep, cls in INPUT_TYPES.items()}
+
+
+def point_of(input: EnforcementInput) -> EnforcementPoint:
+    """The enforcement point an input is checked at."""
+    try:
+        return POINTS[type(input)]
+    except KeyError:
+        raise TypeError(f"{type(input).__name__} is not an enforcement input") from None
 
 
 def enforcement_point(name: Any) -> EnforcementPoint:
@@ -247,17 +241,16 @@ def enforcement_point(name: Any) -> EnforcementPoint:
         return EnforcementPoint(name)
     close = difflib.get_close_matches(str(name), list(EnforcementPoint.__members__), n=1)
     extra = f" (did you mean {close[0]!r}?)" if close else ""
-    raise PolicyInputError(f"unknown enforcement point {name!r}{extra}",
+    raise PolicyInputError(f"unknown enforcement point {shown(name)}{extra}",
                            hint="enforcement points: " + ", ".join(EnforcementPoint.__members__))
 
 
-def parse_input(ep: EnforcementPoint, raw: Any) -> dict[str, Any]:
-    """Validate and normalise the input of one request; missing optional fields get their defaults."""
-    fields = INPUTS[ep]
+def parse_input(ep: EnforcementPoint, raw: Any) -> EnforcementInput:
+    """Decode the JSON input of one request at `ep`; missing optional fields get their defaults."""
+    cls = INPUT_TYPES[ep]
     try:
-        return _object({} if raw is None else raw, fields)
-    except _Bad as e:
-        required = [k for k, (_, d) in fields.items() if d is REQUIRED]
-        optional = [k for k, (_, d) in fields.items() if d is not REQUIRED]
-        hint = e.hint or (f"required: {', '.join(required) or 'nothing'}; optional: {', '.join(optional) or '-'}")
+        return cls.from_json({} if raw is None else raw)
+    except FieldError as e:
+        required, optional = field_names(cls)
+        hint = e.hint or f"required: {', '.join(required) or 'nothing'}; optional: {', '.join(optional) or '-'}"
         raise PolicyInputError(f"{ep.value}: input{e.at}: {e.message}", hint=hint) from None

@@ -22,6 +22,7 @@ from typing import Any
 from sandbox.shared.errors import InvalidDocument
 from sandbox.shared.jsoncheck import Checker, join
 from sandbox.shared.jsonstrict import decode_utf8, loads_strict
+from sandbox.shared.messages import Capabilities
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.regex import RegexError, translate
 
@@ -77,18 +78,6 @@ class User:
     user_idname: IdName = ANY_ID
     group_idnames: tuple[IdName, ...] = (ANY_ID,)
     umask: str = defaults.DEFAULT_UMASK
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    bounding: tuple[str, ...]
-    effective: tuple[str, ...]
-    inheritable: tuple[str, ...]
-    permitted: tuple[str, ...]
-    ambient: tuple[str, ...]
-
-    def sets(self) -> dict[str, tuple[str, ...]]:
-        return {name: getattr(self, name) for name in defaults.CAPABILITY_SETS}
 
 
 @dataclass(frozen=True)
