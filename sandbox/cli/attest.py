@@ -30,7 +30,7 @@ from sandbox.cli.common import emit, format_option, info, render_table
 from sandbox.fsutil import atomic_write
 from sandbox.progress import step
 from sandbox.shared.errors import CheckFailed, GuestError, InputError
-from sandbox.shared.snp.binding import report_data_for
+from sandbox.shared.snp.binding import MAX_NONCE, MIN_NONCE, report_data_for
 from sandbox.shared.snp.cert_table import parse_cert_table
 from sandbox.shared.snp.evidence import ReportEvidence
 from sandbox.shared.snp.key_info import SigningKey
@@ -270,12 +270,12 @@ def verify(report_file: Path, certs_dir: Path | None, vek_file: Path | None, cha
 
 # --- report -------------------------------------------------------------------------------------
 
-NONCE_SIZES = (16, 64)  # bytes; the agent's get_report takes at most 64
+NONCE_SIZES = (MIN_NONCE, MAX_NONCE)  # bytes, as the agent's get_report takes them (sandbox/shared/snp/binding.py)
 
 
 @attest.command("report")
 @click.argument("name")
-@click.option("--nonce", help="Verifier nonce, 16..64 bytes of hex (default: 32 random bytes).")
+@click.option("--nonce", help=f"Verifier nonce, {MIN_NONCE}..{MAX_NONCE} bytes of hex (default: 32 random bytes).")
 @click.option("-o", "--output", type=PathArg, help="Write the evidence document here (default: stdout).")
 @format_option
 def report(name: str, nonce: str | None, output: Path | None, fmt: str | None) -> None:

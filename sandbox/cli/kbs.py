@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import signal
 import sys
 import threading
@@ -12,7 +13,7 @@ from typing import Any
 
 import click
 
-from sandbox.cli.common import emit, format_option, info, render_table, resolve_format
+from sandbox.cli.common import OutputFormat, emit, format_option, info, render_table, resolve_format
 from sandbox.kbs.audit import AuditLog, Event
 from sandbox.kbs.reference import DEFAULT_MANIFEST, manifest_measurements
 from sandbox.kbs.server import DEFAULT_MAX_CONNECTIONS, make_server, parse_listen
@@ -59,8 +60,12 @@ def serve(listen: str, store_dir: Path | None, challenge_ttl: float, max_connect
     service.audit.append(Event.SERVE, url=server.url, broker_key=service.pin, store=str(store.root))
     doc = {"url": server.url, "public_key_sha256": service.pin, "store": str(store.root),
            "secrets": len(store.names())}
-    emit(doc, fmt, lambda d: f"kbs: listening on {d['url']}\nkbs: broker key sha256 {d['public_key_sha256']}\n"
-                             f"kbs: store {d['store']} ({d['secrets']} secrets)")
+    if resolve_format(fmt) == OutputFormat.json:
+        # One line, printed once the socket listens: a supervisor can read it and start using the broker.
+        click.echo(json.dumps(doc, sort_keys=True))
+    else:
+        click.echo(f"kbs: listening on {doc['url']}\nkbs: broker key sha256 {doc['public_key_sha256']}\n"
+                   f"kbs: store {doc['store']} ({doc['secrets']} secrets)")
     sys.stdout.flush()
 
     def stop(_signum: int, _frame: Any) -> None:
@@ -93,7 +98,8 @@ def key(store_dir: Path | None, fmt: str | None) -> None:
 
 @kbs.command("audit")
 @store_option
-@click.option("--verify", "check", is_flag=True, help="Check the hash chain; exit 1 if it is broken.")
+@click.option("--verify", "check", is_flag=True,
+              help="Check the hash chain and its head (nothing removed, inserted, edited or cut off); exit 1 if not.")
 @click.option("--tail", type=click.IntRange(0), default=0, help="Only the last N records (0: all).")
 @format_option
 def audit(store_dir: Path | None, check: bool, tail: int, fmt: str | None) -> None:
@@ -101,11 +107,14 @@ def audit(store_dir: Path | None, check: bool, tail: int, fmt: str | None) -> No
     log = AuditLog(_store(store_dir, create=False).audit_path)
     if check:
         result = log.verify()
-        emit({"records": result.records, "intact": result.intact, "problems": list(result.problems)}, fmt,
-             lambda d: f"{d['records']} records, chain {'intact' if d['intact'] else 'BROKEN'}"
-                       + "".join(f"\n  {p}" for p in d["problems"]))
+        head = result.head
+        emit({"records": result.records, "intact": result.intact, "problems": list(result.problems),
+              "head": None if head is None else {"records": head.records, "size": head.size, "last": head.last}},
+             fmt, lambda d: f"{d['records']} records, chain {'intact' if d['intact'] else 'BROKEN'}"
+                            + "".join(f"\n  {p}" for p in d["problems"]))
         if not result.intact:
-            raise CheckFailed(f"the audit log's hash chain is broken ({len(result.problems)} problems)")
+            raise CheckFailed(f"the audit log is not intact ({len(result.problems)} problem"
+                              f"{'s' if len(result.problems) != 1 else ''})")
         return
     records = list(log.records())
     if tail:

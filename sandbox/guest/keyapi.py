@@ -64,6 +64,7 @@ from sandbox.shared.kbs_protocol import (
     key_pin,
     signed_bytes,
 )
+from sandbox.shared.snp.binding import MAX_NONCE, MIN_NONCE
 
 MAX_BODY = 64 * 1024
 READ_TIMEOUT = 10.0
@@ -179,8 +180,8 @@ def release_secret(url: str, name: str, *, evidence_for: EvidenceFn, runtime_key
         nonce = bytes.fromhex(doc["nonce"])
     except (TypeError, KeyError, ValueError):
         raise NetworkError(f"key broker {url}: the challenge has no valid nonce") from None
-    if not 16 <= len(nonce) <= 64:
-        raise NetworkError(f"key broker {url}: a {len(nonce)}-byte nonce (expected 16..64)")
+    if not MIN_NONCE <= len(nonce) <= MAX_NONCE:
+        raise NetworkError(f"key broker {url}: a {len(nonce)}-byte nonce (expected {MIN_NONCE}..{MAX_NONCE})")
     evidence = evidence_for(nonce)
     status, doc = _post_json(url, RELEASE_PATH, {"secret": name, "evidence": evidence.to_payload()}, timeout,
                              connection)

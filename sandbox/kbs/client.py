@@ -6,6 +6,7 @@ import base64
 import binascii
 import ipaddress
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,6 +19,7 @@ from sandbox.shared.kbs_protocol import IDENTITY_FORMAT, IDENTITY_PATH, PIN, key
 QEMU_USER_HOST = "10.0.2.2"
 QEMU_USER_GUEST = "10.0.2.15"
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
+STARTING_BROKER_WAIT = 5.0  # seconds a refused connection is retried (a broker that is just starting)
 
 
 def check_url(url: str, *, option: str = "--kbs") -> str:
@@ -59,13 +61,22 @@ def fetch_pin(url: str, *, timeout: float = 10.0) -> str:
     """Ask a broker for its identity and return its pin (SHA-256 of its public key).
 
     This trusts whoever answers at `url`, which is right for the person generating a policy for their
-    own broker; the guest never does this (it only trusts the pins in its attested policy)."""
-    try:
-        with urllib.request.urlopen(check_url(url) + IDENTITY_PATH, timeout=timeout) as response:  # noqa: S310
-            doc = json.loads(response.read(64 * 1024))
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise NetworkError(f"cannot get the identity of the key broker at {url}: {e}",
-                           hint="is 'parma-sandbox kbs serve' running there?") from None
+    own broker; the guest never does this (it only trusts the pins in its attested policy). A refused
+    connection is retried for a few seconds: `kbs serve &` followed at once by `policy gen --kbs` is the
+    documented way to start, and the broker may not listen yet."""
+    deadline = time.monotonic() + STARTING_BROKER_WAIT
+    while True:
+        try:
+            with urllib.request.urlopen(check_url(url) + IDENTITY_PATH, timeout=timeout) as response:  # noqa: S310
+                doc = json.loads(response.read(64 * 1024))
+            break
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            refused = isinstance(getattr(e, "reason", e), ConnectionRefusedError)
+            if refused and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            raise NetworkError(f"cannot get the identity of the key broker at {url}: {e}",
+                               hint="is 'parma-sandbox kbs serve' running there?") from None
     try:
         if doc["format"] != IDENTITY_FORMAT:
             raise ValueError(f"format {doc['format']!r}")

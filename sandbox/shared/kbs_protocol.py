@@ -49,7 +49,7 @@ CHALLENGE_PATH = f"{API_PREFIX}/challenge"
 RELEASE_PATH = f"{API_PREFIX}/release"
 IDENTITY_FORMAT = "parma-sandbox/kbs/v1"
 
-NONCE_SIZE = 32                      # what the broker issues; the evidence format allows 16..64
+NONCE_SIZE = 32                      # what the broker issues; evidence takes 16..1024 (snp/binding.py)
 MAX_SECRET_SIZE = 64 * 1024          # a key, not bulk data (keep bulk data encrypted under it elsewhere)
 MAX_REQUEST_BYTES = 64 * 1024        # evidence (report + certificate table) is about 8 KiB in JSON
 MAX_RESPONSE_BYTES = 4 * MAX_SECRET_SIZE

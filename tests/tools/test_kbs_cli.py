@@ -120,12 +120,9 @@ def test_kbs_serve_runs_until_sigterm(store: Path) -> None:
                              "127.0.0.1:0", "--challenge-ttl", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PARMA_SANDBOX_KBS_STORE": str(store)})
     try:
-        lines = []
-        while not (lines and lines[-1].startswith("}")):
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            assert line, proc.stderr.read()  # type: ignore[union-attr]
-            lines.append(line)
-        info = json.loads("".join(lines))
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line, proc.stderr.read()  # type: ignore[union-attr]
+        info = json.loads(line)  # one machine-readable line, printed once the broker listens
         assert info["url"].startswith("http://127.0.0.1:")
         status, doc = http_call(info["url"], "GET", IDENTITY_PATH)
         assert status == 200 and doc["public_key_sha256"] == info["public_key_sha256"]

@@ -186,7 +186,7 @@ def test_debug_files_are_kept_only_under_debug(tmp_path: Path, monkeypatch: pyte
 
     state = tmp_path / "state"
     state.mkdir()
-    for name in ("qemu.sh", "console.log", "selfcheck.json", "psp.bin"):
+    for name in ("qemu.sh", "console.log", "selfcheck.json", "psp.json"):
         (state / name).write_text(name)
     record = SandboxRecord(name="dbg", status="starting")
     record.details = {"launch": {"predicted_measurement": "00" * 48}}
@@ -201,5 +201,5 @@ def test_debug_files_are_kept_only_under_debug(tmp_path: Path, monkeypatch: pyte
     assert kept is not None and kept.parent == tmp_path / "run" / ".debug" and kept.name.startswith("dbg-")
     names = {p.name for p in kept.iterdir()}
     assert {"qemu.sh", "console.log", "selfcheck.json", "launch.json", "record.json", "check.json",
-            "error.txt"} <= names and "psp.bin" not in names
+            "error.txt"} <= names and "psp.json" not in names
     assert "launch self-check failed" in (kept / "error.txt").read_text()
