@@ -213,15 +213,27 @@ def _hash_region(src_fd: int, start: int, blocks: int, block_size: int, writer: 
     writer.flush()
 
 
+def _single_threaded() -> bool:
+    """True when the process runs one thread, counting threads that native libraries started (they do not
+    show in threading.active_count(), and a lock one of them holds would stay held in a forked child)."""
+    if threading.active_count() != 1:
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
 def _hash_first_level(src_fd: int, blocks: int, block_size: int, writer: _TreeWriter) -> None:
     """Hash the data blocks into the tree's first level, in two processes when that pays and is safe.
 
     Hashing a block takes the GIL back and forth, so threads do not help; a forked child hashes the second
-    half and writes its digests in place. Forking is safe only while this process runs a single thread.
+    half and writes its digests in place. Forking is safe only while this process runs a single thread
+    (`_single_threaded`).
     """
     slot = writer.base.digest_size + len(writer.pad)
     half = blocks // 2
-    if blocks * block_size < PARALLEL_MIN or threading.active_count() != 1:
+    if blocks * block_size < PARALLEL_MIN or not _single_threaded():
         _hash_region(src_fd, 0, blocks, block_size, writer)
         return
     second = _TreeWriter(writer.fd, writer.pos + half * slot, writer.base, slot, writer.hash_block_size)
