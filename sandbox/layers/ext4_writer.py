@@ -25,6 +25,7 @@ import struct
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from sandbox.layers import ext4_format as F
 from sandbox.layers.dirindex import DirIndex
@@ -113,6 +114,24 @@ def _used_bitmap(ftypes: bytes) -> bytes:
     return int(flags, 2).to_bytes(-(-len(ftypes) // 8), "little")
 
 
+class WriteWatcher(Protocol):
+    """Told how far the image is written (sandbox/layers/treehash.py hashes it meanwhile)."""
+
+    def written(self, end: int) -> None:
+        """Bytes [0, end) are written for good, but for the superblock and descriptor blocks (written at
+        close) and blocks rewritten() names."""
+
+    def rewritten(self, block: int) -> None:
+        """Block `block` was written again."""
+
+
+def descriptor_blocks(max_disk_size: int) -> int:
+    """Blocks the group descriptor table takes, reserved for `max_disk_size`: blocks 1.. of the image."""
+    max_blocks = -(-max_disk_size // F.BLOCK_SIZE)
+    max_groups = -(-max_blocks // F.BLOCKS_PER_GROUP)
+    return -(-max_groups * F.GROUP_DESC_SIZE // F.BLOCK_SIZE)
+
+
 class Ext4Writer:
     """Build an ext4 image in a file opened for writing (`fd`), starting at offset 0.
 
@@ -122,15 +141,15 @@ class Ext4Writer:
 
     def __init__(self, fd: int, *, max_disk_size: int = DEFAULT_MAX_DISK_SIZE, lost_and_found: bool = False,
                  uuid: bytes = bytes(16), volume_name: bytes = b"", dialect: Ext4Dialect = DEFAULT_DIALECT,
-                 dirs: DirIndex | None = None) -> None:
+                 dirs: DirIndex | None = None, watcher: WriteWatcher | None = None) -> None:
         self.fd = fd
         self.dialect = dialect
+        self.watcher = watcher
         max_blocks = -(-max_disk_size // F.BLOCK_SIZE)
-        max_groups = -(-max_blocks // F.BLOCKS_PER_GROUP)
         if max_blocks > 1 << 32:
             raise Ext4LimitError(f"a maximum disk size of {max_disk_size} bytes needs 64-bit block numbers")
         self.max_blocks = max_blocks
-        self.gd_blocks = -(-max_groups * F.GROUP_DESC_SIZE // F.BLOCK_SIZE)
+        self.gd_blocks = descriptor_blocks(max_disk_size)
         self.uuid = uuid
         self.volume_name = volume_name
         self.next_block = 1 + self.gd_blocks
@@ -281,6 +300,8 @@ class Ext4Writer:
             self._flush()
             self._pwrite(data, self._buf_pos)
             self._buf_pos += n
+            if self.watcher is not None:
+                self.watcher.written(self._buf_pos)
             return
         fill = self._fill
         self._buf[fill:fill + n] = data
@@ -293,6 +314,8 @@ class Ext4Writer:
             self._pwrite(self._view[:self._fill], self._buf_pos)
             self._buf_pos += self._fill
             self._fill = 0
+            if self.watcher is not None:
+                self.watcher.written(self._buf_pos)
 
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
@@ -327,6 +350,8 @@ class Ext4Writer:
         """Replace a block written earlier; it may lie on disk, in the buffer, or across the two."""
         data = data.ljust(F.BLOCK_SIZE, b"\0")
         offset = block * F.BLOCK_SIZE
+        if self.watcher is not None:
+            self.watcher.rewritten(block)
         flushed = max(0, min(F.BLOCK_SIZE, self._buf_pos - offset))
         if flushed:
             self._pwrite(data[:flushed], offset)

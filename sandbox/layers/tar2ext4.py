@@ -33,6 +33,7 @@ from sandbox.layers.ext4_writer import (
     Ext4LimitError,
     Ext4Stats,
     Ext4Writer,
+    WriteWatcher,
     split_xattrs,
 )
 from sandbox.layers.tarstream import EntryType, TarEntry, TarReader, TarTime
@@ -361,11 +362,12 @@ DEFAULT_OPTIONS = Ext4Options()
 
 
 def convert_tar_stream(chunks: Iterable[bytes], fd: int, options: Ext4Options = DEFAULT_OPTIONS,
-                       on_entry: Callable[[TarEntry], None] | None = None) -> TarStats:
+                       on_entry: Callable[[TarEntry], None] | None = None,
+                       watcher: WriteWatcher | None = None) -> TarStats:
     """Read a tar stream (as chunks of bytes) and write an ext4 image to `fd`; the stream is read to its end."""
     dirs = DirIndex() if options.spill_at is None else DirIndex(options.spill_at)
     writer = Ext4Writer(fd, max_disk_size=options.max_disk_size, lost_and_found=options.lost_and_found,
-                        uuid=options.uuid, dialect=options.dialect, dirs=dirs)
+                        uuid=options.uuid, dialect=options.dialect, dirs=dirs, watcher=watcher)
     try:
         builder = options.builder(writer, options)
         reader = TarReader(chunks)
