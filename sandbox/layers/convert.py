@@ -25,7 +25,6 @@ from sandbox.shared.verity import ZERO_SALT, VerityInfo, format_verity
 __all__ = ["CONVERTER_VERSION", "ConvertResult", "DiffIdMismatch", "Ext4Result", "convert_layer", "convert_tar_to_ext4"]
 
 
-
 class DiffIdMismatch(InputError):
     """The uncompressed layer does not hash to the diff_id the image config promises."""
 
