@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 
-from sandbox.aci.arm import ccepolicy_of_template, is_arm_template
 from sandbox.aci.decision import parse_decision
 from sandbox.aci.decision import render as render_decision
 from sandbox.aci.fragment_crypto import (
@@ -33,6 +32,7 @@ from sandbox.cli.common import (
 )
 from sandbox.cli.policy import policy as policy_group
 from sandbox.fsutil import atomic_write
+from sandbox.group.arm import ccepolicy_of_template, is_arm_template
 from sandbox.group.jsonio import read_input_file
 from sandbox.policy.summary import read_policy
 from sandbox.shared.cose import FRAGMENT_ARTIFACT_TYPE

@@ -18,7 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.jsonio import ValidationError, load_json_file
+from sandbox.group.jsonio import ValidationError
 from sandbox.shared.errors import InputError
 from sandbox.shared.jsoncheck import MISSING, Checker, join, type_name
 from sandbox.shared.names import nameservers_problem, resolver_options_problem, search_domains_problem
@@ -620,20 +620,3 @@ def _check_dns_config(c: _Checker, raw: Any) -> DnsConfig | None:
     if len(c.problems) != before:
         return None
     return DnsConfig(servers, search, options)
-
-
-def load_group(path: Path, *, template_group: str | None = None,
-               volume_paths: dict[str, Path] | None = None) -> GroupSpec:
-    """Read and validate a group file, or an ACI ARM template (docs/aci.md). Never touches the network.
-
-    For a template, `template_group` picks one of several container groups and `volume_paths` gives
-    the local directories of its azureFile/gitRepo volumes; a group file takes neither."""
-    path = Path(path)
-    raw = load_json_file(path)
-    from sandbox.aci.arm import is_arm_template, load_template_group  # sandbox.aci.arm imports this module
-    if is_arm_template(raw):
-        return load_template_group(path, raw, group=template_group, volume_paths=volume_paths)
-    if template_group is not None or volume_paths:
-        raise InputError(f"{path}: --group and --volume apply to ARM templates, and this is a group file",
-                         hint="a group file names its volumes itself (docs/group-spec.md)")
-    return validate_group(raw, base_dir=path.resolve().parent, source=str(path))

@@ -17,7 +17,6 @@ from typing import Any
 
 from sandbox.fsutil import atomic_write
 from sandbox.group import GroupSpec, TeeMode
-from sandbox.group.spec import LayerFormat
 from sandbox.hostcheck import Accel, CheckReport, Tee, check_host
 from sandbox.images.model import ResolvedImage
 from sandbox.kbs.client import broker_pins, guest_url
@@ -25,9 +24,9 @@ from sandbox.launch import measured, selfcheck
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
 from sandbox.launch.diagnostics import keep_diagnostics
 from sandbox.launch.plan import LaunchPlan, build_plan
-from sandbox.launch.volumes import package_files_volume
 from sandbox.log import log
 from sandbox.policy.gen import generate_policy
+from sandbox.policy.sources import package_files_volumes, resolve_group_images
 from sandbox.progress import step
 from sandbox.shared.errors import CheckFailed, InputError, SandboxError, StateError
 from sandbox.shared.kbs_protocol import FW_CFG_KBS_URL
@@ -109,34 +108,6 @@ def choose_tee(requested: TeeMode, report: CheckReport) -> tuple[Tee, Accel, str
         return Tee.sev_snp, Accel.kvm, "auto -> sev-snp (this host supports it)"
     why = "; ".join(report.reasons) or "no SEV-SNP"
     return Tee.emulated, accel, f"auto -> emulated with {accel.value} ({why})"
-
-
-def resolve_images(spec: GroupSpec) -> dict[str, ResolvedImage]:
-    from sandbox.images.resolve import resolve_image  # heavy (requests); only `up` needs it
-
-    by_ref: dict[str, ResolvedImage] = {}
-    out = {}
-    with step("Resolve and convert images", total=len(spec.containers)) as task:
-        for c in spec.containers:
-            if c.image not in by_ref:
-                # layerFormat aci: layer hashes as ACI computes them (docs/aci.md)
-                compat = {"compat": spec.layer_format.value} if spec.layer_format != LayerFormat.default else {}
-                by_ref[c.image] = resolve_image(c.image, base_dir=spec.base_dir, **compat)
-            out[c.name] = by_ref[c.image]
-            task.advance()
-    return out
-
-
-def package_volumes(spec: GroupSpec) -> dict[str, tuple[str, Path]]:
-    files = [v for v in spec.volumes if v.source is not None]
-    out = {}
-    if files:
-        with step("Package files volumes", total=len(files)) as task:
-            for v in files:
-                assert v.source is not None
-                out[v.name] = package_files_volume(v.source)
-                task.advance()
-    return out
 
 
 def policy_bytes(spec: GroupSpec, images: Mapping[str, ResolvedImage], volume_hashes: Mapping[str, str],
@@ -227,9 +198,9 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
     log.info("tee: %s", why)
     timings.mark("probed")
 
-    images = resolve_images(spec)
+    images = resolve_group_images(spec)
     timings.mark("images")
-    volumes = package_volumes(spec)
+    volumes = package_files_volumes(spec)
     if opts.policy_file is not None and opts.kbs_keys:
         raise InputError("--kbs-key pins brokers in a generated policy; with --policy the file's key_brokers apply")
     pins = broker_pins(opts.kbs_url, opts.kbs_keys) if opts.policy_file is None else []

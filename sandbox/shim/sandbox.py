@@ -24,9 +24,10 @@ from sandbox.group.spec import Container, GroupSpec, LayerFormat, Resources, Tee
 from sandbox.images.model import ResolvedImage
 from sandbox.launch import lifecycle
 from sandbox.launch.agent_client import AgentClient
-from sandbox.launch.pipeline import UpOptions, load_running, resolve_images
+from sandbox.launch.pipeline import UpOptions, load_running
 from sandbox.launch.pipeline import up as launch_up
 from sandbox.launch.plan import build_plan
+from sandbox.policy.sources import resolve_group_images
 from sandbox.shared import messages as M
 from sandbox.shared.errors import InputError
 from sandbox.shared.policy.model import Policy, parse_policy
@@ -89,7 +90,7 @@ class GuestSandbox:
             spec = replace(spec, layer_format=_layer_format_for(spec, policy))
             policy_file = policy_dir / "policy.json"
             policy_file.write_bytes(req.policy)
-        images = resolve_images(spec)
+        images = resolve_group_images(spec)
         launched = launch_up(spec, UpOptions(name=req.name, policy_file=policy_file, tee=req.tee, detach=True,
                                              create_containers=False), store)
         qemu = launched.record.processes.get("qemu")
@@ -131,7 +132,7 @@ class GuestSandbox:
         if reference not in self.images:
             spec = GroupSpec(name=self.name, containers=(Container(name="c", image=reference),),
                              layer_format=self.layer_format)
-            self.images[reference] = resolve_images(spec)["c"]
+            self.images[reference] = resolve_group_images(spec)["c"]
         return self.images[reference]
 
     def create(self, guest_id: str, container: Container) -> dict[str, Any]:
@@ -191,10 +192,10 @@ def _layer_format_for(spec: GroupSpec, policy: Policy) -> LayerFormat:
 def policy_wants_aci_layers(spec: GroupSpec, policy: Policy) -> bool:
     """True when converting the images our way gives hashes the policy does not know, and ACI's way does."""
     wanted = {h for c in policy.containers for h in c.layers}
-    ours = resolve_images(spec)
+    ours = resolve_group_images(spec)
     if all(h in wanted for image in ours.values() for h in image.layer_hashes):
         return False
-    aci = resolve_images(replace(spec, layer_format=LayerFormat.aci))
+    aci = resolve_group_images(replace(spec, layer_format=LayerFormat.aci))
     return all(h in wanted for image in aci.values() for h in image.layer_hashes)
 
 

@@ -35,7 +35,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sandbox.aci.armexpr import ArmError, Resolver
+from sandbox.group.armexpr import ArmError, Resolver
 from sandbox.group.jsonio import ValidationError, load_json_file
 from sandbox.group.spec import GroupSpec, validate_group
 from sandbox.log import log
