@@ -33,6 +33,7 @@ from sandbox.group.spec import GroupSpec, VolumeKind
 from sandbox.images.model import ImageConfig, ResolvedImage
 from sandbox.shared.errors import InputError
 from sandbox.shared.kbs_protocol import PIN, attestation_api_mount
+from sandbox.shared.messages import ContainerMount
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.model import (
     ANY_ID,
@@ -135,17 +136,22 @@ def _env_rules(process: ProcessSpec, debug: bool) -> tuple[EnvRule, ...]:
     return tuple(rules)
 
 
-def _mounts(spec: GroupSpec, container: SpecContainer) -> tuple[Mount, ...]:
+def container_mounts(spec: GroupSpec, container: SpecContainer) -> tuple[ContainerMount, ...]:
+    """The bind mounts of a container, the one place that decides them: the launcher asks for exactly
+    these and the policy pins exactly these. One per group mount, from the volume's directory in the
+    UVM, read-only when asked (always for `files` and `secret` volumes); then the attestation API's
+    directory when the container asks for it (docs/kbs.md)."""
     kinds = {v.name: v.kind for v in spec.volumes}
-    out = []
-    for m in container.mounts:
-        read_only = m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret)
-        entry = defaults.volume_bind_mount(m.volume, m.mount_path, read_only)
-        out.append(Mount(entry["destination"], entry["source"], entry["type"], tuple(entry["options"])))
+    out = [defaults.volume_bind_mount(m.volume, m.mount_path,
+                                      m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret))
+           for m in container.mounts]
     if container.attestation_api:
-        api = attestation_api_mount()
-        out.append(Mount(api["destination"], api["source"], api["type"], tuple(api["options"])))
-    return tuple(out)
+        out.append(attestation_api_mount())
+    return tuple(ContainerMount.from_json(m) for m in out)
+
+
+def _policy_mounts(spec: GroupSpec, container: SpecContainer) -> tuple[Mount, ...]:
+    return tuple(Mount(m.destination, m.source, m.type, m.options) for m in container_mounts(spec, container))
 
 
 def _exec_processes(container: SpecContainer, debug: bool) -> tuple[ExecProcess, ...]:
@@ -166,7 +172,7 @@ def _policy_container(spec: GroupSpec, container: SpecContainer, image: Resolved
     process = container_process(container, image.config)
     return Container(
         name=container.name, id=container.image, layers=tuple(layers), command=process.argv,
-        env_rules=_env_rules(process, debug), working_dir=process.working_dir, mounts=_mounts(spec, container),
+        env_rules=_env_rules(process, debug), working_dir=process.working_dir, mounts=_policy_mounts(spec, container),
         exec_processes=_exec_processes(container, debug), signals=tuple(dict.fromkeys(container.signals)),
         allow_elevated=container.privileged, allow_stdio_access=container.stdio, no_new_privileges=False,
         user=policy_user(process.user), capabilities=container_capabilities(container), seccomp_profile_sha256="",
