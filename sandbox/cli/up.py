@@ -19,6 +19,7 @@ from sandbox.launch.pipeline import UpOptions
 from sandbox.launch.pipeline import up as launch_up
 from sandbox.log import QUIET, setup_logging
 from sandbox.shared.errors import InputError
+from sandbox.state import list_sandboxes
 from sandbox.vmm.config import Backend
 
 
@@ -72,11 +73,11 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
                      backend=Backend(backend), detach=detach,
                      kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys, identity=identity)
     launched = launch_up(spec, opts)
-    d = launched.record.details
-    summary = {"name": launched.name, "status": launched.record.status, "tee": d["tee"], "accel": d["accel"],
-               "backend": d["backend"], "policy_hash": d["policy_hash"],
-               "containers": [c["name"] for c in d["containers"]],
-               "ports": [f"{p['hostAddress']}:{p['hostPort']}->{p['port']}" for p in d["ports"]],
+    rec = launched.record
+    summary = {"name": launched.name, "status": rec.status.value, "tee": rec.tee, "accel": rec.accel,
+               "backend": rec.backend, "policy_hash": rec.policy_hash,
+               "containers": [c.name for c in rec.containers],
+               "ports": [f"{p.host_address}:{p.host_port}->{p.port}" for p in rec.ports],
                "timings": launched.timings.marks}
     if detach:
         emit(summary, fmt, lambda s: f"{s['name']}: running ({s['tee']}, {s['accel']}); containers: "
@@ -116,7 +117,7 @@ def _age(created: float) -> str:
 @format_option
 def ps(fmt: str | None) -> None:
     """List sandboxes (including failed or stale ones that 'down' should clean)."""
-    rows = lifecycle.list_sandboxes()
+    rows = list_sandboxes()
 
     def table(items: list[dict[str, Any]]) -> str:
         return render_table(("name", "status", "tee", "backend", "containers", "ports", "age"),
@@ -175,7 +176,7 @@ def inspect(name: str, fmt: str | None) -> None:
             lines.append(f"  {c['name']:<12} {status}{code}  {c['image']}  argv={c['argv']}")
         if d["ports"]:
             lines.append("ports:")
-            lines += [f"  {p['hostAddress']}:{p['hostPort']} -> {p['port']}/{p['protocol']}" for p in d["ports"]]
+            lines += [f"  {p['host_address']}:{p['host_port']} -> {p['port']}/{p['protocol']}" for p in d["ports"]]
         if d.get("agent_error"):
             lines.append(f"agent: {d['agent_error']}")
         return "\n".join(lines)

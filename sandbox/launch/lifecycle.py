@@ -8,18 +8,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from sandbox.launch.agent_client import AgentClient, AgentDenied, AgentError, AgentUnreachable
-from sandbox.launch.pipeline import (
-    STATUS_STARTING,
-    STATUS_STOPPING,
-    agent_sockets,
-    load_running,
-    sandbox_paths,
-)
+from sandbox.launch.pipeline import agent_sockets, load_running, sandbox_paths
 from sandbox.log import log
 from sandbox.shared import errors as E
 from sandbox.shared.messages import (
@@ -33,40 +27,8 @@ from sandbox.shared.messages import (
     WaitProcessRequest,
 )
 from sandbox.shared.protocol import PORT_COUNT
-from sandbox.state import ProcessRef, SandboxRecord, StateStore, process_start_time
+from sandbox.state import ProcessRef, SandboxRecord, SandboxStatus, StateStore, process_start_time
 from sandbox.vmm import backend as vmm
-
-
-def display_status(record: SandboxRecord) -> str:
-    """What `ps` shows: a sandbox whose launcher died before it was up is 'failed'."""
-    launcher = record.processes.get("launcher")
-    vm_alive = any(ref.alive() for key, ref in record.processes.items() if key != "launcher")
-    if record.status == STATUS_STARTING and launcher is not None and not launcher.alive():
-        return "failed" if vm_alive else "stale"
-    if record.status not in ("stale", "corrupt") and not vm_alive and not (launcher and launcher.alive()):
-        return "stale"
-    return record.status
-
-
-def list_sandboxes(store: StateStore | None = None) -> list[dict[str, Any]]:
-    store = store or StateStore()
-    out = []
-    for rec in store.list():
-        d = rec.details
-        out.append({
-            "name": rec.name,
-            "status": display_status(rec),
-            "tee": d.get("tee"),
-            "accel": d.get("accel"),
-            "backend": d.get("backend"),
-            "containers": [c["name"] for c in d.get("containers", [])],
-            "ports": [f"{p['hostAddress']}:{p['hostPort']}->{p['port']}/{p['protocol'].lower()}"
-                      for p in d.get("ports", [])],
-            "policy_hash": d.get("policy_hash"),
-            "created": rec.created,
-            "pid": rec.processes["qemu"].pid if "qemu" in rec.processes else None,
-        })
-    return out
 
 
 def connect(record: SandboxRecord, store: StateStore | None = None, *, wait: float = 30.0) -> AgentClient:
@@ -79,16 +41,15 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
     record = store.load(name)
     if record is None:
         raise E.InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
-    d = dict(record.details)
-    state_dir = store.dir(name)
     info: dict[str, Any] = {
-        "name": name, "status": display_status(record), "created": record.created,
-        "tee": d.get("tee"), "accel": d.get("accel"), "backend": d.get("backend"),
-        "policy_hash": d.get("policy_hash"), "expected_measurement": d.get("measurement"),
-        "devices": d.get("devices", []), "ports": d.get("ports", []), "vm": d.get("vm"),
-        "uvm": d.get("uvm"), "state_dir": str(state_dir), "startup": d.get("startup"),
-        "launch": d.get("launch"), "selfcheck": d.get("selfcheck"),
-        "containers": [{k: v for k, v in c.items() if k != "env"} for c in d.get("containers", [])],
+        "name": name, "status": record.observed().value, "created": record.created,
+        "tee": record.tee, "accel": record.accel, "backend": record.backend,
+        "policy_hash": record.policy_hash, "expected_measurement": record.measurement,
+        "devices": [d.to_json() for d in record.devices], "ports": [p.to_json() for p in record.ports],
+        "vm": record.vm, "uvm": record.uvm.to_json() if record.uvm else None, "state_dir": str(store.dir(name)),
+        "startup": record.startup, "launch": record.launch, "selfcheck": record.selfcheck,
+        # the env may hold secure values: inspect never shows it
+        "containers": [{k: v for k, v in c.to_json().items() if k != "env"} for c in record.containers],
     }
     live: dict[str, Any] = {}
     if info["status"] == "running":
@@ -168,11 +129,11 @@ def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
 def logs(name: str, container: str | None, *, follow: bool, store: StateStore | None = None) -> None:
     store = store or StateStore()
     record = load_running(name, store)
-    names = [c["name"] for c in record.details.get("containers", [])]
+    names = [c.name for c in record.containers]
     if container is not None and container not in names:
         raise E.InputError(f"sandbox {name!r} has no container {container!r}",
                            hint=f"its containers: {', '.join(names)}")
-    chosen = [container] if container else [c["name"] for c in record.details["containers"] if c.get("stdio", True)]
+    chosen = [container] if container else [c.name for c in record.containers if c.stdio]
     if not chosen:
         raise E.PolicyDenied(f"no container of {name!r} allows stdio access")
     with connect(record, store) as client:
@@ -190,7 +151,7 @@ def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore
         record = load_running(name, store)
     except (E.InputError, E.StateError) as e:
         raise E.ExecSetupError(e.message, hint=e.hint) from None
-    spec = next((c for c in record.details.get("containers", []) if c["name"] == container), None)
+    spec = record.container(container)
     if spec is None:
         raise E.ExecSetupError(f"sandbox {name!r} has no container {container!r}")
     try:
@@ -199,8 +160,7 @@ def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore
         raise E.ExecSetupError(str(e), hint=e.hint) from None
     with client:
         try:
-            r = client.call(ExecProcessRequest(container, tuple(argv), tuple(spec.get("env", [])),
-                                               spec.get("working_dir", "")))
+            r = client.call(ExecProcessRequest(container, tuple(argv), spec.env, spec.working_dir))
         except AgentDenied as e:
             raise E.ExecDenied(e.message, hint=e.hint) from None
         except AgentError as e:
@@ -249,7 +209,7 @@ def _graceful(record: SandboxRecord, store: StateStore, timeout: float) -> bool:
     try:
         with connect(record, store, wait=2) as client:
             client.call(PingRequest(), timeout=10)
-            names = [c["name"] for c in record.details.get("containers", [])]
+            names = [c.name for c in record.containers]
             with ThreadPoolExecutor(max_workers=max(1, min(len(names), PORT_COUNT - 1))) as pool:
                 list(pool.map(lambda n: _shutdown_one(record, store, n, timeout), names))
             client.call(PoweroffRequest(), timeout=10)
@@ -266,13 +226,13 @@ def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -
     if record is None:
         raise E.InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
     state_dir = store.dir(name)
-    vm: vmm.Vm | None = vmm.attach(record.details["vm"]) if "vm" in record.details else None
+    vm: vmm.Vm | None = vmm.attach(record.vm) if record.vm is not None else None
     refs = [ref for key, ref in record.processes.items() if key != "launcher"]
     if (ref := _pidfile_ref(state_dir)) is not None and ref not in refs:
         refs.append(ref)
     graceful = False
-    if vm is not None and vm.alive() and record.status != STATUS_STARTING:
-        record.status = STATUS_STOPPING
+    if vm is not None and vm.alive() and record.status != SandboxStatus.starting:
+        record = replace(record, status=SandboxStatus.stopping)
         store.save(record)
         graceful = _graceful(record, store, timeout) and vm.wait(timeout)
     if vm is not None:

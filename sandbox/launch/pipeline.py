@@ -11,7 +11,7 @@ import hashlib
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +33,22 @@ from sandbox.shared.kbs_protocol import FW_CFG_KBS_URL
 from sandbox.shared.messages import SetPolicyRequest, StartContainerRequest
 from sandbox.shared.protocol import PORT_COUNT
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
-from sandbox.state import ProcessRef, SandboxRecord, StateStore
+from sandbox.state import (
+    ContainerRecord,
+    DeviceRecord,
+    KbsRecord,
+    PortRecord,
+    ProcessRef,
+    SandboxRecord,
+    SandboxStatus,
+    StateStore,
+    UvmRecord,
+)
 from sandbox.vmm import backend as vmm
 from sandbox.vmm.config import ROOT_DISK_SERIAL, Backend, Disk, FwCfgFile, PortForward, VmConfig
 
 BOOT_TIMEOUT = float(os.environ.get("PARMA_SANDBOX_BOOT_TIMEOUT", "180"))
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
-
-STATUS_STARTING = "starting"
-STATUS_RUNNING = "running"
-STATUS_STOPPING = "stopping"
-
 
 @dataclass(frozen=True)
 class UpOptions:
@@ -228,24 +233,20 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
             sock.unlink(missing_ok=True)
         paths = sandbox_paths(state_dir)
         atomic_write(paths["policy"], policy, 0o600)
-        record = SandboxRecord(name=name, status=STATUS_STARTING,
-                               processes={"launcher": ProcessRef.of(os.getpid())})
-        record.details = {
-            "group": spec.name, "group_file": str(spec.base_dir), "tee": tee.value, "accel": accel.value,
-            "backend": opts.backend.value, "policy_hash": policy_hash.hex(), "measurement": measurement,
-            "detached": opts.detach,
-            "ports": [{"port": p.port, "hostPort": p.host_port, "protocol": p.protocol,
-                       "hostAddress": p.host_address} for p in spec.ports],
-            "devices": [{"serial": d.serial, "path": str(d.path), "root_hash": d.root_hash, "target": d.target}
-                        for d in plan.disks],
-            "containers": [{"name": c.name, "image": next(x.image for x in spec.containers if x.name == c.name),
-                            "argv": list(c.create.argv), "env": list(c.create.env),
-                            "working_dir": c.create.working_dir, "stdio": c.stdio,
-                            "exec_processes": [list(e) for e in c.exec_processes]} for c in plan.containers],
-            "uvm": {"kernel": str(uvm.kernel), "rootfs": str(uvm.rootfs), "cmdline": str(uvm.cmdline)},
-            "kbs": {"url": opts.kbs_url, "guest_url": guest_url(opts.kbs_url), "pins": pins} if opts.kbs_url else None,
-            "launch": identity.to_json(),
-        }
+        record = SandboxRecord(
+            name=name, status=SandboxStatus.starting, processes={"launcher": ProcessRef.of(os.getpid())},
+            group=spec.name, group_file=str(spec.base_dir), tee=tee.value, accel=accel.value,
+            backend=opts.backend.value, policy_hash=policy_hash.hex(), measurement=measurement,
+            detached=opts.detach,
+            ports=tuple(PortRecord(p.port, p.host_port, p.protocol, p.host_address) for p in spec.ports),
+            devices=tuple(DeviceRecord(d.serial, str(d.path), d.root_hash, d.target) for d in plan.disks),
+            containers=tuple(ContainerRecord(c.name, next(x.image for x in spec.containers if x.name == c.name),
+                                             c.create.argv, c.create.env, c.create.working_dir, c.stdio,
+                                             c.exec_processes) for c in plan.containers),
+            uvm=UvmRecord(str(uvm.kernel), str(uvm.rootfs), str(uvm.cmdline)),
+            kbs=KbsRecord(opts.kbs_url, guest_url(opts.kbs_url), tuple(pins)) if opts.kbs_url else None,
+            launch=identity.to_json(),
+        )
         store.save(record)
         vm: vmm.Vm | None = None
         try:
@@ -255,8 +256,8 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                 vm = vmm.launch(cfg, opts.backend, log_file=paths["qemu_log"], attached=not opts.detach)
             ref = vm.process()
             if ref is not None:
-                record.processes["qemu"] = ref
-            record.details["vm"] = vm.record()
+                record = record.with_process("qemu", ref)
+            record = replace(record, vm=vm.record())
             store.save(record)
             timings.mark("launched")
             with step("Wait for the guest agent"):
@@ -265,11 +266,11 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
             with AgentClient.connect(cfg.agent_sockets) as client:
                 with step("Verify the launch (a fresh attestation report)"):
                     check = selfcheck.run(client, identity, record_to=state_dir / "selfcheck.json")
-                record.details["selfcheck"] = check.summary()
+                record = replace(record, selfcheck=check.summary())
                 timings.mark("verified")
                 results = _setup_guest(client, policy, plan, timings, create_containers=opts.create_containers)
-            record.details["startup"] = {"timings": timings.marks, "containers": results["containers"]}
-            record.status = STATUS_RUNNING
+            record = replace(record, status=SandboxStatus.running,
+                             startup={"timings": timings.marks, "containers": results["containers"]})
             store.save(record)
             keep_diagnostics(state_dir, record)
         except BaseException as e:
@@ -289,7 +290,7 @@ def load_running(name: str, store: StateStore | None = None) -> SandboxRecord:
     record = store.load(name)
     if record is None:
         raise InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
-    if "vm" not in record.details:
+    if record.vm is None:
         raise StateError(f"sandbox {name!r} is still starting (or its launch failed)",
                          hint=f"'parma-sandbox down {name}' cleans it up")
     return record
