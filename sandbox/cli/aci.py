@@ -249,7 +249,7 @@ def _policy_text(path: Path, group: str | None) -> tuple[str, int | None]:
     text = decode_policy_text(_template_ccepolicy(path, raw, group), str(path))
     if is_template or group is None:
         return text, None
-    if not group.isdigit():
+    if not (group.isascii() and group.isdigit()):
         raise InputError(f"--group {group!r}: for a policy file, give the module's 0-based index")
     return text, int(group)
 

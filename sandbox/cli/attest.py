@@ -35,7 +35,7 @@ from sandbox.shared.snp.cert_table import parse_cert_table
 from sandbox.shared.snp.evidence import ReportEvidence
 from sandbox.shared.snp.key_info import SigningKey
 from sandbox.shared.snp.product import Product, parse_product
-from sandbox.shared.snp.report import AttestationReport, parse_report
+from sandbox.shared.snp.report import AttestationReport, ReportFormatError, parse_report
 
 PathArg = click.Path(path_type=Path, dir_okay=False)
 DirArg = click.Path(path_type=Path, file_okay=False)
@@ -61,8 +61,11 @@ def parse_timestamp(value: str | None) -> dt.datetime | None:
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():
-        return dt.datetime.fromtimestamp(int(text), dt.UTC)
+    if text.isascii() and text.isdigit():
+        try:
+            return dt.datetime.fromtimestamp(int(text), dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise InputError(f"--at: {value!r} is out of range") from None
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -76,7 +79,12 @@ def _product_opt(value: str | None) -> Product | None:
 
 
 def load_report(path: Path, product: str | None = None) -> AttestationReport:
-    return parse_report(read_report_file(path).report, product=_product_opt(product), source=str(path))
+    """A user's report file, to decode (not to verify): bytes that are not a report are bad input here,
+    where `attest verify` counts them as a failed check."""
+    try:
+        return parse_report(read_report_file(path).report, product=_product_opt(product), source=str(path))
+    except ReportFormatError as e:
+        raise InputError(e.message, hint=e.hint) from None
 
 
 def kds_client(kds_url: str | None, offline: Path | None) -> KdsClient:

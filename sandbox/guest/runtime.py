@@ -19,6 +19,7 @@ from typing import Any
 from sandbox.guest import procs
 from sandbox.guest.output import OutputLog
 from sandbox.guest.procs import REAPER, ExitStatus
+from sandbox.shared.errors import GuestOperationFailed
 
 CRUN_ROOT = "/run/crun"
 
@@ -29,7 +30,7 @@ class ContainerStatus(StrEnum):
     exited = "exited"
 
 
-class CrunError(Exception):
+class CrunError(GuestOperationFailed):
     """crun failed; `reason` classifies it for the host (not_found / permission / other)."""
 
     def __init__(self, message: str, reason: str = "other") -> None:

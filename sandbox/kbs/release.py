@@ -22,7 +22,7 @@ from sandbox.attest.evidence import certificates_from_table, complete_from_kds, 
 from sandbox.attest.kds import KdsClient
 from sandbox.attest.verify import Check, Expectations, Status, verify_report
 from sandbox.kbs.store import ReleasePolicy
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.kbs_protocol import IV_SIZE, Sealed, derive_key, header, key_pin, signed_bytes
 from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.evidence import ReportEvidence
@@ -57,7 +57,7 @@ def evaluate(policy: ReleasePolicy, evidence: ReportEvidence, *, emulated_ca: Em
                               vmpl=0, min_tcb=policy.min_tcb, allow_debug=False,
                               allow_emulated=policy.allow_emulated)
         result = verify_report(evidence.report, certs, expect, emulated_ca=emulated_ca)
-    except InputError as e:
+    except (InputError, CheckFailed) as e:   # a malformed report is a CheckFailed
         return Decision(False, f"unusable evidence: {e}", ("evidence",))
     checks = list(result.checks)
     host_data = result.report.host_data.hex()

@@ -71,6 +71,12 @@ class GuestError(SandboxError):
     """The guest agent reported an error or stopped answering."""
 
 
+class GuestOperationFailed(SandboxError):
+    """Inside the guest: an operation the agent carried out failed (a disk, a mount, crun, a user lookup,
+    the scratch filesystem...). The agent answers the request with ErrorCode.failed and this message;
+    the host raises it again as a GuestError (sandbox.launch.agent_client.AgentError)."""
+
+
 class AttestationError(SandboxError):
     """Attestation evidence could not be produced (no TEE interface, a firmware error...)."""
 

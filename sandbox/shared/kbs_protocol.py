@@ -42,7 +42,7 @@ from typing import Any
 from sandbox.shared.crypto.aes_gcm import AesGcm, AuthenticationError
 from sandbox.shared.crypto.hkdf import hkdf
 from sandbox.shared.crypto.p384 import PrivateKey, PublicKey, Signature
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import CheckFailed, InputError
 
 VERSION = 1
 API_PREFIX = "/kbs/v1"
@@ -161,8 +161,9 @@ class Sealed:
         return cls(**values)
 
 
-class BrokerNotTrusted(InputError):
-    """The response was not signed by a key broker that the execution policy pins."""
+class BrokerNotTrusted(CheckFailed):
+    """The response was not signed by a key broker that the execution policy pins, or does not
+    open (a failed check)."""
 
 
 def open_sealed(sealed: Sealed, *, secret: str, nonce: bytes, runtime_key: PrivateKey,

@@ -20,7 +20,7 @@ import hmac
 import struct
 from collections.abc import Sequence
 
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import CheckFailed, InputError
 
 BLOCK = 16
 IV_SIZE = 12
@@ -30,8 +30,9 @@ MAX_MESSAGE = (2**32 - 2) * BLOCK     # SP 800-38D §5.2.1.1: len(P) <= 2^39 - 2
 GCM_R = 0xE1 << 120                   # SP 800-38D §6.3: R = 11100001 || 0^120
 
 
-class AuthenticationError(InputError):
-    """A GCM tag did not verify: the ciphertext, AAD, key or IV is not the one that was sealed."""
+class AuthenticationError(CheckFailed):
+    """A GCM tag did not verify: the ciphertext, AAD, key or IV is not the one that was sealed (a
+    failed check)."""
 
 
 def _xtime(a: int) -> int:
