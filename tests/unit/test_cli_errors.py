@@ -91,12 +91,12 @@ def test_up_says_what_is_missing(tmp_path, capsys: pytest.CaptureFixture[str], m
 
 def _check_failures() -> list[type[E.SandboxError]]:
     from sandbox.aci.fragment_crypto import SignatureError
+    from sandbox.guest.keys import CryptoError  # the guest's AES-GCM authentication, via OpenSSL
     from sandbox.images.store import DigestMismatch
     from sandbox.layers.convert import DiffIdMismatch
-    from sandbox.shared.crypto.aes_gcm import AuthenticationError
     from sandbox.shared.kbs_protocol import BrokerNotTrusted
     from sandbox.shared.snp.report import ReportFormatError
-    return [DigestMismatch, DiffIdMismatch, SignatureError, AuthenticationError, ReportFormatError, BrokerNotTrusted]
+    return [DigestMismatch, DiffIdMismatch, SignatureError, CryptoError, ReportFormatError, BrokerNotTrusted]
 
 
 @pytest.mark.parametrize("cls", _check_failures(), ids=lambda c: c.__name__)
@@ -152,6 +152,8 @@ OUTSIDE_THE_HIERARCHY = {
     "sandbox.shared.codec.FieldError": "a ValueError every decoder boundary turns into a typed error",
     "sandbox.shared.policy.engine._Deny": "control flow inside the policy engine",
     "sandbox.shared.policy.regex.RegexError": "a ValueError the policy model reports as a problem",
+    "sandbox.shared.policy.re2machine.ProgramTooLarge": "becomes a RegexError",
+    "sandbox.shared.policy.re2syntax.SyntaxProblem": "becomes a RegexError",
     "sandbox.shared.rego.syntax._NoFast": "control flow inside the Rego reader",
     "sandbox.shim.main.UsageError": "the shim's own command line (containerd reads its stderr)",
     "sandbox.shim.stdio.StdioError": "the shim's stdio plumbing; reported to containerd",

@@ -148,7 +148,7 @@ def boot(state: Path, *, spec: GroupSpec, images: dict[str, ResolvedImage], disk
     state.mkdir(parents=True, exist_ok=True)
     policy = generate_policy(spec, images)
     measurement = uvm.expected_measurement(1) or "00" * 48
-    psp = state / "psp.bin"
+    psp = state / "psp.json"
     write_launch_material(psp, policy_bytes=policy, measurement=bytes.fromhex(measurement))
     cfg = VmConfig(
         name="t", tee=Tee.emulated, accel=Accel.tcg, vcpus=1, memory_mib=memory_mib, kernel=Path(uvm.kernel),
