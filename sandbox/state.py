@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from sandbox.fsutil import atomic_write, file_lock
 from sandbox.paths import check_name, runtime_dir
 from sandbox.shared.codec import Convert, FieldError, Message, decode, encode
-from sandbox.shared.errors import StateError
+from sandbox.shared.errors import NotFoundError, StateError
 
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
@@ -260,6 +260,13 @@ class StateStore:
         except (ValueError, KeyError, TypeError) as e:
             raise StateError(f"state file {path} is corrupt: {e}",
                              hint=f"remove {path.parent} if no qemu process of this sandbox is running") from e
+
+    def require(self, name: str) -> SandboxRecord:
+        """The record of sandbox `name`; NotFoundError (an input error, exit 2) when there is none."""
+        record = self.load(name)
+        if record is None:
+            raise NotFoundError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
+        return record
 
     def save(self, record: SandboxRecord) -> None:
         d = self.dir(record.name)

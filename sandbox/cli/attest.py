@@ -302,7 +302,10 @@ def report(name: str, nonce: str | None, output: Path | None, fmt: str | None) -
     record = load_running(name)
     with step(f"Ask {name}'s agent for a report"), connect(record) as client:
         result = client.call(GetReportRequest(nonce_bytes), timeout=120)
-    evidence = ReportEvidence.from_payload(result, source=f"the agent of {name}")
+    try:
+        evidence = ReportEvidence.from_payload(result, source=f"the agent of {name}")
+    except InputError as e:   # the guest's answer, not the user's input
+        raise GuestError(e.message) from None
     if evidence.nonce != nonce_bytes:
         raise GuestError(f"the agent of {name} answered for another nonce ({evidence.nonce.hex()})")
     if not evidence.binding_holds():

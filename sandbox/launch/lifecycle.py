@@ -38,9 +38,7 @@ def connect(record: SandboxRecord, store: StateStore | None = None, *, wait: flo
 
 def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
     store = store or StateStore()
-    record = store.load(name)
-    if record is None:
-        raise E.InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
+    record = store.require(name)
     info: dict[str, Any] = {
         "name": name, "status": record.observed().value, "created": record.created,
         "tee": record.tee, "accel": record.accel, "backend": record.backend,
@@ -127,17 +125,30 @@ def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
 
 
 def logs(name: str, container: str | None, *, follow: bool, store: StateStore | None = None) -> None:
+    """Print the containers' output; with `follow`, until they exit or the sandbox is taken down."""
     store = store or StateStore()
     record = load_running(name, store)
     names = [c.name for c in record.containers]
     if container is not None and container not in names:
-        raise E.InputError(f"sandbox {name!r} has no container {container!r}",
+        raise E.NotFoundError(f"sandbox {name!r} has no container {container!r}",
                            hint=f"its containers: {', '.join(names)}")
     chosen = [container] if container else [c.name for c in record.containers if c.stdio]
     if not chosen:
         raise E.PolicyDenied(f"no container of {name!r} allows stdio access")
     with connect(record, store) as client:
-        pump_output(client, [Stream(c) for c in chosen], follow=follow, prefixed=container is None and len(names) > 1)
+        try:
+            pump_output(client, [Stream(c) for c in chosen], follow=follow,
+                        prefixed=container is None and len(names) > 1)
+        except E.GuestError:
+            if follow and taken_down(name, store):
+                return  # `down` stopped the containers and the VM: the end of the logs, not an error
+            raise
+
+
+def taken_down(name: str, store: StateStore) -> bool:
+    """The sandbox is gone or going the normal way: `down` removed its state or is stopping it."""
+    record = store.load(name)
+    return record is None or record.status == SandboxStatus.stopping
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,9 +233,7 @@ def _graceful(record: SandboxRecord, store: StateStore, timeout: float) -> bool:
 def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -> dict[str, Any]:
     """Stop the sandbox: containers, then the VM (gracefully, then forced). Its state is removed."""
     store = store or StateStore()
-    record = store.load(name)
-    if record is None:
-        raise E.InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
+    record = store.require(name)
     state_dir = store.dir(name)
     vm: vmm.Vm | None = vmm.attach(record.vm) if record.vm is not None else None
     refs = [ref for key, ref in record.processes.items() if key != "launcher"]
@@ -244,6 +253,9 @@ def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -
                     os.kill(ref.pid, sig)
                 except ProcessLookupError:
                     pass
+                except PermissionError:   # another user's process (libvirt's QEMU): reported below
+                    log.warning("not permitted to signal process %d of sandbox %s", ref.pid, name)
+                    break
                 deadline = time.monotonic() + 5
                 while ref.alive() and time.monotonic() < deadline:
                     time.sleep(0.05)

@@ -287,9 +287,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
 
 def load_running(name: str, store: StateStore | None = None) -> SandboxRecord:
     store = store or StateStore()
-    record = store.load(name)
-    if record is None:
-        raise InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
+    record = store.require(name)
     if record.vm is None:
         raise StateError(f"sandbox {name!r} is still starting (or its launch failed)",
                          hint=f"'parma-sandbox down {name}' cleans it up")

@@ -144,6 +144,7 @@ def test_guest_errors_are_in_the_hierarchy() -> None:
 
 # Exceptions that are not SandboxErrors, and why none of them reaches the user.
 OUTSIDE_THE_HIERARCHY = {
+    "sandbox.cli.errors.Interrupted": "a KeyboardInterrupt for SIGTERM/SIGHUP; the CLI exits 128 + the signal",
     "sandbox.guest.devmapper.DeviceMapperError": "an OSError carrying the ioctl's errno; the agent answers `failed`",
     "sandbox.guest.keyapi.ApiError": "an HTTP answer to a container on the attestation API",
     "sandbox.kbs.challenges.ChallengesFull": "becomes HTTP 503 from the key broker",
