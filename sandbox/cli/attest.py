@@ -25,7 +25,7 @@ from sandbox.attest.evidence import (
 from sandbox.attest.id_keys import parse_digest
 from sandbox.attest.kds import KdsClient
 from sandbox.attest.roots import CertRole
-from sandbox.attest.verify import Expectations, Status, verify_report
+from sandbox.attest.verify import Expectations, Verdict, verify_report
 from sandbox.cli.common import emit, format_option, info, render_table
 from sandbox.fsutil import atomic_write
 from sandbox.progress import step
@@ -272,7 +272,7 @@ def verify(report_file: Path, certs_dir: Path | None, vek_file: Path | None, cha
     if result.emulated:
         info("note: the evidence is EMULATED (no AMD hardware vouches for it)")
     for check in result.checks:
-        if check.status == Status.SKIP and check.name in ("report.measurement", "report.host_data"):
+        if check.status == Verdict.SKIP and check.name in ("report.measurement", "report.host_data"):
             info(f"note: {check.name} not checked (no expected value given)")
 
 

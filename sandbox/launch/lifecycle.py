@@ -68,7 +68,7 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
 
 
 @dataclass
-class Stream:
+class OutputCursor:
     container: str
     exec_id: str | None = None
     offset: int = 0
@@ -89,7 +89,7 @@ def _write(out: BinaryIO, prefix: bytes, data: bytes, pending: dict[int, bytes])
     out.flush()
 
 
-def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
+def pump_output(client: AgentClient, streams: Sequence[OutputCursor], *, follow: bool,
                 stop: Callable[[], bool] | None = None, prefixed: bool | None = None,
                 stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> None:
     """Copy container output to our stdout/stderr until every stream ends (or, without follow, is drained)."""
@@ -137,7 +137,7 @@ def logs(name: str, container: str | None, *, follow: bool, store: StateStore | 
         raise E.PolicyDenied(f"no container of {name!r} allows stdio access")
     with connect(record, store) as client:
         try:
-            pump_output(client, [Stream(c) for c in chosen], follow=follow,
+            pump_output(client, [OutputCursor(c) for c in chosen], follow=follow,
                         prefixed=container is None and len(names) > 1)
         except E.GuestError:
             if follow and taken_down(name, store):
@@ -182,7 +182,7 @@ def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore
                 raise E.ExecCannotInvoke(e.message) from None
             raise E.ExecSetupError(e.message) from None
         if r.stdio:
-            pump_output(client, [Stream(container, r.exec_id)], follow=True, prefixed=False)
+            pump_output(client, [OutputCursor(container, r.exec_id)], follow=True, prefixed=False)
         while True:
             w = client.call(WaitProcessRequest(container, r.exec_id, 30), timeout=60)
             if not w.running:
@@ -292,7 +292,7 @@ def run_attached(name: str, main: str, containers: Sequence[str], *, store: Stat
             def main_exited() -> bool:
                 return not client.call(WaitProcessRequest(main)).running
 
-            streams = [Stream(c) for c in containers]
+            streams = [OutputCursor(c) for c in containers]
             if streams:
                 pump_output(client, streams, follow=True, stop=main_exited)
                 pump_output(client, streams, follow=False)

@@ -28,8 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sandbox.group.spec import Container as SpecContainer
-from sandbox.group.spec import GroupSpec, VolumeKind
+from sandbox.group.spec import ContainerSpec, GroupSpec, VolumeKind
 from sandbox.images.model import ImageConfig, ResolvedImage
 from sandbox.shared.errors import InputError
 from sandbox.shared.kbs_protocol import PIN, attestation_api_mount
@@ -58,7 +57,7 @@ ALLOW_ALL_ENV = "[^=]+=(?s:.*)"
 
 
 @dataclass(frozen=True)
-class ProcessSpec:
+class ContainerProcess:
     """What the launcher asks the agent to run for a container, and what the policy pins."""
 
     argv: tuple[str, ...]
@@ -68,7 +67,7 @@ class ProcessSpec:
     user: str                         # "", "uid", "uid:gid", "name" or "name:group"
 
 
-def container_process(container: SpecContainer, config: ImageConfig) -> ProcessSpec:
+def container_process(container: ContainerSpec, config: ImageConfig) -> ContainerProcess:
     """argv, env, working dir and user of a container: image config with the group's overrides."""
     entrypoint = container.command if container.command is not None else config.entrypoint
     if container.args is not None:
@@ -96,7 +95,7 @@ def container_process(container: SpecContainer, config: ImageConfig) -> ProcessS
     if container.user is not None and container.user.startswith(":"):
         # A group alone (an ARM template's runAsGroup without runAsUser) keeps the image's user.
         user = ((config.user or "").partition(":")[0] or "0") + container.user
-    return ProcessSpec(argv, env, frozenset(secure), working_dir, user or "")
+    return ContainerProcess(argv, env, frozenset(secure), working_dir, user or "")
 
 
 def _idname(part: str) -> IdName:
@@ -110,7 +109,7 @@ def policy_user(user: str) -> User:
     return User(_idname(user_part or "0"), groups, defaults.DEFAULT_UMASK)
 
 
-def container_capabilities(container: SpecContainer) -> Capabilities:
+def container_capabilities(container: ContainerSpec) -> Capabilities:
     """Unprivileged: the usual 14 in bounding/effective/permitted with the group's add/drop applied.
     Privileged: all 41 there. Inheritable and ambient stay empty either way, as runtimes do since
     CVE-2022-24769 (inheritable capabilities survive execve of non-root programs)."""
@@ -123,7 +122,7 @@ def container_capabilities(container: SpecContainer) -> Capabilities:
     return Capabilities(bounding=caps, effective=caps, inheritable=(), permitted=caps, ambient=())
 
 
-def _env_rules(process: ProcessSpec, debug: bool) -> tuple[EnvRule, ...]:
+def _env_rules(process: ContainerProcess, debug: bool) -> tuple[EnvRule, ...]:
     rules = []
     for item in process.env:
         name = item.partition("=")[0]
@@ -136,7 +135,7 @@ def _env_rules(process: ProcessSpec, debug: bool) -> tuple[EnvRule, ...]:
     return tuple(rules)
 
 
-def container_mounts(spec: GroupSpec, container: SpecContainer) -> tuple[ContainerMount, ...]:
+def container_mounts(spec: GroupSpec, container: ContainerSpec) -> tuple[ContainerMount, ...]:
     """The bind mounts of a container, the one place that decides them: the launcher asks for exactly
     these and the policy pins exactly these. One per group mount, from the volume's directory in the
     UVM, read-only when asked (always for `files` and `secret` volumes); then the attestation API's
@@ -150,11 +149,11 @@ def container_mounts(spec: GroupSpec, container: SpecContainer) -> tuple[Contain
     return tuple(ContainerMount.from_json(m) for m in out)
 
 
-def _policy_mounts(spec: GroupSpec, container: SpecContainer) -> tuple[Mount, ...]:
+def _policy_mounts(spec: GroupSpec, container: ContainerSpec) -> tuple[Mount, ...]:
     return tuple(Mount(m.destination, m.source, m.type, m.options) for m in container_mounts(spec, container))
 
 
-def _exec_processes(container: SpecContainer, debug: bool) -> tuple[ExecProcess, ...]:
+def _exec_processes(container: ContainerSpec, debug: bool) -> tuple[ExecProcess, ...]:
     procs = [ExecProcess(tuple(p.command), tuple(dict.fromkeys(p.signals))) for p in container.exec_processes]
     if debug:
         listed = {p.command for p in procs}
@@ -162,7 +161,7 @@ def _exec_processes(container: SpecContainer, debug: bool) -> tuple[ExecProcess,
     return tuple(procs)
 
 
-def _policy_container(spec: GroupSpec, container: SpecContainer, image: ResolvedImage, debug: bool) -> Container:
+def _policy_container(spec: GroupSpec, container: ContainerSpec, image: ResolvedImage, debug: bool) -> Container:
     layers = image.layer_hashes
     if not layers:
         raise InputError(f"image {image.reference!r} of container {container.name!r} has no layers")

@@ -74,7 +74,7 @@ def attestation_api_mount() -> dict[str, Any]:
             "options": list(ATTEST_API_MOUNT_OPTIONS)}
 
 
-class ErrorCode(StrEnum):
+class KbsErrorCode(StrEnum):
     bad_request = "bad_request"          # malformed JSON, missing/unknown fields, bad encodings
     not_found = "not_found"              # no such endpoint
     method_not_allowed = "method_not_allowed"

@@ -49,7 +49,7 @@ class VmmType(StrEnum):
     gce = "gce"
 
 
-class OutputFormat(StrEnum):
+class DigestEncoding(StrEnum):
     hex = "hex"
     base64 = "base64"
 
@@ -157,8 +157,8 @@ def launch_digest(req: MeasureRequest, *, vmsa_dir: Path | None = None) -> bytes
         raise InputError(f"cannot compute the measurement: {e}") from e
 
 
-def format_digest(digest: bytes, fmt: OutputFormat = OutputFormat.hex) -> str:
-    return digest.hex() if fmt == OutputFormat.hex else base64.b64encode(digest).decode()
+def format_digest(digest: bytes, fmt: DigestEncoding = DigestEncoding.hex) -> str:
+    return digest.hex() if fmt == DigestEncoding.hex else base64.b64encode(digest).decode()
 
 
 def expected_snp_measurements(ovmf: Path, kernel: Path, cmdline: str, *,

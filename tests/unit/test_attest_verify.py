@@ -17,7 +17,7 @@ from snpvectors import cert_files, expected_sets, get_set, report_bytes, set_ids
 
 from sandbox.attest.amd_certs import load_certificate_file, load_der_certificate, role_of, to_der
 from sandbox.attest.roots import CertRole
-from sandbox.attest.verify import Expectations, Status, verify_report
+from sandbox.attest.verify import Expectations, Verdict, verify_report
 from sandbox.shared.errors import InputError
 from sandbox.shared.snp.key_info import KeyInfo, SigningKey
 from sandbox.shared.snp.report import parse_report
@@ -53,8 +53,8 @@ def test_every_vector_set_verifies(set_id: str) -> None:
     by_name = {c.name: c.status for c in result.checks}
     for name in ("ark.trusted", "ask.trusted", "ark.signature", "ask.signature", "vek.signature",
                  "report.signature", "vek.tcb", "report.measurement", "report.host_data", "report.report_data"):
-        assert by_name[name] == Status.PASS, name
-    assert by_name["vek.hwid"] == (Status.SKIP if s["verification"]["hwid_matches_chip_id"] is None else Status.PASS)
+        assert by_name[name] == Verdict.PASS, name
+    assert by_name["vek.hwid"] == (Verdict.SKIP if s["verification"]["hwid_matches_chip_id"] is None else Verdict.PASS)
 
 
 @pytest.mark.parametrize("set_id", set_ids())
