@@ -19,14 +19,14 @@ from sandbox.layers.tar2ext4 import DEFAULT_OPTIONS, Ext4Options, convert_tar_st
 from sandbox.layers.treehash import FirstLevelHasher
 from sandbox.layers.version import CONVERTER_VERSION
 from sandbox.progress import step
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.verity import ZERO_SALT, VerityInfo, format_verity
 
 __all__ = ["CONVERTER_VERSION", "ConvertResult", "DiffIdMismatch", "Ext4Result", "convert_layer", "convert_tar_to_ext4"]
 
 
-class DiffIdMismatch(InputError):
-    """The uncompressed layer does not hash to the diff_id the image config promises."""
+class DiffIdMismatch(CheckFailed):
+    """The uncompressed layer does not hash to the diff_id the image config promises (a failed check)."""
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def detect(head: bytes, what: str) -> Compression:
 
 # A source fills a buffer with the next uncompressed bytes: it returns (bytes put in the buffer, compressed
 # bytes read for them), or None at the end.
-Source = Callable[[memoryview], "tuple[int, int] | None"]
+_Source = Callable[[memoryview], "tuple[int, int] | None"]
 
 
 class _Plain:
@@ -162,7 +162,7 @@ class _ReadAhead:
     until then.
     """
 
-    def __init__(self, source: Source, name: str) -> None:
+    def __init__(self, source: _Source, name: str) -> None:
         self.sha = hashlib.sha256()
         self._source = source
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
@@ -248,7 +248,7 @@ def open_layer(path: Path, *, what: str, on_read: Callable[[int], None] | None =
     ahead: _ReadAhead | None = None
     try:
         compression = detect(os.pread(f.fileno(), 8, 0), what)
-        source: Source
+        source: _Source
         if compression == Compression.gzip:
             source = _Gzip(f, what)
         elif compression == Compression.zstd:
