@@ -8,12 +8,14 @@ Pure function of the group spec and the policy bytes. The pod carries:
 - each container as the group says: image, command/args (same meaning as in Kubernetes: command
   replaces ENTRYPOINT, args replaces CMD), env (secure values through a Secret written alongside),
   working dir, ports, user (numeric only: Kubernetes cannot run as a user name), privileges;
+- the group's restartPolicy (same values in Kubernetes; a Deployment's pods can only restart Always);
 - `enableServiceLinks: false`: Kubernetes would otherwise add service env vars the policy does not list;
   `automountServiceAccountToken: false`: host mounts do not reach the UVM (and the token would be the
   host's to read anyway).
 
 What the shim cannot give a pod yet is refused here with the reason (docs/kubernetes.md): volumes
-(Kubernetes volumes are host directories, the UVM has none of the host's), host ports, and images
+(Kubernetes volumes are host directories, the UVM has none of the host's), host ports, init containers
+(the policy does not list them yet), and images
 that exist only on this machine (`oci:` / `docker-archive:`); nodes pull by reference.
 """
 
@@ -24,7 +26,7 @@ import hashlib
 from enum import StrEnum
 from typing import Any
 
-from sandbox.group.spec import LOCAL_IMAGE_PREFIXES, ContainerSpec, GroupSpec
+from sandbox.group.spec import LOCAL_IMAGE_PREFIXES, ContainerSpec, GroupSpec, RestartPolicy
 from sandbox.shared.errors import InputError
 from sandbox.shared.policy.model import Policy
 
@@ -108,12 +110,21 @@ def manifests(spec: GroupSpec, policy: bytes, *, kind: Kind = Kind.pod, namespac
     if spec.ports:
         raise InputError(f"group {spec.name!r} forwards host ports; in Kubernetes expose the pod with a Service",
                          hint="remove 'ports' from the group (containers' own 'ports' are kept)")
+    if spec.init_containers:
+        raise InputError(f"group {spec.name!r} has initContainers, which the pod's policy cannot list yet",
+                         hint="the policy generated for a pod covers its containers only; run the init step as "
+                              "a container, or see docs/kubernetes.md, 'What is not supported'")
     containers = [_container(spec, c) for c in spec.containers]
     metadata: dict[str, Any] = {"name": spec.name, "labels": {"app.kubernetes.io/name": spec.name}}
     if namespace:
         metadata["namespace"] = namespace
     pod_spec: dict[str, Any] = {"runtimeClassName": RUNTIME_CLASS, "enableServiceLinks": False,
                                 "automountServiceAccountToken": False, "containers": containers}
+    if kind == Kind.pod:    # a Deployment's pods must restart Always (the API server refuses anything else)
+        pod_spec["restartPolicy"] = spec.restart_policy.value
+    elif spec.restart_policy != RestartPolicy.always:
+        raise InputError(f"group {spec.name!r} has restartPolicy {spec.restart_policy.value}, and a Deployment's "
+                         "pods always restart", hint="export it as a Pod (--kind pod), or use restartPolicy Always")
     annotations = pod_annotations(spec, policy)
     docs: list[dict[str, Any]] = []
     secure = {v.name: v.value for c in spec.containers for v in c.env if v.secure}

@@ -88,6 +88,21 @@ def test_volumes_and_host_ports_are_refused(tmp_path: Path) -> None:
         manifests(validate_group(ports), b"{}")
 
 
+def test_restart_policy_reaches_the_pod_and_init_containers_are_refused() -> None:
+    spec = validate_group({**GROUP, "restartPolicy": "OnFailure", "containers": [GROUP["containers"][1]]})
+    (pod,) = manifests(spec, _policy(spec))
+    assert pod["spec"]["restartPolicy"] == "OnFailure"
+    with pytest.raises(InputError, match="always restart") as e:
+        manifests(spec, _policy(spec), kind=Kind.deployment)
+    assert "--kind pod" in (e.value.hint or "")
+    always = validate_group({**GROUP, "containers": [GROUP["containers"][1]]})
+    (deploy,) = manifests(always, _policy(always), kind=Kind.deployment)
+    assert "restartPolicy" not in deploy["spec"]["template"]["spec"]     # the API's default, Always
+    init = validate_group({**GROUP, "initContainers": [{"name": "seed", "image": IMAGE, "command": ["/seed"]}]})
+    with pytest.raises(InputError, match="initContainers"):
+        manifests(init, b"{}")
+
+
 def test_yaml_reads_back_as_the_same_documents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = validate_group(GROUP)
     policy = _policy(spec)
