@@ -196,47 +196,48 @@ class AciGuest:
         ]
 
 
-def replay(evaluator: Evaluator, rego: str, requests: list[dict[str, Any]], label: str) -> None:
+def replay(ev: Evaluator, rego: str, requests: list[dict[str, Any]], label: str) -> None:
     """Load `rego` and replay ACI's requests: every one must be allowed."""
-    assert evaluator.ask({"rego": rego})["ok"], label
+    assert ev.ask({"rego": rego})["ok"], label
     for req in requests:
-        answer = evaluator.ask(req)
+        answer = ev.ask(req)
         assert answer["allowed"], f"{label}: {req['ep']} denied: {answer.get('error', '')[:800]}"
 
 
-def check(evaluator: Evaluator, rego: str, guest: AciGuest, label: str) -> dict[str, Any]:
+def check(ev: Evaluator, rego: str, guest: AciGuest, label: str) -> dict[str, Any]:
     """Load `rego`, replay the sequence (all allowed), then each attack (all denied) on a fresh load."""
-    assert evaluator.ask({"rego": rego})["ok"], label
+    assert ev.ask({"rego": rego})["ok"], label
     verdicts: dict[str, Any] = {"allowed": Counter(), "denied": {}}
     for req in guest.requests:
-        answer = evaluator.ask(req)
+        answer = ev.ask(req)
         assert answer["allowed"], f"{label}: {req['ep']} denied: {answer.get('error', '')[:800]}"
         verdicts["allowed"][req["ep"]] += 1
         if req["ep"] == "create_container":
             env = req["input"]["env"]
             assert sorted(answer["env_list"]) == sorted(env), f"{label}: ACI dropped variables it needs"
     for name, setup, req in guest.attacks():
-        replay(evaluator, rego, guest.requests + setup, f"{label}, before the attack {name!r}")
-        answer = evaluator.ask(req)
+        replay(ev, rego, guest.requests + setup, f"{label}, before the attack {name!r}")
+        answer = ev.ask(req)
         assert not answer["allowed"], f"{label}: attack allowed: {name}"
         decision = parse_decision(answer["error"])     # ACI's denial, as `policy explain` reads it
         assert decision.rule == req["ep"] and decision.decision == "deny", name
         verdicts["denied"][name] = "; ".join(decision.errors) or "(a policy flag)"
     # an injected LD_PRELOAD is dropped (the policy allows env dropping, as confcom's do)
-    assert evaluator.ask({"rego": rego})["ok"]
+    assert ev.ask({"rego": rego})["ok"]
     for req in guest.requests:
         if req["ep"] == "create_container" and req["input"]["container_id"] == _cid(1):
-            answer = evaluator.ask({"ep": req["ep"], "input": {**req["input"],
+            answer = ev.ask({"ep": req["ep"], "input": {**req["input"],
                                                                "env": [*req["input"]["env"], "LD_PRELOAD=/x.so"]}})
             assert answer["allowed"] and "LD_PRELOAD=/x.so" not in answer["env_list"], label
             verdicts["LD_PRELOAD"] = "dropped"
             break
-        evaluator.ask(req)
+        ev.ask(req)
     verdicts["allowed"] = dict(verdicts["allowed"])
     return verdicts
 
 
-def test_hello_exported_for_aci_passes_acis_framework(evaluator: Evaluator, tmp_path: Path) -> None:
+def test_hello_exported_for_aci_passes_acis_framework(evaluator: Evaluator,  # noqa: F811 - the fixture
+                                                        tmp_path: Path) -> None:
     from sandbox.policy.sources import resolve_group_images
 
     if not (BUSYBOX_LAYOUT / "index.json").exists():
@@ -274,7 +275,8 @@ def _sample_images(spec: GroupSpec, confcom: dict[str, dict]) -> dict[str, Resol
 
 
 @pytest.mark.skipif(not SAMPLES, reason="set PARMA_SANDBOX_CONFCOM_SAMPLES to a copy of confcom's samples/aci")
-def test_confcom_samples_exported_for_aci_pass_acis_framework(evaluator: Evaluator, tmp_path: Path) -> None:
+def test_confcom_samples_exported_for_aci_pass_acis_framework(evaluator: Evaluator,  # noqa: F811 - the fixture
+                                                              tmp_path: Path) -> None:
     assert SAMPLES is not None
     counts: Counter[str] = Counter()
     report: dict[str, Any] = {}
