@@ -217,6 +217,7 @@ def test_every_enforcement_point_has_an_input_type() -> None:
 
 
 REQUIRED_EXAMPLE = {
+    EnforcementPoint.load_fragment: {"issuer": "did:x509:0:sha256:AA::eku:1", "feed": "f", "rego": "package f"},
     EnforcementPoint.mount_device: {"target": "/t", "device_hash": "ab"},
     EnforcementPoint.unmount_device: {"target": "/t"},
     EnforcementPoint.mount_overlay: {"container_id": "c", "layer_paths": ["/l"], "target": "/t"},

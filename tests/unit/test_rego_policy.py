@@ -54,7 +54,7 @@ def test_confcom_module_with_null_command_fragments_and_inline_flags() -> None:
     assert p.flags["allow_capability_dropping"] and not p.flags["allow_dump_stacks"]
     assert p.rules["mount_device"].kind == RuleKind.framework
     # api 0.10.0 predates rw_mount_device (framework decides) and host_network (api.rego default: denied)
-    assert p.rules["rw_mount_device"].kind == RuleKind.framework
+    assert p.rules["rw_mount_device"].kind == RuleKind.default and p.rules["rw_mount_device"].allowed is None
     assert p.rules["host_network"].kind == RuleKind.default and p.rules["host_network"].allowed is False
     doc = p.document()
     assert doc["containers"][0]["command"] is None and doc["fragments"][0]["minimum_svn"] == "4"
