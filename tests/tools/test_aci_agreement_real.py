@@ -6,10 +6,11 @@ also takes `{"rego": TEXT}` (load a Rego policy module as it is) and `{"fragment
 modules written here in confcom's layout, the output of `export aci`, and every `*.rego` under
 PARMA_SANDBOX_ACI_CORPUS (a local corpus of real ccePolicies, never in the repository).
 
-- Real policies: the Rego text goes to ACI's framework unchanged; our engine gets `policy import`'s
-  result (fragments dropped: with none loaded they add nothing on ACI either). Both replay the same
-  generated traces; decisions must agree. Modules the current policy model cannot hold (e.g.
-  `"command": null`) are counted, not compared.
+- Real policies: the Rego text goes to ACI's framework unchanged and to our engine through `policy
+  import` (fragment imports, null commands, the second env-rule form, rules the module answers itself
+  and the layers of ignored containers included). Both replay the same generated traces, which cover
+  every enforcement point: fragment loads (issuers and feeds the policy names or not, SVNs above and
+  below the minimum) and what loaded fragments add included; decisions must agree.
 - Fragments: `check_load` must accept and refuse exactly the loads hcsshim's LoadFragment does.
 - export aci: ACI's guest request sequence for the group (pause container, layers at ACI's SCSI
   mount targets, overlays, creates with ACI's injected env and mount sources, the listed execs) is
@@ -57,12 +58,18 @@ def evaluator():
     ev.close()
 
 
+NO_COMMAND = ["/policy-says-null"]     # what a request asks for where the policy's command is null
+
+
 class RealGenerator(Generator):
-    """Traces for real policies: values for any env rule, and sandbox:// mounts as requests name them."""
+    """Traces for real policies: values for any env rule, sandbox:// mounts as requests name them, null
+    commands (never matched), layers of ignored containers, and fragment loads."""
 
     def env_value(self, rule: dict) -> str | None:
         pattern = rule.get("pattern")
         if pattern is None:
+            if rule.get("name_strategy") == "string":
+                return f"{rule['name']}=" + ("v" if rule["value_strategy"] == "re2" else rule["value"])
             return None
         if rule["strategy"] == "string":
             return pattern
@@ -88,6 +95,55 @@ class RealGenerator(Generator):
                 source = "/run/parma/sandbox" + re.sub(r"\.[+*]$", f"c{self.r.randint(0, 9)}", m["source"][10:])
                 req["mounts"].append({**m, "source": source})
         return req
+
+    def fragment_load(self, doc: dict, namespace: str) -> dict:
+        """A load_fragment request: mostly for an import the policy names, with the SVN on either side of
+        its minimum; the fragment adds one container (and maybe a nested import)."""
+        r = self.r
+        imports = doc.get("fragments") or [{"issuer": "did:x509:0:sha256:NONE::eku:1", "feed": "none",
+                                            "minimum_svn": "1", "includes": ["containers"]}]
+        imp = r.choice(imports)
+        issuer = imp["issuer"] if r.random() < 0.85 else "did:x509:0:sha256:OTHER::eku:1.2.3"
+        feed = imp["feed"] if r.random() < 0.85 else "example.com/other"
+        try:
+            minimum = int(str(imp["minimum_svn"]))
+        except ValueError:
+            minimum = 1
+        svn = r.choice([minimum, minimum, minimum + 3, max(0, minimum - 1)])
+        version = r.choice(["0.2.3", "0.5.0", "0.1.0"])
+        container = self.container(0, [[self.hexhash() for _ in range(r.randint(1, 2))]],
+                                   tuple(int(x) for x in version.split(".")))
+        lines = [f"package {namespace}", "", f'svn := "{svn}"' if r.random() < 0.8 else f"svn := {svn}",
+                 f'framework_version := "{version}"', "", f"containers := {json.dumps([container])}"]
+        if r.random() < 0.3:
+            lines.append("fragments := " + json.dumps([{"issuer": "did:x509:0:sha256:NEST::eku:1", "feed": "nested",
+                                                        "minimum_svn": "1", "includes": ["containers"]}]))
+        inp = {"issuer": issuer, "feed": feed, "rego": "\n".join(lines) + "\n"}
+        if r.random() < 0.3:
+            inp["header_svn"] = r.choice([svn, svn + 1])
+        self.fragment_containers.append(container)
+        return {"ep": "load_fragment", "input": inp}
+
+    def real_trace(self, doc: dict, length: int) -> list[dict]:
+        """Generator.trace over the policy's containers, those of the fragments it loads and, where a
+        command is null, a request no command matches; plus layers of ignored containers and loads."""
+        self.fragment_containers: list[dict] = []
+        view = dict(doc)
+        view["containers"] = [self._requestable(c) for c in doc["containers"]]
+        view["external_processes"] = [{**e, "command": e["command"] or NO_COMMAND} for e in doc["external_processes"]]
+        out = []
+        for i, part in enumerate((length * 2 // 3, length - length * 2 // 3)):
+            out.append(self.fragment_load(doc, f"frag{i}"))
+            view["containers"] = view["containers"] + [self._requestable(c) for c in self.fragment_containers[-1:]]
+            out += self.trace(view, part)
+        for h in doc.get("ignored_container_layers", [])[:3]:
+            out.append({"ep": "mount_device", "input": {"target": f"/run/parma/layers/i{len(out)}", "device_hash": h}})
+        return out
+
+    @staticmethod
+    def _requestable(c: dict) -> dict:
+        return {**c, "command": c["command"] or NO_COMMAND,
+                "exec_processes": [{**p, "command": p["command"] or NO_COMMAND} for p in c["exec_processes"]]}
 
 
 def synthetic_image(ref: str, layers: list[str], **config) -> ResolvedImage:
@@ -131,6 +187,13 @@ def policy_modules(counts: Counter[str]) -> Iterator[tuple[str, str, Module]]:
             yield source, text[m.start:m.end], m
 
 
+def ask(evaluator: Evaluator, req: dict) -> dict:
+    """The evaluator's answer to a request of a trace (a fragment load is its own kind of line)."""
+    if req["ep"] == "load_fragment":
+        return {"rolled_back": False, **evaluator.ask({"fragment": {"header_svn": None, **req["input"]}})}
+    return evaluator.ask(req)
+
+
 def test_real_policies_agree(evaluator: Evaluator) -> None:
     gen = RealGenerator(int(os.environ.get("PARMA_SANDBOX_ACI_SEED", "17")))
     counts: Counter[str] = Counter()
@@ -138,30 +201,32 @@ def test_real_policies_agree(evaluator: Evaluator) -> None:
     for source, module, _ in policy_modules(counts):
         counts["modules"] += 1
         try:
-            policy = import_rego(module, source=source, drop_fragments=True)
+            policy = import_rego(module, source=source)
         except InputError:
-            counts["modules the current policy model cannot hold"] += 1
+            counts["modules parma-sandbox refuses"] += 1
             continue
         if not evaluator.ask({"rego": module})["ok"]:
             counts["modules ACI's framework refuses"] += 1
             continue
         counts["modules compared"] += 1
-        raw = policy.canonical_bytes()
-        engine = PolicyEngine.from_bytes(raw)
-        doc = json.loads(raw)
-        if not doc["containers"]:
-            continue
-        for req in gen.trace(doc, 40):
-            req = {**req, "input": complete_input(engine, req["ep"], req["input"])}
+        engine = PolicyEngine.from_bytes(module.encode())
+        assert engine.policy == policy
+        for req in gen.real_trace(policy.to_document(), 40):
+            if req["ep"] != "load_fragment":
+                req = {**req, "input": complete_input(engine, req["ep"], req["input"])}
             a = ours(engine, req)
-            why = difference(req["ep"], a, evaluator.ask(req))
+            why = difference(req["ep"], a, ask(evaluator, req))
             counts["requests"] += 1
             counts["allowed"] += a["allowed"]
+            counts[f"{req['ep']}"] += 1
+            counts[f"{req['ep']} allowed"] += a["allowed"]
             if why:
                 differences.append(f"{source}: {req['ep']}: {why}\n  request: {json.dumps(req)[:300]}")
     counts["disagreements"] = len(differences)
     print(json.dumps(dict(sorted(counts.items())), indent=1))
     assert counts["modules compared"] > 0 and counts["allowed"] > 0
+    from sandbox.shared.policy import EnforcementPoint
+    assert all(counts[f"{ep.value} allowed"] for ep in EnforcementPoint), "every point decided both ways"
     assert not differences, f"{len(differences)} disagreement(s):\n" + "\n".join(differences[:10])
 
 

@@ -513,7 +513,10 @@ class PolicyEngine:
                          else defaults.default_capabilities(input.privileged))
             caps_list = Capabilities(**{k: tuple(c for c in v if c in set(caps.get(k) or ()))
                                         for k, v in requested.items()})
-        grant = Results(env_list=env_list, caps_list=caps_list, allow_stdio_access=results.get("allow_stdio_access"))
+        stdio = results.get("allow_stdio_access")
+        if isinstance(input, ExecInContainerInput):      # hcsshim answers with the container's, from its create
+            stdio = self._state.stdio.get(input.container_id, False)
+        grant = Results(env_list=env_list, caps_list=caps_list, allow_stdio_access=stdio)
         changes: list[Change] = []
         if isinstance(input, CreateContainerInput):
             # hcsshim remembers the stdio answer of every allowed create (exec_in_container reports it).
