@@ -36,6 +36,7 @@ from sandbox.shared.policy.engine import Decision
 from sandbox.shared.policy.inputs import (
     CreateContainerInput,
     ExecInContainerInput,
+    LoadFragmentInput,
     MountDeviceInput,
     NamedId,
     RuntimeLoggingInput,
@@ -109,6 +110,8 @@ class AgentService:
                 return self.op_ping()
             case M.SetPolicyRequest():
                 return self.op_set_policy(r)
+            case M.LoadFragmentRequest():
+                return self.op_load_fragment(r)
             case M.GetPropertiesRequest():
                 return self.op_get_properties(r)
             case M.DumpStacksRequest():
@@ -167,6 +170,25 @@ class AgentService:
         self.verbose_logging = self.gate.allows(RuntimeLoggingInput())
         gc.freeze()  # the compiled policy lives as long as the agent (see agent.py)
         return M.SetPolicyResult(digest, self.gate.host_data_source or "")
+
+    def op_load_fragment(self, r: M.LoadFragmentRequest) -> M.LoadFragmentResult:
+        """Verify a fragment's envelope (chain, signature, did:x509 issuer) and ask endpoint load_fragment;
+        a refusal, for whatever reason, leaves the policy as it was."""
+        # Loaded with the first fragment: OpenSSL's bindings stay off the boot path.
+        from sandbox.guest.fragments import verify_fragment  # noqa: PLC0415
+
+        try:
+            verified = verify_fragment(r.fragment)
+            rego = verified.payload.decode("utf-8")
+        except InputError as e:
+            raise _err(ErrorCode.policy_denied, f"load_fragment denied: {e.message}", endpoint="load_fragment") from None
+        except UnicodeDecodeError as e:
+            raise _err(ErrorCode.policy_denied, f"load_fragment denied: the fragment's payload is not UTF-8 text "
+                                                f"(byte {e.start})", endpoint="load_fragment") from None
+        self.gate.require(LoadFragmentInput(verified.issuer, verified.feed, rego, verified.header_svn))
+        namespace = self.gate.fragments()[-1]
+        self._console(f"fragment {namespace} loaded from {verified.issuer} ({verified.feed})")
+        return M.LoadFragmentResult(verified.issuer, verified.feed, namespace, verified.header_svn)
 
     def op_get_properties(self, r: M.GetPropertiesRequest) -> M.JsonObject:
         self.gate.require(r)

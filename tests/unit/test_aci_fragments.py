@@ -206,3 +206,51 @@ def test_hostile_envelopes_give_errors_never_crashes(issuer) -> None:
             verify_fragment(bytes(data))
         except (cose.CoseError, SignatureError, DidError, cbor.CborError):
             pass
+
+
+def test_the_agent_enforces_a_rego_policy_and_refuses_each_bad_fragment_with_its_own_reason(issuer) -> None:
+    """The guest's own path: set_policy with the Rego text (its SHA-256 is HOST_DATA), then load_fragment
+    with envelopes: accepted, from an issuer the policy does not name, with a lower SVN, with a broken
+    signature. A refused fragment adds nothing."""
+    import hashlib
+
+    from sandbox.aci.rego import rego_module
+    from sandbox.guest.hostdata import HostData
+    from sandbox.guest.service import AgentService
+    from sandbox.shared.messages import LoadFragmentRequest, SetPolicyRequest
+    from sandbox.shared.policy.inputs import MountDeviceInput
+    from sandbox.shared.protocol import ErrorCode, ProtocolError
+
+    doc = {"api_version": "0.10.0", "framework_version": "0.2.3", "containers": [],
+           "allow_properties_access": False, "allow_dump_stacks": False, "allow_runtime_logging": False,
+           "allow_environment_variable_dropping": True, "allow_unencrypted_scratch": False,
+           "allow_capability_dropping": True}
+    rego = rego_module(doc, imports(issuer.did(), minimum="3")).encode()
+    service = AgentService(host_data=lambda: HostData(hashlib.sha256(rego).digest(), "test"))
+    assert service.handle(SetPolicyRequest(rego)).policy_hash == hashlib.sha256(rego).hexdigest()
+    layer_mountable = MountDeviceInput("/run/parma/layers/f0", LAYER)
+    assert not service.gate.allows(layer_mountable)
+
+    def refused(envelope: bytes) -> str:
+        with pytest.raises(ProtocolError) as e:
+            service.handle(LoadFragmentRequest(envelope))
+        assert e.value.code == ErrorCode.policy_denied and e.value.message.startswith("load_fragment denied")
+        assert not service.gate.allows(layer_mountable), "a refused fragment must add nothing"
+        return e.value.message
+
+    broken = bytearray(sign_fragment(issuer, fragment_text(), feed=FEED, svn=3))
+    broken[-5] ^= 0x01
+    reasons = [
+        refused(sign_fragment(make_test_issuer(), fragment_text(), feed=FEED, svn=3)),
+        refused(sign_fragment(issuer, fragment_text(svn='"2"'), feed=FEED, svn=2)),
+        refused(bytes(broken)),
+        refused(sign_fragment(issuer, fragment_text(), feed="example.com/other", svn=3)),
+    ]
+    assert "is not one the policy accepts fragments from" in reasons[0]
+    assert "the envelope's SVN 2 is below the minimum_svn 3" in reasons[1]
+    assert "the envelope's signature does not verify" in reasons[2]
+    assert "feed 'example.com/other' is not one the policy accepts" in reasons[3]
+    assert len(set(reasons)) == 4
+    loaded = service.handle(LoadFragmentRequest(sign_fragment(issuer, fragment_text(), feed=FEED, svn=3)))
+    assert (loaded.namespace, loaded.issuer, loaded.header_svn) == ("contoso", issuer.did(), 3)
+    assert service.gate.allows(layer_mountable)

@@ -636,8 +636,8 @@ def _check_rules(c: _Checker, raw: Any) -> tuple[tuple[str, PointRule], ...] | N
         if "metadata" in value:
             c.problem(join(path, "metadata"), "a constant rule that changes the framework's metadata is not supported")
             continue
-        for key, check in _RESULT_CHECKS.items():
-            if key in value and not check(value[key]):
+        for key, valid in _RESULT_CHECKS.items():
+            if key in value and not valid(value[key]):
                 c.problem(join(path, key), f"{value[key]!r} is not a valid {key}")
         try:
             _refuse_floats(value, path)
