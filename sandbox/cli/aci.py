@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from sandbox.aci.arm import ccepolicy_of_template, is_arm_template
+from sandbox.aci.ccepolicy import policy_file_bytes
 from sandbox.aci.decision import parse_decision
 from sandbox.aci.decision import render as render_decision
 from sandbox.aci.fragment_crypto import (
@@ -25,7 +25,7 @@ from sandbox.aci.fragment_crypto import (
     verify_fragment,
 )
 from sandbox.aci.fragment_oci import fetch_fragments
-from sandbox.aci.rego import ccepolicy_base64, decode_policy_text, export_rego, import_rego, read_rego
+from sandbox.aci.rego import ccepolicy_base64, export_rego, import_rego, read_rego
 from sandbox.cli.common import (
     emit,
     format_option,
@@ -38,8 +38,9 @@ from sandbox.policy.summary import read_policy
 from sandbox.shared.cose import FRAGMENT_ARTIFACT_TYPE
 from sandbox.shared.didx509 import DidError
 from sandbox.shared.errors import CheckFailed, InputError
-from sandbox.shared.jsonstrict import decode_utf8, loads_strict
+from sandbox.shared.jsonstrict import decode_utf8
 from sandbox.shared.policy import policy_hash
+from sandbox.shared.policy.model import is_rego
 from sandbox.shared.rego.fragment import FragmentRefused, RegoFragment, check_load, read_fragment_text
 
 FILE = click.Path(path_type=Path, dir_okay=False)
@@ -64,22 +65,6 @@ def export(policy_file: Path, target: str, as_base64: bool, output: Path | None)
     digest = hashlib.sha256(rego.encode("utf-8")).hexdigest()
     write_document(data, output, None, what="ACI policy", digest_label="ACI HOST_DATA (sha256 of the Rego)",
                    digest=digest)
-
-
-def _template_ccepolicy(path: Path, raw: bytes, group: str | None = None) -> bytes:
-    """The ccePolicy of an ARM template (of the container group `group` names, when it has several), or the
-    file's bytes when it is not a template."""
-    if not raw.lstrip().startswith(b"{"):
-        return raw
-    doc = loads_strict(decode_utf8(raw, str(path)), str(path))
-    if not is_arm_template(doc):
-        raise InputError(f"{path}: a JSON file that is not an ARM template",
-                         hint="import reads a Rego policy (text or base64) or an ARM template with a ccePolicy")
-    policy = ccepolicy_of_template(path, doc, group)
-    if policy is None:
-        raise InputError(f"{path}: the container group's confidentialComputeProperties.ccePolicy is empty",
-                         hint="an empty ccePolicy means ACI's allow-all policy, which parma-sandbox does not run")
-    return policy.encode("utf-8")
 
 
 @click.command("import")
@@ -244,9 +229,12 @@ def fragment_verify(envelope: Path, policy_file: Path | None, group: str | None,
 def _policy_text(path: Path, group: str | None) -> tuple[str, int | None]:
     """The Rego text of a policy file (text, base64, or an ARM template's ccePolicy) and, for a file of
     several modules, the module --group picks."""
-    raw = read_input_file(path, "a Rego policy (text or base64) or an ARM template")
-    is_template = raw.lstrip().startswith(b"{")
-    text = decode_policy_text(_template_ccepolicy(path, raw, group), str(path))
+    is_template = read_input_file(path, "a Rego policy").lstrip().startswith(b"{")
+    data = policy_file_bytes(path, group if is_template else None)
+    if not is_rego(data):
+        raise InputError(f"{path}: a JSON policy, not ACI's Rego",
+                         hint="import reads a Rego policy (text or base64) or an ARM template with a ccePolicy")
+    text = data.decode("utf-8")
     if is_template or group is None:
         return text, None
     if not group.isdigit():
