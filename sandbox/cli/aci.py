@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from sandbox.aci.ccepolicy import policy_file_bytes
-from sandbox.aci.decision import parse_decision
+from sandbox.aci.decision import parse_decision, render_replay, replay
 from sandbox.aci.decision import render as render_decision
 from sandbox.aci.fragment_crypto import (
     SignatureError,
@@ -101,15 +101,23 @@ commands: list[click.Command] = []
 
 @click.command("explain")
 @click.argument("blob")
+@click.option("--policy", "policy_file", type=FILE,
+              help="Also decide the request with the local engine under this policy (the deployment's ccePolicy: "
+                   "Rego, base64 or the ARM template), and show its explanation.")
 @format_option
-def explain(blob: str, fmt: str | None) -> None:
+def explain(blob: str, policy_file: Path | None, fmt: str | None) -> None:
     """Decode ACI's policyDecision BLOB (the base64 in a denial, or the whole message; '-' reads stdin).
 
     Shows the enforcement point, the reasons ACI's framework gave and the request's input in the
-    field names `policy check` uses, so the request can be replayed against a policy here."""
+    field names `policy check` uses, so the request can be replayed against a policy here; with
+    --policy, what the local engine says about it (where one request can be replayed alone)."""
     text = click.get_text_stream("stdin").read() if blob == "-" else blob
     decision = parse_decision(text)
-    emit(decision.to_json() | {"request": decision.request()}, fmt, lambda _: render_decision(decision))
+    result = decision.to_json() | {"request": decision.request()}
+    replayed = replay(decision, policy_file_bytes(policy_file)) if policy_file is not None else None
+    if replayed is not None:
+        result["local"] = {"decisions": list(replayed.decisions), "notes": list(replayed.notes)}
+    emit(result, fmt, lambda _: render_decision(decision) + ("\n" + render_replay(replayed) if replayed else ""))
 
 
 # -- policy fragment ... -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from sandbox.aci.ccepolicy import policy_file_bytes
 from sandbox.cli.common import OutputFormat, emit, format_option, info, render_table, resolve_format
 from sandbox.kbs.audit import AuditLog, Event
 from sandbox.kbs.reference import DEFAULT_MANIFEST, manifest_measurements
@@ -143,10 +144,8 @@ def _read_value(path: Path) -> bytes:
 def _policy_hashes(policy_files: tuple[Path, ...], hashes: tuple[str, ...]) -> list[str]:
     out = list(hashes)
     for p in policy_files:
-        try:
-            out.append(hashlib.sha256(p.read_bytes()).hexdigest())
-        except OSError as e:
-            raise InputError(f"cannot read policy {p}: {e.strerror}") from None
+        # ACI's Rego as ACI hashes it (also from its base64 or an ARM template's ccePolicy), JSON as it is
+        out.append(hashlib.sha256(policy_file_bytes(p)).hexdigest())
     return out
 
 
@@ -155,7 +154,8 @@ def _policy_hashes(policy_files: tuple[Path, ...], hashes: tuple[str, ...]) -> l
 @click.option("--file", "file", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="The secret's value ('-' reads stdin); at most 64 KiB.")
 @click.option("--policy", "policy_files", type=click.Path(path_type=Path, dir_okay=False), multiple=True,
-              help="Release only to groups running this execution policy (its SHA-256 is HOST_DATA). Repeatable.")
+              help="Release only to groups running this execution policy (its SHA-256 is HOST_DATA; an ARM template: "
+                   "its ccePolicy's). Repeatable.")
 @click.option("--policy-hash", "policy_hashes", multiple=True,
               help="Release only to this HOST_DATA (64 hex digits, as 'policy hash' prints). Repeatable.")
 @click.option("--measurement", "measurements", multiple=True,

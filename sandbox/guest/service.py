@@ -432,7 +432,7 @@ class AgentService:
 
     def _aci_volume(self, source: str, i: int) -> str:
         """The group volume behind one of ACI's volume sources, `<sandbox dir>/tmp/atlas/<kind>/<volume>`
-        (docs/aci.md, "Mount sources"): the policy pins the kind by the source's pattern, and the agent makes
+        (docs/aci.md, "Running ACI policies locally"): the policy pins the kind by the source's pattern, and the agent makes
         sure the volume is of that kind (emptydir: emptyDir or tmpfs; secretsVolume: secret; azureFileVolume
         and gitRepoVolume: a files volume, mounted from its device)."""
         kind, _, volume = source.removeprefix(ACI_VOLUMES_PREFIX).partition("/")

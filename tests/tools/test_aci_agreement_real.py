@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from test_aci_agreement import EVAL, Evaluator, Generator, complete_input, default_caps, difference, ours
 
-from sandbox.aci.decision import parse_decision
+from sandbox.aci.decision import parse_decision, replay
 from sandbox.aci.export import aci_policy
 from sandbox.aci.rego import import_rego
 from sandbox.group import validate_group
@@ -380,6 +380,40 @@ def test_exported_policy_accepts_acis_request_sequence_and_denies_attacks(evalua
             continue
         assert evaluator.ask(req)["allowed"]
     print(json.dumps({"sequence": len(ok), "attacks denied": len(attacks) + 1, "env dropped": 1}))
+
+
+def test_policy_explain_gives_the_local_engines_text_for_acis_denials(evaluator: Evaluator) -> None:
+    """ACI's policyDecision blobs of real denials, replayed by `policy explain --policy`: where the
+    request can be replayed alone, the text is exactly the local engine's for the same request."""
+    rego = exported_rego()
+    assert evaluator.ask({"rego": rego})["ok"]
+    ok, attacks = aci_sequence()
+    for req in ok:
+        assert evaluator.ask(req)["allowed"]
+    create = next(r for r in ok if r["ep"] == "create_container" and r["input"]["argv"] == ["/srv/web"])
+    denials = [req for _, req in attacks] + [{"ep": "create_container", "input": {
+        **create["input"], "container_id": CID[3], "argv": ["/bin/sh"]}}]
+    counts: Counter[str] = Counter()
+    for req in denials:
+        answer = evaluator.ask(req)
+        assert not answer["allowed"]
+        decision = parse_decision(answer["error"])
+        replayed = replay(decision, rego.encode())
+        if not replayed.decisions:
+            counts["not replayable alone"] += 1
+            continue
+        counts["replayed"] += 1
+        assert all(text != "allowed here" for text in replayed.decisions), (req, replayed)
+        if decision.rule in ("mount_device", "scratch_mount", "dump_stacks"):
+            engine = PolicyEngine.from_bytes(rego.encode())
+            local = json.dumps(req["input"]).replace("/run/mounts/scsi/", "/run/parma/layers/").replace(
+                "/run/gcs/c/", "/run/parma/containers/")
+            inp = json.loads(local)
+            assert replayed.decisions == (engine.enforce_json(req["ep"], inp).reason,)
+        else:
+            assert any("argv ['/bin/sh'] does not match command ['/srv/web']" in t for t in replayed.decisions)
+    print(json.dumps(dict(counts)))
+    assert counts["replayed"] >= 4
 
 
 def test_reader_keeps_exactly_the_containers_acis_framework_evaluates(evaluator: Evaluator) -> None:

@@ -192,6 +192,37 @@ def test_policy_explain_decodes_acis_decision_blob(capsys) -> None:
     assert code == 2 and "policyDecision" in err
 
 
+def test_policy_explain_with_the_policy_gives_the_local_engines_explanation(tmp_path: Path, capsys) -> None:
+    import base64
+
+    from sandbox.aci.rego import rego_module
+    c = json.loads(fragment_text().decode().split("containers := ", 1)[1])[0] | {"command": ["/app"]}
+    doc = {"api_version": "0.10.0", "framework_version": "0.2.3", "containers": [c],
+           **{f: False for f in ("allow_properties_access", "allow_dump_stacks", "allow_runtime_logging",
+                                 "allow_environment_variable_dropping", "allow_unencrypted_scratch",
+                                 "allow_capability_dropping")}}
+    (tmp_path / "policy.rego").write_text(rego_module(doc))
+
+    def blob(inp: dict, errors: list[str]) -> str:
+        return base64.b64encode(json.dumps({"decision": "deny", "input": inp, "reason": {"errors": errors}}).encode()
+                                ).decode()
+
+    create = blob({"rule": "create_container", "containerID": "ab" * 32, "argList": ["/bin/sh"], "envList": [],
+                   "workingDir": "/", "sandboxDir": "/run/gcs/c/x/sandboxMounts", "isSandboxContainer": False,
+                   "user": {"id": "0", "name": "root"}, "groups": [], "umask": "0022", "mounts": [],
+                   "privileged": False, "noNewPrivileges": False, "seccompProfileSHA256": ""}, ["invalid command"])
+    code, out, err = run_cli(["policy", "explain", create, "--policy", str(tmp_path / "policy.rego")], capsys)
+    assert code == 0, err
+    assert "here (the local engine):" in out and "argv ['/bin/sh'] does not match command ['/app']" in out
+    device = blob({"rule": "mount_device", "target": "/run/mounts/scsi/m3", "deviceHash": "ee" * 32,
+                   "mountPathRegex": "/run/mounts/scsi/m[0-9]+"}, ["deviceHash not found"])
+    code, out, err = run_cli(["--format", "json", "policy", "explain", device, "--policy",
+                              str(tmp_path / "policy.rego")], capsys)
+    assert json.loads(out)["local"]["decisions"] == [
+        f"mount_device denied for target '/run/parma/layers/m3': device hash {'ee' * 32!r} is not a layer of any "
+        "container in the policy"]
+
+
 def test_hostile_envelopes_give_errors_never_crashes(issuer) -> None:
     import random
     good = sign_fragment(issuer, fragment_text(), feed=FEED, svn=3)

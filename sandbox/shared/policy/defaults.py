@@ -32,7 +32,7 @@ VOLUME_BIND_OPTIONS = ("rbind", "rprivate")
 
 # ACI's mount sources for a group's volumes (confcom writes `sandbox:///tmp/atlas/<kind>/.+`): the agent
 # resolves `<sandbox dir>/tmp/atlas/<kind>/<volume>` to the group volume of that kind, so that policies
-# written for ACI allow the binds a template asks for (docs/aci.md, "Mount sources").
+# written for ACI allow the binds a template asks for (docs/aci.md, "Running ACI policies locally").
 ACI_VOLUMES_SUBDIR = "tmp/atlas"
 ACI_VOLUME_KINDS = ("emptydir", "secretsVolume", "azureFileVolume", "gitRepoVolume")
 # Shares (azureFile, gitRepo): their content is the owner's, not measured, on ACI as here.
