@@ -155,3 +155,25 @@ def test_up_loads_given_fragments_and_says_why_it_loads_no_other(tmp_path: Path)
         plan_fragments(policy, ["broken.cose"], [], base_dir=tmp_path)
     with pytest.raises(InputError, match="no such file"):
         plan_fragments(policy, ["./missing.cose"], [], base_dir=tmp_path)
+
+
+def test_policy_commands_read_rego_as_it_is(spec, tmp_path: Path, capsys) -> None:
+    """show, hash and check take the ccePolicy text itself (hash: of those bytes; check: fragment loads too)."""
+    import json
+
+    from tests.clirun import run_cli
+
+    issuer = make_test_issuer()
+    rego = aci_policy(spec, IMAGES).replace('"minimum_svn": "4"\n  }\n]', '"minimum_svn": "4"\n  }, {"feed": "f", '
+                                            '"includes": ["containers"], "issuer": "' + issuer.did() + '", '
+                                            '"minimum_svn": 1}\n]')
+    (tmp_path / "p.rego").write_text(rego)
+    code, out, err = run_cli(["policy", "hash", str(tmp_path / "p.rego")], capsys)
+    assert code == 0 and out.strip() == hashlib.sha256(rego.encode()).hexdigest(), err
+    code, out, err = run_cli(["policy", "show", str(tmp_path / "p.rego")], capsys)
+    assert code == 0 and "fragments accepted: from " + issuer.did() in out and "container pause-container" in out, err
+    trace = [{"ep": "load_fragment", "input": {"issuer": issuer.did(), "feed": "f", "rego": fragment_module().decode()}},
+             {"ep": "load_fragment", "input": {"issuer": issuer.did(), "feed": "g", "rego": fragment_module().decode()}}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trace))
+    code, out, err = run_cli(["policy", "check", str(tmp_path / "p.rego"), str(tmp_path / "t.jsonl")], capsys)
+    assert code == 1 and "feed 'g' is not one the policy accepts" in out, out + err
