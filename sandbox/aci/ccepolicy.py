@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sandbox.aci.arm import ccepolicy_of_template, is_arm_template
 from sandbox.aci.rego import decode_policy_text
+from sandbox.group.arm import ccepolicy_of_template, is_arm_template
 from sandbox.group.jsonio import read_input_file
 from sandbox.shared.errors import InputError
 from sandbox.shared.jsonstrict import decode_utf8, loads_strict

@@ -58,7 +58,7 @@ def _read(origin: str, envelope: bytes) -> FragmentSource:
     try:
         verified = verify_fragment(envelope)
         fragment = read_fragment_text(verified.payload.decode("utf-8"), f"{origin} (payload)")
-    except InputError as e:
+    except (InputError, CheckFailed) as e:
         raise CheckFailed(f"fragment {origin}: {e.message}") from None
     except UnicodeDecodeError:
         raise CheckFailed(f"fragment {origin}: its payload is not UTF-8 Rego text") from None

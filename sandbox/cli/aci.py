@@ -245,7 +245,7 @@ def _policy_text(path: Path, group: str | None) -> tuple[str, int | None]:
     text = data.decode("utf-8")
     if is_template or group is None:
         return text, None
-    if not group.isdigit():
+    if not (group.isascii() and group.isdigit()):
         raise InputError(f"--group {group!r}: for a policy file, give the module's 0-based index")
     return text, int(group)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from sandbox.guest.keys import make_cryptography_importable
 from sandbox.shared import cose
 from sandbox.shared.didx509 import CertificateFacts, DidError, check_did
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import CheckFailed
 
 if TYPE_CHECKING:  # annotations only: the real imports are lazy
     from cryptography.x509 import Certificate
@@ -34,8 +34,8 @@ _SUBJECT = {"2.5.4.6": "C", "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.7": "L", "
             "2.5.4.17": "POSTALCODE", "2.5.4.5": "SERIALNUMBER", "2.5.4.3": "CN"}
 
 
-class SignatureError(InputError):
-    """A fragment envelope whose certificates or signature do not verify."""
+class SignatureError(CheckFailed):
+    """A fragment envelope whose certificates or signature do not verify (a failed check)."""
 
 
 @functools.cache
@@ -161,8 +161,8 @@ class VerifiedFragment:
 
 
 def verify_fragment(data: bytes) -> VerifiedFragment:
-    """Verify a COSE_Sign1 fragment as hcsshim's guest does before load_fragment; raise CoseError,
-    SignatureError or DidError (all InputErrors) with the first check that failed."""
+    """Verify a COSE_Sign1 fragment as hcsshim's guest does before load_fragment; raise CoseError or
+    DidError (InputErrors: malformed) or SignatureError (CheckFailed) with the first check that failed."""
     envelope = cose.parse_sign1(data)
     if not envelope.issuer or not envelope.feed:
         raise cose.CoseError("the protected header must carry both the issuer and the feed")

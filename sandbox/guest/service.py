@@ -25,12 +25,12 @@ from typing import Any, assert_never
 from sandbox.guest import blockdev, oci, runtime, snp_report, sysapi
 from sandbox.guest.gate import NO_POLICY_REASON, Gate
 from sandbox.guest.hostdata import HostData, read_host_data, uptime
-from sandbox.guest.runtime import Container, ContainerStatus, CrunError
+from sandbox.guest.runtime import ContainerStatus, CrunError, RuntimeContainer
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
 from sandbox.shared.codec import shown
-from sandbox.shared.errors import AttestationError, InputError
+from sandbox.shared.errors import AttestationError, CheckFailed, InputError
 from sandbox.shared.kbs_protocol import ATTEST_API_DIR
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.engine import Decision
@@ -90,7 +90,7 @@ class AgentService:
         self.overlays: dict[str, Overlay] = {}                  # target -> overlay
         self.volumes: dict[str, Path] = {}                      # volume name -> dir
         self.volume_kinds: dict[str, M.MemoryVolumeKind] = {}   # volume name -> kind (create_volume's)
-        self.containers: dict[str, Container] = {}
+        self.containers: dict[str, RuntimeContainer] = {}
         self._dm_counter = 0
         self._console = runtime_logging or (lambda msg: None)
         self.verbose_logging = False   # the policy's allow_runtime_logging (ep runtime_logging) turns it on
@@ -184,7 +184,7 @@ class AgentService:
         try:
             verified = verify_fragment(r.fragment)
             rego = verified.payload.decode("utf-8")
-        except InputError as e:
+        except (InputError, CheckFailed) as e:
             raise _err(ErrorCode.policy_denied, f"load_fragment denied: {e.message}", endpoint="load_fragment") from None
         except UnicodeDecodeError as e:
             raise _err(ErrorCode.policy_denied, f"load_fragment denied: the fragment's payload is not UTF-8 text "
@@ -395,7 +395,7 @@ class AgentService:
 
     # -- containers -----------------------------------------------------------------------------
 
-    def _container(self, container_id: str) -> Container:
+    def _container(self, container_id: str) -> RuntimeContainer:
         c = self.containers.get(container_id)
         if c is None:
             raise _err(ErrorCode.not_found, f"no container {container_id}")
@@ -471,17 +471,17 @@ class AgentService:
         check = CreateContainerInput.from_request(r, mounts=BASE_MOUNTS + tuple(b for b, _ in binds), user=user,
                                                   groups=groups, capabilities=caps)
 
-        def action(decision: Decision) -> Container:
+        def action(decision: Decision) -> RuntimeContainer:
             env = decision.env_list if decision.env_list is not None else r.env
             final_caps = (decision.caps_list or caps).sets()
             process = oci.ProcessSpec(argv=r.argv, env=env, cwd=r.working_dir, uid=who.uid, gid=who.gid,
                                       additional_gids=tuple(g for g, _ in who.additional_gids),
                                       umask=int(r.umask, 8), capabilities=final_caps,
                                       no_new_privileges=r.no_new_privileges)
-            spec = oci.build_spec(oci.ContainerSpec(container_id, rootfs, process, self.hostname,
+            spec = oci.build_spec(oci.BundleSpec(container_id, rootfs, process, self.hostname,
                                                     tuple(oci.BindMount(b.destination, path, b.options)
                                                           for b, path in binds), r.privileged))
-            c = Container(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
+            c = RuntimeContainer(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
                           decision.allow_stdio_access, exec_caps=final_caps,
                           user=(who.uid, who.gid, process.additional_gids), working_dir=r.working_dir,
                           no_new_privileges=r.no_new_privileges)

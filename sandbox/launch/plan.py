@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.spec import Container, GroupSpec, VolumeKind
+from sandbox.group.spec import GroupSpec, VolumeKind
 from sandbox.images.model import ResolvedImage
-from sandbox.policy.gen import container_capabilities, container_process
+from sandbox.policy.gen import container_capabilities, container_mounts, container_process
 from sandbox.shared import protocol as P
-from sandbox.shared.kbs_protocol import attestation_api_mount
 from sandbox.shared.messages import (
-    ContainerMount,
     CreateContainerRequest,
     CreateVolumeRequest,
     MemoryVolumeKind,
@@ -73,39 +71,6 @@ class LaunchPlan:
         return self.layers + self.file_volumes
 
 
-def aci_mount(policy: Policy, container: str, destination: str) -> tuple[str, tuple[str, ...]] | None:
-    """(kind, options) when the policy binds `destination` from one of ACI's volume sources
-    (`sandbox:///tmp/atlas/<kind>/...`, as confcom writes them) for this container (by name, or any
-    container when the policy names none that way); None otherwise."""
-    named = [c for c in policy.containers if c.name == container]
-    prefix = f"{defaults.SANDBOX_PREFIX}/{defaults.ACI_VOLUMES_SUBDIR}/"
-    for c in named or policy.containers:
-        for m in c.mounts:
-            kind = m.source[len(prefix):].split("/", 1)[0] if m.source.startswith(prefix) else None
-            if m.destination == destination and kind in defaults.ACI_VOLUME_KINDS:
-                return kind, m.options
-    return None
-
-
-def container_mounts(c: Container, spec: GroupSpec, policy: Policy | None = None) -> tuple[ContainerMount, ...]:
-    """The container's volume binds: at the volume's own path, or, where a supplied policy binds the
-    destination from ACI's source for that kind of volume, at that source (the agent resolves it to the
-    volume) with the policy's options, so that ACI's policies allow the mounts the template asks for."""
-    kinds = {v.name: v.kind for v in spec.volumes}
-    out = []
-    for m in c.mounts:
-        aci = aci_mount(policy, c.name, m.mount_path) if policy is not None else None
-        if aci is not None:
-            out.append({"destination": m.mount_path, "source": defaults.aci_volume_source(aci[0], m.volume),
-                        "type": "bind", "options": list(aci[1])})
-        else:
-            out.append(defaults.volume_bind_mount(m.volume, m.mount_path, m.read_only or kinds[m.volume] in
-                                                  (VolumeKind.files, VolumeKind.secret)))
-    if c.attestation_api:
-        out.append(attestation_api_mount())  # the same entry policy generation pins (docs/kbs.md)
-    return tuple(ContainerMount.from_json(m) for m in out)
-
-
 def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
                volume_devices: Mapping[str, tuple[str, Path]], policy: Policy | None = None) -> LaunchPlan:
     """images: container name -> image; volume_devices: files-volume name -> (root hash, image path);
@@ -137,7 +102,7 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
         process = container_process(c, image.config)
         create = CreateContainerRequest(
             container_id=c.name, argv=process.argv, env=process.env, working_dir=process.working_dir,
-            user=process.user, mounts=container_mounts(c, spec, policy), capabilities=container_capabilities(c),
+            user=process.user, mounts=container_mounts(spec, c, policy), capabilities=container_capabilities(c),
             privileged=c.privileged, no_new_privileges=False, umask=defaults.DEFAULT_UMASK,
             seccomp_profile_sha256="")
         containers.append(ContainerPlan(c.name, targets, create, c.stdio,
