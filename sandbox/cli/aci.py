@@ -70,8 +70,8 @@ def export(policy_file: Path, target: str, as_base64: bool, output: Path | None)
 @click.command("import")
 @click.argument("rego_file", type=FILE)
 @click.option("--drop-fragments", is_flag=True,
-              help="Import a policy that lists fragments without them (fragments are not supported; "
-                   "dropping them only removes what they would allow).")
+              help="Leave out the policy's fragment imports (a policy without them allows less: only what "
+                   "fragments would add).")
 @click.option("--group", help="A file with several policy modules (confcom's multi-group output): the module's "
                              "0-based index; an ARM template with several container groups: the group's name.")
 @click.option("-o", "--output", type=FILE, help="Write the policy here (default: stdout, exact bytes).")

@@ -8,7 +8,11 @@ It follows hcsshim's framework.rego (0.5.0) rule by rule, re-implemented in plai
   succeeds; if the action raises, nothing changes and the exception propagates;
 - env and capability dropping when the policy allows it, with the framework's "largest set, and all
   largest sets must agree" rule; ambiguity on allow_stdio_access denies;
-- version-dependent defaults for older framework_versions (framework.rego check_container).
+- version-dependent defaults for older framework_versions (framework.rego check_container);
+- fragments: load_fragment accepts a fragment some import names (issuer, feed, SVN) and adds what the
+  import includes (containers, external processes, further imports) to the candidates;
+- a policy module's own rules: a point answered by a constant, or without a rule, is decided as
+  api.rego decides it (securitypolicyenforcer_rego.go applyDefaults).
 Regexes match whole values (see regex.py; one deliberate difference from the framework).
 
 Every decision explains itself: a denial names the first failing field with expected and actual.

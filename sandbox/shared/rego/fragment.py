@@ -4,7 +4,7 @@ A fragment module (confcom's customer_rego_fragment template) is `package <names
 `framework_version` (or `framework_svn`), and any of `fragments`, `containers`,
 `external_processes`. `check_load` decides a load as ACI's framework decides `load_fragment` (both
 of its calls), given the verified issuer, feed and header SVN of the envelope
-(sandbox/aci/fragment_crypto.py verifies those): some import of the policy (or of an already loaded
+(sandbox/guest/fragments.py verifies those): some import of the policy (or of an already loaded
 fragment) names the issuer and the feed, the SVN is at least its minimum_svn, and the header SVN (if
 any) equals the module's. Each refusal has its own reason; the caller keeps its policy as it was.
 """
