@@ -177,3 +177,25 @@ def test_policy_commands_read_rego_as_it_is(spec, tmp_path: Path, capsys) -> Non
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trace))
     code, out, err = run_cli(["policy", "check", str(tmp_path / "p.rego"), str(tmp_path / "t.jsonl")], capsys)
     assert code == 1 and "feed 'g' is not one the policy accepts" in out, out + err
+
+
+def test_validate_reads_a_templates_ccepolicy(spec, tmp_path: Path, capsys) -> None:
+    import json
+
+    from tests.clirun import run_cli
+
+    template = aci_template(spec, IMAGES).template
+    for c in template["resources"][0]["properties"]["containers"]:
+        c["properties"]["image"] = "example.com/x:1"      # a registry image: validate does not contact it
+    (tmp_path / "azuredeploy.json").write_text(json.dumps(template))
+    code, out, err = run_cli(["--format", "json", "validate", str(tmp_path / "azuredeploy.json"),
+                              "--volume", f"share={tmp_path / 'share'}"], capsys)
+    assert code == 0, err
+    rego = policy_file_bytes(tmp_path / "azuredeploy.json")
+    assert json.loads(out)["ccePolicy"]["host_data"] == hashlib.sha256(rego).hexdigest()
+    props = template["resources"][0]["properties"]["confidentialComputeProperties"]
+    props["ccePolicy"] = __import__("base64").b64encode(b"package policy\n\napi_version := 1\n").decode()
+    (tmp_path / "azuredeploy.json").write_text(json.dumps(template))
+    code, _, err = run_cli(["validate", str(tmp_path / "azuredeploy.json"), "--volume",
+                            f"share={tmp_path / 'share'}"], capsys)
+    assert code == 2 and "ccePolicy" in err, err
