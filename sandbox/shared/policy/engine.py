@@ -79,6 +79,7 @@ from sandbox.shared.policy.model import (
 )
 from sandbox.shared.policy.points import EnforcementPoint as EP
 from sandbox.shared.policy.regex import whole_matcher
+from sandbox.shared.protocol import VOLUME_TARGET_RE
 from sandbox.shared.rego.framework import ENFORCEMENT_POINTS
 
 T = TypeVar("T")
@@ -558,7 +559,7 @@ class PolicyEngine:
             if digest != volume.device_hash:
                 raise _Deny(f"{deny}: device hash {digest!r} is not the hash pinned for volume {volume.name!r} "
                             f"({volume.device_hash})")
-        elif target.startswith(defaults.VOLUMES_DIR + "/") and self._allows_shares():
+        elif re.fullmatch(VOLUME_TARGET_RE, target) and self._allows_shares():
             # A share (ACI's azureFile or gitRepo volume): its content is the owner's, unmeasured on ACI too;
             # the policy checks where containers bind it (sandbox:///tmp/atlas/azureFileVolume/...).
             pass

@@ -211,10 +211,6 @@ class Policy:
     def canonical_bytes(self) -> bytes:
         return canonical_bytes(self.to_document())
 
-    def rule(self, point: str) -> PointRule | None:
-        """How the policy departs from confcom's layout for `point` (None: it does not)."""
-        return dict(self.rules).get(point)
-
 
 FLAGS = ("allow_properties_access", "allow_dump_stacks", "allow_runtime_logging",
          "allow_environment_variable_dropping", "allow_unencrypted_scratch", "allow_capability_dropping")
