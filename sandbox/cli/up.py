@@ -105,6 +105,7 @@ def _up(spec: GroupSpec, opts: UpOptions, fmt: str | None) -> int:
                "backend": rec.backend, "policy_hash": rec.policy_hash,
                "containers": [c.name for c in rec.containers],
                "ports": [f"{p.host_address}:{p.host_port}->{p.port}" for p in rec.ports],
+               "fragments": [f["namespace"] for f in (rec.startup or {}).get("fragments", [])],
                "timings": launched.timings.marks}
     if opts.detach:
         emit(summary, fmt, lambda s: f"{s['name']}: running ({s['tee']}, {s['accel']}); containers: "

@@ -108,7 +108,7 @@ def _did(directory: Path) -> str:
 def test_up_runs_under_the_templates_ccepolicy_with_the_fragments_container(cli: Cli, deployment: dict) -> None:  # noqa: F811
     s = deployment["summary"]
     rego = deployment["rego"].encode()
-    assert s["status"] == "running" and s["containers"] == ["web", "side"]
+    assert s["status"] == "running" and s["containers"] == ["web", "side"] and s["fragments"] == ["side"]
     assert s["policy_hash"] == hashlib.sha256(rego).hexdigest()
     assert (Path(deployment["info"]["state_dir"]) / "policy.rego").read_bytes() == rego
     assert "infrastructure fragment" in deployment["stderr"]      # not loaded, and said so
