@@ -32,7 +32,7 @@ from test_aci_agreement import EVAL, Evaluator, Generator, complete_input, defau
 
 from sandbox.aci.decision import parse_decision, replay
 from sandbox.aci.export import aci_policy
-from sandbox.aci.rego import import_rego
+from sandbox.aci.rego import import_rego, rego_module
 from sandbox.group import validate_group
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
 from sandbox.shared.errors import InputError
@@ -229,6 +229,43 @@ def test_real_policies_agree(evaluator: Evaluator) -> None:
     from sandbox.shared.rego.framework import ENFORCEMENT_POINTS
     aci_points = [ep.value for ep in EnforcementPoint if ep.value in ENFORCEMENT_POINTS]
     assert all(counts[f"{ep} allowed"] for ep in aci_points), "every ACI point is decided both ways"
+    assert not differences, f"{len(differences)} disagreement(s):\n" + "\n".join(differences[:10])
+
+
+def test_containers_of_the_frameworks_own_version_lacking_fields_agree(evaluator: Evaluator) -> None:
+    """Data of framework_version 0.5.0 is evaluated as written: a container lacking a field still matches
+    overlays; without signals or exec_processes it is created, without anything else it never is."""
+    gen = RealGenerator(int(os.environ.get("PARMA_SANDBOX_ACI_SEED", "17")) + 1)
+    fields = ["signals", "exec_processes", "user", "capabilities", "seccomp_profile_sha256", "env_rules",
+              "no_new_privileges", "mounts", "working_dir", "allow_elevated", "allow_stdio_access", "command"]
+    counts: Counter[str] = Counter()
+    differences = []
+    for i in range(24):
+        doc = gen.policy()
+        doc["framework_version"] = "0.5.0"
+        doc["containers"] = [gen.container(j, [c["layers"] for c in doc["containers"]], (0, 5, 0))
+                             for j in range(len(doc["containers"]))]
+        full = [dict(c) for c in doc["containers"]]
+        for c in doc["containers"]:
+            for key in gen.r.sample(fields, gen.r.randint(0, 2)):
+                c.pop(key, None)
+        module = rego_module(doc)
+        if not evaluator.ask({"rego": module})["ok"]:
+            counts["modules ACI's framework refuses"] += 1
+            continue
+        engine = PolicyEngine.from_bytes(module.encode())
+        counts["modules"] += 1
+        for req in gen.trace({**doc, "containers": full}, 40):
+            req = {**req, "input": complete_input(engine, req["ep"], req["input"])}
+            a = ours(engine, req)
+            why = difference(req["ep"], a, evaluator.ask(req))
+            counts["requests"] += 1
+            counts[f"{req['ep']} allowed"] += a["allowed"]
+            if why:
+                differences.append(f"policy {i}: {req['ep']}: {why}\n  request: {json.dumps(req)[:300]}")
+    counts["disagreements"] = len(differences)
+    print(json.dumps(dict(sorted(counts.items())), indent=1))
+    assert counts["mount_overlay allowed"] and counts["create_container allowed"]
     assert not differences, f"{len(differences)} disagreement(s):\n" + "\n".join(differences[:10])
 
 

@@ -645,6 +645,13 @@ def _check_rules(c: _Checker, raw: Any) -> tuple[tuple[str, PointRule], ...] | N
     return tuple(out)
 
 
+def _evaluates_nothing(d: dict) -> bool:
+    """A policy whose framework_version is newer than the framework's: ACI's framework matches none of its
+    containers, external processes or fragment imports (only their layers still mount), so such a policy
+    can be held as long as it lists none."""
+    return not any(d.get(key) for key in ("containers", "external_processes", "fragments"))
+
+
 TOP_LEVEL = ("api_version", "framework_version", "containers", "external_processes", "fragments", "rules",
              "ignored_container_layers", "volumes", "key_brokers", *FLAGS)
 
@@ -666,7 +673,7 @@ def validate_policy(raw: Any, *, source: str = "policy") -> Policy:
         except ValueError as e:
             c.problem(key, str(e))
             continue
-        if versions[key] > parse_version(newest):
+        if versions[key] > parse_version(newest) and not (key == "framework_version" and _evaluates_nothing(d)):
             c.problem(key, f"{text} is newer than this engine supports ({newest})")
         elif versions[key] < (0, 1, 0):
             c.problem(key, f"{text} predates every framework release (0.1.0)")

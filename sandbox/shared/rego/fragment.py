@@ -63,7 +63,8 @@ def read_fragment(module: Module, source: str = "fragment.rego") -> RegoFragment
     v = min(version, fw.FRAMEWORK_VERSION)
     newer = version > fw.FRAMEWORK_VERSION
     out: dict[str, list] = {"containers": [], "fragments": [], "external_processes": []}
-    readers = {"containers": lambda r, p: reader.container(r, p, v), "fragments": reader.fragment_import,
+    readers = {"containers": lambda r, p: reader.container(r, p, v, as_written=version == fw.FRAMEWORK_VERSION),
+               "fragments": reader.fragment_import,
                "external_processes": reader.external_process}
     for name, read in readers.items():
         if name in stmts:

@@ -76,11 +76,8 @@ class RegoPolicy:
     def document(self) -> dict[str, Any]:
         """The effective policy as a JSON document (field names are the policy model's, docs/policy.md)."""
         # A framework_version newer than the framework's leaves nothing to evaluate (read_policy empties the
-        # containers, fragments and external processes); the framework's own version then describes it.
-        version = self.framework_version
-        if fw.parse_semver(version) > fw.FRAMEWORK_VERSION:
-            version = fw.version_text(fw.FRAMEWORK_VERSION)
-        doc: dict[str, Any] = {"api_version": self.api_version, "framework_version": version,
+        # containers, fragments and external processes); the model holds it as it is, with nothing listed.
+        doc: dict[str, Any] = {"api_version": self.api_version, "framework_version": self.framework_version,
                                # required_receipts: always empty here (read_policy refuses others)
                                "fragments": [{k: v for k, v in f.items() if k != "required_receipts"}
                                              for f in self.fragments],
@@ -226,7 +223,8 @@ def read_policy(module: Module, source: str = "policy.rego") -> RegoPolicy:
             layers = c.get("layers")
             if isinstance(layers, list):
                 raw_layers += [h for h in layers if isinstance(h, str)]
-            checked = reader.container(c, f"containers[{i}]", min(version, fw.FRAMEWORK_VERSION))
+            checked = reader.container(c, f"containers[{i}]", min(version, fw.FRAMEWORK_VERSION),
+                                       as_written=version == fw.FRAMEWORK_VERSION)
             if checked is not None and not newer:
                 containers.append(checked)
     externals = []
