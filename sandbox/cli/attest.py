@@ -12,7 +12,6 @@ import click
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sandbox.aci.ccepolicy import policy_file_bytes
 from sandbox.attest.amd_certs import load_certificate_file
 from sandbox.attest.emulated_ca import load_emulated_ca
 from sandbox.attest.evidence import (
@@ -233,6 +232,7 @@ def verify(report_file: Path, certs_dir: Path | None, vek_file: Path | None, cha
     expected_host_data = parse_hex(host_data, "--host-data", 32)
     if policy_file is not None:
         # ACI's Rego as ACI hashes it (also from its base64 or an ARM template's ccePolicy), JSON as it is
+        from sandbox.aci.ccepolicy import policy_file_bytes  # ARM and Rego reading, when asked for
         expected_host_data = hashlib.sha256(policy_file_bytes(policy_file)).digest()
     expected_report_data = parse_hex(report_data, "--report-data", 64, pad=True)
     loaded = read_report_file(report_file)

@@ -13,7 +13,6 @@ from typing import Any
 
 import click
 
-from sandbox.aci.ccepolicy import policy_file_bytes
 from sandbox.cli.common import OutputFormat, emit, format_option, info, render_table, resolve_format
 from sandbox.kbs.audit import AuditLog, Event
 from sandbox.kbs.reference import DEFAULT_MANIFEST, manifest_measurements
@@ -143,6 +142,8 @@ def _read_value(path: Path) -> bytes:
 
 def _policy_hashes(policy_files: tuple[Path, ...], hashes: tuple[str, ...]) -> list[str]:
     out = list(hashes)
+    from sandbox.aci.ccepolicy import policy_file_bytes  # ARM and Rego reading, when asked for
+
     for p in policy_files:
         # ACI's Rego as ACI hashes it (also from its base64 or an ARM template's ccePolicy), JSON as it is
         out.append(hashlib.sha256(policy_file_bytes(p)).hexdigest())

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from sandbox.aci.ccepolicy import template_ccepolicy_of_file
 from sandbox.cli.common import emit, format_option
 from sandbox.cli.template_options import template_options, volume_paths
 from sandbox.group import GroupSpec, ValidationError, load_group
@@ -73,6 +72,8 @@ def validate(group_file: Path, template_group: str | None, volumes: tuple[str, .
     summary = {"valid": True, "file": str(group_file), **group_summary(spec), "layerDisks": layers,
                "layersNotCounted": uncounted}
     # A template's ccePolicy is what `up` runs under: read it now, as the agent will (docs/aci.md).
+    from sandbox.aci.ccepolicy import template_ccepolicy_of_file  # ARM and Rego reading, when asked for
+
     rego = template_ccepolicy_of_file(group_file, template_group)
     if rego is not None:
         policy = parse_policy(rego, f"{group_file} (ccePolicy)")
