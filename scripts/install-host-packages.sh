@@ -23,6 +23,7 @@ BASE_PACKAGES=(
     busybox-static             # trivial-init baseline in the boot benchmark
     python3-venv python3-dev    # the project venv (Debian python needs these)
     curl zstd ca-certificates
+    socat                      # relays the guest's connections to a host service (up --dns-server)
     containerd                 # containerd + ctr: the vm tests of containerd-shim-parma-v2
 )
 # QEMU must come from bookworm-backports: SNP needs >= 9.1, and 7.2 crashes 6.12 guests under TCG.

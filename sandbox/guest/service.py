@@ -674,6 +674,8 @@ class AgentService:
         # of a group can be stopped in parallel (one port each) and other requests are not held up.
         with self._lock:
             c = self._container(r.container_id)
+            if c.deleted:
+                raise _err(ErrorCode.not_found, f"container {c.id} was shut down already")
             if c.stopping:
                 raise _err(ErrorCode.conflict, f"container {c.id} is already being shut down")
             self.gate.enforce(r, lambda _d: runtime.begin_stop(c))

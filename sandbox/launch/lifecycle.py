@@ -1,12 +1,14 @@
-"""What runs against an existing sandbox: list, inspect, logs, exec and down."""
+"""What runs against an existing sandbox: list, inspect, logs, exec and down, and the group's
+supervision after `up` (attached, on a thread; detached, in the supervisor process)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +18,17 @@ from sandbox.launch.agent_client import AgentClient, AgentDenied, AgentError, Ag
 from sandbox.launch.pipeline import (
     STATUS_STARTING,
     STATUS_STOPPING,
+    Launched,
     agent_sockets,
     load_running,
     sandbox_paths,
 )
+from sandbox.launch.supervisor import ContainerRun, Notify, Outcome, RunStatus, Supervisor, read_plan
 from sandbox.log import log
 from sandbox.shared import errors as E
 from sandbox.shared.messages import (
     ExecProcessRequest,
+    ExecProcessResult,
     ListContainersRequest,
     OutputStream,
     PingRequest,
@@ -36,11 +41,14 @@ from sandbox.shared.protocol import PORT_COUNT
 from sandbox.state import ProcessRef, SandboxRecord, StateStore, process_start_time
 from sandbox.vmm import backend as vmm
 
+SUPERVISOR = "supervisor"     # the record's key for a detached group's supervisor process
+SUPERVISOR_STOP_S = 10.0
+
 
 def display_status(record: SandboxRecord) -> str:
     """What `ps` shows: a sandbox whose launcher died before it was up is 'failed'."""
     launcher = record.processes.get("launcher")
-    vm_alive = any(ref.alive() for key, ref in record.processes.items() if key != "launcher")
+    vm_alive = any(ref.alive() for key, ref in record.processes.items() if key not in ("launcher", SUPERVISOR))
     if record.status == STATUS_STARTING and launcher is not None and not launcher.alive():
         return "failed" if vm_alive else "stale"
     if record.status not in ("stale", "corrupt") and not vm_alive and not (launcher and launcher.alive()):
@@ -48,18 +56,35 @@ def display_status(record: SandboxRecord) -> str:
     return record.status
 
 
+def runs_of(record: SandboxRecord) -> dict[str, ContainerRun]:
+    """Each container's lifecycle (status, restarts, last exit code) as the supervisor last recorded it."""
+    return {r["name"]: ContainerRun.from_json(r) for r in record.details.get("runs", [])}
+
+
+def save_runs(store: StateStore, name: str, runs: Mapping[str, ContainerRun]) -> None:
+    """Record the containers' lifecycle in the sandbox's state (the supervisor is its only writer)."""
+    record = store.load(name)
+    if record is None:
+        return
+    record.details["runs"] = [r.to_json() for r in runs.values()]
+    store.save(record)
+
+
 def list_sandboxes(store: StateStore | None = None) -> list[dict[str, Any]]:
     store = store or StateStore()
     out = []
     for rec in store.list():
         d = rec.details
+        runs = runs_of(rec)
         out.append({
             "name": rec.name,
             "status": display_status(rec),
             "tee": d.get("tee"),
             "accel": d.get("accel"),
             "backend": d.get("backend"),
-            "containers": [c["name"] for c in d.get("containers", [])],
+            "containers": [c["name"] for c in d.get("containers", []) if not c.get("init")],
+            "restarts": {n: r.restarts for n, r in runs.items() if r.restarts},
+            "exited": {n: r.exit_code for n, r in runs.items() if r.status == RunStatus.exited and not r.init},
             "ports": [f"{p['hostAddress']}:{p['hostPort']}->{p['port']}/{p['protocol'].lower()}"
                       for p in d.get("ports", [])],
             "policy_hash": d.get("policy_hash"),
@@ -89,6 +114,7 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
         "uvm": d.get("uvm"), "state_dir": str(state_dir), "startup": d.get("startup"),
         "launch": d.get("launch"), "selfcheck": d.get("selfcheck"),
         "containers": [{k: v for k, v in c.items() if k != "env"} for c in d.get("containers", [])],
+        "restart_policy": d.get("restart_policy"),
     }
     live: dict[str, Any] = {}
     if info["status"] == "running":
@@ -97,10 +123,17 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
                 live = {c.id: c for c in client.call(ListContainersRequest(), timeout=10).containers}
         except E.SandboxError as e:
             info["agent_error"] = str(e)
+    runs = runs_of(record)
     for c in info["containers"]:
-        if c["name"] in live:
+        run = runs.get(c["name"])
+        if run is not None:
+            # The supervisor's view: it knows about restarts and back-off, the agent only the incarnation.
+            c.update(status=run.status.value, restarts=run.restarts, exit_code=run.exit_code, error=run.error,
+                     restart_at=run.restart_at)
+        if c["name"] in live and (run is None or run.status == RunStatus.running):
             c["status"] = live[c["name"]].status
-            c["exit_code"] = live[c["name"]].exit_code
+            if live[c["name"]].exit_code is not None:
+                c["exit_code"] = live[c["name"]].exit_code
     return info
 
 
@@ -132,8 +165,10 @@ def _write(out: BinaryIO, prefix: bytes, data: bytes, pending: dict[int, bytes])
 
 def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
                 stop: Callable[[], bool] | None = None, prefixed: bool | None = None,
-                stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> None:
-    """Copy container output to our stdout/stderr until every stream ends (or, without follow, is drained)."""
+                stdout: BinaryIO | None = None, stderr: BinaryIO | None = None, eof_is_final: bool = True) -> None:
+    """Copy container output to our stdout/stderr until every stream ends (or, without follow, is drained).
+    Without `eof_is_final`, an ended stream is read again until `stop()`: a restarted container's output
+    goes on in the same log."""
     stdout = stdout or sys.stdout.buffer
     stderr = stderr or sys.stderr.buffer
     prefixed = len(streams) > 1 if prefixed is None else prefixed
@@ -142,7 +177,7 @@ def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
     while True:
         progressed = False
         for s in streams:
-            if s.eof:
+            if s.eof and eof_is_final:
                 continue
             wait = 0.5 if follow and len([x for x in streams if not x.eof]) == 1 else 0.0
             r = client.call(ReadOutputRequest(s.container, s.exec_id, s.offset, 256 * 1024, wait), timeout=wait + 30)
@@ -152,12 +187,14 @@ def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
                 progressed = progressed or bool(ch.data)
             s.offset = r.next_offset
             s.eof = r.eof
-        if all(s.eof for s in streams) or (not follow and not progressed):
+        if (eof_is_final and all(s.eof for s in streams)) or (not follow and not progressed):
             break
         if stop is not None and stop():
             break
-        if not progressed and follow and len([x for x in streams if not x.eof]) > 1:
-            time.sleep(0.2)
+        if not progressed and follow:
+            live = len([x for x in streams if not x.eof])
+            if live > 1 or (live == 0 and not eof_is_final):
+                time.sleep(0.2 if live else 0.5)
     for out in (stdout, stderr):
         rest = pending.get(id(out))
         if rest:
@@ -183,9 +220,8 @@ def logs(name: str, container: str | None, *, follow: bool, store: StateStore | 
 # exec
 
 
-def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore | None = None) -> int:
-    """Run argv in a running container (policy-checked); stream its output; return its exit code."""
-    store = store or StateStore()
+def exec_target(name: str, container: str, store: StateStore) -> tuple[SandboxRecord, dict[str, Any]]:
+    """The running sandbox and the container an exec goes to (ExecSetupError, exit 125, when either is not)."""
     try:
         record = load_running(name, store)
     except (E.InputError, E.StateError) as e:
@@ -193,23 +229,40 @@ def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore
     spec = next((c for c in record.details.get("containers", []) if c["name"] == container), None)
     if spec is None:
         raise E.ExecSetupError(f"sandbox {name!r} has no container {container!r}")
+    return record, spec
+
+
+def exec_client(record: SandboxRecord, store: StateStore) -> AgentClient:
     try:
-        client = connect(record, store, wait=10)
+        return connect(record, store, wait=10)
     except AgentUnreachable as e:
         raise E.ExecSetupError(str(e), hint=e.hint) from None
-    with client:
-        try:
-            r = client.call(ExecProcessRequest(container, tuple(argv), tuple(spec.get("env", [])),
-                                               spec.get("working_dir", "")))
-        except AgentDenied as e:
-            raise E.ExecDenied(e.message, hint=e.hint) from None
-        except AgentError as e:
-            reason = e.details.get("reason")
-            if reason == "not_found":
-                raise E.ExecNotFound(e.message) from None
-            if reason == "permission":
-                raise E.ExecCannotInvoke(e.message) from None
+
+
+def start_exec(client: AgentClient, request: ExecProcessRequest) -> ExecProcessResult:
+    """exec_process, its refusals as `exec`'s typed errors (docker's exit codes: docs/cli.md)."""
+    try:
+        return client.call(request)
+    except AgentDenied as e:
+        raise E.ExecDenied(e.message, hint=e.hint) from None
+    except AgentError as e:
+        reason = e.details.get("reason")
+        if reason == "not_found":
+            raise E.ExecNotFound(e.message) from None
+        if reason == "permission":
+            raise E.ExecCannotInvoke(e.message) from None
+        if e.code == "conflict":     # the container is not running (e.g. between two incarnations)
             raise E.ExecSetupError(e.message) from None
+        raise E.ExecSetupError(e.message) from None
+
+
+def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore | None = None) -> int:
+    """Run argv in a running container (policy-checked); stream its output; return its exit code."""
+    store = store or StateStore()
+    record, spec = exec_target(name, container, store)
+    with exec_client(record, store) as client:
+        r = start_exec(client, ExecProcessRequest(container, tuple(argv), tuple(spec.get("env", [])),
+                                                  spec.get("working_dir", "")))
         if r.stdio:
             pump_output(client, [Stream(container, r.exec_id)], follow=True, prefixed=False)
         while True:
@@ -266,8 +319,9 @@ def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -
     if record is None:
         raise E.InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
     state_dir = store.dir(name)
+    stop_supervisor(record)     # first: it would restart the containers being stopped
     vm: vmm.Vm | None = vmm.attach(record.details["vm"]) if "vm" in record.details else None
-    refs = [ref for key, ref in record.processes.items() if key != "launcher"]
+    refs = [ref for key, ref in record.processes.items() if key not in ("launcher", SUPERVISOR)]
     if (ref := _pidfile_ref(state_dir)) is not None and ref not in refs:
         refs.append(ref)
     graceful = False
@@ -300,34 +354,89 @@ def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -
     return {"name": name, "graceful": graceful}
 
 
+def stop_supervisor(record: SandboxRecord, timeout: float = SUPERVISOR_STOP_S) -> None:
+    """SIGTERM a detached group's supervisor process and wait for it (SIGKILL after `timeout`)."""
+    ref = record.processes.get(SUPERVISOR)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if ref is None or not ref.alive():
+            return
+        try:
+            os.kill(ref.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while ref.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 def down_all(store: StateStore | None = None) -> Iterator[dict[str, Any]]:
     store = store or StateStore()
     for name in store.names():
         yield down(name, store=store)
 
 
-def run_attached(name: str, main: str, containers: Sequence[str], *, store: StateStore | None = None) -> int:
-    """Stream the group's output until the main container exits, then take the sandbox down.
+def _announce(store: StateStore, name: str, echo: Callable[[str], None] | None) -> Notify:
+    """The supervisor's notify: record the runs, and tell the user what happened."""
+    def notify(runs: Mapping[str, ContainerRun], event: str | None) -> None:
+        save_runs(store, name, runs)
+        if event:
+            (echo or (lambda text: log.info("%s", text)))(event)
+    return notify
 
-    Returns the main container's exit code (128 + signal when it was killed). Ctrl-C also takes the
-    sandbox down, and re-raises.
+
+def run_attached(launched: Launched, *, store: StateStore | None = None,
+                 echo: Callable[[str], None] | None = None) -> int:
+    """Stream the group's output while a supervisor thread restarts its containers as the restartPolicy
+    says, until the group can no longer run; then take the sandbox down.
+
+    Returns the exit code of the first container that failed (128 + signal when one was killed), 0 when
+    none did. Ctrl-C also takes the sandbox down, and re-raises.
     """
     store = store or StateStore()
+    name = launched.name
     record = load_running(name, store)
-    code = 1
+    containers = [c["name"] for c in record.details.get("containers", []) if c.get("stdio", True)]
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+
+    def supervise() -> None:
+        try:
+            if launched.outcome is not None and launched.outcome.done:
+                result["outcome"] = launched.outcome
+                return
+            with connect(record, store) as client:
+                group = read_plan(store.dir(name))
+                result["outcome"] = Supervisor(client, group, launched.runs,
+                                               notify=_announce(store, name, echo)).run(stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            result["error"] = e
+
+    thread = threading.Thread(target=supervise, name="supervisor", daemon=True)
+    thread.start()
     try:
         with connect(record, store) as client:
-            def main_exited() -> bool:
-                return not client.call(WaitProcessRequest(main)).running
-
             streams = [Stream(c) for c in containers]
             if streams:
-                pump_output(client, streams, follow=True, stop=main_exited)
+                pump_output(client, streams, follow=True, stop=lambda: not thread.is_alive(), eof_is_final=False)
                 pump_output(client, streams, follow=False)
-            w = client.call(WaitProcessRequest(main, timeout=600), timeout=660)
-            while w.running:
-                w = client.call(WaitProcessRequest(main, timeout=600), timeout=660)
-            code = int(w.exit_code or 0)
+            thread.join()
     finally:
+        stop.set()
+        thread.join(60)
         down(name, store=store)
-    return code
+    if "error" in result:
+        raise result["error"]
+    outcome: Outcome = result.get("outcome") or Outcome(False)
+    return outcome.exit_code if outcome.exit_code is not None else 1
+
+
+def supervise_detached(name: str, *, store: StateStore | None = None) -> Outcome:
+    """The supervisor process of a detached sandbox: take over its group where `up` left it, until the
+    group is over (or SIGTERM from `down`)."""
+    store = store or StateStore()
+    record = load_running(name, store)
+    record.processes[SUPERVISOR] = ProcessRef.of(os.getpid())     # `down` stops it first
+    store.save(record)
+    with connect(record, store) as client:
+        supervisor = Supervisor(client, read_plan(store.dir(name)), runs_of(record), notify=_announce(store, name, None))
+        return supervisor.run()

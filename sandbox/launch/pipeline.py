@@ -17,7 +17,7 @@ from typing import Any
 
 from sandbox.fsutil import atomic_write
 from sandbox.group import GroupSpec, TeeMode
-from sandbox.group.spec import LayerFormat
+from sandbox.group.spec import LayerFormat, check_device_count
 from sandbox.hostcheck import Accel, CheckReport, Tee, check_host
 from sandbox.images.model import ResolvedImage
 from sandbox.kbs.client import broker_pins, guest_url
@@ -25,18 +25,29 @@ from sandbox.launch import measured, selfcheck
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
 from sandbox.launch.diagnostics import keep_diagnostics
 from sandbox.launch.plan import LaunchPlan, build_plan
+from sandbox.launch.scratch_disk import SCRATCH_DISK_SERIAL, create_scratch_disk, scratch_vm_disk
+from sandbox.launch.supervisor import ContainerRun, Outcome, SupervisedGroup, Supervisor, write_plan
 from sandbox.launch.volumes import package_files_volume
 from sandbox.log import log
 from sandbox.policy.gen import generate_policy
 from sandbox.progress import step
 from sandbox.shared.errors import CheckFailed, InputError, SandboxError, StateError
 from sandbox.shared.kbs_protocol import FW_CFG_KBS_URL
-from sandbox.shared.messages import SetPolicyRequest, StartContainerRequest
+from sandbox.shared.messages import DnsSettings, SetPolicyRequest, SetupScratchRequest
 from sandbox.shared.protocol import PORT_COUNT
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
 from sandbox.state import ProcessRef, SandboxRecord, StateStore
 from sandbox.vmm import backend as vmm
-from sandbox.vmm.config import ROOT_DISK_SERIAL, Backend, Disk, FwCfgFile, PortForward, VmConfig
+from sandbox.vmm.config import (
+    ROOT_DISK_SERIAL,
+    Backend,
+    Disk,
+    DiskBus,
+    FwCfgFile,
+    GuestForward,
+    PortForward,
+    VmConfig,
+)
 
 BOOT_TIMEOUT = float(os.environ.get("PARMA_SANDBOX_BOOT_TIMEOUT", "180"))
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
@@ -44,6 +55,9 @@ SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 STATUS_STARTING = "starting"
 STATUS_RUNNING = "running"
 STATUS_STOPPING = "stopping"
+# Where the guest reaches `up --dns-server`: an address in QEMU's user network that slirp relays to it
+# (DNS over TCP: slirp relays TCP connections only, so resolv.conf gets `options use-vc`).
+DNS_FORWARD_ADDRESS = "10.0.2.53"
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,8 @@ class UpOptions:
     # False: launch, set the policy and mount every layer and volume, but create no container. The
     # containerd shim (sandbox/shim) creates and starts them one by one, as containerd asks.
     create_containers: bool = True
+    # A DNS server on the host (address, port) that the containers' resolv.conf points at, through slirp.
+    dns_server: tuple[str, int] | None = None
 
 
 @dataclass
@@ -77,6 +93,8 @@ class Launched:
     vm: vmm.Vm
     plan: LaunchPlan
     timings: Timings
+    runs: dict[str, ContainerRun] = field(default_factory=dict)   # each container's lifecycle so far
+    outcome: Outcome | None = None        # done: the group was over before `up` handed it over
 
 
 def sandbox_paths(state_dir: Path) -> dict[str, Path]:
@@ -112,18 +130,24 @@ def choose_tee(requested: TeeMode, report: CheckReport) -> tuple[Tee, Accel, str
 
 
 def resolve_images(spec: GroupSpec) -> dict[str, ResolvedImage]:
+    """Every container's image (init containers too), resolved and converted, by container name. A group
+    whose distinct layers and files volumes need more disks than a UVM attaches is refused with the numbers
+    (registry images are counted here, once pulled; `validate` counts local ones offline)."""
     from sandbox.images.resolve import resolve_image  # heavy (requests); only `up` needs it
 
     by_ref: dict[str, ResolvedImage] = {}
     out = {}
-    with step("Resolve and convert images", total=len(spec.containers)) as task:
-        for c in spec.containers:
+    every = spec.init_containers + spec.containers
+    with step("Resolve and convert images", total=len(every)) as task:
+        for c in every:
             if c.image not in by_ref:
                 # layerFormat aci: layer hashes as ACI computes them (docs/aci.md)
                 compat = {"compat": spec.layer_format.value} if spec.layer_format != LayerFormat.default else {}
                 by_ref[c.image] = resolve_image(c.image, base_dir=spec.base_dir, **compat)
             out[c.name] = by_ref[c.image]
             task.advance()
+    check_device_count(spec, len({layer.root_hash for image in out.values() for layer in image.layers}),
+                       source=f"group {spec.name!r}")
     return out
 
 
@@ -157,11 +181,25 @@ def _check_socket_paths(state_dir: Path) -> None:
                          hint="set PARMA_SANDBOX_RUNTIME (or XDG_RUNTIME_DIR) to a shorter directory")
 
 
+def dns_override(plan: LaunchPlan, server: tuple[str, int]) -> LaunchPlan:
+    """The plan with the containers resolving names through `server` on the host (`up --dns-server`): the
+    group's search domains and options stay, the name server is slirp's relay to it, over TCP."""
+    dns = plan.network.dns if plan.network is not None else None
+    options = tuple(o for o in (dns.options if dns else ()) if o != "use-vc") + ("use-vc",)
+    return plan.with_dns(DnsSettings((DNS_FORWARD_ADDRESS,), dns.search if dns else (), options))
+
+
 def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee, accel: Accel,
-               state_dir: Path, identity: measured.LaunchIdentity, kbs_url: str | None = None) -> VmConfig:
+               state_dir: Path, identity: measured.LaunchIdentity, kbs_url: str | None = None,
+               dns_server: tuple[str, int] | None = None) -> VmConfig:
     paths = sandbox_paths(state_dir)
-    disks = [Disk(Path(uvm.rootfs), ROOT_DISK_SERIAL)] + [Disk(d.path, d.serial) for d in plan.disks]
+    # Layers and files volumes are SCSI LUNs (hundreds fit; the root disk stays the first virtio-blk disk, so
+    # the measured command line does not depend on them); the scratch is a writable virtio-blk disk.
+    disks = [Disk(Path(uvm.rootfs), ROOT_DISK_SERIAL)] + [Disk(d.path, d.serial, bus=DiskBus.scsi) for d in plan.disks]
+    if plan.scratch_gib:
+        disks.append(scratch_vm_disk(create_scratch_disk(state_dir, plan.scratch_gib)))
     forwards = tuple(PortForward(p.port, p.host_port, p.protocol.lower(), p.host_address) for p in spec.ports)
+    guest_forwards = (GuestForward(DNS_FORWARD_ADDRESS, 53, *dns_server),) if dns_server else ()
     fw_cfg: tuple[FwCfgFile, ...] = ()
     if tee != Tee.sev_snp:
         # Emulation: the emulated PSP signs reports with HOST_DATA = the policy hash and MEASUREMENT = the
@@ -176,14 +214,14 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
         name=name, tee=tee, accel=accel, vcpus=spec.resources.vcpus, memory_mib=spec.resources.memory_mib,
         kernel=Path(uvm.kernel), cmdline=str(uvm.cmdline), disks=tuple(disks),
         agent_sockets=agent_sockets(state_dir), console_log=paths["console"], qmp_socket=paths["qmp"],
-        forwards=forwards, fw_cfg=fw_cfg, snp=identity.snp, initrd=getattr(uvm, "initrd", None),
-        pidfile=paths["pidfile"],
+        forwards=forwards, guest_forwards=guest_forwards, fw_cfg=fw_cfg, snp=identity.snp,
+        initrd=getattr(uvm, "initrd", None), pidfile=paths["pidfile"],
     )
 
 
-def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: Timings, *,
-                 create_containers: bool = True) -> dict[str, Any]:
-    """set_policy, mounts, create and start every container, in group order. Returns per-step results."""
+def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: Timings) -> dict[str, Any]:
+    """set_policy, the layer and volume mounts, the encrypted scratch and the group's names. Returns
+    per-step results."""
     results: dict[str, Any] = {"containers": {}}
     with step("Set the execution policy"):
         results["policy"] = client.call(SetPolicyRequest(policy)).to_json()
@@ -202,17 +240,31 @@ def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: 
             task.advance()
         results["devices"] = devices
     timings.mark("mounted")
-    for c in plan.containers if create_containers else ():
-        with step(f"Start container {c.name}"):
-            t0 = time.monotonic()
-            client.call(c.scratch)
-            client.call(c.overlay)
-            created = client.call(c.create, timeout=120)
-            started = client.call(StartContainerRequest(c.name), timeout=120)
-            results["containers"][c.name] = {"create": created.to_json(), "start": started.to_json(),
-                                             "seconds": round(time.monotonic() - t0, 3)}
-        timings.mark(f"started:{c.name}")
+    if plan.scratch_gib:
+        with step(f"Set up the encrypted scratch ({plan.scratch_gib} GiB)"):
+            results["scratch"] = client.call(SetupScratchRequest(SCRATCH_DISK_SERIAL), timeout=300).to_json()
+        timings.mark("scratch")
+    if plan.network is not None:
+        client.call(plan.network)
     return results
+
+
+def _start_group(client: AgentClient, plan: LaunchPlan,
+                 timings: Timings) -> tuple[dict[str, ContainerRun], Outcome, dict[str, Any]]:
+    """The group's first run: the init containers in order, each to completion, then every container
+    started (sandbox/launch/supervisor.py). Returns early when the group is over already, or when an init
+    container failed and waits to be restarted (its back-off is the supervisor's to sit out)."""
+    def notify(runs: Any, event: str | None) -> None:
+        if event:
+            log.info("%s", event)
+        for name, r in runs.items():
+            if r.status != "waiting" and f"started:{name}" not in timings.marks:
+                timings.mark(f"started:{name}")
+
+    supervisor = Supervisor(client, SupervisedGroup.of(plan), notify=notify, clock=time.time)
+    with step(f"Start {len(plan.all_containers)} container(s)"):
+        outcome = supervisor.run(until_started=True)
+    return supervisor.runs, outcome, supervisor.start_results
 
 
 def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Launched:
@@ -220,6 +272,8 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
     store = store or StateStore()
     timings = Timings()
     name = opts.name or spec.name
+    runs: dict[str, ContainerRun] = {}
+    outcome: Outcome | None = None
     requested = opts.tee or spec.tee
     with step("Probe host"):
         report = check_host()
@@ -236,6 +290,8 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
     policy = policy_bytes(spec, images, {k: h for k, (h, _) in volumes.items()}, opts.policy_file, pins)
     policy_hash = hashlib.sha256(policy).digest()
     plan = build_plan(spec, images, volumes)
+    if opts.dns_server is not None:
+        plan = dns_override(plan, opts.dns_server)
     from sandbox.uvm.build import ensure_uvm  # heavy (sev-snp-measure); only `up` needs it
 
     with step("Prepare the UVM"):
@@ -267,10 +323,11 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                        "hostAddress": p.host_address} for p in spec.ports],
             "devices": [{"serial": d.serial, "path": str(d.path), "root_hash": d.root_hash, "target": d.target}
                         for d in plan.disks],
-            "containers": [{"name": c.name, "image": next(x.image for x in spec.containers if x.name == c.name),
+            "containers": [{"name": c.name, "image": spec.container(c.name).image, "init": c.init,
                             "argv": list(c.create.argv), "env": list(c.create.env),
                             "working_dir": c.create.working_dir, "stdio": c.stdio,
-                            "exec_processes": [list(e) for e in c.exec_processes]} for c in plan.containers],
+                            "exec_processes": [list(e) for e in c.exec_processes]} for c in plan.all_containers],
+            "restart_policy": plan.restart_policy.value,
             "uvm": {"kernel": str(uvm.kernel), "rootfs": str(uvm.rootfs), "cmdline": str(uvm.cmdline)},
             "kbs": {"url": opts.kbs_url, "guest_url": guest_url(opts.kbs_url), "pins": pins} if opts.kbs_url else None,
             "launch": identity.to_json(),
@@ -278,7 +335,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
         store.save(record)
         vm: vmm.Vm | None = None
         try:
-            cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, identity, opts.kbs_url)
+            cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, identity, opts.kbs_url, opts.dns_server)
             measured.check_config(identity, cfg)
             with step(f"Launch the UVM ({tee.value}, {accel.value}, {opts.backend.value})"):
                 vm = vmm.launch(cfg, opts.backend, log_file=paths["qemu_log"], attached=not opts.detach)
@@ -296,8 +353,13 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                     check = selfcheck.run(client, identity, record_to=state_dir / "selfcheck.json")
                 record.details["selfcheck"] = check.summary()
                 timings.mark("verified")
-                results = _setup_guest(client, policy, plan, timings, create_containers=opts.create_containers)
-            record.details["startup"] = {"timings": timings.marks, "containers": results["containers"]}
+                results = _setup_guest(client, policy, plan, timings)
+                if opts.create_containers:
+                    write_plan(state_dir, SupervisedGroup.of(plan))
+                    runs, outcome, results["containers"] = _start_group(client, plan, timings)
+                    record.details["runs"] = [r.to_json() for r in runs.values()]
+            record.details["startup"] = {"timings": timings.marks, "containers": results["containers"],
+                                         "scratch": results.get("scratch")}
             record.status = STATUS_RUNNING
             store.save(record)
             keep_diagnostics(state_dir, record)
@@ -310,7 +372,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                     log.warning("could not stop the VM: %s", e)
             store.remove(name)
             raise
-    return Launched(name, record, vm, plan, timings)
+    return Launched(name, record, vm, plan, timings, runs, outcome)
 
 
 def load_running(name: str, store: StateStore | None = None) -> SandboxRecord:

@@ -1,6 +1,7 @@
-"""The generated policy allows exactly what `up` asks for: the launcher's plan for examples/hello, turned
-into engine inputs the way the guest agent does (sandbox/guest/service.py: the same from_request and
-the same runtime mounts), goes through the engine."""
+"""The generated policy allows exactly what `up` asks for: the launcher's plan for examples/hello (with an
+init container added), turned into engine inputs the way the guest agent does (sandbox/guest/service.py:
+the same from_request, the same runtime mounts and /etc file binds), goes through the engine, and so do
+the supervisor's restarts."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
 from sandbox.launch.plan import build_plan
 from sandbox.policy.gen import generate_policy
 from sandbox.shared import protocol as P
-from sandbox.shared.messages import CreateContainerRequest
-from sandbox.shared.policy import PolicyEngine
+from sandbox.shared.messages import ContainerMount, CreateContainerRequest
+from sandbox.shared.policy import PolicyEngine, defaults
 from sandbox.shared.policy.inputs import CreateContainerInput, NamedId
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello" / "group.json"
@@ -30,8 +31,11 @@ PASSWD = {"": ("0", "root", "0", "root"), "65534:65534": ("65534", "nobody", "65
 @pytest.fixture
 def setup():
     spec = load_group(EXAMPLE)
+    init = replace(spec.containers[1], name="prepare", command=("/bin/true",), user=None)
+    spec = replace(spec, init_containers=(init,))
     layers = tuple(LayerInfo("sha256:" + "0" * 64, "tar", 1, h, Path(f"/cache/{h}.img")) for h in LAYERS)
-    images = {c.name: ResolvedImage(c.image, "sha256:" + "9" * 64, BUSYBOX, layers) for c in spec.containers}
+    images = {c.name: ResolvedImage(c.image, "sha256:" + "9" * 64, BUSYBOX, layers)
+              for c in spec.init_containers + spec.containers}
     plan = build_plan(spec, images, {"www": (WWW, Path("/cache/www.img"))})
     engine = PolicyEngine.from_bytes(generate_policy(spec, images, volume_hashes={"www": WWW}))
     return spec, plan, engine
@@ -41,8 +45,10 @@ def create_input(create: CreateContainerRequest) -> CreateContainerInput:
     """service.op_create_container's engine input for the launcher's create_container request."""
     uid, user, gid, group = PASSWD[create.user]
     assert create.capabilities is not None
-    return CreateContainerInput.from_request(create, mounts=BASE_MOUNTS + create.mounts, user=NamedId(uid, user),
-                                             groups=(NamedId(gid, group),), capabilities=create.capabilities)
+    etc = tuple(ContainerMount.from_json(dict(m)) for m in defaults.etc_file_mounts(create.container_id))
+    return CreateContainerInput.from_request(create, mounts=BASE_MOUNTS + create.mounts + etc,
+                                             user=NamedId(uid, user), groups=(NamedId(gid, group),),
+                                             capabilities=create.capabilities)
 
 
 def test_every_request_of_up_is_allowed(setup) -> None:
@@ -56,20 +62,44 @@ def test_every_request_of_up_is_allowed(setup) -> None:
         d = engine.enforce(inp)
         assert d.allowed, d.reason
 
-    for disk in plan.disks:
-        allow("mount_device", {"target": disk.target, "device_hash": disk.root_hash})
-    for c in plan.containers:
+    def start(c) -> None:
         cdir = P.container_dir(c.name)
-        allow("scratch_mount", {"target": cdir + "/scratch", "encrypted": False})
+        assert c.scratch.encrypted       # the default: on the group's encrypted scratch
+        allow("scratch_mount", {"target": cdir + "/scratch", "encrypted": True})
         allow("mount_overlay", {"container_id": c.name, "layer_paths": list(c.layer_targets),
                                 "target": cdir + "/rootfs"})
         allow_input(create_input(c.create))
+
+    def stop(c) -> None:
+        allow("shutdown_container", {"container_id": c.name})
+        allow("unmount_overlay", {"target": c.rootfs})
+        allow("scratch_unmount", {"target": P.container_dir(c.name) + "/scratch"})
+
+    for disk in plan.disks:
+        allow("mount_device", {"target": disk.target, "device_hash": disk.root_hash})
+    allow("scratch_mount", {"target": P.GROUP_SCRATCH_DIR, "encrypted": True})     # setup_scratch
+    assert [c.name for c in plan.all_containers] == ["prepare", "web", "probe"]
+    (init,) = plan.init_containers
+    start(init)
+    stop(init)                          # completed: the supervisor cleans it up
+    for c in plan.containers:
+        start(c)
         for argv in c.exec_processes:   # `parma-sandbox exec` sends the container's env and working dir
             allow("exec_in_container", {"container_id": c.name, "argv": list(argv), "env": list(c.create.env),
                                         "working_dir": c.create.working_dir})
     allow("signal_container_process", {"container_id": "web", "signal": "SIGTERM", "is_init": True})
+    probe = plan.containers[1]
+    for _restart in range(2):           # the supervisor restarts it: every step checked again
+        stop(probe)
+        start(probe)
     for c in plan.containers:
         allow("shutdown_container", {"container_id": c.name})
+
+
+def test_the_group_scratch_must_be_encrypted(setup) -> None:
+    _spec, plan, engine = setup
+    d = engine.enforce_json("scratch_mount", {"target": P.container_dir("web") + "/scratch", "encrypted": False})
+    assert not d.allowed and "allow_unencrypted_scratch is false" in d.reason
 
 
 def test_tampered_requests_of_up_are_denied(setup) -> None:
