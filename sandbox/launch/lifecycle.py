@@ -43,6 +43,7 @@ from sandbox.vmm import backend as vmm
 
 SUPERVISOR = "supervisor"     # the record's key for a detached group's supervisor process
 SUPERVISOR_STOP_S = 10.0
+EOF_RECHECK_S = 2.0           # an ended stream of an attached `up` is read again this often (restarts)
 
 
 def display_status(record: SandboxRecord) -> str:
@@ -167,19 +168,21 @@ def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
                 stop: Callable[[], bool] | None = None, prefixed: bool | None = None,
                 stdout: BinaryIO | None = None, stderr: BinaryIO | None = None, eof_is_final: bool = True) -> None:
     """Copy container output to our stdout/stderr until every stream ends (or, without follow, is drained).
-    Without `eof_is_final`, an ended stream is read again until `stop()`: a restarted container's output
-    goes on in the same log."""
+    Without `eof_is_final`, an ended stream is looked at again now and then until `stop()`: a restarted
+    container's output goes on in the same log."""
     stdout = stdout or sys.stdout.buffer
     stderr = stderr or sys.stderr.buffer
     prefixed = len(streams) > 1 if prefixed is None else prefixed
     width = max((len(s.container) for s in streams), default=0)
     pending: dict[int, bytes] = {}
+    recheck: dict[int, float] = {}      # stream -> when to look at it again after its end
     while True:
         progressed = False
+        live = [s for s in streams if not s.eof]
         for s in streams:
-            if s.eof and eof_is_final:
+            if s.eof and (eof_is_final or recheck.get(id(s), 0.0) > time.monotonic()):
                 continue
-            wait = 0.5 if follow and len([x for x in streams if not x.eof]) == 1 else 0.0
+            wait = 0.5 if follow and len(live) == 1 and not s.eof else 0.0
             r = client.call(ReadOutputRequest(s.container, s.exec_id, s.offset, 256 * 1024, wait), timeout=wait + 30)
             prefix = f"{s.container.ljust(width)} | ".encode() if prefixed else b""
             for ch in r.chunks:
@@ -187,14 +190,14 @@ def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
                 progressed = progressed or bool(ch.data)
             s.offset = r.next_offset
             s.eof = r.eof
+            if s.eof:
+                recheck[id(s)] = time.monotonic() + EOF_RECHECK_S
         if (eof_is_final and all(s.eof for s in streams)) or (not follow and not progressed):
             break
         if stop is not None and stop():
             break
-        if not progressed and follow:
-            live = len([x for x in streams if not x.eof])
-            if live > 1 or (live == 0 and not eof_is_final):
-                time.sleep(0.2 if live else 0.5)
+        if not progressed and follow and len(live) != 1:     # one live stream was long-polled instead
+            time.sleep(0.2 if live else 0.5)
     for out in (stdout, stderr):
         rest = pending.get(id(out))
         if rest:
