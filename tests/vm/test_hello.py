@@ -136,6 +136,18 @@ def test_exec_of_an_unlisted_shell_is_denied_with_the_reason(cli: Cli, hello: di
     assert cli("exec", NAME, "nope", "--", "/bin/true").returncode == 125
 
 
+def test_an_interactive_shell_is_denied_with_the_reason_under_a_normal_policy(cli: Cli, hello: dict) -> None:
+    import pexpect
+
+    sh = pexpect.spawn(sys.executable, ["-m", "sandbox", "exec", "-it", NAME, "web", "--", "/bin/sh"], env=cli.env,
+                       cwd=str(cli.cwd), dimensions=(24, 80), timeout=120)
+    sh.expect(pexpect.EOF)
+    sh.close()
+    text = sh.before.decode()
+    assert sh.exitstatus == 126, text
+    assert "denied by policy" in text and "argv ['/bin/sh'] is not an exec_process" in text, text
+
+
 def test_down_leaves_no_qemu_and_no_state(cli: Cli, hello: dict) -> None:
     info = json.loads(cli("inspect", NAME, "--format", "json").stdout)
     pid = info["vm"]["pid"]
