@@ -90,3 +90,21 @@ def test_choose_tee() -> None:
         choose_tee(TeeMode.sev_snp, report(Tee.emulated, Accel.tcg))
 
 
+
+
+def test_resolved_images_beyond_256_disks_are_refused_with_the_numbers(tmp_path: Path, monkeypatch) -> None:
+    """Registry images are counted once pulled: up and policy gen both resolve through resolve_images."""
+    from sandbox.group.jsonio import ValidationError
+    from sandbox.images import resolve
+    from sandbox.launch.pipeline import resolve_images
+
+    pulled = {"big:1": image(*range(1, 201)), "big:2": image(*range(150, 260))}
+    monkeypatch.setattr(resolve, "resolve_image", lambda ref, **kw: pulled[ref])
+    raw = {"name": "big", "containers": [{"name": "a", "image": "big:1"}],
+           "initContainers": [{"name": "b", "image": "big:2"}]}
+    with pytest.raises(ValidationError) as e:
+        resolve_images(validate_group(raw, base_dir=tmp_path))
+    assert e.value.problems == ["the group needs 259 layer and volume disks (259 distinct image layers, 0 files "
+                                "volumes); at most 256 can be attached"]
+    pulled["big:2"] = image(*range(150, 257))
+    assert len(resolve_images(validate_group(raw, base_dir=tmp_path))) == 2      # 256 fit
