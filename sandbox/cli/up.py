@@ -84,7 +84,8 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     d = launched.record.details
     summary = {"name": launched.name, "status": launched.record.status, "tee": d["tee"], "accel": d["accel"],
                "backend": d["backend"], "policy_hash": d["policy_hash"],
-               "containers": [c["name"] for c in d["containers"]],
+               "containers": [c["name"] for c in d["containers"] if not c.get("init")],
+               "init_containers": [c["name"] for c in d["containers"] if c.get("init")],
                "ports": [f"{p['hostAddress']}:{p['hostPort']}->{p['port']}" for p in d["ports"]],
                "timings": launched.timings.marks}
     outcome = launched.outcome
