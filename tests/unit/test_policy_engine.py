@@ -197,8 +197,10 @@ CASES = [
                                                         "env": ENV, "working_dir": "/srv"}), True,
          setup=[*CREATED, ("shutdown_container", {"container_id": "c1"}), ("unmount_overlay", {"target": "/run/c/c1"}),
                 overlay(), create()]),
-    Case("shutdown-twice", ("shutdown_container", {"container_id": "c1"}), False, "has been shut down",
+    Case("shutdown-twice", ("shutdown_container", {"container_id": "c1"}), True,
          setup=[*CREATED, ("shutdown_container", {"container_id": "c1"})]),
+    Case("signal-after-shutdown", ("signal_container_process", {"container_id": "c1", "signal": 15, "is_init": True}),
+         False, "has been shut down", setup=[*CREATED, ("shutdown_container", {"container_id": "c1"})]),
     # -- create_container: the container's own /etc files (default mounts, as hcsshim adds them) -------------
     Case("create-with-etc-files", create(mounts=ETC_MOUNTS), True, setup=MOUNTED),
     Case("create-etc-files-of-another-container", create(mounts=[{**ETC_MOUNTS[1], "source": ETC_MOUNTS[1]["source"]

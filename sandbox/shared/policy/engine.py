@@ -698,8 +698,10 @@ class PolicyEngine:
 
     def _shutdown_container(self, a: ShutdownContainerRequest) -> tuple[Results, list[Change]]:
         cid = a.container_id
+        if cid in self._state.stopped:
+            return NO_RESULTS, []       # again: nothing left to forget (the framework allows it too)
         if cid not in self._state.started:
-            raise _Deny(f"shutdown_container denied for container {cid!r}: {_not_running(self._state, cid)}")
+            raise _Deny(f"shutdown_container denied for container {cid!r}: it has not been created")
         # Unlike the framework (where `started` stays, so an id is never created twice), a shut-down id may be
         # created again: the host restarts a container under its own id (restartPolicy), and the new create
         # needs a fresh mount_overlay, which makes every policy container with that layer stack a candidate
