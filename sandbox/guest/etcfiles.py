@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandbox.shared import names
+from sandbox.shared.errors import GuestOperationFailed
 from sandbox.shared.names import SLIRP_NAMESERVER
 from sandbox.shared.policy.defaults import ETC_FILES
 
 
-class EtcFilesError(ValueError):
+class EtcFilesError(GuestOperationFailed):
     pass
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.guest import devmapper, mkext4, sysapi
+from sandbox.shared.errors import GuestOperationFailed
 from sandbox.shared.protocol import GROUP_SCRATCH_DIR
 
 SCRATCH_DIR = Path(GROUP_SCRATCH_DIR)
@@ -43,7 +44,7 @@ BLKGETSIZE64 = 0x80081272     # _IOR(0x12, 114, size_t), include/uapi/linux/fs.h
 HEX = b"0123456789abcdef"
 
 
-class ScratchError(Exception):
+class ScratchError(GuestOperationFailed):
     pass
 
 

@@ -157,7 +157,7 @@ def exec_interactive(name: str, container: str, argv: tuple[str, ...], *, tty: b
     stdout = stdout or sys.stdout.buffer
     stderr = stderr or sys.stderr.buffer
     if tty and not os.isatty(stdin_fd):
-        raise E.InputError("the input device is not a TTY (exec -t needs a terminal)",
+        raise E.ExecSetupError("the input device is not a TTY (exec -t needs a terminal)",
                            hint="run it from a terminal, or pipe the input with -i alone")
     record, spec = exec_target(name, container, store)
     rows, cols = terminal_size(stdin_fd) if tty else (0, 0)

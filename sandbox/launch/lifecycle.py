@@ -1,5 +1,5 @@
-"""What runs against an existing sandbox: list, inspect, logs, exec and down, and the group's
-supervision after `up` (attached, on a thread; detached, in the supervisor process)."""
+"""What runs against an existing sandbox: inspect, logs, exec and down, and the group's supervision after
+`up` (attached, on a thread; detached, in the supervisor process)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from sandbox.launch.agent_client import AgentClient, AgentDenied, AgentError, AgentUnreachable
-from sandbox.launch.pipeline import (
-    STATUS_STARTING,
-    STATUS_STOPPING,
-    Launched,
-    agent_sockets,
-    load_running,
-    sandbox_paths,
-)
-from sandbox.launch.supervisor import ContainerRun, Notify, Outcome, RunStatus, Supervisor, read_plan
+from sandbox.launch.pipeline import Launched, agent_sockets, load_running, sandbox_paths
+from sandbox.launch.supervisor import GroupOutcome, Notify, Supervisor, read_plan
 from sandbox.log import log
 from sandbox.shared import errors as E
 from sandbox.shared.messages import (
@@ -38,61 +31,22 @@ from sandbox.shared.messages import (
     WaitProcessRequest,
 )
 from sandbox.shared.protocol import PORT_COUNT
-from sandbox.state import ProcessRef, SandboxRecord, StateStore, process_start_time
+from sandbox.state import (
+    LAUNCHER,
+    SUPERVISOR,
+    ContainerRecord,
+    ContainerRun,
+    ProcessRef,
+    RunStatus,
+    SandboxRecord,
+    SandboxStatus,
+    StateStore,
+    process_start_time,
+)
 from sandbox.vmm import backend as vmm
 
-SUPERVISOR = "supervisor"     # the record's key for a detached group's supervisor process
 SUPERVISOR_STOP_S = 10.0
 EOF_RECHECK_S = 2.0           # an ended stream of an attached `up` is read again this often (restarts)
-
-
-def display_status(record: SandboxRecord) -> str:
-    """What `ps` shows: a sandbox whose launcher died before it was up is 'failed'."""
-    launcher = record.processes.get("launcher")
-    vm_alive = any(ref.alive() for key, ref in record.processes.items() if key not in ("launcher", SUPERVISOR))
-    if record.status == STATUS_STARTING and launcher is not None and not launcher.alive():
-        return "failed" if vm_alive else "stale"
-    if record.status not in ("stale", "corrupt") and not vm_alive and not (launcher and launcher.alive()):
-        return "stale"
-    return record.status
-
-
-def runs_of(record: SandboxRecord) -> dict[str, ContainerRun]:
-    """Each container's lifecycle (status, restarts, last exit code) as the supervisor last recorded it."""
-    return {r["name"]: ContainerRun.from_json(r) for r in record.details.get("runs", [])}
-
-
-def save_runs(store: StateStore, name: str, runs: Mapping[str, ContainerRun]) -> None:
-    """Record the containers' lifecycle in the sandbox's state (the supervisor is its only writer)."""
-    record = store.load(name)
-    if record is None:
-        return
-    record.details["runs"] = [r.to_json() for r in runs.values()]
-    store.save(record)
-
-
-def list_sandboxes(store: StateStore | None = None) -> list[dict[str, Any]]:
-    store = store or StateStore()
-    out = []
-    for rec in store.list():
-        d = rec.details
-        runs = runs_of(rec)
-        out.append({
-            "name": rec.name,
-            "status": display_status(rec),
-            "tee": d.get("tee"),
-            "accel": d.get("accel"),
-            "backend": d.get("backend"),
-            "containers": [c["name"] for c in d.get("containers", []) if not c.get("init")],
-            "restarts": {n: r.restarts for n, r in runs.items() if r.restarts},
-            "exited": {n: r.exit_code for n, r in runs.items() if r.status == RunStatus.exited and not r.init},
-            "ports": [f"{p['hostAddress']}:{p['hostPort']}->{p['port']}/{p['protocol'].lower()}"
-                      for p in d.get("ports", [])],
-            "policy_hash": d.get("policy_hash"),
-            "created": rec.created,
-            "pid": rec.processes["qemu"].pid if "qemu" in rec.processes else None,
-        })
-    return out
 
 
 def connect(record: SandboxRecord, store: StateStore | None = None, *, wait: float = 30.0) -> AgentClient:
@@ -102,20 +56,17 @@ def connect(record: SandboxRecord, store: StateStore | None = None, *, wait: flo
 
 def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
     store = store or StateStore()
-    record = store.load(name)
-    if record is None:
-        raise E.InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
-    d = dict(record.details)
-    state_dir = store.dir(name)
+    record = store.require(name)
     info: dict[str, Any] = {
-        "name": name, "status": display_status(record), "created": record.created,
-        "tee": d.get("tee"), "accel": d.get("accel"), "backend": d.get("backend"),
-        "policy_hash": d.get("policy_hash"), "expected_measurement": d.get("measurement"),
-        "devices": d.get("devices", []), "ports": d.get("ports", []), "vm": d.get("vm"),
-        "uvm": d.get("uvm"), "state_dir": str(state_dir), "startup": d.get("startup"),
-        "launch": d.get("launch"), "selfcheck": d.get("selfcheck"),
-        "containers": [{k: v for k, v in c.items() if k != "env"} for c in d.get("containers", [])],
-        "restart_policy": d.get("restart_policy"),
+        "name": name, "status": record.observed().value, "created": record.created,
+        "tee": record.tee, "accel": record.accel, "backend": record.backend,
+        "policy_hash": record.policy_hash, "expected_measurement": record.measurement,
+        "devices": [d.to_json() for d in record.devices], "ports": [p.to_json() for p in record.ports],
+        "vm": record.vm, "uvm": record.uvm.to_json() if record.uvm else None, "state_dir": str(store.dir(name)),
+        "startup": record.startup, "launch": record.launch, "selfcheck": record.selfcheck,
+        # the env may hold secure values: inspect never shows it
+        "containers": [{k: v for k, v in c.to_json().items() if k != "env"} for c in record.containers],
+        "restart_policy": record.restart_policy,
     }
     live: dict[str, Any] = {}
     if info["status"] == "running":
@@ -124,9 +75,8 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
                 live = {c.id: c for c in client.call(ListContainersRequest(), timeout=10).containers}
         except E.SandboxError as e:
             info["agent_error"] = str(e)
-    runs = runs_of(record)
     for c in info["containers"]:
-        run = runs.get(c["name"])
+        run = record.run(c["name"])
         if run is not None:
             # The supervisor's view: it knows about restarts and back-off, the agent only the incarnation.
             c.update(status=run.status.value, restarts=run.restarts, exit_code=run.exit_code, error=run.error,
@@ -138,12 +88,19 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
     return info
 
 
+def save_runs(store: StateStore, name: str, runs: Mapping[str, ContainerRun]) -> None:
+    """Record the containers' lifecycle in the sandbox's state (the supervisor is its only writer)."""
+    record = store.load(name)
+    if record is not None:
+        store.save(replace(record, runs=tuple(runs.values())))
+
+
 # ---------------------------------------------------------------------------------------------
 # logs
 
 
 @dataclass
-class Stream:
+class OutputCursor:
     container: str
     exec_id: str | None = None
     offset: int = 0
@@ -164,7 +121,7 @@ def _write(out: BinaryIO, prefix: bytes, data: bytes, pending: dict[int, bytes])
     out.flush()
 
 
-def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
+def pump_output(client: AgentClient, streams: Sequence[OutputCursor], *, follow: bool,
                 stop: Callable[[], bool] | None = None, prefixed: bool | None = None,
                 stdout: BinaryIO | None = None, stderr: BinaryIO | None = None, eof_is_final: bool = True) -> None:
     """Copy container output to our stdout/stderr until every stream ends (or, without follow, is drained).
@@ -206,30 +163,43 @@ def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
 
 
 def logs(name: str, container: str | None, *, follow: bool, store: StateStore | None = None) -> None:
+    """Print the containers' output; with `follow`, until they exit or the sandbox is taken down."""
     store = store or StateStore()
     record = load_running(name, store)
-    names = [c["name"] for c in record.details.get("containers", [])]
+    names = [c.name for c in record.containers]
     if container is not None and container not in names:
-        raise E.InputError(f"sandbox {name!r} has no container {container!r}",
+        raise E.NotFoundError(f"sandbox {name!r} has no container {container!r}",
                            hint=f"its containers: {', '.join(names)}")
-    chosen = [container] if container else [c["name"] for c in record.details["containers"] if c.get("stdio", True)]
+    chosen = [container] if container else [c.name for c in record.containers if c.stdio]
     if not chosen:
         raise E.PolicyDenied(f"no container of {name!r} allows stdio access")
     with connect(record, store) as client:
-        pump_output(client, [Stream(c) for c in chosen], follow=follow, prefixed=container is None and len(names) > 1)
+        try:
+            pump_output(client, [OutputCursor(c) for c in chosen], follow=follow,
+                        prefixed=container is None and len(names) > 1)
+        except E.GuestError:
+            if follow and taken_down(name, store):
+                return  # `down` stopped the containers and the VM: the end of the logs, not an error
+            raise
+
+
+def taken_down(name: str, store: StateStore) -> bool:
+    """The sandbox is gone or going the normal way: `down` removed its state or is stopping it."""
+    record = store.load(name)
+    return record is None or record.status == SandboxStatus.stopping
 
 
 # ---------------------------------------------------------------------------------------------
 # exec
 
 
-def exec_target(name: str, container: str, store: StateStore) -> tuple[SandboxRecord, dict[str, Any]]:
+def exec_target(name: str, container: str, store: StateStore) -> tuple[SandboxRecord, ContainerRecord]:
     """The running sandbox and the container an exec goes to (ExecSetupError, exit 125, when either is not)."""
     try:
         record = load_running(name, store)
     except (E.InputError, E.StateError) as e:
         raise E.ExecSetupError(e.message, hint=e.hint) from None
-    spec = next((c for c in record.details.get("containers", []) if c["name"] == container), None)
+    spec = record.container(container)
     if spec is None:
         raise E.ExecSetupError(f"sandbox {name!r} has no container {container!r}")
     return record, spec
@@ -243,7 +213,7 @@ def exec_client(record: SandboxRecord, store: StateStore) -> AgentClient:
 
 
 def start_exec(client: AgentClient, request: ExecProcessRequest) -> ExecProcessResult:
-    """exec_process, its refusals as `exec`'s typed errors (docker's exit codes: docs/cli.md)."""
+    """exec_process, its refusals as `exec`'s typed errors (docs/cli.md, "Exit codes")."""
     try:
         return client.call(request)
     except AgentDenied as e:
@@ -254,9 +224,7 @@ def start_exec(client: AgentClient, request: ExecProcessRequest) -> ExecProcessR
             raise E.ExecNotFound(e.message) from None
         if reason == "permission":
             raise E.ExecCannotInvoke(e.message) from None
-        if e.code == "conflict":     # the container is not running (e.g. between two incarnations)
-            raise E.ExecSetupError(e.message) from None
-        raise E.ExecSetupError(e.message) from None
+        raise E.ExecSetupError(e.message) from None   # e.g. the container is between two incarnations
 
 
 def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore | None = None) -> int:
@@ -264,10 +232,9 @@ def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore
     store = store or StateStore()
     record, spec = exec_target(name, container, store)
     with exec_client(record, store) as client:
-        r = start_exec(client, ExecProcessRequest(container, tuple(argv), tuple(spec.get("env", [])),
-                                                  spec.get("working_dir", "")))
+        r = start_exec(client, ExecProcessRequest(container, tuple(argv), spec.env, spec.working_dir))
         if r.stdio:
-            pump_output(client, [Stream(container, r.exec_id)], follow=True, prefixed=False)
+            pump_output(client, [OutputCursor(container, r.exec_id)], follow=True, prefixed=False)
         while True:
             w = client.call(WaitProcessRequest(container, r.exec_id, 30), timeout=60)
             if not w.running:
@@ -305,7 +272,7 @@ def _graceful(record: SandboxRecord, store: StateStore, timeout: float) -> bool:
     try:
         with connect(record, store, wait=2) as client:
             client.call(PingRequest(), timeout=10)
-            names = [c["name"] for c in record.details.get("containers", [])]
+            names = [c.name for c in record.containers]
             with ThreadPoolExecutor(max_workers=max(1, min(len(names), PORT_COUNT - 1))) as pool:
                 list(pool.map(lambda n: _shutdown_one(record, store, n, timeout), names))
             client.call(PoweroffRequest(), timeout=10)
@@ -318,18 +285,16 @@ def _graceful(record: SandboxRecord, store: StateStore, timeout: float) -> bool:
 def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -> dict[str, Any]:
     """Stop the sandbox: containers, then the VM (gracefully, then forced). Its state is removed."""
     store = store or StateStore()
-    record = store.load(name)
-    if record is None:
-        raise E.InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
+    record = store.require(name)
     state_dir = store.dir(name)
     stop_supervisor(record)     # first: it would restart the containers being stopped
-    vm: vmm.Vm | None = vmm.attach(record.details["vm"]) if "vm" in record.details else None
-    refs = [ref for key, ref in record.processes.items() if key not in ("launcher", SUPERVISOR)]
+    vm: vmm.Vm | None = vmm.attach(record.vm) if record.vm is not None else None
+    refs = [ref for key, ref in record.processes.items() if key not in (LAUNCHER, SUPERVISOR)]
     if (ref := _pidfile_ref(state_dir)) is not None and ref not in refs:
         refs.append(ref)
     graceful = False
-    if vm is not None and vm.alive() and record.status != STATUS_STARTING:
-        record.status = STATUS_STOPPING
+    if vm is not None and vm.alive() and record.status != SandboxStatus.starting:
+        record = replace(record, status=SandboxStatus.stopping)
         store.save(record)
         graceful = _graceful(record, store, timeout) and vm.wait(timeout)
     if vm is not None:
@@ -341,10 +306,13 @@ def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -
                     os.kill(ref.pid, sig)
                 except ProcessLookupError:
                     pass
+                except PermissionError:   # another user's process (libvirt's QEMU): reported below
+                    log.warning("not permitted to signal process %d of sandbox %s", ref.pid, name)
+                    break
                 deadline = time.monotonic() + 5
                 while ref.alive() and time.monotonic() < deadline:
                     time.sleep(0.05)
-    launcher = record.processes.get("launcher")
+    launcher = record.processes.get(LAUNCHER)
     if launcher is not None and launcher.alive() and launcher.pid != os.getpid():
         # An `up` still starting: its VM is gone now, so it fails and removes the state itself.
         deadline = time.monotonic() + 10
@@ -398,7 +366,7 @@ def run_attached(launched: Launched, *, store: StateStore | None = None,
     store = store or StateStore()
     name = launched.name
     record = load_running(name, store)
-    containers = [c["name"] for c in record.details.get("containers", []) if c.get("stdio", True)]
+    containers = [c.name for c in record.containers if c.stdio]
     stop = threading.Event()
     result: dict[str, Any] = {}
 
@@ -418,7 +386,7 @@ def run_attached(launched: Launched, *, store: StateStore | None = None,
     thread.start()
     try:
         with connect(record, store) as client:
-            streams = [Stream(c) for c in containers]
+            streams = [OutputCursor(c) for c in containers]
             if streams:
                 pump_output(client, streams, follow=True, stop=lambda: not thread.is_alive(), eof_is_final=False)
                 pump_output(client, streams, follow=False)
@@ -429,17 +397,17 @@ def run_attached(launched: Launched, *, store: StateStore | None = None,
         down(name, store=store)
     if "error" in result:
         raise result["error"]
-    outcome: Outcome = result.get("outcome") or Outcome(False)
+    outcome: GroupOutcome = result.get("outcome") or GroupOutcome(False)
     return outcome.exit_code if outcome.exit_code is not None else 1
 
 
-def supervise_detached(name: str, *, store: StateStore | None = None) -> Outcome:
+def supervise_detached(name: str, *, store: StateStore | None = None) -> GroupOutcome:
     """The supervisor process of a detached sandbox: take over its group where `up` left it, until the
     group is over (or SIGTERM from `down`)."""
     store = store or StateStore()
     record = load_running(name, store)
-    record.processes[SUPERVISOR] = ProcessRef.of(os.getpid())     # `down` stops it first
-    store.save(record)
+    store.save(record.with_process(SUPERVISOR, ProcessRef.of(os.getpid())))     # `down` stops it first
     with connect(record, store) as client:
-        supervisor = Supervisor(client, read_plan(store.dir(name)), runs_of(record), notify=_announce(store, name, None))
+        runs = {r.name: r for r in record.runs}
+        supervisor = Supervisor(client, read_plan(store.dir(name)), runs, notify=_announce(store, name, None))
         return supervisor.run()

@@ -13,14 +13,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.spec import Container, GroupSpec, RestartPolicy, VolumeKind
+from sandbox.group.spec import ContainerSpec, GroupSpec, RestartPolicy, VolumeKind
 from sandbox.images.model import ResolvedImage
-from sandbox.policy.gen import container_capabilities, container_process
+from sandbox.policy.gen import container_capabilities, container_mounts, container_process
 from sandbox.shared import protocol as P
 from sandbox.shared.codec import Message
-from sandbox.shared.kbs_protocol import attestation_api_mount
 from sandbox.shared.messages import (
-    ContainerMount,
     CreateContainerRequest,
     CreateVolumeRequest,
     DnsSettings,
@@ -106,16 +104,6 @@ class LaunchPlan:
         return replace(self, network=replace(network, dns=dns))
 
 
-def container_mounts(c: Container, spec: GroupSpec) -> tuple[ContainerMount, ...]:
-    kinds = {v.name: v.kind for v in spec.volumes}
-    out = [defaults.volume_bind_mount(m.volume, m.mount_path,
-                                      m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret))
-           for m in c.mounts]
-    if c.attestation_api:
-        out.append(attestation_api_mount())  # the same entry policy generation pins (docs/kbs.md)
-    return tuple(ContainerMount.from_json(m) for m in out)
-
-
 def group_network(spec: GroupSpec) -> SetGroupNetworkRequest:
     """The group's hostname (its name), the names /etc/hosts gives the group, and its dnsConfig."""
     dns = spec.dns_config
@@ -148,13 +136,13 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
         else:
             memory_volumes.append(CreateVolumeRequest(v.name, MemoryVolumeKind.empty_dir))
 
-    def container_plan(c: Container, init: bool) -> ContainerPlan:
+    def container_plan(c: ContainerSpec, init: bool) -> ContainerPlan:
         image = images[c.name]
         targets = tuple(layers[layer.root_hash].target for layer in reversed(image.layers))
         process = container_process(c, image.config)
         create = CreateContainerRequest(
             container_id=c.name, argv=process.argv, env=process.env, working_dir=process.working_dir,
-            user=process.user, mounts=container_mounts(c, spec), capabilities=container_capabilities(c),
+            user=process.user, mounts=container_mounts(spec, c), capabilities=container_capabilities(c),
             privileged=c.privileged, no_new_privileges=False, umask=defaults.DEFAULT_UMASK,
             seccomp_profile_sha256="")
         return ContainerPlan(c.name, targets, create, c.stdio, tuple(e.command for e in c.exec_processes),

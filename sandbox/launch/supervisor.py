@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from sandbox.shared.messages import (
     WatchContainersRequest,
 )
 from sandbox.shared.protocol import ErrorCode
+from sandbox.state import ContainerRun, RunStatus
 
 BACKOFF_FIRST_S = 10.0
 BACKOFF_MAX_S = 300.0
@@ -47,39 +47,6 @@ BACKOFF_RESET_S = 600.0      # a container that ran this long restarts after BAC
 WATCH_S = 5.0                # the longest wait for a change (an attached `up` notices Ctrl-C this fast)
 STOP_TIMEOUT_S = 10.0
 PLAN_FILE = "plan.json"
-
-
-class RunStatus(StrEnum):
-    waiting = "waiting"          # not started yet (init containers ahead of it have not completed)
-    running = "running"
-    restarting = "restarting"    # exited; starts again at `restart_at`
-    exited = "exited"            # exited, and will not be started again
-    failed = "failed"            # could not be (re)started: `error` says why
-
-
-@dataclass(frozen=True)
-class ContainerRun(Message):
-    """One container's lifecycle as `ps` and `inspect` show it."""
-
-    name: str
-    init: bool = False
-    status: RunStatus = RunStatus.waiting
-    restarts: int = 0
-    exit_code: int | None = None         # of its last exit (128 + N when signal N killed it)
-    started_at: float | None = None      # wall-clock time of its current (or last) start
-    finished_at: float | None = None     # of its last exit
-    restart_at: float | None = None      # when it starts again (restarting)
-    backoff: int = 0                     # restarts since its back-off last started over
-    error: str | None = None             # why it could not be (re)started (failed)
-
-    @property
-    def completed(self) -> bool:
-        """An init container that ran to completion."""
-        return self.status == RunStatus.exited and self.exit_code == 0
-
-    @property
-    def over(self) -> bool:
-        return self.status in (RunStatus.exited, RunStatus.failed)
 
 
 @dataclass(frozen=True)
@@ -100,7 +67,7 @@ class SupervisedGroup(Message):
 
 
 @dataclass(frozen=True)
-class Outcome:
+class GroupOutcome:
     """Where `run` stopped: `done` with the group's exit code, or handed over (`done` false)."""
 
     done: bool
@@ -137,9 +104,9 @@ class Supervisor:
 
     # -- the loop -------------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event | None = None, *, until_started: bool = False) -> Outcome:
-        """Start, watch and restart the containers until the group can no longer run (Outcome.done with its
-        exit code) or `stop` is set. With `until_started`, hand over (Outcome(False)) as soon as every
+    def run(self, stop: threading.Event | None = None, *, until_started: bool = False) -> GroupOutcome:
+        """Start, watch and restart the containers until the group can no longer run (GroupOutcome.done with its
+        exit code) or `stop` is set. With `until_started`, hand over (GroupOutcome(False)) as soon as every
         container has started once, or an init container failed and is waiting to be restarted."""
         stop = stop or threading.Event()
         while not stop.is_set():
@@ -148,27 +115,27 @@ class Supervisor:
             if outcome is not None:
                 return outcome
             if until_started and self._started_or_retrying():
-                return Outcome(False)
+                return GroupOutcome(False)
             due = [r.restart_at for r in self.runs.values() if r.status == RunStatus.restarting and r.restart_at]
             wait = min([WATCH_S, *(max(0.0, t - self._clock()) for t in due)])
             w = self.client.call(WatchContainersRequest(self._generation, wait), timeout=wait + 30)
             self._generation = w.generation
             self._observe(w.containers)
-        return Outcome(False)
+        return GroupOutcome(False)
 
-    def outcome(self) -> Outcome | None:
+    def outcome(self) -> GroupOutcome | None:
         """The group's exit code once it can no longer run, else None."""
         for c in self.group.init_containers:
             r = self.runs[c.name]
             if r.over and not r.completed:
-                return Outcome(True, self._code(r))
+                return GroupOutcome(True, self._code(r))
             if not r.completed:
                 return None
         mains = [self.runs[c.name] for c in self.group.containers]
         if not all(r.over for r in mains):
             return None
         failed = sorted((r for r in mains if self._code(r) != 0), key=lambda r: r.finished_at or 0.0)
-        return Outcome(True, self._code(failed[0]) if failed else 0)
+        return GroupOutcome(True, self._code(failed[0]) if failed else 0)
 
     @staticmethod
     def _code(r: ContainerRun) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 from sandbox.launch import lifecycle
 from sandbox.log import setup_logging
 from sandbox.shared.errors import SandboxError, StateError
-from sandbox.state import ProcessRef, StateStore
+from sandbox.state import SUPERVISOR, ProcessRef, StateStore
 
 LOG_FILE = "supervisor.log"
 START_TIMEOUT_S = 30.0
@@ -38,7 +38,7 @@ def spawn(name: str, store: StateStore) -> ProcessRef:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         record = store.load(name)
-        ref = record.processes.get(lifecycle.SUPERVISOR) if record is not None else None
+        ref = record.processes.get(SUPERVISOR) if record is not None else None
         if ref is not None and ref.pid == proc.pid:
             return ref
         if proc.poll() is not None:

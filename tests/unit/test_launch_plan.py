@@ -96,7 +96,7 @@ def test_resolved_images_beyond_256_disks_are_refused_with_the_numbers(tmp_path:
     """Registry images are counted once pulled: up and policy gen both resolve through resolve_images."""
     from sandbox.group.jsonio import ValidationError
     from sandbox.images import resolve
-    from sandbox.launch.pipeline import resolve_images
+    from sandbox.policy.sources import resolve_group_images as resolve_images
 
     pulled = {"big:1": image(*range(1, 201)), "big:2": image(*range(150, 260))}
     monkeypatch.setattr(resolve, "resolve_image", lambda ref, **kw: pulled[ref])

@@ -31,6 +31,7 @@ from sandbox.shared.messages import (
     MountOverlayRequest,
     MountScratchRequest,
     ShutdownContainerRequest,
+    Strings,
     UnmountDeviceRequest,
     UnmountOverlayRequest,
     UnmountScratchRequest,
@@ -86,7 +87,6 @@ def _signal(value: Any) -> int:
 
 
 NonEmptyStr = Annotated[str, NonEmpty()]
-Strings = tuple[str, ...]
 
 
 @dataclass(frozen=True)
