@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from test_hello import BUSYBOX_LAYOUT, REPO, Cli, ensure_example_image  # noqa: F401 - cli is a fixture
+from test_hello import BUSYBOX_LAYOUT, Cli, cli_in, ensure_example_image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import busybox_entries, glibc_tools_entries, tar_of, write_image  # noqa: E402
@@ -74,10 +73,7 @@ def group(d: Path, image: str) -> Path:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    run_dir = tmp_path_factory.mktemp("run")
-    env = {**os.environ, "PARMA_SANDBOX_RUNTIME": str(run_dir), "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    c = Cli(env, REPO)
+    c = cli_in(tmp_path_factory.mktemp("run"))
     yield c
     c("down", "--all", timeout=120)
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_hello import BUSYBOX_LAYOUT, REPO, Cli, ensure_example_image
+from test_hello import BUSYBOX_LAYOUT, cli_in, ensure_example_image
 
 MIB = 1 << 20
 # The line the container writes; its command builds it from two halves, so that the bytes searched for on
@@ -48,9 +48,7 @@ def group(d: Path, mib: int, scratch_gib: int) -> Path:
 def written(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict]:
     mib, scratch_gib = request.param
     ensure_example_image()
-    env = {**os.environ, "PARMA_SANDBOX_RUNTIME": str(tmp_path / "run"), "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    cli = Cli(env, REPO)
+    cli = cli_in(tmp_path / "run")
     r = cli("up", "-d", "--name", "scratch-vm", str(group(tmp_path, mib, scratch_gib)), timeout=900)
     assert r.returncode == 0, r.stderr
     try:

@@ -68,12 +68,16 @@ def hello_group(tmp: Path, port: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    run_dir = tmp_path_factory.mktemp("run")
+def cli_in(run_dir: Path) -> Cli:
+    """The CLI of this checkout with its sandboxes' state in `run_dir` (PARMA_SANDBOX_RUNTIME)."""
     env = {**os.environ, "PARMA_SANDBOX_RUNTIME": str(run_dir), "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    c = Cli(env, REPO)
+    return Cli(env, REPO)
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    c = cli_in(tmp_path_factory.mktemp("run"))
     yield c
     c("down", "--all", timeout=120)
 

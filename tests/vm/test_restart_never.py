@@ -9,7 +9,6 @@ takes the sandbox down.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 import pexpect
-from test_hello import BUSYBOX_LAYOUT, REPO, ensure_example_image
+from test_hello import BUSYBOX_LAYOUT, REPO, cli_in, ensure_example_image
 
 NAME = "never-vm"
 
@@ -44,8 +43,7 @@ def group(d: Path) -> Path:
 def test_attached_up_runs_init_containers_first_restarts_nothing_and_exits_with_the_failure(tmp_path: Path) -> None:
     ensure_example_image()
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PARMA_SANDBOX_RUNTIME": str(run_dir), "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = cli_in(run_dir).env
     up = subprocess.Popen([sys.executable, "-m", "sandbox", "up", "--name", NAME, str(group(tmp_path))], env=env,
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out: list[tuple[float, bytes]] = []
