@@ -162,9 +162,8 @@ def exec_interactive(name: str, container: str, argv: tuple[str, ...], *, tty: b
     record, spec = exec_target(name, container, store)
     rows, cols = terminal_size(stdin_fd) if tty else (0, 0)
     with exec_client(record, store) as output, exec_client(record, store) as control:
-        r = start_exec(output, ExecProcessRequest(container, argv, tuple(spec.get("env", [])),
-                                                  spec.get("working_dir", ""), tty=tty, stdin=stdin or tty,
-                                                  rows=rows, cols=cols))
+        r = start_exec(output, ExecProcessRequest(container, argv, spec.env, spec.working_dir, tty=tty,
+                                                  stdin=stdin or tty, rows=rows, cols=cols))
         pump = InputPump(control, container, r.exec_id, stdin_fd, tty, stderr)
         handlers = _install_handlers(pump, tty)
         try:
