@@ -6,19 +6,13 @@ import ipaddress
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from sandbox.cli.common import emit, format_option, info, render_table
+from sandbox.cli.common import DeferredChoice, emit, format_option, info, render_table
 from sandbox.cli.errors import Interrupted, PassThroughCommand
 from sandbox.cli.template_options import template_options, volume_paths
-from sandbox.group import GroupSpec, TeeMode, load_group
-from sandbox.kbs.client import check_url
-from sandbox.launch import lifecycle, supervisor_process
-from sandbox.launch.measured import IdentityOptions
-from sandbox.launch.pipeline import UpOptions
-from sandbox.launch.pipeline import up as launch_up
 from sandbox.log import QUIET, setup_logging
 from sandbox.shared.errors import (
     ExecCannotInvoke,
@@ -28,8 +22,14 @@ from sandbox.shared.errors import (
     InputError,
     SandboxError,
 )
-from sandbox.state import StateStore, list_sandboxes
-from sandbox.vmm.config import Backend
+from sandbox.state import list_sandboxes
+
+if TYPE_CHECKING:
+    from sandbox.group import GroupSpec
+    from sandbox.launch.pipeline import UpOptions
+
+# The group loader, the launcher, the key broker client and the lifecycle operations are imported by the
+# commands that use them: `ps` must not pay for `up` (start-up time, sandbox/cli/main.py).
 
 
 @click.command("up")
@@ -37,10 +37,16 @@ from sandbox.vmm.config import Backend
 @click.option("-d", "--detach", is_flag=True, help="Start the group and return; do not stream logs.")
 @click.option("--name", help="Sandbox name (default: the group's name).")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Use this policy file instead of generating one.")
-@click.option("--tee", type=click.Choice([t.value for t in TeeMode]), default=None,
+              help="Use this policy instead of generating one: a JSON policy, or ACI's Rego (text, base64, or an "
+                   "ARM template's ccePolicy). An ARM template with a ccePolicy brings its own (docs/aci.md).")
+@click.option("--fragment", "fragments", multiple=True, metavar="FILE|REFERENCE",
+              help="Load this signed policy fragment (a .cose file, or a registry reference to a standalone or "
+                   "image-attached fragment) after the policy. Repeatable.")
+@click.option("--drop-fragments", is_flag=True,
+              help="Load no fragment the policy imports unless named with --fragment (nothing is fetched).")
+@click.option("--tee", type=DeferredChoice("sandbox.group", "TeeMode"), default=None,
               help="TEE mode (default: the group's 'tee', else auto).")
-@click.option("--backend", type=click.Choice([b.value for b in Backend]), default=Backend.qemu.value,
+@click.option("--backend", type=DeferredChoice("sandbox.vmm.config", "Backend"), default="qemu",
               show_default=True, help="Run QEMU directly, or as a transient libvirt domain.")
 @click.option("--kbs", "kbs_url", help="Key broker URL for the attestation API (pinned in the generated policy; "
                                         "docs/kbs.md), e.g. http://127.0.0.1:8300.")
@@ -62,8 +68,8 @@ from sandbox.vmm.config import Backend
                    "see docs/snp-lab.md.")
 @template_options
 @format_option
-def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, tee: str | None,
-       backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], id_key: Path | None, author_key: Path | None,
+def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, fragments: tuple[str, ...],
+       drop_fragments: bool, tee: str | None, backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], id_key: Path | None, author_key: Path | None,
        id_block: Path | None, expect_measurement: str | None, dns_server: str | None, debug_files: bool,
        template_group: str | None, volumes: tuple[str, ...], fmt: str | None) -> int:
     """Pull, convert, generate the policy, launch the UVM and start GROUP_FILE's containers.
@@ -75,12 +81,23 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     With -d it prints the sandbox and returns, and a supervisor process keeps restarting the containers
     until 'down'.
     """
+    from sandbox.aci.ccepolicy import template_ccepolicy_of_file
+    from sandbox.group import TeeMode, load_group
+    from sandbox.kbs.client import check_url
+    from sandbox.launch.measured import IdentityOptions
+    from sandbox.launch.pipeline import UpOptions
+    from sandbox.vmm.config import Backend
+
     if debug_files:
         setup_logging(debug=True, quiet=QUIET.get())
     identity = IdentityOptions(id_key=id_key, author_key=author_key, id_block=id_block,
                                expect_measurement=_measurement(expect_measurement))
     spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
-    opts = UpOptions(name=name, policy_file=policy_file, tee=TeeMode(tee) if tee else None,
+    if policy_file is None and template_ccepolicy_of_file(group_file, template_group) is not None:
+        # An ACI template with a ccePolicy runs under that policy, byte for byte: the HOST_DATA ACI attests.
+        policy_file = group_file
+    opts = UpOptions(name=name, policy_file=policy_file, policy_group=template_group, fragments=fragments,
+                     fetch_fragments=not drop_fragments, tee=TeeMode(tee) if tee else None,
                      backend=Backend(backend), detach=detach,
                      kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys, identity=identity,
                      dns_server=_host_port(dns_server) if dns_server else None)
@@ -96,6 +113,10 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
 
 
 def _up(spec: GroupSpec, opts: UpOptions, fmt: str | None) -> int:
+    from sandbox.launch import lifecycle, supervisor_process
+    from sandbox.launch.pipeline import up as launch_up
+    from sandbox.state import StateStore
+
     launched = launch_up(spec, opts)
     rec = launched.record
     summary: dict[str, Any] = {
@@ -104,6 +125,7 @@ def _up(spec: GroupSpec, opts: UpOptions, fmt: str | None) -> int:
         "containers": [c.name for c in rec.containers if not c.init],
         "init_containers": [c.name for c in rec.containers if c.init],
         "ports": [f"{p.host_address}:{p.host_port}->{p.port}" for p in rec.ports],
+        "fragments": [f["namespace"] for f in (rec.startup or {}).get("fragments", [])],
         "timings": launched.timings.marks}
     outcome = launched.outcome
     if opts.detach:
@@ -192,6 +214,8 @@ def _container_cell(row: dict[str, Any], name: str) -> str:
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the containers exit.")
 def logs(name: str, container: str | None, follow: bool) -> None:
     """Print the output of NAME's containers (or of CONTAINER): stdout to stdout, stderr to stderr."""
+    from sandbox.launch import lifecycle
+
     lifecycle.logs(name, container, follow=follow)
 
 
@@ -218,6 +242,8 @@ def exec_(interactive: bool, tty: bool, name: str, container: str, command: tupl
     if not command:
         raise ExecSetupError("no command given",
                              hint="usage: parma-sandbox exec [-it] NAME CONTAINER -- CMD [ARG...]")
+    from sandbox.launch import lifecycle
+
     try:
         if interactive or tty:
             from sandbox.launch.interactive import exec_interactive  # termios & co.: only -i/-t needs them
@@ -235,6 +261,8 @@ def exec_(interactive: bool, tty: bool, name: str, container: str, command: tupl
 @format_option
 def inspect(name: str, fmt: str | None) -> None:
     """Show a sandbox: policy hash, expected measurement, TEE mode, devices, containers."""
+    from sandbox.launch import lifecycle
+
     data = lifecycle.inspect(name)
 
     def table(d: dict[str, Any]) -> str:
@@ -276,6 +304,8 @@ def down(name: str | None, all_: bool, timeout: float, fmt: str | None) -> None:
     """Stop sandbox NAME (or --all): containers first, then the VM, gracefully and then forced."""
     if bool(name) == all_:
         raise InputError("give a sandbox NAME or --all", hint="'parma-sandbox ps' lists them")
+    from sandbox.launch import lifecycle
+
     results = list(lifecycle.down_all()) if all_ else [lifecycle.down(name or "", timeout=timeout)]
     emit(results, fmt, lambda rs: "\n".join(f"{r['name']}: removed" + ("" if r["graceful"] else " (forced)")
                                             for r in rs))

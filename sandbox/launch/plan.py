@@ -31,6 +31,7 @@ from sandbox.shared.messages import (
     UnmountScratchRequest,
 )
 from sandbox.shared.policy import defaults
+from sandbox.shared.policy.model import Policy
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,10 @@ def group_network(spec: GroupSpec) -> SetGroupNetworkRequest:
 
 
 def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
-               volume_devices: Mapping[str, tuple[str, Path]]) -> LaunchPlan:
+               volume_devices: Mapping[str, tuple[str, Path]], policy: Policy | None = None) -> LaunchPlan:
     """images: container name -> image (init containers too); volume_devices: files-volume name -> (root
-    hash, image path)."""
+    hash, image path); policy: a supplied policy (not generated here), which decides how volume binds are
+    asked for."""
     layers: dict[str, DeviceMount] = {}
     for c in spec.init_containers + spec.containers:
         for layer in images[c.name].layers:
@@ -142,7 +144,7 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
         process = container_process(c, image.config)
         create = CreateContainerRequest(
             container_id=c.name, argv=process.argv, env=process.env, working_dir=process.working_dir,
-            user=process.user, mounts=container_mounts(spec, c), capabilities=container_capabilities(c),
+            user=process.user, mounts=container_mounts(spec, c, policy), capabilities=container_capabilities(c),
             privileged=c.privileged, no_new_privileges=False, umask=defaults.DEFAULT_UMASK,
             seccomp_profile_sha256="")
         return ContainerPlan(c.name, targets, create, c.stdio, tuple(e.command for e in c.exec_processes),

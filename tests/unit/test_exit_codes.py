@@ -266,9 +266,9 @@ def fake_launch(w: World, *, main_exit: int | None, signum: int | None = None) -
         runs = {"web": ContainerRun("web", status=RunStatus.running, started_at=time.time())}
         return Launched(spec.name, record, None, plan, Timings(), runs)  # type: ignore[arg-type]
 
-    w.monkeypatch.setattr("sandbox.cli.up.launch_up", launch)
+    w.monkeypatch.setattr("sandbox.launch.pipeline.up", launch)   # `up` imports the launcher when it runs
     # `up -d` would leave a supervisor process; the stand-in sandbox has no containers to restart.
-    w.monkeypatch.setattr("sandbox.cli.up.supervisor_process.spawn", lambda name, store: None)
+    w.monkeypatch.setattr("sandbox.launch.supervisor_process.spawn", lambda name, store: None)
 
 
 @scenario("up", "0")
