@@ -8,14 +8,14 @@ Pure function of the group spec and the policy bytes. The pod carries:
 - each container as the group says: image, command/args (same meaning as in Kubernetes: command
   replaces ENTRYPOINT, args replaces CMD), env (secure values through a Secret written alongside),
   working dir, ports, user (numeric only: Kubernetes cannot run as a user name), privileges;
-- the group's restartPolicy (same values in Kubernetes; a Deployment's pods can only restart Always);
+- the group's initContainers (listed in the policy like the others) and restartPolicy (same values in
+  Kubernetes; a Deployment's pods can only restart Always);
 - `enableServiceLinks: false`: Kubernetes would otherwise add service env vars the policy does not list;
   `automountServiceAccountToken: false`: host mounts do not reach the UVM (and the token would be the
   host's to read anyway).
 
 What the shim cannot give a pod yet is refused here with the reason (docs/kubernetes.md): volumes
-(Kubernetes volumes are host directories, the UVM has none of the host's), host ports, init containers
-(the policy does not list them yet), and images
+(Kubernetes volumes are host directories, the UVM has none of the host's), host ports, and images
 that exist only on this machine (`oci:` / `docker-archive:`); nodes pull by reference.
 """
 
@@ -110,16 +110,14 @@ def manifests(spec: GroupSpec, policy: bytes, *, kind: Kind = Kind.pod, namespac
     if spec.ports:
         raise InputError(f"group {spec.name!r} forwards host ports; in Kubernetes expose the pod with a Service",
                          hint="remove 'ports' from the group (containers' own 'ports' are kept)")
-    if spec.init_containers:
-        raise InputError(f"group {spec.name!r} has initContainers, which the pod's policy cannot list yet",
-                         hint="the policy generated for a pod covers its containers only; run the init step as "
-                              "a container, or see docs/kubernetes.md, 'What is not supported'")
     containers = [_container(spec, c) for c in spec.containers]
     metadata: dict[str, Any] = {"name": spec.name, "labels": {"app.kubernetes.io/name": spec.name}}
     if namespace:
         metadata["namespace"] = namespace
     pod_spec: dict[str, Any] = {"runtimeClassName": RUNTIME_CLASS, "enableServiceLinks": False,
                                 "automountServiceAccountToken": False, "containers": containers}
+    if spec.init_containers:    # the policy lists them too: kubelet's creates of them are checked like the others
+        pod_spec["initContainers"] = [_container(spec, c) for c in spec.init_containers]
     if kind == Kind.pod:    # a Deployment's pods must restart Always (the API server refuses anything else)
         pod_spec["restartPolicy"] = spec.restart_policy.value
     elif spec.restart_policy != RestartPolicy.always:
@@ -149,7 +147,7 @@ def manifests(spec: GroupSpec, policy: bytes, *, kind: Kind = Kind.pod, namespac
 def check_policy_images(spec: GroupSpec, policy: Policy) -> None:
     """The shim takes a pod's images from the policy's container ids: they must be the group's images."""
     listed = {c.id for c in policy.containers}
-    missing = sorted({c.image for c in spec.containers} - listed)
+    missing = sorted({c.image for c in spec.init_containers + spec.containers} - listed)
     if missing:
         raise InputError(f"the policy lists no container with image {', '.join(map(repr, missing))}",
                          hint="the policy was made for other images; regenerate it from this group "
