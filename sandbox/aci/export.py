@@ -9,12 +9,13 @@ The policy is the one `az confcom acipolicygen` writes for the same template (ap
   ACI injects; its volume mounts at ACI's sources (`sandbox:///tmp/atlas/<kind>/.+`) and ACI's
   /etc/resolv.conf mount; exec processes; any user unless the group names one; the default or
   privileged capability sets as the framework computes them;
+- init containers as containers (confcom appends them after the group's containers);
 - ACI's pause container and the default infrastructure fragment import, as confcom writes them;
 - the flags confcom writes (env and capability dropping allowed, properties access allowed,
   unencrypted scratch not allowed, which ACI requires).
 
-The template pins every image by digest, makes each secure value a secureString parameter and holds
-nothing local. HOST_DATA on ACI is SHA-256 of the Rego text (sandbox/aci/rego.py).
+The template pins every image by digest, makes each secure value a secureString parameter, carries the
+group's init containers, restart policy and DNS configuration, and holds nothing local. HOST_DATA on ACI is SHA-256 of the Rego text (sandbox/aci/rego.py).
 """
 
 from __future__ import annotations
@@ -150,8 +151,10 @@ def policy_container(spec: GroupSpec, container: ContainerSpec, image: ResolvedI
 
 
 def aci_policy(spec: GroupSpec, images: Mapping[str, ResolvedImage], registry: str | None = None) -> str:
-    """The ccePolicy Rego text ACI enforces for the group (module docstring)."""
-    containers = [policy_container(spec, c, images[c.name], registry) for c in spec.containers]
+    """The ccePolicy Rego text ACI enforces for the group (module docstring). Init containers follow the
+    containers, as confcom appends them: the framework treats both alike."""
+    containers = [policy_container(spec, c, images[c.name], registry)
+                  for c in spec.containers + spec.init_containers]
     doc = {"api_version": API_VERSION, "framework_version": FRAMEWORK_VERSION,
            "containers": [*containers, PAUSE_CONTAINER], **FLAGS}
     return rego_module(doc, [INFRA_FRAGMENT])
@@ -183,8 +186,9 @@ def aci_template(spec: GroupSpec, images: Mapping[str, ResolvedImage], registry:
     n = len(spec.containers)
     cpu = math.floor(spec.resources.vcpus / n * 10) / 10 or 0.1
     memory = math.ceil(spec.resources.memory_mib / 1024 / n * 10) / 10
-    containers = []
-    for c in spec.containers:
+    containers: list[dict[str, Any]] = []
+    init_containers: list[dict[str, Any]] = []
+    for init, c in [(False, c) for c in spec.containers] + [(True, c) for c in spec.init_containers]:
         process, _ = _process(c, images[c.name])
         env = []
         for var in c.env:
@@ -195,8 +199,9 @@ def aci_template(spec: GroupSpec, images: Mapping[str, ResolvedImage], registry:
                 env.append({"name": var.name, "secureValue": f"[parameters('{pname}')]"})
             else:
                 env.append({"name": var.name, "value": var.value})
-        props: dict[str, Any] = {"image": pinned(images[c.name], registry),
-                                 "resources": {"requests": {"cpu": cpu, "memoryInGB": memory}}}
+        props: dict[str, Any] = {"image": pinned(images[c.name], registry)}
+        if not init:    # ACI's init containers take no resources or ports: they use the group's
+            props["resources"] = {"requests": {"cpu": cpu, "memoryInGB": memory}}
         if c.command is not None or c.args is not None:
             props["command"] = list(process.argv)
         if env:
@@ -219,7 +224,7 @@ def aci_template(spec: GroupSpec, images: Mapping[str, ResolvedImage], registry:
                 sc["runAsGroup"] = int(group) if group.isdigit() else group
         if sc:
             props["securityContext"] = sc
-        containers.append({"name": c.name, "properties": props})
+        (init_containers if init else containers).append({"name": c.name, "properties": props})
     volumes = []
     for v in spec.volumes:
         if v.kind in (VolumeKind.empty_dir, VolumeKind.tmpfs):
@@ -235,7 +240,15 @@ def aci_template(spec: GroupSpec, images: Mapping[str, ResolvedImage], registry:
             volumes.append({"name": v.name, "azureFile": {**{k: f"[parameters('{p}')]" for k, p in share.items()},
                                                           "readOnly": True}})
     group: dict[str, Any] = {"containers": containers, "osType": "Linux", "sku": "Confidential",
+                             "restartPolicy": spec.restart_policy.value,
                              "confidentialComputeProperties": {"ccePolicy": ccepolicy_base64(rego)}}
+    if init_containers:
+        group["initContainers"] = init_containers
+    if spec.dns_config is not None:
+        dns = spec.dns_config
+        group["dnsConfig"] = {"nameServers": list(dns.name_servers),
+                              **({"searchDomains": " ".join(dns.search_domains)} if dns.search_domains else {}),
+                              **({"options": " ".join(dns.options)} if dns.options else {})}
     if spec.ports:
         group["ipAddress"] = {"type": "Public", "ports": [{"port": p.port, "protocol": p.protocol}
                                                           for p in spec.ports]}

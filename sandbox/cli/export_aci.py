@@ -39,7 +39,7 @@ def export_aci(group_file: Path, output: Path | None, registry: str | None, poli
     hashed as ACI hashes them; every image is pinned by digest."""
     spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
     spec = dataclasses.replace(spec, layer_format=LayerFormat.aci)
-    result = aci_template(spec, resolve_group_images(spec), registry)
+    result = aci_template(spec, resolve_group_images(spec), registry)   # init containers' images included
     if policy_only:
         policy = ccepolicy_base64(result.rego)
         if resolve_format(fmt) == OutputFormat.json:

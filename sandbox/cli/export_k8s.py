@@ -38,7 +38,7 @@ def command(group_file: Path, kind: str, policy_file: Path | None, namespace: st
     unless --policy is given; its SHA-256 is the HOST_DATA every pod of this manifest attests.
     """
     spec = load_group(group_file)
-    manifests(spec, b"")    # refuse what a pod cannot run before pulling anything
+    manifests(spec, b"", kind=Kind(kind))    # refuse what a pod cannot run before pulling anything
     if policy_file is not None:
         policy, parsed = read_policy(policy_file)
         check_policy_images(spec, parsed)

@@ -8,6 +8,8 @@ Pure function of the group spec and the policy bytes. The pod carries:
 - each container as the group says: image, command/args (same meaning as in Kubernetes: command
   replaces ENTRYPOINT, args replaces CMD), env (secure values through a Secret written alongside),
   working dir, ports, user (numeric only: Kubernetes cannot run as a user name), privileges;
+- the group's initContainers (listed in the policy like the others) and restartPolicy (same values in
+  Kubernetes; a Deployment's pods can only restart Always);
 - `enableServiceLinks: false`: Kubernetes would otherwise add service env vars the policy does not list;
   `automountServiceAccountToken: false`: host mounts do not reach the UVM (and the token would be the
   host's to read anyway).
@@ -24,7 +26,7 @@ import hashlib
 from enum import StrEnum
 from typing import Any
 
-from sandbox.group.spec import LOCAL_IMAGE_PREFIXES, ContainerSpec, GroupSpec
+from sandbox.group.spec import LOCAL_IMAGE_PREFIXES, ContainerSpec, GroupSpec, RestartPolicy
 from sandbox.shared.errors import InputError
 from sandbox.shared.policy.model import Policy
 
@@ -114,6 +116,13 @@ def manifests(spec: GroupSpec, policy: bytes, *, kind: Kind = Kind.pod, namespac
         metadata["namespace"] = namespace
     pod_spec: dict[str, Any] = {"runtimeClassName": RUNTIME_CLASS, "enableServiceLinks": False,
                                 "automountServiceAccountToken": False, "containers": containers}
+    if spec.init_containers:    # the policy lists them too: kubelet's creates of them are checked like the others
+        pod_spec["initContainers"] = [_container(spec, c) for c in spec.init_containers]
+    if kind == Kind.pod:    # a Deployment's pods must restart Always (the API server refuses anything else)
+        pod_spec["restartPolicy"] = spec.restart_policy.value
+    elif spec.restart_policy != RestartPolicy.always:
+        raise InputError(f"group {spec.name!r} has restartPolicy {spec.restart_policy.value}, and a Deployment's "
+                         "pods always restart", hint="export it as a Pod (--kind pod), or use restartPolicy Always")
     annotations = pod_annotations(spec, policy)
     docs: list[dict[str, Any]] = []
     secure = {v.name: v.value for c in spec.containers for v in c.env if v.secure}
@@ -138,7 +147,7 @@ def manifests(spec: GroupSpec, policy: bytes, *, kind: Kind = Kind.pod, namespac
 def check_policy_images(spec: GroupSpec, policy: Policy) -> None:
     """The shim takes a pod's images from the policy's container ids: they must be the group's images."""
     listed = {c.id for c in policy.containers}
-    missing = sorted({c.image for c in spec.containers} - listed)
+    missing = sorted({c.image for c in spec.init_containers + spec.containers} - listed)
     if missing:
         raise InputError(f"the policy lists no container with image {', '.join(map(repr, missing))}",
                          hint="the policy was made for other images; regenerate it from this group "

@@ -1,7 +1,8 @@
 """The SEV-SNP launch checked against the real tools' own parsers and schemas (no SNP hardware needed).
 
-- QEMU's option parser: every SEV-SNP argv the project generates is started with -S; on a host
-  without SEV-SNP it must fail only at the SNP/KVM step, never while parsing options or objects.
+- QEMU's option parser: every SEV-SNP argv the project generates, and the golden SEV-SNP argv files, is
+  started with -S; on a host without SEV-SNP it must fail only at the SNP/KVM step, never while parsing
+  options or objects.
   A deliberately wrong property shows the oracle does catch parse errors.
 - QEMU's object model: every property the argv sets on an -object exists on that QOM type
   (qom-list-properties), and the sev-snp-guest ones are listed by `-object sev-snp-guest,help`.
@@ -105,6 +106,30 @@ def test_snp_argv_fails_only_at_the_snp_step(tmp_path: Path, vcpus: int, initrd:
         return  # an SEV-SNP host: QEMU parsed everything and created the paused guest
     assert code != 0
     assert any(m in err for m in SNP_STAGE_ERRORS), f"QEMU refused the argv before the SNP step: {err}"
+
+
+@needs_qemu
+@pytest.mark.parametrize("name", sorted(p.name for p in GOLDEN.glob("qemu-sev-snp*.argv")))
+def test_golden_snp_argv_fails_only_at_the_snp_step(tmp_path: Path, name: str) -> None:
+    """The golden files themselves (tests/unit/test_vmm_render.py pins build_argv to them), their host paths
+    moved under tmp_path and filled with stand-in files: QEMU parses every option and object."""
+    golden_roots = ("/root/.cache/parma-sandbox", "/run/user/0/parma-sandbox/hello")
+    argv = [QEMU or ""]
+    for arg in (GOLDEN / name).read_text().splitlines()[1:]:
+        for i, root in enumerate(golden_roots):
+            arg = arg.replace(root, str(tmp_path / f"root{i}"))
+        argv.append(arg)
+    assert len(argv) > 20 and any(a.startswith("sev-snp-guest,") for a in argv)
+    for path in {Path(v) for a in argv for v in a.replace("=", ",").split(",") if v.startswith(str(tmp_path))}:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix in (".fd", ".img") or path.name == "bzImage":
+            path.write_bytes(bytes(4 << 20) if path.suffix == ".fd" else b"k" * 4096 if path.name == "bzImage"
+                             else bytes(1 << 20))
+    code, err = _run_paused(argv)
+    if code is None:
+        return  # an SEV-SNP host: QEMU parsed everything and created the paused guest
+    assert code != 0
+    assert any(m in err for m in SNP_STAGE_ERRORS), f"QEMU refused the golden argv before the SNP step: {err}"
 
 
 @needs_qemu

@@ -107,6 +107,55 @@ def test_exported_template_runs_here_as_the_same_group(exported, tmp_path: Path)
         [(c.name, c.env, c.mounts, c.user, c.privileged) for c in spec.containers]
 
 
+LIFECYCLE_GROUP = {
+    **GROUP, "restartPolicy": "OnFailure",
+    "dnsConfig": {"nameServers": ["10.0.0.10"], "searchDomains": "svc.local corp.example", "options": "ndots:2"},
+    "initContainers": [{"name": "migrate", "image": "example.com/migrate:3", "command": ["/migrate", "--once"],
+                        "env": [{"name": "DB_PASS", "secureValue": "pw"}],
+                        "mounts": [{"name": "cache", "mountPath": "/cache"}]}],
+}
+
+
+def test_init_containers_restart_policy_and_dns_reach_the_template_and_policy(tmp_path: Path) -> None:
+    spec = validate_group(LIFECYCLE_GROUP)
+    images = {"web": image(), "side": image("example.com/side@" + DIGEST, entrypoint=()),
+              "migrate": image("example.com/migrate:3", entrypoint=("/bin/sh",))}
+    result = aci_template(spec, images)
+    props = result.template["resources"][0]["properties"]
+    assert props["restartPolicy"] == "OnFailure"
+    assert props["dnsConfig"] == {"nameServers": ["10.0.0.10"], "searchDomains": "svc.local corp.example",
+                                  "options": "ndots:2"}
+    assert [c["name"] for c in props["containers"]] == ["web", "side"]
+    (init,) = props["initContainers"]
+    assert init == {"name": "migrate", "properties": {
+        "image": f"example.com/migrate@{DIGEST}", "command": ["/migrate", "--once"],
+        "environmentVariables": [{"name": "DB_PASS", "secureValue": "[parameters('MigrateDBPASS')]"}],
+        "volumeMounts": [{"name": "cache", "mountPath": "/cache", "readOnly": False}]}}
+    assert result.template["parameters"]["MigrateDBPASS"]["type"] == "secureString"
+    # the policy lists the init container after the group's containers, as confcom does, and before the pause
+    containers = read_policy_text(result.rego).containers
+    assert [c["name"] for c in containers] == ["web", "side", "migrate", "pause-container"]
+    migrate = containers[2]
+    assert migrate["command"] == ["/migrate", "--once"] and migrate["layers"] == list(LAYERS)
+    assert migrate["mounts"][0]["source"] == "sandbox:///tmp/atlas/emptydir/.+"
+    assert {"pattern": "DB_PASS=.*", "required": False, "strategy": "re2"} in migrate["env_rules"]
+    # round trip: the template reads back as the same group
+    path = tmp_path / "azuredeploy.json"
+    path.write_text(json.dumps(result.template))
+    (tmp_path / "azuredeploy.parameters.json").write_text(json.dumps(
+        {"parameters": {"WebAPIKEY": {"value": "s3cr3t"}, "MigrateDBPASS": {"value": "pw"}}}))
+    back = load_group(path)
+    assert back.restart_policy == spec.restart_policy and back.dns_config == spec.dns_config
+    assert [(c.name, c.command, c.env, c.mounts) for c in back.init_containers] == \
+        [(c.name, c.command, c.env, c.mounts) for c in spec.init_containers]
+
+
+def test_the_default_restart_policy_is_written_and_no_init_or_dns_fields(exported) -> None:
+    _, result = exported
+    props = result.template["resources"][0]["properties"]
+    assert props["restartPolicy"] == "Always" and "initContainers" not in props and "dnsConfig" not in props
+
+
 def test_local_images_need_a_registry() -> None:
     spec = validate_group({"name": "g", "containers": [{"name": "c", "image": "oci:build/images/busybox:latest"}]})
     local = {"c": image("oci:build/images/busybox:latest")}

@@ -33,7 +33,7 @@ GROUP = {
 def _policy(spec) -> bytes:  # noqa: ANN001
     layer = LayerInfo("sha256:" + "2" * 64, "application/vnd.oci.image.layer.v1.tar", 10, "3" * 64, Path("/x"))
     image = ResolvedImage(IMAGE, "sha256:" + "4" * 64, ImageConfig(cmd=("sh",), env=("PATH=/bin",)), (layer,))
-    return generate_policy(spec, {c.name: image for c in spec.containers})
+    return generate_policy(spec, {c.name: image for c in spec.init_containers + spec.containers})
 
 
 def test_pod_carries_runtime_class_policy_and_the_group() -> None:
@@ -86,6 +86,23 @@ def test_volumes_and_host_ports_are_refused(tmp_path: Path) -> None:
     ports = {"name": "g", "ports": [{"port": 80, "hostPort": 8080}], "containers": [{"name": "a", "image": IMAGE}]}
     with pytest.raises(InputError, match="Service"):
         manifests(validate_group(ports), b"{}")
+
+
+def test_restart_policy_and_init_containers_reach_the_pod() -> None:
+    spec = validate_group({**GROUP, "restartPolicy": "OnFailure", "containers": [GROUP["containers"][1]]})
+    (pod,) = manifests(spec, _policy(spec))
+    assert pod["spec"]["restartPolicy"] == "OnFailure"
+    with pytest.raises(InputError, match="always restart") as e:
+        manifests(spec, _policy(spec), kind=Kind.deployment)
+    assert "--kind pod" in (e.value.hint or "")
+    always = validate_group({**GROUP, "containers": [GROUP["containers"][1]]})
+    (deploy,) = manifests(always, _policy(always), kind=Kind.deployment)
+    assert "restartPolicy" not in deploy["spec"]["template"]["spec"]     # the API's default, Always
+    init = validate_group({**GROUP, "initContainers": [{"name": "seed", "image": IMAGE, "command": ["/seed"]}]})
+    policy = _policy(init)
+    (_, pod) = manifests(init, policy)
+    assert pod["spec"]["initContainers"] == [{"name": "seed", "image": IMAGE, "command": ["/seed"]}]
+    assert [c["name"] for c in json.loads(policy)["containers"]] == ["seed", "app", "side"]   # the policy lists it
 
 
 def test_yaml_reads_back_as_the_same_documents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
