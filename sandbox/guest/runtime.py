@@ -1,8 +1,10 @@
 """Containers under crun: create/start/exec/signal/wait/delete, with captured stdio.
 
 crun's own diagnostics go to a per-container log file (--log), never into the container's stdout, so
-a failure message can be returned to the host without mixing it with container output. Exit statuses
-come from the agent's reaper: crun create/exec --detach leave the processes re-parented to the agent.
+a failure message can be returned to the host without mixing it with container output. crun create
+and exec --detach leave the processes re-parented to the agent, which holds each by a process handle
+(sandbox/guest/procs.py) from the moment crun exits: signals and waits address that process, never
+a pid number that may have been reused.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from sandbox.guest import procs
 from sandbox.guest.output import OutputLog
-from sandbox.guest.procs import REAPER, ExitStatus
+from sandbox.guest.procs import REAPER, Child, ExitStatus
 
 CRUN_ROOT = "/run/crun"
 
@@ -39,12 +41,22 @@ class CrunError(Exception):
 
 @dataclass
 class Process:
-    pid: int
+    child: Child
     argv: tuple[str, ...]
     log: OutputLog | None     # None when the policy denies stdio access
+    reported: bool = False    # wait_process has told the host its exit status
+    drained: bool = False     # read_output has returned its output to the end
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
 
     def status(self, timeout: float | None = 0) -> ExitStatus | None:
-        return REAPER.wait(self.pid, timeout)
+        return self.child.wait(timeout)
+
+    def forget(self) -> None:
+        """Release the process handle (the process has exited, or the container is gone)."""
+        REAPER.forget(self.child)
 
 
 @dataclass
@@ -110,23 +122,27 @@ def _stdio_pipes(log: OutputLog | None) -> tuple[int | None, int | None]:
 
 def _run_crun(argv: list[str], log_file: Path, stdout: int | None, stderr: int | None,
               timeout: float = 60.0) -> None:
-    pid = procs.spawn(argv, stdout=stdout, stderr=stderr)
-    for fd in (stdout, stderr):
-        if fd is not None:
-            os.close(fd)
-    status = REAPER.wait(pid, timeout)
+    try:
+        child = procs.spawn(argv, stdout=stdout, stderr=stderr)
+    finally:
+        for fd in (stdout, stderr):
+            if fd is not None:
+                os.close(fd)
+    status = child.wait(timeout)
+    procs.finish(child, 0)      # kills it if it overran; forgets it either way
     if status is None:
-        os.kill(pid, signal.SIGKILL)
-        REAPER.wait(pid)
-        REAPER.pop(pid)
         raise CrunError(f"crun {argv[4]} timed out after {timeout:g} s")
-    REAPER.pop(pid)
     if status.code != 0:
         raise _crun_error(log_file, f"crun failed ({'signal ' + str(status.signal) if status.signal else status.code})")
 
 
-def _read_pid(path: Path) -> int:
-    return int(path.read_text().strip())
+def _adopt(pid_file: Path) -> Child:
+    """The process crun started and wrote to pid_file, held by its handle (see sandbox/guest/procs.py)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        return REAPER.adopt(pid)
+    except (OSError, ValueError) as e:
+        raise CrunError(f"cannot take hold of the process crun started ({pid_file.name}): {e}") from None
 
 
 def create(container: Container, spec: dict[str, Any]) -> None:
@@ -140,9 +156,10 @@ def create(container: Container, spec: dict[str, Any]) -> None:
     pid_file = bundle / "init.pid"
     log = OutputLog() if container.stdio else None
     out_w, err_w = _stdio_pipes(log)
-    _run_crun(_crun(log_file, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container.id),
-              log_file, out_w, err_w)
-    container.init = Process(_read_pid(pid_file), container.argv, log)
+    with REAPER.adopting():
+        _run_crun(_crun(log_file, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container.id),
+                  log_file, out_w, err_w)
+        container.init = Process(_adopt(pid_file), container.argv, log)
     container.status = ContainerStatus.created
 
 
@@ -173,18 +190,17 @@ def exec_process(container: Container, exec_id: str, argv: tuple[str, ...], env:
     log_file = exec_dir / f"{exec_id}.log"
     log = OutputLog() if container.stdio else None
     out_w, err_w = _stdio_pipes(log)
-    _run_crun(_crun(log_file, "exec", "--detach", "--process", str(proc_file), "--pid-file", str(pid_file),
-                    container.id), log_file, out_w, err_w)
-    proc = Process(_read_pid(pid_file), argv, log)
+    with REAPER.adopting():
+        _run_crun(_crun(log_file, "exec", "--detach", "--process", str(proc_file), "--pid-file", str(pid_file),
+                        container.id), log_file, out_w, err_w)
+        proc = Process(_adopt(pid_file), argv, log)
     container.execs[exec_id] = proc
     return proc
 
 
-def kill(proc: Process, signum: int) -> None:
-    try:
-        os.kill(proc.pid, signum)
-    except ProcessLookupError:
-        pass
+def kill(proc: Process, signum: int) -> bool:
+    """Signal the process through its handle; False when it has exited (its pid may be another's now)."""
+    return proc.child.send_signal(signum)
 
 
 def begin_stop(container: Container) -> None:
@@ -210,6 +226,8 @@ def finish_stop(container: Container, timeout: float) -> ExitStatus | None:
 
 
 def delete(container: Container) -> None:
+    """`crun delete --force` (which kills what still runs), then release every process handle; exit
+    statuses already collected stay readable."""
     if container.deleted:
         return
     log_file = container.bundle / "crun.log"
@@ -218,6 +236,9 @@ def delete(container: Container) -> None:
     except CrunError:
         pass
     container.deleted = True
+    for proc in ([container.init] if container.init else []) + list(container.execs.values()):
+        proc.status(2)
+        proc.forget()
 
 
 _EXEC_LOCK = threading.Lock()

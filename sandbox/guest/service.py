@@ -493,17 +493,38 @@ class AgentService:
 
     def op_signal_process(self, r: M.SignalProcessRequest) -> M.EmptyResult:
         proc = self._process(r.container_id, r.exec_id)
+        what = f"process {r.exec_id}" if r.exec_id else "init process"
+        if proc.status() is not None:
+            raise _err(ErrorCode.conflict, f"the {what} of container {r.container_id} has exited")
         check = SignalContainerProcessInput(r.container_id, r.signal, r.exec_id is None, proc.argv)
-        self.gate.enforce(check, lambda _d: runtime.kill(proc, r.signal))
+
+        def action(_decision: Decision) -> None:
+            # Through the process handle: once the process is gone this fails, whoever has its pid now.
+            if not runtime.kill(proc, r.signal):
+                raise _err(ErrorCode.conflict, f"the {what} of container {r.container_id} has exited")
+
+        self.gate.enforce(check, action)
         return M.EmptyResult()
 
     def op_wait_process(self, r: M.WaitProcessRequest) -> M.ProcessExit:
         with self._lock:
+            c = self._container(r.container_id)
             proc = self._process(r.container_id, r.exec_id)
         status = proc.status(_clamp(r.timeout, MAX_WAIT_PROCESS_S))
         if status is None:
             return M.ProcessExit(True, None, None)
+        if r.exec_id is not None:
+            with self._lock:
+                proc.reported = True
+                self._forget_if_done(c, r.exec_id, proc)
         return M.ProcessExit(False, status.shell_code, status.signal)
+
+    def _forget_if_done(self, c: Container, exec_id: str, proc: runtime.Process) -> None:
+        """An exec process whose exit the host has been told and whose output it has read to the end is
+        forgotten: its handle is closed, and its id answers not_found from then on."""
+        if proc.reported and (proc.log is None or proc.drained) and c.execs.get(exec_id) is proc:
+            del c.execs[exec_id]
+            proc.forget()
 
     def op_read_output(self, r: M.ReadOutputRequest) -> M.ReadOutputResult:
         with self._lock:
@@ -515,6 +536,10 @@ class AgentService:
                        "(allow_stdio_access is false)", endpoint="create_container")
         res = proc.log.read(max(0, r.offset), min(max(1, r.max_bytes), MAX_READ_BYTES),
                             _clamp(r.wait, MAX_READ_WAIT_S))
+        if res.eof and r.exec_id is not None:
+            with self._lock:
+                proc.drained = True
+                self._forget_if_done(c, r.exec_id, proc)
         return M.ReadOutputResult(tuple(M.OutputChunk(M.OutputStream(ch.stream), ch.data) for ch in res.chunks),
                                 res.next_offset, res.dropped, res.eof)
 

@@ -1,0 +1,160 @@
+"""The host is the attacker, in-process: hostile requests against a real agent outside the UVM.
+
+Each test drives the offline agent (tests/offline_agent.py: the real frame loop, service, gate, engine,
+process handles and mounts, in private pid and mount namespaces; layer devices and crun are stand-ins)
+over its port, in frames, as a malicious host would. tests/vm/test_malicious_host.py plays the same
+host against the booted UVM where the kernel, dm-verity or crun must be real.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox.shared.policy.model import canonical_bytes
+from tests.offline_agent import OfflineAgent, available, busybox_layer
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=f"offline agent: {available()}")
+
+LAYER = "1" * 64
+OTHER_LAYER = "2" * 64
+INIT = ["/bin/sleep", "100000"]
+SLEEPER = ["/bin/sleep", "100000"]
+SHORT = ["/bin/sh", "-c", "echo out; echo err >&2; exit 3"]
+ROOTFS = "/run/parma/containers/{}/rootfs"
+
+
+def policy_container(**changes: Any) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "name": "app", "layers": [LAYER], "command": INIT, "env_rules": [
+            {"pattern": "PATH=/usr/bin:/bin", "strategy": "string", "required": False}],
+        "working_dir": "/", "mounts": [],
+        "exec_processes": [{"command": SLEEPER, "signals": [9, 15]}, {"command": SHORT, "signals": []}],
+        "signals": [9, 15], "allow_elevated": False, "allow_stdio_access": True, "no_new_privileges": False,
+        "user": {"user_idname": {"pattern": "", "strategy": "any"},
+                 "group_idnames": [{"pattern": "", "strategy": "any"}], "umask": "0022"},
+        "capabilities": None, "seccomp_profile_sha256": "",
+    }
+    c.update(changes)
+    return c
+
+
+def policy_doc(*containers: dict[str, Any], **top: Any) -> bytes:
+    doc: dict[str, Any] = {"api_version": "0.12.0", "framework_version": "0.5.0",
+                           "containers": list(containers) or [policy_container()],
+                           "allow_unencrypted_scratch": True}
+    doc.update(top)
+    return canonical_bytes(doc)
+
+
+@pytest.fixture(scope="module")
+def layers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, Path]]:
+    d = tmp_path_factory.mktemp("layers")
+    return {"L0": (LAYER, busybox_layer(d / "l0")), "L1": (OTHER_LAYER, busybox_layer(d / "l1"))}
+
+
+def agent_with(tmp_path: Path, layers: dict, policy: bytes) -> Iterator[OfflineAgent]:
+    with OfflineAgent.start(tmp_path, policy, layers) as agent:
+        agent.set_policy()
+        yield agent
+
+
+@pytest.fixture
+def agent(tmp_path: Path, layers: dict) -> Iterator[OfflineAgent]:
+    yield from agent_with(tmp_path, layers, policy_doc())
+
+
+def rootfs(agent: OfflineAgent, cid: str, *, device: str = "L0", layer_target: str = "/run/parma/layers/l0") -> None:
+    """mount_device (once per target), mount_scratch and mount_overlay for container `cid`."""
+    if layer_target not in agent.mounted:
+        agent.ok("mount_device", {"device": device, "target": layer_target})
+        agent.mounted.add(layer_target)
+    agent.ok("mount_scratch", {"container_id": cid})
+    agent.ok("mount_overlay", {"container_id": cid, "layer_paths": [layer_target], "target": ROOTFS.format(cid)})
+
+
+def running(agent: OfflineAgent, cid: str = "app", **create: Any) -> None:
+    rootfs(agent, cid)
+    agent.ok("create_container", {"container_id": cid, "argv": INIT, "env": ["PATH=/usr/bin:/bin"], **create})
+    agent.ok("start_container", {"container_id": cid})
+
+
+def gone(agent: OfflineAgent, pid: int, timeout: float = 10) -> None:
+    """Wait until `pid` names no process in the agent's pid namespace (the agent reaped it)."""
+    deadline = time.monotonic() + timeout
+    while agent.ctl("exists", pid=pid):
+        assert time.monotonic() < deadline, f"pid {pid} was never reaped"
+        time.sleep(0.05)
+
+
+def output(agent: OfflineAgent, cid: str, exec_id: str | None = None) -> tuple[bytes, bytes]:
+    out, err, offset = [], [], 0
+    while True:
+        page = agent.ok("read_output", {"container_id": cid, "exec_id": exec_id, "offset": offset, "wait": 5})
+        for ch in page["chunks"]:
+            (out if ch["stream"] == "stdout" else err).append(base64.b64decode(ch["data"]))
+        offset = page["next_offset"]
+        if page["eof"]:
+            return b"".join(out), b"".join(err)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 13, item 2: signals and waits go to the process the policy allowed, never to a reused pid
+
+
+def test_a_reused_exec_pid_is_never_signalled(agent: OfflineAgent) -> None:
+    running(agent)
+    e = agent.ok("exec_process", {"container_id": "app", "argv": SLEEPER, "env": ["PATH=/usr/bin:/bin"]})
+    pid = e["pid"]
+    agent.ok("signal_process", {"container_id": "app", "exec_id": e["exec_id"], "signal": 9})
+    gone(agent, pid)                                    # reaped by the agent: the pid is free ...
+    victim = agent.ctl("spawn_at", pid=pid)             # ... and now another process's
+    assert victim == pid and agent.ctl("alive", pid=pid)
+    for sig in (15, 9):
+        err = agent.err("signal_process", {"container_id": "app", "exec_id": e["exec_id"], "signal": sig})
+        assert err["code"] == "conflict" and "has exited" in err["message"]
+    assert agent.ctl("alive", pid=pid)
+    # Its own exit status, not the newcomer's; reported once, then forgotten.
+    w = agent.ok("wait_process", {"container_id": "app", "exec_id": e["exec_id"], "timeout": 5})
+    assert (w["running"], w["exit_code"], w["signal"]) == (False, 137, 9)
+    assert output(agent, "app", e["exec_id"]) == (b"", b"")
+    assert agent.err("wait_process", {"container_id": "app", "exec_id": e["exec_id"]})["code"] == "not_found"
+    assert agent.err("signal_process", {"container_id": "app", "exec_id": e["exec_id"], "signal": 9})["code"] \
+        == "not_found"
+    assert agent.ctl("alive", pid=pid)
+
+
+def test_a_reused_init_pid_is_never_signalled(agent: OfflineAgent) -> None:
+    running(agent)
+    init = next(c for c in agent.ok("list_containers")["containers"] if c["id"] == "app")["pid"]
+    agent.ok("signal_process", {"container_id": "app", "signal": 9})
+    gone(agent, init)
+    assert agent.ctl("spawn_at", pid=init) == init
+    err = agent.err("signal_process", {"container_id": "app", "signal": 15})
+    assert err["code"] == "conflict" and "init process of container app has exited" in err["message"]
+    w = agent.ok("wait_process", {"container_id": "app", "timeout": 5})
+    assert (w["exit_code"], w["signal"]) == (137, 9)
+    r = agent.ok("shutdown_container", {"container_id": "app", "timeout": 2})
+    assert r["signal"] == 9                             # the container's own status, again
+    assert agent.ctl("alive", pid=init)
+
+
+def test_exec_statuses_are_forgotten_once_reported_and_read(agent: OfflineAgent) -> None:
+    running(agent)
+    handles = agent.ctl("tracked")
+    for _ in range(5):
+        e = agent.ok("exec_process", {"container_id": "app", "argv": SHORT, "env": ["PATH=/usr/bin:/bin"]})
+        w = agent.ok("wait_process", {"container_id": "app", "exec_id": e["exec_id"], "timeout": 10})
+        assert w["exit_code"] == 3
+        # Reported but not yet read: still there for its output, and no signal reaches anything.
+        assert agent.err("signal_process", {"container_id": "app", "exec_id": e["exec_id"], "signal": 9})["code"] \
+            == "conflict"
+        assert output(agent, "app", e["exec_id"]) == (b"out\n", b"err\n")
+        assert agent.err("wait_process", {"container_id": "app", "exec_id": e["exec_id"]})["code"] == "not_found"
+        assert agent.err("read_output", {"container_id": "app", "exec_id": e["exec_id"]})["code"] == "not_found"
+    assert agent.ctl("tracked") == handles              # no process handle left behind
