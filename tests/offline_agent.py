@@ -242,12 +242,19 @@ def _spawn_at(pid: int) -> int:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return cmdline[0] == VICTIM.encode() and state != "Z"
+    """Whether `pid` is a running victim (a process just spawned may still be in execve: look again)."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if cmdline[0] == VICTIM.encode() and state != "Z":
+            return True
+        if state == "Z" or time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
 
 
 def _serve_control(fd: int, service: Any) -> None:
@@ -273,6 +280,7 @@ def _serve_control(fd: int, service: Any) -> None:
                     result = Path(f"/proc/{int(req['pid'])}").exists()
                 elif cmd == "alive":
                     result = _alive(int(req["pid"]))
+
                 elif cmd == "kill":
                     os.kill(int(req["pid"]), int(req["signal"]))
                     result = True

@@ -25,6 +25,7 @@ from sandbox.log import log
 from sandbox.shared.errors import InputError, InvalidDocument
 from sandbox.shared.policy.inputs import EnforcementPoint
 from sandbox.shared.policy.model import FLAGS, Policy, parse_version, validate_policy
+from sandbox.shared.policy.points import EXTENSION_POINTS
 from sandbox.shared.rego import framework as fw
 from sandbox.shared.rego.policy import RegoPolicy, RuleKind, read_policy_text
 
@@ -37,7 +38,7 @@ CONFCOM_RULES = ("mount_device", "unmount_device", "mount_overlay", "unmount_ove
 
 # The points our engine enforces: an imported module must delegate each of them (when its
 # api_version has it), otherwise ACI would deny requests that our engine would judge.
-ENFORCED = tuple(ep.value for ep in EnforcementPoint)
+ENFORCED = tuple(ep.value for ep in EnforcementPoint if ep not in EXTENSION_POINTS)
 
 FUTURE_IMPORTS = ("future.keywords.every", "future.keywords.in")
 

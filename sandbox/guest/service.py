@@ -12,6 +12,7 @@ the OCI spec is written here without hooks, and stdio is readable only when the 
 from __future__ import annotations
 
 import gc
+import os
 import re
 import sys
 import threading
@@ -35,6 +36,7 @@ from sandbox.shared.kbs_protocol import ATTEST_API_DIR
 from sandbox.shared.policy.engine import Decision
 from sandbox.shared.policy.inputs import (
     CreateContainerInput,
+    CreateVolumeInput,
     ExecInContainerInput,
     MountDeviceInput,
     NamedId,
@@ -59,6 +61,7 @@ MAX_WAIT_PROCESS_S = 600.0
 MAX_READ_WAIT_S = 60.0
 MAX_READ_BYTES = 512 * 1024
 MAX_SHUTDOWN_S = 300.0
+MAX_SECRET_ITEMS = 1024
 
 Result = M.Message | M.JsonObject
 
@@ -339,30 +342,49 @@ class AgentService:
     # -- volumes --------------------------------------------------------------------------------
 
     def op_create_volume(self, r: M.CreateVolumeRequest) -> M.CreateVolumeResult:
+        """A volume in guest memory, of the kind the policy pins for its name (enforcement point
+        create_volume). emptyDir and tmpfs volumes are new, empty tmpfs mounts: nothing of the host's
+        is in them. A secret volume holds exactly the host's items, as regular read-only files."""
         name, kind, size_mib, items = r.name, r.kind, r.size_mib, r.items
-        # Not a policy endpoint: it makes an empty (or host-filled, for secrets) tmpfs that no
-        # container sees until a create_container, whose mounts the policy checks, binds it.
         path = Path(P.VOLUMES_DIR) / name
         if name in self.volumes or str(path) in self.devices:
             raise _err(ErrorCode.conflict, f"volume {name} already exists")
+        if items is not None and kind != M.MemoryVolumeKind.secret:
+            raise _err(ErrorCode.invalid_request, f"a {kind.value} volume is created empty: items are for secrets")
+        if size_mib is not None and kind != M.MemoryVolumeKind.tmpfs:
+            raise _err(ErrorCode.invalid_request, f"size_mib is for tmpfs volumes, not {kind.value}")
         if kind == M.MemoryVolumeKind.secret:
+            if len(items or {}) > MAX_SECRET_ITEMS:
+                raise _err(ErrorCode.invalid_request, f"a secret volume holds at most {MAX_SECRET_ITEMS} items")
             for fname in items or {}:
                 if not re.fullmatch(r"[A-Za-z0-9._-]{1,255}", fname) or fname in (".", ".."):
                     raise _err(ErrorCode.invalid_request, f"invalid secret item name {shown(fname)}")
         size = f",size={size_mib}m" if kind == M.MemoryVolumeKind.tmpfs and size_mib else ""
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            sysapi.mount("tmpfs", path, "tmpfs", sysapi.MS_NODEV | sysapi.MS_NOSUID, "mode=0777" + size)
-            if kind == M.MemoryVolumeKind.secret:
-                for fname, content in (items or {}).items():
-                    f = path / fname
-                    f.write_bytes(content)
-                    f.chmod(0o444)
-                path.chmod(0o755)
-                sysapi.mount("none", path, None, sysapi.MS_REMOUNT | sysapi.MS_RDONLY | sysapi.MS_NODEV
-                             | sysapi.MS_NOSUID)
-        except OSError as e:
-            raise _err(ErrorCode.failed, f"cannot create volume {name}: {e}") from None
+
+        def action(_decision: Decision) -> None:
+            mounted = False
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                sysapi.mount("tmpfs", path, "tmpfs", sysapi.MS_NODEV | sysapi.MS_NOSUID, "mode=0777" + size)
+                mounted = True
+                if kind == M.MemoryVolumeKind.secret:
+                    for fname, content in (items or {}).items():
+                        fd = os.open(path / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, 0o444)
+                        with os.fdopen(fd, "wb") as f:
+                            f.write(content)
+                    path.chmod(0o755)
+                    sysapi.mount("none", path, None, sysapi.MS_REMOUNT | sysapi.MS_RDONLY | sysapi.MS_NODEV
+                                 | sysapi.MS_NOSUID)
+            except OSError as e:
+                if mounted:     # nothing half-made stays behind for a later create_container to bind
+                    try:
+                        sysapi.umount(path, detach=True)
+                    except OSError:
+                        pass
+                raise _err(ErrorCode.failed, f"cannot create volume {name}: {e}") from None
+
+        self.gate.enforce(CreateVolumeInput.from_request(r), action)
         self.volumes[name] = path
         return M.CreateVolumeResult(str(path))
 

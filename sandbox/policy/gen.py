@@ -14,7 +14,8 @@ Mapping (docs/policy.md, "Generation"):
 - working_dir: `workingDir`, else the image WorkingDir, else "/";
 - user: `user`, else the image User; empty means root (uid 0); names match by name, numbers by id;
 - mounts: one bind per group mount from /run/parma/volumes/<volume>, read-only when asked (always for
-  `files` and `secret` volumes); `files` volumes are pinned by root hash in the policy's `volumes`;
+  `files` and `secret` volumes); every volume is pinned by kind in the policy's `volumes` (so the host
+  cannot create one kind where the group has another), `files` volumes also by their root hash;
   `attestationApi: true` adds the read-only bind of the attestation API socket directory (docs/kbs.md);
 - key_brokers: the pins of the key brokers the agent may accept secrets from (`key_brokers` argument);
 - capabilities: the usual 14 (bounding/effective/permitted) adjusted by the group's add/drop;
@@ -50,6 +51,7 @@ from sandbox.shared.policy.model import (
     User,
     Volume,
 )
+from sandbox.shared.policy.model import VolumeKind as PolicyVolumeKind
 
 DEBUG_SHELLS = (("/bin/sh",), ("/bin/bash",))
 # Matches any NAME=VALUE (VALUE may be empty or span lines): the debug-mode allow-all env rule.
@@ -185,6 +187,7 @@ def build_policy(spec: GroupSpec, images: Mapping[str, ResolvedImage], *, debug_
     volumes = []
     for v in spec.volumes:
         if v.kind != VolumeKind.files:
+            volumes.append(Volume(v.name, defaults.volume_target(v.name), "", PolicyVolumeKind(v.kind.value)))
             continue
         digest = volume_hashes.get(v.name)
         if digest is None:

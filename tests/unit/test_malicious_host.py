@@ -158,3 +158,71 @@ def test_exec_statuses_are_forgotten_once_reported_and_read(agent: OfflineAgent)
         assert agent.err("wait_process", {"container_id": "app", "exec_id": e["exec_id"]})["code"] == "not_found"
         assert agent.err("read_output", {"container_id": "app", "exec_id": e["exec_id"]})["code"] == "not_found"
     assert agent.ctl("tracked") == handles              # no process handle left behind
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 13, item 4: volumes the host can pre-fill
+
+
+CACHE = {"destination": "/cache", "source": "/run/parma/volumes/cache", "type": "bind",
+         "options": ["rbind", "rprivate", "rw"]}
+CFG = {"destination": "/cfg", "source": "/run/parma/volumes/cfg", "type": "bind", "options": ["rbind", "rprivate", "ro"]}
+VOLUMES = [{"name": "cache", "target": "/run/parma/volumes/cache", "kind": "emptyDir"},
+           {"name": "cfg", "target": "/run/parma/volumes/cfg", "kind": "secret"},
+           {"name": "tmp", "target": "/run/parma/volumes/tmp", "kind": "tmpfs"}]
+CAT_CACHE = ["/bin/sh", "-c", "ls -A /cache; cat /cfg/token"]
+
+
+@pytest.fixture
+def with_volumes(tmp_path: Path, layers: dict) -> Iterator[OfflineAgent]:
+    doc = policy_doc(policy_container(mounts=[CACHE, CFG], exec_processes=[{"command": CAT_CACHE, "signals": []}]),
+                     volumes=VOLUMES)
+    yield from agent_with(tmp_path, layers, doc)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_the_host_cannot_create_a_prefilled_volume_where_the_group_expects_an_emptydir(
+        with_volumes: OfflineAgent) -> None:
+    a = with_volumes
+    err = a.err("create_volume", {"name": "cache", "kind": "secret", "items": {"evil.so": b64(b"\x7fELF")}})
+    assert err["code"] == "policy_denied" and "'cache' is a emptyDir volume in the policy, not secret" in err["message"]
+    assert a.ctl("ls", path="/run/parma/volumes/cache") in (None, [])      # nothing was made
+    err = a.err("create_volume", {"name": "cache", "kind": "emptyDir", "items": {"evil.so": b64(b"x")}})
+    assert err["code"] == "invalid_request" and "created empty" in err["message"]
+    err = a.err("create_volume", {"name": "cache", "kind": "tmpfs", "size_mib": 4})
+    assert err["code"] == "policy_denied"
+    # Without the volume, no container may bind it (the agent refuses before the engine would).
+    rootfs(a, "app")
+    err = a.err("create_container", {"container_id": "app", "argv": INIT, "env": ["PATH=/usr/bin:/bin"],
+                                     "mounts": [CACHE, CFG]})
+    assert err["code"] == "invalid_request" and "is not a group volume" in err["message"]
+
+
+def test_memory_volumes_are_made_by_the_guest_with_their_pinned_kind(with_volumes: OfflineAgent) -> None:
+    a = with_volumes
+    a.ok("create_volume", {"name": "cache", "kind": "emptyDir"})
+    a.ok("create_volume", {"name": "cfg", "kind": "secret", "items": {"token": b64(b"s3cret\n")}})
+    a.ok("create_volume", {"name": "tmp", "kind": "tmpfs", "size_mib": 4})
+    assert a.ctl("ls", path="/run/parma/volumes/cache") == []
+    assert a.err("create_volume", {"name": "cache", "kind": "emptyDir"})["code"] == "conflict"
+    err = a.err("create_volume", {"name": "stray", "kind": "emptyDir"})
+    assert err["code"] == "policy_denied" and "lists no volume there" in err["message"]
+    err = a.err("mount_device", {"device": "L0", "target": "/run/parma/volumes/cache"})
+    assert err["code"] in ("conflict", "policy_denied")
+    mounts = a.ctl("mounts")
+    cfg_line = next(line for line in mounts.splitlines() if " /run/parma/volumes/cfg " in line)
+    assert " ro," in cfg_line and "nosuid" in cfg_line and "nodev" in cfg_line
+    running(a, mounts=[CACHE, CFG])
+    e = a.ok("exec_process", {"container_id": "app", "argv": CAT_CACHE, "env": ["PATH=/usr/bin:/bin"]})
+    assert output(a, "app", e["exec_id"]) == (b"s3cret\n", b"")        # /cache is empty, /cfg has the item
+
+
+@pytest.mark.parametrize("items", [{"../x": "eA=="}, {"a/b": "eA=="}, {".": "eA=="}, {"": "eA=="},
+                                   {"x" * 256: "eA=="}, {f"i{n}": "eA==" for n in range(1025)}])
+def test_secret_item_names_cannot_leave_the_volume(with_volumes: OfflineAgent, items: dict) -> None:
+    err = with_volumes.err("create_volume", {"name": "cfg", "kind": "secret", "items": items})
+    assert err["code"] == "invalid_request"
+    assert with_volumes.ctl("ls", path="/run/parma/volumes/cfg") in (None, [])

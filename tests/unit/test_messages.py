@@ -223,6 +223,7 @@ REQUIRED_EXAMPLE = {
     EnforcementPoint.unmount_overlay: {"target": "/t"},
     EnforcementPoint.scratch_mount: {"target": "/t"},
     EnforcementPoint.scratch_unmount: {"target": "/t"},
+    EnforcementPoint.create_volume: {"target": "/t", "kind": "emptyDir"},
     EnforcementPoint.create_container: {"container_id": "c", "argv": ["x"]},
     EnforcementPoint.exec_in_container: {"container_id": "c", "argv": ["x"]},
     EnforcementPoint.exec_external: {"argv": ["x"]},

@@ -70,7 +70,11 @@ def test_generated_policy_is_canonical_and_valid(tmp_path: Path) -> None:
     web = doc["containers"][0]
     assert web["layers"] == list(BUSYBOX) and web["id"] == "busybox:1.36"
     assert web["command"] == ["/bin/httpd", "-f", "-p", "8080", "-h", "/www"]
-    assert doc["volumes"] == [{"name": "www", "target": "/run/parma/volumes/www", "device_hash": WWW_HASH}]
+    # Every volume pinned by kind; the files volume also by its root hash.
+    assert sorted(doc["volumes"], key=lambda v: v["name"]) == [
+        {"name": "cfg", "target": "/run/parma/volumes/cfg", "kind": "secret"},
+        {"name": "scratch", "target": "/run/parma/volumes/scratch", "kind": "emptyDir"},
+        {"name": "www", "target": "/run/parma/volumes/www", "device_hash": WWW_HASH}]
     assert {m["destination"]: (m["source"], m["options"][-1]) for m in web["mounts"]} == {
         "/www": ("/run/parma/volumes/www", "ro"), "/tmp/s": ("/run/parma/volumes/scratch", "rw"),
         "/cfg": ("/run/parma/volumes/cfg", "ro")}
@@ -98,7 +102,8 @@ def test_same_inputs_same_bytes(tmp_path: Path) -> None:
 
 # A generated policy for fixed inputs hashes to this on every machine. A change here changes the
 # HOST_DATA of every existing group: update it only on purpose.
-GOLDEN_GENERATED_HASH = "afa53d6b1d3711cbdc99bd2ccf07dc1ecf27f9da0db60fff4582c264b1be4809"
+# Changed on purpose by issue 13 (item 4): the policy now pins the kind of every volume.
+GOLDEN_GENERATED_HASH = "e860ca6a4eb19256e03fa4ae699740bd8f8f6bca70e54be7bcb9c4a90760b572"
 
 
 def test_golden_hash_of_a_generated_policy(tmp_path: Path) -> None:
@@ -243,6 +248,8 @@ def test_generated_policy_allows_what_the_launcher_requests(tmp_path: Path) -> N
         assert d.allowed, d.reason
 
     ok("mount_device", {"target": "/run/parma/volumes/www", "device_hash": WWW_HASH})
+    ok("create_volume", {"target": "/run/parma/volumes/cfg", "kind": "secret"})
+    ok("create_volume", {"target": "/run/parma/volumes/scratch", "kind": "emptyDir"})
     for i, h in enumerate(BUSYBOX):
         ok("mount_device", {"target": layer_target(i), "device_hash": h})
     web = spec.containers[0]

@@ -12,6 +12,7 @@ class EnforcementPoint(StrEnum):
     unmount_overlay = "unmount_overlay"
     scratch_mount = "scratch_mount"
     scratch_unmount = "scratch_unmount"
+    create_volume = "create_volume"          # parma-sandbox extension (volumes in the policy)
     create_container = "create_container"
     exec_in_container = "exec_in_container"
     exec_external = "exec_external"
@@ -20,3 +21,8 @@ class EnforcementPoint(StrEnum):
     get_properties = "get_properties"
     dump_stacks = "dump_stacks"
     runtime_logging = "runtime_logging"
+
+
+# Points of parma-sandbox's own (ACI's framework has no rule for them): a Rego module neither writes nor
+# needs them, and the engine decides them from the policy's extension fields.
+EXTENSION_POINTS = frozenset({EnforcementPoint.create_volume})
