@@ -1,7 +1,8 @@
 """The OCI runtime spec (config.json) the agent writes for crun. The host never supplies a spec.
 
-Everything security-relevant comes from the policy engine's decision (env, capabilities) or is fixed
-here (namespaces, masked paths, default mounts, no hooks). Containers share the UVM's network
+Everything security-relevant comes from the policy engine's decision (env, capabilities), from what
+the guest measured and the engine checked (the seccomp profile), or is fixed here (namespaces, masked
+paths, default mounts, no hooks). Containers share the UVM's network
 namespace, which is the group's network namespace. Field names follow the OCI runtime spec 1.0.2.
 """
 
@@ -78,6 +79,7 @@ class ContainerSpec:
     hostname: str
     binds: tuple[BindMount, ...] = ()
     privileged: bool = False
+    seccomp: dict[str, Any] | None = None    # linux.seccomp exactly as measured (sandbox/shared/seccomp.py)
 
 
 def build_spec(spec: ContainerSpec) -> dict[str, Any]:
@@ -91,6 +93,8 @@ def build_spec(spec: ContainerSpec) -> dict[str, Any]:
     if not spec.privileged:
         linux["maskedPaths"] = list(MASKED_PATHS)
         linux["readonlyPaths"] = list(READONLY_PATHS)
+    if spec.seccomp is not None:
+        linux["seccomp"] = spec.seccomp
     return {
         "ociVersion": OCI_VERSION,
         "process": spec.process.to_oci(),

@@ -30,6 +30,7 @@ from sandbox.guest.runtime import Container, ContainerStatus, CrunError
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
+from sandbox.shared import seccomp
 from sandbox.shared.codec import shown
 from sandbox.shared.errors import AttestationError, InputError
 from sandbox.shared.kbs_protocol import ATTEST_API_DIR
@@ -441,8 +442,13 @@ class AgentService:
             raise _err(ErrorCode.failed, str(e)) from None
         binds = self._bind_mounts(r.mounts)
         user, groups = _identity(who)
+        # The profile crun will apply is the one measured here (never a hash the host names).
+        try:
+            profile = seccomp.parse_profile(r.seccomp_profile) if r.seccomp_profile is not None else None
+        except seccomp.SeccompError as e:
+            raise _err(ErrorCode.invalid_request, e.message) from None
         check = CreateContainerInput.from_request(r, mounts=BASE_MOUNTS + binds, user=user, groups=groups,
-                                                  capabilities=caps)
+                                                  capabilities=caps, seccomp_profile_sha256=seccomp.measure(profile))
 
         def action(decision: Decision) -> Container:
             env = decision.env_list if decision.env_list is not None else r.env
@@ -453,7 +459,8 @@ class AgentService:
                                       no_new_privileges=r.no_new_privileges)
             spec = oci.build_spec(oci.ContainerSpec(container_id, rootfs, process, self.hostname,
                                                     tuple(oci.BindMount(b.destination, b.source, b.options)
-                                                          for b in binds), r.privileged))
+                                                          for b in binds), r.privileged,
+                                                    profile.to_oci() if profile is not None else None))
             c = Container(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
                           decision.allow_stdio_access, exec_caps=final_caps,
                           user=(who.uid, who.gid, process.additional_gids), working_dir=r.working_dir,

@@ -20,6 +20,8 @@ Mapping (docs/policy.md, "Generation"):
 - key_brokers: the pins of the key brokers the agent may accept secrets from (`key_brokers` argument);
 - capabilities: the usual 14 (bounding/effective/permitted) adjusted by the group's add/drop;
   privileged: all 41 (bounding/effective/permitted) and allow_elevated; inheritable/ambient empty;
+- seccomp_profile_sha256: the measurement of the container's `seccompProfile` (sandbox/shared/seccomp.py;
+  "" without one, which allows exactly no profile, as in ACI);
 - debug mode: exec processes /bin/sh and /bin/bash, an allow-all env rule, and runtime logging,
   properties access and stack dumps turned on.
 """
@@ -52,6 +54,7 @@ from sandbox.shared.policy.model import (
     Volume,
 )
 from sandbox.shared.policy.model import VolumeKind as PolicyVolumeKind
+from sandbox.shared.seccomp import measure
 
 DEBUG_SHELLS = (("/bin/sh",), ("/bin/bash",))
 # Matches any NAME=VALUE (VALUE may be empty or span lines): the debug-mode allow-all env rule.
@@ -171,7 +174,8 @@ def _policy_container(spec: GroupSpec, container: SpecContainer, image: Resolved
         env_rules=_env_rules(process, debug), working_dir=process.working_dir, mounts=_mounts(spec, container),
         exec_processes=_exec_processes(container, debug), signals=tuple(dict.fromkeys(container.signals)),
         allow_elevated=container.privileged, allow_stdio_access=container.stdio, no_new_privileges=False,
-        user=policy_user(process.user), capabilities=container_capabilities(container), seccomp_profile_sha256="",
+        user=policy_user(process.user), capabilities=container_capabilities(container),
+        seccomp_profile_sha256=measure(container.seccomp_profile),
     )
 
 

@@ -9,6 +9,8 @@ host against the booted UVM where the kernel, dm-verity or crun must be real.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,3 +228,65 @@ def test_secret_item_names_cannot_leave_the_volume(with_volumes: OfflineAgent, i
     err = with_volumes.err("create_volume", {"name": "cfg", "kind": "secret", "items": items})
     assert err["code"] == "invalid_request"
     assert with_volumes.ctl("ls", path="/run/parma/volumes/cfg") in (None, [])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 13, item 3: the guest measures the seccomp profile it applies
+
+
+DENY_MKDIR = {"defaultAction": "SCMP_ACT_ALLOW",
+              "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+
+
+def canonical(profile: dict) -> bytes:
+    return json.dumps(profile, separators=(",", ":")).encode()
+
+
+@pytest.fixture
+def pinned_seccomp(tmp_path: Path, layers: dict) -> Iterator[OfflineAgent]:
+    pin = hashlib.sha256(canonical(DENY_MKDIR)).hexdigest()
+    yield from agent_with(tmp_path, layers, policy_doc(policy_container(seccomp_profile_sha256=pin)))
+
+
+def create_with(agent: OfflineAgent, cid: str, profile: bytes | None) -> dict:
+    payload: dict[str, Any] = {"container_id": cid, "argv": INIT, "env": ["PATH=/usr/bin:/bin"]}
+    if profile is not None:
+        payload["seccomp_profile"] = b64(profile)
+    return agent.call("create_container", payload)
+
+
+def test_the_profile_the_host_sends_is_measured_and_applied_exactly(pinned_seccomp: OfflineAgent) -> None:
+    a = pinned_seccomp
+    rootfs(a, "app")
+    # The same profile spelled differently measures the same, and crun gets the measured form.
+    r = create_with(a, "app", json.dumps(DENY_MKDIR, indent=2, sort_keys=True).encode())
+    assert r["ok"], r
+    spec = json.loads(base64.b64decode(a.ctl("read", path="/run/parma/containers/app/config.json")))
+    assert spec["linux"]["seccomp"] == DENY_MKDIR
+    assert canonical(spec["linux"]["seccomp"]) == canonical(DENY_MKDIR)
+
+
+@pytest.mark.parametrize(("profile", "code", "needle"), [
+    (None, "policy_denied", "seccomp_profile_sha256 '' does not match"),                     # pinned, none sent
+    (canonical({**DENY_MKDIR, "defaultAction": "SCMP_ACT_LOG"}), "policy_denied", "seccomp_profile_sha256"),
+    (canonical({"defaultAction": "SCMP_ACT_ALLOW"}), "policy_denied", "seccomp_profile_sha256"),
+    (canonical(DENY_MKDIR)[:-1], "invalid_request", "seccomp profile"),
+    (canonical({**DENY_MKDIR, "listenerPath": "/run/x"}), "invalid_request", "seccomp agent"),
+    (b'{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[],"syscalls":[]}', "invalid_request", "duplicate key"),
+])
+def test_a_profile_other_than_the_pinned_one_is_denied(pinned_seccomp: OfflineAgent, profile: bytes | None,
+                                                       code: str, needle: str) -> None:
+    a = pinned_seccomp
+    rootfs(a, "app")
+    r = create_with(a, "app", profile)
+    assert not r["ok"] and r["error"]["code"] == code and needle in r["error"]["message"], r
+    assert a.ctl("ls", path="/run/crun") in (None, [])           # crun never saw a spec
+
+
+def test_an_empty_pin_allows_exactly_no_profile(agent: OfflineAgent) -> None:
+    rootfs(agent, "app")
+    r = create_with(agent, "app", canonical({"defaultAction": "SCMP_ACT_ALLOW"}))
+    assert r["error"]["code"] == "policy_denied" and "seccomp_profile_sha256" in r["error"]["message"]
+    assert create_with(agent, "app", None)["ok"]
+    spec = json.loads(base64.b64decode(agent.ctl("read", path="/run/parma/containers/app/config.json")))
+    assert "seccomp" not in spec["linux"]

@@ -87,7 +87,7 @@ EXAMPLES: dict[Op, Message] = {
         "web", ("/bin/httpd", "-f"), ("PATH=/bin", "A=1"), working_dir="/srv", user="33:33",
         mounts=(ContainerMount("/www", "/run/parma/volumes/www", "bind", ("rbind", "rprivate", "ro")),),
         capabilities=CAPS, privileged=True, no_new_privileges=True, umask="027",
-        seccomp_profile_sha256="ab" * 32),
+        seccomp_profile=b'{"defaultAction":"SCMP_ACT_ALLOW"}'),
     Op.start_container: StartContainerRequest("web"),
     Op.exec_process: ExecProcessRequest("web", ("/bin/cat", "/etc/os-release"), ("TERM=xterm",), "/tmp"),
     Op.signal_process: SignalProcessRequest("web", 15, exec_id="e1"),

@@ -18,6 +18,7 @@ from sandbox.shared import protocol as P
 from sandbox.shared.messages import CreateContainerRequest
 from sandbox.shared.policy import PolicyEngine
 from sandbox.shared.policy.inputs import CreateContainerInput, NamedId
+from sandbox.shared.seccomp import measure, parse_profile
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello" / "group.json"
 BUSYBOX = ImageConfig(cmd=("sh",), env=("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",))
@@ -41,8 +42,10 @@ def create_input(create: CreateContainerRequest) -> CreateContainerInput:
     """service.op_create_container's engine input for the launcher's create_container request."""
     uid, user, gid, group = PASSWD[create.user]
     assert create.capabilities is not None
+    profile = parse_profile(create.seccomp_profile) if create.seccomp_profile is not None else None
     return CreateContainerInput.from_request(create, mounts=BASE_MOUNTS + create.mounts, user=NamedId(uid, user),
-                                             groups=(NamedId(gid, group),), capabilities=create.capabilities)
+                                             groups=(NamedId(gid, group),), capabilities=create.capabilities,
+                                             seccomp_profile_sha256=measure(profile))
 
 
 def test_every_request_of_up_is_allowed(setup) -> None:

@@ -169,13 +169,15 @@ class CreateContainerInput(_Input):
 
     @classmethod
     def from_request(cls, request: CreateContainerRequest, *, mounts: tuple[ContainerMount, ...], user: NamedId,
-                     groups: tuple[NamedId, ...], capabilities: Capabilities) -> CreateContainerInput:
+                     groups: tuple[NamedId, ...], capabilities: Capabilities,
+                     seccomp_profile_sha256: str) -> CreateContainerInput:
         """The request with what the guest decided itself: every mount the container gets (the
-        runtime's and the checked binds), the user and groups as its /etc files resolve them, and the
-        capability sets it applies (the runtime's defaults when the request named none)."""
+        runtime's and the checked binds), the user and groups as its /etc files resolve them, the
+        capability sets it applies (the runtime's defaults when the request named none), and its own
+        measurement of the seccomp profile it will apply (sandbox/shared/seccomp.py)."""
         return cls(request.container_id, request.argv, request.env, request.working_dir, mounts, user, groups,
                    request.umask.rjust(4, "0"), capabilities, request.privileged, request.no_new_privileges,
-                   request.seccomp_profile_sha256)
+                   seccomp_profile_sha256)
 
 
 @dataclass(frozen=True)
