@@ -9,7 +9,7 @@ Real: the frame loop (sandbox.guest.server.serve_fd), the frame parser, the type
 AgentService and its gate and policy engine, process handles and the reaper (the agent is PID 1 of its
 pid namespace, as it can be in the UVM), output capture, and every mount the agent makes itself
 (tmpfs scratch and volumes, overlay rootfs, read-only remounts), in the private mount namespace.
-Stand-ins: HOST_DATA is the policy's hash (no attestation report); a layer "device" is a directory
+Stand-ins: HOST_DATA is the policy's hash (no attestation report); poweroff only logs; a layer "device" is a directory
 bind-mounted read-only at the target, with the root hash the test declares (dm-verity and the
 device's own root hash are the vm tier's); crun is tests/offline_crun.py (real processes, crun's
 process model, no isolation beyond a mount namespace and a chroot). Needs root (namespaces, mounts).
@@ -216,8 +216,9 @@ def _install_stand_ins(devices: dict[str, dict[str, str]]) -> None:
         return blockdev.VerityMount(device, devmapper.DmDevice(dm_name, 253, next(counter)), layout.root_hash,
                                     layout.data_blocks, target)
 
-    def unmount_verity(mount: blockdev.VerityMount) -> None:
+    def unmount_verity(mount: blockdev.VerityMount) -> str | None:
         sysapi.umount(mount.target)
+        return None
 
     blockdev.find_by_serial = find_by_serial
     blockdev.read_layout = read_layout
@@ -324,6 +325,7 @@ def main() -> int:
     digest = hashlib.sha256(policy).digest()
     service = AgentService(host_data=lambda: HostData(digest, "offline"), hostname="parma")
     service.attest_api_started.set()
+    service.poweroff_hook = lambda: print("offline agent: poweroff asked (ignored)", file=sys.stderr, flush=True)
     threading.Thread(target=_serve_control, args=(args.control_fd, service), daemon=True).start()
     serve_fd(args.fd, service.handle, reconnecting=False)
     time.sleep(0.1)

@@ -34,15 +34,22 @@ def base_mounts() -> list[dict[str, Any]]:
              "options": list(m["options"])} for m in defaults.DEFAULT_MOUNTS if m["type"] != "cgroup2"]
 
 
+# Options every bind of a group volume gets, whatever the request and policy list: a volume's content
+# comes from the host (secret), another container (emptyDir) or the group's files, and must never carry
+# set-uid programs or device nodes into a container. crun remounts a bind with exactly its options
+# (for `ro`), so the source mount's own nosuid/nodev are not enough.
+BIND_HARDENING = ("nosuid", "nodev")
+
+
 @dataclass(frozen=True)
 class BindMount:
     destination: str
     source: str
-    options: tuple[str, ...]     # exactly as the policy allowed them
+    options: tuple[str, ...]     # as the policy allowed them; BIND_HARDENING is added
 
     def to_oci(self) -> dict[str, Any]:
         return {"destination": self.destination, "type": "bind", "source": self.source,
-                "options": list(self.options)}
+                "options": [*self.options, *(o for o in BIND_HARDENING if o not in self.options)]}
 
 
 @dataclass(frozen=True)

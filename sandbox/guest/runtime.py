@@ -72,6 +72,7 @@ class Container:
     identity: dict[str, Any] = field(default_factory=dict)   # user/groups/umask as the policy saw them
     working_dir: str = "/"
     no_new_privileges: bool = False
+    volume_sources: frozenset[str] = frozenset()    # the group volumes bound into it
     status: ContainerStatus = ContainerStatus.created
     init: Process | None = None
     execs: dict[str, Process] = field(default_factory=dict)

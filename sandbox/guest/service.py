@@ -250,12 +250,19 @@ class AgentService:
         users = [o.container_id for o in self.overlays.values() if target in o.layer_paths]
         if users:
             raise _err(ErrorCode.conflict, f"{target} is a layer of the overlay of {', '.join(users)}")
+        # A volume's device stays while a container binds it: once unmounted, the agent could no longer
+        # tell the pinned volume from the empty directory under it.
+        binders = [c.id for c in self.containers.values() if not c.deleted and target in c.volume_sources]
+        if binders:
+            raise _err(ErrorCode.conflict, f"{target} is bound into container {', '.join(binders)}")
 
         def action(_decision: Decision) -> None:
             try:
-                blockdev.unmount_verity(mount)
+                note = blockdev.unmount_verity(mount)
             except OSError as e:
                 raise _err(ErrorCode.failed, f"cannot unmount {target}: {e}") from None
+            if note:    # unmounted all the same: the state must say so
+                self._console(f"{target} unmounted; {note}")
 
         self.gate.enforce(r, action)
         del self.devices[target]
@@ -432,9 +439,7 @@ class AgentService:
         rootfs = P.container_dir(container_id) + "/rootfs"
         if rootfs not in self.overlays:
             raise _err(ErrorCode.conflict, f"mount_overlay for {container_id} first (at {rootfs})")
-        for e in r.env:
-            if "=" not in e:
-                raise _err(ErrorCode.invalid_request, f"env entry {shown(e)} has no '='")
+        _check_env(r.env)
         caps = r.capabilities or _default_capabilities()
         try:
             who = resolve_user(rootfs, r.user)
@@ -463,6 +468,7 @@ class AgentService:
                                                     profile.to_oci() if profile is not None else None))
             c = Container(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
                           decision.allow_stdio_access, exec_caps=final_caps,
+                          volume_sources=frozenset(b.source for b in binds),
                           user=(who.uid, who.gid, process.additional_gids), working_dir=r.working_dir,
                           no_new_privileges=r.no_new_privileges)
             try:
@@ -491,6 +497,7 @@ class AgentService:
 
     def op_exec_process(self, r: M.ExecProcessRequest) -> M.ExecProcessResult:
         c = self._container(r.container_id)
+        _check_env(r.env)
         if c.refresh() != ContainerStatus.running:
             raise _err(ErrorCode.conflict, f"container {c.id} is {c.status.value}, not running")
         exec_id = runtime.next_exec_id(c)
@@ -592,6 +599,14 @@ class AgentService:
             out.append(M.ContainerInfo(cid, status.value, c.init.pid if c.init else None,
                                      exit_status.shell_code if exit_status else None, c.stdio))
         return M.ListContainersResult(tuple(out))
+
+
+def _check_env(env: tuple[str, ...]) -> None:
+    """Every entry NAME=VALUE with a NAME: the policy's rules and the process see the same variables."""
+    for e in env:
+        name, sep, _ = e.partition("=")
+        if not sep or not name:
+            raise _err(ErrorCode.invalid_request, f"env entry {shown(e)} is not NAME=VALUE with a name")
 
 
 def _clamp(seconds: float, limit: float) -> float:

@@ -290,3 +290,213 @@ def test_an_empty_pin_allows_exactly_no_profile(agent: OfflineAgent) -> None:
     assert create_with(agent, "app", None)["ok"]
     spec = json.loads(base64.b64decode(agent.ctl("read", path="/run/parma/containers/app/config.json")))
     assert "seccomp" not in spec["linux"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Siblings: the catalog a malicious host would try next
+
+
+APP_USER = {"user_idname": {"pattern": "app", "strategy": "name"},
+            "group_idnames": [{"pattern": "", "strategy": "any"}], "umask": "0022"}
+WWW = {"destination": "/www", "source": "/run/parma/volumes/www", "type": "bind", "options": ["rbind", "rprivate", "ro"]}
+
+
+@pytest.fixture
+def strict(tmp_path: Path, layers: dict) -> Iterator[OfflineAgent]:
+    """A container that runs as `app`, binds a files volume, and allows stdio; a second without stdio."""
+    doc = policy_doc(policy_container(user=APP_USER, mounts=[WWW]),
+                     policy_container(name="quiet", layers=[OTHER_LAYER], allow_stdio_access=False),
+                     volumes=[{"name": "www", "target": "/run/parma/volumes/www", "device_hash": OTHER_LAYER}],
+                     allow_properties_access=True, allow_dump_stacks=True)
+    yield from agent_with(tmp_path, layers, doc)
+
+
+def env(*extra: str) -> list[str]:
+    return ["PATH=/usr/bin:/bin", *extra]
+
+
+@pytest.mark.parametrize(("change", "code", "needle"), [
+    ({"env": env("LD_PRELOAD=/tmp/evil.so")}, "policy_denied", "LD_PRELOAD"),
+    ({"env": env("ld_preload=/tmp/evil.so")}, "policy_denied", "ld_preload"),
+    ({"env": env("LD_AUDIT=/x.so")}, "policy_denied", "LD_AUDIT"),
+    ({"env": ["PATH=/tmp:/usr/bin:/bin"]}, "policy_denied", "PATH=/tmp"),
+    ({"env": env("PATH=/tmp")}, "policy_denied", "PATH=/tmp"),                       # a duplicate name
+    ({"env": env("=/tmp/evil.so")}, "invalid_request", "NAME=VALUE"),                # an empty name
+    ({"env": env("LD_PRELOAD")}, "invalid_request", "NAME=VALUE"),
+    ({"working_dir": "/../../etc"}, "policy_denied", "working_dir"),
+    ({"working_dir": "/proc/1/root"}, "policy_denied", "working_dir"),
+    ({"user": "0"}, "policy_denied", "user"),
+    ({"user": "root"}, "policy_denied", "user"),
+    ({"user": "65534"}, "policy_denied", "user"),
+    ({"user": "nobody"}, "policy_denied", "user"),
+    ({"user": "no-such-user"}, "failed", "no-such-user"),
+    ({"privileged": True}, "policy_denied", "allow_elevated"),
+    ({"capabilities": {"bounding": ["CAP_SYS_ADMIN"], "effective": ["CAP_SYS_ADMIN"],
+                       "permitted": ["CAP_SYS_ADMIN"]}}, "policy_denied", "capabilities"),
+    ({"umask": "000"}, "policy_denied", "umask"),
+    ({"mounts": [{**WWW, "destination": "/proc"}]}, "policy_denied", "/proc"),
+    ({"mounts": [{**WWW, "destination": "/www/../etc"}]}, "invalid_request", "destination"),
+    ({"mounts": [{**WWW, "source": "/run/parma/volumes/../layers/l0"}]}, "invalid_request", "not a group volume"),
+    ({"mounts": [{**WWW, "source": "/run/parma/layers/l0"}]}, "invalid_request", "not a group volume"),
+    ({"mounts": [{**WWW, "source": "/"}]}, "invalid_request", "not a group volume"),
+    ({"mounts": [{**WWW, "options": ["rbind", "rprivate", "rw"]}]}, "policy_denied", "options"),
+    ({"mounts": [{**WWW, "options": ["rbind", "rprivate", "ro", "suid"]}]}, "policy_denied", "options"),
+    ({"mounts": [{**WWW, "type": "proc"}]}, "invalid_request", "only bind mounts"),
+])
+def test_create_container_tricks_are_refused(strict: OfflineAgent, change: dict, code: str, needle: str) -> None:
+    a = strict
+    a.ok("mount_device", {"device": "L1", "target": "/run/parma/volumes/www"})
+    rootfs(a, "app")
+    r = a.call("create_container", {"container_id": "app", "argv": INIT, "env": env(), "user": "app",
+                                    "mounts": [WWW], **change})
+    assert not r["ok"] and r["error"]["code"] == code and needle in r["error"]["message"], r
+    # ...and nothing was created: the honest request still works.
+    a.ok("create_container", {"container_id": "app", "argv": INIT, "env": env(), "user": "app", "mounts": [WWW]})
+
+
+def test_the_primary_group_is_the_hosts_choice_only_when_the_policy_says_any(strict: OfflineAgent) -> None:
+    """As in ACI: a policy that pins the user by name and any group lets the host pick the group
+    (docs/security.md says so; `user: name:group` in the group file pins it)."""
+    a = strict
+    a.ok("mount_device", {"device": "L1", "target": "/run/parma/volumes/www"})
+    rootfs(a, "app")
+    a.ok("create_container", {"container_id": "app", "argv": INIT, "env": env(), "user": "app:wheel",
+                              "mounts": [WWW]})
+
+
+def test_a_volume_device_stays_while_a_container_binds_it(strict: OfflineAgent) -> None:
+    a = strict
+    a.ok("mount_device", {"device": "L1", "target": "/run/parma/volumes/www"})
+    running(a, user="app", mounts=[WWW])
+    err = a.err("unmount_device", {"target": "/run/parma/volumes/www"})
+    assert err["code"] == "conflict" and "bound into container app" in err["message"]
+    err = a.err("unmount_device", {"target": "/run/parma/layers/l0"})
+    assert err["code"] == "conflict" and "overlay of app" in err["message"]
+    a.ok("shutdown_container", {"container_id": "app", "timeout": 2})
+    a.ok("unmount_device", {"target": "/run/parma/volumes/www"})
+    # Gone for the engine too: a new container cannot bind the empty directory left behind.
+    rootfs(a, "app2")
+    err = a.err("create_container", {"container_id": "app2", "argv": INIT, "env": env(), "user": "app",
+                                     "mounts": [WWW]})
+    assert err["code"] in ("invalid_request", "policy_denied")
+
+
+def test_container_ids_are_never_reused_and_stopped_containers_take_no_exec(agent: OfflineAgent) -> None:
+    running(agent)
+    agent.ok("shutdown_container", {"container_id": "app", "timeout": 2})
+    err = agent.err("exec_process", {"container_id": "app", "argv": SLEEPER, "env": env()})
+    assert err["code"] == "conflict" and "not running" in err["message"]
+    agent.ok("unmount_overlay", {"target": ROOTFS.format("app")})
+    agent.ok("mount_overlay", {"container_id": "app", "layer_paths": ["/run/parma/layers/l0"],
+                               "target": ROOTFS.format("app")})
+    err = agent.err("create_container", {"container_id": "app", "argv": INIT, "env": env()})
+    assert err["code"] in ("conflict", "policy_denied")
+    assert agent.err("signal_process", {"container_id": "app", "signal": 9})["code"] in ("conflict", "policy_denied")
+
+
+def test_exec_into_a_created_but_not_started_container_is_refused(agent: OfflineAgent) -> None:
+    rootfs(agent, "app")
+    agent.ok("create_container", {"container_id": "app", "argv": INIT, "env": env()})
+    err = agent.err("exec_process", {"container_id": "app", "argv": SLEEPER, "env": env()})
+    assert err["code"] == "conflict" and "created, not running" in err["message"]
+
+
+def test_signals_follow_the_policy_for_init_and_each_exec_process(agent: OfflineAgent) -> None:
+    running(agent)
+    e = agent.ok("exec_process", {"container_id": "app", "argv": SLEEPER, "env": env()})
+    # SHORT's exec process allows no signal; init allows 9 and 15 only.
+    err = agent.err("signal_process", {"container_id": "app", "signal": 10})
+    assert err["code"] == "policy_denied" and "to the init process" in err["message"]
+    err = agent.err("signal_process", {"container_id": "app", "exec_id": e["exec_id"], "signal": 10})
+    assert err["code"] == "policy_denied" and "exec_process" in err["message"]
+    assert agent.err("signal_process", {"container_id": "app", "exec_id": "e99", "signal": 9})["code"] == "not_found"
+    assert agent.err("signal_process", {"container_id": "other", "signal": 9})["code"] == "not_found"
+    agent.ok("signal_process", {"container_id": "app", "exec_id": e["exec_id"], "signal": 15})
+
+
+@pytest.mark.parametrize(("op", "payload", "code"), [
+    ("exec_process", {"container_id": "app", "argv": SLEEPER, "env": env(), "working_dir": "/../etc"},
+     "policy_denied"),
+    ("exec_process", {"container_id": "app", "argv": SLEEPER, "env": ["LD_PRELOAD"]}, "invalid_request"),
+    ("exec_process", {"container_id": "app", "argv": SLEEPER, "env": ["=x"]}, "invalid_request"),
+    ("exec_process", {"container_id": "app", "argv": SLEEPER, "env": env("LD_PRELOAD=/x.so")}, "policy_denied"),
+    ("exec_process", {"container_id": "app", "argv": ["/bin/sh"], "env": env()}, "policy_denied"),
+    ("exec_process", {"container_id": "app", "argv": [*SLEEPER, "x"], "env": env()}, "policy_denied"),
+])
+def test_exec_tricks_are_refused(agent: OfflineAgent, op: str, payload: dict, code: str) -> None:
+    running(agent)
+    assert agent.err(op, payload)["code"] == code
+
+
+def test_output_the_policy_keeps_from_the_host_stays_there(strict: OfflineAgent) -> None:
+    a = strict
+    rootfs(a, "quiet", device="L1", layer_target="/run/parma/layers/l1")
+    a.ok("create_container", {"container_id": "quiet", "argv": INIT, "env": env()})
+    a.ok("start_container", {"container_id": "quiet"})
+    err = a.err("read_output", {"container_id": "quiet"})
+    assert err["code"] == "policy_denied" and "allow_stdio_access is false" in err["message"]
+    e = a.ok("exec_process", {"container_id": "quiet", "argv": SHORT, "env": env()})
+    assert e["stdio"] is False
+    assert a.err("read_output", {"container_id": "quiet", "exec_id": e["exec_id"]})["code"] == "policy_denied"
+
+
+def test_properties_and_stacks_show_no_secrets(tmp_path: Path, layers: dict) -> None:
+    """Stack dumps carry code lines, never values; properties carry ids and hashes. Neither shows what
+    went through the agent: a secret volume's content, an env value."""
+    marker = "s3cr3t-marker-7f1c"
+    doc = policy_doc(policy_container(env_rules=[{"pattern": "TOKEN=.*", "strategy": "re2", "required": True}],
+                                      mounts=[CFG]),
+                     volumes=[{"name": "cfg", "target": "/run/parma/volumes/cfg", "kind": "secret"}],
+                     allow_properties_access=True, allow_dump_stacks=True)
+    for a in agent_with(tmp_path, layers, doc):
+        a.ok("create_volume", {"name": "cfg", "kind": "secret", "items": {"token": b64(marker.encode())}})
+        rootfs(a, "app")
+        a.ok("create_container", {"container_id": "app", "argv": INIT, "env": [f"TOKEN={marker}"], "mounts": [CFG]})
+        a.ok("start_container", {"container_id": "app"})
+        text = json.dumps([a.ok("get_properties"), a.ok("dump_stacks")])
+        assert marker not in text and "--- thread" in text
+
+
+def test_the_policy_is_set_once(agent: OfflineAgent) -> None:
+    err = agent.err("set_policy", {"policy": base64.b64encode(agent.policy).decode()})
+    assert err["code"] == "policy_already_set"
+    other = policy_doc(policy_container(command=["/bin/sh"]))
+    assert agent.err("set_policy", {"policy": base64.b64encode(other).decode()})["code"] == "policy_already_set"
+
+
+def test_state_after_a_failed_create_is_unchanged(tmp_path: Path, layers: dict) -> None:
+    missing = ["/bin/not-in-the-layer"]
+    doc = policy_doc(policy_container(command=missing))
+    for a in agent_with(tmp_path, layers, doc):
+        rootfs(a, "app")
+        handles = a.ctl("tracked")
+        for _ in range(2):      # the same failure again: the first attempt left nothing behind
+            err = a.err("create_container", {"container_id": "app", "argv": missing, "env": env()})
+            assert err["code"] == "failed" and "not found" in err["message"]
+        assert a.ok("list_containers")["containers"] == []
+        assert a.ctl("tracked") == handles
+        assert a.ctl("ls", path="/run/crun") in (None, [])
+
+
+def test_layer_stacks_with_duplicates_or_volume_devices_are_refused(strict: OfflineAgent) -> None:
+    a = strict
+    a.ok("mount_device", {"device": "L0", "target": "/run/parma/layers/l0"})
+    a.ok("mount_device", {"device": "L0", "target": "/run/parma/layers/l9"})     # one device twice: allowed
+    a.ok("mount_device", {"device": "L1", "target": "/run/parma/volumes/www"})
+    a.ok("mount_scratch", {"container_id": "app"})
+    for paths in (["/run/parma/layers/l0", "/run/parma/layers/l9"], ["/run/parma/volumes/www"],
+                  ["/run/parma/layers/l0", "/run/parma/layers/l0"], ["/run/parma/layers/../layers/l0"]):
+        err = a.err("mount_overlay", {"container_id": "app", "layer_paths": paths, "target": ROOTFS.format("app")})
+        assert err["code"] in ("policy_denied", "not_found"), (paths, err)
+    a.ok("mount_overlay", {"container_id": "app", "layer_paths": ["/run/parma/layers/l9"],
+                           "target": ROOTFS.format("app")})
+    err = a.err("unmount_device", {"target": "/run/parma/layers/l9"})
+    assert err["code"] == "conflict"
+    a.ok("unmount_device", {"target": "/run/parma/layers/l0"})                  # the other copy is free
+
+
+@pytest.mark.parametrize("target", ["/run/parma/layers/../volumes/x", "/run/parma/layers/l0/", "/etc",
+                                    "/run/parma/layers/L0", "/run/parma/volumes/", "/proc/self/root"])
+def test_device_targets_are_fixed_paths(agent: OfflineAgent, target: str) -> None:
+    assert agent.err("mount_device", {"device": "L0", "target": target})["code"] in ("invalid_request",
+                                                                                      "policy_denied")

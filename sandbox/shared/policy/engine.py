@@ -504,7 +504,9 @@ class PolicyEngine:
         """Name the policy container closest to the requested layer stack and how it differs."""
         if not self._candidates:
             return "the policy allows no containers"
-        best = max(self._candidates, key=lambda c: difflib.SequenceMatcher(a=c.layers, b=stack).ratio())
+        # The same layers in another order say the most; otherwise the closest stack.
+        best = max(self._candidates, key=lambda c: (sorted(c.layers) == sorted(stack),
+                                                    difflib.SequenceMatcher(a=c.layers, b=stack).ratio()))
         want = best.layers
         if sorted(want) == sorted(stack):
             return (f"layers of {best.label!r} are in a different order "
