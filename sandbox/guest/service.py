@@ -26,7 +26,7 @@ from typing import Any, assert_never
 from sandbox.guest import blockdev, oci, runtime, snp_report, sysapi
 from sandbox.guest.gate import NO_POLICY_REASON, Gate
 from sandbox.guest.hostdata import HostData, read_host_data, uptime
-from sandbox.guest.runtime import Container, ContainerStatus, CrunError
+from sandbox.guest.runtime import ContainerStatus, CrunError, RuntimeContainer
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
@@ -89,7 +89,7 @@ class AgentService:
         self.scratch: dict[str, Path] = {}                      # container id -> scratch dir
         self.overlays: dict[str, Overlay] = {}                  # target -> overlay
         self.volumes: dict[str, Path] = {}                      # volume name -> dir
-        self.containers: dict[str, Container] = {}
+        self.containers: dict[str, RuntimeContainer] = {}
         self._dm_counter = 0
         self._console = runtime_logging or (lambda msg: None)
         self.verbose_logging = False   # the policy's allow_runtime_logging (ep runtime_logging) turns it on
@@ -398,7 +398,7 @@ class AgentService:
 
     # -- containers -----------------------------------------------------------------------------
 
-    def _container(self, container_id: str) -> Container:
+    def _container(self, container_id: str) -> RuntimeContainer:
         c = self.containers.get(container_id)
         if c is None:
             raise _err(ErrorCode.not_found, f"no container {container_id}")
@@ -455,18 +455,18 @@ class AgentService:
         check = CreateContainerInput.from_request(r, mounts=BASE_MOUNTS + binds, user=user, groups=groups,
                                                   capabilities=caps, seccomp_profile_sha256=seccomp.measure(profile))
 
-        def action(decision: Decision) -> Container:
+        def action(decision: Decision) -> RuntimeContainer:
             env = decision.env_list if decision.env_list is not None else r.env
             final_caps = (decision.caps_list or caps).sets()
             process = oci.ProcessSpec(argv=r.argv, env=env, cwd=r.working_dir, uid=who.uid, gid=who.gid,
                                       additional_gids=tuple(g for g, _ in who.additional_gids),
                                       umask=int(r.umask, 8), capabilities=final_caps,
                                       no_new_privileges=r.no_new_privileges)
-            spec = oci.build_spec(oci.ContainerSpec(container_id, rootfs, process, self.hostname,
+            spec = oci.build_spec(oci.BundleSpec(container_id, rootfs, process, self.hostname,
                                                     tuple(oci.BindMount(b.destination, b.source, b.options)
                                                           for b in binds), r.privileged,
                                                     profile.to_oci() if profile is not None else None))
-            c = Container(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
+            c = RuntimeContainer(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
                           decision.allow_stdio_access, exec_caps=final_caps,
                           volume_sources=frozenset(b.source for b in binds),
                           user=(who.uid, who.gid, process.additional_gids), working_dir=r.working_dir,
@@ -555,7 +555,7 @@ class AgentService:
                 self._forget_if_done(c, r.exec_id, proc)
         return M.ProcessExit(False, status.shell_code, status.signal)
 
-    def _forget_if_done(self, c: Container, exec_id: str, proc: runtime.Process) -> None:
+    def _forget_if_done(self, c: RuntimeContainer, exec_id: str, proc: runtime.Process) -> None:
         """An exec process whose exit the host has been told and whose output it has read to the end is
         forgotten: its handle is closed, and its id answers not_found from then on."""
         if proc.reported and (proc.log is None or proc.drained) and c.execs.get(exec_id) is proc:

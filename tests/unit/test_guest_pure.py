@@ -45,8 +45,8 @@ def test_dm_name_validation() -> None:
 def make_spec(**kw: object) -> dict:
     proc = oci.ProcessSpec(argv=("/bin/httpd", "-f"), env=("PATH=/bin", "GREETING=hello"), cwd="/", uid=65534,
                            gid=65534, capabilities={"bounding": ("CAP_KILL",), "effective": ("CAP_KILL",)})
-    return oci.build_spec(oci.ContainerSpec("web", "/run/parma/containers/web/rootfs", proc, "parma",
-                                            (oci.BindMount("/www", "/run/parma/volumes/www", ("rbind", "rprivate", "ro")),), **kw))
+    return oci.build_spec(oci.BundleSpec("web", "/run/parma/containers/web/rootfs", proc, "parma",
+                                         (oci.BindMount("/www", "/run/parma/volumes/www", ("rbind", "rprivate", "ro")),), **kw))
 
 
 def test_oci_spec_has_no_hooks_and_takes_env_and_caps_from_the_decision() -> None:

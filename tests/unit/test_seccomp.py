@@ -96,7 +96,7 @@ def test_size_and_count_limits() -> None:
 
 
 def test_group_spec_arm_policy_and_plan_carry_one_measurement(tmp_path) -> None:
-    from sandbox.aci.arm import load_template_group
+    from sandbox.group.arm import load_template_group
     from sandbox.group.jsonio import ValidationError
     from sandbox.group.spec import validate_group
     from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage

@@ -32,6 +32,7 @@ from sandbox.shared.messages import (
     MountOverlayRequest,
     MountScratchRequest,
     ShutdownContainerRequest,
+    Strings,
     UnmountDeviceRequest,
     UnmountOverlayRequest,
     UnmountScratchRequest,
@@ -88,7 +89,6 @@ def _signal(value: Any) -> int:
 
 
 NonEmptyStr = Annotated[str, NonEmpty()]
-Strings = tuple[str, ...]
 
 
 @dataclass(frozen=True)

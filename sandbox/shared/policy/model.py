@@ -113,12 +113,12 @@ class ExternalProcess:
 
 
 class VolumeKind(StrEnum):
-    """What a group volume is, as the policy pins it (the group spec's volume kinds)."""
+    """What a group volume is: the group spec's volume kinds, as the policy pins them."""
 
-    files = "files"          # a read-only device, pinned by its dm-verity root hash (mount_device)
-    empty_dir = "emptyDir"   # created empty by the guest, in its memory (create_volume)
-    tmpfs = "tmpfs"          # likewise, with a size
-    secret = "secret"        # read-only files the host delivers (create_volume); content not pinned
+    empty_dir = "emptyDir"   # a writable directory in guest memory, created empty by the guest (create_volume)
+    tmpfs = "tmpfs"          # likewise, private and of a given size
+    files = "files"          # a directory shipped with the group: a read-only device pinned by root hash
+    secret = "secret"        # small files the host delivers, read-only (create_volume); content not pinned
 
 
 @dataclass(frozen=True)
