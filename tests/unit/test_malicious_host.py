@@ -141,6 +141,8 @@ def test_a_reused_init_pid_is_never_signalled(agent: OfflineAgent) -> None:
     assert err["code"] == "conflict" and "init process of container app has exited" in err["message"]
     w = agent.ok("wait_process", {"container_id": "app", "timeout": 5})
     assert (w["exit_code"], w["signal"]) == (137, 9)
+    err = agent.err("exec_process", {"container_id": "app", "argv": SLEEPER, "env": env()})
+    assert err["code"] == "conflict" and "exited, not running" in err["message"]
     r = agent.ok("shutdown_container", {"container_id": "app", "timeout": 2})
     assert r["signal"] == 9                             # the container's own status, again
     assert agent.ctl("alive", pid=init)
