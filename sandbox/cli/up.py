@@ -5,19 +5,13 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from sandbox.cli.common import emit, format_option, info, render_table
+from sandbox.cli.common import DeferredChoice, emit, format_option, info, render_table
 from sandbox.cli.errors import Interrupted, PassThroughCommand
 from sandbox.cli.template_options import template_options, volume_paths
-from sandbox.group import GroupSpec, TeeMode, load_group
-from sandbox.kbs.client import check_url
-from sandbox.launch import lifecycle
-from sandbox.launch.measured import IdentityOptions
-from sandbox.launch.pipeline import UpOptions
-from sandbox.launch.pipeline import up as launch_up
 from sandbox.log import QUIET, setup_logging
 from sandbox.shared.errors import (
     ExecCannotInvoke,
@@ -28,7 +22,13 @@ from sandbox.shared.errors import (
     SandboxError,
 )
 from sandbox.state import list_sandboxes
-from sandbox.vmm.config import Backend
+
+if TYPE_CHECKING:
+    from sandbox.group import GroupSpec
+    from sandbox.launch.pipeline import UpOptions
+
+# The group loader, the launcher, the key broker client and the lifecycle operations are imported by the
+# commands that use them: `ps` must not pay for `up` (start-up time, sandbox/cli/main.py).
 
 
 @click.command("up")
@@ -36,10 +36,16 @@ from sandbox.vmm.config import Backend
 @click.option("-d", "--detach", is_flag=True, help="Start the group and return; do not stream logs.")
 @click.option("--name", help="Sandbox name (default: the group's name).")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Use this policy file instead of generating one.")
-@click.option("--tee", type=click.Choice([t.value for t in TeeMode]), default=None,
+              help="Use this policy instead of generating one: a JSON policy, or ACI's Rego (text, base64, or an "
+                   "ARM template's ccePolicy). An ARM template with a ccePolicy brings its own (docs/aci.md).")
+@click.option("--fragment", "fragments", multiple=True, metavar="FILE|REFERENCE",
+              help="Load this signed policy fragment (a .cose file, or a registry reference to a standalone or "
+                   "image-attached fragment) after the policy. Repeatable.")
+@click.option("--drop-fragments", is_flag=True,
+              help="Load no fragment the policy imports unless named with --fragment (nothing is fetched).")
+@click.option("--tee", type=DeferredChoice("sandbox.group", "TeeMode"), default=None,
               help="TEE mode (default: the group's 'tee', else auto).")
-@click.option("--backend", type=click.Choice([b.value for b in Backend]), default=Backend.qemu.value,
+@click.option("--backend", type=DeferredChoice("sandbox.vmm.config", "Backend"), default="qemu",
               show_default=True, help="Run QEMU directly, or as a transient libvirt domain.")
 @click.option("--kbs", "kbs_url", help="Key broker URL for the attestation API (pinned in the generated policy; "
                                         "docs/kbs.md), e.g. http://127.0.0.1:8300.")
@@ -58,8 +64,8 @@ from sandbox.vmm.config import Backend
                    "see docs/snp-lab.md.")
 @template_options
 @format_option
-def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, tee: str | None,
-       backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], id_key: Path | None, author_key: Path | None,
+def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, fragments: tuple[str, ...],
+       drop_fragments: bool, tee: str | None, backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], id_key: Path | None, author_key: Path | None,
        id_block: Path | None, expect_measurement: str | None, debug_files: bool, template_group: str | None,
        volumes: tuple[str, ...], fmt: str | None) -> int:
     """Pull, convert, generate the policy, launch the UVM and start GROUP_FILE's containers.
@@ -68,12 +74,23 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     exit code, taking the sandbox down; Ctrl-C also takes it down. With -d it prints the sandbox and
     returns.
     """
+    from sandbox.aci.ccepolicy import template_ccepolicy_of_file
+    from sandbox.group import TeeMode, load_group
+    from sandbox.kbs.client import check_url
+    from sandbox.launch.measured import IdentityOptions
+    from sandbox.launch.pipeline import UpOptions
+    from sandbox.vmm.config import Backend
+
     if debug_files:
         setup_logging(debug=True, quiet=QUIET.get())
     identity = IdentityOptions(id_key=id_key, author_key=author_key, id_block=id_block,
                                expect_measurement=_measurement(expect_measurement))
     spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
-    opts = UpOptions(name=name, policy_file=policy_file, tee=TeeMode(tee) if tee else None,
+    if policy_file is None and template_ccepolicy_of_file(group_file, template_group) is not None:
+        # An ACI template with a ccePolicy runs under that policy, byte for byte: the HOST_DATA ACI attests.
+        policy_file = group_file
+    opts = UpOptions(name=name, policy_file=policy_file, policy_group=template_group, fragments=fragments,
+                     fetch_fragments=not drop_fragments, tee=TeeMode(tee) if tee else None,
                      backend=Backend(backend), detach=detach,
                      kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys, identity=identity)
     # SIGTERM/SIGHUP (a supervisor, a closed terminal) take the same clean path as Ctrl-C: a VM being
@@ -88,12 +105,16 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
 
 
 def _up(spec: GroupSpec, opts: UpOptions, fmt: str | None) -> int:
+    from sandbox.launch import lifecycle
+    from sandbox.launch.pipeline import up as launch_up
+
     launched = launch_up(spec, opts)
     rec = launched.record
     summary = {"name": launched.name, "status": rec.status.value, "tee": rec.tee, "accel": rec.accel,
                "backend": rec.backend, "policy_hash": rec.policy_hash,
                "containers": [c.name for c in rec.containers],
                "ports": [f"{p.host_address}:{p.host_port}->{p.port}" for p in rec.ports],
+               "fragments": [f["namespace"] for f in (rec.startup or {}).get("fragments", [])],
                "timings": launched.timings.marks}
     if opts.detach:
         emit(summary, fmt, lambda s: f"{s['name']}: running ({s['tee']}, {s['accel']}); containers: "
@@ -150,6 +171,8 @@ def ps(fmt: str | None) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the containers exit.")
 def logs(name: str, container: str | None, follow: bool) -> None:
     """Print the output of NAME's containers (or of CONTAINER): stdout to stdout, stderr to stderr."""
+    from sandbox.launch import lifecycle
+
     lifecycle.logs(name, container, follow=follow)
 
 
@@ -170,6 +193,8 @@ def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
         command = command[1:]
     if not command:
         raise ExecSetupError("no command given", hint="usage: parma-sandbox exec NAME CONTAINER -- CMD [ARG...]")
+    from sandbox.launch import lifecycle
+
     try:
         return lifecycle.exec_in(name, container, command)
     except (ExecSetupError, ExecDenied, ExecCannotInvoke, ExecNotFound):
@@ -183,6 +208,8 @@ def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
 @format_option
 def inspect(name: str, fmt: str | None) -> None:
     """Show a sandbox: policy hash, expected measurement, TEE mode, devices, containers."""
+    from sandbox.launch import lifecycle
+
     data = lifecycle.inspect(name)
 
     def table(d: dict[str, Any]) -> str:
@@ -216,6 +243,8 @@ def down(name: str | None, all_: bool, timeout: float, fmt: str | None) -> None:
     """Stop sandbox NAME (or --all): containers first, then the VM, gracefully and then forced."""
     if bool(name) == all_:
         raise InputError("give a sandbox NAME or --all", hint="'parma-sandbox ps' lists them")
+    from sandbox.launch import lifecycle
+
     results = list(lifecycle.down_all()) if all_ else [lifecycle.down(name or "", timeout=timeout)]
     emit(results, fmt, lambda rs: "\n".join(f"{r['name']}: removed" + ("" if r["graceful"] else " (forced)")
                                             for r in rs))

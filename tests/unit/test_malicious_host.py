@@ -212,14 +212,21 @@ def test_memory_volumes_are_made_by_the_guest_with_their_pinned_kind(with_volume
     a.ok("create_volume", {"name": "tmp", "kind": "tmpfs", "size_mib": 4})
     assert a.ctl("ls", path="/run/parma/volumes/cache") == []
     assert a.err("create_volume", {"name": "cache", "kind": "emptyDir"})["code"] == "conflict"
-    err = a.err("create_volume", {"name": "stray", "kind": "emptyDir"})
-    assert err["code"] == "policy_denied" and "lists no volume there" in err["message"]
+    # A name the policy does not list can be made, but no container of this policy can bind it.
+    a.ok("create_volume", {"name": "stray", "kind": "secret", "items": {"x": b64(b"x")}})
     err = a.err("mount_device", {"device": "L0", "target": "/run/parma/volumes/cache"})
     assert err["code"] in ("conflict", "policy_denied")
     mounts = a.ctl("mounts")
     cfg_line = next(line for line in mounts.splitlines() if " /run/parma/volumes/cfg " in line)
     assert " ro," in cfg_line and "nosuid" in cfg_line and "nodev" in cfg_line
-    running(a, mounts=[CACHE, CFG])
+    rootfs(a, "app")
+    stray = {**CACHE, "source": "/run/parma/volumes/stray"}
+    err = a.err("create_container", {"container_id": "app", "argv": INIT, "env": ["PATH=/usr/bin:/bin"],
+                                     "mounts": [stray, CFG]})
+    assert err["code"] == "policy_denied" and "/run/parma/volumes/stray" in err["message"]
+    a.ok("create_container", {"container_id": "app", "argv": INIT, "env": ["PATH=/usr/bin:/bin"],
+                              "mounts": [CACHE, CFG]})
+    a.ok("start_container", {"container_id": "app"})
     e = a.ok("exec_process", {"container_id": "app", "argv": CAT_CACHE, "env": ["PATH=/usr/bin:/bin"]})
     assert output(a, "app", e["exec_id"]) == (b"s3cret\n", b"")        # /cache is empty, /cfg has the item
 

@@ -21,8 +21,4 @@ class EnforcementPoint(StrEnum):
     get_properties = "get_properties"
     dump_stacks = "dump_stacks"
     runtime_logging = "runtime_logging"
-
-
-# Points of parma-sandbox's own (ACI's framework has no rule for them): a Rego module neither writes nor
-# needs them, and the engine decides them from the policy's extension fields.
-EXTENSION_POINTS = frozenset({EnforcementPoint.create_volume})
+    load_fragment = "load_fragment"
