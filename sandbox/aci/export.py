@@ -33,6 +33,7 @@ from sandbox.group.spec import ContainerSpec, GroupSpec, VolumeKind
 from sandbox.images.model import ResolvedImage
 from sandbox.policy.gen import ContainerProcess, container_capabilities, container_process
 from sandbox.shared.errors import InputError
+from sandbox.shared.seccomp import measure
 
 API_VERSION, FRAMEWORK_VERSION = "0.10.0", "0.2.3"
 ARM_API_VERSION = "2023-05-01"
@@ -145,7 +146,8 @@ def policy_container(spec: GroupSpec, container: ContainerSpec, image: ResolvedI
         "command": argv, "env_rules": _env_rules(container, image),
         "exec_processes": [{"command": list(p.command), "signals": list(p.signals)} for p in container.exec_processes],
         "id": pinned(image, registry), "layers": list(image.layer_hashes), "mounts": [*mounts, RESOLV_CONF],
-        "name": container.name, "no_new_privileges": False, "seccomp_profile_sha256": "",
+        "name": container.name, "no_new_privileges": False,
+        "seccomp_profile_sha256": measure(container.seccomp_profile),
         "signals": list(dict.fromkeys(container.signals)), "user": _user(container),
         "working_dir": process.working_dir}
 
@@ -222,6 +224,9 @@ def aci_template(spec: GroupSpec, images: Mapping[str, ResolvedImage], registry:
                 sc["runAsUser"] = int(user) if user.isdigit() else user
             if group:
                 sc["runAsGroup"] = int(group) if group.isdigit() else group
+        if c.seccomp_profile is not None:
+            # ACI's guest measures what it receives as confcom measured this (sandbox/shared/seccomp.py).
+            sc["seccompProfile"] = base64.b64encode(c.seccomp_profile.canonical).decode("ascii")
         if sc:
             props["securityContext"] = sc
         (init_containers if init else containers).append({"name": c.name, "properties": props})

@@ -10,7 +10,7 @@
 | `.properties.environmentVariables` (value/secureValue)| `env`                                       |
 | `.properties.ports`                                   | container `ports`                           |
 | `.properties.volumeMounts`                            | `mounts`                                    |
-| `.properties.securityContext` privileged/capabilities/runAsUser/runAsGroup | `privileged`, `capabilities`, `user` |
+| `.properties.securityContext` privileged/capabilities/runAsUser/runAsGroup/seccompProfile | `privileged`, `capabilities`, `user`, `seccompProfile` |
 | `.properties.livenessProbe`/`readinessProbe` `exec.command` | `execProcesses` (as confcom does)      |
 | `.properties.resources.requests` cpu/memoryInGB (summed) | `resources` vcpus/memoryMiB (rounded up)  |
 | `volumes[]` emptyDir / secret                         | `volumes[]` emptyDir / secret               |
@@ -22,8 +22,8 @@
 
 Parameter values come from `<template stem>.parameters.json` next to the template when it exists
 (the usual `azuredeploy.json` / `azuredeploy.parameters.json` pair), else from `defaultValue`.
-Fields that would change what a container may do and that parma-sandbox cannot honour (seccomp profiles,
-allowPrivilegeEscalation false) are errors; fields with no local meaning (location, sku, osType,
+Fields that would change what a container may do and that parma-sandbox cannot honour
+(allowPrivilegeEscalation false) are errors; fields with no local meaning (location, sku, osType,
 dnsNameLabel, registry credentials, the template's own ccePolicy) are ignored.
 """
 
@@ -204,8 +204,10 @@ class _Reader:
             raise self.fail(f"{path}.allowPrivilegeEscalation", "false (no_new_privileges) is not supported by "
                             "parma-sandbox yet", hint="remove it to run locally (containers then may gain privileges "
                                                       "through setuid binaries)")
-        if _get(sc, "seccompProfile") is not None:
-            raise self.fail(f"{path}.seccompProfile", "custom seccomp profiles are not supported by parma-sandbox")
+        profile = _get(sc, "seccompProfile")
+        if profile is not None:
+            # ACI's shape: the OCI linux.seccomp JSON, base64-encoded; the group spec takes it as is.
+            out["seccompProfile"] = self.value(sc, "seccompProfile", path, str)
         return out
 
     def volume(self, raw: Any, path: str, volume_paths: dict[str, Path]) -> dict[str, Any]:

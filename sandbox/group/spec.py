@@ -23,6 +23,8 @@ from sandbox.shared.errors import InputError
 from sandbox.shared.jsoncheck import MISSING, Checker, join, type_name
 from sandbox.shared.names import nameservers_problem, resolver_options_problem, search_domains_problem
 from sandbox.shared.policy.defaults import PRIVILEGED_CAPABILITIES
+from sandbox.shared.policy.model import VolumeKind  # the group's volume kinds are the policy's
+from sandbox.shared.seccomp import SeccompError, SeccompProfile, parse_profile
 
 
 class TeeMode(StrEnum):
@@ -42,13 +44,6 @@ class RestartPolicy(StrEnum):
     always = "Always"
     on_failure = "OnFailure"
     never = "Never"
-
-
-class VolumeKind(StrEnum):
-    empty_dir = "emptyDir"   # shared scratch directory in guest memory, writable
-    tmpfs = "tmpfs"          # private tmpfs of a given size
-    files = "files"          # a directory shipped with the group, mounted read-only
-    secret = "secret"        # small base64 items, mounted read-only
 
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -82,11 +77,11 @@ DEFAULT_SCRATCH_GIB = 8
 
 CONTAINER_FIELDS = frozenset({"name", "image", "command", "args", "env", "workingDir", "mounts", "ports",
                               "execProcesses", "signals", "user", "privileged", "capabilities", "stdio",
-                              "attestationApi"})
+                              "attestationApi", "seccompProfile"})
 # Init containers run to completion before the containers start (ACI's initContainers): no ports, no
 # exec processes or signals (nothing talks to them), no attestation API.
 INIT_CONTAINER_FIELDS = frozenset({"name", "image", "command", "args", "env", "workingDir", "mounts", "user",
-                                   "privileged", "capabilities", "stdio"})
+                                   "privileged", "capabilities", "stdio", "seccompProfile"})
 
 
 @dataclass(frozen=True)
@@ -158,6 +153,7 @@ class ContainerSpec:
     capabilities: CapabilityChanges = CapabilityChanges()
     stdio: bool = True
     attestation_api: bool = False
+    seccomp_profile: SeccompProfile | None = None    # pinned in the policy by its measurement
 
 
 @dataclass(frozen=True)
@@ -434,12 +430,29 @@ def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume
             caps = CapabilityChanges(**lists)
     stdio = c.boolean(d, "stdio", path, True)
     attestation_api = c.boolean(d, "attestationApi", path, False)
+    seccomp = _check_seccomp(c, c.string(d, "seccompProfile", path, default=None), join(path, "seccompProfile"))
     if len(c.problems) != before:
         return None
     return ContainerSpec(name=name, image=image, command=command, args=args, env=env, working_dir=working_dir,
                      mounts=tuple(mounts), ports=tuple(ports), exec_processes=tuple(execs), signals=signals,
                      user=user, privileged=privileged, capabilities=caps, stdio=stdio,
-                     attestation_api=attestation_api)
+                     attestation_api=attestation_api, seccomp_profile=seccomp)
+
+
+def _check_seccomp(c: _Checker, b64: str | None, path: str) -> SeccompProfile | None:
+    """seccompProfile: base64 of the OCI linux.seccomp JSON, as ACI's ARM securityContext.seccompProfile."""
+    if b64 is None:
+        return None
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        c.problem(path, "is not valid base64 (the profile's JSON, base64-encoded)")
+        return None
+    try:
+        return parse_profile(raw)
+    except SeccompError as e:
+        c.problem(path, e.message)
+        return None
 
 
 def _check_volume(c: _Checker, raw: Any, path: str, base_dir: Path) -> VolumeSpec | None:

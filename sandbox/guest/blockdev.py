@@ -212,6 +212,12 @@ def mount_verity(device: Path, dm_name: str, layout: VerityLayout, target: Path)
     return VerityMount(device, dm, str(layout.root_hash), int(layout.data_blocks), target)
 
 
-def unmount_verity(mount: VerityMount) -> None:
+def unmount_verity(mount: VerityMount) -> str | None:
+    """Unmount (raises OSError when that fails: nothing changed) and remove the dm-verity device. Once
+    unmounted it is unmounted: a device that cannot be removed yet (still open) is reported, not raised."""
     sysapi.umount(mount.target)
-    devmapper.remove(mount.dm.name)
+    try:
+        devmapper.remove(mount.dm.name)
+    except OSError as e:
+        return f"its device {mount.dm.name} stays for now: {e}"
+    return None

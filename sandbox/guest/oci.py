@@ -1,7 +1,8 @@
 """The OCI runtime spec (config.json) the agent writes for crun. The host never supplies a spec.
 
-Everything security-relevant comes from the policy engine's decision (env, capabilities) or is fixed
-here (namespaces, masked paths, default mounts, no hooks). Containers share the UVM's network
+Everything security-relevant comes from the policy engine's decision (env, capabilities), from what
+the guest measured and the engine checked (the seccomp profile), or is fixed here (namespaces, masked
+paths, default mounts, no hooks). Containers share the UVM's network
 namespace, which is the group's network namespace. Field names follow the OCI runtime spec 1.0.2.
 """
 
@@ -33,15 +34,22 @@ def base_mounts() -> list[dict[str, Any]]:
              "options": list(m["options"])} for m in defaults.DEFAULT_MOUNTS if m["type"] != "cgroup2"]
 
 
+# Options every bind of a group volume gets, whatever the request and policy list: a volume's content
+# comes from the host (secret), another container (emptyDir) or the group's files, and must never carry
+# set-uid programs or device nodes into a container. crun remounts a bind with exactly its options
+# (for `ro`), so the source mount's own nosuid/nodev are not enough.
+BIND_HARDENING = ("nosuid", "nodev")
+
+
 @dataclass(frozen=True)
 class BindMount:
     destination: str
     source: str
-    options: tuple[str, ...]     # exactly as the policy allowed them
+    options: tuple[str, ...]     # as the policy allowed them; BIND_HARDENING is added
 
     def to_oci(self) -> dict[str, Any]:
         return {"destination": self.destination, "type": "bind", "source": self.source,
-                "options": list(self.options)}
+                "options": [*self.options, *(o for o in BIND_HARDENING if o not in self.options)]}
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,7 @@ class BundleSpec:
     hostname: str
     binds: tuple[BindMount, ...] = ()
     privileged: bool = False
+    seccomp: dict[str, Any] | None = None    # linux.seccomp exactly as measured (sandbox/shared/seccomp.py)
 
 
 def build_spec(spec: BundleSpec) -> dict[str, Any]:
@@ -91,6 +100,8 @@ def build_spec(spec: BundleSpec) -> dict[str, Any]:
     if not spec.privileged:
         linux["maskedPaths"] = list(MASKED_PATHS)
         linux["readonlyPaths"] = list(READONLY_PATHS)
+    if spec.seccomp is not None:
+        linux["seccomp"] = spec.seccomp
     return {
         "ociVersion": OCI_VERSION,
         "process": spec.process.to_oci(),

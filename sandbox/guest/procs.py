@@ -1,18 +1,35 @@
-"""Child processes of the agent: one reaper collects every exit status, including orphans.
+"""Child processes of the agent, held by process handles (pidfds), never by bare pid numbers.
 
-The agent is a child subreaper (or PID 1): container init processes and `crun exec --detach`
-processes are re-parented to it when crun exits, so their exit statuses arrive here. Nothing else in
-the agent may call waitpid(); spawn() and run() below are the only ways to start a program.
+A pid is only a name, and the kernel gives it to a new process once the old one has been reaped.
+Everything the agent signals or waits for is therefore a `Child`: a pidfd (pidfd_open(2)) opened
+while the pid still provably belonged to that process, i.e. before anyone could reap it. Signals go
+through pidfd_send_signal(2), which fails once that process is gone instead of reaching whichever
+process holds the number now; waits collect the status through the same descriptor
+(waitid(P_PIDFD)). Each Child keeps its own exit status; nothing is looked up by pid afterwards.
+
+The agent is a child subreaper (or PID 1): `crun create` and `crun exec --detach` leave the container
+processes re-parented to it, and `adopt()` turns the pid crun wrote into a Child. Until then only the
+agent could reap that process, and the collector below never reaps a zombie it does not know while an
+adoption is pending (`Reaper.adopting()`), so the pid cannot be reused in between.
+
+`Reaper.start()` runs the collector that reaps every other exited child (orphans that are not
+containers' processes); only the agent starts it, because it reaps any child of the process. spawn()
+and run() are the only ways the agent starts a program.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import selectors
+import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+
+WAIT_EXITED = os.WEXITED
 
 
 @dataclass(frozen=True)
@@ -21,10 +38,10 @@ class ExitStatus:
     signal: int | None   # terminating signal, when it was killed
 
     @classmethod
-    def from_wait(cls, status: int) -> ExitStatus:
-        if os.WIFSIGNALED(status):
-            return cls(None, os.WTERMSIG(status))
-        return cls(os.waitstatus_to_exitcode(status), None)
+    def from_siginfo(cls, info: os.waitid_result) -> ExitStatus:
+        if info.si_code == os.CLD_EXITED:
+            return cls(info.si_status, None)
+        return cls(None, info.si_status)     # CLD_KILLED or CLD_DUMPED
 
     @property
     def shell_code(self) -> int:
@@ -32,52 +49,195 @@ class ExitStatus:
         return self.code if self.code is not None else 128 + (self.signal or 0)
 
 
+class Child:
+    """One child process held by its pidfd. Thread-safe: any thread may signal it or wait for it."""
+
+    def __init__(self, pid: int, pidfd: int, on_reaped: Callable[[Child], None] | None = None) -> None:
+        self.pid = pid               # for logs and replies only; never used to address the process
+        self._fd: int | None = pidfd
+        self._status: ExitStatus | None = None
+        self._lock = threading.Lock()
+        self._on_reaped = on_reaped
+
+    def __repr__(self) -> str:
+        return f"Child(pid={self.pid}, status={self._status})"
+
+    @property
+    def exited(self) -> ExitStatus | None:
+        """The exit status once collected (without waiting)."""
+        return self._status
+
+    def send_signal(self, signum: int) -> bool:
+        """Signal this process (never another one with its pid). False when it has exited."""
+        with self._lock:
+            if self._fd is None or self._status is not None:
+                return False
+            try:
+                signal.pidfd_send_signal(self._fd, signum)
+            except ProcessLookupError:
+                return False
+            return True
+
+    def wait(self, timeout: float | None = 0) -> ExitStatus | None:
+        """The exit status, waiting up to `timeout` seconds (None: forever); None if it still runs."""
+        if self._status is not None:
+            return self._status
+        with self._lock:
+            if self._status is not None or self._fd is None:
+                return self._status
+            fd = os.dup(self._fd)       # our own descriptor to poll: close() may run meanwhile
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    ready = poller.poll(None if left is None else int(left * 1000) + (left > 0))
+                except InterruptedError:
+                    continue
+                if ready or (left is not None and left <= 0):
+                    break
+        finally:
+            os.close(fd)
+        return self.collect()
+
+    def collect(self) -> ExitStatus | None:
+        """Reap the process if it has exited (never blocks); its status, or None while it runs."""
+        reaped = False
+        with self._lock:
+            if self._status is None and self._fd is not None:
+                try:
+                    info = os.waitid(os.P_PIDFD, self._fd, WAIT_EXITED | os.WNOHANG)
+                except ChildProcessError:
+                    info = None     # only this handle reaps this process: cannot happen, but never fatal
+                if info is not None:
+                    self._status = ExitStatus.from_siginfo(info)
+                    reaped = True
+            status = self._status
+        if reaped and self._on_reaped is not None:
+            self._on_reaped(self)      # outside our lock: the reaper takes its own, then ours
+        return status
+
+    def close(self) -> None:
+        """Forget the process: reap it if it has exited and close the handle (idempotent)."""
+        self.collect()
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
 class Reaper:
+    """Tracks the agent's children by pidfd and, once started, reaps every other child that exits."""
+
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._status: dict[int, ExitStatus] = {}
+        self._children: dict[int, Child] = {}    # pid -> handle, for children not reaped yet
+        self._adopting = 0                        # adoptions in progress (see adopting())
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Run the collector (the agent only: it reaps any child of this process)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
             self._thread.start()
 
+    def _track(self, pid: int) -> Child:
+        """A handle for `pid`, which must be an unreaped child (caller holds the lock)."""
+        child = Child(pid, os.pidfd_open(pid), self._untrack)
+        self._children[pid] = child
+        return child
+
+    def _untrack(self, child: Child) -> None:
+        """A handle's process was reaped: its pid may now name another process."""
+        with self._cond:
+            if self._children.get(child.pid) is child:
+                del self._children[child.pid]
+            self._cond.notify_all()
+
+    def spawned(self, start: Callable[[], int]) -> Child:
+        """Run `start()` (which starts a child and returns its pid) and hold the new child by a pidfd
+        before the collector could reap it."""
+        with self._cond:
+            pid = start()
+            child = self._track(pid)
+            self._cond.notify_all()
+            return child
+
+    @contextlib.contextmanager
+    def adopting(self) -> Iterator[None]:
+        """While this is open, the collector leaves unknown zombies alone: a process that crun started and
+        re-parented to the agent keeps its pid reserved until adopt() holds it."""
+        with self._cond:
+            self._adopting += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._adopting -= 1
+                self._cond.notify_all()
+
+    def adopt(self, pid: int) -> Child:
+        """The handle of `pid`, a process another program started that is now the agent's child (crun's
+        detached container processes). Raises ChildProcessError when `pid` is not the agent's child."""
+        if pid <= 0:
+            raise ChildProcessError(f"pid {pid} is not a process id")
+        with self._cond:
+            known = self._children.get(pid)
+            if known is not None:
+                return known
+            # Raises ChildProcessError unless pid is a child of ours that nobody has reaped: then, and
+            # only then, the number still names the process crun started.
+            os.waitid(os.P_PID, pid, WAIT_EXITED | os.WNOHANG | os.WNOWAIT)
+            return self._track(pid)
+
     def _loop(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, 0)
+                info = os.waitid(os.P_ALL, 0, WAIT_EXITED | os.WNOWAIT)
             except ChildProcessError:
                 with self._cond:
-                    self._cond.wait(0.2)  # woken early by spawn()
+                    self._cond.wait(0.2)     # no children: woken early by the next spawn or adoption
                 continue
             except InterruptedError:
                 continue
-            with self._cond:
-                self._status[pid] = ExitStatus.from_wait(status)
-                self._cond.notify_all()
+            if info is None:
+                continue
+            self._reap(info.si_pid)
 
-    def notify_spawned(self) -> None:
+    def _reap(self, pid: int) -> None:
         with self._cond:
-            self._cond.notify_all()
+            child = self._children.get(pid)
+            if child is not None:
+                child.collect()        # stores the status in the handle and untracks it
+                return
+            if self._adopting:
+                # Perhaps a container process crun just left us: keep its pid reserved until adopted.
+                self._cond.wait(0.05)
+                return
+            try:
+                os.waitid(os.P_PID, pid, WAIT_EXITED | os.WNOHANG)
+            except ChildProcessError:
+                pass
 
-    def wait(self, pid: int, timeout: float | None = None) -> ExitStatus | None:
-        """The exit status of `pid` (kept until popped), or None if it is still running after timeout."""
-        with self._cond:
-            self._cond.wait_for(lambda: pid in self._status, timeout)
-            return self._status.get(pid)
+    def forget(self, child: Child) -> None:
+        """Stop tracking `child` and close its handle (a zombie is reaped first)."""
+        child.close()
+        self._untrack(child)
 
-    def pop(self, pid: int) -> None:
+    def tracked(self) -> int:
+        """How many children are held (tests and diagnostics)."""
         with self._cond:
-            self._status.pop(pid, None)
+            return len(self._children)
 
 
 REAPER = Reaper()
 
 
 def spawn(argv: Sequence[str], *, stdin: int | None = None, stdout: int | None = None, stderr: int | None = None,
-          env: Mapping[str, str] | None = None, setsid: bool = False) -> int:
-    """Start argv (searched on PATH) with the given fds as stdio (None: /dev/null); return its pid."""
+          env: Mapping[str, str] | None = None, setsid: bool = False) -> Child:
+    """Start argv (searched on PATH) with the given fds as stdio (None: /dev/null); return its handle."""
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
         actions = [
@@ -85,12 +245,22 @@ def spawn(argv: Sequence[str], *, stdin: int | None = None, stdout: int | None =
             (os.POSIX_SPAWN_DUP2, stdout if stdout is not None else null, 1),
             (os.POSIX_SPAWN_DUP2, stderr if stderr is not None else null, 2),
         ]
-        pid = os.posix_spawnp(argv[0], list(argv), dict(env if env is not None else os.environ),
-                              file_actions=actions, setsid=setsid)
+        environ = dict(env if env is not None else os.environ)
+        return REAPER.spawned(lambda: os.posix_spawnp(argv[0], list(argv), environ, file_actions=actions,
+                                                      setsid=setsid))
     finally:
         os.close(null)
-    REAPER.notify_spawned()
-    return pid
+
+
+def finish(child: Child, timeout: float) -> ExitStatus | None:
+    """Wait up to `timeout` for a spawned helper, SIGKILL it then, and forget it; its status (None if
+    even SIGKILL did not end it within 10 s)."""
+    status = child.wait(timeout)
+    if status is None:
+        child.send_signal(signal.SIGKILL)
+        status = child.wait(10)
+    REAPER.forget(child)
+    return status
 
 
 @dataclass(frozen=True)
@@ -111,7 +281,7 @@ def run(argv: Sequence[str], *, input: bytes | None = None, env: Mapping[str, st
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = spawn(argv, stdin=in_r, stdout=out_w, stderr=err_w, env=env)
+        child = spawn(argv, stdin=in_r, stdout=out_w, stderr=err_w, env=env)
     except OSError:
         for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
             if fd is not None:
@@ -134,7 +304,7 @@ def run(argv: Sequence[str], *, input: bytes | None = None, env: Mapping[str, st
         while sel.get_map():
             left = deadline - time.monotonic()
             if left <= 0:
-                os.kill(pid, 9)
+                child.send_signal(signal.SIGKILL)
                 break
             for key, _ in sel.select(left):
                 data = os.read(key.fd, 65536)
@@ -144,10 +314,6 @@ def run(argv: Sequence[str], *, input: bytes | None = None, env: Mapping[str, st
                     sel.unregister(key.fd)
     os.close(out_r)
     os.close(err_r)
-    status = REAPER.wait(pid, max(0.0, deadline - time.monotonic()) + 5)
-    if status is None:
-        os.kill(pid, 9)
-        status = REAPER.wait(pid)
-    REAPER.pop(pid)
+    status = finish(child, max(0.0, deadline - time.monotonic()) + 5)
     assert status is not None
     return Completed(status, b"".join(chunks[out_r]), b"".join(chunks[err_r]))

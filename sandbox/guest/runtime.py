@@ -1,8 +1,10 @@
 """Containers under crun: create/start/exec/signal/wait/delete, with captured stdio.
 
 crun's own diagnostics go to a per-container log file (--log), never into the container's stdout, so
-a failure message can be returned to the host without mixing it with container output. Exit statuses
-come from the agent's reaper: crun create/exec --detach leave the processes re-parented to the agent.
+a failure message can be returned to the host without mixing it with container output. crun create
+and exec --detach leave the processes re-parented to the agent, which holds each by a process handle
+(sandbox/guest/procs.py) from the moment crun exits: signals and waits address that process, never
+a pid number that may have been reused.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from sandbox.guest import procs
 from sandbox.guest.output import OutputLog
-from sandbox.guest.procs import REAPER, ExitStatus
+from sandbox.guest.procs import REAPER, Child, ExitStatus
 from sandbox.guest.terminal import ConsoleSocket, StdinPipe, Terminal, TerminalError, WindowSize
 from sandbox.shared.errors import GuestOperationFailed
 
@@ -41,13 +43,23 @@ class CrunError(GuestOperationFailed):
 
 @dataclass
 class Process:
-    pid: int
+    child: Child
     argv: tuple[str, ...]
     log: OutputLog | None     # None when the policy denies stdio access
     input: Terminal | StdinPipe | None = None    # an interactive exec's terminal or stdin pipe
+    reported: bool = False    # wait_process has told the host its exit status
+    drained: bool = False     # read_output has returned its output to the end
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
 
     def status(self, timeout: float | None = 0) -> ExitStatus | None:
-        return REAPER.wait(self.pid, timeout)
+        return self.child.wait(timeout)
+
+    def forget(self) -> None:
+        """Release the process handle (the process has exited, or the container is gone)."""
+        REAPER.forget(self.child)
 
 
 @dataclass
@@ -63,6 +75,7 @@ class RuntimeContainer:
     identity: dict[str, Any] = field(default_factory=dict)   # user/groups/umask as the policy saw them
     working_dir: str = "/"
     no_new_privileges: bool = False
+    volume_sources: frozenset[str] = frozenset()    # the group volumes bound into it
     status: ContainerStatus = ContainerStatus.created
     init: Process | None = None
     execs: dict[str, Process] = field(default_factory=dict)
@@ -113,23 +126,27 @@ def _stdio_pipes(log: OutputLog | None) -> tuple[int | None, int | None]:
 
 def _run_crun(argv: list[str], log_file: Path, stdout: int | None, stderr: int | None,
               timeout: float = 60.0, stdin: int | None = None) -> None:
-    pid = procs.spawn(argv, stdin=stdin, stdout=stdout, stderr=stderr)
-    for fd in (stdout, stderr):
-        if fd is not None:
-            os.close(fd)
-    status = REAPER.wait(pid, timeout)
+    try:
+        child = procs.spawn(argv, stdin=stdin, stdout=stdout, stderr=stderr)
+    finally:
+        for fd in (stdout, stderr):
+            if fd is not None:
+                os.close(fd)
+    status = child.wait(timeout)
+    procs.finish(child, 0)      # kills it if it overran; forgets it either way
     if status is None:
-        os.kill(pid, signal.SIGKILL)
-        REAPER.wait(pid)
-        REAPER.pop(pid)
         raise CrunError(f"crun {argv[4]} timed out after {timeout:g} s")
-    REAPER.pop(pid)
     if status.code != 0:
         raise _crun_error(log_file, f"crun failed ({'signal ' + str(status.signal) if status.signal else status.code})")
 
 
-def _read_pid(path: Path) -> int:
-    return int(path.read_text().strip())
+def _adopt(pid_file: Path) -> Child:
+    """The process crun started and wrote to pid_file, held by its handle (see sandbox/guest/procs.py)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        return REAPER.adopt(pid)
+    except (OSError, ValueError) as e:
+        raise CrunError(f"cannot take hold of the process crun started ({pid_file.name}): {e}") from None
 
 
 def create(container: RuntimeContainer, spec: dict[str, Any], log: OutputLog | None = None) -> None:
@@ -144,9 +161,10 @@ def create(container: RuntimeContainer, spec: dict[str, Any], log: OutputLog | N
     pid_file = bundle / "init.pid"
     log = (log or OutputLog()) if container.stdio else None
     out_w, err_w = _stdio_pipes(log)
-    _run_crun(_crun(log_file, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container.id),
-              log_file, out_w, err_w)
-    container.init = Process(_read_pid(pid_file), container.argv, log)
+    with REAPER.adopting():
+        _run_crun(_crun(log_file, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container.id),
+                  log_file, out_w, err_w)
+        container.init = Process(_adopt(pid_file), container.argv, log)
     container.status = ContainerStatus.created
 
 
@@ -184,22 +202,27 @@ def exec_process(container: RuntimeContainer, exec_id: str, argv: tuple[str, ...
     if terminal is not None:
         if log is None:
             raise CrunError("a terminal needs stdio access", "permission")
-        with ConsoleSocket() as console:
+        with ConsoleSocket() as console, REAPER.adopting():
             _run_crun(_crun(log_file, *args, "--console-socket", str(console.path), container.id),
                       log_file, None, None)
+            child = _adopt(pid_file)
             try:
                 master = console.receive(timeout=10)
             except TerminalError as e:
+                child.send_signal(signal.SIGKILL)
+                procs.finish(child, 10)
                 raise CrunError(str(e)) from None
         tty = Terminal(master, log)
         tty.resize(terminal)     # crun applied consoleSize already; this changes nothing then (no SIGWINCH)
-        proc = Process(_read_pid(pid_file), argv, log, tty)
+        proc = Process(child, argv, log, tty)
     else:
         pipe = StdinPipe() if stdin else None
         out_w, err_w = _stdio_pipes(log)
         try:
-            _run_crun(_crun(log_file, *args, container.id), log_file, out_w, err_w,
-                      stdin=pipe.read_end if pipe else None)
+            with REAPER.adopting():
+                _run_crun(_crun(log_file, *args, container.id), log_file, out_w, err_w,
+                          stdin=pipe.read_end if pipe else None)
+                child = _adopt(pid_file)
         except BaseException:
             if pipe is not None:
                 pipe.close_input()
@@ -207,16 +230,14 @@ def exec_process(container: RuntimeContainer, exec_id: str, argv: tuple[str, ...
         finally:
             if pipe is not None:
                 pipe.release_read_end()
-        proc = Process(_read_pid(pid_file), argv, log, pipe)
+        proc = Process(child, argv, log, pipe)
     container.execs[exec_id] = proc
     return proc
 
 
-def kill(proc: Process, signum: int) -> None:
-    try:
-        os.kill(proc.pid, signum)
-    except ProcessLookupError:
-        pass
+def kill(proc: Process, signum: int) -> bool:
+    """Signal the process through its handle; False when it has exited (its pid may be another's now)."""
+    return proc.child.send_signal(signum)
 
 
 def begin_stop(container: RuntimeContainer) -> None:
@@ -242,6 +263,8 @@ def finish_stop(container: RuntimeContainer, timeout: float) -> ExitStatus | Non
 
 
 def delete(container: RuntimeContainer) -> None:
+    """`crun delete --force` (which kills what still runs), then release every process handle; exit
+    statuses already collected stay readable."""
     if container.deleted:
         return
     log_file = container.bundle / "crun.log"
@@ -250,6 +273,9 @@ def delete(container: RuntimeContainer) -> None:
     except CrunError:
         pass
     container.deleted = True
+    for proc in ([container.init] if container.init else []) + list(container.execs.values()):
+        proc.status(2)
+        proc.forget()
 
 
 _EXEC_LOCK = threading.Lock()

@@ -12,6 +12,7 @@ the OCI spec is written here without hooks, and stdio is readable only when the 
 from __future__ import annotations
 
 import gc
+import os
 import re
 import shutil
 import sys
@@ -32,6 +33,7 @@ from sandbox.guest.terminal import StdinPipe, Terminal, TerminalError, WindowSiz
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
+from sandbox.shared import seccomp
 from sandbox.shared.codec import shown
 from sandbox.shared.errors import AttestationError, CheckFailed, InputError
 from sandbox.shared.kbs_protocol import ATTEST_API_DIR
@@ -39,6 +41,7 @@ from sandbox.shared.policy import defaults
 from sandbox.shared.policy.engine import Decision
 from sandbox.shared.policy.inputs import (
     CreateContainerInput,
+    CreateVolumeInput,
     ExecInContainerInput,
     LoadFragmentInput,
     MountDeviceInput,
@@ -70,6 +73,7 @@ MAX_READ_BYTES = 512 * 1024
 MAX_SHUTDOWN_S = 300.0
 MAX_WATCH_S = 60.0
 OUTPUT_DRAIN_S = 2.0     # how long a finished process's terminal may keep delivering buffered output
+MAX_SECRET_ITEMS = 1024
 
 Result = M.Message | M.JsonObject
 
@@ -297,12 +301,19 @@ class AgentService:
         users = [o.container_id for o in self.overlays.values() if target in o.layer_paths]
         if users:
             raise _err(ErrorCode.conflict, f"{target} is a layer of the overlay of {', '.join(users)}")
+        # A volume's device stays while a container binds it: once unmounted, the agent could no longer
+        # tell the pinned volume from the empty directory under it.
+        binders = [c.id for c in self.containers.values() if not c.deleted and target in c.volume_sources]
+        if binders:
+            raise _err(ErrorCode.conflict, f"{target} is bound into container {', '.join(binders)}")
 
         def action(_decision: Decision) -> None:
             try:
-                blockdev.unmount_verity(mount)
+                note = blockdev.unmount_verity(mount)
             except OSError as e:
                 raise _err(ErrorCode.failed, f"cannot unmount {target}: {e}") from None
+            if note:    # unmounted all the same: the state must say so
+                self._console(f"{target} unmounted; {note}")
 
         self.gate.enforce(r, action)
         del self.devices[target]
@@ -427,30 +438,49 @@ class AgentService:
     # -- volumes --------------------------------------------------------------------------------
 
     def op_create_volume(self, r: M.CreateVolumeRequest) -> M.CreateVolumeResult:
+        """A volume in guest memory, of the kind the policy pins for its name (enforcement point
+        create_volume). emptyDir and tmpfs volumes are new, empty tmpfs mounts: nothing of the host's
+        is in them. A secret volume holds exactly the host's items, as regular read-only files."""
         name, kind, size_mib, items = r.name, r.kind, r.size_mib, r.items
-        # Not a policy endpoint: it makes an empty (or host-filled, for secrets) tmpfs that no
-        # container sees until a create_container, whose mounts the policy checks, binds it.
         path = Path(P.VOLUMES_DIR) / name
         if name in self.volumes or str(path) in self.devices:
             raise _err(ErrorCode.conflict, f"volume {name} already exists")
+        if items is not None and kind != M.MemoryVolumeKind.secret:
+            raise _err(ErrorCode.invalid_request, f"a {kind.value} volume is created empty: items are for secrets")
+        if size_mib is not None and kind != M.MemoryVolumeKind.tmpfs:
+            raise _err(ErrorCode.invalid_request, f"size_mib is for tmpfs volumes, not {kind.value}")
         if kind == M.MemoryVolumeKind.secret:
+            if len(items or {}) > MAX_SECRET_ITEMS:
+                raise _err(ErrorCode.invalid_request, f"a secret volume holds at most {MAX_SECRET_ITEMS} items")
             for fname in items or {}:
                 if not re.fullmatch(r"[A-Za-z0-9._-]{1,255}", fname) or fname in (".", ".."):
                     raise _err(ErrorCode.invalid_request, f"invalid secret item name {shown(fname)}")
         size = f",size={size_mib}m" if kind == M.MemoryVolumeKind.tmpfs and size_mib else ""
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            sysapi.mount("tmpfs", path, "tmpfs", sysapi.MS_NODEV | sysapi.MS_NOSUID, "mode=0777" + size)
-            if kind == M.MemoryVolumeKind.secret:
-                for fname, content in (items or {}).items():
-                    f = path / fname
-                    f.write_bytes(content)
-                    f.chmod(0o444)
-                path.chmod(0o755)
-                sysapi.mount("none", path, None, sysapi.MS_REMOUNT | sysapi.MS_RDONLY | sysapi.MS_NODEV
-                             | sysapi.MS_NOSUID)
-        except OSError as e:
-            raise _err(ErrorCode.failed, f"cannot create volume {name}: {e}") from None
+
+        def action(_decision: Decision) -> None:
+            mounted = False
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                sysapi.mount("tmpfs", path, "tmpfs", sysapi.MS_NODEV | sysapi.MS_NOSUID, "mode=0777" + size)
+                mounted = True
+                if kind == M.MemoryVolumeKind.secret:
+                    for fname, content in (items or {}).items():
+                        fd = os.open(path / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, 0o444)
+                        with os.fdopen(fd, "wb") as f:
+                            f.write(content)
+                    path.chmod(0o755)
+                    sysapi.mount("none", path, None, sysapi.MS_REMOUNT | sysapi.MS_RDONLY | sysapi.MS_NODEV
+                                 | sysapi.MS_NOSUID)
+            except OSError as e:
+                if mounted:     # nothing half-made stays behind for a later create_container to bind
+                    try:
+                        sysapi.umount(path, detach=True)
+                    except OSError:
+                        pass
+                raise _err(ErrorCode.failed, f"cannot create volume {name}: {e}") from None
+
+        self.gate.enforce(CreateVolumeInput.from_request(r), action)
         self.volumes[name] = path
         self.volume_kinds[name] = kind
         return M.CreateVolumeResult(str(path))
@@ -558,9 +588,7 @@ class AgentService:
         rootfs = P.container_dir(container_id) + "/rootfs"
         if rootfs not in self.overlays:
             raise _err(ErrorCode.conflict, f"mount_overlay for {container_id} first (at {rootfs})")
-        for e in r.env:
-            if "=" not in e:
-                raise _err(ErrorCode.invalid_request, f"env entry {shown(e)} has no '='")
+        _check_env(r.env)
         caps = r.capabilities or _default_capabilities()
         try:
             who = resolve_user(rootfs, r.user)
@@ -569,8 +597,14 @@ class AgentService:
         binds = self._bind_mounts(r.mounts)
         etc = self._etc_mounts(container_id, binds)
         user, groups = _identity(who)
+        # The profile crun will apply is the one measured here (never a hash the host names).
+        try:
+            profile = seccomp.parse_profile(r.seccomp_profile) if r.seccomp_profile is not None else None
+        except seccomp.SeccompError as e:
+            raise _err(ErrorCode.invalid_request, e.message) from None
         check = CreateContainerInput.from_request(r, mounts=BASE_MOUNTS + tuple(b for b, _ in binds) + etc,
-                                                  user=user, groups=groups, capabilities=caps)
+                                                  user=user, groups=groups, capabilities=caps,
+                                                  seccomp_profile_sha256=seccomp.measure(profile))
 
         def action(decision: Decision) -> RuntimeContainer:
             env = decision.env_list if decision.env_list is not None else r.env
@@ -582,9 +616,10 @@ class AgentService:
             spec = oci.build_spec(oci.BundleSpec(container_id, rootfs, process, self.network.hostname,
                                                  tuple(oci.BindMount(b.destination, path, b.options)
                                                        for b, path in binds + tuple((e, e.source) for e in etc)),
-                                                 r.privileged))
+                                                 r.privileged, profile.to_oci() if profile is not None else None))
             c = RuntimeContainer(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
                           decision.allow_stdio_access, exec_caps=final_caps,
+                          volume_sources=frozenset(path for _, path in binds),
                           user=(who.uid, who.gid, process.additional_gids), working_dir=r.working_dir,
                           no_new_privileges=r.no_new_privileges)
             try:
@@ -618,6 +653,7 @@ class AgentService:
 
     def op_exec_process(self, r: M.ExecProcessRequest) -> M.ExecProcessResult:
         c = self._container(r.container_id)
+        _check_env(r.env)
         if c.refresh() != ContainerStatus.running:
             raise _err(ErrorCode.conflict, f"container {c.id} is {c.status.value}, not running")
         if (r.tty or r.stdin) and not c.stdio:
@@ -694,17 +730,38 @@ class AgentService:
 
     def op_signal_process(self, r: M.SignalProcessRequest) -> M.EmptyResult:
         proc = self._process(r.container_id, r.exec_id)
+        what = f"process {r.exec_id}" if r.exec_id else "init process"
+        if proc.status() is not None:
+            raise _err(ErrorCode.conflict, f"the {what} of container {r.container_id} has exited")
         check = SignalContainerProcessInput(r.container_id, r.signal, r.exec_id is None, proc.argv)
-        self.gate.enforce(check, lambda _d: runtime.kill(proc, r.signal))
+
+        def action(_decision: Decision) -> None:
+            # Through the process handle: once the process is gone this fails, whoever has its pid now.
+            if not runtime.kill(proc, r.signal):
+                raise _err(ErrorCode.conflict, f"the {what} of container {r.container_id} has exited")
+
+        self.gate.enforce(check, action)
         return M.EmptyResult()
 
     def op_wait_process(self, r: M.WaitProcessRequest) -> M.ProcessExit:
         with self._lock:
+            c = self._container(r.container_id)
             proc = self._process(r.container_id, r.exec_id)
         status = proc.status(_clamp(r.timeout, MAX_WAIT_PROCESS_S))
         if status is None:
             return M.ProcessExit(True, None, None)
+        if r.exec_id is not None:
+            with self._lock:
+                proc.reported = True
+                self._forget_if_done(c, r.exec_id, proc)
         return M.ProcessExit(False, status.shell_code, status.signal)
+
+    def _forget_if_done(self, c: RuntimeContainer, exec_id: str, proc: runtime.Process) -> None:
+        """An exec process whose exit the host has been told and whose output it has read to the end is
+        forgotten: its handle is closed, and its id answers not_found from then on."""
+        if proc.reported and (proc.log is None or proc.drained) and c.execs.get(exec_id) is proc:
+            del c.execs[exec_id]
+            proc.forget()
 
     def op_read_output(self, r: M.ReadOutputRequest) -> M.ReadOutputResult:
         with self._lock:
@@ -716,6 +773,10 @@ class AgentService:
                        "(allow_stdio_access is false)", endpoint="create_container")
         res = proc.log.read(max(0, r.offset), min(max(1, r.max_bytes), MAX_READ_BYTES),
                             _clamp(r.wait, MAX_READ_WAIT_S))
+        if res.eof and r.exec_id is not None:
+            with self._lock:
+                proc.drained = True
+                self._forget_if_done(c, r.exec_id, proc)
         return M.ReadOutputResult(tuple(M.OutputChunk(M.OutputStream(ch.stream), ch.data) for ch in res.chunks),
                                 res.next_offset, res.dropped, res.eof)
 
@@ -766,6 +827,14 @@ def _finish_input(proc: runtime.Process) -> None:
         target.close()
     elif target is not None:
         target.close_input()
+
+
+def _check_env(env: tuple[str, ...]) -> None:
+    """Every entry NAME=VALUE with a NAME: the policy's rules and the process see the same variables."""
+    for e in env:
+        name, sep, _ = e.partition("=")
+        if not sep or not name:
+            raise _err(ErrorCode.invalid_request, f"env entry {shown(e)} is not NAME=VALUE with a name")
 
 
 def _clamp(seconds: float, limit: float) -> float:

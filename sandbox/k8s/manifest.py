@@ -15,7 +15,7 @@ Pure function of the group spec and the policy bytes. The pod carries:
   host's to read anyway).
 
 What the shim cannot give a pod yet is refused here with the reason (docs/kubernetes.md): volumes
-(Kubernetes volumes are host directories, the UVM has none of the host's), host ports, and images
+(Kubernetes volumes are host directories, the UVM has none of the host's), seccomp profiles, host ports, and images
 that exist only on this machine (`oci:` / `docker-archive:`); nodes pull by reference.
 """
 
@@ -64,6 +64,10 @@ def _container(spec: GroupSpec, c: ContainerSpec) -> dict[str, Any]:
     if c.mounts:
         raise InputError(f"{where} mounts volumes, which the parma runtime does not give pods yet",
                          hint="Kubernetes volumes are host directories; see docs/kubernetes.md")
+    if c.seccomp_profile is not None:
+        raise InputError(f"{where} has a seccompProfile, which the parma runtime does not give pods yet",
+                         hint="a pod's seccomp profile is a file on the node (Localhost) or the runtime's "
+                              "default, neither of which the policy could pin; see docs/kubernetes.md")
     out: dict[str, Any] = {"name": c.name, "image": c.image}
     if c.command is not None:
         out["command"] = list(c.command)

@@ -146,7 +146,7 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
             container_id=c.name, argv=process.argv, env=process.env, working_dir=process.working_dir,
             user=process.user, mounts=container_mounts(spec, c, policy), capabilities=container_capabilities(c),
             privileged=c.privileged, no_new_privileges=False, umask=defaults.DEFAULT_UMASK,
-            seccomp_profile_sha256="")
+            seccomp_profile=c.seccomp_profile.canonical if c.seccomp_profile is not None else None)
         return ContainerPlan(c.name, targets, create, c.stdio, tuple(e.command for e in c.exec_processes),
                              encrypted_scratch=spec.resources.scratch_gib > 0, init=init)
 

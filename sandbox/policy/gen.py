@@ -14,7 +14,8 @@ Mapping (docs/policy.md, "Generation"):
 - working_dir: `workingDir`, else the image WorkingDir, else "/";
 - user: `user`, else the image User; empty means root (uid 0); names match by name, numbers by id;
 - mounts: one bind per group mount from /run/parma/volumes/<volume>, read-only when asked (always for
-  `files` and `secret` volumes); `files` volumes are pinned by root hash in the policy's `volumes`;
+  `files` and `secret` volumes); every volume is pinned by kind in the policy's `volumes` (so the host
+  cannot create one kind where the group has another), `files` volumes also by their root hash;
   `attestationApi: true` adds the read-only bind of the attestation API socket directory (docs/kbs.md);
 - key_brokers: the pins of the key brokers the agent may accept secrets from (`key_brokers` argument);
 - capabilities: the usual 14 (bounding/effective/permitted) adjusted by the group's add/drop;
@@ -22,6 +23,8 @@ Mapping (docs/policy.md, "Generation"):
 - init containers: policy containers like the others, listed first (each create is checked the same way);
 - allow_unencrypted_scratch: the group's `policy.allowUnencryptedScratch` (default false, as ACI's: the
   containers' writable layers must be on the guest-encrypted scratch disk);
+- seccomp_profile_sha256: the measurement of the container's `seccompProfile` (sandbox/shared/seccomp.py;
+  "" without one, which allows exactly no profile, as in ACI);
 - debug mode: exec processes /bin/sh and /bin/bash, an allow-all env rule, and runtime logging,
   properties access and stack dumps turned on.
 """
@@ -53,6 +56,7 @@ from sandbox.shared.policy.model import (
     User,
     Volume,
 )
+from sandbox.shared.seccomp import measure
 
 DEBUG_SHELLS = (("/bin/sh",), ("/bin/bash",))
 # Matches any NAME=VALUE (VALUE may be empty or span lines): the debug-mode allow-all env rule.
@@ -203,7 +207,8 @@ def _policy_container(spec: GroupSpec, container: ContainerSpec, image: Resolved
         env_rules=_env_rules(process, debug), working_dir=process.working_dir, mounts=_policy_mounts(spec, container),
         exec_processes=_exec_processes(container, debug), signals=tuple(dict.fromkeys(container.signals)),
         allow_elevated=container.privileged, allow_stdio_access=container.stdio, no_new_privileges=False,
-        user=policy_user(process.user), capabilities=container_capabilities(container), seccomp_profile_sha256="",
+        user=policy_user(process.user), capabilities=container_capabilities(container),
+        seccomp_profile_sha256=measure(container.seccomp_profile),
     )
 
 
@@ -219,6 +224,7 @@ def build_policy(spec: GroupSpec, images: Mapping[str, ResolvedImage], *, debug_
     volumes = []
     for v in spec.volumes:
         if v.kind != VolumeKind.files:
+            volumes.append(Volume(v.name, defaults.volume_target(v.name), "", v.kind))
             continue
         digest = volume_hashes.get(v.name)
         if digest is None:

@@ -21,6 +21,7 @@ from typing import Annotated, Any, ClassVar, Generic, TypeVar
 from sandbox.shared.codec import Base64, Hex, Match, MaxLen, Message, NonEmpty, Range
 
 MAX_POLICY_BYTES = 1 << 20
+MAX_SECCOMP_PROFILE_BYTES = 1 << 20
 MAX_FRAGMENT_BYTES = 1 << 20
 
 
@@ -64,7 +65,6 @@ ABS_PATH = r"(?s)/.{0,4095}"
 DEVICE_SERIAL = r"[A-Za-z0-9_-]{1,20}"
 VOLUME_NAME = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 UMASK = r"0?[0-7]{3}"
-SHA256_OR_EMPTY = r"|[0-9a-f]{64}"
 CAP_NAME = r"CAP_[A-Z_]+"
 MAX_STDIN_CHUNK = 64 * 1024      # bytes of one write_stdin (the host sends the rest in further requests)
 MAX_DIMENSION = 0xFFFF           # a terminal's rows and columns (struct winsize holds unsigned shorts)
@@ -398,7 +398,9 @@ class CreateContainerRequest(Request[CreateContainerResult]):
     privileged: bool = False
     no_new_privileges: bool = False
     umask: Annotated[str, Match(UMASK, "an octal umask such as '0022'")] = "0022"
-    seccomp_profile_sha256: Annotated[str, Match(SHA256_OR_EMPTY, "'' or a SHA-256 hex digest")] = ""
+    # The OCI linux.seccomp JSON (sandbox/shared/seccomp.py); None: no profile. The guest measures it
+    # itself: the policy's seccomp_profile_sha256 is checked against that, never against the host's word.
+    seccomp_profile: Annotated[bytes, Base64(), MaxLen(MAX_SECCOMP_PROFILE_BYTES)] | None = None
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from sandbox.shared.policy import PolicyEngine, parse_policy
 from sandbox.shared.policy.inputs import ROOT, CreateContainerInput, MountDeviceInput, NamedId
 from sandbox.shared.policy.model import is_rego
 from sandbox.shared.protocol import ProtocolError
+from sandbox.shared.seccomp import measure, parse_profile
 
 pytestmark = pytest.mark.unit
 
@@ -62,8 +63,10 @@ def agent_view(engine: PolicyEngine, plan, devices: dict[str, str]) -> list[bool
     out = []
     for c in plan.containers:
         assert engine.enforce(c.overlay).allowed
+        profile = parse_profile(c.create.seccomp_profile) if c.create.seccomp_profile is not None else None
         check = CreateContainerInput.from_request(c.create, mounts=BASE_MOUNTS + c.create.mounts, user=ROOT,
-                                                  groups=(NamedId("0", "root"),), capabilities=None)
+                                                  groups=(NamedId("0", "root"),), capabilities=None,
+                                                  seccomp_profile_sha256=measure(profile))
         decision = engine.enforce(check)
         assert decision.allowed, decision.reason
         out.append(decision.allowed)

@@ -101,7 +101,7 @@ EXAMPLES: dict[Op, Message] = {
         "web", ("/bin/httpd", "-f"), ("PATH=/bin", "A=1"), working_dir="/srv", user="33:33",
         mounts=(ContainerMount("/www", "/run/parma/volumes/www", "bind", ("rbind", "rprivate", "ro")),),
         capabilities=CAPS, privileged=True, no_new_privileges=True, umask="027",
-        seccomp_profile_sha256="ab" * 32),
+        seccomp_profile=b'{"defaultAction":"SCMP_ACT_ALLOW"}'),
     Op.set_group_network: SetGroupNetworkRequest("hello", ("web", "db"), DnsSettings(
         ("10.0.2.53",), ("corp.example",), ("use-vc", "ndots:2"))),
     Op.start_container: StartContainerRequest("web"),
@@ -254,6 +254,7 @@ REQUIRED_EXAMPLE = {
     EnforcementPoint.unmount_overlay: {"target": "/t"},
     EnforcementPoint.scratch_mount: {"target": "/t"},
     EnforcementPoint.scratch_unmount: {"target": "/t"},
+    EnforcementPoint.create_volume: {"target": "/t", "kind": "emptyDir"},
     EnforcementPoint.create_container: {"container_id": "c", "argv": ["x"]},
     EnforcementPoint.exec_in_container: {"container_id": "c", "argv": ["x"]},
     EnforcementPoint.exec_external: {"argv": ["x"]},

@@ -146,6 +146,14 @@ NEW_NO_SIGNALS = policy(container(signals=[]))
 PRIV = policy(container(allow_elevated=True, capabilities=caps(True)))
 WWW_USER = policy(container(user={"user_idname": {"pattern": "33", "strategy": "id"}, "group_idnames": [ANY],
                                   "umask": "0027"}))
+VOLUME_PINS = [{"name": "www", "target": "/run/parma/volumes/www", "device_hash": V0},
+               {"name": "cache", "target": "/run/parma/volumes/cache", "kind": "emptyDir"},
+               {"name": "tmp", "target": "/run/parma/volumes/tmp", "kind": "tmpfs"},
+               {"name": "cfg", "target": "/run/parma/volumes/cfg", "kind": "secret"}]
+VOLUMES = policy(volumes=VOLUME_PINS)
+CACHE_MOUNT = {"destination": "/cache", "source": "/run/parma/volumes/cache", "type": "bind",
+               "options": ["rbind", "rprivate", "rw"]}
+VOLUMES_BOUND = policy(container(mounts=[CACHE_MOUNT]), volumes=VOLUME_PINS)
 V020 = {k: v for k, v in container().items() if k not in ("user", "capabilities", "seccomp_profile_sha256")}
 V021 = {k: v for k, v in container().items() if k not in ("capabilities", "seccomp_profile_sha256")}
 
@@ -174,6 +182,36 @@ CASES = [
          "not the hash pinned for volume 'www'"),
     Case("volume-hash-at-layer-target", ("mount_device", {"target": "/run/parma/layers/0", "device_hash": V0}), False,
          "is not a layer"),
+    # -- create_volume (an extension: every volume pinned by kind) ---------------------------------------
+    Case("volume-create-ok", ("create_volume", {"target": "/run/parma/volumes/cache", "kind": "emptyDir"}), True,
+         policy=VOLUMES),
+    Case("volume-create-tmpfs-ok", ("create_volume", {"target": "/run/parma/volumes/tmp", "kind": "tmpfs"}), True,
+         policy=VOLUMES),
+    Case("volume-create-secret-ok", ("create_volume", {"target": "/run/parma/volumes/cfg", "kind": "secret"}),
+         True, policy=VOLUMES),
+    Case("volume-create-secret-as-emptydir", ("create_volume", {"target": "/run/parma/volumes/cache",
+                                                                "kind": "secret"}), False,
+         "'cache' is a emptyDir volume in the policy, not secret", policy=VOLUMES),
+    Case("volume-create-emptydir-as-secret", ("create_volume", {"target": "/run/parma/volumes/cfg",
+                                                                "kind": "emptyDir"}), False,
+         "is a secret volume in the policy, not emptyDir", policy=VOLUMES),
+    Case("volume-create-unlisted-unbound", ("create_volume", {"target": "/run/parma/volumes/other",
+                                                              "kind": "secret"}), True, policy=VOLUMES),
+    Case("volume-create-unlisted-bound", ("create_volume", {"target": "/run/parma/volumes/cache", "kind": "secret"}),
+         False, "'web' may bind it, but the policy does not pin its kind (its volumes: www)",
+         policy=policy(container(mounts=[CACHE_MOUNT]))),
+    Case("volume-create-over-files", ("create_volume", {"target": "/run/parma/volumes/www", "kind": "secret"}),
+         False, "is a files volume", policy=VOLUMES),
+    Case("volume-create-twice", ("create_volume", {"target": "/run/parma/volumes/cache", "kind": "emptyDir"}),
+         False, "a volume exists there already", policy=VOLUMES,
+         setup=[("create_volume", {"target": "/run/parma/volumes/cache", "kind": "emptyDir"})]),
+    Case("volume-device-over-memory-volume", ("mount_device", {"target": "/run/parma/volumes/cache",
+                                                               "device_hash": L0}), False,
+         "is a emptyDir volume, which the guest creates itself", policy=VOLUMES),
+    Case("volume-bind-created", create(mounts=[CACHE_MOUNT]), True, policy=VOLUMES_BOUND,
+         setup=[*MOUNTED, ("create_volume", {"target": "/run/parma/volumes/cache", "kind": "emptyDir"})]),
+    Case("volume-bind-not-created", create(mounts=[CACHE_MOUNT]), False, "no emptyDir volume has been created there",
+         setup=MOUNTED, policy=VOLUMES_BOUND),
     # -- mount_overlay / unmount_overlay ----------------------------------------------------------------
     Case("overlay-ok", overlay(), True, setup=mounts_for([L0, L1, L2])),
     Case("overlay-order-swapped", ("mount_overlay", {"container_id": "c1", "target": "/run/c/c1",

@@ -71,7 +71,11 @@ def test_generated_policy_is_canonical_and_valid(tmp_path: Path) -> None:
     web = doc["containers"][0]
     assert web["layers"] == list(BUSYBOX) and web["id"] == "busybox:1.36"
     assert web["command"] == ["/bin/httpd", "-f", "-p", "8080", "-h", "/www"]
-    assert doc["volumes"] == [{"name": "www", "target": "/run/parma/volumes/www", "device_hash": WWW_HASH}]
+    # Every volume pinned by kind; the files volume also by its root hash.
+    assert sorted(doc["volumes"], key=lambda v: v["name"]) == [
+        {"name": "cfg", "target": "/run/parma/volumes/cfg", "kind": "secret"},
+        {"name": "scratch", "target": "/run/parma/volumes/scratch", "kind": "emptyDir"},
+        {"name": "www", "target": "/run/parma/volumes/www", "device_hash": WWW_HASH}]
     assert {m["destination"]: (m["source"], m["options"][-1]) for m in web["mounts"]} == {
         "/www": ("/run/parma/volumes/www", "ro"), "/tmp/s": ("/run/parma/volumes/scratch", "rw"),
         "/cfg": ("/run/parma/volumes/cfg", "ro")}
@@ -99,8 +103,9 @@ def test_same_inputs_same_bytes(tmp_path: Path) -> None:
 
 # A generated policy for fixed inputs hashes to this on every machine. A change here changes the
 # HOST_DATA of every existing group: update it only on purpose.
-# (Changed once on purpose: allow_unencrypted_scratch became false by default, as in ACI.)
-GOLDEN_GENERATED_HASH = "df4c9d2d45397c56a0f855d3f7db46fba45b3824710adbb33fab0ba30612d17d"
+# Changed on purpose: allow_unencrypted_scratch became false by default, as in ACI; and (issue 13, item 4)
+# the policy pins the kind of every volume.
+GOLDEN_GENERATED_HASH = "3b70ad0a6a0bbcc00d4ca3e2c073599607e0ba4bf0b1ef8520bb6eafadfee9b0"
 
 
 def test_golden_hash_of_a_generated_policy(tmp_path: Path) -> None:
@@ -254,6 +259,8 @@ def test_generated_policy_allows_what_the_launcher_requests(tmp_path: Path) -> N
         assert d.allowed, d.reason
 
     ok("mount_device", {"target": "/run/parma/volumes/www", "device_hash": WWW_HASH})
+    ok("create_volume", {"target": "/run/parma/volumes/cfg", "kind": "secret"})
+    ok("create_volume", {"target": "/run/parma/volumes/scratch", "kind": "emptyDir"})
     for i, h in enumerate(BUSYBOX):
         ok("mount_device", {"target": layer_target(i), "device_hash": h})
     web = spec.containers[0]

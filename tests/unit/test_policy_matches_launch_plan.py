@@ -24,6 +24,7 @@ from sandbox.shared import protocol as P
 from sandbox.shared.messages import ContainerMount, CreateContainerRequest
 from sandbox.shared.policy import PolicyEngine, defaults
 from sandbox.shared.policy.inputs import CreateContainerInput, NamedId
+from sandbox.shared.seccomp import measure, parse_profile
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*/group.json"))
 BUSYBOX = ImageConfig(cmd=("sh",), env=("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",))
@@ -101,8 +102,10 @@ def create_input(create: CreateContainerRequest) -> CreateContainerInput:
     assert create.capabilities is not None
     # The agent binds the container's own /etc/hostname, hosts and resolv.conf (the engine's default mounts).
     etc = tuple(ContainerMount.from_json(dict(m)) for m in defaults.etc_file_mounts(create.container_id))
+    profile = parse_profile(create.seccomp_profile) if create.seccomp_profile is not None else None
     return CreateContainerInput.from_request(create, mounts=BASE_MOUNTS + create.mounts + etc, user=uid,
-                                             groups=(gid,), capabilities=create.capabilities)
+                                             groups=(gid,), capabilities=create.capabilities,
+                                             seccomp_profile_sha256=measure(profile))
 
 
 def allow(engine: PolicyEngine, ep: str, inp: dict) -> None:
@@ -131,6 +134,8 @@ def replay_up(plan: LaunchPlan, engine: PolicyEngine) -> None:
     """Every request `up` sends, in order, each allowed."""
     for disk in plan.disks:
         allow(engine, "mount_device", {"target": disk.target, "device_hash": disk.root_hash})
+    for volume in plan.memory_volumes:
+        allow(engine, "create_volume", {"target": P.volume_path(volume.name), "kind": volume.kind.value})
     if plan.scratch_gib:      # setup_scratch: what the agent builds is encrypted
         allow(engine, "scratch_mount", {"target": P.GROUP_SCRATCH_DIR, "encrypted": True})
     for c in plan.init_containers:
@@ -182,6 +187,8 @@ def test_each_bind_mount_changed_is_denied(name: str, tmp_path: Path) -> None:
     plan, engine = setup_for(spec)
     for disk in plan.disks:
         engine.enforce_json("mount_device", {"target": disk.target, "device_hash": disk.root_hash})
+    for volume in plan.memory_volumes:
+        engine.enforce_json("create_volume", {"target": P.volume_path(volume.name), "kind": volume.kind.value})
     checked = 0
     for c in plan.containers:
         engine.enforce_json("mount_overlay", {"container_id": c.name, "layer_paths": list(c.layer_targets),

@@ -40,6 +40,13 @@ CAT_BIG = ["/bin/cat", "/data/big.txt"]
 CAT_SMALL = ["/bin/cat", "/data/small.txt"]
 BIG = b"".join(DATA_LINE % i for i in range(8000))
 TAMPER_AT = 200_000  # byte offset in big.txt: about the middle
+# The "sec" container's seccomp profile: mkdir fails with EPERM, everything else is allowed.
+DENY_MKDIR = {"defaultAction": "SCMP_ACT_ALLOW",
+              "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+MKDIR = ["/bin/sh", "-c", "mkdir /tmp/made"]
+TOUCH = ["/bin/sh", "-c", "echo written > /cache/f && cat /cache/f && ls -A /cache"]
+SLEEPER = ["/bin/sleep", "100000"]
+MOUNTINFO = ["/bin/cat", "/proc/self/mountinfo"]
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +57,24 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     rogue = make_layer(d, "rogue", tar_of([("evil", b"#!/bin/sh\necho pwned\n", None, 0o755)]))
     tamper_file_block(data.image, d / "data-tampered.img", "/data/big.txt", TAMPER_AT)
     # The scratches here are tmpfs (mount_scratch without encrypted): the policy allows it.
-    spec = validate_group({"name": "mal", "policy": {"allowUnencryptedScratch": True}, "containers": [{
+    spec = validate_group({"name": "mal", "policy": {"allowUnencryptedScratch": True},
+                           "volumes": [{"name": "cache", "emptyDir": {}}], "containers": [{
         "name": "app", "image": "test", "command": ARGV,
-        "execProcesses": [{"command": CAT_BIG}, {"command": CAT_SMALL}]}]}, base_dir=d)
-    images = {"app": image_of(base, data)}
-    create = build_plan(spec, images, {}).containers[0].create.to_json()
+        "execProcesses": [{"command": CAT_BIG}, {"command": CAT_SMALL}]}, {
+        "name": "sec", "image": "test", "command": ARGV, "mounts": [{"name": "cache", "mountPath": "/cache"}],
+        "seccompProfile": base64.b64encode(json.dumps(DENY_MKDIR).encode()).decode(),
+        "execProcesses": [{"command": MKDIR}, {"command": TOUCH}, {"command": SLEEPER, "signals": [9]},
+                          {"command": MOUNTINFO}]}]},
+        base_dir=d)
+    images = {"app": image_of(base, data), "sec": image_of(base)}
+    plan = build_plan(spec, images, {})
+    create = plan.containers[0].create.to_json()
     guest = boot(d / "s", spec=spec, images=images,
                  disks=[(base.image, "L0"), (data.image, "L1"), (d / "data-tampered.img", "L2"), (rogue.image, "R0")])
     try:
         with guest.client() as client:
-            yield {"guest": guest, "client": client, "env": create["env"], "create": create}
+            yield {"guest": guest, "client": client, "env": create["env"], "create": create,
+                   "sec": plan.containers[1].create.to_json()}
     finally:
         guest.stop()
 
@@ -220,3 +235,85 @@ def test_teardown_is_checked_and_ordered(world: dict) -> None:
     assert e["code"] == "conflict"                      # no overlay any more
     statuses = {x["id"]: x["status"] for x in call(c, Op.list_containers)["containers"]}
     assert statuses == {"app": "running", "tamp": "exited"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 13, items 2-4 and the frame layer, with the real kernel and crun
+
+
+def test_the_host_cannot_create_a_prefilled_volume_where_the_group_expects_an_emptydir(world: dict) -> None:
+    c = world["client"]
+    e = err(c, Op.create_volume, {"name": "cache", "kind": "secret",
+                                  "items": {"evil.so": base64.b64encode(b"\x7fELF").decode()}})
+    assert e["code"] == "policy_denied" and "'cache' is a emptyDir volume in the policy" in e["message"]
+    call(c, Op.create_volume, {"name": "cache", "kind": "emptyDir"})
+
+
+def test_a_seccomp_profile_other_than_the_pinned_one_is_denied(world: dict) -> None:
+    c, sec = world["client"], world["sec"]
+    call(c, Op.mount_scratch, {"container_id": "sec"})
+    call(c, Op.mount_overlay, {"container_id": "sec", "target": "/run/parma/containers/sec/rootfs",
+                               "layer_paths": ["/run/parma/layers/l0"]})
+    allow_all = base64.b64encode(b'{"defaultAction":"SCMP_ACT_ALLOW"}').decode()
+    for payload in ({**sec, "seccomp_profile": allow_all}, {k: v for k, v in sec.items() if k != "seccomp_profile"}):
+        e = err(c, Op.create_container, payload)
+        assert e["code"] == "policy_denied" and "seccomp_profile_sha256" in e["message"]
+
+
+def test_a_nul_in_an_env_value_never_reaches_crun(world: dict) -> None:
+    """The frame layer refuses NUL in any string (no C program downstream would see the value whole): the
+    booted agent answers the frame, and the container the request names is never created."""
+    guest: Guest = world["guest"]
+    sec = world["sec"]
+    env = list(sec["env"])
+    env[0] = env[0].replace("=", "=\u0000", 1)         # an allowed variable, its value cut by a NUL
+    frames = [{**sec, "env": env}, {**sec, "argv": ["/bin/sleep\u0000", "100000"]},
+              {**sec, "working_dir": "/\u0000/etc"}]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(guest.cfg.agent_sockets[-1]))
+        s.settimeout(60)
+        buf = b""
+        for n, payload in enumerate(frames):
+            s.sendall(json.dumps({"v": 1, "id": 51 + n, "op": "create_container", "payload": payload}).encode()
+                      + b"\n")
+            while b"\n" not in buf:
+                chunk = s.recv(65536)
+                assert chunk, "the agent closed the port"
+                buf += chunk
+            line, buf = buf.split(b"\n", 1)
+            r = json.loads(line)
+            assert r["id"] == 51 + n and r["error"]["code"] == "invalid_request"
+            assert "must not contain NUL characters" in r["error"]["message"]
+    ids = {x["id"] for x in call(world["client"], Op.list_containers)["containers"]}
+    assert "sec" not in ids
+
+
+def test_the_pinned_seccomp_profile_is_really_applied(world: dict) -> None:
+    c, sec = world["client"], world["sec"]
+    call(c, Op.create_container, sec, timeout=120)
+    call(c, Op.start_container, {"container_id": "sec"}, timeout=120)
+    code, out, errs = run_exec(c, "sec", MKDIR, sec["env"])
+    assert code != 0 and b"Operation not permitted" in errs            # the kernel refused mkdir(2)
+    code, out, _ = run_exec(c, "sec", TOUCH, sec["env"])                # and nothing else: /cache was empty
+    assert code == 0 and out == b"written\nf\n"
+
+
+def test_volume_binds_carry_no_setuid_programs_or_devices(world: dict) -> None:
+    code, out, _ = run_exec(world["client"], "sec", MOUNTINFO, world["sec"]["env"])
+    cache = next(line for line in out.decode().splitlines() if line.split()[4] == "/cache")
+    options = set(cache.split()[5].split(","))
+    assert {"nosuid", "nodev", "rw"} <= options, cache
+
+
+def test_a_signal_never_reaches_a_process_after_its_exit(world: dict) -> None:
+    c, sec = world["client"], world["sec"]
+    r = call(c, Op.exec_process, {"container_id": "sec", "argv": SLEEPER, "env": sec["env"]})
+    call(c, Op.signal_process, {"container_id": "sec", "exec_id": r["exec_id"], "signal": 9})
+    w = call(c, Op.wait_process, {"container_id": "sec", "exec_id": r["exec_id"], "timeout": 30}, timeout=60)
+    assert (w["running"], w["exit_code"], w["signal"]) == (False, 137, 9)
+    e = err(c, Op.signal_process, {"container_id": "sec", "exec_id": r["exec_id"], "signal": 9})
+    assert e["code"] == "conflict" and "has exited" in e["message"]
+    page = call(c, Op.read_output, {"container_id": "sec", "exec_id": r["exec_id"], "wait": 5})
+    assert page["eof"]
+    # Reported and read: forgotten.
+    assert err(c, Op.wait_process, {"container_id": "sec", "exec_id": r["exec_id"]})["code"] == "not_found"

@@ -28,7 +28,7 @@ LAYER_TARGET_PATTERN = "/run/parma/layers/[a-z0-9][a-z0-9-]{0,63}"
 # Group volumes live at VOLUMES_DIR/<volume>; a `files` volume's verity device is mounted there.
 VOLUMES_DIR = "/run/parma/volumes"
 # Options of the bind mount that puts a group volume into a container, as the launcher requests it
-# (the agent adds nosuid and nodev on its own).
+# (the agent adds nosuid and nodev on its own: sandbox/guest/oci.py BIND_HARDENING).
 VOLUME_BIND_OPTIONS = ("rbind", "rprivate")
 
 

@@ -16,9 +16,12 @@ It follows hcsshim's framework.rego (0.5.0) rule by rule, re-implemented in plai
 Regexes match whole values (see regex.py; one deliberate difference from the framework).
 
 Every decision explains itself: a denial names the first failing field with expected and actual.
-Beyond ACI, parma-sandbox pins `files` volumes (`volumes` in the policy): their devices may only be
-mounted at their own target with their own root hash, and a container may bind-mount a volume
-target only while that pinned device is mounted there.
+Beyond ACI, parma-sandbox pins every group volume (`volumes` in the policy) by kind: a `files`
+volume's device may only be mounted at its own target with its own root hash; any other volume only
+comes to exist through create_volume (an extra enforcement point) with the kind the policy gives it.
+A volume the policy does not list may be created only where no container may bind it directly (ACI's
+policies reach volumes only through kind-typed sources, which the agent checks). A container may
+bind-mount a volume target only while that volume exists as pinned.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from sandbox.shared.policy import defaults
 from sandbox.shared.policy.inputs import (
     INHERIT,
     CreateContainerInput,
+    CreateVolumeInput,
     EnforcementInput,
     ExecExternalInput,
     ExecInContainerInput,
@@ -72,6 +76,7 @@ from sandbox.shared.policy.model import (
     NameValueEnvRule,
     Policy,
     Strategy,
+    VolumeKind,
     parse_policy,
     parse_version,
     policy_hash,
@@ -346,10 +351,12 @@ class ProcessIdentity:
 
 
 class _State:
-    __slots__ = ("devices", "overlays", "matches", "started", "stdio", "scratch", "process", "stopped", "fragments")
+    __slots__ = ("devices", "volumes", "overlays", "matches", "started", "stdio", "scratch", "process", "stopped",
+                 "fragments")
 
     def __init__(self) -> None:
         self.devices: dict[str, str] = {}                       # target -> dm-verity root hash
+        self.volumes: dict[str, str] = {}                       # target -> kind of a created volume
         self.overlays: dict[str, str] = {}                      # overlay target -> container id
         self.matches: dict[str, tuple[_Candidate, ...]] = {}    # container id -> remaining candidates
         self.started: dict[str, bool] = {}                      # container id -> privileged (until shut down)
@@ -381,6 +388,8 @@ def _describe(change: StateChange) -> str:
         return f"scratch: {key!r} (encrypted={str(value).lower()})"
     if table == "stopped":
         return f"stopped: {key!r}"
+    if table == "volumes":
+        return f"volumes: {key!r} ({value})"
     if table == "fragments":
         return (f"fragments: loaded {value.namespace!r} from {value.issuer} ({value.feed}): "
                 f"{len(value.candidates)} container(s), {len(value.externals)} external process(es), "
@@ -434,7 +443,7 @@ class PolicyEngine:
             MountDeviceInput: self._mount_device, UnmountDeviceRequest: self._unmount_device,
             MountOverlayRequest: self._mount_overlay, UnmountOverlayRequest: self._unmount_overlay,
             ScratchMountInput: self._scratch_mount, ScratchUnmountInput: self._scratch_unmount,
-            CreateContainerInput: self._create_container, ExecInContainerInput: self._exec_in_container,
+            CreateVolumeInput: self._create_volume, CreateContainerInput: self._create_container, ExecInContainerInput: self._exec_in_container,
             ExecExternalInput: self._exec_external, ShutdownContainerRequest: self._shutdown_container,
             SignalContainerProcessInput: self._signal_container_process,
             GetPropertiesRequest: self._flag_rule("allow_properties_access", EP.get_properties),
@@ -536,7 +545,7 @@ class PolicyEngine:
         """The tracked state (JSON-able), for logs and `policy check`."""
         with self._lock:
             s = self._state
-            return {"devices": dict(s.devices), "overlays": dict(s.overlays),
+            return {"devices": dict(s.devices), "volumes": dict(s.volumes), "overlays": dict(s.overlays),
                     "matches": {k: [c.label for c in v] for k, v in s.matches.items()},
                     "started": dict(s.started), "stopped": sorted(s.stopped), "scratch": dict(s.scratch),
                     "processes": {cid: p.to_json() for cid, p in s.process.items()},
@@ -560,6 +569,11 @@ class PolicyEngine:
             raise _Deny(f"{deny}: a device is already mounted there ({self._state.devices[target]})")
         volume = self._volumes.get(target)
         if volume is not None:
+            if volume.kind != VolumeKind.files:
+                raise _Deny(f"{deny}: volume {volume.name!r} is a {volume.kind.value} volume, which the guest "
+                            "creates itself; only files volumes are devices")
+            if target in self._state.volumes:
+                raise _Deny(f"{deny}: volume {volume.name!r} was created there already")
             if digest != volume.device_hash:
                 raise _Deny(f"{deny}: device hash {digest!r} is not the hash pinned for volume {volume.name!r} "
                             f"({volume.device_hash})")
@@ -622,7 +636,9 @@ class PolicyEngine:
         candidates = self._all_candidates()
         if not candidates:
             return "the policy allows no containers"
-        best = max(candidates, key=lambda c: difflib.SequenceMatcher(a=c.layers, b=stack).ratio())
+        # The same layers in another order say the most; otherwise the closest stack.
+        best = max(candidates, key=lambda c: (sorted(c.layers) == sorted(stack),
+                                              difflib.SequenceMatcher(a=c.layers, b=stack).ratio()))
         want = best.layers
         if sorted(want) == sorted(stack):
             return (f"layers of {best.label!r} are in a different order "
@@ -645,6 +661,30 @@ class PolicyEngine:
         if target not in self._state.overlays:
             raise _Deny(f"unmount_overlay denied for target {target!r}: no overlay is mounted there")
         return NO_RESULTS, [("overlays", target, _REMOVE)]
+
+    def _create_volume(self, a: CreateVolumeInput) -> tuple[Results, list[StateChange]]:
+        target, kind = a.target, a.kind
+        deny = f"create_volume denied for {target!r}"
+        if target in self._state.volumes or target in self._state.devices:
+            raise _Deny(f"{deny}: a volume exists there already")
+        volume = self._volumes.get(target)
+        if volume is None:
+            # Unpinned: only if no container may bind this path as it is. Then the volume is reachable only
+            # through ACI's sources (`sandbox:///tmp/atlas/<kind>/<volume>`), whose pattern pins the kind
+            # and which the agent resolves only to a volume of that kind.
+            binders = [c.label for c in self._all_candidates() if any(m.source_ok(target) for m in c.mounts)]
+            if binders:
+                listed = ", ".join(sorted(v.name for v in self._volumes.values())) or "none"
+                raise _Deny(f"{deny}: {', '.join(repr(b) for b in binders)} may bind it, but the policy does not "
+                            f"pin its kind (its volumes: {listed})")
+            return NO_RESULTS, [("volumes", target, kind.value)]
+        if volume.kind == VolumeKind.files:
+            raise _Deny(f"{deny}: volume {volume.name!r} is a files volume: only its pinned device may be "
+                        "mounted there (mount_device)")
+        if kind != volume.kind:
+            raise _Deny(f"{deny}: volume {volume.name!r} is a {volume.kind.value} volume in the policy, "
+                        f"not {kind.value}")
+        return NO_RESULTS, [("volumes", target, kind.value)]
 
     def _scratch_mount(self, a: ScratchMountInput) -> tuple[Results, list[StateChange]]:
         target, encrypted = a.target, a.encrypted
@@ -688,9 +728,17 @@ class PolicyEngine:
     def _check_volume_mounts(self, cid: str, mounts: tuple[ContainerMount, ...]) -> None:
         for m in mounts:
             volume = self._volumes.get(m.source)
-            if volume is not None and self._state.devices.get(m.source) != volume.device_hash:
+            if volume is None:
+                continue
+            if volume.kind == VolumeKind.files:
+                if self._state.devices.get(m.source) != volume.device_hash:
+                    raise _Deny(f"create_container denied for container {cid!r}: mount at {m.destination!r} "
+                                f"binds volume {volume.name!r} ({m.source}), but its pinned device is not "
+                                "mounted there")
+            elif self._state.volumes.get(m.source) != volume.kind.value:
                 raise _Deny(f"create_container denied for container {cid!r}: mount at {m.destination!r} binds "
-                            f"volume {volume.name!r} ({m.source}), but its pinned device is not mounted there")
+                            f"volume {volume.name!r} ({m.source}), but no {volume.kind.value} volume has been "
+                            "created there")
 
     def _create_mismatch(self, c: _Candidate, a: CreateContainerInput) -> str | None:
         """The first field of a create request that this candidate does not allow (framework.rego

@@ -4,7 +4,7 @@ Where a protocol request carries everything the policy needs, its input *is* the
 (sandbox/shared/messages.py): mount_overlay, unmount_device, unmount_overlay, shutdown_container,
 get_properties, dump_stacks. Elsewhere the agent adds what it finds out itself and never takes from
 the host (the device's root hash, the user as the container's /etc/passwd resolves it, the runtime's
-own mounts, the process a signal goes to), and the input is built from the request plus those facts
+own mounts, the process a signal goes to, a volume's target), and the input is built from the request plus those facts
 by the `from_request` constructors below.
 
 `policy check` traces spell these inputs in JSON (docs/policy-trace.md): `parse_input` decodes them
@@ -25,6 +25,7 @@ from sandbox.shared.messages import (
     Capabilities,
     ContainerMount,
     CreateContainerRequest,
+    CreateVolumeRequest,
     DumpStacksRequest,
     GetPropertiesRequest,
     MountDeviceRequest,
@@ -37,8 +38,9 @@ from sandbox.shared.messages import (
     UnmountScratchRequest,
 )
 from sandbox.shared.policy import defaults
+from sandbox.shared.policy.model import VolumeKind
 from sandbox.shared.policy.points import EnforcementPoint
-from sandbox.shared.protocol import container_dir
+from sandbox.shared.protocol import container_dir, volume_path
 
 __all__ = ["EnforcementPoint"]   # re-exported: where the engine's callers have always found it
 
@@ -139,6 +141,18 @@ def scratch_target(container_id: str) -> str:
 
 
 @dataclass(frozen=True)
+class CreateVolumeInput(_Input):
+    """A volume the guest makes in its memory: where (from its name) and of which kind."""
+
+    target: NonEmptyStr
+    kind: VolumeKind
+
+    @classmethod
+    def from_request(cls, request: CreateVolumeRequest) -> CreateVolumeInput:
+        return cls(volume_path(request.name), VolumeKind(request.kind.value))
+
+
+@dataclass(frozen=True)
 class CreateContainerInput(_Input):
     container_id: NonEmptyStr
     argv: Strings
@@ -155,13 +169,15 @@ class CreateContainerInput(_Input):
 
     @classmethod
     def from_request(cls, request: CreateContainerRequest, *, mounts: tuple[ContainerMount, ...], user: NamedId,
-                     groups: tuple[NamedId, ...], capabilities: Capabilities) -> CreateContainerInput:
+                     groups: tuple[NamedId, ...], capabilities: Capabilities,
+                     seccomp_profile_sha256: str) -> CreateContainerInput:
         """The request with what the guest decided itself: every mount the container gets (the
-        runtime's and the checked binds), the user and groups as its /etc files resolve them, and the
-        capability sets it applies (the runtime's defaults when the request named none)."""
+        runtime's and the checked binds), the user and groups as its /etc files resolve them, the
+        capability sets it applies (the runtime's defaults when the request named none), and its own
+        measurement of the seccomp profile it will apply (sandbox/shared/seccomp.py)."""
         return cls(request.container_id, request.argv, request.env, request.working_dir, mounts, user, groups,
                    request.umask.rjust(4, "0"), capabilities, request.privileged, request.no_new_privileges,
-                   request.seccomp_profile_sha256)
+                   seccomp_profile_sha256)
 
 
 @dataclass(frozen=True)
@@ -214,7 +230,7 @@ class LoadFragmentInput(_Input):
 
 EnforcementInput = (
     MountDeviceInput | UnmountDeviceRequest | MountOverlayRequest | UnmountOverlayRequest |
-    ScratchMountInput | ScratchUnmountInput | CreateContainerInput | ExecInContainerInput |
+    ScratchMountInput | ScratchUnmountInput | CreateVolumeInput | CreateContainerInput | ExecInContainerInput |
     ExecExternalInput | ShutdownContainerRequest | SignalContainerProcessInput | GetPropertiesRequest |
     DumpStacksRequest | RuntimeLoggingInput | LoadFragmentInput
 )
@@ -226,6 +242,7 @@ INPUT_TYPES: dict[EnforcementPoint, type[EnforcementInput]] = {
     EnforcementPoint.unmount_overlay: UnmountOverlayRequest,
     EnforcementPoint.scratch_mount: ScratchMountInput,
     EnforcementPoint.scratch_unmount: ScratchUnmountInput,
+    EnforcementPoint.create_volume: CreateVolumeInput,
     EnforcementPoint.create_container: CreateContainerInput,
     EnforcementPoint.exec_in_container: ExecInContainerInput,
     EnforcementPoint.exec_external: ExecExternalInput,

@@ -5,10 +5,10 @@ ACI Rego policy, and everything an ACI policy module can say has a place here: `
 imports of signed policy fragments), `"command": null` (a command that never matches), the two forms
 of env rules, `rules` (enforcement points the module answers with a constant, or has no rule for) and
 `ignored_container_layers` (layers of container objects the framework ignores but still mounts).
-Two parma-sandbox extensions: `volumes` pins the read-only devices of `files` volumes, and
-`key_brokers` pins the key brokers the agent trusts for secret release (docs/policy.md). Validation
-reports every problem with its JSON path and rejects unknown fields; regexes are checked when the
-policy is loaded, not when they are first used.
+Two parma-sandbox extensions: `volumes` pins each group volume's kind (and a `files` volume's device
+root hash), and `key_brokers` pins the key brokers the agent trusts for secret release
+(docs/policy.md). Validation reports every problem with its JSON path and rejects unknown fields;
+regexes are checked when the policy is loaded, not when they are first used.
 
 `parse_policy` takes either form of a policy's bytes: our JSON document, or ACI's Rego policy module
 (the ccePolicy text), which sandbox.shared.rego reads as ACI's framework reads it.
@@ -138,13 +138,25 @@ class ExternalProcess:
     allow_stdio_access: bool
 
 
+class VolumeKind(StrEnum):
+    """What a group volume is: the group spec's volume kinds, as the policy pins them."""
+
+    empty_dir = "emptyDir"   # a writable directory in guest memory, created empty by the guest (create_volume)
+    tmpfs = "tmpfs"          # likewise, private and of a given size
+    files = "files"          # a directory shipped with the group: a read-only device pinned by root hash
+    secret = "secret"        # small files the host delivers, read-only (create_volume); content not pinned
+
+
 @dataclass(frozen=True)
 class Volume:
-    """parma-sandbox extension: a read-only `files` volume device, pinned by its dm-verity root hash."""
+    """parma-sandbox extension: one group volume. The kind decides how it may come to exist: a `files`
+    volume's device only with its pinned root hash (mount_device), every other kind only through the
+    guest's create_volume with that kind."""
 
     name: str
-    target: str         # where the agent mounts the device (defaults.volume_target(name))
-    device_hash: str
+    target: str         # where the guest puts it (defaults.volume_target(name))
+    device_hash: str    # files: the dm-verity root hash; "" for the other kinds
+    kind: VolumeKind = VolumeKind.files
 
 
 @dataclass(frozen=True)
@@ -334,6 +346,14 @@ def _container_doc(c: Container, version: tuple[int, int, int]) -> dict[str, Any
     return d
 
 
+def _volume_doc(v: Volume) -> dict[str, Any]:
+    # A files volume is written as before kinds existed ({name, target, device_hash}): its bytes, and
+    # so HOST_DATA, stay what they were.
+    if v.kind == VolumeKind.files:
+        return {"name": v.name, "target": v.target, "device_hash": v.device_hash}
+    return {"name": v.name, "target": v.target, "kind": v.kind.value}
+
+
 def _policy_doc(p: Policy) -> dict[str, Any]:
     d: dict[str, Any] = {
         "api_version": p.api_version,
@@ -355,7 +375,7 @@ def _policy_doc(p: Policy) -> dict[str, Any]:
     if p.ignored_container_layers:
         d["ignored_container_layers"] = list(p.ignored_container_layers)
     if p.volumes:
-        d["volumes"] = [{"name": v.name, "target": v.target, "device_hash": v.device_hash} for v in p.volumes]
+        d["volumes"] = [_volume_doc(v) for v in p.volumes]
     if p.key_brokers:
         d["key_brokers"] = [{"public_key_sha256": b.public_key_sha256} for b in p.key_brokers]
     return d
@@ -559,20 +579,29 @@ def _check_external_process(c: _Checker, raw: Any, path: str) -> ExternalProcess
 
 
 def _check_volume(c: _Checker, raw: Any, path: str) -> Volume | None:
-    keys = ("name", "target", "device_hash")
-    d = c.obj(raw, path, keys, keys)
+    d = c.obj(raw, path, ("name", "target", "device_hash", "kind"), ("name", "target"))
     if d is None:
         return None
+    before = len(c.problems)
     name = c.string(d, "name", path, None)
     target = c.string(d, "target", path, None)
-    device_hash = c.string(d, "device_hash", path, None, pattern=HEX64,
-                           what="a dm-verity root hash (64 lowercase hex digits)")
+    kind_text = c.string(d, "kind", path, VolumeKind.files.value)
+    kind = VolumeKind(kind_text) if kind_text in tuple(VolumeKind) else None
+    if kind is None and kind_text is not None:
+        c.problem(join(path, "kind"), f"must be one of {', '.join(k.value for k in VolumeKind)}; got {kind_text!r}")
+    device_hash = ""
+    if kind == VolumeKind.files:
+        if "device_hash" not in d:
+            c.problem(join(path, "device_hash"), "a files volume needs its device's dm-verity root hash")
+        device_hash = c.string(d, "device_hash", path, "", pattern=HEX64,
+                               what="a dm-verity root hash (64 lowercase hex digits)") or ""
+    elif kind is not None and "device_hash" in d:
+        c.problem(join(path, "device_hash"), f"only files volumes have a device (this one is {kind.value})")
     if target is not None and (not target.startswith("/") or re.fullmatch(defaults.LAYER_TARGET_PATTERN, target)):
         c.problem(join(path, "target"), f"{target!r} must be an absolute path outside the layer mount targets")
+    if not name or target is None or kind is None or len(c.problems) != before:
         return None
-    if not name or target is None or device_hash is None:
-        return None
-    return Volume(name, target, device_hash)
+    return Volume(name, target, device_hash, kind)
 
 
 def _check_key_broker(c: _Checker, raw: Any, path: str) -> KeyBroker | None:

@@ -12,6 +12,7 @@ class EnforcementPoint(StrEnum):
     unmount_overlay = "unmount_overlay"
     scratch_mount = "scratch_mount"
     scratch_unmount = "scratch_unmount"
+    create_volume = "create_volume"          # parma-sandbox extension (volumes in the policy)
     create_container = "create_container"
     exec_in_container = "exec_in_container"
     exec_external = "exec_external"
