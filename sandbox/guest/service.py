@@ -34,6 +34,7 @@ from sandbox.shared.errors import AttestationError, InputError
 from sandbox.shared.kbs_protocol import ATTEST_API_DIR
 from sandbox.shared.policy.engine import Decision
 from sandbox.shared.policy.inputs import (
+    INHERIT,
     CreateContainerInput,
     ExecInContainerInput,
     MountDeviceInput,
@@ -466,18 +467,20 @@ class AgentService:
             raise _err(ErrorCode.conflict, f"container {c.id} is {c.status.value}, not running")
         exec_id = runtime.next_exec_id(c)
         # The process runs as the container's user with its capabilities (the engine recorded them at
-        # create_container and the input inherits them), in its working dir unless the host asks.
+        # create_container and the input inherits them), with its env and in its working dir unless the
+        # host asks otherwise.
         cwd = r.working_dir or c.working_dir
+        check = ExecInContainerInput(c.id, r.argv, INHERIT if r.env is None else r.env, r.working_dir or INHERIT)
 
         def action(decision: Decision) -> runtime.Process:
-            env = decision.env_list if decision.env_list is not None else r.env
+            env = decision.env_list if decision.env_list is not None else (r.env or ())
             try:
                 return runtime.exec_process(c, exec_id, r.argv, env, cwd)
             except (CrunError, OSError) as e:
                 reason = e.reason if isinstance(e, CrunError) else "other"
                 raise _err(ErrorCode.failed, f"exec in {c.id}: {e}", reason=reason) from None
 
-        started = self.gate.enforce(ExecInContainerInput(c.id, r.argv, r.env, cwd), action)
+        started = self.gate.enforce(check, action)
         return M.ExecProcessResult(exec_id, started.pid, c.stdio)
 
     def _process(self, container_id: str, exec_id: str | None) -> runtime.Process:
