@@ -27,6 +27,7 @@ from sandbox.guest.gate import NO_POLICY_REASON, Gate
 from sandbox.guest.hostdata import HostData, read_host_data, uptime
 from sandbox.guest.runtime import Container, ContainerStatus, CrunError
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
+from sandbox.shared import agent_rules
 from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
 from sandbox.shared.codec import shown
@@ -95,8 +96,19 @@ class AgentService:
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    def handle(self, request: M.AgentRequest) -> Result:
-        """Serve one typed request; raises ProtocolError when it cannot be served."""
+    def handle(self, request: M.AgentRequest) -> Result | P.Reply:
+        """Serve one typed request; raises ProtocolError when it cannot be served. The policy checks it
+        went through travel with the reply (P.Reply, ProtocolError.policy): the host's trace of them is
+        what `policy check` replays."""
+        with self.gate.recording() as checks:
+            try:
+                result = self._serve(request)
+            except ProtocolError as e:
+                e.policy = tuple(checks)
+                raise
+        return P.Reply(result, tuple(checks)) if checks else result
+
+    def _serve(self, request: M.AgentRequest) -> Result:
         if not self.gate.active and not isinstance(request, OPEN_REQUESTS):
             raise ProtocolError(ErrorCode.policy_denied, NO_POLICY_REASON, details={"op": request.op.value})
         if isinstance(request, UNLOCKED_REQUESTS):
@@ -208,9 +220,9 @@ class AgentService:
 
     @staticmethod
     def _check_device_target(target: str) -> Path:
-        if not (re.fullmatch(P.LAYER_TARGET_RE, target) or re.fullmatch(P.VOLUME_TARGET_RE, target)):
-            raise _err(ErrorCode.invalid_request,
-                       f"mount target {shown(target)} must be {P.LAYERS_DIR}/<name> or {P.VOLUMES_DIR}/<volume>")
+        problem = agent_rules.device_target_problem(target)
+        if problem is not None:
+            raise _err(ErrorCode.invalid_request, problem)
         return Path(target)
 
     def op_mount_device(self, r: M.MountDeviceRequest) -> M.MountDeviceResult:
@@ -297,15 +309,13 @@ class AgentService:
 
     def op_mount_overlay(self, r: M.MountOverlayRequest) -> M.MountOverlayResult:
         container_id, layer_paths, target = r.container_id, r.layer_paths, r.target
-        expected = P.container_dir(container_id) + "/rootfs"
-        if target != expected:
-            raise _err(ErrorCode.invalid_request, f"the rootfs of {container_id} must be mounted at {expected}")
+        problem = agent_rules.overlay_problem(container_id, layer_paths, target)
+        if problem is not None:
+            raise _err(ErrorCode.invalid_request, problem)
         if target in self.overlays:
             raise _err(ErrorCode.conflict, f"{target} is already mounted")
-        if not layer_paths:
-            raise _err(ErrorCode.invalid_request, "layer_paths is empty")
         for lp in layer_paths:
-            if lp not in self.devices or not re.fullmatch(P.LAYER_TARGET_RE, lp):
+            if lp not in self.devices or not agent_rules.is_layer_target(lp):
                 raise _err(ErrorCode.not_found, f"{lp} is not a mounted layer device")
         scratch = self.scratch.get(container_id)
         if scratch is None:
@@ -407,12 +417,12 @@ class AgentService:
         container_id = r.container_id
         if container_id in self.containers:
             raise _err(ErrorCode.conflict, f"container {container_id} already exists")
-        rootfs = P.container_dir(container_id) + "/rootfs"
+        rootfs = agent_rules.rootfs_target(container_id)
         if rootfs not in self.overlays:
             raise _err(ErrorCode.conflict, f"mount_overlay for {container_id} first (at {rootfs})")
-        for e in r.env:
-            if "=" not in e:
-                raise _err(ErrorCode.invalid_request, f"env entry {shown(e)} has no '='")
+        problem = agent_rules.env_problem(r.env)
+        if problem is not None:
+            raise _err(ErrorCode.invalid_request, problem)
         caps = r.capabilities or _default_capabilities()
         try:
             who = resolve_user(rootfs, r.user)
