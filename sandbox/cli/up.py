@@ -44,6 +44,9 @@ from sandbox.vmm.config import Backend
               help="Use an ID block signed elsewhere ('parma-sandbox measure ... --id-key KEY --id-out FILE').")
 @click.option("--expect-measurement", help="Reference MEASUREMENT (96 hex digits) the post-launch report must "
                                            "carry (default: the predicted one).")
+@click.option("--record-trace", "record_trace", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write every request the launch sends, as the agent checked it, to this file (also when the "
+                   "launch fails): replay it with 'policy check' (docs/policy-trace.md).")
 @click.option("--debug", "debug_files", is_flag=True,
               help="Keep the launch's debug files (argv, domain XML, console, report) and show tracebacks; "
                    "see docs/snp-lab.md.")
@@ -51,8 +54,8 @@ from sandbox.vmm.config import Backend
 @format_option
 def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, tee: str | None,
        backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], id_key: Path | None, author_key: Path | None,
-       id_block: Path | None, expect_measurement: str | None, debug_files: bool, template_group: str | None,
-       volumes: tuple[str, ...], fmt: str | None) -> int:
+       id_block: Path | None, expect_measurement: str | None, record_trace: Path | None, debug_files: bool,
+       template_group: str | None, volumes: tuple[str, ...], fmt: str | None) -> int:
     """Pull, convert, generate the policy, launch the UVM and start GROUP_FILE's containers.
 
     Attached (the default), it streams the containers' output and exits with the first container's
@@ -70,7 +73,8 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
         signal.signal(sig, _interrupt)
     opts = UpOptions(name=name, policy_file=policy_file, tee=TeeMode(tee) if tee else None,
                      backend=Backend(backend), detach=detach,
-                     kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys, identity=identity)
+                     kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys, identity=identity,
+                     record_trace=record_trace)
     launched = launch_up(spec, opts)
     d = launched.record.details
     summary = {"name": launched.name, "status": launched.record.status, "tee": d["tee"], "accel": d["accel"],
@@ -156,9 +160,15 @@ def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
 
 @click.command("inspect")
 @click.argument("name")
+@click.option("--trace", "trace", is_flag=True,
+              help="Print the launch's requests as the agent checked them: a 'policy check' trace "
+                   "(docs/policy-trace.md).")
 @format_option
-def inspect(name: str, fmt: str | None) -> None:
+def inspect(name: str, trace: bool, fmt: str | None) -> None:
     """Show a sandbox: policy hash, expected measurement, TEE mode, devices, containers."""
+    if trace:
+        click.echo(lifecycle.launch_trace(name), nl=False)
+        return
     data = lifecycle.inspect(name)
 
     def table(d: dict[str, Any]) -> str:

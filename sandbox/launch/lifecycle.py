@@ -104,6 +104,19 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
     return info
 
 
+def launch_trace(name: str, store: StateStore | None = None) -> str:
+    """The `policy check` trace of the requests the launch of sandbox NAME sent (docs/policy-trace.md)."""
+    store = store or StateStore()
+    record = store.load(name)
+    if record is None:
+        raise E.InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
+    lines = record.details.get("trace")
+    if lines is None:
+        raise E.StateError(f"sandbox {name!r} has no recorded trace: it is still starting, or an older "
+                           "parma-sandbox launched it", hint="'parma-sandbox up --record-trace FILE' writes one")
+    return "".join(line + "\n" for line in lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # logs
 
