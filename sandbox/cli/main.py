@@ -10,7 +10,7 @@ import click
 
 from sandbox import __version__
 from sandbox.cli.common import CliContext, OutputFormat
-from sandbox.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, report_error
+from sandbox.cli.errors import EXIT_USAGE, PassThroughCommand, report_error, report_interrupt
 from sandbox.log import DEBUG, setup_logging
 from sandbox.progress import ProgressMode, Reporter, set_reporter
 
@@ -58,11 +58,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         rv = cli.main(args=args, prog_name="parma-sandbox", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("error: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.Abort as e:
+        sys.exit(report_interrupt(e.__cause__))   # click wraps the KeyboardInterrupt (or Interrupted)
     except click.ClickException as e:
         e.show()
+        command = e.ctx.command if isinstance(e, click.UsageError) and e.ctx is not None else None
+        if isinstance(command, PassThroughCommand):
+            sys.exit(command.usage_exit_code)
         sys.exit(e.exit_code if e.exit_code is not None else EXIT_USAGE)
     except BaseException as e:  # noqa: BLE001 - the single place where errors meet the user
         if isinstance(e, SystemExit):

@@ -19,7 +19,7 @@ from sandbox.policy.trace import read_trace, replay
 from sandbox.shared.policy import PolicyEngine, parse_policy, policy_hash
 
 EXIT_DENIED = 1
-EXIT_DIFFERENT = 2
+EXIT_DIFFERENT = 1   # as diff(1) and `git diff --exit-code`: 0 identical, 1 different, 2 trouble
 
 FILE = click.Path(path_type=Path, dir_okay=False)
 
@@ -81,7 +81,8 @@ def hash_(policy_file: Path, fmt: str | None) -> None:
 @format_option
 @click.pass_context
 def diff(ctx: click.Context, a: Path, b: Path, fmt: str | None) -> None:
-    """Compare two policies by container and field; exit 0 when identical, 2 when they differ."""
+    """Compare two policies by container and field; exit 0 when identical, 1 when they differ (as
+    `git diff --exit-code` does), 2 when a file cannot be read as a policy."""
     raw_a, pa = read_policy(a)
     raw_b, pb = read_policy(b)
     changes = diff_policies(pa, pb)

@@ -10,15 +10,24 @@ from typing import Any
 import click
 
 from sandbox.cli.common import emit, format_option, info, render_table
+from sandbox.cli.errors import Interrupted, PassThroughCommand
 from sandbox.cli.template_options import template_options, volume_paths
-from sandbox.group import TeeMode, load_group
+from sandbox.group import GroupSpec, TeeMode, load_group
 from sandbox.kbs.client import check_url
 from sandbox.launch import lifecycle
 from sandbox.launch.measured import IdentityOptions
 from sandbox.launch.pipeline import UpOptions
 from sandbox.launch.pipeline import up as launch_up
 from sandbox.log import QUIET, setup_logging
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import (
+    ExecCannotInvoke,
+    ExecDenied,
+    ExecNotFound,
+    ExecSetupError,
+    InputError,
+    SandboxError,
+)
+from sandbox.state import list_sandboxes
 from sandbox.vmm.config import Backend
 
 
@@ -67,22 +76,30 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     identity = IdentityOptions(id_key=id_key, author_key=author_key, id_block=id_block,
                                expect_measurement=_measurement(expect_measurement))
     spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
-    # SIGTERM/SIGHUP (a closed terminal, a supervisor) take the same clean path as Ctrl-C: a VM being
-    # launched is stopped and its state removed; an attached sandbox is taken down.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
     opts = UpOptions(name=name, policy_file=policy_file, tee=TeeMode(tee) if tee else None,
                      backend=Backend(backend), detach=detach,
                      kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys, identity=identity,
                      record_trace=record_trace)
+    # SIGTERM/SIGHUP (a supervisor, a closed terminal) take the same clean path as Ctrl-C: a VM being
+    # launched is stopped and its state removed; an attached sandbox is taken down. Then `up` exits
+    # 128 + the signal (143, 129), where Ctrl-C exits 130.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _up(spec, opts, fmt)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _up(spec: GroupSpec, opts: UpOptions, fmt: str | None) -> int:
     launched = launch_up(spec, opts)
-    d = launched.record.details
-    summary = {"name": launched.name, "status": launched.record.status, "tee": d["tee"], "accel": d["accel"],
-               "backend": d["backend"], "policy_hash": d["policy_hash"],
-               "containers": [c["name"] for c in d["containers"]],
-               "ports": [f"{p['hostAddress']}:{p['hostPort']}->{p['port']}" for p in d["ports"]],
+    rec = launched.record
+    summary = {"name": launched.name, "status": rec.status.value, "tee": rec.tee, "accel": rec.accel,
+               "backend": rec.backend, "policy_hash": rec.policy_hash,
+               "containers": [c.name for c in rec.containers],
+               "ports": [f"{p.host_address}:{p.host_port}->{p.port}" for p in rec.ports],
                "timings": launched.timings.marks}
-    if detach:
+    if opts.detach:
         emit(summary, fmt, lambda s: f"{s['name']}: running ({s['tee']}, {s['accel']}); containers: "
                                      f"{', '.join(s['containers'])}"
                                      + (f"; ports: {', '.join(s['ports'])}" if s["ports"] else ""))
@@ -105,7 +122,7 @@ def _measurement(value: str | None) -> bytes | None:
 
 
 def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Interrupted(signum)
 
 
 def _age(created: float) -> str:
@@ -120,7 +137,7 @@ def _age(created: float) -> str:
 @format_option
 def ps(fmt: str | None) -> None:
     """List sandboxes (including failed or stale ones that 'down' should clean)."""
-    rows = lifecycle.list_sandboxes()
+    rows = list_sandboxes()
 
     def table(items: list[dict[str, Any]]) -> str:
         return render_table(("name", "status", "tee", "backend", "containers", "ports", "age"),
@@ -140,22 +157,29 @@ def logs(name: str, container: str | None, follow: bool) -> None:
     lifecycle.logs(name, container, follow=follow)
 
 
-@click.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.command("exec", cls=PassThroughCommand,
+               context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("name")
 @click.argument("container")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
     """Run COMMAND in CONTAINER of sandbox NAME, if the policy allows it: exec NAME CONTAINER -- CMD...
 
-    Exits with the command's exit code; 125 when the sandbox or container is not there, 126 when the
-    policy denies the command or it cannot be run, 127 when it does not exist. Non-interactive: the
-    process gets no stdin and no TTY; its output is shown only if the policy allows stdio access.
+    Exits with the command's exit code; 77 when the policy denies the command, 125 when it cannot be
+    run at all (no such sandbox or container, a usage error), 126 when it is not executable, 127 when
+    it does not exist (docs/cli.md, "Exit codes"). Non-interactive: the process gets no stdin and no
+    TTY; its output is shown only if the policy allows stdio access.
     """
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise InputError("no command given", hint="usage: parma-sandbox exec NAME CONTAINER -- CMD [ARG...]")
-    return lifecycle.exec_in(name, container, command)
+        raise ExecSetupError("no command given", hint="usage: parma-sandbox exec NAME CONTAINER -- CMD [ARG...]")
+    try:
+        return lifecycle.exec_in(name, container, command)
+    except (ExecSetupError, ExecDenied, ExecCannotInvoke, ExecNotFound):
+        raise
+    except SandboxError as e:   # parma-sandbox's own failure, never one of the command's codes
+        raise ExecSetupError(e.message, hint=e.hint) from e
 
 
 @click.command("inspect")
@@ -185,7 +209,7 @@ def inspect(name: str, trace: bool, fmt: str | None) -> None:
             lines.append(f"  {c['name']:<12} {status}{code}  {c['image']}  argv={c['argv']}")
         if d["ports"]:
             lines.append("ports:")
-            lines += [f"  {p['hostAddress']}:{p['hostPort']} -> {p['port']}/{p['protocol']}" for p in d["ports"]]
+            lines += [f"  {p['host_address']}:{p['host_port']} -> {p['port']}/{p['protocol']}" for p in d["ports"]]
         if d.get("agent_error"):
             lines.append(f"agent: {d['agent_error']}")
         return "\n".join(lines)

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.guest import snp_report
+from sandbox.shared.errors import AttestationError
 from sandbox.shared.snp.report import parse_report
 
 HOST_DATA_LEN = 32
 
 
-class HostDataUnavailable(Exception):
-    pass
+class HostDataUnavailable(AttestationError):
+    """No report, so no HOST_DATA: the agent stays deny-all."""
 
 
 @dataclass(frozen=True)

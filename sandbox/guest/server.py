@@ -28,8 +28,8 @@ VIRTIO_PORTS = Path("/sys/class/virtio-ports")
 IDLE_MIN, IDLE_MAX = 0.02, 0.2   # seconds between reads of a port with no host connected
 MAX_ERROR_MESSAGE = 4096         # characters of an error message that are sure to fit in a frame
 
-# A handler returns the result, or a Reply with the result and the policy checks behind it.
-Handler = Callable[[AgentRequest], Message | dict[str, Any] | P.Reply]
+# A handler returns the result, or a CheckedResult with the result and the policy checks behind it.
+RequestHandler = Callable[[AgentRequest], Message | dict[str, Any] | P.CheckedResult]
 
 # The reply of last resort, when not even an `internal` error with the request's id could be encoded.
 LAST_RESORT = (json.dumps({"v": P.PROTOCOL_VERSION, "id": None, "ok": False,
@@ -52,7 +52,7 @@ def _log_traceback() -> None:
         pass
 
 
-def respond(handler: Handler, frame: bytes | P.Oversized) -> bytes:
+def respond(handler: RequestHandler, frame: bytes | P.Oversized) -> bytes:
     """One frame in, one encoded response out. Never raises (short of the interpreter's own exits)."""
     request_id: P.RequestId = None
     try:
@@ -64,7 +64,7 @@ def respond(handler: Handler, frame: bytes | P.Oversized) -> bytes:
                                                       request_id=request_id)))
 
 
-def _answer(handler: Handler, frame: bytes | P.Oversized) -> tuple[Response, P.RequestId]:
+def _answer(handler: RequestHandler, frame: bytes | P.Oversized) -> tuple[Response, P.RequestId]:
     try:
         if isinstance(frame, P.Oversized):
             raise P.oversized_error(frame)
@@ -74,8 +74,8 @@ def _answer(handler: Handler, frame: bytes | P.Oversized) -> tuple[Response, P.R
     request = envelope.request
     try:
         result = handler(request)
-        policy = result.policy if isinstance(result, P.Reply) else ()
-        result = result.result if isinstance(result, P.Reply) else result
+        policy = result.policy if isinstance(result, P.CheckedResult) else ()
+        result = result.result if isinstance(result, P.CheckedResult) else result
         payload = result.to_json() if isinstance(result, Message) else result
     except ProtocolError as e:
         e.request_id = envelope.id
@@ -135,7 +135,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def serve_fd(fd: int, handler: Handler, *, reconnecting: bool, stop: threading.Event | None = None) -> None:
+def serve_fd(fd: int, handler: RequestHandler, *, reconnecting: bool, stop: threading.Event | None = None) -> None:
     """Read frames from fd and answer each. With `reconnecting`, EOF means the host went away for now
     (virtio-serial returns 0 while no host is connected): drop any partial frame and poll again."""
     reader = P.FrameReader()
@@ -201,9 +201,9 @@ class PortWatcher:
     hot-plug), and again any whose thread died (it keeps its open descriptor: virtio-serial lets one
     open at a time)."""
 
-    def __init__(self, handler: Handler, *, log: Callable[[str], None] = log,
+    def __init__(self, handler: RequestHandler, *, log: Callable[[str], None] = log,
                  find: Callable[[], dict[str, Path]] = find_ports, open_port: Callable[[Path], int] = open_port,
-                 serve: Callable[[int, Handler], None] | None = None) -> None:
+                 serve: Callable[[int, RequestHandler], None] | None = None) -> None:
         self.handler = handler
         self.log = log
         self.find = find
@@ -254,7 +254,7 @@ class PortWatcher:
                 self.log(f"port scan failed: {_describe(e)}")
 
 
-def serve_ports(handler: Handler, *, log: Callable[[str], None], poll: float = 1.0) -> dict[str, Path]:
+def serve_ports(handler: RequestHandler, *, log: Callable[[str], None], poll: float = 1.0) -> dict[str, Path]:
     """Serve the agent ports present now, and any that appear later or whose thread died, on their own
     threads. Returns the ports served at once."""
     watcher = PortWatcher(handler, log=log)

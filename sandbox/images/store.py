@@ -22,14 +22,14 @@ from pathlib import Path
 from sandbox.fsutil import atomic_output, atomic_write, file_lock
 from sandbox.layers.convert import CONVERTER_VERSION, ConvertResult
 from sandbox.paths import cache_dir
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.verity import VerityLayoutError, file_reader, read_verity_layout
 
 _CHUNK = 1 << 20
 
 
-class DigestMismatch(InputError):
-    """Content does not hash to the digest that names it."""
+class DigestMismatch(CheckFailed):
+    """Content does not hash to the digest that names it (a failed check: exit 1)."""
 
 
 def _hex(digest: str) -> str:

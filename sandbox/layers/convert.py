@@ -15,15 +15,15 @@ from sandbox.fsutil import atomic_output
 from sandbox.layers.decompress import Compression, open_layer
 from sandbox.layers.tar2ext4 import DEFAULT_OPTIONS, Ext4Options, convert_tar_stream
 from sandbox.progress import step
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.verity import ZERO_SALT, VerityInfo, format_verity
 
 # Bump whenever the bytes written for a given tar change: it keys the conversion cache.
 CONVERTER_VERSION = "ext4-1"
 
 
-class DiffIdMismatch(InputError):
-    """The uncompressed layer does not hash to the diff_id the image config promises."""
+class DiffIdMismatch(CheckFailed):
+    """The uncompressed layer does not hash to the diff_id the image config promises (a failed check)."""
 
 
 @dataclass(frozen=True)

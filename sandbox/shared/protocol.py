@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from sandbox.shared.codec import FieldError, label, shown
+from sandbox.shared.errors import GuestError
 from sandbox.shared.jsoncheck import type_name
 from sandbox.shared.jsonstrict import finite_float, int64, no_duplicate_keys, reject_constant
 from sandbox.shared.messages import REQUEST_TYPES, AgentRequest
@@ -100,9 +101,10 @@ class PolicyCheck:
         return PolicyCheck(self.ep, None, self.allowed, self.action_failed)
 
 
-class ProtocolError(Exception):
+class ProtocolError(GuestError):
     """A request that cannot be served; becomes an error response with this code (and with the policy
-    checks the request went through before it failed, when there were any)."""
+    checks the request went through before it failed, when there were any). (On the host, a frame
+    from the guest that does not parse.)"""
 
     def __init__(self, code: ErrorCode, message: str, *, details: dict[str, Any] | None = None,
                  request_id: RequestId = None) -> None:
@@ -115,7 +117,7 @@ class ProtocolError(Exception):
 
 
 @dataclass(frozen=True)
-class Reply:
+class CheckedResult:
     """A handler's result together with the policy checks that allowed it (sent beside the result)."""
 
     result: Any

@@ -29,7 +29,7 @@ from sandbox.shared.errors import InputError, StateError
 from sandbox.shared.policy import PolicyEngine, canonical_bytes
 from sandbox.shared.policy.inputs import ScratchMountInput, parse_input
 from sandbox.shared.policy.points import EnforcementPoint
-from sandbox.state import SandboxRecord, StateStore
+from sandbox.state import SandboxRecord, SandboxStatus, StateStore
 
 L0 = "1a" * 32
 PATH = "PATH=/usr/bin:/bin"
@@ -246,8 +246,8 @@ def test_a_reply_too_large_with_its_echo_goes_out_without_the_inputs() -> None:
     big = {"env": ["X=" + "y" * (P.MAX_FRAME_BYTES // 2)] * 2}
     check = P.PolicyCheck("create_container", big, False)
 
-    def handler(_request: object) -> P.Reply:
-        return P.Reply({"ok": 1}, (check,))
+    def handler(_request: object) -> P.CheckedResult:
+        return P.CheckedResult({"ok": 1}, (check,))
 
     frame = respond(handler, b'{"v": 1, "id": 7, "op": "ping"}')
     response = P.parse_response(frame.rstrip(b"\n"))
@@ -329,12 +329,13 @@ def test_inspect_trace_prints_what_the_launch_recorded(tmp_path: Path, monkeypat
     monkeypatch.setenv("PARMA_SANDBOX_RUNTIME", str(tmp_path / "run"))
     store = StateStore()
     lines = ["# set_policy: policy sha256 ab installed", '{"ep": "get_properties", "input": {}}']
-    store.save(SandboxRecord(name="demo", status="running", details={"trace": lines}))
+    store.save(SandboxRecord(name="demo", status=SandboxStatus.running, trace=tuple(lines)))
+    assert store.load("demo").trace == tuple(lines)   # it survives state.json
     code, out, _ = run_cli(["inspect", "--trace", "demo"], capsys)
     assert code == 0 and out == "".join(x + "\n" for x in lines)
-    store.save(SandboxRecord(name="old", status="running", details={}))
+    store.save(SandboxRecord(name="starting"))
     with pytest.raises(StateError, match="no recorded trace"):
-        lifecycle.launch_trace("old", store)
+        lifecycle.launch_trace("starting", store)
     with pytest.raises(InputError, match="no sandbox named 'nope'"):
         lifecycle.launch_trace("nope", store)
     assert agent_sockets(store.dir("demo"))   # the record lives beside the agent sockets

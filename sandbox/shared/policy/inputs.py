@@ -31,6 +31,7 @@ from sandbox.shared.messages import (
     MountOverlayRequest,
     MountScratchRequest,
     ShutdownContainerRequest,
+    Strings,
     UnmountDeviceRequest,
     UnmountOverlayRequest,
     UnmountScratchRequest,
@@ -86,7 +87,6 @@ def _signal(value: Any) -> int:
 
 
 NonEmptyStr = Annotated[str, NonEmpty()]
-Strings = tuple[str, ...]
 # A dm-verity root hash as the guest derives it (SHA-256): exactly how the policy spells layer and volume hashes.
 RootHash = Annotated[str, Match(r"[0-9a-f]{64}", "a dm-verity root hash: 64 lowercase hex digits")]
 
