@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import traceback
 
 import click
 
@@ -75,6 +74,8 @@ def exit_code_for(error: E.SandboxError) -> int:
 def report_error(error: BaseException, *, debug: bool) -> int:
     """Print an error to stderr the way users see it and return the exit code."""
     if debug:
+        import traceback  # only with --debug: not worth its import time on every start
+
         traceback.print_exception(error, file=sys.stderr)
     if isinstance(error, E.SandboxError):
         click.echo(f"error: {error.message}", err=True)

@@ -5,19 +5,13 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from sandbox.cli.common import emit, format_option, info, render_table
+from sandbox.cli.common import DeferredChoice, emit, format_option, info, render_table
 from sandbox.cli.errors import Interrupted, PassThroughCommand
 from sandbox.cli.template_options import template_options, volume_paths
-from sandbox.group import GroupSpec, TeeMode, load_group
-from sandbox.kbs.client import check_url
-from sandbox.launch import lifecycle
-from sandbox.launch.measured import IdentityOptions
-from sandbox.launch.pipeline import UpOptions
-from sandbox.launch.pipeline import up as launch_up
 from sandbox.log import QUIET, setup_logging
 from sandbox.shared.errors import (
     ExecCannotInvoke,
@@ -28,7 +22,13 @@ from sandbox.shared.errors import (
     SandboxError,
 )
 from sandbox.state import list_sandboxes
-from sandbox.vmm.config import Backend
+
+if TYPE_CHECKING:
+    from sandbox.group import GroupSpec
+    from sandbox.launch.pipeline import UpOptions
+
+# The group loader, the launcher, the key broker client and the lifecycle operations are imported by the
+# commands that use them: `ps` must not pay for `up` (start-up time, sandbox/cli/main.py).
 
 
 @click.command("up")
@@ -37,9 +37,9 @@ from sandbox.vmm.config import Backend
 @click.option("--name", help="Sandbox name (default: the group's name).")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path, dir_okay=False),
               help="Use this policy file instead of generating one.")
-@click.option("--tee", type=click.Choice([t.value for t in TeeMode]), default=None,
+@click.option("--tee", type=DeferredChoice("sandbox.group", "TeeMode"), default=None,
               help="TEE mode (default: the group's 'tee', else auto).")
-@click.option("--backend", type=click.Choice([b.value for b in Backend]), default=Backend.qemu.value,
+@click.option("--backend", type=DeferredChoice("sandbox.vmm.config", "Backend"), default="qemu",
               show_default=True, help="Run QEMU directly, or as a transient libvirt domain.")
 @click.option("--kbs", "kbs_url", help="Key broker URL for the attestation API (pinned in the generated policy; "
                                         "docs/kbs.md), e.g. http://127.0.0.1:8300.")
@@ -71,6 +71,12 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     exit code, taking the sandbox down; Ctrl-C also takes it down. With -d it prints the sandbox and
     returns.
     """
+    from sandbox.group import TeeMode, load_group
+    from sandbox.kbs.client import check_url
+    from sandbox.launch.measured import IdentityOptions
+    from sandbox.launch.pipeline import UpOptions
+    from sandbox.vmm.config import Backend
+
     if debug_files:
         setup_logging(debug=True, quiet=QUIET.get())
     identity = IdentityOptions(id_key=id_key, author_key=author_key, id_block=id_block,
@@ -92,6 +98,9 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
 
 
 def _up(spec: GroupSpec, opts: UpOptions, fmt: str | None) -> int:
+    from sandbox.launch import lifecycle
+    from sandbox.launch.pipeline import up as launch_up
+
     launched = launch_up(spec, opts)
     rec = launched.record
     summary = {"name": launched.name, "status": rec.status.value, "tee": rec.tee, "accel": rec.accel,
@@ -154,6 +163,8 @@ def ps(fmt: str | None) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the containers exit.")
 def logs(name: str, container: str | None, follow: bool) -> None:
     """Print the output of NAME's containers (or of CONTAINER): stdout to stdout, stderr to stderr."""
+    from sandbox.launch import lifecycle
+
     lifecycle.logs(name, container, follow=follow)
 
 
@@ -174,6 +185,8 @@ def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
         command = command[1:]
     if not command:
         raise ExecSetupError("no command given", hint="usage: parma-sandbox exec NAME CONTAINER -- CMD [ARG...]")
+    from sandbox.launch import lifecycle
+
     try:
         return lifecycle.exec_in(name, container, command)
     except (ExecSetupError, ExecDenied, ExecCannotInvoke, ExecNotFound):
@@ -190,6 +203,8 @@ def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
 @format_option
 def inspect(name: str, trace: bool, fmt: str | None) -> None:
     """Show a sandbox: policy hash, expected measurement, TEE mode, devices, containers."""
+    from sandbox.launch import lifecycle
+
     if trace:
         click.echo(lifecycle.launch_trace(name), nl=False)
         return
@@ -226,6 +241,8 @@ def down(name: str | None, all_: bool, timeout: float, fmt: str | None) -> None:
     """Stop sandbox NAME (or --all): containers first, then the VM, gracefully and then forced."""
     if bool(name) == all_:
         raise InputError("give a sandbox NAME or --all", hint="'parma-sandbox ps' lists them")
+    from sandbox.launch import lifecycle
+
     results = list(lifecycle.down_all()) if all_ else [lifecycle.down(name or "", timeout=timeout)]
     emit(results, fmt, lambda rs: "\n".join(f"{r['name']}: removed" + ("" if r["graceful"] else " (forced)")
                                             for r in rs))

@@ -127,9 +127,9 @@ def test_template_maps_to_a_group(tmp_path: Path) -> None:
 def test_policy_gen_accepts_a_template(tmp_path: Path, monkeypatch, capsys) -> None:
     layers = (LayerInfo("sha256:" + "0" * 64, "application/vnd.oci.image.layer.v1.tar", 1, "1a" * 32, Path("/x")),)
     image = ResolvedImage("busybox", "sha256:" + "9" * 64, ImageConfig(cmd=("sh",)), layers)
-    monkeypatch.setattr("sandbox.cli.policy.resolve_group_images",
+    monkeypatch.setattr("sandbox.policy.sources.resolve_group_images",
                         lambda spec: {c.name: image for c in spec.containers})
-    monkeypatch.setattr("sandbox.cli.policy.files_volume_hashes", lambda spec: {})
+    monkeypatch.setattr("sandbox.policy.sources.files_volume_hashes", lambda spec: {})
     code, out, err = run_cli(["policy", "gen", str(write(tmp_path))], capsys)
     assert code == 0, err
     policy = parse_policy(out.encode())

@@ -149,6 +149,7 @@ OUTSIDE_THE_HIERARCHY = {
     "sandbox.guest.keyapi.ApiError": "an HTTP answer to a container on the attestation API",
     "sandbox.kbs.challenges.ChallengesFull": "becomes HTTP 503 from the key broker",
     "sandbox.kbs.server.KbsHttpError": "an HTTP answer of the key broker",
+    "sandbox.layers.decompress._Stopped": "control flow: ends the layer read-ahead thread when its reader goes away",
     "sandbox.policy.trace.SimulatedActionFailure": "control flow inside `policy check`",
     "sandbox.shared.codec.FieldError": "a ValueError every decoder boundary turns into a typed error",
     "sandbox.shared.policy.engine._Deny": "control flow inside the policy engine",

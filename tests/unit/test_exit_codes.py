@@ -264,7 +264,7 @@ def fake_launch(w: World, *, main_exit: int | None, signum: int | None = None) -
         plan = SimpleNamespace(containers=[SimpleNamespace(name="web", stdio=True)])
         return Launched(spec.name, record, None, plan, Timings())  # type: ignore[arg-type]
 
-    w.monkeypatch.setattr("sandbox.cli.up.launch_up", launch)
+    w.monkeypatch.setattr("sandbox.launch.pipeline.up", launch)   # `up` imports the launcher when it runs
 
 
 @scenario("up", "0")

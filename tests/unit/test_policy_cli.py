@@ -161,8 +161,8 @@ def group_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
          "mounts": [{"name": "www", "mountPath": "/www"}]}]}))
     layers = tuple(LayerInfo("sha256:" + "0" * 64, "tar", 1, h, Path("/x")) for h in (H0, H1))
     resolved = ResolvedImage("busybox:1.36", "sha256:" + "9" * 64, ImageConfig(cmd=("sh",)), layers)
-    monkeypatch.setattr("sandbox.cli.policy.resolve_group_images", lambda spec: {"web": resolved})
-    monkeypatch.setattr("sandbox.cli.policy.files_volume_hashes", lambda spec: {"www": "3c" * 32})
+    monkeypatch.setattr("sandbox.policy.sources.resolve_group_images", lambda spec: {"web": resolved})
+    monkeypatch.setattr("sandbox.policy.sources.files_volume_hashes", lambda spec: {"www": "3c" * 32})
     return g
 
 
