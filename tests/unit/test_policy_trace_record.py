@@ -179,7 +179,7 @@ class Agent:
             except OSError:
                 return
             with conn:
-                serve_fd(conn.fileno(), self.service.handle, reconnecting=False)
+                serve_fd(conn.fileno(), self.service.answer, reconnecting=False)
 
 
 @pytest.fixture
