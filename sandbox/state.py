@@ -25,6 +25,8 @@ from sandbox.shared.errors import NotFoundError, StateError
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
 STATE_VERSION = 2
+LAUNCHER = "launcher"       # keys of SandboxRecord.processes besides the VM's
+SUPERVISOR = "supervisor"
 
 
 def process_start_time(pid: int) -> int | None:
@@ -126,6 +128,42 @@ class ContainerRecord(Message):
     working_dir: str
     stdio: bool
     exec_processes: tuple[tuple[str, ...], ...] = ()
+    init: bool = False              # an init container: it ran (or runs) to completion before the others
+
+
+class RunStatus(StrEnum):
+    """Where a container is in the group's lifecycle (sandbox/launch/supervisor.py)."""
+
+    waiting = "waiting"          # not started yet (init containers ahead of it have not completed)
+    running = "running"
+    restarting = "restarting"    # exited; starts again at `restart_at`
+    exited = "exited"            # exited, and will not be started again
+    failed = "failed"            # could not be (re)started: `error` says why
+
+
+@dataclass(frozen=True)
+class ContainerRun(Message):
+    """One container's lifecycle as the supervisor records it, and `ps` and `inspect` show it."""
+
+    name: str
+    init: bool = False
+    status: RunStatus = RunStatus.waiting
+    restarts: int = 0
+    exit_code: int | None = None         # of its last exit (128 + N when signal N killed it)
+    started_at: float | None = None      # wall-clock time of its current (or last) start
+    finished_at: float | None = None     # of its last exit
+    restart_at: float | None = None      # when it starts again (restarting)
+    backoff: int = 0                     # restarts since its back-off last started over
+    error: str | None = None             # why it could not be (re)started (failed)
+
+    @property
+    def completed(self) -> bool:
+        """An init container that ran to completion."""
+        return self.status == RunStatus.exited and self.exit_code == 0
+
+    @property
+    def over(self) -> bool:
+        return self.status in (RunStatus.exited, RunStatus.failed)
 
 
 @dataclass(frozen=True)
@@ -152,7 +190,8 @@ class SandboxRecord(Message):
     name: str
     status: Annotated[SandboxStatus, Convert(_written_status)] = SandboxStatus.starting
     created: float = field(default_factory=time.time)
-    # "launcher" is the `up` process; "qemu" the VM (whatever the backend).
+    # "launcher" is the `up` process; "qemu" the VM (whatever the backend); "supervisor" the process that
+    # restarts a detached group's containers.
     processes: dict[str, ProcessRef] = field(default_factory=dict)
     group: str = ""                 # the group's name
     group_file: str = ""            # the directory the group file is in
@@ -171,6 +210,8 @@ class SandboxRecord(Message):
     vm: OpaqueJson | None = None          # the VMM backend's record; sandbox.vmm.backend.attach reads it
     selfcheck: OpaqueJson | None = None   # sandbox.launch.selfcheck.SelfCheck.summary()
     startup: OpaqueJson | None = None     # timings and per-container results of `up`
+    restart_policy: str = "Always"        # the group's restartPolicy
+    runs: tuple[ContainerRun, ...] = ()   # each container's lifecycle, as its supervisor last recorded it
     # The launch's requests as the agent checked them: the lines of a `policy check` trace
     # (sandbox/launch/trace_record.py; `inspect --trace`). Empty until the sandbox is running.
     trace: tuple[str, ...] = ()
@@ -180,6 +221,9 @@ class SandboxRecord(Message):
 
     def container(self, name: str) -> ContainerRecord | None:
         return next((c for c in self.containers if c.name == name), None)
+
+    def run(self, name: str) -> ContainerRun | None:
+        return next((r for r in self.runs if r.name == name), None)
 
     def alive(self) -> bool:
         """Some recorded process still runs."""
@@ -191,7 +235,7 @@ class SandboxRecord(Message):
             return self.status
         launcher = self.processes.get("launcher")
         launcher_alive = launcher is not None and launcher.alive()
-        vm_alive = any(p.alive() for key, p in self.processes.items() if key != "launcher")
+        vm_alive = any(p.alive() for key, p in self.processes.items() if key not in (LAUNCHER, SUPERVISOR))
         if self.status == SandboxStatus.starting and launcher is not None and not launcher_alive:
             return SandboxStatus.failed if vm_alive else SandboxStatus.stale
         if not vm_alive and not launcher_alive:
@@ -317,7 +361,10 @@ def list_sandboxes(store: StateStore | None = None) -> list[dict[str, Any]]:
         qemu = rec.processes.get("qemu")
         out.append({
             "name": rec.name, "status": rec.observed().value, "tee": rec.tee, "accel": rec.accel,
-            "backend": rec.backend, "containers": [c.name for c in rec.containers],
+            "backend": rec.backend, "containers": [c.name for c in rec.containers if not c.init],
+            # Each container's restarts, and its exit code once it will not run again (the supervisor's record).
+            "restarts": {r.name: r.restarts for r in rec.runs if r.restarts},
+            "exited": {r.name: r.exit_code for r in rec.runs if r.status == RunStatus.exited and not r.init},
             "ports": [p.display() for p in rec.ports], "policy_hash": rec.policy_hash, "created": rec.created,
             "pid": qemu.pid if qemu is not None else None,
         })

@@ -24,6 +24,7 @@ BASE_PACKAGES=(
     python3-venv python3-dev    # the project venv (Debian python needs these)
     python3-cryptography       # tools tests: the agent's crypto against the UVM's exact library version
     curl zstd ca-certificates
+    socat                      # relays the guest's connections to a host service (up --dns-server)
     containerd                 # containerd + ctr: the vm tests of containerd-shim-parma-v2
 )
 # QEMU must come from bookworm-backports: SNP needs >= 9.1, and 7.2 crashes 6.12 guests under TCG.

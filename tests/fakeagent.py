@@ -1,7 +1,7 @@
 """A stand-in guest agent for the lifecycle verbs, in-process: a sandbox record in the state store, the
 real frame loop (sandbox.guest.server.serve_fd) on every agent socket of its state directory, and a
-scripted service behind it, so `logs`, `exec`, `inspect`, `down` and attached `up` run their real host
-side without a UVM. The real service's answers are the model: a denial is `policy_denied`, a failed exec
+scripted service behind it, so `logs`, `exec`, `inspect`, `down` and attached `up` (with its supervisor,
+restartPolicy Never) run their real host side without a UVM. The real service's answers are the model: a denial is `policy_denied`, a failed exec
 is `failed` with the reason crun gave (`not_found`, `permission`).
 
 Scripted exec commands: `/bin/exit N` prints "exec output" and exits N; `/bin/sh` is not an
@@ -19,8 +19,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from sandbox.group.spec import RestartPolicy
 from sandbox.guest.server import serve_fd
 from sandbox.launch.pipeline import agent_sockets
+from sandbox.launch.plan import ContainerPlan
+from sandbox.launch.supervisor import SupervisedGroup, write_plan
 from sandbox.shared import messages as M
 from sandbox.shared.protocol import ErrorCode, ProtocolError
 from sandbox.state import ContainerRecord, ProcessRef, SandboxRecord, SandboxStatus, StateStore
@@ -49,9 +52,12 @@ class FakeAgent:
             case M.PingRequest():
                 return M.PingResult(1, "fake", True, None, 1.0)
             case M.ListContainersRequest():
-                return M.ListContainersResult(tuple(
-                    M.ContainerInfo(name, "exited" if o.done else "running", 1, o.exit_code, True)
-                    for name, o in self.outputs.items() if "/" not in name))
+                return M.ListContainersResult(self.infos())
+            case M.WatchContainersRequest():
+                deadline = time.monotonic() + min(r.wait, 1.0)
+                while self.generation() == r.since and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                return M.WatchContainersResult(self.generation(), self.infos())
             case M.ExecProcessRequest():
                 return self.exec(r)
             case M.ReadOutputRequest():
@@ -77,6 +83,14 @@ class FakeAgent:
                 threading.Thread(target=self.poweroff, daemon=True).start()
                 return M.EmptyResult()
         raise ProtocolError(ErrorCode.unknown_op, f"the stand-in agent does not serve {r.op.value}")
+
+    def infos(self) -> tuple[M.ContainerInfo, ...]:
+        return tuple(M.ContainerInfo(name, "exited" if o.done else "running", 1, o.exit_code, True)
+                     for name, o in self.outputs.items() if "/" not in name)
+
+    def generation(self) -> int:
+        """Changes when a container exits (the only change a stand-in container goes through)."""
+        return sum(o.done for name, o in self.outputs.items() if "/" not in name)
 
     @staticmethod
     def key(container: str, exec_id: str | None) -> str:
@@ -133,6 +147,9 @@ def fake_sandbox(store: StateStore, name: str = "demo", *, containers: tuple[str
             "qmp_socket": str(store.dir(name) / "qmp.sock")})
     with store.lock(name) as state_dir:
         store.save(record)
+        write_plan(state_dir, SupervisedGroup(RestartPolicy.never, (), tuple(
+            ContainerPlan(c, ("/run/parma/layers/l0",), M.CreateContainerRequest(c, ("/bin/httpd",), ("PATH=/bin",)),
+                          stdio) for c in containers)))
     listeners: list[socket.socket] = []
     conns: list[socket.socket] = []
     for path in agent_sockets(state_dir):

@@ -44,8 +44,8 @@ COMMANDS: dict[str, LazyCommand] = {
                           "Write a group as a deployment for another engine (Confidential ACI, Kubernetes with the "
                           "parma runtime)."),
     "exec": LazyCommand(("sandbox.cli.up",),
-                        "Run COMMAND in CONTAINER of sandbox NAME, if the policy allows it: exec NAME CONTAINER -- "
-                        "CMD..."),
+                        "Run COMMAND in CONTAINER of sandbox NAME, if the policy allows it: exec [-it] NAME "
+                        "CONTAINER -- CMD..."),
     "image": LazyCommand(("sandbox.cli.image",),
                          "Container images as dm-verity block devices: pull, list layers, convert."),
     "inspect": LazyCommand(("sandbox.cli.up",),

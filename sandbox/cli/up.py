@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import time
 from pathlib import Path
@@ -59,6 +60,9 @@ if TYPE_CHECKING:
               help="Use an ID block signed elsewhere ('parma-sandbox measure ... --id-key KEY --id-out FILE').")
 @click.option("--expect-measurement", help="Reference MEASUREMENT (96 hex digits) the post-launch report must "
                                            "carry (default: the predicted one).")
+@click.option("--dns-server", "dns_server", metavar="ADDRESS:PORT",
+              help="Have the containers resolve names with this DNS server on the host (e.g. a local dnsmasq), "
+                   "over TCP relayed by QEMU's user networking, instead of the group's dnsConfig servers.")
 @click.option("--record-trace", "record_trace", type=click.Path(path_type=Path, dir_okay=False),
               help="Write every request the launch sends, as the agent checked it, to this file (also when the "
                    "launch fails): replay it with 'policy check' (docs/policy-trace.md).")
@@ -69,13 +73,17 @@ if TYPE_CHECKING:
 @format_option
 def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, fragments: tuple[str, ...],
        drop_fragments: bool, tee: str | None, backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], id_key: Path | None, author_key: Path | None,
-       id_block: Path | None, expect_measurement: str | None, record_trace: Path | None, debug_files: bool,
+       id_block: Path | None, expect_measurement: str | None, dns_server: str | None, record_trace: Path | None,
+       debug_files: bool,
        template_group: str | None, volumes: tuple[str, ...], fmt: str | None) -> int:
     """Pull, convert, generate the policy, launch the UVM and start GROUP_FILE's containers.
 
-    Attached (the default), it streams the containers' output and exits with the first container's
-    exit code, taking the sandbox down; Ctrl-C also takes it down. With -d it prints the sandbox and
-    returns.
+    The init containers run first, in order, each to completion; then the containers start, and are
+    restarted as the group's restartPolicy says (Always by default, as ACI). Attached (the default), it
+    streams the containers' output until the group can no longer run, then takes the sandbox down and
+    exits with the first failed container's exit code (0 when none failed); Ctrl-C also takes it down.
+    With -d it prints the sandbox and returns, and a supervisor process keeps restarting the containers
+    until 'down'.
     """
     from sandbox.aci.ccepolicy import template_ccepolicy_of_file
     from sandbox.group import TeeMode, load_group
@@ -96,7 +104,7 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
                      fetch_fragments=not drop_fragments, tee=TeeMode(tee) if tee else None,
                      backend=Backend(backend), detach=detach,
                      kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys, identity=identity,
-                     record_trace=record_trace)
+                     dns_server=_host_port(dns_server) if dns_server else None, record_trace=record_trace)
     # SIGTERM/SIGHUP (a supervisor, a closed terminal) take the same clean path as Ctrl-C: a VM being
     # launched is stopped and its state removed; an attached sandbox is taken down. Then `up` exits
     # 128 + the signal (143, 129), where Ctrl-C exits 130.
@@ -109,25 +117,49 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
 
 
 def _up(spec: GroupSpec, opts: UpOptions, fmt: str | None) -> int:
-    from sandbox.launch import lifecycle
+    from sandbox.launch import lifecycle, supervisor_process
     from sandbox.launch.pipeline import up as launch_up
+    from sandbox.state import StateStore
 
     launched = launch_up(spec, opts)
     rec = launched.record
-    summary = {"name": launched.name, "status": rec.status.value, "tee": rec.tee, "accel": rec.accel,
-               "backend": rec.backend, "policy_hash": rec.policy_hash,
-               "containers": [c.name for c in rec.containers],
-               "ports": [f"{p.host_address}:{p.host_port}->{p.port}" for p in rec.ports],
-               "fragments": [f["namespace"] for f in (rec.startup or {}).get("fragments", [])],
-               "timings": launched.timings.marks}
+    summary: dict[str, Any] = {
+        "name": launched.name, "status": rec.status.value, "tee": rec.tee, "accel": rec.accel,
+        "backend": rec.backend, "policy_hash": rec.policy_hash,
+        "containers": [c.name for c in rec.containers if not c.init],
+        "init_containers": [c.name for c in rec.containers if c.init],
+        "ports": [f"{p.host_address}:{p.host_port}->{p.port}" for p in rec.ports],
+        "fragments": [f["namespace"] for f in (rec.startup or {}).get("fragments", [])],
+        "timings": launched.timings.marks}
+    outcome = launched.outcome
     if opts.detach:
+        if outcome is not None and outcome.done:
+            summary["exit_code"] = outcome.exit_code
+            emit(summary, fmt, lambda s: f"{s['name']}: its group is over (exit code {s['exit_code']}); "
+                                         f"'parma-sandbox logs {s['name']}' shows the output, "
+                                         f"'parma-sandbox down {s['name']}' removes it")
+            return int(outcome.exit_code or 0)
+        supervisor_process.spawn(launched.name, StateStore())
         emit(summary, fmt, lambda s: f"{s['name']}: running ({s['tee']}, {s['accel']}); containers: "
                                      f"{', '.join(s['containers'])}"
                                      + (f"; ports: {', '.join(s['ports'])}" if s["ports"] else ""))
         return 0
     info(f"{launched.name}: running; streaming output (Ctrl-C stops the sandbox)")
-    containers = [c.name for c in launched.plan.containers if c.stdio]
-    return lifecycle.run_attached(launched.name, launched.plan.containers[0].name, containers)
+    return lifecycle.run_attached(launched, echo=info)
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    """--dns-server ADDRESS:PORT (an IPv6 address in brackets)."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = 0
+    if not sep or not 0 < number < 65536:
+        raise InputError(f"--dns-server: {value!r} is not ADDRESS:PORT", hint="e.g. --dns-server 127.0.0.1:5353")
+    return host, number
 
 
 def _measurement(value: str | None) -> bytes | None:
@@ -163,10 +195,21 @@ def ps(fmt: str | None) -> None:
     def table(items: list[dict[str, Any]]) -> str:
         return render_table(("name", "status", "tee", "backend", "containers", "ports", "age"),
                             [(r["name"], r["status"], f"{r['tee']}/{r['accel']}", r["backend"],
-                              ",".join(r["containers"]), ",".join(r["ports"]), _age(r["created"]))
+                              ",".join(_container_cell(r, c) for c in r["containers"]), ",".join(r["ports"]),
+                              _age(r["created"]))
                              for r in items])
 
     emit(rows, fmt, table)
+
+
+def _container_cell(row: dict[str, Any], name: str) -> str:
+    """A container in `ps`: its name, with its restarts and its exit code once it will not run again."""
+    notes = []
+    if row.get("restarts", {}).get(name):
+        notes.append(f"{row['restarts'][name]} restarts")
+    if name in row.get("exited", {}):
+        notes.append(f"exited {row['exited'][name]}")
+    return f"{name} ({', '.join(notes)})" if notes else name
 
 
 @click.command("logs")
@@ -182,24 +225,34 @@ def logs(name: str, container: str | None, follow: bool) -> None:
 
 @click.command("exec", cls=PassThroughCommand,
                context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-i", "--interactive", is_flag=True, help="Stream our stdin to the command.")
+@click.option("-t", "--tty", is_flag=True, help="Run the command on a terminal in the guest (ours in raw mode).")
 @click.argument("name")
 @click.argument("container")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
-    """Run COMMAND in CONTAINER of sandbox NAME, if the policy allows it: exec NAME CONTAINER -- CMD...
+def exec_(interactive: bool, tty: bool, name: str, container: str, command: tuple[str, ...]) -> int:
+    """Run COMMAND in CONTAINER of sandbox NAME, if the policy allows it: exec [-it] NAME CONTAINER -- CMD...
 
-    Exits with the command's exit code; 77 when the policy denies the command, 125 when it cannot be
-    run at all (no such sandbox or container, a usage error), 126 when it is not executable, 127 when
-    it does not exist (docs/cli.md, "Exit codes"). Non-interactive: the process gets no stdin and no
-    TTY; its output is shown only if the policy allows stdio access.
+    As docker exec: -i streams stdin to the command, -t gives it a terminal (keys, Ctrl-C and Ctrl-D go
+    to it as typed; window size changes follow); either needs the policy to allow the container's stdio.
+    Exits with the command's exit code (128 + N when signal N ended it); 77 when the policy denies the
+    command, 125 when it cannot be run at all (no such sandbox or container, a usage error such as -t
+    without a terminal), 126 when it is not executable, 127 when it does not exist
+    (docs/cli.md, "Exit codes"). Without -i the process gets no stdin; its output is shown only if the
+    policy allows stdio access.
     """
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise ExecSetupError("no command given", hint="usage: parma-sandbox exec NAME CONTAINER -- CMD [ARG...]")
+        raise ExecSetupError("no command given",
+                             hint="usage: parma-sandbox exec [-it] NAME CONTAINER -- CMD [ARG...]")
     from sandbox.launch import lifecycle
 
     try:
+        if interactive or tty:
+            from sandbox.launch.interactive import exec_interactive  # termios & co.: only -i/-t needs them
+
+            return exec_interactive(name, container, command, tty=tty, stdin=interactive)
         return lifecycle.exec_in(name, container, command)
     except (ExecSetupError, ExecDenied, ExecCannotInvoke, ExecNotFound):
         raise
@@ -232,8 +285,16 @@ def inspect(name: str, trace: bool, fmt: str | None) -> None:
         lines.append("containers:")
         for c in d["containers"]:
             status = c.get("status", "?")
-            code = f" (exit {c['exit_code']})" if c.get("exit_code") is not None else ""
-            lines.append(f"  {c['name']:<12} {status}{code}  {c['image']}  argv={c['argv']}")
+            notes = [f"{c['restarts']} restarts"] if c.get("restarts") else []
+            if c.get("exit_code") is not None:
+                notes.append(f"last exit {c['exit_code']}")
+            kind = "init " if c.get("init") else ""
+            lines.append(f"  {kind}{c['name']:<12} {status}{' (' + ', '.join(notes) + ')' if notes else ''}  "
+                         f"{c['image']}  argv={c['argv']}")
+            if c.get("error"):
+                lines.append(f"    {c['error']}")
+        if d.get("restart_policy"):
+            lines.append(f"restart policy: {d['restart_policy']}")
         if d["ports"]:
             lines.append("ports:")
             lines += [f"  {p['host_address']}:{p['host_port']} -> {p['port']}/{p['protocol']}" for p in d["ports"]]

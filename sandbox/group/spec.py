@@ -164,7 +164,8 @@ class ContainerSpec:
 class Resources:
     vcpus: int = 1
     memory_mib: int = 512
-    scratch_gib: int = DEFAULT_SCRATCH_GIB   # the group's disk scratch: a sparse file, encrypted in the guest
+    scratch_gib: int = DEFAULT_SCRATCH_GIB   # the group's disk scratch: a sparse file, encrypted in the guest;
+    #                                          0: none, the writable layers stay in guest memory (unencrypted)
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ class PolicyOptions:
     debug_mode: bool = False
     allow_environment_variable_dropping: bool = False
     allow_capability_dropping: bool = False
-    allow_unencrypted_scratch: bool = True
+    allow_unencrypted_scratch: bool = False   # ACI's default: scratch must be the encrypted disk
 
 
 @dataclass(frozen=True)
@@ -562,7 +563,7 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
         if rd is not None:
             resources = Resources(vcpus=c.integer(rd, "vcpus", "resources", 1, 64, 1),
                                   memory_mib=c.integer(rd, "memoryMiB", "resources", 128, 65536, 512),
-                                  scratch_gib=c.integer(rd, "scratchGiB", "resources", 1, 4096, DEFAULT_SCRATCH_GIB))
+                                  scratch_gib=c.integer(rd, "scratchGiB", "resources", 0, 4096, DEFAULT_SCRATCH_GIB))
 
     policy = PolicyOptions()
     if "policy" in top:
@@ -574,8 +575,12 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
                 debug_mode=c.boolean(pd, "debugMode", "policy", False),
                 allow_environment_variable_dropping=c.boolean(pd, "allowEnvironmentVariableDropping", "policy", False),
                 allow_capability_dropping=c.boolean(pd, "allowCapabilityDropping", "policy", False),
-                allow_unencrypted_scratch=c.boolean(pd, "allowUnencryptedScratch", "policy", True),
+                allow_unencrypted_scratch=c.boolean(pd, "allowUnencryptedScratch", "policy", False),
             )
+    if resources.scratch_gib == 0 and not policy.allow_unencrypted_scratch:
+        c.problem("resources.scratchGiB", "0 keeps the containers' writable layers in guest memory, unencrypted, "
+                                          "which the policy forbids: set policy.allowUnencryptedScratch to true, "
+                                          "or give the group a scratch disk (1 or more GiB)")
 
     tee = _enum_field(c, top, "tee", TeeMode.auto)
     layer_format = _enum_field(c, top, "layerFormat", LayerFormat.default)

@@ -24,10 +24,7 @@ from pathlib import Path
 from sandbox.shared import names
 from sandbox.shared.errors import GuestOperationFailed
 from sandbox.shared.names import SLIRP_NAMESERVER
-
-ETC_FILES = ("hostname", "hosts", "resolv.conf")
-# Options of the bind mounts that put the files in place (the policy engine pins them as default mounts).
-BIND_OPTIONS = ("rbind", "rprivate", "rw")
+from sandbox.shared.policy.defaults import ETC_FILES
 
 
 class EtcFilesError(GuestOperationFailed):
@@ -93,26 +90,9 @@ def render_resolv_conf(files: NameFiles) -> bytes:
 RENDERERS = {"hostname": render_hostname, "hosts": render_hosts, "resolv.conf": render_resolv_conf}
 
 
-@dataclass(frozen=True)
-class EtcMount:
-    destination: str
-    source: str
-    type: str = "bind"
-    options: tuple[str, ...] = BIND_OPTIONS
-
-    def to_oci(self) -> dict[str, object]:
-        return {"destination": self.destination, "type": self.type, "source": self.source,
-                "options": list(self.options)}
-
-
-def etc_mounts(directory: Path) -> tuple[EtcMount, ...]:
-    """The bind mounts of the files in `directory` over /etc/<file> (what the policy's defaults pin)."""
-    return tuple(EtcMount(f"/etc/{name}", str(directory / name)) for name in ETC_FILES)
-
-
-def write_files(directory: Path, files: NameFiles) -> tuple[EtcMount, ...]:
+def write_files(directory: Path, files: NameFiles) -> None:
     """Write the three files into `directory` (each complete or not there: written aside, then renamed),
-    mode 0644, and return their bind mounts."""
+    mode 0644. The agent binds them in with the policy's default mounts (defaults.etc_file_mounts)."""
     directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     for name in ETC_FILES:
         tmp = directory / f".{name}.tmp"
@@ -123,4 +103,3 @@ def write_files(directory: Path, files: NameFiles) -> tuple[EtcMount, ...]:
         finally:
             os.close(fd)
         os.replace(tmp, directory / name)
-    return etc_mounts(directory)

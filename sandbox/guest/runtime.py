@@ -19,6 +19,7 @@ from typing import Any
 from sandbox.guest import procs
 from sandbox.guest.output import OutputLog
 from sandbox.guest.procs import REAPER, ExitStatus
+from sandbox.guest.terminal import ConsoleSocket, StdinPipe, Terminal, TerminalError, WindowSize
 from sandbox.shared.errors import GuestOperationFailed
 
 CRUN_ROOT = "/run/crun"
@@ -43,6 +44,7 @@ class Process:
     pid: int
     argv: tuple[str, ...]
     log: OutputLog | None     # None when the policy denies stdio access
+    input: Terminal | StdinPipe | None = None    # an interactive exec's terminal or stdin pipe
 
     def status(self, timeout: float | None = 0) -> ExitStatus | None:
         return REAPER.wait(self.pid, timeout)
@@ -110,8 +112,8 @@ def _stdio_pipes(log: OutputLog | None) -> tuple[int | None, int | None]:
 
 
 def _run_crun(argv: list[str], log_file: Path, stdout: int | None, stderr: int | None,
-              timeout: float = 60.0) -> None:
-    pid = procs.spawn(argv, stdout=stdout, stderr=stderr)
+              timeout: float = 60.0, stdin: int | None = None) -> None:
+    pid = procs.spawn(argv, stdin=stdin, stdout=stdout, stderr=stderr)
     for fd in (stdout, stderr):
         if fd is not None:
             os.close(fd)
@@ -130,8 +132,9 @@ def _read_pid(path: Path) -> int:
     return int(path.read_text().strip())
 
 
-def create(container: RuntimeContainer, spec: dict[str, Any]) -> None:
-    """Write config.json and `crun create`; the init process waits for `start`."""
+def create(container: RuntimeContainer, spec: dict[str, Any], log: OutputLog | None = None) -> None:
+    """Write config.json and `crun create`; the init process waits for `start`. Output goes to `log` (a
+    restarted container's output continues its previous log), or a new one."""
     bundle = container.bundle
     bundle.mkdir(parents=True, exist_ok=True)
     tmp = bundle / ".config.json.tmp"
@@ -139,7 +142,7 @@ def create(container: RuntimeContainer, spec: dict[str, Any]) -> None:
     os.replace(tmp, bundle / "config.json")
     log_file = bundle / "crun.log"
     pid_file = bundle / "init.pid"
-    log = OutputLog() if container.stdio else None
+    log = (log or OutputLog()) if container.stdio else None
     out_w, err_w = _stdio_pipes(log)
     _run_crun(_crun(log_file, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container.id),
               log_file, out_w, err_w)
@@ -154,11 +157,13 @@ def start(container: RuntimeContainer) -> None:
 
 
 def exec_process(container: RuntimeContainer, exec_id: str, argv: tuple[str, ...], env: tuple[str, ...],
-                 cwd: str) -> Process:
-    """`crun exec --detach` a process described by a process.json the agent writes."""
+                 cwd: str, *, terminal: WindowSize | None = None, stdin: bool = False) -> Process:
+    """`crun exec --detach` a process described by a process.json the agent writes. With `terminal`, the
+    process gets a pseudo-terminal of that size as its stdio (crun sends the master to a console socket);
+    with `stdin` and no terminal, a pipe the host writes to."""
     uid, gid, extra = container.user
-    process = {
-        "terminal": False,
+    process: dict[str, Any] = {
+        "terminal": terminal is not None,
         "user": {"uid": uid, "gid": gid, "additionalGids": list(extra)},
         "args": list(argv),
         "env": list(env),
@@ -168,15 +173,41 @@ def exec_process(container: RuntimeContainer, exec_id: str, argv: tuple[str, ...
     }
     exec_dir = container.bundle / "exec"
     exec_dir.mkdir(exist_ok=True)
+    if terminal is not None:
+        process["consoleSize"] = {"height": terminal.rows, "width": terminal.cols}
     proc_file = exec_dir / f"{exec_id}.json"
     proc_file.write_text(json.dumps(process))
     pid_file = exec_dir / f"{exec_id}.pid"
     log_file = exec_dir / f"{exec_id}.log"
     log = OutputLog() if container.stdio else None
-    out_w, err_w = _stdio_pipes(log)
-    _run_crun(_crun(log_file, "exec", "--detach", "--process", str(proc_file), "--pid-file", str(pid_file),
-                    container.id), log_file, out_w, err_w)
-    proc = Process(_read_pid(pid_file), argv, log)
+    args = ["exec", "--detach", "--process", str(proc_file), "--pid-file", str(pid_file)]
+    if terminal is not None:
+        if log is None:
+            raise CrunError("a terminal needs stdio access", "permission")
+        with ConsoleSocket() as console:
+            _run_crun(_crun(log_file, *args, "--console-socket", str(console.path), container.id),
+                      log_file, None, None)
+            try:
+                master = console.receive(timeout=10)
+            except TerminalError as e:
+                raise CrunError(str(e)) from None
+        tty = Terminal(master, log)
+        tty.resize(terminal)     # crun applied consoleSize already; this changes nothing then (no SIGWINCH)
+        proc = Process(_read_pid(pid_file), argv, log, tty)
+    else:
+        pipe = StdinPipe() if stdin else None
+        out_w, err_w = _stdio_pipes(log)
+        try:
+            _run_crun(_crun(log_file, *args, container.id), log_file, out_w, err_w,
+                      stdin=pipe.read_end if pipe else None)
+        except BaseException:
+            if pipe is not None:
+                pipe.close_input()
+            raise
+        finally:
+            if pipe is not None:
+                pipe.release_read_end()
+        proc = Process(_read_pid(pid_file), argv, log, pipe)
     container.execs[exec_id] = proc
     return proc
 

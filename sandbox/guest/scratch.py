@@ -29,8 +29,9 @@ from pathlib import Path
 
 from sandbox.guest import devmapper, mkext4, sysapi
 from sandbox.shared.errors import GuestOperationFailed
+from sandbox.shared.protocol import GROUP_SCRATCH_DIR
 
-SCRATCH_DIR = Path("/run/parma/scratch")
+SCRATCH_DIR = Path(GROUP_SCRATCH_DIR)
 CIPHER = "capi:authenc(hmac(sha256),xts(aes))-plain64"
 XTS_KEY_BYTES = 64            # AES-256 in XTS mode takes two 256-bit keys
 HMAC_KEY_BYTES = 32           # dm-crypt's key is the cipher key followed by the authentication key
@@ -173,13 +174,3 @@ def teardown(scratch: Scratch) -> None:
     sysapi.umount(scratch.mountpoint)
     devmapper.remove(scratch.crypt.name)
     devmapper.remove(scratch.integrity.name)
-
-
-def container_dirs(scratch: Scratch, container_id: str) -> tuple[Path, Path]:
-    """(upper, work) for a container's overlay, in a directory of its own on the scratch filesystem."""
-    base = scratch.mountpoint / "containers" / container_id
-    base.mkdir(mode=0o700, parents=True, exist_ok=False)
-    upper, work = base / "upper", base / "work"
-    upper.mkdir(mode=0o755)
-    work.mkdir(mode=0o700)
-    return upper, work

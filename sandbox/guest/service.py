@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import re
+import shutil
 import sys
 import threading
 import time
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import Any, assert_never
 
 from sandbox.guest import blockdev, oci, runtime, snp_report, sysapi
+from sandbox.guest.etcfiles import DnsConfig, EtcFilesError, NameFiles, write_files
 from sandbox.guest.gate import NO_POLICY_REASON, Gate
 from sandbox.guest.hostdata import HostData, read_host_data, uptime
 from sandbox.guest.runtime import ContainerStatus, CrunError, RuntimeContainer
+from sandbox.guest.terminal import StdinPipe, Terminal, TerminalError, WindowSize
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import agent_rules
 from sandbox.shared import messages as M
@@ -55,9 +58,11 @@ ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API in the bac
 OPEN_REQUESTS = (M.PingRequest, M.SetPolicyRequest, M.GetReportRequest, M.PoweroffRequest)
 # ACI's volume sources, `sandbox:///tmp/atlas/<kind>/<volume>` in its policies, in the guest.
 ACI_VOLUMES_PREFIX = f"{defaults.DEFAULT_SANDBOX_DIR}/{defaults.ACI_VOLUMES_SUBDIR}/"
-# Requests that block waiting (for output, for a process) and must not hold the state lock.
+# Requests that block waiting (for output, for a process) and must not hold the state lock, and the
+# keystrokes of interactive sessions, which must not wait behind a slow create on another port.
 UNLOCKED_REQUESTS = (M.ReadOutputRequest, M.WaitProcessRequest, M.PingRequest, M.GetReportRequest,
-                     M.PoweroffRequest, M.ShutdownContainerRequest)
+                     M.PoweroffRequest, M.ShutdownContainerRequest, M.WatchContainersRequest,
+                     M.WriteStdinRequest, M.CloseStdinRequest, M.ResizeTerminalRequest)
 # The mounts the runtime gives every container, as the engine sees them (oci.base_mounts in the spec).
 BASE_MOUNTS = tuple(M.ContainerMount(m["destination"], m["source"], m["type"], tuple(m["options"]))
                     for m in oci.base_mounts())
@@ -65,6 +70,8 @@ MAX_WAIT_PROCESS_S = 600.0
 MAX_READ_WAIT_S = 60.0
 MAX_READ_BYTES = 512 * 1024
 MAX_SHUTDOWN_S = 300.0
+MAX_WATCH_S = 60.0
+OUTPUT_DRAIN_S = 2.0     # how long a finished process's terminal may keep delivering buffered output
 
 Result = M.Message | M.JsonObject
 
@@ -93,6 +100,12 @@ class AgentService:
         self.volumes: dict[str, Path] = {}                      # volume name -> dir
         self.volume_kinds: dict[str, M.MemoryVolumeKind] = {}   # volume name -> kind (create_volume's)
         self.containers: dict[str, RuntimeContainer] = {}
+        self.network = NameFiles(hostname)                      # what the containers' /etc files say
+        self.group_scratch: Any = None                          # sandbox.guest.scratch.Scratch, once set up
+        self._scratch_dirs: dict[str, Path] = {}                # container id -> its directory on the scratch
+        self._scratch_counter = 0
+        self._changes = threading.Condition()                   # watch_containers waits on it
+        self._generation = 0
         self._dm_counter = 0
         self._console = runtime_logging or (lambda msg: None)
         self.verbose_logging = False   # the policy's allow_runtime_logging (ep runtime_logging) turns it on
@@ -143,6 +156,8 @@ class AgentService:
                 return self.op_mount_device(r)
             case M.UnmountDeviceRequest():
                 return self.op_unmount_device(r)
+            case M.SetupScratchRequest():
+                return self.op_setup_scratch(r)
             case M.MountScratchRequest():
                 return self.op_mount_scratch(r)
             case M.UnmountScratchRequest():
@@ -153,12 +168,20 @@ class AgentService:
                 return self.op_unmount_overlay(r)
             case M.CreateVolumeRequest():
                 return self.op_create_volume(r)
+            case M.SetGroupNetworkRequest():
+                return self.op_set_group_network(r)
             case M.CreateContainerRequest():
                 return self.op_create_container(r)
             case M.StartContainerRequest():
                 return self.op_start_container(r)
             case M.ExecProcessRequest():
                 return self.op_exec_process(r)
+            case M.WriteStdinRequest():
+                return self.op_write_stdin(r)
+            case M.CloseStdinRequest():
+                return self.op_close_stdin(r)
+            case M.ResizeTerminalRequest():
+                return self.op_resize_terminal(r)
             case M.SignalProcessRequest():
                 return self.op_signal_process(r)
             case M.WaitProcessRequest():
@@ -169,6 +192,8 @@ class AgentService:
                 return self.op_shutdown_container(r)
             case M.ListContainersRequest():
                 return self.op_list_containers()
+            case M.WatchContainersRequest():
+                return self.op_watch_containers(r)
             case M.PoweroffRequest():
                 return self.op_poweroff()
             case _:
@@ -302,20 +327,51 @@ class AgentService:
 
     # -- scratch and overlays -------------------------------------------------------------------
 
+    def op_setup_scratch(self, r: M.SetupScratchRequest) -> M.SetupScratchResult:
+        from sandbox.guest import scratch  # dm-crypt, dm-integrity, mkext4: off the agent's boot path
+
+        if self.group_scratch is not None:
+            raise _err(ErrorCode.conflict, f"the group's scratch is already set up at {P.GROUP_SCRATCH_DIR}")
+        try:
+            node = blockdev.find_by_serial(r.device)
+        except blockdev.BlockError as e:
+            raise _err(ErrorCode.failed, str(e)) from None
+        t0 = time.perf_counter()
+
+        def action(_decision: Decision) -> Any:
+            try:
+                return scratch.setup(node, mountpoint=Path(P.GROUP_SCRATCH_DIR))
+            except scratch.ScratchError as e:
+                raise _err(ErrorCode.failed, str(e)) from None
+
+        # What the guest builds here is encrypted whatever the host asked: the policy sees it as such.
+        self.group_scratch = self.gate.enforce(ScratchMountInput(P.GROUP_SCRATCH_DIR, encrypted=True), action)
+        self._console(f"encrypted scratch on {node}: {self.group_scratch.size_bytes >> 20} MiB")
+        return M.SetupScratchResult(P.GROUP_SCRATCH_DIR, self.group_scratch.size_bytes,
+                                    round(time.perf_counter() - t0, 3))
+
     def op_mount_scratch(self, r: M.MountScratchRequest) -> M.MountScratchResult:
         container_id = r.container_id
         if container_id in self.scratch:
             raise _err(ErrorCode.conflict, f"container {container_id} already has a scratch")
+        if r.encrypted and self.group_scratch is None:
+            raise _err(ErrorCode.conflict, "an encrypted scratch lives on the group's scratch disk: setup_scratch first")
         check = ScratchMountInput.from_request(r)
         target = check.target
+        backing: list[Path] = []
 
         def action(_decision: Decision) -> None:
-            if r.encrypted:
-                raise _err(ErrorCode.failed, "encrypted (dm-crypt) scratch is not supported by this agent; "
-                                             "the tmpfs scratch lives in guest memory, which SEV-SNP encrypts")
             try:
                 Path(target).mkdir(parents=True, exist_ok=True)
-                sysapi.mount("tmpfs", target, "tmpfs", sysapi.MS_NODEV | sysapi.MS_NOSUID, "mode=0700")
+                if r.encrypted:
+                    # A fresh directory on the encrypted scratch for every incarnation of the container.
+                    self._scratch_counter += 1
+                    base = Path(P.GROUP_SCRATCH_DIR) / "containers" / f"{container_id}.{self._scratch_counter}"
+                    base.mkdir(mode=0o700, parents=True)
+                    backing.append(base)
+                    sysapi.mount(str(base), target, None, sysapi.MS_BIND)
+                else:
+                    sysapi.mount("tmpfs", target, "tmpfs", sysapi.MS_NODEV | sysapi.MS_NOSUID, "mode=0700")
                 (Path(target) / "upper").mkdir()
                 (Path(target) / "work").mkdir()
             except OSError as e:
@@ -323,6 +379,8 @@ class AgentService:
 
         self.gate.enforce(check, action)
         self.scratch[container_id] = Path(target)
+        if backing:
+            self._scratch_dirs[container_id] = backing[0]
         return M.MountScratchResult(target)
 
     def op_unmount_scratch(self, r: M.UnmountScratchRequest) -> M.EmptyResult:
@@ -335,6 +393,10 @@ class AgentService:
 
         self.gate.enforce(ScratchUnmountInput.from_request(r), _unmount_action(target))
         del self.scratch[container_id]
+        base = self._scratch_dirs.pop(container_id, None)
+        if base is not None:
+            # Its space goes back to the group; a big upper layer takes a while to delete, so not here.
+            threading.Thread(target=shutil.rmtree, args=(base, True), name="scratch-cleanup", daemon=True).start()
         return M.EmptyResult()
 
     def op_mount_overlay(self, r: M.MountOverlayRequest) -> M.MountOverlayResult:
@@ -408,7 +470,44 @@ class AgentService:
         self.volume_kinds[name] = kind
         return M.CreateVolumeResult(str(path))
 
+    # -- names --------------------------------------------------------------------------------------
+
+    def op_set_group_network(self, r: M.SetGroupNetworkRequest) -> M.EmptyResult:
+        # Not a policy endpoint, as in ACI: what names resolve to is the host's to answer anyway (it carries
+        # every packet). The guest checks the shape, so that no value can add a line or a directive.
+        try:
+            dns = DnsConfig(r.dns.nameservers, r.dns.search, r.dns.options) if r.dns else DnsConfig()
+            self.network = NameFiles(r.hostname, r.names, dns)
+        except EtcFilesError as e:
+            raise _err(ErrorCode.invalid_request, str(e)) from None
+        self.hostname = r.hostname
+        return M.EmptyResult()
+
+    def _etc_mounts(self, container_id: str,
+                    binds: tuple[tuple[M.ContainerMount, str], ...]) -> tuple[M.ContainerMount, ...]:
+        """Write the container's /etc/hostname, hosts and resolv.conf and return their binds (the policy's
+        default mounts), except where the container binds a volume of its own."""
+        taken = {b.destination for b, _ in binds}
+        try:
+            write_files(Path(defaults.etc_files_dir(container_id)), self.network)
+        except OSError as e:
+            raise _err(ErrorCode.failed, f"cannot write the /etc files of {container_id}: {e}") from None
+        return tuple(M.ContainerMount(m["destination"], m["source"], m["type"], tuple(m["options"]))
+                     for m in defaults.etc_file_mounts(container_id) if m["destination"] not in taken)
+
     # -- containers -----------------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        """A container was created, started, exited or deleted: wake watch_containers."""
+        with self._changes:
+            self._generation += 1
+            self._changes.notify_all()
+
+    def _watch_exit(self, proc: runtime.Process) -> None:
+        def wait() -> None:
+            proc.status(None)
+            self._changed()
+        threading.Thread(target=wait, name=f"watch-{proc.pid}", daemon=True).start()
 
     def _container(self, container_id: str) -> RuntimeContainer:
         c = self.containers.get(container_id)
@@ -468,7 +567,8 @@ class AgentService:
     def op_create_container(self, r: M.CreateContainerRequest) -> M.CreateContainerResult:
         t0 = time.perf_counter()
         container_id = r.container_id
-        if container_id in self.containers:
+        previous = self.containers.get(container_id)
+        if previous is not None and not previous.deleted:
             raise _err(ErrorCode.conflict, f"container {container_id} already exists")
         rootfs = agent_rules.rootfs_target(container_id)
         if rootfs not in self.overlays:
@@ -482,9 +582,10 @@ class AgentService:
         except UserError as e:
             raise _err(ErrorCode.failed, str(e)) from None
         binds = self._bind_mounts(r.mounts)
+        etc = self._etc_mounts(container_id, binds)
         user, groups = _identity(who)
-        check = CreateContainerInput.from_request(r, mounts=BASE_MOUNTS + tuple(b for b, _ in binds), user=user,
-                                                  groups=groups, capabilities=caps)
+        check = CreateContainerInput.from_request(r, mounts=BASE_MOUNTS + tuple(b for b, _ in binds) + etc,
+                                                  user=user, groups=groups, capabilities=caps)
 
         def action(decision: Decision) -> RuntimeContainer:
             env = decision.env_list if decision.env_list is not None else r.env
@@ -493,15 +594,17 @@ class AgentService:
                                       additional_gids=tuple(g for g, _ in who.additional_gids),
                                       umask=int(r.umask, 8), capabilities=final_caps,
                                       no_new_privileges=r.no_new_privileges)
-            spec = oci.build_spec(oci.BundleSpec(container_id, rootfs, process, self.hostname,
-                                                    tuple(oci.BindMount(b.destination, path, b.options)
-                                                          for b, path in binds), r.privileged))
+            spec = oci.build_spec(oci.BundleSpec(container_id, rootfs, process, self.network.hostname,
+                                                 tuple(oci.BindMount(b.destination, path, b.options)
+                                                       for b, path in binds + tuple((e, e.source) for e in etc)),
+                                                 r.privileged))
             c = RuntimeContainer(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
                           decision.allow_stdio_access, exec_caps=final_caps,
                           user=(who.uid, who.gid, process.additional_gids), working_dir=r.working_dir,
                           no_new_privileges=r.no_new_privileges)
             try:
-                runtime.create(c, spec)
+                # A re-created container's output goes on in the log of its previous incarnation.
+                runtime.create(c, spec, previous.init.log if previous and previous.init else None)
             except (CrunError, OSError) as e:
                 runtime.delete(c)
                 raise _err(ErrorCode.failed, f"crun create {container_id}: {e}") from None
@@ -509,6 +612,7 @@ class AgentService:
 
         c = self.gate.enforce(check, action)
         self.containers[container_id] = c
+        self._changed()
         self._log(f"created container {container_id}")
         return M.CreateContainerResult(c.init.pid if c.init else None, c.stdio, self.gate.last_enforce_seconds,
                                      self.gate.last_enforce_cpu_seconds, time.perf_counter() - t0)
@@ -522,29 +626,77 @@ class AgentService:
             runtime.start(c)
         except CrunError as e:
             raise _err(ErrorCode.failed, f"crun start {c.id}: {e}") from None
+        if c.init is not None:
+            self._watch_exit(c.init)
+        self._changed()
         return M.StartContainerResult(c.init.pid if c.init else None, time.perf_counter() - t0)
 
     def op_exec_process(self, r: M.ExecProcessRequest) -> M.ExecProcessResult:
         c = self._container(r.container_id)
         if c.refresh() != ContainerStatus.running:
             raise _err(ErrorCode.conflict, f"container {c.id} is {c.status.value}, not running")
+        if (r.tty or r.stdin) and not c.stdio:
+            # An interactive session is stdio: what the policy decided for the container at create decides it.
+            raise _err(ErrorCode.policy_denied,
+                       f"an interactive exec needs access to the stdio of container {c.id}, which the policy "
+                       "does not allow (allow_stdio_access is false)", endpoint="create_container")
         exec_id = runtime.next_exec_id(c)
         # The process runs as the container's user with its capabilities (the engine recorded them at
         # create_container and the input inherits them), with its env and in its working dir unless the
         # host asks otherwise.
         cwd = r.working_dir or c.working_dir
         check = ExecInContainerInput(c.id, r.argv, INHERIT if r.env is None else r.env, r.working_dir or INHERIT)
+        terminal = WindowSize(r.rows or 24, r.cols or 80) if r.tty else None
 
         def action(decision: Decision) -> runtime.Process:
             env = decision.env_list if decision.env_list is not None else (r.env or ())
             try:
-                return runtime.exec_process(c, exec_id, r.argv, env, cwd)
+                return runtime.exec_process(c, exec_id, r.argv, env, cwd, terminal=terminal, stdin=r.stdin)
             except (CrunError, OSError) as e:
                 reason = e.reason if isinstance(e, CrunError) else "other"
                 raise _err(ErrorCode.failed, f"exec in {c.id}: {e}", reason=reason) from None
 
         started = self.gate.enforce(check, action)
+        if started.input is not None:
+            threading.Thread(target=_finish_input, args=(started,), name=f"input-{started.pid}",
+                             daemon=True).start()
         return M.ExecProcessResult(exec_id, started.pid, c.stdio)
+
+    def _interactive(self, container_id: str, exec_id: str) -> Terminal | StdinPipe:
+        """The input side of an interactive exec. Looked up without the state lock (a dict read), so that
+        keystrokes never wait behind a create on another port."""
+        c = self.containers.get(container_id)
+        proc = c.execs.get(exec_id) if c is not None else None
+        if proc is None:
+            raise _err(ErrorCode.not_found, f"no process {exec_id} in container {container_id}")
+        if proc.input is None:
+            raise _err(ErrorCode.conflict, f"process {exec_id} in container {container_id} was started without stdin")
+        return proc.input
+
+    def op_write_stdin(self, r: M.WriteStdinRequest) -> M.WriteStdinResult:
+        target = self._interactive(r.container_id, r.exec_id)
+        try:
+            return M.WriteStdinResult(target.write_input(r.data))
+        except (TerminalError, OSError) as e:
+            raise _err(ErrorCode.conflict, f"cannot write to the input of {r.exec_id}: {e}") from None
+
+    def op_close_stdin(self, r: M.CloseStdinRequest) -> M.EmptyResult:
+        target = self._interactive(r.container_id, r.exec_id)
+        try:
+            target.close_input()
+        except (TerminalError, OSError) as e:
+            raise _err(ErrorCode.conflict, f"cannot close the input of {r.exec_id}: {e}") from None
+        return M.EmptyResult()
+
+    def op_resize_terminal(self, r: M.ResizeTerminalRequest) -> M.EmptyResult:
+        target = self._interactive(r.container_id, r.exec_id)
+        if not isinstance(target, Terminal):
+            raise _err(ErrorCode.conflict, f"process {r.exec_id} has no terminal")
+        try:
+            target.resize(WindowSize(r.rows, r.cols))
+        except (TerminalError, OSError) as e:
+            raise _err(ErrorCode.conflict, f"cannot resize the terminal of {r.exec_id}: {e}") from None
+        return M.EmptyResult()
 
     def _process(self, container_id: str, exec_id: str | None) -> runtime.Process:
         c = self._container(container_id)
@@ -589,21 +741,48 @@ class AgentService:
         # of a group can be stopped in parallel (one port each) and other requests are not held up.
         with self._lock:
             c = self._container(r.container_id)
+            if c.deleted:
+                raise _err(ErrorCode.not_found, f"container {c.id} was shut down already")
             if c.stopping:
                 raise _err(ErrorCode.conflict, f"container {c.id} is already being shut down")
             self.gate.enforce(r, lambda _d: runtime.begin_stop(c))
             c.stopping = True
-        status = runtime.finish_stop(c, _clamp(r.timeout, MAX_SHUTDOWN_S))
+        try:
+            status = runtime.finish_stop(c, _clamp(r.timeout, MAX_SHUTDOWN_S))
+        finally:
+            self._changed()
         return M.ShutdownResult(status.shell_code if status else None, status.signal if status else None)
 
-    def op_list_containers(self) -> M.ListContainersResult:
+    def _container_infos(self) -> tuple[M.ContainerInfo, ...]:
         out = []
-        for cid, c in self.containers.items():
+        for cid, c in list(self.containers.items()):    # a copy: a create on another port may add one
             status = c.refresh()
             exit_status = c.init.status() if c.init and status == ContainerStatus.exited else None
             out.append(M.ContainerInfo(cid, status.value, c.init.pid if c.init else None,
-                                     exit_status.shell_code if exit_status else None, c.stdio))
-        return M.ListContainersResult(tuple(out))
+                                       exit_status.shell_code if exit_status else None, c.stdio))
+        return tuple(out)
+
+    def op_list_containers(self) -> M.ListContainersResult:
+        return M.ListContainersResult(self._container_infos())
+
+    def op_watch_containers(self, r: M.WatchContainersRequest) -> M.WatchContainersResult:
+        with self._changes:
+            self._changes.wait_for(lambda: self._generation != r.since, _clamp(r.wait, MAX_WATCH_S))
+            generation = self._generation
+        return M.WatchContainersResult(generation, self._container_infos())
+
+
+def _finish_input(proc: runtime.Process) -> None:
+    """Once an interactive process has exited: let its terminal deliver what it still holds, then close it
+    (or close the pipe's write end), so that its output ends and nothing is left open."""
+    proc.status(None)
+    target = proc.input
+    if isinstance(target, Terminal):
+        if proc.log is not None:
+            proc.log.wait_closed(OUTPUT_DRAIN_S)
+        target.close()
+    elif target is not None:
+        target.close_input()
 
 
 def _clamp(seconds: float, limit: float) -> float:

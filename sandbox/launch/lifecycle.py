@@ -1,23 +1,27 @@
-"""What runs against an existing sandbox: list, inspect, logs, exec and down."""
+"""What runs against an existing sandbox: inspect, logs, exec and down, and the group's supervision after
+`up` (attached, on a thread; detached, in the supervisor process)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from sandbox.launch.agent_client import AgentClient, AgentDenied, AgentError, AgentUnreachable
-from sandbox.launch.pipeline import agent_sockets, load_running, sandbox_paths
+from sandbox.launch.pipeline import Launched, agent_sockets, load_running, sandbox_paths
+from sandbox.launch.supervisor import GroupOutcome, Notify, Supervisor, read_plan
 from sandbox.log import log
 from sandbox.shared import errors as E
 from sandbox.shared.messages import (
     ExecProcessRequest,
+    ExecProcessResult,
     ListContainersRequest,
     OutputStream,
     PingRequest,
@@ -27,8 +31,22 @@ from sandbox.shared.messages import (
     WaitProcessRequest,
 )
 from sandbox.shared.protocol import PORT_COUNT
-from sandbox.state import ProcessRef, SandboxRecord, SandboxStatus, StateStore, process_start_time
+from sandbox.state import (
+    LAUNCHER,
+    SUPERVISOR,
+    ContainerRecord,
+    ContainerRun,
+    ProcessRef,
+    RunStatus,
+    SandboxRecord,
+    SandboxStatus,
+    StateStore,
+    process_start_time,
+)
 from sandbox.vmm import backend as vmm
+
+SUPERVISOR_STOP_S = 10.0
+EOF_RECHECK_S = 2.0           # an ended stream of an attached `up` is read again this often (restarts)
 
 
 def connect(record: SandboxRecord, store: StateStore | None = None, *, wait: float = 30.0) -> AgentClient:
@@ -48,6 +66,7 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
         "startup": record.startup, "launch": record.launch, "selfcheck": record.selfcheck,
         # the env may hold secure values: inspect never shows it
         "containers": [{k: v for k, v in c.to_json().items() if k != "env"} for c in record.containers],
+        "restart_policy": record.restart_policy,
     }
     live: dict[str, Any] = {}
     if info["status"] == "running":
@@ -57,9 +76,15 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
         except E.SandboxError as e:
             info["agent_error"] = str(e)
     for c in info["containers"]:
-        if c["name"] in live:
+        run = record.run(c["name"])
+        if run is not None:
+            # The supervisor's view: it knows about restarts and back-off, the agent only the incarnation.
+            c.update(status=run.status.value, restarts=run.restarts, exit_code=run.exit_code, error=run.error,
+                     restart_at=run.restart_at)
+        if c["name"] in live and (run is None or run.status == RunStatus.running):
             c["status"] = live[c["name"]].status
-            c["exit_code"] = live[c["name"]].exit_code
+            if live[c["name"]].exit_code is not None:
+                c["exit_code"] = live[c["name"]].exit_code
     return info
 
 
@@ -72,6 +97,13 @@ def launch_trace(name: str, store: StateStore | None = None) -> str:
         raise E.StateError(f"sandbox {name!r} has no recorded trace: it is still starting, or an older "
                            "parma-sandbox launched it", hint="'parma-sandbox up --record-trace FILE' writes one")
     return "".join(line + "\n" for line in lines)
+
+
+def save_runs(store: StateStore, name: str, runs: Mapping[str, ContainerRun]) -> None:
+    """Record the containers' lifecycle in the sandbox's state (the supervisor is its only writer)."""
+    record = store.load(name)
+    if record is not None:
+        store.save(replace(record, runs=tuple(runs.values())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,19 +134,23 @@ def _write(out: BinaryIO, prefix: bytes, data: bytes, pending: dict[int, bytes])
 
 def pump_output(client: AgentClient, streams: Sequence[OutputCursor], *, follow: bool,
                 stop: Callable[[], bool] | None = None, prefixed: bool | None = None,
-                stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> None:
-    """Copy container output to our stdout/stderr until every stream ends (or, without follow, is drained)."""
+                stdout: BinaryIO | None = None, stderr: BinaryIO | None = None, eof_is_final: bool = True) -> None:
+    """Copy container output to our stdout/stderr until every stream ends (or, without follow, is drained).
+    Without `eof_is_final`, an ended stream is looked at again now and then until `stop()`: a restarted
+    container's output goes on in the same log."""
     stdout = stdout or sys.stdout.buffer
     stderr = stderr or sys.stderr.buffer
     prefixed = len(streams) > 1 if prefixed is None else prefixed
     width = max((len(s.container) for s in streams), default=0)
     pending: dict[int, bytes] = {}
+    recheck: dict[int, float] = {}      # stream -> when to look at it again after its end
     while True:
         progressed = False
+        live = [s for s in streams if not s.eof]
         for s in streams:
-            if s.eof:
+            if s.eof and (eof_is_final or recheck.get(id(s), 0.0) > time.monotonic()):
                 continue
-            wait = 0.5 if follow and len([x for x in streams if not x.eof]) == 1 else 0.0
+            wait = 0.5 if follow and len(live) == 1 and not s.eof else 0.0
             r = client.call(ReadOutputRequest(s.container, s.exec_id, s.offset, 256 * 1024, wait), timeout=wait + 30)
             prefix = f"{s.container.ljust(width)} | ".encode() if prefixed else b""
             for ch in r.chunks:
@@ -122,12 +158,14 @@ def pump_output(client: AgentClient, streams: Sequence[OutputCursor], *, follow:
                 progressed = progressed or bool(ch.data)
             s.offset = r.next_offset
             s.eof = r.eof
-        if all(s.eof for s in streams) or (not follow and not progressed):
+            if s.eof:
+                recheck[id(s)] = time.monotonic() + EOF_RECHECK_S
+        if (eof_is_final and all(s.eof for s in streams)) or (not follow and not progressed):
             break
         if stop is not None and stop():
             break
-        if not progressed and follow and len([x for x in streams if not x.eof]) > 1:
-            time.sleep(0.2)
+        if not progressed and follow and len(live) != 1:     # one live stream was long-polled instead
+            time.sleep(0.2 if live else 0.5)
     for out in (stdout, stderr):
         rest = pending.get(id(out))
         if rest:
@@ -166,9 +204,8 @@ def taken_down(name: str, store: StateStore) -> bool:
 # exec
 
 
-def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore | None = None) -> int:
-    """Run argv in a running container (policy-checked); stream its output; return its exit code."""
-    store = store or StateStore()
+def exec_target(name: str, container: str, store: StateStore) -> tuple[SandboxRecord, ContainerRecord]:
+    """The running sandbox and the container an exec goes to (ExecSetupError, exit 125, when either is not)."""
     try:
         record = load_running(name, store)
     except (E.InputError, E.StateError) as e:
@@ -176,22 +213,37 @@ def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore
     spec = record.container(container)
     if spec is None:
         raise E.ExecSetupError(f"sandbox {name!r} has no container {container!r}")
+    return record, spec
+
+
+def exec_client(record: SandboxRecord, store: StateStore) -> AgentClient:
     try:
-        client = connect(record, store, wait=10)
+        return connect(record, store, wait=10)
     except AgentUnreachable as e:
         raise E.ExecSetupError(str(e), hint=e.hint) from None
-    with client:
-        try:
-            r = client.call(ExecProcessRequest(container, tuple(argv), spec.env, spec.working_dir))
-        except AgentDenied as e:
-            raise E.ExecDenied(e.message, hint=e.hint) from None
-        except AgentError as e:
-            reason = e.details.get("reason")
-            if reason == "not_found":
-                raise E.ExecNotFound(e.message) from None
-            if reason == "permission":
-                raise E.ExecCannotInvoke(e.message) from None
-            raise E.ExecSetupError(e.message) from None
+
+
+def start_exec(client: AgentClient, request: ExecProcessRequest) -> ExecProcessResult:
+    """exec_process, its refusals as `exec`'s typed errors (docs/cli.md, "Exit codes")."""
+    try:
+        return client.call(request)
+    except AgentDenied as e:
+        raise E.ExecDenied(e.message, hint=e.hint) from None
+    except AgentError as e:
+        reason = e.details.get("reason")
+        if reason == "not_found":
+            raise E.ExecNotFound(e.message) from None
+        if reason == "permission":
+            raise E.ExecCannotInvoke(e.message) from None
+        raise E.ExecSetupError(e.message) from None   # e.g. the container is between two incarnations
+
+
+def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore | None = None) -> int:
+    """Run argv in a running container (policy-checked); stream its output; return its exit code."""
+    store = store or StateStore()
+    record, spec = exec_target(name, container, store)
+    with exec_client(record, store) as client:
+        r = start_exec(client, ExecProcessRequest(container, tuple(argv), spec.env, spec.working_dir))
         if r.stdio:
             pump_output(client, [OutputCursor(container, r.exec_id)], follow=True, prefixed=False)
         while True:
@@ -246,8 +298,9 @@ def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -
     store = store or StateStore()
     record = store.require(name)
     state_dir = store.dir(name)
+    stop_supervisor(record)     # first: it would restart the containers being stopped
     vm: vmm.Vm | None = vmm.attach(record.vm) if record.vm is not None else None
-    refs = [ref for key, ref in record.processes.items() if key != "launcher"]
+    refs = [ref for key, ref in record.processes.items() if key not in (LAUNCHER, SUPERVISOR)]
     if (ref := _pidfile_ref(state_dir)) is not None and ref not in refs:
         refs.append(ref)
     graceful = False
@@ -270,7 +323,7 @@ def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -
                 deadline = time.monotonic() + 5
                 while ref.alive() and time.monotonic() < deadline:
                     time.sleep(0.05)
-    launcher = record.processes.get("launcher")
+    launcher = record.processes.get(LAUNCHER)
     if launcher is not None and launcher.alive() and launcher.pid != os.getpid():
         # An `up` still starting: its VM is gone now, so it fails and removes the state itself.
         deadline = time.monotonic() + 10
@@ -283,34 +336,89 @@ def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -
     return {"name": name, "graceful": graceful}
 
 
+def stop_supervisor(record: SandboxRecord, timeout: float = SUPERVISOR_STOP_S) -> None:
+    """SIGTERM a detached group's supervisor process and wait for it (SIGKILL after `timeout`)."""
+    ref = record.processes.get(SUPERVISOR)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if ref is None or not ref.alive():
+            return
+        try:
+            os.kill(ref.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while ref.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 def down_all(store: StateStore | None = None) -> Iterator[dict[str, Any]]:
     store = store or StateStore()
     for name in store.names():
         yield down(name, store=store)
 
 
-def run_attached(name: str, main: str, containers: Sequence[str], *, store: StateStore | None = None) -> int:
-    """Stream the group's output until the main container exits, then take the sandbox down.
+def _announce(store: StateStore, name: str, echo: Callable[[str], None] | None) -> Notify:
+    """The supervisor's notify: record the runs, and tell the user what happened."""
+    def notify(runs: Mapping[str, ContainerRun], event: str | None) -> None:
+        save_runs(store, name, runs)
+        if event:
+            (echo or (lambda text: log.info("%s", text)))(event)
+    return notify
 
-    Returns the main container's exit code (128 + signal when it was killed). Ctrl-C also takes the
-    sandbox down, and re-raises.
+
+def run_attached(launched: Launched, *, store: StateStore | None = None,
+                 echo: Callable[[str], None] | None = None) -> int:
+    """Stream the group's output while a supervisor thread restarts its containers as the restartPolicy
+    says, until the group can no longer run; then take the sandbox down.
+
+    Returns the exit code of the first container that failed (128 + signal when one was killed), 0 when
+    none did. Ctrl-C also takes the sandbox down, and re-raises.
     """
     store = store or StateStore()
+    name = launched.name
     record = load_running(name, store)
-    code = 1
+    containers = [c.name for c in record.containers if c.stdio]
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+
+    def supervise() -> None:
+        try:
+            if launched.outcome is not None and launched.outcome.done:
+                result["outcome"] = launched.outcome
+                return
+            with connect(record, store) as client:
+                group = read_plan(store.dir(name))
+                result["outcome"] = Supervisor(client, group, launched.runs,
+                                               notify=_announce(store, name, echo)).run(stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            result["error"] = e
+
+    thread = threading.Thread(target=supervise, name="supervisor", daemon=True)
+    thread.start()
     try:
         with connect(record, store) as client:
-            def main_exited() -> bool:
-                return not client.call(WaitProcessRequest(main)).running
-
             streams = [OutputCursor(c) for c in containers]
             if streams:
-                pump_output(client, streams, follow=True, stop=main_exited)
+                pump_output(client, streams, follow=True, stop=lambda: not thread.is_alive(), eof_is_final=False)
                 pump_output(client, streams, follow=False)
-            w = client.call(WaitProcessRequest(main, timeout=600), timeout=660)
-            while w.running:
-                w = client.call(WaitProcessRequest(main, timeout=600), timeout=660)
-            code = int(w.exit_code or 0)
+            thread.join()
     finally:
+        stop.set()
+        thread.join(60)
         down(name, store=store)
-    return code
+    if "error" in result:
+        raise result["error"]
+    outcome: GroupOutcome = result.get("outcome") or GroupOutcome(False)
+    return outcome.exit_code if outcome.exit_code is not None else 1
+
+
+def supervise_detached(name: str, *, store: StateStore | None = None) -> GroupOutcome:
+    """The supervisor process of a detached sandbox: take over its group where `up` left it, until the
+    group is over (or SIGTERM from `down`)."""
+    store = store or StateStore()
+    record = load_running(name, store)
+    store.save(record.with_process(SUPERVISOR, ProcessRef.of(os.getpid())))     # `down` stops it first
+    with connect(record, store) as client:
+        runs = {r.name: r for r in record.runs}
+        supervisor = Supervisor(client, read_plan(store.dir(name)), runs, notify=_announce(store, name, None))
+        return supervisor.run()

@@ -25,6 +25,8 @@ from sandbox.launch import measured, selfcheck
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
 from sandbox.launch.diagnostics import keep_diagnostics
 from sandbox.launch.plan import LaunchPlan, build_plan
+from sandbox.launch.scratch_disk import SCRATCH_DISK_SERIAL, create_scratch_disk, scratch_vm_disk
+from sandbox.launch.supervisor import GroupOutcome, SupervisedGroup, Supervisor, write_plan
 from sandbox.launch.trace_record import TraceRecorder
 from sandbox.log import log
 from sandbox.policy.gen import generate_policy
@@ -32,12 +34,14 @@ from sandbox.policy.sources import package_files_volumes, resolve_group_images
 from sandbox.progress import step
 from sandbox.shared.errors import CheckFailed, InputError, PolicyDenied, SandboxError, StateError
 from sandbox.shared.kbs_protocol import FW_CFG_KBS_URL
-from sandbox.shared.messages import LoadFragmentRequest, SetPolicyRequest, StartContainerRequest
+from sandbox.shared.messages import DnsSettings, LoadFragmentRequest, SetPolicyRequest, SetupScratchRequest
 from sandbox.shared.policy.model import Policy, is_rego, parse_policy
 from sandbox.shared.protocol import PORT_COUNT
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
 from sandbox.state import (
+    LAUNCHER,
     ContainerRecord,
+    ContainerRun,
     DeviceRecord,
     KbsRecord,
     PortRecord,
@@ -48,10 +52,23 @@ from sandbox.state import (
     UvmRecord,
 )
 from sandbox.vmm import backend as vmm
-from sandbox.vmm.config import ROOT_DISK_SERIAL, Backend, Disk, FwCfgFile, PortForward, VmConfig
+from sandbox.vmm.config import (
+    ROOT_DISK_SERIAL,
+    Backend,
+    Disk,
+    DiskBus,
+    FwCfgFile,
+    GuestForward,
+    PortForward,
+    VmConfig,
+)
 
 BOOT_TIMEOUT = float(os.environ.get("PARMA_SANDBOX_BOOT_TIMEOUT", "180"))
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
+# Where the guest reaches `up --dns-server`: an address in QEMU's user network that slirp relays to it
+# (DNS over TCP: slirp relays TCP connections only, so resolv.conf gets `options use-vc`).
+DNS_FORWARD_ADDRESS = "10.0.2.53"
+
 
 @dataclass(frozen=True)
 class UpOptions:
@@ -69,6 +86,8 @@ class UpOptions:
     policy_group: str | None = None     # policy_file is an ARM template with several groups: this one's ccePolicy
     fragments: tuple[str, ...] = ()     # signed policy fragments to load: .cose files or registry references
     fetch_fragments: bool = True        # False (--drop-fragments): load only those named in `fragments`
+    # A DNS server on the host (address, port) that the containers' resolv.conf points at, through slirp.
+    dns_server: tuple[str, int] | None = None
     # Also write the launch's requests, as the agent checked them, here (a `policy check` trace), whether
     # the launch succeeds or not. The sandbox record keeps them either way (`inspect --trace`).
     record_trace: Path | None = None
@@ -90,6 +109,8 @@ class Launched:
     vm: vmm.Vm
     plan: LaunchPlan
     timings: Timings
+    runs: dict[str, ContainerRun] = field(default_factory=dict)   # each container's lifecycle so far
+    outcome: GroupOutcome | None = None        # done: the group was over before `up` handed it over
 
 
 def sandbox_paths(state_dir: Path) -> dict[str, Path]:
@@ -159,11 +180,25 @@ def _check_socket_paths(state_dir: Path) -> None:
                          hint="set PARMA_SANDBOX_RUNTIME (or XDG_RUNTIME_DIR) to a shorter directory")
 
 
+def dns_override(plan: LaunchPlan, server: tuple[str, int]) -> LaunchPlan:
+    """The plan with the containers resolving names through `server` on the host (`up --dns-server`): the
+    group's search domains and options stay, the name server is slirp's relay to it, over TCP."""
+    dns = plan.network.dns if plan.network is not None else None
+    options = tuple(o for o in (dns.options if dns else ()) if o != "use-vc") + ("use-vc",)
+    return plan.with_dns(DnsSettings((DNS_FORWARD_ADDRESS,), dns.search if dns else (), options))
+
+
 def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee, accel: Accel,
-               state_dir: Path, identity: measured.LaunchIdentity, kbs_url: str | None = None) -> VmConfig:
+               state_dir: Path, identity: measured.LaunchIdentity, kbs_url: str | None = None,
+               dns_server: tuple[str, int] | None = None) -> VmConfig:
     paths = sandbox_paths(state_dir)
-    disks = [Disk(Path(uvm.rootfs), ROOT_DISK_SERIAL)] + [Disk(d.path, d.serial) for d in plan.disks]
+    # Layers and files volumes are SCSI LUNs (hundreds fit; the root disk stays the first virtio-blk disk, so
+    # the measured command line does not depend on them); the scratch is a writable virtio-blk disk.
+    disks = [Disk(Path(uvm.rootfs), ROOT_DISK_SERIAL)] + [Disk(d.path, d.serial, bus=DiskBus.scsi) for d in plan.disks]
+    if plan.scratch_gib:
+        disks.append(scratch_vm_disk(create_scratch_disk(state_dir, plan.scratch_gib)))
     forwards = tuple(PortForward(p.port, p.host_port, p.protocol.lower(), p.host_address) for p in spec.ports)
+    guest_forwards = (GuestForward(DNS_FORWARD_ADDRESS, 53, *dns_server),) if dns_server else ()
     fw_cfg: tuple[FwCfgFile, ...] = ()
     if tee != Tee.sev_snp:
         # Emulation: the emulated PSP signs reports with HOST_DATA = the policy hash and MEASUREMENT = the
@@ -178,15 +213,15 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
         name=name, tee=tee, accel=accel, vcpus=spec.resources.vcpus, memory_mib=spec.resources.memory_mib,
         kernel=Path(uvm.kernel), cmdline=str(uvm.cmdline), disks=tuple(disks),
         agent_sockets=agent_sockets(state_dir), console_log=paths["console"], qmp_socket=paths["qmp"],
-        forwards=forwards, fw_cfg=fw_cfg, snp=identity.snp, initrd=getattr(uvm, "initrd", None),
-        pidfile=paths["pidfile"],
+        forwards=forwards, guest_forwards=guest_forwards, fw_cfg=fw_cfg, snp=identity.snp,
+        initrd=getattr(uvm, "initrd", None), pidfile=paths["pidfile"],
     )
 
 
 def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: Timings, *,
-                 create_containers: bool = True, fragments: Sequence[Any] = ()) -> dict[str, Any]:
-    """set_policy, fragments, mounts, create and start every container, in group order. Returns per-step
-    results."""
+                 fragments: Sequence[Any] = ()) -> dict[str, Any]:
+    """set_policy, fragments, the layer and volume mounts, the encrypted scratch and the group's names.
+    Returns per-step results."""
     results: dict[str, Any] = {"containers": {}}
     with step("Set the execution policy"):
         results["policy"] = client.call(SetPolicyRequest(policy)).to_json()
@@ -217,17 +252,31 @@ def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: 
             task.advance()
         results["devices"] = devices
     timings.mark("mounted")
-    for c in plan.containers if create_containers else ():
-        with step(f"Start container {c.name}"):
-            t0 = time.monotonic()
-            client.call(c.scratch)
-            client.call(c.overlay)
-            created = client.call(c.create, timeout=120)
-            started = client.call(StartContainerRequest(c.name), timeout=120)
-            results["containers"][c.name] = {"create": created.to_json(), "start": started.to_json(),
-                                             "seconds": round(time.monotonic() - t0, 3)}
-        timings.mark(f"started:{c.name}")
+    if plan.scratch_gib:
+        with step(f"Set up the encrypted scratch ({plan.scratch_gib} GiB)"):
+            results["scratch"] = client.call(SetupScratchRequest(SCRATCH_DISK_SERIAL), timeout=300).to_json()
+        timings.mark("scratch")
+    if plan.network is not None:
+        client.call(plan.network)
     return results
+
+
+def _start_group(client: AgentClient, plan: LaunchPlan,
+                 timings: Timings) -> tuple[dict[str, ContainerRun], GroupOutcome, dict[str, Any]]:
+    """The group's first run: the init containers in order, each to completion, then every container
+    started (sandbox/launch/supervisor.py). Returns early when the group is over already, or when an init
+    container failed and waits to be restarted (its back-off is the supervisor's to sit out)."""
+    def notify(runs: Any, event: str | None) -> None:
+        if event:
+            log.info("%s", event)
+        for name, r in runs.items():
+            if r.status != "waiting" and f"started:{name}" not in timings.marks:
+                timings.mark(f"started:{name}")
+
+    supervisor = Supervisor(client, SupervisedGroup.of(plan), notify=notify, clock=time.time)
+    with step(f"Start {len(plan.all_containers)} container(s)"):
+        outcome = supervisor.run(until_started=True)
+    return supervisor.runs, outcome, supervisor.start_results
 
 
 def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Launched:
@@ -235,6 +284,8 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
     store = store or StateStore()
     timings = Timings()
     name = opts.name or spec.name
+    runs: dict[str, ContainerRun] = {}
+    outcome: GroupOutcome | None = None
     requested = opts.tee or spec.tee
     with step("Probe host"):
         report = check_host()
@@ -259,6 +310,8 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
     if opts.fragments and supplied is None:
         raise InputError("--fragment needs a policy that imports fragments (--policy, or a template's ccePolicy)")
     plan = build_plan(spec, images, volumes, policy=supplied)
+    if opts.dns_server is not None:
+        plan = dns_override(plan, opts.dns_server)
     from sandbox.uvm.build import ensure_uvm  # heavy (sev-snp-measure); only `up` needs it
 
     with step("Prepare the UVM"):
@@ -281,15 +334,16 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
         paths = sandbox_paths(state_dir)
         atomic_write(paths["policy"].with_suffix(".rego" if is_rego(policy) else ".json"), policy, 0o600)
         record = SandboxRecord(
-            name=name, status=SandboxStatus.starting, processes={"launcher": ProcessRef.of(os.getpid())},
+            name=name, status=SandboxStatus.starting, processes={LAUNCHER: ProcessRef.of(os.getpid())},
             group=spec.name, group_file=str(spec.base_dir), tee=tee.value, accel=accel.value,
             backend=opts.backend.value, policy_hash=policy_hash.hex(), measurement=measurement,
             detached=opts.detach,
             ports=tuple(PortRecord(p.port, p.host_port, p.protocol, p.host_address) for p in spec.ports),
             devices=tuple(DeviceRecord(d.serial, str(d.path), d.root_hash, d.target) for d in plan.disks),
-            containers=tuple(ContainerRecord(c.name, next(x.image for x in spec.containers if x.name == c.name),
-                                             c.create.argv, c.create.env, c.create.working_dir, c.stdio,
-                                             c.exec_processes) for c in plan.containers),
+            containers=tuple(ContainerRecord(c.name, spec.container(c.name).image, c.create.argv, c.create.env,
+                                             c.create.working_dir, c.stdio, c.exec_processes, init=c.init)
+                             for c in plan.all_containers),
+            restart_policy=plan.restart_policy.value,
             uvm=UvmRecord(str(uvm.kernel), str(uvm.rootfs), str(uvm.cmdline)),
             kbs=KbsRecord(opts.kbs_url, guest_url(opts.kbs_url), tuple(pins)) if opts.kbs_url else None,
             launch=identity.to_json(),
@@ -298,7 +352,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
         recorder = TraceRecorder(secure_env=_secure_env(spec))
         vm: vmm.Vm | None = None
         try:
-            cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, identity, opts.kbs_url)
+            cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, identity, opts.kbs_url, opts.dns_server)
             measured.check_config(identity, cfg)
             with step(f"Launch the UVM ({tee.value}, {accel.value}, {opts.backend.value})"):
                 vm = vmm.launch(cfg, opts.backend, log_file=paths["qemu_log"], attached=not opts.detach)
@@ -316,11 +370,14 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                     check = selfcheck.run(client, identity, record_to=state_dir / "selfcheck.json")
                 record = replace(record, selfcheck=check.summary())
                 timings.mark("verified")
-                results = _setup_guest(client, policy, plan, timings, create_containers=opts.create_containers,
-                                       fragments=fragments)
+                results = _setup_guest(client, policy, plan, timings, fragments=fragments)
+                if opts.create_containers:
+                    write_plan(state_dir, SupervisedGroup.of(plan))
+                    runs, outcome, results["containers"] = _start_group(client, plan, timings)
+                    record = replace(record, runs=tuple(runs.values()))
             record = replace(record, status=SandboxStatus.running, trace=recorder.lines(),
                              startup={"timings": timings.marks, "containers": results["containers"],
-                                      "fragments": results.get("fragments", [])})
+                                      "fragments": results.get("fragments", []), "scratch": results.get("scratch")})
             store.save(record)
             keep_diagnostics(state_dir, record)
             _write_trace(recorder, opts.record_trace)
@@ -334,7 +391,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                     log.warning("could not stop the VM: %s", e)
             store.remove(name)
             raise
-    return Launched(name, record, vm, plan, timings)
+    return Launched(name, record, vm, plan, timings, runs, outcome)
 
 
 def _secure_env(spec: GroupSpec) -> set[str]:

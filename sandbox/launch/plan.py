@@ -9,21 +9,26 @@ launcher asks for exactly what a generated policy allows.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.spec import GroupSpec, VolumeKind
+from sandbox.group.spec import ContainerSpec, GroupSpec, RestartPolicy, VolumeKind
 from sandbox.images.model import ResolvedImage
 from sandbox.policy.gen import container_capabilities, container_mounts, container_process
 from sandbox.shared import protocol as P
+from sandbox.shared.codec import Message
 from sandbox.shared.messages import (
     CreateContainerRequest,
     CreateVolumeRequest,
+    DnsSettings,
     MemoryVolumeKind,
     MountDeviceRequest,
     MountOverlayRequest,
     MountScratchRequest,
+    SetGroupNetworkRequest,
+    UnmountOverlayRequest,
+    UnmountScratchRequest,
 )
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.model import Policy
@@ -42,20 +47,36 @@ class DeviceMount:
 
 
 @dataclass(frozen=True)
-class ContainerPlan:
+class ContainerPlan(Message):
+    """One container's requests (a Message: a detached group's supervisor reads it back from plan.json)."""
+
     name: str
     layer_targets: tuple[str, ...]      # top-most first, as mount_overlay wants them
     create: CreateContainerRequest
     stdio: bool
     exec_processes: tuple[tuple[str, ...], ...] = ()
+    encrypted_scratch: bool = True      # its writable layer on the group's encrypted scratch (else guest memory)
+    init: bool = False                  # an init container: runs to completion before the containers start
+
+    @property
+    def rootfs(self) -> str:
+        return P.container_dir(self.name) + "/rootfs"
 
     @property
     def scratch(self) -> MountScratchRequest:
-        return MountScratchRequest(self.name)
+        return MountScratchRequest(self.name, self.encrypted_scratch)
 
     @property
     def overlay(self) -> MountOverlayRequest:
-        return MountOverlayRequest(self.name, self.layer_targets, P.container_dir(self.name) + "/rootfs")
+        return MountOverlayRequest(self.name, self.layer_targets, self.rootfs)
+
+    @property
+    def unmount_overlay(self) -> UnmountOverlayRequest:
+        return UnmountOverlayRequest(self.rootfs)
+
+    @property
+    def unmount_scratch(self) -> UnmountScratchRequest:
+        return UnmountScratchRequest(self.name)
 
 
 @dataclass(frozen=True)
@@ -65,18 +86,40 @@ class LaunchPlan:
     memory_volumes: tuple[CreateVolumeRequest, ...]
     containers: tuple[ContainerPlan, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+    init_containers: tuple[ContainerPlan, ...] = ()      # in the order they run
+    network: SetGroupNetworkRequest | None = None        # what the containers' /etc files say
+    scratch_gib: int = 0                                 # the group's encrypted scratch disk (0: none)
+    restart_policy: RestartPolicy = RestartPolicy.always
 
     @property
     def disks(self) -> tuple[DeviceMount, ...]:
         return self.layers + self.file_volumes
 
+    @property
+    def all_containers(self) -> tuple[ContainerPlan, ...]:
+        return self.init_containers + self.containers
+
+    def with_dns(self, dns: DnsSettings) -> LaunchPlan:
+        """The plan with other DNS settings for the containers (`up --dns-server`)."""
+        network = self.network or SetGroupNetworkRequest("parma")
+        return replace(self, network=replace(network, dns=dns))
+
+
+def group_network(spec: GroupSpec) -> SetGroupNetworkRequest:
+    """The group's hostname (its name), the names /etc/hosts gives the group, and its dnsConfig."""
+    dns = spec.dns_config
+    return SetGroupNetworkRequest(
+        spec.name, tuple(c.name for c in spec.init_containers + spec.containers),
+        DnsSettings(dns.name_servers, dns.search_domains, dns.options) if dns is not None else None)
+
 
 def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
                volume_devices: Mapping[str, tuple[str, Path]], policy: Policy | None = None) -> LaunchPlan:
-    """images: container name -> image; volume_devices: files-volume name -> (root hash, image path);
-    policy: a supplied policy (not generated here), which decides how volume binds are asked for."""
+    """images: container name -> image (init containers too); volume_devices: files-volume name -> (root
+    hash, image path); policy: a supplied policy (not generated here), which decides how volume binds are
+    asked for."""
     layers: dict[str, DeviceMount] = {}
-    for c in spec.containers:
+    for c in spec.init_containers + spec.containers:
         for layer in images[c.name].layers:
             if layer.root_hash not in layers:
                 i = len(layers)
@@ -95,8 +138,7 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
         else:
             memory_volumes.append(CreateVolumeRequest(v.name, MemoryVolumeKind.empty_dir))
 
-    containers = []
-    for c in spec.containers:
+    def container_plan(c: ContainerSpec, init: bool) -> ContainerPlan:
         image = images[c.name]
         targets = tuple(layers[layer.root_hash].target for layer in reversed(image.layers))
         process = container_process(c, image.config)
@@ -105,6 +147,11 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
             user=process.user, mounts=container_mounts(spec, c, policy), capabilities=container_capabilities(c),
             privileged=c.privileged, no_new_privileges=False, umask=defaults.DEFAULT_UMASK,
             seccomp_profile_sha256="")
-        containers.append(ContainerPlan(c.name, targets, create, c.stdio,
-                                        tuple(e.command for e in c.exec_processes)))
-    return LaunchPlan(tuple(layers.values()), tuple(file_volumes), tuple(memory_volumes), tuple(containers))
+        return ContainerPlan(c.name, targets, create, c.stdio, tuple(e.command for e in c.exec_processes),
+                             encrypted_scratch=spec.resources.scratch_gib > 0, init=init)
+
+    return LaunchPlan(tuple(layers.values()), tuple(file_volumes), tuple(memory_volumes),
+                      tuple(container_plan(c, False) for c in spec.containers),
+                      init_containers=tuple(container_plan(c, True) for c in spec.init_containers),
+                      network=group_network(spec), scratch_gib=spec.resources.scratch_gib,
+                      restart_policy=spec.restart_policy)

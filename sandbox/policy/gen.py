@@ -19,6 +19,9 @@ Mapping (docs/policy.md, "Generation"):
 - key_brokers: the pins of the key brokers the agent may accept secrets from (`key_brokers` argument);
 - capabilities: the usual 14 (bounding/effective/permitted) adjusted by the group's add/drop;
   privileged: all 41 (bounding/effective/permitted) and allow_elevated; inheritable/ambient empty;
+- init containers: policy containers like the others, listed first (each create is checked the same way);
+- allow_unencrypted_scratch: the group's `policy.allowUnencryptedScratch` (default false, as ACI's: the
+  containers' writable layers must be on the guest-encrypted scratch disk);
 - debug mode: exec processes /bin/sh and /bin/bash, an allow-all env rule, and runtime logging,
   properties access and stack dumps turned on.
 """
@@ -209,7 +212,7 @@ def build_policy(spec: GroupSpec, images: Mapping[str, ResolvedImage], *, debug_
     """The policy model for a group; see the module docstring for the mapping."""
     debug = spec.policy.debug_mode if debug_mode is None else debug_mode
     volume_hashes = volume_hashes or {}
-    missing = [c.name for c in spec.containers if c.name not in images]
+    missing = [c.name for c in spec.init_containers + spec.containers if c.name not in images]
     if missing:
         raise InputError(f"no resolved image for container(s) {', '.join(missing)}",
                          hint="resolve every container's image before generating the policy")
@@ -231,7 +234,10 @@ def build_policy(spec: GroupSpec, images: Mapping[str, ResolvedImage], *, debug_
                              hint="'parma-sandbox kbs key' prints the broker's pin")
         if pin not in pins:
             pins.append(pin)
-    containers = tuple(_policy_container(spec, c, images[c.name], debug) for c in spec.containers)
+    # Init containers are containers like the others to the policy (as confcom lists them): each of their
+    # creates is checked against it.
+    containers = tuple(_policy_container(spec, c, images[c.name], debug)
+                       for c in spec.init_containers + spec.containers)
     return Policy(
         api_version=defaults.API_VERSION, framework_version=defaults.FRAMEWORK_VERSION, containers=containers,
         external_processes=(), volumes=tuple(volumes), key_brokers=tuple(KeyBroker(p) for p in pins),

@@ -9,25 +9,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sandbox.group.spec import GroupSpec, LayerFormat
+from sandbox.group.spec import GroupSpec, LayerFormat, check_device_count
 from sandbox.images.model import ResolvedImage
 from sandbox.progress import step
 
 
 def resolve_group_images(spec: GroupSpec) -> dict[str, ResolvedImage]:
-    """Every container's image, resolved and converted (cached by content), keyed by container name."""
+    """Every container's image (init containers too), resolved and converted (cached by content), keyed by
+    container name. A group whose distinct layers and files volumes need more disks than a UVM attaches is
+    refused with the numbers (registry images are counted here, once pulled; `validate` counts local
+    images offline)."""
     from sandbox.images.resolve import resolve_image  # heavy (requests); only commands that resolve need it
 
     by_ref: dict[str, ResolvedImage] = {}
     out = {}
-    with step("Resolve and convert images", total=len(spec.containers)) as task:
-        for c in spec.containers:
+    every = spec.init_containers + spec.containers
+    with step("Resolve and convert images", total=len(every)) as task:
+        for c in every:
             if c.image not in by_ref:
                 # layerFormat aci: layer hashes as ACI computes them (docs/aci.md)
                 compat = {"compat": spec.layer_format.value} if spec.layer_format != LayerFormat.default else {}
                 by_ref[c.image] = resolve_image(c.image, base_dir=spec.base_dir, **compat)
             out[c.name] = by_ref[c.image]
             task.advance()
+    check_device_count(spec, len({layer.root_hash for image in out.values() for layer in image.layers}),
+                       source=f"group {spec.name!r}")
     return out
 
 

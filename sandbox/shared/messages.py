@@ -33,6 +33,7 @@ class Op(StrEnum):
     get_report = "get_report"
     mount_device = "mount_device"
     unmount_device = "unmount_device"
+    setup_scratch = "setup_scratch"
     mount_scratch = "mount_scratch"
     unmount_scratch = "unmount_scratch"
     mount_overlay = "mount_overlay"
@@ -40,12 +41,17 @@ class Op(StrEnum):
     create_volume = "create_volume"
     create_container = "create_container"
     start_container = "start_container"
+    set_group_network = "set_group_network"
     exec_process = "exec_process"
+    write_stdin = "write_stdin"
+    close_stdin = "close_stdin"
+    resize_terminal = "resize_terminal"
     signal_process = "signal_process"
     wait_process = "wait_process"
     read_output = "read_output"
     shutdown_container = "shutdown_container"
     list_containers = "list_containers"
+    watch_containers = "watch_containers"
     poweroff = "poweroff"
 
 
@@ -60,6 +66,8 @@ VOLUME_NAME = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 UMASK = r"0?[0-7]{3}"
 SHA256_OR_EMPTY = r"|[0-9a-f]{64}"
 CAP_NAME = r"CAP_[A-Z_]+"
+MAX_STDIN_CHUNK = 64 * 1024      # bytes of one write_stdin (the host sends the rest in further requests)
+MAX_DIMENSION = 0xFFFF           # a terminal's rows and columns (struct winsize holds unsigned shorts)
 
 ContainerId = Annotated[str, Match(CONTAINER_ID, "a container id ([a-z0-9][a-z0-9_.-], at most 64)")]
 ExecId = Annotated[str, Match(EXEC_ID, "an exec id ([a-z0-9][a-z0-9_.-], at most 64)")]
@@ -68,6 +76,7 @@ Strings = Annotated[tuple[str, ...], MaxLen(4096)]
 CapName = Annotated[str, Match(CAP_NAME, "a capability name like CAP_CHOWN")]
 CapSet = tuple[CapName, ...]
 Seconds = float           # the agent clamps each timeout to its op's limit (docs/protocol.md)
+Dimension = Annotated[int, Range(0, MAX_DIMENSION)]
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,13 @@ class MountDeviceResult(Message):
 
 
 @dataclass(frozen=True)
+class SetupScratchResult(Message):
+    target: str              # where the group's encrypted scratch filesystem is mounted
+    size_bytes: int          # what the filesystem got (the disk minus integrity tags and metadata)
+    setup_s: float
+
+
+@dataclass(frozen=True)
 class MountScratchResult(Message):
     target: str
 
@@ -179,6 +195,11 @@ class ExecProcessResult(Message):
     exec_id: str
     pid: int
     stdio: bool
+
+
+@dataclass(frozen=True)
+class WriteStdinResult(Message):
+    accepted: int            # bytes the process's terminal or pipe took now; the host sends the rest again
 
 
 @dataclass(frozen=True)
@@ -226,6 +247,12 @@ class ContainerInfo(Message):
 
 @dataclass(frozen=True)
 class ListContainersResult(Message):
+    containers: tuple[ContainerInfo, ...]
+
+
+@dataclass(frozen=True)
+class WatchContainersResult(Message):
+    generation: int          # changes whenever a container is created, started, exits or is deleted
     containers: tuple[ContainerInfo, ...]
 
 
@@ -303,7 +330,19 @@ class UnmountDeviceRequest(Request[EmptyResult]):
 
 
 @dataclass(frozen=True)
+class SetupScratchRequest(Request[SetupScratchResult]):
+    """Turn the group's raw scratch disk into an encrypted, integrity-protected filesystem with a key
+    made in the guest (checked as an encrypted scratch_mount of the group's scratch directory)."""
+
+    op = Op.setup_scratch
+    device: Annotated[str, Match(DEVICE_SERIAL, "a disk serial ([A-Za-z0-9_-], at most 20)")]
+
+
+@dataclass(frozen=True)
 class MountScratchRequest(Request[MountScratchResult]):
+    """A container's writable layer: a fresh directory on the group's encrypted scratch (encrypted), or a
+    tmpfs in guest memory (not encrypted by the guest; the policy's allow_unencrypted_scratch decides)."""
+
     op = Op.mount_scratch
     container_id: ContainerId
     encrypted: bool = False
@@ -369,12 +408,67 @@ class StartContainerRequest(Request[StartContainerResult]):
 
 
 @dataclass(frozen=True)
+class DnsSettings(Message):
+    """What a container's /etc/resolv.conf says (resolv.conf(5); checked by sandbox/shared/names.py)."""
+
+    nameservers: Annotated[tuple[Annotated[str, MaxLen(64)], ...], MaxLen(3)]
+    search: Annotated[tuple[Annotated[str, MaxLen(253)], ...], MaxLen(6)] = ()
+    options: Annotated[tuple[Annotated[str, MaxLen(32)], ...], MaxLen(16)] = ()
+
+
+@dataclass(frozen=True)
+class SetGroupNetworkRequest(Request[EmptyResult]):
+    """The group's hostname, the names /etc/hosts maps to the group (127.0.0.1), and its DNS settings: the
+    content of every container's /etc/hostname, /etc/hosts and /etc/resolv.conf from now on."""
+
+    op = Op.set_group_network
+    hostname: Annotated[str, MaxLen(63)]
+    names: Annotated[tuple[Annotated[str, MaxLen(253)], ...], MaxLen(512)] = ()
+    dns: DnsSettings | None = None          # None: QEMU user networking's resolver
+
+
+@dataclass(frozen=True)
 class ExecProcessRequest(Request[ExecProcessResult]):
+    """Start a process in a running container. `stdin`: its input comes from write_stdin (a pipe, or the
+    terminal with `tty`); `tty`: a pseudo-terminal of `rows` x `cols` is its stdin, stdout and stderr."""
+
     op = Op.exec_process
     container_id: ContainerId
     argv: Annotated[Strings, NonEmpty()]
     env: Strings | None = None      # None: the container's own env (as created, after the policy's dropping)
     working_dir: Annotated[str, Match(r"(?s)|/.{0,4095}", "'' or an absolute path")] = ""   # "": the container's
+    tty: bool = False
+    stdin: bool = False
+    rows: Dimension = 0
+    cols: Dimension = 0
+
+
+@dataclass(frozen=True)
+class WriteStdinRequest(Request[WriteStdinResult]):
+    """Bytes for an interactive exec's input (keys typed at its terminal: Ctrl-C is 0x03, Ctrl-D 0x04)."""
+
+    op = Op.write_stdin
+    container_id: ContainerId
+    exec_id: ExecId
+    data: Annotated[bytes, Base64(), MaxLen(MAX_STDIN_CHUNK)]
+
+
+@dataclass(frozen=True)
+class CloseStdinRequest(Request[EmptyResult]):
+    """End of input: the pipe is closed; a terminal gets its end-of-file character."""
+
+    op = Op.close_stdin
+    container_id: ContainerId
+    exec_id: ExecId
+
+
+@dataclass(frozen=True)
+class ResizeTerminalRequest(Request[EmptyResult]):
+    op = Op.resize_terminal
+    container_id: ContainerId
+    exec_id: ExecId
+    rows: Dimension
+    cols: Dimension
 
 
 @dataclass(frozen=True)
@@ -416,17 +510,26 @@ class ListContainersRequest(Request[ListContainersResult]):
 
 
 @dataclass(frozen=True)
+class WatchContainersRequest(Request[WatchContainersResult]):
+    """The containers, once their generation differs from `since` or after `wait` seconds."""
+
+    op = Op.watch_containers
+    since: int = -1
+    wait: Seconds = 0
+
+
+@dataclass(frozen=True)
 class PoweroffRequest(Request[EmptyResult]):
     op = Op.poweroff
 
 
 AgentRequest = (
     PingRequest | SetPolicyRequest | LoadFragmentRequest | GetPropertiesRequest | DumpStacksRequest |
-    GetReportRequest |
-    MountDeviceRequest | UnmountDeviceRequest | MountScratchRequest | UnmountScratchRequest |
-    MountOverlayRequest | UnmountOverlayRequest | CreateVolumeRequest | CreateContainerRequest |
-    StartContainerRequest | ExecProcessRequest | SignalProcessRequest | WaitProcessRequest |
-    ReadOutputRequest | ShutdownContainerRequest | ListContainersRequest | PoweroffRequest
+    GetReportRequest | MountDeviceRequest | UnmountDeviceRequest | SetupScratchRequest | MountScratchRequest |
+    UnmountScratchRequest | MountOverlayRequest | UnmountOverlayRequest | CreateVolumeRequest |
+    SetGroupNetworkRequest | CreateContainerRequest | StartContainerRequest | ExecProcessRequest |
+    WriteStdinRequest | CloseStdinRequest | ResizeTerminalRequest | SignalProcessRequest | WaitProcessRequest |
+    ReadOutputRequest | ShutdownContainerRequest | ListContainersRequest | WatchContainersRequest | PoweroffRequest
 )
 
 REQUEST_TYPES: dict[Op, type[AgentRequest]] = {cls.op: cls for cls in typing.get_args(AgentRequest)}

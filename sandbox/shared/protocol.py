@@ -31,7 +31,9 @@ MAX_FRAME_BYTES = 1 << 20
 # The agent serves every virtio-serial port whose name starts with this prefix; the host opens
 # PORT_COUNT of them so that `logs -f`, `exec` and `down` can talk to one guest at the same time.
 PORT_PREFIX = "org.parma.agent."
-PORT_COUNT = 4
+# Eight: an attached `up` holds two (output, and the restart supervisor), `logs -f` one, an interactive
+# `exec` two (input, output), and `down` stops containers in parallel on the rest.
+PORT_COUNT = 8
 READY_LINE = "parma-agent: ready"
 ID_MAX_LEN = 64
 
@@ -42,7 +44,8 @@ RequestId = int | str | None
 GUEST_RUN_DIR = "/run/parma"
 LAYERS_DIR = f"{GUEST_RUN_DIR}/layers"          # mount_device targets for image layers: LAYERS_DIR/<name>
 VOLUMES_DIR = f"{GUEST_RUN_DIR}/volumes"        # group volumes: VOLUMES_DIR/<volume name>
-CONTAINERS_DIR = f"{GUEST_RUN_DIR}/containers"  # CONTAINERS_DIR/<id>/{rootfs,scratch,config.json}
+CONTAINERS_DIR = f"{GUEST_RUN_DIR}/containers"  # CONTAINERS_DIR/<id>/{rootfs,scratch,etc,config.json}
+GROUP_SCRATCH_DIR = f"{GUEST_RUN_DIR}/scratch"  # the group's encrypted scratch filesystem (setup_scratch)
 LAYER_TARGET_RE = LAYERS_DIR + r"/[a-z0-9][a-z0-9-]{0,63}"
 VOLUME_TARGET_RE = r"/run/parma/volumes/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -10,13 +11,15 @@ from sandbox.hostcheck import Accel, Tee
 from sandbox.shared.protocol import PORT_PREFIX
 from sandbox.vmm.snp import SnpLaunch, VmConfigError
 
-__all__ = ["Accel", "Backend", "Disk", "DiskBus", "FwCfgFile", "PortForward", "SnpLaunch", "Tee", "VmConfig"]
+__all__ = ["Accel", "Backend", "Disk", "DiskBus", "FwCfgFile", "GuestForward", "PortForward", "SnpLaunch", "Tee",
+           "VmConfig"]
 
 ROOT_DISK_SERIAL = "parma-root"
 # virtio-scsi: disks sit on target 0 of a controller as LUNs 0..255 (the guest kernel finds them with one
 # REPORT LUNS); a further controller is added per 256 disks. hcsshim attaches layers the same way
 # (SCSI controller/LUN), with 4 controllers of 64 LUNs.
 SCSI_LUNS_PER_CONTROLLER = 256
+SLIRP_NETWORK = ipaddress.ip_network("10.0.2.0/24")    # QEMU user networking's default guest network
 
 
 class Backend(StrEnum):
@@ -47,6 +50,26 @@ class PortForward:
 
 
 @dataclass(frozen=True)
+class GuestForward:
+    """TCP connections the guest makes to guest_address:guest_port in QEMU's user network, forwarded to
+    host_address:host_port on the host (slirp's guestfwd: one relay process per connection)."""
+
+    guest_address: str
+    guest_port: int
+    host_address: str
+    host_port: int
+
+    def __post_init__(self) -> None:
+        # These end up in a command line QEMU runs: only addresses and numbers, never free text.
+        guest, host = ipaddress.ip_address(self.guest_address), ipaddress.ip_address(self.host_address)
+        if guest.version != 4 or guest not in SLIRP_NETWORK:
+            raise ValueError(f"guest forward address {self.guest_address} is not in QEMU's user network {SLIRP_NETWORK}")
+        if not (0 < self.guest_port < 65536 and 0 < self.host_port < 65536):
+            raise ValueError("guest forward ports must be 1-65535")
+        object.__setattr__(self, "host_address", str(host))
+
+
+@dataclass(frozen=True)
 class FwCfgFile:
     name: str                # e.g. opt/parma/host_data (QEMU requires the opt/ prefix for user entries)
     path: Path
@@ -66,6 +89,7 @@ class VmConfig:
     console_log: Path
     qmp_socket: Path
     forwards: tuple[PortForward, ...] = ()
+    guest_forwards: tuple[GuestForward, ...] = ()
     fw_cfg: tuple[FwCfgFile, ...] = ()
     snp: SnpLaunch | None = None
     initrd: Path | None = None

@@ -148,6 +148,10 @@ def network_args(cfg: VmConfig) -> list[str]:
     netdev: list[tuple[str, object] | str] = ["user", ("id", "net0")]
     for fwd in cfg.forwards:
         netdev.append(("hostfwd", f"{fwd.protocol}:{fwd.host_address}:{fwd.host_port}-:{fwd.guest_port}"))
+    for g in cfg.guest_forwards:
+        # QEMU runs the command for each connection, its stdin and stdout being the connection.
+        host = f"TCP6:[{g.host_address}]" if ":" in g.host_address else f"TCP4:{g.host_address}"
+        netdev.append(("guestfwd", f"tcp:{g.guest_address}:{g.guest_port}-cmd:socat STDIO {host}:{g.host_port}"))
     # A fixed slot: libvirt assigns every other slot itself and would collide with an unplaced device
     # passed through <qemu:commandline>. 0x1e is unused on q35 with -nodefaults (0x1f holds the LPC).
     return ["-netdev", _opts(*netdev), "-device", _opts("virtio-net-pci", ("netdev", "net0"), ("romfile", ""),

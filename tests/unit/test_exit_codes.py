@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,7 @@ import pytest
 from clirun import run_cli
 
 from sandbox.cli.main import cli
-from sandbox.state import StateStore
+from sandbox.state import ContainerRun, RunStatus, StateStore
 from tests.fakeagent import fake_sandbox, kill_later
 from tests.imagefixtures import oci_image
 from tests.layertars import Layer
@@ -262,9 +263,12 @@ def fake_launch(w: World, *, main_exit: int | None, signum: int | None = None) -
             kill_later(signum, 0.5)
         record = w.store.require(spec.name)
         plan = SimpleNamespace(containers=[SimpleNamespace(name="web", stdio=True)])
-        return Launched(spec.name, record, None, plan, Timings())  # type: ignore[arg-type]
+        runs = {"web": ContainerRun("web", status=RunStatus.running, started_at=time.time())}
+        return Launched(spec.name, record, None, plan, Timings(), runs)  # type: ignore[arg-type]
 
     w.monkeypatch.setattr("sandbox.launch.pipeline.up", launch)   # `up` imports the launcher when it runs
+    # `up -d` would leave a supervisor process; the stand-in sandbox has no containers to restart.
+    w.monkeypatch.setattr("sandbox.launch.supervisor_process.spawn", lambda name, store: None)
 
 
 @scenario("up", "0")

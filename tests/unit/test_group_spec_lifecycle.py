@@ -81,7 +81,11 @@ def test_dns_config_in_acis_shape() -> None:
 
 def test_scratch_size() -> None:
     assert validate_group(group(resources={"scratchGiB": 64})).resources.scratch_gib == 64
-    assert problems(group(resources={"scratchGiB": 0})) == ["resources.scratchGiB: must be between 1 and 4096, got 0"]
+    assert problems(group(resources={"scratchGiB": 4097})) == ["resources.scratchGiB: must be between 0 and 4096, got 4097"]
+    # No scratch disk: the writable layers stay in guest memory, which only an unencrypted-scratch policy allows.
+    assert "allowUnencryptedScratch" in problems(group(resources={"scratchGiB": 0}))[0]
+    spec = validate_group(group(resources={"scratchGiB": 0}, policy={"allowUnencryptedScratch": True}))
+    assert spec.resources.scratch_gib == 0 and spec.policy.allow_unencrypted_scratch
 
 
 def test_schema_lists_the_same_container_fields() -> None:

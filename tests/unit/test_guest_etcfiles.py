@@ -13,11 +13,11 @@ from sandbox.guest.etcfiles import (
     DnsConfig,
     EtcFilesError,
     NameFiles,
-    etc_mounts,
     render_hosts,
     render_resolv_conf,
     write_files,
 )
+from sandbox.shared.policy.defaults import etc_file_mounts
 
 
 def test_default_files_use_slirps_resolver() -> None:
@@ -61,15 +61,14 @@ def test_host_supplied_values_cannot_add_lines(make) -> None:
 
 def test_write_files_and_their_mounts(tmp_path: Path) -> None:
     d = tmp_path / "c1" / "etc"
-    mounts = write_files(d, NameFiles("grp", ("a", "b")))
+    write_files(d, NameFiles("grp", ("a", "b")))
     assert sorted(os.listdir(d)) == ["hostname", "hosts", "resolv.conf"]
     for name in ("hostname", "hosts", "resolv.conf"):
         assert stat.S_IMODE((d / name).stat().st_mode) == 0o644
     assert (d / "hostname").read_bytes() == b"grp\n"
-    assert [m.to_oci() for m in mounts] == [
-        {"destination": f"/etc/{n}", "type": "bind", "source": str(d / n), "options": ["rbind", "rprivate", "rw"]}
-        for n in ("hostname", "hosts", "resolv.conf")]
-    assert mounts == etc_mounts(d)
+    assert [dict(m) for m in etc_file_mounts("c1")] == [
+        {"destination": f"/etc/{n}", "type": "bind", "source": f"/run/parma/containers/c1/etc/{n}",
+         "options": ("rbind", "rprivate", "rw")} for n in ("hostname", "hosts", "resolv.conf")]
     write_files(d, NameFiles("grp2"))            # rewritten in place, nothing left aside
     assert (d / "hostname").read_bytes() == b"grp2\n"
     assert sorted(os.listdir(d)) == ["hostname", "hosts", "resolv.conf"]

@@ -90,3 +90,47 @@ def test_choose_tee() -> None:
         choose_tee(TeeMode.sev_snp, report(Tee.emulated, Accel.tcg))
 
 
+
+
+def test_resolved_images_beyond_256_disks_are_refused_with_the_numbers(tmp_path: Path, monkeypatch) -> None:
+    """Registry images are counted once pulled: up and policy gen both resolve through resolve_images."""
+    from sandbox.group.jsonio import ValidationError
+    from sandbox.images import resolve
+    from sandbox.policy.sources import resolve_group_images as resolve_images
+
+    pulled = {"big:1": image(*range(1, 201)), "big:2": image(*range(150, 260))}
+    monkeypatch.setattr(resolve, "resolve_image", lambda ref, **kw: pulled[ref])
+    raw = {"name": "big", "containers": [{"name": "a", "image": "big:1"}],
+           "initContainers": [{"name": "b", "image": "big:2"}]}
+    with pytest.raises(ValidationError) as e:
+        resolve_images(validate_group(raw, base_dir=tmp_path))
+    assert e.value.problems == ["the group needs 259 layer and volume disks (259 distinct image layers, 0 files "
+                                "volumes); at most 256 can be attached"]
+    pulled["big:2"] = image(*range(150, 257))
+    assert len(resolve_images(validate_group(raw, base_dir=tmp_path))) == 2      # 256 fit
+
+
+def test_plan_carries_the_groups_names_dns_scratch_and_init_containers(tmp_path: Path) -> None:
+    from sandbox.launch.pipeline import dns_override
+
+    raw = {"name": "shop", "restartPolicy": "OnFailure", "resources": {"scratchGiB": 2},
+           "dnsConfig": {"nameServers": ["192.0.2.53"], "searchDomains": "corp.example", "options": "ndots:2"},
+           "initContainers": [{"name": "migrate", "image": "busybox", "command": ["/bin/true"]}],
+           "containers": [{"name": "web", "image": "busybox", "command": ["/bin/httpd"]}]}
+    spec = validate_group(raw, base_dir=tmp_path)
+    plan = build_plan(spec, {"migrate": image(1), "web": image(1, 2)}, {})
+    assert [c.name for c in plan.all_containers] == ["migrate", "web"] and plan.init_containers[0].init
+    assert plan.layers[0].serial == "L0" and len(plan.layers) == 2        # init containers' layers too
+    assert plan.scratch_gib == 2 and plan.containers[0].scratch.encrypted
+    assert plan.restart_policy.value == "OnFailure"
+    assert plan.network is not None and plan.network.to_json() == {
+        "hostname": "shop", "names": ["migrate", "web"],
+        "dns": {"nameservers": ["192.0.2.53"], "search": ["corp.example"], "options": ["ndots:2"]}}
+    # up --dns-server: the relay in slirp's network, over TCP; the group's search domains and options stay.
+    dns = dns_override(plan, ("127.0.0.1", 5353)).network.dns
+    assert (dns.nameservers, dns.search, dns.options) == (("10.0.2.53",), ("corp.example",), ("ndots:2", "use-vc"))
+    # No scratch disk: writable layers in memory, asked for as unencrypted.
+    raw["resources"] = {"scratchGiB": 0}
+    raw["policy"] = {"allowUnencryptedScratch": True}
+    plan = build_plan(validate_group(raw, base_dir=tmp_path), {"migrate": image(1), "web": image(1, 2)}, {})
+    assert plan.scratch_gib == 0 and not plan.containers[0].scratch.encrypted

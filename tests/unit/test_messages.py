@@ -11,12 +11,14 @@ from sandbox.shared.codec import FieldError, Message, decode
 from sandbox.shared.messages import (
     REQUEST_TYPES,
     Capabilities,
+    CloseStdinRequest,
     ContainerInfo,
     ContainerMount,
     CreateContainerRequest,
     CreateContainerResult,
     CreateVolumeRequest,
     CreateVolumeResult,
+    DnsSettings,
     DumpStacksRequest,
     DumpStacksResult,
     EmptyResult,
@@ -44,8 +46,12 @@ from sandbox.shared.messages import (
     ProcessExit,
     ReadOutputRequest,
     ReadOutputResult,
+    ResizeTerminalRequest,
+    SetGroupNetworkRequest,
     SetPolicyRequest,
     SetPolicyResult,
+    SetupScratchRequest,
+    SetupScratchResult,
     ShutdownContainerRequest,
     ShutdownResult,
     SignalProcessRequest,
@@ -55,6 +61,10 @@ from sandbox.shared.messages import (
     UnmountOverlayRequest,
     UnmountScratchRequest,
     WaitProcessRequest,
+    WatchContainersRequest,
+    WatchContainersResult,
+    WriteStdinRequest,
+    WriteStdinResult,
 )
 from sandbox.shared.policy.inputs import (
     INHERIT,
@@ -80,6 +90,7 @@ EXAMPLES: dict[Op, Message] = {
     Op.get_report: GetReportRequest(bytes(range(32))),
     Op.mount_device: MountDeviceRequest("L0", "/run/parma/layers/l0"),
     Op.unmount_device: UnmountDeviceRequest("/run/parma/layers/l0"),
+    Op.setup_scratch: SetupScratchRequest("parma-scratch"),
     Op.mount_scratch: MountScratchRequest("web", encrypted=True),
     Op.unmount_scratch: UnmountScratchRequest("web"),
     Op.mount_overlay: MountOverlayRequest("web", ("/run/parma/layers/l1", "/run/parma/layers/l0"),
@@ -91,13 +102,20 @@ EXAMPLES: dict[Op, Message] = {
         mounts=(ContainerMount("/www", "/run/parma/volumes/www", "bind", ("rbind", "rprivate", "ro")),),
         capabilities=CAPS, privileged=True, no_new_privileges=True, umask="027",
         seccomp_profile_sha256="ab" * 32),
+    Op.set_group_network: SetGroupNetworkRequest("hello", ("web", "db"), DnsSettings(
+        ("10.0.2.53",), ("corp.example",), ("use-vc", "ndots:2"))),
     Op.start_container: StartContainerRequest("web"),
-    Op.exec_process: ExecProcessRequest("web", ("/bin/cat", "/etc/os-release"), ("TERM=xterm",), "/tmp"),
+    Op.exec_process: ExecProcessRequest("web", ("/bin/sh",), ("TERM=xterm",), "/tmp", tty=True, stdin=True,
+                                        rows=40, cols=120),
+    Op.write_stdin: WriteStdinRequest("web", "e1", b"ls\r\x03\x04"),
+    Op.close_stdin: CloseStdinRequest("web", "e1"),
+    Op.resize_terminal: ResizeTerminalRequest("web", "e1", 50, 132),
     Op.signal_process: SignalProcessRequest("web", 15, exec_id="e1"),
     Op.wait_process: WaitProcessRequest("web", "e1", 2.5),
     Op.read_output: ReadOutputRequest("web", "e1", 10, 4096, 0.5),
     Op.shutdown_container: ShutdownContainerRequest("web", 3),
     Op.list_containers: ListContainersRequest(),
+    Op.watch_containers: WatchContainersRequest(7, 30),
     Op.poweroff: PoweroffRequest(),
 }
 
@@ -113,6 +131,8 @@ RESULTS: list[Message] = [
     ReadOutputResult((OutputChunk(OutputStream.stdout, b"hi\n"), OutputChunk(OutputStream.stderr, b"\xff")), 4, 0,
                      True),
     ListContainersResult((ContainerInfo("web", "running", 42, None, True),)), EmptyResult(),
+    SetupScratchResult("/run/parma/scratch", 8 << 30, 1.25), WriteStdinResult(3),
+    WatchContainersResult(8, (ContainerInfo("web", "exited", 42, 1, True),)),
 ]
 
 
@@ -189,6 +209,12 @@ def test_null_means_the_default_unless_the_type_allows_null() -> None:
     (GetReportRequest, {"nonce": " ab"}, "nonce: not a hex string"),
     (GetReportRequest, {"nonce": "00" * 1025}, "nonce: more than 1024 bytes"),
     (OutputChunk, {"stream": "stdin", "data": ""}, "stream: expected one of 'stdout', 'stderr'"),
+    (WriteStdinRequest, {"container_id": "w", "exec_id": "e1", "data": "A" * 87384}, "data: more than 65536 bytes"),
+    (ResizeTerminalRequest, {"container_id": "w", "exec_id": "e1", "rows": 65536, "cols": 80},
+     "rows: must be between 0 and 65535"),
+    (ExecProcessRequest, {"container_id": "w", "argv": ["sh"], "tty": "yes"}, "tty: expected true or false, got a string"),
+    (SetGroupNetworkRequest, {"hostname": "h", "dns": {"nameservers": ["1.1.1.1"] * 4}},
+     "dns.nameservers: more than 3 items"),
 ])
 def test_malformed_payloads_name_the_field(cls: type[Message], raw: Any, message: str) -> None:
     with pytest.raises(FieldError) as exc:

@@ -80,6 +80,8 @@ def create(cid: str = "c1", **over: Any) -> tuple[str, dict]:
     return ("create_container", req)
 
 
+ETC_MOUNTS = [{"destination": f"/etc/{n}", "source": f"/run/parma/containers/c1/etc/{n}", "type": "bind",
+               "options": ["rbind", "rprivate", "rw"]} for n in ("hostname", "hosts", "resolv.conf")]
 MOUNTED = [*mounts_for([L0, L1, L2]), overlay()]
 CREATED = [*MOUNTED, create()]
 WWW_MOUNT = {"destination": "/www", "source": "/run/parma/volumes/www", "type": "bind",
@@ -217,10 +219,32 @@ CASES = [
          setup=MOUNTED),
     Case("create-no-overlay", create(), False, "no overlay has been mounted", setup=mounts_for([L0, L1, L2])),
     Case("create-twice", create(), False, "already created", setup=CREATED),
-    Case("create-after-shutdown", create(), False, "has been shut down",
+    Case("create-after-shutdown", create(), False, "no overlay has been mounted for it since it was shut down",
          setup=[*CREATED, ("shutdown_container", {"container_id": "c1"})]),
-    Case("create-after-shutdown-and-new-overlay", create(), False, "already created",
-         setup=[*CREATED, ("shutdown_container", {"container_id": "c1"}), overlay(target="/run/c/again")]),
+    # A restart: the shut-down id is created again after a fresh overlay, checked exactly like the first time.
+    Case("create-after-shutdown-and-new-overlay", create(), True,
+         setup=[*CREATED, ("shutdown_container", {"container_id": "c1"}), ("unmount_overlay", {"target": "/run/c/c1"}),
+                overlay()], results={"env_list": ENV, "allow_stdio_access": True}),
+    Case("create-again-is-checked-like-the-first", create(argv=["/bin/sh"]), False, "does not match command",
+         setup=[*CREATED, ("shutdown_container", {"container_id": "c1"}), ("unmount_overlay", {"target": "/run/c/c1"}),
+                overlay()]),
+    Case("create-again-needs-the-old-overlay-gone", overlay(), False, "already has an overlay",
+         setup=[*CREATED, ("shutdown_container", {"container_id": "c1"})]),
+    Case("exec-after-re-create", ("exec_in_container", {"container_id": "c1", "argv": ["/bin/cat", "/www/index.html"],
+                                                        "env": ENV, "working_dir": "/srv"}), True,
+         setup=[*CREATED, ("shutdown_container", {"container_id": "c1"}), ("unmount_overlay", {"target": "/run/c/c1"}),
+                overlay(), create()]),
+    Case("shutdown-twice", ("shutdown_container", {"container_id": "c1"}), True,
+         setup=[*CREATED, ("shutdown_container", {"container_id": "c1"})]),
+    Case("signal-after-shutdown", ("signal_container_process", {"container_id": "c1", "signal": 15, "is_init": True}),
+         False, "has been shut down", setup=[*CREATED, ("shutdown_container", {"container_id": "c1"})]),
+    # -- create_container: the container's own /etc files (default mounts, as hcsshim adds them) -------------
+    Case("create-with-etc-files", create(mounts=ETC_MOUNTS), True, setup=MOUNTED),
+    Case("create-etc-files-of-another-container", create(mounts=[{**ETC_MOUNTS[1], "source": ETC_MOUNTS[1]["source"]
+                                                                  .replace("/c1/", "/c2/")}]), False,
+         "mount at '/etc/hosts': source", setup=MOUNTED),
+    Case("create-etc-files-other-options", create(mounts=[{**ETC_MOUNTS[2], "options": ["rbind", "rshared", "rw"]}]),
+         False, "mount at '/etc/resolv.conf': options", setup=MOUNTED),
     # -- create_container: env --------------------------------------------------------------------------------
     Case("env-ld-preload", create(env=[*ENV, "LD_PRELOAD=/x.so"]), False,
          "env 'LD_PRELOAD=/x.so' matches no env_rule", setup=MOUNTED),

@@ -54,7 +54,8 @@ def spec_of(tmp_path: Path, **over: Any):
 
 
 def images_for(spec, **configs: dict[str, Any]) -> dict[str, ResolvedImage]:
-    return {c.name: image(c.image, **configs.get(c.name, BUSYBOX_CONFIG)) for c in spec.containers}
+    return {c.name: image(c.image, **configs.get(c.name, BUSYBOX_CONFIG))
+            for c in spec.init_containers + spec.containers}
 
 
 def generated(tmp_path: Path, debug_mode: bool | None = None, **over: Any) -> tuple[bytes, dict]:
@@ -77,7 +78,7 @@ def test_generated_policy_is_canonical_and_valid(tmp_path: Path) -> None:
     assert web["signals"] == [15] and web["exec_processes"] == [{"command": ["/bin/cat", "/www/index.html"],
                                                                   "signals": [9]}]
     assert not any(doc[f] for f in ("allow_properties_access", "allow_dump_stacks", "allow_runtime_logging"))
-    assert doc["allow_unencrypted_scratch"] is True
+    assert doc["allow_unencrypted_scratch"] is False      # ACI's default: writable layers on the encrypted disk
 
 
 def test_secure_values_never_enter_the_policy(tmp_path: Path) -> None:
@@ -98,7 +99,8 @@ def test_same_inputs_same_bytes(tmp_path: Path) -> None:
 
 # A generated policy for fixed inputs hashes to this on every machine. A change here changes the
 # HOST_DATA of every existing group: update it only on purpose.
-GOLDEN_GENERATED_HASH = "afa53d6b1d3711cbdc99bd2ccf07dc1ecf27f9da0db60fff4582c264b1be4809"
+# (Changed once on purpose: allow_unencrypted_scratch became false by default, as in ACI.)
+GOLDEN_GENERATED_HASH = "df4c9d2d45397c56a0f855d3f7db46fba45b3824710adbb33fab0ba30612d17d"
 
 
 def test_golden_hash_of_a_generated_policy(tmp_path: Path) -> None:
@@ -109,12 +111,21 @@ def test_golden_hash_of_a_generated_policy(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("over", "key"), [
     ({"containers": [{"name": "web", "image": "busybox:1.36", "args": ["sleep", "2"]}]}, "args"),
     ({"policy": {"allowEnvironmentVariableDropping": True}}, "dropping"),
-    ({"policy": {"allowUnencryptedScratch": False}}, "scratch"),
+    ({"policy": {"allowUnencryptedScratch": True}}, "scratch"),
 ])
 def test_semantic_changes_change_the_hash(tmp_path: Path, over: dict, key: str) -> None:
     base, _ = generated(tmp_path)
     changed, _ = generated(tmp_path, **over)
     assert policy_hash(base) != policy_hash(changed), key
+
+
+def test_init_containers_are_policy_containers_listed_first(tmp_path: Path) -> None:
+    raw, doc = generated(tmp_path, initContainers=[
+        {"name": "migrate", "image": "busybox:1.36", "command": ["/bin/sh", "-c", "echo migrated"]},
+        {"name": "seed", "image": "busybox:1.36", "args": ["true"]}])
+    assert [c["name"] for c in doc["containers"]] == ["migrate", "seed", "web", "probe"]
+    assert doc["containers"][0]["command"] == ["/bin/sh", "-c", "echo migrated"]
+    assert doc["containers"][1]["command"] == ["true"]
 
 
 def test_layer_and_volume_hashes_are_pinned(tmp_path: Path) -> None:

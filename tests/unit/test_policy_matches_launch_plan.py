@@ -3,8 +3,9 @@ denies the same requests tampered with.
 
 The launcher's plan (sandbox.launch.plan) is turned into engine inputs the way the guest agent does
 (sandbox/guest/service.py: the same from_request, the same runtime mounts, users resolved as the
-image's /etc/passwd would), for each example group and for a group that uses every kind of volume,
-mount, user and capability change.
+image's /etc/passwd would, the container's own /etc file binds), for each example group and for a group
+that uses every kind of volume, mount, user and capability change, and an init container; the supervisor's
+restarts (stop, then every step of a start again) are allowed as well.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import pytest
 from sandbox.group import GroupSpec, load_group, validate_group
 from sandbox.guest.service import BASE_MOUNTS
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
-from sandbox.launch.plan import LaunchPlan, build_plan
+from sandbox.launch.plan import ContainerPlan, LaunchPlan, build_plan
 from sandbox.policy.gen import generate_policy
 from sandbox.shared import protocol as P
-from sandbox.shared.messages import CreateContainerRequest
-from sandbox.shared.policy import PolicyEngine
+from sandbox.shared.messages import ContainerMount, CreateContainerRequest
+from sandbox.shared.policy import PolicyEngine, defaults
 from sandbox.shared.policy.inputs import CreateContainerInput, NamedId
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*/group.json"))
@@ -39,6 +40,10 @@ EVERY_KIND = {
         {"name": "conf", "secret": {"app.conf": "a2V5PXZhbHVl"}},
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "tmpfs": {"sizeMiB": 16}},
+    ],
+    "initContainers": [
+        {"name": "prepare", "image": "busybox", "command": ["/bin/sh", "-c", "echo ready > /var/cache/ready"],
+         "mounts": [{"name": "cache", "mountPath": "/var/cache"}]},
     ],
     "containers": [
         {"name": "web", "image": "busybox", "command": ["/bin/httpd", "-f"],
@@ -64,7 +69,7 @@ def named(part: str) -> NamedId:
 
 def images_for(spec: GroupSpec) -> dict[str, ResolvedImage]:
     out = {}
-    for i, c in enumerate(spec.containers):
+    for i, c in enumerate(spec.init_containers + spec.containers):
         layers = tuple(LayerInfo("sha256:" + f"{i}{j}" * 32, "tar", 1, f"{i:x}{j:x}" * 32, Path(f"/cache/{i}-{j}.img"))
                        for j in range(1 + i % 2))
         config = OTHER if c.image == "other" else BUSYBOX
@@ -94,7 +99,9 @@ def create_input(create: CreateContainerRequest) -> CreateContainerInput:
     uid = named(user)
     gid = named(group) if group else named("0")
     assert create.capabilities is not None
-    return CreateContainerInput.from_request(create, mounts=BASE_MOUNTS + create.mounts, user=uid,
+    # The agent binds the container's own /etc/hostname, hosts and resolv.conf (the engine's default mounts).
+    etc = tuple(ContainerMount.from_json(dict(m)) for m in defaults.etc_file_mounts(create.container_id))
+    return CreateContainerInput.from_request(create, mounts=BASE_MOUNTS + create.mounts + etc, user=uid,
                                              groups=(gid,), capabilities=create.capabilities)
 
 
@@ -103,17 +110,34 @@ def allow(engine: PolicyEngine, ep: str, inp: dict) -> None:
     assert d.allowed, d.reason
 
 
+def start(engine: PolicyEngine, c: ContainerPlan) -> None:
+    """What the supervisor asks to start a container: its scratch, its overlay, its create."""
+    cdir = P.container_dir(c.name)
+    allow(engine, "scratch_mount", {"target": cdir + "/scratch", "encrypted": c.scratch.encrypted})
+    allow(engine, "mount_overlay", {"container_id": c.name, "layer_paths": list(c.layer_targets),
+                                    "target": cdir + "/rootfs"})
+    d = engine.enforce(create_input(c.create))
+    assert d.allowed, d.reason
+
+
+def stop(engine: PolicyEngine, c: ContainerPlan) -> None:
+    """What the supervisor asks to clean up after a container (to restart it, or once an init container is done)."""
+    allow(engine, "shutdown_container", {"container_id": c.name})
+    allow(engine, "unmount_overlay", {"target": c.rootfs})
+    allow(engine, "scratch_unmount", {"target": P.container_dir(c.name) + "/scratch"})
+
+
 def replay_up(plan: LaunchPlan, engine: PolicyEngine) -> None:
     """Every request `up` sends, in order, each allowed."""
     for disk in plan.disks:
         allow(engine, "mount_device", {"target": disk.target, "device_hash": disk.root_hash})
+    if plan.scratch_gib:      # setup_scratch: what the agent builds is encrypted
+        allow(engine, "scratch_mount", {"target": P.GROUP_SCRATCH_DIR, "encrypted": True})
+    for c in plan.init_containers:
+        start(engine, c)
+        stop(engine, c)
     for c in plan.containers:
-        cdir = P.container_dir(c.name)
-        allow(engine, "scratch_mount", {"target": cdir + "/scratch", "encrypted": False})
-        allow(engine, "mount_overlay", {"container_id": c.name, "layer_paths": list(c.layer_targets),
-                                        "target": cdir + "/rootfs"})
-        d = engine.enforce(create_input(c.create))
-        assert d.allowed, d.reason
+        start(engine, c)
         for argv in c.exec_processes:   # `parma-sandbox exec` sends the container's env and working dir
             allow(engine, "exec_in_container", {"container_id": c.name, "argv": list(argv),
                                                 "env": list(c.create.env), "working_dir": c.create.working_dir})
@@ -135,8 +159,18 @@ def test_every_request_of_up_is_allowed(name: str, tmp_path: Path) -> None:
     for c in plan.containers:
         if c.name in {x.name for x in spec.containers if x.signals}:
             allow(engine, "signal_container_process", {"container_id": c.name, "signal": "SIGTERM", "is_init": True})
+    for c in plan.containers:      # restartPolicy: the supervisor restarts each, every step checked again
+        stop(engine, c)
+        start(engine, c)
     for c in plan.containers:
         allow(engine, "shutdown_container", {"container_id": c.name})
+
+
+def test_the_scratch_must_be_encrypted_by_default(tmp_path: Path) -> None:
+    plan, engine = setup_for(every_kind(tmp_path))
+    assert plan.scratch_gib and all(c.scratch.encrypted for c in plan.all_containers)
+    d = engine.enforce_json("scratch_mount", {"target": P.container_dir("web") + "/scratch", "encrypted": False})
+    assert not d.allowed and "allow_unencrypted_scratch is false" in d.reason
 
 
 @pytest.mark.parametrize("name", [p.parent.name for p in EXAMPLES] + ["every-kind"])
@@ -156,7 +190,8 @@ def test_each_bind_mount_changed_is_denied(name: str, tmp_path: Path) -> None:
         for i, m in enumerate(c.create.mounts):
             flipped = tuple("rw" if o == "ro" else "ro" if o == "rw" else o for o in m.options)
             for changed in (replace(m, options=flipped), replace(m, destination=m.destination + "x")):
-                mounts = (*BASE_MOUNTS, *c.create.mounts[:i], changed, *c.create.mounts[i + 1:])
+                mounts = (*BASE_MOUNTS, *c.create.mounts[:i], changed, *c.create.mounts[i + 1:],
+                          *good.mounts[len(BASE_MOUNTS) + len(c.create.mounts):])
                 d = engine.enforce(replace(good, mounts=mounts))
                 assert not d.allowed, (c.name, changed)
             checked += 1

@@ -163,3 +163,20 @@ def test_invalid_configs_are_refused() -> None:
         VmConfig(**{**snp.__dict__, "accel": Accel.tcg})
     with pytest.raises(VmConfigError, match="serials"):
         VmConfig(**{**cfg.__dict__, "disks": cfg.disks + (Disk(Path("/x"), "L0"),)})
+
+
+def test_a_guest_forward_relays_each_connection_to_a_host_service_in_both_renderings() -> None:
+    from sandbox.vmm.config import GuestForward
+
+    cfg = dataclasses.replace(config(Tee.emulated, Accel.tcg),
+                              guest_forwards=(GuestForward("10.0.2.53", 53, "127.0.0.1", 5353),))
+    relay = "guestfwd=tcp:10.0.2.53:53-cmd:socat STDIO TCP4:127.0.0.1:5353"
+    netdev = build_argv(cfg)[build_argv(cfg).index("-netdev") + 1]
+    assert relay in netdev.split(",")
+    assert relay in ET.tostring(ET.fromstring(build_domain_xml(cfg)), encoding="unicode")
+    v6 = GuestForward("10.0.2.53", 53, "::1", 53)
+    assert v6.host_address == "::1"
+    for bad in (("10.0.3.1", 53, "127.0.0.1", 53), ("10.0.2.53", 53, "localhost; rm -rf /", 53),
+                ("10.0.2.53", 0, "127.0.0.1", 53)):
+        with pytest.raises(ValueError):
+            GuestForward(*bad)

@@ -19,12 +19,11 @@ from typing import Any
 
 from sandbox.attest.psp import write_launch_material
 from sandbox.group import GroupSpec
+from sandbox.images.layout import LAYER_TAR, write_layout
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
-from sandbox.launch.plan import LaunchPlan
 from sandbox.layers.convert import convert_layer
 from sandbox.policy.gen import generate_policy
-from sandbox.shared.messages import SetPolicyRequest, StartContainerRequest
 from sandbox.shared.protocol import PORT_COUNT
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME
 from sandbox.uvm.build import ensure_uvm
@@ -32,7 +31,8 @@ from sandbox.vmm import backend as vmm
 from sandbox.vmm.config import Accel, Backend, Disk, DiskBus, FwCfgFile, PortForward, Tee, VmConfig
 
 BUSYBOX = Path("/bin/busybox")
-APPLETS = ("sh", "cat", "echo", "httpd", "wget", "sleep", "head", "ls", "id", "env", "true", "false", "wc")
+APPLETS = ("sh", "cat", "echo", "httpd", "wget", "sleep", "head", "ls", "id", "env", "true", "false", "wc", "tty",
+           "stty", "hostname", "dd", "yes", "sync", "grep")
 
 
 def tar_of(entries: list[tuple[str, bytes | None, str | None, int]]) -> bytes:
@@ -55,6 +55,11 @@ def tar_of(entries: list[tuple[str, bytes | None, str | None, int]]) -> bytes:
 
 
 def busybox_tar() -> bytes:
+    return tar_of(busybox_entries())
+
+
+def busybox_entries() -> list[tuple[str, bytes | None, str | None, int]]:
+    """The host's static busybox with its applets, a passwd and group file and /tmp."""
     entries: list[tuple[str, bytes | None, str | None, int]] = [
         ("bin", None, None, 0o755), ("bin/busybox", BUSYBOX.read_bytes(), None, 0o755),
         ("etc", None, None, 0o755),
@@ -63,7 +68,31 @@ def busybox_tar() -> bytes:
         ("tmp", None, None, 0o1777),
     ]
     entries += [(f"bin/{a}", None, "busybox", 0o777) for a in APPLETS]
-    return tar_of(entries)
+    return entries
+
+
+def glibc_tools_entries(*programs: str) -> list[tuple[str, bytes | None, str | None, int]]:
+    """The host's (Debian 12) dynamically linked `programs` with the loader and libc, and an nsswitch.conf
+    that resolves hosts from /etc/hosts, then DNS: enough for glibc's own resolver in a container."""
+    entries: list[tuple[str, bytes | None, str | None, int]] = [
+        ("usr", None, None, 0o755), ("usr/bin", None, None, 0o755), ("lib", None, None, 0o755),
+        ("lib/x86_64-linux-gnu", None, None, 0o755), ("lib64", None, None, 0o755),
+        ("lib/x86_64-linux-gnu/libc.so.6", Path("/lib/x86_64-linux-gnu/libc.so.6").read_bytes(), None, 0o755),
+        ("lib64/ld-linux-x86-64.so.2", Path("/lib64/ld-linux-x86-64.so.2").resolve().read_bytes(), None, 0o755),
+        ("etc/nsswitch.conf", b"passwd: files\ngroup: files\nhosts: files dns\n", None, 0o644)]
+    entries += [(f"usr/bin/{p}", Path(f"/usr/bin/{p}").read_bytes(), None, 0o755) for p in programs]
+    return entries
+
+
+def write_image(dest: Path, layers: list[bytes], config: dict[str, Any] | None = None) -> str:
+    """An OCI image layout at `dest` with these uncompressed layer tars (base first), tagged "latest";
+    returns its `oci:` reference."""
+    def build(w: Any) -> None:
+        descs = [w.add_bytes(t, LAYER_TAR) for t in layers]
+        w.add_image(descs, ["sha256:" + hashlib.sha256(t).hexdigest() for t in layers], tag="latest",
+                    config=config or {"Env": ["PATH=/usr/bin:/bin"]})
+    write_layout(dest, build)
+    return f"oci:{dest}:latest"
 
 
 DATA_LINE = b"the quick brown fox jumps over the lazy dog %06d\n"
@@ -148,7 +177,7 @@ def boot(state: Path, *, spec: GroupSpec, images: dict[str, ResolvedImage], disk
     state.mkdir(parents=True, exist_ok=True)
     policy = generate_policy(spec, images)
     measurement = uvm.expected_measurement(1) or "00" * 48
-    psp = state / "psp.json"
+    psp = state / "psp.bin"
     write_launch_material(psp, policy_bytes=policy, measurement=bytes.fromhex(measurement))
     cfg = VmConfig(
         name="t", tee=Tee.emulated, accel=Accel.tcg, vcpus=1, memory_mib=memory_mib, kernel=Path(uvm.kernel),
@@ -166,16 +195,3 @@ def boot(state: Path, *, spec: GroupSpec, images: dict[str, ResolvedImage], disk
     except BaseException:
         vm.stop(3)
         raise
-
-
-def start_plan(client: AgentClient, guest: Guest, plan: LaunchPlan) -> None:
-    """What `up` asks of the agent for a launch plan: the policy, every layer device, and each container's
-    scratch, overlay, create and start (the same typed requests the launcher sends)."""
-    client.call(SetPolicyRequest(guest.policy))
-    for m in plan.layers:
-        assert client.call(m.mount).root_hash == m.root_hash
-    for ctr in plan.containers:
-        client.call(ctr.scratch)
-        client.call(ctr.overlay)
-        client.call(ctr.create, timeout=120)
-        client.call(StartContainerRequest(ctr.name), timeout=120)

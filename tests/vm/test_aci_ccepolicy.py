@@ -66,9 +66,7 @@ def deployment(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> dict:  # n
     doc = policy.to_document()
     side = next(c for c in doc["containers"] if c.get("name") == "side")
     doc["containers"].remove(side)
-    # ACI encrypts scratch, and so do confcom's policies; this agent's encrypted scratch needs the group's
-    # scratch disk, which this launch does not set up: allow the in-memory scratch.
-    doc["allow_unencrypted_scratch"] = True
+    assert doc["allow_unencrypted_scratch"] is False   # as confcom writes it: the launch sets up encrypted scratch
     for issuer in ("issuer", "other"):
         r = cli("policy", "fragment", "issuer", str(tmp / issuer), "--format", "json")
         assert r.returncode == 0, r.stderr

@@ -1,5 +1,5 @@
-"""Attached `up` on the libvirt backend: output streams through, the exit code is the main
-container's, and nothing is left behind (no domain, no QEMU, no state)."""
+"""Attached `up` on the libvirt backend: output streams through, the exit code is the failed container's
+(restartPolicy Never: nothing restarts it), and nothing is left behind (no domain, no QEMU, no state)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_attached_up_streams_output_and_exits_with_the_main_containers_code(tmp_
 
     ensure_example_image()
     group = tmp_path / "group.json"
-    group.write_text(json.dumps({"name": "attached", "containers": [{
+    group.write_text(json.dumps({"name": "attached", "restartPolicy": "Never", "containers": [{
         "name": "main", "image": f"oci:{BUSYBOX_LAYOUT}:latest",
         "command": ["/bin/sh", "-c", "echo hello from parma-sandbox; echo to stderr >&2; exit 3"]}]}))
     env = {**os.environ, "PARMA_SANDBOX_RUNTIME": str(tmp_path / "run"),

@@ -70,12 +70,16 @@ def hello_group(tmp: Path, port: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    run_dir = tmp_path_factory.mktemp("run")
+def cli_in(run_dir: Path) -> Cli:
+    """The CLI of this checkout with its sandboxes' state in `run_dir` (PARMA_SANDBOX_RUNTIME)."""
     env = {**os.environ, "PARMA_SANDBOX_RUNTIME": str(run_dir), "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    c = Cli(env, REPO)
+    return Cli(env, REPO)
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    c = cli_in(tmp_path_factory.mktemp("run"))
     yield c
     c("down", "--all", timeout=120)
 
@@ -174,6 +178,18 @@ def test_the_launch_trace_replays_offline(cli: Cli, hello: dict, tmp_path: Path)
                                                                                 '"input": {"container_id": "probe"'))
     assert r.returncode == 1 and (first["line"], first["ep"]) == (probe_create, "create_container"), r.stdout
     assert "create_container denied for 'probe'" in first["reason"] and not first["refused_by_agent"]
+
+
+def test_an_interactive_shell_is_denied_with_the_reason_under_a_normal_policy(cli: Cli, hello: dict) -> None:
+    import pexpect
+
+    sh = pexpect.spawn(sys.executable, ["-m", "sandbox", "exec", "-it", NAME, "web", "--", "/bin/sh"], env=cli.env,
+                       cwd=str(cli.cwd), dimensions=(24, 80), timeout=120)
+    sh.expect(pexpect.EOF)
+    sh.close()
+    text = sh.before.decode()
+    assert sh.exitstatus == 77, text
+    assert "denied by policy" in text and "argv ['/bin/sh'] is not an exec_process" in text, text
 
 
 def test_down_leaves_no_qemu_and_no_state(cli: Cli, hello: dict) -> None:

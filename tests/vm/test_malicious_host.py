@@ -49,7 +49,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     data = make_layer(d, "data", data_tar())
     rogue = make_layer(d, "rogue", tar_of([("evil", b"#!/bin/sh\necho pwned\n", None, 0o755)]))
     tamper_file_block(data.image, d / "data-tampered.img", "/data/big.txt", TAMPER_AT)
-    spec = validate_group({"name": "mal", "containers": [{
+    # The scratches here are tmpfs (mount_scratch without encrypted): the policy allows it.
+    spec = validate_group({"name": "mal", "policy": {"allowUnencryptedScratch": True}, "containers": [{
         "name": "app", "image": "test", "command": ARGV,
         "execProcesses": [{"command": CAT_BIG}, {"command": CAT_SMALL}]}]}, base_dir=d)
     images = {"app": image_of(base, data)}

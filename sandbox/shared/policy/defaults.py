@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+from sandbox.shared.protocol import container_dir
+
 # Framework versions this engine implements (ACI framework.rego 0.5.0 / api.rego 0.12.0 semantics).
 FRAMEWORK_VERSION = "0.5.0"
 API_VERSION = "0.12.0"
@@ -77,6 +79,25 @@ DEFAULT_MOUNTS = (
     _mount("/sys/fs/cgroup", "cgroup", "cgroup", ("nosuid", "noexec", "nodev", "relatime", "ro")),
     _mount("/sys/fs/cgroup", "cgroup2", "cgroup2", ("nosuid", "noexec", "nodev", "relatime", "ro")),
 )
+
+# The files the agent writes for each container from the group's names and DNS settings, and binds over
+# the container's /etc (sandbox/guest/etcfiles.py). hcsshim binds a pod's hostname, hosts and resolv.conf
+# the same way and adds those mounts to the framework's default mounts before it checks a create
+# (ExtendDefaultMounts), so a policy needs no entry for them, and ACI's Rego policies keep working. A
+# container that binds a volume at one of these paths gets the volume instead (the policy checks that bind).
+ETC_FILES = ("hostname", "hosts", "resolv.conf")
+ETC_BIND_OPTIONS = ("rbind", "rprivate", "rw")
+
+
+def etc_files_dir(container_id: str) -> str:
+    return f"{container_dir(container_id)}/etc"
+
+
+def etc_file_mounts(container_id: str) -> tuple[MappingProxyType, ...]:
+    """The binds of a container's own /etc/hostname, /etc/hosts and /etc/resolv.conf."""
+    return tuple(_mount(f"/etc/{name}", "bind", f"{etc_files_dir(container_id)}/{name}", ETC_BIND_OPTIONS)
+                 for name in ETC_FILES)
+
 
 # Extra mounts allowed for containers whose policy entry has allow_elevated (hcsshim DefaultCRIPrivilegedMounts).
 PRIVILEGED_MOUNTS = (

@@ -350,16 +350,17 @@ class ProcessIdentity:
 
 
 class _State:
-    __slots__ = ("devices", "overlays", "matches", "started", "stdio", "scratch", "process", "fragments")
+    __slots__ = ("devices", "overlays", "matches", "started", "stdio", "scratch", "process", "stopped", "fragments")
 
     def __init__(self) -> None:
         self.devices: dict[str, str] = {}                       # target -> dm-verity root hash
         self.overlays: dict[str, str] = {}                      # overlay target -> container id
         self.matches: dict[str, tuple[_Candidate, ...]] = {}    # container id -> remaining candidates
-        self.started: dict[str, bool] = {}                      # container id -> privileged
+        self.started: dict[str, bool] = {}                      # container id -> privileged (until shut down)
         self.stdio: dict[str, bool] = {}                        # container id -> allow_stdio_access
         self.scratch: dict[str, bool] = {}                      # scratch target -> encrypted
         self.process: dict[str, ProcessIdentity] = {}           # container id -> identity it was created with
+        self.stopped: dict[str, bool] = {}                      # container id -> shut down (may be created again)
         self.fragments: dict[int, _LoadedFragment] = {}         # load order -> accepted fragment
 
 
@@ -382,6 +383,8 @@ def _describe(change: StateChange) -> str:
         return f"process: {key!r} runs as {user.name or user.id!r} (id {user.id}), umask {value.umask}"
     if table == "scratch":
         return f"scratch: {key!r} (encrypted={str(value).lower()})"
+    if table == "stopped":
+        return f"stopped: {key!r}"
     if table == "fragments":
         return (f"fragments: loaded {value.namespace!r} from {value.issuer} ({value.feed}): "
                 f"{len(value.candidates)} container(s), {len(value.externals)} external process(es), "
@@ -420,6 +423,7 @@ class PolicyEngine:
             policy.ignored_container_layers)
         self._layer_target = whole_matcher(defaults.LAYER_TARGET_PATTERN)
         self._volumes = {v.target: v for v in policy.volumes}
+        self._sandbox_dir = sandbox_dir
         self._default_mounts = tuple(_Mount.of(m, sandbox_dir) for m in defaults.DEFAULT_MOUNTS)
         self._privileged_mounts = tuple(_Mount.of(m, sandbox_dir) for m in defaults.PRIVILEGED_MOUNTS)
         self._env_dropping = policy.allow_environment_variable_dropping
@@ -538,7 +542,7 @@ class PolicyEngine:
             s = self._state
             return {"devices": dict(s.devices), "overlays": dict(s.overlays),
                     "matches": {k: [c.label for c in v] for k, v in s.matches.items()},
-                    "started": dict(s.started), "scratch": dict(s.scratch),
+                    "started": dict(s.started), "stopped": sorted(s.stopped), "scratch": dict(s.scratch),
                     "processes": {cid: p.to_json() for cid, p in s.process.items()},
                     "fragments": [{"namespace": f.namespace, "issuer": f.issuer, "feed": f.feed}
                                   for f in s.fragments.values()]}
@@ -667,11 +671,12 @@ class PolicyEngine:
         cid = a.container_id
         state = self._state
         if cid in state.started:
-            gone = "" if cid in state.matches else " and has been shut down"
-            raise _Deny(f"create_container denied for container {cid!r}: it was already created{gone}")
+            raise _Deny(f"create_container denied for container {cid!r}: it was already created (and has not "
+                        "been shut down)")
         candidates = state.matches.get(cid)
         if not candidates:
-            raise _Deny(f"create_container denied for container {cid!r}: no overlay has been mounted for it")
+            again = " since it was shut down" if cid in state.stopped else ""
+            raise _Deny(f"create_container denied for container {cid!r}: no overlay has been mounted for it{again}")
         self._check_volume_mounts(cid, a.mounts)
         privileged = a.privileged
         who = _container_subject(cid)
@@ -683,7 +688,7 @@ class PolicyEngine:
                                    a.no_new_privileges)
         return Results(env_list, caps_list, stdio), [
             ("matches", cid, survivors), ("started", cid, privileged), ("stdio", cid, stdio),
-            ("process", cid, identity)]
+            ("process", cid, identity), ("stopped", cid, _REMOVE)]
 
     def _check_volume_mounts(self, cid: str, mounts: tuple[ContainerMount, ...]) -> None:
         for m in mounts:
@@ -707,15 +712,21 @@ class PolicyEngine:
         if c.no_new_privileges and not a.no_new_privileges:
             return "no_new_privileges is false but the policy requires true"
         for mount in a.mounts:
-            why = self._mount_mismatch(c, mount)
+            why = self._mount_mismatch(c, mount, a.container_id)
             if why:
                 return why
         if a.seccomp_profile_sha256 != c.seccomp:
             return f"seccomp_profile_sha256 {a.seccomp_profile_sha256!r} does not match {c.seccomp!r}"
         return None
 
-    def _mount_mismatch(self, c: _Candidate, mount: ContainerMount) -> str | None:
-        allowed = c.mounts + self._default_mounts + (self._privileged_mounts if c.allow_elevated else ())
+    def _etc_mounts(self, cid: str) -> tuple[_Mount, ...]:
+        """The container's own /etc/hostname, /etc/hosts and /etc/resolv.conf binds: default mounts, as
+        hcsshim adds them to the framework's (ExtendDefaultMounts) before it checks a create."""
+        return tuple(_Mount.of(m, self._sandbox_dir) for m in defaults.etc_file_mounts(cid))
+
+    def _mount_mismatch(self, c: _Candidate, mount: ContainerMount, cid: str) -> str | None:
+        allowed = (c.mounts + self._default_mounts + self._etc_mounts(cid)
+                   + (self._privileged_mounts if c.allow_elevated else ()))
         for constraint in allowed:
             if constraint.allows(mount):
                 return None
@@ -768,7 +779,7 @@ class PolicyEngine:
         cid = a.container_id
         state = self._state
         if cid not in state.started:
-            raise _Deny(f"exec_in_container denied for container {cid!r}: it has not been created")
+            raise _Deny(f"exec_in_container denied for container {cid!r}: {_not_running(state, cid)}")
         candidates = state.matches.get(cid)
         if not candidates:
             raise _Deny(f"exec_in_container denied for container {cid!r}: it has been shut down")
@@ -822,15 +833,22 @@ class PolicyEngine:
 
     def _shutdown_container(self, a: ShutdownContainerRequest) -> tuple[Results, list[StateChange]]:
         cid = a.container_id
+        if cid in self._state.stopped:
+            return NO_RESULTS, []       # again: nothing left to forget (the framework allows it too)
         if cid not in self._state.started:
             raise _Deny(f"shutdown_container denied for container {cid!r}: it has not been created")
-        # Like the framework, `started` stays: a shut-down id can never be created again.
-        return NO_RESULTS, [("matches", cid, _REMOVE)]
+        # Unlike the framework (where `started` stays, so an id is never created twice), a shut-down id may be
+        # created again: the host restarts a container under its own id (restartPolicy), and the new create
+        # needs a fresh mount_overlay, which makes every policy container with that layer stack a candidate
+        # again, and is then checked exactly like the first. ACI restarts under a new id instead, which the
+        # framework allows just the same: re-creating gives the host nothing a new id would not.
+        return NO_RESULTS, [("matches", cid, _REMOVE), ("started", cid, _REMOVE), ("stdio", cid, _REMOVE),
+                            ("process", cid, _REMOVE), ("stopped", cid, True)]
 
     def _signal_container_process(self, a: SignalContainerProcessInput) -> tuple[Results, list[StateChange]]:
         cid, sig = a.container_id, a.signal
         if cid not in self._state.started:
-            raise _Deny(f"signal_container_process denied for container {cid!r}: it has not been created")
+            raise _Deny(f"signal_container_process denied for container {cid!r}: {_not_running(self._state, cid)}")
         candidates = self._state.matches.get(cid)
         if not candidates:
             raise _Deny(f"signal_container_process denied for container {cid!r}: it has been shut down")
@@ -904,6 +922,11 @@ class PolicyEngine:
 
 
 Subject = Callable[[tuple], str]
+
+
+def _not_running(state: _State, cid: str) -> str:
+    """Why a container id that is not in `started` cannot be asked for anything."""
+    return "it has been shut down" if cid in state.stopped else "it has not been created"
 
 
 def _container_subject(cid: str) -> Subject:
