@@ -212,6 +212,9 @@ class SandboxRecord(Message):
     startup: OpaqueJson | None = None     # timings and per-container results of `up`
     restart_policy: str = "Always"        # the group's restartPolicy
     runs: tuple[ContainerRun, ...] = ()   # each container's lifecycle, as its supervisor last recorded it
+    # The launch's requests as the agent checked them: the lines of a `policy check` trace
+    # (sandbox/launch/trace_record.py; `inspect --trace`). Empty until the sandbox is running.
+    trace: tuple[str, ...] = ()
 
     def with_process(self, key: str, ref: ProcessRef) -> SandboxRecord:
         return replace(self, processes={**self.processes, key: ref})

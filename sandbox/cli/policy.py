@@ -119,33 +119,38 @@ def diff(ctx: click.Context, a: Path, b: Path, fmt: str | None) -> None:
 @policy.command("check")
 @click.argument("policy_file", type=FILE)
 @click.argument("trace_file", type=FILE)
+@click.option("--engine-only", is_flag=True,
+              help="Ask only the policy engine: do not report what the agent itself would refuse "
+                   "(mount targets, request order; docs/policy-trace.md).")
 @format_option
 @click.pass_context
-def check(ctx: click.Context, policy_file: Path, trace_file: Path, fmt: str | None) -> None:
+def check(ctx: click.Context, policy_file: Path, trace_file: Path, engine_only: bool, fmt: str | None) -> None:
     """Replay TRACE_FILE (JSON lines of {"ep", "input"}) against POLICY_FILE, one decision per line.
 
-    Exit 0 when every request is allowed, 1 when any is denied, 2 for bad input."""
+    Requests the agent would refuse by its own rules, before asking the policy, are REFUSED.
+    Exit 0 when every request is allowed, 1 when any is denied or refused, 2 for bad input."""
     from sandbox.policy.trace import read_trace, replay
 
     raw, _ = read_policy(policy_file)
     engine = PolicyEngine.from_bytes(raw, source=str(policy_file))
     requests = read_trace(trace_file)
     as_json = resolve_format(fmt) == OutputFormat.json
-    denied = 0
-    for outcome in replay(engine, requests):
+    denied = refused = 0
+    for outcome in replay(engine, requests, agent_checks=not engine_only):
         d = outcome.decision
-        denied += not d.allowed
+        refused += outcome.refused
+        denied += not d.allowed and not outcome.refused
         if as_json:
             click.echo(json.dumps(outcome.to_json(), sort_keys=True))
             continue
-        verdict = "allowed" if d.allowed else "DENIED"
+        verdict = "allowed" if d.allowed else "REFUSED" if outcome.refused else "DENIED"
         if d.allowed:
             detail = "rolled back: the action failed" if outcome.rolled_back else "; ".join(d.changes) or "-"
         else:
             detail = d.reason
         click.echo(f"{outcome.request.line:>4}  {d.ep:<24} {verdict:<7}  {detail}")
-    info(f"{len(requests)} request(s), {denied} denied")
-    if denied:
+    info(f"{len(requests)} request(s), {denied} denied" + (f", {refused} refused by the agent" if refused else ""))
+    if denied or refused:
         ctx.exit(EXIT_DENIED)
 
 

@@ -63,6 +63,9 @@ if TYPE_CHECKING:
 @click.option("--dns-server", "dns_server", metavar="ADDRESS:PORT",
               help="Have the containers resolve names with this DNS server on the host (e.g. a local dnsmasq), "
                    "over TCP relayed by QEMU's user networking, instead of the group's dnsConfig servers.")
+@click.option("--record-trace", "record_trace", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write every request the launch sends, as the agent checked it, to this file (also when the "
+                   "launch fails): replay it with 'policy check' (docs/policy-trace.md).")
 @click.option("--debug", "debug_files", is_flag=True,
               help="Keep the launch's debug files (argv, domain XML, console, report) and show tracebacks; "
                    "see docs/snp-lab.md.")
@@ -70,7 +73,8 @@ if TYPE_CHECKING:
 @format_option
 def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, fragments: tuple[str, ...],
        drop_fragments: bool, tee: str | None, backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], id_key: Path | None, author_key: Path | None,
-       id_block: Path | None, expect_measurement: str | None, dns_server: str | None, debug_files: bool,
+       id_block: Path | None, expect_measurement: str | None, dns_server: str | None, record_trace: Path | None,
+       debug_files: bool,
        template_group: str | None, volumes: tuple[str, ...], fmt: str | None) -> int:
     """Pull, convert, generate the policy, launch the UVM and start GROUP_FILE's containers.
 
@@ -100,7 +104,7 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
                      fetch_fragments=not drop_fragments, tee=TeeMode(tee) if tee else None,
                      backend=Backend(backend), detach=detach,
                      kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys, identity=identity,
-                     dns_server=_host_port(dns_server) if dns_server else None)
+                     dns_server=_host_port(dns_server) if dns_server else None, record_trace=record_trace)
     # SIGTERM/SIGHUP (a supervisor, a closed terminal) take the same clean path as Ctrl-C: a VM being
     # launched is stopped and its state removed; an attached sandbox is taken down. Then `up` exits
     # 128 + the signal (143, 129), where Ctrl-C exits 130.
@@ -258,11 +262,17 @@ def exec_(interactive: bool, tty: bool, name: str, container: str, command: tupl
 
 @click.command("inspect")
 @click.argument("name")
+@click.option("--trace", "trace", is_flag=True,
+              help="Print the launch's requests as the agent checked them: a 'policy check' trace "
+                   "(docs/policy-trace.md).")
 @format_option
-def inspect(name: str, fmt: str | None) -> None:
+def inspect(name: str, trace: bool, fmt: str | None) -> None:
     """Show a sandbox: policy hash, expected measurement, TEE mode, devices, containers."""
     from sandbox.launch import lifecycle
 
+    if trace:
+        click.echo(lifecycle.launch_trace(name), nl=False)
+        return
     data = lifecycle.inspect(name)
 
     def table(d: dict[str, Any]) -> str:

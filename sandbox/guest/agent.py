@@ -41,7 +41,7 @@ def main() -> int:
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
     service = AgentService(hostname=HOSTNAME, runtime_logging=log)
-    ports = serve_ports(service.handle, log=log)
+    ports = serve_ports(service.answer, log=log)
     if len(ports) < PORT_COUNT:
         log(f"{len(ports)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any that appear")
     # Everything allocated so far lives as long as the agent: keep it out of the collector's way, so a

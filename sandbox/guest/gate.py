@@ -4,6 +4,11 @@ After that, every state-changing request goes through the policy engine, as a ty
 (sandbox/shared/policy/inputs.py) whose type names the enforcement point. The engine commits its own
 state only when the decision allows and the action (the real mount/create/exec) succeeds; the gate
 returns what the action returned.
+
+While a request is served under `recording()`, the gate notes each question it asked the engine
+(point, input, decision, whether the action failed): the agent sends them back with the reply, so the
+host can write the exact `policy check` trace of what it asked (docs/policy-trace.md) without guessing
+what the guest derived itself.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ import hashlib
 import hmac
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sandbox.guest.hostdata import HostData, HostDataUnavailable
 from sandbox.shared.policy.engine import Decision, PolicyEngine
 from sandbox.shared.policy.inputs import EnforcementInput, point_of
-from sandbox.shared.protocol import ErrorCode, ProtocolError
+from sandbox.shared.protocol import ErrorCode, PolicyCheck, ProtocolError
 
 T = TypeVar("T")
 
@@ -35,6 +41,22 @@ class Gate:
         self.enforce_seconds = 0.0        # total time spent deciding (benchmarks read it)
         self.last_enforce_seconds = 0.0
         self.last_enforce_cpu_seconds = 0.0
+        self._recording = threading.local()   # per port thread: the checks of the request it serves
+
+    @contextmanager
+    def recording(self) -> Iterator[list[PolicyCheck]]:
+        """Note every enforcement this thread makes inside the block (one request) in the yielded list."""
+        checks: list[PolicyCheck] = []
+        self._recording.checks = checks
+        try:
+            yield checks
+        finally:
+            self._recording.checks = None
+
+    def _note(self, input: EnforcementInput, allowed: bool, action_failed: bool = False) -> None:
+        checks = getattr(self._recording, "checks", None)
+        if checks is not None:
+            checks.append(PolicyCheck(point_of(input).value, input.to_json(), allowed, action_failed))
 
     @property
     def active(self) -> bool:
@@ -93,7 +115,13 @@ class Gate:
                 return action(decision)
 
         started, cpu_started = time.perf_counter(), time.thread_time()
-        decision, value = engine.transact(input, timed_action)
+        try:
+            decision, value = engine.transact(input, timed_action)
+        except BaseException:
+            if in_action.entered:   # allowed, but the mount/create failed: nothing was committed
+                self._note(input, True, action_failed=True)
+            raise
+        self._note(input, decision.allowed)
         spent = time.perf_counter() - started - in_action.wall
         self.enforce_seconds += spent
         self.last_enforce_seconds = spent
@@ -123,8 +151,10 @@ class _Stopwatch:
 
     def __init__(self) -> None:
         self.wall = self.cpu = 0.0
+        self.entered = False
 
     def __enter__(self) -> None:
+        self.entered = True
         self._wall, self._cpu = time.perf_counter(), time.thread_time()
 
     def __exit__(self, *exc: object) -> None:

@@ -8,6 +8,7 @@ die anyway, the port watcher starts it again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -27,7 +28,8 @@ VIRTIO_PORTS = Path("/sys/class/virtio-ports")
 IDLE_MIN, IDLE_MAX = 0.02, 0.2   # seconds between reads of a port with no host connected
 MAX_ERROR_MESSAGE = 4096         # characters of an error message that are sure to fit in a frame
 
-RequestHandler = Callable[[AgentRequest], Message | dict[str, Any]]
+# A handler returns the result, or a CheckedResult with the result and the policy checks behind it.
+RequestHandler = Callable[[AgentRequest], Message | dict[str, Any] | P.CheckedResult]
 
 # The reply of last resort, when not even an `internal` error with the request's id could be encoded.
 LAST_RESORT = (json.dumps({"v": P.PROTOCOL_VERSION, "id": None, "ok": False,
@@ -72,6 +74,8 @@ def _answer(handler: RequestHandler, frame: bytes | P.Oversized) -> tuple[Respon
     request = envelope.request
     try:
         result = handler(request)
+        policy = result.policy if isinstance(result, P.CheckedResult) else ()
+        result = result.result if isinstance(result, P.CheckedResult) else result
         payload = result.to_json() if isinstance(result, Message) else result
     except ProtocolError as e:
         e.request_id = envelope.id
@@ -80,7 +84,7 @@ def _answer(handler: RequestHandler, frame: bytes | P.Oversized) -> tuple[Respon
         _log_traceback()
         return Response.failure(ProtocolError(ErrorCode.internal, f"internal error in {request.op.value}: "
                                               f"{_describe(e)}", request_id=envelope.id)), envelope.id
-    return Response.success(envelope.id, payload), envelope.id
+    return Response.success(envelope.id, payload, policy), envelope.id
 
 
 def _describe(e: BaseException) -> str:
@@ -97,6 +101,14 @@ def _encode(response: Response) -> bytes:
         return P.encode_frame(response.to_json())
     except (ValueError, TypeError) as e:
         problem = _describe(e)
+    if response.policy:
+        # The echoed policy inputs are what made it too large (a request near the frame limit comes back
+        # twice): send the reply without them, saying so, rather than lose the reply.
+        trimmed = dataclasses.replace(response, policy=tuple(c.without_input() for c in response.policy))
+        try:
+            return P.encode_frame(trimmed.to_json())
+        except (ValueError, TypeError):
+            pass
     if not response.ok and response.error is not None:
         # An error whose message or details do not fit (or hold what JSON cannot): keep its code.
         error = response.error

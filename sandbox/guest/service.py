@@ -31,6 +31,7 @@ from sandbox.guest.hostdata import HostData, read_host_data, uptime
 from sandbox.guest.runtime import ContainerStatus, CrunError, RuntimeContainer
 from sandbox.guest.terminal import StdinPipe, Terminal, TerminalError, WindowSize
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
+from sandbox.shared import agent_rules
 from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
 from sandbox.shared import seccomp
@@ -40,6 +41,7 @@ from sandbox.shared.kbs_protocol import ATTEST_API_DIR
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.engine import Decision
 from sandbox.shared.policy.inputs import (
+    INHERIT,
     CreateContainerInput,
     CreateVolumeInput,
     ExecInContainerInput,
@@ -118,6 +120,21 @@ class AgentService:
 
     def handle(self, request: M.AgentRequest) -> Result:
         """Serve one typed request; raises ProtocolError when it cannot be served."""
+        return self._serve(request)
+
+    def answer(self, request: M.AgentRequest) -> Result | P.CheckedResult:
+        """handle() for the frame loop: the policy checks the request went through travel with the reply
+        (P.CheckedResult, ProtocolError.policy), and the host's trace of them is what `policy check`
+        replays (docs/policy-trace.md)."""
+        with self.gate.recording() as checks:
+            try:
+                result = self._serve(request)
+            except ProtocolError as e:
+                e.policy = tuple(checks)
+                raise
+        return P.CheckedResult(result, tuple(checks)) if checks else result
+
+    def _serve(self, request: M.AgentRequest) -> Result:
         if not self.gate.active and not isinstance(request, OPEN_REQUESTS):
             raise ProtocolError(ErrorCode.policy_denied, NO_POLICY_REASON, details={"op": request.op.value})
         if isinstance(request, UNLOCKED_REQUESTS):
@@ -262,9 +279,9 @@ class AgentService:
 
     @staticmethod
     def _check_device_target(target: str) -> Path:
-        if not (re.fullmatch(P.LAYER_TARGET_RE, target) or re.fullmatch(P.VOLUME_TARGET_RE, target)):
-            raise _err(ErrorCode.invalid_request,
-                       f"mount target {shown(target)} must be {P.LAYERS_DIR}/<name> or {P.VOLUMES_DIR}/<volume>")
+        problem = agent_rules.device_target_problem(target)
+        if problem is not None:
+            raise _err(ErrorCode.invalid_request, problem)
         return Path(target)
 
     def op_mount_device(self, r: M.MountDeviceRequest) -> M.MountDeviceResult:
@@ -395,15 +412,13 @@ class AgentService:
 
     def op_mount_overlay(self, r: M.MountOverlayRequest) -> M.MountOverlayResult:
         container_id, layer_paths, target = r.container_id, r.layer_paths, r.target
-        expected = P.container_dir(container_id) + "/rootfs"
-        if target != expected:
-            raise _err(ErrorCode.invalid_request, f"the rootfs of {container_id} must be mounted at {expected}")
+        problem = agent_rules.overlay_problem(container_id, layer_paths, target)
+        if problem is not None:
+            raise _err(ErrorCode.invalid_request, problem)
         if target in self.overlays:
             raise _err(ErrorCode.conflict, f"{target} is already mounted")
-        if not layer_paths:
-            raise _err(ErrorCode.invalid_request, "layer_paths is empty")
         for lp in layer_paths:
-            if lp not in self.devices or not re.fullmatch(P.LAYER_TARGET_RE, lp):
+            if lp not in self.devices or not agent_rules.is_layer_target(lp):
                 raise _err(ErrorCode.not_found, f"{lp} is not a mounted layer device")
         scratch = self.scratch.get(container_id)
         if scratch is None:
@@ -585,7 +600,7 @@ class AgentService:
         previous = self.containers.get(container_id)
         if previous is not None and not previous.deleted:
             raise _err(ErrorCode.conflict, f"container {container_id} already exists")
-        rootfs = P.container_dir(container_id) + "/rootfs"
+        rootfs = agent_rules.rootfs_target(container_id)
         if rootfs not in self.overlays:
             raise _err(ErrorCode.conflict, f"mount_overlay for {container_id} first (at {rootfs})")
         _check_env(r.env)
@@ -663,19 +678,21 @@ class AgentService:
                        "does not allow (allow_stdio_access is false)", endpoint="create_container")
         exec_id = runtime.next_exec_id(c)
         # The process runs as the container's user with its capabilities (the engine recorded them at
-        # create_container and the input inherits them), in its working dir unless the host asks.
+        # create_container and the input inherits them), with its env and in its working dir unless the
+        # host asks otherwise.
         cwd = r.working_dir or c.working_dir
+        check = ExecInContainerInput(c.id, r.argv, INHERIT if r.env is None else r.env, r.working_dir or INHERIT)
         terminal = WindowSize(r.rows or 24, r.cols or 80) if r.tty else None
 
         def action(decision: Decision) -> runtime.Process:
-            env = decision.env_list if decision.env_list is not None else r.env
+            env = decision.env_list if decision.env_list is not None else (r.env or ())
             try:
                 return runtime.exec_process(c, exec_id, r.argv, env, cwd, terminal=terminal, stdin=r.stdin)
             except (CrunError, OSError) as e:
                 reason = e.reason if isinstance(e, CrunError) else "other"
                 raise _err(ErrorCode.failed, f"exec in {c.id}: {e}", reason=reason) from None
 
-        started = self.gate.enforce(ExecInContainerInput(c.id, r.argv, r.env, cwd), action)
+        started = self.gate.enforce(check, action)
         if started.input is not None:
             threading.Thread(target=_finish_input, args=(started,), name=f"input-{started.pid}",
                              daemon=True).start()
@@ -830,11 +847,11 @@ def _finish_input(proc: runtime.Process) -> None:
 
 
 def _check_env(env: tuple[str, ...]) -> None:
-    """Every entry NAME=VALUE with a NAME: the policy's rules and the process see the same variables."""
-    for e in env:
-        name, sep, _ = e.partition("=")
-        if not sep or not name:
-            raise _err(ErrorCode.invalid_request, f"env entry {shown(e)} is not NAME=VALUE with a name")
+    """Every entry NAME=VALUE with a NAME: the policy's rules and the process see the same variables
+    (the rule `policy check` also applies, sandbox/shared/agent_rules.py)."""
+    problem = agent_rules.env_problem(env)
+    if problem is not None:
+        raise _err(ErrorCode.invalid_request, problem)
 
 
 def _clamp(seconds: float, limit: float) -> float:

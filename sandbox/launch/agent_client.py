@@ -3,7 +3,8 @@
 Ports are taken with an flock on `agent-<i>.lock` next to the socket, so concurrent commands (`logs -f`,
 `exec`, `down`) never share a port. Requests go out typed (sandbox/shared/messages.py) and `call`
 returns their typed result. Errors come back typed: `policy_denied` as PolicyDenied with the engine's
-explanation, everything else as AgentError carrying the protocol error code.
+explanation, everything else as AgentError carrying the protocol error code. A client given a recorder
+(sandbox/launch/trace_record.py) hands it every request and reply: the launch's `policy check` trace.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sandbox.shared import protocol as P
 from sandbox.shared.codec import FieldError, Message, decode
 from sandbox.shared.errors import GuestError, PolicyDenied
 from sandbox.shared.messages import PingRequest, PingResult, Request
 from sandbox.shared.protocol import ErrorCode, Op
+
+if TYPE_CHECKING:
+    from sandbox.launch.trace_record import TraceRecorder
 
 R = TypeVar("R")
 
@@ -52,11 +56,13 @@ def _lock_path(sock: Path) -> Path:
 
 
 class AgentClient:
-    def __init__(self, sock: socket.socket, lock_fd: int, path: Path, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, lock_fd: int, path: Path, timeout: float,
+                 recorder: TraceRecorder | None = None) -> None:
         self.sock = sock
         self._lock_fd = lock_fd
         self.path = path
         self.timeout = timeout
+        self.recorder = recorder
         self._buf = b""
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(4)
@@ -64,8 +70,10 @@ class AgentClient:
         self.sock.sendall(b"\n")
 
     @classmethod
-    def connect(cls, sockets: Sequence[Path], *, timeout: float = 60.0, wait: float = 30.0) -> AgentClient:
-        """Take the first free port; wait up to `wait` seconds for one to become free or to appear."""
+    def connect(cls, sockets: Sequence[Path], *, timeout: float = 60.0, wait: float = 30.0,
+                recorder: TraceRecorder | None = None) -> AgentClient:
+        """Take the first free port; wait up to `wait` seconds for one to become free or to appear.
+        With a recorder, every request and reply is also written to its trace."""
         deadline = time.monotonic() + wait
         last_error = "no agent socket"
         while True:
@@ -86,7 +94,7 @@ class AgentClient:
                     last_error = f"{path}: {e.strerror or e}"
                     continue
                 s.settimeout(timeout)
-                return cls(s, fd, path, timeout)
+                return cls(s, fd, path, timeout, recorder)
             if time.monotonic() >= deadline:
                 raise AgentUnreachable(f"cannot reach the guest agent: {last_error}",
                                        hint="is the sandbox running? see 'parma-sandbox ps'")
@@ -142,6 +150,8 @@ class AgentClient:
                 except P.ProtocolError:
                     continue  # garbage or a reply meant for an earlier client of this port
                 if resp.id == rid:
+                    if self.recorder is not None:
+                        self.recorder.observe(str(op), payload, resp)
                     return resp
         except TimeoutError:
             raise AgentUnreachable(f"the guest agent did not answer {op} within "

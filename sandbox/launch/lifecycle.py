@@ -88,6 +88,17 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
     return info
 
 
+def launch_trace(name: str, store: StateStore | None = None) -> str:
+    """The `policy check` trace of the requests the launch of sandbox NAME sent (docs/policy-trace.md)."""
+    store = store or StateStore()
+    record = store.require(name)
+    lines = record.trace
+    if not lines:
+        raise E.StateError(f"sandbox {name!r} has no recorded trace: it is still starting, or an older "
+                           "parma-sandbox launched it", hint="'parma-sandbox up --record-trace FILE' writes one")
+    return "".join(line + "\n" for line in lines)
+
+
 def save_runs(store: StateStore, name: str, runs: Mapping[str, ContainerRun]) -> None:
     """Record the containers' lifecycle in the sandbox's state (the supervisor is its only writer)."""
     record = store.load(name)

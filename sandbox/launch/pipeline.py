@@ -27,6 +27,7 @@ from sandbox.launch.diagnostics import keep_diagnostics
 from sandbox.launch.plan import LaunchPlan, build_plan
 from sandbox.launch.scratch_disk import SCRATCH_DISK_SERIAL, create_scratch_disk, scratch_vm_disk
 from sandbox.launch.supervisor import GroupOutcome, SupervisedGroup, Supervisor, write_plan
+from sandbox.launch.trace_record import TraceRecorder
 from sandbox.log import log
 from sandbox.policy.gen import generate_policy
 from sandbox.policy.sources import package_files_volumes, resolve_group_images
@@ -87,6 +88,9 @@ class UpOptions:
     fetch_fragments: bool = True        # False (--drop-fragments): load only those named in `fragments`
     # A DNS server on the host (address, port) that the containers' resolv.conf points at, through slirp.
     dns_server: tuple[str, int] | None = None
+    # Also write the launch's requests, as the agent checked them, here (a `policy check` trace), whether
+    # the launch succeeds or not. The sandbox record keeps them either way (`inspect --trace`).
+    record_trace: Path | None = None
 
 
 @dataclass
@@ -345,6 +349,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
             launch=identity.to_json(),
         )
         store.save(record)
+        recorder = TraceRecorder(secure_env=_secure_env(spec))
         vm: vmm.Vm | None = None
         try:
             cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, identity, opts.kbs_url, opts.dns_server)
@@ -360,7 +365,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
             with step("Wait for the guest agent"):
                 wait_for_agent(cfg.agent_sockets, timeout=BOOT_TIMEOUT, alive=vm.alive, console=cfg.console_log)
             timings.mark("agent")
-            with AgentClient.connect(cfg.agent_sockets) as client:
+            with AgentClient.connect(cfg.agent_sockets, recorder=recorder) as client:
                 with step("Verify the launch (a fresh attestation report)"):
                     check = selfcheck.run(client, identity, record_to=state_dir / "selfcheck.json")
                 record = replace(record, selfcheck=check.summary())
@@ -370,13 +375,15 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                     write_plan(state_dir, SupervisedGroup.of(plan))
                     runs, outcome, results["containers"] = _start_group(client, plan, timings)
                     record = replace(record, runs=tuple(runs.values()))
-            record = replace(record, status=SandboxStatus.running,
+            record = replace(record, status=SandboxStatus.running, trace=recorder.lines(),
                              startup={"timings": timings.marks, "containers": results["containers"],
                                       "fragments": results.get("fragments", []), "scratch": results.get("scratch")})
             store.save(record)
             keep_diagnostics(state_dir, record)
+            _write_trace(recorder, opts.record_trace)
         except BaseException as e:
             keep_diagnostics(state_dir, record, error=e)
+            _write_trace(recorder, opts.record_trace, failed=True)
             if vm is not None:
                 try:
                     vm.stop(3)
@@ -385,6 +392,27 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
             store.remove(name)
             raise
     return Launched(name, record, vm, plan, timings, runs, outcome)
+
+
+def _secure_env(spec: GroupSpec) -> set[str]:
+    """The env entries whose values are secret (secureValue): a trace shows them as NAME=<secure>."""
+    return {f"{v.name}={v.value}" for c in spec.containers for v in c.env if v.secure}
+
+
+def _write_trace(recorder: TraceRecorder, path: Path | None, *, failed: bool = False) -> None:
+    """--record-trace: write what the agent checked so far. Never masks the launch's own error."""
+    if path is None or (failed and not recorder.lines()):
+        return   # nothing reached the agent: there is nothing to replay
+    try:
+        recorder.write(path)
+    except SandboxError as e:
+        log.warning("could not write the trace: %s", e)
+        return
+    if failed:
+        log.info("the requests sent before the failure are in %s: 'parma-sandbox policy check POLICY %s' "
+                 "replays them without a VM (docs/policy-trace.md)", path, path)
+    else:
+        log.info("trace of the launch's requests written to %s (docs/policy-trace.md)", path)
 
 
 def load_running(name: str, store: StateStore | None = None) -> SandboxRecord:

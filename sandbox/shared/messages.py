@@ -437,7 +437,7 @@ class ExecProcessRequest(Request[ExecProcessResult]):
     op = Op.exec_process
     container_id: ContainerId
     argv: Annotated[Strings, NonEmpty()]
-    env: Strings = ()
+    env: Strings | None = None      # None: the container's own env (as created, after the policy's dropping)
     working_dir: Annotated[str, Match(r"(?s)|/.{0,4095}", "'' or an absolute path")] = ""   # "": the container's
     tty: bool = False
     stdin: bool = False

@@ -2,7 +2,8 @@
 
 Each frame is one UTF-8 JSON object followed by "\\n", at most MAX_FRAME_BYTES long including the
 newline. Requests are {v, id, op, payload}; responses are {v, id, ok: true, result} or
-{v, id, ok: false, error: {code, message, details}}. A request's payload is one of the typed
+{v, id, ok: false, error: {code, message, details}}, either with `policy` when the agent asked its
+execution policy while serving the request (PolicyCheck). A request's payload is one of the typed
 requests of sandbox/shared/messages.py, chosen by its op. This module is stdlib-only: the host client
 and the guest agent both import it, so a frame is checked identically on both sides.
 """
@@ -73,9 +74,40 @@ class ErrorCode(StrEnum):
     internal = "internal"                        # a bug in the agent; it keeps serving
 
 
+@dataclass(frozen=True)
+class PolicyCheck:
+    """One question the agent asked its policy while serving a request, as it reports it back: the
+    enforcement point, the input exactly as the engine saw it (the request plus what the guest found out
+    itself, e.g. a device's root hash), the decision, and whether the action behind an allowed request
+    failed (its state changes were rolled back). `input` is None when it was too large to echo.
+    Host tools write these as `policy check` trace lines (docs/policy-trace.md)."""
+
+    ep: str
+    input: dict[str, Any] | None
+    allowed: bool
+    action_failed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"ep": self.ep, "input": self.input, "allowed": self.allowed}
+        return {**out, "action": "fail"} if self.action_failed else out
+
+    @classmethod
+    def from_json(cls, raw: Any) -> PolicyCheck:
+        if not (isinstance(raw, dict) and type(raw.get("ep")) is str and type(raw.get("allowed")) is bool
+                and (raw.get("input") is None or isinstance(raw.get("input"), dict))
+                and raw.get("action", "ok") in ("ok", "fail")):
+            raise ProtocolError(ErrorCode.malformed_frame, "a response's 'policy' entries are "
+                                                           "{ep, input, allowed[, action]} objects")
+        return cls(raw["ep"], raw.get("input"), raw["allowed"], raw.get("action") == "fail")
+
+    def without_input(self) -> PolicyCheck:
+        return PolicyCheck(self.ep, None, self.allowed, self.action_failed)
+
+
 class ProtocolError(GuestError):
-    """A request that cannot be served; becomes an error response with this code. (On the host, a
-    frame from the guest that does not parse.)"""
+    """A request that cannot be served; becomes an error response with this code (and with the policy
+    checks the request went through before it failed, when there were any). (On the host, a frame
+    from the guest that does not parse.)"""
 
     def __init__(self, code: ErrorCode, message: str, *, details: dict[str, Any] | None = None,
                  request_id: RequestId = None) -> None:
@@ -84,6 +116,15 @@ class ProtocolError(GuestError):
         self.message = message
         self.details = details or {}
         self.request_id = request_id
+        self.policy: tuple[PolicyCheck, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckedResult:
+    """A handler's result together with the policy checks that allowed it (sent beside the result)."""
+
+    result: Any
+    policy: tuple[PolicyCheck, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,22 +156,25 @@ class Response:
     ok: bool
     result: dict[str, Any] = field(default_factory=dict)
     error: ErrorInfo | None = None
+    policy: tuple[PolicyCheck, ...] = ()    # what the agent asked its policy while serving the request
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"policy": [c.to_json() for c in self.policy]} if self.policy else {}
         if self.ok:
-            return {"v": PROTOCOL_VERSION, "id": self.id, "ok": True, "result": self.result}
+            return {"v": PROTOCOL_VERSION, "id": self.id, "ok": True, "result": self.result, **extra}
         assert self.error is not None
         code = self.error.code.value if isinstance(self.error.code, ErrorCode) else self.error.code
         return {"v": PROTOCOL_VERSION, "id": self.id, "ok": False,
-                "error": {"code": code, "message": self.error.message, "details": self.error.details}}
+                "error": {"code": code, "message": self.error.message, "details": self.error.details}, **extra}
 
     @classmethod
-    def success(cls, request_id: RequestId, result: dict[str, Any] | None = None) -> Response:
-        return cls(request_id, True, result or {})
+    def success(cls, request_id: RequestId, result: dict[str, Any] | None = None,
+                policy: tuple[PolicyCheck, ...] = ()) -> Response:
+        return cls(request_id, True, result or {}, policy=policy)
 
     @classmethod
     def failure(cls, err: ProtocolError) -> Response:
-        return cls(err.request_id, False, error=ErrorInfo(err.code, err.message, err.details))
+        return cls(err.request_id, False, error=ErrorInfo(err.code, err.message, err.details), policy=err.policy)
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
@@ -234,11 +278,15 @@ def parse_response(line: bytes) -> Response:
     if not _supported_version(obj.get("v")):
         raise ProtocolError(ErrorCode.unsupported_version, f"response has protocol version {shown(obj.get('v'))}")
     ok = obj.get("ok")
+    raw_policy = obj.get("policy", [])
+    if not isinstance(raw_policy, list):
+        raise ProtocolError(ErrorCode.malformed_frame, "response 'policy' must be an array")
+    policy = tuple(PolicyCheck.from_json(c) for c in raw_policy)
     if ok is True:
         result = obj.get("result", {})
         if not isinstance(result, dict):
             raise ProtocolError(ErrorCode.malformed_frame, "response 'result' must be an object")
-        return Response(rid, True, result)
+        return Response(rid, True, result, policy=policy)
     if ok is False:
         err = obj.get("error")
         if not isinstance(err, dict) or not isinstance(err.get("code"), str) or not isinstance(
@@ -251,7 +299,7 @@ def parse_response(line: bytes) -> Response:
             code: ErrorCode | str = ErrorCode(err["code"])
         except ValueError:
             code = err["code"]
-        return Response(rid, False, error=ErrorInfo(code, err["message"], details))
+        return Response(rid, False, error=ErrorInfo(code, err["message"], details), policy=policy)
     raise ProtocolError(ErrorCode.malformed_frame, "response 'ok' must be true or false")
 
 

@@ -57,7 +57,7 @@ def make_agent(host_data: bytes | None) -> AgentService:
 def peer() -> Iterator[Peer]:
     host, guest = socket.socketpair()
     agent = make_agent(hashlib.sha256(POLICY).digest())
-    t = threading.Thread(target=serve_fd, args=(guest.fileno(), agent.handle), kwargs={"reconnecting": False},
+    t = threading.Thread(target=serve_fd, args=(guest.fileno(), agent.answer), kwargs={"reconnecting": False},
                          daemon=True)
     t.start()
     host.settimeout(10)

@@ -425,8 +425,15 @@ def _(w: World) -> int:
     return code
 
 
+@scenario("inspect", "1")
+def _(w: World) -> int:
+    with fake_sandbox(w.store):   # recorded by no launch (`up` records one once the sandbox runs)
+        return w.run("inspect", "--trace", "demo")
+
+
 @scenario("inspect", "2")
 def _(w: World) -> int:
+    assert w.run("inspect", "--trace", "nosuch") == 2
     return w.run("inspect", "nosuch")
 
 
@@ -528,6 +535,9 @@ def _(w: World) -> int:
 
 @scenario("policy check", "1")
 def _(w: World) -> int:
+    # refused by the agent's own rules: a layer device outside its directory
+    assert w.run("policy", "check", w.policy, w.trace({"ep": "mount_device", "input": {
+        "target": "/etc", "device_hash": "ab" * 32}})) == 1
     return w.run("policy", "check", w.policy, w.trace({"ep": "exec_in_container", "input": {
         "container_id": "web", "argv": ["/bin/sh"], "env": []}}))
 

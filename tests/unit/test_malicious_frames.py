@@ -68,7 +68,7 @@ def agent(policy: bytes = POLICY) -> AgentService:
 
 def _serve(service: AgentService) -> Iterator[Host]:
     host, guest = socket.socketpair()
-    t = threading.Thread(target=serve_fd, args=(guest.fileno(), service.handle), kwargs={"reconnecting": False},
+    t = threading.Thread(target=serve_fd, args=(guest.fileno(), service.answer), kwargs={"reconnecting": False},
                          daemon=True)
     t.start()
     host.settimeout(20)

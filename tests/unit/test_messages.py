@@ -248,7 +248,7 @@ def test_every_enforcement_point_has_an_input_type() -> None:
 
 REQUIRED_EXAMPLE = {
     EnforcementPoint.load_fragment: {"issuer": "did:x509:0:sha256:AA::eku:1", "feed": "f", "rego": "package f"},
-    EnforcementPoint.mount_device: {"target": "/t", "device_hash": "ab"},
+    EnforcementPoint.mount_device: {"target": "/t", "device_hash": "ab" * 32},
     EnforcementPoint.unmount_device: {"target": "/t"},
     EnforcementPoint.mount_overlay: {"container_id": "c", "layer_paths": ["/l"], "target": "/t"},
     EnforcementPoint.unmount_overlay: {"target": "/t"},
@@ -272,8 +272,9 @@ def test_trace_inputs_accept_aci_spellings_of_values() -> None:
     # Explicit null capabilities mean the runtime defaults; absent means the container's own.
     assert parse_input(EnforcementPoint.exec_in_container, {"container_id": "c", "argv": ["x"],
                                                             "capabilities": None}).capabilities is None
-    assert ex.to_json() == {"container_id": "c", "argv": ["x"], "env": [], "working_dir": "/",
-                            "user": {"id": "33", "name": "www"}}
+    # Like the identity, the env and working dir an exec leaves out are the container's own.
+    assert ex.env is INHERIT and ex.working_dir is INHERIT
+    assert ex.to_json() == {"container_id": "c", "argv": ["x"], "user": {"id": "33", "name": "www"}}
     assert isinstance(ex, ExecInContainerInput)
 
 

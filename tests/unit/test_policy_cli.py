@@ -45,6 +45,7 @@ def write_trace(path: Path, lines: list) -> Path:
 SETUP = [
     {"ep": "mount_device", "input": {"target": "/run/parma/layers/0", "device_hash": H0}},
     {"ep": "mount_device", "input": {"target": "/run/parma/layers/1", "device_hash": H1}},
+    {"ep": "scratch_mount", "input": {"target": "/run/parma/containers/web/scratch", "encrypted": True}},
     {"ep": "mount_overlay", "input": {"container_id": "web", "target": "/run/parma/containers/web/rootfs",
                                       "layer_paths": ["/run/parma/layers/1", "/run/parma/layers/0"]}},
 ]
@@ -97,8 +98,8 @@ def test_check_all_allowed_exits_0(tmp_path: Path, capsys) -> None:
     t = write_trace(tmp_path / "t.jsonl", ["# setup", *SETUP, "", CREATE])
     code, out, err = run(["policy", "check", str(p), str(t)], capsys)
     assert code == 0, err
-    assert len(out.splitlines()) == 4 and all("allowed" in line for line in out.splitlines())
-    assert "4 request(s), 0 denied" in err
+    assert len(out.splitlines()) == 5 and all("allowed" in line for line in out.splitlines())
+    assert "5 request(s), 0 denied" in err
 
 
 def test_check_denied_exits_1_with_json_lines(tmp_path: Path, capsys) -> None:
@@ -108,17 +109,18 @@ def test_check_denied_exits_1_with_json_lines(tmp_path: Path, capsys) -> None:
     code, out, _ = run(["policy", "check", "--format", "json", str(p), str(t)], capsys)
     assert code == 1
     lines = [json.loads(x) for x in out.splitlines()]
-    assert [x["allowed"] for x in lines] == [True, True, True, False, True, True]
-    assert lines[3]["reason"] == "create_container denied for 'web': env 'LD_PRELOAD=/x.so' matches no env_rule"
-    assert lines[4]["rolled_back"] and lines[4]["changes"] == []
-    assert lines[5]["results"]["env_list"] == ["PATH=/bin"] and lines[5]["changes"]
+    assert [x["allowed"] for x in lines] == [True, True, True, True, False, True, True]
+    assert lines[4]["reason"] == "create_container denied for 'web': env 'LD_PRELOAD=/x.so' matches no env_rule"
+    assert lines[5]["rolled_back"] and lines[5]["changes"] == []
+    assert lines[6]["results"]["env_list"] == ["PATH=/bin"] and lines[6]["changes"]
+    assert not any(x["refused_by_agent"] for x in lines)
     assert all(x["reason"] == "" for x in lines if x["allowed"])
 
 
 @pytest.mark.parametrize(("trace", "message"), [
     (['{"ep": "mount_devices", "input": {}}'], "t.jsonl:1: unknown enforcement point 'mount_devices'"),
     ([*SETUP, {"ep": "create_container", "input": {"container_id": "web"}}],
-     "t.jsonl:4: create_container: input.argv: required field is missing"),
+     "t.jsonl:5: create_container: input.argv: required field is missing"),
     (['{"ep": "mount_device", "input": {"target": "/x"'], "t.jsonl:1: not valid JSON"),
     (['{"input": {}}'], "t.jsonl:1: the field 'ep' (the enforcement point) is missing"),
     (['{"ep": "get_properties", "expect": "deny"}'], "t.jsonl:1: unknown field 'expect'"),

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.docblocks import blocks
+
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello"
 BUSYBOX_LAYOUT = REPO / "build" / "images" / "busybox"
@@ -87,11 +89,13 @@ def hello(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> dict:
     ensure_example_image()
     port = free_port()
     group = hello_group(tmp_path_factory.mktemp("hello"), port)
+    trace = group.parent / "hello.trace"
     t0 = time.monotonic()
-    r = cli("--progress", "plain", "up", "-d", "--name", NAME, "--format", "json", str(group), timeout=600)
+    r = cli("--progress", "plain", "up", "-d", "--name", NAME, "--format", "json", "--record-trace", str(trace),
+            str(group), timeout=600)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    return {"port": port, "summary": summary, "up_s": time.monotonic() - t0, "stderr": r.stderr}
+    return {"port": port, "summary": summary, "up_s": time.monotonic() - t0, "stderr": r.stderr, "trace": trace}
 
 
 def test_up_detached_serves_the_page_on_loopback(hello: dict) -> None:
@@ -138,6 +142,42 @@ def test_exec_of_an_unlisted_shell_is_denied_with_the_reason(cli: Cli, hello: di
     assert "denied by policy" in r.stderr and "not an exec_process" in r.stderr
     assert "/bin/cat" in r.stderr  # the explanation lists what is allowed
     assert cli("exec", NAME, "nope", "--", "/bin/true").returncode == 125
+
+
+def test_the_launch_trace_replays_offline(cli: Cli, hello: dict, tmp_path: Path) -> None:
+    """`up --record-trace` and `inspect --trace`: the requests the launch sent, as the agent checked them
+    (docs/policy-trace.md, whose example this run must reproduce). Replayed against the run's policy
+    every request is allowed; against the same policy without the probe container, the probe's create
+    is the first denial."""
+    recorded = hello["trace"].read_text()
+    assert cli("inspect", "--trace", NAME).stdout == recorded
+    info = json.loads(cli("inspect", NAME, "--format", "json").stdout)
+    lines = recorded.splitlines()
+    assert lines[0].startswith(f"# set_policy: policy sha256 {info['policy_hash']} installed")
+    requests = [json.loads(x) for x in lines if not x.startswith("#")]
+    # The device hashes the guest derived are the ones the host computed when it converted the layers.
+    assert {r["input"]["target"]: r["input"]["device_hash"] for r in requests if r["ep"] == "mount_device"} == \
+        {d["target"]: d["root_hash"] for d in info["devices"]}
+    example = next(b for b in blocks(REPO / "docs" / "policy-trace.md") if b.file == "hello.trace")
+
+    def body(text: str) -> list[str]:   # the policy hash names the group's image path, which differs here
+        return [x for x in text.splitlines() if not x.startswith("# set_policy:")]
+
+    assert body(recorded) == body(example.text), f"{example.where} is stale; this run recorded:\n{recorded}"
+
+    policy = Path(info["state_dir"]) / "policy.json"
+    r = cli("policy", "check", str(policy), str(hello["trace"]))
+    assert r.returncode == 0 and "DENIED" not in r.stdout and "REFUSED" not in r.stdout, r.stdout + r.stderr
+    doc = json.loads(policy.read_bytes())
+    doc["containers"] = [c for c in doc["containers"] if c["name"] != "probe"]
+    no_probe = tmp_path / "no-probe.json"
+    no_probe.write_text(json.dumps(doc))
+    r = cli("policy", "check", "--format", "json", str(no_probe), str(hello["trace"]))
+    first = next(o for o in map(json.loads, r.stdout.splitlines()) if not o["allowed"])
+    probe_create = next(n for n, x in enumerate(lines, start=1) if x.startswith('{"ep": "create_container", '
+                                                                                '"input": {"container_id": "probe"'))
+    assert r.returncode == 1 and (first["line"], first["ep"]) == (probe_create, "create_container"), r.stdout
+    assert "create_container denied for 'probe'" in first["reason"] and not first["refused_by_agent"]
 
 
 def test_an_interactive_shell_is_denied_with_the_reason_under_a_normal_policy(cli: Cli, hello: dict) -> None:

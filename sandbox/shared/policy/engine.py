@@ -336,8 +336,11 @@ _REMOVE = object()
 
 @dataclass(frozen=True)
 class ProcessIdentity:
-    """Who a container's process runs as, recorded at create_container: an exec inherits it."""
+    """How a container's process runs, recorded at create_container: an exec inherits what it leaves out.
+    The JSON keys are exec_in_container's input names."""
 
+    env: tuple[str, ...]          # the env_list the container got (after dropping)
+    working_dir: str
     user: NamedId
     groups: tuple[NamedId, ...]
     umask: str
@@ -345,7 +348,8 @@ class ProcessIdentity:
     no_new_privileges: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {"user": self.user.to_json(), "groups": [g.to_json() for g in self.groups], "umask": self.umask,
+        return {"env": list(self.env), "working_dir": self.working_dir, "user": self.user.to_json(),
+                "groups": [g.to_json() for g in self.groups], "umask": self.umask,
                 "capabilities": {k: list(v) for k, v in self.capabilities.sets().items()},
                 "no_new_privileges": self.no_new_privileges}
 
@@ -720,7 +724,8 @@ class PolicyEngine:
         env_list, survivors = self._narrow_env("create_container", who, survivors, a.env)
         caps_list, survivors = self._narrow_caps("create_container", who, survivors, a.capabilities, privileged)
         stdio = _stdio_agreement("create_container", who, survivors)
-        identity = ProcessIdentity(a.user, a.groups, a.umask, caps_list, a.no_new_privileges)
+        identity = ProcessIdentity(env_list, a.working_dir, a.user, a.groups, a.umask, caps_list,
+                                   a.no_new_privileges)
         return Results(env_list, caps_list, stdio), [
             ("matches", cid, survivors), ("started", cid, privileged), ("stdio", cid, stdio),
             ("process", cid, identity), ("stopped", cid, _REMOVE)]
@@ -828,7 +833,9 @@ class PolicyEngine:
             raise _Deny(f"exec_in_container denied for container {cid!r}: it has been shut down")
         privileged = state.started[cid]
         own = state.process[cid]
-        argv, working_dir = a.argv, a.working_dir
+        argv = a.argv
+        env = own.env if a.env is INHERIT else a.env
+        working_dir = own.working_dir if a.working_dir is INHERIT else a.working_dir
         user = own.user if a.user is INHERIT else a.user
         groups = own.groups if a.groups is INHERIT else a.groups
         umask = own.umask if a.umask is INHERIT else a.umask
@@ -847,7 +854,7 @@ class PolicyEngine:
 
         who = _container_subject(cid)
         survivors = _narrow("exec_in_container", who, candidates, mismatch)
-        env_list, survivors = self._narrow_env("exec_in_container", who, survivors, a.env)
+        env_list, survivors = self._narrow_env("exec_in_container", who, survivors, env)
         caps_list, survivors = self._narrow_caps("exec_in_container", who, survivors, capabilities, privileged)
         return Results(env_list, caps_list, state.stdio.get(cid, False)), [("matches", cid, survivors)]
 

@@ -19,7 +19,7 @@ import signal as signal_module
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from sandbox.shared.codec import Convert, FieldError, Message, NonEmpty, Sentinel, field_names, shown
+from sandbox.shared.codec import Convert, FieldError, Match, Message, NonEmpty, Sentinel, field_names, shown
 from sandbox.shared.errors import InputError
 from sandbox.shared.messages import (
     Capabilities,
@@ -57,7 +57,7 @@ ACI_NAMES = {"containerID": "container_id", "argList": "argv", "envList": "env",
 
 
 class Inherit(Sentinel):
-    """An exec's identity field the request leaves out: the container's own (recorded at create)."""
+    """An exec's field the request leaves out: the container's own (recorded at create_container)."""
 
     INHERIT = "inherit"
 
@@ -89,6 +89,8 @@ def _signal(value: Any) -> int:
 
 
 NonEmptyStr = Annotated[str, NonEmpty()]
+# A dm-verity root hash as the guest derives it (SHA-256): exactly how the policy spells layer and volume hashes.
+RootHash = Annotated[str, Match(r"[0-9a-f]{64}", "a dm-verity root hash: 64 lowercase hex digits")]
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ class _Input(Message):
 @dataclass(frozen=True)
 class MountDeviceInput(_Input):
     target: NonEmptyStr
-    device_hash: str          # the dm-verity root hash the guest derived from the device
+    device_hash: RootHash     # the dm-verity root hash the guest derived from the device
 
     @classmethod
     def from_request(cls, request: MountDeviceRequest, device_hash: str) -> MountDeviceInput:
@@ -182,13 +184,15 @@ class CreateContainerInput(_Input):
 
 @dataclass(frozen=True)
 class ExecInContainerInput(_Input):
-    """The identity fields default to what the container was created with: an exec runs as the
-    container's process unless the request says otherwise."""
+    """Every field but the argv defaults to what the container was created with: an exec runs as the
+    container's process (its env after dropping, its working dir, user, capabilities) unless the
+    request says otherwise. An explicit `env: []` is an empty environment, checked as such; hosts send
+    the container's env with each exec (containerd does), which is what leaving it out stands for."""
 
     container_id: NonEmptyStr
     argv: Strings
-    env: Strings = ()
-    working_dir: str = "/"
+    env: Strings | Inherit = INHERIT
+    working_dir: str | Inherit = INHERIT
     user: NamedId | Inherit = INHERIT
     groups: tuple[NamedId, ...] | Inherit = INHERIT
     umask: str | Inherit = INHERIT
