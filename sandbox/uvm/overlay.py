@@ -28,7 +28,7 @@ from sandbox.uvm.base import SOURCE_DATE_EPOCH, BaseArtifact, build_base, uvm_ca
 from sandbox.uvm.fetch import sha256_file
 from sandbox.uvm.source_tree import PACKAGE_DIR, UVM_IMAGE_DIR
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 # Dropped from the base tar: package-manager state and caches a read-only UVM never uses, unused stdlib
 # parts, and /dev (the kernel mounts devtmpfs there).
 DROP = re.compile(r"^(dev/.+|var/cache/.+|var/lib/apt/.+|var/log/.+|var/lib/dpkg/[^/]+-old"
@@ -123,6 +123,52 @@ def compile_agent(py: GuestPython, files: list[tuple[str, Path]], out_dir: Path)
     return result
 
 
+PYC_UNCHECKED_HASH = 0b01  # PEP 552 flags: hash-based (bit 0), check_source (bit 1) off
+PYC_CHECKED_DIRS = re.compile(r"^usr/lib/python3(\.\d+)?/")
+
+
+def check_pyc(name: str, header: bytes) -> None:
+    """Refuse a .pyc under /usr/lib/python3* that is not an unchecked-hash one (PEP 552).
+
+    The rootfs clamps every mtime, so a timestamp-based .pyc never matches its source in the guest:
+    Python would compile the module from source at every boot (and could not write the result).
+    """
+    flags = int.from_bytes(header[4:8], "little") if len(header) >= 16 else -1
+    if flags != PYC_UNCHECKED_HASH:
+        kind = {0: "timestamp-based", 0b11: "checked-hash"}.get(flags, "malformed")
+        raise StateError(f"/{name} in the UVM base is a {kind} .pyc, not an unchecked-hash one",
+                         hint="images/uvm/customize.sh compiles the stdlib with --invalidation-mode "
+                              "unchecked-hash; rebuild the base (delete its cache entry)")
+
+
+def agent_modules(files: list[tuple[str, Path]]) -> list[str]:
+    """The importable module names among the agent's files (sandbox, sandbox.guest.agent, ...)."""
+    names = []
+    for dest, _ in files:
+        if dest.endswith(".py"):
+            parts = PurePosixPath(dest).relative_to(AGENT_PREFIX).with_suffix("").parts
+            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return sorted(names)
+
+
+def build_dataclass_code(py: GuestPython, files: list[tuple[str, Path]], out_dir: Path) -> tuple[str, Path]:
+    """The dataclass code cache (sandbox/guest/dataclass_code.py) for the agent, made by the guest's python3.
+
+    One run imports every agent module from a copy of exactly the files the image gets and records the
+    sources `dataclasses` generates; a second, fresh run compiles them (deterministic: same interpreter,
+    PYTHONHASHSEED=0, nothing else in the process). Returns (path inside the image, file)."""
+    tree = out_dir / "dataclass-tree"
+    for dest, src in files:
+        target = tree / PurePosixPath(dest).relative_to(AGENT_PREFIX)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(src.read_bytes())
+    env = {**py.env, "PYTHONPATH": str(tree)}
+    entry = "import sys\nfrom sandbox.guest.dataclass_code import main\nmain(sys.argv[1:])\n"
+    sources = run([*py.argv, "-c", entry, "record"], input=json.dumps(agent_modules(files)).encode(), env=env).stdout
+    name = run([*py.argv, "-c", entry, "dump", out_dir], input=sources, env=env).stdout.decode().strip()
+    return f"{AGENT_PREFIX}/{name}", out_dir / name
+
+
 def _normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.mtime = min(int(info.mtime), SOURCE_DATE_EPOCH)
     info.uname = info.gname = ""
@@ -143,8 +189,9 @@ def write_rootfs_tar(base: BaseArtifact, out: Path) -> None:
     files = agent_files()
     with tempfile.TemporaryDirectory(prefix="uvm-overlay-") as tmp, guest_python(base.tar) as py:
         compiled = compile_agent(py, files, Path(tmp))
+        dataclass_cache = build_dataclass_code(py, files, Path(tmp))
         added: dict[str, tuple[tarfile.TarInfo, Path | None]] = {}
-        for dest, src in [*files, *compiled, (INIT_PATH, INIT_SCRIPT)]:
+        for dest, src in [*files, *compiled, dataclass_cache, (INIT_PATH, INIT_SCRIPT)]:
             parts = PurePosixPath(dest).parts
             for i in range(1, len(parts)):
                 d = "/".join(parts[:i])
@@ -158,6 +205,10 @@ def write_rootfs_tar(base: BaseArtifact, out: Path) -> None:
                 rel = m.name.removeprefix("./").rstrip("/")
                 if rel and DROP.match(rel):
                     continue
+                if m.isreg() and rel.endswith(".pyc") and PYC_CHECKED_DIRS.match(rel):
+                    header = src_tar.extractfile(m)
+                    assert header is not None
+                    check_pyc(rel, header.read(16))
                 entries[rel or "."] = (m, m)
             for rel, (info, src) in added.items():
                 if rel in entries and info.isdir():
