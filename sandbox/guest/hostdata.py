@@ -11,9 +11,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox.guest import snp_report
-from sandbox.shared.snp.report import parse_report
-
 HOST_DATA_LEN = 32
 
 
@@ -28,6 +25,10 @@ class HostData:
 
 
 def read_host_data() -> HostData:
+    # Imported here: the report backends and the SNP structures load with the first policy, not at boot.
+    from sandbox.guest import snp_report
+    from sandbox.shared.snp.report import parse_report
+
     try:
         result = snp_report.get_extended_report(bytes(64))
         report = parse_report(result.report)

@@ -13,7 +13,6 @@ import os
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,8 @@ def log(message: str) -> None:
 
 def _log_traceback() -> None:
     try:
+        import traceback  # only when something failed: traceback pulls in linecache and tokenize
+
         traceback.print_exc(file=sys.stderr)
     except Exception:  # as log()
         pass

@@ -16,23 +16,21 @@ import re
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, assert_never
+from typing import TYPE_CHECKING, Any, assert_never
 
-from sandbox.guest import blockdev, oci, runtime, snp_report, sysapi
+from sandbox.guest import oci, runtime, sysapi
 from sandbox.guest.gate import NO_POLICY_REASON, Gate
 from sandbox.guest.hostdata import HostData, read_host_data, uptime
+from sandbox.guest.lazy import LazyModule
 from sandbox.guest.runtime import Container, ContainerStatus, CrunError
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
 from sandbox.shared.codec import shown
 from sandbox.shared.errors import AttestationError, InputError
-from sandbox.shared.kbs_protocol import ATTEST_API_DIR
-from sandbox.shared.policy.engine import Decision
 from sandbox.shared.policy.inputs import (
     CreateContainerInput,
     ExecInContainerInput,
@@ -45,8 +43,19 @@ from sandbox.shared.policy.inputs import (
 )
 from sandbox.shared.protocol import ErrorCode, ProtocolError
 
+if TYPE_CHECKING:
+    from sandbox.guest import blockdev, snp_report
+    from sandbox.shared import kbs_protocol
+    from sandbox.shared.policy.engine import Decision
+else:
+    # Loaded on first use (see agent.py: after "ready", in the order `up` needs them): device-mapper and
+    # verity with the first mount, the report backends and their crypto with the first report.
+    blockdev = LazyModule("sandbox.guest.blockdev")
+    snp_report = LazyModule("sandbox.guest.snp_report")
+    kbs_protocol = LazyModule("sandbox.shared.kbs_protocol")
+
 AGENT_VERSION = "1"
-ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API in the background right after boot
+ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API when a container first binds it
 # What the host may ask before a policy is set: nothing that touches guest state.
 OPEN_REQUESTS = (M.PingRequest, M.SetPolicyRequest, M.GetReportRequest, M.PoweroffRequest)
 # Requests that block waiting (for output, for a process) and must not hold the state lock.
@@ -91,6 +100,9 @@ class AgentService:
         self.verbose_logging = False   # the policy's allow_runtime_logging (ep runtime_logging) turns it on
         self.poweroff_hook: Callable[[], None] = sysapi.power_off
         self.attest_api_started = threading.Event()   # set by the agent once the API socket is up (or failed)
+        # Starts the attestation API (the agent's hook; idempotent): on first use, as no container can
+        # reach it before a create_container binds it, and most groups never do.
+        self.start_attest_api: Callable[[], None] = lambda: None
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -181,6 +193,8 @@ class AgentService:
 
     def op_dump_stacks(self, r: M.DumpStacksRequest) -> M.DumpStacksResult:
         self.gate.require(r)
+        import traceback  # only for this debugging request: traceback pulls in linecache and tokenize
+
         frames = sys._current_frames()
         names = {t.ident: t.name for t in threading.enumerate()}
         text = "".join(f"--- thread {names.get(tid, tid)}\n" + "".join(traceback.format_stack(f))
@@ -384,10 +398,12 @@ class AgentService:
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}].destination must be an absolute path")
             if m.type != "bind":
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}]: only bind mounts")
-            if source == ATTEST_API_DIR:
+            if source == kbs_protocol.ATTEST_API_DIR:
                 # The attestation API socket directory (docs/kbs.md); the policy decides who gets it.
                 if "ro" not in options or "rw" in options:
-                    raise _err(ErrorCode.invalid_request, f"mounts[{i}]: {ATTEST_API_DIR} is bound read-only")
+                    raise _err(ErrorCode.invalid_request,
+                               f"mounts[{i}]: {kbs_protocol.ATTEST_API_DIR} is bound read-only")
+                self.start_attest_api()
                 if not self.attest_api_started.wait(ATTEST_API_START_TIMEOUT):
                     raise _err(ErrorCode.unavailable, "the attestation API has not started")
                 binds.append(M.ContainerMount(dest, source, "bind", options))

@@ -20,6 +20,7 @@ from pathlib import Path
 from sandbox.run import spawn
 
 READY_LINE = "parma-agent: ready"
+LINE_END_WAIT = 2.0     # seconds to wait for the rest of the marker's line once the marker is there
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,10 @@ def boot(spec: BootSpec, *, marker: str = READY_LINE, timeout: float = 30.0,
     sel.register(proc.stdout, selectors.EVENT_READ)
     want = marker.encode()
     stops = [p.encode() for p in stop_patterns]
+    deadline = start + timeout
     try:
         while True:
-            left = timeout - (time.monotonic() - start)
+            left = deadline - time.monotonic()
             if left <= 0:
                 break
             if not sel.select(timeout=min(left, 0.5)):
@@ -82,13 +84,18 @@ def boot(spec: BootSpec, *, marker: str = READY_LINE, timeout: float = 30.0,
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 proc.wait(timeout=5)
-                outcome = f"exited (code {proc.returncode})"
+                if seconds is None:
+                    outcome = f"exited (code {proc.returncode})"
                 break
             buf += chunk
-            if want in buf:
+            if seconds is None and want in buf:
                 seconds = time.monotonic() - start
                 outcome = "ready"
-                break
+                deadline = min(deadline, time.monotonic() + LINE_END_WAIT)
+            if seconds is not None:
+                if b"\n" in buf[buf.index(want):]:
+                    break   # the whole marker line: what follows the marker on it belongs to the result
+                continue
             if any(s in buf for s in stops):
                 outcome = "stop pattern"
                 break

@@ -1,0 +1,222 @@
+"""The agent's start-up: what "ready" imports, lazy modules, and the precompiled dataclass methods."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from sandbox.guest import dataclass_code
+from sandbox.guest.lazy import LazyModule
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Serving does not need these; each loads on first use or on the preload thread after "ready".
+NOT_AT_READY = ("sandbox.shared.policy.engine", "sandbox.shared.policy.model", "sandbox.guest.snp_report",
+                "sandbox.shared.crypto.p384", "sandbox.guest.blockdev", "sandbox.shared.verity",
+                "sandbox.guest.keyapi", "sandbox.shared.kbs_protocol", "hashlib", "_hashlib", "traceback",
+                "http.server", "sandbox.shared.rego")
+
+
+def _python(code: str, *, env: dict[str, str] | None = None) -> str:
+    return subprocess.run([sys.executable, "-S", "-c", textwrap.dedent(code)], cwd=REPO, check=True,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+                          ).stdout
+
+
+def test_ready_imports_only_what_serving_needs() -> None:
+    """The imports of agent.main() up to "ready", and a ping served by them, load none of NOT_AT_READY."""
+    out = _python("""
+        import json, sys
+        from sandbox.guest import agent, procs, sysapi, sysinit
+        from sandbox.guest.server import respond
+        from sandbox.guest.service import AgentService
+        service = AgentService(host_data=lambda: None)
+        reply = respond(service.handle, b'{"v": 1, "id": 1, "op": "ping", "payload": {}}')
+        assert json.loads(reply)["ok"], reply
+        print(json.dumps(sorted(sys.modules)))
+    """)
+    loaded = set(json.loads(out))
+    assert "sandbox.guest.service" in loaded
+    assert sorted(loaded.intersection(NOT_AT_READY)) == []
+
+
+def test_the_preload_list_names_the_lazy_modules() -> None:
+    from sandbox.guest import agent
+
+    assert set(agent.PRELOAD) <= set(NOT_AT_READY)
+    for name in agent.PRELOAD:
+        assert (REPO / (name.replace(".", "/") + ".py")).is_file(), name
+
+
+def test_the_attestation_api_starts_when_a_container_first_binds_it() -> None:
+    from sandbox.guest import agent
+    from sandbox.guest.service import AgentService
+    from sandbox.shared.kbs_protocol import ATTEST_API_DIR
+    from sandbox.shared.messages import ContainerMount
+
+    service = AgentService(host_data=lambda: None)  # type: ignore[arg-type, return-value]
+    calls = []
+    service.start_attest_api = lambda: calls.append(1) or service.attest_api_started.set()  # type: ignore[func-returns-value]
+    mount = ContainerMount(ATTEST_API_DIR, ATTEST_API_DIR, "bind", ("rbind", "ro"))
+    assert service._bind_mounts((mount,)) == (mount,)
+    assert calls == [1]
+    assert isinstance(agent.AttestationApiStarter(service), agent.AttestationApiStarter)
+
+
+def test_attestation_api_starter_starts_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.guest import agent
+
+    started = []
+    monkeypatch.setattr(agent, "start_attestation_api", lambda service: started.append(service))
+    starter = agent.AttestationApiStarter("service")  # type: ignore[arg-type]
+    threads = [threading.Thread(target=starter) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for t in threading.enumerate():
+        if t.name == "attestation-api-start":
+            t.join()
+    assert started == ["service"]
+
+
+def test_lazy_module_imports_on_first_attribute_read_once() -> None:
+    out = _python("""
+        import sys, threading
+        from sandbox.guest.lazy import LazyModule
+        lazy = LazyModule("sandbox.shared.snp.tcb")
+        before = "sandbox.shared.snp.tcb" in sys.modules
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(lazy.TcbVersion)) for _ in range(8)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        import sandbox.shared.snp.tcb as real
+        print(before, all(g is real.TcbVersion for g in got), len(got), repr(lazy))
+    """)
+    assert out.split(" ", 3)[:3] == ["False", "True", "8"]
+    assert "loaded" in out and "not loaded" not in out
+
+
+def test_lazy_module_reports_a_missing_name() -> None:
+    with pytest.raises(AttributeError):
+        LazyModule("sandbox.shared.snp.tcb").no_such_name  # noqa: B018
+
+
+MODULE = '''
+from dataclasses import dataclass, field
+
+@dataclass(frozen=True)
+class Point:
+    x: int
+    y: int = 0
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+@dataclass(order=True)
+class Box:
+    name: str
+    size: float = 1.0
+'''
+
+
+@pytest.fixture
+def module_dir(tmp_path: Path) -> Path:
+    (tmp_path / "dc_sample.py").write_text(MODULE)
+    return tmp_path
+
+
+def _build_cache(module_dir: Path, out_dir: Path) -> Path:
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(module_dir)]), "PYTHONHASHSEED": "0"}
+    entry = "import sys\nfrom sandbox.guest.dataclass_code import main\nmain(sys.argv[1:])\n"
+    run_env = {**os.environ, **env}
+    sources = subprocess.run([sys.executable, "-S", "-c", entry, "record"], input=json.dumps(["dc_sample"]),
+                             capture_output=True, text=True, check=True, env=run_env).stdout
+    name = subprocess.run([sys.executable, "-S", "-c", entry, "dump", str(out_dir)], input=sources,
+                          capture_output=True, text=True, check=True, env=run_env).stdout.strip()
+    assert name == dataclass_code.CACHE_NAME
+    return out_dir / name
+
+
+def test_recorded_sources_cover_every_generated_method(module_dir: Path, tmp_path: Path) -> None:
+    cache = _build_cache(module_dir, tmp_path)
+    codes = dataclass_code.load(cache.read_bytes())
+    names = {next(line.split("(")[0].split()[-1] for line in src.splitlines() if line.startswith(" def "))
+             for src in codes}
+    assert {"__init__", "__repr__", "__eq__", "__setattr__", "__delattr__", "__hash__", "__lt__"} <= names
+
+
+def test_the_cache_is_deterministic(module_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert _build_cache(module_dir, tmp_path / "a").read_bytes() == _build_cache(module_dir, tmp_path / "b").read_bytes()
+
+
+def test_classes_built_from_the_cache_are_the_same(module_dir: Path, tmp_path: Path) -> None:
+    cache = _build_cache(module_dir, tmp_path)
+    probe = """
+        import dis, json, sys
+        from sandbox.guest import dataclass_code
+        cached = dataclass_code.install(sys.argv[1]) if sys.argv[1] != "-" else None
+        import dc_sample as m
+        p = m.Point(1, tags=("a",))
+        out = {"repr": repr(p), "eq": p == m.Point(1, 0, ("a",)), "hash": hash(p) == hash(m.Point(1, 0, ("a",))),
+               "order": m.Box("a") < m.Box("b"), "doc": m.Point.__doc__,
+               "code": {f"{c.__name__}.{n}": getattr(c, n).__code__.co_code.hex() for c in (m.Point, m.Box)
+                        for n in ("__init__", "__repr__", "__eq__") },
+               "hits": cached.hits if cached else 0, "misses": cached.misses if cached else 0}
+        try:
+            p.x = 2
+        except Exception as e:
+            out["frozen"] = type(e).__name__
+        print(json.dumps(out))
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(module_dir)])}
+    with_cache = json.loads(subprocess.run([sys.executable, "-S", "-c", textwrap.dedent(probe), str(cache)],
+                                           capture_output=True, text=True, check=True, env=env).stdout)
+    without = json.loads(subprocess.run([sys.executable, "-S", "-c", textwrap.dedent(probe), "-"],
+                                        capture_output=True, text=True, check=True, env=env).stdout)
+    assert with_cache["hits"] > 0 and with_cache["misses"] == 0
+    for key in ("repr", "eq", "hash", "order", "doc", "code", "frozen"):
+        assert with_cache[key] == without[key], key
+    assert with_cache["frozen"] == "FrozenInstanceError"
+
+
+def test_a_cache_for_another_interpreter_or_garbage_is_ignored(tmp_path: Path) -> None:
+    import dataclasses
+
+    for data in (b"", b"garbage", b"parma-sandbox dataclass code v1\ncpython-39 00000000\n" + b"\x00" * 8):
+        path = tmp_path / "cache"
+        path.write_bytes(data)
+        assert dataclass_code.install(str(path)) is None
+        assert "exec" not in vars(dataclasses)
+    assert dataclass_code.install(str(tmp_path / "absent")) is None
+
+
+def test_a_miss_compiles_as_the_builtin_would(tmp_path: Path) -> None:
+    import dataclasses
+
+    path = tmp_path / "cache"
+    path.write_bytes(dataclass_code.dump(["x = 1\n"]))
+    cached = dataclass_code.install(str(path))
+    assert cached is not None
+    try:
+        namespace: dict[str, object] = {}
+        cached("x = 1\n", namespace)
+        cached("y = 2\n", namespace)
+        assert (namespace["x"], namespace["y"]) == (1, 2)
+        assert (cached.hits, cached.misses) == (1, 1)
+
+        @dataclasses.dataclass(frozen=True)
+        class Fresh:
+            a: int
+
+        assert Fresh(1) == Fresh(1) and cached.misses > 1
+    finally:
+        dataclass_code.uninstall()
+    assert "exec" not in vars(dataclasses)
