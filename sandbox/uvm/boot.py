@@ -55,14 +55,16 @@ class BootResult:
     elapsed: float                  # until we stopped watching
     outcome: str                    # "ready", "exited (code N)" or "timeout"
     console: str = field(repr=False)
+    marks: dict[str, float] = field(default_factory=dict)   # QEMU spawn -> each `also` marker seen
 
     def tail(self, lines: int = 25) -> str:
         return "\n".join(self.console.splitlines()[-lines:])
 
 
 def boot(spec: BootSpec, *, marker: str = READY_LINE, timeout: float = 30.0,
-         stop_patterns: Sequence[str] = ()) -> BootResult:
-    """Boot and wait for `marker` (or an early QEMU exit, or a stop pattern, or the timeout); then kill QEMU."""
+         stop_patterns: Sequence[str] = (), also: Sequence[str] = ()) -> BootResult:
+    """Boot and wait for `marker`'s line (or an early QEMU exit, or a stop pattern, or the timeout); then kill
+    QEMU. The times of the `also` markers that appear on the way are in the result's marks."""
     start = time.monotonic()
     proc = spawn(spec.argv(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, new_session=True)
     assert proc.stdout is not None
@@ -73,6 +75,7 @@ def boot(spec: BootSpec, *, marker: str = READY_LINE, timeout: float = 30.0,
     sel.register(proc.stdout, selectors.EVENT_READ)
     want = marker.encode()
     stops = [p.encode() for p in stop_patterns]
+    marks: dict[str, float] = {}
     deadline = start + timeout
     try:
         while True:
@@ -88,6 +91,9 @@ def boot(spec: BootSpec, *, marker: str = READY_LINE, timeout: float = 30.0,
                     outcome = f"exited (code {proc.returncode})"
                 break
             buf += chunk
+            for m in also:
+                if m not in marks and m.encode() in buf:
+                    marks[m] = time.monotonic() - start
             if seconds is None and want in buf:
                 seconds = time.monotonic() - start
                 outcome = "ready"
@@ -109,4 +115,4 @@ def boot(spec: BootSpec, *, marker: str = READY_LINE, timeout: float = 30.0,
         rest = proc.stdout.read() or b""
         proc.stdout.close()
     return BootResult(ready=seconds is not None, seconds=seconds, elapsed=elapsed, outcome=outcome,
-                      console=(buf + rest).decode(errors="replace"))
+                      console=(buf + rest).decode(errors="replace"), marks=marks)

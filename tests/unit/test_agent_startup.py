@@ -145,7 +145,9 @@ def _build_cache(module_dir: Path, out_dir: Path) -> Path:
 
 def test_recorded_sources_cover_every_generated_method(module_dir: Path, tmp_path: Path) -> None:
     cache = _build_cache(module_dir, tmp_path)
-    codes = dataclass_code.load(cache.read_bytes())
+    packed = dataclass_code.load(cache.read_bytes())
+    assert list(packed) == ["dc_sample"]
+    codes = dataclass_code.unpack(packed["dc_sample"])
     names = {next(line.split("(")[0].split()[-1] for line in src.splitlines() if line.startswith(" def "))
              for src in codes}
     assert {"__init__", "__repr__", "__eq__", "__setattr__", "__delattr__", "__hash__", "__lt__"} <= names
@@ -190,7 +192,7 @@ def test_classes_built_from_the_cache_are_the_same(module_dir: Path, tmp_path: P
 def test_a_cache_for_another_interpreter_or_garbage_is_ignored(tmp_path: Path) -> None:
     import dataclasses
 
-    for data in (b"", b"garbage", b"parma-sandbox dataclass code v1\ncpython-39 00000000\n" + b"\x00" * 8):
+    for data in (b"", b"garbage", b"parma-sandbox dataclass code v2\ncpython-39 0x30900f0\n" + b"\x00" * 8):
         path = tmp_path / "cache"
         path.write_bytes(data)
         assert dataclass_code.install(str(path)) is None
@@ -202,15 +204,17 @@ def test_a_miss_compiles_as_the_builtin_would(tmp_path: Path) -> None:
     import dataclasses
 
     path = tmp_path / "cache"
-    path.write_bytes(dataclass_code.dump(["x = 1\n"]))
+    path.write_bytes(dataclass_code.dump({"m": ["x = 1\n"]}))
     cached = dataclass_code.install(str(path))
     assert cached is not None
     try:
-        namespace: dict[str, object] = {}
+        namespace: dict[str, object] = {"__name__": "m"}
         cached("x = 1\n", namespace)
         cached("y = 2\n", namespace)
+        cached("z = 3\n", {"__name__": "elsewhere"})
         assert (namespace["x"], namespace["y"]) == (1, 2)
-        assert (cached.hits, cached.misses) == (1, 1)
+        assert (cached.hits, cached.misses) == (1, 2)
+        assert list(cached.codes) == ["m"]   # unpacked on first use; no part for "elsewhere"
 
         @dataclasses.dataclass(frozen=True)
         class Fresh:
