@@ -22,6 +22,7 @@ BASE_PACKAGES=(
     nasm acpica-tools uuid-dev g++ patch  # edk2 build: the AmdSev OVMF for SEV-SNP
     busybox-static             # trivial-init baseline in the boot benchmark
     python3-venv python3-dev    # the project venv (Debian python needs these)
+    python3-cryptography       # tools tests: the agent's crypto against the UVM's exact library version
     curl zstd ca-certificates
     containerd                 # containerd + ctr: the vm tests of containerd-shim-parma-v2
 )

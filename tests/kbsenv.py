@@ -69,6 +69,11 @@ def running_broker(store: KbsStore, *, ttl: float = 60.0, challenges: ChallengeS
         thread.join(5)
 
 
+# The agent refuses broker locations inside the guest, loopback included (sandbox/guest/broker_address.py).
+# Tests that run the agent's client on the host reach their 127.0.0.1 broker with a plain connection.
+LOOPBACK_BROKER = http.client.HTTPConnection
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
+from sandbox.attest import der
 from sandbox.attest.roots import CertRole
-from sandbox.shared.crypto import der
 from sandbox.shared.errors import InputError
 
 AMD_ARC = "1.3.6.1.4.1.3704.1"

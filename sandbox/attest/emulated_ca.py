@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from sandbox.attest import der
 from sandbox.attest.amd_certs import (
     OID_HWID,
     OID_PRODUCT_NAME,
@@ -35,7 +36,6 @@ from sandbox.attest.amd_certs import (
 from sandbox.attest.roots import fingerprint
 from sandbox.fsutil import atomic_dir, file_lock
 from sandbox.paths import cache_dir
-from sandbox.shared.crypto import der
 from sandbox.shared.errors import StateError
 from sandbox.shared.snp.product import Cpuid, Product, layout_of
 from sandbox.shared.snp.report import FirmwareVersion

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from sandbox.attest.amd_certs import load_certificate_file
 from sandbox.attest.emulated_ca import load_emulated_ca
@@ -28,9 +29,8 @@ from sandbox.attest.verify import Expectations, Status, verify_report
 from sandbox.cli.common import emit, format_option, info, render_table
 from sandbox.fsutil import atomic_write
 from sandbox.progress import step
-from sandbox.shared.crypto.p384 import PublicKey
 from sandbox.shared.errors import CheckFailed, GuestError, InputError
-from sandbox.shared.snp.binding import report_data_for
+from sandbox.shared.snp.binding import MAX_NONCE, MIN_NONCE, report_data_for
 from sandbox.shared.snp.cert_table import parse_cert_table
 from sandbox.shared.snp.evidence import ReportEvidence
 from sandbox.shared.snp.key_info import SigningKey
@@ -270,12 +270,12 @@ def verify(report_file: Path, certs_dir: Path | None, vek_file: Path | None, cha
 
 # --- report -------------------------------------------------------------------------------------
 
-NONCE_SIZES = (16, 64)  # bytes; the agent's get_report takes at most 64
+NONCE_SIZES = (MIN_NONCE, MAX_NONCE)  # bytes, as the agent's get_report takes them (sandbox/shared/snp/binding.py)
 
 
 @attest.command("report")
 @click.argument("name")
-@click.option("--nonce", help="Verifier nonce, 16..64 bytes of hex (default: 32 random bytes).")
+@click.option("--nonce", help=f"Verifier nonce, {MIN_NONCE}..{MAX_NONCE} bytes of hex (default: 32 random bytes).")
 @click.option("-o", "--output", type=PathArg, help="Write the evidence document here (default: stdout).")
 @format_option
 def report(name: str, nonce: str | None, output: Path | None, fmt: str | None) -> None:
@@ -328,13 +328,14 @@ def _runtime_key_der(path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read runtime key {path}: {e.strerror}") from e
-    if b"-----BEGIN PUBLIC KEY-----" in data:
-        try:
-            key = serialization.load_pem_public_key(data)
-        except ValueError as e:
-            raise InputError(f"{path}: not a PEM public key ({e})") from e
-        data = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return PublicKey.from_der(data).to_der()  # validates: a P-384 SubjectPublicKeyInfo
+    pem = b"-----BEGIN PUBLIC KEY-----" in data
+    try:
+        key = serialization.load_pem_public_key(data) if pem else serialization.load_der_public_key(data)
+    except ValueError as e:
+        raise InputError(f"{path}: not a {'PEM' if pem else 'DER'} public key ({e})") from e
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
+        raise InputError(f"{path}: not an EC P-384 public key", hint="the agent's runtime key is P-384")
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 commands = [attest]

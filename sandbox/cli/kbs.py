@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import signal
 import sys
 import threading
@@ -12,10 +13,11 @@ from typing import Any
 
 import click
 
-from sandbox.cli.common import emit, format_option, info, render_table, resolve_format
+from sandbox.cli.common import OutputFormat, emit, format_option, info, render_table, resolve_format
 from sandbox.kbs.audit import AuditLog, Event
+from sandbox.kbs.reference import DEFAULT_MANIFEST, manifest_measurements
 from sandbox.kbs.server import DEFAULT_MAX_CONNECTIONS, make_server, parse_listen
-from sandbox.kbs.store import KbsStore, ReleasePolicy, default_store, new_secret
+from sandbox.kbs.store import KbsStore, ReleasePolicy, check_host_data, default_store, new_secret
 from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.kbs_protocol import MAX_SECRET_SIZE
 
@@ -58,8 +60,12 @@ def serve(listen: str, store_dir: Path | None, challenge_ttl: float, max_connect
     service.audit.append(Event.SERVE, url=server.url, broker_key=service.pin, store=str(store.root))
     doc = {"url": server.url, "public_key_sha256": service.pin, "store": str(store.root),
            "secrets": len(store.names())}
-    emit(doc, fmt, lambda d: f"kbs: listening on {d['url']}\nkbs: broker key sha256 {d['public_key_sha256']}\n"
-                             f"kbs: store {d['store']} ({d['secrets']} secrets)")
+    if resolve_format(fmt) == OutputFormat.json:
+        # One line, printed once the socket listens: a supervisor can read it and start using the broker.
+        click.echo(json.dumps(doc, sort_keys=True))
+    else:
+        click.echo(f"kbs: listening on {doc['url']}\nkbs: broker key sha256 {doc['public_key_sha256']}\n"
+                   f"kbs: store {doc['store']} ({doc['secrets']} secrets)")
     sys.stdout.flush()
 
     def stop(_signum: int, _frame: Any) -> None:
@@ -92,7 +98,8 @@ def key(store_dir: Path | None, fmt: str | None) -> None:
 
 @kbs.command("audit")
 @store_option
-@click.option("--verify", "check", is_flag=True, help="Check the hash chain; exit 1 if it is broken.")
+@click.option("--verify", "check", is_flag=True,
+              help="Check the hash chain and its head (nothing removed, inserted, edited or cut off); exit 1 if not.")
 @click.option("--tail", type=click.IntRange(0), default=0, help="Only the last N records (0: all).")
 @format_option
 def audit(store_dir: Path | None, check: bool, tail: int, fmt: str | None) -> None:
@@ -100,11 +107,14 @@ def audit(store_dir: Path | None, check: bool, tail: int, fmt: str | None) -> No
     log = AuditLog(_store(store_dir, create=False).audit_path)
     if check:
         result = log.verify()
-        emit({"records": result.records, "intact": result.intact, "problems": list(result.problems)}, fmt,
-             lambda d: f"{d['records']} records, chain {'intact' if d['intact'] else 'BROKEN'}"
-                       + "".join(f"\n  {p}" for p in d["problems"]))
+        head = result.head
+        emit({"records": result.records, "intact": result.intact, "problems": list(result.problems),
+              "head": None if head is None else {"records": head.records, "size": head.size, "last": head.last}},
+             fmt, lambda d: f"{d['records']} records, chain {'intact' if d['intact'] else 'BROKEN'}"
+                            + "".join(f"\n  {p}" for p in d["problems"]))
         if not result.intact:
-            raise CheckFailed(f"the audit log's hash chain is broken ({len(result.problems)} problems)")
+            raise CheckFailed(f"the audit log is not intact ({len(result.problems)} problem"
+                              f"{'s' if len(result.problems) != 1 else ''})")
         return
     records = list(log.records())
     if tail:
@@ -149,30 +159,68 @@ def _policy_hashes(policy_files: tuple[Path, ...], hashes: tuple[str, ...]) -> l
 @click.option("--policy-hash", "policy_hashes", multiple=True,
               help="Release only to this HOST_DATA (64 hex digits, as 'policy hash' prints). Repeatable.")
 @click.option("--measurement", "measurements", multiple=True,
-              help="Also require this launch MEASUREMENT (96 hex digits). Repeatable.")
-@click.option("--min-tcb", help="Minimum REPORTED_TCB: bl=N,tee=N,snp=N,ucode=N[,fmc=N].")
+              help="Release only to a UVM with this launch MEASUREMENT (96 hex digits). Repeatable. "
+                   "Default: every measurement in the UVM manifest.")
+@click.option("--uvm-manifest", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The UVM manifest whose measurements bind the secret (default: build/uvm/manifest.json of "
+                   "this checkout, which 'parma-sandbox build uvm' writes).")
+@click.option("--any-uvm", is_flag=True,
+              help="Release to ANY UVM whose HOST_DATA matches, whatever kernel and rootfs it runs. Rarely right: "
+                   "a host can boot its own UVM with your policy's HOST_DATA.")
+@click.option("--min-tcb", help="Minimum REPORTED_TCB: bl=N,tee=N,snp=N,ucode=N[,fmc=N] or 16 hex digits. "
+                                "Required unless --allow-emulated.")
 @click.option("--allow-emulated", is_flag=True,
               help="Accept evidence from this installation's emulated PSP (laptops, CI). Never for real secrets.")
 @click.option("--replace", is_flag=True, help="Overwrite an existing secret of that name.")
 @store_option
 @format_option
 def put(name: str, file: Path, policy_files: tuple[Path, ...], policy_hashes: tuple[str, ...],
-        measurements: tuple[str, ...], min_tcb: str | None, allow_emulated: bool, replace: bool,
-        store_dir: Path | None, fmt: str | None) -> None:
-    """Store secret NAME with its release policy (written 0600, atomically)."""
+        measurements: tuple[str, ...], uvm_manifest: Path | None, any_uvm: bool, min_tcb: str | None,
+        allow_emulated: bool, replace: bool, store_dir: Path | None, fmt: str | None) -> None:
+    """Store secret NAME with its release policy (written 0600, atomically).
+
+    The secret goes only to evidence for the given execution policy (HOST_DATA) from a UVM whose launch
+    measurement is one of its reference values (the UVM manifest's, by default), with at least --min-tcb,
+    never a debug guest, at VMPL 0."""
     if not policy_files and not policy_hashes:
         raise InputError("a secret needs a release policy: pass --policy FILE or --policy-hash HEX",
                          hint="'parma-sandbox policy gen group.json -o policy.json' writes the policy")
-    policy = ReleasePolicy(tuple(_policy_hashes(policy_files, policy_hashes)), tuple(measurements), min_tcb,
-                           allow_emulated)
+    host_data = check_host_data(_policy_hashes(policy_files, policy_hashes))
+    if any_uvm and (measurements or uvm_manifest):
+        raise InputError("--any-uvm contradicts --measurement and --uvm-manifest",
+                         hint="bind the secret to measurements, or (rarely) to any UVM, not both")
+    source = "--measurement"
+    if not measurements and not any_uvm:
+        manifest = uvm_manifest or DEFAULT_MANIFEST
+        try:
+            measurements = manifest_measurements(manifest)
+        except InputError as e:
+            raise InputError(f"secret {name!r} must be bound to the UVM it may go to, and {e.message}",
+                             hint=f"{e.hint}; HOST_DATA alone would let a host's own UVM have it (say --any-uvm "
+                                  "if that is really meant)") from None
+        source = str(manifest)
+    if min_tcb is None and not allow_emulated:
+        raise InputError(f"secret {name!r} needs --min-tcb: SEV-SNP evidence is trusted only from firmware at "
+                         "least that recent",
+                         hint="e.g. --min-tcb bl=7,tee=0,snp=14,ucode=72 ('parma-sandbox attest display' shows a "
+                              "report's REPORTED_TCB); --min-tcb 0 accepts any")
+    policy = ReleasePolicy(host_data, tuple(measurements), min_tcb, allow_emulated, any_uvm)
     record = new_secret(name, _read_value(file), policy)
     store = _store(store_dir)
     store.put(record, replace=replace)
     AuditLog(store.audit_path).append(Event.PUT, secret=name, secret_sha256=record.sha256, replace=replace,
                                       release_policy=policy.to_dict())
-    emit(_summary(record), fmt, lambda d: f"stored {d['name']} ({d['size']} bytes, sha256 {d['sha256']})")
+    uvm = ("ANY UVM with that HOST_DATA" if any_uvm
+           else f"{len(policy.measurement)} UVM measurement{'s' if len(policy.measurement) != 1 else ''} "
+                f"(from {source})")
+    emit(_summary(record), fmt, lambda d: f"stored {d['name']} ({d['size']} bytes, sha256 {d['sha256']}); "
+                                          f"released to {uvm}")
+    if any_uvm:
+        info("warning: --any-uvm: a host that boots its own kernel and rootfs with this HOST_DATA gets this secret")
     if allow_emulated:
         info("note: this secret will also be released to EMULATED evidence (no AMD hardware vouches for it)")
+        if min_tcb is None:
+            info("note: without --min-tcb it is released to emulated evidence only, never to SEV-SNP hardware")
 
 
 def _summary(record: Any) -> dict[str, Any]:
@@ -187,12 +235,17 @@ def list_secrets(store_dir: Path | None, fmt: str | None) -> None:
     """List stored secrets and their release policies (never the values)."""
     records = [_summary(r) for r in _store(store_dir).list()]
 
+    def uvm(policy: dict[str, Any]) -> str:
+        if policy["any_uvm"]:
+            return "ANY (--any-uvm)"
+        return str(len(policy["measurement"])) if policy["measurement"] else "NONE: re-store (HOST_DATA only)"
+
     def table(items: list[dict[str, Any]]) -> str:
         rows = [(d["name"], d["size"], ", ".join(h[:16] for h in d["release_policy"]["host_data"]),
-                 "any" if not d["release_policy"]["measurement"] else len(d["release_policy"]["measurement"]),
-                 d["release_policy"]["min_tcb"] or "-", "yes" if d["release_policy"]["allow_emulated"] else "no",
-                 d["created"]) for d in items]
-        return render_table(["name", "bytes", "host_data", "measurement", "min tcb", "emulated", "created"], rows)
+                 uvm(d["release_policy"]), d["release_policy"]["min_tcb"] or "-",
+                 "yes" if d["release_policy"]["allow_emulated"] else "no", d["created"]) for d in items]
+        return render_table(["name", "bytes", "host_data", "uvm measurements", "min tcb", "emulated", "created"],
+                            rows)
 
     emit(records, fmt, table)
 

@@ -1,4 +1,8 @@
-"""`parma-sandbox validate group.json`: check a group spec without touching the network."""
+"""`parma-sandbox validate group.json`: check a group spec without touching the network.
+
+Besides the spec itself, local images (`oci:` layouts and `docker-archive:` tarballs) must exist and hold
+the named tag, so that a typo is found here rather than by `up`. Registry images are not contacted.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ import click
 
 from sandbox.cli.common import emit, format_option
 from sandbox.cli.template_options import template_options, volume_paths
-from sandbox.group import GroupSpec, load_group
+from sandbox.group import GroupSpec, ValidationError, load_group
 from sandbox.group.spec import check_device_count
+from sandbox.images.local import check_local_image
 from sandbox.shared.errors import SandboxError
 
 
@@ -53,6 +58,14 @@ def count_layer_disks(spec: GroupSpec) -> tuple[int, list[str]]:
 def validate(group_file: Path, template_group: str | None, volumes: tuple[str, ...], fmt: str | None) -> None:
     """Validate GROUP_FILE (exit 0 when valid, 2 with every problem listed otherwise)."""
     spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
+    problems = [f"{where}[{i}].image: {why}"
+                for where, containers in (("initContainers", spec.init_containers), ("containers", spec.containers))
+                for i, c in enumerate(containers)
+                if (why := check_local_image(c.image, base_dir=spec.base_dir))]
+    if problems:
+        raise ValidationError(str(group_file), problems,
+                              hint="local image paths are relative to the group file; "
+                                   "'parma-sandbox image layers REF' reads one on its own")
     layers, uncounted = count_layer_disks(spec)
     check_device_count(spec, layers, source=str(group_file))
     summary = {"valid": True, "file": str(group_file), **group_summary(spec), "layerDisks": layers,

@@ -14,13 +14,13 @@ which containers may attest or ask for keys; every other container has no path t
   POST /key/release   {"name": NAME} -> {"name": NAME, "secret": b64}
                       (or the raw bytes with `Accept: application/octet-stream`)
   errors              -> {"error": "..."}: 400 bad request, 403 the broker refused (its reason),
-                         502 broker unreachable or not trusted, 503 not configured
+                         502 broker unreachable, not trusted or its location refused, 503 not configured
 
 For /key/release the agent runs the broker protocol itself (sandbox/shared/kbs_protocol.py) with its
 own runtime key: challenge, evidence with REPORT_DATA = SHA-512(nonce || runtime key), then the
 sealed secret, which it opens only if the broker's key is pinned by the policy (`key_brokers`). The
 broker's address comes from the host (fw_cfg FW_CFG_KBS_URL) and is not trusted: a wrong address
-can only make the release fail.
+can only make the release fail, and one that points into the guest is refused (broker_address.py).
 """
 
 from __future__ import annotations
@@ -43,25 +43,32 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from sandbox.guest import snp_report
+from sandbox.guest import keys, snp_report
+from sandbox.guest.broker_address import BrokerAddressRefused, CheckedConnection
+from sandbox.guest.keys import CryptoError, RuntimeKey
 from sandbox.shared.bounded_server import BoundedThreadingMixIn
-from sandbox.shared.crypto.p384 import PrivateKey
 from sandbox.shared.errors import InputError, KeyReleaseRefused, NetworkError, SandboxError
+from sandbox.shared.jsonstrict import loads_bounded
 from sandbox.shared.kbs_protocol import (
     ATTEST_API_SOCKET,
     CHALLENGE_PATH,
     FW_CFG_KBS_URL,
+    KEY_SIZE,
     MAX_RESPONSE_BYTES,
     RELEASE_PATH,
     BrokerNotTrusted,
     Sealed,
     check_secret_name,
-    open_sealed,
+    header,
+    key_info,
+    key_pin,
+    signed_bytes,
 )
+from sandbox.shared.snp.binding import MAX_NONCE, MIN_NONCE
 
 MAX_BODY = 64 * 1024
 READ_TIMEOUT = 10.0
-BROKER_TIMEOUT = 60.0   # a TCG guest signs its report in pure Python: give the exchange time
+BROKER_TIMEOUT = 60.0   # the broker may fetch a VCEK from AMD's KDS; a TCG guest is slow too
 MAX_CONNECTIONS = 8
 FW_CFG_DIR = Path("/sys/firmware/qemu_fw_cfg/by_name")
 
@@ -81,12 +88,20 @@ def read_broker_url(fw_cfg_dir: Path = FW_CFG_DIR) -> str | None:
 
 # --- the agent's key broker client -----------------------------------------------------------------
 
-def _post_json(url: str, path: str, body: dict[str, Any], timeout: float) -> tuple[int, Any]:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise NotConfigured(f"key broker URL {url!r} is not http://HOST[:PORT]",
+ConnectionFactory = Callable[..., http.client.HTTPConnection]  # (host, port, timeout=) -> connection
+
+
+def _post_json(url: str, path: str, body: dict[str, Any], timeout: float,
+               connection: ConnectionFactory) -> tuple[int, Any]:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or 80
+    except ValueError:
+        parts, port = None, 0
+    if parts is None or parts.scheme != "http" or not parts.hostname:
+        raise NotConfigured(f"key broker URL {url[:200]!r} is not http://HOST[:PORT]",
                             hint="the exchange is authenticated end to end; plain HTTP is all it needs")
-    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    conn = connection(parts.hostname, port, timeout=timeout)
     try:
         data = json.dumps(body).encode()
         conn.request("POST", parts.path.rstrip("/") + path, body=data,
@@ -101,9 +116,9 @@ def _post_json(url: str, path: str, body: dict[str, Any], timeout: float) -> tup
     if len(raw) > MAX_RESPONSE_BYTES:
         raise NetworkError(f"key broker {url}: response larger than {MAX_RESPONSE_BYTES} bytes")
     try:
-        return status, json.loads(raw)
-    except ValueError:
-        raise NetworkError(f"key broker {url}: HTTP {status} with a body that is not JSON") from None
+        return status, loads_bounded(raw, f"key broker {url}: HTTP {status} body")
+    except InputError as e:
+        raise NetworkError(e.message) from None
 
 
 def _broker_error(status: int, doc: Any, url: str) -> SandboxError:
@@ -117,24 +132,59 @@ def _broker_error(status: int, doc: Any, url: str) -> SandboxError:
 EvidenceFn = Callable[[bytes], Any]  # nonce -> ReportEvidence
 
 
-def release_secret(url: str, name: str, *, evidence_for: EvidenceFn, runtime_key: PrivateKey,
-                   pins: frozenset[str], timeout: float = BROKER_TIMEOUT) -> bytes:
-    """Run the broker protocol for secret `name` and return its value, authenticated by a pinned key."""
+def open_sealed(sealed: Sealed, *, secret: str, nonce: bytes, runtime_key: RuntimeKey,
+                pins: frozenset[str] | set[str]) -> bytes:
+    """Authenticate the broker and the exchange, then decrypt (the format: kbs_protocol.py). The
+    header is rebuilt from what this guest asked for, never taken from the response."""
+    pin = key_pin(sealed.broker_public_key)
+    if pin not in pins:
+        raise BrokerNotTrusted(f"the response comes from key broker {pin[:16]}..., which the execution policy "
+                               "does not pin (key_brokers)",
+                               hint="a host can run its own broker; only the policy's brokers are trusted")
+    aad = header(secret=secret, nonce=nonce, runtime_public_key=runtime_key.public_der,
+                 ephemeral_public_key=sealed.ephemeral_public_key, broker_public_key=sealed.broker_public_key)
+    try:
+        signed = keys.verify_p384(sealed.broker_public_key, signed_bytes(aad, sealed.iv, sealed.ciphertext),
+                                  sealed.signature)
+    except CryptoError as e:
+        raise BrokerNotTrusted(f"the broker's key is malformed: {e}") from None
+    if not signed:
+        raise BrokerNotTrusted("the broker's signature does not verify for this request "
+                               "(wrong secret, nonce or runtime key, or altered in transit)")
+    try:
+        shared_secret = runtime_key.exchange(sealed.ephemeral_public_key)
+    except CryptoError as e:
+        raise BrokerNotTrusted(f"the broker's ephemeral key is malformed: {e}") from None
+    key = keys.hkdf_sha384(shared_secret, salt=nonce, info=key_info(aad), length=KEY_SIZE)
+    try:
+        return keys.aes_gcm_decrypt(key, sealed.iv, sealed.ciphertext, aad)
+    except CryptoError as e:
+        raise BrokerNotTrusted(f"the sealed secret does not decrypt: {e}") from None
+
+
+def release_secret(url: str, name: str, *, evidence_for: EvidenceFn, runtime_key: RuntimeKey,
+                   pins: frozenset[str], timeout: float = BROKER_TIMEOUT,
+                   connection: ConnectionFactory = CheckedConnection) -> bytes:
+    """Run the broker protocol for secret `name` and return its value, authenticated by a pinned key.
+
+    `connection` refuses broker locations inside the guest (broker_address.py); tests on the host
+    pass http.client.HTTPConnection to reach a broker on 127.0.0.1."""
     check_secret_name(name)
     if not pins:
         raise NotConfigured("the execution policy pins no key broker (key_brokers), so no secret can be trusted",
                             hint="generate the policy with 'policy gen --kbs URL' or 'up --kbs URL'")
-    status, doc = _post_json(url, CHALLENGE_PATH, {}, timeout)
+    status, doc = _post_json(url, CHALLENGE_PATH, {}, timeout, connection)
     if status != HTTPStatus.OK:
         raise _broker_error(status, doc, url)
     try:
         nonce = bytes.fromhex(doc["nonce"])
     except (TypeError, KeyError, ValueError):
         raise NetworkError(f"key broker {url}: the challenge has no valid nonce") from None
-    if not 16 <= len(nonce) <= 64:
-        raise NetworkError(f"key broker {url}: a {len(nonce)}-byte nonce (expected 16..64)")
+    if not MIN_NONCE <= len(nonce) <= MAX_NONCE:
+        raise NetworkError(f"key broker {url}: a {len(nonce)}-byte nonce (expected {MIN_NONCE}..{MAX_NONCE})")
     evidence = evidence_for(nonce)
-    status, doc = _post_json(url, RELEASE_PATH, {"secret": name, "evidence": evidence.to_payload()}, timeout)
+    status, doc = _post_json(url, RELEASE_PATH, {"secret": name, "evidence": evidence.to_payload()}, timeout,
+                             connection)
     if status != HTTPStatus.OK:
         raise _broker_error(status, doc, url)
     if not isinstance(doc, dict) or doc.get("secret") != name:
@@ -155,8 +205,9 @@ class KeyApiConfig:
     pins: Callable[[], frozenset[str]]                       # key_brokers of the installed policy
     broker_url: Callable[[], str | None] = read_broker_url
     paths: snp_report.GuestPaths = field(default_factory=lambda: snp_report.DEFAULT_PATHS)
-    runtime_key: Callable[[], PrivateKey] = snp_report.runtime_key
+    runtime_key: Callable[[], RuntimeKey] = snp_report.runtime_key
     log: Callable[[str], None] = lambda message: None
+    broker_connection: ConnectionFactory = CheckedConnection  # refuses locations inside the guest
 
     def evidence_for(self, nonce: bytes) -> Any:
         return snp_report.evidence_for(nonce, key=self.runtime_key(), paths=self.paths)
@@ -174,7 +225,7 @@ def _status_for(error: SandboxError) -> HTTPStatus:
         return HTTPStatus.FORBIDDEN
     if isinstance(error, NotConfigured):
         return HTTPStatus.SERVICE_UNAVAILABLE
-    if isinstance(error, BrokerNotTrusted | NetworkError):
+    if isinstance(error, BrokerNotTrusted | BrokerAddressRefused | NetworkError):
         return HTTPStatus.BAD_GATEWAY
     if isinstance(error, InputError):
         return HTTPStatus.BAD_REQUEST
@@ -215,9 +266,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body must be at most {MAX_BODY} bytes")
         raw = self.rfile.read(length)
         try:
-            doc = json.loads(raw) if raw.strip() else {}
-        except (ValueError, RecursionError):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
+            doc = loads_bounded(raw, "the body") if raw.strip() else {}
+        except InputError as e:
+            raise ApiError(HTTPStatus.BAD_REQUEST, e.message) from None
         if not isinstance(doc, dict):
             raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
         return doc
@@ -303,7 +354,7 @@ class _Handler(BaseHTTPRequestHandler):
         who = peer_container(self.connection)
         try:
             value = release_secret(url, name, evidence_for=config.evidence_for, runtime_key=config.runtime_key(),
-                                   pins=config.pins())
+                                   pins=config.pins(), connection=config.broker_connection)
         except SandboxError as e:
             config.log(f"key release for container {who}: failed ({type(e).__name__})")
             raise

@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from sandbox.shared.crypto.p384 import PrivateKey
+from sandbox.guest.keys import CryptoError, P384Signer, RuntimeKey
 from sandbox.shared.errors import AttestationError, InputError
 from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.emulated_psp import GUEST_PATH, EmulatedPsp, PspMaterial
@@ -352,7 +352,12 @@ def load_emulated_psp(paths: GuestPaths = DEFAULT_PATHS) -> EmulatedPsp:
         raw = paths.fw_cfg_psp.read_bytes()
     except OSError as e:
         raise AttestationError(f"cannot read the emulated PSP material {paths.fw_cfg_psp}: {e.strerror}") from e
-    return EmulatedPsp(PspMaterial.from_bytes(raw, source=str(paths.fw_cfg_psp)))
+    material = PspMaterial.from_bytes(raw, source=str(paths.fw_cfg_psp))
+    try:
+        signer = P384Signer(material.vcek_private_key)
+    except CryptoError as e:
+        raise InputError(f"{paths.fw_cfg_psp}: the emulated VCEK key is unusable: {e}") from None
+    return EmulatedPsp(material, signer.sign)
 
 
 def get_extended_report(report_data: bytes, vmpl: int = 0, *, paths: GuestPaths = DEFAULT_PATHS,
@@ -377,16 +382,17 @@ def get_report(report_data: bytes, vmpl: int = 0, *, paths: GuestPaths = DEFAULT
 # --- the agent's runtime key and the evidence for a verifier's nonce --------------------------------
 
 @functools.cache
-def runtime_key() -> PrivateKey:
-    """The agent's runtime P-384 key pair: made in memory once per boot, never leaves the guest.
-    Verifiers (and the key broker) encrypt to its public key; REPORT_DATA binds it to the report."""
-    return PrivateKey.generate()
+def runtime_key() -> RuntimeKey:
+    """The agent's runtime P-384 key pair: made in memory (by OpenSSL) once per boot, on first use;
+    never leaves the guest. Verifiers (and the key broker) encrypt to its public key; REPORT_DATA
+    binds it to the report."""
+    return RuntimeKey.generate()
 
 
-def evidence_for(nonce: bytes, *, key: PrivateKey | None = None, paths: GuestPaths = DEFAULT_PATHS,
+def evidence_for(nonce: bytes, *, key: RuntimeKey | None = None, paths: GuestPaths = DEFAULT_PATHS,
                  fs_ops: FsOps | None = None, ioctl: IoctlFn | None = None) -> ReportEvidence:
     """A fresh report with REPORT_DATA = SHA-512(nonce || runtime public key DER), plus what a
     verifier needs to check it. This is the agent's `get_report` result (`.to_payload()`)."""
-    public_der = (key or runtime_key()).public_key.to_der()
+    public_der = (key or runtime_key()).public_der
     result = get_extended_report(report_data_for(nonce, public_der), paths=paths, fs_ops=fs_ops, ioctl=ioctl)
     return ReportEvidence(result.report, result.cert_table, public_der, nonce, result.backend.value)

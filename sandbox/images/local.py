@@ -26,8 +26,9 @@ from sandbox.images.manifest import (
     media_type_of,
     parse_index,
 )
+from sandbox.images.reference import Transport, parse_reference
 from sandbox.images.store import verify_bytes, verify_file
-from sandbox.shared.errors import InputError, NotFoundError
+from sandbox.shared.errors import InputError, NotFoundError, SandboxError
 
 REF_NAME = "org.opencontainers.image.ref.name"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
@@ -155,6 +156,30 @@ class DockerArchive:
             yield Path(tmp)
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+
+def check_local_image(text: str, *, base_dir: Path) -> str | None:
+    """Why the local image `text` (oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]) cannot be used, or None.
+
+    Reads only what names the image: the layout's oci-layout and index.json (and that the tagged manifest's
+    blob is there), or the archive's manifest.json. Registry references are not checked (no network): None.
+    """
+    try:
+        ref = parse_reference(text, base_dir=base_dir)
+        if ref.location is None:
+            return None
+        if ref.transport == Transport.oci:
+            layout = OciLayout(ref.location, text)
+            layout.blob_path(layout.find(ref.tag).digest)
+        else:
+            archive = DockerArchive(ref.location, text)
+            try:
+                archive.image(ref.tag)
+            finally:
+                archive.close()
+    except SandboxError as e:
+        return e.message + (f" ({e.hint})" if e.hint else "")
+    return None
 
 
 def is_index(raw: bytes, media_type: str | None, what: str) -> bool:

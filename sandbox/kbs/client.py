@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -13,9 +15,11 @@ from collections.abc import Sequence
 from sandbox.shared.errors import InputError, NetworkError
 from sandbox.shared.kbs_protocol import IDENTITY_FORMAT, IDENTITY_PATH, PIN, key_pin
 
-# QEMU user networking: the guest reaches the host's loopback at the gateway address.
+# QEMU user networking: the guest reaches the host's loopback at the gateway address; 10.0.2.15 is the guest.
 QEMU_USER_HOST = "10.0.2.2"
+QEMU_USER_GUEST = "10.0.2.15"
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
+STARTING_BROKER_WAIT = 5.0  # seconds a refused connection is retried (a broker that is just starting)
 
 
 def check_url(url: str, *, option: str = "--kbs") -> str:
@@ -32,9 +36,22 @@ def check_url(url: str, *, option: str = "--kbs") -> str:
 
 
 def guest_url(url: str) -> str:
-    """The broker's address from inside the UVM: a loopback host becomes QEMU's user-net gateway."""
+    """The broker's address from inside the UVM: a loopback host becomes QEMU's user-net gateway.
+
+    The agent refuses locations inside the guest (sandbox/guest/broker_address.py); an IP literal it
+    would refuse is an input error here already, before anything boots."""
     parts = urllib.parse.urlsplit(check_url(url))
     if parts.hostname not in LOOPBACK_NAMES:
+        try:
+            address = ipaddress.ip_address(parts.hostname or "")
+        except ValueError:
+            return url.rstrip("/")  # a name: the guest resolves it and checks every address
+        if address.is_loopback or str(address) == QEMU_USER_GUEST or address.is_link_local \
+                or address.is_unspecified or address.is_multicast or address.is_reserved:
+            raise InputError(f"--kbs: {url} is not reachable as a key broker from the guest (the agent refuses "
+                             "loopback, link-local, unspecified, multicast and its own addresses)",
+                             hint=f"a broker on this machine: http://127.0.0.1:PORT (the guest reaches it as "
+                                  f"{QEMU_USER_HOST}); elsewhere: its address on the network")
         return url.rstrip("/")
     netloc = QEMU_USER_HOST + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
@@ -44,13 +61,22 @@ def fetch_pin(url: str, *, timeout: float = 10.0) -> str:
     """Ask a broker for its identity and return its pin (SHA-256 of its public key).
 
     This trusts whoever answers at `url`, which is right for the person generating a policy for their
-    own broker; the guest never does this (it only trusts the pins in its attested policy)."""
-    try:
-        with urllib.request.urlopen(check_url(url) + IDENTITY_PATH, timeout=timeout) as response:  # noqa: S310
-            doc = json.loads(response.read(64 * 1024))
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise NetworkError(f"cannot get the identity of the key broker at {url}: {e}",
-                           hint="is 'parma-sandbox kbs serve' running there?") from None
+    own broker; the guest never does this (it only trusts the pins in its attested policy). A refused
+    connection is retried for a few seconds: `kbs serve &` followed at once by `policy gen --kbs` is the
+    documented way to start, and the broker may not listen yet."""
+    deadline = time.monotonic() + STARTING_BROKER_WAIT
+    while True:
+        try:
+            with urllib.request.urlopen(check_url(url) + IDENTITY_PATH, timeout=timeout) as response:  # noqa: S310
+                doc = json.loads(response.read(64 * 1024))
+            break
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            refused = isinstance(getattr(e, "reason", e), ConnectionRefusedError)
+            if refused and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            raise NetworkError(f"cannot get the identity of the key broker at {url}: {e}",
+                               hint="is 'parma-sandbox kbs serve' running there?") from None
     try:
         if doc["format"] != IDENTITY_FORMAT:
             raise ValueError(f"format {doc['format']!r}")

@@ -4,7 +4,9 @@ The evidence is checked by the attestation verifier (sandbox/attest/verify.py): 
 a pinned AMD root (or, only when the secret allows it, this installation's emulated CA), report
 signature, TCB, debug refused, VMPL 0 and the REPORT_DATA binding SHA-512(nonce || runtime key).
 The release policy then decides on the verified claims: HOST_DATA must be one of the secret's
-policy hashes, MEASUREMENT one of its measurements (when it lists any).
+policy hashes and MEASUREMENT one of its UVM measurements. A policy that binds HOST_DATA alone (stored
+by an older parma-sandbox, without --any-uvm) releases nothing, and hardware evidence needs the
+secret to name a minimum TCB: never HOST_DATA alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sandbox.attest.emulated_ca import EmulatedCa
 from sandbox.attest.evidence import certificates_from_table, complete_from_kds, product_hint
@@ -23,7 +26,7 @@ from sandbox.attest.kds import KdsClient
 from sandbox.attest.verify import Check, Expectations, Status, verify_report
 from sandbox.kbs.store import ReleasePolicy
 from sandbox.shared.errors import InputError
-from sandbox.shared.kbs_protocol import IV_SIZE, Sealed, derive_key, header, key_pin, signed_bytes
+from sandbox.shared.kbs_protocol import IV_SIZE, KEY_SIZE, Sealed, header, key_info, key_pin, signed_bytes
 from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.evidence import ReportEvidence
 from sandbox.shared.snp.report import parse_report
@@ -66,11 +69,23 @@ def evaluate(policy: ReleasePolicy, evidence: ReportEvidence, *, emulated_ca: Em
     checks.append(Check("release.host_data", Status.PASS if ok else Status.FAIL,
                         f"HOST_DATA {host_data} is " + ("an" if ok else "not an")
                         + " execution policy hash this secret is released to"))
-    if policy.measurement:
+    if (problem := policy.uvm_problem()) is not None:
+        checks.append(Check("release.measurement", Status.FAIL,
+                            f"this secret is not released: {problem}; it was stored by an older parma-sandbox. "
+                            "Store it again with 'secret put NAME --replace' (bound to the UVM manifest's "
+                            "measurements by default, or --measurement HEX), or --any-uvm to accept any UVM"))
+    elif policy.measurement:
         ok = measurement in policy.measurement
         checks.append(Check("release.measurement", Status.PASS if ok else Status.FAIL,
                             f"MEASUREMENT {measurement} is " + ("an" if ok else "not an")
                             + " allowed launch measurement for this secret"))
+    else:
+        checks.append(Check("release.measurement", Status.PASS,
+                            f"MEASUREMENT {measurement}: any UVM is accepted for this secret (--any-uvm)"))
+    if not result.emulated and (problem := policy.hardware_problem()) is not None:
+        checks.append(Check("release.min_tcb", Status.FAIL,
+                            f"SEV-SNP evidence may not have this secret: {problem}; store it again with "
+                            "'secret put NAME --replace --min-tcb ...'"))
     facts = {"host_data": host_data, "measurement": measurement, "emulated": result.emulated,
              "product": result.product.value if result.product else None,
              "reported_tcb": str(result.report.reported_tcb), "report_id": result.report.report_id.hex(),
@@ -80,7 +95,8 @@ def evaluate(policy: ReleasePolicy, evidence: ReportEvidence, *, emulated_ca: Em
         return Decision(False, _failure_reason(failed[0], result.emulated, policy),
                         tuple(c.name for c in failed), facts)
     what = "emulated evidence" if result.emulated else f"{facts['product'] or 'SEV-SNP'} evidence"
-    return Decision(True, f"{what} verified; HOST_DATA and MEASUREMENT allowed", (), facts)
+    uvm = "any UVM (--any-uvm)" if policy.any_uvm else "MEASUREMENT"
+    return Decision(True, f"{what} verified; HOST_DATA and {uvm} allowed", (), facts)
 
 
 def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
@@ -99,7 +115,8 @@ def seal(value: bytes, *, secret: str, nonce: bytes, runtime_public_key: bytes,
     broker_der = _spki(broker_key.public_key())
     aad = header(secret=secret, nonce=nonce, runtime_public_key=runtime_public_key,
                  ephemeral_public_key=ephemeral_der, broker_public_key=broker_der)
-    key = derive_key(ephemeral.exchange(ec.ECDH(), runtime), nonce, aad)
+    key = HKDF(algorithm=hashes.SHA384(), length=KEY_SIZE, salt=nonce, info=key_info(aad)).derive(
+        ephemeral.exchange(ec.ECDH(), runtime))
     iv = os.urandom(IV_SIZE)
     ciphertext = AESGCM(key).encrypt(iv, value, aad)
     signature = broker_key.sign(signed_bytes(aad, iv, ciphertext), ec.ECDSA(hashes.SHA384()))

@@ -1,7 +1,8 @@
 """`kbs serve`: the key broker's HTTP service (protocol: sandbox/shared/kbs_protocol.py, docs/kbs.md).
 
 The host relays all traffic between the guest and the broker, so this service assumes every request
-is hostile: bodies are bounded (MAX_REQUEST_BYTES) and need a Content-Length, reads time out, at most
+is hostile: bodies are bounded (MAX_REQUEST_BYTES) and need a Content-Length (no chunked encoding),
+each read times out (READ_TIMEOUT) and a whole body must arrive within BODY_DEADLINE, at most
 `max_connections` requests are handled at once (the rest get 503 at once, without a thread), and no
 input can stop the server. Every release and every refusal is written to the audit log first.
 """
@@ -139,6 +140,9 @@ class BrokerService:
             if path == IDENTITY_PATH and method == "GET":
                 return Reply(HTTPStatus.OK, self.identity())
             if path == CHALLENGE_PATH and method == "POST":
+                if _json_body(body) != {}:
+                    raise KbsHttpError(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request,
+                                       "a challenge request is the empty JSON object {}")
                 return Reply(HTTPStatus.OK, self.challenge())
             if path == RELEASE_PATH and method == "POST":
                 return Reply(HTTPStatus.OK, self.release(_json_body(body), peer))
@@ -178,9 +182,12 @@ def _json_body(body: bytes | None) -> Any:
 
 class _Handler(BaseHTTPRequestHandler):
     server: BrokerHttpServer
-    timeout = READ_TIMEOUT
     server_version = "parma-sandbox-kbs/1"
     sys_version = ""
+
+    def setup(self) -> None:
+        self.timeout = self.server.read_timeout  # every read of the request line, headers and body
+        super().setup()
 
     def _peer(self) -> str:
         host, port = self.client_address[:2]
@@ -190,6 +197,11 @@ class _Handler(BaseHTTPRequestHandler):
         service = self.server.service
         peer = self._peer()
         body: bytes | None = None
+        if self.headers.get("Transfer-Encoding") is not None:
+            # Only Content-Length bodies are read: a chunked body has no size to check before reading it.
+            self._error(HTTPStatus.LENGTH_REQUIRED, ErrorCode.bad_request,
+                        "Transfer-Encoding is not accepted; send the body with a Content-Length", method)
+            return
         length_text = self.headers.get("Content-Length")
         if length_text is not None:
             try:
@@ -203,35 +215,41 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, ErrorCode.too_large,
                             f"request body of {length} bytes exceeds the {MAX_REQUEST_BYTES}-byte limit", method)
                 return
-            body = self._read_body(length)
-            if body is None:
-                self._error(HTTPStatus.REQUEST_TIMEOUT, ErrorCode.bad_request,
-                            f"the request body was cut short or took longer than {BODY_DEADLINE:g} s", method)
+            body, problem = self._read_body(length)
+            if problem is not None:
+                self._error(HTTPStatus.REQUEST_TIMEOUT, ErrorCode.bad_request, problem, method)
                 return
         elif method == "POST":
-            body = None  # _json_body reports the missing length
+            self._error(HTTPStatus.LENGTH_REQUIRED, ErrorCode.bad_request, "a Content-Length is required", method)
+            return
         reply = service.handle(method, self.path.split("?", 1)[0], body, peer)
         self._send(reply.status, reply.body)
 
-    def _read_body(self, length: int) -> bytes | None:
-        """The body, or None when it does not arrive in time (a trickling client holds a slot only so long)."""
-        deadline = time.monotonic() + BODY_DEADLINE
+    def _read_body(self, length: int) -> tuple[bytes, str | None]:
+        """The body, or why it did not arrive: a trickling or stalled client holds a slot only so long."""
+        read_timeout, deadline_s = self.server.read_timeout, self.server.body_deadline
+        deadline = time.monotonic() + deadline_s
         chunks = []
-        remaining = length
-        while remaining:
+        got = 0
+        while got < length:
             left = deadline - time.monotonic()
             if left <= 0:
-                return None
-            self.connection.settimeout(min(left, READ_TIMEOUT))
+                return b"", (f"the request body did not arrive within {deadline_s:g} s "
+                             f"({got} of {length} bytes came)")
+            self.connection.settimeout(min(left, read_timeout))
             try:
-                chunk = self.rfile.read1(min(remaining, 65536))
+                chunk = self.rfile.read1(min(length - got, 65536))
             except TimeoutError:
-                return None
+                if time.monotonic() >= deadline:
+                    continue  # reported above, as the whole-body limit
+                return b"", (f"no request body data for {read_timeout:g} s "
+                             f"({got} of {length} bytes came)")
             if not chunk:
-                return None
+                return b"", f"the connection closed after {got} of {length} body bytes"
             chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks)
+            got += len(chunk)
+        self.connection.settimeout(read_timeout)
+        return b"".join(chunks), None
 
     def _error(self, status: HTTPStatus, code: ErrorCode, message: str, method: str) -> None:
         err = KbsHttpError(status, code, message)
@@ -276,9 +294,12 @@ class BrokerHttpServer(BoundedThreadingMixIn, HTTPServer):
     request_queue_size = 256
 
     def __init__(self, address: tuple[str, int], service: BrokerService, *,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, read_timeout: float = READ_TIMEOUT,
+                 body_deadline: float = BODY_DEADLINE) -> None:
         self.service = service
         self.max_connections = max_connections
+        self.read_timeout = read_timeout
+        self.body_deadline = body_deadline
         self.busy_refusals = 0
         super().__init__(address, _Handler)
 
@@ -315,10 +336,13 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def make_server(store: KbsStore, listen: tuple[str, int], *, challenge_ttl: float = 60.0,
                 fetch_certs: bool = False, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                read_timeout: float = READ_TIMEOUT, body_deadline: float = BODY_DEADLINE,
                 service: BrokerService | None = None) -> BrokerHttpServer:
+    """The broker's HTTP server, bound to `listen` (not yet serving: call serve_forever)."""
     service = service or BrokerService(store, challenge_ttl=challenge_ttl, fetch_certs=fetch_certs)
     try:
-        return BrokerHttpServer(listen, service, max_connections=max_connections)
+        return BrokerHttpServer(listen, service, max_connections=max_connections, read_timeout=read_timeout,
+                                body_deadline=body_deadline)
     except OSError as e:
         raise InputError(f"cannot listen on {listen[0]}:{listen[1]}: {e.strerror}",
                          hint="choose another port with --listen") from None

@@ -36,7 +36,11 @@ from sandbox.shared.snp.product import Product, layout_of
 from sandbox.shared.snp.tcb import parse_tcb_spec
 
 STORE_ENV = "PARMA_SANDBOX_KBS_STORE"
-SECRET_FORMAT = "parma-sandbox/kbs-secret/v1"
+SECRET_FORMAT = "parma-sandbox/kbs-secret/v2"
+# v1 (before release policies had any_uvm) is still read: such a secret keeps working when it names
+# measurements (and, for hardware evidence, a minimum TCB); otherwise the broker refuses it and says
+# how to re-store it. Secrets are always written as v2.
+READABLE_FORMATS = {"parma-sandbox/kbs-secret/v1": 1, SECRET_FORMAT: 2}
 HOST_DATA_HEX = re.compile(r"[0-9a-f]{64}")
 MEASUREMENT_HEX = re.compile(r"[0-9a-f]{96}")
 
@@ -60,40 +64,69 @@ def _hex_list(values: Iterable[str], pattern: re.Pattern[str], what: str, size: 
     return tuple(out)
 
 
+def check_host_data(values: Iterable[str]) -> tuple[str, ...]:
+    """Execution policy hashes (HOST_DATA) as a release policy stores them: lowercase hex, no repeats."""
+    return _hex_list(values, HOST_DATA_HEX, "host_data", 32)
+
+
 @dataclass(frozen=True)
 class ReleasePolicy:
-    """When a secret may be released. Debug guests and VMPL other than 0 are always refused."""
+    """When a secret may be released: evidence for one of `host_data` (the execution policy) from a UVM
+    with one of `measurement` (its reference values), at least `min_tcb`, never a debug guest, VMPL 0.
+
+    A policy that would release on HOST_DATA alone exists only when the owner said so (`any_uvm`) or
+    was stored by an older parma-sandbox; `binding_problem()` names what is missing, `secret put`
+    refuses it and the broker refuses to release under it."""
 
     host_data: tuple[str, ...]               # allowed HOST_DATA values (policy hashes), hex; at least one
-    measurement: tuple[str, ...] = ()        # allowed launch measurements, hex; empty: any
+    measurement: tuple[str, ...] = ()        # allowed launch measurements, hex; empty only with any_uvm
     min_tcb: str | None = None               # minimum REPORTED_TCB, as `attest verify --min-tcb` takes it
     allow_emulated: bool = False             # accept evidence signed by this installation's emulated PSP
+    any_uvm: bool = False                    # the owner accepts any UVM with this HOST_DATA (--any-uvm)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "host_data", _hex_list(self.host_data, HOST_DATA_HEX, "host_data", 32))
+        object.__setattr__(self, "host_data", check_host_data(self.host_data))
         object.__setattr__(self, "measurement", _hex_list(self.measurement, MEASUREMENT_HEX, "measurement", 48))
         if not self.host_data:
             raise InputError("a release policy needs at least one host_data (execution policy hash)",
                              hint="pass --policy FILE or --policy-hash HEX")
+        if self.any_uvm and self.measurement:
+            raise InputError("--any-uvm contradicts --measurement: a secret is bound to measurements or to any UVM")
         if self.min_tcb is not None:
             # Turin's layout knows every component name (fmc too); the verifier re-reads it per product.
             parse_tcb_spec(self.min_tcb, layout_of(Product.TURIN))
 
+    def uvm_problem(self) -> str | None:
+        """Why a release under this policy would trust any UVM with the right HOST_DATA, or None."""
+        if self.measurement or self.any_uvm:
+            return None
+        return ("it is bound to HOST_DATA alone, so any UVM with that HOST_DATA (a kernel and rootfs of the "
+                "host's choosing) would get it")
+
+    def hardware_problem(self) -> str | None:
+        """Why hardware (non-emulated) evidence may not have this secret, or None."""
+        if self.min_tcb is None:
+            return "it has no minimum TCB, so firmware with known flaws would be trusted with it"
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {"host_data": list(self.host_data), "measurement": list(self.measurement),
-                "min_tcb": self.min_tcb, "allow_emulated": self.allow_emulated, "allow_debug": False}
+                "min_tcb": self.min_tcb, "allow_emulated": self.allow_emulated, "allow_debug": False,
+                "any_uvm": self.any_uvm}
 
     @classmethod
-    def from_dict(cls, d: Any, *, source: str) -> ReleasePolicy:
-        keys = {"host_data", "measurement", "min_tcb", "allow_emulated", "allow_debug"}
+    def from_dict(cls, d: Any, *, source: str, version: int = 2) -> ReleasePolicy:
+        keys = {"host_data", "measurement", "min_tcb", "allow_emulated", "allow_debug"} | (
+            {"any_uvm"} if version >= 2 else set())
         if not isinstance(d, dict) or set(d) != keys:
             raise StateError(f"{source}: release_policy must have exactly the keys {sorted(keys)}")
-        if d["allow_debug"] is not False or not isinstance(d["allow_emulated"], bool):
+        any_uvm = d.get("any_uvm", False)
+        if d["allow_debug"] is not False or not isinstance(d["allow_emulated"], bool) or not isinstance(any_uvm, bool):
             raise StateError(f"{source}: invalid release_policy flags")
         if not isinstance(d["host_data"], list) or not isinstance(d["measurement"], list):
             raise StateError(f"{source}: host_data and measurement must be lists")
         try:
-            return cls(tuple(d["host_data"]), tuple(d["measurement"]), d["min_tcb"], d["allow_emulated"])
+            return cls(tuple(d["host_data"]), tuple(d["measurement"]), d["min_tcb"], d["allow_emulated"], any_uvm)
         except InputError as e:
             raise StateError(f"{source}: {e}") from None
 
@@ -122,13 +155,15 @@ class SecretRecord:
         except ValueError as e:
             raise StateError(f"{source}: not JSON ({e})") from None
         keys = {"format", "name", "created", "release_policy", "size", "sha256", "value"}
-        if not isinstance(doc, dict) or doc.get("format") != SECRET_FORMAT or set(doc) != keys:
+        version = READABLE_FORMATS.get(doc.get("format")) if isinstance(doc, dict) else None
+        if version is None or set(doc) != keys:
             raise StateError(f"{source}: not a {SECRET_FORMAT} document")
         try:
             value = base64.b64decode(doc["value"], validate=True)
         except (binascii.Error, ValueError, TypeError) as e:
             raise StateError(f"{source}: value is not base64 ({e})") from None
-        record = cls(str(doc["name"]), value, ReleasePolicy.from_dict(doc["release_policy"], source=source),
+        record = cls(str(doc["name"]), value,
+                     ReleasePolicy.from_dict(doc["release_policy"], source=source, version=version),
                      str(doc["created"]))
         if record.sha256 != doc["sha256"] or len(value) != doc["size"]:
             raise StateError(f"{source}: the value does not match its recorded size and SHA-256")

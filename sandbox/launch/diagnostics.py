@@ -12,7 +12,7 @@ says where on stderr:
   launch.json       the launch identity: predicted and expected measurement, HOST_DATA, SNP parameters
                     (CPU model, cbitpos, reduced-phys-bits, policy), the ID block
   record.json       the sandbox record; check.json, what `parma-sandbox check` found; error.txt, the error
-The emulated PSP's material (psp.bin) is not copied: it holds the emulated VCEK's private key.
+The emulated PSP's material (psp.json) is not copied: it holds the emulated VCEK's private key.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def sandbox_paths(state_dir: Path) -> dict[str, Path]:
         "qemu_log": state_dir / "qemu.log",
         "pidfile": state_dir / "qemu.pid",
         "policy": state_dir / "policy.json",
-        "psp": state_dir / "psp.bin",
+        "psp": state_dir / "psp.json",
         "kbs_url": state_dir / "kbs_url",
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from sandbox.shared.errors import InputError
@@ -63,3 +64,54 @@ def decode_utf8(raw: bytes, source: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{source}: not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+# --- JSON from a peer that may be hostile ----------------------------------------------------------
+
+MAX_PEER_NESTING = 32
+_STRUCTURE = re.compile(rb'[\[\]{}"\\]')
+
+
+def nesting_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether arrays and objects in `raw` nest deeper than `limit` (strings and escapes skipped).
+    A linear scan, done before json.loads so that depth is a refusal, never a RecursionError."""
+    depth = 0
+    in_string = False
+    escaped_until = -1
+    for match in _STRUCTURE.finditer(raw):
+        pos = match.start()
+        if pos < escaped_until:
+            continue
+        c = raw[pos]
+        if in_string:
+            if c == 0x5C:            # backslash: the next byte is escaped
+                escaped_until = pos + 2
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+def loads_bounded(raw: bytes, source: str, *, max_nesting: int = MAX_PEER_NESTING) -> Any:
+    """Parse JSON sent by a peer that may be hostile (a key broker's answer, a request body): UTF-8,
+    at most `max_nesting` levels, no duplicate keys, no NaN/Infinity, finite numbers, integers within
+    Python's digit limit. Every failure is an InputError naming `source`."""
+    if nesting_exceeds(raw, max_nesting):
+        raise InputError(f"{source}: JSON nested deeper than {max_nesting} levels")
+    text = decode_utf8(raw, source)
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=reject_constant,
+                          parse_float=finite_float)
+    except RecursionError:
+        raise InputError(f"{source}: JSON nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{source}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except ValueError as e:  # duplicate keys, NaN, 1e400, integers over the digit limit
+        raise InputError(f"{source}: not valid JSON: {str(e)[:200]}") from None

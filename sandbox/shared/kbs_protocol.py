@@ -21,7 +21,8 @@ key and signed by the broker's own long-term P-384 key:
 
 The guest rebuilds the header from its own nonce, runtime key and requested name, accepts the broker
 key only if its SHA-256 is pinned by the execution policy (`key_brokers`), checks the signature,
-then decrypts. Everything the host relays is thereby authenticated end to end: the host can drop or
+then decrypts (sandbox/guest/keyapi.py `open_sealed`). Both sides do the cryptography with OpenSSL
+(pyca/cryptography; Debian's python3-cryptography in the guest); this module is only the format. Everything the host relays is thereby authenticated end to end: the host can drop or
 delay messages, never read or alter a secret, nor substitute its own broker.
 
 The in-guest attestation API for containers lives under ATTEST_API_DIR (a unix socket), which the
@@ -39,9 +40,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sandbox.shared.crypto.aes_gcm import AesGcm, AuthenticationError
-from sandbox.shared.crypto.hkdf import hkdf
-from sandbox.shared.crypto.p384 import PrivateKey, PublicKey, Signature
 from sandbox.shared.errors import InputError
 
 VERSION = 1
@@ -51,8 +49,8 @@ CHALLENGE_PATH = f"{API_PREFIX}/challenge"
 RELEASE_PATH = f"{API_PREFIX}/release"
 IDENTITY_FORMAT = "parma-sandbox/kbs/v1"
 
-NONCE_SIZE = 32                      # what the broker issues; the evidence format allows 16..64
-MAX_SECRET_SIZE = 64 * 1024          # opened by pure Python in the guest: keep it small
+NONCE_SIZE = 32                      # what the broker issues; evidence takes 16..1024 (snp/binding.py)
+MAX_SECRET_SIZE = 64 * 1024          # a key, not bulk data (keep bulk data encrypted under it elsewhere)
 MAX_REQUEST_BYTES = 64 * 1024        # evidence (report + certificate table) is about 8 KiB in JSON
 MAX_RESPONSE_BYTES = 4 * MAX_SECRET_SIZE
 SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -130,8 +128,9 @@ def signed_bytes(aad: bytes, iv: bytes, ciphertext: bytes) -> bytes:
     return canonical(doc)
 
 
-def derive_key(shared_secret: bytes, nonce: bytes, aad: bytes) -> bytes:
-    return hkdf(shared_secret, salt=nonce, info=KEY_INFO + hashlib.sha384(aad).digest(), length=KEY_SIZE)
+def key_info(aad: bytes) -> bytes:
+    """HKDF's `info` for the sealing key: the label and SHA-384 of the header (salt: the nonce)."""
+    return KEY_INFO + hashlib.sha384(aad).digest()
 
 
 @dataclass(frozen=True)
@@ -163,29 +162,3 @@ class Sealed:
 
 class BrokerNotTrusted(InputError):
     """The response was not signed by a key broker that the execution policy pins."""
-
-
-def open_sealed(sealed: Sealed, *, secret: str, nonce: bytes, runtime_key: PrivateKey,
-                pins: frozenset[str] | set[str]) -> bytes:
-    """The guest's side: authenticate the broker and the exchange, then decrypt. Pure Python."""
-    pin = key_pin(sealed.broker_public_key)
-    if pin not in pins:
-        raise BrokerNotTrusted(f"the response comes from key broker {pin[:16]}..., which the execution policy "
-                               "does not pin (key_brokers)",
-                               hint="a host can run its own broker; only the policy's brokers are trusted")
-    broker = PublicKey.from_der(sealed.broker_public_key)
-    ephemeral = PublicKey.from_der(sealed.ephemeral_public_key)
-    aad = header(secret=secret, nonce=nonce, runtime_public_key=runtime_key.public_key.to_der(),
-                 ephemeral_public_key=sealed.ephemeral_public_key, broker_public_key=sealed.broker_public_key)
-    try:
-        signature = Signature.from_der(sealed.signature)
-    except InputError as e:
-        raise BrokerNotTrusted(f"the broker's signature is malformed: {e}") from None
-    if not broker.verify(signed_bytes(aad, sealed.iv, sealed.ciphertext), signature):
-        raise BrokerNotTrusted("the broker's signature does not verify for this request "
-                               "(wrong secret, nonce or runtime key, or altered in transit)")
-    key = derive_key(runtime_key.exchange(ephemeral), nonce, aad)
-    try:
-        return AesGcm(key).decrypt(sealed.iv, sealed.ciphertext, aad)
-    except AuthenticationError as e:
-        raise BrokerNotTrusted(f"the sealed secret does not decrypt: {e}") from None

@@ -134,8 +134,9 @@ def build_domain_xml(cfg: VmConfig) -> str:
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=os.fspath(cfg.console_log), append="off")
     _sub(serial, "target", port="0")
-    rng = _sub(devices, "rng", model="virtio")
-    _sub(rng, "backend", "/dev/urandom", model="random")
+    if cfg.snp is None:  # an SNP guest takes no entropy from the host (see qemu.device_args)
+        rng = _sub(devices, "rng", model="virtio")
+        _sub(rng, "backend", "/dev/urandom", model="random")
     _sub(devices, "memballoon", model="none")
 
     if cfg.snp is not None:

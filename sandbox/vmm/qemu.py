@@ -155,7 +155,8 @@ def network_args(cfg: VmConfig) -> list[str]:
 
 
 def device_args(cfg: VmConfig) -> list[str]:
-    args = ["-device", "virtio-rng-pci"]
+    # An SNP guest takes no entropy from the host (the host is the attacker): RDRAND/RDSEED feed it.
+    args = [] if cfg.snp is not None else ["-device", "virtio-rng-pci"]
     for entry in cfg.fw_cfg:
         args += ["-fw_cfg", _opts(("name", entry.name), ("file", os.fspath(entry.path)))]
     return args

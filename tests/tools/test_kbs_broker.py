@@ -14,13 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kbsenv import MEASUREMENT, POLICY, POLICY_HASH, emulated_guest, http_call, running_broker
+from kbsenv import (
+    LOOPBACK_BROKER,
+    MEASUREMENT,
+    POLICY,
+    POLICY_HASH,
+    emulated_guest,
+    http_call,
+    running_broker,
+)
 
 from sandbox.guest import keyapi, snp_report
+from sandbox.guest.keys import RuntimeKey
 from sandbox.kbs.audit import AuditLog
 from sandbox.kbs.challenges import ChallengeStore
 from sandbox.kbs.store import KbsStore, ReleasePolicy, new_secret
-from sandbox.shared.crypto.p384 import PrivateKey
 from sandbox.shared.errors import KeyReleaseRefused
 from sandbox.shared.kbs_protocol import CHALLENGE_PATH, IDENTITY_PATH, RELEASE_PATH
 from sandbox.shared.snp.policy import GuestPolicy
@@ -31,8 +39,8 @@ SECRET = b"correct horse battery staple"
 @pytest.fixture
 def store(tmp_path: Path) -> KbsStore:
     store = KbsStore.open(tmp_path / "kbs")
-    store.put(new_secret("emu-ok", SECRET, ReleasePolicy((POLICY_HASH,), allow_emulated=True)))
-    store.put(new_secret("hw-only", SECRET, ReleasePolicy((POLICY_HASH,))))
+    store.put(new_secret("emu-ok", SECRET, ReleasePolicy((POLICY_HASH,), (MEASUREMENT.hex(),), allow_emulated=True)))
+    store.put(new_secret("hw-only", SECRET, ReleasePolicy((POLICY_HASH,), (MEASUREMENT.hex(),), min_tcb="0")))
     return store
 
 
@@ -42,8 +50,8 @@ def guest(tmp_path: Path) -> snp_report.GuestPaths:
 
 
 @pytest.fixture(scope="module")
-def runtime() -> PrivateKey:
-    return PrivateKey.generate()
+def runtime() -> RuntimeKey:
+    return RuntimeKey.generate()
 
 
 def _challenge(url: str) -> bytes:
@@ -52,7 +60,7 @@ def _challenge(url: str) -> bytes:
     return bytes.fromhex(doc["nonce"])
 
 
-def _evidence(nonce: bytes, guest: snp_report.GuestPaths, runtime: PrivateKey) -> Any:
+def _evidence(nonce: bytes, guest: snp_report.GuestPaths, runtime: RuntimeKey) -> Any:
     return snp_report.evidence_for(nonce, key=runtime, paths=guest)
 
 
@@ -75,12 +83,12 @@ def _refused(store: KbsStore, status: int, doc: Any, *, reason: str, check: str 
 
 
 def test_identity_and_a_release_opened_by_the_guest(store: KbsStore, guest: snp_report.GuestPaths,
-                                                    runtime: PrivateKey) -> None:
+                                                    runtime: RuntimeKey) -> None:
     with running_broker(store) as server:
         status, doc = http_call(server.url, "GET", IDENTITY_PATH)
         assert status == 200 and doc["public_key_sha256"] == store.broker_pin()
         value = keyapi.release_secret(server.url, "emu-ok", runtime_key=runtime, pins=frozenset({store.broker_pin()}),
-                                      evidence_for=lambda n: _evidence(n, guest, runtime))
+                                      evidence_for=lambda n: _evidence(n, guest, runtime), connection=LOOPBACK_BROKER)
     assert value == SECRET
     record = _last_audit(store)
     assert record["event"] == "release" and record["secret"] == "emu-ok"
@@ -89,15 +97,15 @@ def test_identity_and_a_release_opened_by_the_guest(store: KbsStore, guest: snp_
 
 
 def test_emulated_evidence_is_refused_unless_the_secret_allows_it(store: KbsStore, guest: snp_report.GuestPaths,
-                                                                 runtime: PrivateKey) -> None:
+                                                                 runtime: RuntimeKey) -> None:
     with running_broker(store) as server:
         with pytest.raises(KeyReleaseRefused, match="emulated evidence .* is not accepted"):
             keyapi.release_secret(server.url, "hw-only", runtime_key=runtime, pins=frozenset({store.broker_pin()}),
-                                  evidence_for=lambda n: _evidence(n, guest, runtime))
+                                  evidence_for=lambda n: _evidence(n, guest, runtime), connection=LOOPBACK_BROKER)
     assert "ark.trusted" in _last_audit(store)["failed"]
 
 
-def test_a_policy_changed_by_one_byte_is_refused(store: KbsStore, tmp_path: Path, runtime: PrivateKey) -> None:
+def test_a_policy_changed_by_one_byte_is_refused(store: KbsStore, tmp_path: Path, runtime: RuntimeKey) -> None:
     other = emulated_guest(tmp_path / "other", policy=POLICY + b" ")
     with running_broker(store) as server:
         status, doc = _release(server.url, "emu-ok", _evidence(_challenge(server.url), other, runtime))
@@ -106,7 +114,7 @@ def test_a_policy_changed_by_one_byte_is_refused(store: KbsStore, tmp_path: Path
     assert _last_audit(store)["host_data"] == hashlib.sha256(POLICY + b" ").hexdigest()
 
 
-def test_replayed_evidence_is_refused(store: KbsStore, guest: snp_report.GuestPaths, runtime: PrivateKey) -> None:
+def test_replayed_evidence_is_refused(store: KbsStore, guest: snp_report.GuestPaths, runtime: RuntimeKey) -> None:
     with running_broker(store) as server:
         evidence = _evidence(_challenge(server.url), guest, runtime)
         assert _release(server.url, "emu-ok", evidence)[0] == 200
@@ -115,7 +123,7 @@ def test_replayed_evidence_is_refused(store: KbsStore, guest: snp_report.GuestPa
 
 
 def test_a_nonce_the_broker_never_issued_is_refused(store: KbsStore, guest: snp_report.GuestPaths,
-                                                    runtime: PrivateKey) -> None:
+                                                    runtime: RuntimeKey) -> None:
     with running_broker(store) as server:
         _challenge(server.url)
         status, doc = _release(server.url, "emu-ok", _evidence(os.urandom(32), guest, runtime))
@@ -123,7 +131,7 @@ def test_a_nonce_the_broker_never_issued_is_refused(store: KbsStore, guest: snp_
 
 
 def test_evidence_bound_to_another_nonce_is_refused(store: KbsStore, guest: snp_report.GuestPaths,
-                                                    runtime: PrivateKey) -> None:
+                                                    runtime: RuntimeKey) -> None:
     """A genuine report for an old nonce, presented under a fresh one: the REPORT_DATA binding fails."""
     with running_broker(store) as server:
         fresh = _challenge(server.url)
@@ -132,7 +140,7 @@ def test_evidence_bound_to_another_nonce_is_refused(store: KbsStore, guest: snp_
     _refused(store, status, doc, reason="report.report_data", check="report.report_data")
 
 
-def test_a_tampered_report_is_refused(store: KbsStore, guest: snp_report.GuestPaths, runtime: PrivateKey) -> None:
+def test_a_tampered_report_is_refused(store: KbsStore, guest: snp_report.GuestPaths, runtime: RuntimeKey) -> None:
     with running_broker(store) as server:
         evidence = _evidence(_challenge(server.url), guest, runtime)
         report = bytearray(evidence.report)
@@ -141,7 +149,7 @@ def test_a_tampered_report_is_refused(store: KbsStore, guest: snp_report.GuestPa
     _refused(store, status, doc, reason="report.signature", check="report.signature")
 
 
-def test_an_expired_challenge_is_refused(store: KbsStore, guest: snp_report.GuestPaths, runtime: PrivateKey) -> None:
+def test_an_expired_challenge_is_refused(store: KbsStore, guest: snp_report.GuestPaths, runtime: RuntimeKey) -> None:
     now = [0.0]
     with running_broker(store, challenges=ChallengeStore(5, clock=lambda: now[0])) as server:
         evidence = _evidence(_challenge(server.url), guest, runtime)
@@ -151,11 +159,11 @@ def test_an_expired_challenge_is_refused(store: KbsStore, guest: snp_report.Gues
 
 
 def test_debug_guests_measurement_and_tcb_are_checked(store: KbsStore, tmp_path: Path, guest: snp_report.GuestPaths,
-                                                      runtime: PrivateKey) -> None:
+                                                      runtime: RuntimeKey) -> None:
     debug = emulated_guest(tmp_path / "debug", guest_policy=GuestPolicy.build(smt=True, debug=True).raw)
     store.put(new_secret("pinned", SECRET, ReleasePolicy((POLICY_HASH,), ("00" * 48,), allow_emulated=True)))
-    store.put(new_secret("new-tcb", SECRET, ReleasePolicy((POLICY_HASH,), (), "bl=9,tee=0,snp=24,ucode=72",
-                                                          allow_emulated=True)))
+    store.put(new_secret("new-tcb", SECRET, ReleasePolicy((POLICY_HASH,), (MEASUREMENT.hex(),),
+                                                          "bl=9,tee=0,snp=24,ucode=72", allow_emulated=True)))
     with running_broker(store) as server:
         status, doc = _release(server.url, "emu-ok", _evidence(_challenge(server.url), debug, runtime))
         _refused(store, status, doc, reason="report.debug", check="report.debug")
@@ -168,7 +176,7 @@ def test_debug_guests_measurement_and_tcb_are_checked(store: KbsStore, tmp_path:
 
 
 def test_malformed_requests_get_clear_errors(store: KbsStore, guest: snp_report.GuestPaths,
-                                             runtime: PrivateKey) -> None:
+                                             runtime: RuntimeKey) -> None:
     with running_broker(store) as server:
         url = server.url
         good = _evidence(_challenge(url), guest, runtime).to_payload()
@@ -180,9 +188,9 @@ def test_malformed_requests_get_clear_errors(store: KbsStore, guest: snp_report.
              "not 1184"),
             (("POST", RELEASE_PATH), {"body": {"secret": "emu-ok", "evidence": {**good, "runtime_public_key":
                                                                                 base64.b64encode(b"junk").decode()}}},
-             400, "invalid evidence: SubjectPublicKeyInfo"),
+             400, "runtime_public_key is not a P-384 SubjectPublicKeyInfo"),
             (("POST", RELEASE_PATH), {"raw_body": b"[" * 100000}, 413, "exceeds"),
-            (("POST", RELEASE_PATH), {"raw_body": b"[" * 5000}, 400, "nests too deeply"),
+            (("POST", RELEASE_PATH), {"raw_body": b"[" * 5000}, 400, "nested too deeply"),
             (("GET", RELEASE_PATH), {}, 405, "not allowed"),
             (("GET", "/kbs/v1/secrets"), {}, 404, "no endpoint"),
         ]
@@ -218,7 +226,7 @@ def _bad_request(port: int, kind: int) -> bytes:
 
 
 def test_the_broker_survives_200_concurrent_bad_requests(store: KbsStore, guest: snp_report.GuestPaths,
-                                                         runtime: PrivateKey) -> None:
+                                                         runtime: RuntimeKey) -> None:
     with running_broker(store, max_connections=32) as server:
         port = server.server_address[1]
         with concurrent.futures.ThreadPoolExecutor(max_workers=200) as pool:
@@ -228,7 +236,7 @@ def test_the_broker_survives_200_concurrent_bad_requests(store: KbsStore, guest:
         assert all(b" 4" in r or b" 503 " in r for r in answered), {r for r in answered}
         # Still serving, correctly:
         value = keyapi.release_secret(server.url, "emu-ok", runtime_key=runtime, pins=frozenset({store.broker_pin()}),
-                                      evidence_for=lambda n: _evidence(n, guest, runtime))
+                                      evidence_for=lambda n: _evidence(n, guest, runtime), connection=LOOPBACK_BROKER)
         assert value == SECRET
     log = AuditLog(store.audit_path)
     assert log.verify().intact
@@ -238,10 +246,33 @@ def test_the_broker_survives_200_concurrent_bad_requests(store: KbsStore, guest:
 
 
 def test_a_damaged_secret_file_is_a_refusal_on_the_record(store: KbsStore, guest: snp_report.GuestPaths,
-                                                           runtime: PrivateKey) -> None:
+                                                           runtime: RuntimeKey) -> None:
     (store.secrets_dir / "emu-ok.json").write_text("{")
     with running_broker(store) as server:
         status, doc = _release(server.url, "emu-ok", _evidence(_challenge(server.url), guest, runtime))
         assert status == 500 and doc["error"] == "internal" and "emu-ok.json" in doc["message"]
         assert http_call(server.url, "GET", IDENTITY_PATH)[0] == 200
     assert _last_audit(store)["status"] == 500
+
+
+def test_same_host_data_on_another_uvm_is_refused(store: KbsStore, tmp_path: Path, runtime: RuntimeKey) -> None:
+    """The host boots its own kernel and rootfs with the policy's HOST_DATA: the measurement differs, so the
+    secret stays with the broker. A secret stored by an older version with HOST_DATA alone releases nothing
+    (and says how to re-store it); --any-uvm is the owner's explicit choice."""
+    own_uvm = emulated_guest(tmp_path / "own-uvm", measurement=bytes(range(48)))
+    legacy = json.loads(new_secret("legacy", SECRET, ReleasePolicy((POLICY_HASH,), (MEASUREMENT.hex(),),
+                                                                   allow_emulated=True)).to_bytes())
+    legacy["format"] = "parma-sandbox/kbs-secret/v1"
+    legacy["release_policy"] = {"host_data": [POLICY_HASH], "measurement": [], "min_tcb": None,
+                                "allow_emulated": True, "allow_debug": False}
+    (store.secrets_dir / "legacy.json").write_text(json.dumps(legacy))
+    store.put(new_secret("anywhere", SECRET, ReleasePolicy((POLICY_HASH,), allow_emulated=True, any_uvm=True)))
+    with running_broker(store) as server:
+        status, doc = _release(server.url, "emu-ok", _evidence(_challenge(server.url), own_uvm, runtime))
+        _refused(store, status, doc, reason=f"MEASUREMENT {bytes(range(48)).hex()} is not an allowed launch "
+                                            "measurement", check="release.measurement")
+        status, doc = _release(server.url, "legacy", _evidence(_challenge(server.url), own_uvm, runtime))
+        _refused(store, status, doc, reason="bound to HOST_DATA alone", check="release.measurement")
+        assert "secret put NAME --replace" in doc["message"]
+        status, doc = _release(server.url, "anywhere", _evidence(_challenge(server.url), own_uvm, runtime))
+        assert status == 200 and _last_audit(store)["event"] == "release"

@@ -5,15 +5,26 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.server
 import json
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kbsenv import POLICY, POLICY_HASH, api_call, emulated_guest, running_broker, shared_ca
+from kbsenv import (
+    LOOPBACK_BROKER,
+    MEASUREMENT,
+    POLICY,
+    POLICY_HASH,
+    api_call,
+    emulated_guest,
+    running_broker,
+    shared_ca,
+)
 
 from sandbox.attest.evidence import certificates_from_table
 from sandbox.attest.verify import Expectations, verify_report
@@ -27,7 +38,7 @@ SECRET = bytes(range(256)) * 3
 @pytest.fixture
 def store(tmp_path: Path) -> KbsStore:
     store = KbsStore.open(tmp_path / "kbs")
-    store.put(new_secret("app-key", SECRET, ReleasePolicy((POLICY_HASH,), allow_emulated=True)))
+    store.put(new_secret("app-key", SECRET, ReleasePolicy((POLICY_HASH,), (MEASUREMENT.hex(),), allow_emulated=True)))
     return store
 
 
@@ -38,12 +49,13 @@ def broker(store: KbsStore) -> Iterator[BrokerHttpServer]:
 
 
 class Api:
-    def __init__(self, tmp_path: Path, guest: snp_report.GuestPaths, pins: set[str], url: str | None) -> None:
+    def __init__(self, tmp_path: Path, guest: snp_report.GuestPaths, pins: set[str], url: str | None,
+                 connection: keyapi.ConnectionFactory = LOOPBACK_BROKER) -> None:
         self.pins = set(pins)
         self.url = url
         self.logs: list[str] = []
         config = keyapi.KeyApiConfig(pins=lambda: frozenset(self.pins), broker_url=lambda: self.url, paths=guest,
-                                     log=self.logs.append)
+                                     log=self.logs.append, broker_connection=connection)
         self.sock = tmp_path / "attest" / "api.sock"
         self.server = keyapi.start(config, str(self.sock))
 
@@ -171,3 +183,74 @@ def test_the_example_client_prints_the_secret_or_the_reason(api: Api, example_cl
     done = subprocess.run([example_client, "app-key"], env={"PARMA_ATTEST_SOCKET": "/nonexistent/api.sock"},
                           capture_output=True, timeout=60)
     assert done.returncode == 1 and b"attestationApi: true" in done.stderr
+
+
+def test_a_broker_location_inside_the_guest_is_refused(tmp_path: Path, store: KbsStore) -> None:
+    """The host picks the broker URL (fw_cfg): the agent refuses any that points back into the guest, before
+    it connects. Here with the agent's own connection class, against a listener nobody may reach."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        api = Api(tmp_path, emulated_guest(tmp_path / "guest"), {store.broker_pin()}, None,
+                  connection=keyapi.CheckedConnection)
+        try:
+            for url, why in ((f"http://127.0.0.1:{port}", "127.0.0.1 is a loopback address"),
+                             (f"http://localhost:{port}", "is a loopback address"),
+                             (f"http://[::ffff:127.0.0.1]:{port}", "is a loopback address"),
+                             (f"http://0.0.0.0:{port}", "0.0.0.0 is the unspecified address"),
+                             ("http://169.254.169.254", "169.254.169.254 is a link-local address"),
+                             ("http://224.0.0.251:5353", "is a multicast address")):
+                api.url = url
+                status, doc = api.json("POST", "/key/release", {"name": "app-key"})
+                assert status == 502 and "refused" in doc["error"] and why in doc["error"], (url, doc)
+                assert "may not point into the guest" in doc["error"]
+            with pytest.raises(BlockingIOError):
+                listener.accept()  # not one connection was attempted
+            assert api.json("GET", "/status")[0] == 200
+        finally:
+            api.server.shutdown()
+            api.server.server_close()
+
+
+class _HostileBroker(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b"[" * 200_000, "nested deeper than 32 levels"),
+    (b'{"a":' * 40 + b"1" + b"}" * 40, "nested deeper than 32 levels"),
+    (b'{"nonce": 1e400}', "out of range"),
+    (b'{"nonce": ' + b"9" * 5000 + b"}", "digit"),
+    (b'{"nonce": "00", "nonce": "11"}', "duplicate key"),
+    (b'{"nonce": NaN}', "NaN is not valid JSON"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b'{"nonce": "' + b"ab" * 200_000 + b'"}', "response larger than"),
+    (b'{"nonce": ["x"]}', "no valid nonce"),
+])
+def test_a_hostile_brokers_answers_are_refusals(tmp_path: Path, store: KbsStore, body: bytes, reason: str) -> None:
+    handler = type("Handler", (_HostileBroker,), {"body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = Api(tmp_path, emulated_guest(tmp_path / "guest"), {store.broker_pin()},
+              f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        status, doc = api.json("POST", "/key/release", {"name": "app-key"})
+        assert status == 502 and reason in doc["error"], doc
+        assert api.json("GET", "/status")[0] == 200
+    finally:
+        api.server.shutdown()
+        api.server.server_close()
+        server.shutdown()
+        server.server_close()

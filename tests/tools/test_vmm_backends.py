@@ -119,7 +119,7 @@ def test_libvirt_backend_runs_the_same_config_on_a_stock_daemon(tmp_path: Path) 
     state = tmp_path / "private"
     state.mkdir(mode=0o700)
     cfg = tiny_config(state, name=f"tiny-{os.getpid()}")
-    fw = state / "psp.bin"
+    fw = state / "psp.json"
     fw.write_bytes(b"secret material")
     fw.chmod(0o600)
     cfg = dataclasses.replace(cfg, fw_cfg=(FwCfgFile("opt/parma/test", fw),))

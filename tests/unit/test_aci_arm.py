@@ -19,6 +19,7 @@ from sandbox.group.spec import VolumeKind
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
 from sandbox.shared.errors import InputError
 from sandbox.shared.policy import parse_policy
+from tests.imagefixtures import oci_image
 
 TEMPLATE: dict[str, Any] = {
     "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
@@ -140,6 +141,9 @@ def test_policy_gen_accepts_a_template(tmp_path: Path, monkeypatch, capsys) -> N
 
 
 def test_validate_accepts_a_template(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["validate", str(write(tmp_path))], capsys)
+    assert code == 2 and "containers[0].image: oci:images/busybox:latest:" in err  # validate checks local images
+    oci_image(tmp_path / "images" / "busybox")
     code, out, _ = run_cli(["validate", str(write(tmp_path))], capsys)
     assert code == 0 and "group 'hello-aci' with 2 container(s): hello-aci-web, probe" in out
 

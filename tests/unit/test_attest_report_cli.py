@@ -82,6 +82,8 @@ def test_report_then_verify(running_sandbox: str, tmp_path: Path, capsys: pytest
 
 def test_report_input_errors(running_sandbox: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["attest", "report", running_sandbox, "--nonce", "abcd"], capsys)
-    assert code == 2 and "16..64 bytes" in err
+    assert code == 2 and "16..1024 bytes" in err  # the agent's limits (sandbox/shared/snp/binding.py)
+    code, _, err = run_cli(["attest", "report", running_sandbox, "--nonce", "00" * 1025], capsys)
+    assert code == 2 and "got 1025" in err
     code, _, err = run_cli(["attest", "report", "nosuch", "--nonce", "00" * 16], capsys)
     assert code == 2 and "no sandbox named 'nosuch'" in err

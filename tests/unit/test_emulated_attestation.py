@@ -22,7 +22,7 @@ from sandbox.attest.evidence import (
 from sandbox.attest.psp import fw_cfg_args, write_launch_material
 from sandbox.attest.verify import Expectations, verify_report
 from sandbox.guest import snp_report
-from sandbox.shared.crypto.p384 import PrivateKey
+from sandbox.guest.keys import RuntimeKey
 from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.report import parse_report
 
@@ -82,22 +82,22 @@ def test_fw_cfg_argument_escapes_commas() -> None:
 
 
 def test_guest_report_verifies_only_with_allow_emulated(ca: EmulatedCa, guest: snp_report.GuestPaths) -> None:
-    runtime_key = PrivateKey.generate()
+    runtime_key = RuntimeKey.generate()
     nonce = bytes(range(32))
-    result = snp_report.get_extended_report(report_data_for(nonce, runtime_key.public_key.to_der()), paths=guest)
+    result = snp_report.get_extended_report(report_data_for(nonce, runtime_key.public_der), paths=guest)
     assert result.backend == snp_report.Backend.EMULATED
     report = parse_report(result.report)
     assert report.host_data == hashlib.sha256(POLICY).digest() and report.measurement == MEASUREMENT
     assert report.chip_id == ca.chip_id and report.version == 5
     certs = certificates_from_table(result.cert_table)
     expect = dict(host_data=hashlib.sha256(POLICY).digest(), measurement=MEASUREMENT,
-                  report_data=report_data_for(nonce, runtime_key.public_key.to_der()))
+                  report_data=report_data_for(nonce, runtime_key.public_der))
     refused = verify_report(result.report, certs, Expectations(**expect), emulated_ca=ca)
     assert [c.name for c in refused.failed()] == ["ark.trusted"] and refused.emulated
     assert "--allow-emulated" in refused.failed()[0].detail
     accepted = verify_report(result.report, certs, Expectations(allow_emulated=True, **expect), emulated_ca=ca)
     assert accepted.verified and accepted.emulated
-    other_nonce = dict(expect, report_data=report_data_for(b"\xee" * 32, runtime_key.public_key.to_der()))
+    other_nonce = dict(expect, report_data=report_data_for(b"\xee" * 32, runtime_key.public_der))
     wrong = verify_report(result.report, certs, Expectations(allow_emulated=True, **other_nonce), emulated_ca=ca)
     assert [c.name for c in wrong.failed()] == ["report.report_data"]
 
@@ -105,12 +105,12 @@ def test_guest_report_verifies_only_with_allow_emulated(ca: EmulatedCa, guest: s
 def test_emulated_evidence_through_the_cli(ca: EmulatedCa, guest: snp_report.GuestPaths, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    key = PrivateKey.generate()
+    key = RuntimeKey.generate()
     nonce = "00112233445566778899aabbccddeeff"
-    result = snp_report.get_extended_report(report_data_for(bytes.fromhex(nonce), key.public_key.to_der()),
+    result = snp_report.get_extended_report(report_data_for(bytes.fromhex(nonce), key.public_der),
                                             paths=guest)
     (tmp_path / "report.bin").write_bytes(result.report)
-    (tmp_path / "runtime.der").write_bytes(key.public_key.to_der())
+    (tmp_path / "runtime.der").write_bytes(key.public_der)
     write_certs_dir(tmp_path / "certs", certificates_from_table(result.cert_table))
     policy = tmp_path / "policy.json"
     policy.write_bytes(POLICY)
@@ -138,7 +138,7 @@ def test_evidence_document_from_the_agent_verifies(ca: EmulatedCa, guest: snp_re
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """What `attest report` writes: the agent's evidence (report, certificate table, runtime key, nonce)."""
     nonce = "a1" * 32
-    evidence = snp_report.evidence_for(bytes.fromhex(nonce), key=PrivateKey.generate(), paths=guest)
+    evidence = snp_report.evidence_for(bytes.fromhex(nonce), key=RuntimeKey.generate(), paths=guest)
     doc = tmp_path / "ev.json"
     doc.write_bytes(evidence_document(evidence, "hello"))
     assert read_report_file(doc).sandbox == "hello"

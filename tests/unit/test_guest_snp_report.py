@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from sandbox.guest import snp_report as g
-from sandbox.shared.crypto.p384 import PrivateKey
+from sandbox.guest.keys import P384Signer
 from sandbox.shared.errors import AttestationError, InputError
 from sandbox.shared.snp.cert_table import CertKind, parse_cert_table
 from sandbox.shared.snp.emulated_psp import EmulatedPsp, PspMaterial
@@ -24,7 +24,9 @@ from sandbox.shared.snp.product import Cpuid, Product, TcbLayout
 from sandbox.shared.snp.report import FirmwareVersion, parse_report
 from sandbox.shared.snp.tcb import TcbVersion
 
-KEY = PrivateKey(0x1234567890ABCDEF)
+KEY_D = 0x1234567890ABCDEF
+KEY = KEY_D.to_bytes(48, "big")
+SIGN = P384Signer(KEY).sign
 
 
 def material(**overrides: object) -> PspMaterial:
@@ -34,13 +36,13 @@ def material(**overrides: object) -> PspMaterial:
         id_key_digest=bytes(48), author_key_digest=bytes(48), report_id=b"\x22" * 32, report_id_ma=b"\xff" * 32,
         chip_id=b"\x33" * 64, platform_info=0x1,
         tcb=TcbVersion.from_parts(TcbLayout.LEGACY, bl=9, tee=0, snp=23, ucode=72).raw,
-        firmware=FirmwareVersion(1, 55, 40), mit_vector=0, vcek_private_key=KEY.to_bytes(),
+        firmware=FirmwareVersion(1, 55, 40), mit_vector=0, vcek_private_key=KEY,
         certificates={CertKind.VCEK: b"vcek", CertKind.ASK: b"ask", CertKind.ARK: b"ark"})
     return replace(base, **overrides)
 
 
 def openssl_verifies(report: bytes) -> bool:
-    pub = ec.derive_private_key(KEY.d, ec.SECP384R1()).public_key()
+    pub = ec.derive_private_key(KEY_D, ec.SECP384R1()).public_key()
     r = int.from_bytes(report[0x2A0:0x2E8], "little")
     s = int.from_bytes(report[0x2E8:0x330], "little")
     try:
@@ -78,7 +80,7 @@ def test_material_round_trips_and_is_strict() -> None:
 
 @pytest.mark.parametrize("version", [2, 3, 5])
 def test_emulated_report_is_exact_format_and_openssl_verifies_it(version: int) -> None:
-    psp = EmulatedPsp(material(report_version=version))
+    psp = EmulatedPsp(material(report_version=version), SIGN)
     raw = psp.report(b"\xab" * 64, vmpl=1)
     report = parse_report(raw, product=Product.GENOA)
     assert (report.version, report.vmpl, report.report_data) == (version, 1, b"\xab" * 64)
@@ -119,7 +121,7 @@ def test_tee_guest_never_uses_fw_cfg_material(tmp_path: Path, tee_sign: str, con
 
 def test_configfs_tsm_counts_only_with_a_provider(tmp_path: Path) -> None:
     p = paths(tmp_path, fw_cfg_psp=material().to_bytes(), configfs_tsm=None)
-    psp = EmulatedPsp(material())
+    psp = EmulatedPsp(material(), SIGN)
     # TSM_REPORTS=y without a provider (an ordinary guest): mkdir fails with ENXIO; emulation is fine.
     assert g.select_backend(p, FakeTsm(p.configfs_tsm, psp, provider=None)) == g.Backend.EMULATED
     assert g.select_backend(p, FakeTsm(p.configfs_tsm, psp)) == g.Backend.CONFIGFS_TSM
@@ -191,7 +193,7 @@ class FakeTsm:
 
 def test_configfs_tsm_path(tmp_path: Path) -> None:
     p = paths(tmp_path, configfs_tsm=None)
-    fake = FakeTsm(p.configfs_tsm, EmulatedPsp(material()))
+    fake = FakeTsm(p.configfs_tsm, EmulatedPsp(material(), SIGN))
     result = g.get_extended_report(b"\x07" * 64, vmpl=2, paths=p, fs_ops=fake)
     assert result.backend == g.Backend.CONFIGFS_TSM
     report = parse_report(result.report)
@@ -202,7 +204,7 @@ def test_configfs_tsm_path(tmp_path: Path) -> None:
 
 def test_configfs_tsm_refusals(tmp_path: Path) -> None:
     root = tmp_path / "report"
-    psp = EmulatedPsp(material())
+    psp = EmulatedPsp(material(), SIGN)
     with pytest.raises(AttestationError, match="provider is 'tdx_guest'"):
         g.ConfigfsTsm(root, FakeTsm(root, psp, provider=b"tdx_guest\n")).get(bytes(64), 0)
     with pytest.raises(AttestationError, match="below this guest's floor 2"):
@@ -248,7 +250,7 @@ class FakeSevGuest:
 
 def test_sev_guest_ext_report_grows_the_certs_buffer(tmp_path: Path) -> None:
     psp = EmulatedPsp(material(certificates={CertKind.VCEK: b"v" * 9000, CertKind.ASK: b"a" * 5000,
-                                             CertKind.ARK: b"r" * 5000}))
+                                             CertKind.ARK: b"r" * 5000}), SIGN)
     fake = FakeSevGuest(psp, psp.cert_table())
     p = paths(tmp_path, sev_guest=b"")
     result = g.get_extended_report(b"\x05" * 64, paths=p, ioctl=fake)
@@ -259,7 +261,7 @@ def test_sev_guest_ext_report_grows_the_certs_buffer(tmp_path: Path) -> None:
 
 
 def test_sev_guest_plain_report_and_errors(tmp_path: Path) -> None:
-    psp = EmulatedPsp(material())
+    psp = EmulatedPsp(material(), SIGN)
     dev = tmp_path / "sev-guest"
     dev.write_bytes(b"")
     fake = FakeSevGuest(psp, b"")
@@ -283,7 +285,7 @@ def test_evidence_for_a_nonce_binds_the_runtime_key(tmp_path: Path) -> None:
     assert set(payload) == {"report", "cert_table", "runtime_public_key", "nonce", "backend"}
     back = ReportEvidence.from_payload(payload)
     assert back == evidence and back.binding_holds() and back.backend == "emulated"
-    assert back.runtime_public_key == g.runtime_key().public_key.to_der()
+    assert back.runtime_public_key == g.runtime_key().public_der
     assert not ReportEvidence.from_payload({**payload, "nonce": "ff" * 16}).binding_holds()
     with pytest.raises(InputError, match="exactly the keys"):
         ReportEvidence.from_payload({**payload, "extra": 1})

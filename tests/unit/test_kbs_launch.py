@@ -61,6 +61,11 @@ def test_the_guest_gets_the_broker_address_through_fw_cfg(tmp_path: Path, monkey
 def test_urls_and_pins() -> None:
     assert guest_url("http://localhost:9/") == "http://10.0.2.2:9"
     assert guest_url("http://192.168.1.5:8300") == "http://192.168.1.5:8300"
+    assert guest_url("http://kbs.example:8300") == "http://kbs.example:8300"
+    for inside in ("http://127.0.0.2:8300", "http://10.0.2.15:8300", "http://169.254.169.254", "http://0.0.0.0:1",
+                   "http://[fe80::1]:8300", "http://224.0.0.1:1"):
+        with pytest.raises(InputError, match="not reachable as a key broker from the guest"):
+            guest_url(inside)
     for bad in ("https://x:1", "127.0.0.1:8300", "http://x:99999", "http://x:1/?a=b"):
         with pytest.raises(InputError):
             check_url(bad)

@@ -20,10 +20,11 @@ from sandbox.shared.errors import InputError, NotFoundError, StateError
 
 HD = "ab" * 32
 HD2 = "cd" * 32
+M = "ee" * 48
 
 
 def _policy(**kw: object) -> ReleasePolicy:
-    return ReleasePolicy((HD,), **kw)  # type: ignore[arg-type]
+    return ReleasePolicy((HD,), **{"measurement": (M,), **kw})  # type: ignore[arg-type]
 
 
 def _mode(p: Path) -> int:
@@ -70,6 +71,40 @@ def test_release_policy_validation() -> None:
         new_secret("big", b"x" * (64 * 1024 + 1), p)
     with pytest.raises(InputError):
         new_secret("empty", b"", p)
+    with pytest.raises(InputError, match="--any-uvm contradicts"):
+        ReleasePolicy((HD,), (M,), any_uvm=True)
+
+
+def test_what_a_policy_binds() -> None:
+    assert _policy(min_tcb="0").uvm_problem() is None and _policy(min_tcb="0").hardware_problem() is None
+    assert "HOST_DATA alone" in (ReleasePolicy((HD,)).uvm_problem() or "")
+    assert ReleasePolicy((HD,), any_uvm=True).uvm_problem() is None
+    assert "no minimum TCB" in (_policy().hardware_problem() or "")
+    assert _policy(any_uvm=False).to_dict() == {"host_data": [HD], "measurement": [M], "min_tcb": None,
+                                                "allow_emulated": False, "allow_debug": False, "any_uvm": False}
+
+
+def test_secrets_stored_by_older_versions_still_load(tmp_path: Path) -> None:
+    """v1 files (no any_uvm) load; the broker then decides (release.py): with measurements they keep
+    working, with HOST_DATA alone they are refused with the way to re-store them."""
+    store = KbsStore.open(tmp_path / "kbs")
+    for name, measurement in (("bound", [M]), ("legacy", [])):
+        doc = json.loads(new_secret(name, b"value", _policy()).to_bytes())
+        doc["format"] = "parma-sandbox/kbs-secret/v1"
+        doc["release_policy"] = {"host_data": [HD], "measurement": measurement, "min_tcb": None,
+                                 "allow_emulated": True, "allow_debug": False}
+        (store.secrets_dir / f"{name}.json").write_text(json.dumps(doc))
+    bound, legacy = store.get("bound"), store.get("legacy")
+    assert bound is not None and bound.policy.uvm_problem() is None and not bound.policy.any_uvm
+    assert legacy is not None and legacy.policy.uvm_problem() is not None
+    assert [r.name for r in store.list()] == ["bound", "legacy"]  # listing never fails on an old secret
+    store.put(legacy, replace=True)
+    assert json.loads((store.secrets_dir / "legacy.json").read_bytes())["format"] == "parma-sandbox/kbs-secret/v2"
+    doc = json.loads((store.secrets_dir / "bound.json").read_bytes())
+    doc["release_policy"]["any_uvm"] = True  # a v1 document has no such key
+    (store.secrets_dir / "bound.json").write_text(json.dumps(doc))
+    with pytest.raises(StateError, match="exactly the keys"):
+        store.get("bound")
 
 
 def test_damaged_secret_files_are_state_errors(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ def _config(tmp: Path) -> VmConfig:
     (tmp / "home").chmod(0o700)
     files = {}
     for name, mode in (("bzImage", 0o644), ("rootfs.img", 0o644), ("layer.img", 0o644), ("private.img", 0o600),
-                       ("psp.bin", 0o600)):
+                       ("psp.json", 0o600)):
         files[name] = cache / name
         files[name].write_bytes(name.encode() * 100)
         files[name].chmod(mode)
@@ -43,7 +43,7 @@ def _config(tmp: Path) -> VmConfig:
                     cmdline="x", disks=(Disk(files["rootfs.img"], "parma-root"), Disk(files["layer.img"], "L0"),
                                         Disk(files["private.img"], "V0")),
                     agent_sockets=(tmp / "a.sock",), console_log=tmp / "c.log", qmp_socket=tmp / "q.sock",
-                    fw_cfg=(FwCfgFile("opt/parma/psp", files["psp.bin"]),))
+                    fw_cfg=(FwCfgFile("opt/parma/psp", files["psp.json"]),))
 
 
 def test_publish_links_disks_and_copies_what_libvirt_chowns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

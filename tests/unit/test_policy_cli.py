@@ -134,7 +134,7 @@ def test_check_bad_trace_exits_2_without_replaying(tmp_path: Path, capsys, trace
 
 @pytest.mark.parametrize(("mutate", "message"), [
     (lambda d: d["containers"][0].update(env_rules=[{"pattern": "A=(", "strategy": "re2"}]),
-     "containers[0].env_rules[0].pattern: regex 'A=(' does not compile"),
+     "containers[0].env_rules[0].pattern: regex 'A=(' is not valid RE2 syntax: missing closing )"),
     (lambda d: d["containers"][0].update(layer=[]), "containers[0].layer: unknown field (did you mean 'layers'?)"),
 ])
 def test_check_bad_policy_exits_2_with_json_path(tmp_path: Path, capsys, mutate, message) -> None:

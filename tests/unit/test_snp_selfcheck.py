@@ -23,9 +23,9 @@ from test_emulated_attestation import ca  # noqa: F401 - a fixture: this install
 from sandbox.attest.evidence import evidence_document
 from sandbox.attest.id_keys import key_digest, load_private_key
 from sandbox.guest import snp_report
+from sandbox.guest.keys import RuntimeKey
 from sandbox.hostcheck import Tee
 from sandbox.launch import measured, selfcheck
-from sandbox.shared.crypto.p384 import PrivateKey
 from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.messages import GetReportRequest
 from sandbox.shared.snp.report import parse_report
@@ -48,7 +48,7 @@ class GuestAgent:
 
     def __init__(self, paths: snp_report.GuestPaths) -> None:
         self.paths = paths
-        self.key = PrivateKey.generate()
+        self.key = RuntimeKey.generate()
 
     def call(self, request: GetReportRequest, timeout: float = 0) -> dict[str, Any]:
         assert isinstance(request, GetReportRequest)
@@ -186,7 +186,7 @@ def test_debug_files_are_kept_only_under_debug(tmp_path: Path, monkeypatch: pyte
 
     state = tmp_path / "state"
     state.mkdir()
-    for name in ("qemu.sh", "console.log", "selfcheck.json", "psp.bin"):
+    for name in ("qemu.sh", "console.log", "selfcheck.json", "psp.json"):
         (state / name).write_text(name)
     record = SandboxRecord(name="dbg", status="starting")
     record.details = {"launch": {"predicted_measurement": "00" * 48}}
@@ -201,5 +201,5 @@ def test_debug_files_are_kept_only_under_debug(tmp_path: Path, monkeypatch: pyte
     assert kept is not None and kept.parent == tmp_path / "run" / ".debug" and kept.name.startswith("dbg-")
     names = {p.name for p in kept.iterdir()}
     assert {"qemu.sh", "console.log", "selfcheck.json", "launch.json", "record.json", "check.json",
-            "error.txt"} <= names and "psp.bin" not in names
+            "error.txt"} <= names and "psp.json" not in names
     assert "launch self-check failed" in (kept / "error.txt").read_text()

@@ -38,7 +38,7 @@ def snp_launch(*, with_id: bool = False) -> SnpLaunch:
 
 def config(tee: Tee, accel: Accel, *, with_id: bool = False) -> VmConfig:
     snp = snp_launch(with_id=with_id) if tee == Tee.sev_snp else None
-    fw_cfg = () if snp else (FwCfgFile("opt/parma/psp", RUN / "psp.bin"),)
+    fw_cfg = () if snp else (FwCfgFile("opt/parma/psp", RUN / "psp.json"),)
     return VmConfig(
         name="hello", tee=tee, accel=accel, vcpus=1, memory_mib=512,
         kernel=CACHE / "uvm/abc/bzImage",
@@ -94,14 +94,17 @@ def test_snp_argv_binds_the_policy_hash() -> None:
     assert "memory-backend-memfd" in argv[argv.index("-object") + 1]
     assert argv[argv.index("-bios") + 1].endswith("OVMF.amdsev.fd")
     assert "-fw_cfg" not in argv  # nothing host-supplied beyond the measured launch
+    assert "virtio-rng-pci" not in argv  # nor entropy: the host could feed the guest chosen "random" bytes
+    assert build_domain_xml(config(Tee.sev_snp, Accel.kvm)).count("<rng") == 0
 
 
 def test_emulated_argv_passes_the_emulated_psp_by_fw_cfg_and_forwards_to_loopback() -> None:
     argv = build_argv(config(Tee.emulated, Accel.tcg))
-    assert "name=opt/parma/psp,file=/run/user/0/parma-sandbox/hello/psp.bin" in argv
+    assert "name=opt/parma/psp,file=/run/user/0/parma-sandbox/hello/psp.json" in argv
     assert "user,id=net0,hostfwd=tcp:127.0.0.1:18080-:8080" in argv
     assert "sev-snp-guest" not in " ".join(argv)
     assert argv[argv.index("-machine") + 1] == "q35,accel=tcg"
+    assert "virtio-rng-pci" in argv  # an emulated guest trusts its host anyway: keep boot entropy quick
 
 
 def test_qemu_option_values_escape_commas() -> None:

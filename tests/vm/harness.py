@@ -8,7 +8,6 @@ policy decides what the agent may do with them.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import shutil
@@ -25,7 +24,8 @@ from sandbox.launch.agent_client import AgentClient, wait_for_agent
 from sandbox.launch.plan import LaunchPlan
 from sandbox.layers.convert import convert_layer
 from sandbox.policy.gen import generate_policy
-from sandbox.shared.protocol import PORT_COUNT, Op
+from sandbox.shared.messages import SetPolicyRequest, StartContainerRequest
+from sandbox.shared.protocol import PORT_COUNT
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME
 from sandbox.uvm.build import ensure_uvm
 from sandbox.vmm import backend as vmm
@@ -148,7 +148,7 @@ def boot(state: Path, *, spec: GroupSpec, images: dict[str, ResolvedImage], disk
     state.mkdir(parents=True, exist_ok=True)
     policy = generate_policy(spec, images)
     measurement = uvm.expected_measurement(1) or "00" * 48
-    psp = state / "psp.bin"
+    psp = state / "psp.json"
     write_launch_material(psp, policy_bytes=policy, measurement=bytes.fromhex(measurement))
     cfg = VmConfig(
         name="t", tee=Tee.emulated, accel=Accel.tcg, vcpus=1, memory_mib=memory_mib, kernel=Path(uvm.kernel),
@@ -170,14 +170,12 @@ def boot(state: Path, *, spec: GroupSpec, images: dict[str, ResolvedImage], disk
 
 def start_plan(client: AgentClient, guest: Guest, plan: LaunchPlan) -> None:
     """What `up` asks of the agent for a launch plan: the policy, every layer device, and each container's
-    scratch, overlay, create and start."""
-    client.call(Op.set_policy, {"policy": base64.b64encode(guest.policy).decode()})
+    scratch, overlay, create and start (the same typed requests the launcher sends)."""
+    client.call(SetPolicyRequest(guest.policy))
     for m in plan.layers:
-        r = client.call(Op.mount_device, {"device": m.serial, "target": m.target})
-        assert r["root_hash"] == m.root_hash
+        assert client.call(m.mount).root_hash == m.root_hash
     for ctr in plan.containers:
-        client.call(Op.mount_scratch, {"container_id": ctr.name})
-        client.call(Op.mount_overlay, {"container_id": ctr.name, "layer_paths": list(ctr.layer_targets),
-                                       "target": f"/run/parma/containers/{ctr.name}/rootfs"})
-        client.call(Op.create_container, ctr.create, timeout=120)
-        client.call(Op.start_container, {"container_id": ctr.name}, timeout=120)
+        client.call(ctr.scratch)
+        client.call(ctr.overlay)
+        client.call(ctr.create, timeout=120)
+        client.call(StartContainerRequest(ctr.name), timeout=120)

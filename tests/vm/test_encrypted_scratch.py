@@ -9,7 +9,6 @@ ENOSPC. The host then reads the disk file: it holds at least 1 GiB of data and n
 
 from __future__ import annotations
 
-import base64
 import os
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import pytest
 
 from sandbox.group import validate_group
 from sandbox.launch.plan import build_plan
-from sandbox.shared.protocol import Op
+from sandbox.shared.messages import ExecProcessRequest, PingRequest, ReadOutputRequest
 from sandbox.uvm.overlay import build_rootfs_tar
 from sandbox.vmm.config import DiskBus
 
@@ -108,12 +107,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 def _output_until(c, cid: str, last: bytes, exec_id: str | None = None) -> tuple[bytes, bytes]:
     out, err, offset = [], [], 0
     while True:
-        page = c.call(Op.read_output, {"container_id": cid, "exec_id": exec_id, "offset": offset, "wait": 10},
-                      timeout=30)
-        for ch in page["chunks"]:
-            (out if ch["stream"] == "stdout" else err).append(base64.b64decode(ch["data"]))
-        offset = page["next_offset"]
-        if page["eof"] or last in b"".join(out):
+        page = c.call(ReadOutputRequest(cid, exec_id, offset=offset, wait=10), timeout=30)
+        for ch in page.chunks:
+            (out if ch.stream == "stdout" else err).append(ch.data)
+        offset = page.next_offset
+        if page.eof or last in b"".join(out):
             return b"".join(out), b"".join(err)
 
 
@@ -139,7 +137,7 @@ def test_one_gib_of_plaintext_never_reaches_the_host_and_tampering_is_detected(w
         fields = dict(line.split(" ", 1) for line in out.decode().splitlines())
         assert fields["fill"] == "ENOSPC"            # a full scratch is an error in the container...
         assert int(fields["free_blocks"]) == 0
-        assert c.call(Op.ping)["policy_set"] is True  # ...and the VM lives on
+        assert c.call(PingRequest()).policy_set is True  # ...and the VM lives on
         assert fields["mismatches"] == "0"           # nothing read a sector that was never written
         assert disk.stat().st_blocks * 512 >= GIB    # the gibibyte did go to the host's disk...
         assert _count(disk, MARKER[:16]) == 0        # ...and not one line of it in the clear
@@ -149,9 +147,8 @@ def test_one_gib_of_plaintext_never_reaches_the_host_and_tampering_is_detected(w
             for off in range(64 << 20, GIB, 64 << 20):
                 f.seek(off)
                 f.write(os.urandom(64 << 10))
-        r = c.call(Op.exec_process, {"container_id": "tool", "argv": ["/usr/bin/python3", "-c", REREAD],
-                                     "env": ctr.create["env"]})
-        out, err = _output_until(c, "tool", b"read:", r["exec_id"])
+        r = c.call(ExecProcessRequest("tool", ("/usr/bin/python3", "-c", REREAD), env=ctr.create.env))
+        out, err = _output_until(c, "tool", b"read:", r.exec_id)
         assert out.strip() in (b"read: Input/output error", b"read: Invalid or incomplete multibyte or wide character"), \
             out + err
-        assert c.call(Op.ping)["policy_set"] is True
+        assert c.call(PingRequest()).policy_set is True

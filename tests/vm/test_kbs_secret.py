@@ -1,7 +1,8 @@
 """Issue 7 end to end in an emulated UVM: examples/secret fetches a secret through the in-guest API and prints
 its SHA-256; a policy one byte off is refused with a clear error in the container; evidence taken from the
 running guest is refused when it is emulated for a hardware-only secret, replayed, for a nonce the broker never
-issued, tampered with, or late."""
+issued, tampered with, or late. Secrets are stored with `secret put` as users do: bound by default to the
+measurements in the UVM manifest, which the emulated PSP's reports must then carry (issue 13, item 6)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from sandbox.attest.emulated_ca import load_emulated_ca
 from sandbox.kbs.audit import AuditLog
 from sandbox.kbs.challenges import ChallengeStore
 from sandbox.kbs.server import BrokerHttpServer
-from sandbox.kbs.store import KbsStore, ReleasePolicy, new_secret
+from sandbox.kbs.store import KbsStore
 from sandbox.shared.kbs_protocol import CHALLENGE_PATH, RELEASE_PATH
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,6 +69,14 @@ def broker(tmp_path: Path, clock: list[float]) -> Iterator[tuple[KbsStore, Broke
         yield store, server
 
 
+def _put(store: KbsStore, tmp_path: Path, name: str, policy_hash: str, *extra: str) -> None:
+    """`secret put` with no --measurement: the UVM manifest (build/uvm/manifest.json) binds the secret."""
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    done = cli("--format", "json", "secret", "put", name, "--file", str(tmp_path / "secret.txt"), "--policy-hash",
+               policy_hash, "--store", str(store.root), *extra)
+    assert json.loads(done.stdout)["release_policy"]["measurement"], done.stdout
+
+
 def _policy(tmp_path: Path, store: KbsStore) -> tuple[Path, bytes]:
     out = tmp_path / "policy.json"
     cli("policy", "gen", str(GROUP), "--kbs-key", store.broker_pin(), "-o", str(out))
@@ -106,8 +115,8 @@ def test_the_example_prints_the_secret_and_bad_evidence_is_refused(
     store, server = broker
     policy_file, policy = _policy(tmp_path, store)
     policy_hash = hashlib.sha256(policy).hexdigest()
-    store.put(new_secret("demo", SECRET, ReleasePolicy((policy_hash,), allow_emulated=True)))
-    store.put(new_secret("hw-only", SECRET, ReleasePolicy((policy_hash,))))
+    _put(store, tmp_path, "demo", policy_hash, "--allow-emulated")
+    _put(store, tmp_path, "hw-only", policy_hash, "--min-tcb", "0")
     name = f"kbs-{secrets.token_hex(3)}"
     cli("up", "-d", str(GROUP), "--name", name, "--tee", "emulated", "--policy", str(policy_file),
         "--kbs", server.url)
@@ -146,7 +155,7 @@ def test_a_policy_one_byte_off_gets_a_clear_refusal(example_image: None, broker:
                                                     tmp_path: Path) -> None:
     store, server = broker
     _, policy = _policy(tmp_path, store)
-    store.put(new_secret("demo", SECRET, ReleasePolicy((hashlib.sha256(policy).hexdigest(),), allow_emulated=True)))
+    _put(store, tmp_path, "demo", hashlib.sha256(policy).hexdigest(), "--allow-emulated")
     marker = b'secret-client:latest"'
     assert policy.count(marker) == 1
     changed = policy.replace(marker, b'secret-client:latesT"')  # the informational image id: one byte

@@ -83,7 +83,7 @@ def test_id_block_up_verify_and_debug_files(run: Cli, group: Path, tmp_path: Pat
         assert kept.parent == Path(run.env["PARMA_SANDBOX_RUNTIME"]) / ".debug"
         assert {"qemu.sh", "console.log", "qemu.log", "selfcheck.json", "launch.json", "record.json",
                 "check.json"} <= {p.name for p in kept.iterdir()}
-        assert not (kept / "psp.bin").exists()
+        assert not (kept / "psp.json").exists()
         launch = json.loads((kept / "launch.json").read_text())
         assert launch["id"]["author_key_enabled"] and launch["predicted_measurement"] == info["expected_measurement"]
         assert json.loads((kept / "selfcheck.json").read_text())["summary"]["verified"]

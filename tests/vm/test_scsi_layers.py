@@ -4,7 +4,6 @@ hash, mounts it under dm-verity, and the container sees the files of all 60 laye
 
 from __future__ import annotations
 
-import base64
 import sys
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import pytest
 
 from sandbox.group import validate_group
 from sandbox.launch.plan import build_plan
-from sandbox.shared.protocol import Op
+from sandbox.shared.messages import ReadOutputRequest, WaitProcessRequest
 from sandbox.vmm.config import DiskBus
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,10 +52,10 @@ def test_sixty_scsi_layers_mount_and_make_one_container(world: dict) -> None:
         t0 = time.monotonic()
         start_plan(c, guest, plan)
         start_s = time.monotonic() - t0
-        w = c.call(Op.wait_process, {"container_id": "app", "timeout": 60}, timeout=90)
-        assert w["exit_code"] == 0
-        page = c.call(Op.read_output, {"container_id": "app", "offset": 0, "wait": 5})
-        out = b"".join(base64.b64decode(ch["data"]) for ch in page["chunks"] if ch["stream"] == "stdout")
+        w = c.call(WaitProcessRequest("app", timeout=60), timeout=90)
+        assert w.exit_code == 0
+        page = c.call(ReadOutputRequest("app", offset=0, wait=5))
+        out = b"".join(ch.data for ch in page.chunks if ch.stream == "stdout")
         assert out.split() == [b"59", b"layer", b"59"]
     # Only the root disk is virtio-blk: every layer the agent found was a SCSI LUN.
     assert [d.bus for d in guest.cfg.disks] == [DiskBus.virtio_blk] + [DiskBus.scsi] * LAYERS

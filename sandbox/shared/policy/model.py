@@ -24,7 +24,7 @@ from sandbox.shared.jsoncheck import Checker, join
 from sandbox.shared.jsonstrict import decode_utf8, loads_strict
 from sandbox.shared.messages import Capabilities
 from sandbox.shared.policy import defaults
-from sandbox.shared.policy.regex import RegexError, translate
+from sandbox.shared.policy.regex import RegexError, check
 
 
 class Strategy(StrEnum):
@@ -286,7 +286,7 @@ class _Checker(Checker):
 
     def regex(self, pattern: str, path: str) -> None:
         try:
-            translate(pattern)
+            check(pattern)
         except RegexError as e:
             self.problem(path, f"regex {pattern!r} {e}")
 

@@ -29,7 +29,7 @@ ACCEPTED_IMPORTS = frozenset({"future.keywords", "future.keywords.every", "futur
 REASON_RULES = (Ref(("data", "framework", "errors")), Ref(("data", "framework", "reason")))
 VERSION_NAMES = {"api_version": "api_svn", "framework_version": "framework_svn"}
 DATA_NAMES = ("fragments", "containers", "external_processes", *fw.FLAGS)
-HINT = "see docs/aci.md ('Rego import') for what is accepted"
+HINT = "see docs/aci.md ('ccePolicy import') for what is accepted"
 
 
 class RuleKind(StrEnum):

@@ -70,7 +70,7 @@ _ALIAS = re.compile(r"[ \t]+as\b")
 # Nesting bound: the guest parses host-supplied bytes, and must answer with an error, never a crash.
 MAX_DEPTH = 64
 _KEYWORDS = frozenset({"true", "false", "null"})
-_HINT = "only constant data assignments and framework delegations are accepted (docs/aci.md, 'Rego import')"
+_HINT = "only constant data assignments and framework delegations are accepted (docs/aci.md, 'ccePolicy import')"
 
 
 class _NoFast(Exception):

@@ -7,7 +7,8 @@ report (launch measurement, HOST_DATA, policy, TCB, CHIP_ID...), the emulated VC
 and the emulated certificate chain. The guest agent builds ATTESTATION_REPORTs in the exact AMD
 format from it and signs them with ECDSA P-384/SHA-384, like the PSP does with the VCEK.
 The format is documented in docs/attestation.md ("The emulated PSP"). Host side:
-sandbox/attest/psp.py writes it; guest side: sandbox/guest/snp_report.py reads it.
+sandbox/attest/psp.py writes it; guest side: sandbox/guest/snp_report.py reads it and signs with
+OpenSSL (sandbox/guest/keys.py): this stdlib-only zone takes the signing function as a parameter.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandbox.shared.crypto.p384 import PrivateKey
 from sandbox.shared.errors import InputError
 from sandbox.shared.snp.cert_table import CertKind, build_cert_table, entry
 from sandbox.shared.snp.key_info import KeyInfo, SigningKey
@@ -83,8 +84,8 @@ class PspMaterial:
     def from_bytes(cls, data: bytes, *, source: str = FW_CFG_NAME) -> PspMaterial:
         try:
             doc = json.loads(data.rstrip(b"\0").decode())
-        except (UnicodeDecodeError, ValueError) as e:
-            raise InputError(f"{source}: emulated PSP material is not JSON: {e}") from e
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise InputError(f"{source}: emulated PSP material is not JSON: {e}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise InputError(f"{source}: not emulated PSP material (format must be {FORMAT!r})")
         expected = {"format", "product", "cpuid", "firmware", "certificates", *INT_FIELDS, *HEX_FIELDS}
@@ -112,12 +113,15 @@ class PspMaterial:
                    certificates=certs, **values)
 
 
-class EmulatedPsp:
-    """Signs reports the way the PSP does, from launch-time material."""
+Sign = Callable[[bytes], tuple[int, int]]  # ECDSA-P384-SHA384 under the VCEK key: data -> (r, s)
 
-    def __init__(self, material: PspMaterial) -> None:
+
+class EmulatedPsp:
+    """Signs reports the way the PSP does, from launch-time material; `sign` holds its VCEK key."""
+
+    def __init__(self, material: PspMaterial, sign: Sign) -> None:
         self.material = material
-        self._key = PrivateKey.from_bytes(material.vcek_private_key)
+        self._sign = sign
 
     def report(self, report_data: bytes, vmpl: int = 0) -> bytes:
         """MSG_REPORT_REQ semantics: REPORT_DATA is the caller's 64 bytes, VMPL the requested level."""
@@ -140,8 +144,8 @@ class EmulatedPsp:
             launch_tcb=tcb, launch_mit_vector=m.mit_vector if version >= 5 else None,
             current_mit_vector=m.mit_vector if version >= 5 else None, signature_r=0, signature_s=0,
             product=m.product)
-        signature = self._key.sign(unsigned.signed_bytes())
-        signed = unsigned.with_signature(signature.r, signature.s).to_bytes()
+        r, s = self._sign(unsigned.signed_bytes())
+        signed = unsigned.with_signature(r, s).to_bytes()
         parse_report(signed, product=m.product)  # never hand out bytes our own parser would refuse
         return signed
 

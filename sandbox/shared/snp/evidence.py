@@ -15,12 +15,16 @@ import binascii
 from dataclasses import dataclass
 from typing import Any
 
-from sandbox.shared.crypto.p384 import PublicKey
 from sandbox.shared.errors import InputError
 from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.report import REPORT_SIZE, parse_report
 
 KEYS = ("report", "cert_table", "runtime_public_key", "nonce", "backend")
+# DER SubjectPublicKeyInfo of an uncompressed P-384 point (RFC 5480): SEQUENCE { SEQUENCE { id-ecPublicKey,
+# secp384r1 }, BIT STRING 0x04 || X || Y }. DER is unique, so this prefix and the length identify the form;
+# whether the point is on the curve is OpenSSL's check where the key is used (the broker, the verifier).
+P384_SPKI_PREFIX = bytes.fromhex("3076301006072a8648ce3d020106052b81040022036200" "04")
+P384_SPKI_SIZE = len(P384_SPKI_PREFIX) + 96
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,10 @@ class ReportEvidence:
             raise InputError(f"{source}: bad encoding: {e}") from e
         if len(evidence.report) != REPORT_SIZE:
             raise InputError(f"{source}: the report is {len(evidence.report)} bytes, not {REPORT_SIZE}")
-        PublicKey.from_der(evidence.runtime_public_key)  # a valid P-384 key, or InputError
+        key = evidence.runtime_public_key
+        if len(key) != P384_SPKI_SIZE or not key.startswith(P384_SPKI_PREFIX):
+            raise InputError(f"{source}: runtime_public_key is not a P-384 SubjectPublicKeyInfo "
+                             f"(DER, uncompressed point; got {len(key)} bytes)")
         return evidence
 
     def binding_holds(self) -> bool:

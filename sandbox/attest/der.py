@@ -1,7 +1,7 @@
-"""A minimal, strict DER encoder/decoder (ITU-T X.690) for the few structures attestation needs.
+"""A minimal, strict DER encoder/decoder (ITU-T X.690) for the AMD certificate extensions (host side).
 
 Decoding accepts only definite, minimally encoded lengths and single-byte tags, which covers
-SubjectPublicKeyInfo, ECDSA-Sig-Value and the AMD certificate extension values.
+the AMD certificate extension values and the emulated CA's.
 """
 
 from __future__ import annotations
