@@ -11,7 +11,7 @@ Start-up is on the critical path of every `up`, and under emulation (TCG) every 
   image (dataclass_code.py), and the garbage collector waits (start-up allocates only what lives as
   long as the agent).
 - Then a low-priority thread imports the rest in the order `up` needs it - the report backends for the
-  launch self-check (and P-384's table), the policy engine, device-mapper and verity - so that those
+  launch self-check (and cryptography with OpenSSL), the policy engine, device-mapper and verity - so that those
   imports use the time the guest spends waiting for the host. A request that needs a module still
   loading waits for it (the import lock); nothing is answered differently or earlier than before.
 - The attestation API for containers starts when a container first binds it (service.py).
@@ -89,7 +89,9 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> None:
         for name in modules:
             importlib.import_module(name)
             if name == "sandbox.guest.snp_report":
-                _warm_p384()
+                from sandbox.guest import keys
+
+                keys.load()   # cryptography and OpenSSL: the first report signs with them
     except Exception as e:  # noqa: BLE001 - the request that needs it will import it and say what failed
         log(f"preload stopped: {type(e).__name__}: {e}")
     finally:
@@ -98,15 +100,6 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> None:
         gc.freeze()
         gc.enable()
     log(f"loaded (uptime {time.monotonic():.2f} s)")
-
-
-def _warm_p384() -> None:
-    """Build P-384's fixed-base table (once per process, deterministic), which the runtime key and the
-    emulated PSP's signatures use, with a throwaway key. Not the runtime key itself: the first report
-    makes it, on the request's thread, so that only one is ever made."""
-    from sandbox.shared.crypto.p384 import PrivateKey
-
-    PrivateKey(1).public_key.to_der()
 
 
 class AttestationApiStarter:

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Serving does not need these; each loads on first use or on the preload thread after "ready".
 NOT_AT_READY = ("sandbox.shared.policy.engine", "sandbox.shared.policy.model", "sandbox.guest.snp_report",
-                "sandbox.shared.crypto.p384", "sandbox.guest.blockdev", "sandbox.shared.verity",
+                "cryptography", "sandbox.guest.blockdev", "sandbox.shared.verity",
                 "sandbox.guest.keyapi", "sandbox.shared.kbs_protocol", "hashlib", "_hashlib", "traceback",
                 "http.server", "sandbox.shared.rego")
 
