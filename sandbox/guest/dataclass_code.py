@@ -1,16 +1,21 @@
-"""Precompiled code for the methods `@dataclass` writes at import time, built with the UVM image.
+"""What `@dataclass` computes at import time, computed once when the UVM image is built.
 
 `dataclasses` (Python 3.11) writes the source of each class's __init__, __repr__, __eq__, __hash__,
-__setattr__ and __delattr__ and compiles it with exec(): the agent's modules define over a hundred
-dataclasses, so its start-up compiles about 650 small functions, more than half of its import time
-under TCG. The image build (sandbox/uvm/overlay.py) imports the agent once with the guest's own
-python3, records every source `dataclasses` generates and stores it with its compiled code (marshal,
-zlib, by defining module) in the rootfs, next to the .pyc files and like them under dm-verity.
+__setattr__ and __delattr__ and compiles it with exec(); and for a class without a docstring it writes
+one from `inspect.signature(cls)`, so that importing it imports inspect and, with it, ast, dis, tokenize
+and linecache. The agent's modules define over a hundred dataclasses: about 650 compilations and a
+hundred signatures, more than half of its start-up under TCG.
 
-At boot `install()` gives the `dataclasses` module an `exec` of its own (a module global shadows the
-builtin there and nowhere else): for a source it has code for, it runs that code; anything else it
-compiles exactly as the builtin would. The classes come out the same either way; only the compiling is
-saved. The cache names the interpreter it was built with and is ignored by any other.
+The image build (sandbox/uvm/overlay.py) imports the agent once with the guest's own python3 and records
+both: every source `dataclasses` compiles, with its code (marshal, zlib, by defining module), and every
+docstring signature, by class. The file lies next to the .pyc files in the rootfs and, like them, under
+dm-verity. At boot `install()` hands the `dataclasses` module an `exec` and an `inspect` of its own
+(module globals shadow the builtin and the module there, and nowhere else): the exec runs the stored code
+for a source it knows and compiles anything else exactly as the builtin would; the inspect answers
+`signature()` with the recorded text for a class it knows and asks the real inspect for any other. The
+classes come out the same either way (tests/unit/test_agent_startup.py compares them); only the
+compiling and the imports are saved. The cache names the interpreter it was built with and is ignored by
+any other.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ if TYPE_CHECKING:   # typing and collections.abc stay off the boot path: this mo
     from typing import Any
 
 CACHE_NAME = f"dataclass-code.{sys.implementation.cache_tag}.marshal"
-MAGIC = b"parma-sandbox dataclass code v2\n"
+MAGIC = b"parma-sandbox dataclass code v3\n"
 _FILENAME = "<string>"      # what the builtin exec() names code compiled from a string
 
 
@@ -40,24 +45,31 @@ def compile_source(source: str) -> CodeType:
     return compile(source, _FILENAME, "exec", dont_inherit=True)
 
 
-def dump(sources: Mapping[str, Iterable[str]]) -> bytes:
-    """The cache file for {module: sources}: the header, then a marshalled {module: zlib(marshal({source:
-    code}))}, everything sorted. A module's part is unpacked when that module defines its first dataclass,
-    so the boot reads and unmarshals little more than it uses."""
+def class_key(cls: type) -> str:
+    """Names a dataclass for its recorded signature: module, qualified name and fields."""
+    fields = getattr(cls, "__dataclass_fields__", {})
+    return f"{cls.__module__}:{cls.__qualname__}({','.join(fields)})"
+
+
+def dump(sources: Mapping[str, Iterable[str]], signatures: Mapping[str, str]) -> bytes:
+    """The cache file: the header, then marshal((code, signatures)), where code is {module: zlib(marshal(
+    {source: code}))} (a module's part is unpacked when it defines its first dataclass, so the boot reads
+    and unmarshals little more than it uses) and signatures is {class_key: text}; everything sorted."""
     packed = {module: zlib.compress(marshal.dumps({s: compile_source(s) for s in sorted(set(srcs))}), 9)
               for module, srcs in sorted(sources.items())}
-    return _header() + marshal.dumps(packed)
+    return _header() + marshal.dumps((packed, dict(sorted(signatures.items()))))
 
 
-def load(data: bytes) -> dict[str, bytes]:
-    """The {module: packed codes} of a cache file; ValueError when it was built for another interpreter."""
+def load(data: bytes) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The packed code and the signatures of a cache file; ValueError when built for another interpreter."""
     header = _header()
     if not data.startswith(header):
         raise ValueError("not a dataclass code cache for this interpreter")
-    packed = marshal.loads(data[len(header):])
-    if not isinstance(packed, dict) or not all(isinstance(v, bytes) for v in packed.values()):
+    content = marshal.loads(data[len(header):])
+    if not (isinstance(content, tuple) and len(content) == 2 and isinstance(content[0], dict)
+            and isinstance(content[1], dict) and all(isinstance(v, bytes) for v in content[0].values())):
         raise ValueError("malformed dataclass code cache")
-    return packed
+    return content[0], content[1]
 
 
 def unpack(packed: bytes) -> dict[str, CodeType]:
@@ -107,33 +119,92 @@ class CachedExec:
         exec(source if code is None else code, globals, locals)  # noqa: S102 - what dataclasses itself does
 
 
-def install(path: str | None = None) -> CachedExec | None:
-    """Let `dataclasses` use the cache at `path`. None (and nothing changed) when it is absent or stale."""
+class RecordedSignatures:
+    """The `inspect` that `dataclasses` sees: `signature(cls)` (all it uses, for the docstring of a class
+    without one) is the recorded text for a known class; anything else goes to the real inspect."""
+
+    def __init__(self, signatures: dict[str, str]) -> None:
+        self.signatures = signatures
+        self.hits = 0
+        self.misses = 0
+
+    def signature(self, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        text = self.signatures.get(class_key(obj)) if isinstance(obj, type) and not (args or kwargs) else None
+        if text is None:
+            self.misses += 1
+            import inspect
+
+            return inspect.signature(obj, *args, **kwargs)
+        self.hits += 1
+        return text     # dataclasses takes str() of it
+
+    def __getattr__(self, name: str) -> Any:
+        import inspect
+
+        return getattr(inspect, name)
+
+
+class Installed:
+    def __init__(self, exec_: CachedExec, signatures: RecordedSignatures) -> None:
+        self.exec = exec_
+        self.signatures = signatures
+
+    @property
+    def hits(self) -> int:
+        return self.exec.hits
+
+    @property
+    def misses(self) -> int:
+        return self.exec.misses
+
+
+def install(path: str | None = None) -> Installed | None:
+    """Let `dataclasses` use the cache at `path`. None (and nothing changed) when it is absent or stale.
+
+    Imports `dataclasses` if it is not yet: while it loads, `inspect` is a placeholder in sys.modules, so
+    that its `import inspect` costs nothing; the placeholder is gone before anything else can import."""
     try:
         with open(path or default_path(), "rb") as f:
-            packed = load(f.read())
+            packed, signatures = load(f.read())
     except (OSError, ValueError, EOFError, TypeError):
         return None
+    if "dataclasses" not in sys.modules and "inspect" not in sys.modules:
+        import types
+
+        placeholder = types.ModuleType("inspect", "stands in while dataclasses loads (dataclass_code.py)")
+        sys.modules["inspect"] = placeholder
+        try:
+            import dataclasses
+        finally:
+            if sys.modules.get("inspect") is placeholder:
+                del sys.modules["inspect"]
     import dataclasses
 
-    cached = CachedExec(packed)
-    dataclasses.exec = cached  # type: ignore[attr-defined]
-    return cached
+    installed = Installed(CachedExec(packed), RecordedSignatures(signatures))
+    dataclasses.exec = installed.exec  # type: ignore[attr-defined]
+    dataclasses.inspect = installed.signatures  # type: ignore[attr-defined]
+    return installed
 
 
 def uninstall() -> None:
-    """Back to the builtin exec (tests)."""
+    """Back to the builtin exec and the real inspect (tests)."""
     import dataclasses
+    import inspect
 
     dataclasses.__dict__.pop("exec", None)
+    dataclasses.inspect = inspect  # type: ignore[attr-defined]
 
 
-def record(modules: Iterable[str]) -> dict[str, list[str]]:
-    """Import `modules` (in a fresh process); the sources `dataclasses` generated meanwhile, by defining module."""
+def record(modules: Iterable[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Import `modules` (in a fresh process); what `dataclasses` computed meanwhile: the sources it compiled,
+    by defining module, and the docstring signatures, by class_key()."""
     import dataclasses
     import importlib
+    import inspect
 
     seen: dict[str, set[str]] = {}
+    signatures: dict[str, str] = {}
+    unstable: set[str] = set()
 
     def recording_exec(source: Any, globals: dict[str, Any] | None = None,  # noqa: A002
                        locals: Mapping[str, Any] | None = None, /) -> None:  # noqa: A002
@@ -142,27 +213,42 @@ def record(modules: Iterable[str]) -> dict[str, list[str]]:
             seen.setdefault(module, set()).add(source)
         exec(compile_source(source) if isinstance(source, str) else source, globals, locals)  # noqa: S102
 
+    class RecordingInspect:
+        def signature(self, obj: Any) -> inspect.Signature:
+            sig = inspect.signature(obj)
+            key, text = class_key(obj), str(sig)
+            if " at 0x" in text or (key in signatures and signatures[key] != text):
+                unstable.add(key)   # a default whose repr is an address, or two classes of one name
+            signatures[key] = text
+            return sig
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inspect, name)
+
     dataclasses.exec = recording_exec  # type: ignore[attr-defined]
+    dataclasses.inspect = RecordingInspect()  # type: ignore[attr-defined]
     try:
         for name in modules:
             importlib.import_module(name)
     finally:
         uninstall()
-    return {module: sorted(sources) for module, sources in sorted(seen.items())}
+    return ({module: sorted(sources) for module, sources in sorted(seen.items())},
+            {k: v for k, v in sorted(signatures.items()) if k not in unstable})
 
 
 def main(argv: list[str]) -> None:
     """For the image build, run by the guest's python3 with the agent's files on sys.path:
-    `record` (a JSON list of module names on stdin -> {module: [sources]} as JSON on stdout) and
-    `dump DIR` (that JSON on stdin -> DIR/CACHE_NAME; prints CACHE_NAME)."""
+    `record` (a JSON list of module names on stdin -> JSON [{module: [sources]}, {class: signature}] on
+    stdout) and `dump DIR` (that JSON on stdin -> DIR/CACHE_NAME; prints CACHE_NAME)."""
     import json
     import os
 
     if argv[:1] == ["record"]:
         json.dump(record(json.load(sys.stdin)), sys.stdout)
     elif argv[:1] == ["dump"] and len(argv) == 2:
+        sources, signatures = json.load(sys.stdin)
         with open(os.path.join(argv[1], CACHE_NAME), "wb") as f:
-            f.write(dump(json.load(sys.stdin)))
+            f.write(dump(sources, signatures))
         print(CACHE_NAME)
     else:
         raise SystemExit("usage: dataclass_code record | dump DIR")

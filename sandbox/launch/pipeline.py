@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from sandbox.policy.gen import generate_policy
 from sandbox.progress import step
 from sandbox.shared.errors import CheckFailed, InputError, SandboxError, StateError
 from sandbox.shared.kbs_protocol import FW_CFG_KBS_URL
-from sandbox.shared.messages import SetPolicyRequest, StartContainerRequest
+from sandbox.shared.messages import MemoryVolumeKind, SetPolicyRequest, StartContainerRequest
 from sandbox.shared.protocol import PORT_COUNT
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
 from sandbox.state import ProcessRef, SandboxRecord, StateStore
@@ -182,8 +182,11 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
 
 
 def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: Timings, *,
-                 create_containers: bool = True) -> dict[str, Any]:
-    """set_policy, mounts, create and start every container, in group order. Returns per-step results."""
+                 create_containers: bool = True, verified: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """set_policy, mounts, create and start every container, in group order. Returns per-step results.
+
+    `verified()` returns once the launch self-check has passed (it raises if it failed): it is called
+    before a secret volume is made and before the first container is created."""
     results: dict[str, Any] = {"containers": {}}
     with step("Set the execution policy"):
         results["policy"] = client.call(SetPolicyRequest(policy)).to_json()
@@ -198,10 +201,13 @@ def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: 
             devices[d.target] = r.to_json()
             task.advance()
         for v in plan.memory_volumes:
+            if v.kind == MemoryVolumeKind.secret:
+                verified()      # secrets go only to a verified guest
             client.call(v)
             task.advance()
         results["devices"] = devices
     timings.mark("mounted")
+    verified()                  # nothing runs before the launch is verified
     for c in plan.containers if create_containers else ():
         with step(f"Start container {c.name}"):
             t0 = time.monotonic()
@@ -292,11 +298,31 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                 wait_for_agent(cfg.agent_sockets, timeout=BOOT_TIMEOUT, alive=vm.alive, console=cfg.console_log)
             timings.mark("agent")
             with AgentClient.connect(cfg.agent_sockets) as client:
-                with step("Verify the launch (a fresh attestation report)"):
-                    check = selfcheck.run(client, identity, record_to=state_dir / "selfcheck.json")
-                record.details["selfcheck"] = check.summary()
-                timings.mark("verified")
-                results = _setup_guest(client, policy, plan, timings, create_containers=opts.create_containers)
+                # The launch self-check runs on a port of its own while the policy is set and the layers
+                # and volumes are mounted (none of that runs anything or hands the guest a secret), so
+                # the guest's work for the report overlaps the host's and the set-up's. _setup_guest waits
+                # for it to pass before a secret volume and before the first container; a failure stops
+                # the VM before anything has started (docs/attestation.md).
+                pending = selfcheck.start(cfg.agent_sockets, identity, record_to=state_dir / "selfcheck.json",
+                                          on_pass=lambda: timings.mark("verified"))
+
+                def verified() -> None:
+                    if "selfcheck" not in record.details:
+                        with step("Verify the launch (a fresh attestation report)"):
+                            record.details["selfcheck"] = pending.result().summary()
+
+                try:
+                    results = _setup_guest(client, policy, plan, timings, create_containers=opts.create_containers,
+                                           verified=verified)
+                    verified()
+                except BaseException:
+                    if not pending.done:
+                        try:
+                            vm.stop(3)  # ends the self-check's call too (and below, stopping is a no-op)
+                        except SandboxError:
+                            pass
+                        pending.abandon(10)
+                    raise
             record.details["startup"] = {"timings": timings.marks, "containers": results["containers"]}
             record.status = STATUS_RUNNING
             store.save(record)

@@ -145,8 +145,10 @@ def _build_cache(module_dir: Path, out_dir: Path) -> Path:
 
 def test_recorded_sources_cover_every_generated_method(module_dir: Path, tmp_path: Path) -> None:
     cache = _build_cache(module_dir, tmp_path)
-    packed = dataclass_code.load(cache.read_bytes())
+    packed, signatures = dataclass_code.load(cache.read_bytes())
     assert list(packed) == ["dc_sample"]
+    assert signatures == {"dc_sample:Point(x,y,tags)": "(x: int, y: int = 0, tags: tuple[str, ...] = <factory>) -> None",
+                          "dc_sample:Box(name,size)": "(name: str, size: float = 1.0) -> None"}
     codes = dataclass_code.unpack(packed["dc_sample"])
     names = {next(line.split("(")[0].split()[-1] for line in src.splitlines() if line.startswith(" def "))
              for src in codes}
@@ -168,7 +170,8 @@ def test_classes_built_from_the_cache_are_the_same(module_dir: Path, tmp_path: P
         import dc_sample as m
         p = m.Point(1, tags=("a",))
         out = {"repr": repr(p), "eq": p == m.Point(1, 0, ("a",)), "hash": hash(p) == hash(m.Point(1, 0, ("a",))),
-               "order": m.Box("a") < m.Box("b"), "doc": m.Point.__doc__,
+               "order": m.Box("a") < m.Box("b"), "doc": [m.Point.__doc__, m.Box.__doc__],
+               "inspect": "inspect" in sys.modules,
                "code": {f"{c.__name__}.{n}": getattr(c, n).__code__.co_code.hex() for c in (m.Point, m.Box)
                         for n in ("__init__", "__repr__", "__eq__") },
                "hits": cached.hits if cached else 0, "misses": cached.misses if cached else 0}
@@ -186,13 +189,14 @@ def test_classes_built_from_the_cache_are_the_same(module_dir: Path, tmp_path: P
     assert with_cache["hits"] > 0 and with_cache["misses"] == 0
     for key in ("repr", "eq", "hash", "order", "doc", "code", "frozen"):
         assert with_cache[key] == without[key], key
+    assert (with_cache["inspect"], without["inspect"]) == (False, True)
     assert with_cache["frozen"] == "FrozenInstanceError"
 
 
 def test_a_cache_for_another_interpreter_or_garbage_is_ignored(tmp_path: Path) -> None:
     import dataclasses
 
-    for data in (b"", b"garbage", b"parma-sandbox dataclass code v2\ncpython-39 0x30900f0\n" + b"\x00" * 8):
+    for data in (b"", b"garbage", b"parma-sandbox dataclass code v3\ncpython-39 0x30900f0\n" + b"\x00" * 8):
         path = tmp_path / "cache"
         path.write_bytes(data)
         assert dataclass_code.install(str(path)) is None
@@ -204,9 +208,10 @@ def test_a_miss_compiles_as_the_builtin_would(tmp_path: Path) -> None:
     import dataclasses
 
     path = tmp_path / "cache"
-    path.write_bytes(dataclass_code.dump({"m": ["x = 1\n"]}))
-    cached = dataclass_code.install(str(path))
-    assert cached is not None
+    path.write_bytes(dataclass_code.dump({"m": ["x = 1\n"]}, {}))
+    installed = dataclass_code.install(str(path))
+    assert installed is not None
+    cached = installed.exec
     try:
         namespace: dict[str, object] = {"__name__": "m"}
         cached("x = 1\n", namespace)
@@ -221,6 +226,68 @@ def test_a_miss_compiles_as_the_builtin_would(tmp_path: Path) -> None:
             a: int
 
         assert Fresh(1) == Fresh(1) and cached.misses > 1
+        assert Fresh.__doc__ == "Fresh(a: 'int')" and installed.signatures.misses == 1
     finally:
         dataclass_code.uninstall()
     assert "exec" not in vars(dataclasses)
+    import inspect
+    assert dataclasses.inspect is inspect
+
+
+def _agent_cache(tmp_path: Path) -> Path:
+    """The cache the image build makes, here from the source tree with this interpreter."""
+    from sandbox.uvm.overlay import agent_files, agent_modules
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0"}
+    entry = "import sys\nfrom sandbox.guest.dataclass_code import main\nmain(sys.argv[1:])\n"
+    recorded = subprocess.run([sys.executable, "-S", "-c", entry, "record"], capture_output=True, text=True,
+                              check=True, env=env, input=json.dumps(agent_modules(agent_files()))).stdout
+    subprocess.run([sys.executable, "-S", "-c", entry, "dump", str(tmp_path)], input=recorded, capture_output=True,
+                   text=True, check=True, env=env)
+    return tmp_path / dataclass_code.CACHE_NAME
+
+
+AGENT_PROBE = """
+import sys
+from sandbox.guest import dataclass_code
+installed = dataclass_code.install(sys.argv[1]) if sys.argv[1] != "-" else None
+from sandbox.guest import procs, sysapi, sysinit
+from sandbox.guest.server import serve_ports
+from sandbox.guest.service import AgentService
+at_ready = sorted(m for m in ("inspect", "ast", "dis", "tokenize", "linecache") if m in sys.modules)
+import dataclasses, importlib, json
+names = json.loads(sys.argv[2])
+classes = {}
+for name in names:
+    module = importlib.import_module(name)
+    for obj in vars(module).values():
+        if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == name:
+            classes[f"{name}.{obj.__qualname__}"] = {
+                "doc": obj.__doc__,
+                "code": {m: getattr(obj, m).__code__.co_code.hex() for m in
+                         ("__init__", "__repr__", "__eq__", "__setattr__", "__delattr__", "__hash__")
+                         if hasattr(getattr(obj, m, None), "__code__")}}
+print(json.dumps({"at_ready": at_ready, "classes": classes,
+                  "misses": [installed.exec.misses, installed.signatures.misses] if installed else None}))
+"""
+
+
+def test_the_agents_classes_are_the_same_with_the_cache_and_inspect_stays_unloaded(tmp_path: Path) -> None:
+    from sandbox.uvm.overlay import agent_files, agent_modules
+
+    cache = _agent_cache(tmp_path)
+    names = json.dumps(agent_modules(agent_files()))
+
+    def probe(path: str) -> dict:
+        return json.loads(_python_args(AGENT_PROBE, path, names))
+
+    with_cache, without = probe(str(cache)), probe("-")
+    assert with_cache["at_ready"] == [] and "inspect" in without["at_ready"]
+    assert with_cache["misses"] == [0, 0]
+    assert len(with_cache["classes"]) > 100
+    assert with_cache["classes"] == without["classes"]
+
+
+def _python_args(code: str, *args: str) -> str:
+    return subprocess.run([sys.executable, "-S", "-c", textwrap.dedent(code), *args], cwd=REPO, check=True,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
