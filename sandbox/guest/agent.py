@@ -7,7 +7,7 @@ agent logs only lifecycle events there, never container data.
 
 Start-up is on the critical path of every `up`, and under emulation (TCG) every module costs, so:
 - Before "ready" it imports only what serving needs: the mounts, the ports, the protocol, and the
-  service with its deny-all gate. `dataclasses` takes the methods it generates precompiled from the
+  service with its deny-all gate. The network comes right after (create_container waits for it). `dataclasses` takes the methods it generates precompiled from the
   image (dataclass_code.py), and the garbage collector waits (start-up allocates only what lives as
   long as the agent).
 - Then a low-priority thread imports the rest in the order `up` needs it - the report backends for the
@@ -55,10 +55,8 @@ def main() -> int:
     notes: list[str] = []
     sysinit.mount_basics(notes)
     sysinit.set_hostname(HOSTNAME)
-    nic = sysinit.configure_network(notes)
     for note in notes:
         log(note)
-    log(f"network: {nic or 'no interface'}")
     try:
         sysapi.set_child_subreaper()
     except OSError as e:
@@ -68,13 +66,32 @@ def main() -> int:
 
     service = AgentService(hostname=HOSTNAME, runtime_logging=log)
     service.start_attest_api = AttestationApiStarter(service)
+    service.network_ready.clear()   # configured just after "ready"; create_container waits for it
     ports = serve_ports(service.handle, log=log)
     if len(ports) < PORT_COUNT:
         log(f"{len(ports)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any that appear")
     print(f"{READY_LINE} (uptime {time.monotonic():.2f} s)", file=sys.stderr, flush=True)
-    threading.Thread(target=preload, name="preload", daemon=True).start()
+    threading.Thread(target=after_ready, args=(service,), name="after-ready", daemon=True).start()
     threading.Event().wait()
     return 0
+
+
+def after_ready(service: AgentService) -> None:
+    """The network (no container runs before it), then the preload."""
+    from sandbox.guest import sysinit
+
+    notes: list[str] = []
+    nic = None
+    try:
+        nic = sysinit.configure_network(notes)
+    except Exception as e:  # noqa: BLE001 - as before "ready": a guest without network still serves
+        notes.append(f"network not configured: {type(e).__name__}: {e}")
+    finally:
+        service.network_ready.set()
+    for note in notes:
+        log(note)
+    log(f"network: {nic or 'no interface'}")
+    preload()
 
 
 def preload(modules: tuple[str, ...] = PRELOAD) -> None:

@@ -56,6 +56,7 @@ else:
 
 AGENT_VERSION = "1"
 ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API when a container first binds it
+NETWORK_WAIT_S = 60.0              # seconds a create_container waits for the network the agent sets up
 # What the host may ask before a policy is set: nothing that touches guest state.
 OPEN_REQUESTS = (M.PingRequest, M.SetPolicyRequest, M.GetReportRequest, M.PoweroffRequest)
 # Requests that block waiting (for output, for a process) and must not hold the state lock.
@@ -103,6 +104,10 @@ class AgentService:
         # Starts the attestation API (the agent's hook; idempotent): on first use, as no container can
         # reach it before a create_container binds it, and most groups never do.
         self.start_attest_api: Callable[[], None] = lambda: None
+        # Set once the guest's network is up; containers share it. The agent configures it just after
+        # "ready" (clearing this first); a service on its own, as in tests, has nothing to wait for.
+        self.network_ready = threading.Event()
+        self.network_ready.set()
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -419,6 +424,8 @@ class AgentService:
 
     def op_create_container(self, r: M.CreateContainerRequest) -> M.CreateContainerResult:
         t0 = time.perf_counter()
+        if not self.network_ready.wait(NETWORK_WAIT_S):
+            raise _err(ErrorCode.unavailable, "the guest's network is not configured yet")
         container_id = r.container_id
         if container_id in self.containers:
             raise _err(ErrorCode.conflict, f"container {container_id} already exists")

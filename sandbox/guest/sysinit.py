@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandbox.guest import sysapi
 from sandbox.guest.sysapi import MS_NODEV, MS_NOEXEC, MS_NOSUID
+
+if TYPE_CHECKING:
+    import socket
 
 # (source, target, fstype, flags, data)
 BASE_MOUNTS = (
@@ -81,6 +84,8 @@ def _ifreq(name: str, payload: bytes = b"") -> bytes:
 
 def _sockaddr_in(addr: str) -> bytes:
     # struct sockaddr_in: sa_family (host order), port (network order), in_addr, 8 bytes of zero.
+    import socket
+
     return struct.pack("=HH4s8x", socket.AF_INET, 0, socket.inet_aton(addr))
 
 
@@ -120,6 +125,8 @@ def network_interfaces(sys_net: Path = Path("/sys/class/net")) -> list[str]:
 
 def configure_network(log: list[str]) -> str | None:
     """lo up; the first Ethernet interface gets QEMU's user-network address. Returns its name, if any."""
+    import socket  # the agent configures the network after "ready" (agent.py): socket is off its boot path
+
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             _set_up(sock, "lo")

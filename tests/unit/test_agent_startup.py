@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 NOT_AT_READY = ("sandbox.shared.policy.engine", "sandbox.shared.policy.model", "sandbox.guest.snp_report",
                 "cryptography", "sandbox.guest.blockdev", "sandbox.shared.verity",
                 "sandbox.guest.keyapi", "sandbox.shared.kbs_protocol", "hashlib", "_hashlib", "traceback",
-                "http.server", "sandbox.shared.rego")
+                "http.server", "sandbox.shared.rego", "socket", "difflib")
 
 
 def _python(code: str, *, env: dict[str, str] | None = None) -> str:
@@ -68,6 +68,20 @@ def test_the_attestation_api_starts_when_a_container_first_binds_it() -> None:
     assert service._bind_mounts((mount,)) == (mount,)
     assert calls == [1]
     assert isinstance(agent.AttestationApiStarter(service), agent.AttestationApiStarter)
+
+
+def test_create_container_waits_for_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.guest import service as service_mod
+    from sandbox.shared.messages import CreateContainerRequest
+    from sandbox.shared.protocol import ErrorCode, ProtocolError
+
+    monkeypatch.setattr(service_mod, "NETWORK_WAIT_S", 0.05)
+    service = service_mod.AgentService(host_data=lambda: None)  # type: ignore[arg-type, return-value]
+    assert service.network_ready.is_set()   # a service on its own (tests) has no network to wait for
+    service.network_ready.clear()           # what the agent does until it has configured the network
+    with pytest.raises(ProtocolError, match="network") as exc:
+        service.op_create_container(CreateContainerRequest("c", ("/bin/true",), ()))
+    assert exc.value.code == ErrorCode.unavailable
 
 
 def test_attestation_api_starter_starts_once(monkeypatch: pytest.MonkeyPatch) -> None:

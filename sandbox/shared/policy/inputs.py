@@ -14,7 +14,6 @@ mistyped field is a PolicyInputError naming the enforcement point and the field.
 
 from __future__ import annotations
 
-import difflib
 import signal as signal_module
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -239,6 +238,8 @@ def enforcement_point(name: Any) -> EnforcementPoint:
         return name
     if isinstance(name, str) and name in EnforcementPoint.__members__:
         return EnforcementPoint(name)
+    import difflib  # only for a bad name: the guest agent's start-up does without it
+
     close = difflib.get_close_matches(str(name), list(EnforcementPoint.__members__), n=1)
     extra = f" (did you mean {close[0]!r}?)" if close else ""
     raise PolicyInputError(f"unknown enforcement point {shown(name)}{extra}",
