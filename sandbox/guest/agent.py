@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 
 HOSTNAME = "parma"
 # After "ready", on the preload thread, in the order `up` asks for them (sandbox/launch/pipeline.py):
-# the launch self-check's report, set_policy, the mounts.
-PRELOAD = ("sandbox.guest.snp_report", "sandbox.shared.policy.engine", "sandbox.guest.blockdev")
+# the launch self-check's report, set_policy (the engine, and the RE2 matcher its regexes compile
+# with), the mounts.
+PRELOAD = ("sandbox.guest.snp_report", "sandbox.shared.policy.engine", "sandbox.shared.policy.re2syntax",
+           "sandbox.shared.policy.re2machine", "sandbox.guest.blockdev")
 PRELOAD_NICE = 19   # the preload thread runs when request threads wait (Linux: per-thread niceness)
 
 

@@ -49,10 +49,12 @@ RTF_GATEWAY = 0x2
 
 
 def mount_basics(log: list[str]) -> None:
+    # What is mounted already (the kernel mounts /dev, an init may have mounted more) shows once /proc
+    # is: read it before and again right after mounting /proc, not once per mount (each read costs
+    # milliseconds under emulation, on the boot path).
+    points = sysapi.mount_points()
     for source, target, fstype, flags, data in BASE_MOUNTS:
-        # Re-read each time: before /proc is mounted, nothing is visible (the kernel may have
-        # mounted /dev already, and the init may have mounted more).
-        if target in sysapi.mount_points():
+        if target in points:
             continue
         try:
             Path(target).mkdir(parents=True, exist_ok=True)
@@ -62,6 +64,7 @@ def mount_basics(log: list[str]) -> None:
                 log.append(f"optional mount {target} unavailable: {e}")
                 continue
             raise
+        points = sysapi.mount_points() if target == "/proc" else points | {target}
         if target == "/dev/pts" and not os.path.exists("/dev/ptmx"):
             os.symlink("pts/ptmx", "/dev/ptmx")
     _enable_cgroup_controllers(log)

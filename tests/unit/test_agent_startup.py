@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 NOT_AT_READY = ("sandbox.shared.policy.engine", "sandbox.shared.policy.model", "sandbox.guest.snp_report",
                 "cryptography", "sandbox.guest.blockdev", "sandbox.shared.verity",
                 "sandbox.guest.keyapi", "sandbox.shared.kbs_protocol", "hashlib", "_hashlib", "traceback",
-                "http.server", "sandbox.shared.rego", "socket", "difflib")
+                "http.server", "sandbox.shared.rego", "socket", "difflib",
+                "sandbox.shared.policy.re2syntax", "sandbox.shared.policy.re2machine")
 
 
 def _python(code: str, *, env: dict[str, str] | None = None) -> str:
@@ -305,3 +306,24 @@ def test_the_agents_classes_are_the_same_with_the_cache_and_inspect_stays_unload
 def _python_args(code: str, *args: str) -> str:
     return subprocess.run([sys.executable, "-S", "-c", textwrap.dedent(code), *args], cwd=REPO, check=True,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+
+
+def test_mount_basics_reads_the_mount_table_before_and_after_proc(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """The kernel mounted /dev already (visible once /proc is): everything else is mounted, /dev is not."""
+    from sandbox.guest import sysapi, sysinit
+
+    mounted: list[str] = []
+    reads = []
+
+    def mount_points() -> set[str]:
+        reads.append(1)
+        return {"/", "/dev", *mounted} if "/proc" in mounted else set()
+
+    monkeypatch.setattr(sysapi, "mount_points", mount_points)
+    monkeypatch.setattr(sysapi, "mount", lambda source, target, *a, **k: mounted.append(str(target)))
+    monkeypatch.setattr(sysinit, "Path", lambda p: tmp_path / "dirs" / str(p).lstrip("/"))
+    monkeypatch.setattr(sysinit, "_enable_cgroup_controllers", lambda log: None)
+    sysinit.mount_basics([])
+    assert len(reads) == 2
+    assert mounted == [t for _, t, *_ in sysinit.BASE_MOUNTS if t != "/dev"]
