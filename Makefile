@@ -55,7 +55,7 @@ test-slow: setup ## Long-running tests (reproducibility rebuilds, boot loops)
 lint: setup ## ruff
 	$(BIN)/ruff check sandbox tests bench
 
-bench: setup ## Benchmarks; each prints JSON
+bench: setup ## Benchmarks, each printing JSON with its reference and ratio (PARMA_SANDBOX_TAR2EXT4: hcsshim's tar2ext4)
 	@for b in bench/bench_*.py; do echo "== $$b" >&2; $(BIN)/python $$b || exit 1; done
 
 kernel: setup ## Build (or reuse) the UVM kernel from kernel_configs/

@@ -1,4 +1,4 @@
-"""Filesystem helpers: atomic writes and advisory locks.
+"""Filesystem helpers: reading user-named input files, atomic writes and advisory locks.
 
 Nothing half-written may ever be visible: files are written to a temporary name in the same
 directory, fsynced, then renamed into place; directories are staged and renamed as a whole.
@@ -15,7 +15,20 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from sandbox.shared.errors import SandboxError, StateError
+from sandbox.shared.errors import InputError, SandboxError, StateError
+
+
+def read_input_file(path: Path, expected: str = "a JSON file") -> bytes:
+    """The bytes of a user-named input file, with errors that say what was expected there."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, expected {expected}") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
 
 
 def _disk_error(path: Path, e: OSError) -> SandboxError:

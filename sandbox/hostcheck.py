@@ -57,7 +57,7 @@ TOOLS = {
 }
 
 
-class Status(StrEnum):
+class Availability(StrEnum):
     ok = "ok"
     missing = "missing"
     unusable = "unusable"
@@ -77,7 +77,7 @@ class Accel(StrEnum):
 @dataclass(frozen=True)
 class Item:
     name: str
-    status: Status
+    status: Availability
     detail: str
     hint: str | None = None
 
@@ -118,21 +118,21 @@ def probe_qemu() -> tuple[Item, Item, tuple[int, int, int] | None, Path | None]:
     try:
         qemu = find_tool("qemu-system-x86_64")
     except SandboxError as e:
-        missing = Item("qemu", Status.missing, str(e), e.hint)
-        return missing, Item("qemu sev-snp-guest", Status.missing, "no QEMU"), None, None
+        missing = Item("qemu", Availability.missing, str(e), e.hint)
+        return missing, Item("qemu sev-snp-guest", Availability.missing, "no QEMU"), None, None
     out = run([qemu, "--version"], check=False, timeout=20).stdout.decode(errors="replace")
     version = parse_qemu_version(out)
     vtext = ".".join(map(str, version)) if version else "unknown version"
-    qemu_item = Item("qemu", Status.ok, f"{qemu} {vtext}")
+    qemu_item = Item("qemu", Availability.ok, f"{qemu} {vtext}")
     if version is None or version[:2] < QEMU_SNP_MIN:
-        snp = Item("qemu sev-snp-guest", Status.missing, f"QEMU {vtext} predates sev-snp-guest (needs 9.1)",
+        snp = Item("qemu sev-snp-guest", Availability.missing, f"QEMU {vtext} predates sev-snp-guest (needs 9.1)",
                    "install qemu-system-x86 from bookworm-backports ('make setup' does this)")
     else:
         objects = run([qemu, "-object", "help"], check=False, timeout=20).stdout.decode(errors="replace")
         if "sev-snp-guest" in objects:
-            snp = Item("qemu sev-snp-guest", Status.ok, "supported")
+            snp = Item("qemu sev-snp-guest", Availability.ok, "supported")
         else:
-            snp = Item("qemu sev-snp-guest", Status.missing, "this QEMU build lacks the sev-snp-guest object")
+            snp = Item("qemu sev-snp-guest", Availability.missing, "this QEMU build lacks the sev-snp-guest object")
     return qemu_item, snp, version, qemu
 
 
@@ -182,7 +182,7 @@ def probe_kvm_cached(qemu: Path | None) -> Item:
     try:
         cached = json.loads(cache_file.read_text())
         if cached.get("key") == key:
-            return Item(**{**cached["item"], "status": Status(cached["item"]["status"])})
+            return Item(**{**cached["item"], "status": Availability(cached["item"]["status"])})
     except (OSError, ValueError, KeyError, TypeError):
         pass
     item = probe_kvm(qemu)
@@ -196,13 +196,13 @@ def probe_kvm_cached(qemu: Path | None) -> Item:
 def probe_kvm(qemu: Path | None, timeout: float = 3.0) -> Item:
     dev = Path("/dev/kvm")
     if not dev.exists():
-        return Item("kvm", Status.missing, "/dev/kvm does not exist",
+        return Item("kvm", Availability.missing, "/dev/kvm does not exist",
                     "enable virtualization in the BIOS/hypervisor and load kvm_amd or kvm_intel")
     if not os.access(dev, os.R_OK | os.W_OK):
-        return Item("kvm", Status.unusable, "/dev/kvm is not accessible to this user",
+        return Item("kvm", Availability.unusable, "/dev/kvm is not accessible to this user",
                     "add yourself to the 'kvm' group, or run as root")
     if qemu is None:
-        return Item("kvm", Status.unusable, "cannot probe KVM without QEMU")
+        return Item("kvm", Availability.unusable, "cannot probe KVM without QEMU")
     with tempfile.TemporaryDirectory(prefix="parma-kvm-probe-") as tmp:
         rom = Path(tmp) / "probe.rom"
         rom.write_bytes(_kvm_probe_rom())
@@ -222,28 +222,29 @@ def probe_kvm(qemu: Path | None, timeout: float = 3.0) -> Item:
         proc.kill()
         _, err = proc.communicate()
     if ok:
-        return Item("kvm", Status.ok, "a probe guest ran under KVM")
+        return Item("kvm", Availability.ok, "a probe guest ran under KVM")
     reason = [ln for ln in err.decode(errors="replace").strip().splitlines()
               if "terminating on signal" not in ln and "warning:" not in ln]
     why = reason[-1] if reason else f"a probe guest hung switching to protected mode (no progress in {timeout:g} s)"
-    return Item("kvm", Status.unusable, f"/dev/kvm exists but cannot run a normal guest: {why}",
+    return Item("kvm", Availability.unusable, f"/dev/kvm exists but cannot run a normal guest: {why}",
                 "emulation will use TCG (slower, but fully functional)")
 
 
 def probe_snp_host() -> list[Item]:
     items = []
     sev = Path("/dev/sev")
-    items.append(Item("/dev/sev", Status.ok if sev.exists() else Status.missing,
+    items.append(Item("/dev/sev", Availability.ok if sev.exists() else Availability.missing,
                       "present" if sev.exists() else "absent: no AMD PSP driver on this host",
                       None if sev.exists() else "SEV-SNP needs an AMD EPYC host with SNP enabled in the BIOS"))
     param = Path("/sys/module/kvm_amd/parameters/sev_snp")
     try:
         value = param.read_text().strip()
         enabled = value in ("Y", "1")
-        items.append(Item("kvm_amd sev_snp", Status.ok if enabled else Status.unusable, f"parameter is {value}",
+        items.append(Item("kvm_amd sev_snp", Availability.ok if enabled else Availability.unusable,
+                          f"parameter is {value}",
                           None if enabled else "load kvm_amd with sev_snp=1 (host kernel >= 6.11)"))
     except OSError:
-        items.append(Item("kvm_amd sev_snp", Status.missing, "kvm_amd is not loaded or has no sev_snp parameter",
+        items.append(Item("kvm_amd sev_snp", Availability.missing, "kvm_amd is not loaded or has no sev_snp parameter",
                           "SEV-SNP needs kvm_amd on a host kernel >= 6.11"))
     try:
         flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -251,7 +252,7 @@ def probe_snp_host() -> list[Item]:
     except OSError:
         flags = []
     has = "sev_snp" in flags
-    items.append(Item("cpu sev_snp flag", Status.ok if has else Status.missing,
+    items.append(Item("cpu sev_snp flag", Availability.ok if has else Availability.missing,
                       "present" if has else "the CPU does not advertise sev_snp"))
     if has:
         items.append(probe_sev_parameters())
@@ -263,17 +264,17 @@ def probe_sev_parameters() -> Item:
     try:
         info = host_sev_info()
     except SandboxError as e:
-        return Item("sev launch parameters", Status.unusable, e.message, e.hint)
-    return Item("sev launch parameters", Status.ok, f"cbitpos {info.cbitpos}, reduced-phys-bits "
+        return Item("sev launch parameters", Availability.unusable, e.message, e.hint)
+    return Item("sev launch parameters", Availability.ok, f"cbitpos {info.cbitpos}, reduced-phys-bits "
                                                     f"{info.reduced_phys_bits} (from {info.source.value})")
 
 
 def probe_firmware() -> tuple[Item, Item, Path | None, Path | None]:
     generic = next((p for p in GENERIC_OVMF if p.is_file()), None)
-    g_item = Item("ovmf (generic)", Status.ok if generic else Status.missing,
+    g_item = Item("ovmf (generic)", Availability.ok if generic else Availability.missing,
                   str(generic) if generic else "no OVMF found", None if generic else "install the 'ovmf' package")
     amdsev = next((p for p in amdsev_ovmf_candidates() if p.is_file()), None)
-    a_item = Item("ovmf (AmdSev, kernel hashes)", Status.ok if amdsev else Status.missing,
+    a_item = Item("ovmf (AmdSev, kernel hashes)", Availability.ok if amdsev else Availability.missing,
                   str(amdsev) if amdsev else "not built",
                   None if amdsev else "run 'make firmware-snp' (needed only for SEV-SNP launches)")
     return g_item, a_item, generic, amdsev
@@ -282,8 +283,8 @@ def probe_firmware() -> tuple[Item, Item, Path | None, Path | None]:
 def probe_vsock() -> Item:
     dev = Path("/dev/vhost-vsock")
     if dev.exists() and os.access(dev, os.R_OK | os.W_OK):
-        return Item("/dev/vhost-vsock", Status.ok, "present; vsock can carry the agent channel")
-    return Item("/dev/vhost-vsock", Status.info, "absent; the agent channel uses virtio-serial")
+        return Item("/dev/vhost-vsock", Availability.ok, "present; vsock can carry the agent channel")
+    return Item("/dev/vhost-vsock", Availability.info, "absent; the agent channel uses virtio-serial")
 
 
 def probe_tools() -> list[Item]:
@@ -291,9 +292,9 @@ def probe_tools() -> list[Item]:
     for tool, why in TOOLS.items():
         try:
             path = find_tool(tool)
-            items.append(Item(tool, Status.ok, f"{path} ({why})"))
+            items.append(Item(tool, Availability.ok, f"{path} ({why})"))
         except SandboxError as e:
-            items.append(Item(tool, Status.missing, why, e.hint))
+            items.append(Item(tool, Availability.missing, why, e.hint))
     return items
 
 
@@ -306,19 +307,18 @@ def check_host() -> CheckReport:
     items = [qemu_item, snp_qemu_item, kvm_item, *snp_items, g_item, a_item, probe_vsock(), *probe_tools()]
 
     reasons = []
-    if kvm_item.status != Status.ok:
+    if kvm_item.status != Availability.ok:
         reasons.append(f"KVM unusable: {kvm_item.detail}")
     for it in snp_items:
-        if it.status != Status.ok:
+        if it.status != Availability.ok:
             reasons.append(f"no SEV-SNP: {it.name}: {it.detail}")
-    if snp_qemu_item.status != Status.ok:
+    if snp_qemu_item.status != Availability.ok:
         reasons.append(f"no SEV-SNP: {snp_qemu_item.detail}")
-    if a_item.status != Status.ok:
+    if a_item.status != Availability.ok:
         reasons.append("no SEV-SNP: the AmdSev OVMF (with kernel hashes) is not built")
-    snp_ready = (kvm_item.status == Status.ok and snp_qemu_item.status == Status.ok and a_item.status == Status.ok
-                 and all(i.status == Status.ok for i in snp_items))
+    snp_ready = all(i.status == Availability.ok for i in (kvm_item, snp_qemu_item, a_item, *snp_items))
     tee = Tee.sev_snp if snp_ready else Tee.emulated
-    accel = Accel.kvm if kvm_item.status == Status.ok else Accel.tcg
+    accel = Accel.kvm if kvm_item.status == Availability.ok else Accel.tcg
     vtext = ".".join(map(str, version)) if version else None
     return CheckReport(items=tuple(items), tee=tee, accel=accel, reasons=tuple(reasons), qemu_version=vtext,
                        generic_ovmf=str(generic) if generic else None, amdsev_ovmf=str(amdsev) if amdsev else None)

@@ -38,7 +38,7 @@ def _human(n: float, unit: str) -> str:
     return f"{n:.1f} GiB"
 
 
-class Task:
+class ProgressTask:
     """One running step; call advance() as work completes."""
 
     def __init__(self, reporter: Reporter, name: str, total: float | None, unit: str) -> None:
@@ -82,7 +82,7 @@ class Reporter:
     def _event(self, **fields: object) -> None:
         self._write(json.dumps(fields, sort_keys=True) + "\n")
 
-    def start(self, task: Task) -> None:
+    def start(self, task: ProgressTask) -> None:
         if self.mode == ProgressMode.plain:
             self._write(f"{task.name}...\n")
         elif self.mode == ProgressMode.json:
@@ -90,7 +90,7 @@ class Reporter:
         elif self.mode == ProgressMode.tty:
             self.update(task)
 
-    def update(self, task: Task) -> None:
+    def update(self, task: ProgressTask) -> None:
         if self.mode == ProgressMode.json:
             self._event(event="progress", step=task.name, done=task.done, total=task.total, unit=task.unit)
         elif self.mode == ProgressMode.tty:
@@ -106,7 +106,7 @@ class Reporter:
                 detail = f" {_human(task.done, task.unit)}"
             self._write(f"\r\x1b[K{SPINNER[self._frame]} {task.name}{detail} {task.elapsed:.1f}s")
 
-    def finish(self, task: Task, error: BaseException | None) -> None:
+    def finish(self, task: ProgressTask, error: BaseException | None) -> None:
         secs = task.elapsed
         if self.mode == ProgressMode.json:
             if error is None:
@@ -120,8 +120,8 @@ class Reporter:
             self._write(f"{task.name}: {'done' if error is None else 'failed'} ({secs:.1f}s)\n")
 
     @contextmanager
-    def step(self, name: str, total: float | None = None, unit: str = "") -> Iterator[Task]:
-        task = Task(self, name, total, unit)
+    def step(self, name: str, total: float | None = None, unit: str = "") -> Iterator[ProgressTask]:
+        task = ProgressTask(self, name, total, unit)
         self.start(task)
         try:
             yield task

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandbox.aci.rego import ccepolicy_base64, rego_module
-from sandbox.group.spec import Container, GroupSpec, VolumeKind
+from sandbox.group.spec import ContainerSpec, GroupSpec, VolumeKind
 from sandbox.images.model import ResolvedImage
-from sandbox.policy.gen import ProcessSpec, container_capabilities, container_process
+from sandbox.policy.gen import ContainerProcess, container_capabilities, container_process
 from sandbox.shared.errors import InputError
 
 API_VERSION, FRAMEWORK_VERSION = "0.10.0", "0.2.3"
@@ -89,7 +89,7 @@ def pinned(image: ResolvedImage, registry: str | None = None) -> str:
     return f"{repo}@{image.digest}"
 
 
-def _process(container: Container, image: ResolvedImage) -> tuple[ProcessSpec, list[str] | None]:
+def _process(container: ContainerSpec, image: ResolvedImage) -> tuple[ContainerProcess, list[str] | None]:
     """What ACI starts, and the argv the policy pins: None (confcom's null, which never matches) when
     neither the template nor the image gives a command."""
     config = image.config
@@ -99,7 +99,7 @@ def _process(container: Container, image: ResolvedImage) -> tuple[ProcessSpec, l
     return process, list(process.argv)
 
 
-def _env_rules(container: Container, image: ResolvedImage) -> list[dict[str, Any]]:
+def _env_rules(container: ContainerSpec, image: ResolvedImage) -> list[dict[str, Any]]:
     process, _ = _process(container, image)
     rules = []
     for item in process.env:
@@ -114,7 +114,7 @@ def _env_rules(container: Container, image: ResolvedImage) -> list[dict[str, Any
     return [unique[p] for p in sorted(unique)]
 
 
-def _user(container: Container) -> dict[str, Any]:
+def _user(container: ContainerSpec) -> dict[str, Any]:
     if container.user is None:
         return ANY_USER
     user, _, group = container.user.partition(":")
@@ -126,7 +126,7 @@ def _user(container: Container) -> dict[str, Any]:
     return {"group_idnames": [idname(group)], "umask": "0022", "user_idname": idname(user)}
 
 
-def policy_container(spec: GroupSpec, container: Container, image: ResolvedImage,
+def policy_container(spec: GroupSpec, container: ContainerSpec, image: ResolvedImage,
                      registry: str | None = None) -> dict[str, Any]:
     kinds = {v.name: v.kind for v in spec.volumes}
     mounts = [{"destination": m.mount_path,

@@ -7,7 +7,7 @@ this mode adds what differs, each learned from tar2ext4's output (docs/aci.md):
 
 - `lost+found` (inode 11) always exists; no `trusted.overlay.origin` on directories holding whiteouts;
 - inode-bitmap padding bits stay clear (e2fsck: "Padding at end of inode bitmap is not set") and
-  s_max_mnt_count is 0 (both in Ext4Writer, compat_aci);
+  s_max_mnt_count is 0 (ACI_DIALECT, which the ext4 writer follows);
 - an empty xattr value's e_value_offs is the current value offset, not 0;
 - the xattr block header hash is 0, and the block's entries are ordered by Go's sort.Slice with
   compactext4's comparator, which is not a strict order: `a.index < b.index || len(a.name) <
@@ -43,7 +43,7 @@ from sandbox.layers.convert import (
     convert_layer,
     convert_tar_to_ext4,
 )
-from sandbox.layers.ext4_writer import Ext4LimitError, Node
+from sandbox.layers.ext4_writer import Ext4Dialect, Ext4LimitError
 from sandbox.layers.tar2ext4 import (
     AUFS_META,
     DEFAULT_OPTIONS,
@@ -52,12 +52,11 @@ from sandbox.layers.tar2ext4 import (
     Ext4Options,
     LayerBuilder,
     LayerEntryError,
-    _show,
+    show_path,
 )
 from sandbox.layers.tarstream import EntryType, TarEntry, TarReader, TarTime
 from sandbox.shared.errors import InputError
 
-ACI_OPTIONS = Ext4Options(whiteouts=True, origin_xattr=False, lost_and_found=True, compat_aci=True)
 ACI_CONVERTER = f"{CONVERTER_VERSION}-aci1"     # cache key of --compat aci conversions
 COMPAT_MODES = ("aci",)
 
@@ -103,9 +102,9 @@ def reencode_time_aci(encoded: tuple[int, int]) -> tuple[int, int]:
     return _encode(seconds, nanoseconds)
 
 
-def _reencode_times(node: Node) -> None:
-    node.atime, node.ctime = reencode_time_aci(node.atime), reencode_time_aci(node.ctime)
-    node.mtime, node.crtime = reencode_time_aci(node.mtime), reencode_time_aci(node.crtime)
+def _reencode_times(builder: LayerBuilder, ino: int) -> None:
+    w = builder.w
+    w.set_times(ino, *(reencode_time_aci(t) for t in w.get_times(ino)))
 
 
 def _less(a: F.Xattr, b: F.Xattr) -> bool:
@@ -142,31 +141,34 @@ def xattr_block_aci(block: list[F.Xattr]) -> bytes:
 class AciLayerBuilder(LayerBuilder):
     """LayerBuilder with tar2ext4's rules for timestamps, replaced names and whiteouts."""
 
-    def _lookup(self, parts: list[bytes]) -> tuple[Node | None, Node | None]:
-        """(parent directory, existing entry) for a path, without creating anything."""
-        node = self.w.root
-        for name in parts[:-1]:
-            child = node.children.get(name) if node.children is not None else None
-            if child is None or not child.is_dir:
-                return None, None
-            node = child
-        return node, node.children.get(parts[-1]) if node.children is not None else None
+    def _lookup(self, parts: list[bytes]) -> tuple[int, int]:
+        """(parent directory, existing entry) for a path, 0 where there is none, without creating anything."""
+        w = self.w
+        ino = self._dirs.get(tuple(parts[:-1]), 0)
+        if not ino:
+            ino = w.root
+            for name in parts[:-1]:
+                child = w.dirs.get(ino, name)
+                if not child or not w.is_dir(child):
+                    return 0, 0
+                ino = child
+        return ino, w.dirs.get(ino, parts[-1])
 
-    @staticmethod
-    def _check_replace(existing: Node | None, new_is_dir: bool, entry: TarEntry) -> None:
-        if existing is None:
+    def _check_replace(self, existing: int, new_is_dir: bool, entry: TarEntry) -> None:
+        if not existing:
             return
+        w = self.w
         where = entry.describe()
-        if existing.is_dir and not new_is_dir:
+        hint = "--compat aci follows tar2ext4 (the default mode lets the last entry win)"
+        if w.is_dir(existing) and not new_is_dir:
             raise LayerEntryError(f"{where}: replaces a directory with a non-directory, which tar2ext4 refuses",
-                                  hint="--compat aci follows tar2ext4 (the default mode lets the last entry win)")
-        if not existing.is_dir and new_is_dir:
+                                  hint=hint)
+        if not w.is_dir(existing) and new_is_dir:
             raise LayerEntryError(f"{where}: replaces a non-directory with a directory, which tar2ext4 refuses",
-                                  hint="--compat aci follows tar2ext4 (the default mode lets the last entry win)")
-        if not existing.is_dir and existing.links < 2 and existing.data_blocks:
+                                  hint=hint)
+        if not w.is_dir(existing) and w.links[existing] < 2 and w.has_data_blocks(existing):
             raise LayerEntryError(f"{where}: replaces an entry that has data (a regular file or long symlink "
-                                  "appearing twice), which tar2ext4 refuses",
-                                  hint="--compat aci follows tar2ext4 (the default mode lets the last entry win)")
+                                  "appearing twice), which tar2ext4 refuses", hint=hint)
 
     def add(self, entry: TarEntry, reader: TarReader) -> None:
         parts = self.split(entry.name, entry)
@@ -175,31 +177,28 @@ class AciLayerBuilder(LayerBuilder):
             _, existing = self._lookup(parts)
             if entry.type == EntryType.hardlink:
                 target_parts = self.split(entry.linkname, entry, "hard link target")
-                _, target = self._lookup(target_parts) if target_parts else (None, None)
-                if existing is not None and existing is not target and (existing.is_dir or existing.links < 2):
-                    raise LayerEntryError(f"{entry.describe()}: a hard link over {_show(entry.name)}, whose inode "
-                                          "has no other link, which tar2ext4 refuses")
+                _, target = self._lookup(target_parts) if target_parts else (0, 0)
+                w = self.w
+                if existing and existing != target and (w.is_dir(existing) or w.links[existing] < 2):
+                    raise LayerEntryError(f"{entry.describe()}: a hard link over {show_path(entry.name)}, whose "
+                                          "inode has no other link, which tar2ext4 refuses")
             else:
                 self._check_replace(existing, entry.type == EntryType.directory, entry)
-        super().add(entry, reader)
+        self.add_parts(entry, parts, reader)
 
-    def _set_attrs(self, node: Node, entry: TarEntry) -> None:
-        super()._set_attrs(node, entry)
-        node.mtime = node.crtime = encode_time_aci(entry.mtime)
-        node.atime = encode_time_aci(entry.atime)
-        node.ctime = encode_time_aci(entry.ctime)
+    encode_time = staticmethod(encode_time_aci)
 
-    def _implicit_dir(self, parent: Node, name: bytes) -> Node:
-        node = super()._implicit_dir(parent, name)
-        _reencode_times(node)
-        return node
+    def _implicit_dir(self, parent: int, name: bytes) -> int:
+        ino = super()._implicit_dir(parent, name)
+        _reencode_times(self, ino)
+        return ino
 
     def _whiteout(self, parts: list[bytes], entry: TarEntry) -> None:
         base = parts[-1]
         if base == OPAQUE:
             parent = self.walk(parts[:-1], entry, create=True)
-            self.opaque.add(parent.ino)
-            _reencode_times(parent)                 # tar2ext4 re-creates the directory from its own stat
+            self.opaque.add(parent)
+            _reencode_times(self, parent)           # tar2ext4 re-creates the directory from its own stat
             return
         if base.startswith(AUFS_META):
             super()._whiteout(parts, entry)
@@ -208,23 +207,28 @@ class AciLayerBuilder(LayerBuilder):
         if name in (b"", b".", b".."):
             raise LayerEntryError(f"{entry.describe()}: whiteout of an invalid name")
         parent = self.walk(parts[:-1], entry, create=True)
-        assert parent.children is not None
-        existing = parent.children.get(name)
+        w = self.w
+        existing = w.dirs.get(parent, name)
         self._check_replace(existing, False, entry)
-        if existing is not None and existing.links < 2:
-            node = existing                         # tar2ext4 reuses a single-link inode in place
-            self.w.release_blocks(node, xattr_block=False)
-            node.reset_content()
-            node.ftype = F.FileType.char
+        if existing and w.links[existing] < 2:
+            ino = existing                          # tar2ext4 reuses a single-link inode in place
+            w.release_blocks(ino, xattr_block=False)
+            w.ftype[ino] = F.FileType.char
         else:
-            if existing is not None:
-                self.w.unlink(parent, name)
-            node = self.w.new_node(F.FileType.char)
-            self.w.link(parent, name, node)
-        node.perm, node.uid, node.gid = 0, 0, 0
-        node.atime = node.ctime = node.mtime = node.crtime = (0, 0)
-        self.w.set_xattrs(node, {})
-        self.w.set_device(node, 0, 0)
+            if existing:
+                self.unlink(parent, name)
+            ino = w.new_inode(F.FileType.char)
+            w.link(parent, name, ino)
+        w.perm[ino] = w.uid[ino] = w.gid[ino] = 0
+        w.set_times(ino, (0, 0), (0, 0), (0, 0), (0, 0))
+        w.set_xattrs(ino, {})
+        w.set_device(ino, 0, 0)
+
+
+ACI_DIALECT = Ext4Dialect(inode_bitmap_padding=False, max_mount_count=0, empty_xattr_value_offs=True,
+                          xattr_block=xattr_block_aci)
+ACI_OPTIONS = Ext4Options(whiteouts=True, origin_xattr=False, lost_and_found=True, dialect=ACI_DIALECT,
+                          builder=AciLayerBuilder)
 
 
 def layer_mode(compat: str | None) -> tuple[Ext4Options, str]:

@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sandbox.shared import cose
 from sandbox.shared.didx509 import CertificateFacts, DidError, check_did, did_for
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import CheckFailed, InputError
 
 # The EKU of ACI's infrastructure fragments' signer; a test issuer uses its own private-arc OID.
 TEST_FRAGMENT_EKU = "1.3.6.1.4.1.57264.99.1"
@@ -44,8 +44,8 @@ _UNREADABLE = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion,
                x509.UnsupportedGeneralNameType)
 
 
-class SignatureError(InputError):
-    """A fragment envelope whose certificates or signature do not verify."""
+class SignatureError(CheckFailed):
+    """A fragment envelope whose certificates or signature do not verify (a failed check)."""
 
 
 def certificate_facts(der: bytes) -> CertificateFacts:

@@ -42,7 +42,7 @@ from sandbox.shared.snp.report import SIG_ALGO_ECDSA_P384_SHA384, AttestationRep
 from sandbox.shared.snp.tcb import parse_tcb_spec
 
 
-class Status(StrEnum):
+class Verdict(StrEnum):
     PASS = "pass"
     FAIL = "fail"
     SKIP = "skip"  # not applicable, or no expectation given
@@ -51,7 +51,7 @@ class Status(StrEnum):
 @dataclass(frozen=True)
 class Check:
     name: str
-    status: Status
+    status: Verdict
     detail: str
 
 
@@ -91,10 +91,10 @@ class VerificationResult:
 
     @property
     def verified(self) -> bool:
-        return all(c.status != Status.FAIL for c in self.checks)
+        return all(c.status != Verdict.FAIL for c in self.checks)
 
     def failed(self) -> list[Check]:
-        return [c for c in self.checks if c.status == Status.FAIL]
+        return [c for c in self.checks if c.status == Verdict.FAIL]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -160,7 +160,7 @@ class _Checks:
         self.items: list[Check] = []
 
     def add(self, name: str, ok: bool | None, detail: str) -> bool:
-        status = Status.SKIP if ok is None else (Status.PASS if ok else Status.FAIL)
+        status = Verdict.SKIP if ok is None else (Verdict.PASS if ok else Verdict.FAIL)
         self.items.append(Check(name, status, detail))
         return bool(ok)
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 
-from sandbox.aci.arm import ccepolicy_of_template, is_arm_template
 from sandbox.aci.decision import parse_decision
 from sandbox.aci.decision import render as render_decision
 from sandbox.aci.fragment_crypto import (
@@ -33,6 +32,7 @@ from sandbox.cli.common import (
 )
 from sandbox.cli.policy import policy as policy_group
 from sandbox.fsutil import atomic_write
+from sandbox.group.arm import ccepolicy_of_template, is_arm_template
 from sandbox.group.jsonio import read_input_file
 from sandbox.policy.summary import read_policy
 from sandbox.shared.cose import FRAGMENT_ARTIFACT_TYPE
@@ -249,7 +249,7 @@ def _policy_text(path: Path, group: str | None) -> tuple[str, int | None]:
     text = decode_policy_text(_template_ccepolicy(path, raw, group), str(path))
     if is_template or group is None:
         return text, None
-    if not group.isdigit():
+    if not (group.isascii() and group.isdigit()):
         raise InputError(f"--group {group!r}: for a policy file, give the module's 0-based index")
     return text, int(group)
 

@@ -25,7 +25,7 @@ from sandbox.attest.evidence import (
 from sandbox.attest.id_keys import parse_digest
 from sandbox.attest.kds import KdsClient
 from sandbox.attest.roots import CertRole
-from sandbox.attest.verify import Expectations, Status, verify_report
+from sandbox.attest.verify import Expectations, Verdict, verify_report
 from sandbox.cli.common import emit, format_option, info, render_table
 from sandbox.fsutil import atomic_write
 from sandbox.progress import step
@@ -35,7 +35,7 @@ from sandbox.shared.snp.cert_table import parse_cert_table
 from sandbox.shared.snp.evidence import ReportEvidence
 from sandbox.shared.snp.key_info import SigningKey
 from sandbox.shared.snp.product import Product, parse_product
-from sandbox.shared.snp.report import AttestationReport, parse_report
+from sandbox.shared.snp.report import AttestationReport, ReportFormatError, parse_report
 
 PathArg = click.Path(path_type=Path, dir_okay=False)
 DirArg = click.Path(path_type=Path, file_okay=False)
@@ -61,8 +61,11 @@ def parse_timestamp(value: str | None) -> dt.datetime | None:
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():
-        return dt.datetime.fromtimestamp(int(text), dt.UTC)
+    if text.isascii() and text.isdigit():
+        try:
+            return dt.datetime.fromtimestamp(int(text), dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise InputError(f"--at: {value!r} is out of range") from None
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -76,7 +79,12 @@ def _product_opt(value: str | None) -> Product | None:
 
 
 def load_report(path: Path, product: str | None = None) -> AttestationReport:
-    return parse_report(read_report_file(path).report, product=_product_opt(product), source=str(path))
+    """A user's report file, to decode (not to verify): bytes that are not a report are bad input here,
+    where `attest verify` counts them as a failed check."""
+    try:
+        return parse_report(read_report_file(path).report, product=_product_opt(product), source=str(path))
+    except ReportFormatError as e:
+        raise InputError(e.message, hint=e.hint) from None
 
 
 def kds_client(kds_url: str | None, offline: Path | None) -> KdsClient:
@@ -264,7 +272,7 @@ def verify(report_file: Path, certs_dir: Path | None, vek_file: Path | None, cha
     if result.emulated:
         info("note: the evidence is EMULATED (no AMD hardware vouches for it)")
     for check in result.checks:
-        if check.status == Status.SKIP and check.name in ("report.measurement", "report.host_data"):
+        if check.status == Verdict.SKIP and check.name in ("report.measurement", "report.host_data"):
             info(f"note: {check.name} not checked (no expected value given)")
 
 
@@ -294,7 +302,10 @@ def report(name: str, nonce: str | None, output: Path | None, fmt: str | None) -
     record = load_running(name)
     with step(f"Ask {name}'s agent for a report"), connect(record) as client:
         result = client.call(GetReportRequest(nonce_bytes), timeout=120)
-    evidence = ReportEvidence.from_payload(result, source=f"the agent of {name}")
+    try:
+        evidence = ReportEvidence.from_payload(result, source=f"the agent of {name}")
+    except InputError as e:   # the guest's answer, not the user's input
+        raise GuestError(e.message) from None
     if evidence.nonce != nonce_bytes:
         raise GuestError(f"the agent of {name} answered for another nonce ({evidence.nonce.hex()})")
     if not evidence.binding_holds():

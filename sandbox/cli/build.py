@@ -10,7 +10,7 @@ import click
 from sandbox.cli.common import emit, render_table
 
 
-class Target(StrEnum):
+class BuildTarget(StrEnum):
     kernel = "kernel"
     rootfs = "rootfs"
     firmware_snp = "firmware-snp"
@@ -69,7 +69,7 @@ def _uvm(update_lock: bool, firmware: bool) -> dict[str, Any]:
 
 
 @click.command("build")
-@click.argument("target", type=click.Choice([t.value for t in Target]), default=Target.uvm.value)
+@click.argument("target", type=click.Choice([t.value for t in BuildTarget]), default=BuildTarget.uvm.value)
 @click.option("--force", is_flag=True, help="Rebuild the kernel or firmware even when cached.")
 @click.option("--update-lock", is_flag=True,
               help="Resolve the rootfs packages afresh and rewrite images/uvm/packages.lock.json.")
@@ -79,16 +79,16 @@ def _uvm(update_lock: bool, firmware: bool) -> dict[str, Any]:
               help="Output format (default: the global --format).")
 def build(target: str, force: bool, update_lock: bool, no_firmware: bool, fmt: str | None) -> None:
     """Build the UVM or one of its parts (default: uvm). Everything is cached; unchanged parts are reused."""
-    t = Target(target)
-    if force and t not in (Target.kernel, Target.firmware_snp):
+    t = BuildTarget(target)
+    if force and t not in (BuildTarget.kernel, BuildTarget.firmware_snp):
         raise click.UsageError("--force applies to 'kernel' and 'firmware-snp'")
-    if update_lock and t not in (Target.rootfs, Target.uvm):
+    if update_lock and t not in (BuildTarget.rootfs, BuildTarget.uvm):
         raise click.UsageError("--update-lock applies to 'rootfs' and 'uvm'")
-    if t == Target.kernel:
+    if t == BuildTarget.kernel:
         doc = _kernel(force)
-    elif t == Target.rootfs:
+    elif t == BuildTarget.rootfs:
         doc = _rootfs(update_lock)
-    elif t == Target.firmware_snp:
+    elif t == BuildTarget.firmware_snp:
         doc = _firmware(force)
     else:
         doc = _uvm(update_lock, firmware=not no_firmware)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import click
 
 from sandbox.cli.common import emit, format_option, render_table
-from sandbox.hostcheck import CheckReport, Status, check_host
+from sandbox.hostcheck import Availability, CheckReport, check_host
 from sandbox.progress import step
 from sandbox.vmm.libvirt_probe import with_libvirt
 
-MARK = {Status.ok: "ok", Status.missing: "MISSING", Status.unusable: "UNUSABLE", Status.info: "-"}
+MARK = {Availability.ok: "ok", Availability.missing: "MISSING", Availability.unusable: "UNUSABLE",
+        Availability.info: "-"}
 
 
 def _table(report: CheckReport) -> str:
@@ -24,7 +25,8 @@ def _table(report: CheckReport) -> str:
     out.append(f"tee: {report.tee.value}   accel: {report.accel.value}")
     for reason in report.reasons:
         out.append(f"  - {reason}")
-    hints = [(i.name, i.hint) for i in report.items if i.hint and i.status in (Status.missing, Status.unusable)]
+    hints = [(i.name, i.hint) for i in report.items
+             if i.hint and i.status in (Availability.missing, Availability.unusable)]
     if hints:
         out.append("")
         out.append("hints:")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from sandbox.fsutil import atomic_write
 
 
 class OutputFormat(StrEnum):
@@ -25,6 +23,56 @@ class CliContext:
     debug: bool = False
     quiet: bool = False
     format: OutputFormat = OutputFormat.table
+
+
+class DeferredChoice(click.Choice):
+    """A choice among the values of an enum whose module is imported only when the option is parsed or
+    its help is shown: a command's options are built whenever its module loads, and the enum's module
+    may be too heavy for the start of the other commands there (`ps` beside `up`; sandbox/cli/main.py)."""
+
+    def __init__(self, module: str, enum: str) -> None:
+        self._source = (module, enum)
+        self._choices: tuple[str, ...] | None = None
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if self._choices is None:
+            module, enum = self._source
+            self._choices = tuple(member.value for member in getattr(importlib.import_module(module), enum))
+        return self._choices
+
+    @choices.setter
+    def choices(self, values: Sequence[str]) -> None:
+        self._choices = tuple(values)
+
+
+class ExtensibleGroup(click.Group):
+    """A click group some of whose subcommands live in other modules (`extensions`), which attach them when
+    imported. They are imported only when a subcommand the group does not define itself is asked for, or
+    the list of subcommands is shown: `policy check` does not load the ACI interoperability code."""
+
+    def __init__(self, *args: Any, extensions: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.extensions = tuple(extensions)
+        self._extended = False
+
+    def _extend(self) -> None:
+        if not self._extended:
+            self._extended = True
+            for module in self.extensions:
+                importlib.import_module(module)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and not self._extended:
+            self._extend()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._extend()
+        return super().list_commands(ctx)
 
 
 def cli_context() -> CliContext:
@@ -46,6 +94,8 @@ def resolve_format(fmt: str | None) -> OutputFormat:
 
 
 def echo_json(data: Any) -> None:
+    import json  # imported on use: most runs print no JSON, and every run imports this module
+
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
@@ -75,6 +125,8 @@ def write_document(data: bytes, output: Path | None, fmt: str | None, *, what: s
         sys.stdout.buffer.flush()
         info(f"{digest_label}: {digest}")
         return
+    from sandbox.fsutil import atomic_write  # imported on use, as json above
+
     atomic_write(output, data)
     emit({"file": str(output), "sha256": digest}, fmt, lambda r: f"wrote {what} {r['file']} ({digest_label} {digest})")
 

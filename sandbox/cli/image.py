@@ -1,45 +1,27 @@
-"""`parma-sandbox image ...` (pull, layers, convert) and `parma-sandbox verity`."""
+"""`parma-sandbox image ...`: pull, layers, convert."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from sandbox.aci.ext4compat import COMPAT_MODES, layer_mode
 from sandbox.cli.common import OutputFormat, echo_json, emit, format_option, render_table, resolve_format
-from sandbox.fsutil import atomic_output
-from sandbox.images.resolve import DEFAULT_PLATFORM, PullResult, pull_image
+from sandbox.cli.verity import kv_table, verity_doc
+from sandbox.images import DEFAULT_PLATFORM
 from sandbox.layers.convert import convert_layer, convert_tar_to_ext4
 from sandbox.layers.tar2ext4 import Ext4Options
 from sandbox.shared.errors import InputError
-from sandbox.shared.verity import ZERO_SALT, VerityInfo, format_verity
+
+if TYPE_CHECKING:
+    from sandbox.images.resolve import PullResult
+
+# The registry client (requests) is imported by the commands that pull: `image convert` works offline and
+# should start as fast as the converter it competes with (bench/bench_tar2ext4.py).
 
 FILE = click.Path(path_type=Path, dir_okay=False)
-
-
-def verity_doc(info: VerityInfo, hash_file: Path | None) -> dict[str, Any]:
-    return {
-        "root_hash": info.root_hash,
-        "salt": info.salt.hex(),
-        "data_blocks": info.data_blocks,
-        "data_block_size": info.data_block_size,
-        "hash_block_size": info.hash_block_size,
-        "hash_offset": info.hash_offset,
-        "hash_start_block": info.hash_start_block,
-        "hash_blocks": info.hash_blocks,
-        "superblock": info.superblock,
-        "uuid": info.uuid.hex() if info.uuid else None,
-        "hash_file": str(hash_file) if hash_file else None,
-        "algorithm": info.algorithm,
-        "hash_type": info.hash_type,
-    }
-
-
-def _kv_table(doc: dict[str, Any]) -> str:
-    return render_table(["field", "value"], [(k, "" if v is None else v) for k, v in doc.items()])
 
 
 @click.group("image")
@@ -79,6 +61,8 @@ def image_doc(result: PullResult) -> dict[str, Any]:
 @format_option
 def pull(ref: str, platform: str, compat: str | None, fmt: str | None) -> None:
     """Pull REF (registry image, oci:DIR[:TAG] or docker-archive:FILE) and convert its layers."""
+    from sandbox.images.resolve import pull_image
+
     doc = image_doc(pull_image(ref, base_dir=Path.cwd(), platform=platform, compat=compat))
 
     def table(d: dict[str, Any]) -> str:
@@ -96,6 +80,8 @@ def pull(ref: str, platform: str, compat: str | None, fmt: str | None) -> None:
 @format_option
 def layers(ref: str, platform: str, compat: str | None, fmt: str | None) -> None:
     """List REF's layers: diff_id, media type, size, dm-verity root hash and device image (pulls if needed)."""
+    from sandbox.images.resolve import pull_image
+
     doc = image_doc(pull_image(ref, base_dir=Path.cwd(), platform=platform, compat=compat))
     if resolve_format(fmt) == OutputFormat.json:
         echo_json(doc["layers"])
@@ -122,7 +108,7 @@ def convert(layer: Path, output: Path, no_verity: bool, no_whiteouts: bool, comp
         ext4 = convert_tar_to_ext4(layer, output, options=options)
         doc: dict[str, Any] = {"output": str(output), "diff_id": ext4.diff_id, "ext4_size": ext4.ext4_size,
                                "entries": ext4.entries, "compression": ext4.compression.value}
-        emit(doc, fmt, _kv_table)
+        emit(doc, fmt, kv_table)
         return
     res = convert_layer(layer, output, options=options)
     doc = {"root_hash": res.root_hash, "output": str(output), "diff_id": res.diff_id, "ext4_size": res.ext4_size,
@@ -131,44 +117,4 @@ def convert(layer: Path, output: Path, no_verity: bool, no_whiteouts: bool, comp
     emit(doc, fmt, lambda d: d["root_hash"])
 
 
-def parse_salt(text: str) -> bytes:
-    if text == "-":
-        return b""
-    try:
-        salt = bytes.fromhex(text)
-    except ValueError:
-        raise InputError(f"--salt {text!r} is not hexadecimal",
-                         hint="give the salt as hex digits, or '-' for an empty salt") from None
-    return salt
-
-
-@click.command("verity")
-@click.argument("file", type=FILE)
-@click.option("--no-superblock", is_flag=True, help="Do not write a verity superblock (pass the parameters at open).")
-@click.option("--salt", "salt_hex", default=ZERO_SALT.hex(), show_default="32 zero bytes",
-              help="Salt as hex, or '-' for none.")
-@click.option("--hash-file", type=FILE, help="Write the tree to this file instead of appending it to FILE.")
-@format_option
-def verity(file: Path, no_superblock: bool, salt_hex: str, hash_file: Path | None, fmt: str | None) -> None:
-    """Format a dm-verity hash tree for FILE (as `veritysetup format` would) and print its parameters.
-
-    Without --hash-file the tree is appended to FILE (which must be a whole number of 4096-byte blocks).
-    """
-    salt = parse_salt(salt_hex)
-    if hash_file is not None:
-        with atomic_output(hash_file) as tmp:
-            info = format_verity(file, salt=salt, superblock=not no_superblock, hash_file=tmp)
-    else:
-        try:
-            size = file.stat().st_size
-        except OSError as e:
-            raise InputError(f"cannot read {file}: {e.strerror}") from e
-        try:
-            info = format_verity(file, salt=salt, superblock=not no_superblock)
-        except BaseException:
-            os.truncate(file, size)             # leave FILE as it was
-            raise
-    emit(verity_doc(info, hash_file), fmt, _kv_table)
-
-
-commands = [image, verity]
+commands = [image]

@@ -20,8 +20,15 @@ from sandbox.attest.id_keys import IdMaterial, load_private_key, make_id_materia
 from sandbox.cli.common import OutputFormat, echo_json, info, resolve_format
 from sandbox.fsutil import atomic_write
 from sandbox.shared.errors import InputError
-from sandbox.uvm.measure import CPU_TYPES, MeasureRequest, Mode, VmmType, format_digest, launch_digest
-from sandbox.uvm.measure import OutputFormat as DigestFormat
+from sandbox.uvm.measure import (
+    CPU_TYPES,
+    DigestEncoding,
+    MeasureRequest,
+    Mode,
+    VmmType,
+    format_digest,
+    launch_digest,
+)
 from sandbox.vmm.snp import SNP_POLICY_DEFAULT
 
 
@@ -54,7 +61,7 @@ def _int_auto(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--append", metavar="CMDLINE", help="Kernel command line to calculate the hash from.")
 @click.option("--guest-features", callback=_int_auto, default="0x1", show_default=True, metavar="VALUE",
               help="SEV_FEATURES of the guest (0x1 with QEMU >= 9.1).")
-@click.option("--output-format", type=click.Choice([f.value for f in DigestFormat]), default="hex",
+@click.option("--output-format", type=click.Choice([f.value for f in DigestEncoding]), default="hex",
               show_default=True, help="Measurement output format.")
 @click.option("--snp-ovmf-hash", metavar="HASH", help="Precalculated hash of the OVMF binary (hex).")
 @click.option("--dump-vmsa", is_flag=True, help="Write the measured VMSAs to vmsa<N>.bin in the current directory.")
@@ -106,7 +113,7 @@ def measure(mode: str, vcpus: int | None, vcpu_type: str | None, vcpu_sig: int |
                          guest_features=guest_features, snp_ovmf_hash=snp_ovmf_hash, dump_vmsa=dump_vmsa,
                          svsm=svsm, vars_size=vars_size, vars_file=vars_file)
     digest = launch_digest(req, vmsa_dir=Path.cwd())
-    text = format_digest(digest, DigestFormat(output_format))
+    text = format_digest(digest, DigestEncoding(output_format))
     material = None
     if id_key is not None:
         material = make_id_material(measurement=digest, policy=guest_policy, id_key=load_private_key(id_key),

@@ -7,24 +7,30 @@ from pathlib import Path
 
 import click
 
-from sandbox.cli.common import OutputFormat, emit, format_option, info, resolve_format, write_document
+from sandbox.cli.common import (
+    ExtensibleGroup,
+    OutputFormat,
+    emit,
+    format_option,
+    info,
+    resolve_format,
+    write_document,
+)
 from sandbox.cli.template_options import template_options, volume_paths
-from sandbox.group import load_group
-from sandbox.kbs.client import broker_pins
-from sandbox.policy.diff import diff_policies
-from sandbox.policy.gen import generate_policy
-from sandbox.policy.sources import files_volume_hashes, resolve_group_images
 from sandbox.policy.summary import BANNER, debug_features, read_policy, render, summarize
-from sandbox.policy.trace import read_trace, replay
 from sandbox.shared.policy import PolicyEngine, parse_policy, policy_hash
 
+# Generating a policy needs the image resolver and the key broker client; each command imports what it
+# uses beyond reading policies, so that `policy check` starts at once (sandbox/cli/main.py).
+
 EXIT_DENIED = 1
-EXIT_DIFFERENT = 2
+EXIT_DIFFERENT = 1   # as diff(1) and `git diff --exit-code`: 0 identical, 1 different, 2 trouble
 
 FILE = click.Path(path_type=Path, dir_okay=False)
 
 
-@click.group("policy")
+# sandbox/cli/aci.py attaches export, import, explain and fragment (ACI's Rego format) when imported.
+@click.group("policy", cls=ExtensibleGroup, extensions=("sandbox.cli.aci",))
 def policy() -> None:
     """Execution policies: generate, inspect, compare, and replay requests against them."""
 
@@ -43,6 +49,11 @@ def policy() -> None:
 def gen(group_file: Path, output: Path | None, debug_mode: bool | None, kbs_url: str | None,
         kbs_keys: tuple[str, ...], template_group: str | None, volumes: tuple[str, ...], fmt: str | None) -> None:
     """Generate the policy of GROUP_FILE from its images, volumes and options."""
+    from sandbox.group import load_group
+    from sandbox.kbs.client import broker_pins
+    from sandbox.policy.gen import generate_policy
+    from sandbox.policy.sources import files_volume_hashes, resolve_group_images
+
     spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
     pins = broker_pins(kbs_url, kbs_keys)
     images = resolve_group_images(spec)
@@ -81,7 +92,10 @@ def hash_(policy_file: Path, fmt: str | None) -> None:
 @format_option
 @click.pass_context
 def diff(ctx: click.Context, a: Path, b: Path, fmt: str | None) -> None:
-    """Compare two policies by container and field; exit 0 when identical, 2 when they differ."""
+    """Compare two policies by container and field; exit 0 when identical, 1 when they differ (as
+    `git diff --exit-code` does), 2 when a file cannot be read as a policy."""
+    from sandbox.policy.diff import diff_policies
+
     raw_a, pa = read_policy(a)
     raw_b, pb = read_policy(b)
     changes = diff_policies(pa, pb)
@@ -111,6 +125,8 @@ def check(ctx: click.Context, policy_file: Path, trace_file: Path, fmt: str | No
     """Replay TRACE_FILE (JSON lines of {"ep", "input"}) against POLICY_FILE, one decision per line.
 
     Exit 0 when every request is allowed, 1 when any is denied, 2 for bad input."""
+    from sandbox.policy.trace import read_trace, replay
+
     raw, _ = read_policy(policy_file)
     engine = PolicyEngine.from_bytes(raw, source=str(policy_file))
     requests = read_trace(trace_file)

@@ -5,21 +5,30 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from sandbox.cli.common import emit, format_option, info, render_table
+from sandbox.cli.common import DeferredChoice, emit, format_option, info, render_table
+from sandbox.cli.errors import Interrupted, PassThroughCommand
 from sandbox.cli.template_options import template_options, volume_paths
-from sandbox.group import TeeMode, load_group
-from sandbox.kbs.client import check_url
-from sandbox.launch import lifecycle
-from sandbox.launch.measured import IdentityOptions
-from sandbox.launch.pipeline import UpOptions
-from sandbox.launch.pipeline import up as launch_up
 from sandbox.log import QUIET, setup_logging
-from sandbox.shared.errors import InputError
-from sandbox.vmm.config import Backend
+from sandbox.shared.errors import (
+    ExecCannotInvoke,
+    ExecDenied,
+    ExecNotFound,
+    ExecSetupError,
+    InputError,
+    SandboxError,
+)
+from sandbox.state import list_sandboxes
+
+if TYPE_CHECKING:
+    from sandbox.group import GroupSpec
+    from sandbox.launch.pipeline import UpOptions
+
+# The group loader, the launcher, the key broker client and the lifecycle operations are imported by the
+# commands that use them: `ps` must not pay for `up` (start-up time, sandbox/cli/main.py).
 
 
 @click.command("up")
@@ -28,9 +37,9 @@ from sandbox.vmm.config import Backend
 @click.option("--name", help="Sandbox name (default: the group's name).")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path, dir_okay=False),
               help="Use this policy file instead of generating one.")
-@click.option("--tee", type=click.Choice([t.value for t in TeeMode]), default=None,
+@click.option("--tee", type=DeferredChoice("sandbox.group", "TeeMode"), default=None,
               help="TEE mode (default: the group's 'tee', else auto).")
-@click.option("--backend", type=click.Choice([b.value for b in Backend]), default=Backend.qemu.value,
+@click.option("--backend", type=DeferredChoice("sandbox.vmm.config", "Backend"), default="qemu",
               show_default=True, help="Run QEMU directly, or as a transient libvirt domain.")
 @click.option("--kbs", "kbs_url", help="Key broker URL for the attestation API (pinned in the generated policy; "
                                         "docs/kbs.md), e.g. http://127.0.0.1:8300.")
@@ -59,26 +68,43 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     exit code, taking the sandbox down; Ctrl-C also takes it down. With -d it prints the sandbox and
     returns.
     """
+    from sandbox.group import TeeMode, load_group
+    from sandbox.kbs.client import check_url
+    from sandbox.launch.measured import IdentityOptions
+    from sandbox.launch.pipeline import UpOptions
+    from sandbox.vmm.config import Backend
+
     if debug_files:
         setup_logging(debug=True, quiet=QUIET.get())
     identity = IdentityOptions(id_key=id_key, author_key=author_key, id_block=id_block,
                                expect_measurement=_measurement(expect_measurement))
     spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
-    # SIGTERM/SIGHUP (a closed terminal, a supervisor) take the same clean path as Ctrl-C: a VM being
-    # launched is stopped and its state removed; an attached sandbox is taken down.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
     opts = UpOptions(name=name, policy_file=policy_file, tee=TeeMode(tee) if tee else None,
                      backend=Backend(backend), detach=detach,
                      kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys, identity=identity)
+    # SIGTERM/SIGHUP (a supervisor, a closed terminal) take the same clean path as Ctrl-C: a VM being
+    # launched is stopped and its state removed; an attached sandbox is taken down. Then `up` exits
+    # 128 + the signal (143, 129), where Ctrl-C exits 130.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _up(spec, opts, fmt)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _up(spec: GroupSpec, opts: UpOptions, fmt: str | None) -> int:
+    from sandbox.launch import lifecycle
+    from sandbox.launch.pipeline import up as launch_up
+
     launched = launch_up(spec, opts)
-    d = launched.record.details
-    summary = {"name": launched.name, "status": launched.record.status, "tee": d["tee"], "accel": d["accel"],
-               "backend": d["backend"], "policy_hash": d["policy_hash"],
-               "containers": [c["name"] for c in d["containers"]],
-               "ports": [f"{p['hostAddress']}:{p['hostPort']}->{p['port']}" for p in d["ports"]],
+    rec = launched.record
+    summary = {"name": launched.name, "status": rec.status.value, "tee": rec.tee, "accel": rec.accel,
+               "backend": rec.backend, "policy_hash": rec.policy_hash,
+               "containers": [c.name for c in rec.containers],
+               "ports": [f"{p.host_address}:{p.host_port}->{p.port}" for p in rec.ports],
                "timings": launched.timings.marks}
-    if detach:
+    if opts.detach:
         emit(summary, fmt, lambda s: f"{s['name']}: running ({s['tee']}, {s['accel']}); containers: "
                                      f"{', '.join(s['containers'])}"
                                      + (f"; ports: {', '.join(s['ports'])}" if s["ports"] else ""))
@@ -101,7 +127,7 @@ def _measurement(value: str | None) -> bytes | None:
 
 
 def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Interrupted(signum)
 
 
 def _age(created: float) -> str:
@@ -116,7 +142,7 @@ def _age(created: float) -> str:
 @format_option
 def ps(fmt: str | None) -> None:
     """List sandboxes (including failed or stale ones that 'down' should clean)."""
-    rows = lifecycle.list_sandboxes()
+    rows = list_sandboxes()
 
     def table(items: list[dict[str, Any]]) -> str:
         return render_table(("name", "status", "tee", "backend", "containers", "ports", "age"),
@@ -133,25 +159,36 @@ def ps(fmt: str | None) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the containers exit.")
 def logs(name: str, container: str | None, follow: bool) -> None:
     """Print the output of NAME's containers (or of CONTAINER): stdout to stdout, stderr to stderr."""
+    from sandbox.launch import lifecycle
+
     lifecycle.logs(name, container, follow=follow)
 
 
-@click.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.command("exec", cls=PassThroughCommand,
+               context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("name")
 @click.argument("container")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
     """Run COMMAND in CONTAINER of sandbox NAME, if the policy allows it: exec NAME CONTAINER -- CMD...
 
-    Exits with the command's exit code; 125 when the sandbox or container is not there, 126 when the
-    policy denies the command or it cannot be run, 127 when it does not exist. Non-interactive: the
-    process gets no stdin and no TTY; its output is shown only if the policy allows stdio access.
+    Exits with the command's exit code; 77 when the policy denies the command, 125 when it cannot be
+    run at all (no such sandbox or container, a usage error), 126 when it is not executable, 127 when
+    it does not exist (docs/cli.md, "Exit codes"). Non-interactive: the process gets no stdin and no
+    TTY; its output is shown only if the policy allows stdio access.
     """
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise InputError("no command given", hint="usage: parma-sandbox exec NAME CONTAINER -- CMD [ARG...]")
-    return lifecycle.exec_in(name, container, command)
+        raise ExecSetupError("no command given", hint="usage: parma-sandbox exec NAME CONTAINER -- CMD [ARG...]")
+    from sandbox.launch import lifecycle
+
+    try:
+        return lifecycle.exec_in(name, container, command)
+    except (ExecSetupError, ExecDenied, ExecCannotInvoke, ExecNotFound):
+        raise
+    except SandboxError as e:   # parma-sandbox's own failure, never one of the command's codes
+        raise ExecSetupError(e.message, hint=e.hint) from e
 
 
 @click.command("inspect")
@@ -159,6 +196,8 @@ def exec_(name: str, container: str, command: tuple[str, ...]) -> int:
 @format_option
 def inspect(name: str, fmt: str | None) -> None:
     """Show a sandbox: policy hash, expected measurement, TEE mode, devices, containers."""
+    from sandbox.launch import lifecycle
+
     data = lifecycle.inspect(name)
 
     def table(d: dict[str, Any]) -> str:
@@ -175,7 +214,7 @@ def inspect(name: str, fmt: str | None) -> None:
             lines.append(f"  {c['name']:<12} {status}{code}  {c['image']}  argv={c['argv']}")
         if d["ports"]:
             lines.append("ports:")
-            lines += [f"  {p['hostAddress']}:{p['hostPort']} -> {p['port']}/{p['protocol']}" for p in d["ports"]]
+            lines += [f"  {p['host_address']}:{p['host_port']} -> {p['port']}/{p['protocol']}" for p in d["ports"]]
         if d.get("agent_error"):
             lines.append(f"agent: {d['agent_error']}")
         return "\n".join(lines)
@@ -192,6 +231,8 @@ def down(name: str | None, all_: bool, timeout: float, fmt: str | None) -> None:
     """Stop sandbox NAME (or --all): containers first, then the VM, gracefully and then forced."""
     if bool(name) == all_:
         raise InputError("give a sandbox NAME or --all", hint="'parma-sandbox ps' lists them")
+    from sandbox.launch import lifecycle
+
     results = list(lifecycle.down_all()) if all_ else [lifecycle.down(name or "", timeout=timeout)]
     emit(results, fmt, lambda rs: "\n".join(f"{r['name']}: removed" + ("" if r["graceful"] else " (forced)")
                                             for r in rs))

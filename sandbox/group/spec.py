@@ -18,7 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.jsonio import ValidationError, load_json_file
+from sandbox.group.jsonio import ValidationError
 from sandbox.shared.errors import InputError
 from sandbox.shared.jsoncheck import MISSING, Checker, join, type_name
 from sandbox.shared.names import nameservers_problem, resolver_options_problem, search_domains_problem
@@ -114,20 +114,20 @@ class GroupPort:
 
 
 @dataclass(frozen=True)
-class ExecProcess:
+class ExecProcessSpec:
     command: tuple[str, ...]
     signals: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
-class Mount:
+class VolumeMount:
     volume: str
     mount_path: str
     read_only: bool = False
 
 
 @dataclass(frozen=True)
-class Volume:
+class VolumeSpec:
     name: str
     kind: VolumeKind
     size_mib: int | None = None                            # tmpfs
@@ -136,26 +136,26 @@ class Volume:
 
 
 @dataclass(frozen=True)
-class Capabilities:
+class CapabilityChanges:
     add: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class Container:
+class ContainerSpec:
     name: str
     image: str
     command: tuple[str, ...] | None = None   # replaces ENTRYPOINT
     args: tuple[str, ...] | None = None      # replaces CMD
     env: tuple[EnvVar, ...] = ()
     working_dir: str | None = None
-    mounts: tuple[Mount, ...] = ()
+    mounts: tuple[VolumeMount, ...] = ()
     ports: tuple[ContainerPort, ...] = ()
-    exec_processes: tuple[ExecProcess, ...] = ()
+    exec_processes: tuple[ExecProcessSpec, ...] = ()
     signals: tuple[int, ...] = ()
     user: str | None = None
     privileged: bool = False
-    capabilities: Capabilities = Capabilities()
+    capabilities: CapabilityChanges = CapabilityChanges()
     stdio: bool = True
     attestation_api: bool = False
 
@@ -187,19 +187,19 @@ class PolicyOptions:
 @dataclass(frozen=True)
 class GroupSpec:
     name: str
-    containers: tuple[Container, ...]
+    containers: tuple[ContainerSpec, ...]
     ports: tuple[GroupPort, ...] = ()
-    volumes: tuple[Volume, ...] = ()
+    volumes: tuple[VolumeSpec, ...] = ()
     resources: Resources = Resources()
     policy: PolicyOptions = PolicyOptions()
     tee: TeeMode = TeeMode.auto
     layer_format: LayerFormat = LayerFormat.default
     restart_policy: RestartPolicy = RestartPolicy.always
-    init_containers: tuple[Container, ...] = ()     # run in order, each to completion, before `containers`
+    init_containers: tuple[ContainerSpec, ...] = ()     # run in order, each to completion, before `containers`
     dns_config: DnsConfig | None = None
     base_dir: Path = field(default=Path("."), compare=False)
 
-    def container(self, name: str) -> Container:
+    def container(self, name: str) -> ContainerSpec:
         for c in self.containers + self.init_containers:
             if c.name == name:
                 return c
@@ -345,8 +345,8 @@ def _check_protocol(c: _Checker, d: dict, path: str) -> str:
     return proto.upper()
 
 
-def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume],
-                     allowed: frozenset[str] = CONTAINER_FIELDS) -> Container | None:
+def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, VolumeSpec],
+                     allowed: frozenset[str] = CONTAINER_FIELDS) -> ContainerSpec | None:
     d = c.obj(raw, path, allowed, {"name", "image"})
     if d is None:
         return None
@@ -365,7 +365,7 @@ def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume
     if "workingDir" in d:
         working_dir = _abs_path(c, c.string(d, "workingDir", path, default=None), join(path, "workingDir"))
 
-    mounts: list[Mount] = []
+    mounts: list[VolumeMount] = []
     seen_paths: set[str] = set()
     for i, m in enumerate(c.array(d, "mounts", path) or []):
         mpath = f"{join(path, 'mounts')}[{i}]"
@@ -385,7 +385,7 @@ def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume
             seen_paths.add(mount_path)
             if volumes[vol].kind in (VolumeKind.files, VolumeKind.secret):
                 read_only = True
-            mounts.append(Mount(vol, mount_path, read_only))
+            mounts.append(VolumeMount(vol, mount_path, read_only))
 
     ports: list[ContainerPort] = []
     for i, p in enumerate(c.array(d, "ports", path) or []):
@@ -398,7 +398,7 @@ def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume
         if port is not None:
             ports.append(ContainerPort(port, proto))
 
-    execs: list[ExecProcess] = []
+    execs: list[ExecProcessSpec] = []
     for i, e in enumerate(c.array(d, "execProcesses", path) or []):
         epath = f"{join(path, 'execProcesses')}[{i}]"
         ed = c.obj(e, epath, {"command", "signals"}, {"command"})
@@ -407,14 +407,14 @@ def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume
         cmd = c.string_list(ed, "command", epath, nonempty_list=True)
         sigs = c.signal_list(ed, "signals", epath)
         if cmd:
-            execs.append(ExecProcess(cmd, sigs))
+            execs.append(ExecProcessSpec(cmd, sigs))
 
     signals = c.signal_list(d, "signals", path)
     user = c.string(d, "user", path, default=None)
     if user is not None and not USER_RE.match(user):
         c.problem(join(path, "user"), f"{user!r} is not a valid user (use uid, uid:gid, name or name:group)")
     privileged = c.boolean(d, "privileged", path, False)
-    caps = Capabilities()
+    caps = CapabilityChanges()
     if "capabilities" in d:
         cpath = join(path, "capabilities")
         cd = c.obj(d["capabilities"], cpath, {"add", "drop"})
@@ -430,18 +430,18 @@ def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume
                     else:
                         norm.append(cap)
                 lists[key] = tuple(norm)
-            caps = Capabilities(**lists)
+            caps = CapabilityChanges(**lists)
     stdio = c.boolean(d, "stdio", path, True)
     attestation_api = c.boolean(d, "attestationApi", path, False)
     if len(c.problems) != before:
         return None
-    return Container(name=name, image=image, command=command, args=args, env=env, working_dir=working_dir,
+    return ContainerSpec(name=name, image=image, command=command, args=args, env=env, working_dir=working_dir,
                      mounts=tuple(mounts), ports=tuple(ports), exec_processes=tuple(execs), signals=signals,
                      user=user, privileged=privileged, capabilities=caps, stdio=stdio,
                      attestation_api=attestation_api)
 
 
-def _check_volume(c: _Checker, raw: Any, path: str, base_dir: Path) -> Volume | None:
+def _check_volume(c: _Checker, raw: Any, path: str, base_dir: Path) -> VolumeSpec | None:
     d = c.obj(raw, path, {"name", "emptyDir", "tmpfs", "files", "secret"}, {"name"})
     if d is None:
         return None
@@ -458,11 +458,11 @@ def _check_volume(c: _Checker, raw: Any, path: str, base_dir: Path) -> Volume | 
     kpath = join(path, kind.value)
     if kind == VolumeKind.empty_dir:
         c.obj(body, kpath, set())
-        return Volume(name, kind) if name else None
+        return VolumeSpec(name, kind) if name else None
     if kind == VolumeKind.tmpfs:
         bd = c.obj(body, kpath, {"sizeMiB"})
         size = c.integer(bd, "sizeMiB", kpath, 1, 65536, 64) if bd is not None else None
-        return Volume(name, kind, size_mib=size) if name and size else None
+        return VolumeSpec(name, kind, size_mib=size) if name and size else None
     if kind == VolumeKind.files:
         bd = c.obj(body, kpath, {"path"}, {"path"})
         rel = c.string(bd, "path", kpath, default=None) if bd is not None else None
@@ -472,7 +472,7 @@ def _check_volume(c: _Checker, raw: Any, path: str, base_dir: Path) -> Volume | 
         if not src.is_dir():
             c.problem(join(kpath, "path"), f"{rel!r} is not a directory next to the group file ({src})")
             return None
-        return Volume(name, kind, source=src) if name else None
+        return VolumeSpec(name, kind, source=src) if name else None
     # secret: {"file-name": "base64 content"}
     if not isinstance(body, dict) or not body:
         c.problem(kpath, "expected a non-empty object mapping file names to base64 content")
@@ -490,7 +490,7 @@ def _check_volume(c: _Checker, raw: Any, path: str, base_dir: Path) -> Volume | 
             items.append((fname, base64.b64decode(b64, validate=True)))
         except (binascii.Error, ValueError):
             c.problem(ipath, "is not valid base64")
-    return Volume(name, kind, items=tuple(items)) if name else None
+    return VolumeSpec(name, kind, items=tuple(items)) if name else None
 
 
 def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group.json") -> GroupSpec:
@@ -505,7 +505,7 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
     if name is not None and not NAME_RE.match(name):
         c.problem("name", f"{name!r} is not a valid group name (lowercase letters, digits and '-', max 63)")
 
-    volumes: dict[str, Volume] = {}
+    volumes: dict[str, VolumeSpec] = {}
     for i, v in enumerate(c.array(top, "volumes", "") or []):
         vol = _check_volume(c, v, f"volumes[{i}]", base_dir)
         if vol is not None:
@@ -513,12 +513,12 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
                 c.problem(f"volumes[{i}].name", f"duplicate volume name {vol.name!r}")
             volumes[vol.name] = vol
 
-    containers: list[Container] = []
+    containers: list[ContainerSpec] = []
     raw_containers = c.array(top, "containers", "")
     if raw_containers is not None and not raw_containers:
         c.problem("containers", "a group needs at least one container")
     # Init containers first: they run first, and a duplicate name is reported where it comes second.
-    init_containers: list[Container] = []
+    init_containers: list[ContainerSpec] = []
     names_seen: set[str] = set()
     for key, raw_list, out, allowed in (("initContainers", c.array(top, "initContainers", "") or [], init_containers,
                                          INIT_CONTAINER_FIELDS),
@@ -620,20 +620,3 @@ def _check_dns_config(c: _Checker, raw: Any) -> DnsConfig | None:
     if len(c.problems) != before:
         return None
     return DnsConfig(servers, search, options)
-
-
-def load_group(path: Path, *, template_group: str | None = None,
-               volume_paths: dict[str, Path] | None = None) -> GroupSpec:
-    """Read and validate a group file, or an ACI ARM template (docs/aci.md). Never touches the network.
-
-    For a template, `template_group` picks one of several container groups and `volume_paths` gives
-    the local directories of its azureFile/gitRepo volumes; a group file takes neither."""
-    path = Path(path)
-    raw = load_json_file(path)
-    from sandbox.aci.arm import is_arm_template, load_template_group  # sandbox.aci.arm imports this module
-    if is_arm_template(raw):
-        return load_template_group(path, raw, group=template_group, volume_paths=volume_paths)
-    if template_group is not None or volume_paths:
-        raise InputError(f"{path}: --group and --volume apply to ARM templates, and this is a group file",
-                         hint="a group file names its volumes itself (docs/group-spec.md)")
-    return validate_group(raw, base_dir=path.resolve().parent, source=str(path))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.guest import devmapper, sysapi
+from sandbox.shared.errors import GuestOperationFailed
 from sandbox.shared.verity import VerityLayout, read_verity_layout
 
 SYS_BLOCK = Path("/sys/block")
@@ -28,7 +29,7 @@ VPD_UNIT_SERIAL = 0x80      # SPC-4 7.8.16 Unit Serial Number VPD page: 4-byte h
 VPD_HEADER = 4
 
 
-class BlockError(Exception):
+class BlockError(GuestOperationFailed):
     pass
 
 

@@ -67,7 +67,7 @@ def refusal(address: IpAddress, own: Iterable[IpAddress]) -> str | None:
     return None
 
 
-Resolver = Callable[[str, int], list[IpAddress]]
+AddressLookup = Callable[[str, int], list[IpAddress]]
 
 
 def resolve(host: str, port: int) -> list[IpAddress]:
@@ -83,7 +83,7 @@ def resolve(host: str, port: int) -> list[IpAddress]:
     return out
 
 
-def checked_addresses(host: str, port: int, *, resolver: Resolver = resolve,
+def checked_addresses(host: str, port: int, *, resolver: AddressLookup = resolve,
                       own: Callable[[], set[IpAddress]] = own_addresses) -> list[IpAddress]:
     """Every address `host` stands for, once all of them have passed; BrokerAddressRefused otherwise."""
     addresses = resolver(host, port)
@@ -104,7 +104,7 @@ def checked_addresses(host: str, port: int, *, resolver: Resolver = resolve,
 class CheckedConnection(http.client.HTTPConnection):
     """An HTTP connection to a broker host whose addresses were checked, connecting only to those."""
 
-    def __init__(self, host: str, port: int, *, timeout: float, resolver: Resolver = resolve,
+    def __init__(self, host: str, port: int, *, timeout: float, resolver: AddressLookup = resolve,
                  own: Callable[[], set[IpAddress]] = own_addresses) -> None:
         super().__init__(host, port, timeout=timeout)
         self._resolver = resolver

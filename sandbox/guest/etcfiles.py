@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandbox.shared import names
+from sandbox.shared.errors import GuestOperationFailed
 from sandbox.shared.names import SLIRP_NAMESERVER
 
 ETC_FILES = ("hostname", "hosts", "resolv.conf")
@@ -29,7 +30,7 @@ ETC_FILES = ("hostname", "hosts", "resolv.conf")
 BIND_OPTIONS = ("rbind", "rprivate", "rw")
 
 
-class EtcFilesError(ValueError):
+class EtcFilesError(GuestOperationFailed):
     pass
 
 

@@ -11,11 +11,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandbox.shared.errors import AttestationError
+
 HOST_DATA_LEN = 32
 
 
-class HostDataUnavailable(Exception):
-    pass
+class HostDataUnavailable(AttestationError):
+    """No report, so no HOST_DATA: the agent stays deny-all."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ import functools
 import sys
 from typing import TYPE_CHECKING, Any
 
+from sandbox.shared.errors import CheckFailed
+
 if TYPE_CHECKING:  # annotations only: the real imports are lazy
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey, EllipticCurvePublicKey
 
@@ -24,8 +26,9 @@ P384_SCALAR_SIZE = 48
 DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 
 
-class CryptoError(ValueError):
-    """A key, signature or ciphertext that OpenSSL refused."""
+class CryptoError(CheckFailed):
+    """A key, signature or ciphertext that OpenSSL refused: an AES-GCM tag that does not authenticate
+    is a failed check."""
 
 
 @functools.cache

@@ -24,6 +24,8 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass
 
+from sandbox.shared.errors import GuestOperationFailed
+
 BLOCK = 4096
 LOG_BLOCK = 2                        # s_log_block_size: 1024 << 2
 BLOCKS_PER_GROUP = BLOCK * 8         # one bitmap block per group
@@ -60,7 +62,7 @@ FT_DIR = 2
 MOUNT_OPTIONS = "noinit_itable,inode_readahead_blks=0,errors=remount-ro"
 
 
-class Ext4FormatError(Exception):
+class Ext4FormatError(GuestOperationFailed):
     pass
 
 

@@ -71,7 +71,7 @@ class ProcessSpec:
 
 
 @dataclass(frozen=True)
-class ContainerSpec:
+class BundleSpec:
     container_id: str
     rootfs: str
     process: ProcessSpec
@@ -80,7 +80,7 @@ class ContainerSpec:
     privileged: bool = False
 
 
-def build_spec(spec: ContainerSpec) -> dict[str, Any]:
+def build_spec(spec: BundleSpec) -> dict[str, Any]:
     mounts = base_mounts() + [b.to_oci() for b in spec.binds]
     linux: dict[str, Any] = {
         # No network namespace: the group shares the UVM's. No user namespace: ids are the guest's.

@@ -19,6 +19,7 @@ from typing import Any
 from sandbox.guest import procs
 from sandbox.guest.output import OutputLog
 from sandbox.guest.procs import REAPER, ExitStatus
+from sandbox.shared.errors import GuestOperationFailed
 
 CRUN_ROOT = "/run/crun"
 
@@ -29,7 +30,7 @@ class ContainerStatus(StrEnum):
     exited = "exited"
 
 
-class CrunError(Exception):
+class CrunError(GuestOperationFailed):
     """crun failed; `reason` classifies it for the host (not_found / permission / other)."""
 
     def __init__(self, message: str, reason: str = "other") -> None:
@@ -48,7 +49,7 @@ class Process:
 
 
 @dataclass
-class Container:
+class RuntimeContainer:
     id: str
     bundle: Path
     rootfs: Path
@@ -129,7 +130,7 @@ def _read_pid(path: Path) -> int:
     return int(path.read_text().strip())
 
 
-def create(container: Container, spec: dict[str, Any]) -> None:
+def create(container: RuntimeContainer, spec: dict[str, Any]) -> None:
     """Write config.json and `crun create`; the init process waits for `start`."""
     bundle = container.bundle
     bundle.mkdir(parents=True, exist_ok=True)
@@ -146,13 +147,13 @@ def create(container: Container, spec: dict[str, Any]) -> None:
     container.status = ContainerStatus.created
 
 
-def start(container: Container) -> None:
+def start(container: RuntimeContainer) -> None:
     log_file = container.bundle / "crun.log"
     _run_crun(_crun(log_file, "start", container.id), log_file, None, None)
     container.status = ContainerStatus.running
 
 
-def exec_process(container: Container, exec_id: str, argv: tuple[str, ...], env: tuple[str, ...],
+def exec_process(container: RuntimeContainer, exec_id: str, argv: tuple[str, ...], env: tuple[str, ...],
                  cwd: str) -> Process:
     """`crun exec --detach` a process described by a process.json the agent writes."""
     uid, gid, extra = container.user
@@ -187,14 +188,14 @@ def kill(proc: Process, signum: int) -> None:
         pass
 
 
-def begin_stop(container: Container) -> None:
+def begin_stop(container: RuntimeContainer) -> None:
     """SIGTERM the init process (quick: safe to run inside a policy decision's action)."""
     if container.init is not None and container.status != ContainerStatus.created:
         if container.init.status() is None:
             kill(container.init, signal.SIGTERM)
 
 
-def finish_stop(container: Container, timeout: float) -> ExitStatus | None:
+def finish_stop(container: RuntimeContainer, timeout: float) -> ExitStatus | None:
     """Wait up to `timeout` for the init process, SIGKILL it then, and delete the container from crun."""
     status = None
     if container.init is not None and container.status != ContainerStatus.created:
@@ -209,7 +210,7 @@ def finish_stop(container: Container, timeout: float) -> ExitStatus | None:
     return status
 
 
-def delete(container: Container) -> None:
+def delete(container: RuntimeContainer) -> None:
     if container.deleted:
         return
     log_file = container.bundle / "crun.log"
@@ -223,7 +224,7 @@ def delete(container: Container) -> None:
 _EXEC_LOCK = threading.Lock()
 
 
-def next_exec_id(container: Container) -> str:
+def next_exec_id(container: RuntimeContainer) -> str:
     with _EXEC_LOCK:
         container.exec_counter += 1
         return f"e{container.exec_counter}"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.guest import devmapper, mkext4, sysapi
+from sandbox.shared.errors import GuestOperationFailed
 
 SCRATCH_DIR = Path("/run/parma/scratch")
 CIPHER = "capi:authenc(hmac(sha256),xts(aes))-plain64"
@@ -42,7 +43,7 @@ BLKGETSIZE64 = 0x80081272     # _IOR(0x12, 114, size_t), include/uapi/linux/fs.h
 HEX = b"0123456789abcdef"
 
 
-class ScratchError(Exception):
+class ScratchError(GuestOperationFailed):
     pass
 
 

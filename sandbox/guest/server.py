@@ -26,7 +26,7 @@ VIRTIO_PORTS = Path("/sys/class/virtio-ports")
 IDLE_MIN, IDLE_MAX = 0.02, 0.2   # seconds between reads of a port with no host connected
 MAX_ERROR_MESSAGE = 4096         # characters of an error message that are sure to fit in a frame
 
-Handler = Callable[[AgentRequest], Message | dict[str, Any]]
+RequestHandler = Callable[[AgentRequest], Message | dict[str, Any]]
 
 # The reply of last resort, when not even an `internal` error with the request's id could be encoded.
 LAST_RESORT = (json.dumps({"v": P.PROTOCOL_VERSION, "id": None, "ok": False,
@@ -51,7 +51,7 @@ def _log_traceback() -> None:
         pass
 
 
-def respond(handler: Handler, frame: bytes | P.Oversized) -> bytes:
+def respond(handler: RequestHandler, frame: bytes | P.Oversized) -> bytes:
     """One frame in, one encoded response out. Never raises (short of the interpreter's own exits)."""
     request_id: P.RequestId = None
     try:
@@ -63,7 +63,7 @@ def respond(handler: Handler, frame: bytes | P.Oversized) -> bytes:
                                                       request_id=request_id)))
 
 
-def _answer(handler: Handler, frame: bytes | P.Oversized) -> tuple[Response, P.RequestId]:
+def _answer(handler: RequestHandler, frame: bytes | P.Oversized) -> tuple[Response, P.RequestId]:
     try:
         if isinstance(frame, P.Oversized):
             raise P.oversized_error(frame)
@@ -124,7 +124,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def serve_fd(fd: int, handler: Handler, *, reconnecting: bool, stop: threading.Event | None = None) -> None:
+def serve_fd(fd: int, handler: RequestHandler, *, reconnecting: bool, stop: threading.Event | None = None) -> None:
     """Read frames from fd and answer each. With `reconnecting`, EOF means the host went away for now
     (virtio-serial returns 0 while no host is connected): drop any partial frame and poll again."""
     reader = P.FrameReader()
@@ -190,9 +190,9 @@ class PortWatcher:
     hot-plug), and again any whose thread died (it keeps its open descriptor: virtio-serial lets one
     open at a time)."""
 
-    def __init__(self, handler: Handler, *, log: Callable[[str], None] = log,
+    def __init__(self, handler: RequestHandler, *, log: Callable[[str], None] = log,
                  find: Callable[[], dict[str, Path]] = find_ports, open_port: Callable[[Path], int] = open_port,
-                 serve: Callable[[int, Handler], None] | None = None) -> None:
+                 serve: Callable[[int, RequestHandler], None] | None = None) -> None:
         self.handler = handler
         self.log = log
         self.find = find
@@ -243,7 +243,7 @@ class PortWatcher:
                 self.log(f"port scan failed: {_describe(e)}")
 
 
-def serve_ports(handler: Handler, *, log: Callable[[str], None], poll: float = 1.0) -> dict[str, Path]:
+def serve_ports(handler: RequestHandler, *, log: Callable[[str], None], poll: float = 1.0) -> dict[str, Path]:
     """Serve the agent ports present now, and any that appear later or whose thread died, on their own
     threads. Returns the ports served at once."""
     watcher = PortWatcher(handler, log=log)

@@ -25,7 +25,7 @@ from sandbox.guest import oci, runtime, sysapi
 from sandbox.guest.gate import NO_POLICY_REASON, Gate
 from sandbox.guest.hostdata import HostData, read_host_data, uptime
 from sandbox.guest.lazy import LazyModule
-from sandbox.guest.runtime import Container, ContainerStatus, CrunError
+from sandbox.guest.runtime import ContainerStatus, CrunError, RuntimeContainer
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
@@ -95,7 +95,7 @@ class AgentService:
         self.scratch: dict[str, Path] = {}                      # container id -> scratch dir
         self.overlays: dict[str, Overlay] = {}                  # target -> overlay
         self.volumes: dict[str, Path] = {}                      # volume name -> dir
-        self.containers: dict[str, Container] = {}
+        self.containers: dict[str, RuntimeContainer] = {}
         self._dm_counter = 0
         self._console = runtime_logging or (lambda msg: None)
         self.verbose_logging = False   # the policy's allow_runtime_logging (ep runtime_logging) turns it on
@@ -387,7 +387,7 @@ class AgentService:
 
     # -- containers -----------------------------------------------------------------------------
 
-    def _container(self, container_id: str) -> Container:
+    def _container(self, container_id: str) -> RuntimeContainer:
         c = self.containers.get(container_id)
         if c is None:
             raise _err(ErrorCode.not_found, f"no container {container_id}")
@@ -445,17 +445,17 @@ class AgentService:
         check = CreateContainerInput.from_request(r, mounts=BASE_MOUNTS + binds, user=user, groups=groups,
                                                   capabilities=caps)
 
-        def action(decision: Decision) -> Container:
+        def action(decision: Decision) -> RuntimeContainer:
             env = decision.env_list if decision.env_list is not None else r.env
             final_caps = (decision.caps_list or caps).sets()
             process = oci.ProcessSpec(argv=r.argv, env=env, cwd=r.working_dir, uid=who.uid, gid=who.gid,
                                       additional_gids=tuple(g for g, _ in who.additional_gids),
                                       umask=int(r.umask, 8), capabilities=final_caps,
                                       no_new_privileges=r.no_new_privileges)
-            spec = oci.build_spec(oci.ContainerSpec(container_id, rootfs, process, self.hostname,
+            spec = oci.build_spec(oci.BundleSpec(container_id, rootfs, process, self.hostname,
                                                     tuple(oci.BindMount(b.destination, b.source, b.options)
                                                           for b in binds), r.privileged))
-            c = Container(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
+            c = RuntimeContainer(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
                           decision.allow_stdio_access, exec_caps=final_caps,
                           user=(who.uid, who.gid, process.additional_gids), working_dir=r.working_dir,
                           no_new_privileges=r.no_new_privileges)

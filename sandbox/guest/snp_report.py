@@ -35,7 +35,7 @@ from sandbox.shared.snp.report import REPORT_SIZE
 REPORT_DATA_SIZE = 64
 
 
-class Backend(StrEnum):
+class ReportBackend(StrEnum):
     CONFIGFS_TSM = "configfs-tsm"
     SEV_GUEST = "sev-guest"
     EMULATED = "emulated"
@@ -58,7 +58,7 @@ DEFAULT_PATHS = GuestPaths()
 class ReportResult:
     report: bytes
     cert_table: bytes  # the certificate table (§2.4 of snp.md); b"" when the host supplied none
-    backend: Backend
+    backend: ReportBackend
 
 
 def _pad_report_data(report_data: bytes) -> bytes:
@@ -184,7 +184,7 @@ class ConfigfsTsm:
             return None  # somebody else wrote to this instance between our writes and reads
         if len(report) != REPORT_SIZE:
             raise AttestationError(f"configfs-tsm returned {len(report)} bytes, expected {REPORT_SIZE}")
-        return ReportResult(report, aux, Backend.CONFIGFS_TSM)
+        return ReportResult(report, aux, ReportBackend.CONFIGFS_TSM)
 
 
 # --- /dev/sev-guest (include/uapi/linux/sev-guest.h) -----------------------------------------------
@@ -268,7 +268,7 @@ class SevGuestDevice:
                 raise AttestationError(f"{self.path}: firmware returned a {size}-byte report")
             report = resp.raw[REPORT_RESP_HEADER.size:REPORT_RESP_HEADER.size + REPORT_SIZE]
             table = certs.raw if with_certs else b""
-            return ReportResult(report, table if table.strip(b"\0") else b"", Backend.SEV_GUEST)
+            return ReportResult(report, table if table.strip(b"\0") else b"", ReportBackend.SEV_GUEST)
         raise AttestationError(f"{self.path}: the firmware stayed busy", hint="retry in a few seconds")
 
 
@@ -329,19 +329,19 @@ def tee_evidence(paths: GuestPaths = DEFAULT_PATHS, fs_ops: FsOps | None = None)
     return found
 
 
-def select_backend(paths: GuestPaths = DEFAULT_PATHS, fs_ops: FsOps | None = None) -> Backend:
+def select_backend(paths: GuestPaths = DEFAULT_PATHS, fs_ops: FsOps | None = None) -> ReportBackend:
     provider = ConfigfsTsm(paths.configfs_tsm, fs_ops).provider()
     if provider == ConfigfsTsm.PROVIDER:
-        return Backend.CONFIGFS_TSM
+        return ReportBackend.CONFIGFS_TSM
     if SevGuestDevice(paths.sev_guest).available():
-        return Backend.SEV_GUEST
+        return ReportBackend.SEV_GUEST
     if evidence := tee_evidence(paths, fs_ops):
         raise AttestationError("this guest runs under a TEE but has no SEV-SNP report interface ("
                                + ", ".join(evidence) + ")",
                                hint="SEV-SNP guests need the sev-guest driver (configfs-tsm on /sys/kernel/config "
                                     "or /dev/sev-guest); emulated material is never used inside a TEE")
     if paths.fw_cfg_psp.exists():
-        return Backend.EMULATED
+        return ReportBackend.EMULATED
     raise AttestationError("no attestation interface: not an SEV-SNP guest and no emulated PSP",
                            hint=f"SEV-SNP guests need configfs-tsm or /dev/sev-guest; emulation mode passes "
                                 f"{paths.fw_cfg_psp} through QEMU fw_cfg")
@@ -366,12 +366,12 @@ def get_extended_report(report_data: bytes, vmpl: int = 0, *, paths: GuestPaths 
     data = _pad_report_data(report_data)
     _check_vmpl(vmpl)
     backend = select_backend(paths, fs_ops)
-    if backend == Backend.CONFIGFS_TSM:
+    if backend == ReportBackend.CONFIGFS_TSM:
         return ConfigfsTsm(paths.configfs_tsm, fs_ops).get(data, vmpl)
-    if backend == Backend.SEV_GUEST:
+    if backend == ReportBackend.SEV_GUEST:
         return SevGuestDevice(paths.sev_guest, ioctl).get(data, vmpl)
     psp = load_emulated_psp(paths)
-    return ReportResult(psp.report(data, vmpl), psp.cert_table(), Backend.EMULATED)
+    return ReportResult(psp.report(data, vmpl), psp.cert_table(), ReportBackend.EMULATED)
 
 
 def get_report(report_data: bytes, vmpl: int = 0, *, paths: GuestPaths = DEFAULT_PATHS) -> bytes:

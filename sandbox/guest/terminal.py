@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.guest.output import OutputLog
+from sandbox.shared.errors import GuestOperationFailed
 
 CONSOLE_DIR = Path("/run/parma/console")
 TIOCGPTN = 0x80045430          # _IOR('T', 0x30, unsigned int): only a pty master answers it
 MAX_DIMENSION = 0xFFFF         # struct winsize fields are unsigned short
 
 
-class TerminalError(Exception):
+class TerminalError(GuestOperationFailed):
     pass
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from sandbox.shared.errors import GuestOperationFailed
+
 
 @dataclass(frozen=True)
 class ResolvedUser:
@@ -19,7 +21,7 @@ class ResolvedUser:
     additional_gids: tuple[tuple[int, str], ...] = ()
 
 
-class UserError(ValueError):
+class UserError(GuestOperationFailed):
     pass
 
 

@@ -13,9 +13,9 @@ import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from sandbox.aci.ext4compat import layer_mode
+from sandbox.images import DEFAULT_PLATFORM
 from sandbox.images.local import DOCKER_LAYER, DockerArchive, OciLayout, is_index
 from sandbox.images.manifest import (
     CONFIG_TYPES,
@@ -35,14 +35,14 @@ from sandbox.images.manifest import (
 )
 from sandbox.images.model import LayerInfo, ResolvedImage
 from sandbox.images.reference import ImageRef, Transport, parse_reference
-from sandbox.images.registry import RegistryClient, TransferInterrupted
 from sandbox.images.store import BlobStore, LayerCache, verify_bytes
-from sandbox.layers.convert import ConvertResult, convert_layer
 from sandbox.log import log
 from sandbox.paths import cache_dir
 from sandbox.progress import step
 
-DEFAULT_PLATFORM = "linux/amd64"
+if TYPE_CHECKING:
+    from sandbox.layers.convert import ConvertResult
+
 _DOWNLOAD_ATTEMPTS = 3
 
 
@@ -83,6 +83,8 @@ class RegistrySource:
         self.ref = ref
         self.store = store
         self.what = str(ref)
+        from sandbox.images.registry import RegistryClient  # requests: only registry images need it
+
         self.client = RegistryClient(ref.domain, ref.api_host)
 
     def resolve(self, platform: Platform) -> tuple[str, Manifest, bytes]:
@@ -103,6 +105,8 @@ class RegistrySource:
 
     @contextlib.contextmanager
     def layer_blob(self, desc: Descriptor, what: str) -> Iterator[Path]:
+        from sandbox.images.registry import TransferInterrupted
+
         for attempt in range(_DOWNLOAD_ATTEMPTS):
             try:
                 with step(f"Pulling {what}", total=desc.size, unit="B") as task:
@@ -206,6 +210,10 @@ def pull_image(ref: str, *, base_dir: Path, platform: str = DEFAULT_PLATFORM, co
     """`compat="aci"` converts layers as ACI does (sandbox/aci/ext4compat.py), cached separately."""
     image_ref = parse_reference(ref, base_dir=base_dir)
     plat = parse_platform(platform)
+    # The converter is imported here: reading a local image (validate's layer count) does not need it.
+    from sandbox.aci.ext4compat import layer_mode
+    from sandbox.layers.convert import convert_layer
+
     options, converter = layer_mode(compat)
     cache = LayerCache(converter=converter)
     src = open_source(image_ref)

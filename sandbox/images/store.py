@@ -18,18 +18,22 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandbox.fsutil import atomic_output, atomic_write, file_lock
-from sandbox.layers.convert import CONVERTER_VERSION, ConvertResult
+from sandbox.layers.version import CONVERTER_VERSION
 from sandbox.paths import cache_dir
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.verity import VerityLayoutError, file_reader, read_verity_layout
+
+if TYPE_CHECKING:
+    from sandbox.layers.convert import ConvertResult
 
 _CHUNK = 1 << 20
 
 
-class DigestMismatch(InputError):
-    """Content does not hash to the digest that names it."""
+class DigestMismatch(CheckFailed):
+    """Content does not hash to the digest that names it (a failed check: exit 1)."""
 
 
 def _hex(digest: str) -> str:

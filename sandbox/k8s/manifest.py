@@ -24,7 +24,7 @@ import hashlib
 from enum import StrEnum
 from typing import Any
 
-from sandbox.group.spec import LOCAL_IMAGE_PREFIXES, Container, GroupSpec
+from sandbox.group.spec import LOCAL_IMAGE_PREFIXES, ContainerSpec, GroupSpec
 from sandbox.shared.errors import InputError
 from sandbox.shared.policy.model import Policy
 
@@ -53,7 +53,7 @@ def _secret_name(spec: GroupSpec) -> str:
     return f"{spec.name}-secure-env"
 
 
-def _container(spec: GroupSpec, c: Container) -> dict[str, Any]:
+def _container(spec: GroupSpec, c: ContainerSpec) -> dict[str, Any]:
     where = f"container {c.name!r}"
     if c.image.startswith(LOCAL_IMAGE_PREFIXES):
         raise InputError(f"{where}: image {c.image!r} exists only on this machine",

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sandbox.attest.emulated_ca import EmulatedCa
 from sandbox.attest.evidence import certificates_from_table, complete_from_kds, product_hint
 from sandbox.attest.kds import KdsClient
-from sandbox.attest.verify import Check, Expectations, Status, verify_report
+from sandbox.attest.verify import Check, Expectations, Verdict, verify_report
 from sandbox.kbs.store import ReleasePolicy
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.kbs_protocol import IV_SIZE, KEY_SIZE, Sealed, header, key_info, key_pin, signed_bytes
 from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.evidence import ReportEvidence
@@ -33,7 +33,7 @@ from sandbox.shared.snp.report import parse_report
 
 
 @dataclass(frozen=True)
-class Decision:
+class ReleaseDecision:
     released: bool
     reason: str                         # the first failure, or a one-line summary of what was verified
     failed: tuple[str, ...] = ()        # names of the failed checks
@@ -48,7 +48,7 @@ def _failure_reason(check: Check, result_emulated: bool, policy: ReleasePolicy) 
 
 
 def evaluate(policy: ReleasePolicy, evidence: ReportEvidence, *, emulated_ca: EmulatedCa | None,
-             kds: KdsClient | None = None, fetch_certs: bool = False) -> Decision:
+             kds: KdsClient | None = None, fetch_certs: bool = False) -> ReleaseDecision:
     """Verify the evidence and apply the release policy. Never raises for bad evidence: it refuses."""
     try:
         report = parse_report(evidence.report)
@@ -60,43 +60,43 @@ def evaluate(policy: ReleasePolicy, evidence: ReportEvidence, *, emulated_ca: Em
                               vmpl=0, min_tcb=policy.min_tcb, allow_debug=False,
                               allow_emulated=policy.allow_emulated)
         result = verify_report(evidence.report, certs, expect, emulated_ca=emulated_ca)
-    except InputError as e:
-        return Decision(False, f"unusable evidence: {e}", ("evidence",))
+    except (InputError, CheckFailed) as e:   # a malformed report is a CheckFailed
+        return ReleaseDecision(False, f"unusable evidence: {e}", ("evidence",))
     checks = list(result.checks)
     host_data = result.report.host_data.hex()
     measurement = result.report.measurement.hex()
     ok = host_data in policy.host_data
-    checks.append(Check("release.host_data", Status.PASS if ok else Status.FAIL,
+    checks.append(Check("release.host_data", Verdict.PASS if ok else Verdict.FAIL,
                         f"HOST_DATA {host_data} is " + ("an" if ok else "not an")
                         + " execution policy hash this secret is released to"))
     if (problem := policy.uvm_problem()) is not None:
-        checks.append(Check("release.measurement", Status.FAIL,
+        checks.append(Check("release.measurement", Verdict.FAIL,
                             f"this secret is not released: {problem}; it was stored by an older parma-sandbox. "
                             "Store it again with 'secret put NAME --replace' (bound to the UVM manifest's "
                             "measurements by default, or --measurement HEX), or --any-uvm to accept any UVM"))
     elif policy.measurement:
         ok = measurement in policy.measurement
-        checks.append(Check("release.measurement", Status.PASS if ok else Status.FAIL,
+        checks.append(Check("release.measurement", Verdict.PASS if ok else Verdict.FAIL,
                             f"MEASUREMENT {measurement} is " + ("an" if ok else "not an")
                             + " allowed launch measurement for this secret"))
     else:
-        checks.append(Check("release.measurement", Status.PASS,
+        checks.append(Check("release.measurement", Verdict.PASS,
                             f"MEASUREMENT {measurement}: any UVM is accepted for this secret (--any-uvm)"))
     if not result.emulated and (problem := policy.hardware_problem()) is not None:
-        checks.append(Check("release.min_tcb", Status.FAIL,
+        checks.append(Check("release.min_tcb", Verdict.FAIL,
                             f"SEV-SNP evidence may not have this secret: {problem}; store it again with "
                             "'secret put NAME --replace --min-tcb ...'"))
     facts = {"host_data": host_data, "measurement": measurement, "emulated": result.emulated,
              "product": result.product.value if result.product else None,
              "reported_tcb": str(result.report.reported_tcb), "report_id": result.report.report_id.hex(),
              "runtime_key": key_pin(evidence.runtime_public_key)}
-    failed = [c for c in checks if c.status == Status.FAIL]
+    failed = [c for c in checks if c.status == Verdict.FAIL]
     if failed:
-        return Decision(False, _failure_reason(failed[0], result.emulated, policy),
+        return ReleaseDecision(False, _failure_reason(failed[0], result.emulated, policy),
                         tuple(c.name for c in failed), facts)
     what = "emulated evidence" if result.emulated else f"{facts['product'] or 'SEV-SNP'} evidence"
     uvm = "any UVM (--any-uvm)" if policy.any_uvm else "MEASUREMENT"
-    return Decision(True, f"{what} verified; HOST_DATA and {uvm} allowed", (), facts)
+    return ReleaseDecision(True, f"{what} verified; HOST_DATA and {uvm} allowed", (), facts)
 
 
 def _spki(key: ec.EllipticCurvePublicKey) -> bytes:

@@ -35,7 +35,7 @@ from sandbox.shared.kbs_protocol import (
     IDENTITY_PATH,
     MAX_REQUEST_BYTES,
     RELEASE_PATH,
-    ErrorCode,
+    KbsErrorCode,
     b64,
     check_secret_name,
 )
@@ -47,7 +47,7 @@ DEFAULT_MAX_CONNECTIONS = 64
 
 
 class KbsHttpError(Exception):
-    def __init__(self, status: HTTPStatus, code: ErrorCode, message: str, **audit: Any) -> None:
+    def __init__(self, status: HTTPStatus, code: KbsErrorCode, message: str, **audit: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -91,22 +91,22 @@ class BrokerService:
         try:
             nonce = self.challenges.issue()
         except ChallengesFull as e:
-            raise KbsHttpError(HTTPStatus.SERVICE_UNAVAILABLE, ErrorCode.busy,
+            raise KbsHttpError(HTTPStatus.SERVICE_UNAVAILABLE, KbsErrorCode.busy,
                                f"too many outstanding challenges ({e}); retry later") from None
         return {"nonce": nonce.hex(), "expires_in": self.challenges.ttl}
 
     def release(self, body: Any, peer: str) -> dict[str, Any]:
         if not isinstance(body, dict) or set(body) != {"secret", "evidence"}:
-            raise KbsHttpError(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request,
+            raise KbsHttpError(HTTPStatus.BAD_REQUEST, KbsErrorCode.bad_request,
                                "a release request is an object with exactly the keys 'secret' and 'evidence'")
         try:
             name = check_secret_name(body["secret"], where="secret")
         except InputError as e:
-            raise KbsHttpError(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request, str(e)) from None
+            raise KbsHttpError(HTTPStatus.BAD_REQUEST, KbsErrorCode.bad_request, str(e)) from None
         try:
             evidence = ReportEvidence.from_payload(body["evidence"], source="evidence")
         except InputError as e:
-            raise KbsHttpError(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request, f"invalid evidence: {e}",
+            raise KbsHttpError(HTTPStatus.BAD_REQUEST, KbsErrorCode.bad_request, f"invalid evidence: {e}",
                                secret=name) from None
         nonce_hex = evidence.nonce.hex()
         status, late = self.challenges.consume(evidence.nonce)
@@ -117,16 +117,16 @@ class BrokerService:
                 NonceStatus.EXPIRED: f"the challenge expired {late:.1f} s before the evidence arrived "
                                      f"(challenges live {self.challenges.ttl:g} s)",
             }[status]
-            raise KbsHttpError(HTTPStatus.FORBIDDEN, ErrorCode.refused, reason, secret=name, nonce=nonce_hex,
+            raise KbsHttpError(HTTPStatus.FORBIDDEN, KbsErrorCode.refused, reason, secret=name, nonce=nonce_hex,
                                failed=[f"nonce.{status.value}"])
         record = self.store.get(name)
         if record is None:
-            raise KbsHttpError(HTTPStatus.FORBIDDEN, ErrorCode.refused, f"no secret named {name!r}",
+            raise KbsHttpError(HTTPStatus.FORBIDDEN, KbsErrorCode.refused, f"no secret named {name!r}",
                                secret=name, nonce=nonce_hex, failed=["secret.exists"])
         decision = evaluate(record.policy, evidence, emulated_ca=self.emulated_ca(), kds=self.kds,
                             fetch_certs=self.fetch_certs)
         if not decision.released:
-            raise KbsHttpError(HTTPStatus.FORBIDDEN, ErrorCode.refused, decision.reason, secret=name,
+            raise KbsHttpError(HTTPStatus.FORBIDDEN, KbsErrorCode.refused, decision.reason, secret=name,
                                nonce=nonce_hex, failed=list(decision.failed), **decision.facts)
         sealed = seal(record.value, secret=name, nonce=evidence.nonce,
                       runtime_public_key=evidence.runtime_public_key, broker_key=self._key)
@@ -141,15 +141,15 @@ class BrokerService:
                 return Reply(HTTPStatus.OK, self.identity())
             if path == CHALLENGE_PATH and method == "POST":
                 if _json_body(body) != {}:
-                    raise KbsHttpError(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request,
+                    raise KbsHttpError(HTTPStatus.BAD_REQUEST, KbsErrorCode.bad_request,
                                        "a challenge request is the empty JSON object {}")
                 return Reply(HTTPStatus.OK, self.challenge())
             if path == RELEASE_PATH and method == "POST":
                 return Reply(HTTPStatus.OK, self.release(_json_body(body), peer))
             if path in (IDENTITY_PATH, CHALLENGE_PATH, RELEASE_PATH):
-                raise KbsHttpError(HTTPStatus.METHOD_NOT_ALLOWED, ErrorCode.method_not_allowed,
+                raise KbsHttpError(HTTPStatus.METHOD_NOT_ALLOWED, KbsErrorCode.method_not_allowed,
                                    f"{method} is not allowed on {path}")
-            raise KbsHttpError(HTTPStatus.NOT_FOUND, ErrorCode.not_found, f"no endpoint {path[:200]!r}")
+            raise KbsHttpError(HTTPStatus.NOT_FOUND, KbsErrorCode.not_found, f"no endpoint {path[:200]!r}")
         except KbsHttpError as e:
             self.refuse(e, method, path, peer)
             return Reply(e.status, {"error": e.code.value, "message": e.message})
@@ -157,7 +157,7 @@ class BrokerService:
             what = str(e) if isinstance(e, SandboxError) else f"internal error: {type(e).__name__}: {e}"
             if not isinstance(e, SandboxError):
                 log.error("kbs: %s", what)
-            err = KbsHttpError(HTTPStatus.INTERNAL_SERVER_ERROR, ErrorCode.internal, f"broker error: {what}")
+            err = KbsHttpError(HTTPStatus.INTERNAL_SERVER_ERROR, KbsErrorCode.internal, f"broker error: {what}")
             self.refuse(err, method, path, peer)
             return Reply(err.status, {"error": err.code.value, "message": err.message})
 
@@ -171,13 +171,13 @@ class BrokerService:
 
 def _json_body(body: bytes | None) -> Any:
     if body is None:
-        raise KbsHttpError(HTTPStatus.LENGTH_REQUIRED, ErrorCode.bad_request, "a Content-Length is required")
+        raise KbsHttpError(HTTPStatus.LENGTH_REQUIRED, KbsErrorCode.bad_request, "a Content-Length is required")
     try:
         return loads_strict(decode_utf8(body, "request body"), "request body")
     except InputError as e:
-        raise KbsHttpError(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request, str(e)) from None
+        raise KbsHttpError(HTTPStatus.BAD_REQUEST, KbsErrorCode.bad_request, str(e)) from None
     except RecursionError:
-        raise KbsHttpError(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request, "request body nests too deeply") from None
+        raise KbsHttpError(HTTPStatus.BAD_REQUEST, KbsErrorCode.bad_request, "request body nests too deeply") from None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -199,7 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
         body: bytes | None = None
         if self.headers.get("Transfer-Encoding") is not None:
             # Only Content-Length bodies are read: a chunked body has no size to check before reading it.
-            self._error(HTTPStatus.LENGTH_REQUIRED, ErrorCode.bad_request,
+            self._error(HTTPStatus.LENGTH_REQUIRED, KbsErrorCode.bad_request,
                         "Transfer-Encoding is not accepted; send the body with a Content-Length", method)
             return
         length_text = self.headers.get("Content-Length")
@@ -209,18 +209,18 @@ class _Handler(BaseHTTPRequestHandler):
                 if length < 0:
                     raise ValueError
             except ValueError:
-                self._error(HTTPStatus.BAD_REQUEST, ErrorCode.bad_request, "invalid Content-Length", method)
+                self._error(HTTPStatus.BAD_REQUEST, KbsErrorCode.bad_request, "invalid Content-Length", method)
                 return
             if length > MAX_REQUEST_BYTES:
-                self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, ErrorCode.too_large,
+                self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, KbsErrorCode.too_large,
                             f"request body of {length} bytes exceeds the {MAX_REQUEST_BYTES}-byte limit", method)
                 return
             body, problem = self._read_body(length)
             if problem is not None:
-                self._error(HTTPStatus.REQUEST_TIMEOUT, ErrorCode.bad_request, problem, method)
+                self._error(HTTPStatus.REQUEST_TIMEOUT, KbsErrorCode.bad_request, problem, method)
                 return
         elif method == "POST":
-            self._error(HTTPStatus.LENGTH_REQUIRED, ErrorCode.bad_request, "a Content-Length is required", method)
+            self._error(HTTPStatus.LENGTH_REQUIRED, KbsErrorCode.bad_request, "a Content-Length is required", method)
             return
         reply = service.handle(method, self.path.split("?", 1)[0], body, peer)
         self._send(reply.status, reply.body)
@@ -251,7 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.settimeout(read_timeout)
         return b"".join(chunks), None
 
-    def _error(self, status: HTTPStatus, code: ErrorCode, message: str, method: str) -> None:
+    def _error(self, status: HTTPStatus, code: KbsErrorCode, message: str, method: str) -> None:
         err = KbsHttpError(status, code, message)
         self.server.service.refuse(err, method, self.path.split("?", 1)[0], self._peer())
         self.close_connection = True
@@ -282,7 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
         """http.server's own refusals (unparsable request line, headers too long...): audited like ours."""
         status = HTTPStatus(code)
         path = getattr(self, "path", "") or ""
-        self.server.service.refuse(KbsHttpError(status, ErrorCode.bad_request, message or status.phrase),
+        self.server.service.refuse(KbsHttpError(status, KbsErrorCode.bad_request, message or status.phrase),
                                    getattr(self, "command", None) or "?", path.split("?", 1)[0], self._peer())
         super().send_error(code, message, explain)
 
@@ -306,7 +306,7 @@ class BrokerHttpServer(BoundedThreadingMixIn, HTTPServer):
     def on_busy(self, client_address: Any) -> None:
         self.busy_refusals += 1
         host, port = client_address[:2]
-        self.service.refuse(KbsHttpError(HTTPStatus.SERVICE_UNAVAILABLE, ErrorCode.busy,
+        self.service.refuse(KbsHttpError(HTTPStatus.SERVICE_UNAVAILABLE, KbsErrorCode.busy,
                                          "too many concurrent requests"), "?", "", f"{host}:{port}")
 
     def handle_error(self, request: Any, client_address: Any) -> None:

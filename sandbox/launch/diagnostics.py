@@ -23,11 +23,11 @@ import shutil
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 from sandbox.hostcheck import check_host
 from sandbox.log import DEBUG, log
 from sandbox.paths import runtime_dir
+from sandbox.state import SandboxRecord
 from sandbox.vmm.libvirt_probe import with_libvirt
 
 FILES = ("qemu.sh", "domain.xml", "console.log", "qemu.log", "selfcheck.json")
@@ -41,7 +41,7 @@ def debug_dir(name: str) -> Path:
     return base / f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
 
 
-def keep_diagnostics(state_dir: Path, record: Any, *, error: BaseException | None = None) -> Path | None:
+def keep_diagnostics(state_dir: Path, record: SandboxRecord, *, error: BaseException | None = None) -> Path | None:
     """Copy the launch's diagnostics out of `state_dir` (only under --debug); returns where."""
     if not DEBUG.get():
         return None
@@ -51,11 +51,11 @@ def keep_diagnostics(state_dir: Path, record: Any, *, error: BaseException | Non
         for name in FILES:
             if (state_dir / name).is_file():
                 shutil.copyfile(state_dir / name, target / name)
-        domain = (record.details.get("vm") or {}).get("domain")
+        domain = (record.vm or {}).get("domain")
         if domain and (LIBVIRT_LOG_DIR / f"{domain}.log").is_file():
             shutil.copyfile(LIBVIRT_LOG_DIR / f"{domain}.log", target / "libvirt-qemu.log")
         (target / "record.json").write_text(json.dumps(record.to_json(), indent=2, default=str) + "\n")
-        (target / "launch.json").write_text(json.dumps(record.details.get("launch"), indent=2) + "\n")
+        (target / "launch.json").write_text(json.dumps(record.launch, indent=2) + "\n")
         (target / "check.json").write_text(json.dumps(with_libvirt(check_host()).to_json(), indent=2) + "\n")
         if error is not None:
             (target / "error.txt").write_text("".join(traceback.format_exception(error)))

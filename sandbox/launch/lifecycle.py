@@ -8,18 +8,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from sandbox.launch.agent_client import AgentClient, AgentDenied, AgentError, AgentUnreachable
-from sandbox.launch.pipeline import (
-    STATUS_STARTING,
-    STATUS_STOPPING,
-    agent_sockets,
-    load_running,
-    sandbox_paths,
-)
+from sandbox.launch.pipeline import agent_sockets, load_running, sandbox_paths
 from sandbox.log import log
 from sandbox.shared import errors as E
 from sandbox.shared.messages import (
@@ -33,40 +27,8 @@ from sandbox.shared.messages import (
     WaitProcessRequest,
 )
 from sandbox.shared.protocol import PORT_COUNT
-from sandbox.state import ProcessRef, SandboxRecord, StateStore, process_start_time
+from sandbox.state import ProcessRef, SandboxRecord, SandboxStatus, StateStore, process_start_time
 from sandbox.vmm import backend as vmm
-
-
-def display_status(record: SandboxRecord) -> str:
-    """What `ps` shows: a sandbox whose launcher died before it was up is 'failed'."""
-    launcher = record.processes.get("launcher")
-    vm_alive = any(ref.alive() for key, ref in record.processes.items() if key != "launcher")
-    if record.status == STATUS_STARTING and launcher is not None and not launcher.alive():
-        return "failed" if vm_alive else "stale"
-    if record.status not in ("stale", "corrupt") and not vm_alive and not (launcher and launcher.alive()):
-        return "stale"
-    return record.status
-
-
-def list_sandboxes(store: StateStore | None = None) -> list[dict[str, Any]]:
-    store = store or StateStore()
-    out = []
-    for rec in store.list():
-        d = rec.details
-        out.append({
-            "name": rec.name,
-            "status": display_status(rec),
-            "tee": d.get("tee"),
-            "accel": d.get("accel"),
-            "backend": d.get("backend"),
-            "containers": [c["name"] for c in d.get("containers", [])],
-            "ports": [f"{p['hostAddress']}:{p['hostPort']}->{p['port']}/{p['protocol'].lower()}"
-                      for p in d.get("ports", [])],
-            "policy_hash": d.get("policy_hash"),
-            "created": rec.created,
-            "pid": rec.processes["qemu"].pid if "qemu" in rec.processes else None,
-        })
-    return out
 
 
 def connect(record: SandboxRecord, store: StateStore | None = None, *, wait: float = 30.0) -> AgentClient:
@@ -76,19 +38,16 @@ def connect(record: SandboxRecord, store: StateStore | None = None, *, wait: flo
 
 def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
     store = store or StateStore()
-    record = store.load(name)
-    if record is None:
-        raise E.InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
-    d = dict(record.details)
-    state_dir = store.dir(name)
+    record = store.require(name)
     info: dict[str, Any] = {
-        "name": name, "status": display_status(record), "created": record.created,
-        "tee": d.get("tee"), "accel": d.get("accel"), "backend": d.get("backend"),
-        "policy_hash": d.get("policy_hash"), "expected_measurement": d.get("measurement"),
-        "devices": d.get("devices", []), "ports": d.get("ports", []), "vm": d.get("vm"),
-        "uvm": d.get("uvm"), "state_dir": str(state_dir), "startup": d.get("startup"),
-        "launch": d.get("launch"), "selfcheck": d.get("selfcheck"),
-        "containers": [{k: v for k, v in c.items() if k != "env"} for c in d.get("containers", [])],
+        "name": name, "status": record.observed().value, "created": record.created,
+        "tee": record.tee, "accel": record.accel, "backend": record.backend,
+        "policy_hash": record.policy_hash, "expected_measurement": record.measurement,
+        "devices": [d.to_json() for d in record.devices], "ports": [p.to_json() for p in record.ports],
+        "vm": record.vm, "uvm": record.uvm.to_json() if record.uvm else None, "state_dir": str(store.dir(name)),
+        "startup": record.startup, "launch": record.launch, "selfcheck": record.selfcheck,
+        # the env may hold secure values: inspect never shows it
+        "containers": [{k: v for k, v in c.to_json().items() if k != "env"} for c in record.containers],
     }
     live: dict[str, Any] = {}
     if info["status"] == "running":
@@ -109,7 +68,7 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
 
 
 @dataclass
-class Stream:
+class OutputCursor:
     container: str
     exec_id: str | None = None
     offset: int = 0
@@ -130,7 +89,7 @@ def _write(out: BinaryIO, prefix: bytes, data: bytes, pending: dict[int, bytes])
     out.flush()
 
 
-def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
+def pump_output(client: AgentClient, streams: Sequence[OutputCursor], *, follow: bool,
                 stop: Callable[[], bool] | None = None, prefixed: bool | None = None,
                 stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> None:
     """Copy container output to our stdout/stderr until every stream ends (or, without follow, is drained)."""
@@ -166,17 +125,30 @@ def pump_output(client: AgentClient, streams: Sequence[Stream], *, follow: bool,
 
 
 def logs(name: str, container: str | None, *, follow: bool, store: StateStore | None = None) -> None:
+    """Print the containers' output; with `follow`, until they exit or the sandbox is taken down."""
     store = store or StateStore()
     record = load_running(name, store)
-    names = [c["name"] for c in record.details.get("containers", [])]
+    names = [c.name for c in record.containers]
     if container is not None and container not in names:
-        raise E.InputError(f"sandbox {name!r} has no container {container!r}",
+        raise E.NotFoundError(f"sandbox {name!r} has no container {container!r}",
                            hint=f"its containers: {', '.join(names)}")
-    chosen = [container] if container else [c["name"] for c in record.details["containers"] if c.get("stdio", True)]
+    chosen = [container] if container else [c.name for c in record.containers if c.stdio]
     if not chosen:
         raise E.PolicyDenied(f"no container of {name!r} allows stdio access")
     with connect(record, store) as client:
-        pump_output(client, [Stream(c) for c in chosen], follow=follow, prefixed=container is None and len(names) > 1)
+        try:
+            pump_output(client, [OutputCursor(c) for c in chosen], follow=follow,
+                        prefixed=container is None and len(names) > 1)
+        except E.GuestError:
+            if follow and taken_down(name, store):
+                return  # `down` stopped the containers and the VM: the end of the logs, not an error
+            raise
+
+
+def taken_down(name: str, store: StateStore) -> bool:
+    """The sandbox is gone or going the normal way: `down` removed its state or is stopping it."""
+    record = store.load(name)
+    return record is None or record.status == SandboxStatus.stopping
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +162,7 @@ def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore
         record = load_running(name, store)
     except (E.InputError, E.StateError) as e:
         raise E.ExecSetupError(e.message, hint=e.hint) from None
-    spec = next((c for c in record.details.get("containers", []) if c["name"] == container), None)
+    spec = record.container(container)
     if spec is None:
         raise E.ExecSetupError(f"sandbox {name!r} has no container {container!r}")
     try:
@@ -199,8 +171,7 @@ def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore
         raise E.ExecSetupError(str(e), hint=e.hint) from None
     with client:
         try:
-            r = client.call(ExecProcessRequest(container, tuple(argv), tuple(spec.get("env", [])),
-                                               spec.get("working_dir", "")))
+            r = client.call(ExecProcessRequest(container, tuple(argv), spec.env, spec.working_dir))
         except AgentDenied as e:
             raise E.ExecDenied(e.message, hint=e.hint) from None
         except AgentError as e:
@@ -211,7 +182,7 @@ def exec_in(name: str, container: str, argv: Sequence[str], *, store: StateStore
                 raise E.ExecCannotInvoke(e.message) from None
             raise E.ExecSetupError(e.message) from None
         if r.stdio:
-            pump_output(client, [Stream(container, r.exec_id)], follow=True, prefixed=False)
+            pump_output(client, [OutputCursor(container, r.exec_id)], follow=True, prefixed=False)
         while True:
             w = client.call(WaitProcessRequest(container, r.exec_id, 30), timeout=60)
             if not w.running:
@@ -249,7 +220,7 @@ def _graceful(record: SandboxRecord, store: StateStore, timeout: float) -> bool:
     try:
         with connect(record, store, wait=2) as client:
             client.call(PingRequest(), timeout=10)
-            names = [c["name"] for c in record.details.get("containers", [])]
+            names = [c.name for c in record.containers]
             with ThreadPoolExecutor(max_workers=max(1, min(len(names), PORT_COUNT - 1))) as pool:
                 list(pool.map(lambda n: _shutdown_one(record, store, n, timeout), names))
             client.call(PoweroffRequest(), timeout=10)
@@ -262,17 +233,15 @@ def _graceful(record: SandboxRecord, store: StateStore, timeout: float) -> bool:
 def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -> dict[str, Any]:
     """Stop the sandbox: containers, then the VM (gracefully, then forced). Its state is removed."""
     store = store or StateStore()
-    record = store.load(name)
-    if record is None:
-        raise E.InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
+    record = store.require(name)
     state_dir = store.dir(name)
-    vm: vmm.Vm | None = vmm.attach(record.details["vm"]) if "vm" in record.details else None
+    vm: vmm.Vm | None = vmm.attach(record.vm) if record.vm is not None else None
     refs = [ref for key, ref in record.processes.items() if key != "launcher"]
     if (ref := _pidfile_ref(state_dir)) is not None and ref not in refs:
         refs.append(ref)
     graceful = False
-    if vm is not None and vm.alive() and record.status != STATUS_STARTING:
-        record.status = STATUS_STOPPING
+    if vm is not None and vm.alive() and record.status != SandboxStatus.starting:
+        record = replace(record, status=SandboxStatus.stopping)
         store.save(record)
         graceful = _graceful(record, store, timeout) and vm.wait(timeout)
     if vm is not None:
@@ -284,6 +253,9 @@ def down(name: str, *, timeout: float = 10.0, store: StateStore | None = None) -
                     os.kill(ref.pid, sig)
                 except ProcessLookupError:
                     pass
+                except PermissionError:   # another user's process (libvirt's QEMU): reported below
+                    log.warning("not permitted to signal process %d of sandbox %s", ref.pid, name)
+                    break
                 deadline = time.monotonic() + 5
                 while ref.alive() and time.monotonic() < deadline:
                     time.sleep(0.05)
@@ -320,7 +292,7 @@ def run_attached(name: str, main: str, containers: Sequence[str], *, store: Stat
             def main_exited() -> bool:
                 return not client.call(WaitProcessRequest(main)).running
 
-            streams = [Stream(c) for c in containers]
+            streams = [OutputCursor(c) for c in containers]
             if streams:
                 pump_output(client, streams, follow=True, stop=main_exited)
                 pump_output(client, streams, follow=False)

@@ -11,13 +11,12 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sandbox.fsutil import atomic_write
 from sandbox.group import GroupSpec, TeeMode
-from sandbox.group.spec import LayerFormat
 from sandbox.hostcheck import Accel, CheckReport, Tee, check_host
 from sandbox.images.model import ResolvedImage
 from sandbox.kbs.client import broker_pins, guest_url
@@ -25,26 +24,31 @@ from sandbox.launch import measured, selfcheck
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
 from sandbox.launch.diagnostics import keep_diagnostics
 from sandbox.launch.plan import LaunchPlan, build_plan
-from sandbox.launch.volumes import package_files_volume
 from sandbox.log import log
 from sandbox.policy.gen import generate_policy
+from sandbox.policy.sources import package_files_volumes, resolve_group_images
 from sandbox.progress import step
 from sandbox.shared.errors import CheckFailed, InputError, SandboxError, StateError
 from sandbox.shared.kbs_protocol import FW_CFG_KBS_URL
 from sandbox.shared.messages import MemoryVolumeKind, SetPolicyRequest, StartContainerRequest
 from sandbox.shared.protocol import PORT_COUNT
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
-from sandbox.state import ProcessRef, SandboxRecord, StateStore
+from sandbox.state import (
+    ContainerRecord,
+    DeviceRecord,
+    KbsRecord,
+    PortRecord,
+    ProcessRef,
+    SandboxRecord,
+    SandboxStatus,
+    StateStore,
+    UvmRecord,
+)
 from sandbox.vmm import backend as vmm
 from sandbox.vmm.config import ROOT_DISK_SERIAL, Backend, Disk, FwCfgFile, PortForward, VmConfig
 
 BOOT_TIMEOUT = float(os.environ.get("PARMA_SANDBOX_BOOT_TIMEOUT", "180"))
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
-
-STATUS_STARTING = "starting"
-STATUS_RUNNING = "running"
-STATUS_STOPPING = "stopping"
-
 
 @dataclass(frozen=True)
 class UpOptions:
@@ -111,34 +115,6 @@ def choose_tee(requested: TeeMode, report: CheckReport) -> tuple[Tee, Accel, str
     return Tee.emulated, accel, f"auto -> emulated with {accel.value} ({why})"
 
 
-def resolve_images(spec: GroupSpec) -> dict[str, ResolvedImage]:
-    from sandbox.images.resolve import resolve_image  # heavy (requests); only `up` needs it
-
-    by_ref: dict[str, ResolvedImage] = {}
-    out = {}
-    with step("Resolve and convert images", total=len(spec.containers)) as task:
-        for c in spec.containers:
-            if c.image not in by_ref:
-                # layerFormat aci: layer hashes as ACI computes them (docs/aci.md)
-                compat = {"compat": spec.layer_format.value} if spec.layer_format != LayerFormat.default else {}
-                by_ref[c.image] = resolve_image(c.image, base_dir=spec.base_dir, **compat)
-            out[c.name] = by_ref[c.image]
-            task.advance()
-    return out
-
-
-def package_volumes(spec: GroupSpec) -> dict[str, tuple[str, Path]]:
-    files = [v for v in spec.volumes if v.source is not None]
-    out = {}
-    if files:
-        with step("Package files volumes", total=len(files)) as task:
-            for v in files:
-                assert v.source is not None
-                out[v.name] = package_files_volume(v.source)
-                task.advance()
-    return out
-
-
 def policy_bytes(spec: GroupSpec, images: Mapping[str, ResolvedImage], volume_hashes: Mapping[str, str],
                  policy_file: Path | None, key_brokers: Sequence[str] = ()) -> bytes:
     if policy_file is not None:
@@ -182,7 +158,7 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
 
 
 def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: Timings, *,
-                 create_containers: bool = True, verified: Callable[[], None] = lambda: None) -> dict[str, Any]:
+                 create_containers: bool = True, verified: Callable[[], object] = lambda: None) -> dict[str, Any]:
     """set_policy, mounts, create and start every container, in group order. Returns per-step results.
 
     `verified()` returns once the launch self-check has passed (it raises if it failed): it is called
@@ -221,6 +197,14 @@ def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: 
     return results
 
 
+def _await_selfcheck(pending: selfcheck.PendingSelfCheck) -> selfcheck.SelfCheck:
+    """The passed launch self-check (raises its failure), with a progress step while it still runs."""
+    if pending.done:
+        return pending.result()
+    with step("Verify the launch (a fresh attestation report)"):
+        return pending.result()
+
+
 def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Launched:
     """Bring the group up (detached semantics: returns once every container has started)."""
     store = store or StateStore()
@@ -233,9 +217,9 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
     log.info("tee: %s", why)
     timings.mark("probed")
 
-    images = resolve_images(spec)
+    images = resolve_group_images(spec)
     timings.mark("images")
-    volumes = package_volumes(spec)
+    volumes = package_files_volumes(spec)
     if opts.policy_file is not None and opts.kbs_keys:
         raise InputError("--kbs-key pins brokers in a generated policy; with --policy the file's key_brokers apply")
     pins = broker_pins(opts.kbs_url, opts.kbs_keys) if opts.policy_file is None else []
@@ -263,24 +247,20 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
             sock.unlink(missing_ok=True)
         paths = sandbox_paths(state_dir)
         atomic_write(paths["policy"], policy, 0o600)
-        record = SandboxRecord(name=name, status=STATUS_STARTING,
-                               processes={"launcher": ProcessRef.of(os.getpid())})
-        record.details = {
-            "group": spec.name, "group_file": str(spec.base_dir), "tee": tee.value, "accel": accel.value,
-            "backend": opts.backend.value, "policy_hash": policy_hash.hex(), "measurement": measurement,
-            "detached": opts.detach,
-            "ports": [{"port": p.port, "hostPort": p.host_port, "protocol": p.protocol,
-                       "hostAddress": p.host_address} for p in spec.ports],
-            "devices": [{"serial": d.serial, "path": str(d.path), "root_hash": d.root_hash, "target": d.target}
-                        for d in plan.disks],
-            "containers": [{"name": c.name, "image": next(x.image for x in spec.containers if x.name == c.name),
-                            "argv": list(c.create.argv), "env": list(c.create.env),
-                            "working_dir": c.create.working_dir, "stdio": c.stdio,
-                            "exec_processes": [list(e) for e in c.exec_processes]} for c in plan.containers],
-            "uvm": {"kernel": str(uvm.kernel), "rootfs": str(uvm.rootfs), "cmdline": str(uvm.cmdline)},
-            "kbs": {"url": opts.kbs_url, "guest_url": guest_url(opts.kbs_url), "pins": pins} if opts.kbs_url else None,
-            "launch": identity.to_json(),
-        }
+        record = SandboxRecord(
+            name=name, status=SandboxStatus.starting, processes={"launcher": ProcessRef.of(os.getpid())},
+            group=spec.name, group_file=str(spec.base_dir), tee=tee.value, accel=accel.value,
+            backend=opts.backend.value, policy_hash=policy_hash.hex(), measurement=measurement,
+            detached=opts.detach,
+            ports=tuple(PortRecord(p.port, p.host_port, p.protocol, p.host_address) for p in spec.ports),
+            devices=tuple(DeviceRecord(d.serial, str(d.path), d.root_hash, d.target) for d in plan.disks),
+            containers=tuple(ContainerRecord(c.name, next(x.image for x in spec.containers if x.name == c.name),
+                                             c.create.argv, c.create.env, c.create.working_dir, c.stdio,
+                                             c.exec_processes) for c in plan.containers),
+            uvm=UvmRecord(str(uvm.kernel), str(uvm.rootfs), str(uvm.cmdline)),
+            kbs=KbsRecord(opts.kbs_url, guest_url(opts.kbs_url), tuple(pins)) if opts.kbs_url else None,
+            launch=identity.to_json(),
+        )
         store.save(record)
         vm: vmm.Vm | None = None
         try:
@@ -290,8 +270,8 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                 vm = vmm.launch(cfg, opts.backend, log_file=paths["qemu_log"], attached=not opts.detach)
             ref = vm.process()
             if ref is not None:
-                record.processes["qemu"] = ref
-            record.details["vm"] = vm.record()
+                record = record.with_process("qemu", ref)
+            record = replace(record, vm=vm.record())
             store.save(record)
             timings.mark("launched")
             with step("Wait for the guest agent"):
@@ -305,16 +285,10 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                 # the VM before anything has started (docs/attestation.md).
                 pending = selfcheck.start(cfg.agent_sockets, identity, record_to=state_dir / "selfcheck.json",
                                           on_pass=lambda: timings.mark("verified"))
-
-                def verified() -> None:
-                    if "selfcheck" not in record.details:
-                        with step("Verify the launch (a fresh attestation report)"):
-                            record.details["selfcheck"] = pending.result().summary()
-
                 try:
                     results = _setup_guest(client, policy, plan, timings, create_containers=opts.create_containers,
-                                           verified=verified)
-                    verified()
+                                           verified=lambda: _await_selfcheck(pending))
+                    check = _await_selfcheck(pending)
                 except BaseException:
                     if not pending.done:
                         try:
@@ -323,8 +297,9 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                             pass
                         pending.abandon(10)
                     raise
-            record.details["startup"] = {"timings": timings.marks, "containers": results["containers"]}
-            record.status = STATUS_RUNNING
+                record = replace(record, selfcheck=check.summary())
+            record = replace(record, status=SandboxStatus.running,
+                             startup={"timings": timings.marks, "containers": results["containers"]})
             store.save(record)
             keep_diagnostics(state_dir, record)
         except BaseException as e:
@@ -341,10 +316,8 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
 
 def load_running(name: str, store: StateStore | None = None) -> SandboxRecord:
     store = store or StateStore()
-    record = store.load(name)
-    if record is None:
-        raise InputError(f"no sandbox named {name!r}", hint="'parma-sandbox ps' lists them")
-    if "vm" not in record.details:
+    record = store.require(name)
+    if record.vm is None:
         raise StateError(f"sandbox {name!r} is still starting (or its launch failed)",
                          hint=f"'parma-sandbox down {name}' cleans it up")
     return record

@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.spec import Container, GroupSpec, VolumeKind
+from sandbox.group.spec import GroupSpec, VolumeKind
 from sandbox.images.model import ResolvedImage
-from sandbox.policy.gen import container_capabilities, container_process
+from sandbox.policy.gen import container_capabilities, container_mounts, container_process
 from sandbox.shared import protocol as P
-from sandbox.shared.kbs_protocol import attestation_api_mount
 from sandbox.shared.messages import (
-    ContainerMount,
     CreateContainerRequest,
     CreateVolumeRequest,
     MemoryVolumeKind,
@@ -72,16 +70,6 @@ class LaunchPlan:
         return self.layers + self.file_volumes
 
 
-def container_mounts(c: Container, spec: GroupSpec) -> tuple[ContainerMount, ...]:
-    kinds = {v.name: v.kind for v in spec.volumes}
-    out = [defaults.volume_bind_mount(m.volume, m.mount_path,
-                                      m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret))
-           for m in c.mounts]
-    if c.attestation_api:
-        out.append(attestation_api_mount())  # the same entry policy generation pins (docs/kbs.md)
-    return tuple(ContainerMount.from_json(m) for m in out)
-
-
 def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
                volume_devices: Mapping[str, tuple[str, Path]]) -> LaunchPlan:
     """images: container name -> image; volume_devices: files-volume name -> (root hash, image path)."""
@@ -112,7 +100,7 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
         process = container_process(c, image.config)
         create = CreateContainerRequest(
             container_id=c.name, argv=process.argv, env=process.env, working_dir=process.working_dir,
-            user=process.user, mounts=container_mounts(c, spec), capabilities=container_capabilities(c),
+            user=process.user, mounts=container_mounts(spec, c), capabilities=container_capabilities(c),
             privileged=c.privileged, no_new_privileges=False, umask=defaults.DEFAULT_UMASK,
             seccomp_profile_sha256="")
         containers.append(ContainerPlan(c.name, targets, create, c.stdio,

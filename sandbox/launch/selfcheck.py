@@ -35,7 +35,7 @@ from sandbox.shared.errors import CheckFailed, GuestError, InputError
 from sandbox.shared.messages import GetReportRequest
 from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.evidence import ReportEvidence
-from sandbox.shared.snp.report import parse_report
+from sandbox.shared.snp.report import ReportFormatError, parse_report
 
 NONCE_SIZE = 32
 EMULATED_BACKEND = "emulated"
@@ -84,7 +84,7 @@ def verify_evidence(evidence: ReportEvidence, identity: LaunchIdentity, *,
         return verify_report(evidence.report, certs, expectations(identity, evidence.nonce,
                                                                   evidence.runtime_public_key),
                              emulated_ca=load_emulated_ca() if identity.tee == Tee.emulated else None)
-    except InputError as e:
+    except (InputError, ReportFormatError) as e:
         raise CheckFailed(f"launch self-check: the guest's evidence cannot be verified: {e.message}",
                           hint=e.hint) from e
 

@@ -4,6 +4,10 @@ The compression is recognised by its magic bytes (the media type can lie or be a
 gzip (RFC 1952, multi-member allowed) through zlib, zstd (RFC 8878) through the `zstd` CLI streamed over a pipe,
 anything else is read as a plain tar. The SHA-256 of the uncompressed bytes is the layer's diff_id.
 
+Reading, decompressing and hashing run in a thread of their own, a few chunks ahead of the converter:
+file reads, zlib and SHA-256 release the GIL, so they take the second core while the converter parses
+tar headers and writes ext4 on the first.
+
 zstd: Python 3.11 has no zstd module. The `zstd` program is already a host package, runs as a streaming
 filter with bounded memory, and avoids a compiled PyPI dependency for one decoder.
 """
@@ -12,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
+import queue
 import subprocess
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from enum import StrEnum
@@ -27,7 +32,8 @@ from sandbox.shared.errors import InputError
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _OTHER = {b"\xfd7zXZ\x00": "xz", b"BZh": "bzip2", b"\x04\x22\x4d\x18": "lz4"}
-_READ = 1 << 20
+CHUNK = 1 << 20                 # bytes per chunk handed to the converter
+AHEAD = 4                       # chunks the reading thread may have ready (bounds memory)
 
 
 class Compression(StrEnum):
@@ -52,138 +58,183 @@ def detect(head: bytes, what: str) -> Compression:
     return Compression.none
 
 
-class _Counting:
-    """Reads from the compressed file and reports how many bytes went by."""
-
-    def __init__(self, f: BinaryIO, on_read: Callable[[int], None] | None) -> None:
-        self.f = f
-        self.on_read = on_read
-
-    def read(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if data and self.on_read:
-            self.on_read(len(data))
-        return data
+# A source fills a buffer with the next uncompressed bytes: it returns (bytes put in the buffer, compressed
+# bytes read for them), or None at the end.
+_Source = Callable[[memoryview], "tuple[int, int] | None"]
 
 
-class _GzipRaw(io.RawIOBase):
+class _Plain:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.offset = 0
+
+    def __call__(self, view: memoryview) -> tuple[int, int] | None:
+        n = os.preadv(self.fd, [view], self.offset)
+        if not n:
+            return None
+        self.offset += n
+        return n, n
+
+
+class _Gzip:
     """Gzip members, one after another, decompressed with zlib; trailing zero padding is tolerated."""
 
-    def __init__(self, src: _Counting, what: str) -> None:
-        self.src = src
+    def __init__(self, f: BinaryIO, what: str) -> None:
+        self.f = f
         self.what = what
         self.d = zlib.decompressobj(wbits=31)
-        self.pending = b""
         self.done = False
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:  # noqa: ANN001 - io protocol
-        while not self.pending:
-            if self.done:
-                return 0
-            self._fill()
-        n = min(len(buf), len(self.pending))
-        buf[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
-        return n
-
-    def _fill(self) -> None:
-        """Decompress some more input into `pending`, or move on to the next member, or finish."""
-        if self.d.eof:
-            self._next_member(self.d.unused_data)
-            return
-        data = self.d.unconsumed_tail or self.src.read(_READ)
-        if not data:
-            raise CorruptLayer(f"{self.what}: the gzip stream is truncated",
-                               hint="the download is incomplete or the file is damaged")
-        try:
-            self.pending = self.d.decompress(data, _READ)
-        except zlib.error as e:
-            raise CorruptLayer(f"{self.what}: corrupt gzip data ({e})") from e
-
-    def _next_member(self, rest: bytes) -> None:
-        """After a member ends: another member, zero padding up to EOF, or an error."""
-        while len(rest) < 2 and (more := self.src.read(_READ)):
-            rest += more
-        if rest.startswith(GZIP_MAGIC):
-            self.d = zlib.decompressobj(wbits=31)
+    def __call__(self, view: memoryview) -> tuple[int, int] | None:
+        read = 0
+        while not self.done:
+            if self.d.eof:
+                rest = self.d.unused_data
+                while len(rest) < 2 and (more := self.f.read(CHUNK)):
+                    rest += more
+                    read += len(more)
+                if not rest.startswith(GZIP_MAGIC):
+                    while rest:
+                        if rest.strip(b"\0"):
+                            raise CorruptLayer(f"{self.what}: unexpected data after the gzip stream")
+                        rest = self.f.read(CHUNK)
+                        read += len(rest)
+                    self.done = True
+                    break
+                self.d = zlib.decompressobj(wbits=31)       # another member
+                data = rest
+            elif self.d.unconsumed_tail:
+                data = self.d.unconsumed_tail
+            else:
+                data = self.f.read(CHUNK)
+                read += len(data)
+                if not data:
+                    raise CorruptLayer(f"{self.what}: the gzip stream is truncated",
+                                       hint="the download is incomplete or the file is damaged")
             try:
-                self.pending = self.d.decompress(rest, _READ)
+                out = self.d.decompress(data, len(view))
             except zlib.error as e:
                 raise CorruptLayer(f"{self.what}: corrupt gzip data ({e})") from e
-            return
-        while rest:
-            if rest.strip(b"\0"):
-                raise CorruptLayer(f"{self.what}: unexpected data after the gzip stream")
-            rest = self.src.read(_READ)
-        self.done = True
+            if out:
+                view[:len(out)] = out
+                return len(out), read
+        return (0, read) if read else None
 
 
-class _PlainRaw(io.RawIOBase):
-    def __init__(self, src: _Counting) -> None:
-        self.src = src
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:  # noqa: ANN001
-        data = self.src.read(len(buf))
-        buf[:len(data)] = data
-        return len(data)
-
-
-class _PipeRaw(io.RawIOBase):
-    """The stdout of a decompressor that reads the layer file itself (its stdin); a failing exit is an error."""
+class _Pipe:
+    """The stdout of `zstd -d` reading the layer file itself; a failing exit is an error."""
 
     def __init__(self, proc: subprocess.Popen[bytes], what: str) -> None:
+        assert proc.stdout is not None
         self.proc = proc
+        self.stdout = proc.stdout
         self.what = what
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:  # noqa: ANN001
-        assert self.proc.stdout is not None
-        n = self.proc.stdout.readinto(buf)
-        if n == 0:
-            err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
-            if self.proc.wait() != 0:
-                detail = err.splitlines()[-1] if err else f"exit code {self.proc.returncode}"
-                raise CorruptLayer(f"{self.what}: corrupt or truncated zstd data ({detail})",
-                                   hint="the download is incomplete or the file is damaged")
-        return n
-
-
-class _Hashing(io.RawIOBase):
-    """Passes bytes through and hashes them: the diff_id of the uncompressed layer."""
-
-    def __init__(self, inner: io.RawIOBase) -> None:
-        self.inner = inner
-        self.sha = hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:  # noqa: ANN001
-        n = self.inner.readinto(buf)
+    def __call__(self, view: memoryview) -> tuple[int, int] | None:
+        n = self.stdout.readinto(view)
         if n:
-            self.sha.update(memoryview(buf)[:n])
-        return n
+            return n, 0
+        err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
+        if self.proc.wait() != 0:
+            detail = err.splitlines()[-1] if err else f"exit code {self.proc.returncode}"
+            raise CorruptLayer(f"{self.what}: corrupt or truncated zstd data ({detail})",
+                               hint="the download is incomplete or the file is damaged")
+        return None
+
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Stopped(Exception):
+    """The consumer went away; the reading thread ends."""
+
+
+class _ReadAhead:
+    """Runs a source in a thread, hashing its output, and hands the chunks over in order.
+
+    The chunks live in a fixed pool of buffers (allocating one per chunk fragments the heap and grows the
+    process); the consumer hands a buffer back by asking for the next chunk, so a chunk's bytes are valid
+    until then.
+    """
+
+    def __init__(self, source: _Source, name: str) -> None:
+        self.sha = hashlib.sha256()
+        self._source = source
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(AHEAD + 2):
+            self._free.put(bytearray(CHUNK))
+        self._ready: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _take(self) -> bytearray:
+        while True:
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise _Stopped from None
+
+    def _run(self) -> None:
+        try:
+            update = self.sha.update
+            while True:
+                buf = self._take()
+                view = memoryview(buf)
+                got = self._source(view)
+                if got is None:
+                    self._ready.put(_END)
+                    return
+                n, read = got
+                if n:
+                    update(view[:n])
+                self._ready.put((buf, n, read))
+        except _Stopped:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._ready.put(_Failed(e))
+
+    def chunks(self, on_read: Callable[[int], None] | None) -> Iterator[memoryview]:
+        held: bytearray | None = None
+        while True:
+            if held is not None:
+                self._free.put(held)                # the consumer is done with the previous chunk
+                held = None
+            item = self._ready.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            buf, n, read = item  # type: ignore[misc]
+            if on_read is not None and read:
+                on_read(read)
+            held = buf
+            if n:
+                yield memoryview(buf)[:n]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class LayerStream:
-    """An open layer: `stream` yields the uncompressed tar; `diff_id` is valid once it has been read to EOF."""
+    """An open layer: `chunks` yields the uncompressed tar, each chunk valid until the next is asked for;
+    `diff_id` is valid once they have all been read."""
 
-    def __init__(self, stream: io.BufferedReader, hashing: _Hashing, compression: Compression) -> None:
-        self.stream = stream
-        self._hashing = hashing
+    def __init__(self, ahead: _ReadAhead, compression: Compression, on_read: Callable[[int], None] | None) -> None:
+        self._ahead = ahead
         self.compression = compression
+        self.chunks = ahead.chunks(on_read)
 
     @property
     def diff_id(self) -> str:
-        return "sha256:" + self._hashing.sha.hexdigest()
+        return "sha256:" + self._ahead.sha.hexdigest()
 
 
 @contextlib.contextmanager
@@ -194,25 +245,27 @@ def open_layer(path: Path, *, what: str, on_read: Callable[[int], None] | None =
     except OSError as e:
         raise InputError(f"{what}: cannot read {path}: {e.strerror}") from e
     proc: subprocess.Popen[bytes] | None = None
+    ahead: _ReadAhead | None = None
     try:
         compression = detect(os.pread(f.fileno(), 8, 0), what)
-        src = _Counting(f, on_read)
-        raw: io.RawIOBase
+        source: _Source
         if compression == Compression.gzip:
-            raw = _GzipRaw(src, what)
+            source = _Gzip(f, what)
         elif compression == Compression.zstd:
             proc = spawn(["zstd", "-d", "-c", "-q"], stdin=f, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             if on_read:
                 on_read(path.stat().st_size)        # the process reads the file; report it up front
-            raw = _PipeRaw(proc, what)
+            source = _Pipe(proc, what)
         else:
-            raw = _PlainRaw(src)
-        hashing = _Hashing(raw)
-        yield LayerStream(io.BufferedReader(hashing, _READ), hashing, compression)
+            source = _Plain(f.fileno())
+        ahead = _ReadAhead(source, f"read {what}")
+        yield LayerStream(ahead, compression, on_read)
     finally:
         if proc is not None and proc.poll() is None:
-            proc.kill()
+            proc.kill()                             # before joining the thread, which may be reading its output
             proc.wait()
+        if ahead is not None:
+            ahead.close()
         if proc is not None:
             for pipe in (proc.stdout, proc.stderr):
                 if pipe:

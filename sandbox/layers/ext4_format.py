@@ -234,6 +234,9 @@ def pack_extent_index(logical: int, leaf: int) -> bytes:
 
 # --- directory entries ------------------------------------------------------------------------------------
 
+DIRENT_HEADER_STRUCT = struct.Struct("<IHBB")    # inode, rec_len, name_len, file_type
+
+
 def dirent_size(name_len: int) -> int:
     return (DIRENT_HEADER + name_len + 3) & ~3
 
@@ -259,37 +262,27 @@ _INODE = struct.Struct("<HHIIIIIHHIII60sIIIIHHHHHHHHIIIII")
 assert _INODE.size == INODE_XATTR_START
 
 
-@dataclass(frozen=True)
-class InodeRecord:
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    links: int
-    blocks: int                 # i_blocks in filesystem blocks (HUGE_FILE flag set)
-    flags: int
-    i_block: bytes              # 60 bytes: extent tree root, fast symlink target or device number
-    xattr_block: int
-    atime: tuple[int, int]      # (seconds, extra) as from encode_time
-    ctime: tuple[int, int]
-    mtime: tuple[int, int]
-    crtime: tuple[int, int]
-    inline_xattrs: bytes = b""  # the in-inode xattr area, or empty
+def pack_inode(mode: int, uid: int, gid: int, size: int, links: int, blocks: int, flags: int, i_block: bytes,
+               xattr_block: int, atime: tuple[int, int], ctime: tuple[int, int], mtime: tuple[int, int],
+               crtime: tuple[int, int], inline_xattrs: bytes = b"") -> bytes:
+    """struct ext4_inode with i_extra_isize fields, then the in-inode xattr area (or zeros): 256 bytes.
 
-    def pack(self) -> bytes:
-        # struct ext4_inode: i_mode @0, i_uid @2, i_size_lo @4, i_atime @8, i_ctime @12, i_mtime @16,
-        # i_dtime @20, i_gid @24, i_links_count @26, i_blocks_lo @28, i_flags @32, osd1 @36, i_block @40,
-        # i_generation @100, i_file_acl_lo @104, i_size_high @108, i_obso_faddr @112, osd2 @116
-        # (l_i_blocks_high, l_i_file_acl_high, l_i_uid_high, l_i_gid_high, l_i_checksum_lo, l_i_reserved),
-        # i_extra_isize @128, i_checksum_hi @130, i_ctime_extra @132, i_mtime_extra @136,
-        # i_atime_extra @140, i_crtime @144, i_crtime_extra @148.
-        raw = _INODE.pack(
-            self.mode, self.uid & 0xFFFF, self.size & 0xFFFFFFFF, self.atime[0], self.ctime[0], self.mtime[0], 0,
-            self.gid & 0xFFFF, self.links, self.blocks & 0xFFFFFFFF, self.flags, 0, self.i_block.ljust(60, b"\0"),
-            0, self.xattr_block & 0xFFFFFFFF, self.size >> 32, 0,
-            (self.blocks >> 32) & 0xFFFF, self.xattr_block >> 32, self.uid >> 16, self.gid >> 16, 0, 0,
-            INODE_EXTRA_ISIZE, 0, self.ctime[1], self.mtime[1], self.atime[1], self.crtime[0], self.crtime[1])
-        return (raw + self.inline_xattrs).ljust(INODE_SIZE, b"\0")
+    `blocks` is i_blocks in filesystem blocks (HUGE_FILE flag set); `i_block` up to 60 bytes (extent tree
+    root, fast symlink target or device number); times are (seconds, extra) pairs as from encode_time.
+    """
+    # struct ext4_inode: i_mode @0, i_uid @2, i_size_lo @4, i_atime @8, i_ctime @12, i_mtime @16,
+    # i_dtime @20, i_gid @24, i_links_count @26, i_blocks_lo @28, i_flags @32, osd1 @36, i_block @40,
+    # i_generation @100, i_file_acl_lo @104, i_size_high @108, i_obso_faddr @112, osd2 @116
+    # (l_i_blocks_high, l_i_file_acl_high, l_i_uid_high, l_i_gid_high, l_i_checksum_lo, l_i_reserved),
+    # i_extra_isize @128, i_checksum_hi @130, i_ctime_extra @132, i_mtime_extra @136,
+    # i_atime_extra @140, i_crtime @144, i_crtime_extra @148.
+    raw = _INODE.pack(
+        mode, uid & 0xFFFF, size & 0xFFFFFFFF, atime[0], ctime[0], mtime[0], 0,
+        gid & 0xFFFF, links, blocks & 0xFFFFFFFF, flags, 0, i_block,
+        0, xattr_block & 0xFFFFFFFF, size >> 32, 0,
+        (blocks >> 32) & 0xFFFF, xattr_block >> 32, uid >> 16, gid >> 16, 0, 0,
+        INODE_EXTRA_ISIZE, 0, ctime[1], mtime[1], atime[1], crtime[0], crtime[1])
+    return raw + inline_xattrs + bytes(INODE_SIZE - INODE_XATTR_START - len(inline_xattrs))
 
 
 # --- group descriptor and superblock --------------------------------------------------------------------

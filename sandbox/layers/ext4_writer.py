@@ -9,88 +9,68 @@ stays a small step away:
   block and an inode bitmap per group; the superblock and descriptors are written last.
 Inodes are numbered in creation order from 11; 1-10 are reserved, 2 is the root. No journal, no
 checksums, no htree; the image is marked read-only. Unlike compactext4 it sets the bitmap padding bits
-e2fsck expects, can leave out lost+found, keeps sparse files sparse and can replace a file's data.
+e2fsck expects (see Ext4Dialect), can leave out lost+found, keeps sparse files sparse and can replace a
+file's data.
 
-Memory: one small object per inode; file data goes straight to the output.
+Memory stays bounded whatever the number of entries (a layer may hold hundreds of thousands): an inode is
+a row of fixed-width columns (array.array, 56 bytes), the rare extras (symlink targets, extent roots,
+device numbers, xattrs) sit in dicts keyed by inode number, and directory entries live in a DirIndex that
+moves to an SQLite file past a threshold. File data goes straight to the output.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import struct
+from array import array
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from sandbox.layers import ext4_format as F
+from sandbox.layers.dirindex import DirIndex
 from sandbox.shared.errors import InputError
 
 DEFAULT_MAX_DISK_SIZE = 128 << 30       # what dmverity-vhd reserves descriptors for: 8 GDT blocks
 ZERO_TIME = (0, 0)
-_FLUSH_AT = 4 << 20
-_ZERO_BLOCK = bytes(F.BLOCK_SIZE)
+FREE = F.FileType.unknown               # the file type of an inode number that is not in use
+_FLUSH_AT = 256 << 10                   # small enough to stay in the CPU cache between copy and write
+_DIRECT_AT = 64 << 10                   # data pieces at least this large are written without the buffer
+_ZERO_INODE = bytes(F.INODE_SIZE)
+_INODES_PER_WRITE = 256                 # inode records packed and written at once
+_ZERO_INODES = bytes(F.INODE_SIZE * _INODES_PER_WRITE)
+_ZEROS = memoryview(bytes(F.BLOCK_SIZE))
+_HUGE_FILE, _EXTENTS = int(F.InodeFlag.HUGE_FILE), int(F.InodeFlag.EXTENTS)
+_ONE_EXTENT = struct.Struct("<HHHHIIHHI")      # extent header (depth 0) and one leaf: i_block of a small file
+_GROW = 4096                            # inode rows added to the columns at a time
+_BITS = bytes.maketrans(bytes(range(256)), b"0" + b"1" * 255)   # file type -> "is the inode in use"
+
+NO_EXTENTS = 0          # no extents flag: empty files, devices, fifos, fast symlinks
+CONTIGUOUS = 1          # one run of data from logical block 0: extents derived from data_start/data_count
+EXPLICIT = 2            # i_block holds the extent tree root (holes, or more than 4 extents)
 
 
 class Ext4LimitError(InputError):
     """Content that ext4 (or this writer's reserved geometry) cannot represent."""
 
 
-class Node:
-    """One inode while the image is being built.
-
-    Kept small (a layer may hold hundreds of thousands of entries): block runs are plain ints, and a file
-    whose data is one contiguous run stores no extent bytes (its extents follow from the run at close).
-    """
-
-    __slots__ = ("ino", "ftype", "perm", "uid", "gid", "atime", "ctime", "mtime", "crtime", "links", "size",
-                 "xattrs", "xattr_block", "data_start", "data_count", "tree_start", "tree_count", "mapping",
-                 "i_block", "children", "device", "has_whiteouts")
-
-    def __init__(self, ino: int, ftype: F.FileType, perm: int = 0, uid: int = 0, gid: int = 0) -> None:
-        self.ino = ino
-        self.ftype = ftype
-        self.perm = perm
-        self.uid = uid
-        self.gid = gid
-        self.atime = self.ctime = self.mtime = self.crtime = ZERO_TIME   # encoded (seconds, extra)
-        self.links = 0
-        self.size = 0
-        self.xattrs: dict[bytes, bytes] | None = None
-        self.xattr_block = 0
-        self.data_start = self.data_count = 0          # the file's data (or directory) blocks
-        self.tree_start = self.tree_count = 0          # extent index/leaf blocks, right after the data
-        self.mapping = NO_EXTENTS
-        self.i_block = b""                             # fast symlink target, or explicit extent tree root
-        self.children: dict[bytes, Node] | None = {} if ftype == F.FileType.directory else None
-        self.device = (0, 0)
-        self.has_whiteouts = False
-
-    @property
-    def is_dir(self) -> bool:
-        return self.ftype == F.FileType.directory
-
-    @property
-    def mode(self) -> int:
-        return F.MODE_OF[self.ftype] | self.perm
-
-    @property
-    def data_blocks(self) -> list[tuple[int, int]]:
-        """(first block, count) runs of file data."""
-        return [(self.data_start, self.data_count)] if self.data_count else []
-
-    @property
-    def tree_blocks(self) -> list[int]:
-        return list(range(self.tree_start, self.tree_start + self.tree_count))
-
-    def reset_content(self) -> None:
-        self.size = 0
-        self.data_start = self.data_count = self.tree_start = self.tree_count = 0
-        self.mapping = NO_EXTENTS
-        self.i_block = b""
-        self.device = (0, 0)
+def sorted_xattr_block(block: list[F.Xattr]) -> bytes:
+    """An xattr block as the kernel writes it: entries in its lookup order, the header hash filled in."""
+    return F.pack_xattr_block(sorted(block, key=F.Xattr.sort_key))
 
 
-NO_EXTENTS = 0          # no extents flag: empty files, devices, fifos, fast symlinks
-CONTIGUOUS = 1          # one run of data from logical block 0: extents derived from data_start/data_count
-EXPLICIT = 2            # i_block holds the extent tree root (holes, or more than 4 extents)
+@dataclass(frozen=True)
+class Ext4Dialect:
+    """Byte-level habits in which compact ext4 writers differ. The defaults give e2fsck-clean images;
+    sandbox/aci/ext4compat.py defines hcsshim compactext4's, which ACI's layer hashes depend on."""
+
+    inode_bitmap_padding: bool = True           # set the bits after a group's last inode, as e2fsck expects
+    max_mount_count: int = -1                   # s_max_mnt_count; -1: no mount-count checks
+    empty_xattr_value_offs: bool = False        # in-inode xattrs: an empty value's e_value_offs is the offset
+    xattr_block: Callable[[list[F.Xattr]], bytes] = sorted_xattr_block
+
+
+DEFAULT_DIALECT = Ext4Dialect()
 
 
 @dataclass(frozen=True)
@@ -126,113 +106,230 @@ def _clear_bits(bitmap: bytearray, start: int, end: int) -> None:
         bitmap[b >> 3] &= ~(1 << (b & 7)) & 0xFF
 
 
+def _used_bitmap(ftypes: bytes) -> bytes:
+    """One bit per inode, set where its file type says it is in use (little-endian within each byte)."""
+    if not ftypes:
+        return b""
+    flags = ftypes.translate(_BITS)[::-1]       # '1'/'0' per inode, the last inode first
+    return int(flags, 2).to_bytes(-(-len(ftypes) // 8), "little")
+
+
+class WriteWatcher(Protocol):
+    """Told how far the image is written (sandbox/layers/treehash.py hashes it meanwhile)."""
+
+    def written(self, end: int) -> None:
+        """Bytes [0, end) are written for good, but for the superblock and descriptor blocks (written at
+        close) and blocks rewritten() names."""
+
+    def rewritten(self, block: int) -> None:
+        """Block `block` was written again."""
+
+
+def descriptor_blocks(max_disk_size: int) -> int:
+    """Blocks the group descriptor table takes, reserved for `max_disk_size`: blocks 1.. of the image."""
+    max_blocks = -(-max_disk_size // F.BLOCK_SIZE)
+    max_groups = -(-max_blocks // F.BLOCKS_PER_GROUP)
+    return -(-max_groups * F.GROUP_DESC_SIZE // F.BLOCK_SIZE)
+
+
 class Ext4Writer:
-    """Build an ext4 image in a file opened for writing (`fd`), starting at offset 0."""
+    """Build an ext4 image in a file opened for writing (`fd`), starting at offset 0.
+
+    Inodes are referred to by number. Their fields are columns indexed by inode number; a number whose
+    file type is FREE is not in use (reserved, or released when its last name went away).
+    """
 
     def __init__(self, fd: int, *, max_disk_size: int = DEFAULT_MAX_DISK_SIZE, lost_and_found: bool = False,
-                 uuid: bytes = bytes(16), volume_name: bytes = b"", compat_aci: bool = False) -> None:
+                 uuid: bytes = bytes(16), volume_name: bytes = b"", dialect: Ext4Dialect = DEFAULT_DIALECT,
+                 dirs: DirIndex | None = None, watcher: WriteWatcher | None = None) -> None:
         self.fd = fd
-        # compat_aci (sandbox/aci/ext4compat.py): the two bytes-level habits of hcsshim's compactext4 that this
-        # writer otherwise avoids: inode-bitmap padding bits left clear (e2fsck flags it) and s_max_mnt_count 0.
-        self.compat_aci = compat_aci
+        self.dialect = dialect
+        self.watcher = watcher
         max_blocks = -(-max_disk_size // F.BLOCK_SIZE)
-        max_groups = -(-max_blocks // F.BLOCKS_PER_GROUP)
+        if max_blocks > 1 << 32:
+            raise Ext4LimitError(f"a maximum disk size of {max_disk_size} bytes needs 64-bit block numbers")
         self.max_blocks = max_blocks
-        self.gd_blocks = -(-max_groups * F.GROUP_DESC_SIZE // F.BLOCK_SIZE)
+        self.gd_blocks = descriptor_blocks(max_disk_size)
         self.uuid = uuid
         self.volume_name = volume_name
         self.next_block = 1 + self.gd_blocks
-        self._buf = bytearray()
-        self._buf_block = self.next_block
+        self._buf = bytearray(_FLUSH_AT + _DIRECT_AT)  # fixed size: reallocating it would fragment the heap
+        self._view = memoryview(self._buf)
+        self._fill = 0                                  # bytes of it in use
+        self._buf_pos = self.next_block * F.BLOCK_SIZE      # byte offset of the buffer's first byte
         self.freed: list[tuple[int, int]] = []      # (start, count) of blocks released by replaced content
-        self.nodes: list[Node | None] = [None] * (F.FIRST_INO - 1)
-        self.root = Node(F.ROOT_INO, F.FileType.directory, 0o755)
-        self.root.links = 2
-        self.nodes[F.ROOT_INO - 1] = self.root
-        self.lost_and_found: Node | None = None
+        self.dirs = dirs if dirs is not None else DirIndex()
+        # Columns, indexed by inode number (index 0 is unused), grown _GROW rows at a time; rows past
+        # `_next_ino` are zero. Times are (seconds, extra) pairs split over two columns.
+        self.ftype = array("B")
+        self.perm = array("H")
+        self.uid = array("I")
+        self.gid = array("I")
+        self.links = array("I")
+        self.size = array("Q")
+        self.data_start = array("I")
+        self.data_count = array("I")
+        self.mapping = array("B")
+        self.times = [array("I") for _ in range(8)]     # atime, atime extra, ctime, ..., crtime extra
+        self._columns = [self.ftype, self.perm, self.uid, self.gid, self.links, self.size, self.data_start,
+                         self.data_count, self.mapping, *self.times]
+        self._rows = 0
+        self._grow()
+        self._next_ino = F.FIRST_INO
+        # Rare fields: inode number -> value.
+        self.i_block: dict[int, bytes] = {}         # fast symlink target, or explicit extent tree root
+        self.device: dict[int, tuple[int, int]] = {}
+        self.xattrs: dict[int, dict[bytes, bytes]] = {}
+        self.xattr_block: dict[int, int] = {}
+        self.tree: dict[int, tuple[int, int]] = {}  # (first block, count) of extent index/leaf blocks
+        self.root = F.ROOT_INO
+        self.ftype[self.root] = F.FileType.directory
+        self.perm[self.root] = 0o755
+        self.links[self.root] = 2
+        self.dirs.new_dir(self.root)
+        self.lost_and_found = 0
         if lost_and_found:
-            lpf = self.new_node(F.FileType.directory, 0o700)
+            lpf = self.new_inode(F.FileType.directory, 0o700)
             self.link(self.root, b"lost+found", lpf)
             self.lost_and_found = lpf
 
     # --- inodes and names -----------------------------------------------------------------------------
 
-    def new_node(self, ftype: F.FileType, perm: int = 0, uid: int = 0, gid: int = 0) -> Node:
-        node = Node(len(self.nodes) + 1, ftype, perm, uid, gid)
-        if node.is_dir:
-            node.links = 1                          # its own "."
-        self.nodes.append(node)
-        return node
+    @property
+    def inode_count(self) -> int:
+        """Inode numbers handed out so far, the reserved ones included."""
+        return self._next_ino - 1
 
-    def link(self, parent: Node, name: bytes, node: Node) -> None:
-        """Enter `node` in `parent` under `name` (which must be free)."""
-        assert parent.children is not None and name not in parent.children
-        if node.links >= F.LINK_MAX and not node.is_dir:
+    def _grow(self) -> None:
+        for column in self._columns:
+            column.frombytes(bytes(column.itemsize * _GROW))
+        self._rows += _GROW
+
+    def is_dir(self, ino: int) -> bool:
+        return self.ftype[ino] == F.FileType.directory
+
+    def new_inode(self, ftype: F.FileType, perm: int = 0, uid: int = 0, gid: int = 0) -> int:
+        """A new inode number, its row zero but for these fields."""
+        ino = self._next_ino
+        self._next_ino = ino + 1
+        if ino >= self._rows:
+            self._grow()
+        self.ftype[ino] = ftype
+        if perm:
+            self.perm[ino] = perm
+        if uid or gid:
+            self.uid[ino], self.gid[ino] = uid, gid
+        if ftype == F.FileType.directory:
+            self.links[ino] = 1                     # its own "."
+            self.dirs.new_dir(ino)
+        return ino
+
+    def set_times(self, ino: int, atime: tuple[int, int], ctime: tuple[int, int], mtime: tuple[int, int],
+                  crtime: tuple[int, int]) -> None:
+        """Encoded (seconds, extra) pairs, as from ext4_format.encode_time."""
+        t = self.times
+        t[0][ino], t[1][ino] = atime
+        t[2][ino], t[3][ino] = ctime
+        t[4][ino], t[5][ino] = mtime
+        t[6][ino], t[7][ino] = crtime
+
+    def get_times(self, ino: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(atime, ctime, mtime, crtime) as set_times takes them."""
+        t = self.times
+        return (t[0][ino], t[1][ino]), (t[2][ino], t[3][ino]), (t[4][ino], t[5][ino]), (t[6][ino], t[7][ino])
+
+    def link(self, parent: int, name: bytes, ino: int) -> None:
+        """Enter inode `ino` in directory `parent` under `name` (which must be free)."""
+        is_dir = self.ftype[ino] == F.FileType.directory
+        if self.links[ino] >= F.LINK_MAX and not is_dir:
             raise Ext4LimitError(f"more than {F.LINK_MAX} hard links to one file")
-        parent.children[name] = node
-        node.links += 1
-        if node.is_dir:
-            parent.links += 1                       # the child's ".."
+        self.dirs.add(parent, name, ino)
+        self.links[ino] += 1
+        if is_dir:
+            self.links[parent] += 1                 # the child's ".."
 
-    def unlink(self, parent: Node, name: bytes) -> Node:
+    def unlink(self, parent: int, name: bytes) -> int:
         """Remove a name; an inode left without names is released, a directory with everything below it."""
-        assert parent.children is not None
-        node = parent.children.pop(name)
-        node.links -= 1
-        if node.is_dir:
-            parent.links -= 1
-            self._release_tree(node)
-        elif node.links == 0:
-            self.release(node)
-        return node
+        ino = self.dirs.remove(parent, name)
+        self.links[ino] -= 1
+        if self.ftype[ino] == F.FileType.directory:
+            self.links[parent] -= 1
+            self._release_tree(ino)
+        elif self.links[ino] == 0:
+            self.release(ino)
+        return ino
 
-    def _release_tree(self, node: Node) -> None:
-        assert node.children is not None
-        for name in list(node.children):
-            self.unlink(node, name)
-        self.release(node)
+    def _release_tree(self, ino: int) -> None:
+        for name, _ in self.dirs.children(ino):
+            self.unlink(ino, name)
+        self.dirs.drop_dir(ino)
+        self.release(ino)
 
-    def release(self, node: Node) -> None:
+    def release(self, ino: int) -> None:
         """Free an inode number and the blocks behind it."""
-        self.release_blocks(node, xattr_block=True)
-        self.nodes[node.ino - 1] = None
+        self.release_blocks(ino, xattr_block=True)
+        self.xattrs.pop(ino, None)
+        self.ftype[ino] = FREE
 
-    def release_blocks(self, node: Node, *, xattr_block: bool) -> None:
-        if node.data_count:
-            self.freed.append((node.data_start, node.data_count))
-        if node.tree_count:
-            self.freed.append((node.tree_start, node.tree_count))
-        if xattr_block and node.xattr_block:
-            self.freed.append((node.xattr_block, 1))
-            node.xattr_block = 0
-        node.reset_content()
+    def release_blocks(self, ino: int, *, xattr_block: bool) -> None:
+        """Free the inode's data (and extent tree) blocks, and its xattr block if asked; reset its content."""
+        if self.data_count[ino]:
+            self.freed.append((self.data_start[ino], self.data_count[ino]))
+        if tree := self.tree.pop(ino, None):
+            self.freed.append(tree)
+        if xattr_block and (block := self.xattr_block.pop(ino, 0)):
+            self.freed.append((block, 1))
+        self.reset_content(ino)
+
+    def reset_content(self, ino: int) -> None:
+        """Forget the inode's size, data and device number (release_blocks frees the blocks first)."""
+        self.size[ino] = self.data_start[ino] = self.data_count[ino] = 0
+        self.mapping[ino] = NO_EXTENTS
+        self.i_block.pop(ino, None)
+        self.tree.pop(ino, None)
+        self.device.pop(ino, None)
+
+    def has_data_blocks(self, ino: int) -> bool:
+        return self.data_count[ino] != 0
 
     # --- output -------------------------------------------------------------------------------------
 
     def _append(self, data: bytes | memoryview) -> None:
-        self._buf += data
-        if len(self._buf) >= _FLUSH_AT:
+        n = len(data)
+        if n >= _DIRECT_AT:
+            self._flush()
+            self._pwrite(data, self._buf_pos)
+            self._buf_pos += n
+            if self.watcher is not None:
+                self.watcher.written(self._buf_pos)
+            return
+        fill = self._fill
+        self._buf[fill:fill + n] = data
+        self._fill = fill + n
+        if self._fill >= _FLUSH_AT:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._buf:
-            return
-        whole = len(self._buf) - len(self._buf) % F.BLOCK_SIZE
-        if whole:
-            self._pwrite(memoryview(self._buf)[:whole], self._buf_block * F.BLOCK_SIZE)
-            del self._buf[:whole]
-            self._buf_block += whole // F.BLOCK_SIZE
+        if self._fill:
+            self._pwrite(self._view[:self._fill], self._buf_pos)
+            self._buf_pos += self._fill
+            self._fill = 0
+            if self.watcher is not None:
+                self.watcher.written(self._buf_pos)
 
-    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+    def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
 
-    def _pad_block(self) -> None:
-        if tail := len(self._buf) % F.BLOCK_SIZE:
-            self._buf += bytes(F.BLOCK_SIZE - tail)
+    def _pad(self, written: int) -> int:
+        """Zero-fill up to the next block boundary after `written` bytes of content; returns the padding."""
+        pad = -written % F.BLOCK_SIZE
+        if pad:
+            self._append(_ZEROS[:pad])
+        return pad
 
     def _alloc_written(self, blocks: int) -> int:
         """Account for `blocks` blocks just appended; returns the first one's number."""
@@ -246,39 +343,67 @@ class Ext4Writer:
     def _write_block(self, data: bytes) -> int:
         """Append one block (zero-padded) and return its number."""
         self._append(data)
-        self._pad_block()
+        self._pad(len(data))
         return self._alloc_written(1)
 
     def _rewrite_block(self, block: int, data: bytes) -> None:
+        """Replace a block written earlier; it may lie on disk, in the buffer, or across the two."""
         data = data.ljust(F.BLOCK_SIZE, b"\0")
-        if block >= self._buf_block:
-            off = (block - self._buf_block) * F.BLOCK_SIZE
-            self._buf[off:off + F.BLOCK_SIZE] = data
-        else:
-            self._pwrite(data, block * F.BLOCK_SIZE)
+        offset = block * F.BLOCK_SIZE
+        if self.watcher is not None:
+            self.watcher.rewritten(block)
+        flushed = max(0, min(F.BLOCK_SIZE, self._buf_pos - offset))
+        if flushed:
+            self._pwrite(data[:flushed], offset)
+        if flushed < F.BLOCK_SIZE:
+            start = offset + flushed - self._buf_pos
+            self._buf[start:start + F.BLOCK_SIZE - flushed] = data[flushed:]
 
     # --- content ------------------------------------------------------------------------------------
 
-    def set_xattrs(self, node: Node, xattrs: dict[bytes, bytes]) -> None:
-        """Replace the node's xattrs; the overflow block is written now (reusing the node's old one)."""
-        node.xattrs = dict(xattrs) if xattrs else None
-        _, block = split_xattrs(node.xattrs)
-        if not block:
-            if node.xattr_block:
-                self.freed.append((node.xattr_block, 1))
-                node.xattr_block = 0
+    def set_xattrs(self, ino: int, xattrs: dict[bytes, bytes]) -> None:
+        """Replace the inode's xattrs; the overflow block is written now (reusing the inode's old one)."""
+        if xattrs:
+            self.xattrs[ino] = dict(xattrs)
+        elif self.xattrs.pop(ino, None) is None and ino not in self.xattr_block:
             return
-        if self.compat_aci:
-            from sandbox.aci.ext4compat import xattr_block_aci  # tar2ext4's entry order and zero hash
-            raw = xattr_block_aci(block)
+        _, block = split_xattrs(xattrs)
+        if not block:
+            if old := self.xattr_block.pop(ino, 0):
+                self.freed.append((old, 1))
+            return
+        raw = self.dialect.xattr_block(block)
+        if old := self.xattr_block.get(ino, 0):
+            self._rewrite_block(old, raw)
         else:
-            raw = F.pack_xattr_block(sorted(block, key=F.Xattr.sort_key))
-        if node.xattr_block:
-            self._rewrite_block(node.xattr_block, raw)
-        else:
-            node.xattr_block = self._write_block(raw)
+            self.xattr_block[ino] = self._write_block(raw)
 
-    def write_data(self, node: Node, segments: Iterable[tuple[int, bytes | memoryview]], size: int) -> None:
+    def write_file(self, ino: int, pieces: Iterable[bytes | memoryview], size: int) -> None:
+        """Stream a regular file's content that has no holes: `pieces` are its bytes in order."""
+        start = self.next_block
+        written = 0
+        for piece in pieces:
+            n = len(piece)
+            fill = self._fill
+            if n < _DIRECT_AT and fill < _FLUSH_AT:     # the usual small piece: straight into the buffer
+                self._buf[fill:fill + n] = piece
+                self._fill = fill + n
+            else:
+                self._append(piece)
+            written += n
+        if written != size:
+            raise Ext4LimitError(f"file data does not match its size ({written} != {size})")
+        self.size[ino] = size
+        if not written:
+            self.mapping[ino] = NO_EXTENTS
+            self.i_block.pop(ino, None)
+            return
+        blocks = (written + self._pad(written)) // F.BLOCK_SIZE
+        self._alloc_written(blocks)
+        self.data_start[ino], self.data_count[ino] = start, blocks
+        self._finish_extents(ino, [(0, start)])
+
+    def write_data(self, ino: int, segments: Iterable[tuple[int, bytes | memoryview]], size: int) -> None:
         """Stream a regular file's (or long symlink's) content.
 
         `segments` yields (offset, bytes) in increasing, non-overlapping order; ranges never yielded are
@@ -289,6 +414,7 @@ class Ext4Writer:
         pos = -1                                    # logical byte position reached in the open run
         start = self.next_block
         written = 0                                 # bytes appended for this file
+        append = self._append
         for off, data in segments:
             if not data:
                 continue
@@ -296,50 +422,48 @@ class Ext4Writer:
                 gap = off - pos                     # same or next block: fill with zeros
             else:
                 if pos >= 0:
-                    written += self._pad_run(written)
+                    written += self._pad(written)
                 runs.append((off // bs, start + written // bs))
                 gap = off % bs
             if gap:
-                self._append(bytes(gap))
-            self._append(data)
+                append(bytes(gap))
+            append(data)
             written += gap + len(data)
             pos = off + len(data)
         if pos > size:
             raise Ext4LimitError(f"file data runs past its size ({pos} > {size})")
         if written:
-            written += self._pad_run(written)
+            written += self._pad(written)
         blocks = written // bs
         if blocks:
             self._alloc_written(blocks)
-            node.data_start, node.data_count = start, blocks
-        node.size = size
-        self._finish_extents(node, runs)
+            self.data_start[ino], self.data_count[ino] = start, blocks
+        self.size[ino] = size
+        self._finish_extents(ino, runs)
 
-    def _pad_run(self, written: int) -> int:
-        pad = -written % F.BLOCK_SIZE
-        if pad:
-            self._append(bytes(pad))
-        return pad
-
-    def _finish_extents(self, node: Node, runs: list[tuple[int, int]]) -> None:
+    def _finish_extents(self, ino: int, runs: list[tuple[int, int]]) -> None:
         """Map the data: up to 4 extents in the inode, else leaf (and index) blocks right after the data.
 
         `runs` are (logical block, physical block) where each run of data starts (see write_data).
         """
-        if not node.data_count:
-            node.mapping, node.i_block = NO_EXTENTS, b""    # an empty file: no extents flag, zero i_block
+        count = self.data_count[ino]
+        if not count:
+            self.mapping[ino] = NO_EXTENTS          # an empty file: no extents flag, zero i_block
+            self.i_block.pop(ino, None)
             return
-        if runs == [(0, node.data_start)] and node.data_count <= F.EXTENTS_IN_INODE * F.MAX_EXTENT_LEN:
-            node.mapping, node.i_block = CONTIGUOUS, b""
+        start = self.data_start[ino]
+        if len(runs) == 1 and runs[0] == (0, start) and count <= F.EXTENTS_IN_INODE * F.MAX_EXTENT_LEN:
+            self.mapping[ino] = CONTIGUOUS
+            self.i_block.pop(ino, None)
             return
-        extents = _runs_to_extents(runs, node.data_start + node.data_count)
-        node.mapping = EXPLICIT
+        extents = _runs_to_extents(runs, start + count)
+        self.mapping[ino] = EXPLICIT
         if len(extents) <= F.EXTENTS_IN_INODE:
-            node.i_block = _extent_root(extents)
+            self.i_block[ino] = _extent_root(extents)
             return
         level: list[tuple[int, int]] = []           # (first logical block, tree block) of each node
         per = F.EXTENTS_PER_BLOCK
-        node.tree_start = self.next_block
+        tree_start = self.next_block
         for i in range(0, len(extents), per):
             chunk = extents[i:i + per]
             raw = F.pack_extent_header(len(chunk), per, 0) + b"".join(F.pack_extent_leaf(*e) for e in chunk)
@@ -354,28 +478,31 @@ class Ext4Writer:
                 upper.append((chunk[0][0], self._write_block(raw)))
             level = upper
             depth += 1
-        node.tree_count = self.next_block - node.tree_start
-        node.i_block = F.pack_extent_header(len(level), F.EXTENTS_IN_INODE, depth) + b"".join(
+        self.tree[ino] = (tree_start, self.next_block - tree_start)
+        self.i_block[ino] = F.pack_extent_header(len(level), F.EXTENTS_IN_INODE, depth) + b"".join(
             F.pack_extent_index(*c) for c in level)
 
-    def set_symlink(self, node: Node, target: bytes) -> None:
-        node.size = len(target)
+    def set_symlink(self, ino: int, target: bytes) -> None:
         if len(target) <= F.FAST_SYMLINK_MAX:
-            node.i_block = target                   # a "fast" symlink: the target lives in i_block
+            self.size[ino] = len(target)
+            self.i_block[ino] = target              # a "fast" symlink: the target lives in i_block
         else:
-            self.write_data(node, [(0, target)], len(target))
+            self.write_data(ino, [(0, target)], len(target))
 
-    def set_device(self, node: Node, major: int, minor: int) -> None:
-        node.device = (major, minor)
+    def set_device(self, ino: int, major: int, minor: int) -> None:
+        if major or minor:
+            self.device[ino] = (major, minor)
+        else:
+            self.device.pop(ino, None)
 
     # --- close --------------------------------------------------------------------------------------
 
     def close(self) -> Ext4Stats:
         """Write directories, inode table, bitmaps, descriptors and superblock. Returns the geometry."""
-        self._write_dir(self.root, self.root)
+        self._write_dirs()
         self._flush()
         table_start = self.next_block
-        inode_count = len(self.nodes)
+        inode_count = self.inode_count
         groups, ipg = best_group_count(table_start, inode_count)
         if -(-groups * F.GROUP_DESC_SIZE // F.BLOCK_SIZE) > self.gd_blocks:
             raise Ext4LimitError(f"the image needs {groups} block groups, more than its maximum size allows")
@@ -389,6 +516,8 @@ class Ext4Writer:
                                  "bytes")
         used_gd = -(-groups * F.GROUP_DESC_SIZE // F.BLOCK_SIZE)
         free_ranges = [(1 + used_gd, self.gd_blocks - used_gd), *self.freed]
+        # Reserved inode numbers count as used; only the root among them is a directory.
+        in_use = bytes([1] * (F.FIRST_INO - 1)) + self.ftype[F.FIRST_INO:inode_count + 1].tobytes()
         descs = []
         total_free_blocks = total_free_inodes = 0
         for g in range(groups):
@@ -402,17 +531,12 @@ class Ext4Writer:
             if disk_blocks < hi:                    # blocks past the end of the disk count as used
                 _set_bits(bbm, disk_blocks - lo, F.BLOCKS_PER_GROUP)
             free_blocks = F.BLOCKS_PER_GROUP - _popcount(bbm)
-            ibm = bytearray(F.BLOCK_SIZE)
-            used_dirs = 0
-            for j in range(ipg):
-                ino = g * ipg + j + 1
-                node = self.nodes[ino - 1] if ino <= inode_count else None
-                if ino < F.FIRST_INO or node is not None:
-                    ibm[j >> 3] |= 1 << (j & 7)
-                    if node is not None and node.is_dir:
-                        used_dirs += 1
+            group_inodes = in_use[g * ipg:(g + 1) * ipg]
+            ibm = bytearray(_used_bitmap(group_inodes).ljust(F.BLOCK_SIZE, b"\0"))
+            used_dirs = self.ftype[1 + g * ipg:min(1 + (g + 1) * ipg, inode_count + 1)].tobytes().count(
+                F.FileType.directory)
             free_inodes = ipg - _popcount(ibm)
-            if not self.compat_aci:
+            if self.dialect.inode_bitmap_padding:
                 _set_bits(ibm, ipg, F.BLOCK_SIZE * 8)     # padding after the group's last inode
             self._append(bbm)
             self._append(ibm)
@@ -427,72 +551,98 @@ class Ext4Writer:
         gdt = b"".join(descs).ljust(self.gd_blocks * F.BLOCK_SIZE, b"\0")
         self._pwrite(gdt, F.BLOCK_SIZE)
         ro_compat = F.RoCompat.LARGE_FILE | F.RoCompat.HUGE_FILE | F.RoCompat.EXTRA_ISIZE | F.RoCompat.READONLY
-        if any(n is not None and n.is_dir and n.links > F.LINK_MAX for n in self.nodes):
+        if any(self.links[ino] > F.LINK_MAX for ino in self.dirs.directories()):
             ro_compat |= F.RoCompat.DIR_NLINK
         sb = F.pack_superblock(F.SuperblockFields(
             inodes_count=groups * ipg, blocks_count=disk_blocks, free_blocks=total_free_blocks,
             free_inodes=total_free_inodes, inodes_per_group=ipg, ro_compat=ro_compat, uuid=self.uuid,
-            volume_name=self.volume_name,
-            lpf_ino=self.lost_and_found.ino if self.lost_and_found else 0,
-            max_mnt_count=0 if self.compat_aci else -1))
+            volume_name=self.volume_name, lpf_ino=self.lost_and_found, max_mnt_count=self.dialect.max_mount_count))
         self._pwrite(bytes(1024) + sb + bytes(F.BLOCK_SIZE - 2048), 0)
+        self.dirs.close()
         return Ext4Stats(blocks=disk_blocks, inodes=inode_count, groups=groups, inodes_per_group=ipg)
 
-    def _write_dir(self, node: Node, parent: Node) -> None:
-        assert node.children is not None
-        children = sorted(node.children.items(), key=lambda kv: (kv[1].ino, kv[0]))
+    def _write_dirs(self) -> None:
+        """Every directory's blocks, in pre-order from the root (an explicit stack: trees can be deep)."""
+        stack = [(self.root, self.root)]
+        while stack:
+            ino, parent = stack.pop()
+            children = self.dirs.sorted_children(ino)
+            self._write_dir(ino, parent, children)
+            ftype = self.ftype
+            stack.extend((child, ino) for _, child in reversed(children) if ftype[child] == F.FileType.directory)
+
+    def _write_dir(self, ino: int, parent: int, children: list[tuple[bytes, int]]) -> None:
+        bs = F.BLOCK_SIZE
+        ftype = self.ftype
         start = self.next_block
         block = bytearray()
-        out: list[bytes] = []
-
-        def finish_block() -> None:
-            # compactext4's rule: each block ends with an empty entry spanning what is left.
-            left = F.BLOCK_SIZE - len(block)
-            block.extend(F.pack_dirent(0, left, b"", 0))
-            out.append(bytes(block))
-            block.clear()
-
-        for ino, name, ftype in [(node.ino, b".", F.FileType.directory), (parent.ino, b"..", F.FileType.directory),
-                                 *((c.ino, n, c.ftype) for n, c in children)]:
-            rec = F.dirent_size(len(name))
-            if F.BLOCK_SIZE - len(block) < rec + 12:
-                finish_block()
-            block.extend(F.pack_dirent(ino, rec, name, ftype))
-        finish_block()
-        for raw in out:
-            self._append(raw)
-        self._alloc_written(len(out))
-        node.size = len(out) * F.BLOCK_SIZE
-        node.data_start, node.data_count = start, len(out)
-        self._finish_extents(node, [(0, start)])
-        for _, child in children:
-            if child.is_dir:
-                self._write_dir(child, node)
+        blocks = 0
+        pack = F.DIRENT_HEADER_STRUCT.pack
+        for name, child, kind in [(b".", ino, F.FileType.directory), (b"..", parent, F.FileType.directory),
+                                  *((n, c, ftype[c]) for n, c in children)]:
+            rec = (F.DIRENT_HEADER + len(name) + 3) & ~3
+            if bs - len(block) < rec + 12:
+                # compactext4's rule: each block ends with an empty entry spanning what is left.
+                block += pack(0, bs - len(block), 0, 0)
+                self._append(block.ljust(bs, b"\0"))
+                blocks += 1
+                block = bytearray()
+            block += pack(child, rec, len(name), kind) + name + _ZEROS[:rec - F.DIRENT_HEADER - len(name)]
+        block += pack(0, bs - len(block), 0, 0)
+        self._append(block.ljust(bs, b"\0"))
+        blocks += 1
+        self._alloc_written(blocks)
+        self.size[ino] = blocks * bs
+        self.data_start[ino], self.data_count[ino] = start, blocks
+        self._finish_extents(ino, [(0, start)])
 
     def _write_inode_table(self, slots: int) -> None:
-        for ino in range(1, slots + 1):
-            node = self.nodes[ino - 1] if ino <= len(self.nodes) else None
-            self._append(_ZERO_BLOCK[:F.INODE_SIZE] if node is None else self._inode_record(node).pack())
+        count = self.inode_count
+        ftype = self.ftype
+        record = self._inode_record
+        batch: list[bytes] = []
+        for first in range(1, min(count, slots) + 1, _INODES_PER_WRITE):
+            batch = [_ZERO_INODE if ftype[ino] == FREE else record(ino)
+                     for ino in range(first, min(first + _INODES_PER_WRITE, count + 1, slots + 1))]
+            self._append(b"".join(batch))
+        unused = slots - min(count, slots)           # the rest of the last group's table
+        for _ in range(unused // _INODES_PER_WRITE):
+            self._append(_ZERO_INODES)
+        if unused % _INODES_PER_WRITE:
+            self._append(_ZERO_INODES[:unused % _INODES_PER_WRITE * F.INODE_SIZE])
         self._alloc_written(slots * F.INODE_SIZE // F.BLOCK_SIZE)
 
-    def _inode_record(self, node: Node) -> F.InodeRecord:
-        flags = F.InodeFlag.HUGE_FILE
-        i_block = node.i_block
-        if node.mapping == CONTIGUOUS:
-            i_block = _extent_root(_runs_to_extents([(0, node.data_start)], node.data_start + node.data_count))
-        if node.mapping != NO_EXTENTS:
-            flags |= F.InodeFlag.EXTENTS
-        if node.ftype in (F.FileType.char, F.FileType.block):
-            i_block = bytes(4) + F.encode_device(*node.device).to_bytes(4, "little")
-        blocks = node.data_count + node.tree_count + (1 if node.xattr_block else 0)
-        inline, _ = split_xattrs(node.xattrs)
-        links = node.links
-        if node.is_dir and links > F.LINK_MAX:
+    def _inode_record(self, ino: int) -> bytes:
+        ftype = self.ftype[ino]
+        mapping = self.mapping[ino]
+        if mapping == CONTIGUOUS:
+            start, count = self.data_start[ino], self.data_count[ino]
+            if count <= F.MAX_EXTENT_LEN:
+                i_block = _ONE_EXTENT.pack(F.EXTENT_MAGIC, 1, F.EXTENTS_IN_INODE, 0, 0, 0, count, start >> 32,
+                                           start & 0xFFFFFFFF)
+            else:
+                i_block = _extent_root(_runs_to_extents([(0, start)], start + count))
+            flags = _HUGE_FILE | _EXTENTS
+        else:
+            i_block = self.i_block.get(ino, b"")
+            flags = _HUGE_FILE if mapping == NO_EXTENTS else _HUGE_FILE | _EXTENTS
+        if ftype == F.FileType.char or ftype == F.FileType.block:
+            i_block = bytes(4) + F.encode_device(*self.device.get(ino, (0, 0))).to_bytes(4, "little")
+        xattr_block = self.xattr_block.get(ino, 0)
+        tree = self.tree.get(ino)
+        blocks = self.data_count[ino] + (tree[1] if tree else 0) + (1 if xattr_block else 0)
+        inline_xattrs = b""
+        if xattrs := self.xattrs.get(ino):
+            inline, _ = split_xattrs(xattrs)
+            if inline:
+                inline_xattrs = F.pack_inode_xattrs(inline, empty_value_offs=self.dialect.empty_xattr_value_offs)
+        links = self.links[ino]
+        if ftype == F.FileType.directory and links > F.LINK_MAX:
             links = 1                               # dir_nlink: "more than the counter can hold"
-        return F.InodeRecord(
-            mode=node.mode, uid=node.uid, gid=node.gid, size=node.size, links=links, blocks=blocks, flags=flags,
-            i_block=i_block, xattr_block=node.xattr_block, atime=node.atime, ctime=node.ctime, mtime=node.mtime,
-            crtime=node.crtime, inline_xattrs=F.pack_inode_xattrs(inline, empty_value_offs=self.compat_aci) if inline else b"")
+        t = self.times
+        return F.pack_inode(F.MODE_OF[ftype] | self.perm[ino], self.uid[ino], self.gid[ino], self.size[ino], links,
+                            blocks, flags, i_block, xattr_block, (t[0][ino], t[1][ino]), (t[2][ino], t[3][ino]),
+                            (t[4][ino], t[5][ino]), (t[6][ino], t[7][ino]), inline_xattrs)
 
 
 def _extent_root(extents: list[tuple[int, int, int]]) -> bytes:

@@ -19,18 +19,21 @@ Rules (documented for users in docs/layers.md):
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from sandbox.layers import ext4_format as F
+from sandbox.layers.dirindex import DirIndex
 from sandbox.layers.ext4_writer import (
+    DEFAULT_DIALECT,
     DEFAULT_MAX_DISK_SIZE,
+    Ext4Dialect,
     Ext4LimitError,
     Ext4Stats,
     Ext4Writer,
-    Node,
+    WriteWatcher,
     split_xattrs,
 )
 from sandbox.layers.tarstream import EntryType, TarEntry, TarReader, TarTime
@@ -43,6 +46,8 @@ AUFS_META = b".wh..wh."
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 ORIGIN_XATTR = b"trusted.overlay.origin"
 MAX_ID = (1 << 32) - 1
+DIRECTORY = F.FileType.directory
+SYMLINK = F.FileType.symlink
 
 _FTYPE = {
     EntryType.file: F.FileType.regular, EntryType.symlink: F.FileType.symlink, EntryType.char: F.FileType.char,
@@ -55,26 +60,14 @@ class LayerEntryError(InputError):
 
 
 @dataclass(frozen=True)
-class Ext4Options:
-    whiteouts: bool = True          # convert OCI whiteouts to overlay ones
-    origin_xattr: bool = True       # mark directories holding whiteouts with an empty trusted.overlay.origin
-    lost_and_found: bool = False
-    max_disk_size: int = DEFAULT_MAX_DISK_SIZE
-    uuid: bytes = bytes(16)
-    compat_aci: bool = False        # byte-identical to hcsshim tar2ext4 (sandbox/aci/ext4compat.py sets the rest)
-
-
-DEFAULT_OPTIONS = Ext4Options()
-
-
-@dataclass(frozen=True)
 class TarStats:
     entries: int                    # tar entries read (extended headers not counted)
     tar_bytes: int                  # length of the tar stream, trailing bytes included
     ext4: Ext4Stats
 
 
-def _encode(t: TarTime | None) -> tuple[int, int]:
+def encode_time(t: TarTime | None) -> tuple[int, int]:
+    """(i_*time, i_*time_extra) of a tar time; a time the tar does not give is 0."""
     return (0, 0) if t is None else F.encode_time(t.seconds, t.nanoseconds)
 
 
@@ -103,137 +96,173 @@ _STORABLE = (b"user.", b"trusted.", b"security.")
 _ACLS = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
+def show_path(path: bytes) -> str:
+    """A layer path as error messages show it."""
+    return repr(path.decode(errors="replace"))
+
+
 class LayerBuilder:
-    """Feeds tar entries into an Ext4Writer following the rules in the module docstring."""
+    """Feeds tar entries into an Ext4Writer following the rules in the module docstring.
+
+    Subclasses change the rules (sandbox/aci/ext4compat.py: tar2ext4's); Ext4Options.builder picks one.
+    """
 
     def __init__(self, writer: Ext4Writer, options: Ext4Options) -> None:
         self.w = writer
         self.opt = options
-        self.whiteout_nodes: set[int] = set()      # inode numbers of whiteouts we created
+        self.whiteout_inodes: set[int] = set()     # inode numbers of whiteouts we created
         self.opaque: set[int] = set()              # directories to mark opaque
+        self.has_whiteouts: set[int] = set()       # directories where we created whiteouts
         self.tar_xattrs: dict[int, dict[bytes, bytes]] = {}   # directory xattrs as the tar gave them
-        self.shared: dict[object, object] = {}                # interned attribute values
+        self._dirs: dict[tuple[bytes, ...], int] = {}         # directory path -> inode, as walked before
+        self._encode_time = functools.lru_cache(maxsize=1024)(self.encode_time)
 
     # --- paths ---------------------------------------------------------------------------------------
 
     @staticmethod
     def split(path: bytes, entry: TarEntry, what: str = "path") -> list[bytes]:
         if path.startswith(b"/"):
-            raise LayerEntryError(f"{entry.describe()}: absolute {what} {_show(path)}",
+            raise LayerEntryError(f"{entry.describe()}: absolute {what} {show_path(path)}",
                                   hint="layer paths must be relative to the layer root (path traversal)")
-        parts = [p for p in path.split(b"/") if p not in (b"", b".")]
-        for p in parts:
-            if p == b"..":
-                raise LayerEntryError(f"{entry.describe()}: {what} {_show(path)} contains '..'",
-                                      hint="a layer may not refer outside its root (path traversal)")
-            if len(p) > F.MAX_NAME:
-                raise LayerEntryError(f"{entry.describe()}: name component of {len(p)} bytes in {_show(path)}",
-                                      hint="ext4 allows at most 255 bytes per name")
+        parts = path.split(b"/")
+        if b"" in parts or b"." in parts:
+            parts = [p for p in parts if p and p != b"."]
+        if b".." in parts:
+            raise LayerEntryError(f"{entry.describe()}: {what} {show_path(path)} contains '..'",
+                                  hint="a layer may not refer outside its root (path traversal)")
+        if len(path) > F.MAX_NAME:
+            for p in parts:
+                if len(p) > F.MAX_NAME:
+                    raise LayerEntryError(f"{entry.describe()}: name component of {len(p)} bytes in "
+                                          f"{show_path(path)}", hint="ext4 allows at most 255 bytes per name")
         return parts
 
-    def walk(self, parts: list[bytes], entry: TarEntry, *, create: bool) -> Node:
+    def walk(self, parts: list[bytes], entry: TarEntry, *, create: bool) -> int:
         """The directory named by `parts`, creating missing ones (with their parent's attributes) if asked."""
-        node = self.w.root
+        key = tuple(parts)
+        ino = self._dirs.get(key)
+        if ino is not None:
+            return ino
+        w = self.w
+        ino = w.root
         for i, name in enumerate(parts):
-            assert node.children is not None
-            child = node.children.get(name)
-            if child is not None and child.ino in self.whiteout_nodes and create:
-                self.w.unlink(node, name)           # a real directory of this layer replaces a whiteout
-                child = self._implicit_dir(node, name)
-                self.opaque.add(child.ino)
-            elif child is None:
+            child = w.dirs.get(ino, name)
+            if child and child in self.whiteout_inodes and create:
+                self.unlink(ino, name)              # a real directory of this layer replaces a whiteout
+                child = self._implicit_dir(ino, name)
+                self.opaque.add(child)
+            elif not child:
                 if not create:
-                    raise LayerEntryError(f"{entry.describe()}: {_show(b'/'.join(parts[:i + 1]))} does not exist")
-                child = self._implicit_dir(node, name)
-            elif child.ftype == F.FileType.symlink:
+                    raise LayerEntryError(f"{entry.describe()}: {show_path(b'/'.join(parts[:i + 1]))} does not exist")
+                child = self._implicit_dir(ino, name)
+            elif w.ftype[child] == SYMLINK:
                 raise LayerEntryError(f"{entry.describe()}: path goes through the symlink "
-                                      f"{_show(b'/'.join(parts[:i + 1]))}",
+                                      f"{show_path(b'/'.join(parts[:i + 1]))}",
                                       hint="a layer may not write through a symlink (path traversal)")
-            elif not child.is_dir:
-                raise LayerEntryError(f"{entry.describe()}: {_show(b'/'.join(parts[:i + 1]))} is not a directory")
-            node = child
-        return node
+            elif w.ftype[child] != DIRECTORY:
+                raise LayerEntryError(f"{entry.describe()}: {show_path(b'/'.join(parts[:i + 1]))} is not a directory")
+            ino = child
+        self._dirs[key] = ino
+        return ino
 
-    def _implicit_dir(self, parent: Node, name: bytes) -> Node:
-        d = self.w.new_node(F.FileType.directory, parent.perm, parent.uid, parent.gid)
-        d.atime, d.ctime, d.mtime, d.crtime = parent.atime, parent.ctime, parent.mtime, parent.crtime
-        self.w.link(parent, name, d)
+    def unlink(self, parent: int, name: bytes) -> int:
+        """Remove a name (and, for a directory, everything below it)."""
+        if self.w.is_dir(self.w.dirs.get(parent, name)):
+            self._dirs.clear()                      # walked paths may go through it
+        return self.w.unlink(parent, name)
+
+    def _implicit_dir(self, parent: int, name: bytes) -> int:
+        w = self.w
+        d = w.new_inode(DIRECTORY, w.perm[parent], w.uid[parent], w.gid[parent])
+        w.set_times(d, *w.get_times(parent))
+        w.link(parent, name, d)
         return d
 
     # --- entries -------------------------------------------------------------------------------------
 
     def add(self, entry: TarEntry, reader: TarReader) -> None:
-        parts = self.split(entry.name, entry)
+        self.add_parts(entry, self.split(entry.name, entry), reader)
+
+    def add_parts(self, entry: TarEntry, parts: list[bytes], reader: TarReader) -> None:
+        """add() for an entry whose path split() has already checked and split."""
+        w = self.w
         if not parts:
             if entry.type != EntryType.directory:
                 raise LayerEntryError(f"{entry.describe()}: the layer root must be a directory")
-            self._set_attrs(self.w.root, entry)
-            self._set_dir_xattrs(self.w.root, entry)
+            self._set_attrs(w.root, entry)
+            self._set_dir_xattrs(w.root, entry)
             return
         base = parts[-1]
         if self.opt.whiteouts and base.startswith(WHITEOUT):
             self._whiteout(parts, entry)
             return
         parent = self.walk(parts[:-1], entry, create=True)
-        assert parent.children is not None
-        existing = parent.children.get(base)
+        existing = w.dirs.get(parent, base)
         if entry.type == EntryType.hardlink:
             self._hardlink(parent, base, existing, entry)
             return
         ftype = _FTYPE[entry.type]
-        was_whiteout = existing is not None and existing.ino in self.whiteout_nodes
-        if existing is not None and existing.is_dir and ftype == F.FileType.directory:
-            node = existing
-        elif existing is not None and not existing.is_dir and existing.links == 1 and not was_whiteout \
-                and ftype != F.FileType.directory:
-            node = existing                         # the same inode number, fresh content
-            self.w.release_blocks(node, xattr_block=False)
-            node.ftype = ftype
+        was_whiteout = existing in self.whiteout_inodes
+        if existing and w.is_dir(existing) and ftype == DIRECTORY:
+            ino = existing
+        elif existing and not w.is_dir(existing) and w.links[existing] == 1 and not was_whiteout \
+                and ftype != DIRECTORY:
+            ino = existing                          # the same inode number, fresh content
+            w.release_blocks(ino, xattr_block=False)
+            w.ftype[ino] = ftype
         else:
-            if existing is not None:
-                self.w.unlink(parent, base)
-                self.whiteout_nodes.discard(existing.ino)
-            node = self.w.new_node(ftype)
-            self.w.link(parent, base, node)
-        if was_whiteout and node.is_dir:
-            self.opaque.add(node.ino)
-        self._set_attrs(node, entry)
-        if node.is_dir:
-            self._set_dir_xattrs(node, entry)
-        else:
-            self.w.set_xattrs(node, self._xattrs(entry))
+            if existing:
+                self.unlink(parent, base)
+                self.whiteout_inodes.discard(existing)
+            ino = w.new_inode(ftype)
+            w.link(parent, base, ino)
+        if was_whiteout and ftype == DIRECTORY:
+            self.opaque.add(ino)
+        self._set_attrs(ino, entry)
+        if ftype == DIRECTORY:
+            self._set_dir_xattrs(ino, entry)
+        elif entry.xattrs or ino in w.xattrs or ino in w.xattr_block:
+            w.set_xattrs(ino, self._xattrs(entry))
         if entry.type == EntryType.file:
-            self.w.write_data(node, reader.data(entry), entry.size)
+            if entry.sparse is None:
+                w.write_file(ino, reader.contents(entry), entry.size)
+            else:
+                w.write_data(ino, reader.data(entry), entry.size)
         elif entry.type == EntryType.symlink:
             if len(entry.linkname) >= F.BLOCK_SIZE:
                 raise LayerEntryError(f"{entry.describe()}: symlink target of {len(entry.linkname)} bytes",
                                       hint="ext4 symlink targets must be shorter than 4096 bytes")
             if not entry.linkname:
                 raise LayerEntryError(f"{entry.describe()}: symlink with an empty target")
-            self.w.set_symlink(node, entry.linkname)
+            w.set_symlink(ino, entry.linkname)
         elif entry.type in (EntryType.char, EntryType.block):
             if entry.devmajor >= 1 << 12 or entry.devminor >= 1 << 20 or entry.devmajor < 0 or entry.devminor < 0:
                 raise LayerEntryError(f"{entry.describe()}: device number {entry.devmajor}:{entry.devminor} "
                                       "does not fit a 32-bit dev_t")
-            self.w.set_device(node, entry.devmajor, entry.devminor)
+            w.set_device(ino, entry.devmajor, entry.devminor)
 
-    def _set_attrs(self, node: Node, entry: TarEntry) -> None:
-        for what, value in (("uid", entry.uid), ("gid", entry.gid)):
-            if not 0 <= value <= MAX_ID:
-                raise LayerEntryError(f"{entry.describe()}: {what} {value} is out of range")
-        # Interned: layers repeat the same modes, owners and times; one object each saves memory per inode.
-        shared = self.shared
-        perm = entry.mode | (0o777 if node.ftype == F.FileType.symlink else 0)
-        node.perm = shared.setdefault(perm, perm)
-        node.uid, node.gid = shared.setdefault(entry.uid, entry.uid), shared.setdefault(entry.gid, entry.gid)
-        mtime = _encode(entry.mtime)
-        node.mtime = node.crtime = shared.setdefault(mtime, mtime)
-        atime, ctime = _encode(entry.atime), _encode(entry.ctime)
-        node.atime, node.ctime = shared.setdefault(atime, atime), shared.setdefault(ctime, ctime)
+    def _set_attrs(self, ino: int, entry: TarEntry) -> None:
+        if not 0 <= entry.uid <= MAX_ID:
+            raise LayerEntryError(f"{entry.describe()}: uid {entry.uid} is out of range")
+        if not 0 <= entry.gid <= MAX_ID:
+            raise LayerEntryError(f"{entry.describe()}: gid {entry.gid} is out of range")
+        w = self.w
+        w.perm[ino] = entry.mode | (0o777 if w.ftype[ino] == SYMLINK else 0)
+        w.uid[ino], w.gid[ino] = entry.uid, entry.gid
+        encode = self._encode_time
+        mtime = encode(entry.mtime)
+        w.set_times(ino, encode(entry.atime), encode(entry.ctime), mtime, mtime)
 
-    def _set_dir_xattrs(self, node: Node, entry: TarEntry) -> None:
-        self.tar_xattrs[node.ino] = self._xattrs(entry)
-        self.w.set_xattrs(node, self.tar_xattrs[node.ino])
+    # How a tar time is stored; layers repeat the same few times, so the results are cached.
+    encode_time = staticmethod(encode_time)
+
+    def _set_dir_xattrs(self, ino: int, entry: TarEntry) -> None:
+        xattrs = self._xattrs(entry) if entry.xattrs else {}
+        if xattrs:
+            self.tar_xattrs[ino] = xattrs
+        else:
+            self.tar_xattrs.pop(ino, None)
+        self.w.set_xattrs(ino, xattrs)
 
     def _xattrs(self, entry: TarEntry) -> dict[bytes, bytes]:
         out = {}
@@ -254,30 +283,29 @@ class LayerBuilder:
             raise LayerEntryError(f"{entry.describe()}: {e.message}") from e
         return out
 
-    def _hardlink(self, parent: Node, base: bytes, existing: Node | None, entry: TarEntry) -> None:
+    def _hardlink(self, parent: int, base: bytes, existing: int, entry: TarEntry) -> None:
         target_parts = self.split(entry.linkname, entry, "hard link target")
         if not target_parts:
             raise LayerEntryError(f"{entry.describe()}: hard link to the layer root")
-        tdir = self.walk(target_parts[:-1], entry, create=False) if target_parts[:-1] else self.w.root
-        assert tdir.children is not None
-        target = tdir.children.get(target_parts[-1])
-        if target is None:
-            raise LayerEntryError(f"{entry.describe()}: hard link to {_show(entry.linkname)}, which is not in the "
-                                  "layer (at this point)", hint="hard links must refer to an earlier entry")
-        if target.is_dir:
-            raise LayerEntryError(f"{entry.describe()}: hard link to the directory {_show(entry.linkname)}")
-        if existing is target:
+        w = self.w
+        tdir = self.walk(target_parts[:-1], entry, create=False) if target_parts[:-1] else w.root
+        target = w.dirs.get(tdir, target_parts[-1])
+        if not target:
+            raise LayerEntryError(f"{entry.describe()}: hard link to {show_path(entry.linkname)}, which is not in "
+                                  "the layer (at this point)", hint="hard links must refer to an earlier entry")
+        if w.is_dir(target):
+            raise LayerEntryError(f"{entry.describe()}: hard link to the directory {show_path(entry.linkname)}")
+        if existing == target:
             return
-        if existing is not None:
-            self.w.unlink(parent, base)
-        self.w.link(parent, base, target)
+        if existing:
+            self.unlink(parent, base)
+        w.link(parent, base, target)
 
     def _whiteout(self, parts: list[bytes], entry: TarEntry) -> None:
         base = parts[-1]
         parent = self.walk(parts[:-1], entry, create=True)
-        assert parent.children is not None
         if base == OPAQUE:
-            self.opaque.add(parent.ino)
+            self.opaque.add(parent)
             return
         if base.startswith(AUFS_META):
             log.debug("%s: skipping aufs metadata", entry.describe())
@@ -285,60 +313,76 @@ class LayerBuilder:
         name = base[len(WHITEOUT):]
         if name in (b"", b".", b".."):
             raise LayerEntryError(f"{entry.describe()}: whiteout of an invalid name")
-        existing = parent.children.get(name)
-        if existing is not None:
-            if existing.is_dir:
-                self.opaque.add(existing.ino)       # the lower directory is gone; this layer's one stays
+        w = self.w
+        if existing := w.dirs.get(parent, name):
+            if w.is_dir(existing):
+                self.opaque.add(existing)           # the lower directory is gone; this layer's one stays
             return                                  # never hide an entry of the same layer
-        node = self.w.new_node(F.FileType.char)
-        self.w.link(parent, name, node)
-        self.whiteout_nodes.add(node.ino)
-        parent.has_whiteouts = True
+        ino = w.new_inode(F.FileType.char)
+        w.link(parent, name, ino)
+        self.whiteout_inodes.add(ino)
+        self.has_whiteouts.add(parent)
 
     def finish(self) -> None:
         """Apply the overlay xattrs that depend on the whole layer (opaque and origin markers)."""
-        for node in self.w.nodes:
-            if node is None or not node.is_dir:
+        w = self.w
+        marked = set(self.opaque)
+        if self.opt.origin_xattr:
+            marked |= self.has_whiteouts
+        for ino in sorted(marked):
+            if not w.is_dir(ino):
                 continue
             extra = {}
-            if node.ino in self.opaque:
+            if ino in self.opaque:
                 extra[OPAQUE_XATTR] = b"y"
-            if self.opt.origin_xattr and node.has_whiteouts and any(
-                    c.ino in self.whiteout_nodes for c in node.children.values()):
+            if self.opt.origin_xattr and ino in self.has_whiteouts and any(
+                    child in self.whiteout_inodes for _, child in w.dirs.children(ino)):
                 extra[ORIGIN_XATTR] = b""
             if extra:
-                xattrs = {**self.tar_xattrs.get(node.ino, {}), **extra}
+                xattrs = {**self.tar_xattrs.get(ino, {}), **extra}
                 try:
-                    self.w.set_xattrs(node, xattrs)
+                    w.set_xattrs(ino, xattrs)
                 except Ext4LimitError as e:
-                    raise LayerEntryError(f"directory inode {node.ino}: {e.message}") from e
+                    raise LayerEntryError(f"directory inode {ino}: {e.message}") from e
 
 
-def _show(path: bytes) -> str:
-    return repr(path.decode(errors="replace"))
+@dataclass(frozen=True)
+class Ext4Options:
+    whiteouts: bool = True          # convert OCI whiteouts to overlay ones
+    origin_xattr: bool = True       # mark directories holding whiteouts with an empty trusted.overlay.origin
+    lost_and_found: bool = False
+    max_disk_size: int = DEFAULT_MAX_DISK_SIZE
+    uuid: bytes = bytes(16)
+    dialect: Ext4Dialect = DEFAULT_DIALECT      # byte-level habits of the ext4 writer
+    builder: type[LayerBuilder] = LayerBuilder  # the rules that turn entries into inodes
+    spill_at: int | None = None                 # directory entries kept in memory (None: DirIndex's default)
 
 
-def convert_tar_stream(stream: BinaryIO, fd: int, options: Ext4Options = DEFAULT_OPTIONS,
-                       on_entry: Callable[[TarEntry], None] | None = None) -> TarStats:
-    """Read a tar stream and write an ext4 image to `fd`; the stream is read to its end."""
+DEFAULT_OPTIONS = Ext4Options()
+
+
+def convert_tar_stream(chunks: Iterable[bytes], fd: int, options: Ext4Options = DEFAULT_OPTIONS,
+                       on_entry: Callable[[TarEntry], None] | None = None,
+                       watcher: WriteWatcher | None = None) -> TarStats:
+    """Read a tar stream (as chunks of bytes) and write an ext4 image to `fd`; the stream is read to its end."""
+    dirs = DirIndex() if options.spill_at is None else DirIndex(options.spill_at)
     writer = Ext4Writer(fd, max_disk_size=options.max_disk_size, lost_and_found=options.lost_and_found,
-                        uuid=options.uuid, compat_aci=options.compat_aci)
-    if options.compat_aci:
-        from sandbox.aci.ext4compat import AciLayerBuilder  # tar2ext4's rules (docs/aci.md)
-        builder: LayerBuilder = AciLayerBuilder(writer, options)
-    else:
-        builder = LayerBuilder(writer, options)
-    reader = TarReader(stream)
-    count = 0
-    for entry in reader:
-        count += 1
-        try:
-            builder.add(entry, reader)
-        except Ext4LimitError as e:                 # the writer does not know entry names
-            raise LayerEntryError(f"{entry.describe()}: {e.message}", hint=e.hint) from e
-        if on_entry is not None:
-            on_entry(entry)
-    reader.drain()
-    builder.finish()
-    stats = writer.close()
+                        uuid=options.uuid, dialect=options.dialect, dirs=dirs, watcher=watcher)
+    try:
+        builder = options.builder(writer, options)
+        reader = TarReader(chunks)
+        count = 0
+        for entry in reader:
+            count += 1
+            try:
+                builder.add(entry, reader)
+            except Ext4LimitError as e:             # the writer does not know entry names
+                raise LayerEntryError(f"{entry.describe()}: {e.message}", hint=e.hint) from e
+            if on_entry is not None:
+                on_entry(entry)
+        reader.drain()
+        builder.finish()
+        stats = writer.close()
+    finally:
+        dirs.close()
     return TarStats(entries=count, tar_bytes=reader.input.pos, ext4=stats)

@@ -12,15 +12,17 @@ Every error is a TarError naming the entry (or header offset) where reading fail
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import BinaryIO
+from typing import NamedTuple
 
 from sandbox.shared.errors import InputError
 
 BLOCK = 512
-_CHUNK = 1 << 20
+_ZERO_BLOCK = bytes(BLOCK)
+_NO_TIMES = bytes(24)            # GNU atime and ctime fields left empty
 _MAX_META = 16 << 20            # cap on pax / long-name payloads held in memory
 
 
@@ -49,13 +51,12 @@ _TYPES = {
 }
 
 
-@dataclass(frozen=True)
-class TarTime:
+class TarTime(NamedTuple):
     seconds: int
     nanoseconds: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class TarEntry:
     name: bytes                 # the path as stored (after long-name and pax overrides)
     type: EntryType
@@ -86,43 +87,91 @@ def _text(what: What) -> str:
 
 
 class _Input:
-    """Reads exact byte counts from a stream and counts the position."""
+    """Reads exact byte counts from a sequence of chunks (bytes), and counts the position.
 
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = stream
-        self.pos = 0
-        self._buf = bytearray(_CHUNK)
+    Headers are copied out; file data is handed out as views of the chunks, without a copy.
+    """
+
+    def __init__(self, chunks: Iterable[bytes | memoryview]) -> None:
+        self._chunks = iter(chunks)
+        self._buf = memoryview(b"")     # the current chunk (valid until the next is asked for)
+        self._off = 0                   # read position in it
+        self._base = 0                  # stream position of its first byte
+
+    @property
+    def pos(self) -> int:
+        return self._base + self._off
+
+    def _advance(self) -> bool:
+        """Move to the next non-empty chunk (the current one must be used up); False at the end."""
+        for chunk in self._chunks:
+            if chunk:
+                self._base += len(self._buf)
+                self._buf, self._off = memoryview(chunk), 0
+                return True
+        return False
 
     def read(self, n: int) -> bytes:
-        data = self.stream.read(n)
-        self.pos += len(data)
-        return data
+        """n bytes, or fewer at the end of the stream."""
+        off = self._off
+        end = off + n
+        if end <= len(self._buf):
+            self._off = end
+            return self._buf[off:end].tobytes()
+        parts = [self._buf[off:].tobytes()]
+        got = len(parts[0])
+        self._off = len(self._buf)
+        while got < n and self._advance():
+            take = min(n - got, len(self._buf))
+            parts.append(self._buf[:take].tobytes())
+            self._off = take
+            got += take
+        return b"".join(parts)
 
     def exact(self, n: int, what: What) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            part = self.read(n - len(out))
-            if not part:
-                raise TarError(f"tar stream ends inside {_text(what)} (truncated after {self.pos} bytes)",
-                               hint="the layer file is incomplete or corrupt")
-            out += part
-        return bytes(out)
+        data = self.read(n)
+        if len(data) < n:
+            raise TarError(f"tar stream ends inside {_text(what)} (truncated after {self.pos} bytes)",
+                           hint="the layer file is incomplete or corrupt")
+        return data
 
     def chunks(self, n: int, what: What) -> Iterator[memoryview]:
-        """Yield exactly n bytes as views into a reused buffer (consume each before the next)."""
-        view = memoryview(self._buf)
+        """Yield exactly n bytes as views into the chunks (consume each before asking for the next)."""
         while n > 0:
-            got = self.stream.readinto(view[:min(n, _CHUNK)])
-            self.pos += got
-            if not got:
+            if self._off == len(self._buf) and not self._advance():
                 raise TarError(f"tar stream ends inside {_text(what)} (truncated after {self.pos} bytes)",
                                hint="the layer file is incomplete or corrupt")
-            n -= got
-            yield view[:got]
+            off = self._off
+            take = min(n, len(self._buf) - off)
+            self._off = off + take
+            n -= take
+            yield self._buf[off:off + take]
+
+    def skip_within(self, n: int) -> bool:
+        """Skip n bytes if the current chunk holds them (the usual case); False, having done nothing, if not."""
+        off = self._off + n
+        if off > len(self._buf):
+            return False
+        self._off = off
+        return True
 
     def skip(self, n: int, what: What) -> None:
-        for _ in self.chunks(n, what):
-            pass
+        while n > 0:
+            if self._off == len(self._buf) and not self._advance():
+                raise TarError(f"tar stream ends inside {_text(what)} (truncated after {self.pos} bytes)",
+                               hint="the layer file is incomplete or corrupt")
+            take = min(n, len(self._buf) - self._off)
+            self._off += take
+            n -= take
+
+    def drain(self) -> int:
+        """Read to the end; returns how many bytes that was."""
+        n = len(self._buf) - self._off
+        self._off = len(self._buf)
+        while self._advance():
+            n += len(self._buf)
+            self._off = len(self._buf)
+        return n
 
 
 def _parse_number(field_: bytes, what: str, offset: int) -> int:
@@ -147,9 +196,20 @@ def _cstr(field_: bytes) -> bytes:
     return field_.split(b"\0", 1)[0]
 
 
-def _checksum_ok(header: bytes) -> bool:
-    stored = _parse_number(header[148:156], "checksum", 0)
-    unsigned = sum(header) - sum(header[148:156]) + 8 * 32      # the field counts as 8 spaces
+# mode, uid, gid, size, mtime and checksum as nearly every writer formats them (GNU tar, Go, Python):
+# zero-padded octal and a NUL, the checksum in six digits, a NUL and a space. Anything else takes the
+# general path (_parse_number), which accepts the same values and more.
+_USUAL_NUMBERS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 ")
+
+
+def _byte_sum(data: bytes) -> int:
+    """The sum of the bytes of a header. Adler-32's low half is 1 + that sum modulo 65521, exact while the
+    sum stays below 65521, as it does for 256 bytes; zlib computes it faster than sum() iterates."""
+    return (zlib.adler32(data[:256]) & 0xFFFF) + (zlib.adler32(data[256:]) & 0xFFFF) - 2
+
+
+def _checksum_ok(header: bytes, stored: int) -> bool:
+    unsigned = _byte_sum(header) - sum(header[148:156]) + 8 * 32      # the field counts as 8 spaces
     if stored == unsigned:
         return True
     high = sum(1 for b in header if b > 127) - sum(1 for b in header[148:156] if b > 127)
@@ -211,10 +271,11 @@ def _libarchive_xattr(key: bytes, value: bytes, offset: int) -> tuple[bytes, byt
 
 
 class TarReader:
-    """Iterate over the entries of a tar stream; read each regular file's data before the next entry."""
+    """Iterate over the entries of a tar stream, given as chunks of bytes; read each regular file's data
+    before the next entry."""
 
-    def __init__(self, stream: BinaryIO) -> None:
-        self.input = _Input(stream)
+    def __init__(self, chunks: Iterable[bytes | memoryview]) -> None:
+        self.input = _Input(chunks)
         self.globals: dict[bytes, bytes] = {}
         self._pending = 0               # unread data + padding of the current entry
         self._current: TarEntry | None = None
@@ -233,15 +294,14 @@ class TarReader:
     def _skip_pending(self) -> None:
         if self._pending:
             current = self._current
-            self.input.skip(self._pending, lambda: f"the data of {current.describe() if current else 'an entry'}")
+            if not self.input.skip_within(self._pending):
+                self.input.skip(self._pending,
+                                lambda: f"the data of {current.describe() if current else 'an entry'}")
             self._pending = 0
 
     def drain(self) -> int:
         """Read whatever follows the end-of-archive marker (it counts for the diff_id); returns its length."""
-        n = 0
-        while chunk := self.input.read(_CHUNK):
-            n += len(chunk)
-        return n
+        return self.input.drain()
 
     def _meta(self, size: int, offset: int, what: str) -> bytes:
         if size > _MAX_META:
@@ -265,20 +325,28 @@ class TarReader:
                     raise TarError("the tar stream is empty", hint="the layer file is empty or truncated")
                 raise TarError(f"tar stream ends at byte {offset} without an end-of-archive marker",
                                hint="the layer file is truncated")
-            if header == bytes(BLOCK):
+            if header == _ZERO_BLOCK:
                 if pax or long_name is not None or long_link is not None:
                     raise TarError(f"tar stream ends at byte {offset} after an extended header with no entry")
                 second = self.input.read(BLOCK)     # the marker is two zero blocks; tolerate one
-                if second and second != bytes(BLOCK):
+                if second and second != _ZERO_BLOCK:
                     raise TarError(f"corrupt tar stream at byte {offset}: data after a zero block")
                 return None
-            if not _checksum_ok(header):
+            usual = _USUAL_NUMBERS.match(header, 100)
+            if usual is not None:
+                mode, uid, gid, size, mtime, stored = [int(digits, 8) for digits in usual.groups()]
+                numbers: tuple[int, int, int, int] | None = (mode, uid, gid, mtime)
+            else:
+                stored = _parse_number(header[148:156], "checksum", 0)
+                numbers = None
+            if not _checksum_ok(header, stored):
                 raise TarError(f"corrupt tar header at byte {offset} (checksum mismatch)",
                                hint="the layer is not a tar archive, or it is damaged")
             typeflag = header[156:157]
-            size = _parse_number(header[124:136], "size", offset)
-            if size < 0:
-                raise TarError(f"corrupt tar header at byte {offset}: negative size")
+            if numbers is None:
+                size = _parse_number(header[124:136], "size", offset)
+                if size < 0:
+                    raise TarError(f"corrupt tar header at byte {offset}: negative size")
             if typeflag == b"x":
                 pax += _parse_pax(self._meta(size, offset, "a pax header"), offset)
                 continue
@@ -298,35 +366,41 @@ class TarReader:
             if typeflag == b"V":                    # a volume label: not a file
                 self.input.skip(size + (-size % BLOCK), "a volume label")
                 continue
-            return self._entry(header, typeflag, size, start, pax, long_name, long_link)
+            return self._entry(header, typeflag, size, start, pax, long_name, long_link, numbers)
 
     def _entry(self, header: bytes, typeflag: bytes, size: int, start: int, pax: list[tuple[bytes, bytes]],
-               long_name: bytes | None, long_link: bytes | None) -> TarEntry:
-        num = lambda a, b, what: _parse_number(header[a:b], what, start)  # noqa: E731
+               long_name: bytes | None, long_link: bytes | None,
+               numbers: tuple[int, int, int, int] | None) -> TarEntry:
         magic = header[257:265]
         gnu = magic == b"ustar  \0"
-        name = _cstr(header[0:100])
+        end = header.find(0, 0, 100)
+        name = header[:end if end >= 0 else 100]
         if magic[:6] == b"ustar\0" and header[345]:
             name = _cstr(header[345:500]) + b"/" + name
-        linkname = _cstr(header[157:257])
+        end = header.find(0, 157, 257)
+        linkname = header[157:end if end >= 0 else 257]
         entry_type = _TYPES.get(typeflag)
         if entry_type is None:
             shown = typeflag.decode("latin-1")
             raise TarError(f"tar entry {name.decode(errors='replace')!r} (at byte {start}) has unsupported type "
                            f"{shown!r}", hint="only files, directories, links, devices and fifos can be converted")
-        entry = TarEntry(
-            name=name, type=entry_type, mode=num(100, 108, "mode") & 0o7777, uid=num(108, 116, "uid"),
-            gid=num(116, 124, "gid"), mtime=TarTime(num(136, 148, "mtime")), atime=None, ctime=None,
-            size=size, linkname=linkname, devmajor=0, devminor=0, offset=start, stored=size)
-        if entry_type in (EntryType.char, EntryType.block):
-            entry.devmajor, entry.devminor = num(329, 337, "devmajor"), num(337, 345, "devminor")
-        if gnu:
-            atime, ctime = num(345, 357, "atime"), num(357, 369, "ctime")
+        if numbers is None:
+            numbers = (_parse_number(header[100:108], "mode", start), _parse_number(header[108:116], "uid", start),
+                       _parse_number(header[116:124], "gid", start), _parse_number(header[136:148], "mtime", start))
+        mode, uid, gid, mtime = numbers
+        entry = TarEntry(name=name, type=entry_type, mode=mode & 0o7777, uid=uid, gid=gid, mtime=TarTime(mtime),
+                         atime=None, ctime=None, size=size, linkname=linkname, devmajor=0, devminor=0, offset=start,
+                         stored=size)
+        if entry_type is EntryType.char or entry_type is EntryType.block:
+            entry.devmajor = _parse_number(header[329:337], "devmajor", start)
+            entry.devminor = _parse_number(header[337:345], "devminor", start)
+        if gnu and header[345:369] != _NO_TIMES:
+            atime, ctime = _parse_number(header[345:357], "atime", start), _parse_number(header[357:369], "ctime", start)
             entry.atime = TarTime(atime) if atime else None
             entry.ctime = TarTime(ctime) if ctime else None
         if typeflag == b"S":
             entry.sparse = self._old_gnu_sparse(header, entry)
-            entry.size = num(483, 495, "realsize")
+            entry.size = _parse_number(header[483:495], "realsize", start)
         if typeflag == b"\0" and name.endswith(b"/"):
             entry.type = EntryType.directory            # old tars marked directories with a trailing slash
             typeflag = b"5"
@@ -334,7 +408,7 @@ class TarReader:
             entry.name = long_name
         if long_link is not None:
             entry.linkname = long_link
-        map_in_data = self._apply_pax(entry, [*self.globals.items(), *pax])
+        map_in_data = self._apply_pax(entry, [*self.globals.items(), *pax]) if pax or self.globals else False
         if typeflag in _HEADER_ONLY:
             entry.size = entry.stored = 0               # no data follows, whatever the size field says
         elif entry.type != EntryType.file:
@@ -477,6 +551,12 @@ class TarReader:
             total += length
         if end > entry.size or total != entry.stored:
             raise TarError(f"{entry.describe()} has a sparse map that does not match its sizes")
+
+    def contents(self, entry: TarEntry) -> Iterator[memoryview]:
+        """The data of the current regular, non-sparse file entry, in order; views are reused, copy to keep."""
+        assert entry is self._current and entry.type == EntryType.file and entry.sparse is None
+        self._pending = -entry.stored % BLOCK       # the padding, skipped before the next entry
+        return self.input.chunks(entry.stored, lambda: f"the data of {entry.describe()}")
 
     def data(self, entry: TarEntry) -> Iterator[tuple[int, memoryview]]:
         """Yield (file offset, bytes) of the current regular-file entry; views are reused, copy to keep."""

@@ -28,11 +28,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sandbox.group.spec import Container as SpecContainer
-from sandbox.group.spec import GroupSpec, VolumeKind
+from sandbox.group.spec import ContainerSpec, GroupSpec, VolumeKind
 from sandbox.images.model import ImageConfig, ResolvedImage
 from sandbox.shared.errors import InputError
 from sandbox.shared.kbs_protocol import PIN, attestation_api_mount
+from sandbox.shared.messages import ContainerMount
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.model import (
     ANY_ID,
@@ -57,7 +57,7 @@ ALLOW_ALL_ENV = "[^=]+=(?s:.*)"
 
 
 @dataclass(frozen=True)
-class ProcessSpec:
+class ContainerProcess:
     """What the launcher asks the agent to run for a container, and what the policy pins."""
 
     argv: tuple[str, ...]
@@ -67,7 +67,7 @@ class ProcessSpec:
     user: str                         # "", "uid", "uid:gid", "name" or "name:group"
 
 
-def container_process(container: SpecContainer, config: ImageConfig) -> ProcessSpec:
+def container_process(container: ContainerSpec, config: ImageConfig) -> ContainerProcess:
     """argv, env, working dir and user of a container: image config with the group's overrides."""
     entrypoint = container.command if container.command is not None else config.entrypoint
     if container.args is not None:
@@ -95,7 +95,7 @@ def container_process(container: SpecContainer, config: ImageConfig) -> ProcessS
     if container.user is not None and container.user.startswith(":"):
         # A group alone (an ARM template's runAsGroup without runAsUser) keeps the image's user.
         user = ((config.user or "").partition(":")[0] or "0") + container.user
-    return ProcessSpec(argv, env, frozenset(secure), working_dir, user or "")
+    return ContainerProcess(argv, env, frozenset(secure), working_dir, user or "")
 
 
 def _idname(part: str) -> IdName:
@@ -109,7 +109,7 @@ def policy_user(user: str) -> User:
     return User(_idname(user_part or "0"), groups, defaults.DEFAULT_UMASK)
 
 
-def container_capabilities(container: SpecContainer) -> Capabilities:
+def container_capabilities(container: ContainerSpec) -> Capabilities:
     """Unprivileged: the usual 14 in bounding/effective/permitted with the group's add/drop applied.
     Privileged: all 41 there. Inheritable and ambient stay empty either way, as runtimes do since
     CVE-2022-24769 (inheritable capabilities survive execve of non-root programs)."""
@@ -122,7 +122,7 @@ def container_capabilities(container: SpecContainer) -> Capabilities:
     return Capabilities(bounding=caps, effective=caps, inheritable=(), permitted=caps, ambient=())
 
 
-def _env_rules(process: ProcessSpec, debug: bool) -> tuple[EnvRule, ...]:
+def _env_rules(process: ContainerProcess, debug: bool) -> tuple[EnvRule, ...]:
     rules = []
     for item in process.env:
         name = item.partition("=")[0]
@@ -135,20 +135,25 @@ def _env_rules(process: ProcessSpec, debug: bool) -> tuple[EnvRule, ...]:
     return tuple(rules)
 
 
-def _mounts(spec: GroupSpec, container: SpecContainer) -> tuple[Mount, ...]:
+def container_mounts(spec: GroupSpec, container: ContainerSpec) -> tuple[ContainerMount, ...]:
+    """The bind mounts of a container, the one place that decides them: the launcher asks for exactly
+    these and the policy pins exactly these. One per group mount, from the volume's directory in the
+    UVM, read-only when asked (always for `files` and `secret` volumes); then the attestation API's
+    directory when the container asks for it (docs/kbs.md)."""
     kinds = {v.name: v.kind for v in spec.volumes}
-    out = []
-    for m in container.mounts:
-        read_only = m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret)
-        entry = defaults.volume_bind_mount(m.volume, m.mount_path, read_only)
-        out.append(Mount(entry["destination"], entry["source"], entry["type"], tuple(entry["options"])))
+    out = [defaults.volume_bind_mount(m.volume, m.mount_path,
+                                      m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret))
+           for m in container.mounts]
     if container.attestation_api:
-        api = attestation_api_mount()
-        out.append(Mount(api["destination"], api["source"], api["type"], tuple(api["options"])))
-    return tuple(out)
+        out.append(attestation_api_mount())
+    return tuple(ContainerMount.from_json(m) for m in out)
 
 
-def _exec_processes(container: SpecContainer, debug: bool) -> tuple[ExecProcess, ...]:
+def _policy_mounts(spec: GroupSpec, container: ContainerSpec) -> tuple[Mount, ...]:
+    return tuple(Mount(m.destination, m.source, m.type, m.options) for m in container_mounts(spec, container))
+
+
+def _exec_processes(container: ContainerSpec, debug: bool) -> tuple[ExecProcess, ...]:
     procs = [ExecProcess(tuple(p.command), tuple(dict.fromkeys(p.signals))) for p in container.exec_processes]
     if debug:
         listed = {p.command for p in procs}
@@ -156,7 +161,7 @@ def _exec_processes(container: SpecContainer, debug: bool) -> tuple[ExecProcess,
     return tuple(procs)
 
 
-def _policy_container(spec: GroupSpec, container: SpecContainer, image: ResolvedImage, debug: bool) -> Container:
+def _policy_container(spec: GroupSpec, container: ContainerSpec, image: ResolvedImage, debug: bool) -> Container:
     layers = image.layer_hashes
     if not layers:
         raise InputError(f"image {image.reference!r} of container {container.name!r} has no layers")
@@ -166,7 +171,7 @@ def _policy_container(spec: GroupSpec, container: SpecContainer, image: Resolved
     process = container_process(container, image.config)
     return Container(
         name=container.name, id=container.image, layers=tuple(layers), command=process.argv,
-        env_rules=_env_rules(process, debug), working_dir=process.working_dir, mounts=_mounts(spec, container),
+        env_rules=_env_rules(process, debug), working_dir=process.working_dir, mounts=_policy_mounts(spec, container),
         exec_processes=_exec_processes(container, debug), signals=tuple(dict.fromkeys(container.signals)),
         allow_elevated=container.privileged, allow_stdio_access=container.stdio, no_new_privileges=False,
         user=policy_user(process.user), capabilities=container_capabilities(container), seccomp_profile_sha256="",

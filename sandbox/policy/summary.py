@@ -10,7 +10,7 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.jsonio import read_input_file
+from sandbox.fsutil import read_input_file
 from sandbox.shared.policy.model import EnvRule, Policy, Strategy, parse_policy, policy_hash
 from sandbox.shared.policy.regex import whole_matcher
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.jsonio import read_input_file
+from sandbox.fsutil import read_input_file
 from sandbox.shared.errors import InputError
 from sandbox.shared.jsonstrict import decode_utf8, loads_strict
 from sandbox.shared.policy.engine import Decision, PolicyEngine

@@ -51,8 +51,8 @@ class NetworkError(SandboxError):
     """A remote service (registry, KDS, key broker) could not be reached or refused us."""
 
 
-class NotFoundError(SandboxError):
-    """A named object (sandbox, image, secret) does not exist."""
+class NotFoundError(InputError):
+    """A named object (sandbox, image, secret, file) does not exist: an input error (exit 2)."""
 
 
 class StateError(SandboxError):
@@ -71,17 +71,25 @@ class GuestError(SandboxError):
     """The guest agent reported an error or stopped answering."""
 
 
+class GuestOperationFailed(SandboxError):
+    """Inside the guest: an operation the agent carried out failed (a disk, a mount, crun, a user lookup,
+    the scratch filesystem...). The agent answers the request with ErrorCode.failed and this message;
+    the host raises it again as a GuestError (sandbox.launch.agent_client.AgentError)."""
+
+
 class AttestationError(SandboxError):
     """Attestation evidence could not be produced (no TEE interface, a firmware error...)."""
 
 
-# `exec` follows docker's exit codes; sandbox/cli/errors.py maps these three.
+# `exec` passes the command's exit code through; sandbox/cli/errors.py maps its own outcomes to codes
+# out of the command's way (docs/cli.md, "Exit codes").
 class ExecSetupError(SandboxError):
-    """exec could not reach the process's container: no such sandbox/container, not running (exit 125)."""
+    """exec could not run the command at all: no such sandbox/container, not running, the agent
+    unreachable, a usage error (exit 125, docker's and podman's code for their own errors)."""
 
 
 class ExecDenied(PolicyDenied):
-    """The policy refused to exec the command (exit 126, docker's "cannot be invoked")."""
+    """The policy refused to exec the command (exit 77, sysexits' EX_NOPERM)."""
 
 
 class ExecCannotInvoke(SandboxError):

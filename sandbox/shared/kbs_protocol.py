@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import CheckFailed, InputError
 
 VERSION = 1
 API_PREFIX = "/kbs/v1"
@@ -74,7 +74,7 @@ def attestation_api_mount() -> dict[str, Any]:
             "options": list(ATTEST_API_MOUNT_OPTIONS)}
 
 
-class ErrorCode(StrEnum):
+class KbsErrorCode(StrEnum):
     bad_request = "bad_request"          # malformed JSON, missing/unknown fields, bad encodings
     not_found = "not_found"              # no such endpoint
     method_not_allowed = "method_not_allowed"
@@ -160,5 +160,6 @@ class Sealed:
         return cls(**values)
 
 
-class BrokerNotTrusted(InputError):
-    """The response was not signed by a key broker that the execution policy pins."""
+class BrokerNotTrusted(CheckFailed):
+    """The response was not signed by a key broker that the execution policy pins, or does not
+    open (a failed check)."""

@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from sandbox.shared.codec import FieldError, label, shown
+from sandbox.shared.errors import GuestError
 from sandbox.shared.jsoncheck import type_name
 from sandbox.shared.jsonstrict import finite_float, int64, no_duplicate_keys, reject_constant
 from sandbox.shared.messages import REQUEST_TYPES, AgentRequest
@@ -69,8 +70,9 @@ class ErrorCode(StrEnum):
     internal = "internal"                        # a bug in the agent; it keeps serving
 
 
-class ProtocolError(Exception):
-    """A request that cannot be served; becomes an error response with this code."""
+class ProtocolError(GuestError):
+    """A request that cannot be served; becomes an error response with this code. (On the host, a
+    frame from the guest that does not parse.)"""
 
     def __init__(self, code: ErrorCode, message: str, *, details: dict[str, Any] | None = None,
                  request_id: RequestId = None) -> None:

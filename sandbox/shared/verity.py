@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +38,9 @@ SB_VERSION = 1
 _SB = struct.Struct("<8sII16s32sIIQH6s256s168s")
 assert _SB.size == SUPERBLOCK_SIZE
 
-_READ_CHUNK = 8 << 20               # data read per system call while hashing
+_READ_CHUNK = 1 << 20               # data read per system call while hashing
 _DIGEST_FLUSH = 1 << 20             # bytes of digests buffered before they are written out
+PARALLEL_MIN = 32 << 20             # data from which a second process hashes half of the tree's first level
 
 
 @dataclass(frozen=True)
@@ -158,9 +161,9 @@ class _TreeWriter:
     def hash_blocks(self, view: memoryview, block_size: int) -> None:
         # The hot loop: one pre-salted hash object copied per block, bound methods kept local.
         copy, append, pad = self.base.copy, self.buf.append, self.pad
-        for block in [view[off:off + block_size] for off in range(0, len(view), block_size)]:
+        for off in range(0, len(view), block_size):
             h = copy()
-            h.update(block)
+            h.update(view[off:off + block_size])
             append(h.digest())
             if pad:
                 append(pad)
@@ -195,7 +198,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 
 def _hash_region(src_fd: int, start: int, blocks: int, block_size: int, writer: _TreeWriter) -> None:
-    """Feed `blocks` blocks read from `src_fd` at byte `start` through `writer`."""
+    """Feed `blocks` blocks read from `src_fd` at byte `start` through `writer` (which is flushed)."""
     chunk_blocks = max(1, _READ_CHUNK // block_size)
     buf = bytearray(chunk_blocks * block_size)
     view = memoryview(buf)
@@ -207,12 +210,87 @@ def _hash_region(src_fd: int, start: int, blocks: int, block_size: int, writer: 
             raise InputError(f"short read while hashing: the file shrank below {start + blocks * block_size} bytes")
         writer.hash_blocks(view[:n], block_size)
         done += n // block_size
+    writer.flush()
+
+
+def single_threaded() -> bool:
+    """True when the process runs one thread, counting threads that native libraries started (they do not
+    show in threading.active_count(), and a lock one of them holds would stay held in a forked child)."""
+    if threading.active_count() != 1:
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _hash_first_level(src_fd: int, blocks: int, block_size: int, writer: _TreeWriter) -> None:
+    """Hash the data blocks into the tree's first level, in two processes when that pays and is safe.
+
+    Hashing a block takes the GIL back and forth, so threads do not help; a forked child hashes the second
+    half and writes its digests in place. Forking is safe only while this process runs a single thread
+    (`single_threaded`).
+    """
+    slot = writer.base.digest_size + len(writer.pad)
+    half = blocks // 2
+    if blocks * block_size < PARALLEL_MIN or not single_threaded():
+        _hash_region(src_fd, 0, blocks, block_size, writer)
+        return
+    second = _TreeWriter(writer.fd, writer.pos + half * slot, writer.base, slot, writer.hash_block_size)
+    pid = os.fork()
+    if pid == 0:                                    # the child: hash the second half, then leave at once
+        code = 1
+        try:
+            _hash_region(src_fd, half * block_size, blocks - half, block_size, second)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        _hash_region(src_fd, 0, half, block_size, writer)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise InputError("hashing the second half of the data failed (a read error, or the file shrank)")
+    writer.pos += (blocks - half) * slot            # the child's digests follow the parent's
+    writer.written += (blocks - half) * slot
+
+
+def first_level_slot(hash_block_size: int = BLOCK_SIZE, algorithm: str = ALGORITHM) -> int:
+    """Bytes each data block's digest takes in the tree's first level (the digest, zero-padded)."""
+    return hash_block_size // digests_per_block(hash_block_size, hashlib.new(algorithm).digest_size)
+
+
+def hash_blocks_into(src_fd: int, first_block: int, count: int, dst_fd: int, *, salt: bytes = ZERO_SALT,
+                     data_block_size: int = BLOCK_SIZE, hash_block_size: int = BLOCK_SIZE,
+                     algorithm: str = ALGORITHM) -> None:
+    """Write the first-level digests of data blocks [first_block, first_block + count) of `src_fd` into
+    `dst_fd`, block i's at byte i * first_level_slot(): what format_verity's `first_level` takes."""
+    base = hashlib.new(algorithm)
+    base.update(salt)
+    slot = first_level_slot(hash_block_size, algorithm)
+    writer = _TreeWriter(dst_fd, first_block * slot, base, slot, hash_block_size)
+    _hash_region(src_fd, first_block * data_block_size, count, data_block_size, writer)
+
+
+def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
+    while length > 0:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, length, src_offset, dst_offset)
+        except OSError:                             # e.g. across file systems on an old kernel
+            n = len(chunk := os.pread(src_fd, min(length, _READ_CHUNK), src_offset))
+            _pwrite_all(dst_fd, chunk, dst_offset)
+        if n <= 0:
+            raise InputError(f"the first level of the dm-verity tree is short by {length} bytes")
+        src_offset, dst_offset, length = src_offset + n, dst_offset + n, length - n
 
 
 def format_verity(data: Path, *, salt: bytes = ZERO_SALT, superblock: bool = True, hash_file: Path | None = None,
                   data_blocks: int | None = None, uuid: bytes | None = None, hash_offset: int | None = None,
                   data_block_size: int = BLOCK_SIZE, hash_block_size: int = BLOCK_SIZE,
-                  algorithm: str = ALGORITHM) -> VerityInfo:
+                  algorithm: str = ALGORITHM, first_level: int | None = None) -> VerityInfo:
     """Write a format-1 dm-verity tree for `data`, as `veritysetup format` does, and return its parameters.
 
     - hash_file None: the tree is appended to `data` at hash_offset = data size (whatever followed the data
@@ -221,6 +299,9 @@ def format_verity(data: Path, *, salt: bytes = ZERO_SALT, superblock: bool = Tru
     - data_blocks defaults to floor(size / data_block_size): like veritysetup, a partial last block is ignored.
     - superblock: write `struct verity_sb` at hash_offset, its block zero-padded, the tree in the next hash
       block. The UUID defaults to one derived from the root hash, so the output is a pure function of input.
+    - first_level: an open file holding the digests of the data blocks as hash_blocks_into writes them (from
+      offset 0), computed while the data was written (sandbox/layers/treehash.py); they are copied into the
+      tree instead of hashing the data again. The caller answers for them matching the data.
     Memory stays bounded: data is read in large chunks and each level's digests go straight to disk.
     """
     digest_size = _check_params(salt, data_block_size, hash_block_size, algorithm)
@@ -276,16 +357,27 @@ def format_verity(data: Path, *, salt: bytes = ZERO_SALT, superblock: bool = Tru
                 _pwrite_all(hash_fd, bytes(start * hash_block_size - hash_offset), hash_offset)
             if not sizes:
                 # A single data block: no tree at all, the root is the digest of that block.
-                h = base.copy()
-                h.update(os.pread(data_fd, data_block_size, 0))
-                root = h.digest()
+                if first_level is not None:
+                    root = os.pread(first_level, digest_size, 0)
+                    if len(root) != digest_size:
+                        raise InputError("the first level of the dm-verity tree is empty")
+                else:
+                    h = base.copy()
+                    h.update(os.pread(data_fd, data_block_size, 0))
+                    root = h.digest()
             else:
-                src_fd, src_start, src_blocks, src_bs = data_fd, 0, blocks, data_block_size
-                for level, count in enumerate(sizes):
+                writer = _TreeWriter(hash_fd, offsets[0], base, slot, hash_block_size)
+                if first_level is not None:
+                    _copy_range(first_level, 0, hash_fd, offsets[0], blocks * slot)
+                    writer.pos += blocks * slot
+                    writer.written += blocks * slot
+                else:
+                    _hash_first_level(data_fd, blocks, data_block_size, writer)
+                writer.finish()
+                for level in range(1, len(sizes)):
                     writer = _TreeWriter(hash_fd, offsets[level], base, slot, hash_block_size)
-                    _hash_region(src_fd, src_start, src_blocks, src_bs, writer)
+                    _hash_region(hash_fd, offsets[level - 1], sizes[level - 1], hash_block_size, writer)
                     writer.finish()
-                    src_fd, src_start, src_blocks, src_bs = hash_fd, offsets[level], count, hash_block_size
                 h = base.copy()
                 h.update(os.pread(hash_fd, hash_block_size, offsets[-1]))
                 root = h.digest()

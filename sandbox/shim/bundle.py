@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.spec import Container, EnvVar, TeeMode
+from sandbox.group.spec import ContainerSpec, EnvVar, TeeMode
 from sandbox.shared.errors import InputError
 
 POLICY_ANNOTATION = "io.parma.policy"
@@ -149,7 +149,7 @@ class OciContainer:
     def image(self) -> str | None:
         return self.annotations.get(IMAGE_ANNOTATION) or self.annotations.get(CRI_IMAGE_NAME)
 
-    def group_container(self, name: str, image: str, *, drop_env: frozenset[str] = frozenset()) -> Container:
+    def group_container(self, name: str, image: str, *, drop_env: frozenset[str] = frozenset()) -> ContainerSpec:
         """This container as a group container: its argv replaces the image's (no image CMD is added),
         its env and working directory are the ones containerd asks for (image env already merged in),
         less the variables named in drop_env."""
@@ -160,7 +160,7 @@ class OciContainer:
             if sep and key and key not in seen:
                 seen.add(key)
                 env.append(EnvVar(key, value))
-        return Container(name=name, image=image, command=self.args, args=(), env=tuple(env),
+        return ContainerSpec(name=name, image=image, command=self.args, args=(), env=tuple(env),
                          working_dir=self.cwd or "/", user=f"{self.uid}:{self.gid}")
 
 

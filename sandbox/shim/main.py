@@ -48,7 +48,7 @@ EXIT_KILLED = 128 + signal.SIGKILL
 
 
 @dataclass(frozen=True)
-class Flags:
+class ShimFlags:
     namespace: str = ""
     address: str = ""
     publish_binary: str = ""
@@ -65,7 +65,7 @@ class UsageError(Exception):
     pass
 
 
-def parse_flags(argv: list[str]) -> Flags:
+def parse_flags(argv: list[str]) -> ShimFlags:
     """Go `flag` syntax: -name value, -name=value, --name; bool flags take no value; stop at the action."""
     values: dict[str, object] = {}
     i = 0
@@ -89,7 +89,7 @@ def parse_flags(argv: list[str]) -> Flags:
     rest = argv[i + 1:] if i < len(argv) and argv[i] == "--" else argv[i:]
     if len(rest) > 1:
         raise UsageError(f"unexpected arguments after {rest[0]!r}: {' '.join(rest[1:])}")
-    return Flags(**values, action=rest[0] if rest else "")  # type: ignore[arg-type]
+    return ShimFlags(**values, action=rest[0] if rest else "")  # type: ignore[arg-type]
 
 
 def socket_address(node: NodeConfig, containerd_address: str, namespace: str, grouping: str) -> str:
@@ -133,7 +133,7 @@ def _log_fifo(bundle: Path) -> int:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
 
-def cmd_start(flags: Flags) -> int:
+def cmd_start(flags: ShimFlags) -> int:
     bundle = Path.cwd()
     config_path = _read_options()
     node = load_node_config(config_path)
@@ -173,7 +173,7 @@ def cmd_start(flags: Flags) -> int:
     return 0
 
 
-def cmd_delete(flags: Flags) -> int:
+def cmd_delete(flags: ShimFlags) -> int:
     """After the daemon is gone (crashed, killed, or done): take its sandbox down if it is still there."""
     bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
     with contextlib.suppress(OSError, ValueError):
@@ -190,7 +190,7 @@ def cmd_delete(flags: Flags) -> int:
     return 0
 
 
-def serve(flags: Flags) -> int:
+def serve(flags: ShimFlags) -> int:
     node = load_node_config(flags.config or None)
     if node.runtime_dir:
         os.environ["PARMA_SANDBOX_RUNTIME"] = node.runtime_dir

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.spec import Container, GroupSpec, LayerFormat, Resources, TeeMode
+from sandbox.group.spec import ContainerSpec, GroupSpec, LayerFormat, Resources, TeeMode
 from sandbox.images.model import ResolvedImage
 from sandbox.launch import lifecycle
 from sandbox.launch.agent_client import AgentClient
-from sandbox.launch.pipeline import UpOptions, load_running, resolve_images
+from sandbox.launch.pipeline import UpOptions, load_running
 from sandbox.launch.pipeline import up as launch_up
 from sandbox.launch.plan import build_plan
+from sandbox.policy.sources import resolve_group_images
 from sandbox.shared import messages as M
 from sandbox.shared.errors import InputError
 from sandbox.shared.policy.model import Policy, parse_policy
@@ -54,7 +55,7 @@ class Launch:
     """What to bring up: the containers whose images the UVM needs, and the policy (None: generate)."""
 
     name: str
-    containers: tuple[Container, ...]
+    containers: tuple[ContainerSpec, ...]
     policy: bytes | None
     tee: TeeMode = TeeMode.auto
     vcpus: int = 1
@@ -89,7 +90,7 @@ class GuestSandbox:
             spec = replace(spec, layer_format=_layer_format_for(spec, policy))
             policy_file = policy_dir / "policy.json"
             policy_file.write_bytes(req.policy)
-        images = resolve_images(spec)
+        images = resolve_group_images(spec)
         launched = launch_up(spec, UpOptions(name=req.name, policy_file=policy_file, tee=req.tee, detach=True,
                                              create_containers=False), store)
         qemu = launched.record.processes.get("qemu")
@@ -129,12 +130,12 @@ class GuestSandbox:
 
     def image(self, reference: str) -> ResolvedImage:
         if reference not in self.images:
-            spec = GroupSpec(name=self.name, containers=(Container(name="c", image=reference),),
+            spec = GroupSpec(name=self.name, containers=(ContainerSpec(name="c", image=reference),),
                              layer_format=self.layer_format)
-            self.images[reference] = resolve_images(spec)["c"]
+            self.images[reference] = resolve_group_images(spec)["c"]
         return self.images[reference]
 
-    def create(self, guest_id: str, container: Container) -> dict[str, Any]:
+    def create(self, guest_id: str, container: ContainerSpec) -> dict[str, Any]:
         """Mount the container's scratch and overlay and create it (policy-checked), not started."""
         image = self.image(container.image)
         missing = [h for h in image.layer_hashes if h not in self.layer_targets]
@@ -191,14 +192,14 @@ def _layer_format_for(spec: GroupSpec, policy: Policy) -> LayerFormat:
 def policy_wants_aci_layers(spec: GroupSpec, policy: Policy) -> bool:
     """True when converting the images our way gives hashes the policy does not know, and ACI's way does."""
     wanted = {h for c in policy.containers for h in c.layers}
-    ours = resolve_images(spec)
+    ours = resolve_group_images(spec)
     if all(h in wanted for image in ours.values() for h in image.layer_hashes):
         return False
-    aci = resolve_images(replace(spec, layer_format=LayerFormat.aci))
+    aci = resolve_group_images(replace(spec, layer_format=LayerFormat.aci))
     return all(h in wanted for image in aci.values() for h in image.layer_hashes)
 
 
-def containers_from_policy(policy: Policy) -> tuple[Container, ...]:
+def containers_from_policy(policy: Policy) -> tuple[ContainerSpec, ...]:
     """A pod's containers as its policy lists them: the images (policy `id`) whose layers the UVM needs."""
     out = []
     for i, c in enumerate(policy.containers):
@@ -207,5 +208,5 @@ def containers_from_policy(policy: Policy) -> tuple[Container, ...]:
                              hint="the shim takes a pod's images from the policy: generate it with "
                                   "'parma-sandbox export k8s' (or 'policy gen'), which records them")
         name = c.name if c.name and re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", c.name) else f"c{i}"
-        out.append(Container(name=name, image=c.id, command=c.command))
+        out.append(ContainerSpec(name=name, image=c.id, command=c.command))
     return tuple(out)

@@ -25,7 +25,7 @@ from sevsnpmeasure.vmm_types import VMMType
 
 from sandbox.shared.errors import InputError
 from sandbox.vmm.config import VmConfig
-from sandbox.vmm.snp import SNP_CPU_MODEL, SNP_GUEST_FEATURES, snp_cpu_model
+from sandbox.vmm.snp import SNP_CPU_MODEL, SNP_GUEST_FEATURES, VmConfigError, snp_cpu_model
 
 # SEV_FEATURES that QEMU >= 9.1 (KVM_SEV_INIT2) gives an SNP guest: SNPActive only.
 QEMU_SNP_GUEST_FEATURES = SNP_GUEST_FEATURES
@@ -49,7 +49,7 @@ class VmmType(StrEnum):
     gce = "gce"
 
 
-class OutputFormat(StrEnum):
+class DigestEncoding(StrEnum):
     hex = "hex"
     base64 = "base64"
 
@@ -157,8 +157,8 @@ def launch_digest(req: MeasureRequest, *, vmsa_dir: Path | None = None) -> bytes
         raise InputError(f"cannot compute the measurement: {e}") from e
 
 
-def format_digest(digest: bytes, fmt: OutputFormat = OutputFormat.hex) -> str:
-    return digest.hex() if fmt == OutputFormat.hex else base64.b64encode(digest).decode()
+def format_digest(digest: bytes, fmt: DigestEncoding = DigestEncoding.hex) -> str:
+    return digest.hex() if fmt == DigestEncoding.hex else base64.b64encode(digest).decode()
 
 
 def expected_snp_measurements(ovmf: Path, kernel: Path, cmdline: str, *,
@@ -189,7 +189,7 @@ def snp_request(*, firmware: Path, vcpus: int, cpu_model: str, guest_features: i
 def launch_request(cfg: VmConfig) -> MeasureRequest:
     """The measurement request for an SEV-SNP VmConfig, read from the same fields the argv and XML use."""
     if cfg.snp is None:
-        raise ValueError("only an SEV-SNP VmConfig has a launch measurement")
+        raise VmConfigError("only an SEV-SNP VM has a launch measurement")
     hashed = cfg.snp.kernel_hashes
     return snp_request(firmware=cfg.snp.firmware, vcpus=cfg.vcpus, cpu_model=cfg.snp.cpu_model,
                        guest_features=cfg.snp.guest_features, kernel=cfg.kernel if hashed else None,

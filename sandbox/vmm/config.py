@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sandbox.hostcheck import Accel, Tee
 from sandbox.shared.protocol import PORT_PREFIX
-from sandbox.vmm.snp import SnpLaunch
+from sandbox.vmm.snp import SnpLaunch, VmConfigError
 
 __all__ = ["Accel", "Backend", "Disk", "DiskBus", "FwCfgFile", "PortForward", "SnpLaunch", "Tee", "VmConfig"]
 
@@ -75,16 +75,16 @@ class VmConfig:
 
     def __post_init__(self) -> None:
         if (self.tee == Tee.sev_snp) != (self.snp is not None):
-            raise ValueError("an sev-snp VM needs SnpLaunch parameters, and only it")
+            raise VmConfigError("an sev-snp VM needs SnpLaunch parameters, and only it")
         if self.tee == Tee.sev_snp and self.accel != Accel.kvm:
-            raise ValueError("SEV-SNP needs KVM")
+            raise VmConfigError("SEV-SNP needs KVM")
         serials = [d.serial for d in self.disks]
         if len(set(serials)) != len(serials):
-            raise ValueError("disk serials must be unique")
+            raise VmConfigError("disk serials must be unique")
         if self.disks and self.disks[0].bus != DiskBus.virtio_blk:
-            raise ValueError("disks[0] is the root disk (/dev/vda on the measured command line): it must be virtio-blk")
+            raise VmConfigError("disks[0] is the root disk (/dev/vda on the measured command line): it must be virtio-blk")
         if any(d.wwn is not None and (d.bus != DiskBus.scsi or not 0 < d.wwn < 1 << 64) for d in self.disks):
-            raise ValueError("a WWN is a non-zero 64-bit number, and only SCSI disks have one")
+            raise VmConfigError("a WWN is a non-zero 64-bit number, and only SCSI disks have one")
 
     @property
     def blk_disks(self) -> tuple[Disk, ...]:

@@ -18,7 +18,7 @@ import re
 import stat
 from pathlib import Path
 
-from sandbox.hostcheck import CheckReport, Item, Status
+from sandbox.hostcheck import Availability, CheckReport, Item
 from sandbox.log import log
 from sandbox.run import find_tool, run
 from sandbox.shared.errors import SandboxError
@@ -86,29 +86,30 @@ def probe_libvirt(kvm_ok: bool) -> list[Item]:
         daemon = next((s for s in LIBVIRT_SOCKETS if s.exists()), None)
         if daemon is None:
             what = f"libvirt {_version_text(installed)} installed" if installed else "libvirt is not installed"
-            items.append(Item("libvirtd", Status.missing, f"not running ({what}; only needed for --backend libvirt)",
+            items.append(Item("libvirtd", Availability.missing,
+                              f"not running ({what}; only needed for --backend libvirt)",
                               DAEMON_HINT if installed else "run 'make setup'"))
             if too_old:
-                items.append(Item("libvirt sev-snp", Status.missing,
+                items.append(Item("libvirt sev-snp", Availability.missing,
                                   f"libvirt {_version_text(installed)} predates SEV-SNP launch security (needs "
                                   f"{_version_text(LIBVIRT_SNP_MIN)})", old_hint))
             return items
     try:
         libvirt = libvirt_module()
     except LaunchError as e:
-        return [Item("libvirtd", Status.unusable, e.message, e.hint)]
+        return [Item("libvirtd", Availability.unusable, e.message, e.hint)]
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as e:
-        return [Item("libvirtd", Status.unusable, f"{uri}: {e.get_error_message()}", DAEMON_HINT)]
+        return [Item("libvirtd", Availability.unusable, f"{uri}: {e.get_error_message()}", DAEMON_HINT)]
     try:
         version = _libvirt_number(conn.getLibVersion())
         hyper = _libvirt_number(conn.getVersion())
-        items.append(Item("libvirtd", Status.ok, f"libvirt {_version_text(version)} at {uri} "
+        items.append(Item("libvirtd", Availability.ok, f"libvirt {_version_text(version)} at {uri} "
                                                  f"(QEMU {_version_text(hyper)})"))
         virt = "kvm" if kvm_ok else "qemu"
         if version < LIBVIRT_SNP_MIN:
-            items.append(Item("libvirt sev-snp", Status.missing,
+            items.append(Item("libvirt sev-snp", Availability.missing,
                               f"libvirt {_version_text(version)} predates SEV-SNP launch security (needs "
                               f"{_version_text(LIBVIRT_SNP_MIN)})", old_hint))
         else:
@@ -121,15 +122,15 @@ def probe_libvirt(kvm_ok: bool) -> list[Item]:
                       f"{sev.reduced_phys_bits})" if snp and sev else
                       f"libvirt {_version_text(version)} supports it, but this host's domain capabilities "
                       "offer no sev-snp (no SEV-SNP hardware, or kvm_amd without sev_snp=1)")
-            items.append(Item("libvirt sev-snp", Status.ok if snp else Status.missing, detail))
+            items.append(Item("libvirt sev-snp", Availability.ok if snp else Availability.missing, detail))
         user = parse_dac_label(conn.getCapabilities(), virt)
     finally:
         conn.close()
     if user is None or user.uid == os.getuid():
-        items.append(Item("libvirt qemu user", Status.ok, "QEMU runs as you: domains use the files in place"))
+        items.append(Item("libvirt qemu user", Availability.ok, "QEMU runs as you: domains use the files in place"))
         return items
     name, groups = _user_groups(user.uid, user.gid)
-    items.append(Item("libvirt qemu user", Status.ok,
+    items.append(Item("libvirt qemu user", Availability.ok,
                       f"QEMU runs as {name} (uid {user.uid}): each domain's files are published for it in "
                       f"{share_root()}/<domain> (hard links of the read-only disks, copies of the rest)"))
     kvm = Path("/dev/kvm")
@@ -138,7 +139,7 @@ def probe_libvirt(kvm_ok: bool) -> list[Item]:
         detail = (f"/dev/kvm is {stat.S_IMODE(st.st_mode):04o} {_owner(st)}: libvirt's QEMU ({name}) cannot use "
                   "KVM: libvirt's kvm domains fail, and libvirt 9.x also re-probes QEMU on every call "
                   "(about 2 minutes per domain start)")
-        items.append(Item("libvirt /dev/kvm", Status.unusable if kvm_ok else Status.info, detail,
+        items.append(Item("libvirt /dev/kvm", Availability.unusable if kvm_ok else Availability.info, detail,
                           "chgrp kvm /dev/kvm && chmod 0660 /dev/kvm (what udev's rule does on a normal host)"))
     return items
 
@@ -158,7 +159,7 @@ def _owner(st: os.stat_result) -> str:
 def with_libvirt(report: CheckReport) -> CheckReport:
     """`report` with the libvirt items added after the firmware ones (informational: the TEE verdict is
     the same for both backends)."""
-    kvm_ok = report.item("kvm").status == Status.ok
+    kvm_ok = report.item("kvm").status == Availability.ok
     items = list(report.items)
     at = next((i + 1 for i, it in enumerate(items) if it.name.startswith("ovmf (AmdSev")), len(items))
     items[at:at] = probe_libvirt(kvm_ok)

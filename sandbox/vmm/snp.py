@@ -151,6 +151,10 @@ def snp_cpu_model() -> str:
     return os.environ.get(CPU_MODEL_ENV) or SNP_CPU_MODEL
 
 
+class VmConfigError(InputError):
+    """A VM configuration (VmConfig, SnpLaunch) that cannot be launched as asked; the message says why."""
+
+
 @dataclass(frozen=True)
 class SnpLaunch:
     """Everything an SEV-SNP launch adds to a VM; the argv, the XML and the measurement read it from here.
@@ -173,17 +177,17 @@ class SnpLaunch:
 
     def __post_init__(self) -> None:
         if len(self.host_data) != 32:
-            raise ValueError("SEV-SNP host_data is 32 bytes")
+            raise VmConfigError("SEV-SNP host_data is 32 bytes")
         if (self.id_block is None) != (self.id_auth is None):
-            raise ValueError("an ID block needs its ID auth structure, and only it")
+            raise VmConfigError("an ID block needs its ID auth structure, and only it")
         if self.id_block is not None and len(self.id_block) != ID_BLOCK_SIZE:
-            raise ValueError(f"an ID block is {ID_BLOCK_SIZE} bytes")
+            raise VmConfigError(f"an ID block is {ID_BLOCK_SIZE} bytes")
         if self.id_auth is not None and len(self.id_auth) != ID_AUTH_SIZE:
-            raise ValueError(f"an ID auth structure is {ID_AUTH_SIZE} bytes")
+            raise VmConfigError(f"an ID auth structure is {ID_AUTH_SIZE} bytes")
         if self.author_key_enabled and self.id_block is None:
-            raise ValueError("author-key-enabled needs an ID block")
+            raise VmConfigError("author-key-enabled needs an ID block")
         if not (1 <= self.cbitpos <= 63 and 0 <= self.reduced_phys_bits <= 63):
-            raise ValueError(f"implausible cbitpos {self.cbitpos} / reduced-phys-bits {self.reduced_phys_bits}")
+            raise VmConfigError(f"implausible cbitpos {self.cbitpos} / reduced-phys-bits {self.reduced_phys_bits}")
 
     def host_data_b64(self) -> str:
         return base64.b64encode(self.host_data).decode()

@@ -7,11 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.launch.volumes import package_files_volume
+from sandbox.layers.volumes import build_files_volume
 from sandbox.run import run
 from sandbox.shared.verity import file_reader, read_verity_layout
 
 pytestmark = pytest.mark.skipif(shutil.which("veritysetup") is None, reason="veritysetup is not installed")
+
+
+def package_files_volume(source: Path) -> tuple[str, Path]:
+    volume = build_files_volume(source)
+    return volume.root_hash, volume.image
 
 
 def test_files_volume_is_a_verity_disk_cached_by_content(tmp_path: Path, isolated_dirs: Path) -> None:

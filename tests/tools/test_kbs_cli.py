@@ -54,7 +54,7 @@ def test_secret_put_list_rm(tmp_path: Path, store: Path, capsys: pytest.CaptureF
 
     assert run_cli(["secret", "rm", "db"], capsys)[0] == 0
     code, _, err = run_cli(["secret", "rm", "db"], capsys)
-    assert code == 1 and "no secret named 'db'" in err
+    assert code == 2 and "no secret named 'db'" in err  # as down of a missing sandbox (docs/cli.md)
     code, out, _ = run_cli(["kbs", "audit", "--verify"], capsys)
     assert code == 0 and "2 records, chain intact" in out
     code, out, _ = run_cli(["kbs", "audit", "--format", "json"], capsys)

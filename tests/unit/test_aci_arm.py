@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from clirun import run_cli
 
-from sandbox.aci.arm import ccepolicy_of_template, group_document, is_arm_template
-from sandbox.aci.armexpr import ArmError, Resolver
 from sandbox.cli.template_options import volume_paths
 from sandbox.group import load_group, validate_group
+from sandbox.group.arm import ccepolicy_of_template, group_document, is_arm_template
+from sandbox.group.armexpr import ArmError, Resolver
 from sandbox.group.jsonio import ValidationError
 from sandbox.group.spec import VolumeKind
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
@@ -127,9 +127,9 @@ def test_template_maps_to_a_group(tmp_path: Path) -> None:
 def test_policy_gen_accepts_a_template(tmp_path: Path, monkeypatch, capsys) -> None:
     layers = (LayerInfo("sha256:" + "0" * 64, "application/vnd.oci.image.layer.v1.tar", 1, "1a" * 32, Path("/x")),)
     image = ResolvedImage("busybox", "sha256:" + "9" * 64, ImageConfig(cmd=("sh",)), layers)
-    monkeypatch.setattr("sandbox.cli.policy.resolve_group_images",
+    monkeypatch.setattr("sandbox.policy.sources.resolve_group_images",
                         lambda spec: {c.name: image for c in spec.containers})
-    monkeypatch.setattr("sandbox.cli.policy.files_volume_hashes", lambda spec: {})
+    monkeypatch.setattr("sandbox.policy.sources.files_volume_hashes", lambda spec: {})
     code, out, err = run_cli(["policy", "gen", str(write(tmp_path))], capsys)
     assert code == 0, err
     policy = parse_policy(out.encode())
@@ -325,7 +325,7 @@ def test_policy_import_reads_a_templates_ccepolicy(tmp_path: Path, capsys) -> No
 
 def test_templates_use_acis_layer_format_and_the_launcher_passes_it_on(tmp_path: Path, monkeypatch) -> None:
     from sandbox.group.spec import LayerFormat
-    from sandbox.launch import pipeline
+    from sandbox.policy import sources
     spec = load_group(write(tmp_path))
     assert spec.layer_format == LayerFormat.aci
     calls = []
@@ -337,11 +337,11 @@ def test_templates_use_acis_layer_format_and_the_launcher_passes_it_on(tmp_path:
         return image
 
     monkeypatch.setattr("sandbox.images.resolve.resolve_image", fake_resolve)
-    pipeline.resolve_images(spec)
+    sources.resolve_group_images(spec)
     assert calls == [{"base_dir": spec.base_dir, "compat": "aci"}]
     calls.clear()
     doc = {"name": "g", "containers": [{"name": "c", "image": "busybox"}]}
-    pipeline.resolve_images(validate_group(doc, base_dir=tmp_path))
+    sources.resolve_group_images(validate_group(doc, base_dir=tmp_path))
     assert calls == [{"base_dir": tmp_path}]
     with pytest.raises(ValidationError, match="invalid"):
         validate_group({**doc, "layerFormat": "kata"}, base_dir=tmp_path)

@@ -20,7 +20,7 @@ from sandbox.guest import snp_report
 from sandbox.guest.server import serve_fd
 from sandbox.guest.service import AgentService
 from sandbox.launch.pipeline import agent_sockets
-from sandbox.state import SandboxRecord, StateStore
+from sandbox.state import SandboxRecord, SandboxStatus, StateStore
 
 POLICY = b'{"policy": "for attest report"}\n'
 MEASUREMENT = bytes(range(48))
@@ -35,7 +35,7 @@ def running_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, emulated_ca
     write_launch_material(guest.fw_cfg_psp, policy_bytes=POLICY, measurement=MEASUREMENT, ca=ensure_emulated_ca())
     monkeypatch.setattr(snp_report, "evidence_for", functools.partial(snp_report.evidence_for, paths=guest))
     store = StateStore()
-    store.save(SandboxRecord(name="demo", status="running", details={"vm": {"backend": "test"}}))
+    store.save(SandboxRecord(name="demo", status=SandboxStatus.running, vm={"backend": "test"}))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(agent_sockets(store.dir("demo"))[0]))
     listener.listen(4)

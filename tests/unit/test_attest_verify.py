@@ -17,7 +17,7 @@ from snpvectors import cert_files, expected_sets, get_set, report_bytes, set_ids
 
 from sandbox.attest.amd_certs import load_certificate_file, load_der_certificate, role_of, to_der
 from sandbox.attest.roots import CertRole
-from sandbox.attest.verify import Expectations, Status, verify_report
+from sandbox.attest.verify import Expectations, Verdict, verify_report
 from sandbox.shared.errors import InputError
 from sandbox.shared.snp.key_info import KeyInfo, SigningKey
 from sandbox.shared.snp.report import parse_report
@@ -53,8 +53,8 @@ def test_every_vector_set_verifies(set_id: str) -> None:
     by_name = {c.name: c.status for c in result.checks}
     for name in ("ark.trusted", "ask.trusted", "ark.signature", "ask.signature", "vek.signature",
                  "report.signature", "vek.tcb", "report.measurement", "report.host_data", "report.report_data"):
-        assert by_name[name] == Status.PASS, name
-    assert by_name["vek.hwid"] == (Status.SKIP if s["verification"]["hwid_matches_chip_id"] is None else Status.PASS)
+        assert by_name[name] == Verdict.PASS, name
+    assert by_name["vek.hwid"] == (Verdict.SKIP if s["verification"]["hwid_matches_chip_id"] is None else Verdict.PASS)
 
 
 @pytest.mark.parametrize("set_id", set_ids())
@@ -190,8 +190,6 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     vek, chain = cert_files(s)
     raw = report_bytes(s)
     cases = {
-        "truncated.bin": (raw[:700], [], "truncated: 700 bytes"),
-        "v9.bin": (b"\x09" + raw[1:], [], "unsupported ATTESTATION_REPORT version 9"),
         "garbage-certs.bin": (raw, ["--vcek", "GARBAGE"], "neither a PEM nor a DER certificate"),
         "bad-pem.bin": (raw, ["--vcek", "BADPEM"], "does not parse"),
         "wrong-product.bin": (raw, ["--vcek", str(vek), "--chain", str(chain), "--product", "Genoa"],
@@ -209,8 +207,21 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         code, out, err = run_cli(["attest", "verify", str(report), "--at", "2025-06-01", *extra], capsys)
         assert code == 2, (name, err)
         assert message in err and "Traceback" not in err and out == "", (name, err)
-    code, _, err = run_cli(["attest", "display", str(tmp_path / "truncated.bin")], capsys)
-    assert code == 2 and "truncated" in err
+
+
+def test_a_malformed_report_fails_verification_and_is_bad_input_to_display(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A report is evidence: `attest verify` of one that does not parse is a failed check (1); `attest
+    display` only decodes the user's file, so there it is bad input (2)."""
+    raw = report_bytes(get_set("virtee-sev/milan-v2-vcek"))
+    for name, content, message in (("truncated.bin", raw[:700], "truncated: 700 bytes"),
+                                   ("v9.bin", b"\x09" + raw[1:], "unsupported ATTESTATION_REPORT version 9")):
+        report = tmp_path / name
+        report.write_bytes(content)
+        code, out, err = run_cli(["attest", "verify", str(report), "--at", "2025-06-01"], capsys)
+        assert code == 1 and message in err and "Traceback" not in err and out == "", (name, err)
+        code, out, err = run_cli(["attest", "display", str(report)], capsys)
+        assert code == 2 and message in err and out == "", (name, err)
 
 
 def test_v3_report_with_another_products_chain_is_wrong_product() -> None:

@@ -31,7 +31,7 @@ def test_allowed_addresses(address: str) -> None:
     assert ba.refusal(ipaddress.ip_address(address), OWN) is None
 
 
-def _resolver(table: dict[str, list[str]]) -> ba.Resolver:
+def _resolver(table: dict[str, list[str]]) -> ba.AddressLookup:
     return lambda host, port: [ipaddress.ip_address(a) for a in table[host]]
 
 

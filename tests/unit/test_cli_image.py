@@ -77,6 +77,6 @@ def test_image_layers_and_pull_local(tmp_path: Path, isolated_dirs: Path, capsys
     code, out, _ = cli(capsys, "image", "layers", "oci:img")
     assert out.splitlines()[0].split()[:3] == ["DIFF_ID", "MEDIA", "TYPE"]
     code, _, err = cli(capsys, "image", "pull", "oci:img:nope")
-    assert code == 1 and "no image tagged 'nope'" in err
+    assert code == 2 and "no image tagged 'nope'" in err
     code, _, err = cli(capsys, "image", "pull", "UPPER/case")
     assert code == 2 and "invalid image reference" in err

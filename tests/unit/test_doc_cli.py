@@ -27,12 +27,18 @@ class Mention:
     options: tuple[str, ...]
 
 
+def subcommands(group: click.Group) -> dict[str, click.Command]:
+    """A group's subcommands, through click's API: the CLI imports a command's module when it is asked for."""
+    ctx = click.Context(group)
+    return {name: cmd for name in group.list_commands(ctx) if (cmd := group.get_command(ctx, name)) is not None}
+
+
 def leaf_commands() -> dict[tuple[str, ...], click.Command]:
     out: dict[tuple[str, ...], click.Command] = {}
 
     def walk(cmd: click.Command, path: tuple[str, ...]) -> None:
         if isinstance(cmd, click.Group):
-            for name, sub in cmd.commands.items():
+            for name, sub in subcommands(cmd).items():
                 walk(sub, (*path, name))
         else:
             out[path] = cmd
@@ -79,14 +85,14 @@ def mentions() -> list[Mention]:
                         i += 2 if words[i] in GLOBAL_WITH_VALUE else 1
                     command: list[str] = []
                     group: click.Command = cli
-                    while isinstance(group, click.Group) and i < len(words) and words[i] in group.commands:
-                        group = group.commands[words[i]]
+                    while isinstance(group, click.Group) and i < len(words) and words[i] in subcommands(group):
+                        group = subcommands(group)[words[i]]
                         command.append(words[i])
                         i += 1
                     if isinstance(group, click.Group) and i < len(words) and "|" in words[i]:
                         # An overview line: `parma-sandbox policy gen|show|hash ...` names several commands.
                         names = words[i].split("|")
-                        if all(n in group.commands for n in names):
+                        if all(n in subcommands(group) for n in names):
                             found += [Mention(f"{block.where}+{n}", (*command, name), ()) for name in names]
                             continue
                     opts = tuple(o for o in OPTION.findall(" ".join(words[i:])) if not o.startswith("---"))

@@ -85,7 +85,7 @@ def test_guest_report_verifies_only_with_allow_emulated(ca: EmulatedCa, guest: s
     runtime_key = RuntimeKey.generate()
     nonce = bytes(range(32))
     result = snp_report.get_extended_report(report_data_for(nonce, runtime_key.public_der), paths=guest)
-    assert result.backend == snp_report.Backend.EMULATED
+    assert result.backend == snp_report.ReportBackend.EMULATED
     report = parse_report(result.report)
     assert report.host_data == hashlib.sha256(POLICY).digest() and report.measurement == MEASUREMENT
     assert report.chip_id == ca.chip_id and report.version == 5

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.launch.volumes import package_files_volume
+from sandbox.group import validate_group
 from sandbox.layers.volumes import build_files_volume
+from sandbox.policy.sources import package_files_volumes
 from sandbox.shared.errors import InputError
 from tests.ext4read import Ext4Image, walk
 
@@ -38,7 +39,10 @@ def test_files_volume_content_and_determinism(tmp_path: Path, isolated_dirs: Pat
 
 def test_same_hash_as_up_packaging(tmp_path: Path, isolated_dirs: Path) -> None:
     src = sample(tmp_path)
-    assert build_files_volume(src).root_hash == package_files_volume(src)[0]
+    spec = validate_group({"name": "g", "volumes": [{"name": "www", "files": {"path": "www"}}],
+                           "containers": [{"name": "c", "image": "busybox"}]}, base_dir=tmp_path)
+    vol = build_files_volume(src)
+    assert package_files_volumes(spec) == {"www": (vol.root_hash, vol.image)}
 
 
 def test_files_volume_rejects_special_files(tmp_path: Path, isolated_dirs: Path) -> None:

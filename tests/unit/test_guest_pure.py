@@ -45,7 +45,7 @@ def test_dm_name_validation() -> None:
 def make_spec(**kw: object) -> dict:
     proc = oci.ProcessSpec(argv=("/bin/httpd", "-f"), env=("PATH=/bin", "GREETING=hello"), cwd="/", uid=65534,
                            gid=65534, capabilities={"bounding": ("CAP_KILL",), "effective": ("CAP_KILL",)})
-    return oci.build_spec(oci.ContainerSpec("web", "/run/parma/containers/web/rootfs", proc, "parma",
+    return oci.build_spec(oci.BundleSpec("web", "/run/parma/containers/web/rootfs", proc, "parma",
                                             (oci.BindMount("/www", "/run/parma/volumes/www", ("rbind", "rprivate", "nosuid", "nodev", "ro")),), **kw))
 
 

@@ -94,9 +94,9 @@ def test_emulated_report_is_exact_format_and_openssl_verifies_it(version: int) -
 
 def test_emulated_backend_through_fw_cfg(tmp_path: Path) -> None:
     p = paths(tmp_path, fw_cfg_psp=material().to_bytes())
-    assert g.select_backend(p) == g.Backend.EMULATED
+    assert g.select_backend(p) == g.ReportBackend.EMULATED
     result = g.get_extended_report(b"nonce-hash", paths=p)
-    assert result.backend == g.Backend.EMULATED
+    assert result.backend == g.ReportBackend.EMULATED
     assert parse_report(result.report).report_data == b"nonce-hash".ljust(64, b"\0")
     assert [e.kind for e in parse_cert_table(result.cert_table)] == [CertKind.VCEK, CertKind.ASK, CertKind.ARK]
     with pytest.raises(InputError, match="at most 64"):
@@ -108,12 +108,12 @@ def test_emulated_backend_through_fw_cfg(tmp_path: Path) -> None:
     ("kmsg", b"6,123,456,-;Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP\n")])
 def test_tee_guest_never_uses_fw_cfg_material(tmp_path: Path, tee_sign: str, content: bytes | None) -> None:
     p = paths(tmp_path, fw_cfg_psp=material().to_bytes())
-    assert g.select_backend(p) == g.Backend.EMULATED
+    assert g.select_backend(p) == g.ReportBackend.EMULATED
     path: Path = getattr(p, tee_sign)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.mkdir() if content is None else path.write_bytes(content)
     if tee_sign == "sev_guest":
-        assert g.select_backend(p) == g.Backend.SEV_GUEST
+        assert g.select_backend(p) == g.ReportBackend.SEV_GUEST
     else:  # SNP is active but neither report interface is there: refuse, never emulate
         with pytest.raises(AttestationError, match="runs under a TEE but has no SEV-SNP report interface"):
             g.get_report(bytes(64), paths=p)
@@ -123,8 +123,8 @@ def test_configfs_tsm_counts_only_with_a_provider(tmp_path: Path) -> None:
     p = paths(tmp_path, fw_cfg_psp=material().to_bytes(), configfs_tsm=None)
     psp = EmulatedPsp(material(), SIGN)
     # TSM_REPORTS=y without a provider (an ordinary guest): mkdir fails with ENXIO; emulation is fine.
-    assert g.select_backend(p, FakeTsm(p.configfs_tsm, psp, provider=None)) == g.Backend.EMULATED
-    assert g.select_backend(p, FakeTsm(p.configfs_tsm, psp)) == g.Backend.CONFIGFS_TSM
+    assert g.select_backend(p, FakeTsm(p.configfs_tsm, psp, provider=None)) == g.ReportBackend.EMULATED
+    assert g.select_backend(p, FakeTsm(p.configfs_tsm, psp)) == g.ReportBackend.CONFIGFS_TSM
     with pytest.raises(AttestationError, match="provider 'tdx_guest'"):
         g.select_backend(p, FakeTsm(p.configfs_tsm, psp, provider=b"tdx_guest\n"))
 
@@ -195,7 +195,7 @@ def test_configfs_tsm_path(tmp_path: Path) -> None:
     p = paths(tmp_path, configfs_tsm=None)
     fake = FakeTsm(p.configfs_tsm, EmulatedPsp(material(), SIGN))
     result = g.get_extended_report(b"\x07" * 64, vmpl=2, paths=p, fs_ops=fake)
-    assert result.backend == g.Backend.CONFIGFS_TSM
+    assert result.backend == g.ReportBackend.CONFIGFS_TSM
     report = parse_report(result.report)
     assert report.report_data == b"\x07" * 64 and report.vmpl == 2 and openssl_verifies(result.report)
     assert len(parse_cert_table(result.cert_table)) == 3
@@ -254,7 +254,7 @@ def test_sev_guest_ext_report_grows_the_certs_buffer(tmp_path: Path) -> None:
     fake = FakeSevGuest(psp, psp.cert_table())
     p = paths(tmp_path, sev_guest=b"")
     result = g.get_extended_report(b"\x05" * 64, paths=p, ioctl=fake)
-    assert result.backend == g.Backend.SEV_GUEST
+    assert result.backend == g.ReportBackend.SEV_GUEST
     assert fake.calls == [g.SNP_GET_EXT_REPORT, g.SNP_GET_EXT_REPORT]  # 16 KiB was too small
     assert parse_report(result.report).report_data == b"\x05" * 64 and openssl_verifies(result.report)
     assert [len(e.data) for e in parse_cert_table(result.cert_table)] == [9000, 5000, 5000]

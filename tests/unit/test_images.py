@@ -16,6 +16,7 @@ from sandbox.images.manifest import ManifestError, parse_config, parse_manifest,
 from sandbox.images.reference import Transport, parse_reference
 from sandbox.images.resolve import pull_image, resolve_image
 from sandbox.images.store import DigestMismatch, LayerCache
+from sandbox.layers.convert import DiffIdMismatch
 from sandbox.shared.errors import InputError, NotFoundError
 from sandbox.shared.verity import file_reader, read_verity_layout
 from tests.ext4read import Ext4Image, walk
@@ -183,7 +184,7 @@ def test_diff_id_mismatch_is_refused(tmp_path: Path, isolated_dirs: Path) -> Non
         return json.dumps(doc).encode()
 
     rewrite_archive(tmp_path / "save.tar", wrong_diff_id)
-    with pytest.raises(InputError, match="not the expected sha256:0000"):
+    with pytest.raises(DiffIdMismatch, match="not the expected sha256:0000"):
         resolve_image("docker-archive:save.tar", base_dir=tmp_path)
     cache = LayerCache()
     assert cache.get(built.diff_ids[0]) is not None                      # earlier layers are fine and kept

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.launch.lifecycle import display_status, down, list_sandboxes
-from sandbox.launch.pipeline import STATUS_RUNNING, STATUS_STARTING
+from sandbox.launch.lifecycle import down
 from sandbox.shared.errors import InputError
-from sandbox.state import ProcessRef, SandboxRecord, StateStore
+from sandbox.state import ProcessRef, SandboxRecord, SandboxStatus, StateStore, list_sandboxes
+
+STARTING, RUNNING = SandboxStatus.starting, SandboxStatus.running
 
 
 def dead_ref() -> ProcessRef:
@@ -24,19 +25,26 @@ def dead_ref() -> ProcessRef:
     return ref
 
 
-def test_display_status() -> None:
+def test_observed_status() -> None:
     me, dead = ProcessRef.of(os.getpid()), dead_ref()
-    assert display_status(SandboxRecord("a", STATUS_STARTING, processes={"launcher": me})) == "starting"
-    assert display_status(SandboxRecord("a", STATUS_STARTING, processes={"launcher": dead, "qemu": me})) == "failed"
-    assert display_status(SandboxRecord("a", STATUS_STARTING, processes={"launcher": dead})) == "stale"
-    assert display_status(SandboxRecord("a", STATUS_RUNNING, processes={"launcher": dead, "qemu": me})) == "running"
-    assert display_status(SandboxRecord("a", STATUS_RUNNING, processes={"launcher": dead, "qemu": dead})) == "stale"
+
+    def observed(status: SandboxStatus, **processes: ProcessRef) -> str:
+        return SandboxRecord("a", status, processes=processes).observed()
+
+    assert observed(STARTING, launcher=me) == "starting"
+    assert observed(STARTING, launcher=dead, qemu=me) == "failed"
+    assert observed(STARTING, launcher=dead) == "stale"
+    assert observed(RUNNING, launcher=dead, qemu=me) == "running"
+    assert observed(RUNNING, launcher=dead, qemu=dead) == "stale"
+    assert observed(RUNNING, qemu=dead) == "stale"
+    assert observed(SandboxStatus.stopping, launcher=me) == "stopping"
+    assert observed(RUNNING) == "stale"     # nothing recorded: nothing runs
 
 
 def test_down_kills_a_vm_that_a_killed_up_only_left_in_its_pidfile(isolated_dirs: Path) -> None:
     store = StateStore()
     with store.lock("orphan") as state_dir:
-        store.save(SandboxRecord("orphan", STATUS_STARTING, processes={"launcher": dead_ref()}))
+        store.save(SandboxRecord("orphan", STARTING, processes={"launcher": dead_ref()}))
     # A stand-in "QEMU": its command line names the state dir, as QEMU's does (-pidfile, sockets).
     qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(state_dir / "qemu.pid")])
     (state_dir / "qemu.pid").write_text(f"{qemu.pid}\n")

@@ -388,7 +388,7 @@ def test_the_watcher_serves_a_port_again_after_its_thread_died() -> None:
     logged: list[str] = []
     runs = {"n": 0}
 
-    def serve(fd: int, handler: server_mod.Handler) -> None:
+    def serve(fd: int, handler: server_mod.RequestHandler) -> None:
         runs["n"] += 1
         if runs["n"] == 1:
             raise RuntimeError("the port thread died")

@@ -83,13 +83,13 @@ def test_diff_names_container_and_field(tmp_path: Path, capsys) -> None:
     b = tmp_path / "b.json"
     b.write_bytes(canonical_bytes(doc))
     code, out, _ = run(["policy", "diff", str(a), str(b)], capsys)
-    assert code == 2
+    assert code == 1
     assert "container 'web': command: [\"/bin/httpd\", \"-f\"] -> [\"/bin/httpd\", \"-v\"]" in out
     assert "container 'web': env_rules: + " in out and "X=.*" in out
     pretty = tmp_path / "pretty.json"
     pretty.write_text(json.dumps(json.loads(a.read_bytes()), indent=2))
     code, out, _ = run(["policy", "diff", str(a), str(pretty)], capsys)
-    assert code == 2 and "no semantic difference, but the bytes differ" in out
+    assert code == 1 and "no semantic difference, but the bytes differ" in out
 
 
 def test_check_all_allowed_exits_0(tmp_path: Path, capsys) -> None:
@@ -159,8 +159,8 @@ def group_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
          "mounts": [{"name": "www", "mountPath": "/www"}]}]}))
     layers = tuple(LayerInfo("sha256:" + "0" * 64, "tar", 1, h, Path("/x")) for h in (H0, H1))
     resolved = ResolvedImage("busybox:1.36", "sha256:" + "9" * 64, ImageConfig(cmd=("sh",)), layers)
-    monkeypatch.setattr("sandbox.cli.policy.resolve_group_images", lambda spec: {"web": resolved})
-    monkeypatch.setattr("sandbox.cli.policy.files_volume_hashes", lambda spec: {"www": "3c" * 32})
+    monkeypatch.setattr("sandbox.policy.sources.resolve_group_images", lambda spec: {"web": resolved})
+    monkeypatch.setattr("sandbox.policy.sources.files_volume_hashes", lambda spec: {"www": "3c" * 32})
     return g
 
 
@@ -183,7 +183,7 @@ def test_gen_debug_mode_changes_the_hash_and_warns(group_file: Path, tmp_path: P
     assert code == 0 and "DEBUG-MODE" in err
     assert (tmp_path / "a.json").read_bytes() != (tmp_path / "b.json").read_bytes()
     code, out, _ = run(["policy", "diff", str(tmp_path / "a.json"), str(tmp_path / "b.json")], capsys)
-    assert code == 2 and "policy: allow_runtime_logging: false -> true" in out
+    assert code == 1 and "policy: allow_runtime_logging: false -> true" in out
 
 
 def test_files_volume_hashes_come_from_the_launcher(tmp_path: Path, isolated_dirs: Path) -> None:

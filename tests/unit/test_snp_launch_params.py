@@ -36,6 +36,7 @@ from sandbox.vmm.snp import (
     HostSevInfo,
     SevInfoSource,
     SnpLaunch,
+    VmConfigError,
     parse_domcaps_sev,
     parse_sev_leaf,
 )
@@ -155,13 +156,13 @@ def test_domain_capabilities() -> None:
 
 def test_snp_launch_refuses_inconsistent_id_material() -> None:
     base = dict(host_data=bytes(32), firmware=Path("/x.fd"), cbitpos=51, reduced_phys_bits=1)
-    with pytest.raises(ValueError, match="ID auth"):
+    with pytest.raises(VmConfigError, match="ID auth"):
         SnpLaunch(**base, id_block=bytes(0x60))    # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="0x60|96"):
+    with pytest.raises(VmConfigError, match="0x60|96"):
         SnpLaunch(**base, id_block=bytes(95), id_auth=bytes(0x1000))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="author-key-enabled"):
+    with pytest.raises(VmConfigError, match="author-key-enabled"):
         SnpLaunch(**base, author_key_enabled=True)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="cbitpos"):
+    with pytest.raises(VmConfigError, match="cbitpos"):
         SnpLaunch(**{**base, "cbitpos": 0})  # type: ignore[arg-type]
 
 

@@ -8,6 +8,7 @@ import uuid
 import pytest
 from snpvectors import expected_sets, get_set, report_bytes, set_ids, snp_dir
 
+from sandbox.shared.errors import InputError
 from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.cert_table import CertKind, build_cert_table, entry, parse_cert_table
 from sandbox.shared.snp.key_info import KeyInfo, SigningKey
@@ -59,7 +60,7 @@ def test_truncated_unknown_version_and_reserved_bits_are_refused() -> None:
 def test_v3_cpuid_decides_product_and_contradiction_is_an_input_error() -> None:
     raw = report_bytes(get_set("trustee/milan-v3-vlek"))
     assert parse_report(raw).product == Product.MILAN
-    with pytest.raises(ReportFormatError, match="wrong product.*Milan CPU"):
+    with pytest.raises(InputError, match="wrong product.*Milan CPU"):
         parse_report(raw, product=Product.GENOA)
 
 

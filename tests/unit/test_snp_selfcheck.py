@@ -188,8 +188,7 @@ def test_debug_files_are_kept_only_under_debug(tmp_path: Path, monkeypatch: pyte
     state.mkdir()
     for name in ("qemu.sh", "console.log", "selfcheck.json", "psp.json"):
         (state / name).write_text(name)
-    record = SandboxRecord(name="dbg", status="starting")
-    record.details = {"launch": {"predicted_measurement": "00" * 48}}
+    record = SandboxRecord(name="dbg", launch={"predicted_measurement": "00" * 48})
     monkeypatch.setenv("PARMA_SANDBOX_RUNTIME", str(tmp_path / "run"))
     token = DEBUG.set(False)
     try:

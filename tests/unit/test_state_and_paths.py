@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sandbox.fsutil import atomic_dir, atomic_output, atomic_write, file_lock
 from sandbox.paths import cache_dir, check_name, runtime_dir
 from sandbox.shared.errors import InputError, StateError
-from sandbox.state import ProcessRef, SandboxRecord, StateStore
+from sandbox.state import (
+    ContainerRecord,
+    DeviceRecord,
+    KbsRecord,
+    PortRecord,
+    ProcessRef,
+    SandboxRecord,
+    SandboxStatus,
+    StateStore,
+    UvmRecord,
+)
 
 
 def test_dirs_follow_env(isolated_dirs: Path) -> None:
@@ -38,16 +52,90 @@ def test_bad_names(name: str) -> None:
         check_name(name)
 
 
+def full_record(**changes: Any) -> SandboxRecord:
+    rec = SandboxRecord(
+        name="demo", status=SandboxStatus.running, processes={"qemu": ProcessRef.of(os.getpid())},
+        group="demo", group_file="/g", tee="emulated", accel="tcg", backend="qemu", policy_hash="ab" * 32,
+        measurement="cd" * 48, ports=(PortRecord(8080, 18080, "TCP", "127.0.0.1"),),
+        devices=(DeviceRecord("L0", "/cache/l0.img", "ef" * 32, "/run/parma/layers/l0"),),
+        containers=(ContainerRecord("web", "busybox", ("/bin/httpd",), ("PATH=/bin",), "/", True,
+                                    (("/bin/cat", "/x"),)),),
+        uvm=UvmRecord("/k", "/r", "console=ttyS0"), kbs=KbsRecord("http://127.0.0.1:1", "http://10.0.2.2:1", ("01" * 32,)),
+        launch={"tee": "emulated"}, vm={"backend": "qemu", "pid": 1}, selfcheck={"verified": True},
+        startup={"timings": {"agent": 1.5}})
+    return replace(rec, **changes)
+
+
 def test_save_load_roundtrip(isolated_dirs: Path) -> None:
     store = StateStore()
-    rec = SandboxRecord(name="demo", status="running", processes={"vmm": ProcessRef.of(os.getpid())},
-                        details={"tee": "emulated"})
+    rec = full_record()
     store.save(rec)
     loaded = store.load("demo")
     assert loaded == rec
     assert (store.dir("demo") / "state.json").stat().st_mode & 0o777 == 0o600
     assert [r.name for r in store.list()] == ["demo"]
-    assert store.list()[0].status == "running"
+    assert store.list()[0].observed() == SandboxStatus.running
+
+
+def test_the_state_file_is_snake_case_json(isolated_dirs: Path) -> None:
+    store = StateStore()
+    store.save(full_record())
+    raw = json.loads((store.dir("demo") / "state.json").read_text())
+    assert raw["version"] == 2 and raw["ports"] == [{"port": 8080, "host_port": 18080, "protocol": "TCP",
+                                                     "host_address": "127.0.0.1"}]
+
+    def keys(value: Any, opaque: bool = False) -> set[str]:
+        if isinstance(value, dict):
+            own = set() if opaque else set(value)
+            return own | {k for key, v in value.items() for k in keys(v, opaque or key in OPAQUE)}
+        if isinstance(value, list):
+            return {k for v in value for k in keys(v, opaque)}
+        return set()
+
+    OPAQUE = {"launch", "vm", "selfcheck", "startup", "processes"}
+    assert all(re.fullmatch(r"[a-z][a-z0-9_]*", k) for k in keys(raw)), keys(raw)
+
+
+def test_a_version_1_record_is_migrated(isolated_dirs: Path) -> None:
+    """What parma-sandbox wrote before the typed record: facts under "details", ports in camelCase."""
+    store = StateStore()
+    d = store.dir("old")
+    d.mkdir(parents=True)
+    me = ProcessRef.of(os.getpid())
+    (d / "state.json").write_text(json.dumps({
+        "version": 1, "name": "old", "status": "running", "created": 1.5,
+        "processes": {"launcher": {"pid": 1, "start_time": 1}, "qemu": {"pid": me.pid, "start_time": me.start_time}},
+        "details": {"group": "old", "tee": "emulated", "accel": "tcg", "backend": "qemu", "policy_hash": "ab" * 32,
+                    "measurement": None, "detached": True, "kbs": None,
+                    "ports": [{"port": 80, "hostPort": 8080, "protocol": "TCP", "hostAddress": "127.0.0.1"}],
+                    "containers": [{"name": "web", "image": "busybox", "argv": ["/bin/sh"], "env": ["A=1"],
+                                    "working_dir": "/", "stdio": True, "exec_processes": [["/bin/true"]]}],
+                    "vm": {"backend": "qemu", "pid": me.pid}}}))
+    rec = store.load("old")
+    assert rec is not None and rec.status == SandboxStatus.running and rec.created == 1.5
+    assert rec.ports == (PortRecord(80, 8080, "TCP", "127.0.0.1"),)
+    assert rec.containers[0].exec_processes == (("/bin/true",),) and rec.vm == {"backend": "qemu", "pid": me.pid}
+    assert rec.processes["qemu"] == me and rec.observed() == SandboxStatus.running
+    store.save(rec)
+    assert json.loads((d / "state.json").read_text())["version"] == 2
+
+
+@pytest.mark.parametrize(("raw", "problem"), [
+    ({"version": 7, "name": "x"}, "unknown version 7"),
+    ({"version": 2, "name": "x", "status": "stale"}, "derived, never written"),
+    ({"version": 2, "name": "x", "status": "paused"}, "not a sandbox status"),
+    ({"version": 2, "name": "x", "details": {}}, "details"),
+    ({"version": 2, "name": "x", "ports": [{"port": 1, "hostPort": 2, "protocol": "TCP", "hostAddress": "a"}]},
+     "hostPort"),
+])
+def test_unreadable_records_are_clear_errors(isolated_dirs: Path, raw: dict[str, Any], problem: str) -> None:
+    store = StateStore()
+    d = store.dir("x")
+    d.mkdir(parents=True)
+    (d / "state.json").write_text(json.dumps(raw))
+    with pytest.raises(StateError, match=re.escape(problem)):
+        store.load("x")
+    assert store.list()[0].status == SandboxStatus.corrupt
 
 
 def test_stale_pid_detected_and_cleaned(isolated_dirs: Path) -> None:
@@ -55,8 +143,8 @@ def test_stale_pid_detected_and_cleaned(isolated_dirs: Path) -> None:
     ref = ProcessRef.of(proc.pid) if proc.poll() is None else ProcessRef(proc.pid, 1)
     proc.wait()
     store = StateStore()
-    store.save(SandboxRecord(name="dead", status="running", processes={"vmm": ref}))
-    assert store.list()[0].status == "stale"
+    store.save(SandboxRecord(name="dead", status=SandboxStatus.running, processes={"qemu": ref}))
+    assert store.list()[0].observed() == SandboxStatus.stale
     assert store.cleanup_stale() == ["dead"]
     assert store.list() == []
 

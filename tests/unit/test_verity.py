@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,3 +240,43 @@ def test_64bit_block_count(tmp_path: Path) -> None:
     dev.write_bytes(img)
     with pytest.raises(V.VerityLayoutError, match="device too short"):   # 2^32 + 4 blocks claimed
         V.read_verity_layout(V.file_reader(dev))
+
+
+@pytest.mark.parametrize("blocks", [2, 3, 129, 1000, 16385])
+def test_two_processes_write_the_same_tree(tmp_path: Path, blocks: int) -> None:
+    """Past PARALLEL_MIN a forked child hashes half of the first level; the tree must not show it.
+
+    Run in a fresh interpreter: threads that other tests left in this one would (rightly) prevent the fork.
+    """
+    data = tmp_path / "data"
+    with open(data, "wb") as f:
+        f.write(random.Random(blocks).randbytes(blocks * V.BLOCK_SIZE))
+    serial = V.format_verity(data, superblock=True, hash_file=tmp_path / "serial")
+    code = ("import os, sys; from pathlib import Path; from sandbox.shared import verity as V\n"
+            "V.PARALLEL_MIN = V.BLOCK_SIZE\n"
+            "forks = []; real_fork = os.fork; os.fork = lambda: forks.append(1) or real_fork()\n"
+            "info = V.format_verity(Path(sys.argv[1]), superblock=True, hash_file=Path(sys.argv[2]))\n"
+            "assert forks == [1], forks\n"
+            "print(info.root_hash)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(data), str(tmp_path / "parallel")], check=True,
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.strip() == serial.root_hash
+    assert (tmp_path / "parallel").read_bytes() == (tmp_path / "serial").read_bytes()
+
+
+def test_no_fork_while_other_threads_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    data = tmp_path / "data"
+    data.write_bytes(bytes(64 * V.BLOCK_SIZE))
+    monkeypatch.setattr(V, "PARALLEL_MIN", V.BLOCK_SIZE)
+    monkeypatch.setattr(V.os, "fork", lambda: pytest.fail("forked with another thread running"))
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        info = V.format_verity(data, superblock=False, hash_file=tmp_path / "tree")
+    finally:
+        release.set()
+        other.join()
+    assert info.data_blocks == 64

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.attest.id_keys import load_private_key, make_id_material
-from sandbox.vmm.config import Accel, Disk, FwCfgFile, PortForward, SnpLaunch, Tee, VmConfig
+from sandbox.vmm.config import Accel, Disk, FwCfgFile, PortForward, SnpLaunch, Tee, VmConfig, VmConfigError
 from sandbox.vmm.libvirt_xml import QEMU_NS, build_domain_xml
 from sandbox.vmm.qemu import build_argv
 
@@ -156,10 +156,10 @@ def test_both_renderings_have_the_same_devices(mode: str) -> None:
 
 def test_invalid_configs_are_refused() -> None:
     cfg = config(Tee.emulated, Accel.tcg)
-    with pytest.raises(ValueError, match="SnpLaunch"):
+    with pytest.raises(VmConfigError, match="SnpLaunch"):
         VmConfig(**{**cfg.__dict__, "tee": Tee.sev_snp})
     snp = config(Tee.sev_snp, Accel.kvm)
-    with pytest.raises(ValueError, match="KVM"):
+    with pytest.raises(VmConfigError, match="KVM"):
         VmConfig(**{**snp.__dict__, "accel": Accel.tcg})
-    with pytest.raises(ValueError, match="serials"):
+    with pytest.raises(VmConfigError, match="serials"):
         VmConfig(**{**cfg.__dict__, "disks": cfg.disks + (Disk(Path("/x"), "L0"),)})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.vmm.config import SCSI_LUNS_PER_CONTROLLER, Accel, Disk, DiskBus, Tee, VmConfig
+from sandbox.vmm.config import SCSI_LUNS_PER_CONTROLLER, Accel, Disk, DiskBus, Tee, VmConfig, VmConfigError
 from sandbox.vmm.libvirt_xml import build_domain_xml
 from sandbox.vmm.qemu import build_argv, scsi_address
 from tests.unit.test_vmm_render import check_golden
@@ -125,13 +125,13 @@ def test_a_writable_disk_keeps_virtio_blk_and_read_write() -> None:
 
 
 def test_config_rejects_a_scsi_root_disk_and_misplaced_wwns() -> None:
-    with pytest.raises(ValueError, match="root disk"):
+    with pytest.raises(VmConfigError, match="root disk"):
         replace(config(), disks=(layer(0),))
-    with pytest.raises(ValueError, match="WWN"):
+    with pytest.raises(VmConfigError, match="WWN"):
         config(Disk(CACHE / "x.img", "X", wwn=1))
-    with pytest.raises(ValueError, match="WWN"):
+    with pytest.raises(VmConfigError, match="WWN"):
         config(layer(0, wwn=0))
-    with pytest.raises(ValueError, match="unique"):
+    with pytest.raises(VmConfigError, match="unique"):
         config(layer(0), layer(0))
 
 

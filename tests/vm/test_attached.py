@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,29 @@ def test_attached_up_streams_output_and_exits_with_the_main_containers_code(tmp_
         assert "parma-sandbox-attached" not in [d.name() for d in conn.listAllDomains()]
     finally:
         conn.close()
+
+
+def test_sigterm_takes_an_attached_sandbox_down_and_exits_143(tmp_path: Path) -> None:
+    """A supervisor's SIGTERM: the sandbox is taken down, then `up` exits 128 + 15 (Ctrl-C: 130)."""
+    ensure_example_image()
+    group = tmp_path / "group.json"
+    group.write_text(json.dumps({"name": "sigterm", "containers": [{
+        "name": "main", "image": f"oci:{BUSYBOX_LAYOUT}:latest",
+        "command": ["/bin/sh", "-c", "echo started; while true; do sleep 1; done"]}]}))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PARMA_SANDBOX_RUNTIME": str(run_dir),
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    up = subprocess.Popen([sys.executable, "-m", "sandbox", "up", str(group)], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert up.stdout is not None
+        assert up.stdout.readline() == "started\n"    # attached: the container's output streams through
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            subprocess.run([sys.executable, "-m", "sandbox", "down", "--all"], env=env, timeout=120)
+    assert up.returncode == 143, err
+    assert "stopped by SIGTERM" in err
+    assert not any(run_dir.glob("sigterm"))

@@ -130,7 +130,7 @@ def test_exec_of_a_listed_process_works(cli: Cli, hello: dict) -> None:
 
 def test_exec_of_an_unlisted_shell_is_denied_with_the_reason(cli: Cli, hello: dict) -> None:
     r = cli("exec", NAME, "web", "--", "/bin/sh")
-    assert r.returncode == 126
+    assert r.returncode == 77
     assert "denied by policy" in r.stderr and "not an exec_process" in r.stderr
     assert "/bin/cat" in r.stderr  # the explanation lists what is allowed
     assert cli("exec", NAME, "nope", "--", "/bin/true").returncode == 125
@@ -140,9 +140,15 @@ def test_down_leaves_no_qemu_and_no_state(cli: Cli, hello: dict) -> None:
     info = json.loads(cli("inspect", NAME, "--format", "json").stdout)
     pid = info["vm"]["pid"]
     state_dir = Path(info["state_dir"])
+    # Someone following the logs: `down` ends them normally, exit 0 (docs/cli.md, "Exit codes").
+    follower = subprocess.Popen([sys.executable, "-m", "sandbox", "logs", "-f", NAME, "probe"], env=cli.env,
+                                cwd=cli.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
     r = cli("down", NAME)
     assert r.returncode == 0, r.stderr
     assert "removed" in r.stdout
+    _, follower_err = follower.communicate(timeout=60)
+    assert follower.returncode == 0, follower_err
     assert not Path(f"/proc/{pid}").exists() or "qemu" not in Path(f"/proc/{pid}/cmdline").read_text()
     assert not state_dir.exists()
     assert json.loads(cli("ps", "--format", "json").stdout) == []

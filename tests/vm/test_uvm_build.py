@@ -16,6 +16,7 @@ from sandbox.uvm.build import UvmArtifacts, ensure_uvm
 from sandbox.uvm.fetch import sha256_file
 from sandbox.uvm.image import convert_rootfs
 from sandbox.uvm.overlay import build_rootfs_tar, write_rootfs_tar
+from tests.clirun import run_cli
 
 
 def test_two_conversions_of_the_rootfs_tar_give_identical_images(uvm: UvmArtifacts, tmp_path: Path) -> None:
@@ -25,6 +26,14 @@ def test_two_conversions_of_the_rootfs_tar_give_identical_images(uvm: UvmArtifac
     assert a == b
     assert a["root_hash"] == uvm.root_hash and a["salt"] == uvm.salt
     assert sha256_file(tmp_path / "a.img") == sha256_file(tmp_path / "b.img") == sha256_file(uvm.rootfs)
+
+
+def test_build_uvm_answers_from_the_cache(uvm: UvmArtifacts, capsys: pytest.CaptureFixture[str]) -> None:
+    """`parma-sandbox build` exits 0 and names the artifacts this tier boots (docs/cli.md, "Exit codes")."""
+    code, out, err = run_cli(["build", "uvm", "--format", "json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["kernel"] == str(uvm.kernel) and doc["rootfs"] == str(uvm.rootfs) and doc["root_hash"] == uvm.root_hash
 
 
 def test_the_agent_overlay_is_reproducible(uvm: UvmArtifacts, tmp_path: Path) -> None:

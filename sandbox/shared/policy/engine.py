@@ -316,11 +316,11 @@ class _State:
         self.process: dict[str, ProcessIdentity] = {}           # container id -> identity it was created with
 
 
-Change = tuple[str, str, Any]     # (state table, key, new value or _REMOVE)
-Rule = Callable[[Any], tuple[Results, list[Change]]]
+StateChange = tuple[str, str, Any]     # (state table, key, new value or _REMOVE)
+RuleFn = Callable[[Any], tuple[Results, list[StateChange]]]
 
 
-def _describe(change: Change) -> str:
+def _describe(change: StateChange) -> str:
     table, key, value = change
     if value is _REMOVE:
         return f"{table}: removed {key!r}"
@@ -372,7 +372,7 @@ class PolicyEngine:
         self._lock = threading.RLock()
         self._in_action = False
         # One rule per input type (inputs.INPUT_TYPES says which point each type is checked at).
-        self._rules: dict[type, Rule] = {
+        self._rules: dict[type, RuleFn] = {
             MountDeviceInput: self._mount_device, UnmountDeviceRequest: self._unmount_device,
             MountOverlayRequest: self._mount_overlay, UnmountOverlayRequest: self._unmount_overlay,
             ScratchMountInput: self._scratch_mount, ScratchUnmountInput: self._scratch_unmount,
@@ -437,7 +437,7 @@ class PolicyEngine:
                     "started": dict(s.started), "scratch": dict(s.scratch),
                     "processes": {cid: p.to_json() for cid, p in s.process.items()}}
 
-    def _commit(self, changes: list[Change]) -> None:
+    def _commit(self, changes: list[StateChange]) -> None:
         for table, key, value in changes:
             d = getattr(self._state, table)
             if value is _REMOVE:
@@ -447,7 +447,7 @@ class PolicyEngine:
 
     # -- devices, overlays, scratch --------------------------------------------------------------------
 
-    def _mount_device(self, a: MountDeviceInput) -> tuple[Results, list[Change]]:
+    def _mount_device(self, a: MountDeviceInput) -> tuple[Results, list[StateChange]]:
         target, digest = a.target, a.device_hash
         deny = f"mount_device denied for target {target!r}"
         if target in self._state.devices:
@@ -465,13 +465,13 @@ class PolicyEngine:
                             f"{defaults.LAYER_TARGET_PATTERN!r}")
         return NO_RESULTS, [("devices", target, digest)]
 
-    def _unmount_device(self, a: UnmountDeviceRequest) -> tuple[Results, list[Change]]:
+    def _unmount_device(self, a: UnmountDeviceRequest) -> tuple[Results, list[StateChange]]:
         target = a.target
         if target not in self._state.devices:
             raise _Deny(f"unmount_device denied for target {target!r}: no device is mounted there")
         return NO_RESULTS, [("devices", target, _REMOVE)]
 
-    def _mount_overlay(self, a: MountOverlayRequest) -> tuple[Results, list[Change]]:
+    def _mount_overlay(self, a: MountOverlayRequest) -> tuple[Results, list[StateChange]]:
         cid, paths, target = a.container_id, a.layer_paths, a.target
         deny = f"mount_overlay denied for container {cid!r}"
         if cid in self._state.matches:
@@ -510,13 +510,13 @@ class PolicyEngine:
                              f"{_fmt(_abbrev(want[i1:i2]))}")
         return f"layers do not match {best.label!r} (positions count from the base): " + "; ".join(parts)
 
-    def _unmount_overlay(self, a: UnmountOverlayRequest) -> tuple[Results, list[Change]]:
+    def _unmount_overlay(self, a: UnmountOverlayRequest) -> tuple[Results, list[StateChange]]:
         target = a.target
         if target not in self._state.overlays:
             raise _Deny(f"unmount_overlay denied for target {target!r}: no overlay is mounted there")
         return NO_RESULTS, [("overlays", target, _REMOVE)]
 
-    def _scratch_mount(self, a: ScratchMountInput) -> tuple[Results, list[Change]]:
+    def _scratch_mount(self, a: ScratchMountInput) -> tuple[Results, list[StateChange]]:
         target, encrypted = a.target, a.encrypted
         if target in self._state.scratch:
             raise _Deny(f"scratch_mount denied for target {target!r}: scratch is already mounted there")
@@ -525,7 +525,7 @@ class PolicyEngine:
                         "requires encrypted scratch (allow_unencrypted_scratch is false)")
         return NO_RESULTS, [("scratch", target, encrypted)]
 
-    def _scratch_unmount(self, a: ScratchUnmountInput) -> tuple[Results, list[Change]]:
+    def _scratch_unmount(self, a: ScratchUnmountInput) -> tuple[Results, list[StateChange]]:
         target = a.target
         if target not in self._state.scratch:
             raise _Deny(f"scratch_unmount denied for target {target!r}: no scratch is mounted there")
@@ -533,7 +533,7 @@ class PolicyEngine:
 
     # -- containers -----------------------------------------------------------------------------------
 
-    def _create_container(self, a: CreateContainerInput) -> tuple[Results, list[Change]]:
+    def _create_container(self, a: CreateContainerInput) -> tuple[Results, list[StateChange]]:
         cid = a.container_id
         state = self._state
         if cid in state.started:
@@ -633,7 +633,7 @@ class PolicyEngine:
         survivors = _narrow(ep, who, survivors, lambda c: _caps_mismatch(c.caps_for(privileged), checked))
         return Capabilities(**caps_list), survivors
 
-    def _exec_in_container(self, a: ExecInContainerInput) -> tuple[Results, list[Change]]:
+    def _exec_in_container(self, a: ExecInContainerInput) -> tuple[Results, list[StateChange]]:
         cid = a.container_id
         state = self._state
         if cid not in state.started:
@@ -666,7 +666,7 @@ class PolicyEngine:
         caps_list, survivors = self._narrow_caps("exec_in_container", who, survivors, capabilities, privileged)
         return Results(env_list, caps_list, state.stdio.get(cid, False)), [("matches", cid, survivors)]
 
-    def _exec_external(self, a: ExecExternalInput) -> tuple[Results, list[Change]]:
+    def _exec_external(self, a: ExecExternalInput) -> tuple[Results, list[StateChange]]:
         argv = a.argv
 
         def mismatch(p: _External) -> str | None:
@@ -685,14 +685,14 @@ class PolicyEngine:
         stdio = _stdio_agreement("exec_external", who, survivors)
         return Results(env_list=env_list, allow_stdio_access=stdio), []
 
-    def _shutdown_container(self, a: ShutdownContainerRequest) -> tuple[Results, list[Change]]:
+    def _shutdown_container(self, a: ShutdownContainerRequest) -> tuple[Results, list[StateChange]]:
         cid = a.container_id
         if cid not in self._state.started:
             raise _Deny(f"shutdown_container denied for container {cid!r}: it has not been created")
         # Like the framework, `started` stays: a shut-down id can never be created again.
         return NO_RESULTS, [("matches", cid, _REMOVE)]
 
-    def _signal_container_process(self, a: SignalContainerProcessInput) -> tuple[Results, list[Change]]:
+    def _signal_container_process(self, a: SignalContainerProcessInput) -> tuple[Results, list[StateChange]]:
         cid, sig = a.container_id, a.signal
         if cid not in self._state.started:
             raise _Deny(f"signal_container_process denied for container {cid!r}: it has not been created")
@@ -718,8 +718,8 @@ class PolicyEngine:
         survivors = _narrow("signal_container_process", _container_subject(cid), candidates, mismatch)
         return NO_RESULTS, [("matches", cid, survivors)]
 
-    def _flag_rule(self, flag: str, ep: EP) -> Rule:
-        def rule(_a: object) -> tuple[Results, list[Change]]:
+    def _flag_rule(self, flag: str, ep: EP) -> RuleFn:
+        def rule(_a: object) -> tuple[Results, list[StateChange]]:
             if not getattr(self.policy, flag):
                 raise _Deny(f"{ep.value} denied: {flag} is false")
             return NO_RESULTS, []

@@ -30,6 +30,7 @@ from sandbox.shared.messages import (
     MountOverlayRequest,
     MountScratchRequest,
     ShutdownContainerRequest,
+    Strings,
     UnmountDeviceRequest,
     UnmountOverlayRequest,
     UnmountScratchRequest,
@@ -85,7 +86,6 @@ def _signal(value: Any) -> int:
 
 
 NonEmptyStr = Annotated[str, NonEmpty()]
-Strings = tuple[str, ...]
 
 
 @dataclass(frozen=True)

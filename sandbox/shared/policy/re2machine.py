@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from sandbox.shared.policy.re2charset import CharSet
-from sandbox.shared.policy.re2syntax import Alternate, Assertion, Chars, Concat, Empty, Node, Repeat
+from sandbox.shared.policy.re2syntax import (
+    Alternate,
+    Assertion,
+    Chars,
+    Concat,
+    EmptyWidth,
+    RegexNode,
+    Repeat,
+)
 
 # Instructions; a larger pattern is refused. An uncached step walks the live part of the program (about
 # 0.25 µs per instruction on the host), so this caps the worst case, a value whose every character reaches
@@ -37,7 +45,7 @@ class ProgramTooLarge(ValueError):
     """The pattern compiles to more than MAX_PROGRAM instructions."""
 
 
-class Op(IntEnum):
+class Opcode(IntEnum):
     CHARS = 0    # consume a character in arg (a CharSet) and go to pc + 1
     SPLIT = 1    # go to both arg and arg2
     JUMP = 2     # go to arg
@@ -45,7 +53,7 @@ class Op(IntEnum):
     MATCH = 4
 
 
-class Kind(IntEnum):
+class CharKind(IntEnum):
     """What kind of character lies on one side of a position (EDGE: the start or end of the text)."""
 
     EDGE = 0
@@ -54,24 +62,24 @@ class Kind(IntEnum):
     OTHER = 3
 
 
-def _kind(char: str) -> Kind:
+def _kind(char: str) -> CharKind:
     if char == "\n":
-        return Kind.NEWLINE
+        return CharKind.NEWLINE
     if char == "_" or (char.isascii() and char.isalnum()):
-        return Kind.WORD
-    return Kind.OTHER
+        return CharKind.WORD
+    return CharKind.OTHER
 
 
-def _holds(assertion: Assertion, before: Kind, after: Kind) -> bool:
+def _holds(assertion: Assertion, before: CharKind, after: CharKind) -> bool:
     if assertion == Assertion.BEGIN_TEXT:
-        return before == Kind.EDGE
+        return before == CharKind.EDGE
     if assertion == Assertion.END_TEXT:
-        return after == Kind.EDGE
+        return after == CharKind.EDGE
     if assertion == Assertion.BEGIN_LINE:
-        return before in (Kind.EDGE, Kind.NEWLINE)
+        return before in (CharKind.EDGE, CharKind.NEWLINE)
     if assertion == Assertion.END_LINE:
-        return after in (Kind.EDGE, Kind.NEWLINE)
-    boundary = (before == Kind.WORD) != (after == Kind.WORD)
+        return after in (CharKind.EDGE, CharKind.NEWLINE)
+    boundary = (before == CharKind.WORD) != (after == CharKind.WORD)
     return boundary if assertion == Assertion.WORD_BOUNDARY else not boundary
 
 
@@ -79,11 +87,11 @@ def _holds(assertion: Assertion, before: Kind, after: Kind) -> bool:
 
 class _Compiler:
     def __init__(self) -> None:
-        self.ops: list[Op] = []
+        self.ops: list[Opcode] = []
         self.args: list[object] = []
         self.args2: list[int] = []
 
-    def emit(self, op: Op, arg: object = None, arg2: int = -1) -> int:
+    def emit(self, op: Opcode, arg: object = None, arg2: int = -1) -> int:
         if len(self.ops) >= MAX_PROGRAM:
             raise ProgramTooLarge(f"the pattern compiles to more than {MAX_PROGRAM} instructions")
         self.ops.append(op)
@@ -91,12 +99,12 @@ class _Compiler:
         self.args2.append(arg2)
         return len(self.ops) - 1
 
-    def node(self, node: Node) -> None:
+    def node(self, node: RegexNode) -> None:
         if isinstance(node, Chars):
-            self.emit(Op.CHARS, node.chars)
-        elif isinstance(node, Empty):
+            self.emit(Opcode.CHARS, node.chars)
+        elif isinstance(node, EmptyWidth):
             if node.assertion is not None:
-                self.emit(Op.ASSERT, node.assertion)
+                self.emit(Opcode.ASSERT, node.assertion)
         elif isinstance(node, Concat):
             for item in node.items:
                 self.node(item)
@@ -108,9 +116,9 @@ class _Compiler:
     def alternate(self, node: Alternate) -> None:
         exits = []
         for branch in node.branches[:-1]:
-            split = self.emit(Op.SPLIT, len(self.ops) + 1)
+            split = self.emit(Opcode.SPLIT, len(self.ops) + 1)
             self.node(branch)
-            exits.append(self.emit(Op.JUMP))
+            exits.append(self.emit(Opcode.JUMP))
             self.args2[split] = len(self.ops)
         self.node(node.branches[-1])
         for jump in exits:
@@ -120,14 +128,14 @@ class _Compiler:
         for _ in range(node.min):
             self.node(node.item)
         if node.max is None:  # x* after the required copies: L: split(L+1, out); x; jump L
-            loop = self.emit(Op.SPLIT, len(self.ops) + 1)
+            loop = self.emit(Opcode.SPLIT, len(self.ops) + 1)
             self.node(node.item)
-            self.emit(Op.JUMP, loop)
+            self.emit(Opcode.JUMP, loop)
             self.args2[loop] = len(self.ops)
             return
         skips = []  # x{0,k} as (x(x(x)?)?)?: every optional copy can skip to the end
         for _ in range(node.max - node.min):
-            skips.append(self.emit(Op.SPLIT, len(self.ops) + 1))
+            skips.append(self.emit(Opcode.SPLIT, len(self.ops) + 1))
             self.node(node.item)
         for split in skips:
             self.args2[split] = len(self.ops)
@@ -135,7 +143,7 @@ class _Compiler:
 
 @dataclass(frozen=True)
 class Program:
-    ops: tuple[Op, ...]
+    ops: tuple[Opcode, ...]
     args: tuple[object, ...]
     args2: tuple[int, ...]
     has_assertions: bool
@@ -144,24 +152,24 @@ class Program:
         return len(self.ops)
 
 
-def compile_program(tree: Node, *, unanchored: bool = False) -> Program:
+def compile_program(tree: RegexNode, *, unanchored: bool = False) -> Program:
     """The program for `tree` matched against a whole text; with `unanchored`, against any substring
     (as if wrapped in (?s:.*) on both sides)."""
     c = _Compiler()
     anything = CharSet(negated=True)
     if unanchored:
-        loop = c.emit(Op.SPLIT, 1)
-        c.emit(Op.CHARS, anything)
-        c.emit(Op.JUMP, loop)
+        loop = c.emit(Opcode.SPLIT, 1)
+        c.emit(Opcode.CHARS, anything)
+        c.emit(Opcode.JUMP, loop)
         c.args2[loop] = len(c.ops)
     c.node(tree)
     if unanchored:
-        loop = c.emit(Op.SPLIT, len(c.ops) + 1)
-        c.emit(Op.CHARS, anything)
-        c.emit(Op.JUMP, loop)
+        loop = c.emit(Opcode.SPLIT, len(c.ops) + 1)
+        c.emit(Opcode.CHARS, anything)
+        c.emit(Opcode.JUMP, loop)
         c.args2[loop] = len(c.ops)
-    c.emit(Op.MATCH)
-    return Program(tuple(c.ops), tuple(c.args), tuple(c.args2), Op.ASSERT in c.ops)
+    c.emit(Opcode.MATCH)
+    return Program(tuple(c.ops), tuple(c.args), tuple(c.args2), Opcode.ASSERT in c.ops)
 
 
 # --- running -----------------------------------------------------------------------------------------
@@ -171,14 +179,14 @@ class State:
 
     __slots__ = ("pcs", "before", "next", "_accepts")
 
-    def __init__(self, pcs: frozenset[int], before: Kind) -> None:
+    def __init__(self, pcs: frozenset[int], before: CharKind) -> None:
         self.pcs = pcs
         self.before = before
         self.next: dict[str, State] = {}
         self._accepts: bool | None = None
 
 
-DEAD = State(frozenset(), Kind.EDGE)  # no program position alive: no text from here on matches
+DEAD = State(frozenset(), CharKind.EDGE)  # no program position alive: no text from here on matches
 DEAD._accepts = False
 
 
@@ -192,22 +200,22 @@ class Matcher:
         self._reset()
 
     def _reset(self) -> None:
-        self._states: dict[tuple[frozenset[int], Kind], State] = {}
+        self._states: dict[tuple[frozenset[int], CharKind], State] = {}
         self._transitions = 0
-        self.start = self._state(frozenset({0}), Kind.EDGE)
+        self.start = self._state(frozenset({0}), CharKind.EDGE)
 
-    def _state(self, pcs: frozenset[int], before: Kind) -> State:
+    def _state(self, pcs: frozenset[int], before: CharKind) -> State:
         if not pcs:
             return DEAD
         if not self.program.has_assertions:
-            before = Kind.OTHER  # nothing looks at it: share the states
+            before = CharKind.OTHER  # nothing looks at it: share the states
         key = (pcs, before)
         state = self._states.get(key)
         if state is None:
             state = self._states[key] = State(pcs, before)
         return state
 
-    def _closure(self, pcs: frozenset[int], before: Kind, after: Kind) -> tuple[list[int], bool]:
+    def _closure(self, pcs: frozenset[int], before: CharKind, after: CharKind) -> tuple[list[int], bool]:
         """The CHARS instructions reachable from `pcs` without consuming, and whether MATCH is."""
         ops, args, args2 = self.program.ops, self.program.args, self.program.args2
         seen: set[int] = set()
@@ -220,14 +228,14 @@ class Matcher:
                 continue
             seen.add(pc)
             op = ops[pc]
-            if op == Op.CHARS:
+            if op == Opcode.CHARS:
                 consuming.append(pc)
-            elif op == Op.SPLIT:
+            elif op == Opcode.SPLIT:
                 stack.append(args2[pc])
                 stack.append(args[pc])  # type: ignore[arg-type]
-            elif op == Op.JUMP:
+            elif op == Opcode.JUMP:
                 stack.append(args[pc])  # type: ignore[arg-type]
-            elif op == Op.ASSERT:
+            elif op == Opcode.ASSERT:
                 if _holds(args[pc], before, after):  # type: ignore[arg-type]
                     stack.append(pc + 1)
             else:
@@ -252,7 +260,7 @@ class Matcher:
     def accepts(self, state: State) -> bool:
         """Whether the text may end in `state`."""
         if state._accepts is None:
-            state._accepts = self._closure(state.pcs, state.before, Kind.EDGE)[1]
+            state._accepts = self._closure(state.pcs, state.before, CharKind.EDGE)[1]
         return state._accepts
 
     def matches(self, text: str) -> bool:

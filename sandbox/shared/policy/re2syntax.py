@@ -51,7 +51,7 @@ class Chars:
 
 
 @dataclass(frozen=True)
-class Empty:
+class EmptyWidth:
     """The empty string, or an empty-width assertion."""
 
     assertion: Assertion | None = None
@@ -59,25 +59,25 @@ class Empty:
 
 @dataclass(frozen=True)
 class Concat:
-    items: tuple[Node, ...]
+    items: tuple[RegexNode, ...]
 
 
 @dataclass(frozen=True)
 class Alternate:
-    branches: tuple[Node, ...]
+    branches: tuple[RegexNode, ...]
 
 
 @dataclass(frozen=True)
 class Repeat:
-    item: Node
+    item: RegexNode
     min: int
     max: int | None  # None: unbounded
 
 
-Node = Chars | Empty | Concat | Alternate | Repeat
+RegexNode = Chars | EmptyWidth | Concat | Alternate | Repeat
 
 
-def repeat_product_ok(node: Node, budget: int = MAX_REPEAT) -> bool:
+def repeat_product_ok(node: RegexNode, budget: int = MAX_REPEAT) -> bool:
     """Go's repeatIsValid: nested counted repeats may not multiply to more than 1000 copies."""
     if isinstance(node, Repeat):
         count = node.max if node.max is not None else node.min
@@ -140,13 +140,13 @@ class _Parser:
 
     # -- structure ----------------------------------------------------------------------------------
 
-    def parse(self) -> Node:
+    def parse(self) -> RegexNode:
         node, _ = self.alternation()
         if self.pos < len(self.text):  # only a ')' stops an alternation early
             raise self.fail("unexpected ): no group is open")
         return node
 
-    def alternation(self) -> tuple[Node, int]:
+    def alternation(self) -> tuple[RegexNode, int]:
         """An alternation and its tree height."""
         branches = [self.concatenation()]
         while self.peek() == "|":
@@ -156,8 +156,8 @@ class _Parser:
             return branches[0]
         return Alternate(tuple(node for node, _ in branches)), 1 + max(height for _, height in branches)
 
-    def concatenation(self) -> tuple[Node, int]:
-        items: list[Node] = []
+    def concatenation(self) -> tuple[RegexNode, int]:
+        items: list[RegexNode] = []
         heights: list[int] = []
         last_was_repeat = False
         while self.pos < len(self.text) and self.text[self.pos] not in "|)":
@@ -182,7 +182,7 @@ class _Parser:
                 heights.append(height)
         if len(items) == 1:
             return items[0], heights[0]
-        return (Concat(tuple(items)), 1 + max(heights)) if items else (Empty(), 1)
+        return (Concat(tuple(items)), 1 + max(heights)) if items else (EmptyWidth(), 1)
 
     def repeat_operator(self) -> tuple[int, int | None] | None:
         """Consume *, +, ? or a valid {n}, {n,}, {n,m} (each optionally followed by ?)."""
@@ -242,7 +242,7 @@ class _Parser:
 
     # -- atoms --------------------------------------------------------------------------------------
 
-    def atom(self) -> list[tuple[Node, int]]:
+    def atom(self) -> list[tuple[RegexNode, int]]:
         """The next atom (several literals for \\Q...\\E, none for a bare (?flags))."""
         c = self.text[self.pos]
         if c == "(":
@@ -255,15 +255,15 @@ class _Parser:
         if c == ".":
             return [(Chars(_ANY if self.flags.dotnl else _NOT_NEWLINE), 1)]
         if c == "^":
-            return [(Empty(Assertion.BEGIN_LINE if self.flags.multiline else Assertion.BEGIN_TEXT), 1)]
+            return [(EmptyWidth(Assertion.BEGIN_LINE if self.flags.multiline else Assertion.BEGIN_TEXT), 1)]
         if c == "$":
-            return [(Empty(Assertion.END_LINE if self.flags.multiline else Assertion.END_TEXT), 1)]
+            return [(EmptyWidth(Assertion.END_LINE if self.flags.multiline else Assertion.END_TEXT), 1)]
         return [(self.literal(ord(c)), 1)]
 
     def literal(self, cp: int) -> Chars:
         return Chars(cs.single(cp, self.flags.fold))
 
-    def group(self) -> list[tuple[Node, int]]:
+    def group(self) -> list[tuple[RegexNode, int]]:
         start = self.pos
         rest = self.text[start:start + 4]
         for prefix, message in _UNSUPPORTED_GROUPS:
@@ -315,14 +315,14 @@ class _Parser:
         raise self.fail(f"invalid or unsupported flag group {self.text[start:self.pos]!r} (flags are i, m, s "
                         "and U, e.g. (?i) or (?i-s:...))", start)
 
-    def escape_atom(self) -> list[tuple[Node, int]]:
+    def escape_atom(self) -> list[tuple[RegexNode, int]]:
         start = self.pos
         c = self.peek(1)
         assertions = {"A": Assertion.BEGIN_TEXT, "z": Assertion.END_TEXT, "b": Assertion.WORD_BOUNDARY,
                       "B": Assertion.NOT_WORD_BOUNDARY}
         if c in assertions and c:
             self.pos += 2
-            return [(Empty(assertions[c]), 1)]
+            return [(EmptyWidth(assertions[c]), 1)]
         if c == "Q":
             end = self.text.find("\\E", start + 2)
             literal = self.text[start + 2:] if end < 0 else self.text[start + 2:end]
@@ -463,6 +463,6 @@ class _Parser:
         return ord(c)
 
 
-def parse(pattern: str) -> Node:
+def parse(pattern: str) -> RegexNode:
     """The tree of an RE2 pattern; SyntaxProblem (with the position) when Go's regexp would refuse it."""
     return _Parser(pattern).parse()

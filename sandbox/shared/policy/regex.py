@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sandbox.shared.policy.re2machine import Matcher, Program
-    from sandbox.shared.policy.re2syntax import Node
+    from sandbox.shared.policy.re2syntax import RegexNode
 
 
 class RegexError(ValueError):
@@ -30,7 +30,7 @@ class RegexError(ValueError):
 class Regex:
     """A compiled policy pattern."""
 
-    def __init__(self, pattern: str, tree: Node) -> None:
+    def __init__(self, pattern: str, tree: RegexNode) -> None:
         from sandbox.shared.policy.re2machine import Matcher  # noqa: PLC0415 - see compile_regex
 
         self.pattern = pattern
@@ -54,7 +54,7 @@ class Regex:
         return f"Regex({self.pattern!r})"
 
 
-def _program(pattern: str, tree: Node, *, unanchored: bool) -> Program:
+def _program(pattern: str, tree: RegexNode, *, unanchored: bool) -> Program:
     from sandbox.shared.policy.re2machine import ProgramTooLarge, compile_program  # noqa: PLC0415
 
     try:

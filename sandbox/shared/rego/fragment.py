@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import InputError, PolicyDenied
 from sandbox.shared.rego import framework as fw
 from sandbox.shared.rego.data import DataReader
 from sandbox.shared.rego.syntax import Module, parse_modules
@@ -23,7 +23,7 @@ from sandbox.shared.rego.syntax import Module, parse_modules
 HINT = "see docs/aci.md ('Fragments')"
 
 
-class FragmentRefused(InputError):
+class FragmentRefused(PolicyDenied):
     """A fragment that the policy does not accept, with the reason."""
 
 

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.snp.key_info import KeyInfo, SigningKey
 from sandbox.shared.snp.platform_info import PlatformInfo
 from sandbox.shared.snp.policy import GuestPolicy
@@ -64,8 +64,9 @@ def _reserved_ranges(version: int) -> list[tuple[int, int]]:
     return ranges
 
 
-class ReportFormatError(InputError):
-    """Bytes that are not a well-formed ATTESTATION_REPORT."""
+class ReportFormatError(CheckFailed):
+    """Bytes that are not a well-formed ATTESTATION_REPORT. A report is evidence, so this is a failed
+    check (exit 1); a command that only decodes a user's file (`attest display`) calls it bad input."""
 
 
 @dataclass(frozen=True)
@@ -212,9 +213,10 @@ def _product_for(version: int, cpuid: Cpuid | None, chip_id: bytes, given: Produ
     if cpuid is not None:
         found = product_from_cpuid(cpuid)
         if given is not None and found is not None and found != given:
-            raise ReportFormatError(f"wrong product: the report comes from a {found.value} CPU ({cpuid}), "
-                                    f"not {given.value}",
-                                    hint=f"drop --product or use --product {found.value}")
+            # the caller's product is wrong, not the report
+            raise InputError(f"wrong product: the report comes from a {found.value} CPU ({cpuid}), "
+                             f"not {given.value}",
+                             hint=f"drop --product or use --product {found.value}")
         return found or given
     if given is not None:
         return given

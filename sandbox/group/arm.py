@@ -35,7 +35,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sandbox.aci.armexpr import ArmError, Resolver
+from sandbox.group.armexpr import ArmError, Resolver
 from sandbox.group.jsonio import ValidationError, load_json_file
 from sandbox.group.spec import GroupSpec, validate_group
 from sandbox.log import log
@@ -89,6 +89,16 @@ class _Reader:
     def fail(self, path: str, message: str, hint: str | None = None) -> ArmError:
         return ArmError(f"{self.source}: {path}: {message}", hint=hint or "see docs/aci.md for what is supported")
 
+    def scalar(self, v: Any, path: str) -> str:
+        """A string value as is; a number or boolean as ARM renders it into a string."""
+        if isinstance(v, str):
+            return v
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return str(v)
+        raise self.fail(path, f"expected a string, number or boolean, got {_kind_name(type(v))}")
+
     def value(self, d: Any, key: str, path: str, kind: type | tuple[type, ...] | None = None) -> Any:
         """A field of an already resolved object, type-checked."""
         value = _get(d, key)
@@ -132,7 +142,7 @@ class _Reader:
             value = self.value(e, "secureValue" if secure else "value", epath)
             if value is None:
                 raise self.fail(epath, f"environment variable {var['name']!r} has no value")
-            var["secureValue" if secure else "value"] = value if isinstance(value, str) else _scalar(value)
+            var["secureValue" if secure else "value"] = self.scalar(value, f"{epath}.{'secureValue' if secure else 'value'}")
             env.append(var)
         if env:
             out["env"] = env
@@ -169,7 +179,8 @@ class _Reader:
             # become a read-only secret-kind volume of this container.
             volume = _volume_name(f"configmap-{name}", self.names)
             self.extra_volumes.append({"name": volume, "secret": {
-                k: base64.b64encode(_scalar_text(v).encode()).decode() for k, v in config_map.items()}})
+                k: base64.b64encode(self.scalar(v, f"{ppath}.configMap.keyValuePairs.{k}").encode()).decode()
+                for k, v in config_map.items()}})
             out.setdefault("mounts", []).append({"name": volume, "mountPath": CONFIGMAP_MOUNT_PATH,
                                                  "readOnly": True})
         return out
@@ -204,7 +215,7 @@ class _Reader:
             return {"name": name, "emptyDir": {}}
         secret = self.value(raw, "secret", path, dict)
         if secret is not None:
-            return {"name": name, "secret": {k: v if isinstance(v, str) else _scalar(v) for k, v in secret.items()}}
+            return {"name": name, "secret": {k: self.scalar(v, f"{path}.secret.{k}") for k, v in secret.items()}}
         kinds = [k for k in ("azureFile", "gitRepo") if _get(raw, k) is not None]
         if kinds:
             # The share (or the repository) lives outside the TEE on ACI too; locally it is a directory the
@@ -231,22 +242,10 @@ def _volume_name(arm_name: str, taken: dict[str, str]) -> str:
     return name
 
 
-def _scalar_text(v: Any) -> str:
-    return v if isinstance(v, str) else _scalar(v)
-
-
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     names = {str: "a string", int: "an integer", bool: "a boolean", list: "an array", dict: "an object"}
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _scalar(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return str(v)
-    raise ValueError(f"{v!r} is not a scalar")
 
 
 def container_groups(raw: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
