@@ -7,13 +7,15 @@ agent logs only lifecycle events there, never container data.
 
 Start-up is on the critical path of every `up`, and under emulation (TCG) every module costs, so:
 - Before "ready" it imports only what serving needs: the mounts, the ports, the protocol, and the
-  service with its deny-all gate. The network comes right after (create_container waits for it). `dataclasses` takes the methods it generates precompiled from the
-  image (dataclass_code.py), and the garbage collector waits (start-up allocates only what lives as
-  long as the agent).
-- Then a low-priority thread imports the rest in the order `up` needs it - the report backends for the
-  launch self-check (and cryptography with OpenSSL), the policy engine, device-mapper and verity - so that those
-  imports use the time the guest spends waiting for the host. A request that needs a module still
-  loading waits for it (the import lock); nothing is answered differently or earlier than before.
+  service with its deny-all gate. `dataclasses` and `re` take what they would compute from the image
+  (boot_cache.py), and the garbage collector waits (start-up allocates only what lives as long as the
+  agent).
+- Right after, a thread configures the network (create_container waits for it), then, at low priority,
+  imports the rest in the order `up` needs it - the report backends with cryptography (the launch
+  self-check), the policy engine and its RE2 matcher (set_policy), device-mapper and verity (the
+  mounts) - so that those imports use the time the guest spends waiting for the host. A request that
+  needs a module still loading waits for it (the import lock); nothing is answered differently or
+  earlier than before.
 - The attestation API for containers starts when a container first binds it (service.py).
 """
 
@@ -26,7 +28,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from sandbox.guest import dataclass_code
+from sandbox.guest import boot_cache
 
 if TYPE_CHECKING:
     from sandbox.guest.service import AgentService
@@ -46,7 +48,7 @@ def log(message: str) -> None:
 
 def main() -> int:
     gc.disable()
-    dataclass_code.install()
+    boot_cache.install()
     # Imported here, after the two lines above, which must come first. Each module imports only what
     # serving needs (the rest is lazy, see the docstring).
     from sandbox.guest import procs, sysapi, sysinit

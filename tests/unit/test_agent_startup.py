@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.guest import dataclass_code
+from sandbox.guest import boot_cache
 from sandbox.guest.lazy import LazyModule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,7 +125,11 @@ def test_lazy_module_reports_a_missing_name() -> None:
 
 
 MODULE = '''
+import re
 from dataclasses import dataclass, field
+
+WORD = re.compile(r"(?P<head>[a-z]+)(-(?P<tail>[0-9]+))?", re.I)
+BYTES = re.compile(rb"\\x00+", re.S)
 
 @dataclass(frozen=True)
 class Point:
@@ -148,23 +152,23 @@ def module_dir(tmp_path: Path) -> Path:
 
 def _build_cache(module_dir: Path, out_dir: Path) -> Path:
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(module_dir)]), "PYTHONHASHSEED": "0"}
-    entry = "import sys\nfrom sandbox.guest.dataclass_code import main\nmain(sys.argv[1:])\n"
+    entry = "import sys\nfrom sandbox.guest.boot_cache import main\nmain(sys.argv[1:])\n"
     run_env = {**os.environ, **env}
     sources = subprocess.run([sys.executable, "-S", "-c", entry, "record"], input=json.dumps(["dc_sample"]),
                              capture_output=True, text=True, check=True, env=run_env).stdout
     name = subprocess.run([sys.executable, "-S", "-c", entry, "dump", str(out_dir)], input=sources,
                           capture_output=True, text=True, check=True, env=run_env).stdout.strip()
-    assert name == dataclass_code.CACHE_NAME
+    assert name == boot_cache.CACHE_NAME
     return out_dir / name
 
 
 def test_recorded_sources_cover_every_generated_method(module_dir: Path, tmp_path: Path) -> None:
     cache = _build_cache(module_dir, tmp_path)
-    packed, signatures = dataclass_code.load(cache.read_bytes())
+    packed, signatures, regexes = boot_cache.load(cache.read_bytes())
     assert list(packed) == ["dc_sample"]
     assert signatures == {"dc_sample:Point(x,y,tags)": "(x: int, y: int = 0, tags: tuple[str, ...] = <factory>) -> None",
                           "dc_sample:Box(name,size)": "(name: str, size: float = 1.0) -> None"}
-    codes = dataclass_code.unpack(packed["dc_sample"])
+    codes = boot_cache.unpack(packed["dc_sample"])
     names = {next(line.split("(")[0].split()[-1] for line in src.splitlines() if line.startswith(" def "))
              for src in codes}
     assert {"__init__", "__repr__", "__eq__", "__setattr__", "__delattr__", "__hash__", "__lt__"} <= names
@@ -180,8 +184,8 @@ def test_classes_built_from_the_cache_are_the_same(module_dir: Path, tmp_path: P
     cache = _build_cache(module_dir, tmp_path)
     probe = """
         import dis, json, sys
-        from sandbox.guest import dataclass_code
-        cached = dataclass_code.install(sys.argv[1]) if sys.argv[1] != "-" else None
+        from sandbox.guest import boot_cache
+        cached = boot_cache.install(sys.argv[1]) if sys.argv[1] != "-" else None
         import dc_sample as m
         p = m.Point(1, tags=("a",))
         out = {"repr": repr(p), "eq": p == m.Point(1, 0, ("a",)), "hash": hash(p) == hash(m.Point(1, 0, ("a",))),
@@ -189,7 +193,10 @@ def test_classes_built_from_the_cache_are_the_same(module_dir: Path, tmp_path: P
                "inspect": "inspect" in sys.modules,
                "code": {f"{c.__name__}.{n}": getattr(c, n).__code__.co_code.hex() for c in (m.Point, m.Box)
                         for n in ("__init__", "__repr__", "__eq__") },
-               "hits": cached.hits if cached else 0, "misses": cached.misses if cached else 0}
+               "hits": cached.exec.hits if cached else 0, "misses": cached.exec.misses if cached else 0}
+        out["regex"] = [m.WORD.fullmatch("Ab-12").groupdict(), m.WORD.groupindex["tail"], m.WORD.flags,
+                        m.BYTES.search(b"a\\0\\0").span()]
+        out["regex_hits"] = cached.regexes.hits if cached else 0
         try:
             p.x = 2
         except Exception as e:
@@ -202,8 +209,9 @@ def test_classes_built_from_the_cache_are_the_same(module_dir: Path, tmp_path: P
     without = json.loads(subprocess.run([sys.executable, "-S", "-c", textwrap.dedent(probe), "-"],
                                         capture_output=True, text=True, check=True, env=env).stdout)
     assert with_cache["hits"] > 0 and with_cache["misses"] == 0
-    for key in ("repr", "eq", "hash", "order", "doc", "code", "frozen"):
+    for key in ("repr", "eq", "hash", "order", "doc", "code", "frozen", "regex"):
         assert with_cache[key] == without[key], key
+    assert with_cache["regex_hits"] == 2
     assert (with_cache["inspect"], without["inspect"]) == (False, True)
     assert with_cache["frozen"] == "FrozenInstanceError"
 
@@ -211,20 +219,20 @@ def test_classes_built_from_the_cache_are_the_same(module_dir: Path, tmp_path: P
 def test_a_cache_for_another_interpreter_or_garbage_is_ignored(tmp_path: Path) -> None:
     import dataclasses
 
-    for data in (b"", b"garbage", b"parma-sandbox dataclass code v3\ncpython-39 0x30900f0\n" + b"\x00" * 8):
+    for data in (b"", b"garbage", b"parma-sandbox boot cache v1\ncpython-39 0x30900f0\n" + b"\x00" * 8):
         path = tmp_path / "cache"
         path.write_bytes(data)
-        assert dataclass_code.install(str(path)) is None
+        assert boot_cache.install(str(path)) is None
         assert "exec" not in vars(dataclasses)
-    assert dataclass_code.install(str(tmp_path / "absent")) is None
+    assert boot_cache.install(str(tmp_path / "absent")) is None
 
 
 def test_a_miss_compiles_as_the_builtin_would(tmp_path: Path) -> None:
     import dataclasses
 
     path = tmp_path / "cache"
-    path.write_bytes(dataclass_code.dump({"m": ["x = 1\n"]}, {}))
-    installed = dataclass_code.install(str(path))
+    path.write_bytes(boot_cache.Recorded({"m": ["x = 1\n"]}, {}, {}).dumps())
+    installed = boot_cache.install(str(path))
     assert installed is not None
     cached = installed.exec
     try:
@@ -243,7 +251,7 @@ def test_a_miss_compiles_as_the_builtin_would(tmp_path: Path) -> None:
         assert Fresh(1) == Fresh(1) and cached.misses > 1
         assert Fresh.__doc__ == "Fresh(a: 'int')" and installed.signatures.misses == 1
     finally:
-        dataclass_code.uninstall()
+        boot_cache.uninstall()
     assert "exec" not in vars(dataclasses)
     import inspect
     assert dataclasses.inspect is inspect
@@ -254,18 +262,18 @@ def _agent_cache(tmp_path: Path) -> Path:
     from sandbox.uvm.overlay import agent_files, agent_modules
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0"}
-    entry = "import sys\nfrom sandbox.guest.dataclass_code import main\nmain(sys.argv[1:])\n"
+    entry = "import sys\nfrom sandbox.guest.boot_cache import main\nmain(sys.argv[1:])\n"
     recorded = subprocess.run([sys.executable, "-S", "-c", entry, "record"], capture_output=True, text=True,
                               check=True, env=env, input=json.dumps(agent_modules(agent_files()))).stdout
     subprocess.run([sys.executable, "-S", "-c", entry, "dump", str(tmp_path)], input=recorded, capture_output=True,
                    text=True, check=True, env=env)
-    return tmp_path / dataclass_code.CACHE_NAME
+    return tmp_path / boot_cache.CACHE_NAME
 
 
 AGENT_PROBE = """
 import sys
-from sandbox.guest import dataclass_code
-installed = dataclass_code.install(sys.argv[1]) if sys.argv[1] != "-" else None
+from sandbox.guest import boot_cache
+installed = boot_cache.install(sys.argv[1]) if sys.argv[1] != "-" else None
 from sandbox.guest import procs, sysapi, sysinit
 from sandbox.guest.server import serve_ports
 from sandbox.guest.service import AgentService
@@ -282,7 +290,12 @@ for name in names:
                 "code": {m: getattr(obj, m).__code__.co_code.hex() for m in
                          ("__init__", "__repr__", "__eq__", "__setattr__", "__delattr__", "__hash__")
                          if hasattr(getattr(obj, m, None), "__code__")}}
-print(json.dumps({"at_ready": at_ready, "classes": classes,
+same_regexes = None
+if installed:
+    programs = installed.regexes.programs
+    same_regexes = [len(programs), all(installed.regexes(p, f) == installed.regexes.original(p, f)
+                                       for p, f in programs)]
+print(json.dumps({"at_ready": at_ready, "classes": classes, "regexes": same_regexes,
                   "misses": [installed.exec.misses, installed.signatures.misses] if installed else None}))
 """
 
@@ -299,6 +312,8 @@ def test_the_agents_classes_are_the_same_with_the_cache_and_inspect_stays_unload
     with_cache, without = probe(str(cache)), probe("-")
     assert with_cache["at_ready"] == [] and "inspect" in without["at_ready"]
     assert with_cache["misses"] == [0, 0]
+    count, same = with_cache["regexes"]
+    assert count > 10 and same     # Pattern == compares flags, pattern and the compiled program
     assert len(with_cache["classes"]) > 100
     assert with_cache["classes"] == without["classes"]
 
