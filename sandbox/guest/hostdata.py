@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from sandbox.shared.errors import AttestationError
 
@@ -44,6 +43,7 @@ def read_host_data() -> HostData:
 
 def uptime() -> float:
     try:
-        return float(Path("/proc/uptime").read_text().split()[0])
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return os.times().elapsed

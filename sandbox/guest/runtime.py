@@ -13,13 +13,15 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.guest import procs
 from sandbox.guest.output import OutputLog
 from sandbox.guest.procs import REAPER, ExitStatus
 from sandbox.shared.errors import GuestOperationFailed
+
+if TYPE_CHECKING:
+    from pathlib import Path  # annotations only: the service makes the paths
 
 CRUN_ROOT = "/run/crun"
 

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, assert_never
 
 from sandbox.guest import oci, runtime, sysapi
@@ -44,10 +43,19 @@ from sandbox.shared.policy.inputs import (
 from sandbox.shared.protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sandbox.guest import blockdev, snp_report
     from sandbox.shared import kbs_protocol
     from sandbox.shared.policy.engine import Decision
 else:
+    def Path(*parts: Any) -> Any:  # noqa: N802 - stands for pathlib.Path (see below)
+        """pathlib.Path(*parts). pathlib (which loads urllib.parse and ipaddress) is imported by the first
+        request that makes a path, after "ready": the requests served before a policy make none."""
+        from pathlib import Path as path_type
+
+        return path_type(*parts)
+
     # Loaded on first use (see agent.py: after "ready", in the order `up` needs them): device-mapper and
     # verity with the first mount, the report backends and their crypto with the first report.
     blockdev = LazyModule("sandbox.guest.blockdev")

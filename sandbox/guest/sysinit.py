@@ -2,7 +2,8 @@
 
 The rootfs is read-only (dm-verity); everything writable lives on tmpfs in guest memory, which
 SEV-SNP encrypts. Containers share the UVM's network namespace: QEMU user networking forwards the
-group's ports to 10.0.2.15 (QEMU's default guest address), so eth0 gets that address.
+group's ports to 10.0.2.15 (QEMU's default guest address), so eth0 gets that address. Plain os calls,
+not pathlib: this runs before the agent is ready, and pathlib brings urllib.parse and ipaddress.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandbox.guest import sysapi
@@ -57,7 +57,7 @@ def mount_basics(log: list[str]) -> None:
         if target in points:
             continue
         try:
-            Path(target).mkdir(parents=True, exist_ok=True)
+            os.makedirs(target, exist_ok=True)
             sysapi.mount(source, target, fstype, flags, data)
         except OSError as e:
             if target in OPTIONAL_MOUNTS:
@@ -72,10 +72,12 @@ def mount_basics(log: list[str]) -> None:
 
 def _enable_cgroup_controllers(log: list[str]) -> None:
     """Delegate every available controller to child cgroups so crun can place containers."""
-    root = Path("/sys/fs/cgroup")
+    root = "/sys/fs/cgroup"
     try:
-        available = (root / "cgroup.controllers").read_text().split()
-        (root / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in available))
+        with open(f"{root}/cgroup.controllers") as f:
+            available = f.read().split()
+        with open(f"{root}/cgroup.subtree_control", "w") as f:
+            f.write(" ".join(f"+{c}" for c in available))
     except OSError as e:
         log.append(f"cgroup controllers not delegated: {e}")
 
@@ -110,17 +112,18 @@ def _add_default_route(sock: socket.socket, gateway: str) -> None:
 ARPHRD_ETHER = 1   # include/uapi/linux/if_arp.h; /sys/class/net/<if>/type
 
 
-def network_interfaces(sys_net: Path = Path("/sys/class/net")) -> list[str]:
+def network_interfaces(sys_net: str | os.PathLike[str] = "/sys/class/net") -> list[str]:
     """Ethernet interfaces, sorted: not loopback, and not tunnels (sit0 and the like) the kernel may add."""
     try:
-        names = sorted(p.name for p in sys_net.iterdir())
+        names = sorted(os.listdir(sys_net))
     except OSError:
         return []
     out = []
     for name in names:
         try:
-            if int((sys_net / name / "type").read_text()) == ARPHRD_ETHER:
-                out.append(name)
+            with open(os.path.join(sys_net, name, "type")) as f:
+                if int(f.read()) == ARPHRD_ETHER:
+                    out.append(name)
         except (OSError, ValueError):
             continue
     return out
@@ -155,6 +158,7 @@ def configure_network(log: list[str]) -> str | None:
 
 def set_hostname(name: str) -> None:
     try:
-        Path("/proc/sys/kernel/hostname").write_text(name)
+        with open("/proc/sys/kernel/hostname", "w") as f:
+            f.write(name)
     except OSError:
         pass

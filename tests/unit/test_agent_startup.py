@@ -22,7 +22,8 @@ NOT_AT_READY = ("sandbox.shared.policy.engine", "sandbox.shared.policy.model", "
                 "cryptography", "sandbox.guest.blockdev", "sandbox.shared.verity",
                 "sandbox.guest.keyapi", "sandbox.shared.kbs_protocol", "hashlib", "_hashlib", "traceback",
                 "http.server", "sandbox.shared.rego", "socket", "difflib",
-                "sandbox.shared.policy.re2syntax", "sandbox.shared.policy.re2machine")
+                "sandbox.shared.policy.re2syntax", "sandbox.shared.policy.re2machine",
+                "pathlib", "urllib.parse", "ipaddress")
 
 
 def _python(code: str, *, env: dict[str, str] | None = None) -> str:
@@ -337,8 +338,9 @@ def test_mount_basics_reads_the_mount_table_before_and_after_proc(monkeypatch: p
 
     monkeypatch.setattr(sysapi, "mount_points", mount_points)
     monkeypatch.setattr(sysapi, "mount", lambda source, target, *a, **k: mounted.append(str(target)))
-    monkeypatch.setattr(sysinit, "Path", lambda p: tmp_path / "dirs" / str(p).lstrip("/"))
+    made: list[str] = []
+    monkeypatch.setattr(sysinit.os, "makedirs", lambda path, exist_ok=False: made.append(path))
     monkeypatch.setattr(sysinit, "_enable_cgroup_controllers", lambda log: None)
     sysinit.mount_basics([])
     assert len(reads) == 2
-    assert mounted == [t for _, t, *_ in sysinit.BASE_MOUNTS if t != "/dev"]
+    assert mounted == made == [t for _, t, *_ in sysinit.BASE_MOUNTS if t != "/dev"]
