@@ -122,3 +122,19 @@ def test_command_line_pins_root_hash_and_salt() -> None:
     assert f'dm-mod.create="uvm-root,,,ro,{table}"' in cmd
     assert " root=/dev/dm-0 ro " in cmd and "console=ttyS0" in cmd
     assert cmd.endswith("init=/usr/lib/parma-sandbox/init")
+
+
+def test_the_image_key_is_the_same_in_every_process() -> None:
+    """The key names the writer's options without addresses (a function's repr has one), so a second
+    `up` finds the image the first one built instead of converting the rootfs again."""
+    import json
+    import subprocess
+    import sys
+
+    from sandbox.uvm.image import EXT4_OPTIONS, options_key
+
+    assert " at 0x" not in json.dumps(options_key(EXT4_OPTIONS))
+    code = "import json; from sandbox.uvm.image import EXT4_OPTIONS, options_key; print(json.dumps(options_key(EXT4_OPTIONS)))"
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(keys) == 1
