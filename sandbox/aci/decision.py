@@ -17,7 +17,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sandbox.shared.codec import field_names
 from sandbox.shared.errors import InputError
+from sandbox.shared.policy import PolicyEngine
+from sandbox.shared.policy.inputs import INPUT_TYPES, PolicyInputError, enforcement_point
 
 _WRAPPED = re.compile(r"policyDecision<\s*([A-Za-z0-9+/=\s]+?)\s*>policyDecision")
 
@@ -132,4 +135,102 @@ def render(d: PolicyDecision) -> str:
         lines.append(f"  ({len(d.error_objects)} candidate object(s) in error_objects; --format json shows them)")
     if d.truncated:
         lines.append(f"  (ACI dropped to fit 3 KiB: {', '.join(d.truncated)})")
+    return "\n".join(lines)
+
+
+# -- replaying a denied request against the local engine --------------------------------------------------
+
+# ACI's guest paths -> the project's (docs/protocol.md "Guest paths"): SCSI layer mounts, a sandbox's mounts
+# directory, a container's directory.
+_ACI_PATHS = ((re.compile(r"/run/mounts/scsi/(m[0-9]+)"), lambda m: f"/run/parma/layers/{m[1]}"),
+              (re.compile(r"/run/gcs/c/[^/]+/sandboxMounts(?=/|$)"), lambda m: "/run/parma/sandbox"),
+              (re.compile(r"/run/gcs/c/([0-9a-z][0-9a-z_.-]*)(?=/|$)"), lambda m: f"/run/parma/containers/{m[1]}"))
+REDACTED = "<<redacted>>"
+# Points whose decision needs no earlier request (create_container gets its overlay replayed first).
+STATELESS = ("mount_device", "exec_external", "scratch_mount", "get_properties", "dump_stacks", "runtime_logging")
+
+
+def _local_path(path: Any) -> Any:
+    if not isinstance(path, str):
+        return path
+    for pattern, to in _ACI_PATHS:
+        m = pattern.match(path)
+        if m:
+            return to(m) + path[m.end():]
+    return path
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What the local engine says about a decoded request: its reasons, and what it could not replay."""
+
+    decisions: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+def _local_input(d: PolicyDecision) -> tuple[dict[str, Any], list[str]]:
+    inp = dict(d.request()["input"])
+    notes = []
+    for key in ("target", "layer_paths"):
+        if key in inp:
+            inp[key] = [_local_path(p) for p in inp[key]] if isinstance(inp[key], list) else _local_path(inp[key])
+    if isinstance(inp.get("mounts"), list):
+        inp["mounts"] = [{**m, "source": _local_path(m.get("source"))} if isinstance(m, dict) else m
+                         for m in inp["mounts"]]
+    if isinstance(inp.get("capabilities"), str):       # "[privileged]" / "[unprivileged]": the runtime defaults
+        del inp["capabilities"]
+    env = inp.get("env")
+    if isinstance(env, list) and any(isinstance(e, str) and e.endswith("=" + REDACTED) for e in env):
+        notes.append("ACI redacted the env values: the engine saw each as NAME=<<redacted>>, so an env rule "
+                     "that pins a value does not match it here")
+    # Fields of ACI's input that our input has no use for (devices, isSandboxContainer, hugePagesDir, ...).
+    try:
+        required, optional = field_names(INPUT_TYPES[enforcement_point(d.rule)])
+    except InputError:
+        return inp, notes
+    dropped = sorted(k for k in inp if k not in (*required, *optional))
+    if dropped:
+        notes.append(f"ACI's input fields without a local meaning were left out: {', '.join(dropped)}")
+    return {k: v for k, v in inp.items() if k in (*required, *optional)}, notes
+
+
+def replay(d: PolicyDecision, policy: bytes) -> Replay:
+    """The local engine's decision on the request of ACI's blob, under `policy` (its exact bytes), where it
+    can be replayed: points that need no earlier request, and create_container after mounting each layer
+    stack of the policy as the container's overlay (one decision per stack)."""
+    if "input" in d.truncated or not d.input:
+        return Replay((), ("ACI dropped the input from the blob (3 KiB limit): nothing to replay",))
+    inp, notes = _local_input(d)
+
+    def decide(engine: PolicyEngine) -> str:
+        try:
+            decision = engine.enforce_json(d.rule, inp)
+        except PolicyInputError as e:
+            return f"not replayable: {e.message}"
+        return "allowed here" if decision.allowed else decision.reason
+
+    if d.rule in STATELESS:
+        return Replay((decide(PolicyEngine.from_bytes(policy)),), tuple(notes))
+    if d.rule != "create_container":
+        return Replay((), (*notes, f"{d.rule} depends on earlier requests (mounts, creates) that the blob does not "
+                                   "carry: replay the sequence with 'policy check'",))
+    stacks = list(dict.fromkeys(c.layers for c in PolicyEngine.from_bytes(policy).policy.containers))
+    cid = inp.get("container_id", "")
+    out = []
+    for stack in stacks:
+        engine = PolicyEngine.from_bytes(policy)
+        paths = [f"/run/parma/layers/r{i}" for i in range(len(stack))]
+        for path, digest in zip(paths, stack, strict=True):
+            engine.enforce_json("mount_device", {"target": path, "device_hash": digest})
+        overlay = engine.enforce_json("mount_overlay", {"container_id": cid, "layer_paths": paths[::-1],
+                                                        "target": f"/run/parma/containers/{cid}/rootfs"})
+        if overlay.allowed:
+            out.append(f"with the layers {', '.join(h[:12] for h in stack)}: {decide(engine)}")
+    return Replay(tuple(out), tuple(notes))
+
+
+def render_replay(r: Replay) -> str:
+    lines = ["  here (the local engine):"]
+    lines += [f"    {text}" for text in r.decisions]
+    lines += [f"    ({note})" for note in r.notes]
     return "\n".join(lines)

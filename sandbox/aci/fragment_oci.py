@@ -1,11 +1,14 @@
-"""Policy fragments attached to images in a registry, as confcom attaches them (OCI referrers).
+"""Policy fragments in a registry, as confcom puts them there: attached to images, or standalone.
 
 `az confcom acifragmentgen --upload-fragment` runs `oras attach --artifact-type
 application/x-ms-ccepolicy-frag IMAGE FRAGMENT.cose:application/cose-x509+rego`: an artifact manifest
 whose `subject` is the image's manifest, with one layer, the COSE_Sign1 envelope. It is found through
 the registry's referrers API (OCI distribution 1.1, `GET /v2/<name>/referrers/<digest>`) or, on
 registries without it, the referrers tag `sha256-<hex>` (the spec's fallback, which oras writes).
-Everything is read through the project's registry client and checked against its digest.
+A standalone fragment is pushed to its feed (`oras push FEED --artifact-type
+application/x-ms-ccepolicy-frag FRAGMENT.cose:application/cose-x509+rego`, confcom's `fragment push`):
+the manifest at the feed's reference is itself the artifact. Everything is read through the project's
+registry client and checked against its digest.
 """
 
 from __future__ import annotations
@@ -68,8 +71,20 @@ def _blob(client: RegistryClient, repository: str, digest: str, limit: int) -> b
     return bytes(data)
 
 
+def _envelopes(client: RegistryClient, repository: str, manifest: dict[str, Any]) -> list[bytes]:
+    return [_blob(client, repository, layer["digest"], MAX_FRAGMENT) for layer in manifest.get("layers") or ()
+            if isinstance(layer, dict) and layer.get("mediaType") == FRAGMENT_MEDIA_TYPE
+            and isinstance(layer.get("digest"), str)]
+
+
+def _is_fragment_artifact(manifest: dict[str, Any]) -> bool:
+    return (manifest.get("artifactType") or (manifest.get("config") or {}).get("mediaType")) == FRAGMENT_ARTIFACT_TYPE
+
+
 def fetch_fragments(image: str) -> list[AttachedFragment]:
-    """Every fragment envelope attached to IMAGE (a registry reference); [] when none is."""
+    """The fragment envelopes at a registry reference: the artifact itself when the reference is a
+    standalone fragment (confcom's `fragment push`), else every fragment attached to the image there;
+    [] when there are none."""
     ref = parse_reference(image)
     if ref.transport != Transport.registry:
         raise InputError(f"{image}: fragments are attached to images in a registry",
@@ -79,6 +94,9 @@ def fetch_fragments(image: str) -> list[AttachedFragment]:
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     if ref.digest and ref.digest != digest:
         raise NetworkError(f"{image}: the registry's manifest does not match the digest asked for")
+    top = _json(raw, f"manifest of {image}")
+    if _is_fragment_artifact(top):
+        return [AttachedFragment(digest, envelope) for envelope in _envelopes(client, ref.path, top)]
     out = []
     for desc in _referrers(client, ref.path, digest):
         if desc.get("artifactType") not in (None, FRAGMENT_ARTIFACT_TYPE) or not isinstance(desc.get("digest"), str):
@@ -87,10 +105,7 @@ def fetch_fragments(image: str) -> list[AttachedFragment]:
         if "sha256:" + hashlib.sha256(mraw).hexdigest() != desc["digest"]:
             raise NetworkError(f"referrer {desc['digest']} of {image} does not match its digest")
         manifest = _json(mraw, f"referrer {desc['digest']}")
-        kind = manifest.get("artifactType") or (manifest.get("config") or {}).get("mediaType")
-        if kind != FRAGMENT_ARTIFACT_TYPE or (manifest.get("subject") or {}).get("digest") != digest:
+        if not _is_fragment_artifact(manifest) or (manifest.get("subject") or {}).get("digest") != digest:
             continue
-        for layer in manifest.get("layers") or ():
-            if isinstance(layer, dict) and layer.get("mediaType") == FRAGMENT_MEDIA_TYPE:
-                out.append(AttachedFragment(desc["digest"], _blob(client, ref.path, layer["digest"], MAX_FRAGMENT)))
+        out += [AttachedFragment(desc["digest"], envelope) for envelope in _envelopes(client, ref.path, manifest)]
     return out

@@ -8,10 +8,11 @@ written as confcom writes them (JSON with sorted keys and a 2-space indent). Two
 confcom does not write appear only when the policy has them: `external_processes` (read by ACI's
 framework), and `volumes` and `key_brokers` (parma-sandbox extensions; ACI's framework ignores them).
 
-Import reads the data assignments of such a module (confcom's, hcsshim's or ours) into the policy
-model and validates it like any policy. Rules must be exactly `EP := data.framework.EP`: a module
-that defines its own logic, or leaves out an enforcement point that our engine enforces (ACI would
-deny it outright), is refused, because importing it would change what is allowed.
+Import reads such a module (confcom's, hcsshim's or ours) as ACI's framework reads it
+(sandbox/shared/rego) into the policy model, and validates it like any policy: fragment imports,
+rules the module answers with a constant (or has none for) and the layers of container objects the
+framework ignores all have their place in the model, so that export writes a module that imports
+back to the same policy. A module with its own rule logic is refused (sandbox/shared/rego/syntax.py).
 """
 
 from __future__ import annotations
@@ -23,21 +24,13 @@ from typing import Any
 
 from sandbox.log import log
 from sandbox.shared.errors import InputError, InvalidDocument
-from sandbox.shared.policy.inputs import EnforcementPoint
 from sandbox.shared.policy.model import FLAGS, Policy, parse_version, validate_policy
 from sandbox.shared.rego import framework as fw
-from sandbox.shared.rego.policy import RegoPolicy, RuleKind, read_policy_text
+from sandbox.shared.rego.policy import RegoPolicy, read_policy_text
 
 # The rules of confcom's customer policy template, in its order. An export writes them, then every other
 # enforcement point of api.rego (sandbox/shared/rego/framework.py) that the policy's api_version has.
-CONFCOM_RULES = ("mount_device", "unmount_device", "mount_overlay", "unmount_overlay", "create_container",
-                 "exec_in_container", "exec_external", "shutdown_container", "signal_container_process",
-                 "plan9_mount", "plan9_unmount", "get_properties", "dump_stacks", "runtime_logging", "load_fragment",
-                 "scratch_mount", "scratch_unmount")
-
-# The points our engine enforces: an imported module must delegate each of them (when its
-# api_version has it), otherwise ACI would deny requests that our engine would judge.
-ENFORCED = tuple(ep.value for ep in EnforcementPoint)
+CONFCOM_RULES = fw.CONFCOM_TEMPLATE_RULES
 
 FUTURE_IMPORTS = ("future.keywords.every", "future.keywords.in")
 
@@ -59,23 +52,34 @@ def export_rego(policy: Policy) -> str:
 
 
 def rego_module(doc: dict[str, Any], fragments: list[dict[str, Any]] | None = None) -> str:
-    """A policy document (and fragment imports) in confcom's module layout; one rule per enforcement point
-    of confcom's template plus those the document's api_version adds."""
+    """A policy document in confcom's module layout: one rule per enforcement point of confcom's template
+    plus those the document's api_version adds, each delegating to the framework, except where the
+    document's `rules` depart from that layout. `fragments` replaces the document's imports."""
     version = parse_version(doc["api_version"])
+    own_rules = doc.get("rules") or {}
+    containers = list(doc["containers"])
+    if doc.get("ignored_container_layers"):
+        # An object lacking the fields a container needs: the framework ignores it, but mounts its layers.
+        containers.append({"layers": list(doc["ignored_container_layers"])})
     lines = ["package policy", ""]
     lines += [f"import {name}" for name in FUTURE_IMPORTS]
     lines += ["", f"api_version := {_pretty(doc['api_version'])}",
               f"framework_version := {_pretty(doc['framework_version'])}", "",
-              f"fragments := {_pretty(fragments or [])}", "",
-              f"containers := {_compact(doc['containers'])}", ""]
+              f"fragments := {_pretty(doc.get('fragments', []) if fragments is None else fragments)}", "",
+              f"containers := {_compact(containers)}", ""]
     for name in ("external_processes", "volumes", "key_brokers"):
         if doc.get(name):
             lines += [f"{name} := {_compact(doc[name])}", ""]
     lines += [f"{flag} := {_pretty(doc[flag])}" for flag in FLAGS]
     lines.append("")
-    rules = [*CONFCOM_RULES, *(ep for ep, info in fw.ENFORCEMENT_POINTS.items()
-                               if ep not in CONFCOM_RULES and info.introduced <= version)]
-    lines += [f"{ep} := data.framework.{ep}" for ep in rules]
+    rules = list(fw.layout_rules(version))
+    rules += [ep for ep in sorted(own_rules) if ep not in rules]
+    for ep in rules:
+        rule = own_rules.get(ep, "framework")
+        if rule == "framework":
+            lines.append(f"{ep} := data.framework.{ep}")
+        elif rule is not None:
+            lines.append(f"{ep} := {_compact(rule)}")
     lines += ["", 'reason := {"errors": data.framework.errors}', ""]
     return "\n".join(lines)
 
@@ -117,24 +121,12 @@ def import_rego(text: str, *, source: str = "policy.rego", drop_fragments: bool 
     rego = read_rego(text, source=source, module_index=module_index)
     for warning in rego.warnings:
         log.warning("%s: %s", source, warning)
-    doc = rego.document()
+    doc = rego.policy_document()
     if drop_fragments:
         doc["fragments"] = []
-    if doc["fragments"]:
-        raise InputError(f"{source}: the policy imports {len(doc['fragments'])} policy fragment(s), which "
-                         "parma-sandbox does not enforce yet",
-                         hint="--drop-fragments imports it without them (stricter: fragments only add "
-                              "containers, such as ACI's infrastructure sidecars)")
-    del doc["fragments"]
     try:
-        policy = validate_policy(doc, source=f"{source} (data)")
+        return validate_policy(doc, source=f"{source} (data)")
     except InvalidDocument as e:
         raise InvalidDocument(e.source, e.problems,
                               hint="the data assignments of the module must form a valid policy "
                                    "(docs/policy.md); see docs/aci.md for what import accepts") from None
-    unenforceable = [f"{ep} ({rule.describe()})" for ep, rule in rego.rules.items()
-                     if ep in ENFORCED and rule.kind not in (RuleKind.framework, RuleKind.default)]
-    if unenforceable:
-        raise InputError(f"{source}: {', '.join(unenforceable)}: parma-sandbox's engine cannot express this yet",
-                         hint="add 'EP := data.framework.EP' for each, as az confcom writes them")
-    return policy

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from sandbox.aci.decision import parse_decision
+from sandbox.aci.ccepolicy import policy_file_bytes
+from sandbox.aci.decision import parse_decision, render_replay, replay
 from sandbox.aci.decision import render as render_decision
 from sandbox.aci.fragment_crypto import (
     SignatureError,
@@ -24,7 +25,7 @@ from sandbox.aci.fragment_crypto import (
     verify_fragment,
 )
 from sandbox.aci.fragment_oci import fetch_fragments
-from sandbox.aci.rego import ccepolicy_base64, decode_policy_text, export_rego, import_rego, read_rego
+from sandbox.aci.rego import ccepolicy_base64, export_rego, import_rego, read_rego
 from sandbox.cli.common import (
     emit,
     format_option,
@@ -32,14 +33,14 @@ from sandbox.cli.common import (
 )
 from sandbox.cli.policy import policy as policy_group
 from sandbox.fsutil import atomic_write
-from sandbox.group.arm import ccepolicy_of_template, is_arm_template
 from sandbox.group.jsonio import read_input_file
 from sandbox.policy.summary import read_policy
 from sandbox.shared.cose import FRAGMENT_ARTIFACT_TYPE
 from sandbox.shared.didx509 import DidError
 from sandbox.shared.errors import CheckFailed, InputError
-from sandbox.shared.jsonstrict import decode_utf8, loads_strict
+from sandbox.shared.jsonstrict import decode_utf8
 from sandbox.shared.policy import policy_hash
+from sandbox.shared.policy.model import is_rego
 from sandbox.shared.rego.fragment import FragmentRefused, RegoFragment, check_load, read_fragment_text
 
 FILE = click.Path(path_type=Path, dir_okay=False)
@@ -66,27 +67,11 @@ def export(policy_file: Path, target: str, as_base64: bool, output: Path | None)
                    digest=digest)
 
 
-def _template_ccepolicy(path: Path, raw: bytes, group: str | None = None) -> bytes:
-    """The ccePolicy of an ARM template (of the container group `group` names, when it has several), or the
-    file's bytes when it is not a template."""
-    if not raw.lstrip().startswith(b"{"):
-        return raw
-    doc = loads_strict(decode_utf8(raw, str(path)), str(path))
-    if not is_arm_template(doc):
-        raise InputError(f"{path}: a JSON file that is not an ARM template",
-                         hint="import reads a Rego policy (text or base64) or an ARM template with a ccePolicy")
-    policy = ccepolicy_of_template(path, doc, group)
-    if policy is None:
-        raise InputError(f"{path}: the container group's confidentialComputeProperties.ccePolicy is empty",
-                         hint="an empty ccePolicy means ACI's allow-all policy, which parma-sandbox does not run")
-    return policy.encode("utf-8")
-
-
 @click.command("import")
 @click.argument("rego_file", type=FILE)
 @click.option("--drop-fragments", is_flag=True,
-              help="Import a policy that lists fragments without them (fragments are not supported; "
-                   "dropping them only removes what they would allow).")
+              help="Leave out the policy's fragment imports (a policy without them allows less: only what "
+                   "fragments would add).")
 @click.option("--group", help="A file with several policy modules (confcom's multi-group output): the module's "
                              "0-based index; an ARM template with several container groups: the group's name.")
 @click.option("-o", "--output", type=FILE, help="Write the policy here (default: stdout, exact bytes).")
@@ -116,15 +101,23 @@ commands: list[click.Command] = []
 
 @click.command("explain")
 @click.argument("blob")
+@click.option("--policy", "policy_file", type=FILE,
+              help="Also decide the request with the local engine under this policy (the deployment's ccePolicy: "
+                   "Rego, base64 or the ARM template), and show its explanation.")
 @format_option
-def explain(blob: str, fmt: str | None) -> None:
+def explain(blob: str, policy_file: Path | None, fmt: str | None) -> None:
     """Decode ACI's policyDecision BLOB (the base64 in a denial, or the whole message; '-' reads stdin).
 
     Shows the enforcement point, the reasons ACI's framework gave and the request's input in the
-    field names `policy check` uses, so the request can be replayed against a policy here."""
+    field names `policy check` uses, so the request can be replayed against a policy here; with
+    --policy, what the local engine says about it (where one request can be replayed alone)."""
     text = click.get_text_stream("stdin").read() if blob == "-" else blob
     decision = parse_decision(text)
-    emit(decision.to_json() | {"request": decision.request()}, fmt, lambda _: render_decision(decision))
+    result = decision.to_json() | {"request": decision.request()}
+    replayed = replay(decision, policy_file_bytes(policy_file)) if policy_file is not None else None
+    if replayed is not None:
+        result["local"] = {"decisions": list(replayed.decisions), "notes": list(replayed.notes)}
+    emit(result, fmt, lambda _: render_decision(decision) + ("\n" + render_replay(replayed) if replayed else ""))
 
 
 # -- policy fragment ... -----------------------------------------------------------------------------------
@@ -244,9 +237,12 @@ def fragment_verify(envelope: Path, policy_file: Path | None, group: str | None,
 def _policy_text(path: Path, group: str | None) -> tuple[str, int | None]:
     """The Rego text of a policy file (text, base64, or an ARM template's ccePolicy) and, for a file of
     several modules, the module --group picks."""
-    raw = read_input_file(path, "a Rego policy (text or base64) or an ARM template")
-    is_template = raw.lstrip().startswith(b"{")
-    text = decode_policy_text(_template_ccepolicy(path, raw, group), str(path))
+    is_template = read_input_file(path, "a Rego policy").lstrip().startswith(b"{")
+    data = policy_file_bytes(path, group if is_template else None)
+    if not is_rego(data):
+        raise InputError(f"{path}: a JSON policy, not ACI's Rego",
+                         hint="import reads a Rego policy (text or base64) or an ARM template with a ccePolicy")
+    text = data.decode("utf-8")
     if is_template or group is None:
         return text, None
     if not (group.isascii() and group.isdigit()):

@@ -187,7 +187,9 @@ def _render_result(d: dict[str, Any]) -> str:
 @click.option("--chain", "chain_file", type=PathArg, help="PEM bundle of ASK/ASVK and ARK, in either order.")
 @click.option("--measurement", help="Expected MEASUREMENT (96 hex digits).")
 @click.option("--host-data", help="Expected HOST_DATA (64 hex digits).")
-@click.option("--policy", "policy_file", type=PathArg, help="Execution policy file: HOST_DATA must be its SHA-256.")
+@click.option("--policy", "policy_file", type=PathArg,
+              help="Execution policy file: HOST_DATA must be its SHA-256 (of the Rego text for ACI's ccePolicy, "
+                   "also given as base64 or in an ARM template).")
 @click.option("--report-data", help="Expected REPORT_DATA (up to 128 hex digits, zero-padded).")
 @click.option("--nonce", help="Verifier nonce (hex); with --runtime-key, REPORT_DATA = SHA-512(nonce || key DER).")
 @click.option("--runtime-key", "runtime_key", type=PathArg, help="The agent's runtime public key (DER or PEM SPKI).")
@@ -229,10 +231,9 @@ def verify(report_file: Path, certs_dir: Path | None, vek_file: Path | None, cha
         raise InputError("--runtime-key needs --nonce")
     expected_host_data = parse_hex(host_data, "--host-data", 32)
     if policy_file is not None:
-        try:
-            expected_host_data = hashlib.sha256(policy_file.read_bytes()).digest()
-        except OSError as e:
-            raise InputError(f"cannot read policy {policy_file}: {e.strerror}") from e
+        # ACI's Rego as ACI hashes it (also from its base64 or an ARM template's ccePolicy), JSON as it is
+        from sandbox.aci.ccepolicy import policy_file_bytes  # ARM and Rego reading, when asked for
+        expected_host_data = hashlib.sha256(policy_file_bytes(policy_file)).digest()
     expected_report_data = parse_hex(report_data, "--report-data", 64, pad=True)
     loaded = read_report_file(report_file)
     if nonce and not runtime_key and loaded.evidence is None:

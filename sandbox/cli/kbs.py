@@ -142,11 +142,11 @@ def _read_value(path: Path) -> bytes:
 
 def _policy_hashes(policy_files: tuple[Path, ...], hashes: tuple[str, ...]) -> list[str]:
     out = list(hashes)
+    from sandbox.aci.ccepolicy import policy_file_bytes  # ARM and Rego reading, when asked for
+
     for p in policy_files:
-        try:
-            out.append(hashlib.sha256(p.read_bytes()).hexdigest())
-        except OSError as e:
-            raise InputError(f"cannot read policy {p}: {e.strerror}") from None
+        # ACI's Rego as ACI hashes it (also from its base64 or an ARM template's ccePolicy), JSON as it is
+        out.append(hashlib.sha256(policy_file_bytes(p)).hexdigest())
     return out
 
 
@@ -155,7 +155,8 @@ def _policy_hashes(policy_files: tuple[Path, ...], hashes: tuple[str, ...]) -> l
 @click.option("--file", "file", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="The secret's value ('-' reads stdin); at most 64 KiB.")
 @click.option("--policy", "policy_files", type=click.Path(path_type=Path, dir_okay=False), multiple=True,
-              help="Release only to groups running this execution policy (its SHA-256 is HOST_DATA). Repeatable.")
+              help="Release only to groups running this execution policy (its SHA-256 is HOST_DATA; an ARM template: "
+                   "its ccePolicy's). Repeatable.")
 @click.option("--policy-hash", "policy_hashes", multiple=True,
               help="Release only to this HOST_DATA (64 hex digits, as 'policy hash' prints). Repeatable.")
 @click.option("--measurement", "measurements", multiple=True,

@@ -36,7 +36,13 @@ if TYPE_CHECKING:
 @click.option("-d", "--detach", is_flag=True, help="Start the group and return; do not stream logs.")
 @click.option("--name", help="Sandbox name (default: the group's name).")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Use this policy file instead of generating one.")
+              help="Use this policy instead of generating one: a JSON policy, or ACI's Rego (text, base64, or an "
+                   "ARM template's ccePolicy). An ARM template with a ccePolicy brings its own (docs/aci.md).")
+@click.option("--fragment", "fragments", multiple=True, metavar="FILE|REFERENCE",
+              help="Load this signed policy fragment (a .cose file, or a registry reference to a standalone or "
+                   "image-attached fragment) after the policy. Repeatable.")
+@click.option("--drop-fragments", is_flag=True,
+              help="Load no fragment the policy imports unless named with --fragment (nothing is fetched).")
 @click.option("--tee", type=DeferredChoice("sandbox.group", "TeeMode"), default=None,
               help="TEE mode (default: the group's 'tee', else auto).")
 @click.option("--backend", type=DeferredChoice("sandbox.vmm.config", "Backend"), default="qemu",
@@ -58,8 +64,8 @@ if TYPE_CHECKING:
                    "see docs/snp-lab.md.")
 @template_options
 @format_option
-def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, tee: str | None,
-       backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], id_key: Path | None, author_key: Path | None,
+def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | None, fragments: tuple[str, ...],
+       drop_fragments: bool, tee: str | None, backend: str, kbs_url: str | None, kbs_keys: tuple[str, ...], id_key: Path | None, author_key: Path | None,
        id_block: Path | None, expect_measurement: str | None, debug_files: bool, template_group: str | None,
        volumes: tuple[str, ...], fmt: str | None) -> int:
     """Pull, convert, generate the policy, launch the UVM and start GROUP_FILE's containers.
@@ -68,6 +74,7 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     exit code, taking the sandbox down; Ctrl-C also takes it down. With -d it prints the sandbox and
     returns.
     """
+    from sandbox.aci.ccepolicy import template_ccepolicy_of_file
     from sandbox.group import TeeMode, load_group
     from sandbox.kbs.client import check_url
     from sandbox.launch.measured import IdentityOptions
@@ -79,7 +86,11 @@ def up(group_file: Path, detach: bool, name: str | None, policy_file: Path | Non
     identity = IdentityOptions(id_key=id_key, author_key=author_key, id_block=id_block,
                                expect_measurement=_measurement(expect_measurement))
     spec = load_group(group_file, template_group=template_group, volume_paths=volume_paths(volumes))
-    opts = UpOptions(name=name, policy_file=policy_file, tee=TeeMode(tee) if tee else None,
+    if policy_file is None and template_ccepolicy_of_file(group_file, template_group) is not None:
+        # An ACI template with a ccePolicy runs under that policy, byte for byte: the HOST_DATA ACI attests.
+        policy_file = group_file
+    opts = UpOptions(name=name, policy_file=policy_file, policy_group=template_group, fragments=fragments,
+                     fetch_fragments=not drop_fragments, tee=TeeMode(tee) if tee else None,
                      backend=Backend(backend), detach=detach,
                      kbs_url=check_url(kbs_url) if kbs_url else None, kbs_keys=kbs_keys, identity=identity)
     # SIGTERM/SIGHUP (a supervisor, a closed terminal) take the same clean path as Ctrl-C: a VM being
@@ -103,6 +114,7 @@ def _up(spec: GroupSpec, opts: UpOptions, fmt: str | None) -> int:
                "backend": rec.backend, "policy_hash": rec.policy_hash,
                "containers": [c.name for c in rec.containers],
                "ports": [f"{p.host_address}:{p.host_port}->{p.port}" for p in rec.ports],
+               "fragments": [f["namespace"] for f in (rec.startup or {}).get("fragments", [])],
                "timings": launched.timings.marks}
     if opts.detach:
         emit(summary, fmt, lambda s: f"{s['name']}: running ({s['tee']}, {s['accel']}); containers: "

@@ -16,6 +16,7 @@ from sandbox.group import GroupSpec, ValidationError, load_group
 from sandbox.group.spec import check_device_count
 from sandbox.images.local import check_local_image
 from sandbox.shared.errors import SandboxError
+from sandbox.shared.policy.model import parse_policy, policy_hash
 
 
 def group_summary(spec: GroupSpec) -> dict[str, object]:
@@ -70,10 +71,21 @@ def validate(group_file: Path, template_group: str | None, volumes: tuple[str, .
     check_device_count(spec, layers, source=str(group_file))
     summary = {"valid": True, "file": str(group_file), **group_summary(spec), "layerDisks": layers,
                "layersNotCounted": uncounted}
+    # A template's ccePolicy is what `up` runs under: read it now, as the agent will (docs/aci.md).
+    from sandbox.aci.ccepolicy import template_ccepolicy_of_file  # ARM and Rego reading, when asked for
+
+    rego = template_ccepolicy_of_file(group_file, template_group)
+    if rego is not None:
+        policy = parse_policy(rego, f"{group_file} (ccePolicy)")
+        summary["ccePolicy"] = {"host_data": policy_hash(rego), "containers": len(policy.containers),
+                                "fragment_imports": [f.feed for f in policy.fragments]}
 
     def table(s: dict) -> str:
         names = ", ".join(c["name"] for c in s["containers"])
-        return f"{group_file}: valid: group {s['name']!r} with {len(s['containers'])} container(s): {names}"
+        line = f"{group_file}: valid: group {s['name']!r} with {len(s['containers'])} container(s): {names}"
+        if "ccePolicy" in s:
+            line += f"; its ccePolicy (HOST_DATA {s['ccePolicy']['host_data']}) runs with it"
+        return line
 
     emit(summary, fmt, table)
 

@@ -53,6 +53,11 @@ class Gate:
         engine = self._engine
         return engine.policy if engine is not None else None
 
+    def fragments(self) -> list[str]:
+        """The namespaces of the fragments loaded so far, in order."""
+        engine = self._engine
+        return [f["namespace"] for f in engine.snapshot()["fragments"]] if engine is not None else []
+
     def install(self, raw: bytes) -> str:
         with self._lock:
             if self._engine is not None:

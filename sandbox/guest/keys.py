@@ -31,16 +31,21 @@ class CryptoError(CheckFailed):
     is a failed check."""
 
 
-@functools.cache
-def _modules() -> Any:
-    """cryptography's modules, loaded once (bench/bench_attest.py measures the cost in the UVM)."""
-    from types import SimpleNamespace
-
+def make_cryptography_importable() -> None:
+    """Let `import cryptography` find Debian's package in the UVM (the agent runs without site.py)."""
     try:
         import cryptography  # noqa: F401
     except ImportError:
         if DEBIAN_DIST_PACKAGES not in sys.path:
             sys.path.append(DEBIAN_DIST_PACKAGES)
+
+
+@functools.cache
+def _modules() -> Any:
+    """cryptography's modules, loaded once (bench/bench_attest.py measures the cost in the UVM)."""
+    from types import SimpleNamespace
+
+    make_cryptography_importable()
 
     from cryptography.exceptions import InvalidSignature, InvalidTag
     from cryptography.hazmat.primitives import hashes, serialization

@@ -29,10 +29,12 @@ from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
 from sandbox.shared.codec import shown
-from sandbox.shared.errors import AttestationError, InputError
+from sandbox.shared.errors import AttestationError, CheckFailed, InputError
+from sandbox.shared.policy import defaults
 from sandbox.shared.policy.inputs import (
     CreateContainerInput,
     ExecInContainerInput,
+    LoadFragmentInput,
     MountDeviceInput,
     NamedId,
     RuntimeLoggingInput,
@@ -67,6 +69,8 @@ ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API when a con
 NETWORK_WAIT_S = 60.0              # seconds a create_container waits for the network the agent sets up
 # What the host may ask before a policy is set: nothing that touches guest state.
 OPEN_REQUESTS = (M.PingRequest, M.SetPolicyRequest, M.GetReportRequest, M.PoweroffRequest)
+# ACI's volume sources, `sandbox:///tmp/atlas/<kind>/<volume>` in its policies, in the guest.
+ACI_VOLUMES_PREFIX = f"{defaults.DEFAULT_SANDBOX_DIR}/{defaults.ACI_VOLUMES_SUBDIR}/"
 # Requests that block waiting (for output, for a process) and must not hold the state lock.
 UNLOCKED_REQUESTS = (M.ReadOutputRequest, M.WaitProcessRequest, M.PingRequest, M.GetReportRequest,
                      M.PoweroffRequest, M.ShutdownContainerRequest)
@@ -103,6 +107,7 @@ class AgentService:
         self.scratch: dict[str, Path] = {}                      # container id -> scratch dir
         self.overlays: dict[str, Overlay] = {}                  # target -> overlay
         self.volumes: dict[str, Path] = {}                      # volume name -> dir
+        self.volume_kinds: dict[str, M.MemoryVolumeKind] = {}   # volume name -> kind (create_volume's)
         self.containers: dict[str, RuntimeContainer] = {}
         self._dm_counter = 0
         self._console = runtime_logging or (lambda msg: None)
@@ -134,6 +139,8 @@ class AgentService:
                 return self.op_ping()
             case M.SetPolicyRequest():
                 return self.op_set_policy(r)
+            case M.LoadFragmentRequest():
+                return self.op_load_fragment(r)
             case M.GetPropertiesRequest():
                 return self.op_get_properties(r)
             case M.DumpStacksRequest():
@@ -192,6 +199,25 @@ class AgentService:
         self.verbose_logging = self.gate.allows(RuntimeLoggingInput())
         gc.freeze()  # the compiled policy lives as long as the agent (see agent.py)
         return M.SetPolicyResult(digest, self.gate.host_data_source or "")
+
+    def op_load_fragment(self, r: M.LoadFragmentRequest) -> M.LoadFragmentResult:
+        """Verify a fragment's envelope (chain, signature, did:x509 issuer) and ask endpoint load_fragment;
+        a refusal, for whatever reason, leaves the policy as it was."""
+        # Loaded with the first fragment: OpenSSL's bindings stay off the boot path.
+        from sandbox.guest.fragments import verify_fragment  # noqa: PLC0415
+
+        try:
+            verified = verify_fragment(r.fragment)
+            rego = verified.payload.decode("utf-8")
+        except (InputError, CheckFailed) as e:
+            raise _err(ErrorCode.policy_denied, f"load_fragment denied: {e.message}", endpoint="load_fragment") from None
+        except UnicodeDecodeError as e:
+            raise _err(ErrorCode.policy_denied, f"load_fragment denied: the fragment's payload is not UTF-8 text "
+                                                f"(byte {e.start})", endpoint="load_fragment") from None
+        self.gate.require(LoadFragmentInput(verified.issuer, verified.feed, rego, verified.header_svn))
+        namespace = self.gate.fragments()[-1]
+        self._console(f"fragment {namespace} loaded from {verified.issuer} ({verified.feed})")
+        return M.LoadFragmentResult(verified.issuer, verified.feed, namespace, verified.header_svn)
 
     def op_get_properties(self, r: M.GetPropertiesRequest) -> M.JsonObject:
         self.gate.require(r)
@@ -391,6 +417,7 @@ class AgentService:
         except OSError as e:
             raise _err(ErrorCode.failed, f"cannot create volume {name}: {e}") from None
         self.volumes[name] = path
+        self.volume_kinds[name] = kind
         return M.CreateVolumeResult(str(path))
 
     # -- containers -----------------------------------------------------------------------------
@@ -401,8 +428,9 @@ class AgentService:
             raise _err(ErrorCode.not_found, f"no container {container_id}")
         return c
 
-    def _bind_mounts(self, mounts: tuple[M.ContainerMount, ...]) -> tuple[M.ContainerMount, ...]:
-        """Validate host-requested mounts: only binds of group volumes to clean container paths."""
+    def _bind_mounts(self, mounts: tuple[M.ContainerMount, ...]) -> tuple[tuple[M.ContainerMount, str], ...]:
+        """Validate host-requested mounts: only binds of group volumes to clean container paths. Each comes back
+        as the policy sees it, with the guest path the agent binds (the same, except for ACI's sources)."""
         binds = []
         for i, m in enumerate(mounts):
             dest = oci.clean_container_path(m.destination)
@@ -419,16 +447,37 @@ class AgentService:
                 self.start_attest_api()
                 if not self.attest_api_started.wait(ATTEST_API_START_TIMEOUT):
                     raise _err(ErrorCode.unavailable, "the attestation API has not started")
-                binds.append(M.ContainerMount(dest, source, "bind", options))
+                binds.append((M.ContainerMount(dest, source, "bind", options), source))
                 continue
-            volume = source.removeprefix(P.VOLUMES_DIR + "/")
-            vpath = self.volumes.get(volume) or (Path(source) if source in self.devices else None)
-            if not source.startswith(P.VOLUMES_DIR + "/") or vpath is None:
+            path = self._aci_volume(source, i) if source.startswith(ACI_VOLUMES_PREFIX) else source
+            volume = path.removeprefix(P.VOLUMES_DIR + "/")
+            vpath = self.volumes.get(volume) or (Path(path) if path in self.devices else None)
+            if not path.startswith(P.VOLUMES_DIR + "/") or vpath is None:
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}].source {shown(source)} is not a group volume")
             if "rbind" not in options and "bind" not in options:
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}]: a bind mount needs the rbind or bind option")
-            binds.append(M.ContainerMount(dest, source, "bind", options))
+            binds.append((M.ContainerMount(dest, source, "bind", options), path))
         return tuple(binds)
+
+    def _aci_volume(self, source: str, i: int) -> str:
+        """The group volume behind one of ACI's volume sources, `<sandbox dir>/tmp/atlas/<kind>/<volume>`
+        (docs/aci.md, "Running ACI policies locally"): the policy pins the kind by the source's pattern, and the agent makes
+        sure the volume is of that kind (emptydir: emptyDir or tmpfs; secretsVolume: secret; azureFileVolume
+        and gitRepoVolume: a files volume, mounted from its device)."""
+        kind, _, volume = source.removeprefix(ACI_VOLUMES_PREFIX).partition("/")
+        path = P.volume_path(volume) if re.fullmatch(M.VOLUME_NAME, volume) else ""
+        if kind == "emptydir":
+            ok = self.volume_kinds.get(volume) in (M.MemoryVolumeKind.empty_dir, M.MemoryVolumeKind.tmpfs)
+        elif kind == "secretsVolume":
+            ok = self.volume_kinds.get(volume) == M.MemoryVolumeKind.secret
+        elif kind in ("azureFileVolume", "gitRepoVolume"):
+            ok = path in self.devices
+        else:
+            ok = False
+        if not ok:
+            raise _err(ErrorCode.invalid_request, f"mounts[{i}].source {shown(source)} is not a group volume of "
+                                                  f"the kind {kind!r} names")
+        return path
 
     def op_create_container(self, r: M.CreateContainerRequest) -> M.CreateContainerResult:
         t0 = time.perf_counter()
@@ -450,8 +499,8 @@ class AgentService:
             raise _err(ErrorCode.failed, str(e)) from None
         binds = self._bind_mounts(r.mounts)
         user, groups = _identity(who)
-        check = CreateContainerInput.from_request(r, mounts=BASE_MOUNTS + binds, user=user, groups=groups,
-                                                  capabilities=caps)
+        check = CreateContainerInput.from_request(r, mounts=BASE_MOUNTS + tuple(b for b, _ in binds), user=user,
+                                                  groups=groups, capabilities=caps)
 
         def action(decision: Decision) -> RuntimeContainer:
             env = decision.env_list if decision.env_list is not None else r.env
@@ -461,8 +510,8 @@ class AgentService:
                                       umask=int(r.umask, 8), capabilities=final_caps,
                                       no_new_privileges=r.no_new_privileges)
             spec = oci.build_spec(oci.BundleSpec(container_id, rootfs, process, self.hostname,
-                                                    tuple(oci.BindMount(b.destination, b.source, b.options)
-                                                          for b in binds), r.privileged))
+                                                    tuple(oci.BindMount(b.destination, path, b.options)
+                                                          for b, path in binds), r.privileged))
             c = RuntimeContainer(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
                           decision.allow_stdio_access, exec_caps=final_caps,
                           user=(who.uid, who.gid, process.additional_gids), working_dir=r.working_dir,

@@ -19,6 +19,7 @@ from sandbox.fsutil import atomic_write
 from sandbox.group import GroupSpec, TeeMode
 from sandbox.hostcheck import Accel, CheckReport, Tee, check_host
 from sandbox.images.model import ResolvedImage
+from sandbox.images.reference import Transport, parse_reference
 from sandbox.kbs.client import broker_pins, guest_url
 from sandbox.launch import measured, selfcheck
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
@@ -28,9 +29,15 @@ from sandbox.log import log
 from sandbox.policy.gen import generate_policy
 from sandbox.policy.sources import package_files_volumes, resolve_group_images
 from sandbox.progress import step
-from sandbox.shared.errors import CheckFailed, InputError, SandboxError, StateError
+from sandbox.shared.errors import CheckFailed, InputError, PolicyDenied, SandboxError, StateError
 from sandbox.shared.kbs_protocol import FW_CFG_KBS_URL
-from sandbox.shared.messages import MemoryVolumeKind, SetPolicyRequest, StartContainerRequest
+from sandbox.shared.messages import (
+    LoadFragmentRequest,
+    MemoryVolumeKind,
+    SetPolicyRequest,
+    StartContainerRequest,
+)
+from sandbox.shared.policy.model import Policy, is_rego, parse_policy
 from sandbox.shared.protocol import PORT_COUNT
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
 from sandbox.state import (
@@ -63,6 +70,9 @@ class UpOptions:
     # False: launch, set the policy and mount every layer and volume, but create no container. The
     # containerd shim (sandbox/shim) creates and starts them one by one, as containerd asks.
     create_containers: bool = True
+    policy_group: str | None = None     # policy_file is an ARM template with several groups: this one's ccePolicy
+    fragments: tuple[str, ...] = ()     # signed policy fragments to load: .cose files or registry references
+    fetch_fragments: bool = True        # False (--drop-fragments): load only those named in `fragments`
 
 
 @dataclass
@@ -89,7 +99,7 @@ def sandbox_paths(state_dir: Path) -> dict[str, Path]:
         "console": state_dir / "console.log",
         "qemu_log": state_dir / "qemu.log",
         "pidfile": state_dir / "qemu.pid",
-        "policy": state_dir / "policy.json",
+        "policy": state_dir / "policy",
         "psp": state_dir / "psp.json",
         "kbs_url": state_dir / "kbs_url",
     }
@@ -116,14 +126,31 @@ def choose_tee(requested: TeeMode, report: CheckReport) -> tuple[Tee, Accel, str
 
 
 def policy_bytes(spec: GroupSpec, images: Mapping[str, ResolvedImage], volume_hashes: Mapping[str, str],
-                 policy_file: Path | None, key_brokers: Sequence[str] = ()) -> bytes:
+                 policy_file: Path | None, key_brokers: Sequence[str] = (), policy_group: str | None = None) -> bytes:
+    """The exact policy bytes to launch with: a supplied policy (JSON, or ACI's Rego text from a Rego
+    file, its base64 or an ARM template's ccePolicy, docs/aci.md), else the one generated for the group."""
     if policy_file is not None:
-        try:
-            return Path(policy_file).read_bytes()
-        except OSError as e:
-            raise InputError(f"cannot read policy file {policy_file}: {e.strerror}") from e
+        # ARM and Rego reading: only for supplied policies
+        from sandbox.aci.ccepolicy import policy_file_bytes
+
+        return policy_file_bytes(Path(policy_file), policy_group)
     with step("Generate the execution policy"):
         return generate_policy(spec, images, volume_hashes=dict(volume_hashes), key_brokers=key_brokers)
+
+
+def load_fragments_plan(spec: GroupSpec, policy: Policy, opts: UpOptions) -> Any:
+    """Which fragments to load (sandbox/aci/fragment_sources.py); notes on imports left without one."""
+    # registry and crypto: only when fragments are in play
+    from sandbox.aci.fragment_sources import plan_fragments
+
+    images = [c.image for c in spec.containers + spec.init_containers
+              if parse_reference(c.image, base_dir=spec.base_dir).transport == Transport.registry]
+    with step("Find the policy's fragments"):
+        plan = plan_fragments(policy, opts.fragments, list(dict.fromkeys(images)), base_dir=spec.base_dir,
+                              fetch=opts.fetch_fragments)
+    for note in plan.notes:
+        log.warning("%s", note)
+    return plan
 
 
 def _check_socket_paths(state_dir: Path) -> None:
@@ -158,14 +185,28 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
 
 
 def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: Timings, *,
-                 create_containers: bool = True, verified: Callable[[], object] = lambda: None) -> dict[str, Any]:
-    """set_policy, mounts, create and start every container, in group order. Returns per-step results.
+                 create_containers: bool = True, fragments: Sequence[Any] = (),
+                 verified: Callable[[], object] = lambda: None) -> dict[str, Any]:
+    """set_policy, fragments, mounts, create and start every container, in group order. Returns per-step
+    results.
 
     `verified()` returns once the launch self-check has passed (it raises if it failed): it is called
     before a secret volume is made and before the first container is created."""
     results: dict[str, Any] = {"containers": {}}
     with step("Set the execution policy"):
         results["policy"] = client.call(SetPolicyRequest(policy)).to_json()
+    if fragments:
+        with step("Load policy fragments", total=len(fragments)) as task:
+            loaded = []
+            for f in fragments:
+                try:
+                    loaded.append(client.call(LoadFragmentRequest(f.envelope)).to_json() | {"origin": f.origin})
+                except PolicyDenied as e:
+                    raise PolicyDenied(f"fragment {f.origin}: {e.message}",
+                                       hint="the policy's fragment imports decide which fragments load "
+                                            "('parma-sandbox policy fragment verify FILE --policy POLICY')") from None
+                task.advance()
+        results["fragments"] = loaded
     with step("Mount layers and volumes", total=len(plan.disks) + len(plan.memory_volumes)) as task:
         devices = {}
         for d in plan.disks:
@@ -223,9 +264,17 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
     if opts.policy_file is not None and opts.kbs_keys:
         raise InputError("--kbs-key pins brokers in a generated policy; with --policy the file's key_brokers apply")
     pins = broker_pins(opts.kbs_url, opts.kbs_keys) if opts.policy_file is None else []
-    policy = policy_bytes(spec, images, {k: h for k, (h, _) in volumes.items()}, opts.policy_file, pins)
+    policy = policy_bytes(spec, images, {k: h for k, (h, _) in volumes.items()}, opts.policy_file, pins,
+                          opts.policy_group)
     policy_hash = hashlib.sha256(policy).digest()
-    plan = build_plan(spec, images, volumes)
+    # A supplied policy decides how the launcher asks for mounts (ACI's sources where it names them) and which
+    # fragments to load; it is read here too so that a bad one fails before a VM starts.
+    supplied = parse_policy(policy, str(opts.policy_file)) if opts.policy_file is not None else None
+    fragments = (load_fragments_plan(spec, supplied, opts).load
+                 if supplied is not None and (supplied.fragments or opts.fragments) else ())
+    if opts.fragments and supplied is None:
+        raise InputError("--fragment needs a policy that imports fragments (--policy, or a template's ccePolicy)")
+    plan = build_plan(spec, images, volumes, policy=supplied)
     from sandbox.uvm.build import ensure_uvm  # heavy (sev-snp-measure); only `up` needs it
 
     with step("Prepare the UVM"):
@@ -246,7 +295,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
         for sock in agent_sockets(state_dir):
             sock.unlink(missing_ok=True)
         paths = sandbox_paths(state_dir)
-        atomic_write(paths["policy"], policy, 0o600)
+        atomic_write(paths["policy"].with_suffix(".rego" if is_rego(policy) else ".json"), policy, 0o600)
         record = SandboxRecord(
             name=name, status=SandboxStatus.starting, processes={"launcher": ProcessRef.of(os.getpid())},
             group=spec.name, group_file=str(spec.base_dir), tee=tee.value, accel=accel.value,
@@ -287,7 +336,7 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                                           on_pass=lambda: timings.mark("verified"))
                 try:
                     results = _setup_guest(client, policy, plan, timings, create_containers=opts.create_containers,
-                                           verified=lambda: _await_selfcheck(pending))
+                                           fragments=fragments, verified=lambda: _await_selfcheck(pending))
                     check = _await_selfcheck(pending)
                 except BaseException:
                     if not pending.done:
@@ -299,7 +348,8 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                     raise
                 record = replace(record, selfcheck=check.summary())
             record = replace(record, status=SandboxStatus.running,
-                             startup={"timings": timings.marks, "containers": results["containers"]})
+                             startup={"timings": timings.marks, "containers": results["containers"],
+                                      "fragments": results.get("fragments", [])})
             store.save(record)
             keep_diagnostics(state_dir, record)
         except BaseException as e:

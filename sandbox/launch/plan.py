@@ -26,6 +26,7 @@ from sandbox.shared.messages import (
     MountScratchRequest,
 )
 from sandbox.shared.policy import defaults
+from sandbox.shared.policy.model import Policy
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,9 @@ class LaunchPlan:
 
 
 def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
-               volume_devices: Mapping[str, tuple[str, Path]]) -> LaunchPlan:
-    """images: container name -> image; volume_devices: files-volume name -> (root hash, image path)."""
+               volume_devices: Mapping[str, tuple[str, Path]], policy: Policy | None = None) -> LaunchPlan:
+    """images: container name -> image; volume_devices: files-volume name -> (root hash, image path);
+    policy: a supplied policy (not generated here), which decides how volume binds are asked for."""
     layers: dict[str, DeviceMount] = {}
     for c in spec.containers:
         for layer in images[c.name].layers:
@@ -100,7 +102,7 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
         process = container_process(c, image.config)
         create = CreateContainerRequest(
             container_id=c.name, argv=process.argv, env=process.env, working_dir=process.working_dir,
-            user=process.user, mounts=container_mounts(spec, c), capabilities=container_capabilities(c),
+            user=process.user, mounts=container_mounts(spec, c, policy), capabilities=container_capabilities(c),
             privileged=c.privileged, no_new_privileges=False, umask=defaults.DEFAULT_UMASK,
             seccomp_profile_sha256="")
         containers.append(ContainerPlan(c.name, targets, create, c.stdio,

@@ -135,15 +135,41 @@ def _env_rules(process: ContainerProcess, debug: bool) -> tuple[EnvRule, ...]:
     return tuple(rules)
 
 
-def container_mounts(spec: GroupSpec, container: ContainerSpec) -> tuple[ContainerMount, ...]:
+def aci_volume_bind(policy: Policy, container: str, destination: str) -> tuple[str, tuple[str, ...]] | None:
+    """(kind, options) when `policy` binds `destination` from one of ACI's volume sources
+    (`sandbox:///tmp/atlas/<kind>/...`, as confcom writes them) for this container (by name, or any of its
+    containers when none has the name); None otherwise."""
+    named = [c for c in policy.containers if c.name == container]
+    prefix = f"{defaults.SANDBOX_PREFIX}/{defaults.ACI_VOLUMES_SUBDIR}/"
+    for c in named or policy.containers:
+        for m in c.mounts:
+            kind = m.source[len(prefix):].split("/", 1)[0] if m.source.startswith(prefix) else None
+            if m.destination == destination and kind in defaults.ACI_VOLUME_KINDS:
+                return kind, m.options
+    return None
+
+
+def container_mounts(spec: GroupSpec, container: ContainerSpec,
+                     policy: Policy | None = None) -> tuple[ContainerMount, ...]:
     """The bind mounts of a container, the one place that decides them: the launcher asks for exactly
     these and the policy pins exactly these. One per group mount, from the volume's directory in the
     UVM, read-only when asked (always for `files` and `secret` volumes); then the attestation API's
-    directory when the container asks for it (docs/kbs.md)."""
+    directory when the container asks for it (docs/kbs.md).
+
+    Under a supplied `policy` (not generated from the group, e.g. a template's ccePolicy) that binds a
+    destination from one of ACI's volume sources, that mount is asked for there instead, with the
+    policy's options: `<sandbox dir>/tmp/atlas/<kind>/<volume>`, which the agent resolves to the volume
+    when it is of that kind (docs/aci.md, "Running ACI policies locally")."""
     kinds = {v.name: v.kind for v in spec.volumes}
-    out = [defaults.volume_bind_mount(m.volume, m.mount_path,
-                                      m.read_only or kinds[m.volume] in (VolumeKind.files, VolumeKind.secret))
-           for m in container.mounts]
+    out = []
+    for m in container.mounts:
+        aci = aci_volume_bind(policy, container.name, m.mount_path) if policy is not None else None
+        if aci is not None:
+            out.append({"destination": m.mount_path, "source": defaults.aci_volume_source(aci[0], m.volume),
+                        "type": "bind", "options": list(aci[1])})
+        else:
+            out.append(defaults.volume_bind_mount(m.volume, m.mount_path, m.read_only or kinds[m.volume] in
+                                                  (VolumeKind.files, VolumeKind.secret)))
     if container.attestation_api:
         out.append(attestation_api_mount())
     return tuple(ContainerMount.from_json(m) for m in out)

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.fsutil import read_input_file
-from sandbox.shared.policy.model import EnvRule, Policy, Strategy, parse_policy, policy_hash
+from sandbox.shared.policy.model import (
+    AnyEnvRule,
+    NameValueEnvRule,
+    Policy,
+    Strategy,
+    parse_policy,
+    policy_hash,
+)
 from sandbox.shared.policy.regex import whole_matcher
 
 SHELLS = frozenset({"sh", "bash", "ash", "dash", "zsh", "ksh", "busybox"})
@@ -24,16 +31,32 @@ def read_policy(path: Path) -> tuple[bytes, Policy]:
     return raw, parse_policy(raw, str(path))
 
 
-def _allows_any_env(rules: tuple[EnvRule, ...]) -> bool:
+def _allows_any_env(rules: tuple[AnyEnvRule, ...]) -> bool:
     for r in rules:
-        if r.strategy == Strategy.re2:
+        if isinstance(r, NameValueEnvRule):
+            if r.name_strategy == r.value_strategy == Strategy.re2:
+                name, value = whole_matcher(r.name), whole_matcher(r.value)
+                if all(name(p.partition("=")[0]) and value(p.partition("=")[2]) for p in _ENV_PROBES):
+                    return True
+        elif r.strategy == Strategy.re2:
             match = whole_matcher(r.pattern)
             if all(match(p) for p in _ENV_PROBES):
                 return True
     return False
 
 
-def _is_shell(command: tuple[str, ...]) -> bool:
+def _env_rule_text(r: AnyEnvRule) -> str:
+    required = ", required" if r.required else ""
+    if isinstance(r, NameValueEnvRule):
+        return f"name {r.name} ({r.name_strategy.value}) = {r.value} ({r.value_strategy.value}{required})"
+    return f"{r.pattern} ({r.strategy.value}{required})"
+
+
+def _command(command: tuple[str, ...] | None) -> list[str] | None:
+    return None if command is None else list(command)
+
+
+def _is_shell(command: tuple[str, ...] | None) -> bool:
     return bool(command) and posixpath.basename(command[0]) in SHELLS and len(command) <= 2
 
 
@@ -71,11 +94,11 @@ def summarize(raw: bytes, policy: Policy) -> dict[str, Any]:
         "debug_features": features,
         "flags": {k: v for k, v in policy.to_document().items() if k.startswith("allow_")},
         "containers": [{
-            "name": c.label(i), "id": c.id, "layers": list(c.layers), "command": list(c.command),
-            "env_rules": [f"{r.pattern} ({r.strategy.value}{', required' if r.required else ''})" for r in c.env_rules],
+            "name": c.label(i), "id": c.id, "layers": list(c.layers), "command": _command(c.command),
+            "env_rules": [_env_rule_text(r) for r in c.env_rules],
             "working_dir": c.working_dir,
             "mounts": [f"{m.type} {m.source} -> {m.destination} ({','.join(m.options)})" for m in c.mounts],
-            "exec_processes": [{"command": list(p.command), "signals": list(p.signals)} for p in c.exec_processes],
+            "exec_processes": [{"command": _command(p.command), "signals": list(p.signals)} for p in c.exec_processes],
             "signals": list(c.signals), "allow_elevated": c.allow_elevated, "allow_stdio_access": c.allow_stdio_access,
             "no_new_privileges": c.no_new_privileges,
             "user": None if c.user is None else {
@@ -83,8 +106,10 @@ def summarize(raw: bytes, policy: Policy) -> dict[str, Any]:
                 "groups": [f"{g.strategy.value} {g.pattern!r}" for g in c.user.group_idnames], "umask": c.user.umask},
             "capabilities": None if c.capabilities is None else {k: len(v) for k, v in c.capabilities.sets().items()},
         } for i, c in enumerate(policy.containers)],
-        "external_processes": [{"command": list(e.command), "working_dir": e.working_dir,
+        "external_processes": [{"command": _command(e.command), "working_dir": e.working_dir,
                                 "allow_stdio_access": e.allow_stdio_access} for e in policy.external_processes],
+        "fragments": [f.to_json() for f in policy.fragments],
+        "rules": {point: rule.to_json() for point, rule in policy.rules},
         "volumes": [{"name": v.name, "target": v.target, "device_hash": v.device_hash} for v in policy.volumes],
         "key_brokers": [b.public_key_sha256 for b in policy.key_brokers],
     }
@@ -107,11 +132,17 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(f"volume {v['name']}: {v['target']} pinned to {v['device_hash']}")
     for pin in summary["key_brokers"]:
         lines.append(f"key broker: public key sha256 {pin} (secrets are accepted only from it)")
+    for f in summary["fragments"]:
+        lines.append(f"fragments accepted: from {f['issuer']} ({f['feed']}), minimum svn {f['minimum_svn']}, adding "
+                     f"{', '.join(f['includes']) or 'nothing'}")
+    for point, rule in summary["rules"].items():
+        lines.append(f"rule {point}: " + ("no rule (api.rego decides)" if rule is None else
+                                          "the framework's" if rule == "framework" else f"always {rule}"))
     for c in summary["containers"]:
         lines.append("")
         lines.append(f"container {c['name']}" + (f" ({c['id']})" if c["id"] else ""))
         lines.append(f"  layers:      {len(c['layers'])} (base first) " + ", ".join(h[:12] for h in c["layers"]))
-        lines.append(f"  command:     {c['command']}")
+        lines.append(f"  command:     {c['command'] if c['command'] is not None else 'null (matches no argv)'}")
         lines.append(f"  working_dir: {c['working_dir']}")
         for r in c["env_rules"]:
             lines.append(f"  env:         {r}")

@@ -5,7 +5,7 @@ A fragment is a Rego module signed into a COSE_Sign1 (tag 18): the protected hea
 fragment's issuer and feed either as the text labels `iss` and `feed` (what confcom's sign1util
 writes) or as CWT claims (15: iss = 1, sub = 2) with an optional `svn`; hcsshim's cosesign1go reads
 both. This module parses and builds envelopes and the Sig_structure that is signed; verifying a
-signature needs a crypto library and lives with the code that has one (sandbox/aci/fragment_crypto.py).
+signature needs a crypto library and lives with the code that has one (sandbox/guest/fragments.py).
 """
 
 from __future__ import annotations

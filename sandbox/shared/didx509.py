@@ -4,7 +4,7 @@
 of its chain (the fingerprint of any certificate after the leaf) and what the leaf must carry: `eku:<oid>`,
 `subject:<key>:<value>[:<key>:<value>...]` (values percent-encoded), `san:<type>:<value>` or
 `fulcio-issuer:<host>`. Certificates are described by CertificateFacts, which the side that has an
-X.509 library extracts (sandbox/aci/fragment_crypto.py); every mismatch raises DidError with the reason.
+X.509 library extracts (sandbox/guest/fragments.py); every mismatch raises DidError with the reason.
 """
 
 from __future__ import annotations

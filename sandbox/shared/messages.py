@@ -21,11 +21,13 @@ from typing import Annotated, Any, ClassVar, Generic, TypeVar
 from sandbox.shared.codec import Base64, Hex, Match, MaxLen, Message, NonEmpty, Range
 
 MAX_POLICY_BYTES = 1 << 20
+MAX_FRAGMENT_BYTES = 1 << 20
 
 
 class Op(StrEnum):
     ping = "ping"
     set_policy = "set_policy"
+    load_fragment = "load_fragment"
     get_properties = "get_properties"
     dump_stacks = "dump_stacks"
     get_report = "get_report"
@@ -119,6 +121,14 @@ class PingResult(Message):
 class SetPolicyResult(Message):
     policy_hash: str
     host_data_source: str
+
+
+@dataclass(frozen=True)
+class LoadFragmentResult(Message):
+    issuer: str
+    feed: str
+    namespace: str
+    header_svn: int | None
 
 
 @dataclass(frozen=True)
@@ -251,6 +261,14 @@ class SetPolicyRequest(Request[SetPolicyResult]):
 
     op = Op.set_policy
     policy: Annotated[bytes, Base64(), MaxLen(MAX_POLICY_BYTES)]
+
+
+@dataclass(frozen=True)
+class LoadFragmentRequest(Request[LoadFragmentResult]):
+    """A signed policy fragment: the exact COSE_Sign1 envelope (confcom's .cose file or registry artifact)."""
+
+    op = Op.load_fragment
+    fragment: Annotated[bytes, Base64(), MaxLen(MAX_FRAGMENT_BYTES)]
 
 
 @dataclass(frozen=True)
@@ -403,7 +421,8 @@ class PoweroffRequest(Request[EmptyResult]):
 
 
 AgentRequest = (
-    PingRequest | SetPolicyRequest | GetPropertiesRequest | DumpStacksRequest | GetReportRequest |
+    PingRequest | SetPolicyRequest | LoadFragmentRequest | GetPropertiesRequest | DumpStacksRequest |
+    GetReportRequest |
     MountDeviceRequest | UnmountDeviceRequest | MountScratchRequest | UnmountScratchRequest |
     MountOverlayRequest | UnmountOverlayRequest | CreateVolumeRequest | CreateContainerRequest |
     StartContainerRequest | ExecProcessRequest | SignalProcessRequest | WaitProcessRequest |

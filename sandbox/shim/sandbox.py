@@ -178,7 +178,8 @@ def cri_env_to_drop(policy: Policy | None, container_name: str) -> frozenset[str
         return frozenset()
     for c in policy.containers:
         if c.name == container_name:
-            if any(r.pattern.startswith("HOSTNAME=") for r in c.env_rules):
+            if any(getattr(r, "pattern", "").startswith("HOSTNAME=") or getattr(r, "name", "") == "HOSTNAME"
+                   for r in c.env_rules):
                 return frozenset()
             return frozenset({"HOSTNAME"})
     return frozenset({"HOSTNAME"})

@@ -303,7 +303,13 @@ def ours(engine: PolicyEngine, req: dict) -> dict:
         rolled_back = False
     except _ActionFailed:
         d, rolled_back = seen[0], True
-    return {"allowed": d.allowed, "rolled_back": rolled_back, "results": dict(d.results), "reason": d.reason}
+    results = dict(d.results)
+    if d.allowed and req["ep"] in ("create_container", "exec_in_container", "exec_external"):
+        # No env_list or caps_list in the results means: as the request asked (hcsshim getEnvsToKeep, getCapsToKeep).
+        results.setdefault("env_list", list(req["input"].get("env", [])))
+        if req["ep"] != "exec_external":
+            results.setdefault("caps_list", req["input"].get("capabilities") or {})
+    return {"allowed": d.allowed, "rolled_back": rolled_back, "results": results, "reason": d.reason}
 
 
 def difference(ep: str, a: dict, b: dict) -> str | None:

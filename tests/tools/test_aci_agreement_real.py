@@ -6,10 +6,11 @@ also takes `{"rego": TEXT}` (load a Rego policy module as it is) and `{"fragment
 modules written here in confcom's layout, the output of `export aci`, and every `*.rego` under
 PARMA_SANDBOX_ACI_CORPUS (a local corpus of real ccePolicies, never in the repository).
 
-- Real policies: the Rego text goes to ACI's framework unchanged; our engine gets `policy import`'s
-  result (fragments dropped: with none loaded they add nothing on ACI either). Both replay the same
-  generated traces; decisions must agree. Modules the current policy model cannot hold (e.g.
-  `"command": null`) are counted, not compared.
+- Real policies: the Rego text goes to ACI's framework unchanged and to our engine through `policy
+  import` (fragment imports, null commands, the second env-rule form, rules the module answers itself
+  and the layers of ignored containers included). Both replay the same generated traces, which cover
+  every enforcement point: fragment loads (issuers and feeds the policy names or not, SVNs above and
+  below the minimum) and what loaded fragments add included; decisions must agree.
 - Fragments: `check_load` must accept and refuse exactly the loads hcsshim's LoadFragment does.
 - export aci: ACI's guest request sequence for the group (pause container, layers at ACI's SCSI
   mount targets, overlays, creates with ACI's injected env and mount sources, the listed execs) is
@@ -29,9 +30,9 @@ from pathlib import Path
 import pytest
 from test_aci_agreement import EVAL, Evaluator, Generator, complete_input, default_caps, difference, ours
 
-from sandbox.aci.decision import parse_decision
+from sandbox.aci.decision import parse_decision, replay
 from sandbox.aci.export import aci_policy
-from sandbox.aci.rego import import_rego
+from sandbox.aci.rego import import_rego, rego_module
 from sandbox.group import validate_group
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
 from sandbox.shared.errors import InputError
@@ -57,12 +58,18 @@ def evaluator():
     ev.close()
 
 
+NO_COMMAND = ["/policy-says-null"]     # what a request asks for where the policy's command is null
+
+
 class RealGenerator(Generator):
-    """Traces for real policies: values for any env rule, and sandbox:// mounts as requests name them."""
+    """Traces for real policies: values for any env rule, sandbox:// mounts as requests name them, null
+    commands (never matched), layers of ignored containers, and fragment loads."""
 
     def env_value(self, rule: dict) -> str | None:
         pattern = rule.get("pattern")
         if pattern is None:
+            if rule.get("name_strategy") == "string":
+                return f"{rule['name']}=" + ("v" if rule["value_strategy"] == "re2" else rule["value"])
             return None
         if rule["strategy"] == "string":
             return pattern
@@ -88,6 +95,55 @@ class RealGenerator(Generator):
                 source = "/run/parma/sandbox" + re.sub(r"\.[+*]$", f"c{self.r.randint(0, 9)}", m["source"][10:])
                 req["mounts"].append({**m, "source": source})
         return req
+
+    def fragment_load(self, doc: dict, namespace: str) -> dict:
+        """A load_fragment request: mostly for an import the policy names, with the SVN on either side of
+        its minimum; the fragment adds one container (and maybe a nested import)."""
+        r = self.r
+        imports = doc.get("fragments") or [{"issuer": "did:x509:0:sha256:NONE::eku:1", "feed": "none",
+                                            "minimum_svn": "1", "includes": ["containers"]}]
+        imp = r.choice(imports)
+        issuer = imp["issuer"] if r.random() < 0.85 else "did:x509:0:sha256:OTHER::eku:1.2.3"
+        feed = imp["feed"] if r.random() < 0.85 else "example.com/other"
+        try:
+            minimum = int(str(imp["minimum_svn"]))
+        except ValueError:
+            minimum = 1
+        svn = r.choice([minimum, minimum, minimum + 3, max(0, minimum - 1)])
+        version = r.choice(["0.2.3", "0.5.0", "0.1.0"])
+        container = self.container(0, [[self.hexhash() for _ in range(r.randint(1, 2))]],
+                                   tuple(int(x) for x in version.split(".")))
+        lines = [f"package {namespace}", "", f'svn := "{svn}"' if r.random() < 0.8 else f"svn := {svn}",
+                 f'framework_version := "{version}"', "", f"containers := {json.dumps([container])}"]
+        if r.random() < 0.3:
+            lines.append("fragments := " + json.dumps([{"issuer": "did:x509:0:sha256:NEST::eku:1", "feed": "nested",
+                                                        "minimum_svn": "1", "includes": ["containers"]}]))
+        inp = {"issuer": issuer, "feed": feed, "rego": "\n".join(lines) + "\n"}
+        if r.random() < 0.3:
+            inp["header_svn"] = r.choice([svn, svn + 1])
+        self.fragment_containers.append(container)
+        return {"ep": "load_fragment", "input": inp}
+
+    def real_trace(self, doc: dict, length: int) -> list[dict]:
+        """Generator.trace over the policy's containers, those of the fragments it loads and, where a
+        command is null, a request no command matches; plus layers of ignored containers and loads."""
+        self.fragment_containers: list[dict] = []
+        view = dict(doc)
+        view["containers"] = [self._requestable(c) for c in doc["containers"]]
+        view["external_processes"] = [{**e, "command": e["command"] or NO_COMMAND} for e in doc["external_processes"]]
+        out = []
+        for i, part in enumerate((length * 2 // 3, length - length * 2 // 3)):
+            out.append(self.fragment_load(doc, f"frag{i}"))
+            view["containers"] = view["containers"] + [self._requestable(c) for c in self.fragment_containers[-1:]]
+            out += self.trace(view, part)
+        for h in doc.get("ignored_container_layers", [])[:3]:
+            out.append({"ep": "mount_device", "input": {"target": f"/run/parma/layers/i{len(out)}", "device_hash": h}})
+        return out
+
+    @staticmethod
+    def _requestable(c: dict) -> dict:
+        return {**c, "command": c["command"] or NO_COMMAND,
+                "exec_processes": [{**p, "command": p["command"] or NO_COMMAND} for p in c["exec_processes"]]}
 
 
 def synthetic_image(ref: str, layers: list[str], **config) -> ResolvedImage:
@@ -131,6 +187,13 @@ def policy_modules(counts: Counter[str]) -> Iterator[tuple[str, str, Module]]:
             yield source, text[m.start:m.end], m
 
 
+def ask(evaluator: Evaluator, req: dict) -> dict:
+    """The evaluator's answer to a request of a trace (a fragment load is its own kind of line)."""
+    if req["ep"] == "load_fragment":
+        return {"rolled_back": False, **evaluator.ask({"fragment": {"header_svn": None, **req["input"]}})}
+    return evaluator.ask(req)
+
+
 def test_real_policies_agree(evaluator: Evaluator) -> None:
     gen = RealGenerator(int(os.environ.get("PARMA_SANDBOX_ACI_SEED", "17")))
     counts: Counter[str] = Counter()
@@ -138,30 +201,71 @@ def test_real_policies_agree(evaluator: Evaluator) -> None:
     for source, module, _ in policy_modules(counts):
         counts["modules"] += 1
         try:
-            policy = import_rego(module, source=source, drop_fragments=True)
+            policy = import_rego(module, source=source)
         except InputError:
-            counts["modules the current policy model cannot hold"] += 1
+            counts["modules parma-sandbox refuses"] += 1
             continue
         if not evaluator.ask({"rego": module})["ok"]:
             counts["modules ACI's framework refuses"] += 1
             continue
         counts["modules compared"] += 1
-        raw = policy.canonical_bytes()
-        engine = PolicyEngine.from_bytes(raw)
-        doc = json.loads(raw)
-        if not doc["containers"]:
-            continue
-        for req in gen.trace(doc, 40):
-            req = {**req, "input": complete_input(engine, req["ep"], req["input"])}
+        engine = PolicyEngine.from_bytes(module.encode())
+        assert engine.policy == policy
+        for req in gen.real_trace(policy.to_document(), 40):
+            if req["ep"] != "load_fragment":
+                req = {**req, "input": complete_input(engine, req["ep"], req["input"])}
             a = ours(engine, req)
-            why = difference(req["ep"], a, evaluator.ask(req))
+            why = difference(req["ep"], a, ask(evaluator, req))
             counts["requests"] += 1
             counts["allowed"] += a["allowed"]
+            counts[f"{req['ep']}"] += 1
+            counts[f"{req['ep']} allowed"] += a["allowed"]
             if why:
                 differences.append(f"{source}: {req['ep']}: {why}\n  request: {json.dumps(req)[:300]}")
     counts["disagreements"] = len(differences)
     print(json.dumps(dict(sorted(counts.items())), indent=1))
     assert counts["modules compared"] > 0 and counts["allowed"] > 0
+    from sandbox.shared.policy import EnforcementPoint
+    from sandbox.shared.rego.framework import ENFORCEMENT_POINTS
+    aci_points = [ep.value for ep in EnforcementPoint if ep.value in ENFORCEMENT_POINTS]
+    assert all(counts[f"{ep} allowed"] for ep in aci_points), "every ACI point is decided both ways"
+    assert not differences, f"{len(differences)} disagreement(s):\n" + "\n".join(differences[:10])
+
+
+def test_containers_of_the_frameworks_own_version_lacking_fields_agree(evaluator: Evaluator) -> None:
+    """Data of framework_version 0.5.0 is evaluated as written: a container lacking a field still matches
+    overlays; without signals or exec_processes it is created, without anything else it never is."""
+    gen = RealGenerator(int(os.environ.get("PARMA_SANDBOX_ACI_SEED", "17")) + 1)
+    fields = ["signals", "exec_processes", "user", "capabilities", "seccomp_profile_sha256", "env_rules",
+              "no_new_privileges", "mounts", "working_dir", "allow_elevated", "allow_stdio_access", "command"]
+    counts: Counter[str] = Counter()
+    differences = []
+    for i in range(24):
+        doc = gen.policy()
+        doc["framework_version"] = "0.5.0"
+        doc["containers"] = [gen.container(j, [c["layers"] for c in doc["containers"]], (0, 5, 0))
+                             for j in range(len(doc["containers"]))]
+        full = [dict(c) for c in doc["containers"]]
+        for c in doc["containers"]:
+            for key in gen.r.sample(fields, gen.r.randint(0, 2)):
+                c.pop(key, None)
+        module = rego_module(doc)
+        if not evaluator.ask({"rego": module})["ok"]:
+            counts["modules ACI's framework refuses"] += 1
+            continue
+        engine = PolicyEngine.from_bytes(module.encode())
+        counts["modules"] += 1
+        for req in gen.trace({**doc, "containers": full}, 40):
+            req = {**req, "input": complete_input(engine, req["ep"], req["input"])}
+            a = ours(engine, req)
+            why = difference(req["ep"], a, evaluator.ask(req))
+            counts["requests"] += 1
+            counts[f"{req['ep']} allowed"] += a["allowed"]
+            if why:
+                differences.append(f"policy {i}: {req['ep']}: {why}\n  request: {json.dumps(req)[:300]}")
+    counts["disagreements"] = len(differences)
+    print(json.dumps(dict(sorted(counts.items())), indent=1))
+    assert counts["mount_overlay allowed"] and counts["create_container allowed"]
     assert not differences, f"{len(differences)} disagreement(s):\n" + "\n".join(differences[:10])
 
 
@@ -315,6 +419,40 @@ def test_exported_policy_accepts_acis_request_sequence_and_denies_attacks(evalua
             continue
         assert evaluator.ask(req)["allowed"]
     print(json.dumps({"sequence": len(ok), "attacks denied": len(attacks) + 1, "env dropped": 1}))
+
+
+def test_policy_explain_gives_the_local_engines_text_for_acis_denials(evaluator: Evaluator) -> None:
+    """ACI's policyDecision blobs of real denials, replayed by `policy explain --policy`: where the
+    request can be replayed alone, the text is exactly the local engine's for the same request."""
+    rego = exported_rego()
+    assert evaluator.ask({"rego": rego})["ok"]
+    ok, attacks = aci_sequence()
+    for req in ok:
+        assert evaluator.ask(req)["allowed"]
+    create = next(r for r in ok if r["ep"] == "create_container" and r["input"]["argv"] == ["/srv/web"])
+    denials = [req for _, req in attacks] + [{"ep": "create_container", "input": {
+        **create["input"], "container_id": CID[3], "argv": ["/bin/sh"]}}]
+    counts: Counter[str] = Counter()
+    for req in denials:
+        answer = evaluator.ask(req)
+        assert not answer["allowed"]
+        decision = parse_decision(answer["error"])
+        replayed = replay(decision, rego.encode())
+        if not replayed.decisions:
+            counts["not replayable alone"] += 1
+            continue
+        counts["replayed"] += 1
+        assert all(text != "allowed here" for text in replayed.decisions), (req, replayed)
+        if decision.rule in ("mount_device", "scratch_mount", "dump_stacks"):
+            engine = PolicyEngine.from_bytes(rego.encode())
+            local = json.dumps(req["input"]).replace("/run/mounts/scsi/", "/run/parma/layers/").replace(
+                "/run/gcs/c/", "/run/parma/containers/")
+            inp = json.loads(local)
+            assert replayed.decisions == (engine.enforce_json(req["ep"], inp).reason,)
+        else:
+            assert any("argv ['/bin/sh'] does not match command ['/srv/web']" in t for t in replayed.decisions)
+    print(json.dumps(dict(counts)))
+    assert counts["replayed"] >= 4
 
 
 def test_reader_keeps_exactly_the_containers_acis_framework_evaluates(evaluator: Evaluator) -> None:

@@ -192,6 +192,37 @@ def test_policy_explain_decodes_acis_decision_blob(capsys) -> None:
     assert code == 2 and "policyDecision" in err
 
 
+def test_policy_explain_with_the_policy_gives_the_local_engines_explanation(tmp_path: Path, capsys) -> None:
+    import base64
+
+    from sandbox.aci.rego import rego_module
+    c = json.loads(fragment_text().decode().split("containers := ", 1)[1])[0] | {"command": ["/app"]}
+    doc = {"api_version": "0.10.0", "framework_version": "0.2.3", "containers": [c],
+           **{f: False for f in ("allow_properties_access", "allow_dump_stacks", "allow_runtime_logging",
+                                 "allow_environment_variable_dropping", "allow_unencrypted_scratch",
+                                 "allow_capability_dropping")}}
+    (tmp_path / "policy.rego").write_text(rego_module(doc))
+
+    def blob(inp: dict, errors: list[str]) -> str:
+        return base64.b64encode(json.dumps({"decision": "deny", "input": inp, "reason": {"errors": errors}}).encode()
+                                ).decode()
+
+    create = blob({"rule": "create_container", "containerID": "ab" * 32, "argList": ["/bin/sh"], "envList": [],
+                   "workingDir": "/", "sandboxDir": "/run/gcs/c/x/sandboxMounts", "isSandboxContainer": False,
+                   "user": {"id": "0", "name": "root"}, "groups": [], "umask": "0022", "mounts": [],
+                   "privileged": False, "noNewPrivileges": False, "seccompProfileSHA256": ""}, ["invalid command"])
+    code, out, err = run_cli(["policy", "explain", create, "--policy", str(tmp_path / "policy.rego")], capsys)
+    assert code == 0, err
+    assert "here (the local engine):" in out and "argv ['/bin/sh'] does not match command ['/app']" in out
+    device = blob({"rule": "mount_device", "target": "/run/mounts/scsi/m3", "deviceHash": "ee" * 32,
+                   "mountPathRegex": "/run/mounts/scsi/m[0-9]+"}, ["deviceHash not found"])
+    code, out, err = run_cli(["--format", "json", "policy", "explain", device, "--policy",
+                              str(tmp_path / "policy.rego")], capsys)
+    assert json.loads(out)["local"]["decisions"] == [
+        f"mount_device denied for target '/run/parma/layers/m3': device hash {'ee' * 32!r} is not a layer of any "
+        "container in the policy"]
+
+
 def test_hostile_envelopes_give_errors_never_crashes(issuer) -> None:
     import random
     good = sign_fragment(issuer, fragment_text(), feed=FEED, svn=3)
@@ -206,3 +237,51 @@ def test_hostile_envelopes_give_errors_never_crashes(issuer) -> None:
             verify_fragment(bytes(data))
         except (cose.CoseError, SignatureError, DidError, cbor.CborError):
             pass
+
+
+def test_the_agent_enforces_a_rego_policy_and_refuses_each_bad_fragment_with_its_own_reason(issuer) -> None:
+    """The guest's own path: set_policy with the Rego text (its SHA-256 is HOST_DATA), then load_fragment
+    with envelopes: accepted, from an issuer the policy does not name, with a lower SVN, with a broken
+    signature. A refused fragment adds nothing."""
+    import hashlib
+
+    from sandbox.aci.rego import rego_module
+    from sandbox.guest.hostdata import HostData
+    from sandbox.guest.service import AgentService
+    from sandbox.shared.messages import LoadFragmentRequest, SetPolicyRequest
+    from sandbox.shared.policy.inputs import MountDeviceInput
+    from sandbox.shared.protocol import ErrorCode, ProtocolError
+
+    doc = {"api_version": "0.10.0", "framework_version": "0.2.3", "containers": [],
+           "allow_properties_access": False, "allow_dump_stacks": False, "allow_runtime_logging": False,
+           "allow_environment_variable_dropping": True, "allow_unencrypted_scratch": False,
+           "allow_capability_dropping": True}
+    rego = rego_module(doc, imports(issuer.did(), minimum="3")).encode()
+    service = AgentService(host_data=lambda: HostData(hashlib.sha256(rego).digest(), "test"))
+    assert service.handle(SetPolicyRequest(rego)).policy_hash == hashlib.sha256(rego).hexdigest()
+    layer_mountable = MountDeviceInput("/run/parma/layers/f0", LAYER)
+    assert not service.gate.allows(layer_mountable)
+
+    def refused(envelope: bytes) -> str:
+        with pytest.raises(ProtocolError) as e:
+            service.handle(LoadFragmentRequest(envelope))
+        assert e.value.code == ErrorCode.policy_denied and e.value.message.startswith("load_fragment denied")
+        assert not service.gate.allows(layer_mountable), "a refused fragment must add nothing"
+        return e.value.message
+
+    broken = bytearray(sign_fragment(issuer, fragment_text(), feed=FEED, svn=3))
+    broken[-5] ^= 0x01
+    reasons = [
+        refused(sign_fragment(make_test_issuer(), fragment_text(), feed=FEED, svn=3)),
+        refused(sign_fragment(issuer, fragment_text(svn='"2"'), feed=FEED, svn=2)),
+        refused(bytes(broken)),
+        refused(sign_fragment(issuer, fragment_text(), feed="example.com/other", svn=3)),
+    ]
+    assert "is not one the policy accepts fragments from" in reasons[0]
+    assert "the envelope's SVN 2 is below the minimum_svn 3" in reasons[1]
+    assert "the envelope's signature does not verify" in reasons[2]
+    assert "feed 'example.com/other' is not one the policy accepts" in reasons[3]
+    assert len(set(reasons)) == 4
+    loaded = service.handle(LoadFragmentRequest(sign_fragment(issuer, fragment_text(), feed=FEED, svn=3)))
+    assert (loaded.namespace, loaded.issuer, loaded.header_svn) == ("contoso", issuer.did(), 3)
+    assert service.gate.allows(layer_mountable)

@@ -80,10 +80,13 @@ def test_lazy_guest_packages_are_in_the_uvm_rootfs() -> None:
 
 def test_the_agent_boots_without_loading_cryptography() -> None:
     """What the agent imports at boot (sandbox.guest.agent and what it pulls in) leaves OpenSSL's bindings out,
-    and the regex matcher too (it loads with the first policy)."""
+    and the regex matcher and the Rego reader too (they load with the first policy), and the fragment
+    verifier (with the first fragment)."""
     code = ("import sys; import sandbox.guest.agent, sandbox.guest.keyapi, sandbox.guest.snp_report; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cryptography', 'unicodedata') "
-            "or m.startswith('sandbox.shared.policy.re2')))")
+            "or m.startswith(('sandbox.shared.policy.re2', 'sandbox.guest.fragments', 'sandbox.shared.cose', "
+            "'sandbox.shared.didx509')) or (m.startswith('sandbox.shared.rego.') "
+            "and m != 'sandbox.shared.rego.framework')))")
     done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=PKG.parent, env={"PYTHONPATH": str(PKG.parent)})
     assert done.returncode == 0, done.stderr

@@ -84,8 +84,9 @@ def test_the_agent_binds_the_api_directory_read_only_and_nothing_beside_it() -> 
     service = AgentService(host_data=lambda: None)  # type: ignore[arg-type, return-value]
     service.attest_api_started.set()
     binds = service._bind_mounts((API_MOUNT,))
-    assert binds == (API_MOUNT,)
-    assert binds[0].source == binds[0].destination == "/run/parma/attest" and "ro" in binds[0].options
+    assert binds == ((API_MOUNT, API_MOUNT.source),)
+    bind = binds[0][0]
+    assert bind.source == bind.destination == "/run/parma/attest" and "ro" in bind.options
     with pytest.raises(ProtocolError, match="read-only"):
         service._bind_mounts((replace(API_MOUNT, options=("rbind", "rw")),))
     for source in ("/run/parma", "/run/parma/attest/..", "/run/parma/attest/api.sock"):

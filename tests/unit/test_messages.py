@@ -26,6 +26,8 @@ from sandbox.shared.messages import (
     GetReportRequest,
     ListContainersRequest,
     ListContainersResult,
+    LoadFragmentRequest,
+    LoadFragmentResult,
     MemoryVolumeKind,
     MountDeviceRequest,
     MountDeviceResult,
@@ -72,6 +74,7 @@ CAPS = Capabilities(bounding=("CAP_CHOWN", "CAP_KILL"), effective=("CAP_KILL",))
 EXAMPLES: dict[Op, Message] = {
     Op.ping: PingRequest(),
     Op.set_policy: SetPolicyRequest(b'{"a": 1}\n\x00\xff'),
+    Op.load_fragment: LoadFragmentRequest(b"\xd2\x84\x58"),
     Op.get_properties: GetPropertiesRequest(),
     Op.dump_stacks: DumpStacksRequest(),
     Op.get_report: GetReportRequest(bytes(range(32))),
@@ -101,6 +104,7 @@ EXAMPLES: dict[Op, Message] = {
 RESULTS: list[Message] = [
     PingResult(1, "1", True, "ab" * 32, 1.5), PingResult(1, "1", False, None, 0.25),
     SetPolicyResult("ab" * 32, "emulated report"), DumpStacksResult("--- thread main\n"),
+    LoadFragmentResult("did:x509:0:sha256:AA::eku:1", "example.com/side", "side", 2),
     MountDeviceResult("cd" * 32, 100, "/dev/dm-0", 0.001), MountScratchResult("/run/parma/containers/w/scratch"),
     MountOverlayResult(0.002), CreateVolumeResult("/run/parma/volumes/v"),
     CreateContainerResult(42, True, 0.1, 0.05, 1.5), CreateContainerResult(None, False, 0.1, 0.05, 1.5),
@@ -217,6 +221,7 @@ def test_every_enforcement_point_has_an_input_type() -> None:
 
 
 REQUIRED_EXAMPLE = {
+    EnforcementPoint.load_fragment: {"issuer": "did:x509:0:sha256:AA::eku:1", "feed": "f", "rego": "package f"},
     EnforcementPoint.mount_device: {"target": "/t", "device_hash": "ab"},
     EnforcementPoint.unmount_device: {"target": "/t"},
     EnforcementPoint.mount_overlay: {"container_id": "c", "layer_paths": ["/l"], "target": "/t"},

@@ -102,6 +102,43 @@ class Case:
     results: dict[str, Any] = field(default_factory=dict)
 
 
+# -- what ACI policy modules say beyond our generator: fragments, null commands, the second env-rule form,
+# rules the module answers itself, layers of ignored containers, share volumes
+ISSUER = "did:x509:0:sha256:AAAA::eku:1.2.3"
+SIDE = container(name="side", layers=[L3], command=["/side"], env_rules=[], mounts=[], exec_processes=[],
+                 working_dir="/")
+
+
+def fragment(namespace: str = "side", svn: str | None = '"2"', **adds: Any) -> str:
+    """A fragment module (confcom's layout) adding SIDE, or what `adds` says."""
+    lines = [f"package {namespace}", "", *([f"svn := {svn}"] if svn is not None else []),
+             'framework_version := "0.5.0"', ""]
+    for name, value in ({"containers": [SIDE]} | adds).items():
+        lines.append(f"{name} := {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def load(rego: str | None = None, issuer: str = ISSUER, feed: str = "example.com/side",
+         header_svn: int | None = None) -> tuple[str, dict]:
+    inp: dict[str, Any] = {"issuer": issuer, "feed": feed, "rego": fragment() if rego is None else rego}
+    if header_svn is not None:
+        inp["header_svn"] = header_svn
+    return ("load_fragment", inp)
+
+
+IMPORTS = [{"issuer": ISSUER, "feed": "example.com/side", "minimum_svn": "2", "includes": ["containers"]}]
+FRAG = policy(fragments=IMPORTS)
+SIDE_OVERLAY = ("mount_overlay", {"container_id": "s1", "layer_paths": ["/run/parma/layers/7"],
+                                  "target": "/run/c/s1"})
+SIDE_LOADED = [load(), ("mount_device", {"target": "/run/parma/layers/7", "device_hash": L3}), SIDE_OVERLAY]
+NESTED = policy(fragments=[{**IMPORTS[0], "includes": ["containers", "fragments", "external_processes"]}])
+INNER = {"issuer": "did:x509:0:sha256:BBBB::eku:1.2.3", "feed": "example.com/inner", "minimum_svn": 1,
+         "includes": ["containers"]}
+SHARE = {"destination": "/share", "source": "sandbox:///tmp/atlas/azureFileVolume/.+", "type": "bind",
+         "options": ["rbind", "rshared", "rw"]}
+NAMED_ENV = {"name": "LOG", "name_strategy": "string", "value": "debug|info", "value_strategy": "re2",
+             "required": False}
+
 OLD = policy(container(signals=[]), framework="0.4.0")
 NEW_NO_SIGNALS = policy(container(signals=[]))
 PRIV = policy(container(allow_elevated=True, capabilities=caps(True)))
@@ -396,6 +433,81 @@ CASES = [
          policy=policy({**V021, "allow_elevated": True}, framework="0.2.1")),
     Case("v0.2.0-nnp-default-false", create(), True, setup=MOUNTED,
          policy=policy({k: v for k, v in V020.items() if k != "no_new_privileges"}, framework="0.1.0")),
+    # -- fragments (load_fragment) -------------------------------------------------------------------------------
+    Case("fragment-accepted", load(), True, policy=FRAG),
+    Case("fragment-unknown-issuer", load(issuer="did:x509:0:sha256:CCCC::eku:1.2.3"), False,
+         "issuer did:x509:0:sha256:CCCC::eku:1.2.3 is not one the policy accepts fragments from", policy=FRAG),
+    Case("fragment-unknown-feed", load(feed="example.com/other"), False,
+         "feed 'example.com/other' is not one the policy accepts", policy=FRAG),
+    Case("fragment-svn-too-low", load(fragment(svn='"1"')), False, "its SVN 1 is below the minimum_svn 2",
+         policy=FRAG),
+    Case("fragment-header-svn-too-low", load(fragment(svn=None), header_svn=1), False,
+         "the envelope's SVN 1 is below the minimum_svn 2", policy=FRAG),
+    Case("fragment-header-svn-differs", load(header_svn=3), False,
+         "the fragment's svn '2' differs from the envelope's SVN 3", policy=FRAG),
+    Case("fragment-without-svn", load(fragment(svn=None)), False, "neither the fragment nor its envelope",
+         policy=FRAG),
+    Case("fragment-reserved-namespace", load(fragment("policy")), False, "cannot be a fragment's namespace",
+         policy=FRAG),
+    Case("fragment-no-imports", load(), False, "(it names: none)"),
+    Case("fragment-layer-before-load", ("mount_device", {"target": "/run/parma/layers/7", "device_hash": L3}),
+         False, "not a layer of any container in the policy", policy=FRAG),
+    Case("fragment-layer-after-load", ("mount_device", {"target": "/run/parma/layers/7", "device_hash": L3}), True,
+         setup=[load()], policy=FRAG),
+    Case("fragment-container-created", create("s1", argv=["/side"], env=[], working_dir="/"), True,
+         setup=SIDE_LOADED, policy=FRAG),
+    Case("fragment-container-other-argv", create("s1", argv=["/bin/sh"], env=[], working_dir="/"), False,
+         "argv ['/bin/sh'] does not match command ['/side']", setup=SIDE_LOADED, policy=FRAG),
+    Case("fragment-nested-import", load(fragment("inner"), issuer=INNER["issuer"], feed=INNER["feed"]), True,
+         setup=[load(fragment(fragments=[INNER]))], policy=NESTED),
+    Case("fragment-nested-not-included", load(fragment("inner"), issuer=INNER["issuer"], feed=INNER["feed"]), False,
+         "is not one the policy accepts", setup=[load(fragment(fragments=[INNER]))], policy=FRAG),
+    Case("fragment-external-process", ("exec_external", {"argv": ["/bin/date"], "env": [], "working_dir": "/"}),
+         True, setup=[load(fragment(external_processes=[{"command": ["/bin/date"], "env_rules": [],
+                                                          "working_dir": "/", "allow_stdio_access": True}]))],
+         policy=NESTED, results={"allow_stdio_access": True}),
+    # -- null commands, the second env-rule form ----------------------------------------------------------------
+    Case("command-null-never-matches", create(), False, "null (which matches no argv)", setup=MOUNTED,
+         policy=policy(container(command=None))),
+    Case("exec-command-null-never-matches", ("exec_in_container", {"container_id": "c1", "argv": ["/bin/cat"]}),
+         False, "is not an exec_process", setup=CREATED,
+         policy=policy(container(exec_processes=[{"command": None, "signals": []}]))),
+    Case("env-name-value-form", create(env=[*ENV, "LOG=info"]), True, setup=MOUNTED,
+         policy=policy(container(env_rules=[*container()["env_rules"], NAMED_ENV]))),
+    Case("env-name-value-form-value", create(env=[*ENV, "LOG=trace"]), False, "env 'LOG=trace' matches no env_rule",
+         setup=MOUNTED, policy=policy(container(env_rules=[*container()["env_rules"], NAMED_ENV]))),
+    Case("env-name-value-form-name", create(env=[*ENV, "LOGS=info"]), False, "env 'LOGS=info' matches no env_rule",
+         setup=MOUNTED, policy=policy(container(env_rules=[*container()["env_rules"], NAMED_ENV]))),
+    # -- rules the module answers itself ------------------------------------------------------------------------
+    Case("rule-constant-allows", ("dump_stacks", {}), True, policy=policy(rules={"dump_stacks": {"allowed": True}})),
+    Case("rule-constant-denies", ("mount_device", {"target": "/run/parma/layers/0", "device_hash": L0}), False,
+         "the policy answers every mount_device request with {'allowed': False}",
+         policy=policy(rules={"mount_device": {"allowed": False}})),
+    Case("rule-missing", ("exec_external", {"argv": ["/usr/bin/uptime"], "env": ["TERM=xterm"]}), False,
+         "rule for exec_external is missing from policy", policy=policy(rules={"exec_external": None})),
+    Case("rule-absent-predating-api", ("get_properties", {}), True,
+         policy=policy(api_version="0.6.0", rules={"get_properties": None})),
+    Case("rule-constant-create-results", create(env=["A=1"]), True, setup=MOUNTED,
+         policy=policy(rules={"create_container": {"allowed": True, "env_list": ["A=1", "B=2"]}}),
+         results={"env_list": ["A=1"], "allow_stdio_access": False}),
+    Case("rule-constant-create-records-nothing", ("exec_in_container", {"container_id": "c1", "argv": ["/bin/cat",
+                                                                                                     "/www/index.html"]}),
+         False, "it has not been created", setup=[*MOUNTED, create()],
+         policy=policy(rules={"create_container": {"allowed": True}})),
+    # -- layers of containers the framework ignores, share volumes ----------------------------------------------
+    Case("ignored-container-layer-mounts", ("mount_device", {"target": "/run/parma/layers/7", "device_hash": L3}),
+         True, policy=policy(ignored_container_layers=[L3])),
+    Case("ignored-container-no-overlay", SIDE_OVERLAY, False, "matches no container",
+         setup=[("mount_device", {"target": "/run/parma/layers/7", "device_hash": L3})],
+         policy=policy(ignored_container_layers=[L3])),
+    Case("share-volume-device", ("mount_device", {"target": "/run/parma/volumes/share", "device_hash": L3}), True,
+         policy=policy(container(mounts=[SHARE]))),
+    Case("share-volume-device-odd-target", ("mount_device", {"target": "/run/parma/volumes/../../etc",
+                                                             "device_hash": L3}), False,
+         "not a layer of any container", policy=policy(container(mounts=[SHARE]))),
+    Case("share-volume-device-not-allowed", ("mount_device", {"target": "/run/parma/volumes/share",
+                                                              "device_hash": L3}), False,
+         "not a layer of any container"),
 ]
 
 

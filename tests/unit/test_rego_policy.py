@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import InputError, InvalidDocument
 from sandbox.shared.rego import framework as fw
 from sandbox.shared.rego.policy import RuleKind, read_policy_text
 from sandbox.shared.rego.syntax import RegoSyntaxError, parse_modules
@@ -54,7 +54,7 @@ def test_confcom_module_with_null_command_fragments_and_inline_flags() -> None:
     assert p.flags["allow_capability_dropping"] and not p.flags["allow_dump_stacks"]
     assert p.rules["mount_device"].kind == RuleKind.framework
     # api 0.10.0 predates rw_mount_device (framework decides) and host_network (api.rego default: denied)
-    assert p.rules["rw_mount_device"].kind == RuleKind.framework
+    assert p.rules["rw_mount_device"].kind == RuleKind.default and p.rules["rw_mount_device"].allowed is None
     assert p.rules["host_network"].kind == RuleKind.default and p.rules["host_network"].allowed is False
     doc = p.document()
     assert doc["containers"][0]["command"] is None and doc["fragments"][0]["minimum_svn"] == "4"
@@ -88,7 +88,26 @@ def test_a_container_lacking_a_field_of_its_version_is_dropped_as_aci_drops_it()
 def test_a_framework_version_newer_than_acis_leaves_nothing_to_evaluate() -> None:
     p = read_policy_text(module([container()], framework="1.0.0", svn_names=True))
     assert p.containers == () and p.fragments == () and "ignores every container" in p.warnings[0]
-    assert p.document()["framework_version"] == "0.5.0" and p.raw_layers == (LAYER,)
+    assert p.document()["framework_version"] == "1.0.0" and p.raw_layers == (LAYER,)
+    # the model holds it as it is: nothing to evaluate, the layers still mount
+    from sandbox.shared.policy import PolicyEngine, validate_policy
+    held = validate_policy(p.policy_document())
+    assert held.containers == () and held.ignored_container_layers == (LAYER,)
+    engine = PolicyEngine(held)
+    assert engine.enforce_json("mount_device", {"target": "/run/parma/layers/l0", "device_hash": LAYER}).allowed
+    with pytest.raises(InvalidDocument) as e:
+        validate_policy({**p.policy_document(), "containers": [container()]})
+    assert "framework_version: 1.0.0 is newer than this engine supports (0.5.0)" in e.value.problems
+
+
+def test_containers_of_the_frameworks_own_version_are_read_as_written() -> None:
+    """Framework 0.5.0 evaluates its own version's data without check_container: an object lacking fields
+    still matches overlays (never created, unless it lacks only signals or exec_processes)."""
+    partial = {k: v for k, v in container().items() if k != "user"}
+    no_signals = {k: v for k, v in container(name="b").items() if k != "signals"}
+    p = read_policy_text(module([partial, no_signals], framework="0.5.0"))
+    assert [c["command"] for c in p.containers] == [None, container()["command"]]
+    assert p.containers[1]["signals"] == [] and "never creates it" in p.warnings[0]
 
 
 def test_multi_group_output_needs_a_module_choice() -> None:

@@ -30,6 +30,21 @@ VOLUMES_DIR = "/run/parma/volumes"
 VOLUME_BIND_OPTIONS = ("rbind", "rprivate")
 
 
+# ACI's mount sources for a group's volumes (confcom writes `sandbox:///tmp/atlas/<kind>/.+`): the agent
+# resolves `<sandbox dir>/tmp/atlas/<kind>/<volume>` to the group volume of that kind, so that policies
+# written for ACI allow the binds a template asks for (docs/aci.md, "Running ACI policies locally").
+ACI_VOLUMES_SUBDIR = "tmp/atlas"
+ACI_VOLUME_KINDS = ("emptydir", "secretsVolume", "azureFileVolume", "gitRepoVolume")
+# Shares (azureFile, gitRepo): their content is the owner's, not measured, on ACI as here.
+ACI_SHARE_SOURCES = (f"{SANDBOX_PREFIX}/{ACI_VOLUMES_SUBDIR}/azureFileVolume/",
+                     f"{SANDBOX_PREFIX}/{ACI_VOLUMES_SUBDIR}/gitRepoVolume/")
+
+
+def aci_volume_source(kind: str, volume: str, sandbox_dir: str = DEFAULT_SANDBOX_DIR) -> str:
+    """Where ACI's runtime puts a volume of `kind`, in the guest (the source of its bind mounts)."""
+    return f"{sandbox_dir}/{ACI_VOLUMES_SUBDIR}/{kind}/{volume}"
+
+
 def layer_target(name: str | int) -> str:
     return f"{LAYERS_DIR}/{name}"
 

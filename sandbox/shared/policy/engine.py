@@ -8,7 +8,11 @@ It follows hcsshim's framework.rego (0.5.0) rule by rule, re-implemented in plai
   succeeds; if the action raises, nothing changes and the exception propagates;
 - env and capability dropping when the policy allows it, with the framework's "largest set, and all
   largest sets must agree" rule; ambiguity on allow_stdio_access denies;
-- version-dependent defaults for older framework_versions (framework.rego check_container).
+- version-dependent defaults for older framework_versions (framework.rego check_container);
+- fragments: load_fragment accepts a fragment some import names (issuer, feed, SVN) and adds what the
+  import includes (containers, external processes, further imports) to the candidates;
+- a policy module's own rules: a point answered by a constant, or without a rule, is decided as
+  api.rego decides it (securitypolicyenforcer_rego.go applyDefaults).
 Regexes match whole values (see regex.py; one deliberate difference from the framework).
 
 Every decision explains itself: a denial names the first failing field with expected and actual.
@@ -26,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sandbox.shared.errors import StateError
+from sandbox.shared.errors import InputError, InvalidDocument, StateError
 from sandbox.shared.messages import (
     Capabilities,
     ContainerMount,
@@ -44,6 +48,7 @@ from sandbox.shared.policy.inputs import (
     EnforcementInput,
     ExecExternalInput,
     ExecInContainerInput,
+    LoadFragmentInput,
     MountDeviceInput,
     NamedId,
     RuntimeLoggingInput,
@@ -58,18 +63,24 @@ from sandbox.shared.policy.model import (
     CAPABILITY_DROPPING_SINCE,
     DEFAULT_SIGNALS_UNTIL,
     VERSIONED_FIELDS,
+    AnyEnvRule,
     Container,
     EnvRule,
+    ExternalProcess,
     IdName,
     IdStrategy,
+    NameValueEnvRule,
     Policy,
     Strategy,
     parse_policy,
     parse_version,
     policy_hash,
+    validate_policy,
 )
 from sandbox.shared.policy.points import EnforcementPoint as EP
 from sandbox.shared.policy.regex import whole_matcher
+from sandbox.shared.protocol import VOLUME_TARGET_RE
+from sandbox.shared.rego.framework import ENFORCEMENT_POINTS
 
 T = TypeVar("T")
 
@@ -131,7 +142,9 @@ class Decision:
 # Compiled policy pieces
 
 
-def _fmt(values: tuple[str, ...] | list[str]) -> str:
+def _fmt(values: tuple[str, ...] | list[str] | None) -> str:
+    if values is None:
+        return "null (which matches no argv)"
     return "[" + ", ".join(repr(v) for v in values) + "]"
 
 
@@ -139,36 +152,51 @@ def _short(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _matcher(pattern: str, strategy: Strategy) -> Callable[[str], bool]:
+    return pattern.__eq__ if strategy == Strategy.string else whole_matcher(pattern)
+
+
+def _shown_rule(pattern: str, strategy: Strategy) -> str:
+    return repr(pattern) if strategy == Strategy.string else f"{pattern!r} (re2)"
+
+
 class _EnvRule:
     __slots__ = ("text", "required", "matches")
 
-    def __init__(self, rule: EnvRule) -> None:
+    def __init__(self, rule: AnyEnvRule) -> None:
         self.required = rule.required
-        if rule.strategy == Strategy.string:
-            pattern = rule.pattern
-            self.matches: Callable[[str], bool] = pattern.__eq__
-            self.text = repr(pattern)
+        if isinstance(rule, NameValueEnvRule):
+            name, value = _matcher(rule.name, rule.name_strategy), _matcher(rule.value, rule.value_strategy)
+
+            def matches(env: str) -> bool:
+                key, eq, val = env.partition("=")
+                return bool(eq) and name(key) and value(val)
+
+            self.matches: Callable[[str], bool] = matches
+            self.text = (f"name {_shown_rule(rule.name, rule.name_strategy)} with value "
+                         f"{_shown_rule(rule.value, rule.value_strategy)}")
         else:
-            self.matches = whole_matcher(rule.pattern)
-            self.text = f"{rule.pattern!r} (re2)"
+            self.matches = _matcher(rule.pattern, rule.strategy)
+            self.text = _shown_rule(rule.pattern, rule.strategy)
 
 
 class _EnvRules:
-    """A container's env rules, indexed: exact `string` patterns in a set, regexes in a list."""
+    """A container's env rules, indexed: exact `string` patterns in a set, the others in a list."""
 
-    __slots__ = ("rules", "exact", "regexes", "required")
+    __slots__ = ("rules", "exact", "others", "required")
 
-    def __init__(self, rules: tuple[EnvRule, ...]) -> None:
+    def __init__(self, rules: tuple[AnyEnvRule, ...]) -> None:
         self.rules = tuple(_EnvRule(r) for r in rules)
-        self.exact = frozenset(r.pattern for r in rules if r.strategy == Strategy.string)
-        self.regexes = tuple(c.matches for c, r in zip(self.rules, rules, strict=True) if r.strategy == Strategy.re2)
+        self.exact = frozenset(r.pattern for r in rules if isinstance(r, EnvRule) and r.strategy == Strategy.string)
+        self.others = tuple(c.matches for c, r in zip(self.rules, rules, strict=True)
+                            if not (isinstance(r, EnvRule) and r.strategy == Strategy.string))
         self.required = tuple(r for r in self.rules if r.required)
 
     def allows(self, env: str) -> bool:
         """framework.rego: some rule in env_rules matches env."""
         if env in self.exact:
             return True
-        for match in self.regexes:
+        for match in self.others:
             if match(env):
                 return True
         return False
@@ -237,9 +265,10 @@ class _IdName:
 class _Candidate:
     """One policy container with the framework's version defaults applied and its regexes compiled."""
 
-    def __init__(self, index: int, c: Container, version: tuple[int, int, int], sandbox_dir: str) -> None:
+    def __init__(self, index: int, c: Container, version: tuple[int, int, int], sandbox_dir: str,
+                 origin: str = "") -> None:
         self.index = index
-        self.label = c.label(index)
+        self.label = c.name if c.name else f"{origin}containers[{index}]"
         self.layers = c.layers
         self.command = c.command
         self.env_rules = _EnvRules(c.env_rules)
@@ -272,13 +301,26 @@ class _Candidate:
 
 
 class _External:
-    def __init__(self, index: int, command: tuple[str, ...], env_rules: tuple[EnvRule, ...], working_dir: str,
-                 allow_stdio_access: bool) -> None:
-        self.label = f"external_processes[{index}]"
-        self.command = command
-        self.env_rules = _EnvRules(env_rules)
-        self.working_dir = working_dir
-        self.allow_stdio_access = allow_stdio_access
+    def __init__(self, index: int, e: ExternalProcess, origin: str = "") -> None:
+        self.label = f"{origin}external_processes[{index}]"
+        self.command = e.command
+        self.env_rules = _EnvRules(e.env_rules)
+        self.working_dir = e.working_dir
+        self.allow_stdio_access = e.allow_stdio_access
+
+
+@dataclass(frozen=True)
+class _LoadedFragment:
+    """A fragment accepted by load_fragment: what its import's `includes` let it add (framework
+    extract_fragment_includes), compiled."""
+
+    issuer: str
+    feed: str
+    namespace: str
+    candidates: tuple[_Candidate, ...]
+    externals: tuple[_External, ...]
+    imports: tuple[dict[str, Any], ...]
+    layers: frozenset[str]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,7 +346,7 @@ class ProcessIdentity:
 
 
 class _State:
-    __slots__ = ("devices", "overlays", "matches", "started", "stdio", "scratch", "process")
+    __slots__ = ("devices", "overlays", "matches", "started", "stdio", "scratch", "process", "fragments")
 
     def __init__(self) -> None:
         self.devices: dict[str, str] = {}                       # target -> dm-verity root hash
@@ -314,6 +356,7 @@ class _State:
         self.stdio: dict[str, bool] = {}                        # container id -> allow_stdio_access
         self.scratch: dict[str, bool] = {}                      # scratch target -> encrypted
         self.process: dict[str, ProcessIdentity] = {}           # container id -> identity it was created with
+        self.fragments: dict[int, _LoadedFragment] = {}         # load order -> accepted fragment
 
 
 StateChange = tuple[str, str, Any]     # (state table, key, new value or _REMOVE)
@@ -335,6 +378,10 @@ def _describe(change: StateChange) -> str:
         return f"process: {key!r} runs as {user.name or user.id!r} (id {user.id}), umask {value.umask}"
     if table == "scratch":
         return f"scratch: {key!r} (encrypted={str(value).lower()})"
+    if table == "fragments":
+        return (f"fragments: loaded {value.namespace!r} from {value.issuer} ({value.feed}): "
+                f"{len(value.candidates)} container(s), {len(value.externals)} external process(es), "
+                f"{len(value.imports)} fragment import(s)")
     return f"{table}: {key!r} -> {value!r}"
 
 
@@ -358,16 +405,23 @@ class PolicyEngine:
         self.policy = policy
         self.hash = policy_hash(raw) if raw is not None else None
         version = parse_version(policy.framework_version)
+        self._api_version = parse_version(policy.api_version)
+        self._sandbox_dir = sandbox_dir
         self._candidates = tuple(_Candidate(i, c, version, sandbox_dir) for i, c in enumerate(policy.containers))
-        self._externals = tuple(_External(i, e.command, e.env_rules, e.working_dir, e.allow_stdio_access)
-                                for i, e in enumerate(policy.external_processes))
-        self._layer_hashes = frozenset(h for c in policy.containers for h in c.layers)
+        self._externals = tuple(_External(i, e) for i, e in enumerate(policy.external_processes))
+        self._imports = tuple(f.to_json() for f in policy.fragments)
+        # mount_device accepts the layers of every container object of the policy, also of those the framework
+        # ignores (it reads data.policy.containers raw there).
+        self._layer_hashes = frozenset(h for c in policy.containers for h in c.layers) | frozenset(
+            policy.ignored_container_layers)
         self._layer_target = whole_matcher(defaults.LAYER_TARGET_PATTERN)
         self._volumes = {v.target: v for v in policy.volumes}
         self._default_mounts = tuple(_Mount.of(m, sandbox_dir) for m in defaults.DEFAULT_MOUNTS)
         self._privileged_mounts = tuple(_Mount.of(m, sandbox_dir) for m in defaults.PRIVILEGED_MOUNTS)
         self._env_dropping = policy.allow_environment_variable_dropping
         self._caps_dropping = policy.allow_capability_dropping and version >= CAPABILITY_DROPPING_SINCE
+        # Points the policy module answers itself (a constant), or has no rule for.
+        self._point_rules = {EP(point): rule for point, rule in policy.rules if point in EP.__members__}
         self._state = _State()
         self._lock = threading.RLock()
         self._in_action = False
@@ -382,6 +436,7 @@ class PolicyEngine:
             GetPropertiesRequest: self._flag_rule("allow_properties_access", EP.get_properties),
             DumpStacksRequest: self._flag_rule("allow_dump_stacks", EP.dump_stacks),
             RuntimeLoggingInput: self._flag_rule("allow_runtime_logging", EP.runtime_logging),
+            LoadFragmentInput: self._load_fragment,
         }
 
     @classmethod
@@ -414,7 +469,7 @@ class PolicyEngine:
                 raise StateError(f"{point.value} was enforced from inside the action of another decision",
                                  hint="actions must not call enforce(); decide first, then act")
             try:
-                results, changes = self._rules[type(input)](input)
+                results, changes = self._decide(point, input)
             except _Deny as deny:
                 return Decision(point, False, deny.reason), None
             decision = Decision(point, True, "", results, tuple(_describe(c) for c in changes))
@@ -428,6 +483,51 @@ class PolicyEngine:
             self._commit(changes)
             return decision, value
 
+    def _decide(self, point: EP, input: EnforcementInput) -> tuple[Results, list[StateChange]]:
+        """The framework's rule for the point, unless the policy module answers it itself (api.rego via
+        securitypolicyenforcer_rego.go applyDefaults: a constant's results over the point's default results;
+        no rule: denied if the policy's api_version has the point, else the point's default results)."""
+        rule = self._point_rules.get(point)
+        if rule is None or rule.framework:     # every point the engine enforces is delegated by the layout
+            return self._rules[type(input)](input)
+        info = ENFORCEMENT_POINTS[point.value]
+        results = dict(info.default_results)
+        if rule.allowed is None:
+            if self._api_version >= info.introduced:
+                raise _Deny(f"{point.value} denied: rule for {point.value} is missing from policy (its api_version "
+                            f"{self.policy.api_version} has the point, so a policy without the rule denies it)")
+            if info.default_allowed is None:    # rw_mount_device, rw_unmount_device: the framework's rule
+                return self._rules[type(input)](input)
+            allowed = info.default_allowed
+            why = f"the policy's api_version {self.policy.api_version} predates {point.value} (its default)"
+        else:
+            allowed = rule.allowed
+            results.update(rule.results)
+            why = f"the policy answers every {point.value} request with {rule.to_json()}"
+        if not allowed:
+            raise _Deny(f"{point.value} denied: {why}")
+        # Like hcsshim's getEnvsToKeep and getCapsToKeep: what the results list, of what the request asked for.
+        env, caps = results.get("env_list"), results.get("caps_list")
+        env_list = None
+        if env is not None and isinstance(input, CreateContainerInput | ExecInContainerInput | ExecExternalInput):
+            keep = set(env)
+            env_list = _dedupe(e for e in input.env if e in keep)
+        caps_list = None
+        if isinstance(caps, dict) and isinstance(input, CreateContainerInput):
+            requested = (input.capabilities.sets() if input.capabilities is not None
+                         else defaults.default_capabilities(input.privileged))
+            caps_list = Capabilities(**{k: tuple(c for c in v if c in set(caps.get(k) or ()))
+                                        for k, v in requested.items()})
+        stdio = results.get("allow_stdio_access")
+        if isinstance(input, ExecInContainerInput):      # hcsshim answers with the container's, from its create
+            stdio = self._state.stdio.get(input.container_id, False)
+        grant = Results(env_list=env_list, caps_list=caps_list, allow_stdio_access=stdio)
+        changes: list[StateChange] = []
+        if isinstance(input, CreateContainerInput):
+            # hcsshim remembers the stdio answer of every allowed create (exec_in_container reports it).
+            changes.append(("stdio", input.container_id, bool(grant.allow_stdio_access)))
+        return grant, changes
+
     def snapshot(self) -> dict[str, Any]:
         """The tracked state (JSON-able), for logs and `policy check`."""
         with self._lock:
@@ -435,7 +535,9 @@ class PolicyEngine:
             return {"devices": dict(s.devices), "overlays": dict(s.overlays),
                     "matches": {k: [c.label for c in v] for k, v in s.matches.items()},
                     "started": dict(s.started), "scratch": dict(s.scratch),
-                    "processes": {cid: p.to_json() for cid, p in s.process.items()}}
+                    "processes": {cid: p.to_json() for cid, p in s.process.items()},
+                    "fragments": [{"namespace": f.namespace, "issuer": f.issuer, "feed": f.feed}
+                                  for f in s.fragments.values()]}
 
     def _commit(self, changes: list[StateChange]) -> None:
         for table, key, value in changes:
@@ -457,13 +559,36 @@ class PolicyEngine:
             if digest != volume.device_hash:
                 raise _Deny(f"{deny}: device hash {digest!r} is not the hash pinned for volume {volume.name!r} "
                             f"({volume.device_hash})")
+        elif re.fullmatch(VOLUME_TARGET_RE, target) and self._allows_shares():
+            # A share (ACI's azureFile or gitRepo volume): its content is the owner's, unmeasured on ACI too;
+            # the policy checks where containers bind it (sandbox:///tmp/atlas/azureFileVolume/...).
+            pass
         else:
-            if digest not in self._layer_hashes:
-                raise _Deny(f"{deny}: device hash {digest!r} is not a layer of any container in the policy")
+            if not self._known_layer(digest):
+                raise _Deny(f"{deny}: device hash {digest!r} is not a layer of any container in the policy"
+                            + (" or in a loaded fragment" if self._state.fragments else ""))
             if not self._layer_target(target):
                 raise _Deny(f"{deny}: layer devices may only be mounted at targets matching "
                             f"{defaults.LAYER_TARGET_PATTERN!r}")
         return NO_RESULTS, [("devices", target, digest)]
+
+    def _known_layer(self, digest: str) -> bool:
+        """framework.rego deviceHash_ok: a layer of the policy's containers or of a loaded fragment's."""
+        return digest in self._layer_hashes or any(digest in f.layers for f in self._state.fragments.values())
+
+    def _allows_shares(self) -> bool:
+        """Whether some container may bind an unmeasured share volume (ACI's azureFile or gitRepo sources)."""
+        return any(m.source.startswith(defaults.ACI_SHARE_SOURCES) for c in self._all_candidates() for m in c.mounts)
+
+    def _all_candidates(self) -> tuple[_Candidate, ...]:
+        """framework.rego candidate_containers: the policy's, then those of loaded fragments."""
+        loaded = self._state.fragments
+        return self._candidates + tuple(c for f in loaded.values() for c in f.candidates) if loaded \
+            else self._candidates
+
+    def _all_externals(self) -> tuple[_External, ...]:
+        """framework.rego candidate_external_processes."""
+        return self._externals + tuple(e for f in self._state.fragments.values() for e in f.externals)
 
     def _unmount_device(self, a: UnmountDeviceRequest) -> tuple[Results, list[StateChange]]:
         target = a.target
@@ -483,16 +608,17 @@ class PolicyEngine:
         if unmounted:
             raise _Deny(f"{deny}: layer path {unmounted[0]!r} has no device mounted")
         stack = tuple(devices[p] for p in reversed(paths))  # layer_paths are top-most first
-        matched = tuple(c for c in self._candidates if c.layers == stack)
+        matched = tuple(c for c in self._all_candidates() if c.layers == stack)
         if not matched:
             raise _Deny(f"{deny}: {self._explain_layers(stack)}")
         return NO_RESULTS, [("matches", cid, matched), ("overlays", target, cid)]
 
     def _explain_layers(self, stack: tuple[str, ...]) -> str:
         """Name the policy container closest to the requested layer stack and how it differs."""
-        if not self._candidates:
+        candidates = self._all_candidates()
+        if not candidates:
             return "the policy allows no containers"
-        best = max(self._candidates, key=lambda c: difflib.SequenceMatcher(a=c.layers, b=stack).ratio())
+        best = max(candidates, key=lambda c: difflib.SequenceMatcher(a=c.layers, b=stack).ratio())
         want = best.layers
         if sorted(want) == sorted(stack):
             return (f"layers of {best.label!r} are in a different order "
@@ -676,11 +802,13 @@ class PolicyEngine:
                 return f"working_dir {a.working_dir!r} does not match {p.working_dir!r}"
             return None
 
-        if not self._externals:
+        externals = self._all_externals()
+        if not externals:
             raise _Deny(f"exec_external denied for {_fmt(argv)}: the policy allows no external processes")
+
         def who(_c: tuple) -> str:
             return f"argv {_fmt(argv)}"
-        survivors = _narrow("exec_external", who, self._externals, mismatch)
+        survivors = _narrow("exec_external", who, externals, mismatch)
         env_list, survivors = self._narrow_env("exec_external", who, survivors, a.env)
         stdio = _stdio_agreement("exec_external", who, survivors)
         return Results(env_list=env_list, allow_stdio_access=stdio), []
@@ -717,6 +845,44 @@ class PolicyEngine:
                 return None
         survivors = _narrow("signal_container_process", _container_subject(cid), candidates, mismatch)
         return NO_RESULTS, [("matches", cid, survivors)]
+
+    # -- fragments ------------------------------------------------------------------------------------
+
+    def _load_fragment(self, a: LoadFragmentInput) -> tuple[Results, list[StateChange]]:
+        """framework.rego load_fragment (both calls): some import of the policy, or of a loaded fragment that
+        included `fragments`, names the issuer and the feed, and the SVN is at least its minimum_svn; then
+        what the import's `includes` name is added to what the policy allows."""
+        # The reader is loaded with the first fragment, not when the agent boots.
+        from sandbox.shared.rego.fragment import FragmentRefused, check_load, read_fragment_text  # noqa: PLC0415
+
+        deny = f"load_fragment denied for issuer {a.issuer} (feed {a.feed!r})"
+        try:
+            fragment = read_fragment_text(a.rego, "the fragment's module")
+        except InputError as e:
+            raise _Deny(f"{deny}: {e.message}") from None
+        imports = self._imports + tuple(i for f in self._state.fragments.values() for i in f.imports)
+        try:
+            accepted = check_load(imports, issuer=a.issuer, feed=a.feed, header_svn=a.header_svn, fragment=fragment)
+        except FragmentRefused as e:
+            raise _Deny(f"load_fragment denied: {e.message}") from None
+        adds = accepted.contributions()
+        version = min(parse_version(fragment.framework_version), parse_version(defaults.FRAMEWORK_VERSION))
+        doc = {"api_version": self.policy.api_version, "framework_version": ".".join(map(str, version)),
+               "containers": list(adds.get("containers", ())),
+               "external_processes": list(adds.get("external_processes", ())),
+               "fragments": [{k: v for k, v in f.items() if k != "required_receipts"}
+                             for f in adds.get("fragments", ())]}
+        try:
+            held = validate_policy(doc, source=f"fragment {fragment.namespace}")
+        except InvalidDocument as e:
+            raise _Deny(f"{deny}: parma-sandbox cannot enforce what it adds: {'; '.join(e.problems[:3])}") from None
+        origin = f"fragment {fragment.namespace}: "
+        candidates = tuple(_Candidate(i, c, version, self._sandbox_dir, origin) for i, c in enumerate(held.containers))
+        loaded = _LoadedFragment(a.issuer, a.feed, fragment.namespace, candidates,
+                                 tuple(_External(i, e, origin) for i, e in enumerate(held.external_processes)),
+                                 tuple(f.to_json() for f in held.fragments),
+                                 frozenset(h for c in held.containers for h in c.layers))
+        return NO_RESULTS, [("fragments", len(self._state.fragments), loaded)]
 
     def _flag_rule(self, flag: str, ep: EP) -> RuleFn:
         def rule(_a: object) -> tuple[Results, list[StateChange]]:

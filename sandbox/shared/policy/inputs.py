@@ -199,11 +199,23 @@ class RuntimeLoggingInput(_Input):
     pass
 
 
+@dataclass(frozen=True)
+class LoadFragmentInput(_Input):
+    """A policy fragment whose envelope the guest verified: the did:x509 issuer its certificate chain
+    satisfies, the feed and SVN of its signed header, and the Rego module it carries (hcsshim
+    LoadFragmentOptions). `policy check` traces spell it the same way."""
+
+    issuer: NonEmptyStr
+    feed: NonEmptyStr
+    rego: str
+    header_svn: int | None = None
+
+
 EnforcementInput = (
     MountDeviceInput | UnmountDeviceRequest | MountOverlayRequest | UnmountOverlayRequest |
     ScratchMountInput | ScratchUnmountInput | CreateContainerInput | ExecInContainerInput |
     ExecExternalInput | ShutdownContainerRequest | SignalContainerProcessInput | GetPropertiesRequest |
-    DumpStacksRequest | RuntimeLoggingInput
+    DumpStacksRequest | RuntimeLoggingInput | LoadFragmentInput
 )
 
 INPUT_TYPES: dict[EnforcementPoint, type[EnforcementInput]] = {
@@ -221,6 +233,7 @@ INPUT_TYPES: dict[EnforcementPoint, type[EnforcementInput]] = {
     EnforcementPoint.get_properties: GetPropertiesRequest,
     EnforcementPoint.dump_stacks: DumpStacksRequest,
     EnforcementPoint.runtime_logging: RuntimeLoggingInput,
+    EnforcementPoint.load_fragment: LoadFragmentInput,
 }
 POINTS: dict[type, EnforcementPoint] = {cls: ep for ep, cls in INPUT_TYPES.items()}
 

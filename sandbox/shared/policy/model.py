@@ -1,9 +1,17 @@
 """The execution policy document: model, strict validation, canonical bytes and the policy hash.
 
 Field names are ACI's (hcsshim framework.rego / confcom), so a policy maps 1:1 onto the data of an
-ACI Rego policy. Two parma-sandbox extensions: `volumes` pins the read-only devices of `files`
-volumes, and `key_brokers` pins the key brokers the agent trusts for secret release (docs/policy.md). Validation reports every problem with its JSON path and rejects unknown
-fields; regexes are checked when the policy is loaded, not when they are first used.
+ACI Rego policy, and everything an ACI policy module can say has a place here: `fragments` (the
+imports of signed policy fragments), `"command": null` (a command that never matches), the two forms
+of env rules, `rules` (enforcement points the module answers with a constant, or has no rule for) and
+`ignored_container_layers` (layers of container objects the framework ignores but still mounts).
+Two parma-sandbox extensions: `volumes` pins the read-only devices of `files` volumes, and
+`key_brokers` pins the key brokers the agent trusts for secret release (docs/policy.md). Validation
+reports every problem with its JSON path and rejects unknown fields; regexes are checked when the
+policy is loaded, not when they are first used.
+
+`parse_policy` takes either form of a policy's bytes: our JSON document, or ACI's Rego policy module
+(the ccePolicy text), which sandbox.shared.rego reads as ACI's framework reads it.
 
 Canonical form (fixed forever, because HOST_DATA is the SHA-256 of these bytes): JSON with keys
 sorted by code point, separators "," and ":" with no whitespace, non-ASCII escaped as \\uXXXX (so
@@ -25,6 +33,7 @@ from sandbox.shared.jsonstrict import decode_utf8, loads_strict
 from sandbox.shared.messages import Capabilities
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.regex import RegexError, check
+from sandbox.shared.rego.framework import ENFORCEMENT_POINTS
 
 
 class Strategy(StrEnum):
@@ -45,9 +54,26 @@ class IdStrategy(StrEnum):
 
 @dataclass(frozen=True)
 class EnvRule:
+    """`NAME=VALUE` compared as a whole with `pattern`."""
+
     pattern: str
     strategy: Strategy
     required: bool = False
+
+
+@dataclass(frozen=True)
+class NameValueEnvRule:
+    """Framework 0.5.0's second form: the name and the value (split at the first '=') compared separately;
+    a variable without '=' never matches."""
+
+    name: str
+    name_strategy: Strategy
+    value: str
+    value_strategy: Strategy
+    required: bool = False
+
+
+AnyEnvRule = EnvRule | NameValueEnvRule
 
 
 @dataclass(frozen=True)
@@ -60,7 +86,7 @@ class Mount:
 
 @dataclass(frozen=True)
 class ExecProcess:
-    command: tuple[str, ...]
+    command: tuple[str, ...] | None         # None (JSON null): never matches an argv
     signals: tuple[int, ...] = ()
 
 
@@ -85,8 +111,8 @@ class Container:
     """One allowed container. Fields that the policy's framework_version predates are None (absent)."""
 
     layers: tuple[str, ...]                 # dm-verity root hashes, base first
-    command: tuple[str, ...]
-    env_rules: tuple[EnvRule, ...]
+    command: tuple[str, ...] | None         # None (JSON null, an image without ENTRYPOINT or CMD): never matches
+    env_rules: tuple[AnyEnvRule, ...]
     working_dir: str
     mounts: tuple[Mount, ...]
     exec_processes: tuple[ExecProcess, ...]
@@ -106,8 +132,8 @@ class Container:
 
 @dataclass(frozen=True)
 class ExternalProcess:
-    command: tuple[str, ...]
-    env_rules: tuple[EnvRule, ...]
+    command: tuple[str, ...] | None
+    env_rules: tuple[AnyEnvRule, ...]
     working_dir: str
     allow_stdio_access: bool
 
@@ -129,11 +155,47 @@ class KeyBroker:
 
 
 @dataclass(frozen=True)
+class FragmentImport:
+    """Fragments the policy accepts: signed by `issuer` for `feed` with an SVN of at least `minimum_svn`;
+    an accepted fragment adds what `includes` names (containers, fragments, external_processes)."""
+
+    issuer: str
+    feed: str
+    minimum_svn: str | int
+    includes: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"issuer": self.issuer, "feed": self.feed, "minimum_svn": self.minimum_svn,
+                "includes": list(self.includes)}
+
+
+@dataclass(frozen=True)
+class PointRule:
+    """How a policy module's rule for one enforcement point departs from confcom's layout (which delegates
+    the template's points and those its api_version has to the framework, and has no rule for the others):
+    a constant answer (`allowed` and the other results, the same for every request); no rule at all
+    (`allowed` None: api.rego decides, sandbox/shared/rego/framework.py); or a delegation to the framework
+    that the layout would not write (`framework`)."""
+
+    allowed: bool | None
+    results: tuple[tuple[str, Any], ...] = ()
+    framework: bool = False
+
+    def to_json(self) -> dict[str, Any] | str | None:
+        if self.framework:
+            return "framework"
+        return None if self.allowed is None else {"allowed": self.allowed, **dict(self.results)}
+
+
+@dataclass(frozen=True)
 class Policy:
     api_version: str
     framework_version: str
     containers: tuple[Container, ...]
     external_processes: tuple[ExternalProcess, ...] = ()
+    fragments: tuple[FragmentImport, ...] = ()
+    rules: tuple[tuple[str, PointRule], ...] = ()           # (enforcement point, rule), sorted; others: the layout
+    ignored_container_layers: tuple[str, ...] = ()
     volumes: tuple[Volume, ...] = ()
     key_brokers: tuple[KeyBroker, ...] = ()
     allow_properties_access: bool = False
@@ -200,17 +262,38 @@ def policy_hash(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def is_rego(raw: bytes) -> bool:
+    """Whether policy bytes are a Rego module (ACI's ccePolicy text) rather than our JSON document."""
+    head = raw.lstrip()[:1]
+    return bool(head) and head != b"{"
+
+
 def parse_policy(raw: bytes, source: str = "policy") -> Policy:
-    """Decode, parse strictly and validate a policy document; raise InvalidDocument listing every problem."""
-    return validate_policy(loads_strict(decode_utf8(raw, source), source), source=source)
+    """Decode, parse strictly and validate a policy: our JSON document, or an ACI Rego policy module read as
+    ACI's framework reads it (sandbox/shared/rego). Raise InvalidDocument (or InputError, for Rego outside
+    the accepted subset) listing the problems."""
+    text = decode_utf8(raw, source)
+    if not is_rego(raw):
+        return validate_policy(loads_strict(text, source), source=source)
+    # Loaded on first use: the agent boots without the Rego reader, and most policies are JSON.
+    from sandbox.shared.rego.policy import read_policy_text  # noqa: PLC0415
+
+    return validate_policy(read_policy_text(text, source).policy_document(), source=f"{source} (Rego data)")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Serialisation
 
 
-def _env_rule_doc(r: EnvRule) -> dict[str, Any]:
+def _env_rule_doc(r: AnyEnvRule) -> dict[str, Any]:
+    if isinstance(r, NameValueEnvRule):
+        return {"name": r.name, "name_strategy": r.name_strategy.value, "value": r.value,
+                "value_strategy": r.value_strategy.value, "required": r.required}
     return {"pattern": r.pattern, "strategy": r.strategy.value, "required": r.required}
+
+
+def _command_doc(command: tuple[str, ...] | None) -> list[str] | None:
+    return None if command is None else list(command)
 
 
 def _idname_doc(i: IdName) -> dict[str, Any]:
@@ -220,12 +303,13 @@ def _idname_doc(i: IdName) -> dict[str, Any]:
 def _container_doc(c: Container, version: tuple[int, int, int]) -> dict[str, Any]:
     d: dict[str, Any] = {
         "layers": list(c.layers),
-        "command": list(c.command),
+        "command": _command_doc(c.command),
         "env_rules": [_env_rule_doc(r) for r in c.env_rules],
         "working_dir": c.working_dir,
         "mounts": [{"destination": m.destination, "source": m.source, "type": m.type, "options": list(m.options)}
                    for m in c.mounts],
-        "exec_processes": [{"command": list(p.command), "signals": list(p.signals)} for p in c.exec_processes],
+        "exec_processes": [{"command": _command_doc(p.command), "signals": list(p.signals)}
+                           for p in c.exec_processes],
         "signals": list(c.signals),
         "allow_elevated": c.allow_elevated,
         "allow_stdio_access": c.allow_stdio_access,
@@ -255,12 +339,21 @@ def _policy_doc(p: Policy) -> dict[str, Any]:
         "api_version": p.api_version,
         "framework_version": p.framework_version,
         "containers": [_container_doc(c, parse_version(p.framework_version)) for c in p.containers],
-        "external_processes": [{"command": list(e.command), "env_rules": [_env_rule_doc(r) for r in e.env_rules],
+        "external_processes": [{"command": _command_doc(e.command),
+                                "env_rules": [_env_rule_doc(r) for r in e.env_rules],
                                 "working_dir": e.working_dir, "allow_stdio_access": e.allow_stdio_access}
                                for e in p.external_processes],
     }
     for flag in FLAGS:
         d[flag] = getattr(p, flag)
+    # What only imported ACI policies have is written only when present, so the canonical bytes (and the
+    # hash) of every other policy stay what they were.
+    if p.fragments:
+        d["fragments"] = [f.to_json() for f in p.fragments]
+    if p.rules:
+        d["rules"] = {point: rule.to_json() for point, rule in p.rules}
+    if p.ignored_container_layers:
+        d["ignored_container_layers"] = list(p.ignored_container_layers)
     if p.volumes:
         d["volumes"] = [{"name": v.name, "target": v.target, "device_hash": v.device_hash} for v in p.volumes]
     if p.key_brokers:
@@ -291,21 +384,55 @@ class _Checker(Checker):
             self.problem(path, f"regex {pattern!r} {e}")
 
 
-def _check_env_rule(c: _Checker, raw: Any, path: str) -> EnvRule | None:
+def _strategy(c: _Checker, d: dict, key: str, path: str) -> Strategy | None:
+    strategy = c.string(d, key, path, None)
+    if strategy is not None and strategy not in Strategy.__members__:
+        c.problem(join(path, key), f"must be 'string' or 're2', got {strategy!r}")
+        return None
+    return None if strategy is None else Strategy(strategy)
+
+
+def _check_env_rule(c: _Checker, raw: Any, path: str) -> AnyEnvRule | None:
+    if isinstance(raw, dict) and "pattern" not in raw and "strategy" not in raw and "name" in raw:
+        return _check_name_value_env_rule(c, raw, path)
     d = c.obj(raw, path, ("pattern", "strategy", "required"), ("pattern", "strategy"))
     if d is None:
         return None
     pattern = c.string(d, "pattern", path, None)
-    strategy = c.string(d, "strategy", path, None)
+    strategy = _strategy(c, d, "strategy", path)
     required = c.get(d, "required", path, bool, False)
-    if strategy is not None and strategy not in Strategy.__members__:
-        c.problem(join(path, "strategy"), f"must be 'string' or 're2', got {strategy!r}")
-        return None
     if pattern is None or strategy is None:
         return None
     if strategy == Strategy.re2:
         c.regex(pattern, join(path, "pattern"))
-    return EnvRule(pattern, Strategy(strategy), required)
+    return EnvRule(pattern, strategy, required)
+
+
+def _check_name_value_env_rule(c: _Checker, raw: dict, path: str) -> NameValueEnvRule | None:
+    keys = ("name", "name_strategy", "value", "value_strategy")
+    d = c.obj(raw, path, (*keys, "required"), keys)
+    if d is None:
+        return None
+    name, value = c.string(d, "name", path, None), c.string(d, "value", path, None)
+    name_strategy, value_strategy = _strategy(c, d, "name_strategy", path), _strategy(c, d, "value_strategy", path)
+    required = c.get(d, "required", path, bool, False)
+    if name is None or value is None or name_strategy is None or value_strategy is None:
+        return None
+    for key, pattern, strategy in (("name", name, name_strategy), ("value", value, value_strategy)):
+        if strategy == Strategy.re2:
+            c.regex(pattern, join(path, key))
+    return NameValueEnvRule(name, name_strategy, value, value_strategy, required)
+
+
+def _check_command(c: _Checker, d: dict, path: str) -> tuple[str, ...] | None | Any:
+    """A command: a non-empty array of strings, or null (never matches); _BAD when neither."""
+    if "command" in d and d["command"] is None:
+        return None
+    command = c.strings(d, "command", path, nonempty=True)
+    return command if command else _BAD
+
+
+_BAD: Any = object()
 
 
 def _check_mount(c: _Checker, raw: Any, path: str) -> Mount | None:
@@ -332,9 +459,9 @@ def _check_exec_process(c: _Checker, raw: Any, path: str) -> ExecProcess | None:
     d = c.obj(raw, path, ("command", "signals"), ("command", "signals"))
     if d is None:
         return None
-    command = c.strings(d, "command", path, nonempty=True)
+    command = _check_command(c, d, path)
     signals = c.signals(d, "signals", path)
-    return ExecProcess(command, signals) if command and signals is not None else None
+    return ExecProcess(command, signals) if command is not _BAD and signals is not None else None
 
 
 def _check_idname(c: _Checker, raw: Any, path: str) -> IdName | None:
@@ -391,7 +518,7 @@ def _check_container(c: _Checker, raw: Any, path: str, version: tuple[int, int, 
     image_id = c.string(d, "id", path, None)
     layers = c.strings(d, "layers", path, nonempty=True, pattern=HEX64,
                        what="a dm-verity root hash (64 lowercase hex digits)")
-    command = c.strings(d, "command", path, nonempty=True)
+    command = _check_command(c, d, path)
     env_rules = c.items(d, "env_rules", path, lambda r, p: _check_env_rule(c, r, p))
     working_dir = c.string(d, "working_dir", path, None)
     if working_dir is not None and not working_dir.startswith("/"):
@@ -422,11 +549,11 @@ def _check_external_process(c: _Checker, raw: Any, path: str) -> ExternalProcess
     if d is None:
         return None
     before = len(c.problems)
-    command = c.strings(d, "command", path, nonempty=True)
+    command = _check_command(c, d, path)
     env_rules = c.items(d, "env_rules", path, lambda r, p: _check_env_rule(c, r, p))
     working_dir = c.string(d, "working_dir", path, None)
     allow_stdio = c.get(d, "allow_stdio_access", path, bool, None)
-    if len(c.problems) != before:
+    if len(c.problems) != before or command is _BAD:
         return None
     return ExternalProcess(command, env_rules, working_dir, allow_stdio)
 
@@ -457,8 +584,76 @@ def _check_key_broker(c: _Checker, raw: Any, path: str) -> KeyBroker | None:
     return KeyBroker(pin) if pin is not None else None
 
 
-TOP_LEVEL = ("api_version", "framework_version", "containers", "external_processes", "fragments", "volumes",
-             "key_brokers", *FLAGS)
+def _check_fragment_import(c: _Checker, raw: Any, path: str) -> FragmentImport | None:
+    keys = ("issuer", "feed", "minimum_svn", "includes")
+    d = c.obj(raw, path, keys, keys)
+    if d is None:
+        return None
+    issuer = c.string(d, "issuer", path, None, nonempty=True)
+    feed = c.string(d, "feed", path, None, nonempty=True)
+    svn = d.get("minimum_svn")
+    if isinstance(svn, bool) or not isinstance(svn, str | int):
+        c.problem(join(path, "minimum_svn"), f"expected an SVN (a number, or a string holding one), got {svn!r}")
+        svn = None
+    # Names other than containers, fragments and external_processes add nothing (the framework skips them).
+    includes = c.strings(d, "includes", path)
+    if issuer is None or feed is None or svn is None or includes is None:
+        return None
+    return FragmentImport(issuer, feed, svn, includes)
+
+
+# What a constant rule's results may say, per result (hcsshim reads these; others are kept and unused).
+_RESULT_CHECKS = {
+    "env_list": lambda v: v is None or (isinstance(v, list) and all(isinstance(e, str) for e in v)),
+    "caps_list": lambda v: v is None or (isinstance(v, dict) and set(v) <= set(defaults.CAPABILITY_SETS) and all(
+        isinstance(x, list) and all(isinstance(e, str) for e in x) for x in v.values())),
+    "allow_stdio_access": lambda v: isinstance(v, bool),
+}
+
+
+def _check_rules(c: _Checker, raw: Any) -> tuple[tuple[str, PointRule], ...] | None:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        c.problem("rules", f"expected an object, got {raw!r}")
+        return None
+    out = []
+    for point in sorted(raw):
+        path, value = f"rules.{point}", raw[point]
+        if point not in ENFORCEMENT_POINTS:
+            c.problem(path, "not an enforcement point of ACI's api.rego")
+            continue
+        if value is None or value == "framework":
+            out.append((point, PointRule(None, framework=value == "framework")))
+            continue
+        if not isinstance(value, dict) or not isinstance(value.get("allowed"), bool):
+            c.problem(path, 'expected null (no rule), "framework" or a constant answer {"allowed": true|false, ...}')
+            continue
+        if "metadata" in value:
+            c.problem(join(path, "metadata"), "a constant rule that changes the framework's metadata is not supported")
+            continue
+        for key, valid in _RESULT_CHECKS.items():
+            if key in value and not valid(value[key]):
+                c.problem(join(path, key), f"{value[key]!r} is not a valid {key}")
+        try:
+            _refuse_floats(value, path)
+        except ValueError as e:
+            c.problem(path, str(e))
+            continue
+        out.append((point, PointRule(value["allowed"], tuple(sorted((k, v) for k, v in value.items()
+                                                                    if k != "allowed")))))
+    return tuple(out)
+
+
+def _evaluates_nothing(d: dict) -> bool:
+    """A policy whose framework_version is newer than the framework's: ACI's framework matches none of its
+    containers, external processes or fragment imports (only their layers still mount), so such a policy
+    can be held as long as it lists none."""
+    return not any(d.get(key) for key in ("containers", "external_processes", "fragments"))
+
+
+TOP_LEVEL = ("api_version", "framework_version", "containers", "external_processes", "fragments", "rules",
+             "ignored_container_layers", "volumes", "key_brokers", *FLAGS)
 
 
 def validate_policy(raw: Any, *, source: str = "policy") -> Policy:
@@ -478,7 +673,7 @@ def validate_policy(raw: Any, *, source: str = "policy") -> Policy:
         except ValueError as e:
             c.problem(key, str(e))
             continue
-        if versions[key] > parse_version(newest):
+        if versions[key] > parse_version(newest) and not (key == "framework_version" and _evaluates_nothing(d)):
             c.problem(key, f"{text} is newer than this engine supports ({newest})")
         elif versions[key] < (0, 1, 0):
             c.problem(key, f"{text} predates every framework release (0.1.0)")
@@ -490,9 +685,9 @@ def validate_policy(raw: Any, *, source: str = "policy") -> Policy:
     for i, b in enumerate(key_brokers or ()):
         if b in (key_brokers or ())[:i]:
             c.problem(f"key_brokers[{i}]", f"broker {b.public_key_sha256} is listed twice")
-    fragments = c.get(d, "fragments", "", list, None)
-    if fragments:
-        c.problem("fragments", "policy fragments are not supported by parma-sandbox (remove them)")
+    fragments = c.items(d, "fragments", "", lambda r, p: _check_fragment_import(c, r, p))
+    rules = _check_rules(c, d.get("rules"))
+    ignored_layers = c.strings(d, "ignored_container_layers", "", unique=True)
     flags = {flag: c.get(d, flag, "", bool, False) for flag in FLAGS}
     if flags["allow_capability_dropping"] and version < CAPABILITY_DROPPING_SINCE:
         c.problem("allow_capability_dropping", "needs framework_version 0.2.2 or later")
@@ -508,5 +703,6 @@ def validate_policy(raw: Any, *, source: str = "policy") -> Policy:
     if c.problems:
         raise InvalidDocument(source, c.problems, hint=hint)
     return Policy(api_version=d["api_version"], framework_version=d["framework_version"], containers=containers,
-                  external_processes=externals or (), volumes=volumes or (), key_brokers=key_brokers or (),
-                  **flags)
+                  external_processes=externals or (), fragments=fragments or (), rules=rules or (),
+                  ignored_container_layers=ignored_layers or (), volumes=volumes or (),
+                  key_brokers=key_brokers or (), **flags)

@@ -20,3 +20,4 @@ class EnforcementPoint(StrEnum):
     get_properties = "get_properties"
     dump_stacks = "dump_stacks"
     runtime_logging = "runtime_logging"
+    load_fragment = "load_fragment"

@@ -184,15 +184,29 @@ class DataReader:
 
     # -- top-level collections ---------------------------------------------------------------------
 
-    def container(self, raw: Any, path: str, version: fw.Version) -> dict | None:
+    def container(self, raw: Any, path: str, version: fw.Version, *, as_written: bool = False) -> dict | None:
         """A container with the fields of its framework version, checked (apply_defaults() completes it);
-        None, with a warning, when the framework drops it."""
+        None, with a warning, when the framework drops it.
+
+        `as_written`: the data's framework_version is the framework's own, so the framework evaluates the
+        object as written (no check_container): one lacking fields still matches overlays by its layers;
+        without `signals` or `exec_processes` it is read as having none; without any other field it is
+        never created (kept with a null command, which matches no argv)."""
         if not isinstance(raw, dict):
             self.problem(path, f"expected an object, got {_show(raw)}")
             return None
         needed = list(fw.CONTAINER_BASE_FIELDS)
         needed += [k for k, since in fw.CONTAINER_VERSIONED_FIELDS.items() if version >= since]
         missing = [k for k in needed if k not in raw]
+        if missing and as_written and "layers" not in missing:
+            inert = [k for k in missing if k not in ("signals", "exec_processes")]
+            if inert:
+                self.warn(path, f"lacks {', '.join(missing)}: ACI's framework (which reads data of its own version "
+                                "as written) matches its layers but never creates it")
+            else:
+                self.warn(path, f"lacks {', '.join(missing)}: ACI's framework reads them as empty")
+            raw = {**_INERT_CONTAINER, **raw, **({"command": None} if inert else {})}
+            missing = []
         if missing:
             self.warn(path, f"lacks {', '.join(missing)}, which framework {fw.version_text(version)} needs: "
                             "ACI ignores this container (its layers may still be mounted)")
@@ -289,6 +303,13 @@ class DataReader:
         if len(self.problems) != before:
             return None
         return out
+
+
+# What stands in for the fields a container of the framework's own version lacks (see container()).
+_INERT_CONTAINER: dict[str, Any] = {
+    "command": None, "env_rules": [], "mounts": [], "allow_elevated": False, "working_dir": "/", "exec_processes": [],
+    "signals": [], "allow_stdio_access": False, "no_new_privileges": False, "user": fw.ANY_USER, "capabilities": None,
+    "seccomp_profile_sha256": ""}
 
 
 class _Bad:

@@ -4,7 +4,7 @@ A fragment module (confcom's customer_rego_fragment template) is `package <names
 `framework_version` (or `framework_svn`), and any of `fragments`, `containers`,
 `external_processes`. `check_load` decides a load as ACI's framework decides `load_fragment` (both
 of its calls), given the verified issuer, feed and header SVN of the envelope
-(sandbox/aci/fragment_crypto.py verifies those): some import of the policy (or of an already loaded
+(sandbox/guest/fragments.py verifies those): some import of the policy (or of an already loaded
 fragment) names the issuer and the feed, the SVN is at least its minimum_svn, and the header SVN (if
 any) equals the module's. Each refusal has its own reason; the caller keeps its policy as it was.
 """
@@ -63,7 +63,8 @@ def read_fragment(module: Module, source: str = "fragment.rego") -> RegoFragment
     v = min(version, fw.FRAMEWORK_VERSION)
     newer = version > fw.FRAMEWORK_VERSION
     out: dict[str, list] = {"containers": [], "fragments": [], "external_processes": []}
-    readers = {"containers": lambda r, p: reader.container(r, p, v), "fragments": reader.fragment_import,
+    readers = {"containers": lambda r, p: reader.container(r, p, v, as_written=version == fw.FRAMEWORK_VERSION),
+               "fragments": reader.fragment_import,
                "external_processes": reader.external_process}
     for name, read in readers.items():
         if name in stmts:

@@ -73,6 +73,26 @@ ENFORCEMENT_POINTS: dict[str, PointInfo] = {
     "host_network": _p("0.12.0", False),
 }
 
+# The rules of confcom's customer policy template (its order), all delegating to the framework. A module in
+# confcom's layout has these plus every other point its api_version has; the policy model records only how
+# a module departs from that layout (sandbox/shared/policy/model.py, `rules`).
+CONFCOM_TEMPLATE_RULES = ("mount_device", "unmount_device", "mount_overlay", "unmount_overlay", "create_container",
+                          "exec_in_container", "exec_external", "shutdown_container", "signal_container_process",
+                          "plan9_mount", "plan9_unmount", "get_properties", "dump_stacks", "runtime_logging",
+                          "load_fragment", "scratch_mount", "scratch_unmount")
+
+
+def delegated_by_layout(point: str, api_version: Version) -> bool:
+    """Whether confcom's layout delegates `point` to the framework for a policy of `api_version`."""
+    return point in CONFCOM_TEMPLATE_RULES or api_version >= ENFORCEMENT_POINTS[point].introduced
+
+
+def layout_rules(api_version: Version) -> tuple[str, ...]:
+    """The rules confcom's layout writes, in its order: the template's, then the api_version's others."""
+    return (*CONFCOM_TEMPLATE_RULES, *(ep for ep, info in ENFORCEMENT_POINTS.items()
+                                       if ep not in CONFCOM_TEMPLATE_RULES and info.introduced <= api_version))
+
+
 # Policy-level flags the framework reads (data.policy.<flag>; an undefined flag is false).
 FLAGS = ("allow_properties_access", "allow_dump_stacks", "allow_runtime_logging",
          "allow_environment_variable_dropping", "allow_unencrypted_scratch", "allow_capability_dropping")

@@ -52,6 +52,8 @@ class Rule:
             return "ACI's framework"
         if self.kind == RuleKind.missing:
             return "always denied (no rule, although the policy's api_version has this point)"
+        if self.allowed is None:
+            return "ACI's framework (no rule; api.rego falls back to it)"
         return "always allowed" if self.allowed else "always denied"
 
 
@@ -74,18 +76,41 @@ class RegoPolicy:
     def document(self) -> dict[str, Any]:
         """The effective policy as a JSON document (field names are the policy model's, docs/policy.md)."""
         # A framework_version newer than the framework's leaves nothing to evaluate (read_policy empties the
-        # containers, fragments and external processes); the framework's own version then describes it.
-        version = self.framework_version
-        if fw.parse_semver(version) > fw.FRAMEWORK_VERSION:
-            version = fw.version_text(fw.FRAMEWORK_VERSION)
-        doc: dict[str, Any] = {"api_version": self.api_version, "framework_version": version,
-                               "fragments": [dict(f) for f in self.fragments],
+        # containers, fragments and external processes); the model holds it as it is, with nothing listed.
+        doc: dict[str, Any] = {"api_version": self.api_version, "framework_version": self.framework_version,
+                               # required_receipts: always empty here (read_policy refuses others)
+                               "fragments": [{k: v for k, v in f.items() if k != "required_receipts"}
+                                             for f in self.fragments],
                                "containers": [dict(c) for c in self.containers],
                                "external_processes": [dict(e) for e in self.external_processes]}
         doc.update(self.flags)
         doc.update(self.extra)
         return doc
 
+    def policy_document(self) -> dict[str, Any]:
+        """document() plus what only a Rego module says, in the policy model's fields (docs/policy.md):
+        `rules`, how the module's rules depart from confcom's layout (a point answered by a constant; a
+        point without a rule, null; a delegation the layout does not write, "framework"), and
+        `ignored_container_layers`, the layers of container objects the framework ignores (mount_device
+        reads `data.policy.containers` raw, so those layers still mount)."""
+        doc = self.document()
+        api = fw.parse_semver(self.api_version)
+        rules: dict[str, Any] = {}
+        for ep, rule in self.rules.items():
+            layout = fw.delegated_by_layout(ep, api)
+            if rule.kind == RuleKind.constant:
+                rules[ep] = {"allowed": rule.allowed, **dict(rule.results)}
+            elif rule.kind == RuleKind.framework and not layout:
+                rules[ep] = "framework"
+            elif rule.kind in (RuleKind.missing, RuleKind.default) and layout:
+                rules[ep] = None
+        if rules:
+            doc["rules"] = rules
+        kept = {h for c in self.containers for h in c["layers"]}
+        ignored = [h for h in self.raw_layers if h not in kept]
+        if ignored:
+            doc["ignored_container_layers"] = ignored
+        return doc
 
     def effective_containers(self) -> list[dict[str, Any]]:
         """The containers with the framework's defaults for what their framework version predates."""
@@ -180,8 +205,8 @@ def read_policy(module: Module, source: str = "policy.rego") -> RegoPolicy:
             continue
         if api >= info.introduced:
             rules[ep] = Rule(RuleKind.missing, False)
-        elif info.default_allowed is None:
-            rules[ep] = Rule(RuleKind.framework)
+        elif info.default_allowed is None:      # api.rego falls back to the framework's rule
+            rules[ep] = Rule(RuleKind.default)
         else:
             rules[ep] = Rule(RuleKind.default, info.default_allowed, info.default_results)
     flags = {}
@@ -198,7 +223,8 @@ def read_policy(module: Module, source: str = "policy.rego") -> RegoPolicy:
             layers = c.get("layers")
             if isinstance(layers, list):
                 raw_layers += [h for h in layers if isinstance(h, str)]
-            checked = reader.container(c, f"containers[{i}]", min(version, fw.FRAMEWORK_VERSION))
+            checked = reader.container(c, f"containers[{i}]", min(version, fw.FRAMEWORK_VERSION),
+                                       as_written=version == fw.FRAMEWORK_VERSION)
             if checked is not None and not newer:
                 containers.append(checked)
     externals = []
