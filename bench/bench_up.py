@@ -9,9 +9,11 @@ Prints one JSON document:
   wall time of the whole `up -d`;
 - reference: the UVM's boot to a serving agent in the same run, and warm_up / boot as a ratio (what `up`
   adds on top of booting the VM);
+- phases: the seconds between consecutive marks (launch, boot, self-check beside set-up, containers);
 - enforcement: policy decision time as a share of create-to-running, per container (the agent reports
   the time spent in the engine for create_container, as wall time and as its thread's CPU time, and the
-  create + start total); the goal is < 1%. Under TCG with one vCPU the wall clock also counts whatever
+  create + start total); the goal is <= 1% for the web container (the probe's share is reported too).
+  Under TCG with one vCPU the wall clock also counts whatever
   else the guest kernel does meanwhile; the CPU clock is the decision's own cost.
 
 Usage: python bench/bench_up.py [--runs N]
@@ -40,6 +42,8 @@ from sandbox.paths import cache_dir  # noqa: E402
 
 # Cache parts a cold run starts without (the rest, e.g. the UVM, is shared with the real cache).
 COLD_PARTS = ("layers", "volumes")
+GOAL_WARM_S = 4.0             # issue #17: `up` warm, to the first container, under TCG
+GOAL_ENFORCE_SHARE = 0.01     # issue #17: the policy decision's share of the web container's create-to-running
 
 
 def free_port() -> int:
@@ -88,10 +92,37 @@ def one_up(env: dict[str, str], group: Path) -> dict[str, Any]:
             "boot_s": round(boot, 3), "containers": containers}
 
 
+def phases(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds from each mark to the next, in time order ("agent->verified": the time between the two)."""
+    order = sorted(marks.items(), key=lambda kv: kv[1])
+    out = {f"start->{order[0][0]}": order[0][1]} if order else {}
+    out.update({f"{a}->{b}": round(tb - ta, 3) for (a, ta), (b, tb) in zip(order, order[1:], strict=False)})
+    return out
+
+
+def enforcement(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per container over every run: the policy decision's share of create-to-running (wall and CPU)."""
+    out: dict[str, Any] = {}
+    for name in sorted({n for r in runs for n in r["containers"]}):
+        rows = [r["containers"][name] for r in runs if name in r["containers"]]
+        wall, cpu = [c["enforce_share"] for c in rows], [c["enforce_cpu_share"] for c in rows]
+        out[name] = {"wall_share": {"median": statistics.median(wall), "max": max(wall)},
+                     "cpu_share": {"median": statistics.median(cpu), "max": max(cpu)},
+                     "enforce_s_median": statistics.median(c["enforce_s"] for c in rows),
+                     "create_to_running_s_median": statistics.median(c["create_to_running_s"] for c in rows)}
+    if "web" in out:
+        out["web"]["goal_share"] = GOAL_ENFORCE_SHARE
+        out["web"]["meets_goal"] = out["web"]["wall_share"]["median"] <= GOAL_ENFORCE_SHARE
+    out["note"] = ("goal (issue #17): <= 1% for the web container; the probe's create-to-running is a "
+                   "fraction of the web's (its image is warm by then), so the same decision is a larger share")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3, help="warm runs (median reported)")
     args = ap.parse_args()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     if not (REPO / "build" / "images" / "busybox" / "index.json").exists():
         subprocess.run(["make", "-C", str(REPO), "example-images"], check=True, stdout=subprocess.DEVNULL)
     with tempfile.TemporaryDirectory(prefix="parma-bench-up-") as tmp_name:
@@ -109,24 +140,19 @@ def main() -> None:
         warm_runs = [one_up({**base_env, "PARMA_SANDBOX_CACHE": str(cold_cache)}, group) for _ in range(args.runs)]
         shutil.rmtree(cold_cache, ignore_errors=True)
     warm = sorted(warm_runs, key=lambda r: r["to_first_container_s"])[len(warm_runs) // 2]
-    runs = [cold, *warm_runs]
-    shares = [c["enforce_share"] for r in runs for c in r["containers"].values()]
-    cpu_shares = [c["enforce_cpu_share"] for r in runs for c in r["containers"].values()]
+    warm_times = [r["to_first_container_s"] for r in warm_runs]
     boot = statistics.median(r["boot_s"] for r in warm_runs)
     doc = {
         "benchmark": "up examples/hello",
-        "host": {"cpus": os.cpu_count(), "accel": cold["marks"].get("accel", "see check")},
-        "cold": cold,
-        "warm": warm,
-        "warm_runs_to_first_container_s": [r["to_first_container_s"] for r in warm_runs],
+        "host": {"cpus": os.cpu_count(), "load_average_start": load_start,
+                 "load_average_end": [round(x, 2) for x in os.getloadavg()]},
+        "warm": {"to_first_container_s": {"median": statistics.median(warm_times), "runs": warm_times},
+                 "goal_s": GOAL_WARM_S, "meets_goal": statistics.median(warm_times) <= GOAL_WARM_S,
+                 "median_run": {**warm, "phases": phases(warm["marks"])}},
+        "cold": {**cold, "phases": phases(cold["marks"])},
         "reference": {"uvm_boot_to_agent_s": boot,
                       "warm_up_over_boot": round(warm["to_first_container_s"] / boot, 3) if boot else None},
-        "enforcement": {
-            "wall": {"median_share": statistics.median(shares), "max_share": max(shares)},
-            "cpu": {"median_share": statistics.median(cpu_shares), "max_share": max(cpu_shares)},
-            "goal": "< 0.01 of create-to-running",
-            "met_by_median_wall": statistics.median(shares) < 0.01,
-        },
+        "enforcement": enforcement([cold, *warm_runs]),
     }
     print(json.dumps(doc, indent=2))
 

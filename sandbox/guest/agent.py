@@ -1,9 +1,22 @@
-"""The guest agent: `python3 -m sandbox.guest.agent`, run by the UVM's init (possibly as PID 1).
+"""The guest agent, PID 1 of the UVM: the init (/usr/lib/parma-sandbox/init) calls `run()`.
 
 It mounts the basics, configures the network, becomes the reaper of container processes, serves the
 protocol on every virtio-serial port named org.parma.agent.*, and prints `parma-agent: ready` on the
 console once it serves. It starts deny-all (see gate.py). The console is readable by the host, so the
 agent logs only lifecycle events there, never container data.
+
+Start-up is on the critical path of every `up`, and under emulation (TCG) every module costs, so:
+- Before "ready" it imports only what serving needs: the mounts, the ports, the protocol, and the
+  service with its deny-all gate. `dataclasses` and `re` take what they would compute from the image
+  (boot_cache.py), and the garbage collector waits (start-up allocates only what lives as long as the
+  agent).
+- Right after, a thread configures the network (create_container waits for it), then, at low priority,
+  imports the rest in the order `up` needs it - the report backends with cryptography (the launch
+  self-check), the policy engine and its RE2 matcher (set_policy), device-mapper and verity (the
+  mounts) - so that those imports use the time the guest spends waiting for the host. A request that
+  needs a module still loading waits for it (the import lock); nothing is answered differently or
+  earlier than before.
+- The attestation API for containers starts when a container first binds it (service.py).
 """
 
 from __future__ import annotations
@@ -12,13 +25,21 @@ import gc
 import os
 import sys
 import threading
+import time
+from typing import TYPE_CHECKING
 
-from sandbox.guest import procs, sysapi, sysinit
-from sandbox.guest.server import serve_ports
-from sandbox.guest.service import AgentService
-from sandbox.shared.protocol import PORT_COUNT, PORT_PREFIX, READY_LINE
+from sandbox.guest import boot_cache
+
+if TYPE_CHECKING:
+    from sandbox.guest.service import AgentService
 
 HOSTNAME = "parma"
+# After "ready", on the preload thread, in the order `up` asks for them (sandbox/launch/pipeline.py):
+# the launch self-check's report, set_policy (the engine, and the RE2 matcher its regexes compile
+# with), the mounts.
+PRELOAD = ("sandbox.guest.snp_report", "sandbox.shared.policy.engine", "sandbox.shared.policy.re2syntax",
+           "sandbox.shared.policy.re2machine", "sandbox.guest.blockdev")
+PRELOAD_NICE = 19   # the preload thread runs when request threads wait (Linux: per-thread niceness)
 
 
 def log(message: str) -> None:
@@ -26,13 +47,20 @@ def log(message: str) -> None:
 
 
 def main() -> int:
+    gc.disable()
+    boot_cache.install()
+    # Imported here, after the two lines above, which must come first. Each module imports only what
+    # serving needs (the rest is lazy, see the docstring).
+    from sandbox.guest import procs, sysapi, sysinit
+    from sandbox.guest.server import serve_ports
+    from sandbox.guest.service import AgentService
+    from sandbox.shared.protocol import PORT_COUNT, PORT_PREFIX, READY_LINE
+
     notes: list[str] = []
     sysinit.mount_basics(notes)
     sysinit.set_hostname(HOSTNAME)
-    nic = sysinit.configure_network(notes)
     for note in notes:
         log(note)
-    log(f"network: {nic or 'no interface'}")
     try:
         sysapi.set_child_subreaper()
     except OSError as e:
@@ -41,26 +69,82 @@ def main() -> int:
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
     service = AgentService(hostname=HOSTNAME, runtime_logging=log)
+    service.start_attest_api = AttestationApiStarter(service)
+    service.network_ready.clear()   # configured just after "ready"; create_container waits for it
     ports = serve_ports(service.answer, log=log)
     if len(ports) < PORT_COUNT:
         log(f"{len(ports)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any that appear")
-    # Everything allocated so far lives as long as the agent: keep it out of the collector's way, so a
-    # full collection (slow under emulation) cannot land in the middle of a request.
-    gc.freeze()
-    print(READY_LINE, file=sys.stderr, flush=True)
-    # The attestation API (http.server & co.) costs more imports than the rest of the agent; no container
-    # can use it before the host has set a policy and created one, so it starts after "ready".
-    threading.Thread(target=start_attestation_api, args=(service,), name="attestation-api-start",
-                     daemon=True).start()
+    print(f"{READY_LINE} (uptime {time.monotonic():.2f} s)", file=sys.stderr, flush=True)
+    threading.Thread(target=after_ready, args=(service,), name="after-ready", daemon=True).start()
     threading.Event().wait()
     return 0
 
 
-def start_attestation_api(service: AgentService) -> None:
-    """Serve the attestation API for containers (docs/kbs.md); only policy-allowed containers see it."""
-    try:
-        from sandbox.guest import keyapi
+def after_ready(service: AgentService) -> None:
+    """The network (no container runs before it), then the preload."""
+    from sandbox.guest import sysinit
 
+    notes: list[str] = []
+    nic = None
+    try:
+        nic = sysinit.configure_network(notes)
+    except Exception as e:  # noqa: BLE001 - as before "ready": a guest without network still serves
+        notes.append(f"network not configured: {type(e).__name__}: {e}")
+    finally:
+        service.network_ready.set()
+    for note in notes:
+        log(note)
+    log(f"network: {nic or 'no interface'}")
+    preload()
+
+
+def preload(modules: tuple[str, ...] = PRELOAD) -> None:
+    """Import what the next requests of an `up` need, at low priority; then let the collector work."""
+    import importlib
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PRELOAD_NICE)
+    except OSError:
+        pass  # only slower
+    try:
+        for name in modules:
+            importlib.import_module(name)
+            if name == "sandbox.guest.snp_report":
+                from sandbox.guest import keys
+
+                keys.load()   # cryptography and OpenSSL: the first report signs with them
+    except Exception as e:  # noqa: BLE001 - the request that needs it will import it and say what failed
+        log(f"preload stopped: {type(e).__name__}: {e}")
+    finally:
+        # Everything allocated so far lives as long as the agent: keep it out of the collector's way,
+        # so a full collection (slow under emulation) cannot land in the middle of a request.
+        gc.freeze()
+        gc.enable()
+    log(f"loaded (uptime {time.monotonic():.2f} s)")
+
+
+class AttestationApiStarter:
+    """Starts the attestation API for containers (docs/kbs.md) once, on a thread of its own."""
+
+    def __init__(self, service: AgentService) -> None:
+        self._service = service
+        self._lock = threading.Lock()
+        self._started = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=start_attestation_api, args=(self._service,), name="attestation-api-start",
+                         daemon=True).start()
+
+
+def start_attestation_api(service: AgentService) -> None:
+    """Serve the attestation API for containers; only policy-allowed containers see it."""
+    from sandbox.guest import keyapi
+
+    try:
         keyapi.start(keyapi.KeyApiConfig(pins=lambda: keyapi.policy_pins(service.gate.policy), log=log))
     except OSError as e:
         log(f"attestation API unavailable: {e}")
@@ -68,15 +152,21 @@ def start_attestation_api(service: AgentService) -> None:
         service.attest_api_started.set()
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+def run() -> None:
+    """The init's entry point: main(), and as PID 1 a power-off rather than a kernel panic on a crash."""
     try:
         sys.exit(main())
     except BaseException as e:  # noqa: BLE001 - as PID 1 a crash would panic the kernel without a word
         log(f"fatal: {type(e).__name__}: {e}")
         if os.getpid() == 1:
             try:
+                from sandbox.guest import sysapi
+
                 sysapi.power_off()
             except OSError:
                 pass
         raise
+
+
+if __name__ == "__main__":
+    run()

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandbox.shared import names
 from sandbox.shared.errors import GuestOperationFailed
 from sandbox.shared.names import SLIRP_NAMESERVER
 from sandbox.shared.policy.defaults import ETC_FILES
+
+if TYPE_CHECKING:
+    from pathlib import Path  # annotations only: pathlib is not loaded at boot (agent.py)
 
 
 class EtcFilesError(GuestOperationFailed):
@@ -43,7 +46,8 @@ class DnsConfig:
     options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _check(names.nameservers_problem(self.nameservers))
+        if self.nameservers != (SLIRP_NAMESERVER,):     # ours needs no check (which loads ipaddress at boot)
+            _check(names.nameservers_problem(self.nameservers))
         _check(names.search_domains_problem(self.search))
         _check(names.resolver_options_problem(self.options))
 

@@ -13,18 +13,25 @@ what the guest derived itself.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sandbox.guest.hostdata import HostData, HostDataUnavailable
-from sandbox.shared.policy.engine import Decision, PolicyEngine
-from sandbox.shared.policy.inputs import EnforcementInput, point_of
+from sandbox.guest.lazy import LazyModule
 from sandbox.shared.protocol import ErrorCode, PolicyCheck, ProtocolError
+
+if TYPE_CHECKING:
+    from sandbox.shared.policy import engine as policy_engine
+    from sandbox.shared.policy import inputs as policy_inputs
+    from sandbox.shared.policy.engine import Decision, PolicyEngine
+    from sandbox.shared.policy.inputs import EnforcementInput
+else:
+    # The policy engine (and hashlib, hence OpenSSL) loads with the first policy, not at boot.
+    policy_engine = LazyModule("sandbox.shared.policy.engine")
+    policy_inputs = LazyModule("sandbox.shared.policy.inputs")
 
 T = TypeVar("T")
 
@@ -56,7 +63,7 @@ class Gate:
     def _note(self, input: EnforcementInput, allowed: bool, action_failed: bool = False) -> None:
         checks = getattr(self._recording, "checks", None)
         if checks is not None:
-            checks.append(PolicyCheck(point_of(input).value, input.to_json(), allowed, action_failed))
+            checks.append(PolicyCheck(policy_inputs.point_of(input).value, input.to_json(), allowed, action_failed))
 
     @property
     def active(self) -> bool:
@@ -78,6 +85,9 @@ class Gate:
             if self._engine is not None:
                 raise ProtocolError(ErrorCode.policy_already_set,
                                     f"a policy is already set (sha256 {self.policy_hash}); it can be set only once")
+            import hashlib
+            import hmac
+
             digest = hashlib.sha256(raw).digest()
             try:
                 host = self._host_data()
@@ -90,7 +100,7 @@ class Gate:
                     f"(from {host.source}); the agent stays deny-all",
                     details={"policy_hash": digest.hex(), "host_data": host.value.hex(), "source": host.source})
             try:
-                engine = PolicyEngine.from_bytes(raw)
+                engine = policy_engine.PolicyEngine.from_bytes(raw)
             except Exception as e:  # noqa: BLE001 - any rejection by the engine is a bad policy
                 raise ProtocolError(ErrorCode.invalid_request, f"the policy was rejected: {e}") from None
             self._engine = engine
@@ -102,7 +112,7 @@ class Gate:
         """Ask the engine at the input's enforcement point; raise policy_denied with its explanation, or
         run `action` under the engine's transaction and return what it returned."""
         engine = self._engine
-        point = point_of(input)
+        point = policy_inputs.point_of(input)
         if engine is None:
             raise ProtocolError(ErrorCode.policy_denied, NO_POLICY_REASON, details={"endpoint": point.value})
         # Enforcement time is the decision only: the clocks stop when the engine hands over to the action

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from sandbox.guest import snp_report
 from sandbox.shared.errors import AttestationError
-from sandbox.shared.snp.report import parse_report
 
 HOST_DATA_LEN = 32
 
@@ -29,6 +26,10 @@ class HostData:
 
 
 def read_host_data() -> HostData:
+    # Imported here: the report backends and the SNP structures load with the first policy, not at boot.
+    from sandbox.guest import snp_report
+    from sandbox.shared.snp.report import parse_report
+
     try:
         result = snp_report.get_extended_report(bytes(64))
         report = parse_report(result.report)
@@ -42,6 +43,7 @@ def read_host_data() -> HostData:
 
 def uptime() -> float:
     try:
-        return float(Path("/proc/uptime").read_text().split()[0])
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return os.times().elapsed

@@ -57,6 +57,11 @@ def _modules() -> Any:
                            serialization=serialization, ec=ec, utils=utils, AESGCM=AESGCM, HKDF=HKDF)
 
 
+def load() -> None:
+    """Import cryptography now rather than on first use (the agent does, on its preload thread)."""
+    _modules()
+
+
 def _spki(key: EllipticCurvePublicKey) -> bytes:
     m = _modules()
     return key.public_bytes(m.serialization.Encoding.DER, m.serialization.PublicFormat.SubjectPublicKeyInfo)

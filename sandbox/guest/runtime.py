@@ -15,14 +15,20 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.guest import procs
+from sandbox.guest.lazy import LazyModule
 from sandbox.guest.output import OutputLog
 from sandbox.guest.procs import REAPER, Child, ExitStatus
-from sandbox.guest.terminal import ConsoleSocket, StdinPipe, Terminal, TerminalError, WindowSize
 from sandbox.shared.errors import GuestOperationFailed
+
+if TYPE_CHECKING:
+    from pathlib import Path  # annotations only: the service makes the paths
+
+    from sandbox.guest import terminal
+else:
+    terminal = LazyModule("sandbox.guest.terminal")   # interactive execs only (socket, pathlib)
 
 CRUN_ROOT = "/run/crun"
 
@@ -46,7 +52,7 @@ class Process:
     child: Child
     argv: tuple[str, ...]
     log: OutputLog | None     # None when the policy denies stdio access
-    input: Terminal | StdinPipe | None = None    # an interactive exec's terminal or stdin pipe
+    input: terminal.Terminal | terminal.StdinPipe | None = None    # an interactive exec's terminal or stdin pipe
     reported: bool = False    # wait_process has told the host its exit status
     drained: bool = False     # read_output has returned its output to the end
 
@@ -175,13 +181,13 @@ def start(container: RuntimeContainer) -> None:
 
 
 def exec_process(container: RuntimeContainer, exec_id: str, argv: tuple[str, ...], env: tuple[str, ...],
-                 cwd: str, *, terminal: WindowSize | None = None, stdin: bool = False) -> Process:
-    """`crun exec --detach` a process described by a process.json the agent writes. With `terminal`, the
+                 cwd: str, *, window: terminal.WindowSize | None = None, stdin: bool = False) -> Process:
+    """`crun exec --detach` a process described by a process.json the agent writes. With `window`, the
     process gets a pseudo-terminal of that size as its stdio (crun sends the master to a console socket);
     with `stdin` and no terminal, a pipe the host writes to."""
     uid, gid, extra = container.user
     process: dict[str, Any] = {
-        "terminal": terminal is not None,
+        "terminal": window is not None,
         "user": {"uid": uid, "gid": gid, "additionalGids": list(extra)},
         "args": list(argv),
         "env": list(env),
@@ -191,32 +197,32 @@ def exec_process(container: RuntimeContainer, exec_id: str, argv: tuple[str, ...
     }
     exec_dir = container.bundle / "exec"
     exec_dir.mkdir(exist_ok=True)
-    if terminal is not None:
-        process["consoleSize"] = {"height": terminal.rows, "width": terminal.cols}
+    if window is not None:
+        process["consoleSize"] = {"height": window.rows, "width": window.cols}
     proc_file = exec_dir / f"{exec_id}.json"
     proc_file.write_text(json.dumps(process))
     pid_file = exec_dir / f"{exec_id}.pid"
     log_file = exec_dir / f"{exec_id}.log"
     log = OutputLog() if container.stdio else None
     args = ["exec", "--detach", "--process", str(proc_file), "--pid-file", str(pid_file)]
-    if terminal is not None:
+    if window is not None:
         if log is None:
             raise CrunError("a terminal needs stdio access", "permission")
-        with ConsoleSocket() as console, REAPER.adopting():
+        with terminal.ConsoleSocket() as console, REAPER.adopting():
             _run_crun(_crun(log_file, *args, "--console-socket", str(console.path), container.id),
                       log_file, None, None)
             child = _adopt(pid_file)
             try:
                 master = console.receive(timeout=10)
-            except TerminalError as e:
+            except terminal.TerminalError as e:
                 child.send_signal(signal.SIGKILL)
                 procs.finish(child, 10)
                 raise CrunError(str(e)) from None
-        tty = Terminal(master, log)
-        tty.resize(terminal)     # crun applied consoleSize already; this changes nothing then (no SIGWINCH)
+        tty = terminal.Terminal(master, log)
+        tty.resize(window)     # crun applied consoleSize already; this changes nothing then (no SIGWINCH)
         proc = Process(child, argv, log, tty)
     else:
-        pipe = StdinPipe() if stdin else None
+        pipe = terminal.StdinPipe() if stdin else None
         out_w, err_w = _stdio_pipes(log)
         try:
             with REAPER.adopting():

@@ -14,17 +14,19 @@ import os
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.shared import protocol as P
 from sandbox.shared.codec import shown
 from sandbox.shared.messages import AgentRequest, Message
 from sandbox.shared.protocol import ErrorCode, ProtocolError, Response
 
-VIRTIO_PORTS = Path("/sys/class/virtio-ports")
+if TYPE_CHECKING:
+    PortDevice = str | os.PathLike[str]    # a port's /dev node
+
+# Plain os calls for the ports, not pathlib: they are opened before the agent is ready (agent.py).
+VIRTIO_PORTS = "/sys/class/virtio-ports"
 IDLE_MIN, IDLE_MAX = 0.02, 0.2   # seconds between reads of a port with no host connected
 MAX_ERROR_MESSAGE = 4096         # characters of an error message that are sure to fit in a frame
 
@@ -47,6 +49,8 @@ def log(message: str) -> None:
 
 def _log_traceback() -> None:
     try:
+        import traceback  # only when something failed: traceback pulls in linecache and tokenize
+
         traceback.print_exc(file=sys.stderr)
     except Exception:  # as log()
         pass
@@ -175,24 +179,25 @@ def serve_fd(fd: int, handler: RequestHandler, *, reconnecting: bool, stop: thre
                 break
 
 
-def find_ports(prefix: str = P.PORT_PREFIX) -> dict[str, Path]:
+def find_ports(prefix: str = P.PORT_PREFIX) -> dict[str, PortDevice]:
     """virtio-serial ports whose name starts with prefix: name -> /dev node (no udev here)."""
-    found = {}
+    found: dict[str, PortDevice] = {}
     try:
-        entries = sorted(VIRTIO_PORTS.iterdir())
+        entries = sorted(os.listdir(VIRTIO_PORTS))
     except OSError:
         return found
     for entry in entries:
         try:
-            name = (entry / "name").read_text().strip()
+            with open(os.path.join(VIRTIO_PORTS, entry, "name")) as f:
+                name = f.read().strip()
         except OSError:
             continue
         if name.startswith(prefix):
-            found[name] = Path("/dev") / entry.name
+            found[name] = f"/dev/{entry}"
     return found
 
 
-def open_port(dev: Path) -> int:
+def open_port(dev: PortDevice) -> int:
     return os.open(dev, os.O_RDWR | os.O_CLOEXEC)
 
 
@@ -202,14 +207,15 @@ class PortWatcher:
     open at a time)."""
 
     def __init__(self, handler: RequestHandler, *, log: Callable[[str], None] = log,
-                 find: Callable[[], dict[str, Path]] = find_ports, open_port: Callable[[Path], int] = open_port,
+                 find: Callable[[], dict[str, PortDevice]] = find_ports,
+                 open_port: Callable[[PortDevice], int] = open_port,
                  serve: Callable[[int, RequestHandler], None] | None = None) -> None:
         self.handler = handler
         self.log = log
         self.find = find
         self.open_port = open_port
         self.serve = serve or (lambda fd, h: serve_fd(fd, h, reconnecting=True))
-        self.devices: dict[str, Path] = {}
+        self.devices: dict[str, PortDevice] = {}
         self.fds: dict[str, int] = {}
         self.threads: dict[str, threading.Thread] = {}
         self.restarts: dict[str, int] = {}
@@ -254,7 +260,8 @@ class PortWatcher:
                 self.log(f"port scan failed: {_describe(e)}")
 
 
-def serve_ports(handler: RequestHandler, *, log: Callable[[str], None], poll: float = 1.0) -> dict[str, Path]:
+def serve_ports(handler: RequestHandler, *, log: Callable[[str], None],
+                poll: float = 1.0) -> dict[str, PortDevice]:
     """Serve the agent ports present now, and any that appear later or whose thread died, on their own
     threads. Returns the ports served at once."""
     watcher = PortWatcher(handler, log=log)

@@ -18,28 +18,23 @@ import shutil
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, assert_never
+from typing import TYPE_CHECKING, Any, assert_never
 
-from sandbox.guest import blockdev, oci, runtime, snp_report, sysapi
+from sandbox.guest import oci, runtime, sysapi
 from sandbox.guest.etcfiles import DnsConfig, EtcFilesError, NameFiles, write_files
 from sandbox.guest.gate import NO_POLICY_REASON, Gate
 from sandbox.guest.hostdata import HostData, read_host_data, uptime
+from sandbox.guest.lazy import LazyModule
 from sandbox.guest.runtime import ContainerStatus, CrunError, RuntimeContainer
-from sandbox.guest.terminal import StdinPipe, Terminal, TerminalError, WindowSize
 from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import agent_rules
 from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
-from sandbox.shared import seccomp
 from sandbox.shared.codec import shown
 from sandbox.shared.errors import AttestationError, CheckFailed, InputError
-from sandbox.shared.kbs_protocol import ATTEST_API_DIR
 from sandbox.shared.policy import defaults
-from sandbox.shared.policy.engine import Decision
 from sandbox.shared.policy.inputs import (
     INHERIT,
     CreateContainerInput,
@@ -55,8 +50,32 @@ from sandbox.shared.policy.inputs import (
 )
 from sandbox.shared.protocol import ErrorCode, ProtocolError
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from sandbox.guest import blockdev, snp_report, terminal
+    from sandbox.shared import kbs_protocol, seccomp
+    from sandbox.shared.policy.engine import Decision
+else:
+    def Path(*parts: Any) -> Any:  # noqa: N802 - stands for pathlib.Path (see below)
+        """pathlib.Path(*parts). pathlib (which loads urllib.parse and ipaddress) is imported by the first
+        request that makes a path, after "ready": the requests served before a policy make none."""
+        from pathlib import Path as path_type
+
+        return path_type(*parts)
+
+    # Loaded on first use (see agent.py: after "ready", in the order `up` needs them): device-mapper and
+    # verity with the first mount, the report backends and their crypto with the first report.
+    blockdev = LazyModule("sandbox.guest.blockdev")
+    snp_report = LazyModule("sandbox.guest.snp_report")
+    kbs_protocol = LazyModule("sandbox.shared.kbs_protocol")
+    # Interactive execs and seccomp profiles (socket, pathlib, hashlib) with their first use.
+    terminal = LazyModule("sandbox.guest.terminal")
+    seccomp = LazyModule("sandbox.shared.seccomp")
+
 AGENT_VERSION = "1"
-ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API in the background right after boot
+ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API when a container first binds it
+NETWORK_WAIT_S = 60.0              # seconds a create_container waits for the network the agent sets up
 # What the host may ask before a policy is set: nothing that touches guest state.
 OPEN_REQUESTS = (M.PingRequest, M.SetPolicyRequest, M.GetReportRequest, M.PoweroffRequest)
 # ACI's volume sources, `sandbox:///tmp/atlas/<kind>/<volume>` in its policies, in the guest.
@@ -115,6 +134,13 @@ class AgentService:
         self.verbose_logging = False   # the policy's allow_runtime_logging (ep runtime_logging) turns it on
         self.poweroff_hook: Callable[[], None] = sysapi.power_off
         self.attest_api_started = threading.Event()   # set by the agent once the API socket is up (or failed)
+        # Starts the attestation API (the agent's hook; idempotent): on first use, as no container can
+        # reach it before a create_container binds it, and most groups never do.
+        self.start_attest_api: Callable[[], None] = lambda: None
+        # Set once the guest's network is up; containers share it. The agent configures it just after
+        # "ready" (clearing this first); a service on its own, as in tests, has nothing to wait for.
+        self.network_ready = threading.Event()
+        self.network_ready.set()
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -253,6 +279,8 @@ class AgentService:
 
     def op_dump_stacks(self, r: M.DumpStacksRequest) -> M.DumpStacksResult:
         self.gate.require(r)
+        import traceback  # only for this debugging request: traceback pulls in linecache and tokenize
+
         frames = sys._current_frames()
         names = {t.ident: t.name for t in threading.enumerate()}
         text = "".join(f"--- thread {names.get(tid, tid)}\n" + "".join(traceback.format_stack(f))
@@ -556,10 +584,12 @@ class AgentService:
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}].destination must be an absolute path")
             if m.type != "bind":
                 raise _err(ErrorCode.invalid_request, f"mounts[{i}]: only bind mounts")
-            if source == ATTEST_API_DIR:
+            if source == kbs_protocol.ATTEST_API_DIR:
                 # The attestation API socket directory (docs/kbs.md); the policy decides who gets it.
                 if "ro" not in options or "rw" in options:
-                    raise _err(ErrorCode.invalid_request, f"mounts[{i}]: {ATTEST_API_DIR} is bound read-only")
+                    raise _err(ErrorCode.invalid_request,
+                               f"mounts[{i}]: {kbs_protocol.ATTEST_API_DIR} is bound read-only")
+                self.start_attest_api()
                 if not self.attest_api_started.wait(ATTEST_API_START_TIMEOUT):
                     raise _err(ErrorCode.unavailable, "the attestation API has not started")
                 binds.append((M.ContainerMount(dest, source, "bind", options), source))
@@ -596,6 +626,8 @@ class AgentService:
 
     def op_create_container(self, r: M.CreateContainerRequest) -> M.CreateContainerResult:
         t0 = time.perf_counter()
+        if not self.network_ready.wait(NETWORK_WAIT_S):
+            raise _err(ErrorCode.unavailable, "the guest's network is not configured yet")
         container_id = r.container_id
         previous = self.containers.get(container_id)
         if previous is not None and not previous.deleted:
@@ -668,7 +700,7 @@ class AgentService:
 
     def op_exec_process(self, r: M.ExecProcessRequest) -> M.ExecProcessResult:
         c = self._container(r.container_id)
-        _check_env(r.env)
+        _check_env(r.env or ())   # absent: the container's env, checked at its create
         if c.refresh() != ContainerStatus.running:
             raise _err(ErrorCode.conflict, f"container {c.id} is {c.status.value}, not running")
         if (r.tty or r.stdin) and not c.stdio:
@@ -682,12 +714,12 @@ class AgentService:
         # host asks otherwise.
         cwd = r.working_dir or c.working_dir
         check = ExecInContainerInput(c.id, r.argv, INHERIT if r.env is None else r.env, r.working_dir or INHERIT)
-        terminal = WindowSize(r.rows or 24, r.cols or 80) if r.tty else None
+        window = terminal.WindowSize(r.rows or 24, r.cols or 80) if r.tty else None
 
         def action(decision: Decision) -> runtime.Process:
             env = decision.env_list if decision.env_list is not None else (r.env or ())
             try:
-                return runtime.exec_process(c, exec_id, r.argv, env, cwd, terminal=terminal, stdin=r.stdin)
+                return runtime.exec_process(c, exec_id, r.argv, env, cwd, window=window, stdin=r.stdin)
             except (CrunError, OSError) as e:
                 reason = e.reason if isinstance(e, CrunError) else "other"
                 raise _err(ErrorCode.failed, f"exec in {c.id}: {e}", reason=reason) from None
@@ -698,7 +730,7 @@ class AgentService:
                              daemon=True).start()
         return M.ExecProcessResult(exec_id, started.pid, c.stdio)
 
-    def _interactive(self, container_id: str, exec_id: str) -> Terminal | StdinPipe:
+    def _interactive(self, container_id: str, exec_id: str) -> terminal.Terminal | terminal.StdinPipe:
         """The input side of an interactive exec. Looked up without the state lock (a dict read), so that
         keystrokes never wait behind a create on another port."""
         c = self.containers.get(container_id)
@@ -713,24 +745,24 @@ class AgentService:
         target = self._interactive(r.container_id, r.exec_id)
         try:
             return M.WriteStdinResult(target.write_input(r.data))
-        except (TerminalError, OSError) as e:
+        except (terminal.TerminalError, OSError) as e:
             raise _err(ErrorCode.conflict, f"cannot write to the input of {r.exec_id}: {e}") from None
 
     def op_close_stdin(self, r: M.CloseStdinRequest) -> M.EmptyResult:
         target = self._interactive(r.container_id, r.exec_id)
         try:
             target.close_input()
-        except (TerminalError, OSError) as e:
+        except (terminal.TerminalError, OSError) as e:
             raise _err(ErrorCode.conflict, f"cannot close the input of {r.exec_id}: {e}") from None
         return M.EmptyResult()
 
     def op_resize_terminal(self, r: M.ResizeTerminalRequest) -> M.EmptyResult:
         target = self._interactive(r.container_id, r.exec_id)
-        if not isinstance(target, Terminal):
+        if not isinstance(target, terminal.Terminal):
             raise _err(ErrorCode.conflict, f"process {r.exec_id} has no terminal")
         try:
-            target.resize(WindowSize(r.rows, r.cols))
-        except (TerminalError, OSError) as e:
+            target.resize(terminal.WindowSize(r.rows, r.cols))
+        except (terminal.TerminalError, OSError) as e:
             raise _err(ErrorCode.conflict, f"cannot resize the terminal of {r.exec_id}: {e}") from None
         return M.EmptyResult()
 
@@ -838,7 +870,7 @@ def _finish_input(proc: runtime.Process) -> None:
     (or close the pipe's write end), so that its output ends and nothing is left open."""
     proc.status(None)
     target = proc.input
-    if isinstance(target, Terminal):
+    if isinstance(target, terminal.Terminal):
         if proc.log is not None:
             proc.log.wait_closed(OUTPUT_DRAIN_S)
         target.close()

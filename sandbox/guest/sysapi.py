@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -74,7 +77,8 @@ def mount_points() -> set[str]:
     """Mount points currently visible (from /proc/self/mountinfo, octal escapes decoded)."""
     points = set()
     try:
-        text = Path("/proc/self/mountinfo").read_text()
+        with open("/proc/self/mountinfo") as f:   # no pathlib on the agent's boot path (agent.py)
+            text = f.read()
     except OSError:
         return points
     for line in text.splitlines():

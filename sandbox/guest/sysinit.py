@@ -2,19 +2,22 @@
 
 The rootfs is read-only (dm-verity); everything writable lives on tmpfs in guest memory, which
 SEV-SNP encrypts. Containers share the UVM's network namespace: QEMU user networking forwards the
-group's ports to 10.0.2.15 (QEMU's default guest address), so eth0 gets that address.
+group's ports to 10.0.2.15 (QEMU's default guest address), so eth0 gets that address. Plain os calls,
+not pathlib: this runs before the agent is ready, and pathlib brings urllib.parse and ipaddress.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import struct
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandbox.guest import sysapi
 from sandbox.guest.sysapi import MS_NODEV, MS_NOEXEC, MS_NOSUID
+
+if TYPE_CHECKING:
+    import socket
 
 # (source, target, fstype, flags, data)
 BASE_MOUNTS = (
@@ -46,19 +49,22 @@ RTF_GATEWAY = 0x2
 
 
 def mount_basics(log: list[str]) -> None:
+    # What is mounted already (the kernel mounts /dev, an init may have mounted more) shows once /proc
+    # is: read it before and again right after mounting /proc, not once per mount (each read costs
+    # milliseconds under emulation, on the boot path).
+    points = sysapi.mount_points()
     for source, target, fstype, flags, data in BASE_MOUNTS:
-        # Re-read each time: before /proc is mounted, nothing is visible (the kernel may have
-        # mounted /dev already, and the init may have mounted more).
-        if target in sysapi.mount_points():
+        if target in points:
             continue
         try:
-            Path(target).mkdir(parents=True, exist_ok=True)
+            os.makedirs(target, exist_ok=True)
             sysapi.mount(source, target, fstype, flags, data)
         except OSError as e:
             if target in OPTIONAL_MOUNTS:
                 log.append(f"optional mount {target} unavailable: {e}")
                 continue
             raise
+        points = sysapi.mount_points() if target == "/proc" else points | {target}
         if target == "/dev/pts" and not os.path.exists("/dev/ptmx"):
             os.symlink("pts/ptmx", "/dev/ptmx")
     _enable_cgroup_controllers(log)
@@ -66,10 +72,12 @@ def mount_basics(log: list[str]) -> None:
 
 def _enable_cgroup_controllers(log: list[str]) -> None:
     """Delegate every available controller to child cgroups so crun can place containers."""
-    root = Path("/sys/fs/cgroup")
+    root = "/sys/fs/cgroup"
     try:
-        available = (root / "cgroup.controllers").read_text().split()
-        (root / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in available))
+        with open(f"{root}/cgroup.controllers") as f:
+            available = f.read().split()
+        with open(f"{root}/cgroup.subtree_control", "w") as f:
+            f.write(" ".join(f"+{c}" for c in available))
     except OSError as e:
         log.append(f"cgroup controllers not delegated: {e}")
 
@@ -81,6 +89,8 @@ def _ifreq(name: str, payload: bytes = b"") -> bytes:
 
 def _sockaddr_in(addr: str) -> bytes:
     # struct sockaddr_in: sa_family (host order), port (network order), in_addr, 8 bytes of zero.
+    import socket
+
     return struct.pack("=HH4s8x", socket.AF_INET, 0, socket.inet_aton(addr))
 
 
@@ -102,17 +112,18 @@ def _add_default_route(sock: socket.socket, gateway: str) -> None:
 ARPHRD_ETHER = 1   # include/uapi/linux/if_arp.h; /sys/class/net/<if>/type
 
 
-def network_interfaces(sys_net: Path = Path("/sys/class/net")) -> list[str]:
+def network_interfaces(sys_net: str | os.PathLike[str] = "/sys/class/net") -> list[str]:
     """Ethernet interfaces, sorted: not loopback, and not tunnels (sit0 and the like) the kernel may add."""
     try:
-        names = sorted(p.name for p in sys_net.iterdir())
+        names = sorted(os.listdir(sys_net))
     except OSError:
         return []
     out = []
     for name in names:
         try:
-            if int((sys_net / name / "type").read_text()) == ARPHRD_ETHER:
-                out.append(name)
+            with open(os.path.join(sys_net, name, "type")) as f:
+                if int(f.read()) == ARPHRD_ETHER:
+                    out.append(name)
         except (OSError, ValueError):
             continue
     return out
@@ -120,6 +131,8 @@ def network_interfaces(sys_net: Path = Path("/sys/class/net")) -> list[str]:
 
 def configure_network(log: list[str]) -> str | None:
     """lo up; the first Ethernet interface gets QEMU's user-network address. Returns its name, if any."""
+    import socket  # the agent configures the network after "ready" (agent.py): socket is off its boot path
+
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             _set_up(sock, "lo")
@@ -145,6 +158,7 @@ def configure_network(log: list[str]) -> str | None:
 
 def set_hostname(name: str) -> None:
     try:
-        Path("/proc/sys/kernel/hostname").write_text(name)
+        with open("/proc/sys/kernel/hostname", "w") as f:
+            f.write(name)
     except OSError:
         pass

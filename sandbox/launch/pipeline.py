@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,13 @@ from sandbox.policy.sources import package_files_volumes, resolve_group_images
 from sandbox.progress import step
 from sandbox.shared.errors import CheckFailed, InputError, PolicyDenied, SandboxError, StateError
 from sandbox.shared.kbs_protocol import FW_CFG_KBS_URL
-from sandbox.shared.messages import DnsSettings, LoadFragmentRequest, SetPolicyRequest, SetupScratchRequest
+from sandbox.shared.messages import (
+    DnsSettings,
+    LoadFragmentRequest,
+    MemoryVolumeKind,
+    SetPolicyRequest,
+    SetupScratchRequest,
+)
 from sandbox.shared.policy.model import Policy, is_rego, parse_policy
 from sandbox.shared.protocol import PORT_COUNT
 from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
@@ -219,9 +225,12 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
 
 
 def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: Timings, *,
-                 fragments: Sequence[Any] = ()) -> dict[str, Any]:
+                 fragments: Sequence[Any] = (), verified: Callable[[], object] = lambda: None) -> dict[str, Any]:
     """set_policy, fragments, the layer and volume mounts, the encrypted scratch and the group's names.
-    Returns per-step results."""
+    Returns per-step results.
+
+    `verified()` returns once the launch self-check has passed (it raises if it failed): it is called
+    before a secret volume is made, and the caller calls it before the first container is created."""
     results: dict[str, Any] = {"containers": {}}
     with step("Set the execution policy"):
         results["policy"] = client.call(SetPolicyRequest(policy)).to_json()
@@ -248,6 +257,8 @@ def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: 
             devices[d.target] = r.to_json()
             task.advance()
         for v in plan.memory_volumes:
+            if v.kind == MemoryVolumeKind.secret:
+                verified()      # secrets go only to a verified guest
             client.call(v)
             task.advance()
         results["devices"] = devices
@@ -258,6 +269,7 @@ def _setup_guest(client: AgentClient, policy: bytes, plan: LaunchPlan, timings: 
         timings.mark("scratch")
     if plan.network is not None:
         client.call(plan.network)
+    verified()                  # nothing runs before the launch is verified (containers start after this)
     return results
 
 
@@ -277,6 +289,14 @@ def _start_group(client: AgentClient, plan: LaunchPlan,
     with step(f"Start {len(plan.all_containers)} container(s)"):
         outcome = supervisor.run(until_started=True)
     return supervisor.runs, outcome, supervisor.start_results
+
+
+def _await_selfcheck(pending: selfcheck.PendingSelfCheck) -> selfcheck.SelfCheck:
+    """The passed launch self-check (raises its failure), with a progress step while it still runs."""
+    if pending.done:
+        return pending.result()
+    with step("Verify the launch (a fresh attestation report)"):
+        return pending.result()
 
 
 def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Launched:
@@ -366,11 +386,26 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                 wait_for_agent(cfg.agent_sockets, timeout=BOOT_TIMEOUT, alive=vm.alive, console=cfg.console_log)
             timings.mark("agent")
             with AgentClient.connect(cfg.agent_sockets, recorder=recorder) as client:
-                with step("Verify the launch (a fresh attestation report)"):
-                    check = selfcheck.run(client, identity, record_to=state_dir / "selfcheck.json")
+                # The launch self-check runs on a port of its own while the policy is set and the layers
+                # and volumes are mounted (none of that runs anything or hands the guest a secret), so
+                # the guest's work for the report overlaps the host's and the set-up's. It must pass before
+                # a secret volume is made and before the first container; a failure stops the VM before
+                # anything has started (docs/attestation.md).
+                pending = selfcheck.start(cfg.agent_sockets, identity, record_to=state_dir / "selfcheck.json",
+                                          on_pass=lambda: timings.mark("verified"))
+                try:
+                    results = _setup_guest(client, policy, plan, timings, fragments=fragments,
+                                           verified=lambda: _await_selfcheck(pending))
+                    check = _await_selfcheck(pending)       # nothing runs before the launch is verified
+                except BaseException:
+                    if not pending.done:
+                        try:
+                            vm.stop(3)  # ends the self-check's call too (and below, stopping is a no-op)
+                        except SandboxError:
+                            pass
+                        pending.abandon(10)
+                    raise
                 record = replace(record, selfcheck=check.summary())
-                timings.mark("verified")
-                results = _setup_guest(client, policy, plan, timings, fragments=fragments)
                 if opts.create_containers:
                     write_plan(state_dir, SupervisedGroup.of(plan))
                     runs, outcome, results["containers"] = _start_group(client, plan, timings)

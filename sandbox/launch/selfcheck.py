@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,3 +115,51 @@ def run(client: AgentClient, identity: LaunchIdentity, *, kds: KdsClient | None 
                 "see 'parma-sandbox --debug up' for the evidence (docs/snp-lab.md)")
         raise CheckFailed(f"launch self-check failed, the sandbox was stopped: {reasons}", hint=hint)
     return check
+
+
+class PendingSelfCheck:
+    """run() on a port of its own, on a thread, while `up` sets the guest up (sandbox/launch/pipeline.py).
+
+    `result()` waits for the verdict and raises what run() raised. The caller must call it before it starts
+    a container or hands the guest a secret: that ordering, not this class, is the security rule."""
+
+    def __init__(self, sockets: Sequence[Path], identity: LaunchIdentity, *, kds: KdsClient | None = None,
+                 record_to: Path | None = None, on_pass: Callable[[], None] = lambda: None) -> None:
+        self._check: SelfCheck | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+
+        def verify() -> None:
+            try:
+                with AgentClient.connect(sockets) as client:
+                    self._check = run(client, identity, kds=kds, record_to=record_to)
+                on_pass()
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the verdict
+                self._error = e
+            finally:
+                self._done.set()
+
+        self._thread = threading.Thread(target=verify, name="launch-self-check", daemon=True)
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self) -> SelfCheck:
+        """The passed check; raises the check's failure (CheckFailed, GuestError, AgentUnreachable...)."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._check is not None
+        return self._check
+
+    def abandon(self, timeout: float) -> None:
+        """After a failed set-up (the VM is being stopped): give the thread `timeout` seconds to end."""
+        self._done.wait(timeout)
+
+
+def start(sockets: Sequence[Path], identity: LaunchIdentity, *, kds: KdsClient | None = None,
+          record_to: Path | None = None, on_pass: Callable[[], None] = lambda: None) -> PendingSelfCheck:
+    """Start the self-check on its own agent port; see PendingSelfCheck."""
+    return PendingSelfCheck(sockets, identity, kds=kds, record_to=record_to, on_pass=on_pass)

@@ -7,7 +7,6 @@ once and the model is built only when the list stays empty.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Collection
 from typing import Any
@@ -36,7 +35,10 @@ def suggestion(key: str, allowed: Collection[str]) -> str:
         return s.replace("_", "").lower()
 
     close = [a for a in sorted(allowed) if norm(a) == norm(key)]
-    close = close or difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.8)
+    if not close:
+        import difflib  # only for a bad key: the guest agent's start-up does without it
+
+        close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.8)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

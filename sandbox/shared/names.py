@@ -4,7 +4,6 @@ container's /etc/hosts and /etc/resolv.conf with the same ones (resolv.conf(5), 
 
 from __future__ import annotations
 
-import ipaddress
 import re
 
 SLIRP_NAMESERVER = "10.0.2.3"     # QEMU user networking's DNS forwarder
@@ -37,6 +36,8 @@ def host_name_problem(name: str) -> str | None:
 
 
 def nameservers_problem(servers: tuple[str, ...] | list[str]) -> str | None:
+    import ipaddress  # here: the agent imports this module at boot and checks name servers later
+
     if not 1 <= len(servers) <= MAX_NAMESERVERS:
         return f"needs between 1 and {MAX_NAMESERVERS} name servers, got {len(servers)}"
     for ns in servers:

@@ -20,6 +20,7 @@ from pathlib import Path
 from sandbox.run import spawn
 
 READY_LINE = "parma-agent: ready"
+LINE_END_WAIT = 2.0     # seconds to wait for the rest of the marker's line once the marker is there
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,16 @@ class BootResult:
     elapsed: float                  # until we stopped watching
     outcome: str                    # "ready", "exited (code N)" or "timeout"
     console: str = field(repr=False)
+    marks: dict[str, float] = field(default_factory=dict)   # QEMU spawn -> each `also` marker seen
 
     def tail(self, lines: int = 25) -> str:
         return "\n".join(self.console.splitlines()[-lines:])
 
 
 def boot(spec: BootSpec, *, marker: str = READY_LINE, timeout: float = 30.0,
-         stop_patterns: Sequence[str] = ()) -> BootResult:
-    """Boot and wait for `marker` (or an early QEMU exit, or a stop pattern, or the timeout); then kill QEMU."""
+         stop_patterns: Sequence[str] = (), also: Sequence[str] = ()) -> BootResult:
+    """Boot and wait for `marker`'s line (or an early QEMU exit, or a stop pattern, or the timeout); then kill
+    QEMU. The times of the `also` markers that appear on the way are in the result's marks."""
     start = time.monotonic()
     proc = spawn(spec.argv(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, new_session=True)
     assert proc.stdout is not None
@@ -72,9 +75,11 @@ def boot(spec: BootSpec, *, marker: str = READY_LINE, timeout: float = 30.0,
     sel.register(proc.stdout, selectors.EVENT_READ)
     want = marker.encode()
     stops = [p.encode() for p in stop_patterns]
+    marks: dict[str, float] = {}
+    deadline = start + timeout
     try:
         while True:
-            left = timeout - (time.monotonic() - start)
+            left = deadline - time.monotonic()
             if left <= 0:
                 break
             if not sel.select(timeout=min(left, 0.5)):
@@ -82,13 +87,21 @@ def boot(spec: BootSpec, *, marker: str = READY_LINE, timeout: float = 30.0,
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 proc.wait(timeout=5)
-                outcome = f"exited (code {proc.returncode})"
+                if seconds is None:
+                    outcome = f"exited (code {proc.returncode})"
                 break
             buf += chunk
-            if want in buf:
+            for m in also:
+                if m not in marks and m.encode() in buf:
+                    marks[m] = time.monotonic() - start
+            if seconds is None and want in buf:
                 seconds = time.monotonic() - start
                 outcome = "ready"
-                break
+                deadline = min(deadline, time.monotonic() + LINE_END_WAIT)
+            if seconds is not None:
+                if b"\n" in buf[buf.index(want):]:
+                    break   # the whole marker line: what follows the marker on it belongs to the result
+                continue
             if any(s in buf for s in stops):
                 outcome = "stop pattern"
                 break
@@ -102,4 +115,4 @@ def boot(spec: BootSpec, *, marker: str = READY_LINE, timeout: float = 30.0,
         rest = proc.stdout.read() or b""
         proc.stdout.close()
     return BootResult(ready=seconds is not None, seconds=seconds, elapsed=elapsed, outcome=outcome,
-                      console=(buf + rest).decode(errors="replace"))
+                      console=(buf + rest).decode(errors="replace"), marks=marks)

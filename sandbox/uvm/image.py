@@ -13,6 +13,7 @@ rootfs content while the same tar always gives the same image, root hash and mea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -62,9 +63,23 @@ def derive_salt(tar_sha256: str) -> bytes:
     return hashlib.sha256(SALT_CONTEXT + bytes.fromhex(tar_sha256)).digest()
 
 
+def options_key(options: object) -> object:
+    """The writer options as JSON-able data that names functions and classes by their qualified names.
+
+    Not repr(): the options hold functions (the dialect's xattr block writer), whose repr carries their
+    address, so the key and the cached image would change with every process."""
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        return {f.name: options_key(getattr(options, f.name)) for f in dataclasses.fields(options)}
+    if isinstance(options, type) or callable(options):
+        return f"{getattr(options, '__module__', '?')}.{getattr(options, '__qualname__', repr(options))}"
+    if isinstance(options, bytes):
+        return options.hex()
+    return options
+
+
 def image_key(tar: RootfsTar) -> str:
     doc = {"recipe": RECIPE_VERSION, "tar": tar.sha256, "converter": CONVERTER_VERSION,
-           "options": repr(EXT4_OPTIONS)}
+           "options": options_key(EXT4_OPTIONS)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 

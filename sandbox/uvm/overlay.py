@@ -13,6 +13,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 import re
 import tarfile
 import tempfile
@@ -28,7 +29,7 @@ from sandbox.uvm.base import SOURCE_DATE_EPOCH, BaseArtifact, build_base, uvm_ca
 from sandbox.uvm.fetch import sha256_file
 from sandbox.uvm.source_tree import PACKAGE_DIR, UVM_IMAGE_DIR
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 # Dropped from the base tar: package-manager state and caches a read-only UVM never uses, unused stdlib
 # parts, and /dev (the kernel mounts devtmpfs there).
 DROP = re.compile(r"^(dev/.+|var/cache/.+|var/lib/apt/.+|var/log/.+|var/lib/dpkg/[^/]+-old"
@@ -74,6 +75,7 @@ class GuestPython:
     argv: tuple[str, ...]
     env: dict[str, str]
     cache_tag: str          # e.g. "cpython-311": names the __pycache__ files
+    dist_packages: tuple[str, ...] = ()     # the base's Debian dist-packages (python3-cryptography), extracted
 
 
 @contextlib.contextmanager
@@ -87,9 +89,10 @@ def guest_python(base_tar: Path) -> Iterator[GuestPython]:
         root = Path(tmp)
         with tarfile.open(base_tar, "r:") as tf:
             libdirs = sorted({m.name.split("/")[3] for m in tf.getmembers()
-                              if re.match(r"^\./usr/lib/python3\.\d+/", m.name)})
+                              if re.match(r"^\./usr/lib/python3(\.\d+)?/", m.name)})
         run(["tar", "-xf", base_tar, "-C", root, "--no-same-owner", "--no-same-permissions",
              "./usr/bin", "./usr/lib/x86_64-linux-gnu", *[f"./usr/lib/{d}" for d in libdirs]])
+        dist = root / "usr/lib/python3/dist-packages"
         pythons = sorted(p for p in (root / "usr/bin").glob("python3.*") if re.fullmatch(r"python3\.\d+", p.name))
         if not pythons:
             raise StateError(f"no python3.X interpreter in {base_tar}")
@@ -97,7 +100,7 @@ def guest_python(base_tar: Path) -> Iterator[GuestPython]:
         argv = (str(lib / "ld-linux-x86-64.so.2"), "--library-path", str(lib), str(pythons[-1]), "-S")
         env = {"PYTHONHOME": str(root / "usr"), "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
         tag = run([*argv, "-c", "import sys; print(sys.implementation.cache_tag)"], env=env).stdout.decode().strip()
-        yield GuestPython(argv, env, tag)
+        yield GuestPython(argv, env, tag, (str(dist),) if dist.is_dir() else ())
 
 
 COMPILE_SCRIPT = """
@@ -123,6 +126,59 @@ def compile_agent(py: GuestPython, files: list[tuple[str, Path]], out_dir: Path)
     return result
 
 
+PYC_UNCHECKED_HASH = 0b01  # PEP 552 flags: hash-based (bit 0), check_source (bit 1) off
+PYC_CHECKED_DIRS = re.compile(r"^usr/lib/python3(\.\d+)?/")
+
+
+def check_pyc(name: str, header: bytes) -> None:
+    """Refuse a .pyc under /usr/lib/python3* that is not an unchecked-hash one (PEP 552).
+
+    The rootfs clamps every mtime, so a timestamp-based .pyc never matches its source in the guest:
+    Python would compile the module from source at every boot (and could not write the result).
+    """
+    flags = int.from_bytes(header[4:8], "little") if len(header) >= 16 else -1
+    if flags != PYC_UNCHECKED_HASH:
+        kind = {0: "timestamp-based", 0b11: "checked-hash"}.get(flags, "malformed")
+        raise StateError(f"/{name} in the UVM base is a {kind} .pyc, not an unchecked-hash one",
+                         hint="images/uvm/customize.sh compiles the stdlib with --invalidation-mode "
+                              "unchecked-hash; rebuild the base (delete its cache entry)")
+
+
+def agent_modules(files: list[tuple[str, Path]]) -> list[str]:
+    """The importable module names among the agent's files (sandbox, sandbox.guest.agent, ...)."""
+    names = []
+    for dest, _ in files:
+        if dest.endswith(".py"):
+            parts = PurePosixPath(dest).relative_to(AGENT_PREFIX).with_suffix("").parts
+            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return sorted(names)
+
+
+# What the agent loads besides its own modules, for the boot cache to record: cryptography, as the
+# first report loads it (sandbox/guest/keys.py).
+BOOT_CACHE_WARM = ("sandbox.guest.keys:load", "sandbox.guest.keys:RuntimeKey.generate")
+
+
+def build_boot_cache(py: GuestPython, files: list[tuple[str, Path]], out_dir: Path) -> tuple[str, Path]:
+    """The boot cache (sandbox/guest/boot_cache.py) for the agent, made by the guest's python3.
+
+    One run imports every agent module from a copy of exactly the files the image gets (and cryptography,
+    from the base's dist-packages) and records what dataclasses and re compute; a second, fresh run
+    compiles the sources (deterministic: same interpreter, PYTHONHASHSEED=0, nothing else in the
+    process). Returns (path inside the image, file)."""
+    tree = out_dir / "boot-cache-tree"
+    for dest, src in files:
+        target = tree / PurePosixPath(dest).relative_to(AGENT_PREFIX)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(src.read_bytes())
+    env = {**py.env, "PYTHONPATH": os.pathsep.join([str(tree), *py.dist_packages]), "OPENSSL_CONF": os.devnull}
+    entry = "import sys\nfrom sandbox.guest.boot_cache import main\nmain(sys.argv[1:])\n"
+    recorded = run([*py.argv, "-c", entry, "record", *BOOT_CACHE_WARM], input=json.dumps(agent_modules(files)).encode(),
+                   env=env).stdout
+    name = run([*py.argv, "-c", entry, "dump", out_dir], input=recorded, env=env).stdout.decode().strip()
+    return f"{AGENT_PREFIX}/{name}", out_dir / name
+
+
 def _normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.mtime = min(int(info.mtime), SOURCE_DATE_EPOCH)
     info.uname = info.gname = ""
@@ -143,8 +199,9 @@ def write_rootfs_tar(base: BaseArtifact, out: Path) -> None:
     files = agent_files()
     with tempfile.TemporaryDirectory(prefix="uvm-overlay-") as tmp, guest_python(base.tar) as py:
         compiled = compile_agent(py, files, Path(tmp))
+        boot_cache = build_boot_cache(py, files, Path(tmp))
         added: dict[str, tuple[tarfile.TarInfo, Path | None]] = {}
-        for dest, src in [*files, *compiled, (INIT_PATH, INIT_SCRIPT)]:
+        for dest, src in [*files, *compiled, boot_cache, (INIT_PATH, INIT_SCRIPT)]:
             parts = PurePosixPath(dest).parts
             for i in range(1, len(parts)):
                 d = "/".join(parts[:i])
@@ -158,6 +215,10 @@ def write_rootfs_tar(base: BaseArtifact, out: Path) -> None:
                 rel = m.name.removeprefix("./").rstrip("/")
                 if rel and DROP.match(rel):
                     continue
+                if m.isreg() and rel.endswith(".pyc") and PYC_CHECKED_DIRS.match(rel):
+                    header = src_tar.extractfile(m)
+                    assert header is not None
+                    check_pyc(rel, header.read(16))
                 entries[rel or "."] = (m, m)
             for rel, (info, src) in added.items():
                 if rel in entries and info.isdir():

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.shared.errors import InputError
+from sandbox.shared.errors import InputError, StateError
 from sandbox.uvm.image import derive_salt, kernel_cmdline
-from sandbox.uvm.overlay import DROP, agent_files
+from sandbox.uvm.overlay import DROP, PYC_CHECKED_DIRS, agent_files, agent_modules, check_pyc
 from sandbox.uvm.packages import (
     LockedPackage,
     apt_preferences,
@@ -82,6 +82,30 @@ def test_agent_files_are_the_guest_and_shared_zones() -> None:
     assert not any(d.startswith("usr/lib/parma-sandbox/sandbox/uvm") for d in files)
 
 
+def test_agent_modules_are_importable_names() -> None:
+    names = agent_modules(agent_files())
+    assert {"sandbox", "sandbox.guest", "sandbox.guest.agent", "sandbox.shared.policy.engine"} <= set(names)
+    assert not any(n.endswith("__init__") for n in names)
+
+
+def test_the_base_must_hold_unchecked_hash_pycs_only() -> None:
+    """A timestamp .pyc never matches its source on the rootfs (mtimes are clamped): a compile per boot."""
+    from importlib.util import MAGIC_NUMBER
+
+    def header(flags: int) -> bytes:
+        return MAGIC_NUMBER + flags.to_bytes(4, "little") + bytes(8)
+
+    check_pyc("usr/lib/python3.11/__pycache__/re.cpython-311.pyc", header(0b01))
+    for flags, kind in ((0, "timestamp-based"), (0b11, "checked-hash")):
+        with pytest.raises(StateError, match=kind):
+            check_pyc("usr/lib/python3.11/__pycache__/enum.cpython-311.pyc", header(flags))
+    with pytest.raises(StateError, match="malformed"):
+        check_pyc("usr/lib/python3.11/__pycache__/x.cpython-311.pyc", b"short")
+    assert PYC_CHECKED_DIRS.match("usr/lib/python3.11/json/__pycache__/x.pyc")
+    assert PYC_CHECKED_DIRS.match("usr/lib/python3/dist-packages/x/__pycache__/y.pyc")
+    assert not PYC_CHECKED_DIRS.match("usr/share/python3/debpython/__pycache__/x.pyc")
+
+
 def test_salt_is_derived_from_the_tar() -> None:
     a, b = derive_salt("00" * 32), derive_salt("01" + "00" * 31)
     assert len(a) == 32 and a != b and a == derive_salt("00" * 32)
@@ -98,3 +122,19 @@ def test_command_line_pins_root_hash_and_salt() -> None:
     assert f'dm-mod.create="uvm-root,,,ro,{table}"' in cmd
     assert " root=/dev/dm-0 ro " in cmd and "console=ttyS0" in cmd
     assert cmd.endswith("init=/usr/lib/parma-sandbox/init")
+
+
+def test_the_image_key_is_the_same_in_every_process() -> None:
+    """The key names the writer's options without addresses (a function's repr has one), so a second
+    `up` finds the image the first one built instead of converting the rootfs again."""
+    import json
+    import subprocess
+    import sys
+
+    from sandbox.uvm.image import EXT4_OPTIONS, options_key
+
+    assert " at 0x" not in json.dumps(options_key(EXT4_OPTIONS))
+    code = "import json; from sandbox.uvm.image import EXT4_OPTIONS, options_key; print(json.dumps(options_key(EXT4_OPTIONS)))"
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(keys) == 1

@@ -56,3 +56,19 @@ def test_one_flipped_byte_stops_the_boot_with_a_verity_error(uvm: UvmArtifacts, 
     assert re.search(expected, result.console), result.tail()
     # The guest does not limp on: the kernel panics (no init, or no root) and QEMU stops.
     assert "Kernel panic" in result.console and result.outcome.startswith("exited"), result.tail()
+
+
+RELIABILITY_BOOTS = 50
+
+
+@pytest.mark.slow
+def test_fifty_consecutive_boots_reach_the_agent(uvm: UvmArtifacts) -> None:
+    """Reliability (issue #17's acceptance): 50 boots in a row, each to the agent's ready line, none lost.
+
+    Counts failures only; bench/bench_boot.py --boots N reports the times."""
+    failures = []
+    for i in range(RELIABILITY_BOOTS):
+        result = boot(BootSpec(uvm.kernel, uvm.rootfs, uvm.cmdline), timeout=HARD_TIMEOUT)
+        if not result.ready or "Kernel panic" in result.console:
+            failures.append(f"boot {i}: {result.outcome}\n{result.tail(15)}")
+    assert not failures, f"{len(failures)} of {RELIABILITY_BOOTS} boots failed:\n" + "\n\n".join(failures)

@@ -14,7 +14,6 @@ mistyped field is a PolicyInputError naming the enforcement point and the field.
 
 from __future__ import annotations
 
-import difflib
 import signal as signal_module
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -38,8 +37,7 @@ from sandbox.shared.messages import (
     UnmountScratchRequest,
 )
 from sandbox.shared.policy import defaults
-from sandbox.shared.policy.model import VolumeKind
-from sandbox.shared.policy.points import EnforcementPoint
+from sandbox.shared.policy.points import EnforcementPoint, VolumeKind
 from sandbox.shared.protocol import container_dir, volume_path
 
 __all__ = ["EnforcementPoint"]   # re-exported: where the engine's callers have always found it
@@ -273,6 +271,8 @@ def enforcement_point(name: Any) -> EnforcementPoint:
         return name
     if isinstance(name, str) and name in EnforcementPoint.__members__:
         return EnforcementPoint(name)
+    import difflib  # only for a bad name: the guest agent's start-up does without it
+
     close = difflib.get_close_matches(str(name), list(EnforcementPoint.__members__), n=1)
     extra = f" (did you mean {close[0]!r}?)" if close else ""
     raise PolicyInputError(f"unknown enforcement point {shown(name)}{extra}",

@@ -32,6 +32,7 @@ from sandbox.shared.jsoncheck import Checker, join
 from sandbox.shared.jsonstrict import decode_utf8, loads_strict
 from sandbox.shared.messages import Capabilities
 from sandbox.shared.policy import defaults
+from sandbox.shared.policy.points import VolumeKind
 from sandbox.shared.policy.regex import RegexError, check
 from sandbox.shared.rego.framework import ENFORCEMENT_POINTS
 
@@ -136,15 +137,6 @@ class ExternalProcess:
     env_rules: tuple[AnyEnvRule, ...]
     working_dir: str
     allow_stdio_access: bool
-
-
-class VolumeKind(StrEnum):
-    """What a group volume is: the group spec's volume kinds, as the policy pins them."""
-
-    empty_dir = "emptyDir"   # a writable directory in guest memory, created empty by the guest (create_volume)
-    tmpfs = "tmpfs"          # likewise, private and of a given size
-    files = "files"          # a directory shipped with the group: a read-only device pinned by root hash
-    secret = "secret"        # small files the host delivers, read-only (create_volume); content not pinned
 
 
 @dataclass(frozen=True)

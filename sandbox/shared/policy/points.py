@@ -1,4 +1,5 @@
-"""The enforcement points: where the agent asks the policy engine (ACI's Rego rule names, snake_case)."""
+"""The enforcement points: where the agent asks the policy engine (ACI's Rego rule names, snake_case); and
+the kinds of volume the create_volume point decides on. Light on purpose: the agent imports it at boot."""
 
 from __future__ import annotations
 
@@ -22,3 +23,12 @@ class EnforcementPoint(StrEnum):
     dump_stacks = "dump_stacks"
     runtime_logging = "runtime_logging"
     load_fragment = "load_fragment"
+
+
+class VolumeKind(StrEnum):
+    """What a group volume is: the group spec's volume kinds, as the policy pins them."""
+
+    empty_dir = "emptyDir"   # a writable directory in guest memory, created empty by the guest (create_volume)
+    tmpfs = "tmpfs"          # likewise, private and of a given size
+    files = "files"          # a directory shipped with the group: a read-only device pinned by root hash
+    secret = "secret"        # small files the host delivers, read-only (create_volume); content not pinned
