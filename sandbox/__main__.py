@@ -1,3 +1,3 @@
-from sandbox.cli.main import main
+from sandbox.cli.entry import main
 
 main()

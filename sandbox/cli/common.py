@@ -12,6 +12,9 @@ from typing import Any
 
 import click
 
+from sandbox.cli.render import json_text
+from sandbox.cli.render import render_table as render_table  # commands import it from here
+
 
 class OutputFormat(StrEnum):
     table = "table"
@@ -94,16 +97,7 @@ def resolve_format(fmt: str | None) -> OutputFormat:
 
 
 def echo_json(data: Any) -> None:
-    import json  # imported on use: most runs print no JSON, and every run imports this module
-
-    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
-
-
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h).upper() for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    return "\n".join(lines)
+    click.echo(json_text(data))
 
 
 def emit(data: Any, fmt: str | None, table: Callable[[Any], str]) -> None:
@@ -125,7 +119,7 @@ def write_document(data: bytes, output: Path | None, fmt: str | None, *, what: s
         sys.stdout.buffer.flush()
         info(f"{digest_label}: {digest}")
         return
-    from sandbox.fsutil import atomic_write  # imported on use, as json above
+    from sandbox.fsutil import atomic_write  # imported on use: most commands write no document
 
     atomic_write(output, data)
     emit({"file": str(output), "sha256": digest}, fmt, lambda r: f"wrote {what} {r['file']} ({digest_label} {digest})")

@@ -9,7 +9,7 @@ import click
 
 from sandbox.aci.ext4compat import COMPAT_MODES, layer_mode
 from sandbox.cli.common import OutputFormat, echo_json, emit, format_option, render_table, resolve_format
-from sandbox.cli.verity import kv_table, verity_doc
+from sandbox.cli.verity_run import kv_table, verity_doc
 from sandbox.images import DEFAULT_PLATFORM
 from sandbox.layers.convert import convert_layer, convert_tar_to_ext4
 from sandbox.layers.tar2ext4 import Ext4Options

@@ -9,6 +9,7 @@ neither downloaded nor converted again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,14 +35,16 @@ from sandbox.images.manifest import (
     select_platform,
 )
 from sandbox.images.model import LayerInfo, ResolvedImage
+from sandbox.images.parallel import Workers, usable_cpus
 from sandbox.images.reference import ImageRef, Transport, parse_reference
-from sandbox.images.store import BlobStore, LayerCache, verify_bytes
+from sandbox.images.store import BlobStore, LayerCache, LayerRecord, verify_bytes
 from sandbox.log import log
 from sandbox.paths import cache_dir
 from sandbox.progress import step
 
 if TYPE_CHECKING:
     from sandbox.layers.convert import ConvertResult
+    from sandbox.layers.tar2ext4 import Ext4Options
 
 _DOWNLOAD_ATTEMPTS = 3
 
@@ -206,13 +209,34 @@ class PullResult:
     converted: int              # layers converted in this call (the others came from the cache)
 
 
+def _convert_cached(cache: LayerCache, blob: Path, diff_id: str, what: str,
+                    options: Ext4Options) -> tuple[LayerRecord, bool]:
+    """The cache's record of a layer, converting it from `blob` unless another process has meanwhile;
+    runs in a worker process (sandbox/images/parallel.py). Also says whether it converted."""
+    from sandbox.layers.convert import convert_layer
+
+    converted = False
+
+    def convert(out: Path) -> ConvertResult:
+        nonlocal converted
+        result = convert_layer(blob, out, expected_diff_id=diff_id, name=what, options=options)
+        converted = True
+        return result
+
+    return cache.ensure(diff_id, convert), converted
+
+
 def pull_image(ref: str, *, base_dir: Path, platform: str = DEFAULT_PLATFORM, compat: str | None = None) -> PullResult:
-    """`compat="aci"` converts layers as ACI does (sandbox/aci/ext4compat.py), cached separately."""
+    """`compat="aci"` converts layers as ACI does (sandbox/aci/ext4compat.py), cached separately.
+
+    Layers missing from the cache are fetched one after the other and converted in worker processes, as many
+    at once as there are CPUs to use (sandbox/images/parallel.py); a layer the image lists twice is
+    converted once.
+    """
     image_ref = parse_reference(ref, base_dir=base_dir)
     plat = parse_platform(platform)
     # The converter is imported here: reading a local image (validate's layer count) does not need it.
     from sandbox.aci.ext4compat import layer_mode
-    from sandbox.layers.convert import convert_layer
 
     options, converter = layer_mode(compat)
     cache = LayerCache(converter=converter)
@@ -229,21 +253,28 @@ def pull_image(ref: str, *, base_dir: Path, platform: str = DEFAULT_PLATFORM, co
         if len(config.diff_ids) != len(manifest.layers):
             raise ManifestError(f"image {ref}: the config lists {len(config.diff_ids)} diff_ids for "
                                 f"{len(manifest.layers)} layers")
-        layers = []
         total = len(manifest.layers)
-        for i, (desc, diff_id) in enumerate(zip(manifest.layers, config.diff_ids, strict=True)):
-            what = f"layer {i + 1}/{total} of {ref} ({diff_id[:19]})"
-
-            def convert(out: Path, desc: Descriptor = desc, diff_id: str = diff_id, what: str = what) -> ConvertResult:
-                nonlocal converted
-                with src.layer_blob(desc, what) as blob:
-                    result = convert_layer(blob, out, expected_diff_id=diff_id, name=what, options=options)
-                converted += 1
-                return result
-
-            record = cache.ensure(diff_id, convert)
-            layers.append(LayerInfo(diff_id=diff_id, media_type=desc.media_type, size=desc.size,
-                                    root_hash=record.root_hash, device_path=record.device_path))
+        records: dict[str, LayerRecord] = {}
+        pending: list[str] = []                 # diff_ids converted by the workers, in submission order
+        with Workers[tuple[LayerRecord, bool]](usable_cpus()) as workers:
+            for i, (desc, diff_id) in enumerate(zip(manifest.layers, config.diff_ids, strict=True)):
+                if diff_id in records or diff_id in pending:
+                    continue                    # the same layer twice: converted once
+                if (record := cache.get(diff_id)) is not None:
+                    records[diff_id] = record
+                    continue
+                what = f"layer {i + 1}/{total} of {ref} ({diff_id[:19]})"
+                blob_context = contextlib.ExitStack()
+                blob = blob_context.enter_context(src.layer_blob(desc, what))   # downloaded here, one at a time
+                pending.append(diff_id)
+                workers.submit(functools.partial(_convert_cached, cache, blob, diff_id, what, options),
+                               on_done=blob_context.close)
+            for diff_id, (record, converted_here) in zip(pending, workers.results(), strict=True):
+                records[diff_id] = record
+                converted += converted_here
+        layers = [LayerInfo(diff_id=diff_id, media_type=desc.media_type, size=desc.size,
+                            root_hash=records[diff_id].root_hash, device_path=records[diff_id].device_path)
+                  for desc, diff_id in zip(manifest.layers, config.diff_ids, strict=True)]
     finally:
         src.close()
     image = ResolvedImage(reference=ref, digest=digest, config=config.image, layers=tuple(layers))

@@ -18,16 +18,17 @@ import contextlib
 import hashlib
 import os
 import queue
-import subprocess
 import threading
 import zlib
 from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from sandbox.run import spawn
 from sandbox.shared.errors import InputError
+
+if TYPE_CHECKING:
+    import subprocess
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -252,6 +253,10 @@ def open_layer(path: Path, *, what: str, on_read: Callable[[int], None] | None =
         if compression == Compression.gzip:
             source = _Gzip(f, what)
         elif compression == Compression.zstd:
+            import subprocess  # only zstd layers run a program; plain and gzip ones start without it
+
+            from sandbox.run import spawn
+
             proc = spawn(["zstd", "-d", "-c", "-q"], stdin=f, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             if on_read:
                 on_read(path.stat().st_size)        # the process reads the file; report it up front

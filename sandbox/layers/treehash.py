@@ -20,7 +20,7 @@ import struct
 import tempfile
 
 from sandbox.shared.errors import SandboxError
-from sandbox.shared.verity import ZERO_SALT, hash_blocks_into, single_threaded
+from sandbox.shared.verity import ZERO_SALT, BlockHasher, first_level_hasher, single_threaded
 
 BLOCK_SIZE = 4096
 _MSG = struct.Struct("<cQ")             # kind, value
@@ -44,24 +44,30 @@ def _read_exact(fd: int, n: int) -> bytes:
 
 def _child(image_fd: int, digests_fd: int, pipe_fd: int, reserved: int, salt: bytes) -> int:
     """Hash what the parent reports written; at the end the reserved and rewritten blocks. Exit status."""
+    hasher = first_level_hasher(salt=salt)
     done_to = reserved                  # blocks [reserved, done_to) are hashed
     rewritten: set[int] = set()
     while msg := _read_exact(pipe_fd, _MSG.size):
         kind, value = _MSG.unpack(msg)
         if kind == _WRITTEN and value > done_to:
-            hash_blocks_into(image_fd, done_to, value - done_to, digests_fd, salt=salt)
+            _hash(hasher, image_fd, done_to, value - done_to, digests_fd)
             done_to = value
         elif kind == _REWRITTEN:
             rewritten.add(value)
         elif kind == _DONE:
             total = value
             if total > done_to:
-                hash_blocks_into(image_fd, done_to, total - done_to, digests_fd, salt=salt)
-            hash_blocks_into(image_fd, 0, min(reserved, total), digests_fd, salt=salt)
+                _hash(hasher, image_fd, done_to, total - done_to, digests_fd)
+            _hash(hasher, image_fd, 0, min(reserved, total), digests_fd)
             for block in sorted(b for b in rewritten if b < total):
-                hash_blocks_into(image_fd, block, 1, digests_fd, salt=salt)
+                _hash(hasher, image_fd, block, 1, digests_fd)
             return 0
     return 1                            # the parent went away without saying it was done
+
+
+def _hash(hasher: BlockHasher, image_fd: int, first: int, count: int, digests_fd: int) -> None:
+    """Digests of image blocks [first, first + count) into their places in the digests file."""
+    hasher.hash_into(image_fd, first, count, digests_fd, first * hasher.slot)
 
 
 class FirstLevelHasher:

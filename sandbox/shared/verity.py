@@ -12,6 +12,7 @@ Stdlib only: this module is in the shared zone.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import signal
@@ -38,9 +39,11 @@ SB_VERSION = 1
 _SB = struct.Struct("<8sII16s32sIIQH6s256s168s")
 assert _SB.size == SUPERBLOCK_SIZE
 
-_READ_CHUNK = 1 << 20               # data read per system call while hashing
+_READ_CHUNK = 1 << 20               # bytes copied per system call when the first level comes ready-made
+_CHUNK_BLOCKS = 256                 # blocks read per system call while hashing (preadv takes <= 1024 buffers)
 _DIGEST_FLUSH = 1 << 20             # bytes of digests buffered before they are written out
-PARALLEL_MIN = 32 << 20             # data from which a second process hashes half of the tree's first level
+PARALLEL_MIN = 32 << 20             # data from which more processes hash the tree's first level
+MAX_WORKERS = 8                     # processes hashing the first level at most
 
 
 @dataclass(frozen=True)
@@ -145,48 +148,59 @@ def _check_params(salt: bytes, data_block_size: int, hash_block_size: int, algor
     return digest_size
 
 
-class _TreeWriter:
-    """Hashes blocks into one tree level and writes the digests, slot by slot, at the level's offset."""
+class BlockHasher:
+    """Hashes runs of blocks of a file into their digest slots: H(salt || block), zero-padded to `slot`.
 
-    def __init__(self, fd: int, offset: int, base: hashlib._Hash, slot: int, hash_block_size: int) -> None:
-        self.fd = fd
-        self.pos = offset
-        self.base = base
-        self.pad = bytes(slot - base.digest_size)
-        self.hash_block_size = hash_block_size
-        self.buf: list[bytes] = []
-        self.buffered = 0
-        self.written = 0
+    The hot loop of the tree. Blocks are read with one preadv into a fixed buffer laid out as
+    `salt | block | salt | block ...`, so that each block is hashed by one constructor call on a view of
+    `salt || block`, the whole run by map() over views made once: no Python bytecode runs per block.
+    """
 
-    def hash_blocks(self, view: memoryview, block_size: int) -> None:
-        # The hot loop: one pre-salted hash object copied per block, bound methods kept local.
-        copy, append, pad = self.base.copy, self.buf.append, self.pad
-        for off in range(0, len(view), block_size):
-            h = copy()
-            h.update(view[off:off + block_size])
-            append(h.digest())
-            if pad:
-                append(pad)
-        self.buffered += (len(view) // block_size) * (self.base.digest_size + len(pad))
-        if self.buffered >= _DIGEST_FLUSH:
-            self.flush()
+    def __init__(self, *, salt: bytes, block_size: int, algorithm: str = ALGORITHM, slot: int | None = None) -> None:
+        if algorithm in hashlib.algorithms_guaranteed:
+            self._new: Callable[[memoryview], object] = getattr(hashlib, algorithm)
+        else:
+            self._new = functools.partial(hashlib.new, algorithm)
+        probe = self._new(memoryview(b""))
+        self._digest = type(probe).digest
+        self.block_size = block_size
+        self.slot = probe.digest_size if slot is None else slot
+        self._pad = bytes(self.slot - probe.digest_size)
+        stride = len(salt) + block_size
+        self._buf = bytearray((salt + bytes(block_size)) * _CHUNK_BLOCKS)
+        view = memoryview(self._buf)
+        self._units = [view[i * stride:(i + 1) * stride] for i in range(_CHUNK_BLOCKS)]
+        self._iov = [view[i * stride + len(salt):(i + 1) * stride] for i in range(_CHUNK_BLOCKS)]
 
-    def flush(self) -> None:
-        if self.buf:
-            data = b"".join(self.buf)
-            _pwrite_all(self.fd, data, self.pos)
-            self.pos += len(data)
-            self.written += len(data)
-            self.buf.clear()
-            self.buffered = 0
+    def digests(self, fd: int, offset: int, count: int) -> bytes:
+        """The slots of `count` (at most _CHUNK_BLOCKS) blocks read from `fd` at byte `offset`."""
+        size = count * self.block_size
+        if os.preadv(fd, self._iov[:count], offset) != size:
+            raise InputError(f"short read while hashing: the file shrank below {offset + size} bytes")
+        hashed = map(self._digest, map(self._new, self._units[:count]))
+        if self._pad:
+            return self._pad.join(hashed) + self._pad
+        return b"".join(hashed)
 
-    def finish(self) -> None:
-        """Flush and zero-pad the level's last hash block (its digest covers the padded block)."""
-        self.flush()
-        tail = -self.written % self.hash_block_size
-        if tail:
-            _pwrite_all(self.fd, bytes(tail), self.pos)
-            self.pos += tail
+    def hash_into(self, src_fd: int, first_block: int, count: int, dst_fd: int, dst_offset: int) -> int:
+        """Write the slots of blocks [first_block, first_block + count) of `src_fd` to `dst_fd` from
+        `dst_offset` on; returns the offset after them."""
+        pending: list[bytes] = []
+        buffered = 0
+        block = first_block
+        end = first_block + count
+        while block < end:
+            n = min(_CHUNK_BLOCKS, end - block)
+            pending.append(self.digests(src_fd, block * self.block_size, n))
+            buffered += n * self.slot
+            block += n
+            if buffered >= _DIGEST_FLUSH or block == end:
+                data = b"".join(pending)
+                _pwrite_all(dst_fd, data, dst_offset)
+                dst_offset += len(data)
+                pending.clear()
+                buffered = 0
+        return dst_offset
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -195,22 +209,6 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
-
-
-def _hash_region(src_fd: int, start: int, blocks: int, block_size: int, writer: _TreeWriter) -> None:
-    """Feed `blocks` blocks read from `src_fd` at byte `start` through `writer` (which is flushed)."""
-    chunk_blocks = max(1, _READ_CHUNK // block_size)
-    buf = bytearray(chunk_blocks * block_size)
-    view = memoryview(buf)
-    done = 0
-    while done < blocks:
-        n = min(chunk_blocks, blocks - done) * block_size
-        got = os.preadv(src_fd, [view[:n]], start + done * block_size)
-        if got != n:
-            raise InputError(f"short read while hashing: the file shrank below {start + blocks * block_size} bytes")
-        writer.hash_blocks(view[:n], block_size)
-        done += n // block_size
-    writer.flush()
 
 
 def single_threaded() -> bool:
@@ -224,38 +222,50 @@ def single_threaded() -> bool:
         return False
 
 
-def _hash_first_level(src_fd: int, blocks: int, block_size: int, writer: _TreeWriter) -> None:
-    """Hash the data blocks into the tree's first level, in two processes when that pays and is safe.
-
-    Hashing a block takes the GIL back and forth, so threads do not help; a forked child hashes the second
-    half and writes its digests in place. Forking is safe only while this process runs a single thread
-    (`single_threaded`).
-    """
-    slot = writer.base.digest_size + len(writer.pad)
-    half = blocks // 2
-    if blocks * block_size < PARALLEL_MIN or not single_threaded():
-        _hash_region(src_fd, 0, blocks, block_size, writer)
-        return
-    second = _TreeWriter(writer.fd, writer.pos + half * slot, writer.base, slot, writer.hash_block_size)
-    pid = os.fork()
-    if pid == 0:                                    # the child: hash the second half, then leave at once
-        code = 1
-        try:
-            _hash_region(src_fd, half * block_size, blocks - half, block_size, second)
-            code = 0
-        finally:
-            os._exit(code)
+def _workers(blocks: int, block_size: int) -> int:
+    """Processes that hash the first level: one per usable CPU, each with at least PARALLEL_MIN / 2 of data."""
+    if blocks * block_size < PARALLEL_MIN:
+        return 1
     try:
-        _hash_region(src_fd, 0, half, block_size, writer)
+        cpus = len(os.sched_getaffinity(0))
+    except OSError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS, blocks, blocks * block_size // (PARALLEL_MIN // 2)))
+
+
+def _hash_first_level(src_fd: int, blocks: int, hasher: BlockHasher, dst_fd: int, dst_offset: int) -> None:
+    """Hash the data blocks into the tree's first level, in several processes when that pays and is safe.
+
+    Hashing a block takes the GIL back and forth, so threads do not help; forked children hash the later
+    stretches and write their digests in place. Forking is safe only while this process runs a single
+    thread (`single_threaded`).
+    """
+    workers = _workers(blocks, hasher.block_size)
+    if workers == 1 or not single_threaded():
+        hasher.hash_into(src_fd, 0, blocks, dst_fd, dst_offset)
+        return
+    bounds = [blocks * i // workers for i in range(workers + 1)]
+    children = []
+    try:
+        for first, end in zip(bounds[1:-1], bounds[2:], strict=True):
+            pid = os.fork()
+            if pid == 0:                            # a child: hash its stretch, then leave at once
+                code = 1
+                try:
+                    hasher.hash_into(src_fd, first, end - first, dst_fd, dst_offset + first * hasher.slot)
+                    code = 0
+                finally:
+                    os._exit(code)
+            children.append(pid)
+        hasher.hash_into(src_fd, 0, bounds[1], dst_fd, dst_offset)
     except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         raise
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise InputError("hashing the second half of the data failed (a read error, or the file shrank)")
-    writer.pos += (blocks - half) * slot            # the child's digests follow the parent's
-    writer.written += (blocks - half) * slot
+    failed = [pid for pid in children if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0]
+    if failed:
+        raise InputError("hashing the data failed in a helper process (a read error, or the file shrank)")
 
 
 def first_level_slot(hash_block_size: int = BLOCK_SIZE, algorithm: str = ALGORITHM) -> int:
@@ -263,16 +273,19 @@ def first_level_slot(hash_block_size: int = BLOCK_SIZE, algorithm: str = ALGORIT
     return hash_block_size // digests_per_block(hash_block_size, hashlib.new(algorithm).digest_size)
 
 
-def hash_blocks_into(src_fd: int, first_block: int, count: int, dst_fd: int, *, salt: bytes = ZERO_SALT,
-                     data_block_size: int = BLOCK_SIZE, hash_block_size: int = BLOCK_SIZE,
-                     algorithm: str = ALGORITHM) -> None:
-    """Write the first-level digests of data blocks [first_block, first_block + count) of `src_fd` into
-    `dst_fd`, block i's at byte i * first_level_slot(): what format_verity's `first_level` takes."""
-    base = hashlib.new(algorithm)
-    base.update(salt)
-    slot = first_level_slot(hash_block_size, algorithm)
-    writer = _TreeWriter(dst_fd, first_block * slot, base, slot, hash_block_size)
-    _hash_region(src_fd, first_block * data_block_size, count, data_block_size, writer)
+def first_level_hasher(*, salt: bytes = ZERO_SALT, data_block_size: int = BLOCK_SIZE,
+                       hash_block_size: int = BLOCK_SIZE, algorithm: str = ALGORITHM) -> BlockHasher:
+    """A hasher writing data blocks' first-level slots as format_verity's `first_level` takes them: block i's
+    at byte i * first_level_slot() (BlockHasher.hash_into(src, i, n, dst, i * hasher.slot))."""
+    return BlockHasher(salt=salt, block_size=data_block_size, algorithm=algorithm,
+                       slot=first_level_slot(hash_block_size, algorithm))
+
+
+def _zero_tail(fd: int, level_offset: int, written: int, hash_block_size: int) -> None:
+    """Zero-pad a level's last hash block after its `written` bytes of slots (the next level hashes it)."""
+    tail = -written % hash_block_size
+    if tail:
+        _pwrite_all(fd, bytes(tail), level_offset + written)
 
 
 def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
@@ -343,8 +356,6 @@ def format_verity(data: Path, *, salt: bytes = ZERO_SALT, superblock: bool = Tru
         offsets.append((pos + sum(sizes[i + 1:])) * hash_block_size)
     end = (start + sum(sizes)) * hash_block_size
 
-    base = hashlib.new(algorithm)
-    base.update(salt)
     data_fd = os.open(data, os.O_RDWR if hash_file is None else os.O_RDONLY)
     try:
         if hash_file is None:
@@ -355,32 +366,27 @@ def format_verity(data: Path, *, salt: bytes = ZERO_SALT, superblock: bool = Tru
             os.ftruncate(hash_fd, max(end, hash_offset + (hash_block_size if superblock else 0)))
             if superblock:
                 _pwrite_all(hash_fd, bytes(start * hash_block_size - hash_offset), hash_offset)
-            if not sizes:
+            if not sizes and first_level is not None:
                 # A single data block: no tree at all, the root is the digest of that block.
-                if first_level is not None:
-                    root = os.pread(first_level, digest_size, 0)
-                    if len(root) != digest_size:
-                        raise InputError("the first level of the dm-verity tree is empty")
-                else:
-                    h = base.copy()
-                    h.update(os.pread(data_fd, data_block_size, 0))
-                    root = h.digest()
+                root = os.pread(first_level, digest_size, 0)
+                if len(root) != digest_size:
+                    raise InputError("the first level of the dm-verity tree is empty")
+            elif not sizes:
+                root = BlockHasher(salt=salt, block_size=data_block_size, algorithm=algorithm).digests(data_fd, 0, 1)
             else:
-                writer = _TreeWriter(hash_fd, offsets[0], base, slot, hash_block_size)
+                hasher = BlockHasher(salt=salt, block_size=data_block_size, algorithm=algorithm, slot=slot)
                 if first_level is not None:
                     _copy_range(first_level, 0, hash_fd, offsets[0], blocks * slot)
-                    writer.pos += blocks * slot
-                    writer.written += blocks * slot
                 else:
-                    _hash_first_level(data_fd, blocks, data_block_size, writer)
-                writer.finish()
+                    _hash_first_level(data_fd, blocks, hasher, hash_fd, offsets[0])
+                _zero_tail(hash_fd, offsets[0], blocks * slot, hash_block_size)
+                if hash_block_size != data_block_size:
+                    hasher = BlockHasher(salt=salt, block_size=hash_block_size, algorithm=algorithm, slot=slot)
                 for level in range(1, len(sizes)):
-                    writer = _TreeWriter(hash_fd, offsets[level], base, slot, hash_block_size)
-                    _hash_region(hash_fd, offsets[level - 1], sizes[level - 1], hash_block_size, writer)
-                    writer.finish()
-                h = base.copy()
-                h.update(os.pread(hash_fd, hash_block_size, offsets[-1]))
-                root = h.digest()
+                    hasher.hash_into(hash_fd, offsets[level - 1] // hash_block_size, sizes[level - 1], hash_fd,
+                                     offsets[level])
+                    _zero_tail(hash_fd, offsets[level], sizes[level - 1] * slot, hash_block_size)
+                root = hasher.digests(hash_fd, offsets[-1], 1)[:digest_size]
             if superblock:
                 if uuid is None:
                     uuid = derived_uuid(root)
