@@ -12,6 +12,8 @@ says where on stderr:
   launch.json       the launch identity: predicted and expected measurement, HOST_DATA, SNP parameters
                     (CPU model, cbitpos, reduced-phys-bits, policy), the ID block
   record.json       the sandbox record; check.json, what `parma-sandbox check` found; error.txt, the error
+A launch that fails before it has a sandbox record (resolving images, building the UVM, computing the
+launch identity) keeps error.txt, check.json and reached.json (the steps it got through, with times).
 The emulated PSP's material (psp.json) is not copied: it holds the emulated VCEK's private key.
 """
 
@@ -63,4 +65,22 @@ def keep_diagnostics(state_dir: Path, record: SandboxRecord, *, error: BaseExcep
         log.warning("could not keep the debug files in %s: %s", target, e)
         return None
     log.info("debug files for %s kept in %s", record.name, target)
+    return target
+
+
+def keep_early_diagnostics(name: str, error: BaseException, reached: dict[str, float]) -> Path | None:
+    """Under --debug, what is known about a launch that failed before it had a state directory: the
+    error, the host check and the steps reached (`reached`: step -> seconds). Returns where."""
+    if not DEBUG.get():
+        return None
+    target = debug_dir(name)
+    try:
+        target.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (target / "error.txt").write_text("".join(traceback.format_exception(error)))
+        (target / "reached.json").write_text(json.dumps(reached, indent=2) + "\n")
+        (target / "check.json").write_text(json.dumps(with_libvirt(check_host()).to_json(), indent=2) + "\n")
+    except OSError as e:
+        log.warning("could not keep the debug files in %s: %s", target, e)
+        return None
+    log.info("debug files for %s kept in %s", name, target)
     return target

@@ -23,7 +23,7 @@ from sandbox.images.reference import Transport, parse_reference
 from sandbox.kbs.client import broker_pins, guest_url
 from sandbox.launch import measured, selfcheck
 from sandbox.launch.agent_client import AgentClient, wait_for_agent
-from sandbox.launch.diagnostics import keep_diagnostics
+from sandbox.launch.diagnostics import keep_diagnostics, keep_early_diagnostics
 from sandbox.launch.plan import LaunchPlan, build_plan
 from sandbox.launch.scratch_disk import SCRATCH_DISK_SERIAL, create_scratch_disk, scratch_vm_disk
 from sandbox.launch.supervisor import GroupOutcome, SupervisedGroup, Supervisor, write_plan
@@ -306,39 +306,44 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
     name = opts.name or spec.name
     runs: dict[str, ContainerRun] = {}
     outcome: GroupOutcome | None = None
-    requested = opts.tee or spec.tee
-    with step("Probe host"):
-        report = check_host()
-    tee, accel, why = choose_tee(requested, report)
-    log.info("tee: %s", why)
-    timings.mark("probed")
+    # Under --debug a failure before the state directory exists keeps what is known too (diagnostics.py).
+    try:
+        requested = opts.tee or spec.tee
+        with step("Probe host"):
+            report = check_host()
+        tee, accel, why = choose_tee(requested, report)
+        log.info("tee: %s", why)
+        timings.mark("probed")
 
-    images = resolve_group_images(spec)
-    timings.mark("images")
-    volumes = package_files_volumes(spec)
-    if opts.policy_file is not None and opts.kbs_keys:
-        raise InputError("--kbs-key pins brokers in a generated policy; with --policy the file's key_brokers apply")
-    pins = broker_pins(opts.kbs_url, opts.kbs_keys) if opts.policy_file is None else []
-    policy = policy_bytes(spec, images, {k: h for k, (h, _) in volumes.items()}, opts.policy_file, pins,
-                          opts.policy_group)
-    policy_hash = hashlib.sha256(policy).digest()
-    # A supplied policy decides how the launcher asks for mounts (ACI's sources where it names them) and which
-    # fragments to load; it is read here too so that a bad one fails before a VM starts.
-    supplied = parse_policy(policy, str(opts.policy_file)) if opts.policy_file is not None else None
-    fragments = (load_fragments_plan(spec, supplied, opts).load
-                 if supplied is not None and (supplied.fragments or opts.fragments) else ())
-    if opts.fragments and supplied is None:
-        raise InputError("--fragment needs a policy that imports fragments (--policy, or a template's ccePolicy)")
-    plan = build_plan(spec, images, volumes, policy=supplied)
-    if opts.dns_server is not None:
-        plan = dns_override(plan, opts.dns_server)
-    from sandbox.uvm.build import ensure_uvm  # heavy (sev-snp-measure); only `up` needs it
+        images = resolve_group_images(spec)
+        timings.mark("images")
+        volumes = package_files_volumes(spec)
+        if opts.policy_file is not None and opts.kbs_keys:
+            raise InputError("--kbs-key pins brokers in a generated policy; with --policy the file's key_brokers apply")
+        pins = broker_pins(opts.kbs_url, opts.kbs_keys) if opts.policy_file is None else []
+        policy = policy_bytes(spec, images, {k: h for k, (h, _) in volumes.items()}, opts.policy_file, pins,
+                              opts.policy_group)
+        policy_hash = hashlib.sha256(policy).digest()
+        # A supplied policy decides how the launcher asks for mounts (ACI's sources where it names them) and which
+        # fragments to load; it is read here too so that a bad one fails before a VM starts.
+        supplied = parse_policy(policy, str(opts.policy_file)) if opts.policy_file is not None else None
+        fragments = (load_fragments_plan(spec, supplied, opts).load
+                     if supplied is not None and (supplied.fragments or opts.fragments) else ())
+        if opts.fragments and supplied is None:
+            raise InputError("--fragment needs a policy that imports fragments (--policy, or a template's ccePolicy)")
+        plan = build_plan(spec, images, volumes, policy=supplied)
+        if opts.dns_server is not None:
+            plan = dns_override(plan, opts.dns_server)
+        from sandbox.uvm.build import ensure_uvm  # heavy (sev-snp-measure); only `up` needs it
 
-    with step("Prepare the UVM"):
-        uvm = ensure_uvm()
-    identity = measured.prepare(tee, uvm, policy, spec.resources.vcpus, opts.identity)
-    measurement = identity.measurement.hex() if identity.measurement else None
-    timings.mark("prepared")
+        with step("Prepare the UVM"):
+            uvm = ensure_uvm()
+        identity = measured.prepare(tee, uvm, policy, spec.resources.vcpus, opts.identity)
+        measurement = identity.measurement.hex() if identity.measurement else None
+        timings.mark("prepared")
+    except BaseException as e:
+        keep_early_diagnostics(name, e, timings.marks)
+        raise
 
     with store.lock(name) as state_dir:
         existing = store.load(name)

@@ -202,3 +202,33 @@ def test_debug_files_are_kept_only_under_debug(tmp_path: Path, monkeypatch: pyte
     assert {"qemu.sh", "console.log", "selfcheck.json", "launch.json", "record.json", "check.json",
             "error.txt"} <= names and "psp.json" not in names
     assert "launch self-check failed" in (kept / "error.txt").read_text()
+
+
+def test_a_launch_failing_before_its_state_dir_keeps_debug_files(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up --debug` keeps the error, the host check and the steps reached even when no VM was prepared."""
+    from sandbox.group import validate_group
+    from sandbox.launch import diagnostics, pipeline
+    from sandbox.log import DEBUG
+    from sandbox.shared.errors import InputError
+
+    monkeypatch.setattr(diagnostics, "check_host", lambda: SimpleNamespace(to_json=lambda: {"tee": "emulated"}))
+    monkeypatch.setattr(diagnostics, "with_libvirt", lambda report: report)
+
+    def no_images(spec: object) -> None:
+        raise InputError("image busybox:none not found in the local store")
+
+    monkeypatch.setattr(pipeline, "resolve_group_images", no_images)
+    monkeypatch.setenv("PARMA_SANDBOX_RUNTIME", str(tmp_path / "run"))
+    spec = validate_group({"name": "early", "containers": [{"name": "c", "image": "busybox:none"}]}, base_dir=tmp_path)
+    token = DEBUG.set(True)
+    try:
+        with pytest.raises(InputError):
+            pipeline.up(spec, pipeline.UpOptions())
+    finally:
+        DEBUG.reset(token)
+    (kept,) = (tmp_path / "run" / ".debug").iterdir()
+    assert kept.name.startswith("early-")
+    assert "busybox:none not found" in (kept / "error.txt").read_text()
+    assert "probed" in json.loads((kept / "reached.json").read_text())
+    assert json.loads((kept / "check.json").read_text()) == {"tee": "emulated"}
