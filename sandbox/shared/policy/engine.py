@@ -726,9 +726,11 @@ class PolicyEngine:
         stdio = _stdio_agreement("create_container", who, survivors)
         identity = ProcessIdentity(env_list, a.working_dir, a.user, a.groups, a.umask, caps_list,
                                    a.no_new_privileges)
-        return Results(env_list, caps_list, stdio), [
-            ("matches", cid, survivors), ("started", cid, privileged), ("stdio", cid, stdio),
-            ("process", cid, identity), ("stopped", cid, _REMOVE)]
+        changes: list[StateChange] = [("matches", cid, survivors), ("started", cid, privileged), ("stdio", cid, stdio),
+                                      ("process", cid, identity)]
+        if cid in state.stopped:        # a restart: the id is no longer a stopped one
+            changes.append(("stopped", cid, _REMOVE))
+        return Results(env_list, caps_list, stdio), changes
 
     def _check_volume_mounts(self, cid: str, mounts: tuple[ContainerMount, ...]) -> None:
         for m in mounts:
