@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sandbox.guest.keys import P384Signer  # noqa: E402
+from sandbox.guest.keys import P384Signer
 
 
 def per_call_ms(fn: Callable[[], object], *, min_seconds: float = 0.5, min_calls: int = 5) -> float:

@@ -50,11 +50,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sandbox.shared.protocol import PORT_PREFIX, PROTOCOL_VERSION  # noqa: E402
-from sandbox.uvm.boot import BootResult, BootSpec, boot  # noqa: E402
-from sandbox.uvm.build import UvmArtifacts, ensure_uvm  # noqa: E402
-from sandbox.uvm.image import RootfsImage, convert_rootfs, kernel_cmdline  # noqa: E402
-from sandbox.uvm.overlay import INIT_PATH  # noqa: E402
+from sandbox.shared.protocol import PORT_PREFIX, PROTOCOL_VERSION
+from sandbox.uvm.boot import BootResult, BootSpec, boot
+from sandbox.uvm.build import UvmArtifacts, ensure_uvm
+from sandbox.uvm.image import RootfsImage, convert_rootfs, kernel_cmdline
+from sandbox.uvm.overlay import INIT_PATH
 
 GOAL_RATIO_FLOOR = 1.3
 GOAL_MEMORY_MIB = 256

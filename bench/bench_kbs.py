@@ -30,18 +30,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: E402
-from kbsenv import LOOPBACK_BROKER, MEASUREMENT, POLICY_HASH, emulated_guest, running_broker  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from kbsenv import LOOPBACK_BROKER, MEASUREMENT, POLICY_HASH, emulated_guest, running_broker
 
-from sandbox.guest import keyapi, snp_report  # noqa: E402
-from sandbox.guest.keyapi import open_sealed  # noqa: E402
-from sandbox.guest.keys import RuntimeKey, aes_gcm_decrypt  # noqa: E402
-from sandbox.kbs.release import seal  # noqa: E402
-from sandbox.kbs.store import KbsStore, ReleasePolicy, new_secret  # noqa: E402
-from sandbox.shared.kbs_protocol import KEY_SIZE, header, key_info, key_pin, signed_bytes  # noqa: E402
+from sandbox.guest import keyapi, snp_report
+from sandbox.guest.keyapi import open_sealed
+from sandbox.guest.keys import RuntimeKey, aes_gcm_decrypt
+from sandbox.kbs.release import seal
+from sandbox.kbs.store import KbsStore, ReleasePolicy, new_secret
+from sandbox.shared.kbs_protocol import KEY_SIZE, header, key_info, key_pin, signed_bytes
 
 
 def median_ms(fn: Any, n: int) -> float:

@@ -27,9 +27,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sandbox.shared.policy import PolicyEngine, canonical_bytes  # noqa: E402
-from sandbox.shared.policy.defaults import UNPRIVILEGED_CAPABILITIES, layer_target  # noqa: E402
-from sandbox.shared.policy.inputs import EnforcementPoint, parse_input  # noqa: E402
+from sandbox.shared.policy import PolicyEngine, canonical_bytes
+from sandbox.shared.policy.defaults import UNPRIVILEGED_CAPABILITIES, layer_target
+from sandbox.shared.policy.inputs import EnforcementPoint, parse_input
 
 GOAL_P99_US = 200.0
 ANY = {"pattern": "", "strategy": "any"}

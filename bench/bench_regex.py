@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sandbox.shared.policy.regex import compile_regex  # noqa: E402
+from sandbox.shared.policy.regex import compile_regex
 
 # (name, RE2 pattern, the same pattern for Python's re or None, text maker, expected)
 PATHOLOGICAL = [
@@ -89,7 +89,7 @@ def _python_re(pattern: str, maker: str, budget: float, timeout: float) -> list[
 def run(budget: float, timeout: float) -> dict[str, Any]:
     pathological = []
     for name, pattern, py_pattern, maker, expected in PATHOLOGICAL:
-        make = eval(maker)  # noqa: S307 - our own literal lambdas, shared with the child process
+        make = eval(maker)  # our own literal lambdas, shared with the child process
         pathological.append({
             "name": name, "pattern": pattern,
             "ours": [_ours(pattern, make(n), expected) for n in (100_000, 1_000_000)],

@@ -43,9 +43,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sandbox.shared import protocol as P  # noqa: E402
-from sandbox.shared.policy.model import canonical_bytes  # noqa: E402
-from tests.offline_agent import OfflineAgent, available, busybox_layer  # noqa: E402
+from sandbox.shared import protocol as P
+from sandbox.shared.policy.model import canonical_bytes
+from tests.offline_agent import OfflineAgent, available, busybox_layer
 
 LAYER = "3" * 64
 INIT = ["/bin/sleep", "100000"]

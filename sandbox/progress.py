@@ -146,6 +146,6 @@ def reporter() -> Reporter:
     return current
 
 
-def step(name: str, total: float | None = None, unit: str = ""):  # noqa: ANN201 - context manager
+def step(name: str, total: float | None = None, unit: str = ""):  # context manager
     """Report a long-running step through the current reporter: `with step("Pull x", total) as t: ...`."""
     return reporter().step(name, total, unit)

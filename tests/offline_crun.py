@@ -89,7 +89,7 @@ def _become(process: dict[str, Any], root: str, mounts: list[dict[str, Any]] | N
         env = dict(e.split("=", 1) for e in process.get("env", []) if "=" in e)
         args = process["args"]
         os.execve(_resolve(Path("/"), args[0], process.get("env", [])), args, env)
-    except BaseException as e:  # noqa: BLE001 - a failed exec ends the child, like a runtime's
+    except BaseException as e:  # a failed exec ends the child, like a runtime's
         print(f"offline crun: {e}", file=sys.stderr, flush=True)
     os._exit(127)
 

@@ -83,7 +83,7 @@ def start_token_server() -> TokenServer:
     holder: dict[str, TokenServer] = {}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server API
+        def do_GET(self) -> None:  # http.server API
             ts = holder["ts"]
             query = {k: v[0] for k, v in parse_qs(urlparse(self.path).query).items()}
             auth = self.headers.get("Authorization", "")
@@ -158,7 +158,7 @@ def start_registry(root: Path, *, token_auth: bool) -> Registry:
     config = root / "config.yml"
     config.write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
                       f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}")
-    log = open(root / "registry.log", "wb")  # noqa: SIM115 - owned by the process
+    log = open(root / "registry.log", "wb")  # owned by the process
     proc = spawn(["docker-registry", "serve", config], stdout=log, stderr=log)
     reg = Registry(f"127.0.0.1:{port}", proc, root, token)
     deadline = time.monotonic() + 15

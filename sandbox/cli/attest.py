@@ -293,9 +293,9 @@ def report(name: str, nonce: str | None, output: Path | None, fmt: str | None) -
     The evidence document holds the report, the platform's certificate table, the agent's runtime
     public key and the nonce; 'attest verify FILE --nonce HEX' checks it.
     """
-    from sandbox.launch.lifecycle import connect  # noqa: PLC0415 - the launch stack is only needed here
-    from sandbox.launch.pipeline import load_running  # noqa: PLC0415
-    from sandbox.shared.messages import GetReportRequest  # noqa: PLC0415
+    from sandbox.launch.lifecycle import connect  # the launch stack is only needed here
+    from sandbox.launch.pipeline import load_running
+    from sandbox.shared.messages import GetReportRequest
 
     nonce_bytes = _nonce_bytes(nonce) if nonce else secrets.token_bytes(32)
     if not NONCE_SIZES[0] <= len(nonce_bytes) <= NONCE_SIZES[1]:

@@ -51,7 +51,7 @@ def _run_fast(args: list[str]) -> bool:
     try:
         doc = verity_run.run(call.file, no_superblock=call.no_superblock, salt_hex=call.salt_hex,
                              hash_file=call.hash_file)
-    except BaseException as e:  # noqa: BLE001 - reported as sandbox/cli/main.py reports errors
+    except BaseException as e:  # reported as sandbox/cli/main.py reports errors
         if isinstance(e, SystemExit):
             raise
         from sandbox.cli.errors import report_error

@@ -29,13 +29,13 @@ def image() -> None:
     """Container images as dm-verity block devices: pull, list layers, convert."""
 
 
-def _compat_option(f):  # noqa: ANN001, ANN202 - click decorator
+def _compat_option(f):  # click decorator
     return click.option("--compat", type=click.Choice(COMPAT_MODES), default=None,
                         help="aci: layer images byte-identical to ACI's (hcsshim tar2ext4), so root hashes "
                              "equal those in ACI policies; see docs/aci.md.")(f)
 
 
-def _platform_option(f):  # noqa: ANN001, ANN202 - click decorator
+def _platform_option(f):  # click decorator
     return click.option("--platform", default=DEFAULT_PLATFORM, show_default=True,
                         help="Platform to pick from a multi-platform image (os/arch[/variant]).")(f)
 

@@ -87,7 +87,7 @@ def serve(listen: str, store_dir: Path | None, challenge_ttl: float, max_connect
 @format_option
 def key(store_dir: Path | None, fmt: str | None) -> None:
     """Print the broker's public key and its pin (what `policy gen --kbs-key` and `up --kbs-key` take)."""
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - host-only, CLI-local
+    from cryptography.hazmat.primitives import serialization  # host-only, CLI-local
 
     store = _store(store_dir)
     pem = store.broker_key().public_key().public_bytes(serialization.Encoding.PEM,

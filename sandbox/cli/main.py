@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if isinstance(command, PassThroughCommand):
             sys.exit(command.usage_exit_code)
         sys.exit(e.exit_code if e.exit_code is not None else EXIT_USAGE)
-    except BaseException as e:  # noqa: BLE001 - the single place where errors meet the user
+    except BaseException as e:  # the single place where errors meet the user
         if isinstance(e, SystemExit):
             raise
         sys.exit(report_error(e, debug=DEBUG.get() or "--debug" in args))

@@ -36,7 +36,7 @@ def group_summary(spec: GroupSpec) -> dict[str, object]:
 def count_layer_disks(spec: GroupSpec) -> tuple[int, list[str]]:
     """Distinct layers of the group's local images (read offline), and the images not counted: registry
     images, whose layers `up` and `policy gen` count once they are pulled, and unreadable local ones."""
-    from sandbox.images.resolve import local_layer_ids  # noqa: PLC0415 - image code, off the CLI's start-up path
+    from sandbox.images.resolve import local_layer_ids  # image code, off the CLI's start-up path
 
     layers: set[str] = set()
     uncounted = []

@@ -88,7 +88,7 @@ def after_ready(service: AgentService) -> None:
     nic = None
     try:
         nic = sysinit.configure_network(notes)
-    except Exception as e:  # noqa: BLE001 - as before "ready": a guest without network still serves
+    except Exception as e:  # as before "ready": a guest without network still serves
         notes.append(f"network not configured: {type(e).__name__}: {e}")
     finally:
         service.network_ready.set()
@@ -113,7 +113,7 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> None:
                 from sandbox.guest import keys
 
                 keys.load()   # cryptography and OpenSSL: the first report signs with them
-    except Exception as e:  # noqa: BLE001 - the request that needs it will import it and say what failed
+    except Exception as e:  # the request that needs it will import it and say what failed
         log(f"preload stopped: {type(e).__name__}: {e}")
     finally:
         # Everything allocated so far lives as long as the agent: keep it out of the collector's way,
@@ -156,7 +156,7 @@ def run() -> None:
     """The init's entry point: main(), and as PID 1 a power-off rather than a kernel panic on a crash."""
     try:
         sys.exit(main())
-    except BaseException as e:  # noqa: BLE001 - as PID 1 a crash would panic the kernel without a word
+    except BaseException as e:  # as PID 1 a crash would panic the kernel without a word
         log(f"fatal: {type(e).__name__}: {e}")
         if os.getpid() == 1:
             try:

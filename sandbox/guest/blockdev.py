@@ -184,7 +184,7 @@ def read_layout(device: Path) -> VerityLayout:
             return read_verity_layout(read_at)
         except BlockError:
             raise
-        except Exception as e:  # noqa: BLE001 - any parse failure means "not a valid verity device"
+        except Exception as e:  # any parse failure means "not a valid verity device"
             raise BlockError(f"{device} is not a valid ext4 + dm-verity image: {e}") from None
     finally:
         os.close(fd)

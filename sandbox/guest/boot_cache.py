@@ -142,8 +142,8 @@ class CachedExec:
                 table = self.codes[module] = {}
         return table.get(source)
 
-    def __call__(self, source: Any, globals: dict[str, Any] | None = None,  # noqa: A002 - exec's own names
-                 locals: Mapping[str, Any] | None = None, /) -> None:  # noqa: A002
+    def __call__(self, source: Any, globals: dict[str, Any] | None = None,  # exec's own names
+                 locals: Mapping[str, Any] | None = None, /) -> None:
         code = None
         if isinstance(source, str):
             code = self._lookup(source, (globals or {}).get("__name__"))
@@ -152,7 +152,7 @@ class CachedExec:
                 self.misses += 1
             else:
                 self.hits += 1
-        exec(source if code is None else code, globals, locals)  # noqa: S102 - what dataclasses itself does
+        exec(source if code is None else code, globals, locals)  # what dataclasses itself does
 
 
 class RecordedSignatures:
@@ -267,12 +267,12 @@ def record(modules: Iterable[str], *, warm: Iterable[str] = ()) -> Recorded:
     unstable: set[str] = set()
     regexes: dict[RegexKey, RegexArgs] = {}
 
-    def recording_exec(source: Any, globals: dict[str, Any] | None = None,  # noqa: A002
-                       locals: Mapping[str, Any] | None = None, /) -> None:  # noqa: A002
+    def recording_exec(source: Any, globals: dict[str, Any] | None = None,
+                       locals: Mapping[str, Any] | None = None, /) -> None:
         module = (globals or {}).get("__name__")
         if isinstance(source, str) and isinstance(module, str):
             seen.setdefault(module, set()).add(source)
-        exec(compile_source(source) if isinstance(source, str) else source, globals, locals)  # noqa: S102
+        exec(compile_source(source) if isinstance(source, str) else source, globals, locals)
 
     class RecordingInspect:
         def signature(self, obj: Any) -> inspect.Signature:

@@ -101,7 +101,7 @@ class Gate:
                     details={"policy_hash": digest.hex(), "host_data": host.value.hex(), "source": host.source})
             try:
                 engine = policy_engine.PolicyEngine.from_bytes(raw)
-            except Exception as e:  # noqa: BLE001 - any rejection by the engine is a bad policy
+            except Exception as e:  # any rejection by the engine is a bad policy
                 raise ProtocolError(ErrorCode.invalid_request, f"the policy was rejected: {e}") from None
             self._engine = engine
             self.policy_hash = digest.hex()

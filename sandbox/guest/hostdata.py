@@ -33,7 +33,7 @@ def read_host_data() -> HostData:
     try:
         result = snp_report.get_extended_report(bytes(64))
         report = parse_report(result.report)
-    except Exception as e:  # noqa: BLE001 - no report, for whatever reason, means no HOST_DATA
+    except Exception as e:  # no report, for whatever reason, means no HOST_DATA
         raise HostDataUnavailable(f"cannot get an attestation report: {e}") from e
     value = bytes(report.host_data)
     if len(value) != HOST_DATA_LEN:

@@ -254,7 +254,7 @@ class _Handler(BaseHTTPRequestHandler):
     def address_string(self) -> str:  # unix sockets have no address; BaseHTTPRequestHandler indexes it
         return "unix"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+    def log_message(self, format: str, *args: Any) -> None:  # http.server's signature
         pass
 
     def _body(self) -> dict[str, Any]:
@@ -299,21 +299,21 @@ class _Handler(BaseHTTPRequestHandler):
         except SandboxError as e:
             self.close_connection = True
             self._reply(_status_for(e), {"error": e.message + (f" (hint: {e.hint})" if e.hint else "")})
-        except Exception as e:  # noqa: BLE001 - a bug must not take the API (or the agent) down
+        except Exception as e:  # a bug must not take the API (or the agent) down
             self.close_connection = True
             self.server.config.log(f"attestation API: internal error: {type(e).__name__}: {e}")
             self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(e).__name__}"})
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         self._route("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._route("POST")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._route("PUT")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._route("DELETE")
 
     # -- endpoints ------------------------------------------------------------------------------

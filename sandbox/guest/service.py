@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from sandbox.shared import kbs_protocol, seccomp
     from sandbox.shared.policy.engine import Decision
 else:
-    def Path(*parts: Any) -> Any:  # noqa: N802 - stands for pathlib.Path (see below)
+    def Path(*parts: Any) -> Any:  # stands for pathlib.Path (see below)
         """pathlib.Path(*parts). pathlib (which loads urllib.parse and ipaddress) is imported by the first
         request that makes a path, after "ready": the requests served before a policy make none."""
         from pathlib import Path as path_type
@@ -251,7 +251,7 @@ class AgentService:
         """Verify a fragment's envelope (chain, signature, did:x509 issuer) and ask endpoint load_fragment;
         a refusal, for whatever reason, leaves the policy as it was."""
         # Loaded with the first fragment: OpenSSL's bindings stay off the boot path.
-        from sandbox.guest.fragments import verify_fragment  # noqa: PLC0415
+        from sandbox.guest.fragments import verify_fragment
 
         try:
             verified = verify_fragment(r.fragment)

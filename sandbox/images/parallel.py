@@ -112,10 +112,10 @@ class Workers(Generic[T]):
                 set_reporter(_LineReporter())
             try:
                 message = pickle.dumps(("ok", job()))
-            except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
+            except BaseException as e:  # handed to the parent, which raises it
                 try:
                     message = pickle.dumps(("error", e))
-                except Exception:  # noqa: BLE001 - an exception that does not pickle: its text
+                except Exception:  # an exception that does not pickle: its text
                     message = pickle.dumps(("error", SandboxError(f"{type(e).__name__}: {e}")))
             view = memoryview(message)
             while view:
@@ -141,7 +141,7 @@ class Workers(Generic[T]):
             hook()
         try:
             kind, value = pickle.loads(b"".join(parts))
-        except Exception:  # noqa: BLE001 - a child that died before reporting
+        except Exception:  # a child that died before reporting
             kind, value = "error", WorkerFailed(f"a worker process ended without a result "
                                                 f"(exit status {os.waitstatus_to_exitcode(status)})")
         if kind == "ok":

@@ -207,7 +207,7 @@ class AuditLog:
             head = None
             problems.append(f"the head is unreadable ({e}): a cut-off tail cannot be detected")
         try:
-            f = open(self.path, "rb")  # noqa: SIM115 - closed below
+            f = open(self.path, "rb")  # closed below
         except FileNotFoundError:
             if head is not None and head.records:
                 problems.append(f"the log is missing but its head says it held {head.records} records")

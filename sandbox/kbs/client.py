@@ -67,7 +67,7 @@ def fetch_pin(url: str, *, timeout: float = 10.0) -> str:
     deadline = time.monotonic() + STARTING_BROKER_WAIT
     while True:
         try:
-            with urllib.request.urlopen(check_url(url) + IDENTITY_PATH, timeout=timeout) as response:  # noqa: S310
+            with urllib.request.urlopen(check_url(url) + IDENTITY_PATH, timeout=timeout) as response:
                 doc = json.loads(response.read(64 * 1024))
             break
         except (urllib.error.URLError, OSError, ValueError) as e:

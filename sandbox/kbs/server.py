@@ -153,7 +153,7 @@ class BrokerService:
         except KbsHttpError as e:
             self.refuse(e, method, path, peer)
             return Reply(e.status, {"error": e.code.value, "message": e.message})
-        except Exception as e:  # noqa: BLE001 - a damaged secret file, a bug: refuse on the record, never crash
+        except Exception as e:  # a damaged secret file, a bug: refuse on the record, never crash
             what = str(e) if isinstance(e, SandboxError) else f"internal error: {type(e).__name__}: {e}"
             if not isinstance(e, SandboxError):
                 log.error("kbs: %s", what)
@@ -266,16 +266,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         self._serve("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._serve("POST")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._serve("PUT")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._serve("DELETE")
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -286,7 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
                                    getattr(self, "command", None) or "?", path.split("?", 1)[0], self._peer())
         super().send_error(code, message, explain)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+    def log_message(self, format: str, *args: Any) -> None:  # http.server's signature
         log.debug("kbs: %s %s", self._peer(), format % args)
 
 

@@ -108,7 +108,7 @@ class InputPump:
             if e.code not in (ErrorCode.conflict.value, ErrorCode.not_found.value):
                 self.error = e
             # else: the process has exited (its input is closed): its output says the rest
-        except BaseException as e:  # noqa: BLE001 - the output side notices and reports it
+        except BaseException as e:  # the output side notices and reports it
             self.error = e
 
     def _loop(self) -> None:

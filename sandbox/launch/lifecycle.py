@@ -390,7 +390,7 @@ def run_attached(launched: Launched, *, store: StateStore | None = None,
                 group = read_plan(store.dir(name))
                 result["outcome"] = Supervisor(client, group, launched.runs,
                                                notify=_announce(store, name, echo)).run(stop)
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+        except BaseException as e:  # handed to the main thread, which raises it
             result["error"] = e
 
     thread = threading.Thread(target=supervise, name="supervisor", daemon=True)

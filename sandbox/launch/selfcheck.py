@@ -134,7 +134,7 @@ class PendingSelfCheck:
                 with AgentClient.connect(sockets) as client:
                     self._check = run(client, identity, kds=kds, record_to=record_to)
                 on_pass()
-            except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the verdict
+            except BaseException as e:  # handed to whoever waits for the verdict
                 self._error = e
             finally:
                 self._done.set()

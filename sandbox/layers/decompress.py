@@ -198,7 +198,7 @@ class _ReadAhead:
                 self._ready.put((buf, n, read))
         except _Stopped:
             pass
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        except BaseException as e:  # handed to the consumer, which raises it
             self._ready.put(_Failed(e))
 
     def chunks(self, on_read: Callable[[int], None] | None) -> Iterator[memoryview]:
@@ -242,7 +242,7 @@ class LayerStream:
 def open_layer(path: Path, *, what: str, on_read: Callable[[int], None] | None = None) -> Iterator[LayerStream]:
     """Open `path` (a tar, tar.gz or tar.zst) for streaming; `what` names the layer in errors."""
     try:
-        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below; unbuffered: zstd reads the fd
+        f = open(path, "rb", buffering=0)  # closed below; unbuffered: zstd reads the fd
     except OSError as e:
         raise InputError(f"{what}: cannot read {path}: {e.strerror}") from e
     proc: subprocess.Popen[bytes] | None = None

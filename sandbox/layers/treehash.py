@@ -84,7 +84,7 @@ class FirstLevelHasher:
         """Fork the hashing child, or None when forking is not safe (another thread runs)."""
         if not single_threaded():
             return None
-        digests = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        digests = tempfile.TemporaryFile()  # closed by close()
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:                    # the child: hash until told the image is done, then leave at once

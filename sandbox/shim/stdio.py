@@ -45,7 +45,7 @@ def open_output(uri: str, *, timeout: float = 30.0) -> BinaryIO | None:
         raise StdioError("binary:// log drivers are not supported by the parma shim")
     path = uri.removeprefix("file://") if uri.startswith("file://") else uri
     if uri.startswith("file://") or not os.path.exists(path) or not stat.S_ISFIFO(os.stat(path).st_mode):
-        return open(path, "ab", buffering=0)  # noqa: SIM115 - owned by the stream, closed at its end
+        return open(path, "ab", buffering=0)  # owned by the stream, closed at its end
     deadline = time.monotonic() + timeout
     while True:
         try:

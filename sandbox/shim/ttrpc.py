@@ -235,7 +235,7 @@ class Server:
         except ValueError as e:       # a payload we could not decode
             send(stream_id, status_response(Code.INVALID_ARGUMENT, str(e)))
             return
-        except Exception as e:  # noqa: BLE001 - a bug in a handler must answer, not hang the caller
+        except Exception as e:  # a bug in a handler must answer, not hang the caller
             self._on_error(f"{req.service}/{req.method}", e)
             send(stream_id, status_response(Code.INTERNAL, f"{type(e).__name__}: {e}"))
             return

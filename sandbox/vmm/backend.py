@@ -192,7 +192,7 @@ def attach_qemu(record: dict[str, Any]) -> QemuVm:
 def libvirt_module() -> Any:
     """The libvirt-python module (a LaunchError with a hint when it is missing), errors not printed."""
     try:
-        import libvirt  # noqa: PLC0415 - optional at import time: only --backend libvirt needs it
+        import libvirt  # optional at import time: only --backend libvirt needs it
     except ImportError as e:
         raise LaunchError("libvirt-python is not installed", hint="run 'make setup'") from e
     # libvirt prints every error to stderr by default ("Domain not found" for each lookup); they are

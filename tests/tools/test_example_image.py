@@ -14,7 +14,7 @@ from tests.ext4read import Ext4Image, walk
 RECIPE = Path(__file__).resolve().parents[2] / "images" / "examples" / "busybox.py"
 
 
-def recipe():  # noqa: ANN201 - the recipe module
+def recipe():  # the recipe module
     spec = importlib.util.spec_from_file_location("busybox_recipe", RECIPE)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)

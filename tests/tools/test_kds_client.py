@@ -37,7 +37,7 @@ class FakeKds:
 @contextlib.contextmanager
 def serve(fake: FakeKds) -> Iterator[str]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server API
+        def do_GET(self) -> None:  # http.server API
             fake.requests.append(self.path)
             queue = fake.routes.get(self.path, [(404, b"not found", {})])
             status, body, headers = queue.pop(0) if len(queue) > 1 else queue[0]

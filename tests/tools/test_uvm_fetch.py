@@ -25,7 +25,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
     requests_seen: list[str] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw) -> None:  # noqa: ANN002, ANN003
+        def __init__(self, *a, **kw) -> None:
             super().__init__(*a, directory=str(root), **kw)
 
         def log_message(self, fmt: str, *args: object) -> None:

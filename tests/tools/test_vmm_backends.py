@@ -20,7 +20,7 @@ from sandbox.vmm.config import Backend
 from sandbox.vmm.qmp import QmpClient
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tinyguest import MARKER, tiny_config  # noqa: E402
+from tinyguest import MARKER, tiny_config
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed")
 

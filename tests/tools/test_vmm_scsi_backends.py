@@ -16,9 +16,9 @@ from sandbox.vmm.config import Backend, Disk, DiskBus, VmConfig
 from sandbox.vmm.qmp import QmpClient
 
 sys.path.insert(0, str(Path(__file__).parent))
-from libvirt_daemon import libvirtd  # noqa: E402, F401 - a fixture
-from test_vmm_backends import wait_marker  # noqa: E402
-from tinyguest import tiny_config  # noqa: E402
+from libvirt_daemon import libvirtd  # noqa: F401 - a fixture
+from test_vmm_backends import wait_marker
+from tinyguest import tiny_config
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed")
 LUNS = 300   # more than one controller's 256

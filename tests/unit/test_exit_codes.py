@@ -350,7 +350,7 @@ def _(w: World) -> int:
         def down() -> None:
             try:
                 lifecycle.down("demo", store=w.store, timeout=2)
-            except BaseException as e:  # noqa: BLE001 - reported below
+            except BaseException as e:  # reported below
                 timer.error = e
 
         import threading
@@ -779,7 +779,7 @@ def _(w: World) -> int:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Refuse(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:  # http.server's naming
             self.send_error(403, "forbidden")
 
         def log_message(self, *args: object) -> None:

@@ -30,7 +30,7 @@ GROUP = {
 }
 
 
-def _policy(spec) -> bytes:  # noqa: ANN001
+def _policy(spec) -> bytes:
     layer = LayerInfo("sha256:" + "2" * 64, "application/vnd.oci.image.layer.v1.tar", 10, "3" * 64, Path("/x"))
     image = ResolvedImage(IMAGE, "sha256:" + "4" * 64, ImageConfig(cmd=("sh",), env=("PATH=/bin",)), (layer,))
     return generate_policy(spec, {c.name: image for c in spec.init_containers + spec.containers})

@@ -47,7 +47,7 @@ def openssl_verifies(report: bytes) -> bool:
     s = int.from_bytes(report[0x2E8:0x330], "little")
     try:
         pub.verify(encode_dss_signature(r, s), report[:0x2A0], ec.ECDSA(hashes.SHA384()))
-    except Exception:  # noqa: BLE001 - InvalidSignature
+    except Exception:  # InvalidSignature
         return False
     return True
 

@@ -30,7 +30,7 @@ def _image() -> ResolvedImage:
 API_MOUNT = ContainerMount.from_json(attestation_api_mount())
 
 
-def _spec(tmp_path: Path):  # noqa: ANN202
+def _spec(tmp_path: Path):
     return validate_group({"name": "secret", "containers": [
         {"name": "app", "image": "busybox", "attestationApi": True},
         {"name": "side", "image": "busybox"}]}, base_dir=tmp_path)

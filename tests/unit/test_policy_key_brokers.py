@@ -19,14 +19,14 @@ PIN = "5f" * 32
 LAYER = "1a" * 32
 
 
-def _images(spec) -> dict[str, ResolvedImage]:  # noqa: ANN001
+def _images(spec) -> dict[str, ResolvedImage]:
     layer = LayerInfo(diff_id="sha256:" + "0" * 64, media_type="application/vnd.oci.image.layer.v1.tar", size=1,
                       root_hash=LAYER, device_path=Path("/cache/l.img"))
     return {c.name: ResolvedImage(reference=c.image, digest="sha256:" + "9" * 64,
                                   config=ImageConfig(cmd=("sh",)), layers=(layer,)) for c in spec.containers}
 
 
-def _spec(tmp_path: Path):  # noqa: ANN202
+def _spec(tmp_path: Path):
     return validate_group({"name": "secret", "containers": [
         {"name": "app", "image": "busybox", "attestationApi": True},
         {"name": "other", "image": "busybox", "command": ["sleep", "1"]}]}, base_dir=tmp_path)

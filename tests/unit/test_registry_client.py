@@ -32,7 +32,7 @@ class FakeRegistry:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
+            def do_GET(self) -> None:  # http.server API
                 outer.hits.append(self.path)
                 if outer.basic:
                     want = "Basic " + base64.b64encode(":".join(outer.basic).encode()).decode()

@@ -26,8 +26,8 @@ import pytest
 from test_hello import BUSYBOX_LAYOUT, Cli, cli_in, ensure_example_image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import busybox_entries, glibc_tools_entries, tar_of, write_image  # noqa: E402
-from tcpdns import tcp_dns_server  # noqa: E402
+from harness import busybox_entries, glibc_tools_entries, tar_of, write_image
+from tcpdns import tcp_dns_server
 
 NAME = "devloop-vm"
 LAYERS = 60

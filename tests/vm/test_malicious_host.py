@@ -23,7 +23,7 @@ from sandbox.shared.messages import REQUEST_TYPES
 from sandbox.shared.protocol import MAX_FRAME_BYTES, Op
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import (  # noqa: E402
+from harness import (
     DATA_LINE,
     Guest,
     boot,

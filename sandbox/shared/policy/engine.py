@@ -928,7 +928,7 @@ class PolicyEngine:
         included `fragments`, names the issuer and the feed, and the SVN is at least its minimum_svn; then
         what the import's `includes` name is added to what the policy allows."""
         # The reader is loaded with the first fragment, not when the agent boots.
-        from sandbox.shared.rego.fragment import FragmentRefused, check_load, read_fragment_text  # noqa: PLC0415
+        from sandbox.shared.rego.fragment import FragmentRefused, check_load, read_fragment_text
 
         deny = f"load_fragment denied for issuer {a.issuer} (feed {a.feed!r})"
         try:

@@ -280,7 +280,7 @@ def parse_policy(raw: bytes, source: str = "policy") -> Policy:
     if not is_rego(raw):
         return validate_policy(loads_strict(text, source), source=source)
     # Loaded on first use: the agent boots without the Rego reader, and most policies are JSON.
-    from sandbox.shared.rego.policy import read_policy_text  # noqa: PLC0415
+    from sandbox.shared.rego.policy import read_policy_text
 
     return validate_policy(read_policy_text(text, source).policy_document(), source=f"{source} (Rego data)")
 

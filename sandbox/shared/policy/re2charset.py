@@ -166,7 +166,7 @@ class CategoryTest:
     folded: bool  # under (?i): true when any member of the character's orbit is in the categories
 
     def __call__(self, cp: int) -> bool:
-        import unicodedata  # noqa: PLC0415 - a C extension the agent needs only for \p classes: not at boot
+        import unicodedata  # a C extension the agent needs only for \p classes: not at boot
 
         members = ORBITS.orbit(cp) if self.folded else (cp,)
         inside = any(unicodedata.category(chr(m)) in self.categories for m in members)

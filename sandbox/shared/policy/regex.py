@@ -31,7 +31,7 @@ class Regex:
     """A compiled policy pattern."""
 
     def __init__(self, pattern: str, tree: RegexNode) -> None:
-        from sandbox.shared.policy.re2machine import Matcher  # noqa: PLC0415 - see compile_regex
+        from sandbox.shared.policy.re2machine import Matcher  # see compile_regex
 
         self.pattern = pattern
         self._tree = tree
@@ -45,7 +45,7 @@ class Regex:
     def search(self, value: str) -> bool:
         """Whether the pattern matches some substring of `value` (Go's MatchString)."""
         if self._anywhere is None:
-            from sandbox.shared.policy.re2machine import Matcher  # noqa: PLC0415 - see compile_regex
+            from sandbox.shared.policy.re2machine import Matcher  # see compile_regex
 
             self._anywhere = Matcher(_program(self.pattern, self._tree, unanchored=True))
         return self._anywhere.matches(value)
@@ -55,7 +55,7 @@ class Regex:
 
 
 def _program(pattern: str, tree: RegexNode, *, unanchored: bool) -> Program:
-    from sandbox.shared.policy.re2machine import ProgramTooLarge, compile_program  # noqa: PLC0415
+    from sandbox.shared.policy.re2machine import ProgramTooLarge, compile_program
 
     try:
         return compile_program(tree, unanchored=unanchored)
@@ -69,7 +69,7 @@ def compile_regex(pattern: str) -> Regex:
 
     The matcher's modules load on the first pattern, when a policy is loaded, not when the agent
     boots (about 4 ms on the host, an order of magnitude more under TCG); no import cycle hides here."""
-    from sandbox.shared.policy.re2syntax import SyntaxProblem, parse  # noqa: PLC0415
+    from sandbox.shared.policy.re2syntax import SyntaxProblem, parse
 
     try:
         tree = parse(pattern)
