@@ -7,7 +7,7 @@ Pure function of the group spec and the policy bytes. The pod carries:
   UVM size (`io.parma.vcpus`, `io.parma.memory-mib`);
 - each container as the group says: image, command/args (same meaning as in Kubernetes: command
   replaces ENTRYPOINT, args replaces CMD), env (secure values through a Secret written alongside),
-  working dir, ports, user (numeric only: Kubernetes cannot run as a user name), privileges;
+  working dir, ports, user (numeric only: Kubernetes cannot run as a user name), privileges, probes;
 - the group's initContainers (listed in the policy like the others) and restartPolicy (same values in
   Kubernetes; a Deployment's pods can only restart Always);
 - `enableServiceLinks: false`: Kubernetes would otherwise add service env vars the policy does not list;
@@ -26,7 +26,7 @@ import hashlib
 from enum import StrEnum
 from typing import Any
 
-from sandbox.group.spec import LOCAL_IMAGE_PREFIXES, ContainerSpec, GroupSpec, RestartPolicy
+from sandbox.group.spec import LOCAL_IMAGE_PREFIXES, ContainerSpec, GroupSpec, ProbeSpec, RestartPolicy
 from sandbox.shared.errors import InputError
 from sandbox.shared.policy.model import Policy
 
@@ -102,7 +102,21 @@ def _container(spec: GroupSpec, c: ContainerSpec) -> dict[str, Any]:
         security["capabilities"] = caps
     if security:
         out["securityContext"] = security
+    for kind, probe in c.probes:    # exec probes run through the shim's policy-checked exec (the policy lists them)
+        out[kind.field] = _probe(probe)
     return out
+
+
+def _probe(probe: ProbeSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if probe.exec_command is not None:
+        out["exec"] = {"command": list(probe.exec_command)}
+    if probe.http_get is not None:
+        out["httpGet"] = {"path": probe.http_get.path, "port": probe.http_get.port,
+                          "scheme": probe.http_get.scheme.value}
+    return {**out, "initialDelaySeconds": probe.initial_delay_s, "periodSeconds": probe.period_s,
+            "timeoutSeconds": probe.timeout_s, "failureThreshold": probe.failure_threshold,
+            "successThreshold": probe.success_threshold}
 
 
 def manifests(spec: GroupSpec, policy: bytes, *, kind: Kind = Kind.pod, namespace: str | None = None,
@@ -160,4 +174,4 @@ def check_policy_images(spec: GroupSpec, policy: Policy) -> None:
 
 def exec_notes(spec: GroupSpec) -> list[str]:
     """What `kubectl exec` may run (the policy's exec processes): everything else is denied."""
-    return [f"{c.name}: {' '.join(e.command)}" for c in spec.containers for e in c.exec_processes]
+    return [f"{c.name}: {' '.join(e.command)}" for c in spec.containers for e in c.allowed_execs]

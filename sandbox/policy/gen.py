@@ -21,6 +21,9 @@ Mapping (docs/policy.md, "Generation"):
 - capabilities: the usual 14 (bounding/effective/permitted) adjusted by the group's add/drop;
   privileged: all 41 (bounding/effective/permitted) and allow_elevated; inheritable/ambient empty;
 - init containers: policy containers like the others, listed first (each create is checked the same way);
+- exec_processes: the container's `execProcesses`, then each exec probe's command (liveness, readiness,
+  startup) not listed yet, without signals, as confcom lists an ARM template's probes; an httpGet
+  probe needs nothing (the host sends it);
 - allow_unencrypted_scratch: the group's `policy.allowUnencryptedScratch` (default false, as ACI's: the
   containers' writable layers must be on the guest-encrypted scratch disk);
 - seccomp_profile_sha256: the measurement of the container's `seccompProfile` (sandbox/shared/seccomp.py;
@@ -187,7 +190,7 @@ def _policy_mounts(spec: GroupSpec, container: ContainerSpec) -> tuple[Mount, ..
 
 
 def _exec_processes(container: ContainerSpec, debug: bool) -> tuple[ExecProcess, ...]:
-    procs = [ExecProcess(tuple(p.command), tuple(dict.fromkeys(p.signals))) for p in container.exec_processes]
+    procs = [ExecProcess(tuple(p.command), tuple(dict.fromkeys(p.signals))) for p in container.allowed_execs]
     if debug:
         listed = {p.command for p in procs}
         procs += [ExecProcess(shell, ()) for shell in DEBUG_SHELLS if shell not in listed]
