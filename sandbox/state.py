@@ -7,6 +7,7 @@ A sandbox whose processes are all gone is 'stale' (SandboxRecord.observed decide
 
 from __future__ import annotations
 
+import builtins
 import json
 import shutil
 import time
@@ -341,7 +342,7 @@ class StateStore:
                 records.append(rec)
         return records
 
-    def cleanup_stale(self) -> list[str]:
+    def cleanup_stale(self) -> builtins.list[str]:      # `list` here is the method above
         """Remove the state of sandboxes whose recorded processes are all gone. Returns their names."""
         removed = []
         for rec in self.list():

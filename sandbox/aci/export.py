@@ -103,7 +103,7 @@ def _process(container: ContainerSpec, image: ResolvedImage) -> tuple[ContainerP
 
 def _env_rules(container: ContainerSpec, image: ResolvedImage) -> list[dict[str, Any]]:
     process, _ = _process(container, image)
-    rules = []
+    rules: list[dict[str, Any]] = []
     for item in process.env:
         name = item.partition("=")[0]
         if name in process.secure_names:
@@ -219,11 +219,11 @@ def aci_template(spec: GroupSpec, images: Mapping[str, ResolvedImage], registry:
         if c.capabilities.add or c.capabilities.drop:
             sc["capabilities"] = {"add": list(c.capabilities.add), "drop": list(c.capabilities.drop)}
         if c.user:
-            user, _, group = c.user.partition(":")
+            user, _, user_group = c.user.partition(":")
             if user:
                 sc["runAsUser"] = int(user) if user.isdigit() else user
-            if group:
-                sc["runAsGroup"] = int(group) if group.isdigit() else group
+            if user_group:
+                sc["runAsGroup"] = int(user_group) if user_group.isdigit() else user_group
         if c.seccomp_profile is not None:
             # ACI's guest measures what it receives as confcom measured this (sandbox/shared/seccomp.py).
             sc["seccompProfile"] = base64.b64encode(c.seccomp_profile.canonical).decode("ascii")

@@ -23,7 +23,7 @@ from sandbox.shared.errors import InputError
 from sandbox.shared.jsoncheck import MISSING, Checker, join, type_name
 from sandbox.shared.names import nameservers_problem, resolver_options_problem, search_domains_problem
 from sandbox.shared.policy.defaults import PRIVILEGED_CAPABILITIES
-from sandbox.shared.policy.model import VolumeKind  # the group's volume kinds are the policy's
+from sandbox.shared.policy.points import VolumeKind  # the group's volume kinds are the policy's
 from sandbox.shared.seccomp import SeccompError, SeccompProfile, parse_profile
 
 
@@ -226,8 +226,9 @@ def check_device_count(spec: GroupSpec, layers: int, source: str = "group.json")
 class _Checker(Checker):
     """The shared checker with group.json's conventions: strings are non-empty unless said otherwise."""
 
-    def string(self, d: dict, key: str, path: str, *, default: Any = MISSING, nonempty: bool = True) -> Any:
-        return super().string(d, key, path, default, nonempty=nonempty)
+    def string(self, d: dict, key: str, path: str, default: Any = MISSING, *, nonempty: bool = True,
+               pattern: re.Pattern[str] | None = None, what: str = "") -> Any:
+        return super().string(d, key, path, default, nonempty=nonempty, pattern=pattern, what=what)
 
     def boolean(self, d: dict, key: str, path: str, default: bool) -> bool:
         return self.get(d, key, path, bool, default)
@@ -564,10 +565,10 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
             continue
         if port is None or host_port is None:
             continue
-        key = (addr, host_port, proto)
-        if key in host_ports:
+        forward = (addr, host_port, proto)
+        if forward in host_ports:
             c.problem(join(ppath, "hostPort"), f"host port {host_port}/{proto} is forwarded twice")
-        host_ports.add(key)
+        host_ports.add(forward)
         ports.append(GroupPort(port, host_port, proto, addr))
 
     resources = Resources()

@@ -125,7 +125,7 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
                 i = len(layers)
                 layers[layer.root_hash] = DeviceMount(layer.root_hash, Path(layer.device_path), f"L{i}",
                                                       f"{P.LAYERS_DIR}/l{i}")
-    file_volumes = []
+    file_volumes: list[DeviceMount] = []
     memory_volumes = []
     for v in spec.volumes:
         if v.kind == VolumeKind.files:

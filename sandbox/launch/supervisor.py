@@ -34,6 +34,7 @@ from sandbox.shared.codec import Message
 from sandbox.shared.errors import PolicyDenied
 from sandbox.shared.messages import (
     ContainerInfo,
+    Request,
     ShutdownContainerRequest,
     StartContainerRequest,
     WatchContainersRequest,
@@ -195,8 +196,10 @@ class Supervisor:
 
     def _clean(self, c: ContainerPlan) -> None:
         """Undo what a container's start left (best effort: a step that never happened is not an error)."""
-        for request, timeout in ((ShutdownContainerRequest(c.name, STOP_TIMEOUT_S), STOP_TIMEOUT_S + 30),
-                                 (c.unmount_overlay, 60.0), (c.unmount_scratch, 60.0)):
+        steps: tuple[tuple[Request[Any], float], ...] = (
+            (ShutdownContainerRequest(c.name, STOP_TIMEOUT_S), STOP_TIMEOUT_S + 30),
+            (c.unmount_overlay, 60.0), (c.unmount_scratch, 60.0))
+        for request, timeout in steps:
             try:
                 self.client.call(request, timeout=timeout)
             except AgentError as e:

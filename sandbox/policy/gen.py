@@ -38,12 +38,11 @@ from sandbox.group.spec import ContainerSpec, GroupSpec, VolumeKind
 from sandbox.images.model import ImageConfig, ResolvedImage
 from sandbox.shared.errors import InputError
 from sandbox.shared.kbs_protocol import PIN, attestation_api_mount
-from sandbox.shared.messages import ContainerMount
+from sandbox.shared.messages import Capabilities, ContainerMount
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.model import (
     ANY_ID,
     HEX64,
-    Capabilities,
     Container,
     EnvRule,
     ExecProcess,
@@ -120,6 +119,7 @@ def container_capabilities(container: ContainerSpec) -> Capabilities:
     """Unprivileged: the usual 14 in bounding/effective/permitted with the group's add/drop applied.
     Privileged: all 41 there. Inheritable and ambient stay empty either way, as runtimes do since
     CVE-2022-24769 (inheritable capabilities survive execve of non-root programs)."""
+    caps: tuple[str, ...]
     if container.privileged:
         caps = defaults.PRIVILEGED_CAPABILITIES
     else:
@@ -168,7 +168,7 @@ def container_mounts(spec: GroupSpec, container: ContainerSpec,
     policy's options: `<sandbox dir>/tmp/atlas/<kind>/<volume>`, which the agent resolves to the volume
     when it is of that kind (docs/aci.md, "Running ACI policies locally")."""
     kinds = {v.name: v.kind for v in spec.volumes}
-    out = []
+    out: list[dict[str, object]] = []
     for m in container.mounts:
         aci = aci_volume_bind(policy, container.name, m.mount_path) if policy is not None else None
         if aci is not None:

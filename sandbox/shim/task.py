@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from google.protobuf.message import Message
-
 from sandbox.fsutil import atomic_write
 from sandbox.group.spec import TeeMode, VolumeKind
 from sandbox.launch.agent_client import AgentDenied, AgentError
@@ -115,7 +113,7 @@ class TaskService:
         self._create_lock = threading.Lock()
 
     def handlers(self) -> dict[tuple[str, str], Callable[[bytes], bytes]]:
-        table: dict[str, tuple[type[Message], Callable[[Message], Message]]] = {
+        table: dict[str, tuple[type[M.DynamicMessage], Callable[[M.DynamicMessage], M.DynamicMessage]]] = {
             "Create": (M.CreateTaskRequest, self.create), "Start": (M.StartRequest, self.start),
             "State": (M.StateRequest, self.state), "Delete": (M.DeleteRequest, self.delete),
             "Pids": (M.PidsRequest, self.pids), "Kill": (M.KillRequest, self.kill),
@@ -127,7 +125,7 @@ class TaskService:
             "Stats": (M.StatsRequest, self._unsupported("task metrics")),
         }
 
-        def wrap(cls: type[Message], fn: Callable[[Message], Message]) -> Callable[[bytes], bytes]:
+        def wrap(cls: type[M.DynamicMessage], fn: Callable[[M.DynamicMessage], M.DynamicMessage]) -> Callable[[bytes], bytes]:
             def handler(payload: bytes) -> bytes:
                 try:
                     return fn(M.parse(cls, payload)).SerializeToString()
@@ -144,8 +142,8 @@ class TaskService:
         return {(SERVICE, name): wrap(cls, fn) for name, (cls, fn) in table.items()}
 
     @staticmethod
-    def _unsupported(what: str) -> Callable[[Message], Message]:
-        def fn(_req: Message) -> Message:
+    def _unsupported(what: str) -> Callable[[M.DynamicMessage], M.DynamicMessage]:
+        def fn(_req: M.DynamicMessage) -> M.DynamicMessage:
             raise RpcError(Code.UNIMPLEMENTED, f"{what} is not supported by the parma runtime")
         return fn
 
@@ -160,7 +158,7 @@ class TaskService:
 
     # -- Create / Start ---------------------------------------------------------------------------
 
-    def create(self, req: Message) -> Message:
+    def create(self, req: M.DynamicMessage) -> M.DynamicMessage:
         if req.terminal:
             raise RpcError(Code.FAILED_PRECONDITION, "the parma runtime gives containers no TTY (run without -t)")
         if req.checkpoint:
@@ -260,7 +258,7 @@ class TaskService:
             raise
         task.init.guest_pid = int(result.get("pid") or 0)
 
-    def start(self, req: Message) -> Message:
+    def start(self, req: M.DynamicMessage) -> M.DynamicMessage:
         task = self._task(req.id)
         proc = task.proc(req.exec_id)
         if proc.status != CREATED:
@@ -313,7 +311,7 @@ class TaskService:
 
     # -- Exec / Kill / Wait -----------------------------------------------------------------------
 
-    def exec(self, req: Message) -> Message:
+    def exec(self, req: M.DynamicMessage) -> M.DynamicMessage:
         task = self._task(req.id)
         if req.terminal:
             raise RpcError(Code.FAILED_PRECONDITION, "the parma runtime gives processes no TTY (exec without -t)")
@@ -335,7 +333,7 @@ class TaskService:
         self.events.publish("TaskExecAdded", container_id=task.id, exec_id=req.exec_id)
         return M.Empty()
 
-    def kill(self, req: Message) -> Message:
+    def kill(self, req: M.DynamicMessage) -> M.DynamicMessage:
         task = self._task(req.id)
         proc = task.proc(req.exec_id)
         sig = int(req.signal) or signal.SIGTERM
@@ -377,14 +375,14 @@ class TaskService:
                 log.warning("stopping %s: %s", task.id, e)
         threading.Thread(target=run, daemon=True, name=f"stop-{task.guest_id[:12]}").start()
 
-    def wait(self, req: Message) -> Message:
+    def wait(self, req: M.DynamicMessage) -> M.DynamicMessage:
         proc = self._task(req.id).proc(req.exec_id)
         proc.exited.wait()
         return M.WaitResponse(exit_status=proc.exit_status, exited_at=M.timestamp(proc.exited_at))
 
     # -- State / Pids / Connect -------------------------------------------------------------------
 
-    def state(self, req: Message) -> Message:
+    def state(self, req: M.DynamicMessage) -> M.DynamicMessage:
         task = self._task(req.id)
         proc = task.proc(req.exec_id)
         resp = M.StateResponse(id=req.id, bundle=str(task.bundle), pid=self._pid(), status=proc.status,
@@ -394,25 +392,25 @@ class TaskService:
             resp.exited_at.CopyFrom(M.timestamp(proc.exited_at))
         return resp
 
-    def pids(self, req: Message) -> Message:
+    def pids(self, req: M.DynamicMessage) -> M.DynamicMessage:
         task = self._task(req.id)
         procs = [task.init, *task.execs.values()]
         return M.PidsResponse(processes=[M.ProcessInfo(pid=p.guest_pid) for p in procs
                                          if p.status == RUNNING and p.guest_pid])
 
-    def connect(self, req: Message) -> Message:
+    def connect(self, req: M.DynamicMessage) -> M.DynamicMessage:
         return M.ConnectResponse(shim_pid=os.getpid(), task_pid=self._pid(), version=VERSION)
 
-    def resize_pty(self, req: Message) -> Message:
+    def resize_pty(self, req: M.DynamicMessage) -> M.DynamicMessage:
         raise RpcError(Code.FAILED_PRECONDITION, "the parma runtime gives processes no TTY")
 
-    def close_io(self, req: Message) -> Message:
+    def close_io(self, req: M.DynamicMessage) -> M.DynamicMessage:
         self._task(req.id).proc(req.exec_id)   # stdin is never attached: closing it is a no-op
         return M.Empty()
 
     # -- Delete / Shutdown ------------------------------------------------------------------------
 
-    def delete(self, req: Message) -> Message:
+    def delete(self, req: M.DynamicMessage) -> M.DynamicMessage:
         task = self._task(req.id)
         proc = task.proc(req.exec_id)
         if proc.status == RUNNING:
@@ -445,7 +443,7 @@ class TaskService:
             finally:
                 self.sandbox = None
 
-    def shutdown(self, req: Message) -> Message:
+    def shutdown(self, req: M.DynamicMessage) -> M.DynamicMessage:
         with self._lock:
             busy = bool(self.tasks) and not req.now
         if not busy:
