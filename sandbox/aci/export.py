@@ -32,6 +32,7 @@ from typing import Any
 from sandbox.aci.rego import ccepolicy_base64, rego_module
 from sandbox.group.spec import ContainerSpec, GroupSpec, ProbeSpec, VolumeKind
 from sandbox.images.model import ResolvedImage
+from sandbox.images.reference import pinned_reference
 from sandbox.policy.gen import ContainerProcess, container_capabilities, container_process
 from sandbox.shared.errors import InputError
 from sandbox.shared.seccomp import measure
@@ -71,25 +72,6 @@ PAUSE_CONTAINER = {
 FLAGS = {"allow_properties_access": True, "allow_dump_stacks": False, "allow_runtime_logging": False,
          "allow_environment_variable_dropping": True, "allow_unencrypted_scratch": False,
          "allow_capability_dropping": True}
-
-
-def pinned(image: ResolvedImage, registry: str | None = None) -> str:
-    """The image reference pinned by its manifest digest (repository@sha256:...). A local image (oci:DIR[:TAG],
-    docker-archive:FILE) is named under `registry`, where the user pushes it unchanged (same digest)."""
-    ref = image.reference
-    for prefix in ("oci:", "docker-archive:"):
-        if ref.startswith(prefix):
-            if registry is None:
-                raise InputError(f"image {ref!r} is a local archive: ACI pulls images from a registry",
-                                 hint="push it unchanged (same digest) and give --registry REGISTRY/PREFIX")
-            path = ref[len(prefix):].rsplit(":", 1)[0] if prefix == "oci:" else ref[len(prefix):]
-            name = path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar") or "image"
-            return f"{registry.rstrip('/')}/{name.lower()}@{image.digest}"
-    repo = ref.split("@", 1)[0]
-    last = repo.rsplit("/", 1)[-1]
-    if ":" in last:
-        repo = repo[: len(repo) - len(last)] + last.split(":", 1)[0]
-    return f"{repo}@{image.digest}"
 
 
 def _process(container: ContainerSpec, image: ResolvedImage) -> tuple[ContainerProcess, list[str] | None]:
@@ -147,7 +129,7 @@ def policy_container(spec: GroupSpec, container: ContainerSpec, image: ResolvedI
         "command": argv, "env_rules": _env_rules(container, image),
         "exec_processes": [{"command": list(p.command), "signals": list(p.signals)}
                            for p in container.allowed_execs],
-        "id": pinned(image, registry), "layers": list(image.layer_hashes), "mounts": [*mounts, RESOLV_CONF],
+        "id": pinned_reference(image, registry, consumer="ACI"), "layers": list(image.layer_hashes), "mounts": [*mounts, RESOLV_CONF],
         "name": container.name, "no_new_privileges": False,
         "seccomp_profile_sha256": measure(container.seccomp_profile),
         "signals": list(dict.fromkeys(container.signals)), "user": _user(container),
@@ -225,7 +207,7 @@ def aci_template(spec: GroupSpec, images: Mapping[str, ResolvedImage], registry:
                 env.append({"name": var.name, "secureValue": f"[parameters('{pname}')]"})
             else:
                 env.append({"name": var.name, "value": var.value})
-        props: dict[str, Any] = {"image": pinned(images[c.name], registry)}
+        props: dict[str, Any] = {"image": pinned_reference(images[c.name], registry, consumer="ACI")}
         if not init:    # ACI's init containers take no resources or ports: they use the group's
             props["resources"] = {"requests": {"cpu": cpu, "memoryInGB": memory}}
         if c.command is not None or c.args is not None:

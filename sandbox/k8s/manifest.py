@@ -33,10 +33,12 @@ only on this machine (`oci:` / `docker-archive:`); nodes pull by reference.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import os
 import re
 import stat
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,8 @@ from sandbox.group.spec import (
     VolumeKind,
     VolumeSpec,
 )
+from sandbox.images.model import ResolvedImage
+from sandbox.images.reference import pinned_reference
 from sandbox.shared.errors import InputError
 from sandbox.shared.policy.model import Policy
 
@@ -193,8 +197,8 @@ def _container(spec: GroupSpec, c: ContainerSpec) -> dict[str, Any]:
     where = f"container {c.name!r}"
     if c.image.startswith(LOCAL_IMAGE_PREFIXES):
         raise InputError(f"{where}: image {c.image!r} exists only on this machine",
-                         hint="push it to a registry the nodes can pull from and use that reference "
-                              "(pin it by @sha256 digest so the node runs what the policy was made from)")
+                         hint="push it unchanged to a registry the nodes pull from and give --registry REGISTRY/PREFIX "
+                              "(or use that reference, pinned by @sha256 digest, in the group)")
     if c.seccomp_profile is not None:
         raise InputError(f"{where} has a seccompProfile, which the parma runtime does not give pods yet",
                          hint="a pod's seccomp profile is a file on the node (Localhost) or the runtime's "
@@ -318,6 +322,17 @@ def manifests(spec: GroupSpec, policy: bytes, *, kind: Kind = Kind.pod, namespac
                               "template": {"metadata": {"labels": dict(labels), "annotations": annotations},
                                            "spec": pod_spec}}})
     return docs
+
+
+def with_registry_images(spec: GroupSpec, images: Mapping[str, ResolvedImage], registry: str | None) -> GroupSpec:
+    """The group with each local image (oci:, docker-archive:) named where the user pushes it unchanged,
+    REGISTRY/PREFIX/<name>@<digest>, and every other image pinned by its digest: a node then pulls exactly
+    the bytes the policy's layer hashes were computed from, and the policy's container ids (which the shim
+    matches a pod's containers with) are the manifest's image references."""
+    def pinned(c: ContainerSpec) -> ContainerSpec:
+        return dataclasses.replace(c, image=pinned_reference(images[c.name], registry, consumer="a node"))
+    return dataclasses.replace(spec, containers=tuple(map(pinned, spec.containers)),
+                               init_containers=tuple(map(pinned, spec.init_containers)))
 
 
 def check_policy_images(spec: GroupSpec, policy: Policy) -> None:

@@ -12,10 +12,11 @@ import yaml
 
 from sandbox.group.spec import validate_group
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
-from sandbox.k8s.manifest import Kind, manifests
+from sandbox.k8s.manifest import Kind, manifests, with_registry_images
 from sandbox.policy.gen import generate_policy
 from sandbox.shared.errors import InputError
 from tests.clirun import run_cli
+from tests.imagefixtures import oci_image
 
 IMAGE = "registry.example/app@sha256:" + "1" * 64
 GROUP = {
@@ -210,3 +211,33 @@ def test_cli_refuses_a_policy_for_other_images(tmp_path: Path, capsys: pytest.Ca
     code, _, stderr = run_cli(["export", "k8s", str(tmp_path / "group.json"), "--policy",
                                str(tmp_path / "policy.json")], capsys)
     assert code == 2 and "the policy lists no container with image" in stderr
+
+
+def test_registry_names_local_images_and_pins_the_policy_to_them(
+        isolated_dirs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    built = oci_image(isolated_dirs / "images" / "app", tag="v1")
+    group = {"name": "g", "containers": [
+        {"name": "app", "image": "oci:images/app:v1", "command": ["/bin/tool"]},
+        {"name": "tool", "image": "oci:images/app:v1", "command": ["/bin/tool", "x"]}]}
+    (isolated_dirs / "group.json").write_text(json.dumps(group))
+    code, _, stderr = run_cli(["export", "k8s", str(isolated_dirs / "group.json")], capsys)
+    assert code == 2 and "exists only on this machine" in stderr and "--registry" in stderr
+
+    code, stdout, stderr = run_cli(["export", "k8s", str(isolated_dirs / "group.json"),
+                                    "--registry", "registry.example/team/"], capsys)
+    assert code == 0, stderr
+    pod = list(yaml.safe_load_all(stdout))[-1]
+    pinned = f"registry.example/team/app@{built.manifest_digest}"
+    assert [c["image"] for c in pod["spec"]["containers"]] == [pinned, pinned]
+    policy = json.loads(base64.b64decode(pod["metadata"]["annotations"]["io.parma.policy"]))
+    # the shim matches a pod's containers with the policy's ids: they are the manifest's references
+    assert [c["id"] for c in policy["containers"]] == [pinned, pinned]
+    assert all(len(c["layers"]) == 3 for c in policy["containers"])
+
+
+def test_registry_pins_registry_images_by_digest() -> None:
+    spec = validate_group(GROUP)
+    layer = LayerInfo("sha256:" + "2" * 64, "application/vnd.oci.image.layer.v1.tar", 10, "3" * 64, Path("/x"))
+    image = ResolvedImage("registry.example/app:1.2", "sha256:" + "4" * 64, ImageConfig(), (layer,))
+    pinned = with_registry_images(spec, {"app": image, "side": image}, "unused.example/x")
+    assert {c.image for c in pinned.containers} == {"registry.example/app@sha256:" + "4" * 64}
