@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sandbox.shared import protocol as P
-from sandbox.shared.codec import shown
-from sandbox.shared.messages import AgentRequest, Message
+from sandbox.shared.codec import Message, shown
+from sandbox.shared.messages import AgentRequest
 from sandbox.shared.protocol import ErrorCode, ProtocolError, Response
 
 if TYPE_CHECKING:
