@@ -534,4 +534,5 @@ AgentRequest = (
     ReadOutputRequest | ShutdownContainerRequest | ListContainersRequest | WatchContainersRequest | PoweroffRequest
 )
 
-REQUEST_TYPES: dict[Op, type[AgentRequest]] = {cls.op: cls for cls in typing.get_args(AgentRequest)}
+# Keyed by Op, a StrEnum: a frame's op text looks its class up as is (an Op is equal to its text).
+REQUEST_TYPES: dict[str, type[AgentRequest]] = {cls.op: cls for cls in typing.get_args(AgentRequest)}
