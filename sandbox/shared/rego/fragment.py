@@ -11,7 +11,7 @@ any) equals the module's. Each refusal has its own reason; the caller keeps its 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +53,7 @@ def read_fragment(module: Module, source: str = "fragment.rego") -> RegoFragment
         raise InputError(f"{source}: a fragment with rule logic ('default') cannot be imported", hint=HINT)
     version_stmt = stmts.get("framework_version") or stmts.get("framework_svn")
     version = fw.parse_semver(version_stmt.value) if version_stmt else None
-    if version is None:
+    if version_stmt is None or version is None:
         raise InputError(f"{source}: the fragment has no framework_version (\"0.2.3\" as confcom writes it)",
                          hint="without one, ACI's framework reads none of its containers")
     svn = stmts["svn"].value if "svn" in stmts else None
@@ -62,8 +62,8 @@ def read_fragment(module: Module, source: str = "fragment.rego") -> RegoFragment
     reader = DataReader(source)
     v = min(version, fw.FRAMEWORK_VERSION)
     newer = version > fw.FRAMEWORK_VERSION
-    out: dict[str, list] = {"containers": [], "fragments": [], "external_processes": []}
-    readers = {"containers": lambda r, p: reader.container(r, p, v, as_written=version == fw.FRAMEWORK_VERSION),
+    out: dict[str, list[dict[str, Any]]] = {"containers": [], "fragments": [], "external_processes": []}
+    readers: dict[str, Callable[[Any, str], dict[str, Any] | None]] = {"containers": lambda r, p: reader.container(r, p, v, as_written=version == fw.FRAMEWORK_VERSION),
                "fragments": reader.fragment_import,
                "external_processes": reader.external_process}
     for name, read in readers.items():

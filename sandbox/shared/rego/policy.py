@@ -94,7 +94,7 @@ class RegoPolicy:
         `ignored_container_layers`, the layers of container objects the framework ignores (mount_device
         reads `data.policy.containers` raw, so those layers still mount)."""
         doc = self.document()
-        api = fw.parse_semver(self.api_version)
+        api = fw.semver(self.api_version)
         rules: dict[str, Any] = {}
         for ep, rule in self.rules.items():
             layout = fw.delegated_by_layout(ep, api)
@@ -114,7 +114,7 @@ class RegoPolicy:
 
     def effective_containers(self) -> list[dict[str, Any]]:
         """The containers with the framework's defaults for what their framework version predates."""
-        version = min(fw.parse_semver(self.framework_version), fw.FRAMEWORK_VERSION)
+        version = min(fw.semver(self.framework_version), fw.FRAMEWORK_VERSION)
         return [apply_defaults(c, version) for c in self.containers]
 
 
@@ -211,8 +211,8 @@ def read_policy(module: Module, source: str = "policy.rego") -> RegoPolicy:
             rules[ep] = Rule(RuleKind.default, info.default_allowed, info.default_results)
     flags = {}
     for flag in fw.FLAGS:
-        stmt = stmts.get(flag)
-        flags[flag] = False if stmt is None else reader.boolean(stmt.value, flag)
+        flag_stmt = stmts.get(flag)
+        flags[flag] = False if flag_stmt is None else reader.boolean(flag_stmt.value, flag)
     if version < fw.CAPABILITY_DROPPING_SINCE and flags["allow_capability_dropping"]:
         reader.warn("allow_capability_dropping", f"ignored: framework {fw_text} predates it (0.2.2)")
         flags["allow_capability_dropping"] = False

@@ -123,7 +123,9 @@ class _Parser:
         return RegoSyntaxError(f"{self.source}:{line}:{col}: {message}", hint=hint)
 
     def skip(self) -> None:
-        self.pos = _SPACE.match(self.text, self.pos).end()
+        m = _SPACE.match(self.text, self.pos)
+        if m is not None:   # always: the pattern matches the empty string too
+            self.pos = m.end()
 
     def at_line_end(self, since: int) -> bool:
         """No token between `since` and the next newline (comments allowed)."""
@@ -201,8 +203,9 @@ class _Parser:
                                 hint="policy data holds integers only; a version must be a string such as \"0.2.3\"")
             self.pos = m.end()
             return int(tok)
-        if _IDENT.match(self.text, start):
-            word = _IDENT.match(self.text, start).group()
+        ident = _IDENT.match(self.text, start)
+        if ident:
+            word = ident.group()
             if word in _KEYWORDS:
                 self.pos = start + len(word)
                 return {"true": True, "false": False, "null": None}[word]
@@ -222,9 +225,9 @@ class _Parser:
             return False
         raise self.fail(self.pos, f"expected ',' or {close!r}, found {self.describe(self.pos)}")
 
-    def array(self, depth: int) -> list:
+    def array(self, depth: int) -> list[Any]:
         self.expect("[")
-        items = []
+        items: list[Any] = []
         while self.peek() != "]":
             items.append(self.term(depth + 1))
             if not self._comma_or("]"):
@@ -232,7 +235,7 @@ class _Parser:
         self.expect("]")
         return items
 
-    def object(self, depth: int) -> dict:
+    def object(self, depth: int) -> dict[str, Any]:
         self.expect("{")
         out: dict[str, Any] = {}
         while self.peek() != "}":
