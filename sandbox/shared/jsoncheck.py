@@ -74,8 +74,8 @@ class Checker:
             return default
         return v
 
-    def string(self, d: Mapping[str, object], key: str, path: str, default: Any = MISSING, *, nonempty: bool = False,
-               pattern: re.Pattern[str] | None = None, what: str = "") -> Any:
+    def string(self, d: Mapping[str, object], key: str, path: str, default: Any = MISSING, *,
+               nonempty: bool = False, pattern: re.Pattern[str] | None = None, what: str = "") -> Any:
         v = self.get(d, key, path, str, default)
         if not isinstance(v, str) or v is default:
             return v
@@ -90,15 +90,17 @@ class Checker:
             return v
         return default
 
-    def integer(self, d: Mapping[str, object], key: str, path: str, lo: int, hi: int, default: Any = MISSING) -> Any:
+    def integer(self, d: Mapping[str, object], key: str, path: str, lo: int, hi: int,
+                default: Any = MISSING) -> Any:
         v = self.get(d, key, path, int, default)
         if isinstance(v, int) and v is not default and not lo <= v <= hi:
             self.problem(join(path, key), f"must be between {lo} and {hi}, got {v}")
             return default
         return v
 
-    def strings(self, d: Mapping[str, object], key: str, path: str, *, nonempty: bool = False, unique: bool = False,
-                pattern: re.Pattern[str] | None = None, what: str = "") -> tuple[str, ...] | None:
+    def strings(self, d: Mapping[str, object], key: str, path: str, *, nonempty: bool = False,
+                unique: bool = False, pattern: re.Pattern[str] | None = None,
+                what: str = "") -> tuple[str, ...] | None:
         """A list of strings (None when absent or not a list); bad items are reported and left out."""
         items = self.get(d, key, path, list, None)
         if items is None:

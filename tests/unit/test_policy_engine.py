@@ -561,7 +561,8 @@ CASES = [
                                                                     "argv": ["/bin/cat", "/www/index.html"]}),
          True, setup=CREATED, results={"env_list": ["PATH=/usr/bin:/bin"]},
          policy=policy(rules={"exec_in_container": {"allowed": True, "env_list": ["PATH=/usr/bin:/bin"]}})),
-    Case("rule-constant-exec-inherited-env-unrecorded", ("exec_in_container", {"container_id": "c9", "argv": ["/x"]}),
+    Case("rule-constant-exec-inherited-env-unrecorded",
+         ("exec_in_container", {"container_id": "c9", "argv": ["/x"]}),
          True, results={"env_list": []},
          policy=policy(rules={"exec_in_container": {"allowed": True, "env_list": ["PATH=/usr/bin:/bin"]}})),
     # -- layers of containers the framework ignores, share volumes ----------------------------------------------

@@ -535,7 +535,8 @@ class PolicyEngine:
             keep = set(env)
             asked = input.env
             if asked is INHERIT:    # an exec that leaves env out runs with the container's (none recorded: empty)
-                own = self._state.process.get(input.container_id) if isinstance(input, ExecInContainerInput) else None
+                own = (self._state.process.get(input.container_id) if isinstance(input, ExecInContainerInput)
+                       else None)
                 asked = own.env if own is not None else ()
             env_list = _dedupe(e for e in asked if e in keep)
         caps_list = None
@@ -812,7 +813,8 @@ class PolicyEngine:
         return env_list, _narrow(ep, who, survivors, lambda c: _env_mismatch(c.env_rules, env_list))
 
     def _narrow_caps(self, ep: str, who: Subject, survivors: tuple[_Candidate, ...],
-                     capabilities: Capabilities | None, privileged: bool) -> tuple[Capabilities, tuple[_Candidate, ...]]:
+                     capabilities: Capabilities | None,
+                     privileged: bool) -> tuple[Capabilities, tuple[_Candidate, ...]]:
         """framework.rego valid_caps_for_all + caps_ok."""
         requested = (defaults.default_capabilities(privileged) if capabilities is None
                      else capabilities.sets())

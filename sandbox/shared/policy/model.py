@@ -535,7 +535,8 @@ def _check_container(c: _Checker, raw: Any, path: str, version: tuple[int, int, 
     layers = c.strings(d, "layers", path, nonempty=True, pattern=HEX64,
                        what="a dm-verity root hash (64 lowercase hex digits)")
     command = _check_command(c, d, path)
-    env_rules: tuple[AnyEnvRule, ...] | None = c.items(d, "env_rules", path, lambda r, p: _check_env_rule(c, r, p))
+    env_rules: tuple[AnyEnvRule, ...] | None = c.items(d, "env_rules", path,
+                                                       lambda r, p: _check_env_rule(c, r, p))
     working_dir = c.string(d, "working_dir", path, None)
     if working_dir is not None and not working_dir.startswith("/"):
         c.problem(join(path, "working_dir"), f"{working_dir!r} is not an absolute path")
@@ -567,7 +568,8 @@ def _check_external_process(c: _Checker, raw: Any, path: str) -> ExternalProcess
         return None
     before = len(c.problems)
     command = _check_command(c, d, path)
-    env_rules: tuple[AnyEnvRule, ...] | None = c.items(d, "env_rules", path, lambda r, p: _check_env_rule(c, r, p))
+    env_rules: tuple[AnyEnvRule, ...] | None = c.items(d, "env_rules", path,
+                                                       lambda r, p: _check_env_rule(c, r, p))
     working_dir = c.string(d, "working_dir", path, None)
     allow_stdio = c.get(d, "allow_stdio_access", path, bool, None)
     if len(c.problems) != before or command is _BAD or env_rules is None:

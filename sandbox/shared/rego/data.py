@@ -122,7 +122,8 @@ class DataReader:
         if not isinstance(raw, dict):
             self.problem(path, f"expected an object, got {_show(raw)}")
             return None
-        out: dict[str, object] = {k: self.string(raw.get(k), f"{path}.{k}") for k in ("destination", "source", "type")}
+        out: dict[str, object] = {k: self.string(raw.get(k), f"{path}.{k}")
+                                  for k in ("destination", "source", "type")}
         out["options"] = self.strings(raw.get("options"), f"{path}.options")
         self._unknown(raw, set(out), path)
         return None if None in out.values() else out

@@ -63,9 +63,10 @@ def read_fragment(module: Module, source: str = "fragment.rego") -> RegoFragment
     v = min(version, fw.FRAMEWORK_VERSION)
     newer = version > fw.FRAMEWORK_VERSION
     out: dict[str, list[dict[str, Any]]] = {"containers": [], "fragments": [], "external_processes": []}
-    readers: dict[str, Callable[[Any, str], dict[str, Any] | None]] = {"containers": lambda r, p: reader.container(r, p, v, as_written=version == fw.FRAMEWORK_VERSION),
-               "fragments": reader.fragment_import,
-               "external_processes": reader.external_process}
+    readers: dict[str, Callable[[Any, str], dict[str, Any] | None]] = {
+        "containers": lambda r, p: reader.container(r, p, v, as_written=version == fw.FRAMEWORK_VERSION),
+        "fragments": reader.fragment_import,
+        "external_processes": reader.external_process}
     for name, read in readers.items():
         if name in stmts:
             raw = reader.objects(stmts[name].value, name) or []
