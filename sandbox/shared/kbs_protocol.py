@@ -38,9 +38,12 @@ import json
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.shared.errors import CheckFailed, InputError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 VERSION = 1
 API_PREFIX = "/kbs/v1"
@@ -96,7 +99,7 @@ def key_pin(public_key_der: bytes) -> str:
     return hashlib.sha256(public_key_der).hexdigest()
 
 
-def canonical(doc: dict[str, Any]) -> bytes:
+def canonical(doc: Mapping[str, object]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 

@@ -292,7 +292,7 @@ def parse_policy(raw: bytes, source: str = "policy") -> Policy:
 # Serialisation
 
 
-def _env_rule_doc(r: AnyEnvRule) -> dict[str, Any]:
+def _env_rule_doc(r: AnyEnvRule) -> dict[str, str | bool]:
     if isinstance(r, NameValueEnvRule):
         return {"name": r.name, "name_strategy": r.name_strategy.value, "value": r.value,
                 "value_strategy": r.value_strategy.value, "required": r.required}
@@ -303,12 +303,12 @@ def _command_doc(command: tuple[str, ...] | None) -> list[str] | None:
     return None if command is None else list(command)
 
 
-def _idname_doc(i: IdName) -> dict[str, Any]:
+def _idname_doc(i: IdName) -> dict[str, str]:
     return {"pattern": i.pattern, "strategy": i.strategy.value}
 
 
-def _container_doc(c: Container, version: tuple[int, int, int]) -> dict[str, Any]:
-    d: dict[str, Any] = {
+def _container_doc(c: Container, version: tuple[int, int, int]) -> dict[str, object]:
+    d: dict[str, object] = {
         "layers": list(c.layers),
         "command": _command_doc(c.command),
         "env_rules": [_env_rule_doc(r) for r in c.env_rules],
@@ -341,7 +341,7 @@ def _container_doc(c: Container, version: tuple[int, int, int]) -> dict[str, Any
     return d
 
 
-def _volume_doc(v: Volume) -> dict[str, Any]:
+def _volume_doc(v: Volume) -> dict[str, str]:
     # A files volume is written as before kinds existed ({name, target, device_hash}): its bytes, and
     # so HOST_DATA, stay what they were.
     if v.kind == VolumeKind.files:

@@ -18,9 +18,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.shared.errors import InputError
+
+if TYPE_CHECKING:
+    from sandbox.shared.jsonstrict import JsonObject
 
 
 class RegoSyntaxError(InputError):
@@ -77,8 +80,8 @@ class _NoFast(Exception):
     pass
 
 
-def _refuse_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _refuse_pairs(pairs: list[tuple[str, Any]]) -> JsonObject:
+    out: JsonObject = {}
     for k, v in pairs:
         if k in out:
             raise _NoFast
@@ -235,9 +238,9 @@ class _Parser:
         self.expect("]")
         return items
 
-    def object(self, depth: int) -> dict[str, Any]:
+    def object(self, depth: int) -> JsonObject:
         self.expect("{")
-        out: dict[str, Any] = {}
+        out: JsonObject = {}
         while self.peek() != "}":
             key_pos = self.pos
             key = self.term(depth + 1)
