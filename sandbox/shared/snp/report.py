@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass, replace
-from typing import Any
 
 from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.snp.key_info import KeyInfo, SigningKey
@@ -165,7 +164,7 @@ class AttestationReport:
                                                  for name in TCB_FIELDS})
 
     # Presentation -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """Every field, in report order. Hex strings for byte fields; TCBs decoded per product."""
         return {
             "version": self.version,

@@ -8,7 +8,6 @@ The raw value is kept as is, so a report re-serialises to the exact bytes it was
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from sandbox.shared.errors import InputError
 from sandbox.shared.snp.product import TcbLayout
@@ -85,7 +84,7 @@ class TcbVersion:
         return [f"{name} {mine.get(name, 0)} < {value}" for name, value in minimum.spls().items()
                 if mine.get(name, 0) < value]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, int | str]:
         return {**self.spls(), "raw": self.raw.hex()}
 
     def __str__(self) -> str:
