@@ -126,10 +126,10 @@ class Decision:
         return bool(self.grant.allow_stdio_access)
 
     @property
-    def results(self) -> dict[str, Any]:
+    def results(self) -> dict[str, object]:
         """The results in JSON form (docs/policy-trace.md), only those the point produces."""
         g = self.grant
-        out: dict[str, Any] = {}
+        out: dict[str, object] = {}
         if g.env_list is not None:
             out["env_list"] = list(g.env_list)
         if g.caps_list is not None:
@@ -138,7 +138,7 @@ class Decision:
             out["allow_stdio_access"] = g.allow_stdio_access
         return out
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {"ep": self.ep.value, "allowed": self.allowed, "reason": self.reason, "results": self.results,
                 "changes": list(self.changes)}
 
@@ -352,7 +352,7 @@ class ProcessIdentity:
     capabilities: Capabilities
     no_new_privileges: bool
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {"env": list(self.env), "working_dir": self.working_dir, "user": self.user.to_json(),
                 "groups": [g.to_json() for g in self.groups], "umask": self.umask,
                 "capabilities": {k: list(v) for k, v in self.capabilities.sets().items()},

@@ -23,6 +23,8 @@ from sandbox.shared.rego import framework as fw
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from sandbox.shared.jsonstrict import JsonObject
+
 T = TypeVar("T")
 
 
@@ -73,7 +75,7 @@ class DataReader:
             self.problem(f"{path}[{i}]", f"expected a string, got {_show(value[i])}")
         return None if bad else list(value)
 
-    def objects(self, value: Any, path: str) -> list[dict[str, Any]] | None:
+    def objects(self, value: Any, path: str) -> list[JsonObject] | None:
         if not isinstance(value, list):
             self.problem(path, f"expected an array of objects, got {_show(value)}")
             return None
@@ -181,7 +183,7 @@ class DataReader:
         self._unknown(raw, set(sets), path)
         return _BAD if None in sets.values() else sets
 
-    def _unknown(self, raw: dict[str, Any], known: set[str], path: str) -> None:
+    def _unknown(self, raw: JsonObject, known: set[str], path: str) -> None:
         for key in sorted(set(raw) - known):
             self.warn(f"{path}.{key}", "unknown field, ignored (the framework does not read it)")
 
@@ -192,7 +194,7 @@ class DataReader:
     # -- top-level collections ---------------------------------------------------------------------
 
     def container(self, raw: Any, path: str, version: fw.Version, *,
-                  as_written: bool = False) -> dict[str, Any] | None:
+                  as_written: bool = False) -> JsonObject | None:
         """A container with the fields of its framework version, checked (apply_defaults() completes it);
         None, with a warning, when the framework drops it.
 
@@ -220,7 +222,7 @@ class DataReader:
                             "ACI ignores this container (its layers may still be mounted)")
             return None
         before = len(self.problems)
-        out: dict[str, Any] = {}
+        out: JsonObject = {}
         for key in ("name", "id"):
             if key in raw:
                 out[key] = self.string(raw[key], f"{path}.{key}")
@@ -256,7 +258,7 @@ class DataReader:
             return None
         return out
 
-    def external_process(self, raw: Any, path: str) -> dict[str, Any] | None:
+    def external_process(self, raw: Any, path: str) -> JsonObject | None:
         if not isinstance(raw, dict):
             self.problem(path, f"expected an object, got {_show(raw)}")
             return None
@@ -275,7 +277,7 @@ class DataReader:
             return None
         return out
 
-    def fragment_import(self, raw: Any, path: str) -> dict[str, Any] | None:
+    def fragment_import(self, raw: Any, path: str) -> JsonObject | None:
         """An entry of `fragments` (check_fragment)."""
         if not isinstance(raw, dict):
             self.problem(path, f"expected an object, got {_show(raw)}")
@@ -285,7 +287,7 @@ class DataReader:
             self.warn(path, f"lacks {', '.join(missing)}: ACI ignores this fragment import")
             return None
         before = len(self.problems)
-        out: dict[str, Any] = {"issuer": self.string(raw["issuer"], f"{path}.issuer"),
+        out: JsonObject = {"issuer": self.string(raw["issuer"], f"{path}.issuer"),
                                "feed": self.string(raw["feed"], f"{path}.feed")}
         svn = raw["minimum_svn"]
         if not (isinstance(svn, str) or (isinstance(svn, int) and not isinstance(svn, bool))):
@@ -314,7 +316,7 @@ class DataReader:
 
 
 # What stands in for the fields a container of the framework's own version lacks (see container()).
-_INERT_CONTAINER: dict[str, Any] = {
+_INERT_CONTAINER: JsonObject = {
     "command": None, "env_rules": [], "mounts": [], "allow_elevated": False, "working_dir": "/", "exec_processes": [],
     "signals": [], "allow_stdio_access": False, "no_new_privileges": False, "user": fw.ANY_USER, "capabilities": None,
     "seccomp_profile_sha256": ""}
@@ -328,7 +330,7 @@ class _Bad:
 _BAD: Any = _Bad()
 
 
-def apply_defaults(container: dict[str, Any], version: fw.Version) -> dict[str, Any]:
+def apply_defaults(container: JsonObject, version: fw.Version) -> JsonObject:
     """The container as the framework evaluates it: check_container's defaults for what `version` predates."""
     out = dict(container)
     if version < fw.SIGNALS_APPENDED_UNTIL:

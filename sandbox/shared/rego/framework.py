@@ -121,7 +121,7 @@ CONTAINER_VERSIONED_FIELDS: dict[str, Version] = {
 SIGNALS_APPENDED_UNTIL = (0, 4, 1)
 APPENDED_SIGNALS = (9, 15)
 DEFAULT_UMASK = "0022"
-ANY_USER: dict[str, Any] = {"umask": DEFAULT_UMASK, "user_idname": {"pattern": "", "strategy": "any"},
+ANY_USER: dict[str, object] = {"umask": DEFAULT_UMASK, "user_idname": {"pattern": "", "strategy": "any"},
                             "group_idnames": [{"pattern": "", "strategy": "any"}]}
 
 EXTERNAL_PROCESS_FIELDS = ("command", "env_rules", "working_dir", "allow_stdio_access")
