@@ -26,9 +26,12 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, TypeVar
 
 from sandbox.shared.jsoncheck import suggestion, type_name
+
+if TYPE_CHECKING:
+    from sandbox.shared.jsonstrict import JsonObject
 
 M = TypeVar("M", bound="Message")
 _MISSING: Any = dataclasses.MISSING
@@ -171,7 +174,7 @@ class Message:
         """Decode a parsed JSON value; raises FieldError."""
         return decode(cls, raw)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return encode(self)
 
 
@@ -180,7 +183,7 @@ def decode(cls: type[M], raw: Any, *, ignore_unknown: bool = False) -> M:
     return _codec(cls).decode(raw, ignore_unknown)
 
 
-def encode(message: Message) -> dict[str, Any]:
+def encode(message: Message) -> JsonObject:
     """The JSON object of a message (the inverse of decode)."""
     return _codec(type(message)).encode(message)
 
@@ -303,7 +306,7 @@ def _tuple_of(item: Decoder, what: str, limit: int | None, str_checks: list[Deco
 
 
 def _map_of(item: Decoder, limit: int | None) -> Decoder:
-    def dec(value: Any) -> dict[str, Any]:
+    def dec(value: Any) -> JsonObject:
         if type(value) is not dict:
             raise _expected("an object", value)
         _too_many(value, limit)
@@ -411,7 +414,7 @@ def _compile(tp: Any) -> tuple[Decoder, Encoder]:
         item_dec, item_enc = _compile(args[1]) if args else (_same, _same)
         dec = _map_of(item_dec, limit)
 
-        def enc(value: Mapping[str, Any], item: Encoder = item_enc) -> dict[str, Any]:
+        def enc(value: Mapping[str, Any], item: Encoder = item_enc) -> JsonObject:
             return {k: item(x) for k, x in value.items()}
     elif isinstance(tp, type) and issubclass(tp, Message):
         dec, enc = _message_decoder(tp), encode
@@ -529,7 +532,7 @@ class _ClassCodec(Generic[M]):
         return FieldError(f"unknown field{extra}", "." + label(name),
                           hint="known fields: " + (", ".join(f.name for f in self.fields) or "none"))
 
-    def encode(self, message: M) -> dict[str, Any]:
+    def encode(self, message: M) -> JsonObject:
         out = {}
         for f in self.fields:
             value = getattr(message, f.name)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from sandbox.shared.jsonstrict import JsonObject
 
 MISSING: Any = object()
 T = TypeVar("T")
@@ -51,7 +54,7 @@ class Checker:
         self.problems.append(f"{path}: {message}" if path else message)
 
     def obj(self, value: Any, path: str, allowed: Collection[str],
-            required: Collection[str] = ()) -> dict[str, Any] | None:
+            required: Collection[str] = ()) -> JsonObject | None:
         """An object with only `allowed` keys and all `required` ones; None (problem noted) otherwise."""
         if not isinstance(value, dict):
             self.problem(path, f"expected an object, got {type_name(value)}")

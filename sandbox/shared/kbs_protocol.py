@@ -45,6 +45,8 @@ from sandbox.shared.errors import CheckFailed, InputError
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from sandbox.shared.jsonstrict import JsonObject
+
 VERSION = 1
 API_PREFIX = "/kbs/v1"
 IDENTITY_PATH = f"{API_PREFIX}/identity"
@@ -70,7 +72,7 @@ ATTEST_API_MOUNT_OPTIONS = ("rbind", "rprivate", "nosuid", "nodev", "ro")
 FW_CFG_KBS_URL = "opt/parma/kbs_url"
 
 
-def attestation_api_mount() -> dict[str, Any]:
+def attestation_api_mount() -> JsonObject:
     """The bind mount (policy constraint and create_container mount alike) that gives a container the
     attestation API. Connecting to a unix socket needs no write access, so it is read-only."""
     return {"destination": ATTEST_API_DIR, "source": ATTEST_API_DIR, "type": "bind",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandbox.shared.errors import InputError
-from sandbox.shared.jsonstrict import decode_utf8, loads_strict
+from sandbox.shared.jsonstrict import JsonObject, decode_utf8, loads_strict
 from sandbox.shared.messages import MAX_SECCOMP_PROFILE_BYTES as MAX_PROFILE_BYTES
 
 MAX_SYSCALL_RULES = 4096
@@ -77,9 +77,9 @@ class SeccompProfile:
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical).hexdigest()
 
-    def to_oci(self) -> dict[str, Any]:
+    def to_oci(self) -> dict[str, object]:
         """The spec's linux.seccomp, exactly the measured object."""
-        spec: dict[str, Any] = json.loads(self.canonical)     # a JSON object: parse_profile checked it
+        spec: dict[str, object] = json.loads(self.canonical)     # a JSON object: parse_profile checked it
         return spec
 
 
@@ -154,7 +154,7 @@ def _arg(value: Any, at: str) -> dict[str, object]:
     return out
 
 
-def _object(value: Any, at: str, fields: tuple[str, ...]) -> dict[str, Any]:
+def _object(value: Any, at: str, fields: tuple[str, ...]) -> JsonObject:
     if type(value) is not dict:
         raise SeccompError(f"expected an object, got {_type(value)}", at)
     for key in value:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sandbox.shared.errors import InputError, InvalidDocument, StateError
+from sandbox.shared.jsonstrict import JsonObject
 from sandbox.shared.messages import (
     Capabilities,
     ContainerMount,
@@ -329,7 +330,7 @@ class _LoadedFragment:
     namespace: str
     candidates: tuple[_Candidate, ...]
     externals: tuple[_External, ...]
-    imports: tuple[dict[str, Any], ...]
+    imports: tuple[JsonObject, ...]
     layers: frozenset[str]
 
 
@@ -555,7 +556,7 @@ class PolicyEngine:
             changes.append(("stdio", input.container_id, bool(grant.allow_stdio_access)))
         return grant, changes
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> JsonObject:
         """The tracked state (JSON-able), for logs and `policy check`."""
         with self._lock:
             s = self._state

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox.shared.errors import InvalidDocument
 from sandbox.shared.jsoncheck import Checker, join
-from sandbox.shared.jsonstrict import decode_utf8, loads_strict
+from sandbox.shared.jsonstrict import JsonObject, decode_utf8, loads_strict
 from sandbox.shared.messages import Capabilities
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.points import VolumeKind
@@ -171,7 +171,7 @@ class FragmentImport:
     minimum_svn: str | int
     includes: tuple[str, ...]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"issuer": self.issuer, "feed": self.feed, "minimum_svn": self.minimum_svn,
                 "includes": list(self.includes)}
 
@@ -188,7 +188,7 @@ class PointRule:
     results: tuple[tuple[str, Any], ...] = ()
     framework: bool = False
 
-    def to_json(self) -> dict[str, Any] | str | None:
+    def to_json(self) -> JsonObject | str | None:
         if self.framework:
             return "framework"
         return None if self.allowed is None else {"allowed": self.allowed, **dict(self.results)}
@@ -212,7 +212,7 @@ class Policy:
     allow_unencrypted_scratch: bool = False
     allow_capability_dropping: bool = False
 
-    def to_document(self) -> dict[str, Any]:
+    def to_document(self) -> JsonObject:
         return _policy_doc(self)
 
     def canonical_bytes(self) -> bytes:
@@ -349,8 +349,8 @@ def _volume_doc(v: Volume) -> dict[str, str]:
     return {"name": v.name, "target": v.target, "kind": v.kind.value}
 
 
-def _policy_doc(p: Policy) -> dict[str, Any]:
-    d: dict[str, Any] = {
+def _policy_doc(p: Policy) -> JsonObject:
+    d: JsonObject = {
         "api_version": p.api_version,
         "framework_version": p.framework_version,
         "containers": [_container_doc(c, parse_version(p.framework_version)) for c in p.containers],
