@@ -12,7 +12,7 @@ from sandbox.cli.common import info, write_document
 from sandbox.group import load_group
 from sandbox.k8s.manifest import Kind, check_policy_images, exec_notes, manifests
 from sandbox.policy.gen import generate_policy
-from sandbox.policy.sources import resolve_group_images
+from sandbox.policy.sources import files_volume_hashes, resolve_group_images
 from sandbox.policy.summary import read_policy
 
 FILE = click.Path(path_type=Path, dir_okay=False)
@@ -43,7 +43,7 @@ def command(group_file: Path, kind: str, policy_file: Path | None, namespace: st
         policy, parsed = read_policy(policy_file)
         check_policy_images(spec, parsed)
     else:
-        policy = generate_policy(spec, resolve_group_images(spec))
+        policy = generate_policy(spec, resolve_group_images(spec), volume_hashes=files_volume_hashes(spec))
     docs = manifests(spec, policy, kind=Kind(kind), namespace=namespace, replicas=replicas)
     text = yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, allow_unicode=True)
     notes = exec_notes(spec)
