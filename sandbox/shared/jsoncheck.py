@@ -8,7 +8,7 @@ once and the model is built only when the list stays empty.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class Checker:
                 self.problem(join(path, key), "required field is missing")
         return value
 
-    def get(self, d: Mapping[str, object], key: str, path: str, kind: type, default: Any = MISSING) -> Any:
+    def get(self, d: JsonObject, key: str, path: str, kind: type, default: Any = MISSING) -> Any:
         """d[key] if present and of `kind` (bool is not an int); `default` when absent or wrong."""
         v = d.get(key, MISSING)
         if v is MISSING:
@@ -77,7 +77,7 @@ class Checker:
             return default
         return v
 
-    def string(self, d: Mapping[str, object], key: str, path: str, default: Any = MISSING, *,
+    def string(self, d: JsonObject, key: str, path: str, default: Any = MISSING, *,
                nonempty: bool = False, pattern: re.Pattern[str] | None = None, what: str = "") -> Any:
         v = self.get(d, key, path, str, default)
         if not isinstance(v, str) or v is default:
@@ -93,7 +93,7 @@ class Checker:
             return v
         return default
 
-    def integer(self, d: Mapping[str, object], key: str, path: str, lo: int, hi: int,
+    def integer(self, d: JsonObject, key: str, path: str, lo: int, hi: int,
                 default: Any = MISSING) -> Any:
         v = self.get(d, key, path, int, default)
         if isinstance(v, int) and v is not default and not lo <= v <= hi:
@@ -101,7 +101,7 @@ class Checker:
             return default
         return v
 
-    def strings(self, d: Mapping[str, object], key: str, path: str, *, nonempty: bool = False,
+    def strings(self, d: JsonObject, key: str, path: str, *, nonempty: bool = False,
                 unique: bool = False, pattern: re.Pattern[str] | None = None,
                 what: str = "") -> tuple[str, ...] | None:
         """A list of strings (None when absent or not a list); bad items are reported and left out."""
@@ -125,7 +125,7 @@ class Checker:
                 out.append(item)
         return tuple(out)
 
-    def items(self, d: Mapping[str, object], key: str, path: str,
+    def items(self, d: JsonObject, key: str, path: str,
               check: Callable[[Any, str], T | None]) -> tuple[T, ...] | None:
         """Apply `check(item, item_path)` to each element; None when absent or when any check failed."""
         raw = self.get(d, key, path, list, None)

@@ -380,7 +380,7 @@ def _policy_doc(p: Policy) -> JsonObject:
 # Validation: walk the raw JSON, collect every problem with its JSON path, build the model only when clean.
 
 class _Checker(Checker):
-    def signals(self, d: Mapping[str, object], key: str, path: str) -> tuple[int, ...] | None:
+    def signals(self, d: JsonObject, key: str, path: str) -> tuple[int, ...] | None:
         items = self.get(d, key, path, list, None)
         if items is None:
             return None
@@ -399,7 +399,7 @@ class _Checker(Checker):
             self.problem(path, f"regex {pattern!r} {e}")
 
 
-def _strategy(c: _Checker, d: Mapping[str, object], key: str, path: str) -> Strategy | None:
+def _strategy(c: _Checker, d: JsonObject, key: str, path: str) -> Strategy | None:
     strategy = c.string(d, key, path, None)
     if strategy is not None and strategy not in Strategy.__members__:
         c.problem(join(path, key), f"must be 'string' or 're2', got {strategy!r}")
@@ -439,7 +439,7 @@ def _check_name_value_env_rule(c: _Checker, raw: Mapping[str, object], path: str
     return NameValueEnvRule(name, name_strategy, value, value_strategy, required)
 
 
-def _check_command(c: _Checker, d: Mapping[str, object], path: str) -> tuple[str, ...] | None | Any:
+def _check_command(c: _Checker, d: JsonObject, path: str) -> tuple[str, ...] | None | Any:
     """A command: a non-empty array of strings, or null (never matches); _BAD when neither."""
     if "command" in d and d["command"] is None:
         return None
