@@ -80,7 +80,8 @@ def convert_tar_to_ext4(src: Path, out: Path, *, options: Ext4Options = DEFAULT_
     with atomic_output(out) as tmp:
         fd = _open_image(tmp)
         try:
-            return _write_ext4(src, fd, options, expected_diff_id, what, watcher=Writeback(fd))
+            with Writeback(fd) as watcher:
+                return _write_ext4(src, fd, options, expected_diff_id, what, watcher=watcher)
         finally:
             os.close(fd)
 
@@ -97,7 +98,8 @@ def convert_layer(src: Path, out: Path, *, expected_diff_id: str | None = None, 
             # Fork the tree's hashing before the conversion starts any thread (sandbox/layers/treehash.py).
             hasher = FirstLevelHasher.start(fd, reserved_blocks=1 + descriptor_blocks(options.max_disk_size),
                                             salt=ZERO_SALT)
-            ext4 = _write_ext4(src, fd, options, expected_diff_id, what, watcher=Writeback(fd, hasher))
+            with Writeback(fd, hasher) as watcher:
+                ext4 = _write_ext4(src, fd, options, expected_diff_id, what, watcher=watcher)
             first_level = hasher.finish(ext4.ext4_size // BLOCK_SIZE) if hasher is not None else None
             with step(f"Hashing {what}"):
                 info = format_verity(tmp, salt=ZERO_SALT, superblock=True, first_level=first_level)

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import queue
+import threading
 from collections.abc import Callable
+from types import TracebackType
 
 from sandbox.layers.ext4_writer import WriteWatcher
 
@@ -41,20 +44,46 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 class Writeback:
-    """A WriteWatcher that starts the writeback of each finished stretch, then tells `inner` (if any)."""
+    """A WriteWatcher that starts the writeback of each finished stretch, then tells `inner` (if any).
+
+    A context manager: leaving it stops the thread (the writeback already started goes on in the kernel).
+    """
 
     def __init__(self, fd: int, inner: WriteWatcher | None = None, *, step: int = STEP) -> None:
         self.fd = fd
         self.inner = inner
         self.step = step
-        self.done = 0                   # bytes [0, done) handed to the kernel
+        self.done = 0                   # bytes [0, done) handed over
+        self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Writeback:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while (item := self._ranges.get()) is not None:
+            start_writeback(self.fd, *item)
 
     def written(self, end: int) -> None:
         if end - self.done >= self.step:
-            start_writeback(self.fd, self.done, end - self.done)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="writeback", daemon=True)
+                self._thread.start()
+            self._ranges.put((self.done, end - self.done))
             self.done = end
         if self.inner is not None:
             self.inner.written(end)
+
+    def close(self) -> None:
+        """Stop the thread once it has handed over what it was given (it does not wait for the I/O)."""
+        if self._thread is not None:
+            self._ranges.put(None)
+            self._thread.join()
+            self._thread = None
 
     def rewritten(self, block: int) -> None:
         if self.inner is not None:

@@ -4,6 +4,7 @@ the image's bytes, passes every notice on, and hands the kernel each written str
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,12 @@ def test_stretches_are_handed_over_once_in_order(monkeypatch: pytest.MonkeyPatch
     calls: list[tuple[int, int, int]] = []
     monkeypatch.setattr(writeback, "start_writeback", lambda fd, off, n: calls.append((fd, off, n)))
     inner = Recorder()
-    w = writeback.Writeback(7, inner, step=100)
-    for end in (50, 120, 150, 260, 400):
-        w.written(end)
-    w.rewritten(3)
+    threads = threading.active_count()
+    with writeback.Writeback(7, inner, step=100) as w:
+        for end in (50, 120, 150, 260, 400):
+            w.written(end)
+        w.rewritten(3)
+    assert threading.active_count() == threads         # the thread ends with the conversion
     assert calls == [(7, 0, 120), (7, 120, 140), (7, 260, 140)]
     assert inner.notices == [("written", 50), ("written", 120), ("written", 150), ("written", 260),
                              ("written", 400), ("rewritten", 3)]
@@ -57,7 +60,11 @@ def test_same_image_with_and_without_writeback(tmp_path: Path) -> None:
         out = tmp_path / name
         fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            convert_tar_stream([tar], fd, watcher=writeback.Writeback(fd, step=4096) if watcher else None)
+            if watcher:
+                with writeback.Writeback(fd, step=4096) as w:
+                    convert_tar_stream([tar], fd, watcher=w)
+            else:
+                convert_tar_stream([tar], fd)
         finally:
             os.close(fd)
         images.append(out.read_bytes())
