@@ -255,7 +255,12 @@ class _ReadingProcess:
         self._shm = mmap.mmap(-1, self.SLOTS * CHUNK)
         ready_r, ready_w = os.pipe()
         free_r, free_w = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for end in (ready_r, ready_w, free_r, free_w):
+                os.close(end)
+            raise
         if pid == 0:                                # the child: read until the end, then leave at once
             code = 1
             try:
@@ -378,9 +383,10 @@ def open_layer(path: Path, *, what: str, on_read: Callable[[int], None] | None =
             if on_read:
                 on_read(path.stat().st_size)        # the process reads the file; report it up front
             source = _Pipe(proc, what)
-        elif single_threaded():
-            ahead = _ReadingProcess(f.fileno(), what)
         else:
+            if single_threaded():
+                with contextlib.suppress(OSError):      # no process to spare: the thread reads
+                    ahead = _ReadingProcess(f.fileno(), what)
             source = _Plain(f.fileno())
         if ahead is None:
             ahead = _ReadAhead(source, f"read {what}")

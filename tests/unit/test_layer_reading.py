@@ -26,6 +26,10 @@ from sandbox.layers import decompress
 if sys.argv[2] == "thread":
     stop = threading.Event()
     threading.Thread(target=stop.wait, daemon=True).start()
+if sys.argv[2] == "nofork":
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    os.fork = no_fork
 path = Path(sys.argv[1])
 out = {"chunks": 0}
 h = hashlib.sha256()
@@ -64,8 +68,9 @@ def test_process_and_thread_hand_over_the_same_bytes(tmp_path: Path) -> None:
     want = hashlib.sha256(data).hexdigest()
     process = fresh_python(READ, str(path), "single", "all")
     thread = fresh_python(READ, str(path), "thread", "all")
-    assert process["reader"] == "_ReadingProcess" and thread["reader"] == "_ReadAhead"
-    for got in (process, thread):
+    no_fork = fresh_python(READ, str(path), "nofork", "all")        # fork fails: the thread reads
+    assert process["reader"] == "_ReadingProcess" and thread["reader"] == no_fork["reader"] == "_ReadAhead"
+    for got in (process, thread, no_fork):
         assert got["sha256"] == want and got["diff_id"] == "sha256:" + want
         assert got["chunks"] == 10 and got["children_left"] is False
 
