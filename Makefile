@@ -34,7 +34,7 @@ example-images: setup ## Build the example images (build/images/busybox) from De
 run: setup example-images ## Run the example group (examples/hello) in a confidential UVM
 	$(PS) up examples/hello/group.json
 
-test: setup ## Run the default tiers: unit, tools and vm
+test: setup lint ## Lint (ruff, mypy), then run the default tiers: unit, tools and vm
 	$(PYTEST) -m "(unit or tools or vm) and not slow" tests
 
 test-unit: setup ## Pure tests only (seconds)
@@ -52,8 +52,9 @@ test-snp: setup ## Tests that need SEV-SNP hardware (they skip elsewhere)
 test-slow: setup ## Long-running tests (reproducibility rebuilds, boot loops)
 	$(PYTEST) -m slow tests
 
-lint: setup ## ruff
+lint: setup ## ruff on everything; mypy (pyproject.toml: strict on sandbox/shared and sandbox/guest)
 	$(BIN)/ruff check sandbox tests bench
+	$(BIN)/mypy
 
 bench: setup ## Benchmarks, each printing JSON with its reference and ratio (PARMA_SANDBOX_TAR2EXT4: hcsshim's tar2ext4)
 	@for b in bench/bench_*.py; do echo "== $$b" >&2; $(BIN)/python $$b || exit 1; done

@@ -64,7 +64,7 @@ def _die_with_parent(parent: int) -> None:
 
 def find_tool(name: str, *, extra_dirs: Sequence[PathLike] = ()) -> Path:
     """Locate an executable on PATH (plus /usr/sbin, /sbin and extra_dirs) or raise ToolMissing."""
-    search = os.pathsep.join([*map(os.fspath, extra_dirs), os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    search = os.pathsep.join([*(os.fspath(d) for d in extra_dirs), os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     found = shutil.which(name, path=search)
     if found is None:
         pkg = PACKAGE_OF.get(name)

@@ -7,6 +7,7 @@ A sandbox whose processes are all gone is 'stale' (SandboxRecord.observed decide
 
 from __future__ import annotations
 
+import builtins
 import json
 import shutil
 import time
@@ -24,7 +25,7 @@ from sandbox.shared.errors import NotFoundError, StateError
 
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
-STATE_VERSION = 2
+STATE_VERSION = 3         # 3: ContainerRun.ready and probe_error (a version 2 file reads as is)
 LAUNCHER = "launcher"       # keys of SandboxRecord.processes besides the VM's
 SUPERVISOR = "supervisor"
 
@@ -155,6 +156,10 @@ class ContainerRun(Message):
     restart_at: float | None = None      # when it starts again (restarting)
     backoff: int = 0                     # restarts since its back-off last started over
     error: str | None = None             # why it could not be (re)started (failed)
+    # Probes (state version 3): `ready` as its readiness probe last decided (None: it has none, running is
+    # ready); `probe_error` the last probe failure that changed something, or why a probe is not run.
+    ready: bool | None = None
+    probe_error: str | None = None
 
     @property
     def completed(self) -> bool:
@@ -254,7 +259,7 @@ class SandboxRecord(Message):
         version = raw.get("version")
         if version == 1:
             raw = _migrate_v1(raw)
-        elif version != STATE_VERSION:
+        elif version not in (2, STATE_VERSION):
             raise StateError(f"state file of sandbox {raw.get('name')!r} has unknown version {version!r}",
                              hint="it was written by another parma-sandbox version: use that version's 'down', "
                                   "or stop its QEMU and remove the directory")
@@ -341,7 +346,7 @@ class StateStore:
                 records.append(rec)
         return records
 
-    def cleanup_stale(self) -> list[str]:
+    def cleanup_stale(self) -> builtins.list[str]:      # `list` here is the method above
         """Remove the state of sandboxes whose recorded processes are all gone. Returns their names."""
         removed = []
         for rec in self.list():
@@ -365,6 +370,8 @@ def list_sandboxes(store: StateStore | None = None) -> list[dict[str, Any]]:
             # Each container's restarts, and its exit code once it will not run again (the supervisor's record).
             "restarts": {r.name: r.restarts for r in rec.runs if r.restarts},
             "exited": {r.name: r.exit_code for r in rec.runs if r.status == RunStatus.exited and not r.init},
+            # Containers a readiness probe says are not ready (while they run).
+            "not_ready": [r.name for r in rec.runs if r.ready is False and r.status == RunStatus.running],
             "ports": [p.display() for p in rec.ports], "policy_hash": rec.policy_hash, "created": rec.created,
             "pid": qemu.pid if qemu is not None else None,
         })

@@ -111,7 +111,9 @@ def parse_decision(text: str) -> PolicyDecision:
         objects = tuple(objs) if isinstance(objs, list) else ()
     elif isinstance(reason, str):
         errors = (reason,)
-    inp = doc.get("input") if isinstance(doc.get("input"), dict) else {}
+    inp = doc.get("input")
+    if not isinstance(inp, dict):
+        inp = {}
     return PolicyDecision(rule=str(inp.get("rule") or inp.get("name") or "?"), decision=str(doc["decision"]),
                           errors=errors, input=inp, error_objects=objects,
                           truncated=tuple(map(str, doc.get("truncated") or ())),

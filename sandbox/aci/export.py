@@ -15,7 +15,8 @@ The policy is the one `az confcom acipolicygen` writes for the same template (ap
   unencrypted scratch not allowed, which ACI requires).
 
 The template pins every image by digest, makes each secure value a secureString parameter, carries the
-group's init containers, restart policy and DNS configuration, and holds nothing local. HOST_DATA on ACI is SHA-256 of the Rego text (sandbox/aci/rego.py).
+group's probes (liveness and readiness: ACI has no startup probe), init containers, restart policy and
+DNS configuration, and holds nothing local. HOST_DATA on ACI is SHA-256 of the Rego text (sandbox/aci/rego.py).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandbox.aci.rego import ccepolicy_base64, rego_module
-from sandbox.group.spec import ContainerSpec, GroupSpec, VolumeKind
+from sandbox.group.spec import ContainerSpec, GroupSpec, ProbeSpec, VolumeKind
 from sandbox.images.model import ResolvedImage
+from sandbox.images.reference import pinned_reference
 from sandbox.policy.gen import ContainerProcess, container_capabilities, container_process
 from sandbox.shared.errors import InputError
 from sandbox.shared.seccomp import measure
@@ -72,25 +74,6 @@ FLAGS = {"allow_properties_access": True, "allow_dump_stacks": False, "allow_run
          "allow_capability_dropping": True}
 
 
-def pinned(image: ResolvedImage, registry: str | None = None) -> str:
-    """The image reference pinned by its manifest digest (repository@sha256:...). A local image (oci:DIR[:TAG],
-    docker-archive:FILE) is named under `registry`, where the user pushes it unchanged (same digest)."""
-    ref = image.reference
-    for prefix in ("oci:", "docker-archive:"):
-        if ref.startswith(prefix):
-            if registry is None:
-                raise InputError(f"image {ref!r} is a local archive: ACI pulls images from a registry",
-                                 hint="push it unchanged (same digest) and give --registry REGISTRY/PREFIX")
-            path = ref[len(prefix):].rsplit(":", 1)[0] if prefix == "oci:" else ref[len(prefix):]
-            name = path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar") or "image"
-            return f"{registry.rstrip('/')}/{name.lower()}@{image.digest}"
-    repo = ref.split("@", 1)[0]
-    last = repo.rsplit("/", 1)[-1]
-    if ":" in last:
-        repo = repo[: len(repo) - len(last)] + last.split(":", 1)[0]
-    return f"{repo}@{image.digest}"
-
-
 def _process(container: ContainerSpec, image: ResolvedImage) -> tuple[ContainerProcess, list[str] | None]:
     """What ACI starts, and the argv the policy pins: None (confcom's null, which never matches) when
     neither the template nor the image gives a command."""
@@ -103,7 +86,7 @@ def _process(container: ContainerSpec, image: ResolvedImage) -> tuple[ContainerP
 
 def _env_rules(container: ContainerSpec, image: ResolvedImage) -> list[dict[str, Any]]:
     process, _ = _process(container, image)
-    rules = []
+    rules: list[dict[str, Any]] = []
     for item in process.env:
         name = item.partition("=")[0]
         if name in process.secure_names:
@@ -144,8 +127,9 @@ def policy_container(spec: GroupSpec, container: ContainerSpec, image: ResolvedI
     return {
         "allow_elevated": container.privileged, "allow_stdio_access": container.stdio, "capabilities": sets,
         "command": argv, "env_rules": _env_rules(container, image),
-        "exec_processes": [{"command": list(p.command), "signals": list(p.signals)} for p in container.exec_processes],
-        "id": pinned(image, registry), "layers": list(image.layer_hashes), "mounts": [*mounts, RESOLV_CONF],
+        "exec_processes": [{"command": list(p.command), "signals": list(p.signals)}
+                           for p in container.allowed_execs],
+        "id": pinned_reference(image, registry, consumer="ACI"), "layers": list(image.layer_hashes), "mounts": [*mounts, RESOLV_CONF],
         "name": container.name, "no_new_privileges": False,
         "seccomp_profile_sha256": measure(container.seccomp_profile),
         "signals": list(dict.fromkeys(container.signals)), "user": _user(container),
@@ -177,6 +161,28 @@ class Export:
         return host_data(self.rego)
 
 
+def arm_probe(probe: ProbeSpec) -> dict[str, Any]:
+    """A probe as ACI's ContainerProbe: its fields under the group's names (which are ACI's), scheme in
+    ACI's lowercase; defaults are written out, so the template says what will run."""
+    out: dict[str, Any] = {}
+    if probe.exec_command is not None:
+        out["exec"] = {"command": list(probe.exec_command)}
+    if probe.http_get is not None:
+        out["httpGet"] = {"path": probe.http_get.path, "port": probe.http_get.port,
+                          "scheme": probe.http_get.scheme.value.lower()}
+    return {**out, "initialDelaySeconds": probe.initial_delay_s, "periodSeconds": probe.period_s,
+            "timeoutSeconds": probe.timeout_s, "failureThreshold": probe.failure_threshold,
+            "successThreshold": probe.success_threshold}
+
+
+def arm_probes(c: ContainerSpec) -> dict[str, Any]:
+    if c.startup_probe is not None:
+        raise InputError(f"container {c.name!r} has a startupProbe, which ACI does not have",
+                         hint="drop it for ACI (a livenessProbe with a longer initialDelaySeconds does the same "
+                              "there), or export the group for Kubernetes, which has it")
+    return {kind.field: arm_probe(p) for kind, p in c.probes}
+
+
 def _param_name(*parts: str) -> str:
     return "".join(p[:1].upper() + p[1:] for p in "-".join(parts).replace("_", "-").split("-") if p)
 
@@ -201,7 +207,7 @@ def aci_template(spec: GroupSpec, images: Mapping[str, ResolvedImage], registry:
                 env.append({"name": var.name, "secureValue": f"[parameters('{pname}')]"})
             else:
                 env.append({"name": var.name, "value": var.value})
-        props: dict[str, Any] = {"image": pinned(images[c.name], registry)}
+        props: dict[str, Any] = {"image": pinned_reference(images[c.name], registry, consumer="ACI")}
         if not init:    # ACI's init containers take no resources or ports: they use the group's
             props["resources"] = {"requests": {"cpu": cpu, "memoryInGB": memory}}
         if c.command is not None or c.args is not None:
@@ -219,16 +225,17 @@ def aci_template(spec: GroupSpec, images: Mapping[str, ResolvedImage], registry:
         if c.capabilities.add or c.capabilities.drop:
             sc["capabilities"] = {"add": list(c.capabilities.add), "drop": list(c.capabilities.drop)}
         if c.user:
-            user, _, group = c.user.partition(":")
+            user, _, user_group = c.user.partition(":")
             if user:
                 sc["runAsUser"] = int(user) if user.isdigit() else user
-            if group:
-                sc["runAsGroup"] = int(group) if group.isdigit() else group
+            if user_group:
+                sc["runAsGroup"] = int(user_group) if user_group.isdigit() else user_group
         if c.seccomp_profile is not None:
             # ACI's guest measures what it receives as confcom measured this (sandbox/shared/seccomp.py).
             sc["seccompProfile"] = base64.b64encode(c.seccomp_profile.canonical).decode("ascii")
         if sc:
             props["securityContext"] = sc
+        props.update(arm_probes(c))
         (init_containers if init else containers).append({"name": c.name, "properties": props})
     volumes = []
     for v in spec.volumes:

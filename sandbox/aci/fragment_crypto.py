@@ -26,8 +26,9 @@ from sandbox.shared.errors import InputError
 # The EKU of ACI's infrastructure fragments' signer; a test issuer uses its own private-arc OID.
 TEST_FRAGMENT_EKU = "1.3.6.1.4.1.57264.99.1"
 
-_HASH = {"ES256": hashes.SHA256, "ES384": hashes.SHA384, "ES512": hashes.SHA512,
-         "PS256": hashes.SHA256, "PS384": hashes.SHA384, "PS512": hashes.SHA512}
+_HASH: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
+    "ES256": hashes.SHA256, "ES384": hashes.SHA384, "ES512": hashes.SHA512,
+    "PS256": hashes.SHA256, "PS384": hashes.SHA384, "PS512": hashes.SHA512}
 _CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
 
 

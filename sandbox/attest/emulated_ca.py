@@ -148,14 +148,14 @@ def load_emulated_ca(base: Path | None = None) -> EmulatedCa | None:
         return None
     try:
         meta = json.loads((directory / "ca.json").read_text())
-        certs = {name: load_certificate_file(directory / f"{name}.pem")[0] for name in ("ark", "ask", "vcek")}
+        ark, ask, vcek = (load_certificate_file(directory / f"{name}.pem")[0] for name in ("ark", "ask", "vcek"))
         key = serialization.load_pem_private_key((directory / "vcek.key").read_bytes(), password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         scalar = key.private_numbers().private_value.to_bytes(48, "big")
         product = Product(meta["product"])
         return EmulatedCa(directory=directory, vcek_private_key=scalar, chip_id=bytes.fromhex(meta["chip_id"]),
                           tcb=TcbVersion(bytes.fromhex(meta["tcb"]), layout_of(product)), product=product,
-                          **certs)
+                          ark=ark, ask=ask, vcek=vcek)
     except (OSError, ValueError, KeyError, AssertionError) as e:
         raise StateError(f"the emulated CA in {directory} is damaged: {e}",
                          hint=f"remove {directory} to create a new one (evidence signed by the old one "

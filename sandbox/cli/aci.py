@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -111,7 +112,7 @@ def explain(blob: str, policy_file: Path | None, fmt: str | None) -> None:
     Shows the enforcement point, the reasons ACI's framework gave and the request's input in the
     field names `policy check` uses, so the request can be replayed against a policy here; with
     --policy, what the local engine says about it (where one request can be replayed alone)."""
-    text = click.get_text_stream("stdin").read() if blob == "-" else blob
+    text = sys.stdin.read() if blob == "-" else blob
     decision = parse_decision(text)
     result = decision.to_json() | {"request": decision.request()}
     replayed = replay(decision, policy_file_bytes(policy_file)) if policy_file is not None else None

@@ -209,6 +209,8 @@ def _container_cell(row: dict[str, Any], name: str) -> str:
         notes.append(f"{row['restarts'][name]} restarts")
     if name in row.get("exited", {}):
         notes.append(f"exited {row['exited'][name]}")
+    if name in row.get("not_ready", ()):
+        notes.append("not ready")
     return f"{name} ({', '.join(notes)})" if notes else name
 
 
@@ -288,11 +290,15 @@ def inspect(name: str, trace: bool, fmt: str | None) -> None:
             notes = [f"{c['restarts']} restarts"] if c.get("restarts") else []
             if c.get("exit_code") is not None:
                 notes.append(f"last exit {c['exit_code']}")
+            if c.get("ready") is not None and status == "running":
+                notes.append("ready" if c["ready"] else "not ready")
             kind = "init " if c.get("init") else ""
             lines.append(f"  {kind}{c['name']:<12} {status}{' (' + ', '.join(notes) + ')' if notes else ''}  "
                          f"{c['image']}  argv={c['argv']}")
             if c.get("error"):
                 lines.append(f"    {c['error']}")
+            if c.get("probe_error"):
+                lines.append(f"    {c['probe_error']}")
         if d.get("restart_policy"):
             lines.append(f"restart policy: {d['restart_policy']}")
         if d["ports"]:

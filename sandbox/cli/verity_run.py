@@ -98,14 +98,16 @@ def parse_args(args: list[str]) -> VerityCall | None:
     also after '='), in any order, a repeated option's last value winning, as click parses them. Anything
     else, --help included, is None: the click command answers it.
     """
-    fields: dict[str, object] = {}
+    defaults = VerityCall(file=Path())
+    no_superblock, salt_hex, hash_file, fmt = (defaults.no_superblock, defaults.salt_hex, defaults.hash_file,
+                                               defaults.fmt)
     file: str | None = None
     i = 0
     while i < len(args):
         arg = args[i]
         i += 1
         if arg == "--no-superblock":
-            fields["no_superblock"] = True
+            no_superblock = True
             continue
         if not arg.startswith("-"):
             if file is not None:
@@ -121,15 +123,16 @@ def parse_args(args: list[str]) -> VerityCall | None:
             value = args[i]
             i += 1
         if name == "--salt":
-            fields["salt_hex"] = value
+            salt_hex = value
         elif name == "--hash-file":
             if not path_click_accepts(value):
                 return None
-            fields["hash_file"] = Path(value)
+            hash_file = Path(value)
         elif value in FORMATS:
-            fields["fmt"] = value
+            fmt = value
         else:
             return None
     if file is None or not path_click_accepts(file):
         return None
-    return VerityCall(file=Path(file), **fields)
+    return VerityCall(file=Path(file), no_superblock=no_superblock, salt_hex=salt_hex, hash_file=hash_file,
+                      fmt=fmt)

@@ -11,7 +11,7 @@
 | `.properties.ports`                                   | container `ports`                           |
 | `.properties.volumeMounts`                            | `mounts`                                    |
 | `.properties.securityContext` privileged/capabilities/runAsUser/runAsGroup/seccompProfile | `privileged`, `capabilities`, `user`, `seccompProfile` |
-| `.properties.livenessProbe`/`readinessProbe` `exec.command` | `execProcesses` (as confcom does)      |
+| `.properties.livenessProbe`/`readinessProbe`/`startupProbe` | the same probes (exec commands become exec processes of the policy, as confcom does) |
 | `.properties.resources.requests` cpu/memoryInGB (summed) | `resources` vcpus/memoryMiB (rounded up)  |
 | `volumes[]` emptyDir / secret                         | `volumes[]` emptyDir / secret               |
 | `volumes[]` azureFile / gitRepo                       | `files` volume from `--volume NAME=PATH`    |
@@ -124,7 +124,7 @@ class _Reader:
         except (TypeError, ValueError):
             raise self.fail(f"{path}.{key}", f"{v!r} is not a number") from None
 
-    def container(self, raw: Any, path: str, execs_seen: set) -> dict[str, Any]:
+    def container(self, raw: Any, path: str) -> dict[str, Any]:
         name = self.value(raw, "name", path, str)
         props = _get(raw, "properties")
         ppath = f"{path}.properties"
@@ -162,14 +162,9 @@ class _Reader:
             mounts.append(mount)
         if mounts:
             out["mounts"] = mounts
-        execs = []
         for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-            cmd = self.value(_get(_get(props, probe), "exec"), "command", f"{ppath}.{probe}.exec", list)
-            if cmd and tuple(cmd) not in execs_seen:
-                execs_seen.add(tuple(cmd))
-                execs.append({"command": [str(a) for a in cmd]})
-        if execs:
-            out["execProcesses"] = execs
+            if (raw_probe := _get(props, probe)) is not None:
+                out[probe] = self.probe(raw_probe, f"{ppath}.{probe}")
         out.update(self.security_context(_get(props, "securityContext"), f"{ppath}.securityContext"))
         if _get(props, "gpu") is not None:
             raise self.fail(f"{ppath}.gpu", "is not supported by parma-sandbox")
@@ -183,6 +178,29 @@ class _Reader:
                 for k, v in config_map.items()}})
             out.setdefault("mounts", []).append({"name": volume, "mountPath": CONFIGMAP_MOUNT_PATH,
                                                  "readOnly": True})
+        return out
+
+    def probe(self, raw: Any, path: str) -> dict[str, Any]:
+        """ACI's ContainerProbe as the group's probe (same field names); the policy lists an exec probe's
+        command as an exec process of its container (sandbox.policy.gen), as confcom does."""
+        if not isinstance(raw, dict):
+            raise self.fail(path, f"expected an object, got {type(raw).__name__}")
+        out: dict[str, Any] = {}
+        for key in PROBE_NUMBERS:
+            if (value := self.value(raw, key, path)) is not None:
+                out[key] = int(value) if isinstance(value, str) and value.isdigit() else value
+        if (action := _get(raw, "exec")) is not None:
+            command = self.value(action, "command", f"{path}.exec", list)
+            out["exec"] = {"command": [self.scalar(a, f"{path}.exec.command") for a in command or []]}
+        if (http := _get(raw, "httpGet")) is not None:
+            if _get(http, "httpHeaders"):
+                raise self.fail(f"{path}.httpGet.httpHeaders", "is not supported by parma-sandbox",
+                                hint="remove the headers, or probe with an exec command")
+            get: dict[str, Any] = {"port": self.port(http, f"{path}.httpGet")}
+            for key in ("path", "scheme"):
+                if (value := self.value(http, key, f"{path}.httpGet", str)) is not None:
+                    get[key] = value
+            out["httpGet"] = get
         return out
 
     def security_context(self, sc: Any, path: str) -> dict[str, Any]:
@@ -233,6 +251,7 @@ class _Reader:
 
 
 CONFIGMAP_MOUNT_PATH = "/mnt/configmap"
+PROBE_NUMBERS = ("initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold", "successThreshold")
 
 
 def _volume_name(arm_name: str, taken: dict[str, str]) -> str:
@@ -325,8 +344,7 @@ def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str,
     raw_containers = reader.value(props, "containers", ppath, list) or []
     if not raw_containers:
         raise reader.fail(f"{ppath}.containers", "a container group needs at least one container")
-    execs_seen: set = set()
-    containers = [reader.container(c, f"{ppath}.containers[{i}]", execs_seen) for i, c in enumerate(raw_containers)]
+    containers = [reader.container(c, f"{ppath}.containers[{i}]") for i, c in enumerate(raw_containers)]
     cpu = memory_gb = 0.0
     for i, c in enumerate(raw_containers):
         rpath = f"{ppath}.containers[{i}].properties.resources.requests"
@@ -351,7 +369,7 @@ def group_document(raw: dict[str, Any], source: str, parameter_values: dict[str,
     if ports:
         doc["ports"] = ports
     doc["resources"] = {"vcpus": max(1, math.ceil(cpu)), "memoryMiB": max(128, math.ceil(memory_gb * 1024))}
-    init = [reader.container(c, f"{ppath}.initContainers[{i}]", set())
+    init = [reader.container(c, f"{ppath}.initContainers[{i}]")
             for i, c in enumerate(reader.value(props, "initContainers", ppath, list) or [])]
     if init:
         doc["initContainers"] = init

@@ -46,7 +46,7 @@ def _lex(text: str) -> list[_Tok]:
         if text[pos:].strip() == "":
             break
         m = _LEX.match(text, pos)
-        if m is None:
+        if m is None or m.lastgroup is None:      # every alternative is a named group: never None on a match
             raise ValueError(f"unexpected {text[pos:].strip()[:1]!r} at offset {pos}")
         kind = m.lastgroup
         tok = m.group(kind)

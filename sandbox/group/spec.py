@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.group.jsonio import ValidationError
+from sandbox.shared.codec import Message
 from sandbox.shared.errors import InputError
 from sandbox.shared.jsoncheck import MISSING, Checker, join, type_name
 from sandbox.shared.names import nameservers_problem, resolver_options_problem, search_domains_problem
 from sandbox.shared.policy.defaults import PRIVILEGED_CAPABILITIES
-from sandbox.shared.policy.model import VolumeKind  # the group's volume kinds are the policy's
+from sandbox.shared.policy.points import VolumeKind  # the group's volume kinds are the policy's
 from sandbox.shared.seccomp import SeccompError, SeccompProfile, parse_profile
 
 
@@ -77,9 +78,10 @@ DEFAULT_SCRATCH_GIB = 8
 
 CONTAINER_FIELDS = frozenset({"name", "image", "command", "args", "env", "workingDir", "mounts", "ports",
                               "execProcesses", "signals", "user", "privileged", "capabilities", "stdio",
-                              "attestationApi", "seccompProfile"})
+                              "attestationApi", "seccompProfile", "livenessProbe", "readinessProbe",
+                              "startupProbe"})
 # Init containers run to completion before the containers start (ACI's initContainers): no ports, no
-# exec processes or signals (nothing talks to them), no attestation API.
+# exec processes or signals (nothing talks to them), no attestation API, no probes (as in ACI and Kubernetes).
 INIT_CONTAINER_FIELDS = frozenset({"name", "image", "command", "args", "env", "workingDir", "mounts", "user",
                                    "privileged", "capabilities", "stdio", "seccompProfile"})
 
@@ -112,6 +114,46 @@ class GroupPort:
 class ExecProcessSpec:
     command: tuple[str, ...]
     signals: tuple[int, ...] = ()
+
+
+class ProbeKind(StrEnum):
+    """Kubernetes' three probes (ACI has the first two): the group field is `<kind>Probe`."""
+
+    liveness = "liveness"      # failing: the container is stopped and restarted as the restartPolicy says
+    readiness = "readiness"    # failing: the container is running but not ready (`ps`, `inspect`)
+    startup = "startup"        # until it succeeds, the other two wait; failing: as liveness
+
+    @property
+    def field(self) -> str:
+        return f"{self.value}Probe"
+
+
+class HttpScheme(StrEnum):
+    http = "HTTP"
+    https = "HTTPS"
+
+
+@dataclass(frozen=True)
+class HttpGetAction(Message):
+    """GET scheme://<the group's address>:port/path; a status of 200-399 passes (as Kubernetes)."""
+
+    port: int
+    path: str = "/"
+    scheme: HttpScheme = HttpScheme.http
+
+
+@dataclass(frozen=True)
+class ProbeSpec(Message):
+    """A container probe with ACI's and Kubernetes' fields and defaults: exactly one of `exec_command`
+    (run in the container; exit 0 passes) and `http_get`. A Message: the launch plan carries it."""
+
+    exec_command: tuple[str, ...] | None = None
+    http_get: HttpGetAction | None = None
+    initial_delay_s: int = 0
+    period_s: int = 10
+    timeout_s: int = 1
+    failure_threshold: int = 3
+    success_threshold: int = 1
 
 
 @dataclass(frozen=True)
@@ -154,6 +196,29 @@ class ContainerSpec:
     stdio: bool = True
     attestation_api: bool = False
     seccomp_profile: SeccompProfile | None = None    # pinned in the policy by its measurement
+    liveness_probe: ProbeSpec | None = None
+    readiness_probe: ProbeSpec | None = None
+    startup_probe: ProbeSpec | None = None
+
+    def probe(self, kind: ProbeKind) -> ProbeSpec | None:
+        return {ProbeKind.liveness: self.liveness_probe, ProbeKind.readiness: self.readiness_probe,
+                ProbeKind.startup: self.startup_probe}[kind]
+
+    @property
+    def probes(self) -> tuple[tuple[ProbeKind, ProbeSpec], ...]:
+        return tuple((k, p) for k in ProbeKind if (p := self.probe(k)) is not None)
+
+    @property
+    def allowed_execs(self) -> tuple[ExecProcessSpec, ...]:
+        """The exec processes the policy lists: `execProcesses`, then each exec probe's command not listed
+        yet (no signals), liveness, readiness, startup; as confcom lists an ARM template's probes."""
+        out = list(self.exec_processes)
+        listed = {e.command for e in out}
+        for _, p in self.probes:
+            if p.exec_command is not None and p.exec_command not in listed:
+                listed.add(p.exec_command)
+                out.append(ExecProcessSpec(p.exec_command))
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -226,8 +291,9 @@ def check_device_count(spec: GroupSpec, layers: int, source: str = "group.json")
 class _Checker(Checker):
     """The shared checker with group.json's conventions: strings are non-empty unless said otherwise."""
 
-    def string(self, d: dict, key: str, path: str, *, default: Any = MISSING, nonempty: bool = True) -> Any:
-        return super().string(d, key, path, default, nonempty=nonempty)
+    def string(self, d: dict, key: str, path: str, default: Any = MISSING, *, nonempty: bool = True,
+               pattern: re.Pattern[str] | None = None, what: str = "") -> Any:
+        return super().string(d, key, path, default, nonempty=nonempty, pattern=pattern, what=what)
 
     def boolean(self, d: dict, key: str, path: str, default: bool) -> bool:
         return self.get(d, key, path, bool, default)
@@ -431,12 +497,62 @@ def _check_container(c: _Checker, raw: Any, path: str, volumes: dict[str, Volume
     stdio = c.boolean(d, "stdio", path, True)
     attestation_api = c.boolean(d, "attestationApi", path, False)
     seccomp = _check_seccomp(c, c.string(d, "seccompProfile", path, default=None), join(path, "seccompProfile"))
+    probes = {kind: _check_probe(c, d[kind.field], join(path, kind.field), kind)
+              for kind in ProbeKind if kind.field in d and kind.field in allowed}
     if len(c.problems) != before:
         return None
     return ContainerSpec(name=name, image=image, command=command, args=args, env=env, working_dir=working_dir,
                      mounts=tuple(mounts), ports=tuple(ports), exec_processes=tuple(execs), signals=signals,
                      user=user, privileged=privileged, capabilities=caps, stdio=stdio,
-                     attestation_api=attestation_api, seccomp_profile=seccomp)
+                     attestation_api=attestation_api, seccomp_profile=seccomp,
+                     liveness_probe=probes.get(ProbeKind.liveness), readiness_probe=probes.get(ProbeKind.readiness),
+                     startup_probe=probes.get(ProbeKind.startup))
+
+
+PROBE_FIELDS = frozenset({"exec", "httpGet", "initialDelaySeconds", "periodSeconds", "timeoutSeconds",
+                          "failureThreshold", "successThreshold"})
+MAX_PROBE_SECONDS = 86400
+
+
+def _check_probe(c: _Checker, raw: Any, path: str, kind: ProbeKind) -> ProbeSpec | None:
+    """A probe as ACI's ARM schema and Kubernetes write it (same names, same defaults)."""
+    d = c.obj(raw, path, PROBE_FIELDS)
+    if d is None:
+        return None
+    before = len(c.problems)
+    if ("exec" in d) == ("httpGet" in d):
+        c.problem(path, "needs exactly one of 'exec' (a command run in the container) and 'httpGet' "
+                        '(e.g. {"httpGet": {"port": 8080, "path": "/healthz"}})')
+    command = http = None
+    if "exec" in d:
+        epath = join(path, "exec")
+        ed = c.obj(d["exec"], epath, {"command"}, {"command"})
+        command = c.string_list(ed, "command", epath, nonempty_list=True) if ed is not None else None
+    if "httpGet" in d:
+        hpath = join(path, "httpGet")
+        hd = c.obj(d["httpGet"], hpath, {"path", "port", "scheme"}, {"port"})
+        if hd is not None:
+            port = _check_port_number(c, hd, "port", hpath, None)
+            url_path = c.string(hd, "path", hpath, default="/")
+            if isinstance(url_path, str) and (not url_path.startswith("/") or any(ch.isspace() for ch in url_path)):
+                c.problem(join(hpath, "path"), f"must start with '/' and hold no spaces, got {url_path!r}")
+            scheme = c.string(hd, "scheme", hpath, default="HTTP")
+            if isinstance(scheme, str) and scheme.upper() not in ("HTTP", "HTTPS"):
+                c.problem(join(hpath, "scheme"), f"must be HTTP or HTTPS, got {scheme!r}")
+            elif port is not None and isinstance(url_path, str):
+                http = HttpGetAction(port, url_path, HttpScheme(scheme.upper()))
+    values = {key: c.integer(d, name, path, lo, MAX_PROBE_SECONDS if name.endswith("Seconds") else 1000, default)
+              for key, name, lo, default in (("initial_delay_s", "initialDelaySeconds", 0, 0),
+                                             ("period_s", "periodSeconds", 1, 10),
+                                             ("timeout_s", "timeoutSeconds", 1, 1),
+                                             ("failure_threshold", "failureThreshold", 1, 3),
+                                             ("success_threshold", "successThreshold", 1, 1))}
+    if kind != ProbeKind.readiness and d.get("successThreshold", 1) != 1:
+        c.problem(join(path, "successThreshold"), f"must be 1 for a {kind.value} probe (as in Kubernetes): one "
+                                                  "success shows the container is alive")
+    if len(c.problems) != before:
+        return None
+    return ProbeSpec(exec_command=command, http_get=http, **values)
 
 
 def _check_seccomp(c: _Checker, b64: str | None, path: str) -> SeccompProfile | None:
@@ -564,10 +680,10 @@ def validate_group(raw: Any, *, base_dir: Path = Path("."), source: str = "group
             continue
         if port is None or host_port is None:
             continue
-        key = (addr, host_port, proto)
-        if key in host_ports:
+        forward = (addr, host_port, proto)
+        if forward in host_ports:
             c.problem(join(ppath, "hostPort"), f"host port {host_port}/{proto} is forwarded twice")
-        host_ports.add(key)
+        host_ports.add(forward)
         ports.append(GroupPort(port, host_port, proto, addr))
 
     resources = Resources()

@@ -218,8 +218,8 @@ def install(path: str | None = None) -> Installed | None:
             packed, signatures, regexes = load(f.read())
     except (OSError, ValueError, EOFError, TypeError):
         return None
-    import _sre
-    import re._compiler
+    import _sre  # type: ignore[import-not-found]  # CPython internal: typeshed has no stub
+    import re._compiler  # type: ignore[import-not-found]  # CPython internal: typeshed has no stub
 
     if "dataclasses" not in sys.modules and "inspect" not in sys.modules:
         import types
@@ -237,7 +237,7 @@ def install(path: str | None = None) -> Installed | None:
                           CachedRegexCompiler(regexes, re._compiler.compile, _sre.compile))
     dataclasses.exec = installed.exec  # type: ignore[attr-defined]
     dataclasses.inspect = installed.signatures  # type: ignore[attr-defined]
-    re._compiler.compile = installed.regexes  # type: ignore[assignment]
+    re._compiler.compile = installed.regexes
     return installed
 
 
@@ -251,7 +251,7 @@ def uninstall() -> None:
     dataclasses.inspect = inspect  # type: ignore[attr-defined]
     compiler = re._compiler.compile
     if isinstance(compiler, CachedRegexCompiler):
-        re._compiler.compile = compiler.original  # type: ignore[assignment]
+        re._compiler.compile = compiler.original
 
 
 def record(modules: Iterable[str], *, warm: Iterable[str] = ()) -> Recorded:
@@ -303,7 +303,7 @@ def record(modules: Iterable[str], *, warm: Iterable[str] = ()) -> Recorded:
             return getattr(self._sre, name)
 
     original_compile = re._compiler.compile
-    recording_sre = RecordingSre(re._compiler._sre)  # type: ignore[attr-defined]
+    recording_sre = RecordingSre(re._compiler._sre)
 
     def recording_compile(p: Any, flags: int = 0) -> Any:
         recording_sre.flags_in = int(flags) if isinstance(p, str | bytes) else None
@@ -314,8 +314,8 @@ def record(modules: Iterable[str], *, warm: Iterable[str] = ()) -> Recorded:
 
     dataclasses.exec = recording_exec  # type: ignore[attr-defined]
     dataclasses.inspect = RecordingInspect()  # type: ignore[attr-defined]
-    re._compiler._sre = recording_sre  # type: ignore[attr-defined]
-    re._compiler.compile = recording_compile  # type: ignore[assignment]
+    re._compiler._sre = recording_sre
+    re._compiler.compile = recording_compile
     try:
         for name in modules:
             importlib.import_module(name)
@@ -326,8 +326,8 @@ def record(modules: Iterable[str], *, warm: Iterable[str] = ()) -> Recorded:
                 function = getattr(function, name)
             function()
     finally:
-        re._compiler._sre = recording_sre._sre  # type: ignore[attr-defined]
-        re._compiler.compile = original_compile  # type: ignore[assignment]
+        re._compiler._sre = recording_sre._sre
+        re._compiler.compile = original_compile
         uninstall()
     return Recorded(seen, {k: v for k, v in signatures.items() if k not in unstable}, regexes)
 

@@ -77,6 +77,8 @@ def resolve(host: str, port: int) -> list[IpAddress]:
         raise NetworkError(f"key broker host {host!r} does not resolve: {e}") from None
     out: list[IpAddress] = []
     for _, _, _, _, sockaddr in infos:
+        if not isinstance(sockaddr[0], str):
+            continue    # not an IP family (getaddrinfo of a host name gives only AF_INET and AF_INET6)
         address = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
         if address not in out:
             out.append(address)

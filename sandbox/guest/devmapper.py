@@ -121,8 +121,9 @@ def _call(cmd: int, buf: bytearray, what: str) -> bytearray:
     return buf
 
 
-def _header(buf: bytes) -> tuple:
-    return struct.unpack_from(DM_IOCTL_FMT, buf, 0)
+def _header(buf: bytes | bytearray) -> tuple[int, ...]:
+    """The integer fields of struct dm_ioctl (version[3] .. dev); name, uuid and data are left off."""
+    return struct.unpack_from(DM_IOCTL_FMT, buf, 0)[:11]
 
 
 def create(name: str, targets: tuple[Target, ...], *, readonly: bool = True, secret: bool = False) -> DmDevice:

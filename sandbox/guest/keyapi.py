@@ -36,7 +36,7 @@ import socketserver
 import struct
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -48,7 +48,7 @@ from sandbox.guest.broker_address import BrokerAddressRefused, CheckedConnection
 from sandbox.guest.keys import CryptoError, RuntimeKey
 from sandbox.shared.bounded_server import BoundedThreadingMixIn
 from sandbox.shared.errors import InputError, KeyReleaseRefused, NetworkError, SandboxError
-from sandbox.shared.jsonstrict import loads_bounded
+from sandbox.shared.jsonstrict import JsonObject, loads_bounded
 from sandbox.shared.kbs_protocol import (
     ATTEST_API_SOCKET,
     CHALLENGE_PATH,
@@ -91,7 +91,7 @@ def read_broker_url(fw_cfg_dir: Path = FW_CFG_DIR) -> str | None:
 ConnectionFactory = Callable[..., http.client.HTTPConnection]  # (host, port, timeout=) -> connection
 
 
-def _post_json(url: str, path: str, body: dict[str, Any], timeout: float,
+def _post_json(url: str, path: str, body: Mapping[str, object], timeout: float,
                connection: ConnectionFactory) -> tuple[int, Any]:
     try:
         parts = urllib.parse.urlsplit(url)
@@ -257,7 +257,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # http.server's signature
         pass
 
-    def _body(self) -> dict[str, Any]:
+    def _body(self) -> JsonObject:
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
@@ -273,7 +273,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
         return doc
 
-    def _reply(self, status: HTTPStatus, doc: dict[str, Any] | None = None, raw: bytes | None = None) -> None:
+    def _reply(self, status: HTTPStatus, doc: Mapping[str, object] | None = None,
+               raw: bytes | None = None) -> None:
         data = raw if raw is not None else json.dumps(doc).encode() + b"\n"
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")

@@ -19,6 +19,8 @@ from sandbox.shared.errors import CheckFailed
 
 if TYPE_CHECKING:  # annotations only: the real imports are lazy
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey, EllipticCurvePublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 P384_SCALAR_SIZE = 48
 # The agent runs `python3 -S` (no site.py: a faster boot), which leaves Debian's dist-packages off
@@ -76,7 +78,8 @@ def load_p384_public(der: bytes) -> EllipticCurvePublicKey:
         raise CryptoError(f"not a DER public key: {e}") from None
     if not isinstance(key, m.ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise CryptoError("not an EC P-384 public key")
-    return key
+    public: EllipticCurvePublicKey = key    # m is untyped: the isinstance above is what makes this true
+    return public
 
 
 class RuntimeKey:
@@ -132,13 +135,15 @@ def verify_p384(public_der: bytes, data: bytes, signature_der: bytes) -> bool:
 def hkdf_sha384(secret: bytes, *, salt: bytes, info: bytes, length: int) -> bytes:
     """HKDF-SHA384 (RFC 5869)."""
     m = _modules()
-    return m.HKDF(algorithm=m.hashes.SHA384(), length=length, salt=salt, info=info).derive(secret)
+    kdf: HKDF = m.HKDF(algorithm=m.hashes.SHA384(), length=length, salt=salt, info=info)
+    return kdf.derive(secret)
 
 
 def aes_gcm_decrypt(key: bytes, iv: bytes, ciphertext: bytes, aad: bytes) -> bytes:
     """AES-GCM (SP 800-38D) decryption of ciphertext || tag; CryptoError if it does not authenticate."""
     m = _modules()
     try:
-        return m.AESGCM(key).decrypt(iv, ciphertext, aad)
+        aead: AESGCM = m.AESGCM(key)
+        return aead.decrypt(iv, ciphertext, aad)
     except (m.InvalidTag, ValueError) as e:
         raise CryptoError(f"authentication failed ({type(e).__name__})") from None

@@ -10,9 +10,21 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sandbox.shared.policy import defaults
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import TypedDict
+
+    class OciMount(TypedDict):
+        """An entry of the spec's `mounts`."""
+
+        destination: str
+        type: str
+        source: str
+        options: list[str]
 
 OCI_VERSION = "1.0.2"
 
@@ -27,7 +39,7 @@ MASKED_PATHS = (
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 
-def base_mounts() -> list[dict[str, Any]]:
+def base_mounts() -> list[OciMount]:
     """The mounts every container gets (the engine's default mounts; one cgroup entry, which crun maps
     to cgroup2 on the unified hierarchy)."""
     return [{"destination": m["destination"], "type": m["type"], "source": m["source"],
@@ -47,7 +59,7 @@ class BindMount:
     source: str
     options: tuple[str, ...]     # as the policy allowed them; BIND_HARDENING is added
 
-    def to_oci(self) -> dict[str, Any]:
+    def to_oci(self) -> OciMount:
         return {"destination": self.destination, "type": "bind", "source": self.source,
                 "options": [*self.options, *(o for o in BIND_HARDENING if o not in self.options)]}
 
@@ -64,7 +76,7 @@ class ProcessSpec:
     capabilities: dict[str, tuple[str, ...]] = field(default_factory=dict)
     no_new_privileges: bool = False
 
-    def to_oci(self) -> dict[str, Any]:
+    def to_oci(self) -> dict[str, object]:
         return {
             "terminal": False,
             "user": {"uid": self.uid, "gid": self.gid, "umask": self.umask,
@@ -86,12 +98,12 @@ class BundleSpec:
     hostname: str
     binds: tuple[BindMount, ...] = ()
     privileged: bool = False
-    seccomp: dict[str, Any] | None = None    # linux.seccomp exactly as measured (sandbox/shared/seccomp.py)
+    seccomp: Mapping[str, object] | None = None    # linux.seccomp exactly as measured (sandbox/shared/seccomp.py)
 
 
-def build_spec(spec: BundleSpec) -> dict[str, Any]:
+def build_spec(spec: BundleSpec) -> dict[str, object]:
     mounts = base_mounts() + [b.to_oci() for b in spec.binds]
-    linux: dict[str, Any] = {
+    linux: dict[str, object] = {
         # No network namespace: the group shares the UVM's. No user namespace: ids are the guest's.
         "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
         "cgroupsPath": f"/parma/{spec.container_id}",

@@ -15,7 +15,7 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sandbox.guest import procs
 from sandbox.guest.lazy import LazyModule
@@ -24,6 +24,7 @@ from sandbox.guest.procs import REAPER, Child, ExitStatus
 from sandbox.shared.errors import GuestOperationFailed
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path  # annotations only: the service makes the paths
 
     from sandbox.guest import terminal
@@ -78,7 +79,7 @@ class RuntimeContainer:
     exec_env: tuple[str, ...] = ()
     exec_caps: dict[str, tuple[str, ...]] = field(default_factory=dict)
     user: tuple[int, int, tuple[int, ...]] = (0, 0, ())
-    identity: dict[str, Any] = field(default_factory=dict)   # user/groups/umask as the policy saw them
+    identity: dict[str, object] = field(default_factory=dict)   # user/groups/umask as the policy saw them
     working_dir: str = "/"
     no_new_privileges: bool = False
     volume_sources: frozenset[str] = frozenset()    # the group volumes bound into it
@@ -155,7 +156,7 @@ def _adopt(pid_file: Path) -> Child:
         raise CrunError(f"cannot take hold of the process crun started ({pid_file.name}): {e}") from None
 
 
-def create(container: RuntimeContainer, spec: dict[str, Any], log: OutputLog | None = None) -> None:
+def create(container: RuntimeContainer, spec: Mapping[str, object], log: OutputLog | None = None) -> None:
     """Write config.json and `crun create`; the init process waits for `start`. Output goes to `log` (a
     restarted container's output continues its previous log), or a new one."""
     bundle = container.bundle
@@ -186,7 +187,7 @@ def exec_process(container: RuntimeContainer, exec_id: str, argv: tuple[str, ...
     process gets a pseudo-terminal of that size as its stdio (crun sends the master to a console socket);
     with `stdin` and no terminal, a pipe the host writes to."""
     uid, gid, extra = container.user
-    process: dict[str, Any] = {
+    process: dict[str, object] = {
         "terminal": window is not None,
         "user": {"uid": uid, "gid": gid, "additionalGids": list(extra)},
         "args": list(argv),

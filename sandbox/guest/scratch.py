@@ -62,7 +62,8 @@ def disk_size(device: Path) -> int:
     try:
         if os.path.isfile(device):
             return os.fstat(fd).st_size
-        return struct.unpack("=Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
+        size: int = struct.unpack("=Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
+        return size
     finally:
         os.close(fd)
 
@@ -86,8 +87,10 @@ def crypt_target(backing: Path, sectors: int, key: bytearray) -> devmapper.Targe
     return devmapper.Target(0, sectors, "crypt", params)
 
 
-def provided_sectors(status_params: str) -> int:
+def provided_sectors(status_params: str | bytearray) -> int:
     """dm-integrity's STATUSTYPE_INFO is "<mismatches> <provided data sectors> <recalculated sector or ->"."""
+    if not isinstance(status_params, str):   # devmapper.status() gives text; only a table we made holds bytes
+        raise ScratchError("unexpected dm-integrity status (not text)")
     fields = status_params.split()
     if len(fields) < 2 or not fields[1].isdigit():
         raise ScratchError(f"unexpected dm-integrity status {status_params!r}")

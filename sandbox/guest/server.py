@@ -15,11 +15,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sandbox.shared import protocol as P
-from sandbox.shared.codec import shown
-from sandbox.shared.messages import AgentRequest, Message
+from sandbox.shared.codec import Message, shown
+from sandbox.shared.messages import AgentRequest, JsonObject
 from sandbox.shared.protocol import ErrorCode, ProtocolError, Response
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ IDLE_MIN, IDLE_MAX = 0.02, 0.2   # seconds between reads of a port with no host 
 MAX_ERROR_MESSAGE = 4096         # characters of an error message that are sure to fit in a frame
 
 # A handler returns the result, or a CheckedResult with the result and the policy checks behind it.
-RequestHandler = Callable[[AgentRequest], Message | dict[str, Any] | P.CheckedResult]
+RequestHandler = Callable[[AgentRequest], Message | JsonObject | P.CheckedResult]
 
 # The reply of last resort, when not even an `internal` error with the request's id could be encoded.
 LAST_RESORT = (json.dumps({"v": P.PROTOCOL_VERSION, "id": None, "ok": False,

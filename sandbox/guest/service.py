@@ -32,7 +32,7 @@ from sandbox.guest.users import ResolvedUser, UserError, resolve_user
 from sandbox.shared import agent_rules
 from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
-from sandbox.shared.codec import shown
+from sandbox.shared.codec import Message, shown
 from sandbox.shared.errors import AttestationError, CheckFailed, InputError
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.inputs import (
@@ -96,7 +96,7 @@ MAX_WATCH_S = 60.0
 OUTPUT_DRAIN_S = 2.0     # how long a finished process's terminal may keep delivering buffered output
 MAX_SECRET_ITEMS = 1024
 
-Result = M.Message | M.JsonObject
+Result = Message | M.JsonObject
 
 
 def _err(code: ErrorCode, message: str, **details: Any) -> ProtocolError:

@@ -215,7 +215,8 @@ class SevGuestDevice:
     def available(self) -> bool:
         return self.path.exists()
 
-    def _call(self, fd: int, code: int, req: ctypes.Array, resp: ctypes.Array) -> tuple[int, int, int]:
+    def _call(self, fd: int, code: int, req: ctypes.Array[ctypes.c_char],
+              resp: ctypes.Array[ctypes.c_char]) -> tuple[int, int, int]:
         """Issue one guest request; returns (errno or 0, fw_error, vmm_error)."""
         arg = bytearray(GUEST_REQUEST.pack(1, ctypes.addressof(req), ctypes.addressof(resp), 0))
         err = 0

@@ -75,7 +75,7 @@ def power_off() -> None:
 
 def mount_points() -> set[str]:
     """Mount points currently visible (from /proc/self/mountinfo, octal escapes decoded)."""
-    points = set()
+    points: set[str] = set()
     try:
         with open("/proc/self/mountinfo") as f:   # no pathlib on the agent's boot path (agent.py)
             text = f.read()

@@ -131,10 +131,10 @@ class DockerArchive:
                 raise InputError(f"{self.what}: {self.path} holds {len(entries)} images; say which",
                                  hint=f"use docker-archive:FILE:NAME:TAG with one of: {', '.join(tags)}")
             return entries[0]
-        for e in entries:
-            tags = e.get("RepoTags") or []
+        for entry in entries:
+            tags = entry.get("RepoTags") or []
             if tag in tags or f"docker.io/library/{tag}" in tags or any(t.endswith(f"/{tag}") for t in tags):
-                return e
+                return entry
         raise NotFoundError(f"{self.what}: no image tagged {tag!r} in {self.path}")
 
     @contextlib.contextmanager

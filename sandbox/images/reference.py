@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from sandbox.images.model import ResolvedImage
 from sandbox.shared.errors import InputError
 
 DOCKER_HUB = "docker.io"
@@ -121,3 +122,23 @@ def _parse_registry(rest: str, text: str) -> ImageRef:
     if tag is None and digest is None:
         tag = "latest"
     return ImageRef(Transport.registry, text, domain=domain, path=path, tag=tag, digest=digest)
+
+
+def pinned_reference(image: ResolvedImage, registry: str | None = None, *, consumer: str) -> str:
+    """The image's reference pinned by its manifest digest (repository@sha256:...), for a runtime that pulls
+    from a registry (`consumer`: ACI, a Kubernetes node). A local image (oci:DIR[:TAG],
+    docker-archive:FILE) is named under `registry`, where the user pushes it unchanged (same digest)."""
+    ref = image.reference
+    for prefix in ("oci:", "docker-archive:"):
+        if ref.startswith(prefix):
+            if registry is None:
+                raise InputError(f"image {ref!r} is a local archive: {consumer} pulls images from a registry",
+                                 hint="push it unchanged (same digest) and give --registry REGISTRY/PREFIX")
+            path = ref[len(prefix):].rsplit(":", 1)[0] if prefix == "oci:" else ref[len(prefix):]
+            name = path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar") or "image"
+            return f"{registry.rstrip('/')}/{name.lower()}@{image.digest}"
+    repo = ref.split("@", 1)[0]
+    last = repo.rsplit("/", 1)[-1]
+    if ":" in last:
+        repo = repo[: len(repo) - len(last)] + last.split(":", 1)[0]
+    return f"{repo}@{image.digest}"

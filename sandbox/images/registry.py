@@ -185,8 +185,8 @@ class RegistryClient:
         if scheme == "basic":
             if self.credentials is None:
                 raise self._denied("requires a login")
-            token = base64.b64encode(f"{self.credentials.username}:{self.credentials.password}".encode()).decode()
-            self._auth[scope] = f"Basic {token}"
+            basic = base64.b64encode(f"{self.credentials.username}:{self.credentials.password}".encode()).decode()
+            self._auth[scope] = f"Basic {basic}"
             return
         if scheme != "bearer" or "realm" not in params:
             raise NetworkError(f"registry {self.domain} asks for unsupported authentication {challenge!r}")

@@ -186,8 +186,10 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self) -> None:
-        self.timeout = self.server.read_timeout  # every read of the request line, headers and body
         super().setup()
+        # Every read of the request line, headers and body (what StreamRequestHandler.setup does with
+        # its class-wide `timeout`; this one is the server's).
+        self.connection.settimeout(self.server.read_timeout)
 
     def _peer(self) -> str:
         host, port = self.client_address[:2]
@@ -320,6 +322,7 @@ class BrokerHttpServer(BoundedThreadingMixIn, HTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        assert isinstance(host, str)        # an IPv4 server (parse_listen); typeshed's type allows AF_UNIX bytes
         return f"http://{host}:{port}"
 
 

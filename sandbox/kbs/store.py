@@ -155,7 +155,8 @@ class SecretRecord:
         except ValueError as e:
             raise StateError(f"{source}: not JSON ({e})") from None
         keys = {"format", "name", "created", "release_policy", "size", "sha256", "value"}
-        version = READABLE_FORMATS.get(doc.get("format")) if isinstance(doc, dict) else None
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        version = READABLE_FORMATS.get(fmt) if isinstance(fmt, str) else None    # a list here is unhashable
         if version is None or set(doc) != keys:
             raise StateError(f"{source}: not a {SECRET_FORMAT} document")
         try:
@@ -217,8 +218,8 @@ class KbsStore:
         if not self.key_path.exists():
             with file_lock(self._lock_path):
                 if not self.key_path.exists():
-                    key = ec.generate_private_key(ec.SECP384R1())
-                    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                    new_key = ec.generate_private_key(ec.SECP384R1())
+                    pem = new_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption())
                     atomic_write(self.key_path, pem, mode=0o600)
         try:

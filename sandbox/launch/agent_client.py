@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sandbox.shared import protocol as P
 from sandbox.shared.codec import FieldError, Message, decode
@@ -170,12 +170,14 @@ class AgentClient:
             if code == ErrorCode.policy_denied:
                 raise AgentDenied(f"denied by policy: {resp.error.message}", details=resp.error.details)
             raise AgentError(f"{op.value}: {resp.error.message}", code=code_text, details=resp.error.details)
+        # R's class at run time (Request.__init_subclass__ reads it from `Request[R]`), hence the casts:
+        # the type system cannot tie this ClassVar to R.
         result_type = request.result_type
         if not (isinstance(result_type, type) and issubclass(result_type, Message)):
-            return resp.result  # type: ignore[return-value]  # a JSON object result
+            return cast(R, resp.result)  # a JSON object result
         try:
             # Fields a newer agent added are ignored; missing or mistyped ones are the agent's error.
-            return decode(result_type, resp.result, ignore_unknown=True)  # type: ignore[no-any-return]
+            return cast(R, decode(result_type, resp.result, ignore_unknown=True))
         except FieldError as e:
             raise AgentError(f"{op.value}: the agent sent a malformed result: {e}", code="malformed_result") from None
 

@@ -80,7 +80,7 @@ def inspect(name: str, store: StateStore | None = None) -> dict[str, Any]:
         if run is not None:
             # The supervisor's view: it knows about restarts and back-off, the agent only the incarnation.
             c.update(status=run.status.value, restarts=run.restarts, exit_code=run.exit_code, error=run.error,
-                     restart_at=run.restart_at)
+                     restart_at=run.restart_at, ready=run.ready, probe_error=run.probe_error)
         if c["name"] in live and (run is None or run.status == RunStatus.running):
             c["status"] = live[c["name"]].status
             if live[c["name"]].exit_code is not None:

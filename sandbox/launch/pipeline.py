@@ -97,6 +97,9 @@ class UpOptions:
     # Also write the launch's requests, as the agent checked them, here (a `policy check` trace), whether
     # the launch succeeds or not. The sandbox record keeps them either way (`inspect --trace`).
     record_trace: Path | None = None
+    # Run QEMU in this network namespace (a path, e.g. a pod's netns): its user-mode network, and the
+    # group's port forwards, are then that namespace's (the containerd shim's pods).
+    netns: str | None = None
 
 
 @dataclass
@@ -196,7 +199,7 @@ def dns_override(plan: LaunchPlan, server: tuple[str, int]) -> LaunchPlan:
 
 def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee, accel: Accel,
                state_dir: Path, identity: measured.LaunchIdentity, kbs_url: str | None = None,
-               dns_server: tuple[str, int] | None = None) -> VmConfig:
+               dns_server: tuple[str, int] | None = None, netns: str | None = None) -> VmConfig:
     paths = sandbox_paths(state_dir)
     # Layers and files volumes are SCSI LUNs (hundreds fit; the root disk stays the first virtio-blk disk, so
     # the measured command line does not depend on them); the scratch is a writable virtio-blk disk.
@@ -220,7 +223,7 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
         kernel=Path(uvm.kernel), cmdline=str(uvm.cmdline), disks=tuple(disks),
         agent_sockets=agent_sockets(state_dir), console_log=paths["console"], qmp_socket=paths["qmp"],
         forwards=forwards, guest_forwards=guest_forwards, fw_cfg=fw_cfg, snp=identity.snp,
-        initrd=getattr(uvm, "initrd", None), pidfile=paths["pidfile"],
+        initrd=getattr(uvm, "initrd", None), pidfile=paths["pidfile"], netns=Path(netns) if netns else None,
     )
 
 
@@ -377,7 +380,8 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
         recorder = TraceRecorder(secure_env=_secure_env(spec))
         vm: vmm.Vm | None = None
         try:
-            cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, identity, opts.kbs_url, opts.dns_server)
+            cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, identity, opts.kbs_url, opts.dns_server,
+                             opts.netns)
             measured.check_config(identity, cfg)
             with step(f"Launch the UVM ({tee.value}, {accel.value}, {opts.backend.value})"):
                 vm = vmm.launch(cfg, opts.backend, log_file=paths["qemu_log"], attached=not opts.detach)

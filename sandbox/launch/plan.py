@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.spec import ContainerSpec, GroupSpec, RestartPolicy, VolumeKind
+from sandbox.group.spec import ContainerSpec, GroupSpec, ProbeKind, ProbeSpec, RestartPolicy, VolumeKind
 from sandbox.images.model import ResolvedImage
 from sandbox.policy.gen import container_capabilities, container_mounts, container_process
 from sandbox.shared import protocol as P
@@ -47,6 +47,17 @@ class DeviceMount:
 
 
 @dataclass(frozen=True)
+class ProbePlan(Message):
+    """A container's probe as the supervisor runs it: an exec probe through the agent, an httpGet probe from
+    the host to the group port that forwards its port (`host_port` None: none does, it is not run)."""
+
+    kind: ProbeKind
+    probe: ProbeSpec
+    host_address: str | None = None
+    host_port: int | None = None
+
+
+@dataclass(frozen=True)
 class ContainerPlan(Message):
     """One container's requests (a Message: a detached group's supervisor reads it back from plan.json)."""
 
@@ -57,6 +68,7 @@ class ContainerPlan(Message):
     exec_processes: tuple[tuple[str, ...], ...] = ()
     encrypted_scratch: bool = True      # its writable layer on the group's encrypted scratch (else guest memory)
     init: bool = False                  # an init container: runs to completion before the containers start
+    probes: tuple[ProbePlan, ...] = ()  # liveness, readiness, startup (sandbox/launch/probes.py)
 
     @property
     def rootfs(self) -> str:
@@ -113,6 +125,20 @@ def group_network(spec: GroupSpec) -> SetGroupNetworkRequest:
         DnsSettings(dns.name_servers, dns.search_domains, dns.options) if dns is not None else None)
 
 
+# Where the host reaches a port forwarded from a wildcard address.
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def probe_plan(spec: GroupSpec, kind: ProbeKind, probe: ProbeSpec) -> ProbePlan:
+    """An httpGet probe goes to the host end of the group's TCP port with the probe's port (ports[].port)."""
+    if probe.http_get is None:
+        return ProbePlan(kind, probe)
+    for p in spec.ports:
+        if p.port == probe.http_get.port and p.protocol == "TCP":
+            return ProbePlan(kind, probe, _LOOPBACK.get(p.host_address, p.host_address), p.host_port)
+    return ProbePlan(kind, probe)
+
+
 def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
                volume_devices: Mapping[str, tuple[str, Path]], policy: Policy | None = None) -> LaunchPlan:
     """images: container name -> image (init containers too); volume_devices: files-volume name -> (root
@@ -125,7 +151,7 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
                 i = len(layers)
                 layers[layer.root_hash] = DeviceMount(layer.root_hash, Path(layer.device_path), f"L{i}",
                                                       f"{P.LAYERS_DIR}/l{i}")
-    file_volumes = []
+    file_volumes: list[DeviceMount] = []
     memory_volumes = []
     for v in spec.volumes:
         if v.kind == VolumeKind.files:
@@ -147,8 +173,9 @@ def build_plan(spec: GroupSpec, images: Mapping[str, ResolvedImage],
             user=process.user, mounts=container_mounts(spec, c, policy), capabilities=container_capabilities(c),
             privileged=c.privileged, no_new_privileges=False, umask=defaults.DEFAULT_UMASK,
             seccomp_profile=c.seccomp_profile.canonical if c.seccomp_profile is not None else None)
-        return ContainerPlan(c.name, targets, create, c.stdio, tuple(e.command for e in c.exec_processes),
-                             encrypted_scratch=spec.resources.scratch_gib > 0, init=init)
+        return ContainerPlan(c.name, targets, create, c.stdio, tuple(e.command for e in c.allowed_execs),
+                             encrypted_scratch=spec.resources.scratch_gib > 0, init=init,
+                             probes=tuple(probe_plan(spec, kind, p) for kind, p in c.probes))
 
     return LaunchPlan(tuple(layers.values()), tuple(file_volumes), tuple(memory_volumes),
                       tuple(container_plan(c, False) for c in spec.containers),

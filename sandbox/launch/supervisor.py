@@ -14,6 +14,14 @@ that ran for 10 minutes starts over at 10 s. The group can no longer run once no
 will restart: then `run` returns the exit code of the first container that failed (0 when none did).
 An attached `up` runs the supervisor on a thread; `up -d` hands the group over to a supervisor process
 (sandbox/launch/supervisor_process.py) that `down` stops first.
+
+Probes, as ACI and Kubernetes run them (docs/group-spec.md, "Probes"; sandbox/launch/probes.py runs one),
+are timed by the same loop: each from its container's start plus initialDelaySeconds, then every
+periodSeconds. While a startup probe has not passed, the other two wait. A startup or liveness probe
+failing failureThreshold times in a row stops the container (shutdown_container), which then restarts
+as the restartPolicy says, with the same back-off; a readiness probe makes the container ready after
+successThreshold passes in a row and not ready after failureThreshold failures (ContainerRun.ready).
+Counters start over with each start of a container, and when another supervisor takes the group over.
 """
 
 from __future__ import annotations
@@ -22,18 +30,20 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sandbox.fsutil import atomic_write
-from sandbox.group.spec import RestartPolicy
+from sandbox.group.spec import ProbeKind, RestartPolicy
 from sandbox.launch.agent_client import AgentClient, AgentError
-from sandbox.launch.plan import ContainerPlan, LaunchPlan
+from sandbox.launch.plan import ContainerPlan, LaunchPlan, ProbePlan
+from sandbox.launch.probes import ProbeResult, run_probe
 from sandbox.shared.codec import Message
 from sandbox.shared.errors import PolicyDenied
 from sandbox.shared.messages import (
     ContainerInfo,
+    Request,
     ShutdownContainerRequest,
     StartContainerRequest,
     WatchContainersRequest,
@@ -74,6 +84,17 @@ class GroupOutcome:
     exit_code: int | None = None
 
 
+@dataclass
+class _Probing:
+    """One probe of one running container: when it runs next, and its results in a row."""
+
+    due: float
+    successes: int = 0
+    failures: int = 0
+    pending: str | None = None      # an exec probe that overran its timeout and still runs
+    last: ProbeResult | None = field(default=None, repr=False)
+
+
 def backoff_delay(backoff: int) -> float:
     """Seconds before a restart, `backoff` restarts since the back-off last started over."""
     return min(BACKOFF_FIRST_S * 2 ** backoff, BACKOFF_MAX_S)
@@ -101,6 +122,12 @@ class Supervisor:
         self._clock = clock
         self._generation = -1
         self.start_results: dict[str, dict[str, Any]] = {}    # each container's first create and start
+        self._probing: dict[tuple[str, ProbeKind], _Probing] = {}
+        self._started: set[str] = set()     # containers whose startup probe passed (or that have none)
+        for c in group.containers:          # taken over running: probe from now on
+            r = self.runs[c.name]
+            if r.status == RunStatus.running:
+                self._arm(c, r, max(self._clock(), r.started_at or 0.0))
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -111,12 +138,14 @@ class Supervisor:
         stop = stop or threading.Event()
         while not stop.is_set():
             self._act()
+            self._probe()
             outcome = self.outcome()
             if outcome is not None:
                 return outcome
             if until_started and self._started_or_retrying():
                 return GroupOutcome(False)
             due = [r.restart_at for r in self.runs.values() if r.status == RunStatus.restarting and r.restart_at]
+            due += [p.due for (name, kind), p in self._probing.items() if self._active(name, kind)]
             wait = min([WATCH_S, *(max(0.0, t - self._clock()) for t in due)])
             w = self.client.call(WatchContainersRequest(self._generation, wait), timeout=wait + 30)
             self._generation = w.generation
@@ -189,14 +218,17 @@ class Supervisor:
             return
         self.start_results.setdefault(c.name, {"create": created.to_json(), "start": started.to_json(),
                                                "seconds": round(time.monotonic() - t0, 3)})
-        self._set(replace(r, status=RunStatus.running, started_at=self._clock(), restart_at=None, error=None,
-                          restarts=r.restarts + (1 if again else 0)),
-                  f"{_what(c)} {c.name} restarted (restart {r.restarts + 1})" if again else None)
+        now = self._clock()
+        run = replace(r, status=RunStatus.running, started_at=now, restart_at=None, error=None,
+                      restarts=r.restarts + (1 if again else 0))
+        self._set(self._arm(c, run, now), f"{_what(c)} {c.name} restarted (restart {r.restarts + 1})" if again else None)
 
     def _clean(self, c: ContainerPlan) -> None:
         """Undo what a container's start left (best effort: a step that never happened is not an error)."""
-        for request, timeout in ((ShutdownContainerRequest(c.name, STOP_TIMEOUT_S), STOP_TIMEOUT_S + 30),
-                                 (c.unmount_overlay, 60.0), (c.unmount_scratch, 60.0)):
+        steps: tuple[tuple[Request[Any], float], ...] = (
+            (ShutdownContainerRequest(c.name, STOP_TIMEOUT_S), STOP_TIMEOUT_S + 30),
+            (c.unmount_overlay, 60.0), (c.unmount_scratch, 60.0))
+        for request, timeout in steps:
             try:
                 self.client.call(request, timeout=timeout)
             except AgentError as e:
@@ -215,8 +247,13 @@ class Supervisor:
             if r.status == RunStatus.running and info is not None and info.status == "exited":
                 self._exited(c, r, info.exit_code if info.exit_code is not None else 0)
 
-    def _exited(self, c: ContainerPlan, r: ContainerRun, code: int) -> None:
+    def _exited(self, c: ContainerPlan, r: ContainerRun, code: int, cause: str | None = None) -> None:
+        """The container exited with `code`, or (with `cause`, a sentence) a probe had it stopped."""
         now = self._clock()
+        self._disarm(c)
+        if c.probes and any(p.kind == ProbeKind.readiness for p in c.probes):
+            r = replace(r, ready=False)
+        what = cause or f"exited with code {code}"
         policy = self.group.restart_policy
         if c.init and code == 0:
             self._clean(c)      # done for good: its scratch goes back to the group (its output stays readable)
@@ -228,7 +265,7 @@ class Supervisor:
             restart = policy != RestartPolicy.never     # a failed init container is retried unless Never
         if not restart:
             self._set(replace(r, status=RunStatus.exited, exit_code=code, finished_at=now),
-                      f"{_what(c)} {c.name} exited with code {code}")
+                      f"{_what(c)} {c.name} {what}")
             return
         ran = now - r.started_at if r.started_at is not None else 0.0
         backoff = 0 if ran >= BACKOFF_RESET_S else r.backoff
@@ -236,8 +273,87 @@ class Supervisor:
         self._clean(c)
         self._set(replace(r, status=RunStatus.restarting, exit_code=code, finished_at=now, restart_at=now + delay,
                           backoff=backoff + 1),
-                  f"{_what(c)} {c.name} exited with code {code}; restarting in {delay:g} s "
-                  f"(restartPolicy {policy.value})")
+                  f"{_what(c)} {c.name} {what}; restarting in {delay:g} s (restartPolicy {policy.value})")
+
+    # -- probes ---------------------------------------------------------------------------------------
+
+    def _arm(self, c: ContainerPlan, r: ContainerRun, started: float) -> ContainerRun:
+        """Schedule the probes of a container that (re)started at `started`; the run as it starts. An httpGet
+        probe whose port no group port forwards is not run: the run says so, and counts as passing."""
+        self._disarm(c)
+        self._started.add(c.name)
+        ready: bool | None = None
+        note = None
+        for p in c.probes:
+            if p.probe.http_get is not None and p.host_port is None:
+                note = (f"{p.kind.value} probe not run: port {p.probe.http_get.port} is not forwarded to the host "
+                        "(add it to the group's ports)")
+                continue
+            self._probing[(c.name, p.kind)] = _Probing(started + p.probe.initial_delay_s)
+            if p.kind == ProbeKind.startup:
+                self._started.discard(c.name)
+            elif p.kind == ProbeKind.readiness:
+                ready = False           # not ready until the probe passes
+        if any(p.kind == ProbeKind.readiness for p in c.probes) and ready is None:
+            ready = True                # its probe cannot run here
+        return replace(r, ready=ready, probe_error=note or r.probe_error)    # why it last restarted stays
+
+    def _disarm(self, c: ContainerPlan) -> None:
+        for p in c.probes:
+            self._probing.pop((c.name, p.kind), None)
+        self._started.discard(c.name)
+
+    def _active(self, name: str, kind: ProbeKind) -> bool:
+        """Whether the probe runs now: startup until it passes, the others after."""
+        return (kind == ProbeKind.startup) != (name in self._started)
+
+    def _probe(self) -> None:
+        """Run the probes that are due, one after another, and act on their results."""
+        for c in self.group.containers:
+            for p in c.probes:
+                state = self._probing.get((c.name, p.kind))
+                if state is None or state.due > self._clock() or not self._active(c.name, p.kind):
+                    continue
+                if self.runs[c.name].status != RunStatus.running:
+                    break
+                result = run_probe(self.client, c.name, c.stdio, p, state.pending)
+                state.due = self._clock() + p.probe.period_s
+                if result is None:
+                    continue
+                state.pending, state.last = result.pending, result
+                state.successes, state.failures = ((state.successes + 1, 0) if result.passed
+                                                   else (0, state.failures + 1))
+                self._judge(c, p, state)
+
+    def _judge(self, c: ContainerPlan, p: ProbePlan, state: _Probing) -> None:
+        r = self.runs[c.name]
+        probe, result = p.probe, state.last
+        assert result is not None
+        times = f"{state.failures} time{'s' if state.failures > 1 else ''}"
+        failed = f"{p.kind.value} probe failed {times}: {result.detail}"
+        if p.kind == ProbeKind.readiness:
+            if result.passed and state.successes >= probe.success_threshold and r.ready is not True:
+                self._set(replace(r, ready=True), f"container {c.name} is ready")
+            elif (not result.passed and state.failures >= probe.failure_threshold
+                  and (r.ready is not False or r.probe_error is None)):
+                self._set(replace(r, ready=False, probe_error=failed),
+                          f"container {c.name} is not ready ({failed})" if r.ready else None)
+            return
+        if result.passed:
+            if p.kind == ProbeKind.startup:
+                self._started.add(c.name)       # liveness and readiness start now (when due)
+            return
+        if state.failures < probe.failure_threshold:
+            return
+        # As kubelet: stop the container; its restart (or not) is the restartPolicy's.
+        try:
+            stopped = self.client.call(ShutdownContainerRequest(c.name, STOP_TIMEOUT_S), timeout=STOP_TIMEOUT_S + 30)
+            code = stopped.exit_code if stopped.exit_code is not None else 137
+        except AgentError as e:
+            if e.code not in (ErrorCode.not_found.value, ErrorCode.conflict.value):
+                raise
+            return          # it exited meanwhile: its watch tells
+        self._exited(c, replace(r, probe_error=failed), code, f"was stopped: its {failed}")
 
 
 def _what(c: ContainerPlan) -> str:

@@ -30,12 +30,13 @@ import zlib
 from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from sandbox.shared.errors import InputError
 from sandbox.shared.verity import single_threaded
 
 if TYPE_CHECKING:
+    import io
     import subprocess
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -136,7 +137,8 @@ class _Pipe:
     def __init__(self, proc: subprocess.Popen[bytes], what: str) -> None:
         assert proc.stdout is not None
         self.proc = proc
-        self.stdout = proc.stdout
+        # typeshed says IO[bytes]; spawn's Popen (default bufsize) gives a BufferedReader, which has readinto
+        self.stdout = cast("io.BufferedReader", proc.stdout)
         self.what = what
 
     def __call__(self, view: memoryview) -> tuple[int, int] | None:
@@ -149,9 +151,6 @@ class _Pipe:
             raise CorruptLayer(f"{self.what}: corrupt or truncated zstd data ({detail})",
                                hint="the download is incomplete or the file is damaged")
         return None
-
-
-_END = object()
 
 
 class _Failed:
@@ -177,7 +176,8 @@ class _ReadAhead:
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(AHEAD + 2):
             self._free.put(bytearray(CHUNK))
-        self._ready: queue.SimpleQueue[object] = queue.SimpleQueue()
+        # (buffer, bytes in it, bytes read from the file), a failure, or None at the end
+        self._ready: queue.SimpleQueue[tuple[bytearray, int, int] | _Failed | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -198,7 +198,7 @@ class _ReadAhead:
                 view = memoryview(buf)
                 got = self._source(view)
                 if got is None:
-                    self._ready.put(_END)
+                    self._ready.put(None)
                     return
                 n, read = got
                 if n:
@@ -216,11 +216,11 @@ class _ReadAhead:
                 self._free.put(held)                # the consumer is done with the previous chunk
                 held = None
             item = self._ready.get()
-            if item is _END:
+            if item is None:
                 return
             if isinstance(item, _Failed):
                 raise item.error
-            buf, n, read = item  # type: ignore[misc]
+            buf, n, read = item
             if on_read is not None and read:
                 on_read(read)
             held = buf

@@ -48,7 +48,7 @@ class FileType(IntEnum):
 
 
 S_IFMT = 0o170000
-MODE_OF = {
+MODE_OF: dict[int, int] = {   # keyed by FileType; the writer looks up the plain int its inode array holds
     FileType.regular: 0o100000, FileType.directory: 0o040000, FileType.char: 0o020000,
     FileType.block: 0o060000, FileType.fifo: 0o010000, FileType.socket: 0o140000, FileType.symlink: 0o120000,
 }

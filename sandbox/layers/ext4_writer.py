@@ -294,7 +294,7 @@ class Ext4Writer:
 
     # --- output -------------------------------------------------------------------------------------
 
-    def _append(self, data: bytes | memoryview) -> None:
+    def _append(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
         if n >= _DIRECT_AT:
             self._flush()
@@ -470,12 +470,12 @@ class Ext4Writer:
             level.append((chunk[0][0], self._write_block(raw)))
         depth = 1
         while len(level) > F.EXTENTS_IN_INODE:
-            upper = []
+            upper: list[tuple[int, int]] = []
             for i in range(0, len(level), per):
-                chunk = level[i:i + per]
-                raw = F.pack_extent_header(len(chunk), per, depth) + b"".join(
-                    F.pack_extent_index(*c) for c in chunk)
-                upper.append((chunk[0][0], self._write_block(raw)))
+                nodes = level[i:i + per]
+                raw = F.pack_extent_header(len(nodes), per, depth) + b"".join(
+                    F.pack_extent_index(*c) for c in nodes)
+                upper.append((nodes[0][0], self._write_block(raw)))
             level = upper
             depth += 1
         self.tree[ino] = (tree_start, self.next_block - tree_start)

@@ -361,7 +361,7 @@ class Ext4Options:
 DEFAULT_OPTIONS = Ext4Options()
 
 
-def convert_tar_stream(chunks: Iterable[bytes], fd: int, options: Ext4Options = DEFAULT_OPTIONS,
+def convert_tar_stream(chunks: Iterable[bytes | memoryview], fd: int, options: Ext4Options = DEFAULT_OPTIONS,
                        on_entry: Callable[[TarEntry], None] | None = None,
                        watcher: WriteWatcher | None = None) -> TarStats:
     """Read a tar stream (as chunks of bytes) and write an ext4 image to `fd`; the stream is read to its end."""

@@ -21,6 +21,9 @@ Mapping (docs/policy.md, "Generation"):
 - capabilities: the usual 14 (bounding/effective/permitted) adjusted by the group's add/drop;
   privileged: all 41 (bounding/effective/permitted) and allow_elevated; inheritable/ambient empty;
 - init containers: policy containers like the others, listed first (each create is checked the same way);
+- exec_processes: the container's `execProcesses`, then each exec probe's command (liveness, readiness,
+  startup) not listed yet, without signals, as confcom lists an ARM template's probes; an httpGet
+  probe needs nothing (the host sends it);
 - allow_unencrypted_scratch: the group's `policy.allowUnencryptedScratch` (default false, as ACI's: the
   containers' writable layers must be on the guest-encrypted scratch disk);
 - seccomp_profile_sha256: the measurement of the container's `seccompProfile` (sandbox/shared/seccomp.py;
@@ -38,12 +41,11 @@ from sandbox.group.spec import ContainerSpec, GroupSpec, VolumeKind
 from sandbox.images.model import ImageConfig, ResolvedImage
 from sandbox.shared.errors import InputError
 from sandbox.shared.kbs_protocol import PIN, attestation_api_mount
-from sandbox.shared.messages import ContainerMount
+from sandbox.shared.messages import Capabilities, ContainerMount
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.model import (
     ANY_ID,
     HEX64,
-    Capabilities,
     Container,
     EnvRule,
     ExecProcess,
@@ -120,6 +122,7 @@ def container_capabilities(container: ContainerSpec) -> Capabilities:
     """Unprivileged: the usual 14 in bounding/effective/permitted with the group's add/drop applied.
     Privileged: all 41 there. Inheritable and ambient stay empty either way, as runtimes do since
     CVE-2022-24769 (inheritable capabilities survive execve of non-root programs)."""
+    caps: tuple[str, ...]
     if container.privileged:
         caps = defaults.PRIVILEGED_CAPABILITIES
     else:
@@ -168,7 +171,7 @@ def container_mounts(spec: GroupSpec, container: ContainerSpec,
     policy's options: `<sandbox dir>/tmp/atlas/<kind>/<volume>`, which the agent resolves to the volume
     when it is of that kind (docs/aci.md, "Running ACI policies locally")."""
     kinds = {v.name: v.kind for v in spec.volumes}
-    out = []
+    out: list[dict[str, object]] = []
     for m in container.mounts:
         aci = aci_volume_bind(policy, container.name, m.mount_path) if policy is not None else None
         if aci is not None:
@@ -187,7 +190,7 @@ def _policy_mounts(spec: GroupSpec, container: ContainerSpec) -> tuple[Mount, ..
 
 
 def _exec_processes(container: ContainerSpec, debug: bool) -> tuple[ExecProcess, ...]:
-    procs = [ExecProcess(tuple(p.command), tuple(dict.fromkeys(p.signals))) for p in container.exec_processes]
+    procs = [ExecProcess(tuple(p.command), tuple(dict.fromkeys(p.signals))) for p in container.allowed_execs]
     if debug:
         listed = {p.command for p in procs}
         procs += [ExecProcess(shell, ()) for shell in DEBUG_SHELLS if shell not in listed]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import posixpath
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from sandbox.fsutil import read_input_file
 from sandbox.shared.policy.model import (
@@ -56,8 +56,8 @@ def _command(command: tuple[str, ...] | None) -> list[str] | None:
     return None if command is None else list(command)
 
 
-def _is_shell(command: tuple[str, ...] | None) -> bool:
-    return bool(command) and posixpath.basename(command[0]) in SHELLS and len(command) <= 2
+def _is_shell(command: tuple[str, ...] | None) -> TypeGuard[tuple[str, ...]]:
+    return command is not None and 0 < len(command) <= 2 and posixpath.basename(command[0]) in SHELLS
 
 
 def debug_features(policy: Policy) -> list[str]:

@@ -25,7 +25,7 @@ class BoundedThreadingMixIn(socketserver.ThreadingMixIn):
     busy_reply = busy_reply()
 
     def _slots(self) -> threading.BoundedSemaphore:
-        slots = self.__dict__.get("_bounded_slots")
+        slots: threading.BoundedSemaphore | None = self.__dict__.get("_bounded_slots")
         if slots is None:
             slots = self.__dict__.setdefault("_bounded_slots", threading.BoundedSemaphore(self.max_connections))
         return slots

@@ -26,9 +26,12 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, TypeVar
 
 from sandbox.shared.jsoncheck import suggestion, type_name
+
+if TYPE_CHECKING:
+    from sandbox.shared.jsonstrict import JsonObject
 
 M = TypeVar("M", bound="Message")
 _MISSING: Any = dataclasses.MISSING
@@ -171,7 +174,7 @@ class Message:
         """Decode a parsed JSON value; raises FieldError."""
         return decode(cls, raw)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return encode(self)
 
 
@@ -180,7 +183,7 @@ def decode(cls: type[M], raw: Any, *, ignore_unknown: bool = False) -> M:
     return _codec(cls).decode(raw, ignore_unknown)
 
 
-def encode(message: Message) -> dict[str, Any]:
+def encode(message: Message) -> JsonObject:
     """The JSON object of a message (the inverse of decode)."""
     return _codec(type(message)).encode(message)
 
@@ -303,7 +306,7 @@ def _tuple_of(item: Decoder, what: str, limit: int | None, str_checks: list[Deco
 
 
 def _map_of(item: Decoder, limit: int | None) -> Decoder:
-    def dec(value: Any) -> dict[str, Any]:
+    def dec(value: Any) -> JsonObject:
         if type(value) is not dict:
             raise _expected("an object", value)
         _too_many(value, limit)
@@ -351,6 +354,8 @@ def _members(tp: Any) -> tuple[Any, ...] | None:
 
 
 def _compile(tp: Any) -> tuple[Decoder, Encoder]:
+    dec: Decoder
+    enc: Encoder
     tp, extras = _unwrap(tp)
     members = _members(tp)
     if members is not None:
@@ -367,9 +372,9 @@ def _compile(tp: Any) -> tuple[Decoder, Encoder]:
     container = origin in (tuple, dict, Mapping) or tp is dict
     limit = next((x.limit for x in extras if isinstance(x, MaxLen)), None) if container else None
     checks = [x.check() for x in extras if hasattr(x, "check") and not (container and isinstance(x, MaxLen))]
-    enc: Encoder = _same
+    enc = _same
     if convert is not None:
-        dec: Decoder = convert.decode
+        dec = convert.decode
     elif tp is str:
         dec = _str
     elif tp is bool:
@@ -399,13 +404,17 @@ def _compile(tp: Any) -> tuple[Decoder, Encoder]:
                 "an array")
         dec = _tuple_of(item_dec, what, limit,
                         [x.check() for x in item_extras if hasattr(x, "check")] if plain_str else None)
-        enc = _list if item_enc is _same else lambda v, e=item_enc: [e(x) for x in v]
+        if item_enc is _same:
+            enc = _list
+        else:
+            def enc(value: tuple[Any, ...], item: Encoder = item_enc) -> list[Any]:
+                return [item(x) for x in value]
     elif origin in (dict, Mapping) or tp is dict:
         args = typing.get_args(tp)
         item_dec, item_enc = _compile(args[1]) if args else (_same, _same)
         dec = _map_of(item_dec, limit)
 
-        def enc(value: Mapping[str, Any], item: Encoder = item_enc) -> dict[str, Any]:
+        def enc(value: Mapping[str, Any], item: Encoder = item_enc) -> JsonObject:
             return {k: item(x) for k, x in value.items()}
     elif isinstance(tp, type) and issubclass(tp, Message):
         dec, enc = _message_decoder(tp), encode
@@ -415,7 +424,7 @@ def _compile(tp: Any) -> tuple[Decoder, Encoder]:
 
 
 def _message_decoder(cls: type[Message]) -> Decoder:
-    codec: _ClassCodec | None = None
+    codec: _ClassCodec[Message] | None = None
 
     def dec(value: Any) -> Any:
         nonlocal codec
@@ -454,15 +463,15 @@ class _Field:
     nullable: bool      # the type allows None: JSON null is the value None, not the default
 
 
-class _ClassCodec:
-    def __init__(self, cls: type[Message]) -> None:
+class _ClassCodec(Generic[M]):
+    def __init__(self, cls: type[M]) -> None:
         self.cls = cls
         hints = typing.get_type_hints(cls, include_extras=True)
         fields = []
         for f in dataclasses.fields(cls):   # type: ignore[arg-type]
             if f.default is not _MISSING:
                 default = f.default
-            elif f.default_factory is not _MISSING:
+            elif callable(f.default_factory):     # it is _MISSING otherwise
                 default = f.default_factory()
             else:
                 default = _MISSING
@@ -477,7 +486,7 @@ class _ClassCodec:
         # frozen dataclass's __init__ costs a setattr call per field.
         self._direct = not hasattr(cls, "__post_init__") and hasattr(cls, "__dict__")
 
-    def decode(self, raw: Any, ignore_unknown: bool) -> Any:
+    def decode(self, raw: Any, ignore_unknown: bool) -> M:
         if type(raw) is not dict:
             raise _expected("an object", raw)
         if not ignore_unknown and not self.names.issuperset(raw):
@@ -523,7 +532,7 @@ class _ClassCodec:
         return FieldError(f"unknown field{extra}", "." + label(name),
                           hint="known fields: " + (", ".join(f.name for f in self.fields) or "none"))
 
-    def encode(self, message: Any) -> dict[str, Any]:
+    def encode(self, message: M) -> JsonObject:
         out = {}
         for f in self.fields:
             value = getattr(message, f.name)
@@ -533,10 +542,10 @@ class _ClassCodec:
         return out
 
 
-_CODECS: dict[type, _ClassCodec] = {}
+_CODECS: dict[type[Message], _ClassCodec[Any]] = {}
 
 
-def _codec(cls: type[Message]) -> _ClassCodec:
+def _codec(cls: type[M]) -> _ClassCodec[M]:
     codec = _CODECS.get(cls)
     if codec is None:
         codec = _CODECS[cls] = _ClassCodec(cls)

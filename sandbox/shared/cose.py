@@ -45,7 +45,8 @@ class Sign1:
 
     @property
     def algorithm(self) -> int:
-        return self.protected[ALG]
+        alg: int = self.protected[ALG]     # parse_sign1 checked it is one of ALGORITHMS
+        return alg
 
     @property
     def chain(self) -> tuple[bytes, ...]:

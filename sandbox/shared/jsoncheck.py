@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from sandbox.shared.jsonstrict import JsonObject
 
 MISSING: Any = object()
+T = TypeVar("T")
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
                dict: "an object", type(None): "null"}
@@ -50,7 +54,7 @@ class Checker:
         self.problems.append(f"{path}: {message}" if path else message)
 
     def obj(self, value: Any, path: str, allowed: Collection[str],
-            required: Collection[str] = ()) -> dict[str, Any] | None:
+            required: Collection[str] = ()) -> JsonObject | None:
         """An object with only `allowed` keys and all `required` ones; None (problem noted) otherwise."""
         if not isinstance(value, dict):
             self.problem(path, f"expected an object, got {type_name(value)}")
@@ -63,7 +67,7 @@ class Checker:
                 self.problem(join(path, key), "required field is missing")
         return value
 
-    def get(self, d: dict[str, Any], key: str, path: str, kind: type, default: Any = MISSING) -> Any:
+    def get(self, d: JsonObject, key: str, path: str, kind: type, default: Any = MISSING) -> Any:
         """d[key] if present and of `kind` (bool is not an int); `default` when absent or wrong."""
         v = d.get(key, MISSING)
         if v is MISSING:
@@ -73,8 +77,8 @@ class Checker:
             return default
         return v
 
-    def string(self, d: dict[str, Any], key: str, path: str, default: Any = MISSING, *, nonempty: bool = False,
-               pattern: re.Pattern[str] | None = None, what: str = "") -> Any:
+    def string(self, d: JsonObject, key: str, path: str, default: Any = MISSING, *,
+               nonempty: bool = False, pattern: re.Pattern[str] | None = None, what: str = "") -> Any:
         v = self.get(d, key, path, str, default)
         if not isinstance(v, str) or v is default:
             return v
@@ -89,15 +93,17 @@ class Checker:
             return v
         return default
 
-    def integer(self, d: dict[str, Any], key: str, path: str, lo: int, hi: int, default: Any = MISSING) -> Any:
+    def integer(self, d: JsonObject, key: str, path: str, lo: int, hi: int,
+                default: Any = MISSING) -> Any:
         v = self.get(d, key, path, int, default)
         if isinstance(v, int) and v is not default and not lo <= v <= hi:
             self.problem(join(path, key), f"must be between {lo} and {hi}, got {v}")
             return default
         return v
 
-    def strings(self, d: dict[str, Any], key: str, path: str, *, nonempty: bool = False, unique: bool = False,
-                pattern: re.Pattern[str] | None = None, what: str = "") -> tuple[str, ...] | None:
+    def strings(self, d: JsonObject, key: str, path: str, *, nonempty: bool = False,
+                unique: bool = False, pattern: re.Pattern[str] | None = None,
+                what: str = "") -> tuple[str, ...] | None:
         """A list of strings (None when absent or not a list); bad items are reported and left out."""
         items = self.get(d, key, path, list, None)
         if items is None:
@@ -119,10 +125,18 @@ class Checker:
                 out.append(item)
         return tuple(out)
 
-    def items(self, d: dict[str, Any], key: str, path: str, check: Callable[[Any, str], Any]) -> tuple | None:
+    def items(self, d: JsonObject, key: str, path: str,
+              check: Callable[[Any, str], T | None]) -> tuple[T, ...] | None:
         """Apply `check(item, item_path)` to each element; None when absent or when any check failed."""
         raw = self.get(d, key, path, list, None)
         if raw is None:
             return None
-        out = [check(item, f"{join(path, key)}[{i}]") for i, item in enumerate(raw)]
-        return tuple(out) if all(x is not None for x in out) else None
+        out: list[T] = []
+        failed = False
+        for i, item in enumerate(raw):      # every item is checked, so that every problem is reported
+            checked = check(item, f"{join(path, key)}[{i}]")
+            if checked is None:
+                failed = True
+            else:
+                out.append(checked)
+        return None if failed else tuple(out)

@@ -10,9 +10,13 @@ from typing import Any
 
 from sandbox.shared.errors import InputError
 
+# A parsed JSON object whose members have no static type: what a reader checks value by value (wire
+# frames, documents), or passes on unread.
+JsonObject = dict[str, Any]
 
-def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> JsonObject:
+    out: JsonObject = {}
     for key, value in pairs:
         if key in out:
             raise ValueError(f"duplicate key {key!r}")

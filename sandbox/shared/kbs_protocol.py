@@ -38,9 +38,14 @@ import json
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.shared.errors import CheckFailed, InputError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from sandbox.shared.jsonstrict import JsonObject
 
 VERSION = 1
 API_PREFIX = "/kbs/v1"
@@ -67,7 +72,7 @@ ATTEST_API_MOUNT_OPTIONS = ("rbind", "rprivate", "nosuid", "nodev", "ro")
 FW_CFG_KBS_URL = "opt/parma/kbs_url"
 
 
-def attestation_api_mount() -> dict[str, Any]:
+def attestation_api_mount() -> JsonObject:
     """The bind mount (policy constraint and create_container mount alike) that gives a container the
     attestation API. Connecting to a unix socket needs no write access, so it is read-only."""
     return {"destination": ATTEST_API_DIR, "source": ATTEST_API_DIR, "type": "bind",
@@ -96,7 +101,7 @@ def key_pin(public_key_der: bytes) -> str:
     return hashlib.sha256(public_key_der).hexdigest()
 
 
-def canonical(doc: dict[str, Any]) -> bytes:
+def canonical(doc: Mapping[str, object]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 

@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 from sandbox.shared.codec import Base64, Hex, Match, MaxLen, Message, NonEmpty, Range
+from sandbox.shared.jsonstrict import JsonObject as JsonObject  # re-exported: results use it
 
 MAX_POLICY_BYTES = 1 << 20
 MAX_SECCOMP_PROFILE_BYTES = 1 << 20
@@ -114,7 +115,7 @@ class EmptyResult(Message):
     pass
 
 
-JsonObject = dict[str, Any]     # results whose content is diagnostic or defined elsewhere
+# JsonObject: results whose content is diagnostic or defined elsewhere.
 
 
 @dataclass(frozen=True)
@@ -534,4 +535,5 @@ AgentRequest = (
     ReadOutputRequest | ShutdownContainerRequest | ListContainersRequest | WatchContainersRequest | PoweroffRequest
 )
 
-REQUEST_TYPES: dict[Op, type[AgentRequest]] = {cls.op: cls for cls in typing.get_args(AgentRequest)}
+# Keyed by Op, a StrEnum: a frame's op text looks its class up as is (an Op is equal to its text).
+REQUEST_TYPES: dict[str, type[AgentRequest]] = {cls.op: cls for cls in typing.get_args(AgentRequest)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 from sandbox.shared.codec import FieldError, label, shown
 from sandbox.shared.errors import GuestError
 from sandbox.shared.jsoncheck import type_name
-from sandbox.shared.jsonstrict import finite_float, int64, no_duplicate_keys, reject_constant
+from sandbox.shared.jsonstrict import JsonObject, finite_float, int64, no_duplicate_keys, reject_constant
 from sandbox.shared.messages import REQUEST_TYPES, AgentRequest
 from sandbox.shared.messages import Op as Op  # re-exported: the op names are part of the protocol
 
@@ -83,12 +83,12 @@ class PolicyCheck:
     Host tools write these as `policy check` trace lines (docs/policy-trace.md)."""
 
     ep: str
-    input: dict[str, Any] | None
+    input: JsonObject | None
     allowed: bool
     action_failed: bool = False
 
-    def to_json(self) -> dict[str, Any]:
-        out = {"ep": self.ep, "input": self.input, "allowed": self.allowed}
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"ep": self.ep, "input": self.input, "allowed": self.allowed}
         return {**out, "action": "fail"} if self.action_failed else out
 
     @classmethod
@@ -109,7 +109,7 @@ class ProtocolError(GuestError):
     checks the request went through before it failed, when there were any). (On the host, a frame
     from the guest that does not parse.)"""
 
-    def __init__(self, code: ErrorCode, message: str, *, details: dict[str, Any] | None = None,
+    def __init__(self, code: ErrorCode, message: str, *, details: JsonObject | None = None,
                  request_id: RequestId = None) -> None:
         super().__init__(message)
         self.code = code
@@ -138,7 +138,7 @@ class Envelope:
     id: RequestId
     request: AgentRequest
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {"v": PROTOCOL_VERSION, "id": self.id, "op": self.request.op.value,
                 "payload": self.request.to_json()}
 
@@ -147,18 +147,18 @@ class Envelope:
 class ErrorInfo:
     code: ErrorCode | str   # a str when a newer peer sends a code we do not know
     message: str
-    details: dict[str, Any] = field(default_factory=dict)
+    details: JsonObject = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Response:
     id: RequestId
     ok: bool
-    result: dict[str, Any] = field(default_factory=dict)
+    result: JsonObject = field(default_factory=dict)
     error: ErrorInfo | None = None
     policy: tuple[PolicyCheck, ...] = ()    # what the agent asked its policy while serving the request
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         extra = {"policy": [c.to_json() for c in self.policy]} if self.policy else {}
         if self.ok:
             return {"v": PROTOCOL_VERSION, "id": self.id, "ok": True, "result": self.result, **extra}
@@ -168,7 +168,7 @@ class Response:
                 "error": {"code": code, "message": self.error.message, "details": self.error.details}, **extra}
 
     @classmethod
-    def success(cls, request_id: RequestId, result: dict[str, Any] | None = None,
+    def success(cls, request_id: RequestId, result: JsonObject | None = None,
                 policy: tuple[PolicyCheck, ...] = ()) -> Response:
         return cls(request_id, True, result or {}, policy=policy)
 
@@ -177,7 +177,7 @@ class Response:
         return cls(err.request_id, False, error=ErrorInfo(err.code, err.message, err.details), policy=err.policy)
 
 
-def encode_frame(message: dict[str, Any]) -> bytes:
+def encode_frame(message: Mapping[str, object]) -> bytes:
     """Serialise one frame. Raises ValueError when it would exceed MAX_FRAME_BYTES."""
     data = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode() + b"\n"
     if len(data) > MAX_FRAME_BYTES:
@@ -212,7 +212,7 @@ def guess_request_id(frame_prefix: bytes) -> RequestId:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _load_object(line: bytes) -> dict[str, Any]:
+def _load_object(line: bytes) -> JsonObject:
     """Parse one frame strictly: UTF-8, one JSON object, no duplicate keys, numbers a double or a
     64-bit integer can hold, nesting the parser can follow, and strings that are valid Unicode."""
     try:
@@ -233,7 +233,7 @@ def _load_object(line: bytes) -> dict[str, Any]:
     return obj
 
 
-def _round_trips(obj: dict[str, Any]) -> bool:
+def _round_trips(obj: Mapping[str, object]) -> bool:
     """Every key and string of a parsed frame can be written back as UTF-8."""
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandbox.shared.errors import InputError
-from sandbox.shared.jsonstrict import decode_utf8, loads_strict
+from sandbox.shared.jsonstrict import JsonObject, decode_utf8, loads_strict
 from sandbox.shared.messages import MAX_SECCOMP_PROFILE_BYTES as MAX_PROFILE_BYTES
 
 MAX_SYSCALL_RULES = 4096
@@ -77,9 +77,10 @@ class SeccompProfile:
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical).hexdigest()
 
-    def to_oci(self) -> dict[str, Any]:
+    def to_oci(self) -> dict[str, object]:
         """The spec's linux.seccomp, exactly the measured object."""
-        return json.loads(self.canonical)
+        spec: dict[str, object] = json.loads(self.canonical)     # a JSON object: parse_profile checked it
+        return spec
 
 
 def measure(profile: SeccompProfile | None) -> str:
@@ -105,7 +106,7 @@ def profile_from_json(value: Any) -> SeccompProfile:
         if key in doc:
             raise SeccompError("needs a seccomp agent listening outside the container, which the guest never "
                                "runs", key)
-    out: dict[str, Any] = {"defaultAction": _action(doc.get("defaultAction"), "defaultAction")}
+    out: dict[str, object] = {"defaultAction": _action(doc.get("defaultAction"), "defaultAction")}
     if "defaultErrnoRet" in doc:
         out["defaultErrnoRet"] = _uint(doc["defaultErrnoRet"], "defaultErrnoRet", MAX_ERRNO)
     for key, allowed in (("architectures", ARCHES), ("flags", FLAGS)):
@@ -120,7 +121,7 @@ def profile_from_json(value: Any) -> SeccompProfile:
     return SeccompProfile(json.dumps(out, separators=(",", ":")).encode("ascii"))
 
 
-def _syscall(value: Any, at: str) -> dict[str, Any]:
+def _syscall(value: Any, at: str) -> dict[str, object]:
     d = _object(value, at, SYSCALL_FIELDS)
     if "names" not in d:
         raise SeccompError("a syscall rule needs names", at)
@@ -130,7 +131,7 @@ def _syscall(value: Any, at: str) -> dict[str, Any]:
     for i, name in enumerate(names):
         if type(name) is not str or not SYSCALL_NAME.fullmatch(name):
             raise SeccompError(f"{_shown(name)} is not a syscall name", f"{at}.names[{i}]")
-    out: dict[str, Any] = {"names": list(names), "action": _action(d.get("action"), f"{at}.action")}
+    out: dict[str, object] = {"names": list(names), "action": _action(d.get("action"), f"{at}.action")}
     if "errnoRet" in d:
         out["errnoRet"] = _uint(d["errnoRet"], f"{at}.errnoRet", MAX_ERRNO)
     args = [_arg(x, f"{at}.args[{i}]") for i, x in enumerate(_list(d.get("args", []), f"{at}.args", MAX_ARGS))]
@@ -139,13 +140,13 @@ def _syscall(value: Any, at: str) -> dict[str, Any]:
     return out
 
 
-def _arg(value: Any, at: str) -> dict[str, Any]:
+def _arg(value: Any, at: str) -> dict[str, object]:
     d = _object(value, at, ARG_FIELDS)
     for key in ("index", "op"):
         if key not in d:
             raise SeccompError(f"needs {key}", at)
-    out: dict[str, Any] = {"index": _uint(d["index"], f"{at}.index", MAX_ARGS - 1),
-                           "value": _uint(d.get("value", 0), f"{at}.value", U64)}
+    out: dict[str, object] = {"index": _uint(d["index"], f"{at}.index", MAX_ARGS - 1),
+                              "value": _uint(d.get("value", 0), f"{at}.value", U64)}
     value_two = _uint(d.get("valueTwo", 0), f"{at}.valueTwo", U64)
     if value_two:
         out["valueTwo"] = value_two
@@ -153,7 +154,7 @@ def _arg(value: Any, at: str) -> dict[str, Any]:
     return out
 
 
-def _object(value: Any, at: str, fields: tuple[str, ...]) -> dict[str, Any]:
+def _object(value: Any, at: str, fields: tuple[str, ...]) -> JsonObject:
     if type(value) is not dict:
         raise SeccompError(f"expected an object, got {_type(value)}", at)
     for key in value:

@@ -21,8 +21,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandbox.shared.errors import InputError
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 BLOCK_SIZE = 4096
 ZERO_SALT = bytes(32)
@@ -158,11 +162,11 @@ class BlockHasher:
 
     def __init__(self, *, salt: bytes, block_size: int, algorithm: str = ALGORITHM, slot: int | None = None) -> None:
         if algorithm in hashlib.algorithms_guaranteed:
-            self._new: Callable[[memoryview], object] = getattr(hashlib, algorithm)
+            self._new: Callable[[memoryview], _Hash] = getattr(hashlib, algorithm)
         else:
             self._new = functools.partial(hashlib.new, algorithm)
         probe = self._new(memoryview(b""))
-        self._digest = type(probe).digest
+        self._digest: Callable[[_Hash], bytes] = type(probe).digest
         self.block_size = block_size
         self.slot = probe.digest_size if slot is None else slot
         self._pad = bytes(self.slot - probe.digest_size)
@@ -466,11 +470,12 @@ def ext4_size(read_at: Callable[[int, int], bytes]) -> int:
     if magic != EXT4_MAGIC:
         raise VerityLayoutError(f"no ext4 superblock at offset {EXT4_SB_OFFSET} (magic {magic:#06x})")
     (blocks_lo,) = struct.unpack_from("<I", sb, 0x4)
+    log_block: int
     (log_block,) = struct.unpack_from("<I", sb, 0x18)
     (incompat,) = struct.unpack_from("<I", sb, 0x60)
     if log_block > 6:
         raise VerityLayoutError(f"ext4 superblock has an invalid block size (log {log_block})")
-    blocks = blocks_lo
+    blocks: int = blocks_lo
     if incompat & EXT4_INCOMPAT_64BIT:
         blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
     if blocks == 0:

@@ -8,8 +8,15 @@ Annotations the shim reads (docs/kubernetes.md):
 - `io.parma.vcpus`, `io.parma.memory-mib`: the UVM's size (default: the node config's).
 - `io.parma.image`: the image reference to take this container's layers from (`ctr run` passes no
   image name to a runtime; CRI's `io.kubernetes.cri.image-name` serves otherwise).
-- CRI's own: `io.kubernetes.cri.container-type` (sandbox | container), `...sandbox-id`,
+- `io.parma.ports`: the pod's container ports (`8080/tcp,53/udp`), forwarded from the pod's network
+  namespace into the UVM (`export k8s` writes it; the OCI spec carries no ports).
+- CRI's own: `io.kubernetes.cri.container-type` (sandbox | container), `...sandbox-id`, `...sandbox-uid`,
   `...container-name`, `...image-name`.
+
+Besides annotations: the spec's `mounts` (bind mounts of host directories are how kubelet and `ctr run
+--mount` hand a container its volumes; sandbox/shim/volumes.py maps them to the policy's volumes) and
+the network namespace in `linux.namespaces` (CRI's pod netns, `ctr run --with-ns network:PATH`), where
+the shim runs QEMU.
 
 Node config: a TOML file named by the runtime options' `ConfigPath` (CRI `options`, or
 `ctr run --runtime-config-path`), else $PARMA_SANDBOX_SHIM_CONFIG, else /etc/parma-sandbox/shim.toml;
@@ -36,12 +43,14 @@ POLICY_HASH_ANNOTATION = "io.parma.policy-sha256"
 VCPUS_ANNOTATION = "io.parma.vcpus"
 MEMORY_ANNOTATION = "io.parma.memory-mib"
 IMAGE_ANNOTATION = "io.parma.image"
+PORTS_ANNOTATION = "io.parma.ports"
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
 CRI_IMAGE_NAME = "io.kubernetes.cri.image-name"
 CRI_SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
 CRI_SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
+CRI_SANDBOX_UID = "io.kubernetes.cri.sandbox-uid"
 
 DEFAULT_CONFIG = Path("/etc/parma-sandbox/shim.toml")
 CONFIG_ENV = "PARMA_SANDBOX_SHIM_CONFIG"
@@ -57,6 +66,7 @@ class NodeConfig:
     memory_mib: int = 512
     socket_dir: str = "/run/containerd/s"   # where shim sockets live (containerd's own convention)
     runtime_dir: str = ""                   # PARMA_SANDBOX_RUNTIME for the sandboxes (default: as the CLI)
+    kubelet_dir: str = "/var/lib/kubelet"   # kubelet's --root-dir: where a pod's configMap volumes are
     path: str = field(default="", compare=False)        # the file it came from ("": built-in defaults)
 
     @property
@@ -89,6 +99,24 @@ def load_node_config(config_path: str | None) -> NodeConfig:
 
 
 @dataclass(frozen=True)
+class OciMount:
+    """One entry of the spec's `mounts`."""
+
+    destination: str
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
+
+    @property
+    def is_bind(self) -> bool:
+        return self.type == "bind" or "bind" in self.options or "rbind" in self.options
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.options
+
+
+@dataclass(frozen=True)
 class OciContainer:
     """The parts of a bundle's config.json the shim uses."""
 
@@ -100,6 +128,8 @@ class OciContainer:
     gid: int
     terminal: bool
     annotations: dict[str, str]
+    mounts: tuple[OciMount, ...] = ()
+    netns: str | None = None            # the network namespace to join (a path), None: none named
 
     @property
     def is_cri_container(self) -> bool:
@@ -149,6 +179,19 @@ class OciContainer:
     def image(self) -> str | None:
         return self.annotations.get(IMAGE_ANNOTATION) or self.annotations.get(CRI_IMAGE_NAME)
 
+    def ports(self) -> tuple[tuple[int, str], ...]:
+        """(port, tcp|udp) of each container port in io.parma.ports, each once."""
+        raw = self.annotations.get(PORTS_ANNOTATION, "").strip()
+        out: dict[tuple[int, str], None] = {}
+        for item in filter(None, (x.strip() for x in raw.split(","))):
+            port, _, proto = item.partition("/")
+            proto = proto.lower() or "tcp"
+            if not port.isdigit() or not 0 < int(port) < 65536 or proto not in ("tcp", "udp"):
+                raise InputError(f"annotation {PORTS_ANNOTATION}: {item!r} is not PORT or PORT/tcp or PORT/udp",
+                                 hint="e.g. io.parma.ports=8080/tcp,53/udp ('parma-sandbox export k8s' writes it)")
+            out[(int(port), proto)] = None
+        return tuple(out)
+
     def group_container(self, name: str, image: str, *, drop_env: frozenset[str] = frozenset()) -> ContainerSpec:
         """This container as a group container: its argv replaces the image's (no image CMD is added),
         its env and working directory are the ones containerd asks for (image env already merged in),
@@ -178,6 +221,17 @@ def read_bundle(bundle: Path) -> OciContainer:
     annotations = spec.get("annotations") or {}
     if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
         raise InputError(f"{path}: annotations must map strings to strings")
+    mounts = []
+    for i, m in enumerate(spec.get("mounts") or ()):
+        if not isinstance(m, dict) or not isinstance(m.get("destination"), str):
+            raise InputError(f"{path}: mounts[{i}] has no destination")
+        mounts.append(OciMount(str(m["destination"]), str(m.get("type") or ""), str(m.get("source") or ""),
+                               tuple(str(o) for o in m.get("options") or ())))
+    netns = None
+    for ns in (spec.get("linux") or {}).get("namespaces") or ():
+        if isinstance(ns, dict) and ns.get("type") == "network" and ns.get("path"):
+            netns = str(ns["path"])
     return OciContainer(bundle=bundle, args=tuple(process.get("args") or ()), env=tuple(process.get("env") or ()),
                         cwd=str(process.get("cwd") or "/"), uid=int(user.get("uid", 0)), gid=int(user.get("gid", 0)),
-                        terminal=bool(process.get("terminal", False)), annotations=dict(annotations))
+                        terminal=bool(process.get("terminal", False)), annotations=dict(annotations),
+                        mounts=tuple(mounts), netns=netns)

@@ -27,7 +27,7 @@ TOPICS = {
 _ATTEMPTS = 5
 
 
-def envelope(namespace: str, event: Message, at: float | None = None) -> Message:
+def envelope(namespace: str, event: Message, at: float | None = None) -> M.DynamicMessage:
     """The ForwardRequest for one event: topic from its type, the event packed as an Any."""
     name = event.DESCRIPTOR.name
     return M.ForwardRequest(envelope=M.Envelope(timestamp=M.timestamp(at), namespace=namespace,
@@ -38,7 +38,7 @@ class Publisher:
     def __init__(self, ttrpc_address: str, namespace: str) -> None:
         self.namespace = namespace
         self._client = Client(ttrpc_address, timeout=5.0) if ttrpc_address else None
-        self._queue: queue.Queue[Message | None] = queue.Queue()
+        self._queue: queue.Queue[M.DynamicMessage | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, daemon=True, name="events")
         self._thread.start()
 

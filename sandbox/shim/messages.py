@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from google.protobuf import (
     any_pb2,
@@ -29,6 +29,7 @@ from google.protobuf import (
 from google.protobuf.message import DecodeError, Message
 
 FD = descriptor_pb2.FieldDescriptorProto
+_Msg = TypeVar("_Msg", bound=Message)
 
 # Field kinds: a scalar name, or ".package.Message" / "enum:.package.Enum".
 _SCALARS = {
@@ -155,22 +156,35 @@ def _build_pool() -> descriptor_pool.DescriptorPool:
                 f.type, f.type_name = FD.TYPE_MESSAGE, kind
     # Files in dependency order: a file may use messages of the packages added before it.
     added: list[str] = []
-    for package, f in packages.items():
-        f.dependency.extend(f"parma/{p}.proto" for p in added)
-        pool.Add(f)
+    for package, file in packages.items():
+        file.dependency.extend(f"parma/{p}.proto" for p in added)
+        pool.Add(file)
         added.append(package)
     return pool
 
 
 _POOL = _build_pool()
 
+if TYPE_CHECKING:
+    class DynamicMessage(Message):
+        """What the type checker knows of a class built from the descriptors above: protobuf's Message API,
+        and fields of any type. No generated code declares the fields (the classes exist only at run time),
+        so they are Any here; a field we did not declare still fails at run time (AttributeError, or
+        ValueError in the constructor)."""
 
-def message_class(full_name: str) -> type[Message]:
+        def __init__(self, **fields: Any) -> None: ...
+        def __getattr__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
+else:
+    DynamicMessage = Message
+
+
+def message_class(full_name: str) -> type[DynamicMessage]:
     """The generated class of one of our messages, e.g. `containerd.task.v2.CreateTaskRequest`."""
-    return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(full_name))
+    return cast("type[DynamicMessage]", message_factory.GetMessageClass(_POOL.FindMessageTypeByName(full_name)))
 
 
-def _task(name: str) -> type[Message]:
+def _task(name: str) -> type[DynamicMessage]:
     return message_class(f"containerd.task.v2.{name}")
 
 
@@ -214,23 +228,23 @@ RuntimeOptions = message_class("runtimeoptions.v1.Options")
 OCI_PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 
 
-def event(name: str, **fields: object) -> Message:
+def event(name: str, **fields: object) -> DynamicMessage:
     """A containerd task event, e.g. event("TaskExit", container_id=..., exit_status=...)."""
     return message_class(f"containerd.events.{name}")(**fields)
 
 
-def pack_any(msg: Message) -> Message:
+def pack_any(msg: Message) -> DynamicMessage:
     return AnyMessage(type_url=msg.DESCRIPTOR.full_name, value=msg.SerializeToString())
 
 
-def timestamp(at: float | None = None) -> Message:
+def timestamp(at: float | None = None) -> DynamicMessage:
     """A Timestamp for a time.time() value (now when None)."""
     at = time.time() if at is None else at
     seconds = int(at)
     return Timestamp(seconds=seconds, nanos=int((at - seconds) * 1e9))
 
 
-def unpack_oci_process(spec: Message) -> dict[str, Any]:
+def unpack_oci_process(spec: DynamicMessage) -> dict[str, Any]:
     """The OCI process (JSON) of an ExecProcessRequest.spec. Raises ValueError when it is something else."""
     url = spec.type_url
     if url.rpartition("/")[2] != "Process" or "runtime-spec" not in url:
@@ -244,7 +258,7 @@ def unpack_oci_process(spec: Message) -> dict[str, Any]:
     return value
 
 
-def parse(cls: type[Message], data: bytes) -> Message:
+def parse(cls: type[_Msg], data: bytes) -> _Msg:
     """Decode `data` as `cls`. Raises ValueError on malformed bytes."""
     msg = cls()
     try:

@@ -20,7 +20,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sandbox.group.spec import ContainerSpec, GroupSpec, LayerFormat, Resources, TeeMode
+from sandbox.group.spec import (
+    ContainerSpec,
+    GroupPort,
+    GroupSpec,
+    LayerFormat,
+    Resources,
+    TeeMode,
+    VolumeSpec,
+)
 from sandbox.images.model import ResolvedImage
 from sandbox.launch import lifecycle
 from sandbox.launch.agent_client import AgentClient
@@ -60,6 +68,18 @@ class Launch:
     tee: TeeMode = TeeMode.auto
     vcpus: int = 1
     memory_mib: int = 512
+    volumes: tuple[VolumeSpec, ...] = ()        # made in the guest at launch (files: devices; others: empty)
+    netns: str | None = None                    # run QEMU in this network namespace (the pod's)
+    ports: tuple[tuple[int, str], ...] = ()     # (port, tcp|udp): forwarded from netns into the UVM
+
+
+def port_forwards(netns: str | None, ports: tuple[tuple[int, str], ...]) -> tuple[GroupPort, ...]:
+    """The UVM's forwards for the pod's container ports: in the pod's network namespace, on all its addresses
+    (the pod IP, and loopback for kubelet's probes), to the same port in the UVM. Without a namespace of
+    its own QEMU would listen in the node's: nothing is forwarded then."""
+    if netns is None:
+        return ()
+    return tuple(GroupPort(port, port, proto.upper(), "0.0.0.0") for port, proto in ports)
 
 
 @dataclass
@@ -73,6 +93,9 @@ class GuestSandbox:
     images: dict[str, ResolvedImage] = field(default_factory=dict)   # by reference
     layer_format: LayerFormat = LayerFormat.default
     policy: Policy | None = None                       # the annotation's policy (None: generated)
+    volumes: tuple[VolumeSpec, ...] = ()               # the group volumes in the guest
+    volume_devices: dict[str, tuple[str, Path]] = field(default_factory=dict)  # files volume -> (root hash, image)
+    volume_sources: dict[str, str] = field(default_factory=dict)   # files volume -> the host directory it came from
     _client: AgentClient | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -83,7 +106,8 @@ class GuestSandbox:
         """Resolve the images, launch the UVM, set the policy and mount every layer; create no container."""
         store = store or StateStore()
         spec = GroupSpec(name=req.name, containers=req.containers, tee=req.tee,
-                         resources=Resources(vcpus=req.vcpus, memory_mib=req.memory_mib))
+                         resources=Resources(vcpus=req.vcpus, memory_mib=req.memory_mib), volumes=req.volumes,
+                         ports=port_forwards(req.netns, req.ports))
         policy_file = policy = None
         if req.policy is not None:
             policy = parse_policy(req.policy, "io.parma.policy")
@@ -92,12 +116,13 @@ class GuestSandbox:
             policy_file.write_bytes(req.policy)
         images = resolve_group_images(spec)
         launched = launch_up(spec, UpOptions(name=req.name, policy_file=policy_file, tee=req.tee, detach=True,
-                                             create_containers=False), store)
+                                             create_containers=False, netns=req.netns), store)
         qemu = launched.record.processes.get("qemu")
         return cls(name=req.name, store=store, qemu_pid=qemu.pid if qemu else 0,
                    layer_targets={d.root_hash: d.target for d in launched.plan.layers},
                    images={c.image: images[c.name] for c in req.containers}, layer_format=spec.layer_format,
-                   policy=policy)
+                   policy=policy, volumes=req.volumes,
+                   volume_devices={Path(d.target).name: (d.root_hash, d.path) for d in launched.plan.file_volumes})
 
     def down(self, timeout: float = 10.0) -> None:
         """Stop every container and the UVM and remove the sandbox's state (`parma-sandbox down`)."""
@@ -144,7 +169,15 @@ class GuestSandbox:
                              f"({len(missing)} of {len(image.layer_hashes)})",
                              hint="a pod's images come from its policy (io.parma.policy): every container "
                                   "must use an image the policy lists")
-        plan = build_plan(GroupSpec(name=self.name, containers=(container,)), {container.name: image}, {})
+        launched = {v.name for v in self.volumes}
+        missing_volumes = sorted({m.volume for m in container.mounts} - launched)
+        if missing_volumes:
+            raise InputError(f"the container binds volume(s) {', '.join(missing_volumes)}, which the sandbox was "
+                             "not launched with",
+                             hint="a plain container's volumes are the binds of the container that launched "
+                                  "the sandbox; a pod's are the volumes its policy lists")
+        plan = build_plan(GroupSpec(name=self.name, containers=(container,), volumes=self.volumes),
+                          {container.name: image}, self.volume_devices, policy=self.policy)
         planned = replace(plan.containers[0], name=guest_id,
                           layer_targets=tuple(self.layer_targets[h] for h in reversed(image.layer_hashes)))
         self.call(planned.scratch)

@@ -19,18 +19,16 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from google.protobuf.message import Message
-
 from sandbox.fsutil import atomic_write
-from sandbox.group.spec import TeeMode
+from sandbox.group.spec import TeeMode, VolumeKind
 from sandbox.launch.agent_client import AgentDenied, AgentError
 from sandbox.shared.errors import InputError, PolicyDenied, SandboxError
 from sandbox.shared.policy.model import parse_policy
 from sandbox.shim import messages as M
-from sandbox.shim.bundle import NodeConfig, OciContainer, read_bundle
+from sandbox.shim.bundle import CRI_SANDBOX_UID, NodeConfig, OciContainer, read_bundle
 from sandbox.shim.events import Publisher
 from sandbox.shim.sandbox import (
     GuestSandbox,
@@ -42,12 +40,21 @@ from sandbox.shim.sandbox import (
 )
 from sandbox.shim.stdio import OutputPump, StdioError, Stream, open_output
 from sandbox.shim.ttrpc import Code, RpcError
+from sandbox.shim.volumes import (
+    check_bind_sources,
+    kubelet_volume_dir,
+    launch_volumes,
+    pod_volumes,
+    volume_binds,
+)
 
 log = logging.getLogger("parma-sandbox.shim")
 
 SERVICE = "containerd.task.v2.Task"
 VERSION = "parma-sandbox shim v2"
 STATE_FILE = "parma-shim.json"      # in the sandbox container's bundle: what `delete` needs to clean up
+VOLUME_STAGING = "parma-volumes"    # in the bundle: kubelet's configMap directories, dereferenced
+CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
 CREATED, RUNNING, STOPPED = M.TASK_STATUS["CREATED"], M.TASK_STATUS["RUNNING"], M.TASK_STATUS["STOPPED"]
 
 
@@ -106,7 +113,7 @@ class TaskService:
         self._create_lock = threading.Lock()
 
     def handlers(self) -> dict[tuple[str, str], Callable[[bytes], bytes]]:
-        table: dict[str, tuple[type[Message], Callable[[Message], Message]]] = {
+        table: dict[str, tuple[type[M.DynamicMessage], Callable[[M.DynamicMessage], M.DynamicMessage]]] = {
             "Create": (M.CreateTaskRequest, self.create), "Start": (M.StartRequest, self.start),
             "State": (M.StateRequest, self.state), "Delete": (M.DeleteRequest, self.delete),
             "Pids": (M.PidsRequest, self.pids), "Kill": (M.KillRequest, self.kill),
@@ -118,7 +125,7 @@ class TaskService:
             "Stats": (M.StatsRequest, self._unsupported("task metrics")),
         }
 
-        def wrap(cls: type[Message], fn: Callable[[Message], Message]) -> Callable[[bytes], bytes]:
+        def wrap(cls: type[M.DynamicMessage], fn: Callable[[M.DynamicMessage], M.DynamicMessage]) -> Callable[[bytes], bytes]:
             def handler(payload: bytes) -> bytes:
                 try:
                     return fn(M.parse(cls, payload)).SerializeToString()
@@ -135,8 +142,8 @@ class TaskService:
         return {(SERVICE, name): wrap(cls, fn) for name, (cls, fn) in table.items()}
 
     @staticmethod
-    def _unsupported(what: str) -> Callable[[Message], Message]:
-        def fn(_req: Message) -> Message:
+    def _unsupported(what: str) -> Callable[[M.DynamicMessage], M.DynamicMessage]:
+        def fn(_req: M.DynamicMessage) -> M.DynamicMessage:
             raise RpcError(Code.UNIMPLEMENTED, f"{what} is not supported by the parma runtime")
         return fn
 
@@ -151,7 +158,7 @@ class TaskService:
 
     # -- Create / Start ---------------------------------------------------------------------------
 
-    def create(self, req: Message) -> Message:
+    def create(self, req: M.DynamicMessage) -> M.DynamicMessage:
         if req.terminal:
             raise RpcError(Code.FAILED_PRECONDITION, "the parma runtime gives containers no TTY (run without -t)")
         if req.checkpoint:
@@ -184,20 +191,39 @@ class TaskService:
                                "the sandbox starts, so a policy cannot be generated for a pod)"
                                "; hint: 'parma-sandbox export k8s' writes it, and containerd passes it only when "
                                "the runtime's pod_annotations include \"io.parma.*\"")
-            containers = containers_from_policy(parse_policy(policy, "io.parma.policy"))
+            parsed = parse_policy(policy, "io.parma.policy")
+            containers = containers_from_policy(parsed)
+            # kubelet has mounted the pod's volumes before it asks for the sandbox: every volume the
+            # policy lists is made now, a files volume from kubelet's configMap directory of its name.
+            volumes = pod_volumes(parsed, self.node.kubelet_dir, oci.annotations.get(CRI_SANDBOX_UID),
+                                  task.bundle / VOLUME_STAGING)
+            uid = oci.annotations.get(CRI_SANDBOX_UID) or ""
+            shipped = {v.name: str(kubelet_volume_dir(self.node.kubelet_dir, uid, v.name))
+                       for v in volumes if v.kind == VolumeKind.files}
         else:
             if policy is None and not self.node.allow_generated_policy:
                 raise RpcError(Code.FAILED_PRECONDITION,
                                "no io.parma.policy annotation, and this node does not generate policies "
                                f"(allow_generated_policy in {self.node.source})")
             containers = (oci.group_container("main", self._image_of(oci, policy)),)
+            # A container of its own: its sandbox has the volumes its binds map to.
+            binds = volume_binds(parse_policy(policy, "io.parma.policy") if policy is not None else None, oci,
+                                 oci.annotations.get(CRI_CONTAINER_NAME))
+            volumes = launch_volumes(binds, task.bundle / VOLUME_STAGING)
+            shipped = {b.volume: b.source for b in binds}
+        ports = oci.ports()
+        if ports and oci.netns is None:
+            log.warning("%s lists ports (io.parma.ports) but names no network namespace: nothing is forwarded",
+                        task.id)
         name = sandbox_name(self.namespace, oci.sandbox_id(task.id))
         t0 = time.monotonic()
         log.info("launching sandbox %s for %s", name, task.id)
         vcpus, memory_mib = oci.uvm_size(self.node)
         self.sandbox = GuestSandbox.launch(Launch(name=name, containers=containers, policy=policy,
-                                                  tee=_tee(self.node), vcpus=vcpus, memory_mib=memory_mib),
+                                                  tee=_tee(self.node), vcpus=vcpus, memory_mib=memory_mib,
+                                                  volumes=volumes, netns=oci.netns, ports=ports),
                                            task.bundle)
+        self.sandbox.volume_sources = shipped
         self.sandbox_task = task.id
         atomic_write(task.bundle / STATE_FILE, json.dumps({"sandbox": name, "config": self.node.path}).encode())
         log.info("sandbox %s up in %.1f s (qemu pid %d)", name, time.monotonic() - t0, self.sandbox.qemu_pid)
@@ -217,18 +243,22 @@ class TaskService:
     def _create_container(self, task: Task) -> None:
         assert self.sandbox is not None
         oci = task.oci
-        name = oci.annotations.get("io.kubernetes.cri.container-name") or "main"
+        name = oci.annotations.get(CRI_CONTAINER_NAME) or "main"
         image = self._image_of(oci, oci.policy() if task.id == self.sandbox_task else None)
         drop = cri_env_to_drop(self.sandbox.policy, name) if oci.is_cri_container else frozenset()
         try:
-            result = self.sandbox.create(task.guest_id, oci.group_container(_group_name(name), image, drop_env=drop))
+            binds = volume_binds(self.sandbox.policy, oci, oci.annotations.get(CRI_CONTAINER_NAME))
+            check_bind_sources(binds, self.sandbox.volume_sources)
+            container = replace(oci.group_container(_group_name(name), image, drop_env=drop),
+                                mounts=tuple(b.mount for b in binds))
+            result = self.sandbox.create(task.guest_id, container)
         except BaseException:
             if task.id == self.sandbox_task:
                 self._teardown()
             raise
         task.init.guest_pid = int(result.get("pid") or 0)
 
-    def start(self, req: Message) -> Message:
+    def start(self, req: M.DynamicMessage) -> M.DynamicMessage:
         task = self._task(req.id)
         proc = task.proc(req.exec_id)
         if proc.status != CREATED:
@@ -281,7 +311,7 @@ class TaskService:
 
     # -- Exec / Kill / Wait -----------------------------------------------------------------------
 
-    def exec(self, req: Message) -> Message:
+    def exec(self, req: M.DynamicMessage) -> M.DynamicMessage:
         task = self._task(req.id)
         if req.terminal:
             raise RpcError(Code.FAILED_PRECONDITION, "the parma runtime gives processes no TTY (exec without -t)")
@@ -303,7 +333,7 @@ class TaskService:
         self.events.publish("TaskExecAdded", container_id=task.id, exec_id=req.exec_id)
         return M.Empty()
 
-    def kill(self, req: Message) -> Message:
+    def kill(self, req: M.DynamicMessage) -> M.DynamicMessage:
         task = self._task(req.id)
         proc = task.proc(req.exec_id)
         sig = int(req.signal) or signal.SIGTERM
@@ -345,14 +375,14 @@ class TaskService:
                 log.warning("stopping %s: %s", task.id, e)
         threading.Thread(target=run, daemon=True, name=f"stop-{task.guest_id[:12]}").start()
 
-    def wait(self, req: Message) -> Message:
+    def wait(self, req: M.DynamicMessage) -> M.DynamicMessage:
         proc = self._task(req.id).proc(req.exec_id)
         proc.exited.wait()
         return M.WaitResponse(exit_status=proc.exit_status, exited_at=M.timestamp(proc.exited_at))
 
     # -- State / Pids / Connect -------------------------------------------------------------------
 
-    def state(self, req: Message) -> Message:
+    def state(self, req: M.DynamicMessage) -> M.DynamicMessage:
         task = self._task(req.id)
         proc = task.proc(req.exec_id)
         resp = M.StateResponse(id=req.id, bundle=str(task.bundle), pid=self._pid(), status=proc.status,
@@ -362,25 +392,25 @@ class TaskService:
             resp.exited_at.CopyFrom(M.timestamp(proc.exited_at))
         return resp
 
-    def pids(self, req: Message) -> Message:
+    def pids(self, req: M.DynamicMessage) -> M.DynamicMessage:
         task = self._task(req.id)
         procs = [task.init, *task.execs.values()]
         return M.PidsResponse(processes=[M.ProcessInfo(pid=p.guest_pid) for p in procs
                                          if p.status == RUNNING and p.guest_pid])
 
-    def connect(self, req: Message) -> Message:
+    def connect(self, req: M.DynamicMessage) -> M.DynamicMessage:
         return M.ConnectResponse(shim_pid=os.getpid(), task_pid=self._pid(), version=VERSION)
 
-    def resize_pty(self, req: Message) -> Message:
+    def resize_pty(self, req: M.DynamicMessage) -> M.DynamicMessage:
         raise RpcError(Code.FAILED_PRECONDITION, "the parma runtime gives processes no TTY")
 
-    def close_io(self, req: Message) -> Message:
+    def close_io(self, req: M.DynamicMessage) -> M.DynamicMessage:
         self._task(req.id).proc(req.exec_id)   # stdin is never attached: closing it is a no-op
         return M.Empty()
 
     # -- Delete / Shutdown ------------------------------------------------------------------------
 
-    def delete(self, req: Message) -> Message:
+    def delete(self, req: M.DynamicMessage) -> M.DynamicMessage:
         task = self._task(req.id)
         proc = task.proc(req.exec_id)
         if proc.status == RUNNING:
@@ -413,7 +443,7 @@ class TaskService:
             finally:
                 self.sandbox = None
 
-    def shutdown(self, req: Message) -> Message:
+    def shutdown(self, req: M.DynamicMessage) -> M.DynamicMessage:
         with self._lock:
             busy = bool(self.tasks) and not req.now
         if not busy:

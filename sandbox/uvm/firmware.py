@@ -23,7 +23,7 @@ from pathlib import Path
 from sandbox.fsutil import atomic_dir, atomic_output, file_lock
 from sandbox.paths import cache_dir
 from sandbox.progress import step
-from sandbox.run import find_tool, run
+from sandbox.run import PathLike, find_tool, run
 from sandbox.shared.errors import StateError
 from sandbox.uvm.fetch import fetch_pinned, sha256_file
 from sandbox.uvm.longrun import require_build_tools, run_logged
@@ -119,7 +119,7 @@ def _unpack(src: Edk2Source, work: Path) -> Path:
 
 def _edk2(tree: Path, command: str, log_path: Path, *, what: str, total: int | None = None) -> None:
     """Run `command` after sourcing edksetup.sh (edk2's documented entry point), logging to log_path."""
-    argv = [find_tool("nice"), "-n", "10", "bash", "-c", f"set -e; . ./edksetup.sh >/dev/null; {command}"]
+    argv: list[PathLike] = [find_tool("nice"), "-n", "10", "bash", "-c", f"set -e; . ./edksetup.sh >/dev/null; {command}"]
     run_logged(argv, log_path, what=what, cwd=tree, total=total,
                unit_prefix=b"Building ... " if total else None,
                env={**BUILD_ENV, "WORKSPACE": str(tree), "PYTHON_COMMAND": "python3"})

@@ -20,7 +20,7 @@ from pathlib import Path
 from sandbox.fsutil import atomic_dir, file_lock
 from sandbox.paths import cache_dir
 from sandbox.progress import step
-from sandbox.run import find_tool, run
+from sandbox.run import PathLike, find_tool, run
 from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.uvm.fetch import fetch_pinned, sha256_file
 from sandbox.uvm.longrun import require_build_tools, run_logged
@@ -178,7 +178,7 @@ def _configure(tree: Path, out: Path, files: list[Path]) -> None:
 
 def _make_bzimage(tree: Path, out: Path) -> None:
     jobs = os.cpu_count() or 1
-    argv = [find_tool("nice"), "-n", "10", "make", "-C", tree, f"O={out}", f"-j{jobs}", "bzImage"]
+    argv: list[PathLike] = [find_tool("nice"), "-n", "10", "make", "-C", tree, f"O={out}", f"-j{jobs}", "bzImage"]
     run_logged(argv, out / "build.log", what="Compiling the kernel", env=BUILD_ENV, total=EXPECTED_STEPS,
                unit_prefix=b"  CC ")
 

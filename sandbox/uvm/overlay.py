@@ -201,13 +201,13 @@ def write_rootfs_tar(base: BaseArtifact, out: Path) -> None:
         compiled = compile_agent(py, files, Path(tmp))
         boot_cache = build_boot_cache(py, files, Path(tmp))
         added: dict[str, tuple[tarfile.TarInfo, Path | None]] = {}
-        for dest, src in [*files, *compiled, boot_cache, (INIT_PATH, INIT_SCRIPT)]:
+        for dest, path in [*files, *compiled, boot_cache, (INIT_PATH, INIT_SCRIPT)]:
             parts = PurePosixPath(dest).parts
             for i in range(1, len(parts)):
                 d = "/".join(parts[:i])
                 added.setdefault(d, (_new_entry(d, mode=0o755, kind=tarfile.DIRTYPE), None))
             mode = 0o755 if dest == INIT_PATH else 0o644
-            added[dest] = (_new_entry(dest, mode=mode, size=src.stat().st_size), src)
+            added[dest] = (_new_entry(dest, mode=mode, size=path.stat().st_size), path)
         with tarfile.open(base.tar, "r:") as src_tar, open(out, "wb") as f, \
                 tarfile.open(fileobj=f, mode="w:", format=tarfile.GNU_FORMAT) as dst:
             entries: dict[str, tuple[tarfile.TarInfo, tarfile.TarInfo | Path | None]] = {}
@@ -227,13 +227,13 @@ def write_rootfs_tar(base: BaseArtifact, out: Path) -> None:
                     raise StateError(f"the agent overlay would replace /{rel} from the Debian base")
                 entries[rel] = (info, src)
             for rel in sorted(entries, key=lambda r: "" if r == "." else r):
-                info, src = entries[rel]
+                info, content = entries[rel]
                 out_info = _normalize(copy.copy(info))
-                if isinstance(src, tarfile.TarInfo):
-                    data = src_tar.extractfile(src) if src.isreg() else None
+                if isinstance(content, tarfile.TarInfo):
+                    data = src_tar.extractfile(content) if content.isreg() else None
                     dst.addfile(out_info, data)
-                elif isinstance(src, Path):
-                    with open(src, "rb") as data:
+                elif isinstance(content, Path):
+                    with open(content, "rb") as data:
                         dst.addfile(out_info, data)
                 else:
                     dst.addfile(out_info)

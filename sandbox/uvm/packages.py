@@ -120,6 +120,7 @@ def compare_with_lock(resolved: tuple[LockedPackage, ...], lock: tuple[LockedPac
     for key in sorted(want.keys() | got.keys()):
         w, g = want.get(key), got.get(key)
         if w is None:
+            g = got[key]                            # the key came from one of the two
             diffs.append(f"{g.name} {g.version}: not in the lock")
         elif g is None:
             diffs.append(f"{w.name} {w.version}: locked but not installed")

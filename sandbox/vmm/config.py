@@ -95,6 +95,7 @@ class VmConfig:
     initrd: Path | None = None
     pidfile: Path | None = None
     network: bool = True
+    netns: Path | None = None                # run QEMU in this network namespace (nsenter --net)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

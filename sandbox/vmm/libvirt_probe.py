@@ -79,7 +79,7 @@ def probe_libvirt(kvm_ok: bool) -> list[Item]:
     uri = default_uri()
     installed = installed_libvirt()
     items = []
-    too_old = installed is not None and installed < LIBVIRT_SNP_MIN
+    too_old = installed if installed is not None and installed < LIBVIRT_SNP_MIN else None
     old_hint = "install libvirt from bookworm-backports ('make setup' does this)"
     daemon = None
     if uri.startswith("qemu:///system"):
@@ -89,9 +89,9 @@ def probe_libvirt(kvm_ok: bool) -> list[Item]:
             items.append(Item("libvirtd", Availability.missing,
                               f"not running ({what}; only needed for --backend libvirt)",
                               DAEMON_HINT if installed else "run 'make setup'"))
-            if too_old:
+            if too_old is not None:
                 items.append(Item("libvirt sev-snp", Availability.missing,
-                                  f"libvirt {_version_text(installed)} predates SEV-SNP launch security (needs "
+                                  f"libvirt {_version_text(too_old)} predates SEV-SNP launch security (needs "
                                   f"{_version_text(LIBVIRT_SNP_MIN)})", old_hint))
             return items
     try:

@@ -166,6 +166,12 @@ def device_args(cfg: VmConfig) -> list[str]:
     return args
 
 
+def netns_prefix(cfg: VmConfig) -> list[str]:
+    """QEMU in another network namespace: nsenter joins it and execs QEMU (same pid, no fork), so QEMU's
+    user-mode network and its host forwards live there (a pod's netns: its IP, its loopback)."""
+    return ["nsenter", f"--net={os.fspath(cfg.netns)}", "--"] if cfg.netns is not None else []
+
+
 def build_argv(cfg: VmConfig, qemu: str = QEMU_BINARY) -> list[str]:
-    return [qemu, *base_args(cfg), *machine_args(cfg), *snp_args(cfg), *boot_args(cfg), *console_args(cfg),
+    return [*netns_prefix(cfg), qemu, *base_args(cfg), *machine_args(cfg), *snp_args(cfg), *boot_args(cfg), *console_args(cfg),
             *agent_args(cfg), *disk_args(cfg), *network_args(cfg), *device_args(cfg)]

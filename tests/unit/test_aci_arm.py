@@ -15,7 +15,7 @@ from sandbox.group import load_group, validate_group
 from sandbox.group.arm import ccepolicy_of_template, group_document, is_arm_template
 from sandbox.group.armexpr import ArmError, Resolver
 from sandbox.group.jsonio import ValidationError
-from sandbox.group.spec import VolumeKind
+from sandbox.group.spec import ProbeSpec, VolumeKind
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
 from sandbox.shared.errors import InputError
 from sandbox.shared.policy import parse_policy
@@ -113,7 +113,9 @@ def test_template_maps_to_a_group(tmp_path: Path) -> None:
     assert [(p.port, p.protocol) for p in web.ports] == [(8080, "TCP")]
     assert [(m.volume, m.mount_path, m.read_only) for m in web.mounts] == [("secrets", "/www", True),
                                                                           ("scratch", "/scratch", False)]
-    assert [e.command for e in web.exec_processes] == [("/bin/cat", "/www/index.html")]   # once, like confcom
+    assert web.exec_processes == ()         # the probes stay probes; the policy lists their command once
+    assert web.liveness_probe == web.readiness_probe == ProbeSpec(exec_command=("/bin/cat", "/www/index.html"))
+    assert [e.command for e in web.allowed_execs] == [("/bin/cat", "/www/index.html")]   # once, like confcom
     assert probe.user == "65534:65534"
     assert probe.capabilities.add == ("CAP_NET_ADMIN",) and probe.capabilities.drop == ("CAP_CHOWN",)
     kinds = {v.name: v.kind for v in spec.volumes}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -170,7 +171,7 @@ def test_cli_sign_verify_show_and_refusal(tmp_path: Path, capsys) -> None:
     assert code == 2 and "COSE" in err
 
 
-def test_policy_explain_decodes_acis_decision_blob(capsys) -> None:
+def test_policy_explain_decodes_acis_decision_blob(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     import base64
     decision = {"decision": "deny", "input": {"rule": "create_container", "containerID": "ab" * 32,
                                                "argList": ["/bin/sh"], "envList": ["A=<<redacted>>"],
@@ -190,6 +191,9 @@ def test_policy_explain_decodes_acis_decision_blob(capsys) -> None:
         "capabilities": "[unprivileged]"}}
     code, out, err = run_cli(["policy", "explain", "not a blob"], capsys)
     assert code == 2 and "policyDecision" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO(message + "\n"))    # '-' reads the message from stdin
+    code, out, err = run_cli(["policy", "explain", "-"], capsys)
+    assert code == 0 and out.startswith("create_container: deny\n"), err
 
 
 def test_policy_explain_with_the_policy_gives_the_local_engines_explanation(tmp_path: Path, capsys) -> None:

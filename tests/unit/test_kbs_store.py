@@ -119,6 +119,10 @@ def test_damaged_secret_files_are_state_errors(tmp_path: Path) -> None:
     path.write_text("{")
     with pytest.raises(StateError):
         store.get("k")
+    doc["format"] = ["not", "a", "name"]  # unhashable: once a TypeError out of the format lookup
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StateError, match="not a parma-sandbox/kbs-secret/v2 document"):
+        store.get("k")
 
 
 def test_a_failed_write_leaves_the_old_secret_and_no_debris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -556,6 +556,15 @@ CASES = [
                                                                                                      "/www/index.html"]}),
          False, "it has not been created", setup=[*MOUNTED, create()],
          policy=policy(rules={"create_container": {"allowed": True}})),
+    # An exec that leaves env out inherits the container's: a constant env_list narrows that one.
+    Case("rule-constant-exec-inherited-env", ("exec_in_container", {"container_id": "c1",
+                                                                    "argv": ["/bin/cat", "/www/index.html"]}),
+         True, setup=CREATED, results={"env_list": ["PATH=/usr/bin:/bin"]},
+         policy=policy(rules={"exec_in_container": {"allowed": True, "env_list": ["PATH=/usr/bin:/bin"]}})),
+    Case("rule-constant-exec-inherited-env-unrecorded",
+         ("exec_in_container", {"container_id": "c9", "argv": ["/x"]}),
+         True, results={"env_list": []},
+         policy=policy(rules={"exec_in_container": {"allowed": True, "env_list": ["PATH=/usr/bin:/bin"]}})),
     # -- layers of containers the framework ignores, share volumes ----------------------------------------------
     Case("ignored-container-layer-mounts", ("mount_device", {"target": "/run/parma/layers/7", "device_hash": L3}),
          True, policy=policy(ignored_container_layers=[L3])),

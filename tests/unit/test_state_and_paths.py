@@ -81,7 +81,7 @@ def test_the_state_file_is_snake_case_json(isolated_dirs: Path) -> None:
     store = StateStore()
     store.save(full_record())
     raw = json.loads((store.dir("demo") / "state.json").read_text())
-    assert raw["version"] == 2 and raw["ports"] == [{"port": 8080, "host_port": 18080, "protocol": "TCP",
+    assert raw["version"] == 3 and raw["ports"] == [{"port": 8080, "host_port": 18080, "protocol": "TCP",
                                                      "host_address": "127.0.0.1"}]
 
     def keys(value: Any, opaque: bool = False) -> set[str]:
@@ -117,7 +117,23 @@ def test_a_version_1_record_is_migrated(isolated_dirs: Path) -> None:
     assert rec.containers[0].exec_processes == (("/bin/true",),) and rec.vm == {"backend": "qemu", "pid": me.pid}
     assert rec.processes["qemu"] == me and rec.observed() == SandboxStatus.running
     store.save(rec)
-    assert json.loads((d / "state.json").read_text())["version"] == 2
+    assert json.loads((d / "state.json").read_text())["version"] == 3
+
+
+def test_a_version_2_record_reads_as_is_and_its_runs_have_no_probe_state(isolated_dirs: Path) -> None:
+    """Version 3 added ContainerRun.ready and probe_error; a version 2 file has neither (their defaults)."""
+    store = StateStore()
+    d = store.dir("two")
+    d.mkdir(parents=True)
+    (d / "state.json").write_text(json.dumps({
+        "version": 2, "name": "two", "status": "running", "created": 2.5,
+        "runs": [{"name": "web", "init": False, "status": "running", "restarts": 1, "exit_code": 1,
+                  "started_at": 3.0, "finished_at": 2.0, "restart_at": None, "backoff": 1, "error": None}]}))
+    rec = store.load("two")
+    assert rec is not None and rec.runs[0].restarts == 1
+    assert (rec.runs[0].ready, rec.runs[0].probe_error) == (None, None)
+    store.save(rec)
+    assert json.loads((d / "state.json").read_text())["version"] == 3
 
 
 @pytest.mark.parametrize(("raw", "problem"), [

@@ -244,3 +244,92 @@ def test_a_pod_is_one_uvm_and_its_containers_join_it(containerd: Containerd, tmp
     for c in ("app1", "once1", "rogue1", "pod1"):
         containerd.ctr("containers", "rm", c)
     _no_leftovers(containerd)
+
+
+HELLO = REPO / "examples" / "hello"
+HTTPD = ["/bin/httpd", "-f", "-v", "-p", "8080", "-h", "/www"]     # hello's web container, as its policy pins it
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace of the test's own (as CNI makes one per pod), loopback up; removed after."""
+    name = f"parma-shimtest-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True, capture_output=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def _fetch_in(netns: str, url: str, deadline_s: float = 90) -> str:
+    """GET url from inside the network namespace (a client on the pod's network), retried while the
+    container starts."""
+    code = ("import sys, urllib.request\n"
+            "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode(), end='')")
+    deadline = time.monotonic() + deadline_s
+    while True:
+        r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code, url], capture_output=True,
+                           text=True, timeout=30)
+        if r.returncode == 0 or time.monotonic() > deadline:
+            return r.stdout if r.returncode == 0 else f"FAILED: {r.stderr}"
+        time.sleep(1)
+
+
+def _listening_everywhere(pid: int, port: int) -> bool:
+    """A TCP socket of the process's network namespace listens on 0.0.0.0:port (the pod IP and loopback)."""
+    rows = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    return any(r.split()[1] == f"00000000:{port:04X}" and r.split()[3] == "0A" for r in rows)
+
+
+def test_hello_web_serves_its_files_volume_on_the_pod_network(containerd: Containerd, tmp_path: Path,
+                                                             netns: str) -> None:
+    """examples/hello's web container under ctr as kubelet would hand it: its www volume as a bind mount of a
+    host directory, the pod's network namespace, the container port. The policy is hello's own: the www
+    device must hash to its pin, and a client in the namespace gets the page from the UVM."""
+    out = tmp_path / "hello.policy"
+    r = subprocess.run([sys.executable, "-m", "sandbox", "policy", "gen", str(HELLO / "group.json"), "-o", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    policy = base64.b64encode(out.read_bytes()).decode()
+    common = ["--runtime", RUNTIME, "--annotation", f"io.parma.policy={policy}", "--annotation",
+              f"io.parma.image={LOCAL_REF}", "--env", "GREETING=hello"]
+    # A bind the policy does not describe is refused in Create, before any UVM starts.
+    stray = containerd.ctr("run", "--rm", *common, "--mount", f"type=bind,src={tmp_path},dst=/data,options=rbind:ro",
+                           IMAGE_NAME, "hello-stray", *HTTPD, timeout=120)
+    assert stray.returncode != 0 and "where the policy binds no volume" in stray.stderr, stray.stderr
+    containerd.ctr("containers", "rm", "hello-stray")
+    assert _qemu_of(containerd.dir / "run") == []
+
+    t0 = time.monotonic()
+    containerd.ctr("run", "-d", *common, "--annotation", "io.parma.ports=8080/tcp",
+                   "--with-ns", f"network:/var/run/netns/{netns}",
+                   "--mount", f"type=bind,src={HELLO / 'www'},dst=/www,options=rbind:ro",
+                   IMAGE_NAME, "hello-web", *HTTPD, check=True)
+    page = _fetch_in(netns, "http://127.0.0.1:8080/")
+    print(f"\nctr run -d -> page fetched in the netns after {time.monotonic() - t0:.1f} s")
+    assert page == (HELLO / "www" / "index.html").read_text(), page + containerd.log()[-3000:]
+    (qemu,) = _qemu_of(containerd.dir / "run")
+    assert _listening_everywhere(qemu, 8080)
+    assert "00000000:1F90" not in Path("/proc/self/net/tcp").read_text()     # nothing on the node's own network
+    cat = containerd.ctr("tasks", "exec", "--exec-id", "cat1", "hello-web", "/bin/cat", "/www/index.html", timeout=120)
+    assert cat.returncode == 0 and cat.stdout == page, cat.stderr
+    containerd.ctr("tasks", "kill", "-s", "SIGKILL", "hello-web", check=True)
+    deadline = time.monotonic() + 60
+    while "STOPPED" not in containerd.ctr("tasks", "ls").stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    containerd.ctr("tasks", "delete", "hello-web", check=True, timeout=120)
+    containerd.ctr("containers", "rm", "hello-web", check=True)
+    _no_leftovers(containerd)
+
+    # The same bind with one changed byte: the guest hashes the device and the policy denies it.
+    tampered = tmp_path / "www"
+    shutil.copytree(HELLO / "www", tampered)
+    (tampered / "index.html").write_text((HELLO / "www" / "index.html").read_text().replace("Hello", "Pwned"))
+    bad = containerd.ctr("run", "--rm", *common, "--mount", f"type=bind,src={tampered},dst=/www,options=rbind:ro",
+                         IMAGE_NAME, "hello-tampered", *HTTPD, timeout=300)
+    assert bad.returncode != 0
+    assert "denied by policy" in bad.stderr and "not the hash pinned for volume 'www'" in bad.stderr, bad.stderr
+    containerd.ctr("containers", "rm", "hello-tampered")
+    _no_leftovers(containerd)

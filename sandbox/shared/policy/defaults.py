@@ -9,8 +9,12 @@ The host-side launcher builds container specs from the same constants, so the tw
 from __future__ import annotations
 
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from sandbox.shared.protocol import container_dir
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # Framework versions this engine implements (ACI framework.rego 0.5.0 / api.rego 0.12.0 semantics).
 FRAMEWORK_VERSION = "0.5.0"
@@ -61,7 +65,8 @@ def volume_bind_mount(volume: str, destination: str, read_only: bool) -> dict[st
             "options": [*VOLUME_BIND_OPTIONS, "ro" if read_only else "rw"]}
 
 
-def _mount(destination: str, type_: str, source: str, options: tuple[str, ...]) -> MappingProxyType:
+def _mount(destination: str, type_: str, source: str, options: tuple[str, ...]) -> MappingProxyType[str, Any]:
+    """A read-only OCI mount object: destination, type and source are str, options a tuple[str, ...]."""
     return MappingProxyType({"destination": destination, "type": type_, "source": source,
                              "options": options})
 
@@ -93,7 +98,7 @@ def etc_files_dir(container_id: str) -> str:
     return f"{container_dir(container_id)}/etc"
 
 
-def etc_file_mounts(container_id: str) -> tuple[MappingProxyType, ...]:
+def etc_file_mounts(container_id: str) -> tuple[MappingProxyType[str, Any], ...]:
     """The binds of a container's own /etc/hostname, /etc/hosts and /etc/resolv.conf."""
     return tuple(_mount(f"/etc/{name}", "bind", f"{etc_files_dir(container_id)}/{name}", ETC_BIND_OPTIONS)
                  for name in ETC_FILES)

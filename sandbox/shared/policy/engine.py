@@ -29,11 +29,12 @@ from __future__ import annotations
 import difflib
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sandbox.shared.errors import InputError, InvalidDocument, StateError
+from sandbox.shared.jsonstrict import JsonObject
 from sandbox.shared.messages import (
     Capabilities,
     ContainerMount,
@@ -76,13 +77,13 @@ from sandbox.shared.policy.model import (
     NameValueEnvRule,
     Policy,
     Strategy,
-    VolumeKind,
     parse_policy,
     parse_version,
     policy_hash,
     validate_policy,
 )
 from sandbox.shared.policy.points import EnforcementPoint as EP
+from sandbox.shared.policy.points import VolumeKind
 from sandbox.shared.policy.regex import whole_matcher
 from sandbox.shared.protocol import VOLUME_TARGET_RE
 from sandbox.shared.rego.framework import ENFORCEMENT_POINTS
@@ -126,10 +127,10 @@ class Decision:
         return bool(self.grant.allow_stdio_access)
 
     @property
-    def results(self) -> dict[str, Any]:
+    def results(self) -> dict[str, object]:
         """The results in JSON form (docs/policy-trace.md), only those the point produces."""
         g = self.grant
-        out: dict[str, Any] = {}
+        out: dict[str, object] = {}
         if g.env_list is not None:
             out["env_list"] = list(g.env_list)
         if g.caps_list is not None:
@@ -138,7 +139,7 @@ class Decision:
             out["allow_stdio_access"] = g.allow_stdio_access
         return out
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {"ep": self.ep.value, "allowed": self.allowed, "reason": self.reason, "results": self.results,
                 "changes": list(self.changes)}
 
@@ -252,15 +253,16 @@ class _IdName:
     __slots__ = ("pattern", "strategy", "matches")
 
     def __init__(self, i: IdName) -> None:
-        self.pattern, self.strategy = i.pattern, i.strategy
+        pattern = self.pattern = i.pattern
+        self.strategy = i.strategy
         if i.strategy == IdStrategy.any:
             self.matches: Callable[[NamedId], bool] = lambda v: True
         elif i.strategy == IdStrategy.id:
-            self.matches = lambda v, p=i.pattern: v.id == p
+            self.matches = lambda v: v.id == pattern
         elif i.strategy == IdStrategy.name:
-            self.matches = lambda v, p=i.pattern: v.name == p
+            self.matches = lambda v: v.name == pattern
         else:
-            m = whole_matcher(i.pattern)
+            m = whole_matcher(pattern)
             self.matches = lambda v: m(v.name)
 
     def __str__(self) -> str:
@@ -314,6 +316,10 @@ class _External:
         self.allow_stdio_access = e.allow_stdio_access
 
 
+# What the narrowing helpers narrow: policy containers, or external processes.
+_Choice = TypeVar("_Choice", _Candidate, _External)
+
+
 @dataclass(frozen=True)
 class _LoadedFragment:
     """A fragment accepted by load_fragment: what its import's `includes` let it add (framework
@@ -324,7 +330,7 @@ class _LoadedFragment:
     namespace: str
     candidates: tuple[_Candidate, ...]
     externals: tuple[_External, ...]
-    imports: tuple[dict[str, Any], ...]
+    imports: tuple[JsonObject, ...]
     layers: frozenset[str]
 
 
@@ -347,7 +353,7 @@ class ProcessIdentity:
     capabilities: Capabilities
     no_new_privileges: bool
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {"env": list(self.env), "working_dir": self.working_dir, "user": self.user.to_json(),
                 "groups": [g.to_json() for g in self.groups], "umask": self.umask,
                 "capabilities": {k: list(v) for k, v in self.capabilities.sets().items()},
@@ -371,7 +377,7 @@ class _State:
         self.fragments: dict[int, _LoadedFragment] = {}         # load order -> accepted fragment
 
 
-StateChange = tuple[str, str, Any]     # (state table, key, new value or _REMOVE)
+StateChange = tuple[str, str | int, Any]     # (state table, key, new value or _REMOVE)
 RuleFn = Callable[[Any], tuple[Results, list[StateChange]]]
 
 
@@ -528,7 +534,12 @@ class PolicyEngine:
         env_list = None
         if env is not None and isinstance(input, CreateContainerInput | ExecInContainerInput | ExecExternalInput):
             keep = set(env)
-            env_list = _dedupe(e for e in input.env if e in keep)
+            asked = input.env
+            if asked is INHERIT:    # an exec that leaves env out runs with the container's (none recorded: empty)
+                own = (self._state.process.get(input.container_id) if isinstance(input, ExecInContainerInput)
+                       else None)
+                asked = own.env if own is not None else ()
+            env_list = _dedupe(e for e in asked if e in keep)
         caps_list = None
         if isinstance(caps, dict) and isinstance(input, CreateContainerInput):
             requested = (input.capabilities.sets() if input.capabilities is not None
@@ -545,7 +556,7 @@ class PolicyEngine:
             changes.append(("stdio", input.container_id, bool(grant.allow_stdio_access)))
         return grant, changes
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> JsonObject:
         """The tracked state (JSON-able), for logs and `policy check`."""
         with self._lock:
             s = self._state
@@ -786,8 +797,8 @@ class PolicyEngine:
             return f"mount at {mount.destination!r}: {reasons[0]}"
         return f"mount {mount.type} {mount.source!r} at {mount.destination!r} matches no allowed mount destination"
 
-    def _narrow_env(self, ep: str, who: Subject, survivors: tuple, env: tuple[str, ...]) -> tuple[tuple[str, ...],
-                                                                                                   tuple]:
+    def _narrow_env(self, ep: str, who: Subject, survivors: tuple[_Choice, ...],
+                    env: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[_Choice, ...]]:
         """framework.rego valid_envs_for_all + envList_ok."""
         if self._env_dropping:
             kept_sets = [frozenset(e for e in env if c.env_rules.allows(e)) for c in survivors]
@@ -802,8 +813,9 @@ class PolicyEngine:
             env_list = _dedupe(env)
         return env_list, _narrow(ep, who, survivors, lambda c: _env_mismatch(c.env_rules, env_list))
 
-    def _narrow_caps(self, ep: str, who: Subject, survivors: tuple, capabilities: Capabilities | None,
-                     privileged: bool) -> tuple[Capabilities, tuple]:
+    def _narrow_caps(self, ep: str, who: Subject, survivors: tuple[_Candidate, ...],
+                     capabilities: Capabilities | None,
+                     privileged: bool) -> tuple[Capabilities, tuple[_Candidate, ...]]:
         """framework.rego valid_caps_for_all + caps_ok."""
         requested = (defaults.default_capabilities(privileged) if capabilities is None
                      else capabilities.sets())
@@ -874,7 +886,7 @@ class PolicyEngine:
         if not externals:
             raise _Deny(f"exec_external denied for {_fmt(argv)}: the policy allows no external processes")
 
-        def who(_c: tuple) -> str:
+        def who(_c: Sequence[_Candidate | _External]) -> str:
             return f"argv {_fmt(argv)}"
         survivors = _narrow("exec_external", who, externals, mismatch)
         env_list, survivors = self._narrow_env("exec_external", who, survivors, a.env)
@@ -971,7 +983,7 @@ class PolicyEngine:
 # Narrowing helpers
 
 
-Subject = Callable[[tuple], str]
+Subject = Callable[["Sequence[_Candidate | _External]"], str]   # names the request in a denial
 
 
 def _not_running(state: _State, cid: str) -> str:
@@ -981,7 +993,7 @@ def _not_running(state: _State, cid: str) -> str:
 
 def _container_subject(cid: str) -> Subject:
     """Name a request by its container id and the policy containers still in question."""
-    def who(candidates: tuple) -> str:
+    def who(candidates: Sequence[_Candidate | _External]) -> str:
         labels = [c.label for c in candidates]
         if len(labels) == 1:
             return repr(cid) if labels[0] == cid else f"{cid!r} (policy container {labels[0]!r})"
@@ -989,10 +1001,11 @@ def _container_subject(cid: str) -> Subject:
     return who
 
 
-def _narrow(ep: str, who: Subject, candidates: tuple, mismatch: Callable[[Any], str | None]) -> tuple:
+def _narrow(ep: str, who: Subject, candidates: tuple[_Choice, ...],
+            mismatch: Callable[[_Choice], str | None]) -> tuple[_Choice, ...]:
     """Keep the candidates that allow the request; deny with every candidate's reason if none does."""
-    kept = []
-    reasons = []
+    kept: list[_Choice] = []
+    reasons: list[tuple[str, str]] = []
     for c in candidates:
         why = mismatch(c)
         if why is None:
@@ -1048,7 +1061,7 @@ def _caps_mismatch(allowed: Mapping[str, tuple[str, ...]], requested: Mapping[st
     return None
 
 
-def _stdio_agreement(ep: str, who: Subject, survivors: tuple) -> bool:
+def _stdio_agreement(ep: str, who: Subject, survivors: tuple[_Candidate, ...] | tuple[_External, ...]) -> bool:
     values = {c.allow_stdio_access for c in survivors}
     if len(values) > 1:
         raise _Deny(f"{ep} denied for {who(survivors)}: the remaining candidates disagree on "
@@ -1056,7 +1069,7 @@ def _stdio_agreement(ep: str, who: Subject, survivors: tuple) -> bool:
     return values.pop()
 
 
-def _dedupe(items: Any) -> tuple[str, ...]:
+def _dedupe(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 

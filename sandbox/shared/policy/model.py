@@ -25,16 +25,19 @@ import json
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.shared.errors import InvalidDocument
 from sandbox.shared.jsoncheck import Checker, join
-from sandbox.shared.jsonstrict import decode_utf8, loads_strict
+from sandbox.shared.jsonstrict import JsonObject, decode_utf8, loads_strict
 from sandbox.shared.messages import Capabilities
 from sandbox.shared.policy import defaults
 from sandbox.shared.policy.points import VolumeKind
 from sandbox.shared.policy.regex import RegexError, check
 from sandbox.shared.rego.framework import ENFORCEMENT_POINTS
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
 
 
 class Strategy(StrEnum):
@@ -168,7 +171,7 @@ class FragmentImport:
     minimum_svn: str | int
     includes: tuple[str, ...]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"issuer": self.issuer, "feed": self.feed, "minimum_svn": self.minimum_svn,
                 "includes": list(self.includes)}
 
@@ -185,7 +188,7 @@ class PointRule:
     results: tuple[tuple[str, Any], ...] = ()
     framework: bool = False
 
-    def to_json(self) -> dict[str, Any] | str | None:
+    def to_json(self) -> JsonObject | str | None:
         if self.framework:
             return "framework"
         return None if self.allowed is None else {"allowed": self.allowed, **dict(self.results)}
@@ -209,7 +212,7 @@ class Policy:
     allow_unencrypted_scratch: bool = False
     allow_capability_dropping: bool = False
 
-    def to_document(self) -> dict[str, Any]:
+    def to_document(self) -> JsonObject:
         return _policy_doc(self)
 
     def canonical_bytes(self) -> bytes:
@@ -289,7 +292,7 @@ def parse_policy(raw: bytes, source: str = "policy") -> Policy:
 # Serialisation
 
 
-def _env_rule_doc(r: AnyEnvRule) -> dict[str, Any]:
+def _env_rule_doc(r: AnyEnvRule) -> dict[str, str | bool]:
     if isinstance(r, NameValueEnvRule):
         return {"name": r.name, "name_strategy": r.name_strategy.value, "value": r.value,
                 "value_strategy": r.value_strategy.value, "required": r.required}
@@ -300,12 +303,12 @@ def _command_doc(command: tuple[str, ...] | None) -> list[str] | None:
     return None if command is None else list(command)
 
 
-def _idname_doc(i: IdName) -> dict[str, Any]:
+def _idname_doc(i: IdName) -> dict[str, str]:
     return {"pattern": i.pattern, "strategy": i.strategy.value}
 
 
-def _container_doc(c: Container, version: tuple[int, int, int]) -> dict[str, Any]:
-    d: dict[str, Any] = {
+def _container_doc(c: Container, version: tuple[int, int, int]) -> dict[str, object]:
+    d: dict[str, object] = {
         "layers": list(c.layers),
         "command": _command_doc(c.command),
         "env_rules": [_env_rule_doc(r) for r in c.env_rules],
@@ -338,7 +341,7 @@ def _container_doc(c: Container, version: tuple[int, int, int]) -> dict[str, Any
     return d
 
 
-def _volume_doc(v: Volume) -> dict[str, Any]:
+def _volume_doc(v: Volume) -> dict[str, str]:
     # A files volume is written as before kinds existed ({name, target, device_hash}): its bytes, and
     # so HOST_DATA, stay what they were.
     if v.kind == VolumeKind.files:
@@ -346,8 +349,8 @@ def _volume_doc(v: Volume) -> dict[str, Any]:
     return {"name": v.name, "target": v.target, "kind": v.kind.value}
 
 
-def _policy_doc(p: Policy) -> dict[str, Any]:
-    d: dict[str, Any] = {
+def _policy_doc(p: Policy) -> JsonObject:
+    d: JsonObject = {
         "api_version": p.api_version,
         "framework_version": p.framework_version,
         "containers": [_container_doc(c, parse_version(p.framework_version)) for c in p.containers],
@@ -377,11 +380,11 @@ def _policy_doc(p: Policy) -> dict[str, Any]:
 # Validation: walk the raw JSON, collect every problem with its JSON path, build the model only when clean.
 
 class _Checker(Checker):
-    def signals(self, d: dict, key: str, path: str) -> tuple[int, ...] | None:
+    def signals(self, d: JsonObject, key: str, path: str) -> tuple[int, ...] | None:
         items = self.get(d, key, path, list, None)
         if items is None:
             return None
-        out = []
+        out: list[int] = []
         for i, item in enumerate(items):
             if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= MAX_SIGNAL:
                 self.problem(f"{join(path, key)}[{i}]", f"expected a signal number 1-{MAX_SIGNAL}, got {item!r}")
@@ -396,7 +399,7 @@ class _Checker(Checker):
             self.problem(path, f"regex {pattern!r} {e}")
 
 
-def _strategy(c: _Checker, d: dict, key: str, path: str) -> Strategy | None:
+def _strategy(c: _Checker, d: JsonObject, key: str, path: str) -> Strategy | None:
     strategy = c.string(d, key, path, None)
     if strategy is not None and strategy not in Strategy.__members__:
         c.problem(join(path, key), f"must be 'string' or 're2', got {strategy!r}")
@@ -420,7 +423,7 @@ def _check_env_rule(c: _Checker, raw: Any, path: str) -> AnyEnvRule | None:
     return EnvRule(pattern, strategy, required)
 
 
-def _check_name_value_env_rule(c: _Checker, raw: dict, path: str) -> NameValueEnvRule | None:
+def _check_name_value_env_rule(c: _Checker, raw: Mapping[str, object], path: str) -> NameValueEnvRule | None:
     keys = ("name", "name_strategy", "value", "value_strategy")
     d = c.obj(raw, path, (*keys, "required"), keys)
     if d is None:
@@ -436,7 +439,7 @@ def _check_name_value_env_rule(c: _Checker, raw: dict, path: str) -> NameValueEn
     return NameValueEnvRule(name, name_strategy, value, value_strategy, required)
 
 
-def _check_command(c: _Checker, d: dict, path: str) -> tuple[str, ...] | None | Any:
+def _check_command(c: _Checker, d: JsonObject, path: str) -> tuple[str, ...] | None | Any:
     """A command: a non-empty array of strings, or null (never matches); _BAD when neither."""
     if "command" in d and d["command"] is None:
         return None
@@ -511,7 +514,8 @@ def _check_capabilities(c: _Checker, raw: Any, path: str) -> Capabilities | None
         return None
     sets = {k: c.strings(d, k, path, unique=True, pattern=CAP_NAME, what="a capability name like CAP_CHOWN")
             for k in defaults.CAPABILITY_SETS}
-    return None if any(v is None for v in sets.values()) else Capabilities(**sets)
+    checked = {k: v for k, v in sets.items() if v is not None}
+    return Capabilities(**checked) if len(checked) == len(sets) else None
 
 
 def _check_container(c: _Checker, raw: Any, path: str, version: tuple[int, int, int]) -> Container | None:
@@ -531,7 +535,8 @@ def _check_container(c: _Checker, raw: Any, path: str, version: tuple[int, int, 
     layers = c.strings(d, "layers", path, nonempty=True, pattern=HEX64,
                        what="a dm-verity root hash (64 lowercase hex digits)")
     command = _check_command(c, d, path)
-    env_rules = c.items(d, "env_rules", path, lambda r, p: _check_env_rule(c, r, p))
+    env_rules: tuple[AnyEnvRule, ...] | None = c.items(d, "env_rules", path,
+                                                       lambda r, p: _check_env_rule(c, r, p))
     working_dir = c.string(d, "working_dir", path, None)
     if working_dir is not None and not working_dir.startswith("/"):
         c.problem(join(path, "working_dir"), f"{working_dir!r} is not an absolute path")
@@ -547,7 +552,8 @@ def _check_container(c: _Checker, raw: Any, path: str, version: tuple[int, int, 
         caps = _check_capabilities(c, d["capabilities"], join(path, "capabilities"))
     seccomp = c.string(d, "seccomp_profile_sha256", path, None, pattern=re.compile(r"|[0-9a-f]{64}"),
                        what="'' or a SHA-256 hex digest")
-    if len(c.problems) != before:
+    if (len(c.problems) != before or layers is None or env_rules is None or mounts is None or execs is None
+            or signals is None):    # None only with a problem noted: they are required
         return None
     return Container(layers=layers, command=command, env_rules=env_rules, working_dir=working_dir, mounts=mounts,
                      exec_processes=execs, signals=signals, allow_elevated=allow_elevated,
@@ -562,10 +568,11 @@ def _check_external_process(c: _Checker, raw: Any, path: str) -> ExternalProcess
         return None
     before = len(c.problems)
     command = _check_command(c, d, path)
-    env_rules = c.items(d, "env_rules", path, lambda r, p: _check_env_rule(c, r, p))
+    env_rules: tuple[AnyEnvRule, ...] | None = c.items(d, "env_rules", path,
+                                                       lambda r, p: _check_env_rule(c, r, p))
     working_dir = c.string(d, "working_dir", path, None)
     allow_stdio = c.get(d, "allow_stdio_access", path, bool, None)
-    if len(c.problems) != before or command is _BAD:
+    if len(c.problems) != before or command is _BAD or env_rules is None:
         return None
     return ExternalProcess(command, env_rules, working_dir, allow_stdio)
 
@@ -624,7 +631,7 @@ def _check_fragment_import(c: _Checker, raw: Any, path: str) -> FragmentImport |
 
 
 # What a constant rule's results may say, per result (hcsshim reads these; others are kept and unused).
-_RESULT_CHECKS = {
+_RESULT_CHECKS: dict[str, Callable[[object], bool]] = {
     "env_list": lambda v: v is None or (isinstance(v, list) and all(isinstance(e, str) for e in v)),
     "caps_list": lambda v: v is None or (isinstance(v, dict) and set(v) <= set(defaults.CAPABILITY_SETS) and all(
         isinstance(x, list) and all(isinstance(e, str) for e in x) for x in v.values())),
@@ -666,7 +673,7 @@ def _check_rules(c: _Checker, raw: Any) -> tuple[tuple[str, PointRule], ...] | N
     return tuple(out)
 
 
-def _evaluates_nothing(d: dict) -> bool:
+def _evaluates_nothing(d: Mapping[str, object]) -> bool:
     """A policy whose framework_version is newer than the framework's: ACI's framework matches none of its
     containers, external processes or fragment imports (only their layers still mount), so such a policy
     can be held as long as it lists none."""
@@ -721,7 +728,7 @@ def validate_policy(raw: Any, *, source: str = "policy") -> Policy:
             c.problem(f"volumes[{i}].target", f"{v.target} is the target of two volumes")
         seen_names.add(v.name)
         seen_targets.add(v.target)
-    if c.problems:
+    if c.problems or containers is None:    # containers is required: None only with a problem noted
         raise InvalidDocument(source, c.problems, hint=hint)
     return Policy(api_version=d["api_version"], framework_version=d["framework_version"], containers=containers,
                   external_processes=externals or (), fragments=fragments or (), rules=rules or (),

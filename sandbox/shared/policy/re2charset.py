@@ -144,7 +144,7 @@ def fold(ranges: Ranges) -> Ranges:
     """Close `ranges` under simple case folding. ASCII-only sets skip the Unicode table: among ASCII
     letters only k (KELVIN SIGN) and s (LONG S) have partners outside ASCII."""
     if ranges and ranges[-1][1] < 0x80:
-        extra = []
+        extra: list[tuple[int, int]] = []
         for lo, hi in ranges:
             for cp in range(max(lo, 0x41), min(hi, 0x7A) + 1):
                 char = chr(cp)

@@ -15,10 +15,17 @@ must not guess at what a host-supplied policy means.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sandbox.shared.errors import InputError
 from sandbox.shared.rego import framework as fw
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sandbox.shared.jsonstrict import JsonObject
+
+T = TypeVar("T")
 
 
 class PolicyDataError(InputError):
@@ -68,7 +75,7 @@ class DataReader:
             self.problem(f"{path}[{i}]", f"expected a string, got {_show(value[i])}")
         return None if bad else list(value)
 
-    def objects(self, value: Any, path: str) -> list[dict] | None:
+    def objects(self, value: Any, path: str) -> list[JsonObject] | None:
         if not isinstance(value, list):
             self.problem(path, f"expected an array of objects, got {_show(value)}")
             return None
@@ -88,10 +95,11 @@ class DataReader:
 
     # -- objects -----------------------------------------------------------------------------------
 
-    def env_rule(self, raw: Any, path: str) -> dict | None:
+    def env_rule(self, raw: Any, path: str) -> dict[str, object] | None:
         if not isinstance(raw, dict):
             self.problem(path, f"expected an object, got {_show(raw)}")
             return None
+        rule: dict[str, object]
         if "pattern" in raw or "strategy" in raw:
             rule = {"pattern": self.string(raw.get("pattern"), f"{path}.pattern"),
                     "strategy": self.strategy(raw.get("strategy"), f"{path}.strategy")}
@@ -107,21 +115,22 @@ class DataReader:
         return None if None in rule.values() else rule
 
     def strategy(self, value: Any, path: str) -> str | None:
-        if value not in ("string", "re2"):
+        if not isinstance(value, str) or value not in ("string", "re2"):
             self.problem(path, f"expected 'string' or 're2', got {_show(value)}")
             return None
         return value
 
-    def mount(self, raw: Any, path: str) -> dict | None:
+    def mount(self, raw: Any, path: str) -> dict[str, object] | None:
         if not isinstance(raw, dict):
             self.problem(path, f"expected an object, got {_show(raw)}")
             return None
-        out = {k: self.string(raw.get(k), f"{path}.{k}") for k in ("destination", "source", "type")}
+        out: dict[str, object] = {k: self.string(raw.get(k), f"{path}.{k}")
+                                  for k in ("destination", "source", "type")}
         out["options"] = self.strings(raw.get("options"), f"{path}.options")
         self._unknown(raw, set(out), path)
         return None if None in out.values() else out
 
-    def exec_process(self, raw: Any, path: str) -> dict | None:
+    def exec_process(self, raw: Any, path: str) -> dict[str, object] | None:
         if not isinstance(raw, dict):
             self.problem(path, f"expected an object, got {_show(raw)}")
             return None
@@ -138,11 +147,11 @@ class DataReader:
         out = self.strings(value, path)
         return _BAD if out is None else out
 
-    def idname(self, raw: Any, path: str) -> dict | None:
+    def idname(self, raw: Any, path: str) -> dict[str, object] | None:
         if not isinstance(raw, dict):
             self.problem(path, f"expected an object, got {_show(raw)}")
             return None
-        out = {"pattern": self.string(raw.get("pattern"), f"{path}.pattern")}
+        out: dict[str, object] = {"pattern": self.string(raw.get("pattern"), f"{path}.pattern")}
         strategy = raw.get("strategy")
         if strategy not in ("any", "id", "name", "re2"):
             self.problem(f"{path}.strategy", f"expected one of any, id, name, re2; got {_show(strategy)}")
@@ -150,14 +159,14 @@ class DataReader:
         out["strategy"] = strategy
         return None if None in out.values() else out
 
-    def user(self, raw: Any, path: str) -> dict | None:
+    def user(self, raw: Any, path: str) -> dict[str, object] | None:
         if not isinstance(raw, dict):
             self.problem(path, f"expected an object, got {_show(raw)}")
             return None
         user = self.idname(raw.get("user_idname"), f"{path}.user_idname")
-        groups = self.objects(raw.get("group_idnames"), f"{path}.group_idnames")
-        groups = None if groups is None else [self.idname(g, f"{path}.group_idnames[{i}]")
-                                              for i, g in enumerate(groups)]
+        objects = self.objects(raw.get("group_idnames"), f"{path}.group_idnames")
+        groups = None if objects is None else [self.idname(g, f"{path}.group_idnames[{i}]")
+                                               for i, g in enumerate(objects)]
         umask = self.string(raw.get("umask"), f"{path}.umask")
         if user is None or groups is None or None in groups or umask is None:
             return None
@@ -174,17 +183,18 @@ class DataReader:
         self._unknown(raw, set(sets), path)
         return _BAD if None in sets.values() else sets
 
-    def _unknown(self, raw: dict, known: set[str], path: str) -> None:
+    def _unknown(self, raw: JsonObject, known: set[str], path: str) -> None:
         for key in sorted(set(raw) - known):
             self.warn(f"{path}.{key}", "unknown field, ignored (the framework does not read it)")
 
-    def _items(self, raw: list, path: str, read: Any) -> list:
+    def _items(self, raw: list[Any], path: str, read: Callable[[Any, str], T]) -> list[T]:
         out = [read(item, f"{path}[{i}]") for i, item in enumerate(raw)]
         return out
 
     # -- top-level collections ---------------------------------------------------------------------
 
-    def container(self, raw: Any, path: str, version: fw.Version, *, as_written: bool = False) -> dict | None:
+    def container(self, raw: Any, path: str, version: fw.Version, *,
+                  as_written: bool = False) -> JsonObject | None:
         """A container with the fields of its framework version, checked (apply_defaults() completes it);
         None, with a warning, when the framework drops it.
 
@@ -212,7 +222,7 @@ class DataReader:
                             "ACI ignores this container (its layers may still be mounted)")
             return None
         before = len(self.problems)
-        out: dict[str, Any] = {}
+        out: JsonObject = {}
         for key in ("name", "id"):
             if key in raw:
                 out[key] = self.string(raw[key], f"{path}.{key}")
@@ -248,7 +258,7 @@ class DataReader:
             return None
         return out
 
-    def external_process(self, raw: Any, path: str) -> dict | None:
+    def external_process(self, raw: Any, path: str) -> JsonObject | None:
         if not isinstance(raw, dict):
             self.problem(path, f"expected an object, got {_show(raw)}")
             return None
@@ -267,7 +277,7 @@ class DataReader:
             return None
         return out
 
-    def fragment_import(self, raw: Any, path: str) -> dict | None:
+    def fragment_import(self, raw: Any, path: str) -> JsonObject | None:
         """An entry of `fragments` (check_fragment)."""
         if not isinstance(raw, dict):
             self.problem(path, f"expected an object, got {_show(raw)}")
@@ -277,7 +287,7 @@ class DataReader:
             self.warn(path, f"lacks {', '.join(missing)}: ACI ignores this fragment import")
             return None
         before = len(self.problems)
-        out: dict[str, Any] = {"issuer": self.string(raw["issuer"], f"{path}.issuer"),
+        out: JsonObject = {"issuer": self.string(raw["issuer"], f"{path}.issuer"),
                                "feed": self.string(raw["feed"], f"{path}.feed")}
         svn = raw["minimum_svn"]
         if not (isinstance(svn, str) or (isinstance(svn, int) and not isinstance(svn, bool))):
@@ -306,7 +316,7 @@ class DataReader:
 
 
 # What stands in for the fields a container of the framework's own version lacks (see container()).
-_INERT_CONTAINER: dict[str, Any] = {
+_INERT_CONTAINER: JsonObject = {
     "command": None, "env_rules": [], "mounts": [], "allow_elevated": False, "working_dir": "/", "exec_processes": [],
     "signals": [], "allow_stdio_access": False, "no_new_privileges": False, "user": fw.ANY_USER, "capabilities": None,
     "seccomp_profile_sha256": ""}
@@ -320,7 +330,7 @@ class _Bad:
 _BAD: Any = _Bad()
 
 
-def apply_defaults(container: dict[str, Any], version: fw.Version) -> dict[str, Any]:
+def apply_defaults(container: JsonObject, version: fw.Version) -> JsonObject:
     """The container as the framework evaluates it: check_container's defaults for what `version` predates."""
     out = dict(container)
     if version < fw.SIGNALS_APPENDED_UNTIL:

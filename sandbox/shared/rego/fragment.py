@@ -11,14 +11,17 @@ any) equals the module's. Each refusal has its own reason; the caller keeps its 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.shared.errors import InputError, PolicyDenied
 from sandbox.shared.rego import framework as fw
 from sandbox.shared.rego.data import DataReader
 from sandbox.shared.rego.syntax import Module, parse_modules
+
+if TYPE_CHECKING:
+    from sandbox.shared.jsonstrict import JsonObject
 
 HINT = "see docs/aci.md ('Fragments')"
 
@@ -32,12 +35,12 @@ class RegoFragment:
     namespace: str
     svn: str | int | None
     framework_version: str
-    containers: tuple[dict[str, Any], ...]
-    fragments: tuple[dict[str, Any], ...]
-    external_processes: tuple[dict[str, Any], ...]
+    containers: tuple[JsonObject, ...]
+    fragments: tuple[JsonObject, ...]
+    external_processes: tuple[JsonObject, ...]
     warnings: tuple[str, ...] = ()
 
-    def contributions(self, includes: Sequence[str]) -> dict[str, tuple[dict[str, Any], ...]]:
+    def contributions(self, includes: Sequence[str]) -> dict[str, tuple[JsonObject, ...]]:
         """What the fragment adds for an import's `includes` (framework extract_fragment_includes)."""
         return {name: getattr(self, name) for name in ("containers", "fragments", "external_processes")
                 if name in includes}
@@ -53,7 +56,7 @@ def read_fragment(module: Module, source: str = "fragment.rego") -> RegoFragment
         raise InputError(f"{source}: a fragment with rule logic ('default') cannot be imported", hint=HINT)
     version_stmt = stmts.get("framework_version") or stmts.get("framework_svn")
     version = fw.parse_semver(version_stmt.value) if version_stmt else None
-    if version is None:
+    if version_stmt is None or version is None:
         raise InputError(f"{source}: the fragment has no framework_version (\"0.2.3\" as confcom writes it)",
                          hint="without one, ACI's framework reads none of its containers")
     svn = stmts["svn"].value if "svn" in stmts else None
@@ -62,10 +65,11 @@ def read_fragment(module: Module, source: str = "fragment.rego") -> RegoFragment
     reader = DataReader(source)
     v = min(version, fw.FRAMEWORK_VERSION)
     newer = version > fw.FRAMEWORK_VERSION
-    out: dict[str, list] = {"containers": [], "fragments": [], "external_processes": []}
-    readers = {"containers": lambda r, p: reader.container(r, p, v, as_written=version == fw.FRAMEWORK_VERSION),
-               "fragments": reader.fragment_import,
-               "external_processes": reader.external_process}
+    out: dict[str, list[JsonObject]] = {"containers": [], "fragments": [], "external_processes": []}
+    readers: dict[str, Callable[[Any, str], JsonObject | None]] = {
+        "containers": lambda r, p: reader.container(r, p, v, as_written=version == fw.FRAMEWORK_VERSION),
+        "fragments": reader.fragment_import,
+        "external_processes": reader.external_process}
     for name, read in readers.items():
         if name in stmts:
             raw = reader.objects(stmts[name].value, name) or []
@@ -110,13 +114,13 @@ class AcceptedFragment:
     issuer: str
     feed: str
     fragment: RegoFragment
-    import_: dict[str, Any]
+    import_: JsonObject
 
-    def contributions(self) -> dict[str, tuple[dict[str, Any], ...]]:
+    def contributions(self) -> dict[str, tuple[JsonObject, ...]]:
         return self.fragment.contributions(self.import_["includes"])
 
 
-def check_load(imports: Sequence[dict[str, Any]], *, issuer: str, feed: str, header_svn: int | None,
+def check_load(imports: Sequence[JsonObject], *, issuer: str, feed: str, header_svn: int | None,
                fragment: RegoFragment) -> AcceptedFragment:
     """The import that accepts this fragment, or FragmentRefused saying why none does.
 

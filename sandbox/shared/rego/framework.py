@@ -26,6 +26,14 @@ def parse_semver(text: Any) -> Version | None:
     return (int(m[1]), int(m[2]), int(m[3])) if m else None
 
 
+def semver(text: str) -> Version:
+    """parse_semver() of a version known to be valid (a constant, or one read_policy checked)."""
+    version = parse_semver(text)
+    if version is None:
+        raise ValueError(f"{text!r} is not a MAJOR.MINOR.PATCH version")
+    return version
+
+
 def version_text(v: Version) -> str:
     return ".".join(map(str, v))
 
@@ -40,7 +48,7 @@ class PointInfo:
 
 
 def _p(introduced: str, allowed: bool | None, **results: Any) -> PointInfo:
-    return PointInfo(parse_semver(introduced), allowed, tuple(results.items()))
+    return PointInfo(semver(introduced), allowed, tuple(results.items()))
 
 
 # In api.rego's order.
@@ -113,7 +121,7 @@ CONTAINER_VERSIONED_FIELDS: dict[str, Version] = {
 SIGNALS_APPENDED_UNTIL = (0, 4, 1)
 APPENDED_SIGNALS = (9, 15)
 DEFAULT_UMASK = "0022"
-ANY_USER: dict[str, Any] = {"umask": DEFAULT_UMASK, "user_idname": {"pattern": "", "strategy": "any"},
+ANY_USER: dict[str, object] = {"umask": DEFAULT_UMASK, "user_idname": {"pattern": "", "strategy": "any"},
                             "group_idnames": [{"pattern": "", "strategy": "any"}]}
 
 EXTERNAL_PROCESS_FIELDS = ("command", "env_rules", "working_dir", "allow_stdio_access")

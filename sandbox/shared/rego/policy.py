@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.shared.errors import InputError
 from sandbox.shared.rego import framework as fw
 from sandbox.shared.rego.data import DataReader, PolicyDataError, apply_defaults
 from sandbox.shared.rego.syntax import Module, Ref, Statement, parse_modules
+
+if TYPE_CHECKING:
+    from sandbox.shared.jsonstrict import JsonObject
 
 ACCEPTED_IMPORTS = frozenset({"future.keywords", "future.keywords.every", "future.keywords.in",
                               "future.keywords.if", "future.keywords.contains", "rego.v1"})
@@ -64,20 +67,20 @@ class RegoPolicy:
     package: str
     api_version: str
     framework_version: str
-    fragments: tuple[dict[str, Any], ...]
-    containers: tuple[dict[str, Any], ...]
-    external_processes: tuple[dict[str, Any], ...]
+    fragments: tuple[JsonObject, ...]
+    containers: tuple[JsonObject, ...]
+    external_processes: tuple[JsonObject, ...]
     flags: dict[str, bool]
     rules: dict[str, Rule]
     raw_layers: tuple[str, ...]          # every layer hash of `containers` as written (mount_device reads these)
     warnings: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)   # parma-sandbox extensions (volumes, key_brokers)
+    extra: JsonObject = field(default_factory=dict)   # parma-sandbox extensions (volumes, key_brokers)
 
-    def document(self) -> dict[str, Any]:
+    def document(self) -> JsonObject:
         """The effective policy as a JSON document (field names are the policy model's, docs/policy.md)."""
         # A framework_version newer than the framework's leaves nothing to evaluate (read_policy empties the
         # containers, fragments and external processes); the model holds it as it is, with nothing listed.
-        doc: dict[str, Any] = {"api_version": self.api_version, "framework_version": self.framework_version,
+        doc: JsonObject = {"api_version": self.api_version, "framework_version": self.framework_version,
                                # required_receipts: always empty here (read_policy refuses others)
                                "fragments": [{k: v for k, v in f.items() if k != "required_receipts"}
                                              for f in self.fragments],
@@ -87,15 +90,15 @@ class RegoPolicy:
         doc.update(self.extra)
         return doc
 
-    def policy_document(self) -> dict[str, Any]:
+    def policy_document(self) -> JsonObject:
         """document() plus what only a Rego module says, in the policy model's fields (docs/policy.md):
         `rules`, how the module's rules depart from confcom's layout (a point answered by a constant; a
         point without a rule, null; a delegation the layout does not write, "framework"), and
         `ignored_container_layers`, the layers of container objects the framework ignores (mount_device
         reads `data.policy.containers` raw, so those layers still mount)."""
         doc = self.document()
-        api = fw.parse_semver(self.api_version)
-        rules: dict[str, Any] = {}
+        api = fw.semver(self.api_version)
+        rules: dict[str, object] = {}
         for ep, rule in self.rules.items():
             layout = fw.delegated_by_layout(ep, api)
             if rule.kind == RuleKind.constant:
@@ -112,9 +115,9 @@ class RegoPolicy:
             doc["ignored_container_layers"] = ignored
         return doc
 
-    def effective_containers(self) -> list[dict[str, Any]]:
+    def effective_containers(self) -> list[JsonObject]:
         """The containers with the framework's defaults for what their framework version predates."""
-        version = min(fw.parse_semver(self.framework_version), fw.FRAMEWORK_VERSION)
+        version = min(fw.semver(self.framework_version), fw.FRAMEWORK_VERSION)
         return [apply_defaults(c, version) for c in self.containers]
 
 
@@ -173,7 +176,7 @@ def read_policy(module: Module, source: str = "policy.rego") -> RegoPolicy:
                                          f"({fw.version_text(fw.FRAMEWORK_VERSION)}), which therefore ignores every "
                                          "container, fragment and external process of this policy")
     rules: dict[str, Rule] = {}
-    extra: dict[str, Any] = {}
+    extra: JsonObject = {}
     for name, stmt in stmts.items():
         value = stmt.value
         if name in fw.ENFORCEMENT_POINTS:
@@ -211,8 +214,8 @@ def read_policy(module: Module, source: str = "policy.rego") -> RegoPolicy:
             rules[ep] = Rule(RuleKind.default, info.default_allowed, info.default_results)
     flags = {}
     for flag in fw.FLAGS:
-        stmt = stmts.get(flag)
-        flags[flag] = False if stmt is None else reader.boolean(stmt.value, flag)
+        flag_stmt = stmts.get(flag)
+        flags[flag] = False if flag_stmt is None else reader.boolean(flag_stmt.value, flag)
     if version < fw.CAPABILITY_DROPPING_SINCE and flags["allow_capability_dropping"]:
         reader.warn("allow_capability_dropping", f"ignored: framework {fw_text} predates it (0.2.2)")
         flags["allow_capability_dropping"] = False

@@ -18,9 +18,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.shared.errors import InputError
+
+if TYPE_CHECKING:
+    from sandbox.shared.jsonstrict import JsonObject
 
 
 class RegoSyntaxError(InputError):
@@ -77,8 +80,8 @@ class _NoFast(Exception):
     pass
 
 
-def _refuse_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _refuse_pairs(pairs: list[tuple[str, Any]]) -> JsonObject:
+    out: JsonObject = {}
     for k, v in pairs:
         if k in out:
             raise _NoFast
@@ -123,7 +126,9 @@ class _Parser:
         return RegoSyntaxError(f"{self.source}:{line}:{col}: {message}", hint=hint)
 
     def skip(self) -> None:
-        self.pos = _SPACE.match(self.text, self.pos).end()
+        m = _SPACE.match(self.text, self.pos)
+        if m is not None:   # always: the pattern matches the empty string too
+            self.pos = m.end()
 
     def at_line_end(self, since: int) -> bool:
         """No token between `since` and the next newline (comments allowed)."""
@@ -201,8 +206,9 @@ class _Parser:
                                 hint="policy data holds integers only; a version must be a string such as \"0.2.3\"")
             self.pos = m.end()
             return int(tok)
-        if _IDENT.match(self.text, start):
-            word = _IDENT.match(self.text, start).group()
+        ident = _IDENT.match(self.text, start)
+        if ident:
+            word = ident.group()
             if word in _KEYWORDS:
                 self.pos = start + len(word)
                 return {"true": True, "false": False, "null": None}[word]
@@ -222,9 +228,9 @@ class _Parser:
             return False
         raise self.fail(self.pos, f"expected ',' or {close!r}, found {self.describe(self.pos)}")
 
-    def array(self, depth: int) -> list:
+    def array(self, depth: int) -> list[Any]:
         self.expect("[")
-        items = []
+        items: list[Any] = []
         while self.peek() != "]":
             items.append(self.term(depth + 1))
             if not self._comma_or("]"):
@@ -232,9 +238,9 @@ class _Parser:
         self.expect("]")
         return items
 
-    def object(self, depth: int) -> dict:
+    def object(self, depth: int) -> JsonObject:
         self.expect("{")
-        out: dict[str, Any] = {}
+        out: JsonObject = {}
         while self.peek() != "}":
             key_pos = self.pos
             key = self.term(depth + 1)

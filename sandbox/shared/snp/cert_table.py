@@ -48,7 +48,7 @@ class CertEntry:
 
 
 def parse_cert_table(buf: bytes) -> list[CertEntry]:
-    entries = []
+    entries: list[CertEntry] = []
     pos = 0
     while True:
         if pos + ENTRY.size > len(buf):

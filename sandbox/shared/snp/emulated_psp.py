@@ -72,7 +72,7 @@ class PspMaterial:
     certificates: dict[CertKind, bytes] = field(repr=False)  # DER: vcek, ask, ark
 
     def to_bytes(self) -> bytes:
-        doc: dict[str, Any] = {"format": FORMAT, "product": self.product.value}
+        doc: dict[str, object] = {"format": FORMAT, "product": self.product.value}
         doc.update({k: getattr(self, k) for k in INT_FIELDS})
         doc["cpuid"] = {"family": self.cpuid.family, "model": self.cpuid.model, "stepping": self.cpuid.stepping}
         doc["firmware"] = str(self.firmware)

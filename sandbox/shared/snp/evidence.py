@@ -36,7 +36,9 @@ class ReportEvidence:
     backend: str
 
     def to_payload(self) -> dict[str, str]:
-        b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+        def b64(b: bytes) -> str:
+            return base64.b64encode(b).decode()
+
         return {"report": b64(self.report), "cert_table": b64(self.cert_table),
                 "runtime_public_key": b64(self.runtime_public_key), "nonce": self.nonce.hex(),
                 "backend": self.backend}

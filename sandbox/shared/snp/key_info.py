@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
 
 
 class SigningKey(IntEnum):
@@ -54,6 +53,6 @@ class KeyInfo:
             problems.append(f"KEY_INFO SIGNING_KEY={self.signing_key_code} is a reserved value")
         return problems
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, int | str]:
         return {"raw": hex(self.raw), "author_key_en": int(self.author_key_en),
                 "mask_chip_key": int(self.mask_chip_key), "signing_key": self.signing_key_code}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 FLAGS = {
     0: "smt_en",
@@ -28,5 +27,5 @@ class PlatformInfo:
     def smt_enabled(self) -> bool:
         return self.flag("smt_en")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, bool]:
         return {name: self.flag(name) for name in FLAGS.values()}

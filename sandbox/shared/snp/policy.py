@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 # bit -> name; bits 7:0 ABI_MINOR and 15:8 ABI_MAJOR are numbers, not flags.
 FLAGS = {
@@ -73,8 +72,8 @@ class GuestPolicy:
             problems.append(f"POLICY bits 63:26 (reserved, must be zero) are 0x{self.raw & RESERVED_MBZ:x}")
         return problems
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"abi_major": self.abi_major, "abi_minor": self.abi_minor}
+    def to_dict(self) -> dict[str, int | bool]:
+        out: dict[str, int | bool] = {"abi_major": self.abi_major, "abi_minor": self.abi_minor}
         out.update({name: self.flag(name) for name in FLAGS.values() if name != "reserved_mbo"})
         return out
 

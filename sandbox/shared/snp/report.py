@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass, replace
-from typing import Any
 
 from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.snp.key_info import KeyInfo, SigningKey
@@ -165,7 +164,7 @@ class AttestationReport:
                                                  for name in TCB_FIELDS})
 
     # Presentation -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """Every field, in report order. Hex strings for byte fields; TCBs decoded per product."""
         return {
             "version": self.version,
@@ -266,7 +265,12 @@ def parse_report(data: bytes, *, product: Product | None = None, source: str = "
         launch_mit_vector=mit[0], current_mit_vector=mit[1],
         signature_r=int.from_bytes(data[OFF_SIG_R:OFF_SIG_R + SIG_FIELD], "little"),
         signature_s=int.from_bytes(data[OFF_SIG_S:OFF_SIG_S + SIG_FIELD], "little"),
-        product=found, **fields, **tcbs,
+        product=found, family_id=fields["family_id"], image_id=fields["image_id"],
+        report_data=fields["report_data"], measurement=fields["measurement"], host_data=fields["host_data"],
+        id_key_digest=fields["id_key_digest"], author_key_digest=fields["author_key_digest"],
+        report_id=fields["report_id"], report_id_ma=fields["report_id_ma"], chip_id=fields["chip_id"],
+        current_tcb=tcbs["current_tcb"], reported_tcb=tcbs["reported_tcb"], committed_tcb=tcbs["committed_tcb"],
+        launch_tcb=tcbs["launch_tcb"],
     )
 
 

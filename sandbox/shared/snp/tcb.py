@@ -8,7 +8,6 @@ The raw value is kept as is, so a report re-serialises to the exact bytes it was
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from sandbox.shared.errors import InputError
 from sandbox.shared.snp.product import TcbLayout
@@ -85,7 +84,7 @@ class TcbVersion:
         return [f"{name} {mine.get(name, 0)} < {value}" for name, value in minimum.spls().items()
                 if mine.get(name, 0) < value]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, int | str]:
         return {**self.spls(), "raw": self.raw.hex()}
 
     def __str__(self) -> str:
@@ -107,11 +106,11 @@ def parse_tcb_spec(text: str, layout: TcbLayout) -> TcbVersion:
         return TcbVersion.from_u64(value, layout)
     parts: dict[str, int] = {}
     for item in text.split(","):
-        name, _, value = item.partition("=")
+        name, _, digits = item.partition("=")
         name = name.strip().lower()
-        if name not in COMPONENTS or not value.strip().isdigit():
+        if name not in COMPONENTS or not digits.strip().isdigit():
             raise InputError(f"invalid TCB component {item!r} in {text!r}",
                              hint="components are bl, tee, snp, ucode and (Turin) fmc, e.g. bl=3,tee=0,snp=8,ucode=115")
-        parts[name] = int(value)
+        parts[name] = int(digits)
     return TcbVersion.from_parts(layout, bl=parts.get("bl", 0), tee=parts.get("tee", 0),
                                  snp=parts.get("snp", 0), ucode=parts.get("ucode", 0), fmc=parts.get("fmc"))
