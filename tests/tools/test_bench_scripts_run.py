@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.docblocks import ensure_example_image
+
 pytestmark = pytest.mark.tools
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -31,6 +33,8 @@ CHEAP = {
 
 @pytest.mark.parametrize("script", sorted(CHEAP))
 def test_benchmark_runs_and_prints_json(script: str) -> None:
+    if script == "bench_cli.py":
+        ensure_example_image()      # it times `validate examples/hello/group.json`, which checks the image exists
     proc = subprocess.run([sys.executable, str(BENCH / script), *CHEAP[script]], capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
