@@ -818,7 +818,7 @@ class PolicyEngine:
         mounts, the container's /etc binds and (allow_elevated) the privileged mounts allows it. Only a
         constraint with the mount's destination can, so each list is indexed by destination (in its order)."""
         dest = mount.destination
-        allowed = c.mount_index.get(dest, ()) + etc.get(dest, ()) + (c.privileged_index.get(dest, ()))
+        allowed = c.mount_index.get(dest, ()) + etc.get(dest, ()) + c.privileged_index.get(dest, ())
         for constraint in allowed:
             if constraint.allows(mount):
                 return None
