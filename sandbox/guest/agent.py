@@ -36,9 +36,10 @@ if TYPE_CHECKING:
 HOSTNAME = "parma"
 # After "ready", on the preload thread, in the order `up` asks for them (sandbox/launch/pipeline.py):
 # the launch self-check's report, set_policy (the engine, and the RE2 matcher its regexes compile
-# with), the mounts.
+# with), the mounts, the containers (runtime, OCI spec, users, the guest-side path rules).
 PRELOAD = ("sandbox.guest.snp_report", "sandbox.shared.policy.engine", "sandbox.shared.policy.re2syntax",
-           "sandbox.shared.policy.re2machine", "sandbox.guest.blockdev")
+           "sandbox.shared.policy.re2machine", "sandbox.guest.blockdev", "sandbox.shared.agent_rules",
+           "sandbox.guest.runtime", "sandbox.guest.oci", "sandbox.guest.users")
 PRELOAD_NICE = 19   # the preload thread runs when request threads wait (Linux: per-thread niceness)
 
 
@@ -51,7 +52,7 @@ def main() -> int:
     boot_cache.install()
     # Imported here, after the two lines above, which must come first. Each module imports only what
     # serving needs (the rest is lazy, see the docstring).
-    from sandbox.guest import procs, sysapi, sysinit
+    from sandbox.guest import sysapi, sysinit
     from sandbox.guest.server import serve_ports
     from sandbox.guest.service import AgentService
     from sandbox.shared.protocol import PORT_COUNT, PORT_PREFIX, READY_LINE
@@ -65,7 +66,6 @@ def main() -> int:
         sysapi.set_child_subreaper()
     except OSError as e:
         log(f"not a subreaper: {e}")
-    procs.REAPER.start()
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
     service = AgentService(hostname=HOSTNAME, runtime_logging=log)
@@ -81,8 +81,10 @@ def main() -> int:
 
 
 def after_ready(service: AgentService) -> None:
-    """The network (no container runs before it), then the preload."""
-    from sandbox.guest import sysinit
+    """The reaper of orphans and the network (no container runs before them), then the preload."""
+    from sandbox.guest import procs, sysinit
+
+    procs.REAPER.start()   # nothing runs a program before "ready"; create_container waits for the network
 
     notes: list[str] = []
     nic = None
