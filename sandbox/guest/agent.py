@@ -36,10 +36,10 @@ if TYPE_CHECKING:
 HOSTNAME = "parma"
 # After "ready", on the preload thread, in the order `up` asks for them (sandbox/launch/pipeline.py):
 # the launch self-check's report, set_policy (the engine, and the RE2 matcher its regexes compile
-# with), the mounts, the containers (runtime, OCI spec, users, the guest-side path rules).
+# with), the mounts, the containers (runtime, OCI spec, users, the guest-side path rules, /etc files).
 PRELOAD = ("sandbox.guest.snp_report", "sandbox.shared.policy.engine", "sandbox.shared.policy.re2syntax",
            "sandbox.shared.policy.re2machine", "sandbox.guest.blockdev", "sandbox.shared.agent_rules",
-           "sandbox.guest.runtime", "sandbox.guest.oci", "sandbox.guest.users")
+           "sandbox.guest.runtime", "sandbox.guest.oci", "sandbox.guest.users", "sandbox.guest.etcfiles")
 PRELOAD_NICE = 19   # the preload thread runs when request threads wait (Linux: per-thread niceness)
 
 

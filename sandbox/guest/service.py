@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, assert_never
 
 from sandbox.guest import sysapi
-from sandbox.guest.etcfiles import DnsConfig, EtcFilesError, NameFiles, write_files
 from sandbox.guest.gate import NO_POLICY_REASON, Gate
 from sandbox.guest.hostdata import HostData, read_host_data, uptime
 from sandbox.guest.lazy import LazyModule
@@ -30,15 +29,14 @@ from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
 from sandbox.shared.codec import Message, shown
 from sandbox.shared.errors import AttestationError, CheckFailed, InputError
-from sandbox.shared.policy import defaults
 from sandbox.shared.protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from sandbox.guest import blockdev, oci, runtime, snp_report, terminal, users
+    from sandbox.guest import blockdev, etcfiles, oci, runtime, snp_report, terminal, users
     from sandbox.shared import agent_rules, kbs_protocol, seccomp
-    from sandbox.shared.policy import inputs
+    from sandbox.shared.policy import defaults, inputs
     from sandbox.shared.policy.engine import Decision
 else:
     def Path(*parts: Any) -> Any:  # stands for pathlib.Path (see below)
@@ -57,9 +55,11 @@ else:
     terminal = LazyModule("sandbox.guest.terminal")
     seccomp = LazyModule("sandbox.shared.seccomp")
     # What containers need (the runtime and its process reaper, the OCI spec, users, the engine's typed
-    # inputs, the guest-side path rules): no request served before a policy uses them. The agent
-    # preloads them after "ready" (agent.py).
+    # inputs, the guest-side path rules, the /etc files and the policy's defaults): no request served
+    # before a policy uses them. The agent preloads them after "ready" (agent.py).
     runtime = LazyModule("sandbox.guest.runtime")
+    etcfiles = LazyModule("sandbox.guest.etcfiles")
+    defaults = LazyModule("sandbox.shared.policy.defaults")
     oci = LazyModule("sandbox.guest.oci")
     users = LazyModule("sandbox.guest.users")
     inputs = LazyModule("sandbox.shared.policy.inputs")
@@ -70,8 +70,6 @@ ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API when a con
 NETWORK_WAIT_S = 60.0              # seconds a create_container waits for the network the agent sets up
 # What the host may ask before a policy is set: nothing that touches guest state.
 OPEN_REQUESTS = (M.PingRequest, M.SetPolicyRequest, M.GetReportRequest, M.PoweroffRequest)
-# ACI's volume sources, `sandbox:///tmp/atlas/<kind>/<volume>` in its policies, in the guest.
-ACI_VOLUMES_PREFIX = f"{defaults.DEFAULT_SANDBOX_DIR}/{defaults.ACI_VOLUMES_SUBDIR}/"
 # Requests that block waiting (for output, for a process) and must not hold the state lock, and the
 # keystrokes of interactive sessions, which must not wait behind a slow create on another port.
 UNLOCKED_REQUESTS = (M.ReadOutputRequest, M.WaitProcessRequest, M.PingRequest, M.GetReportRequest,
@@ -97,6 +95,11 @@ def base_mounts() -> tuple[M.ContainerMount, ...]:
         _base_mounts = tuple(M.ContainerMount(m["destination"], m["source"], m["type"], tuple(m["options"]))
                              for m in oci.base_mounts())
     return _base_mounts
+
+
+def aci_volumes_prefix() -> str:
+    """ACI's volume sources, `sandbox:///tmp/atlas/<kind>/<volume>` in its policies, in the guest."""
+    return f"{defaults.DEFAULT_SANDBOX_DIR}/{defaults.ACI_VOLUMES_SUBDIR}/"
 
 
 def __getattr__(name: str) -> Any:
@@ -129,7 +132,7 @@ class AgentService:
         self.volumes: dict[str, Path] = {}                      # volume name -> dir
         self.volume_kinds: dict[str, M.MemoryVolumeKind] = {}   # volume name -> kind (create_volume's)
         self.containers: dict[str, runtime.RuntimeContainer] = {}
-        self.network = NameFiles(hostname)                      # what the containers' /etc files say
+        self._network: etcfiles.NameFiles | None = None        # what the containers' /etc files say
         self.group_scratch: Any = None                          # sandbox.guest.scratch.Scratch, once set up
         self._scratch_dirs: dict[str, Path] = {}                # container id -> its directory on the scratch
         self._scratch_counter = 0
@@ -147,6 +150,18 @@ class AgentService:
         # "ready" (clearing this first); a service on its own, as in tests, has nothing to wait for.
         self.network_ready = threading.Event()
         self.network_ready.set()
+
+    @property
+    def network(self) -> etcfiles.NameFiles:
+        """What the containers' /etc files say: the hostname alone until set_group_network (made on first
+        use: the /etc files' module loads after "ready")."""
+        if self._network is None:
+            self._network = etcfiles.NameFiles(self.hostname)
+        return self._network
+
+    @network.setter
+    def network(self, files: etcfiles.NameFiles) -> None:
+        self._network = files
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -542,9 +557,9 @@ class AgentService:
         # Not a policy endpoint, as in ACI: what names resolve to is the host's to answer anyway (it carries
         # every packet). The guest checks the shape, so that no value can add a line or a directive.
         try:
-            dns = DnsConfig(r.dns.nameservers, r.dns.search, r.dns.options) if r.dns else DnsConfig()
-            self.network = NameFiles(r.hostname, r.names, dns)
-        except EtcFilesError as e:
+            dns = etcfiles.DnsConfig(r.dns.nameservers, r.dns.search, r.dns.options) if r.dns else etcfiles.DnsConfig()
+            self.network = etcfiles.NameFiles(r.hostname, r.names, dns)
+        except etcfiles.EtcFilesError as e:
             raise _err(ErrorCode.invalid_request, str(e)) from None
         self.hostname = r.hostname
         return M.EmptyResult()
@@ -555,7 +570,7 @@ class AgentService:
         default mounts), except where the container binds a volume of its own."""
         taken = {b.destination for b, _ in binds}
         try:
-            write_files(Path(defaults.etc_files_dir(container_id)), self.network)
+            etcfiles.write_files(Path(defaults.etc_files_dir(container_id)), self.network)
         except OSError as e:
             raise _err(ErrorCode.failed, f"cannot write the /etc files of {container_id}: {e}") from None
         return tuple(M.ContainerMount(m["destination"], m["source"], m["type"], tuple(m["options"]))
@@ -602,7 +617,7 @@ class AgentService:
                     raise _err(ErrorCode.unavailable, "the attestation API has not started")
                 binds.append((M.ContainerMount(dest, source, "bind", options), source))
                 continue
-            path = self._aci_volume(source, i) if source.startswith(ACI_VOLUMES_PREFIX) else source
+            path = self._aci_volume(source, i) if source.startswith(aci_volumes_prefix()) else source
             volume = path.removeprefix(P.VOLUMES_DIR + "/")
             vpath = self.volumes.get(volume) or (Path(path) if path in self.devices else None)
             if not path.startswith(P.VOLUMES_DIR + "/") or vpath is None:
@@ -617,7 +632,7 @@ class AgentService:
         (docs/aci.md, "Running ACI policies locally"): the policy pins the kind by the source's pattern, and the agent makes
         sure the volume is of that kind (emptydir: emptyDir or tmpfs; secretsVolume: secret; azureFileVolume
         and gitRepoVolume: a files volume, mounted from its device)."""
-        kind, _, volume = source.removeprefix(ACI_VOLUMES_PREFIX).partition("/")
+        kind, _, volume = source.removeprefix(aci_volumes_prefix()).partition("/")
         path = P.volume_path(volume) if re.fullmatch(M.VOLUME_NAME, volume) else ""
         if kind == "emptydir":
             ok = self.volume_kinds.get(volume) in (M.MemoryVolumeKind.empty_dir, M.MemoryVolumeKind.tmpfs)

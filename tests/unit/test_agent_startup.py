@@ -25,7 +25,8 @@ NOT_AT_READY = ("sandbox.shared.policy.engine", "sandbox.shared.policy.model", "
                 "sandbox.shared.policy.re2syntax", "sandbox.shared.policy.re2machine",
                 "pathlib", "urllib.parse", "ipaddress", "sandbox.guest.runtime", "sandbox.guest.oci",
                 "sandbox.guest.users", "sandbox.guest.procs", "sandbox.shared.policy.inputs",
-                "sandbox.shared.agent_rules", "shutil", "bz2", "lzma")
+                "sandbox.shared.agent_rules", "shutil", "bz2", "lzma", "sandbox.guest.etcfiles",
+                "sandbox.shared.policy.defaults", "sandbox.shared.names", "base64")
 
 
 def _python(code: str, *, env: dict[str, str] | None = None) -> str:
