@@ -53,7 +53,7 @@ def main() -> int:
     # Imported here, after the two lines above, which must come first. Each module imports only what
     # serving needs (the rest is lazy, see the docstring).
     from sandbox.guest import sysapi, sysinit
-    from sandbox.guest.server import serve_ports
+    from sandbox.guest.server import start_ports, watch_ports
     from sandbox.guest.service import AgentService
     from sandbox.shared.protocol import PORT_COUNT, PORT_PREFIX, READY_LINE
 
@@ -71,10 +71,14 @@ def main() -> int:
     service = AgentService(hostname=HOSTNAME, runtime_logging=log)
     service.start_attest_api = AttestationApiStarter(service)
     service.network_ready.clear()   # configured just after "ready"; create_container waits for it
-    ports = serve_ports(service.answer, log=log)
-    if len(ports) < PORT_COUNT:
-        log(f"{len(ports)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any that appear")
+    ports = start_ports(service.answer, log=log)
     print(f"{READY_LINE} (uptime {time.monotonic():.2f} s)", file=sys.stderr, flush=True)
+    # After "ready": the watcher's thread (ports that appear later, or whose thread died) is not needed
+    # to serve the ports there are.
+    watch_ports(ports)
+    if len(ports.devices) < PORT_COUNT:
+        log(f"{len(ports.devices)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any "
+            "that appear")
     threading.Thread(target=after_ready, args=(service,), name="after-ready", daemon=True).start()
     threading.Event().wait()
     return 0
