@@ -85,12 +85,14 @@ def main() -> int:
 
 
 def after_ready(service: AgentService) -> None:
-    """The reaper of orphans and the network (no container runs before them), then the preload."""
+    """The reaper of orphans, the cgroup controllers and the network (no container runs before them),
+    then the preload."""
     from sandbox.guest import procs, sysinit
 
     procs.REAPER.start()   # nothing runs a program before "ready"; create_container waits for the network
 
     notes: list[str] = []
+    sysinit.enable_cgroup_controllers(notes)
     nic = None
     try:
         nic = sysinit.configure_network(notes)

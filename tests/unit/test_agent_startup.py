@@ -343,7 +343,6 @@ def test_mount_basics_reads_the_mount_table_before_and_after_proc(monkeypatch: p
     monkeypatch.setattr(sysapi, "mount", lambda source, target, *a, **k: mounted.append(str(target)))
     made: list[str] = []
     monkeypatch.setattr(sysinit.os, "makedirs", lambda path, exist_ok=False: made.append(path))
-    monkeypatch.setattr(sysinit, "_enable_cgroup_controllers", lambda log: None)
     sysinit.mount_basics([])
     assert len(reads) == 2
     assert mounted == made == [t for _, t, *_ in sysinit.BASE_MOUNTS if t != "/dev"]
