@@ -6,14 +6,17 @@ console once it serves. It starts deny-all (see gate.py). The console is readabl
 agent logs only lifecycle events there, never container data.
 
 Start-up is on the critical path of every `up`, and under emulation (TCG) every module costs, so:
-- Before "ready" it imports only what serving needs: the mounts, the ports, the protocol, and the
-  service with its deny-all gate. `dataclasses` and `re` take what they would compute from the image
-  (boot_cache.py), and the garbage collector waits (start-up allocates only what lives as long as the
-  agent).
-- Right after, a thread configures the network (create_container waits for it), then, at low priority,
-  imports the rest in the order `up` needs it - the report backends with cryptography (the launch
-  self-check), the policy engine and its RE2 matcher (set_policy), device-mapper and verity (the
-  mounts) - so that those imports use the time the guest spends waiting for the host. A request that
+- Before "ready" it imports only what serving the requests before a policy needs: the mounts (through
+  `_ctypes`, sysapi.py), the ports, the protocol, and the service with its deny-all gate; what only
+  containers need (the runtime, OCI spec, users, /etc files, the engine's inputs, shutil) is lazy in
+  service.py. `dataclasses` and `re` take what they would compute from the image (boot_cache.py), and
+  the garbage collector waits (start-up allocates only what lives as long as the agent).
+- Right after, the port watcher starts (ports that appear later), and a thread starts the reaper,
+  delegates the cgroup controllers and configures the network (create_container waits for it), then,
+  at low priority, imports the rest in the order `up` needs it - the report backends with cryptography
+  (the launch self-check), the policy engine and its RE2 matcher (set_policy), device-mapper and
+  verity (the mounts), the container modules - so that those imports use the time the guest spends
+  waiting for the host. A request that
   needs a module still loading waits for it (the import lock); nothing is answered differently or
   earlier than before.
 - The attestation API for containers starts when a container first binds it (service.py).
