@@ -3,7 +3,7 @@
 Each sample is one new process, as a user or a script runs it: the installed `parma-sandbox` entry point
 (or `python -m sandbox` when there is none), stdout and stderr discarded, timed from spawn to exit. The
 verbs are `--version`, `--help`, `ps` (an empty runtime directory), `validate examples/hello/group.json`
-and `policy check` of a small policy and a 4-request trace. Samples of all verbs and references alternate
+and `policy check` of a small policy and a 6-request trace. Samples of all verbs and references alternate
 round by round, so a burst of load on this shared machine hits them alike. One warm-up round first writes
 the bytecode caches, as installing the package does.
 
@@ -40,7 +40,7 @@ LAYER_HASHES = ("1a" * 32, "2b" * 32)
 
 
 def write_policy_and_trace(work: Path) -> tuple[Path, Path]:
-    """A one-container policy and a trace that mounts its layers and creates it (all allowed)."""
+    """A one-container policy and a trace that mounts its layers and scratch and creates it (all allowed)."""
     any_id = {"pattern": "", "strategy": "any"}
     doc = {"api_version": "0.12.0", "framework_version": "0.5.0", "external_processes": [], "containers": [{
         "name": "web", "layers": list(LAYER_HASHES), "command": ["/bin/httpd", "-f"],
@@ -55,6 +55,8 @@ def write_policy_and_trace(work: Path) -> tuple[Path, Path]:
     requests = [
         *({"ep": "mount_device", "input": {"target": path, "device_hash": h}} for path, h in zip(layers, LAYER_HASHES,
                                                                                                   strict=True)),
+        {"ep": "scratch_mount", "input": {"target": "/run/parma/scratch", "encrypted": True}},
+        {"ep": "scratch_mount", "input": {"target": "/run/parma/containers/web/scratch", "encrypted": True}},
         {"ep": "mount_overlay", "input": {"container_id": "web", "target": "/run/parma/containers/web/rootfs",
                                           "layer_paths": layers[::-1]}},
         {"ep": "create_container", "input": {"container_id": "web", "argv": ["/bin/httpd", "-f"],

@@ -12,7 +12,6 @@ Usage: python bench/bench_layers.py [--runs 2] [--blk 20] [--scsi 20,60,256]
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import statistics
 import sys
@@ -29,7 +28,7 @@ from harness import boot, busybox_tar, image_of, make_layer, tar_of  # noqa: E40
 
 from sandbox.group import validate_group  # noqa: E402
 from sandbox.launch.plan import build_plan  # noqa: E402
-from sandbox.shared.protocol import Op  # noqa: E402
+from sandbox.shared.messages import MountDeviceRequest, SetPolicyRequest  # noqa: E402
 from sandbox.vmm.config import DiskBus  # noqa: E402
 
 
@@ -44,10 +43,10 @@ def one_run(work: Path, layers: list, bus: DiskBus, tag: str) -> dict[str, float
     ready = time.monotonic() - t0
     try:
         with guest.client() as c:
-            c.call(Op.set_policy, {"policy": base64.b64encode(guest.policy).decode()})
+            c.call(SetPolicyRequest(policy=guest.policy))
             t1 = time.monotonic()
             for m in plan.layers:
-                c.call(Op.mount_device, {"device": m.serial, "target": m.target})
+                c.call(MountDeviceRequest(device=m.serial, target=m.target))
             mounted = time.monotonic() - t1
     finally:
         guest.stop()

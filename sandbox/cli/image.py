@@ -7,13 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sandbox.aci.ext4compat import COMPAT_MODES, layer_mode
+from sandbox.aci.ext4compat import COMPAT_MODES
+from sandbox.cli import convert_run
 from sandbox.cli.common import OutputFormat, echo_json, emit, format_option, render_table, resolve_format
-from sandbox.cli.verity_run import kv_table, verity_doc
 from sandbox.images import DEFAULT_PLATFORM
-from sandbox.layers.convert import convert_layer, convert_tar_to_ext4
-from sandbox.layers.tar2ext4 import Ext4Options
-from sandbox.shared.errors import InputError
 
 if TYPE_CHECKING:
     from sandbox.images.resolve import PullResult
@@ -101,20 +98,8 @@ def layers(ref: str, platform: str, compat: str | None, fmt: str | None) -> None
 def convert(layer: Path, output: Path, no_verity: bool, no_whiteouts: bool, compat: str | None,
             fmt: str | None) -> None:
     """Convert LAYER (a tar, tar.gz or tar.zst) into ext4 + dm-verity and print the root hash."""
-    if compat and no_whiteouts:
-        raise InputError("--compat aci converts whiteouts, as ACI does: drop --no-whiteouts")
-    options = layer_mode(compat)[0] if compat else Ext4Options(whiteouts=not no_whiteouts)
-    if no_verity:
-        ext4 = convert_tar_to_ext4(layer, output, options=options)
-        doc: dict[str, Any] = {"output": str(output), "diff_id": ext4.diff_id, "ext4_size": ext4.ext4_size,
-                               "entries": ext4.entries, "compression": ext4.compression.value}
-        emit(doc, fmt, kv_table)
-        return
-    res = convert_layer(layer, output, options=options)
-    doc = {"root_hash": res.root_hash, "output": str(output), "diff_id": res.diff_id, "ext4_size": res.ext4_size,
-           "image_size": res.image_size, "entries": res.entries, "compression": res.compression.value,
-           "verity": verity_doc(res.verity, None)}
-    emit(doc, fmt, lambda d: d["root_hash"])
+    doc, table = convert_run.run(layer, output, no_verity=no_verity, no_whiteouts=no_whiteouts, compat=compat)
+    emit(doc, fmt, table)
 
 
 commands = [image]

@@ -86,7 +86,7 @@ class VerityCall:
     fmt: str | None = None              # the command's own --format, if given
 
 
-def _path_click_accepts(text: str) -> bool:
+def path_click_accepts(text: str) -> bool:
     """What click.Path(dir_okay=False) lets through: not a directory and, if it exists, readable."""
     return bool(text) and not os.path.isdir(text) and (not os.path.lexists(text) or os.access(text, os.R_OK))
 
@@ -125,14 +125,14 @@ def parse_args(args: list[str]) -> VerityCall | None:
         if name == "--salt":
             salt_hex = value
         elif name == "--hash-file":
-            if not _path_click_accepts(value):
+            if not path_click_accepts(value):
                 return None
             hash_file = Path(value)
         elif value in FORMATS:
             fmt = value
         else:
             return None
-    if file is None or not _path_click_accepts(file):
+    if file is None or not path_click_accepts(file):
         return None
     return VerityCall(file=Path(file), no_superblock=no_superblock, salt_hex=salt_hex, hash_file=hash_file,
                       fmt=fmt)

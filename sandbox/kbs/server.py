@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,12 +191,39 @@ class _Handler(BaseHTTPRequestHandler):
         # Every read of the request line, headers and body (what StreamRequestHandler.setup does with
         # its class-wide `timeout`; this one is the server's).
         self.connection.settimeout(self.server.read_timeout)
+        self._head_late = False
+
+    def handle_one_request(self) -> None:
+        """The request line and headers must arrive within the body's deadline too: a client that trickles
+        them a byte at a time, each read inside the read timeout, would otherwise hold a slot forever."""
+        timer = threading.Timer(self.server.body_deadline, self._head_too_slow)
+        timer.daemon = True
+        self._head_timer = timer
+        timer.start()
+        try:
+            super().handle_one_request()
+        finally:
+            timer.cancel()
+
+    def _head_too_slow(self) -> None:
+        self._head_late = True
+        self.close_connection = True
+        self.server.service.refuse(KbsHttpError(HTTPStatus.REQUEST_TIMEOUT, KbsErrorCode.bad_request,
+                                                f"the request line and headers did not arrive within "
+                                                f"{self.server.body_deadline:g} s"), "?", "", self._peer())
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _peer(self) -> str:
         host, port = self.client_address[:2]
         return f"{host}:{port}"
 
     def _serve(self, method: str) -> None:
+        self._head_timer.cancel()       # the body has its own deadline
+        if self._head_late:             # cut off: what was parsed is not the whole request
+            return
         service = self.server.service
         peer = self._peer()
         body: bytes | None = None
@@ -204,15 +232,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.LENGTH_REQUIRED, KbsErrorCode.bad_request,
                         "Transfer-Encoding is not accepted; send the body with a Content-Length", method)
             return
-        length_text = self.headers.get("Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
+        length_text = lengths[0].strip() if lengths else None
         if length_text is not None:
-            try:
-                length = int(length_text)
-                if length < 0:
-                    raise ValueError
-            except ValueError:
+            # Exactly one, in ASCII digits: int() would also take "+5", "0_5" and other scripts' digits, and
+            # two lengths are how a request is smuggled past whatever relays it.
+            if len(lengths) > 1 or not (length_text.isascii() and length_text.isdigit()):
                 self._error(HTTPStatus.BAD_REQUEST, KbsErrorCode.bad_request, "invalid Content-Length", method)
                 return
+            length = int(length_text)
             if length > MAX_REQUEST_BYTES:
                 self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, KbsErrorCode.too_large,
                             f"request body of {length} bytes exceeds the {MAX_REQUEST_BYTES}-byte limit", method)

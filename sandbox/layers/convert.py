@@ -18,6 +18,7 @@ from sandbox.layers.ext4_writer import WriteWatcher, descriptor_blocks
 from sandbox.layers.tar2ext4 import DEFAULT_OPTIONS, Ext4Options, convert_tar_stream
 from sandbox.layers.treehash import FirstLevelHasher
 from sandbox.layers.version import CONVERTER_VERSION
+from sandbox.layers.writeback import Writeback
 from sandbox.progress import step
 from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.verity import ZERO_SALT, VerityInfo, format_verity
@@ -79,7 +80,8 @@ def convert_tar_to_ext4(src: Path, out: Path, *, options: Ext4Options = DEFAULT_
     with atomic_output(out) as tmp:
         fd = _open_image(tmp)
         try:
-            return _write_ext4(src, fd, options, expected_diff_id, what)
+            with Writeback(fd) as watcher:
+                return _write_ext4(src, fd, options, expected_diff_id, what, watcher=watcher)
         finally:
             os.close(fd)
 
@@ -96,7 +98,8 @@ def convert_layer(src: Path, out: Path, *, expected_diff_id: str | None = None, 
             # Fork the tree's hashing before the conversion starts any thread (sandbox/layers/treehash.py).
             hasher = FirstLevelHasher.start(fd, reserved_blocks=1 + descriptor_blocks(options.max_disk_size),
                                             salt=ZERO_SALT)
-            ext4 = _write_ext4(src, fd, options, expected_diff_id, what, watcher=hasher)
+            with Writeback(fd, hasher) as watcher:
+                ext4 = _write_ext4(src, fd, options, expected_diff_id, what, watcher=watcher)
             first_level = hasher.finish(ext4.ext4_size // BLOCK_SIZE) if hasher is not None else None
             with step(f"Hashing {what}"):
                 info = format_verity(tmp, salt=ZERO_SALT, superblock=True, first_level=first_level)

@@ -1,17 +1,20 @@
-"""The entry point's fast path for `verity`: the same results, messages and exit codes as the click command,
-without importing click; every shape it does not fully understand goes to click."""
+"""The entry point's fast paths for `verity` and `image convert`: the same results, messages and exit codes as
+the click commands, without importing click; every shape they do not fully understand goes to click."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from sandbox.cli.convert_run import parse_args as convert_parse_args
 from sandbox.cli.verity_run import parse_args
+from tests.layertars import edge_case_layer
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = "sandbox.cli.entry"
@@ -112,3 +115,74 @@ def test_parse_args_understands_only_plain_shapes(work: Path, monkeypatch: pytes
     for args in CLICK_SHAPES:
         if args[0] == "verity":
             assert parse_args(args[1:]) is None, args
+
+
+# `image convert`: the same shapes test, with a layer tar; progress lines carry a duration, which varies.
+CONVERT_FAST = [
+    ["image", "convert", "layer.tar", "-o", "out.img"],
+    ["--format", "json", "image", "convert", "--compat", "aci", "layer.tar", "--output=out.img"],
+    ["image", "convert", "--no-verity", "layer.tar", "-o", "out.img", "--format", "json"],
+    ["-q", "image", "convert", "--no-whiteouts", "--no-verity", "--output", "out.img", "layer.tar"],
+    ["--debug", "image", "convert", "--compat=aci", "layer.tar", "-o", "sub/out.img", "--format=table"],
+    ["image", "convert", "--compat", "aci", "--no-whiteouts", "layer.tar", "-o", "out.img"],   # exit 2
+    ["image", "convert", "missing.tar", "-o", "out.img"],
+    ["image", "convert", "odd", "-o", "out.img"],                                             # not a tar
+]
+CONVERT_CLICK = [
+    ["image", "convert", "--help"],
+    ["image", "convert", "layer.tar"],
+    ["image", "convert", "--compat", "xyz", "layer.tar", "-o", "out.img"],
+    ["image", "convert", "dir", "-o", "out.img"],
+    ["image", "convert", "layer.tar", "-o", "dir"],
+    ["image", "convert", "layer.tar", "-oout.img"],
+    ["image", "convert", "layer.tar", "layer.tar", "-o", "out.img"],
+    ["image", "convert", "--format", "xml", "layer.tar", "-o", "out.img"],
+    ["image", "convert", "layer.tar", "-o"],
+    ["--progress", "plain", "image", "convert", "layer.tar", "-o", "out.img"],
+    ["image", "layers", "--help"],
+]
+
+
+def convert_outcome(module: str, args: list[str], work: Path) -> tuple[int, str, str, bool, bytes | None]:
+    for name in ("out.img", "sub/out.img"):
+        (work / name).unlink(missing_ok=True)
+    code, out, err, loaded_click = run(module, args, work)
+    err = re.sub(r"\(\d+(\.\d+)?s\)", "(N s)", err)
+    images = [p.read_bytes() for p in (work / "out.img", work / "sub" / "out.img") if p.exists()]
+    return code, out, err, loaded_click, images[0] if images else None
+
+
+@pytest.fixture
+def layer_work(work: Path) -> Path:
+    (work / "layer.tar").write_bytes(edge_case_layer().tar_bytes())
+    return work
+
+
+@pytest.mark.parametrize("args", CONVERT_FAST, ids=[" ".join(a) for a in CONVERT_FAST])
+def test_convert_fast_path_answers_as_click_does_without_click(layer_work: Path, args: list[str]) -> None:
+    fast = convert_outcome(FAST, args, layer_work)
+    slow = convert_outcome(CLICK, args, layer_work)
+    assert fast[3] is (fast[0] != 0), "click is imported to report an error, only then"
+    assert slow[3] is True
+    assert fast[:3] == slow[:3]
+    assert fast[4] == slow[4]
+    assert (fast[4] is None) is (fast[0] != 0)
+
+
+@pytest.mark.parametrize("args", CONVERT_CLICK, ids=[" ".join(a) for a in CONVERT_CLICK])
+def test_convert_other_shapes_go_to_click(layer_work: Path, args: list[str]) -> None:
+    fast = convert_outcome(FAST, args, layer_work)
+    assert fast[3] is True
+    assert fast[:3] == convert_outcome(CLICK, args, layer_work)[:3]
+
+
+def test_convert_parse_args_understands_only_plain_shapes(layer_work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(layer_work)
+    call = convert_parse_args(["--no-verity", "layer.tar", "--compat=aci", "-o", "x", "--output", "y",
+                               "--format", "json"])
+    assert call is not None
+    assert (call.layer, call.output, call.no_verity, call.no_whiteouts, call.compat, call.fmt) == \
+        (Path("layer.tar"), Path("y"), True, False, "aci", "json")
+    for args in CONVERT_CLICK:
+        if args[:2] == ["image", "convert"]:
+            assert convert_parse_args(args[2:]) is None, args

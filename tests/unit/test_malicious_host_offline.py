@@ -339,6 +339,11 @@ def env(*extra: str) -> list[str]:
     ({"user": "65534"}, "policy_denied", "user"),
     ({"user": "nobody"}, "policy_denied", "user"),
     ({"user": "no-such-user"}, "failed", "no-such-user"),
+    ({"user": "\u00b2"}, "failed", "is not in the image's /etc/passwd"),       # a digit to str.isdigit(), not to int()
+    ({"user": "app:\u00b2"}, "failed", "is not in the image's /etc/group"),
+    ({"user": "\u0660"}, "failed", "is not in the image's /etc/passwd"),       # Arabic-Indic zero is no uid 0
+    ({"user": "4294967295"}, "failed", "beyond the largest id"),               # (uid_t)-1
+    ({"user": "app:" + "9" * 200}, "failed", "beyond the largest id"),
     ({"privileged": True}, "policy_denied", "allow_elevated"),
     ({"capabilities": {"bounding": ["CAP_SYS_ADMIN"], "effective": ["CAP_SYS_ADMIN"],
                        "permitted": ["CAP_SYS_ADMIN"]}}, "policy_denied", "capabilities"),
@@ -514,3 +519,62 @@ def test_layer_stacks_with_duplicates_or_volume_devices_are_refused(strict: Offl
 def test_device_targets_are_fixed_paths(agent: OfflineAgent, target: str) -> None:
     assert agent.err("mount_device", {"device": "L0", "target": target})["code"] in ("invalid_request",
                                                                                       "policy_denied")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Siblings found by the second review: fragments against unpinned volumes, hostile fragment text
+
+
+SIDE_CMD = ["/bin/sleep", "7"]
+SIDE_X = {"destination": "/x", "source": "/run/parma/volumes/x", "type": "bind", "options": ["rbind", "rprivate", "ro"]}
+FEED = "example.com/side"
+
+
+def side_fragment(**changes: Any) -> bytes:
+    side = {**policy_container(name="side", command=SIDE_CMD, exec_processes=[], mounts=[SIDE_X]), **changes}
+    return f'package side\n\nsvn := "2"\nframework_version := "0.5.0"\n\ncontainers := {json.dumps([side])}\n'.encode()
+
+
+@pytest.fixture(scope="module")
+def fragment_issuer() -> Any:
+    from sandbox.aci.fragment_crypto import make_test_issuer
+    return make_test_issuer()
+
+
+def test_a_volume_made_before_a_fragment_cannot_be_bound_by_the_fragments_containers(
+        tmp_path: Path, layers: dict, fragment_issuer: Any) -> None:
+    """The host creates a secret volume under a name the policy does not pin, while no container could bind
+    it, then loads a fragment whose container binds that path: a pre-filled volume where the fragment's
+    author expected whatever the policy would have pinned. Unpinned volumes are never bound by path."""
+    from sandbox.aci.fragment_crypto import sign_fragment
+
+    imports = [{"issuer": fragment_issuer.did(), "feed": FEED, "minimum_svn": "2", "includes": ["containers"]}]
+    for a in agent_with(tmp_path, layers, policy_doc(policy_container(), fragments=imports)):
+        a.ok("create_volume", {"name": "x", "kind": "secret", "items": {"evil.so": b64(b"\x7fELF")}})
+        envelope = sign_fragment(fragment_issuer, side_fragment(), feed=FEED, svn=2)
+        assert a.ok("load_fragment", {"fragment": b64(envelope)})["namespace"] == "side"
+        rootfs(a, "side")
+        err = a.err("create_container", {"container_id": "side", "argv": SIDE_CMD, "env": env(), "mounts": [SIDE_X]})
+        assert err["code"] == "policy_denied" and "a volume the policy does not pin" in err["message"], err
+        assert a.ctl("ls", path="/run/crun") in (None, [])
+        a.ok("create_container", {"container_id": "side", "argv": INIT, "env": env()})     # the policy's own
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    (b'package p\nframework_version := "0.5.0"\nsvn := 1' + b"0" * 5000 + b"\n", "is not an integer"),
+    (b'package p\nframework_version := "1' + b"0" * 5000 + b'.0.0"\ncontainers := []\n', "framework_version"),
+    (b'package p\nframework_version := "0.5.0"\ncontainers := ' + b"[" * 100000 + b"]" * 100000 + b"\n",
+     "nested deeper"),
+    (b'package p\nframework_version := "0.5.0"\nx := "\\ud800"\ncontainers := []\n', "load_fragment denied"),
+    ("package \u0440\ncontainers := []\n".encode(), "expected a name"),
+])
+def test_hostile_fragment_text_is_a_denial_never_an_internal_error(agent: OfflineAgent, text: bytes,
+                                                                    needle: str) -> None:
+    """The host can sign a fragment with a chain of its own: the agent reads its Rego text before it knows
+    no import names that issuer, so the text itself must never break the reader."""
+    from sandbox.aci.fragment_crypto import make_test_issuer, sign_fragment
+
+    envelope = sign_fragment(make_test_issuer(), text, feed=FEED, svn=2)
+    err = agent.err("load_fragment", {"fragment": b64(envelope)})
+    assert err["code"] == "policy_denied" and needle in err["message"], err
+    assert agent.ok("ping")["policy_set"]

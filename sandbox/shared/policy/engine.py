@@ -747,6 +747,13 @@ class PolicyEngine:
         for m in mounts:
             volume = self._volumes.get(m.source)
             if volume is None:
+                # An unpinned group volume (created, or a share's device) is the host's to fill: bound by
+                # its path it would pass for whatever a fragment added later expects there. It is
+                # reachable only through ACI's kind-typed sources, which the agent resolves.
+                if re.fullmatch(VOLUME_TARGET_RE, m.source):
+                    raise _Deny(f"create_container denied for container {cid!r}: mount at {m.destination!r} "
+                                f"binds {m.source}, a volume the policy does not pin (its volumes: "
+                                f"{', '.join(sorted(v.name for v in self._volumes.values())) or 'none'})")
                 continue
             if volume.kind == VolumeKind.files:
                 if self._state.devices.get(m.source) != volume.device_hash:

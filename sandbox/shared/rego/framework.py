@@ -15,7 +15,7 @@ from typing import Any
 FRAMEWORK_VERSION = (0, 5, 0)
 API_VERSION = (0, 12, 0)
 
-_SEMVER = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+_SEMVER = re.compile(r"(0|[1-9][0-9]{0,17})\.(0|[1-9][0-9]{0,17})\.(0|[1-9][0-9]{0,17})")   # bounded numbers
 
 Version = tuple[int, int, int]
 

@@ -67,7 +67,7 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _STRING = re.compile(r'"(?:[^"\\\n]|\\.)*"')
 _RAW = re.compile(r"`[^`]*`")
 _NUMBER = re.compile(r"-?[0-9][0-9A-Za-z_.+-]*")
-_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+_INT = re.compile(r"-?(0|[1-9][0-9]{0,999})")     # bounded: int() refuses over 4300 digits
 _LINE_END = re.compile(r"[ \t\r]*(#[^\n]*)?(\n|$)")
 _ALIAS = re.compile(r"[ \t]+as\b")
 # Nesting bound: the guest parses host-supplied bytes, and must answer with an error, never a crash.

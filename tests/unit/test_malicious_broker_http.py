@@ -1,0 +1,86 @@
+"""The host relays the key broker's traffic: hostile HTTP against a real broker on 127.0.0.1.
+
+The broker's release checks are tests/tools/test_kbs_broker.py's; these are what comes before them, the
+request line, headers and lengths, which the host can shape however it likes.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox.kbs.audit import AuditLog
+from sandbox.kbs.server import BrokerHttpServer, BrokerService, make_server
+from sandbox.kbs.store import KbsStore
+
+pytestmark = pytest.mark.unit
+
+DEADLINE = 1.5
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerHttpServer]:
+    store = KbsStore.open(tmp_path / "kbs")
+    service = BrokerService(store, emulated_ca=lambda: None)
+    server = make_server(store, ("127.0.0.1", 0), service=service, max_connections=3, read_timeout=1.0,
+                         body_deadline=DEADLINE)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def exchange(server: BrokerHttpServer, data: bytes) -> bytes:
+    """Send one raw request; the status line that comes back."""
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+        s.sendall(data)
+        return s.recv(65536).split(b"\r\n")[0]
+
+
+def test_headers_trickled_a_byte_at_a_time_hold_no_slot_past_the_deadline(broker: BrokerHttpServer) -> None:
+    """Each byte inside the read timeout, the whole head never: every slot taken that way is freed once the
+    deadline passes, and an honest request is served again."""
+    port = broker.server_address[1]
+    held: list[float] = []
+
+    def trickle() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            t0 = time.monotonic()
+            try:
+                for byte in b"GET /kbs/v1/identity HTTP/1.1\r\nX-Slow: " + b"a" * 40:
+                    s.sendall(bytes([byte]))
+                    time.sleep(0.5)
+            except OSError:
+                pass
+            held.append(time.monotonic() - t0)
+
+    threads = [threading.Thread(target=trickle) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    assert b" 503 " in exchange(broker, b"GET /kbs/v1/identity HTTP/1.1\r\n\r\n")       # all slots taken ...
+    time.sleep(DEADLINE + 0.5)
+    assert b" 200 " in exchange(broker, b"GET /kbs/v1/identity HTTP/1.1\r\n\r\n")       # ... and freed
+    for t in threads:
+        t.join()
+    assert len(held) == 3 and max(held) < DEADLINE + 2, held
+    reasons = [r["reason"] for r in AuditLog(broker.service.store.audit_path).records() if r["event"] == "refuse"]
+    assert sum("did not arrive within" in r for r in reasons) == 3, reasons
+
+
+@pytest.mark.parametrize("lengths", [[b"2", b"0"], [b"2", b"2"], [b"+2"], [b"0_2"], [b"\xd9\xa2"], [b"-0"], [b"2 2"]])
+def test_a_content_length_is_one_plain_number(broker: BrokerHttpServer, lengths: list[bytes]) -> None:
+    """Two lengths are how a request is smuggled past a relay; int() would also read '+2', '0_2' and other
+    scripts' digits."""
+    head = b"".join(b"Content-Length: " + n + b"\r\n" for n in lengths)
+    assert b" 400 " in exchange(broker, b"POST /kbs/v1/challenge HTTP/1.1\r\n" + head + b"\r\n{}")
+    assert b" 200 " in exchange(broker, b"POST /kbs/v1/challenge HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
