@@ -117,6 +117,8 @@ class Overlay:
     container_id: str
     target: Path
     layer_paths: tuple[str, ...]
+    writable: Path              # its own upper and work directories, on the container's scratch
+    served: bool = False        # a container was created on it: one incarnation per overlay
 
 
 class AgentService:
@@ -136,6 +138,7 @@ class AgentService:
         self.group_scratch: Any = None                          # sandbox.guest.scratch.Scratch, once set up
         self._scratch_dirs: dict[str, Path] = {}                # container id -> its directory on the scratch
         self._scratch_counter = 0
+        self._overlay_counter = 0                               # names each overlay's writable directory
         self._changes = threading.Condition()                   # watch_containers waits on it
         self._generation = 0
         self._dm_counter = 0
@@ -432,8 +435,6 @@ class AgentService:
                     sysapi.mount(str(base), target, None, sysapi.MS_BIND)
                 else:
                     sysapi.mount("tmpfs", target, "tmpfs", sysapi.MS_NODEV | sysapi.MS_NOSUID, "mode=0700")
-                (Path(target) / "upper").mkdir()
-                (Path(target) / "work").mkdir()
             except OSError as e:
                 raise _err(ErrorCode.failed, f"cannot create scratch {target}: {e}") from None
 
@@ -475,17 +476,28 @@ class AgentService:
         if scratch is None:
             raise _err(ErrorCode.conflict, f"mount_scratch for {container_id} first")
 
+        # Every overlay gets a writable layer of its own, made empty here, whatever the scratch held before:
+        # an id re-created on a remounted overlay (a restart) never sees what an earlier incarnation wrote,
+        # be it a rewritten /etc/passwd that user names then resolve from, whether or not the host also
+        # remounted the scratch.
+        self._overlay_counter += 1
+        writable = scratch / f"rootfs.{self._overlay_counter}"
+
         def action(_decision: Decision) -> None:
             # overlayfs lowerdir lists the top-most layer first, like layer_paths.
-            opts = f"lowerdir={':'.join(layer_paths)},upperdir={scratch}/upper,workdir={scratch}/work"
+            opts = f"lowerdir={':'.join(layer_paths)},upperdir={writable}/upper,workdir={writable}/work"
             try:
+                writable.mkdir(mode=0o700)      # never there before: exist_ok would reuse one
+                (writable / "upper").mkdir()
+                (writable / "work").mkdir()
                 Path(target).mkdir(parents=True, exist_ok=True)
                 sysapi.mount("overlay", target, "overlay", sysapi.MS_NODEV, opts)
             except OSError as e:
+                shutil.rmtree(writable, ignore_errors=True)
                 raise _err(ErrorCode.failed, f"cannot mount the overlay at {target}: {e}") from None
 
         self.gate.enforce(r, action)
-        self.overlays[target] = Overlay(container_id, Path(target), layer_paths)
+        self.overlays[target] = Overlay(container_id, Path(target), layer_paths, writable)
         return M.MountOverlayResult(self.gate.last_enforce_seconds)
 
     def op_unmount_overlay(self, r: M.UnmountOverlayRequest) -> M.EmptyResult:
@@ -499,6 +511,9 @@ class AgentService:
 
         self.gate.enforce(r, _unmount_action(target))
         del self.overlays[target]
+        # What the incarnation wrote goes: no later overlay uses it (a big upper layer takes a while, so not here).
+        threading.Thread(target=shutil.rmtree, args=(overlay.writable, True), name="overlay-cleanup",
+                         daemon=True).start()
         return M.EmptyResult()
 
     # -- volumes --------------------------------------------------------------------------------
@@ -656,8 +671,13 @@ class AgentService:
         if previous is not None and not previous.deleted:
             raise _err(ErrorCode.conflict, f"container {container_id} already exists")
         rootfs = agent_rules.rootfs_target(container_id)
-        if rootfs not in self.overlays:
+        overlay = self.overlays.get(rootfs)
+        if overlay is None:
             raise _err(ErrorCode.conflict, f"mount_overlay for {container_id} first (at {rootfs})")
+        if overlay.served:
+            raise _err(ErrorCode.conflict, f"the overlay at {rootfs} holds what an earlier incarnation of "
+                                           f"{container_id} wrote: unmount_overlay and mount_overlay again for an "
+                                           "empty writable layer")
         _check_env(r.env)
         caps = r.capabilities or _default_capabilities()
         try:
@@ -698,6 +718,7 @@ class AgentService:
             except (runtime.CrunError, OSError) as e:
                 runtime.delete(c)
                 raise _err(ErrorCode.failed, f"crun create {container_id}: {e}") from None
+            overlay.served = True       # the container's own code may run in it from here on
             return c
 
         c = self.gate.enforce(check, action)
