@@ -32,6 +32,7 @@ from sandbox.shared.errors import AttestationError, CheckFailed, InputError
 from sandbox.shared.protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
+    import shutil
     from pathlib import Path
 
     from sandbox.guest import blockdev, etcfiles, oci, runtime, snp_report, terminal, users
@@ -64,6 +65,7 @@ else:
     users = LazyModule("sandbox.guest.users")
     inputs = LazyModule("sandbox.shared.policy.inputs")
     agent_rules = LazyModule("sandbox.shared.agent_rules")
+    shutil = LazyModule("shutil")   # bz2 and lzma come with it
 
 AGENT_VERSION = "1"
 ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API when a container first binds it
@@ -457,8 +459,6 @@ class AgentService:
         base = self._scratch_dirs.pop(container_id, None)
         if base is not None:
             # Its space goes back to the group; a big upper layer takes a while to delete, so not here.
-            import shutil  # bz2 and lzma come with it: not on the boot path
-
             threading.Thread(target=shutil.rmtree, args=(base, True), name="scratch-cleanup", daemon=True).start()
         return M.EmptyResult()
 
