@@ -67,7 +67,8 @@ def open_with_openssl(sealed: Any, name: str, nonce: bytes, runtime: ec.Elliptic
 
 def bad_request(port: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(b"POST /kbs/v1/release HTTP/1.0\r\nContent-Length: 12\r\n\r\n{\"secret\":1}")
+        s.sendall(b"POST /kbs/v1/release HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n"
+                  b"{\"secret\":1}")
         return s.recv(64)
 
 

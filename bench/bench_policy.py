@@ -82,6 +82,9 @@ def policy(n: int) -> bytes:
         "allow_properties_access": True, "allow_dump_stacks": True, "allow_runtime_logging": True,
         "allow_environment_variable_dropping": False, "allow_unencrypted_scratch": True,
         "allow_capability_dropping": False,
+        # the group volumes the containers bind: the engine binds only volumes the policy pins
+        "volumes": [{"name": "data", "target": "/run/parma/volumes/data", "kind": "emptyDir"},
+                    {"name": "config", "target": "/run/parma/volumes/config", "kind": "secret"}],
     })
 
 
@@ -157,6 +160,8 @@ def run(iterations: int, n_containers: int, from_json: bool = False) -> dict[str
     for i in range(5):
         engine.enforce_json("mount_device", {"target": layer_target(f"base{i}"), "device_hash": layer(last, i)})
     paths = [layer_target(f"base{i}") for i in reversed(range(5))]
+    engine.enforce_json("create_volume", {"target": "/run/parma/volumes/data", "kind": "emptyDir"})
+    engine.enforce_json("create_volume", {"target": "/run/parma/volumes/config", "kind": "secret"})
     exec_env = [*ENV, f"APP_NAME=app{last}"]
     gc.disable()
     try:

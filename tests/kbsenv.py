@@ -100,12 +100,16 @@ def api_call(sock: Path, method: str, path: str, body: Any = None, *, headers: d
 
 def http_call(url: str, method: str, path: str, body: Any = None, *, raw_body: bytes | None = None,
               headers: dict[str, str] | None = None, timeout: float = 30.0) -> tuple[int, Any]:
-    """One request to the broker: (status, parsed JSON body)."""
+    """One request to the broker: (status, parsed JSON body). A body goes as `application/json`, as the
+    broker requires, unless `headers` names a Content-Type of its own."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
         data = raw_body if raw_body is not None else (json.dumps(body).encode() if body is not None else None)
-        conn.request(method, path, body=data, headers=headers or {})
+        sent = dict(headers or {})
+        if data is not None and not any(k.lower() == "content-type" for k in sent):
+            sent["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=sent)
         response = conn.getresponse()
         text = response.read()
         return response.status, json.loads(text) if text else None

@@ -6,14 +6,17 @@ console once it serves. It starts deny-all (see gate.py). The console is readabl
 agent logs only lifecycle events there, never container data.
 
 Start-up is on the critical path of every `up`, and under emulation (TCG) every module costs, so:
-- Before "ready" it imports only what serving needs: the mounts, the ports, the protocol, and the
-  service with its deny-all gate. `dataclasses` and `re` take what they would compute from the image
-  (boot_cache.py), and the garbage collector waits (start-up allocates only what lives as long as the
-  agent).
-- Right after, a thread configures the network (create_container waits for it), then, at low priority,
-  imports the rest in the order `up` needs it - the report backends with cryptography (the launch
-  self-check), the policy engine and its RE2 matcher (set_policy), device-mapper and verity (the
-  mounts) - so that those imports use the time the guest spends waiting for the host. A request that
+- Before "ready" it imports only what serving the requests before a policy needs: the mounts (through
+  `_ctypes`, sysapi.py), the ports, the protocol, and the service with its deny-all gate; what only
+  containers need (the runtime, OCI spec, users, /etc files, the engine's inputs, shutil) is lazy in
+  service.py. `dataclasses` and `re` take what they would compute from the image (boot_cache.py), and
+  the garbage collector waits (start-up allocates only what lives as long as the agent).
+- Right after, the port watcher starts (ports that appear later), and a thread starts the reaper,
+  delegates the cgroup controllers and configures the network (create_container waits for it), then,
+  at low priority, imports the rest in the order `up` needs it - the report backends with cryptography
+  (the launch self-check), the policy engine and its RE2 matcher (set_policy), device-mapper and
+  verity (the mounts), the container modules - so that those imports use the time the guest spends
+  waiting for the host. A request that
   needs a module still loading waits for it (the import lock); nothing is answered differently or
   earlier than before.
 - The attestation API for containers starts when a container first binds it (service.py).
@@ -36,9 +39,10 @@ if TYPE_CHECKING:
 HOSTNAME = "parma"
 # After "ready", on the preload thread, in the order `up` asks for them (sandbox/launch/pipeline.py):
 # the launch self-check's report, set_policy (the engine, and the RE2 matcher its regexes compile
-# with), the mounts.
+# with), the mounts, the containers (runtime, OCI spec, users, the guest-side path rules, /etc files).
 PRELOAD = ("sandbox.guest.snp_report", "sandbox.shared.policy.engine", "sandbox.shared.policy.re2syntax",
-           "sandbox.shared.policy.re2machine", "sandbox.guest.blockdev")
+           "sandbox.shared.policy.re2machine", "sandbox.guest.blockdev", "sandbox.shared.agent_rules",
+           "sandbox.guest.runtime", "sandbox.guest.oci", "sandbox.guest.users", "sandbox.guest.etcfiles")
 PRELOAD_NICE = 19   # the preload thread runs when request threads wait (Linux: per-thread niceness)
 
 
@@ -51,8 +55,8 @@ def main() -> int:
     boot_cache.install()
     # Imported here, after the two lines above, which must come first. Each module imports only what
     # serving needs (the rest is lazy, see the docstring).
-    from sandbox.guest import procs, sysapi, sysinit
-    from sandbox.guest.server import serve_ports
+    from sandbox.guest import sysapi, sysinit
+    from sandbox.guest.server import start_ports, watch_ports
     from sandbox.guest.service import AgentService
     from sandbox.shared.protocol import PORT_COUNT, PORT_PREFIX, READY_LINE
 
@@ -65,26 +69,33 @@ def main() -> int:
         sysapi.set_child_subreaper()
     except OSError as e:
         log(f"not a subreaper: {e}")
-    procs.REAPER.start()
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
     service = AgentService(hostname=HOSTNAME, runtime_logging=log)
     service.start_attest_api = AttestationApiStarter(service)
     service.network_ready.clear()   # configured just after "ready"; create_container waits for it
-    ports = serve_ports(service.answer, log=log)
-    if len(ports) < PORT_COUNT:
-        log(f"{len(ports)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any that appear")
+    ports = start_ports(service.answer, log=log)
     print(f"{READY_LINE} (uptime {time.monotonic():.2f} s)", file=sys.stderr, flush=True)
+    # After "ready": the watcher's thread (ports that appear later, or whose thread died) is not needed
+    # to serve the ports there are.
+    watch_ports(ports)
+    if len(ports.devices) < PORT_COUNT:
+        log(f"{len(ports.devices)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any "
+            "that appear")
     threading.Thread(target=after_ready, args=(service,), name="after-ready", daemon=True).start()
     threading.Event().wait()
     return 0
 
 
 def after_ready(service: AgentService) -> None:
-    """The network (no container runs before it), then the preload."""
-    from sandbox.guest import sysinit
+    """The reaper of orphans, the cgroup controllers and the network (no container runs before them),
+    then the preload."""
+    from sandbox.guest import procs, sysinit
+
+    procs.REAPER.start()   # nothing runs a program before "ready"; create_container waits for the network
 
     notes: list[str] = []
+    sysinit.enable_cgroup_controllers(notes)
     nic = None
     try:
         nic = sysinit.configure_network(notes)

@@ -9,7 +9,6 @@ the lazy modules import nothing that imports their user.
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import Any
 
@@ -25,6 +24,8 @@ class LazyModule:
         """Import the module now (once) and return it."""
         module = self._module
         if module is None:
+            import importlib  # here, not at the top: the agent's boot path does not load importlib's package
+
             module = self._module = importlib.import_module(self.name)
         return module
 

@@ -264,8 +264,18 @@ def serve_ports(handler: RequestHandler, *, log: Callable[[str], None],
                 poll: float = 1.0) -> dict[str, PortDevice]:
     """Serve the agent ports present now, and any that appear later or whose thread died, on their own
     threads. Returns the ports served at once."""
+    watcher = start_ports(handler, log=log)
+    watch_ports(watcher, poll)
+    return dict(watcher.devices)
+
+
+def start_ports(handler: RequestHandler, *, log: Callable[[str], None]) -> PortWatcher:
+    """Serve the agent ports present now, each on its own thread (serve_ports() without the watcher)."""
     watcher = PortWatcher(handler, log=log)
     watcher.scan()
-    served = dict(watcher.devices)
+    return watcher
+
+
+def watch_ports(watcher: PortWatcher, poll: float = 1.0) -> None:
+    """Serve, from now on, the ports that appear later or whose thread died (on a thread of its own)."""
     threading.Thread(target=watcher.watch, args=(poll,), name="port-watch", daemon=True).start()
-    return served

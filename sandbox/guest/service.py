@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import os
 import re
-import shutil
 import sys
 import threading
 import time
@@ -22,39 +21,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, assert_never
 
-from sandbox.guest import oci, runtime, sysapi
-from sandbox.guest.etcfiles import DnsConfig, EtcFilesError, NameFiles, write_files
+from sandbox.guest import sysapi
 from sandbox.guest.gate import NO_POLICY_REASON, Gate
 from sandbox.guest.hostdata import HostData, read_host_data, uptime
 from sandbox.guest.lazy import LazyModule
-from sandbox.guest.runtime import ContainerStatus, CrunError, RuntimeContainer
-from sandbox.guest.users import ResolvedUser, UserError, resolve_user
-from sandbox.shared import agent_rules
 from sandbox.shared import messages as M
 from sandbox.shared import protocol as P
 from sandbox.shared.codec import Message, shown
 from sandbox.shared.errors import AttestationError, CheckFailed, InputError
-from sandbox.shared.policy import defaults
-from sandbox.shared.policy.inputs import (
-    INHERIT,
-    CreateContainerInput,
-    CreateVolumeInput,
-    ExecInContainerInput,
-    LoadFragmentInput,
-    MountDeviceInput,
-    NamedId,
-    RuntimeLoggingInput,
-    ScratchMountInput,
-    ScratchUnmountInput,
-    SignalContainerProcessInput,
-)
 from sandbox.shared.protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
+    import shutil
     from pathlib import Path
 
-    from sandbox.guest import blockdev, snp_report, terminal
-    from sandbox.shared import kbs_protocol, seccomp
+    from sandbox.guest import blockdev, etcfiles, oci, runtime, snp_report, terminal, users
+    from sandbox.shared import agent_rules, kbs_protocol, seccomp
+    from sandbox.shared.policy import defaults, inputs
     from sandbox.shared.policy.engine import Decision
 else:
     def Path(*parts: Any) -> Any:  # stands for pathlib.Path (see below)
@@ -72,22 +55,29 @@ else:
     # Interactive execs and seccomp profiles (socket, pathlib, hashlib) with their first use.
     terminal = LazyModule("sandbox.guest.terminal")
     seccomp = LazyModule("sandbox.shared.seccomp")
+    # What containers need (the runtime and its process reaper, the OCI spec, users, the engine's typed
+    # inputs, the guest-side path rules, the /etc files and the policy's defaults): no request served
+    # before a policy uses them. The agent preloads them after "ready" (agent.py).
+    runtime = LazyModule("sandbox.guest.runtime")
+    etcfiles = LazyModule("sandbox.guest.etcfiles")
+    defaults = LazyModule("sandbox.shared.policy.defaults")
+    oci = LazyModule("sandbox.guest.oci")
+    users = LazyModule("sandbox.guest.users")
+    inputs = LazyModule("sandbox.shared.policy.inputs")
+    agent_rules = LazyModule("sandbox.shared.agent_rules")
+    shutil = LazyModule("shutil")   # bz2 and lzma come with it
 
 AGENT_VERSION = "1"
 ATTEST_API_START_TIMEOUT = 60.0   # seconds; the agent starts the API when a container first binds it
 NETWORK_WAIT_S = 60.0              # seconds a create_container waits for the network the agent sets up
 # What the host may ask before a policy is set: nothing that touches guest state.
 OPEN_REQUESTS = (M.PingRequest, M.SetPolicyRequest, M.GetReportRequest, M.PoweroffRequest)
-# ACI's volume sources, `sandbox:///tmp/atlas/<kind>/<volume>` in its policies, in the guest.
-ACI_VOLUMES_PREFIX = f"{defaults.DEFAULT_SANDBOX_DIR}/{defaults.ACI_VOLUMES_SUBDIR}/"
 # Requests that block waiting (for output, for a process) and must not hold the state lock, and the
 # keystrokes of interactive sessions, which must not wait behind a slow create on another port.
 UNLOCKED_REQUESTS = (M.ReadOutputRequest, M.WaitProcessRequest, M.PingRequest, M.GetReportRequest,
                      M.PoweroffRequest, M.ShutdownContainerRequest, M.WatchContainersRequest,
                      M.WriteStdinRequest, M.CloseStdinRequest, M.ResizeTerminalRequest)
-# The mounts the runtime gives every container, as the engine sees them (oci.base_mounts in the spec).
-BASE_MOUNTS = tuple(M.ContainerMount(m["destination"], m["source"], m["type"], tuple(m["options"]))
-                    for m in oci.base_mounts())
+_base_mounts: tuple[M.ContainerMount, ...] | None = None
 MAX_WAIT_PROCESS_S = 600.0
 MAX_READ_WAIT_S = 60.0
 MAX_READ_BYTES = 512 * 1024
@@ -99,6 +89,27 @@ MAX_SECRET_ITEMS = 1024
 Result = Message | M.JsonObject
 
 
+def base_mounts() -> tuple[M.ContainerMount, ...]:
+    """The mounts the runtime gives every container, as the engine sees them (oci.base_mounts in the
+    spec); made with the first container, as oci loads after "ready"."""
+    global _base_mounts
+    if _base_mounts is None:
+        _base_mounts = tuple(M.ContainerMount(m["destination"], m["source"], m["type"], tuple(m["options"]))
+                             for m in oci.base_mounts())
+    return _base_mounts
+
+
+def aci_volumes_prefix() -> str:
+    """ACI's volume sources, `sandbox:///tmp/atlas/<kind>/<volume>` in its policies, in the guest."""
+    return f"{defaults.DEFAULT_SANDBOX_DIR}/{defaults.ACI_VOLUMES_SUBDIR}/"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BASE_MOUNTS":   # the constant it was (tests name it)
+        return base_mounts()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _err(code: ErrorCode, message: str, **details: Any) -> ProtocolError:
     return ProtocolError(code, message, details=details)
 
@@ -108,6 +119,8 @@ class Overlay:
     container_id: str
     target: Path
     layer_paths: tuple[str, ...]
+    writable: Path              # its own upper and work directories, on the container's scratch
+    served: bool = False        # a container was created on it: one incarnation per overlay
 
 
 class AgentService:
@@ -122,11 +135,12 @@ class AgentService:
         self.overlays: dict[str, Overlay] = {}                  # target -> overlay
         self.volumes: dict[str, Path] = {}                      # volume name -> dir
         self.volume_kinds: dict[str, M.MemoryVolumeKind] = {}   # volume name -> kind (create_volume's)
-        self.containers: dict[str, RuntimeContainer] = {}
-        self.network = NameFiles(hostname)                      # what the containers' /etc files say
+        self.containers: dict[str, runtime.RuntimeContainer] = {}
+        self._network: etcfiles.NameFiles | None = None        # what the containers' /etc files say
         self.group_scratch: Any = None                          # sandbox.guest.scratch.Scratch, once set up
         self._scratch_dirs: dict[str, Path] = {}                # container id -> its directory on the scratch
         self._scratch_counter = 0
+        self._overlay_counter = 0                               # names each overlay's writable directory
         self._changes = threading.Condition()                   # watch_containers waits on it
         self._generation = 0
         self._dm_counter = 0
@@ -141,6 +155,18 @@ class AgentService:
         # "ready" (clearing this first); a service on its own, as in tests, has nothing to wait for.
         self.network_ready = threading.Event()
         self.network_ready.set()
+
+    @property
+    def network(self) -> etcfiles.NameFiles:
+        """What the containers' /etc files say: the hostname alone until set_group_network (made on first
+        use: the /etc files' module loads after "ready")."""
+        if self._network is None:
+            self._network = etcfiles.NameFiles(self.hostname)
+        return self._network
+
+    @network.setter
+    def network(self, files: etcfiles.NameFiles) -> None:
+        self._network = files
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -243,7 +269,7 @@ class AgentService:
     def op_set_policy(self, r: M.SetPolicyRequest) -> M.SetPolicyResult:
         digest = self.gate.install(r.policy)
         self._console(f"policy {digest} installed (HOST_DATA from {self.gate.host_data_source})")
-        self.verbose_logging = self.gate.allows(RuntimeLoggingInput())
+        self.verbose_logging = self.gate.allows(inputs.RuntimeLoggingInput())
         gc.freeze()  # the compiled policy lives as long as the agent (see agent.py)
         return M.SetPolicyResult(digest, self.gate.host_data_source or "")
 
@@ -261,7 +287,7 @@ class AgentService:
         except UnicodeDecodeError as e:
             raise _err(ErrorCode.policy_denied, f"load_fragment denied: the fragment's payload is not UTF-8 text "
                                                 f"(byte {e.start})", endpoint="load_fragment") from None
-        self.gate.require(LoadFragmentInput(verified.issuer, verified.feed, rego, verified.header_svn))
+        self.gate.require(inputs.LoadFragmentInput(verified.issuer, verified.feed, rego, verified.header_svn))
         namespace = self.gate.fragments()[-1]
         self._console(f"fragment {namespace} loaded from {verified.issuer} ({verified.feed})")
         return M.LoadFragmentResult(verified.issuer, verified.feed, namespace, verified.header_svn)
@@ -332,7 +358,7 @@ class AgentService:
             except (blockdev.BlockError, OSError) as e:
                 raise _err(ErrorCode.failed, str(e)) from None
 
-        mounted = self.gate.enforce(MountDeviceInput.from_request(r, str(layout.root_hash)), action)
+        mounted = self.gate.enforce(inputs.MountDeviceInput.from_request(r, str(layout.root_hash)), action)
         self.devices[target] = mounted
         self._log(f"mounted {device} ({node}) root hash {layout.root_hash} at {target}")
         return M.MountDeviceResult(str(layout.root_hash), int(layout.data_blocks), str(mounted.dm.node),
@@ -384,7 +410,7 @@ class AgentService:
                 raise _err(ErrorCode.failed, str(e)) from None
 
         # What the guest builds here is encrypted whatever the host asked: the policy sees it as such.
-        self.group_scratch = self.gate.enforce(ScratchMountInput(P.GROUP_SCRATCH_DIR, encrypted=True), action)
+        self.group_scratch = self.gate.enforce(inputs.ScratchMountInput(P.GROUP_SCRATCH_DIR, encrypted=True), action)
         self._console(f"encrypted scratch on {node}: {self.group_scratch.size_bytes >> 20} MiB")
         return M.SetupScratchResult(P.GROUP_SCRATCH_DIR, self.group_scratch.size_bytes,
                                     round(time.perf_counter() - t0, 3))
@@ -395,7 +421,7 @@ class AgentService:
             raise _err(ErrorCode.conflict, f"container {container_id} already has a scratch")
         if r.encrypted and self.group_scratch is None:
             raise _err(ErrorCode.conflict, "an encrypted scratch lives on the group's scratch disk: setup_scratch first")
-        check = ScratchMountInput.from_request(r)
+        check = inputs.ScratchMountInput.from_request(r)
         target = check.target
         backing: list[Path] = []
 
@@ -411,8 +437,6 @@ class AgentService:
                     sysapi.mount(str(base), target, None, sysapi.MS_BIND)
                 else:
                     sysapi.mount("tmpfs", target, "tmpfs", sysapi.MS_NODEV | sysapi.MS_NOSUID, "mode=0700")
-                (Path(target) / "upper").mkdir()
-                (Path(target) / "work").mkdir()
             except OSError as e:
                 raise _err(ErrorCode.failed, f"cannot create scratch {target}: {e}") from None
 
@@ -430,7 +454,7 @@ class AgentService:
         if any(o.container_id == container_id for o in self.overlays.values()):
             raise _err(ErrorCode.conflict, f"the overlay of {container_id} still uses its scratch")
 
-        self.gate.enforce(ScratchUnmountInput.from_request(r), _unmount_action(target))
+        self.gate.enforce(inputs.ScratchUnmountInput.from_request(r), _unmount_action(target))
         del self.scratch[container_id]
         base = self._scratch_dirs.pop(container_id, None)
         if base is not None:
@@ -452,17 +476,28 @@ class AgentService:
         if scratch is None:
             raise _err(ErrorCode.conflict, f"mount_scratch for {container_id} first")
 
+        # Every overlay gets a writable layer of its own, made empty here, whatever the scratch held before:
+        # an id re-created on a remounted overlay (a restart) never sees what an earlier incarnation wrote,
+        # be it a rewritten /etc/passwd that user names then resolve from, whether or not the host also
+        # remounted the scratch.
+        self._overlay_counter += 1
+        writable = scratch / f"rootfs.{self._overlay_counter}"
+
         def action(_decision: Decision) -> None:
             # overlayfs lowerdir lists the top-most layer first, like layer_paths.
-            opts = f"lowerdir={':'.join(layer_paths)},upperdir={scratch}/upper,workdir={scratch}/work"
+            opts = f"lowerdir={':'.join(layer_paths)},upperdir={writable}/upper,workdir={writable}/work"
             try:
+                writable.mkdir(mode=0o700)      # never there before: exist_ok would reuse one
+                (writable / "upper").mkdir()
+                (writable / "work").mkdir()
                 Path(target).mkdir(parents=True, exist_ok=True)
                 sysapi.mount("overlay", target, "overlay", sysapi.MS_NODEV, opts)
             except OSError as e:
+                shutil.rmtree(writable, ignore_errors=True)
                 raise _err(ErrorCode.failed, f"cannot mount the overlay at {target}: {e}") from None
 
         self.gate.enforce(r, action)
-        self.overlays[target] = Overlay(container_id, Path(target), layer_paths)
+        self.overlays[target] = Overlay(container_id, Path(target), layer_paths, writable)
         return M.MountOverlayResult(self.gate.last_enforce_seconds)
 
     def op_unmount_overlay(self, r: M.UnmountOverlayRequest) -> M.EmptyResult:
@@ -476,6 +511,9 @@ class AgentService:
 
         self.gate.enforce(r, _unmount_action(target))
         del self.overlays[target]
+        # What the incarnation wrote goes: no later overlay uses it (a big upper layer takes a while, so not here).
+        threading.Thread(target=shutil.rmtree, args=(overlay.writable, True), name="overlay-cleanup",
+                         daemon=True).start()
         return M.EmptyResult()
 
     # -- volumes --------------------------------------------------------------------------------
@@ -523,7 +561,7 @@ class AgentService:
                         pass
                 raise _err(ErrorCode.failed, f"cannot create volume {name}: {e}") from None
 
-        self.gate.enforce(CreateVolumeInput.from_request(r), action)
+        self.gate.enforce(inputs.CreateVolumeInput.from_request(r), action)
         self.volumes[name] = path
         self.volume_kinds[name] = kind
         return M.CreateVolumeResult(str(path))
@@ -534,9 +572,9 @@ class AgentService:
         # Not a policy endpoint, as in ACI: what names resolve to is the host's to answer anyway (it carries
         # every packet). The guest checks the shape, so that no value can add a line or a directive.
         try:
-            dns = DnsConfig(r.dns.nameservers, r.dns.search, r.dns.options) if r.dns else DnsConfig()
-            self.network = NameFiles(r.hostname, r.names, dns)
-        except EtcFilesError as e:
+            dns = etcfiles.DnsConfig(r.dns.nameservers, r.dns.search, r.dns.options) if r.dns else etcfiles.DnsConfig()
+            self.network = etcfiles.NameFiles(r.hostname, r.names, dns)
+        except etcfiles.EtcFilesError as e:
             raise _err(ErrorCode.invalid_request, str(e)) from None
         self.hostname = r.hostname
         return M.EmptyResult()
@@ -547,7 +585,7 @@ class AgentService:
         default mounts), except where the container binds a volume of its own."""
         taken = {b.destination for b, _ in binds}
         try:
-            write_files(Path(defaults.etc_files_dir(container_id)), self.network)
+            etcfiles.write_files(Path(defaults.etc_files_dir(container_id)), self.network)
         except OSError as e:
             raise _err(ErrorCode.failed, f"cannot write the /etc files of {container_id}: {e}") from None
         return tuple(M.ContainerMount(m["destination"], m["source"], m["type"], tuple(m["options"]))
@@ -567,7 +605,7 @@ class AgentService:
             self._changed()
         threading.Thread(target=wait, name=f"watch-{proc.pid}", daemon=True).start()
 
-    def _container(self, container_id: str) -> RuntimeContainer:
+    def _container(self, container_id: str) -> runtime.RuntimeContainer:
         c = self.containers.get(container_id)
         if c is None:
             raise _err(ErrorCode.not_found, f"no container {container_id}")
@@ -594,7 +632,7 @@ class AgentService:
                     raise _err(ErrorCode.unavailable, "the attestation API has not started")
                 binds.append((M.ContainerMount(dest, source, "bind", options), source))
                 continue
-            path = self._aci_volume(source, i) if source.startswith(ACI_VOLUMES_PREFIX) else source
+            path = self._aci_volume(source, i) if source.startswith(aci_volumes_prefix()) else source
             volume = path.removeprefix(P.VOLUMES_DIR + "/")
             vpath = self.volumes.get(volume) or (Path(path) if path in self.devices else None)
             if not path.startswith(P.VOLUMES_DIR + "/") or vpath is None:
@@ -609,7 +647,7 @@ class AgentService:
         (docs/aci.md, "Running ACI policies locally"): the policy pins the kind by the source's pattern, and the agent makes
         sure the volume is of that kind (emptydir: emptyDir or tmpfs; secretsVolume: secret; azureFileVolume
         and gitRepoVolume: a files volume, mounted from its device)."""
-        kind, _, volume = source.removeprefix(ACI_VOLUMES_PREFIX).partition("/")
+        kind, _, volume = source.removeprefix(aci_volumes_prefix()).partition("/")
         path = P.volume_path(volume) if re.fullmatch(M.VOLUME_NAME, volume) else ""
         if kind == "emptydir":
             ok = self.volume_kinds.get(volume) in (M.MemoryVolumeKind.empty_dir, M.MemoryVolumeKind.tmpfs)
@@ -633,13 +671,18 @@ class AgentService:
         if previous is not None and not previous.deleted:
             raise _err(ErrorCode.conflict, f"container {container_id} already exists")
         rootfs = agent_rules.rootfs_target(container_id)
-        if rootfs not in self.overlays:
+        overlay = self.overlays.get(rootfs)
+        if overlay is None:
             raise _err(ErrorCode.conflict, f"mount_overlay for {container_id} first (at {rootfs})")
+        if overlay.served:
+            raise _err(ErrorCode.conflict, f"the overlay at {rootfs} holds what an earlier incarnation of "
+                                           f"{container_id} wrote: unmount_overlay and mount_overlay again for an "
+                                           "empty writable layer")
         _check_env(r.env)
         caps = r.capabilities or _default_capabilities()
         try:
-            who = resolve_user(rootfs, r.user)
-        except UserError as e:
+            who = users.resolve_user(rootfs, r.user)
+        except users.UserError as e:
             raise _err(ErrorCode.failed, str(e)) from None
         binds = self._bind_mounts(r.mounts)
         etc = self._etc_mounts(container_id, binds)
@@ -649,11 +692,11 @@ class AgentService:
             profile = seccomp.parse_profile(r.seccomp_profile) if r.seccomp_profile is not None else None
         except seccomp.SeccompError as e:
             raise _err(ErrorCode.invalid_request, e.message) from None
-        check = CreateContainerInput.from_request(r, mounts=BASE_MOUNTS + tuple(b for b, _ in binds) + etc,
+        check = inputs.CreateContainerInput.from_request(r, mounts=base_mounts() + tuple(b for b, _ in binds) + etc,
                                                   user=user, groups=groups, capabilities=caps,
                                                   seccomp_profile_sha256=seccomp.measure(profile))
 
-        def action(decision: Decision) -> RuntimeContainer:
+        def action(decision: Decision) -> runtime.RuntimeContainer:
             env = decision.env_list if decision.env_list is not None else r.env
             final_caps = (decision.caps_list or caps).sets()
             process = oci.ProcessSpec(argv=r.argv, env=env, cwd=r.working_dir, uid=who.uid, gid=who.gid,
@@ -664,7 +707,7 @@ class AgentService:
                                                  tuple(oci.BindMount(b.destination, path, b.options)
                                                        for b, path in binds + tuple((e, e.source) for e in etc)),
                                                  r.privileged, profile.to_oci() if profile is not None else None))
-            c = RuntimeContainer(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
+            c = runtime.RuntimeContainer(container_id, Path(P.container_dir(container_id)), Path(rootfs), r.argv,
                           decision.allow_stdio_access, exec_caps=final_caps,
                           volume_sources=frozenset(path for _, path in binds),
                           user=(who.uid, who.gid, process.additional_gids), working_dir=r.working_dir,
@@ -672,9 +715,10 @@ class AgentService:
             try:
                 # A re-created container's output goes on in the log of its previous incarnation.
                 runtime.create(c, spec, previous.init.log if previous and previous.init else None)
-            except (CrunError, OSError) as e:
+            except (runtime.CrunError, OSError) as e:
                 runtime.delete(c)
                 raise _err(ErrorCode.failed, f"crun create {container_id}: {e}") from None
+            overlay.served = True       # the container's own code may run in it from here on
             return c
 
         c = self.gate.enforce(check, action)
@@ -687,11 +731,11 @@ class AgentService:
     def op_start_container(self, r: M.StartContainerRequest) -> M.StartContainerResult:
         t0 = time.perf_counter()
         c = self._container(r.container_id)
-        if c.status != ContainerStatus.created:
+        if c.status != runtime.ContainerStatus.created:
             raise _err(ErrorCode.conflict, f"container {c.id} is {c.refresh().value}, not created")
         try:
             runtime.start(c)
-        except CrunError as e:
+        except runtime.CrunError as e:
             raise _err(ErrorCode.failed, f"crun start {c.id}: {e}") from None
         if c.init is not None:
             self._watch_exit(c.init)
@@ -701,7 +745,7 @@ class AgentService:
     def op_exec_process(self, r: M.ExecProcessRequest) -> M.ExecProcessResult:
         c = self._container(r.container_id)
         _check_env(r.env or ())   # absent: the container's env, checked at its create
-        if c.refresh() != ContainerStatus.running:
+        if c.refresh() != runtime.ContainerStatus.running:
             raise _err(ErrorCode.conflict, f"container {c.id} is {c.status.value}, not running")
         if (r.tty or r.stdin) and not c.stdio:
             # An interactive session is stdio: what the policy decided for the container at create decides it.
@@ -713,15 +757,15 @@ class AgentService:
         # create_container and the input inherits them), with its env and in its working dir unless the
         # host asks otherwise.
         cwd = r.working_dir or c.working_dir
-        check = ExecInContainerInput(c.id, r.argv, INHERIT if r.env is None else r.env, r.working_dir or INHERIT)
+        check = inputs.ExecInContainerInput(c.id, r.argv, inputs.INHERIT if r.env is None else r.env, r.working_dir or inputs.INHERIT)
         window = terminal.WindowSize(r.rows or 24, r.cols or 80) if r.tty else None
 
         def action(decision: Decision) -> runtime.Process:
             env = decision.env_list if decision.env_list is not None else (r.env or ())
             try:
                 return runtime.exec_process(c, exec_id, r.argv, env, cwd, window=window, stdin=r.stdin)
-            except (CrunError, OSError) as e:
-                reason = e.reason if isinstance(e, CrunError) else "other"
+            except (runtime.CrunError, OSError) as e:
+                reason = e.reason if isinstance(e, runtime.CrunError) else "other"
                 raise _err(ErrorCode.failed, f"exec in {c.id}: {e}", reason=reason) from None
 
         started = self.gate.enforce(check, action)
@@ -782,7 +826,7 @@ class AgentService:
         what = f"process {r.exec_id}" if r.exec_id else "init process"
         if proc.status() is not None:
             raise _err(ErrorCode.conflict, f"the {what} of container {r.container_id} has exited")
-        check = SignalContainerProcessInput(r.container_id, r.signal, r.exec_id is None, proc.argv)
+        check = inputs.SignalContainerProcessInput(r.container_id, r.signal, r.exec_id is None, proc.argv)
 
         def action(_decision: Decision) -> None:
             # Through the process handle: once the process is gone this fails, whoever has its pid now.
@@ -805,7 +849,7 @@ class AgentService:
                 self._forget_if_done(c, r.exec_id, proc)
         return M.ProcessExit(False, status.shell_code, status.signal)
 
-    def _forget_if_done(self, c: RuntimeContainer, exec_id: str, proc: runtime.Process) -> None:
+    def _forget_if_done(self, c: runtime.RuntimeContainer, exec_id: str, proc: runtime.Process) -> None:
         """An exec process whose exit the host has been told and whose output it has read to the end is
         forgotten: its handle is closed, and its id answers not_found from then on."""
         if proc.reported and (proc.log is None or proc.drained) and c.execs.get(exec_id) is proc:
@@ -850,7 +894,7 @@ class AgentService:
         out = []
         for cid, c in list(self.containers.items()):    # a copy: a create on another port may add one
             status = c.refresh()
-            exit_status = c.init.status() if c.init and status == ContainerStatus.exited else None
+            exit_status = c.init.status() if c.init and status == runtime.ContainerStatus.exited else None
             out.append(M.ContainerInfo(cid, status.value, c.init.pid if c.init else None,
                                        exit_status.shell_code if exit_status else None, c.stdio))
         return tuple(out)
@@ -901,10 +945,10 @@ def _unmount_action(target: str | Path) -> Callable[[Decision], None]:
     return action
 
 
-def _identity(who: ResolvedUser) -> tuple[NamedId, tuple[NamedId, ...]]:
+def _identity(who: users.ResolvedUser) -> tuple[inputs.NamedId, tuple[inputs.NamedId, ...]]:
     """The user and groups of create_container's policy input."""
-    return (NamedId(str(who.uid), who.user_name),
-            (NamedId(str(who.gid), who.group_name), *(NamedId(str(g), n) for g, n in who.additional_gids)))
+    return (inputs.NamedId(str(who.uid), who.user_name),
+            (inputs.NamedId(str(who.gid), who.group_name), *(inputs.NamedId(str(g), n) for g, n in who.additional_gids)))
 
 
 def _default_capabilities() -> M.Capabilities:

@@ -2,13 +2,18 @@
 
 mount(2), umount2(2), prctl(2) and reboot(2) through ctypes on the C library, so the UVM needs no
 util-linux. Flag values are from include/uapi/linux/mount.h, prctl.h and reboot.h.
+
+The agent mounts before it is ready, so this module uses `_ctypes`, the C half of ctypes, with the three
+C types these calls take, defined as ctypes itself defines c_int, c_ulong and c_char_p: the `ctypes`
+package on top of it (its many types, its endian structures) costs tens of milliseconds under TCG and
+is not needed for four functions. Each call is what `ctypes.CDLL("libc.so.6", use_errno=True)` makes.
 """
 
 from __future__ import annotations
 
-import ctypes
+import _ctypes
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -31,25 +36,62 @@ PR_SET_PDEATHSIG = 1
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 LINUX_REBOOT_CMD_RESTART = 0x01234567
 
-_libc: ctypes.CDLL | None = None
+if TYPE_CHECKING:   # generic in typeshed only
+    _IntData = _ctypes._SimpleCData[int]
+    _BytesData = _ctypes._SimpleCData[bytes | None]
+else:
+    _IntData = _BytesData = _ctypes._SimpleCData
 
 
-def libc() -> ctypes.CDLL:
+class _CInt(_IntData):        # ctypes.c_int
+    _type_ = "i"
+
+
+class _CULong(_IntData):      # ctypes.c_ulong
+    _type_ = "L"
+
+
+class _CCharP(_BytesData):    # ctypes.c_char_p
+    _type_ = "z"
+
+
+class _LibcFunction(_ctypes.CFuncPtr):
+    """A C function returning int, errno saved for get_errno() (CDLL(..., use_errno=True)'s _FuncPtr)."""
+
+    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+    _restype_ = _CInt
+
+
+class Libc:
+    """The C library's mount, umount2, prctl and reboot."""
+
+    def __init__(self) -> None:
+        # glibc's soname; ctypes.util.find_library would fork ldconfig, a second of boot under TCG.
+        self._handle = _ctypes.dlopen("libc.so.6", _ctypes.RTLD_LOCAL)
+        self.mount = self._function("mount", _CCharP, _CCharP, _CCharP, _CULong, _CCharP)
+        self.umount2 = self._function("umount2", _CCharP, _CInt)
+        self.prctl = self._function("prctl", _CInt, _CULong, _CULong, _CULong, _CULong)
+        self.reboot = self._function("reboot", _CInt)
+
+    def _function(self, name: str, *argtypes: type[_ctypes._SimpleCData[Any]]) -> _LibcFunction:
+        function = _LibcFunction((name, self))  # type: ignore[arg-type]  # what it reads is ._handle, as of a CDLL
+        function.argtypes = argtypes
+        return function
+
+
+_libc: Libc | None = None
+
+
+def libc() -> Libc:
     global _libc
     if _libc is None:
-        # glibc's soname; ctypes.util.find_library would fork ldconfig, a second of boot under TCG.
-        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                                ctypes.c_char_p]
-        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-        _libc.reboot.argtypes = [ctypes.c_int]
+        _libc = Libc()
     return _libc
 
 
 def _check(rc: int, what: str) -> None:
     if rc != 0:
-        err = ctypes.get_errno()
+        err = _ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 

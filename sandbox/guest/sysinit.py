@@ -67,11 +67,11 @@ def mount_basics(log: list[str]) -> None:
         points = sysapi.mount_points() if target == "/proc" else points | {target}
         if target == "/dev/pts" and not os.path.exists("/dev/ptmx"):
             os.symlink("pts/ptmx", "/dev/ptmx")
-    _enable_cgroup_controllers(log)
 
 
-def _enable_cgroup_controllers(log: list[str]) -> None:
-    """Delegate every available controller to child cgroups so crun can place containers."""
+def enable_cgroup_controllers(log: list[str]) -> None:
+    """Delegate every available controller to child cgroups so crun can place containers (the agent does
+    it just after "ready": no container starts before the network, which comes after it)."""
     root = "/sys/fs/cgroup"
     try:
         with open(f"{root}/cgroup.controllers") as f:

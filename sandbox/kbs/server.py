@@ -1,8 +1,8 @@
 """`kbs serve`: the key broker's HTTP service (protocol: sandbox/shared/kbs_protocol.py, docs/kbs.md).
 
 The host relays all traffic between the guest and the broker, so this service assumes every request
-is hostile: bodies are bounded (MAX_REQUEST_BYTES) and need a Content-Length (no chunked encoding),
-each read times out (READ_TIMEOUT) and a whole body must arrive within BODY_DEADLINE, at most
+is hostile: bodies are bounded (MAX_REQUEST_BYTES) and need a Content-Length (no chunked encoding)
+and a Content-Type of application/json (UTF-8: 415 otherwise), each read times out (READ_TIMEOUT) and a whole body must arrive within BODY_DEADLINE, at most
 `max_connections` requests are handled at once (the rest get 503 at once, without a thread), and no
 input can stop the server. Every release and every refusal is written to the audit log first.
 """
@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -135,18 +135,20 @@ class BrokerService:
                           secret_sha256=record.sha256, **decision.facts)
         return {"secret": name, "sealed": sealed.to_payload()}
 
-    def handle(self, method: str, path: str, body: bytes | None, peer: str) -> Reply:
-        """Route one request; every error becomes a JSON reply and (except 404/405 noise) an audit record."""
+    def handle(self, method: str, path: str, body: bytes | None, peer: str,
+               content_types: Sequence[str] = ()) -> Reply:
+        """Route one request (`content_types`: its Content-Type header lines); every error becomes a JSON reply
+        and (except 404/405 noise) an audit record."""
         try:
             if path == IDENTITY_PATH and method == "GET":
                 return Reply(HTTPStatus.OK, self.identity())
             if path == CHALLENGE_PATH and method == "POST":
-                if _json_body(body) != {}:
+                if _json_body(body, content_types) != {}:
                     raise KbsHttpError(HTTPStatus.BAD_REQUEST, KbsErrorCode.bad_request,
                                        "a challenge request is the empty JSON object {}")
                 return Reply(HTTPStatus.OK, self.challenge())
             if path == RELEASE_PATH and method == "POST":
-                return Reply(HTTPStatus.OK, self.release(_json_body(body), peer))
+                return Reply(HTTPStatus.OK, self.release(_json_body(body, content_types), peer))
             if path in (IDENTITY_PATH, CHALLENGE_PATH, RELEASE_PATH):
                 raise KbsHttpError(HTTPStatus.METHOD_NOT_ALLOWED, KbsErrorCode.method_not_allowed,
                                    f"{method} is not allowed on {path}")
@@ -170,9 +172,32 @@ class BrokerService:
             log.error("kbs: cannot write the audit log: %s", err)
 
 
-def _json_body(body: bytes | None) -> Any:
+def content_type_problem(content_types: Sequence[str]) -> str | None:
+    """Why a request body's Content-Type lines are not exactly one `application/json` (parameters allowed; a
+    charset only if UTF-8, the one encoding JSON has and the body is read in), or None."""
+    hint = "send the JSON body with Content-Type: application/json"
+    if not content_types:
+        return f"the request has no Content-Type: {hint}"
+    if len(content_types) > 1:
+        return f"the request has {len(content_types)} Content-Type headers: {hint} once"
+    value = content_types[0]
+    media, *params = value.split(";")
+    if media.strip().lower() != "application/json":
+        return f"Content-Type {value[:100]!r} is not accepted: {hint}"
+    for param in params:
+        name, _, arg = param.partition("=")
+        if name.strip().lower() == "charset" and arg.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return (f"Content-Type {value[:100]!r}: the body is read as UTF-8, the only encoding of JSON; "
+                    f"{hint} (charset utf-8, if any)")
+    return None
+
+
+def _json_body(body: bytes | None, content_types: Sequence[str]) -> Any:
     if body is None:
         raise KbsHttpError(HTTPStatus.LENGTH_REQUIRED, KbsErrorCode.bad_request, "a Content-Length is required")
+    problem = content_type_problem(content_types)
+    if problem is not None:
+        raise KbsHttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, KbsErrorCode.bad_request, problem)
     try:
         return loads_strict(decode_utf8(body, "request body"), "request body")
     except InputError as e:
@@ -252,7 +277,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif method == "POST":
             self._error(HTTPStatus.LENGTH_REQUIRED, KbsErrorCode.bad_request, "a Content-Length is required", method)
             return
-        reply = service.handle(method, self.path.split("?", 1)[0], body, peer)
+        reply = service.handle(method, self.path.split("?", 1)[0], body, peer,
+                               self.headers.get_all("Content-Type") or [])
         self._send(reply.status, reply.body)
 
     def _read_body(self, length: int) -> tuple[bytes, str | None]:

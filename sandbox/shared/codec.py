@@ -18,7 +18,6 @@ Decoders and encoders are compiled once per class, on first use.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import dataclasses
 import enum
@@ -259,6 +258,8 @@ def _float(value: Any) -> float:
 
 
 def _b64(value: Any) -> bytes:
+    import base64  # with the first bytes field: off the agent's boot path
+
     try:
         return base64.b64decode(_str(value), validate=True)
     except (binascii.Error, ValueError):
@@ -462,6 +463,8 @@ def _list(value: tuple[Any, ...]) -> list[Any]:
 
 
 def _b64encode(value: bytes) -> str:
+    import base64  # as in _b64decode
+
     return base64.b64encode(value).decode("ascii")
 
 

@@ -10,7 +10,6 @@ and the guest agent both import it, so a frame is checked identically on both si
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -377,8 +376,12 @@ def oversized_error(o: Oversized) -> ProtocolError:
 
 
 def b64encode(data: bytes) -> str:
+    import base64  # with the first bytes to send: off the agent's boot path
+
     return base64.b64encode(data).decode("ascii")
 
 
 def b64decode(text: str) -> bytes:
+    import base64  # as in b64encode
+
     return base64.b64decode(text, validate=True)

@@ -191,6 +191,8 @@ def test_malformed_requests_get_clear_errors(store: KbsStore, guest: snp_report.
              400, "runtime_public_key is not a P-384 SubjectPublicKeyInfo"),
             (("POST", RELEASE_PATH), {"raw_body": b"[" * 100000}, 413, "exceeds"),
             (("POST", RELEASE_PATH), {"raw_body": b"[" * 5000}, 400, "nested too deeply"),
+            (("POST", RELEASE_PATH), {"body": {"secret": "emu-ok", "evidence": good},
+                                      "headers": {"Content-Type": "text/plain"}}, 415, "application/json"),
             (("GET", RELEASE_PATH), {}, 405, "not allowed"),
             (("GET", "/kbs/v1/secrets"), {}, 404, "no endpoint"),
         ]
@@ -216,7 +218,8 @@ def _bad_request(port: int, kind: int) -> bytes:
         elif kind == 3:
             body = json.dumps({"secret": "emu-ok", "evidence": {"report": "", "cert_table": "", "nonce": "00",
                                                                "runtime_public_key": "", "backend": "x"}}).encode()
-            s.sendall(b"POST /kbs/v1/release HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            s.sendall(b"POST /kbs/v1/release HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                      % len(body) + body)
         else:
             s.sendall(b"GET /" + b"A" * 70000 + b" HTTP/1.1\r\n\r\n")
         try:

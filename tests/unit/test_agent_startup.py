@@ -23,7 +23,10 @@ NOT_AT_READY = ("sandbox.shared.policy.engine", "sandbox.shared.policy.model", "
                 "sandbox.guest.keyapi", "sandbox.shared.kbs_protocol", "hashlib", "_hashlib", "traceback",
                 "http.server", "sandbox.shared.rego", "socket", "difflib",
                 "sandbox.shared.policy.re2syntax", "sandbox.shared.policy.re2machine",
-                "pathlib", "urllib.parse", "ipaddress")
+                "pathlib", "urllib.parse", "ipaddress", "sandbox.guest.runtime", "sandbox.guest.oci",
+                "sandbox.guest.users", "sandbox.guest.procs", "sandbox.shared.policy.inputs",
+                "sandbox.shared.agent_rules", "shutil", "bz2", "lzma", "sandbox.guest.etcfiles",
+                "sandbox.shared.policy.defaults", "sandbox.shared.names", "base64")
 
 
 def _python(code: str, *, env: dict[str, str] | None = None) -> str:
@@ -36,7 +39,7 @@ def test_ready_imports_only_what_serving_needs() -> None:
     """The imports of agent.main() up to "ready", and a ping served by them, load none of NOT_AT_READY."""
     out = _python("""
         import json, sys
-        from sandbox.guest import agent, procs, sysapi, sysinit
+        from sandbox.guest import agent, sysapi, sysinit
         from sandbox.guest.server import respond
         from sandbox.guest.service import AgentService
         service = AgentService(host_data=lambda: None)
@@ -340,7 +343,6 @@ def test_mount_basics_reads_the_mount_table_before_and_after_proc(monkeypatch: p
     monkeypatch.setattr(sysapi, "mount", lambda source, target, *a, **k: mounted.append(str(target)))
     made: list[str] = []
     monkeypatch.setattr(sysinit.os, "makedirs", lambda path, exist_ok=False: made.append(path))
-    monkeypatch.setattr(sysinit, "_enable_cgroup_controllers", lambda log: None)
     sysinit.mount_basics([])
     assert len(reads) == 2
     assert mounted == made == [t for _, t, *_ in sysinit.BASE_MOUNTS if t != "/dev"]

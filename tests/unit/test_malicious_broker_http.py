@@ -21,6 +21,7 @@ from sandbox.kbs.store import KbsStore
 pytestmark = pytest.mark.unit
 
 DEADLINE = 1.5
+JSON = b"Content-Type: application/json\r\n"
 
 
 @pytest.fixture
@@ -83,4 +84,40 @@ def test_a_content_length_is_one_plain_number(broker: BrokerHttpServer, lengths:
     scripts' digits."""
     head = b"".join(b"Content-Length: " + n + b"\r\n" for n in lengths)
     assert b" 400 " in exchange(broker, b"POST /kbs/v1/challenge HTTP/1.1\r\n" + head + b"\r\n{}")
-    assert b" 200 " in exchange(broker, b"POST /kbs/v1/challenge HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+    assert b" 200 " in exchange(broker, b"POST /kbs/v1/challenge HTTP/1.1\r\nContent-Length: 2\r\n" + JSON + b"\r\n{}")
+
+
+def reply(server: BrokerHttpServer, data: bytes) -> tuple[bytes, bytes]:
+    """Send one raw request; (status line, body) of the reply."""
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+        s.sendall(data)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], body
+
+
+@pytest.mark.parametrize("types", [[], [b"text/plain"], [b"application/x-www-form-urlencoded"],
+                                   [b"multipart/form-data; boundary=x"], [b"application/jsonp"],
+                                   [b"application/json; charset=latin-1"], [b"application/json", b"application/json"],
+                                   [b"text/json"]])
+@pytest.mark.parametrize("path", [b"/kbs/v1/challenge", b"/kbs/v1/release"])
+def test_a_post_is_json_by_its_content_type_or_refused_with_415(broker: BrokerHttpServer, path: bytes,
+                                                                 types: list[bytes]) -> None:
+    """A body the broker reads as JSON is declared as JSON: a form or text POST (what a browser page or another
+    service can be made to send) is refused before it is parsed, with a message that says what to send."""
+    head = b"".join(b"Content-Type: " + t + b"\r\n" for t in types)
+    status, body = reply(broker, b"POST " + path + b" HTTP/1.1\r\nConnection: close\r\nContent-Length: 2\r\n" + head
+                         + b"\r\n{}")
+    assert b" 415 " in status and b"Content-Type: application/json" in body, (status, body)
+    reasons = [r["reason"] for r in AuditLog(broker.service.store.audit_path).records() if r["event"] == "refuse"]
+    assert any("Content-Type" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("value", [b"application/json", b"Application/JSON", b"application/json; charset=utf-8",
+                                   b"application/json;charset=\"UTF-8\"", b"application/json ; charset=utf8"])
+def test_application_json_with_utf8_parameters_is_accepted(broker: BrokerHttpServer, value: bytes) -> None:
+    status, _ = reply(broker, b"POST /kbs/v1/challenge HTTP/1.1\r\nConnection: close\r\nContent-Length: 2\r\n"
+                      b"Content-Type: " + value + b"\r\n\r\n{}")
+    assert b" 200 " in status, status

@@ -578,3 +578,52 @@ def test_hostile_fragment_text_is_a_denial_never_an_internal_error(agent: Offlin
     err = agent.err("load_fragment", {"fragment": b64(envelope)})
     assert err["code"] == "policy_denied" and needle in err["message"], err
     assert agent.ok("ping")["policy_set"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 13, review 3: each incarnation of a container id starts from an empty writable layer
+
+
+PLANT = ["/bin/sh", "-c", "echo app:x:0:0:app:/:/bin/sh > /etc/passwd; echo planted > /planted"]
+PROBE = ["/bin/sh", "-c", "id -u; cat /planted; ls -A /"]
+SCRATCH = "/run/parma/containers/{}/scratch"
+
+
+@pytest.fixture
+def two_on_one_stack(tmp_path: Path, layers: dict) -> Iterator[OfflineAgent]:
+    """Two policy containers on the same layer: a `writer` that runs as root and a `reader` as `app`."""
+    doc = policy_doc(policy_container(name="writer", command=PLANT),
+                     policy_container(name="reader", user=APP_USER, exec_processes=[{"command": PROBE, "signals": []}]))
+    yield from agent_with(tmp_path, layers, doc)
+
+
+@pytest.mark.parametrize("remount_scratch", [False, True], ids=["overlay-only", "overlay-and-scratch"])
+def test_a_recreated_container_never_sees_what_its_previous_incarnation_wrote(
+        two_on_one_stack: OfflineAgent, remount_scratch: bool) -> None:
+    a = two_on_one_stack
+    rootfs(a, "c")
+    a.ok("create_container", {"container_id": "c", "argv": PLANT, "env": env()})
+    a.ok("start_container", {"container_id": "c"})
+    assert a.ok("wait_process", {"container_id": "c", "timeout": 10})["exit_code"] == 0
+    assert "planted" in a.ctl("ls", path=ROOTFS.format("c"))
+    a.ok("shutdown_container", {"container_id": "c", "timeout": 2})
+    err = a.err("create_container", {"container_id": "c", "argv": INIT, "env": env(), "user": "app"})
+    assert err["code"] == "conflict" and "earlier incarnation" in err["message"]
+    # The host re-creates the id as the other policy container of that layer stack, remounting only
+    # the overlay (or, like the supervisor, the scratch too): user names resolve from the new rootfs.
+    a.ok("unmount_overlay", {"target": ROOTFS.format("c")})
+    deadline = time.monotonic() + 10
+    while a.ctl("ls", path=SCRATCH.format("c")):        # the old writable layer is deleted
+        assert time.monotonic() < deadline, a.ctl("ls", path=SCRATCH.format("c"))
+        time.sleep(0.05)
+    if remount_scratch:
+        a.ok("unmount_scratch", {"container_id": "c"})
+        a.ok("mount_scratch", {"container_id": "c"})
+    a.ok("mount_overlay", {"container_id": "c", "layer_paths": ["/run/parma/layers/l0"], "target": ROOTFS.format("c")})
+    assert "planted" not in a.ctl("ls", path=ROOTFS.format("c"))
+    a.ok("create_container", {"container_id": "c", "argv": INIT, "env": env(), "user": "app"})
+    a.ok("start_container", {"container_id": "c"})
+    e = a.ok("exec_process", {"container_id": "c", "argv": PROBE, "env": env()})
+    out, err = output(a, "c", e["exec_id"])
+    assert out.splitlines()[0] == b"1000"           # the image's app, not the uid 0 the writer gave it
+    assert b"planted" not in out and b"/planted" in err
