@@ -147,11 +147,21 @@ def plan(size_bytes: int) -> Layout:
 
 
 def _bitmap(used: list[tuple[int, int]]) -> bytes:
-    """A one-block bitmap with the bits of each [start, end) range set."""
+    """A one-block bitmap with the bits of each [start, end) range set (bit i is bit i % 8 of byte i // 8).
+
+    Whole bytes are filled at once: the last group's bitmap marks up to 32767 blocks past the end of the
+    device, which bit by bit costs tens of milliseconds under TCG."""
     bits = bytearray(BLOCK)
     for start, end in used:
-        for bit in range(start, end):
-            bits[bit >> 3] |= 1 << (bit & 7)
+        if start >= end:
+            continue
+        first, last = start >> 3, (end - 1) >> 3
+        if first == last:
+            bits[first] |= ((1 << (end - start)) - 1) << (start & 7)
+            continue
+        bits[first] |= (0xFF << (start & 7)) & 0xFF
+        bits[first + 1:last] = b"\xff" * (last - first - 1)
+        bits[last] |= (1 << (((end - 1) & 7) + 1)) - 1
     return bytes(bits)
 
 

@@ -24,7 +24,7 @@ import enum
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, TypeVar
 
 from sandbox.shared.jsoncheck import suggestion, type_name
@@ -185,6 +185,25 @@ def decode(cls: type[M], raw: Any, *, ignore_unknown: bool = False) -> M:
 def encode(message: Message) -> JsonObject:
     """The JSON object of a message (the inverse of decode)."""
     return _codec(type(message)).encode(message)
+
+
+def prepare(cls: type[Message]) -> None:
+    """Compile the codecs of message class `cls` and of every message class its fields hold, now (each is
+    compiled on its first use otherwise)."""
+    todo, seen = [cls], set()
+    while todo:
+        c = todo.pop()
+        if c not in seen:
+            seen.add(c)
+            todo.extend(m for tp in _codec(c).field_types for m in _message_classes(tp))
+
+
+def _message_classes(tp: Any) -> Iterator[type[Message]]:
+    """The message classes a field type names (itself, or inside Annotated, unions and tuples)."""
+    if isinstance(tp, type) and issubclass(tp, Message):
+        yield tp
+    for arg in typing.get_args(tp):
+        yield from _message_classes(arg)
 
 
 def field_names(cls: type[Message]) -> tuple[list[str], list[str]]:
@@ -470,7 +489,7 @@ class _ClassCodec(Generic[M]):
     def __init__(self, cls: type[M]) -> None:
         self.cls = cls
         hints = typing.get_type_hints(cls, include_extras=True)
-        fields = []
+        fields, field_types = [], []
         for f in dataclasses.fields(cls):   # type: ignore[arg-type]
             if f.default is not _MISSING:
                 default = f.default
@@ -481,9 +500,14 @@ class _ClassCodec(Generic[M]):
             dec, enc = _compile(hints[f.name])
             members = _members(_unwrap(hints[f.name])[0]) or ()
             fields.append(_Field(f.name, dec, enc, default, type(None) in members))
+            field_types.append(hints[f.name])
         self.fields = tuple(fields)
+        self.field_types = tuple(field_types)
         self.names = frozenset(f.name for f in fields)
         self._plan = tuple((f.name, f.decode) for f in fields)
+        # encode()'s plan: name, encoder (None for a value that is its own JSON), whether None is the default.
+        self._encode_plan = tuple((f.name, None if f.encode is _same else f.encode, f.default is None)
+                                  for f in fields)
         self._by_name = {f.name: f for f in fields}
         # A decoded message is built like pickle builds one: the fields are checked already, and a
         # frozen dataclass's __init__ costs a setattr call per field.
@@ -537,11 +561,14 @@ class _ClassCodec(Generic[M]):
 
     def encode(self, message: M) -> JsonObject:
         out = {}
-        for f in self.fields:
-            value = getattr(message, f.name)
-            if isinstance(value, Sentinel) or (value is None and f.default is None):
-                continue        # what an absent field means anyway
-            out[f.name] = f.encode(value)
+        for name, enc, none_is_default in self._encode_plan:
+            value = getattr(message, name)
+            if value is None:
+                if none_is_default:
+                    continue    # what an absent field means anyway
+            elif isinstance(value, Sentinel):
+                continue        # likewise
+            out[name] = value if enc is None else enc(value)
         return out
 
 

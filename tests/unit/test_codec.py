@@ -8,6 +8,7 @@ from typing import Annotated
 
 import pytest
 
+from sandbox.shared import codec
 from sandbox.shared.codec import FieldError, Match, MaxLen, Message, Range, Sentinel, encode, field_names
 
 
@@ -58,3 +59,29 @@ def test_numbers_beyond_a_double_are_field_errors_not_overflows() -> None:
     with pytest.raises(FieldError, match="count: must be between 1 and 10, got 1000"):
         Numbers.from_json({"count": 10**400})
     assert Numbers.from_json({"seconds": 3}) == Numbers(3.0)
+
+
+
+@dataclass(frozen=True)
+class Leaf(Message):
+    n: int
+
+
+@dataclass(frozen=True)
+class Middle(Message):
+    leaves: tuple[Leaf, ...] = ()
+
+
+@dataclass(frozen=True)
+class Top(Message):
+    middle: Annotated[Middle | None, MaxLen(4)] = None
+    other: Leaf | Mode = Mode.KEEP
+
+
+def test_prepare_compiles_a_class_and_every_message_class_it_holds() -> None:
+    codec.prepare(Top)
+    assert {Top, Middle, Leaf} <= set(codec._CODECS)
+    # Encoding is unchanged: None and sentinel values are left out, everything else is encoded.
+    assert Top(Middle((Leaf(1), Leaf(2))), Leaf(3)).to_json() == {"middle": {"leaves": [{"n": 1}, {"n": 2}]},
+                                                                   "other": {"n": 3}}
+    assert Top().to_json() == {}

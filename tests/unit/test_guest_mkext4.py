@@ -103,3 +103,18 @@ def test_the_result_reads_as_ext4(tmp_path: Path) -> None:
     assert root.type == "directory" and root.perm == 0o755
     assert [(name, ino) for name, ino, _ in fs.listdir(root)] == [(b".", 2), (b"..", 2), (b"lost+found", 11)]
     assert [(name, ino) for name, ino, _ in fs.listdir(fs.inode(11))] == [(b".", 11), (b"..", 2)]
+
+
+def test_bitmaps_set_exactly_the_bits_of_each_range() -> None:
+    def bit_by_bit(used: list[tuple[int, int]]) -> bytes:
+        bits = bytearray(mkext4.BLOCK)
+        for start, end in used:
+            for bit in range(start, end):
+                bits[bit >> 3] |= 1 << (bit & 7)
+        return bytes(bits)
+
+    edges = (0, 1, 7, 8, 9, 15, 16, 17, 523, 4095, 4096, 32760, 32767, 32768)
+    cases = [[(a, b)] for a in edges for b in edges if a <= b]
+    cases += [[(0, 3), (3, 9), (100, 100), (517, 32768)], [(5, 6), (1, 2), (8, 16)], []]
+    for used in cases:
+        assert mkext4._bitmap(used) == bit_by_bit(used), used

@@ -13,7 +13,7 @@ from sandbox.guest import devmapper, scratch
 def test_tables() -> None:
     t = scratch.integrity_target(Path("/dev/vdb"), 2_580_000)
     assert (t.start, t.length, t.type) == (0, 2_580_000, "integrity")
-    assert t.params == "/dev/vdb 0 32 D 2 block_size:4096 fix_padding"
+    assert t.params == "/dev/vdb 0 32 D 3 block_size:4096 fix_padding journal_sectors:1"
     key = bytearray(range(96))
     c = scratch.crypt_target(Path("/dev/dm-0"), 2_580_000, key)
     assert isinstance(c.params, bytearray)

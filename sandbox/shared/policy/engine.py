@@ -229,9 +229,11 @@ class _Mount:
 
     def allows(self, m: ContainerMount) -> bool:
         """framework.rego mountConstraint_ok."""
+        options = m.options
         return (m.destination == self.destination and m.destination != "" and m.type == self.type
-                and self.source_ok(m.source) and len(m.options) == len(self.options)
-                and frozenset(m.options) == self.option_set)
+                and self.source_ok(m.source)
+                and (options == self.options   # the same list in the same order: the same as a set
+                     or (len(options) == len(self.options) and frozenset(options) == self.option_set)))
 
     def mismatch(self, m: ContainerMount) -> str | None:
         """framework.rego mountConstraint_ok, explained."""
@@ -247,6 +249,17 @@ class _Mount:
 
     def describe(self) -> str:
         return f"{self.type} {self.source!r} at {self.destination!r}"
+
+
+_MountIndex = dict[str, tuple[_Mount, ...]]
+
+
+def _index_mounts(mounts: Iterable[_Mount]) -> _MountIndex:
+    """Mount constraints by destination, each destination's in their order."""
+    index: dict[str, list[_Mount]] = {}
+    for m in mounts:
+        index.setdefault(m.destination, []).append(m)
+    return {d: tuple(ms) for d, ms in index.items()}
 
 
 class _IdName:
@@ -273,7 +286,7 @@ class _Candidate:
     """One policy container with the framework's version defaults applied and its regexes compiled."""
 
     def __init__(self, index: int, c: Container, version: tuple[int, int, int], sandbox_dir: str,
-                 origin: str = "") -> None:
+                 default_mounts: tuple[_Mount, ...], privileged_mounts: tuple[_Mount, ...], origin: str = "") -> None:
         self.index = index
         self.label = c.name if c.name else f"{origin}containers[{index}]"
         self.layers = c.layers
@@ -281,6 +294,10 @@ class _Candidate:
         self.env_rules = _EnvRules(c.env_rules)
         self.working_dir = c.working_dir
         self.mounts = tuple(_Mount(m.destination, m.type, m.source, m.options, sandbox_dir) for m in c.mounts)
+        # What a create's mount may match (besides the container's /etc binds), by destination: its own mounts,
+        # then the runtime's default mounts; the privileged mounts only for allow_elevated.
+        self.mount_index = _index_mounts(self.mounts + default_mounts)
+        self.privileged_index = _index_mounts(privileged_mounts) if c.allow_elevated else {}
         self.exec_processes = tuple((p.command, frozenset(p.signals)) for p in c.exec_processes)
         signals = c.signals + ((9, 15) if version < DEFAULT_SIGNALS_UNTIL else ())
         self.signals = frozenset(signals)
@@ -429,7 +446,9 @@ class PolicyEngine:
         version = parse_version(policy.framework_version)
         self._api_version = parse_version(policy.api_version)
         self._sandbox_dir = sandbox_dir
-        self._candidates = tuple(_Candidate(i, c, version, sandbox_dir) for i, c in enumerate(policy.containers))
+        self._default_mounts = tuple(_Mount.of(m, sandbox_dir) for m in defaults.DEFAULT_MOUNTS)
+        self._privileged_mounts = tuple(_Mount.of(m, sandbox_dir) for m in defaults.PRIVILEGED_MOUNTS)
+        self._candidates = tuple(self._candidate(i, c, version) for i, c in enumerate(policy.containers))
         self._externals = tuple(_External(i, e) for i, e in enumerate(policy.external_processes))
         self._imports = tuple(f.to_json() for f in policy.fragments)
         # mount_device accepts the layers of every container object of the policy, also of those the framework
@@ -439,8 +458,6 @@ class PolicyEngine:
         self._layer_target = whole_matcher(defaults.LAYER_TARGET_PATTERN)
         self._volumes = {v.target: v for v in policy.volumes}
         self._sandbox_dir = sandbox_dir
-        self._default_mounts = tuple(_Mount.of(m, sandbox_dir) for m in defaults.DEFAULT_MOUNTS)
-        self._privileged_mounts = tuple(_Mount.of(m, sandbox_dir) for m in defaults.PRIVILEGED_MOUNTS)
         self._env_dropping = policy.allow_environment_variable_dropping
         self._caps_dropping = policy.allow_capability_dropping and version >= CAPABILITY_DROPPING_SINCE
         # Points the policy module answers itself (a constant), or has no rule for.
@@ -461,6 +478,9 @@ class PolicyEngine:
             RuntimeLoggingInput: self._flag_rule("allow_runtime_logging", EP.runtime_logging),
             LoadFragmentInput: self._load_fragment,
         }
+
+    def _candidate(self, index: int, c: Container, version: tuple[int, int, int], origin: str = "") -> _Candidate:
+        return _Candidate(index, c, version, self._sandbox_dir, self._default_mounts, self._privileged_mounts, origin)
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, source: str = "policy",
@@ -731,7 +751,8 @@ class PolicyEngine:
         self._check_volume_mounts(cid, a.mounts)
         privileged = a.privileged
         who = _container_subject(cid)
-        survivors = _narrow("create_container", who, candidates, lambda c: self._create_mismatch(c, a))
+        etc = _index_mounts(self._etc_mounts(cid))     # the request's own default mounts, built once per request
+        survivors = _narrow("create_container", who, candidates, lambda c: self._create_mismatch(c, a, etc))
         env_list, survivors = self._narrow_env("create_container", who, survivors, a.env)
         caps_list, survivors = self._narrow_caps("create_container", who, survivors, a.capabilities, privileged)
         stdio = _stdio_agreement("create_container", who, survivors)
@@ -765,9 +786,9 @@ class PolicyEngine:
                             f"volume {volume.name!r} ({m.source}), but no {volume.kind.value} volume has been "
                             "created there")
 
-    def _create_mismatch(self, c: _Candidate, a: CreateContainerInput) -> str | None:
+    def _create_mismatch(self, c: _Candidate, a: CreateContainerInput, etc: _MountIndex) -> str | None:
         """The first field of a create request that this candidate does not allow (framework.rego
-        create_container's initial narrowing), or None."""
+        create_container's initial narrowing), or None. `etc`: the container's /etc binds, by destination."""
         if a.argv != c.command:
             return f"argv {_fmt(a.argv)} does not match command {_fmt(c.command)}"
         if a.working_dir != c.working_dir:
@@ -780,7 +801,7 @@ class PolicyEngine:
         if c.no_new_privileges and not a.no_new_privileges:
             return "no_new_privileges is false but the policy requires true"
         for mount in a.mounts:
-            why = self._mount_mismatch(c, mount, a.container_id)
+            why = self._mount_mismatch(c, mount, etc)
             if why:
                 return why
         if a.seccomp_profile_sha256 != c.seccomp:
@@ -792,17 +813,19 @@ class PolicyEngine:
         hcsshim adds them to the framework's (ExtendDefaultMounts) before it checks a create."""
         return tuple(_Mount.of(m, self._sandbox_dir) for m in defaults.etc_file_mounts(cid))
 
-    def _mount_mismatch(self, c: _Candidate, mount: ContainerMount, cid: str) -> str | None:
-        allowed = (c.mounts + self._default_mounts + self._etc_mounts(cid)
-                   + (self._privileged_mounts if c.allow_elevated else ()))
+    def _mount_mismatch(self, c: _Candidate, mount: ContainerMount, etc: _MountIndex) -> str | None:
+        """framework.rego mountList_ok for one mount: some constraint of the candidate's own mounts, the default
+        mounts, the container's /etc binds and (allow_elevated) the privileged mounts allows it. Only a
+        constraint with the mount's destination can, so each list is indexed by destination (in its order)."""
+        dest = mount.destination
+        allowed = c.mount_index.get(dest, ()) + etc.get(dest, ()) + c.privileged_index.get(dest, ())
         for constraint in allowed:
             if constraint.allows(mount):
                 return None
         # Denied: explain against the constraints for the same destination.
-        reasons = [constraint.mismatch(mount) for constraint in allowed if constraint.destination == mount.destination]
-        if reasons:
-            return f"mount at {mount.destination!r}: {reasons[0]}"
-        return f"mount {mount.type} {mount.source!r} at {mount.destination!r} matches no allowed mount destination"
+        if allowed:
+            return f"mount at {dest!r}: {allowed[0].mismatch(mount)}"
+        return f"mount {mount.type} {mount.source!r} at {dest!r} matches no allowed mount destination"
 
     def _narrow_env(self, ep: str, who: Subject, survivors: tuple[_Choice, ...],
                     env: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[_Choice, ...]]:
@@ -971,7 +994,7 @@ class PolicyEngine:
         except InvalidDocument as e:
             raise _Deny(f"{deny}: parma-sandbox cannot enforce what it adds: {'; '.join(e.problems[:3])}") from None
         origin = f"fragment {fragment.namespace}: "
-        candidates = tuple(_Candidate(i, c, version, self._sandbox_dir, origin) for i, c in enumerate(held.containers))
+        candidates = tuple(self._candidate(i, c, version, origin) for i, c in enumerate(held.containers))
         loaded = _LoadedFragment(a.issuer, a.feed, fragment.namespace, candidates,
                                  tuple(_External(i, e, origin) for i, e in enumerate(held.external_processes)),
                                  tuple(f.to_json() for f in held.fragments),
@@ -1056,7 +1079,7 @@ def _caps_mismatch(allowed: Mapping[str, tuple[str, ...]], requested: Mapping[st
     """framework.rego caps_ok/capsList_ok: per set, same size and the same members."""
     for name in defaults.CAPABILITY_SETS:
         want, got = allowed[name], requested[name]
-        if len(want) == len(got) and set(want) == set(got):
+        if want == got or (len(want) == len(got) and set(want) == set(got)):
             continue
         extra = sorted(set(got) - set(want))
         missing = sorted(set(want) - set(got))
