@@ -49,8 +49,10 @@ RE2_RULES = {"LOG=(debug|info)": ["LOG=debug", "LOG=info"], "HOSTNAME=.+": ["HOS
              "^D=[a-z]+$": ["D=abc"], "^E=x": ["E=x"], "F=y$": ["F=y"], "[^=]+=(?s:.*)": ["ANY=thing"]}
 ENV_NOISE = ["MODE=dev", "LOG=trace", "HOSTNAME=", "X_=1", "N=4242", "C=1\nD=2", "D=abc\n", "E=xy", "F=zy",
              "LD_PRELOAD=/x.so", "A=1;X=2", "X=B=1", "LOG=info\n", "PATH=/bin"]
-SOURCES = ["/run/parma/volumes/data", "/run/parma/volumes/www", "sandbox:///volumes/cache-[0-9]+"]
-REQUEST_SOURCES = ["/run/parma/volumes/data", "/run/parma/sandbox/volumes/cache-7",
+# Bind sources outside /run/parma/volumes: there a bind needs the volume pinned by `volumes`, which ACI has
+# not (test_known_unpinned_volume_difference).
+SOURCES = ["/srv/host/data", "/srv/host/www", "sandbox:///volumes/cache-[0-9]+"]
+REQUEST_SOURCES = ["/srv/host/data", "/run/parma/sandbox/volumes/cache-7",
                    "/run/parma/sandbox/volumes/cache-7/../../etc", "/etc", "proc", "sysfs"]
 OPTIONS = [["rbind", "rprivate", "rw"], ["rbind", "rprivate", "ro"], ["nosuid", "noexec", "nodev"],
            ["nosuid", "noexec", "nodev", "rw"], ["nosuid", "noexec", "nodev", "ro"]]
@@ -432,6 +434,35 @@ def test_known_anchoring_difference(evaluator: Evaluator) -> None:
     assert ours(engine, req)["allowed"] is False
     req["input"]["env"] = ["B=1"]
     assert evaluator.ask(req)["allowed"] is True and ours(engine, req)["allowed"] is True
+
+
+def test_known_unpinned_volume_difference(evaluator: Evaluator) -> None:
+    """A bind of /run/parma/volumes/<name> needs that volume pinned in `volumes` (an extension ACI has not):
+    otherwise the host could fill the directory itself. ACI matches the source literally (on purpose)."""
+    mount = {"destination": "/cache", "source": "/run/parma/volumes/www", "type": "bind",
+             "options": ["rbind", "rprivate", "rw"]}
+    container = {"id": "app", "name": "app", "layers": ["1" * 64], "command": ["/bin/sh"], "env_rules": [],
+                 "working_dir": "/", "mounts": [mount], "exec_processes": [], "signals": [], "allow_elevated": False,
+                 "allow_stdio_access": True, "no_new_privileges": False, "seccomp_profile_sha256": "",
+                 "user": {"user_idname": {"pattern": "", "strategy": "any"},
+                          "group_idnames": [{"pattern": "", "strategy": "any"}], "umask": "0022"},
+                 "capabilities": None}
+    doc = {"api_version": "0.12.0", "framework_version": "0.5.0", "containers": [container],
+           "external_processes": [], "allow_unencrypted_scratch": True}
+    engine = PolicyEngine.from_bytes(canonical_bytes(doc))
+    evaluator.ask({"policy": doc})
+    trace = [{"ep": "mount_device", "input": {"target": "/run/parma/layers/l0", "device_hash": "1" * 64}},
+             {"ep": "mount_overlay", "input": {"container_id": "c1", "layer_paths": ["/run/parma/layers/l0"],
+                                               "target": "/run/parma/containers/c1/rootfs"}},
+             {"ep": "create_container", "input": {"container_id": "c1", "argv": ["/bin/sh"], "env": [],
+                                                  "working_dir": "/", "mounts": [mount]}}]
+    for req in trace:
+        req = {**req, "input": complete_input(engine, req["ep"], req["input"])}
+        theirs, mine = evaluator.ask(req), ours(engine, req)
+        if req["ep"] != "create_container":
+            assert theirs["allowed"] and mine["allowed"], (theirs, mine)
+    assert theirs["allowed"] is True
+    assert mine["allowed"] is False and "does not pin" in mine["reason"]
 
 
 def test_evaluator_path_is_outside_the_repository() -> None:

@@ -228,7 +228,8 @@ def test_real_policies_agree(evaluator: Evaluator) -> None:
     from sandbox.shared.policy import EnforcementPoint
     from sandbox.shared.rego.framework import ENFORCEMENT_POINTS
     aci_points = [ep.value for ep in EnforcementPoint if ep.value in ENFORCEMENT_POINTS]
-    assert all(counts[f"{ep} allowed"] for ep in aci_points), "every ACI point is decided both ways"
+    if CORPUS:     # the exported policy alone lists no external process, fragment or flag to allow
+        assert all(counts[f"{ep} allowed"] for ep in aci_points), "every ACI point is decided both ways"
     assert not differences, f"{len(differences)} disagreement(s):\n" + "\n".join(differences[:10])
 
 
