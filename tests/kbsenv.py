@@ -54,11 +54,13 @@ def emulated_guest(directory: Path, *, policy: bytes = POLICY, measurement: byte
 @contextlib.contextmanager
 def running_broker(store: KbsStore, *, ttl: float = 60.0, challenges: ChallengeStore | None = None,
                    max_connections: int = 64,
-                   emulated_ca: Callable[[], EmulatedCa | None] | None = None) -> Iterator[BrokerHttpServer]:
+                   emulated_ca: Callable[[], EmulatedCa | None] | None = None,
+                   **limits: float) -> Iterator[BrokerHttpServer]:
     """A broker on 127.0.0.1; it trusts this test run's emulated CA unless told which one (a real UVM's
-    emulated PSP uses the installation's: pass `load_emulated_ca`)."""
+    emulated PSP uses the installation's: pass `load_emulated_ca`). `limits`: make_server's read_timeout and
+    body_deadline."""
     service = BrokerService(store, challenge_ttl=ttl, emulated_ca=emulated_ca or shared_ca, challenges=challenges)
-    server = make_server(store, ("127.0.0.1", 0), service=service, max_connections=max_connections)
+    server = make_server(store, ("127.0.0.1", 0), service=service, max_connections=max_connections, **limits)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

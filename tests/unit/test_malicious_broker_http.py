@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kbsenv import running_broker
 
 from sandbox.kbs.audit import AuditLog
-from sandbox.kbs.server import BrokerHttpServer, BrokerService, make_server
+from sandbox.kbs.server import BrokerHttpServer
 from sandbox.kbs.store import KbsStore
 
 pytestmark = pytest.mark.unit
@@ -26,18 +27,9 @@ JSON = b"Content-Type: application/json\r\n"
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[BrokerHttpServer]:
-    store = KbsStore.open(tmp_path / "kbs")
-    service = BrokerService(store, emulated_ca=lambda: None)
-    server = make_server(store, ("127.0.0.1", 0), service=service, max_connections=3, read_timeout=1.0,
-                         body_deadline=DEADLINE)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with running_broker(KbsStore.open(tmp_path / "kbs"), max_connections=3, emulated_ca=lambda: None,
+                        read_timeout=1.0, body_deadline=DEADLINE) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def exchange(server: BrokerHttpServer, data: bytes) -> bytes:
