@@ -42,11 +42,12 @@ def command(group_file: Path, kind: str, policy_file: Path | None, registry: str
     unless --policy is given; its SHA-256 is the HOST_DATA every pod of this manifest attests.
     """
     spec = load_group(group_file)
+    # refuse what a pod cannot run before pulling anything (local images get their registry names below)
+    manifests(spec, b"", kind=Kind(kind), local_images_named=registry is not None)
     images = None
     if registry is not None:
         images = resolve_group_images(spec)
         spec = with_registry_images(spec, images, registry)
-    manifests(spec, b"", kind=Kind(kind))    # refuse what a pod cannot run before pulling anything
     if policy_file is not None:
         policy, parsed = read_policy(policy_file)
         check_policy_images(spec, parsed)

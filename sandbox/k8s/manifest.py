@@ -192,9 +192,9 @@ def _secret_name(spec: GroupSpec) -> str:
     return f"{spec.name}-secure-env"
 
 
-def _container(spec: GroupSpec, c: ContainerSpec) -> dict[str, Any]:
+def _container(spec: GroupSpec, c: ContainerSpec, local_images_named: bool) -> dict[str, Any]:
     where = f"container {c.name!r}"
-    if c.image.startswith(LOCAL_IMAGE_PREFIXES):
+    if c.image.startswith(LOCAL_IMAGE_PREFIXES) and not local_images_named:
         raise InputError(f"{where}: image {c.image!r} exists only on this machine",
                          hint="push it unchanged to a registry the nodes pull from and give --registry REGISTRY/PREFIX "
                               "(or use that reference, pinned by @sha256 digest, in the group)")
@@ -255,9 +255,10 @@ def _container(spec: GroupSpec, c: ContainerSpec) -> dict[str, Any]:
 
 
 def manifests(spec: GroupSpec, policy: bytes, *, kind: Kind = Kind.pod, namespace: str | None = None,
-              replicas: int = 1) -> list[dict[str, Any]]:
+              replicas: int = 1, local_images_named: bool = False) -> list[dict[str, Any]]:
     """The documents to apply: an optional Secret (secure env values), a ConfigMap per files volume, and
-    the Pod or Deployment."""
+    the Pod or Deployment. `local_images_named`: local images are let through because the caller renames
+    them (with_registry_images) before the real export; only for checking a group early."""
     listed = {(p.port, p.protocol) for c in spec.init_containers + spec.containers for p in c.ports}
     for g in spec.ports:
         if (g.port, g.protocol) not in listed:
@@ -274,7 +275,7 @@ def manifests(spec: GroupSpec, policy: bytes, *, kind: Kind = Kind.pod, namespac
                 cm["metadata"]["namespace"] = namespace
             configmaps.append(cm)
         volumes.append(_pod_volume(spec, v, items))
-    containers = [_container(spec, c) for c in spec.containers]
+    containers = [_container(spec, c, local_images_named) for c in spec.containers]
     metadata: dict[str, Any] = {"name": spec.name, "labels": {"app.kubernetes.io/name": spec.name}}
     if namespace:
         metadata["namespace"] = namespace
@@ -283,7 +284,7 @@ def manifests(spec: GroupSpec, policy: bytes, *, kind: Kind = Kind.pod, namespac
     if volumes:
         pod_spec["volumes"] = volumes
     if spec.init_containers:    # the policy lists them too: kubelet's creates of them are checked like the others
-        pod_spec["initContainers"] = [_container(spec, c) for c in spec.init_containers]
+        pod_spec["initContainers"] = [_container(spec, c, local_images_named) for c in spec.init_containers]
     if kind == Kind.pod:    # a Deployment's pods must restart Always (the API server refuses anything else)
         pod_spec["restartPolicy"] = spec.restart_policy.value
     elif spec.restart_policy != RestartPolicy.always:

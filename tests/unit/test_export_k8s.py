@@ -241,3 +241,12 @@ def test_registry_pins_registry_images_by_digest() -> None:
     image = ResolvedImage("registry.example/app:1.2", "sha256:" + "4" * 64, ImageConfig(), (layer,))
     pinned = with_registry_images(spec, {"app": image, "side": image}, "unused.example/x")
     assert {c.image for c in pinned.containers} == {"registry.example/app@sha256:" + "4" * 64}
+
+
+def test_with_registry_what_a_pod_cannot_run_is_refused_before_any_image_is_read(
+        isolated_dirs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    group = {"name": "g", "containers": [{"name": "app", "image": "oci:images/absent:v1", "user": "nobody"}]}
+    (isolated_dirs / "group.json").write_text(json.dumps(group))
+    code, _, stderr = run_cli(["export", "k8s", str(isolated_dirs / "group.json"),
+                               "--registry", "registry.example/team"], capsys)
+    assert code == 2 and "runs containers only as numeric ids" in stderr   # not "is not a directory"
