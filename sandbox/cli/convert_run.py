@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.aci.ext4compat import COMPAT_MODES, layer_mode
-from sandbox.cli.verity_run import FORMATS, kv_table, path_click_accepts, verity_doc
+from sandbox.cli.verity_run import FORMATS, kv_table, path_click_accepts, plain_args, verity_doc
 from sandbox.layers.convert import convert_layer, convert_tar_to_ext4
 from sandbox.layers.tar2ext4 import Ext4Options
 from sandbox.shared.errors import InputError
@@ -55,9 +55,6 @@ class ConvertCall:
     fmt: str | None = None              # the command's own --format, if given
 
 
-_VALUED = {"-o": "output", "--output": "output", "--compat": "compat", "--format": "fmt"}
-
-
 def parse_args(args: list[str]) -> ConvertCall | None:
     """The call `args` (what follows `image convert`) make when they are plainly well-formed, else None.
 
@@ -65,37 +62,15 @@ def parse_args(args: list[str]) -> ConvertCall | None:
     (a long option's value also after '='), in any order, a repeated option's last value winning, as click
     parses them. Anything else, --help included, is None: the click command answers it.
     """
-    fields: dict[str, Any] = {}
-    layer: str | None = None
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg in ("--no-verity", "--no-whiteouts"):
-            fields[arg[2:].replace("-", "_")] = True
-            continue
-        if not arg.startswith("-"):
-            if layer is not None:
-                return None
-            layer = arg
-            continue
-        name, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        field = _VALUED.get(name)
-        if field is None:
-            return None
-        if not eq:
-            if i == len(args):
-                return None
-            value = args[i]
-            i += 1
-        if field == "output":
-            if not path_click_accepts(value):
-                return None
-            fields["output"] = Path(value)
-        elif (field == "compat" and value not in COMPAT_MODES) or (field == "fmt" and value not in FORMATS):
-            return None
-        else:
-            fields[field] = value
-    if layer is None or "output" not in fields or not path_click_accepts(layer):
+    parsed = plain_args(args, {"--no-verity": "no_verity", "--no-whiteouts": "no_whiteouts"},
+                        {"-o": "output", "--output": "output", "--compat": "compat", "--format": "fmt"})
+    if parsed is None:
         return None
-    return ConvertCall(layer=Path(layer), **fields)
+    layer, given = parsed
+    output, compat, fmt = given.get("output"), given.get("compat"), given.get("fmt")
+    if (output is None or not path_click_accepts(output) or not path_click_accepts(layer)
+            or (compat is not None and compat not in COMPAT_MODES)
+            or (fmt is not None and fmt not in FORMATS)):
+        return None
+    return ConvertCall(layer=Path(layer), output=Path(output), no_verity="no_verity" in given,
+                       no_whiteouts="no_whiteouts" in given, compat=compat, fmt=fmt)

@@ -10,6 +10,7 @@ same `run`.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,40 @@ def path_click_accepts(text: str) -> bool:
     return bool(text) and not os.path.isdir(text) and (not os.path.lexists(text) or os.access(text, os.R_OK))
 
 
+def plain_args(args: list[str], flags: Mapping[str, str],
+               valued: Mapping[str, str]) -> tuple[str, dict[str, str]] | None:
+    """`args` read as click reads one positional argument, the flags `flags` and the options `valued` that
+    take a value (a long one's value also after '='), in any order, a repeated option's last value winning;
+    both map an option's spellings to its field. (The positional, {field: value, '' for a flag given});
+    None for anything else: --help, '--', '-', an unknown option, a second positional or none, a missing
+    value. Shared by this module's and sandbox/cli/convert_run.py's `parse_args`."""
+    given: dict[str, str] = {}
+    positional: str | None = None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg in flags:
+            given[flags[arg]] = ""
+            continue
+        if not arg.startswith("-"):
+            if positional is not None:
+                return None
+            positional = arg
+            continue
+        name, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        field = valued.get(name)
+        if field is None:
+            return None
+        if not eq:
+            if i == len(args):
+                return None
+            value = args[i]
+            i += 1
+        given[field] = value
+    return None if positional is None else (positional, given)
+
+
 def parse_args(args: list[str]) -> VerityCall | None:
     """The call `args` (what follows `verity`) make when they are plainly well-formed, else None.
 
@@ -98,41 +133,15 @@ def parse_args(args: list[str]) -> VerityCall | None:
     also after '='), in any order, a repeated option's last value winning, as click parses them. Anything
     else, --help included, is None: the click command answers it.
     """
-    defaults = VerityCall(file=Path())
-    no_superblock, salt_hex, hash_file, fmt = (defaults.no_superblock, defaults.salt_hex, defaults.hash_file,
-                                               defaults.fmt)
-    file: str | None = None
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--no-superblock":
-            no_superblock = True
-            continue
-        if not arg.startswith("-"):
-            if file is not None:
-                return None
-            file = arg
-            continue
-        name, eq, value = arg.partition("=")
-        if name not in ("--salt", "--hash-file", "--format"):
-            return None
-        if not eq:
-            if i == len(args):
-                return None
-            value = args[i]
-            i += 1
-        if name == "--salt":
-            salt_hex = value
-        elif name == "--hash-file":
-            if not path_click_accepts(value):
-                return None
-            hash_file = Path(value)
-        elif value in FORMATS:
-            fmt = value
-        else:
-            return None
-    if file is None or not path_click_accepts(file):
+    parsed = plain_args(args, {"--no-superblock": "no_superblock"},
+                        {"--salt": "salt_hex", "--hash-file": "hash_file", "--format": "fmt"})
+    if parsed is None:
         return None
-    return VerityCall(file=Path(file), no_superblock=no_superblock, salt_hex=salt_hex, hash_file=hash_file,
-                      fmt=fmt)
+    file, given = parsed
+    hash_file, fmt = given.get("hash_file"), given.get("fmt")
+    if (not path_click_accepts(file) or (hash_file is not None and not path_click_accepts(hash_file))
+            or (fmt is not None and fmt not in FORMATS)):
+        return None
+    return VerityCall(file=Path(file), no_superblock="no_superblock" in given,
+                      salt_hex=given.get("salt_hex", ZERO_SALT.hex()),
+                      hash_file=Path(hash_file) if hash_file is not None else None, fmt=fmt)
