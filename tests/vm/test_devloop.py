@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from test_hello import BUSYBOX_LAYOUT, Cli, cli_in, ensure_example_image
+from test_hello import BUSYBOX_LAYOUT, Cli, ensure_example_image, running_cli
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import busybox_entries, glibc_tools_entries, tar_of, write_image
@@ -73,9 +73,7 @@ def group(d: Path, image: str) -> Path:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    c = cli_in(tmp_path_factory.mktemp("run"))
-    yield c
-    c("down", "--all", timeout=120)
+    yield from running_cli(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

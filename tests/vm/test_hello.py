@@ -77,11 +77,16 @@ def cli_in(run_dir: Path) -> Cli:
     return Cli(env, REPO)
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    c = cli_in(tmp_path_factory.mktemp("run"))
+def running_cli(factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    """A Cli in a fresh run directory of its own; every sandbox it started goes down after."""
+    c = cli_in(factory.mktemp("run"))
     yield c
     c("down", "--all", timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    yield from running_cli(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_hello import BUSYBOX_LAYOUT, Cli, cli_in, ensure_example_image
+from test_hello import BUSYBOX_LAYOUT, Cli, ensure_example_image, running_cli
 
 NAME = "probes-vm"
 HEALTHY = ["/bin/cat", "/tmp/healthy"]
@@ -42,9 +42,7 @@ def group(d: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    c = cli_in(tmp_path_factory.mktemp("run"))
-    yield c
-    c("down", "--all", timeout=120)
+    yield from running_cli(tmp_path_factory)
 
 
 def web(cli: Cli) -> dict[str, Any]:
