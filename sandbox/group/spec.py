@@ -552,7 +552,7 @@ def _check_probe(c: _Checker, raw: Any, path: str, kind: ProbeKind) -> ProbeSpec
             if isinstance(url_path, str) and (not url_path.startswith("/") or any(ch.isspace() for ch in url_path)):
                 c.problem(join(hpath, "path"), f"must start with '/' and hold no spaces, got {url_path!r}")
             scheme = c.string(hd, "scheme", hpath, default="HTTP")
-            if isinstance(scheme, str) and scheme.upper() not in ("HTTP", "HTTPS"):
+            if isinstance(scheme, str) and scheme.upper() not in tuple(HttpScheme):
                 c.problem(join(hpath, "scheme"), f"must be HTTP or HTTPS, got {scheme!r}")
             elif port is not None and isinstance(url_path, str):
                 http = HttpGetAction(port, url_path, HttpScheme(scheme.upper()))
