@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandbox.aci.rego import ccepolicy_base64, rego_module
-from sandbox.group.spec import ContainerSpec, GroupSpec, ProbeSpec, VolumeKind
+from sandbox.group.spec import ContainerSpec, GroupSpec, VolumeKind
 from sandbox.images.model import ResolvedImage
 from sandbox.images.reference import pinned_reference
 from sandbox.policy.gen import ContainerProcess, container_capabilities, container_process
@@ -161,26 +161,12 @@ class Export:
         return host_data(self.rego)
 
 
-def arm_probe(probe: ProbeSpec) -> dict[str, Any]:
-    """A probe as ACI's ContainerProbe: its fields under the group's names (which are ACI's), scheme in
-    ACI's lowercase; defaults are written out, so the template says what will run."""
-    out: dict[str, Any] = {}
-    if probe.exec_command is not None:
-        out["exec"] = {"command": list(probe.exec_command)}
-    if probe.http_get is not None:
-        out["httpGet"] = {"path": probe.http_get.path, "port": probe.http_get.port,
-                          "scheme": probe.http_get.scheme.value.lower()}
-    return {**out, "initialDelaySeconds": probe.initial_delay_s, "periodSeconds": probe.period_s,
-            "timeoutSeconds": probe.timeout_s, "failureThreshold": probe.failure_threshold,
-            "successThreshold": probe.success_threshold}
-
-
 def arm_probes(c: ContainerSpec) -> dict[str, Any]:
     if c.startup_probe is not None:
         raise InputError(f"container {c.name!r} has a startupProbe, which ACI does not have",
                          hint="drop it for ACI (a livenessProbe with a longer initialDelaySeconds does the same "
                               "there), or export the group for Kubernetes, which has it")
-    return {kind.field: arm_probe(p) for kind, p in c.probes}
+    return {kind.field: p.document(lowercase_scheme=True) for kind, p in c.probes}  # ACI's scheme: lowercase
 
 
 def _param_name(*parts: str) -> str:

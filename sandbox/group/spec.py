@@ -155,6 +155,21 @@ class ProbeSpec(Message):
     failure_threshold: int = 3
     success_threshold: int = 1
 
+    def document(self, *, lowercase_scheme: bool = False) -> dict[str, Any]:
+        """The probe as ACI's ContainerProbe and Kubernetes' Probe write it (the names the group reads),
+        defaults written out so that the document says what will run. They differ in one thing: ACI's
+        httpGet scheme is lowercase (`lowercase_scheme`), Kubernetes' uppercase."""
+        out: dict[str, Any] = {}
+        if self.exec_command is not None:
+            out["exec"] = {"command": list(self.exec_command)}
+        if self.http_get is not None:
+            scheme = self.http_get.scheme.value
+            out["httpGet"] = {"path": self.http_get.path, "port": self.http_get.port,
+                              "scheme": scheme.lower() if lowercase_scheme else scheme}
+        return {**out, "initialDelaySeconds": self.initial_delay_s, "periodSeconds": self.period_s,
+                "timeoutSeconds": self.timeout_s, "failureThreshold": self.failure_threshold,
+                "successThreshold": self.success_threshold}
+
 
 @dataclass(frozen=True)
 class VolumeMount:

@@ -47,7 +47,6 @@ from sandbox.group.spec import (
     LOCAL_IMAGE_PREFIXES,
     ContainerSpec,
     GroupSpec,
-    ProbeSpec,
     RestartPolicy,
     VolumeKind,
     VolumeSpec,
@@ -251,20 +250,8 @@ def _container(spec: GroupSpec, c: ContainerSpec) -> dict[str, Any]:
     if security:
         out["securityContext"] = security
     for kind, probe in c.probes:    # exec probes run through the shim's policy-checked exec (the policy lists them)
-        out[kind.field] = _probe(probe)
+        out[kind.field] = probe.document()
     return out
-
-
-def _probe(probe: ProbeSpec) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if probe.exec_command is not None:
-        out["exec"] = {"command": list(probe.exec_command)}
-    if probe.http_get is not None:
-        out["httpGet"] = {"path": probe.http_get.path, "port": probe.http_get.port,
-                          "scheme": probe.http_get.scheme.value}
-    return {**out, "initialDelaySeconds": probe.initial_delay_s, "periodSeconds": probe.period_s,
-            "timeoutSeconds": probe.timeout_s, "failureThreshold": probe.failure_threshold,
-            "successThreshold": probe.success_threshold}
 
 
 def manifests(spec: GroupSpec, policy: bytes, *, kind: Kind = Kind.pod, namespace: str | None = None,

@@ -28,7 +28,7 @@ from sandbox.launch.agent_client import AgentDenied, AgentError
 from sandbox.shared.errors import InputError, PolicyDenied, SandboxError
 from sandbox.shared.policy.model import parse_policy
 from sandbox.shim import messages as M
-from sandbox.shim.bundle import CRI_SANDBOX_UID, NodeConfig, OciContainer, read_bundle
+from sandbox.shim.bundle import CRI_CONTAINER_NAME, CRI_SANDBOX_UID, NodeConfig, OciContainer, read_bundle
 from sandbox.shim.events import Publisher
 from sandbox.shim.sandbox import (
     GuestSandbox,
@@ -54,7 +54,6 @@ SERVICE = "containerd.task.v2.Task"
 VERSION = "parma-sandbox shim v2"
 STATE_FILE = "parma-shim.json"      # in the sandbox container's bundle: what `delete` needs to clean up
 VOLUME_STAGING = "parma-volumes"    # in the bundle: kubelet's configMap directories, dereferenced
-CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
 CREATED, RUNNING, STOPPED = M.TASK_STATUS["CREATED"], M.TASK_STATUS["RUNNING"], M.TASK_STATUS["STOPPED"]
 
 

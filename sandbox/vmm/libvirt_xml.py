@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 
-from sandbox.vmm.config import Accel, Disk, VmConfig
+from sandbox.vmm.config import Accel, Disk, VmConfig, VmConfigError
 from sandbox.vmm.qemu import network_args, scsi_address
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -81,6 +81,10 @@ def scsi_disk_elements(cfg: VmConfig, devices: ET.Element) -> None:
 
 
 def build_domain_xml(cfg: VmConfig) -> str:
+    if cfg.netns is not None:
+        # libvirt starts QEMU itself, in its own namespaces: a domain cannot take a pod's netns this way, and
+        # ignoring it would put the group's port forwards on the host's network instead.
+        raise VmConfigError("a launch in a network namespace needs the qemu backend, not libvirt")
     ET.register_namespace("qemu", QEMU_NS)
     dom = ET.Element("domain", {"type": "kvm" if cfg.accel == Accel.kvm else "qemu"})
     _sub(dom, "name", domain_name(cfg))

@@ -180,3 +180,10 @@ def test_a_guest_forward_relays_each_connection_to_a_host_service_in_both_render
                 ("10.0.2.53", 0, "127.0.0.1", 53)):
         with pytest.raises(ValueError):
             GuestForward(*bad)
+
+
+def test_libvirt_refuses_a_network_namespace_it_could_not_honour() -> None:
+    cfg = dataclasses.replace(mode_config("emulated-tcg"), netns=Path("/var/run/netns/pod"))
+    assert build_argv(cfg, "qemu-system-x86_64")[:3] == ["nsenter", "--net=/var/run/netns/pod", "--"]
+    with pytest.raises(VmConfigError, match="needs the qemu backend"):
+        build_domain_xml(cfg)

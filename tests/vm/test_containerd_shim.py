@@ -154,6 +154,16 @@ def _no_leftovers(c: Containerd) -> None:
     assert left == {}
 
 
+def _kill_and_delete(c: Containerd, task: str) -> None:
+    """SIGKILL a task, wait until it is STOPPED, and delete it."""
+    c.ctr("tasks", "kill", "-s", "SIGKILL", task, check=True)
+    deadline = time.monotonic() + 60
+    while "STOPPED" not in c.ctr("tasks", "ls").stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    c.ctr("tasks", "delete", task, check=True, timeout=120)
+
+
 def test_no_policy_is_refused_before_any_launch(containerd: Containerd) -> None:
     r = containerd.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation", f"io.parma.image={LOCAL_REF}",
                        IMAGE_NAME, "nopolicy", "/bin/echo", "hi", timeout=120)
@@ -197,12 +207,7 @@ def test_exec_runs_a_listed_process_and_is_denied_an_unlisted_one(containerd: Co
     assert "denied by policy" in denied.stderr and "is not an exec_process" in denied.stderr
     # Deny-by-default also covers a command the container itself did not ask for.
     assert containerd.ctr("tasks", "exec", "--exec-id", "cat2", "ticker", "/bin/cat", "/etc/group").returncode != 0
-    containerd.ctr("tasks", "kill", "-s", "SIGKILL", "ticker", check=True)
-    deadline = time.monotonic() + 60
-    while "STOPPED" not in containerd.ctr("tasks", "ls").stdout:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    containerd.ctr("tasks", "delete", "ticker", check=True, timeout=120)
+    _kill_and_delete(containerd, "ticker")
     containerd.ctr("containers", "rm", "ticker", check=True)
     _no_leftovers(containerd)
 
@@ -233,12 +238,7 @@ def test_a_pod_is_one_uvm_and_its_containers_join_it(containerd: Containerd, tmp
     assert len(_qemu_of(containerd.dir / "run")) == 1
     tasks = {line.split()[0]: line.split() for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]}
     assert tasks["pod1"][1] == tasks["app1"][1]       # one QEMU holds the pod
-    containerd.ctr("tasks", "kill", "-s", "SIGKILL", "app1", check=True)
-    deadline = time.monotonic() + 60
-    while containerd.ctr("tasks", "ls").stdout.count("STOPPED") < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    containerd.ctr("tasks", "delete", "app1", check=True, timeout=120)
+    _kill_and_delete(containerd, "app1")
     containerd.ctr("tasks", "kill", "pod1", check=True)
     containerd.ctr("tasks", "delete", "pod1", check=True, timeout=120)
     for c in ("app1", "once1", "rogue1", "pod1"):
@@ -314,12 +314,7 @@ def test_hello_web_serves_its_files_volume_on_the_pod_network(containerd: Contai
     assert "00000000:1F90" not in Path("/proc/self/net/tcp").read_text()     # nothing on the node's own network
     cat = containerd.ctr("tasks", "exec", "--exec-id", "cat1", "hello-web", "/bin/cat", "/www/index.html", timeout=120)
     assert cat.returncode == 0 and cat.stdout == page, cat.stderr
-    containerd.ctr("tasks", "kill", "-s", "SIGKILL", "hello-web", check=True)
-    deadline = time.monotonic() + 60
-    while "STOPPED" not in containerd.ctr("tasks", "ls").stdout:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    containerd.ctr("tasks", "delete", "hello-web", check=True, timeout=120)
+    _kill_and_delete(containerd, "hello-web")
     containerd.ctr("containers", "rm", "hello-web", check=True)
     _no_leftovers(containerd)
 
