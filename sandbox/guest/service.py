@@ -104,12 +104,6 @@ def aci_volumes_prefix() -> str:
     return f"{defaults.DEFAULT_SANDBOX_DIR}/{defaults.ACI_VOLUMES_SUBDIR}/"
 
 
-def __getattr__(name: str) -> Any:
-    if name == "BASE_MOUNTS":   # the constant it was (tests name it)
-        return base_mounts()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _err(code: ErrorCode, message: str, **details: Any) -> ProtocolError:
     return ProtocolError(code, message, details=details)
 

@@ -14,7 +14,7 @@ from sandbox.aci.fragment_crypto import make_test_issuer, sign_fragment
 from sandbox.aci.fragment_sources import INFRASTRUCTURE_FEED, plan_fragments
 from sandbox.aci.rego import rego_module
 from sandbox.group import validate_group
-from sandbox.guest.service import BASE_MOUNTS, AgentService
+from sandbox.guest.service import AgentService, base_mounts
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
 from sandbox.launch.plan import build_plan
 from sandbox.shared.errors import CheckFailed, InputError
@@ -64,7 +64,7 @@ def agent_view(engine: PolicyEngine, plan, devices: dict[str, str]) -> list[bool
     for c in plan.containers:
         assert engine.enforce(c.overlay).allowed
         profile = parse_profile(c.create.seccomp_profile) if c.create.seccomp_profile is not None else None
-        check = CreateContainerInput.from_request(c.create, mounts=BASE_MOUNTS + c.create.mounts, user=ROOT,
+        check = CreateContainerInput.from_request(c.create, mounts=base_mounts() + c.create.mounts, user=ROOT,
                                                   groups=(NamedId("0", "root"),), capabilities=None,
                                                   seccomp_profile_sha256=measure(profile))
         decision = engine.enforce(check)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.group import GroupSpec, load_group, validate_group
-from sandbox.guest.service import BASE_MOUNTS
+from sandbox.guest.service import base_mounts
 from sandbox.images.model import ImageConfig, LayerInfo, ResolvedImage
 from sandbox.launch.plan import ContainerPlan, LaunchPlan, build_plan
 from sandbox.policy.gen import generate_policy
@@ -103,7 +103,7 @@ def create_input(create: CreateContainerRequest) -> CreateContainerInput:
     # The agent binds the container's own /etc/hostname, hosts and resolv.conf (the engine's default mounts).
     etc = tuple(ContainerMount.from_json(dict(m)) for m in defaults.etc_file_mounts(create.container_id))
     profile = parse_profile(create.seccomp_profile) if create.seccomp_profile is not None else None
-    return CreateContainerInput.from_request(create, mounts=BASE_MOUNTS + create.mounts + etc, user=uid,
+    return CreateContainerInput.from_request(create, mounts=base_mounts() + create.mounts + etc, user=uid,
                                              groups=(gid,), capabilities=create.capabilities,
                                              seccomp_profile_sha256=measure(profile))
 
@@ -197,8 +197,8 @@ def test_each_bind_mount_changed_is_denied(name: str, tmp_path: Path) -> None:
         for i, m in enumerate(c.create.mounts):
             flipped = tuple("rw" if o == "ro" else "ro" if o == "rw" else o for o in m.options)
             for changed in (replace(m, options=flipped), replace(m, destination=m.destination + "x")):
-                mounts = (*BASE_MOUNTS, *c.create.mounts[:i], changed, *c.create.mounts[i + 1:],
-                          *good.mounts[len(BASE_MOUNTS) + len(c.create.mounts):])
+                mounts = (*base_mounts(), *c.create.mounts[:i], changed, *c.create.mounts[i + 1:],
+                          *good.mounts[len(base_mounts()) + len(c.create.mounts):])
                 d = engine.enforce(replace(good, mounts=mounts))
                 assert not d.allowed, (c.name, changed)
             checked += 1
