@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sandbox.guest.keys import P384Signer
+from sandbox.attest.psp_service import vcek_signer
 
 
 def per_call_ms(fn: Callable[[], object], *, min_seconds: float = 0.5, min_calls: int = 5) -> float:
@@ -50,7 +50,7 @@ def host_numbers(tmp: Path) -> dict[str, float]:
     ca = ensure_emulated_ca(tmp)
     ca_ms = (time.perf_counter() - start) * 1000
     material = launch_material(host_data=hashlib.sha256(b"p").digest(), measurement=bytes(48), ca=ca)
-    psp = EmulatedPsp(material, P384Signer(material.vcek_private_key).sign)
+    psp = EmulatedPsp(material, vcek_signer(material.vcek_private_key))
     report = psp.report(bytes(64))
     certs = certificates_from_table(psp.cert_table())
     expect = Expectations(allow_emulated=True)

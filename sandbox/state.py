@@ -28,6 +28,7 @@ LOCK_FILE = ".lock"
 STATE_VERSION = 3         # 3: ContainerRun.ready and probe_error (a version 2 file reads as is)
 LAUNCHER = "launcher"       # keys of SandboxRecord.processes besides the VM's
 SUPERVISOR = "supervisor"
+PSP = "psp"                 # the emulated PSP's host service (emulation only; it ends with the VM)
 
 
 def process_start_time(pid: int) -> int | None:

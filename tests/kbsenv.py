@@ -23,6 +23,7 @@ from sandbox.guest import snp_report
 from sandbox.kbs.challenges import ChallengeStore
 from sandbox.kbs.server import BrokerHttpServer, BrokerService, make_server
 from sandbox.kbs.store import KbsStore
+from tests.psp_serve import psp_socket_for
 
 POLICY = b'{"api_version":"0.12.0","containers":[],"framework_version":"0.5.0"}'
 POLICY_HASH = hashlib.sha256(POLICY).hexdigest()
@@ -40,7 +41,7 @@ def shared_ca() -> EmulatedCa:
 
 def emulated_guest(directory: Path, *, policy: bytes = POLICY, measurement: bytes = MEASUREMENT,
                    ca: EmulatedCa | None = None, guest_policy: int | None = None) -> snp_report.GuestPaths:
-    """A guest launched in emulation mode: its PSP material sits where fw_cfg would put it."""
+    """A guest launched in emulation mode: its reports come from the emulated PSP serving this material."""
     directory.mkdir(parents=True, exist_ok=True)
     fw_cfg = directory / "psp.json"
     kwargs = {"policy": guest_policy} if guest_policy is not None else {}
@@ -48,7 +49,8 @@ def emulated_guest(directory: Path, *, policy: bytes = POLICY, measurement: byte
                                ca=ca or shared_ca(), **kwargs)
     fw_cfg.write_bytes(material.to_bytes())
     return snp_report.GuestPaths(configfs_tsm=directory / "no-tsm", sev_guest=directory / "no-sev-guest",
-                                 sev_sysfs=directory / "no-sev", msr=directory / "no-msr", fw_cfg_psp=fw_cfg)
+                                 sev_sysfs=directory / "no-sev", msr=directory / "no-msr",
+                                 psp_port=psp_socket_for(fw_cfg))
 
 
 @contextlib.contextmanager

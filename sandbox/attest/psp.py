@@ -1,7 +1,7 @@
-"""Emulated PSP material for one launch, handed to the guest through QEMU fw_cfg.
+"""Emulated PSP material for one launch, read by the emulated PSP's host service (psp_service.py).
 
-The launcher (emulation mode only) calls `write_launch_material(...)` and adds `fw_cfg_args(path)` to
-the QEMU command line. HOST_DATA is the policy hash, MEASUREMENT the UVM manifest's expected launch
+The launcher (emulation mode only) calls `write_launch_material(...)` and starts
+`psp_service.spawn(...)` on it; the guest reaches the service through its port org.parma.psp. HOST_DATA is the policy hash, MEASUREMENT the UVM manifest's expected launch
 measurement and CHIP_ID the emulated VCEK's hwID, so evidence from an emulated launch has the same
 meaning as evidence from SEV-SNP hardware. Format: docs/attestation.md ("The emulated PSP").
 """
@@ -18,7 +18,7 @@ from sandbox.attest.emulated_ca import EmulatedCa, ensure_emulated_ca
 from sandbox.fsutil import atomic_write
 from sandbox.shared.errors import InputError
 from sandbox.shared.snp.cert_table import CertKind
-from sandbox.shared.snp.emulated_psp import FW_CFG_NAME, PspMaterial
+from sandbox.shared.snp.emulated_psp import PspMaterial
 from sandbox.shared.snp.policy import GuestPolicy
 from sandbox.vmm.snp import SNP_POLICY_DEFAULT
 
@@ -74,8 +74,3 @@ def write_launch_material(path: Path, *, policy_bytes: bytes, measurement: bytes
     """`write_psp_material` with HOST_DATA computed from the exact policy bytes."""
     return write_psp_material(path, host_data=policy_host_data(policy_bytes), measurement=measurement,
                               guest_policy=guest_policy, ca=ca)
-
-
-def fw_cfg_args(path: Path) -> list[str]:
-    """QEMU arguments that expose `path` to the guest as fw_cfg file opt/parma/psp."""
-    return ["-fw_cfg", f"name={FW_CFG_NAME},file={str(path).replace(',', ',,')}"]

@@ -13,13 +13,14 @@ Start-up is on the critical path of every `up`, and under emulation (TCG) every 
   the garbage collector waits (start-up allocates only what lives as long as the agent).
 - Right after, the port watcher starts (ports that appear later), and a thread starts the reaper,
   delegates the cgroup controllers and configures the network (create_container waits for it), then,
-  at low priority, imports the rest in the order `up` needs it - the report backends with cryptography
-  (the launch self-check), the policy engine and its RE2 matcher (set_policy), device-mapper and
+  at low priority, imports the rest in the order `up` needs it - the report backends (the launch
+  self-check; the emulated PSP signs on the host, and keyless evidence needs no runtime key), the policy engine and its RE2 matcher (set_policy), device-mapper and
   verity (the mounts), the container modules - so that those imports use the time the guest spends
   waiting for the host. A request that
   needs a module still loading waits for it (the import lock); nothing is answered differently or
   earlier than before.
-- The attestation API for containers starts when a container first binds it (service.py).
+- The attestation API for containers starts when a container first binds it (service.py); cryptography
+  (OpenSSL's bindings, ~1 s under TCG) loads with the first runtime key or key release, never for `up`.
 """
 
 from __future__ import annotations
@@ -120,10 +121,6 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> None:
     try:
         for name in modules:
             importlib.import_module(name)
-            if name == "sandbox.guest.snp_report":
-                from sandbox.guest import keys
-
-                keys.load()   # cryptography and OpenSSL: the first report signs with them
     except Exception as e:  # the request that needs it will import it and say what failed
         log(f"preload stopped: {type(e).__name__}: {e}")
     finally:

@@ -308,9 +308,9 @@ class AgentService:
         return M.DumpStacksResult(text)
 
     def op_get_report(self, r: M.GetReportRequest) -> M.JsonObject:
-        # REPORT_DATA = SHA-512(nonce || runtime public key DER); docs/attestation.md.
+        # REPORT_DATA = SHA-512(nonce || runtime public key DER), or SHA-512(nonce) without the key; docs/attestation.md.
         try:
-            return snp_report.evidence_for(r.nonce).to_payload()
+            return snp_report.evidence_for(r.nonce, bind_runtime_key=r.runtime_key).to_payload()
         except InputError as e:
             raise _err(ErrorCode.invalid_request, e.message) from e
         except AttestationError as e:

@@ -2,9 +2,10 @@
 
 Order: configfs-tsm (Linux >= 6.7, /sys/kernel/config/tsm/report, when its provider is sev_guest),
 then /dev/sev-guest (SNP_GET_REPORT / SNP_GET_EXT_REPORT), then - only when this guest is *not* a confidential guest
-and the host launched it in emulation mode - the emulated PSP whose material arrives through QEMU
-fw_cfg. Whenever the guest shows any sign of running under a TEE, fw_cfg material is never used:
-otherwise a host could make the agent sign HOST_DATA of its choosing with a key it knows.
+and the host launched it in emulation mode - the emulated PSP, a host service reached through the
+virtio-serial port org.parma.psp (sandbox/shared/snp/psp_port.py). Whenever the guest shows any sign of
+running under a TEE, that port is never used: otherwise a host could answer with HOST_DATA of its choosing.
+As on hardware, the guest never holds the key its reports are signed with.
 
 All paths are injectable (GuestPaths) so the logic can be tested against fake trees.
 """
@@ -16,8 +17,9 @@ import errno
 import fcntl
 import functools
 import os
-import secrets
+import select
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +27,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from sandbox.guest.keys import CryptoError, P384Signer, RuntimeKey
+from sandbox.guest.keys import RuntimeKey
 from sandbox.shared.errors import AttestationError, InputError
 from sandbox.shared.snp.binding import report_data_for
-from sandbox.shared.snp.emulated_psp import GUEST_PATH, EmulatedPsp, PspMaterial
 from sandbox.shared.snp.evidence import ReportEvidence
+from sandbox.shared.snp.psp_port import (
+    MAX_LINE,
+    PORT_NAME,
+    PspReportReply,
+    PspReportRequest,
+    from_line,
+    to_line,
+)
 from sandbox.shared.snp.report import REPORT_SIZE
 
 REPORT_DATA_SIZE = 64
@@ -48,7 +57,9 @@ class GuestPaths:
     sev_sysfs: Path = Path("/sys/devices/system/cpu/sev")  # present only in SNP guests (Linux >= 6.11)
     msr: Path = Path("/dev/cpu/0/msr")
     kmsg: Path = Path("/dev/kmsg")
-    fw_cfg_psp: Path = Path(GUEST_PATH)
+    virtio_ports: Path = Path("/sys/class/virtio-ports")   # the emulated PSP's port is found by name here
+    dev: Path = Path("/dev")
+    psp_port: Path | None = None    # the emulated PSP's port (a device node or a Unix socket), if not found by name
 
 
 DEFAULT_PATHS = GuestPaths()
@@ -120,7 +131,7 @@ class ConfigfsTsm:
         exists whenever the kernel has TSM_REPORTS; without a provider, mkdir fails with ENXIO."""
         if not self.ops.exists(self.root):
             return None
-        probe = self.root / f"parma-probe-{os.getpid()}-{secrets.token_hex(4)}"
+        probe = self.root / f"parma-probe-{os.getpid()}-{os.urandom(4).hex()}"
         try:
             self.ops.mkdir(probe)
         except OSError:
@@ -140,7 +151,7 @@ class ConfigfsTsm:
 
     def get(self, report_data: bytes, vmpl: int) -> ReportResult:
         for _ in range(self.ATTEMPTS):
-            entry = self.root / f"parma-{os.getpid()}-{secrets.token_hex(4)}"
+            entry = self.root / f"parma-{os.getpid()}-{os.urandom(4).hex()}"
             try:
                 self.ops.mkdir(entry)
             except OSError as e:
@@ -341,24 +352,144 @@ def select_backend(paths: GuestPaths = DEFAULT_PATHS, fs_ops: FsOps | None = Non
                                + ", ".join(evidence) + ")",
                                hint="SEV-SNP guests need the sev-guest driver (configfs-tsm on /sys/kernel/config "
                                     "or /dev/sev-guest); emulated material is never used inside a TEE")
-    if paths.fw_cfg_psp.exists():
+    if find_psp_port(paths) is not None:
         return ReportBackend.EMULATED
     raise AttestationError("no attestation interface: not an SEV-SNP guest and no emulated PSP",
-                           hint=f"SEV-SNP guests need configfs-tsm or /dev/sev-guest; emulation mode passes "
-                                f"{paths.fw_cfg_psp} through QEMU fw_cfg")
+                           hint=f"SEV-SNP guests need configfs-tsm or /dev/sev-guest; emulation mode gives the guest "
+                                f"the virtio-serial port {PORT_NAME}")
 
 
-def load_emulated_psp(paths: GuestPaths = DEFAULT_PATHS) -> EmulatedPsp:
+# --- the emulated PSP (emulation mode only) -----------------------------------------------------------
+
+def find_psp_port(paths: GuestPaths = DEFAULT_PATHS) -> Path | None:
+    """The emulated PSP's port: paths.psp_port if it exists, else the virtio-serial port named
+    org.parma.psp (its /dev node: there is no udev in the UVM to make /dev/virtio-ports links)."""
+    if paths.psp_port is not None:
+        return paths.psp_port if paths.psp_port.exists() else None
     try:
-        raw = paths.fw_cfg_psp.read_bytes()
-    except OSError as e:
-        raise AttestationError(f"cannot read the emulated PSP material {paths.fw_cfg_psp}: {e.strerror}") from e
-    material = PspMaterial.from_bytes(raw, source=str(paths.fw_cfg_psp))
-    try:
-        signer = P384Signer(material.vcek_private_key)
-    except CryptoError as e:
-        raise InputError(f"{paths.fw_cfg_psp}: the emulated VCEK key is unusable: {e}") from None
-    return EmulatedPsp(material, signer.sign)
+        entries = sorted(os.listdir(paths.virtio_ports))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            name = (paths.virtio_ports / entry / "name").read_text().strip()
+        except OSError:
+            continue
+        if name == PORT_NAME:
+            return paths.dev / entry
+    return None
+
+
+class EmulatedPspPort:
+    """MSG_REPORT_REQ to the emulated PSP on the host: one request line, one reply line with its id.
+
+    The port stays open (virtio-serial allows one opener) and requests take turns on it. Until the host's
+    service is connected, a virtio-serial port reports POLLHUP and refuses writes: that is waited out, up to
+    TIMEOUT. A reply with another id (one a timed-out request left behind) is skipped."""
+
+    TIMEOUT = 30.0
+    _lock = threading.Lock()
+    _open: tuple[Path, int] | None = None     # the open port, shared by every request of this process
+
+    def __init__(self, path: Path, timeout: float | None = None) -> None:
+        self.path = path
+        self.timeout = self.TIMEOUT if timeout is None else timeout
+
+    def _fd(self) -> int:
+        cls = type(self)
+        if cls._open is not None and cls._open[0] == self.path:
+            return cls._open[1]
+        self._close()
+        if self.path.is_socket():   # what tests and host-side harnesses serve the PSP on
+            import socket
+
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(os.fspath(self.path))
+            except OSError as e:
+                sock.close()
+                raise AttestationError(f"cannot reach the emulated PSP at {self.path}: {e.strerror}") from e
+            fd = sock.detach()
+            os.set_blocking(fd, False)
+        else:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                raise AttestationError(f"cannot open the emulated PSP port {self.path}: {e.strerror}") from e
+        cls._open = (self.path, fd)
+        return fd
+
+    @classmethod
+    def _close(cls) -> None:
+        if cls._open is not None:
+            os.close(cls._open[1])
+            cls._open = None
+
+    def get(self, report_data: bytes, vmpl: int) -> ReportResult:
+        request = PspReportRequest(os.urandom(8).hex(), report_data, vmpl)
+        with self._lock:
+            try:
+                reply = self._exchange(to_line(request), request.id)
+            except AttestationError:
+                self._close()   # the next request starts on a fresh descriptor, past whatever was half-read
+                raise
+        if reply.error is not None:
+            raise AttestationError(f"the emulated PSP refused the request: {reply.error}")
+        if len(reply.report) != REPORT_SIZE:
+            raise AttestationError(f"the emulated PSP answered with a {len(reply.report)}-byte report")
+        return ReportResult(reply.report, reply.cert_table, ReportBackend.EMULATED)
+
+    def _exchange(self, line: bytes, request_id: str) -> PspReportReply:
+        fd = self._fd()
+        deadline = time.monotonic() + self.timeout
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLOUT)
+        pending = b""
+        while line:
+            if not self._wait(poller, fd, select.POLLOUT, deadline):
+                raise AttestationError(f"the emulated PSP ({self.path}) is not connected after {self.timeout:.0f} s",
+                                       hint="the host runs it beside QEMU: see psp.log in the sandbox's state directory")
+            try:
+                line = line[os.write(fd, line):]
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as e:
+                raise AttestationError(f"writing to the emulated PSP failed: {e.strerror}") from e
+        while True:
+            while (end := pending.find(b"\n")) >= 0:
+                raw, pending = pending[:end], pending[end + 1:]
+                try:
+                    reply = from_line(PspReportReply, raw, source="the emulated PSP's reply") if raw.strip() else None
+                except InputError as e:
+                    raise AttestationError(e.message) from e
+                if reply is not None and reply.id == request_id:
+                    return reply
+            if len(pending) > MAX_LINE:
+                raise AttestationError(f"the emulated PSP sent a line of more than {MAX_LINE} bytes")
+            if not self._wait(poller, fd, select.POLLIN, deadline):
+                raise AttestationError(f"the emulated PSP did not answer within {self.timeout:.0f} s")
+            try:
+                chunk = os.read(fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as e:
+                raise AttestationError(f"reading from the emulated PSP failed: {e.strerror}") from e
+            if not chunk:
+                raise AttestationError("the emulated PSP closed the port")
+            pending += chunk
+
+    @staticmethod
+    def _wait(poller: select.poll, fd: int, event: int, deadline: float) -> bool:
+        """Until `fd` is ready for `event` (True) or the deadline passes (False). POLLHUP alone means the
+        host end is not connected (yet): poll again shortly."""
+        poller.modify(fd, event)
+        while (left := deadline - time.monotonic()) > 0:
+            ready = poller.poll(min(left, 0.05) * 1000)
+            if any(mask & event for _, mask in ready):
+                return True
+            if ready:   # POLLHUP or POLLERR only: the host's service is not there yet
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return False
 
 
 def get_extended_report(report_data: bytes, vmpl: int = 0, *, paths: GuestPaths = DEFAULT_PATHS,
@@ -371,8 +502,10 @@ def get_extended_report(report_data: bytes, vmpl: int = 0, *, paths: GuestPaths 
         return ConfigfsTsm(paths.configfs_tsm, fs_ops).get(data, vmpl)
     if backend == ReportBackend.SEV_GUEST:
         return SevGuestDevice(paths.sev_guest, ioctl).get(data, vmpl)
-    psp = load_emulated_psp(paths)
-    return ReportResult(psp.report(data, vmpl), psp.cert_table(), ReportBackend.EMULATED)
+    port = find_psp_port(paths)
+    if port is None:
+        raise AttestationError(f"the emulated PSP's port {PORT_NAME} went away")
+    return EmulatedPspPort(port).get(data, vmpl)
 
 
 def get_report(report_data: bytes, vmpl: int = 0, *, paths: GuestPaths = DEFAULT_PATHS) -> bytes:
@@ -391,9 +524,14 @@ def runtime_key() -> RuntimeKey:
 
 
 def evidence_for(nonce: bytes, *, key: RuntimeKey | None = None, paths: GuestPaths = DEFAULT_PATHS,
-                 fs_ops: FsOps | None = None, ioctl: IoctlFn | None = None) -> ReportEvidence:
+                 fs_ops: FsOps | None = None, ioctl: IoctlFn | None = None,
+                 bind_runtime_key: bool = True) -> ReportEvidence:
     """A fresh report with REPORT_DATA = SHA-512(nonce || runtime public key DER), plus what a
-    verifier needs to check it. This is the agent's `get_report` result (`.to_payload()`)."""
-    public_der = (key or runtime_key()).public_der
+    verifier needs to check it. This is the agent's `get_report` result (`.to_payload()`).
+
+    With bind_runtime_key=False the report binds the nonce alone (REPORT_DATA = SHA-512(nonce)) and the
+    evidence names no key: enough to show which UVM answered (the launch self-check), never enough to
+    release a secret (no broker accepts evidence without a key), and no key is made for it."""
+    public_der = (key or runtime_key()).public_der if bind_runtime_key else b""
     result = get_extended_report(report_data_for(nonce, public_der), paths=paths, fs_ops=fs_ops, ioctl=ioctl)
     return ReportEvidence(result.report, result.cert_table, public_der, nonce, result.backend.value)

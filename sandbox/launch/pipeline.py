@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sandbox.attest import psp_service
 from sandbox.fsutil import atomic_write
 from sandbox.group import GroupSpec, TeeMode
 from sandbox.hostcheck import Accel, CheckReport, Tee, check_host
@@ -43,9 +45,9 @@ from sandbox.shared.messages import (
 )
 from sandbox.shared.policy.model import Policy, is_rego, parse_policy
 from sandbox.shared.protocol import PORT_COUNT
-from sandbox.shared.snp.emulated_psp import FW_CFG_NAME as PSP_FW_CFG_NAME
 from sandbox.state import (
     LAUNCHER,
+    PSP,
     ContainerRecord,
     ContainerRun,
     DeviceRecord,
@@ -130,6 +132,7 @@ def sandbox_paths(state_dir: Path) -> dict[str, Path]:
         "pidfile": state_dir / "qemu.pid",
         "policy": state_dir / "policy",
         "psp": state_dir / "psp.json",
+        "psp_socket": state_dir / "psp.sock",
         "kbs_url": state_dir / "kbs_url",
     }
 
@@ -209,11 +212,13 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
     forwards = tuple(PortForward(p.port, p.host_port, p.protocol.lower(), p.host_address) for p in spec.ports)
     guest_forwards = (GuestForward(DNS_FORWARD_ADDRESS, 53, *dns_server),) if dns_server else ()
     fw_cfg: tuple[FwCfgFile, ...] = ()
+    psp_socket = None
     if tee != Tee.sev_snp:
         # Emulation: the emulated PSP signs reports with HOST_DATA = the policy hash and MEASUREMENT = the
-        # predicted launch measurement (sandbox/launch/measured.py); its material reaches the guest by fw_cfg.
+        # predicted launch measurement (sandbox/launch/measured.py). It runs on the host (its key never enters
+        # the guest, as on hardware); the guest reaches it through the port org.parma.psp.
         measured.write_emulated_psp(identity, paths["psp"])
-        fw_cfg = (FwCfgFile(PSP_FW_CFG_NAME, paths["psp"]),)
+        psp_socket = paths["psp_socket"]
     if kbs_url:
         # Where the key broker is, as the guest sees it: a hint, not trusted (docs/kbs.md).
         atomic_write(paths["kbs_url"], guest_url(kbs_url).encode())
@@ -222,7 +227,7 @@ def _vm_config(name: str, spec: GroupSpec, plan: LaunchPlan, uvm: Any, tee: Tee,
         name=name, tee=tee, accel=accel, vcpus=spec.resources.vcpus, memory_mib=spec.resources.memory_mib,
         kernel=Path(uvm.kernel), cmdline=str(uvm.cmdline), disks=tuple(disks),
         agent_sockets=agent_sockets(state_dir), console_log=paths["console"], qmp_socket=paths["qmp"],
-        forwards=forwards, guest_forwards=guest_forwards, fw_cfg=fw_cfg, snp=identity.snp,
+        forwards=forwards, guest_forwards=guest_forwards, fw_cfg=fw_cfg, psp_socket=psp_socket, snp=identity.snp,
         initrd=getattr(uvm, "initrd", None), pidfile=paths["pidfile"], netns=Path(netns) if netns else None,
     )
 
@@ -383,6 +388,12 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
             cfg = _vm_config(name, spec, plan, uvm, tee, accel, state_dir, identity, opts.kbs_url, opts.dns_server,
                              opts.netns)
             measured.check_config(identity, cfg)
+            if cfg.psp_socket is not None:
+                # Started first: it connects as soon as QEMU has made the socket, well before the guest asks.
+                cfg.psp_socket.unlink(missing_ok=True)
+                record = record.with_process(PSP, psp_service.spawn(cfg.psp_socket, paths["psp"],
+                                                                    state_dir / psp_service.LOG_FILE))
+                store.save(record)
             with step(f"Launch the UVM ({tee.value}, {accel.value}, {opts.backend.value})"):
                 vm = vmm.launch(cfg, opts.backend, log_file=paths["qemu_log"], attached=not opts.detach)
             ref = vm.process()
@@ -433,6 +444,8 @@ def up(spec: GroupSpec, opts: UpOptions, store: StateStore | None = None) -> Lau
                     vm.stop(3)
                 except SandboxError as e:
                     log.warning("could not stop the VM: %s", e)
+            if (psp := record.processes.get(PSP)) is not None and psp.alive():
+                os.kill(psp.pid, signal.SIGTERM)   # it would otherwise wait for a VM that never comes
             store.remove(name)
             raise
     return Launched(name, record, vm, plan, timings, runs, outcome)

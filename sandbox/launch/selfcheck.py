@@ -3,7 +3,7 @@
 It asks the agent for a report bound to a fresh 32-byte nonce and verifies it the way `attest
 verify` does (sandbox/attest/verify.py): the certificate chain to a pinned AMD root (on SEV-SNP) or
 to this installation's emulated CA (in emulation, and only then), the signature, REPORT_DATA =
-SHA-512(nonce || the agent's runtime key), MEASUREMENT = the expected measurement (the prediction, or
+SHA-512(nonce) (keyless evidence: the check needs no runtime key, so the guest makes none), MEASUREMENT = the expected measurement (the prediction, or
 the user's --expect-measurement), HOST_DATA = SHA-256 of the policy, VMPL 0, no debug policy, and
 the ID and author key digests when the launch carried an ID block. Any failure is a CheckFailed
 naming the check; `up` then stops the VM and removes the sandbox, so nothing runs on a UVM that is
@@ -96,8 +96,10 @@ def run(client: AgentClient, identity: LaunchIdentity, *, kds: KdsClient | None 
     `record_to` receives the evidence and every check (JSON) before the verdict, pass or fail.
     """
     nonce = secrets.token_bytes(NONCE_SIZE)
-    payload = client.call(GetReportRequest(nonce), timeout=120)
-    evidence = ReportEvidence.from_payload(payload, source="the agent's get_report answer")
+    # Keyless: the check is about which UVM answers, and the guest need not make its runtime key (nor load
+    # OpenSSL) on the launch's critical path for it.
+    payload = client.call(GetReportRequest(nonce, runtime_key=False), timeout=120)
+    evidence = ReportEvidence.from_payload(payload, source="the agent's get_report answer", keyless=True)
     if record_to is not None:
         atomic_write(record_to, json.dumps({"evidence": evidence.to_payload()}, indent=2).encode() + b"\n", 0o600)
     if evidence.nonce != nonce:

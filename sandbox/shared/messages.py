@@ -311,10 +311,13 @@ class DumpStacksRequest(Request[DumpStacksResult]):
 
 @dataclass(frozen=True)
 class GetReportRequest(Request[JsonObject]):
-    """Fresh evidence bound to `nonce`; the result is sandbox.shared.snp.evidence's payload."""
+    """Fresh evidence bound to `nonce` and, unless `runtime_key` is false, to the agent's runtime key; the
+    result is sandbox.shared.snp.evidence's payload. Keyless evidence (the launch self-check's) shows which
+    UVM answered without making a key for it; no secret is released on it."""
 
     op = Op.get_report
     nonce: Annotated[bytes, Hex(), MaxLen(1024)]
+    runtime_key: bool = True
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,7 @@ class VmConfig:
     forwards: tuple[PortForward, ...] = ()
     guest_forwards: tuple[GuestForward, ...] = ()
     fw_cfg: tuple[FwCfgFile, ...] = ()
+    psp_socket: Path | None = None           # emulation: host end of the port org.parma.psp (the emulated PSP)
     snp: SnpLaunch | None = None
     initrd: Path | None = None
     pidfile: Path | None = None
@@ -103,6 +104,8 @@ class VmConfig:
             raise VmConfigError("an sev-snp VM needs SnpLaunch parameters, and only it")
         if self.tee == Tee.sev_snp and self.accel != Accel.kvm:
             raise VmConfigError("SEV-SNP needs KVM")
+        if self.tee == Tee.sev_snp and self.psp_socket is not None:
+            raise VmConfigError("an SEV-SNP guest asks its real PSP: it gets no emulated PSP port")
         serials = [d.serial for d in self.disks]
         if len(set(serials)) != len(serials):
             raise VmConfigError("disk serials must be unique")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 
+from sandbox.shared.snp.psp_port import PORT_NAME as PSP_PORT_NAME
 from sandbox.vmm.config import Accel, Disk, VmConfig, VmConfigError
 from sandbox.vmm.qemu import network_args, scsi_address
 
@@ -135,6 +136,10 @@ def build_domain_xml(cfg: VmConfig) -> str:
         ch = _sub(devices, "channel", type="unix")
         _sub(ch, "source", mode="bind", path=os.fspath(sock))
         _sub(ch, "target", type="virtio", name=cfg.port_name(i))
+    if cfg.psp_socket is not None:
+        ch = _sub(devices, "channel", type="unix")
+        _sub(ch, "source", mode="bind", path=os.fspath(cfg.psp_socket))
+        _sub(ch, "target", type="virtio", name=PSP_PORT_NAME)
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=os.fspath(cfg.console_log), append="off")
     _sub(serial, "target", port="0")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from sandbox.shared.snp.psp_port import PORT_NAME as PSP_PORT_NAME
 from sandbox.vmm.config import SCSI_LUNS_PER_CONTROLLER, Accel, Disk, DiskBus, VmConfig
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -93,6 +94,12 @@ def agent_args(cfg: VmConfig) -> list[str]:
                               ("wait", "off")),
             "-device", _opts("virtserialport", ("bus", "vserial0.0"), ("chardev", f"agent{i}"),
                              ("name", cfg.port_name(i))),
+        ]
+    if cfg.psp_socket is not None:
+        args += [
+            "-chardev", _opts("socket", ("id", "psp0"), ("path", os.fspath(cfg.psp_socket)), ("server", "on"),
+                              ("wait", "off")),
+            "-device", _opts("virtserialport", ("bus", "vserial0.0"), ("chardev", "psp0"), ("name", PSP_PORT_NAME)),
         ]
     return args
 

@@ -21,6 +21,7 @@ from sandbox.guest.server import serve_fd
 from sandbox.guest.service import AgentService
 from sandbox.launch.pipeline import agent_sockets
 from sandbox.state import SandboxRecord, SandboxStatus, StateStore
+from tests.psp_serve import psp_socket_for
 
 POLICY = b'{"policy": "for attest report"}\n'
 MEASUREMENT = bytes(range(48))
@@ -31,8 +32,9 @@ def running_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, emulated_ca
     monkeypatch.setenv("PARMA_SANDBOX_RUNTIME", str(tmp_path / "run"))
     monkeypatch.setenv("PARMA_SANDBOX_CACHE", str(emulated_ca_base))
     guest = snp_report.GuestPaths(configfs_tsm=tmp_path / "no", sev_guest=tmp_path / "no", sev_sysfs=tmp_path / "no",
-                                  msr=tmp_path / "no", kmsg=tmp_path / "no", fw_cfg_psp=tmp_path / "fw_cfg")
-    write_launch_material(guest.fw_cfg_psp, policy_bytes=POLICY, measurement=MEASUREMENT, ca=ensure_emulated_ca())
+                                  msr=tmp_path / "no", kmsg=tmp_path / "no",
+                                  psp_port=psp_socket_for(tmp_path / "fw_cfg"))
+    write_launch_material(tmp_path / "fw_cfg", policy_bytes=POLICY, measurement=MEASUREMENT, ca=ensure_emulated_ca())
     monkeypatch.setattr(snp_report, "evidence_for", functools.partial(snp_report.evidence_for, paths=guest))
     store = StateStore()
     store.save(SandboxRecord(name="demo", status=SandboxStatus.running, vm={"backend": "test"}))

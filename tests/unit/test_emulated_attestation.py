@@ -19,12 +19,13 @@ from sandbox.attest.evidence import (
     read_report_file,
     write_certs_dir,
 )
-from sandbox.attest.psp import fw_cfg_args, write_launch_material
+from sandbox.attest.psp import write_launch_material
 from sandbox.attest.verify import Expectations, verify_report
 from sandbox.guest import snp_report
 from sandbox.guest.keys import RuntimeKey
 from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.report import parse_report
+from tests.psp_serve import psp_socket_for
 
 POLICY = b'{"version": "test", "containers": []}\n'
 MEASUREMENT = bytes.fromhex("6d287813eb5222d770f75005c664e34c204f385ce832cc2ce7d0d6f354454362"
@@ -41,12 +42,13 @@ def ca(emulated_ca_base: Path, monkeypatch: pytest.MonkeyPatch) -> EmulatedCa:
 
 @pytest.fixture
 def guest(ca: EmulatedCa, tmp_path: Path) -> snp_report.GuestPaths:
-    """A guest launched in emulation mode: the material sits where fw_cfg would put it."""
+    """A guest launched in emulation mode: the emulated PSP serves this material."""
     fw_cfg = tmp_path / "fw_cfg" / "opt" / "parma" / "psp" / "raw"
     write_launch_material(fw_cfg, policy_bytes=POLICY, measurement=MEASUREMENT, ca=ca)
     assert fw_cfg.stat().st_mode & 0o777 == 0o600
     return snp_report.GuestPaths(configfs_tsm=tmp_path / "none1", sev_guest=tmp_path / "none2",
-                                 sev_sysfs=tmp_path / "none3", msr=tmp_path / "none4", fw_cfg_psp=fw_cfg)
+                                 sev_sysfs=tmp_path / "none3", msr=tmp_path / "none4",
+                                 psp_port=psp_socket_for(fw_cfg))
 
 
 
@@ -75,10 +77,6 @@ def test_concurrent_first_use_creates_one_ca(tmp_path: Path) -> None:
         p.join(60)
     assert queue.get(timeout=5) == queue.get(timeout=5)
     assert sorted(p.name for p in (tmp_path / "attest").iterdir()) == ["emulated-ca-v1", "emulated-ca-v1.lock"]
-
-
-def test_fw_cfg_argument_escapes_commas() -> None:
-    assert fw_cfg_args(Path("/run/a,b/psp.json")) == ["-fw_cfg", "name=opt/parma/psp,file=/run/a,,b/psp.json"]
 
 
 def test_guest_report_verifies_only_with_allow_emulated(ca: EmulatedCa, guest: snp_report.GuestPaths) -> None:

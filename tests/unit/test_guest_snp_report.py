@@ -15,18 +15,19 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from sandbox.attest.psp_service import vcek_signer
 from sandbox.guest import snp_report as g
-from sandbox.guest.keys import P384Signer
 from sandbox.shared.errors import AttestationError, InputError
 from sandbox.shared.snp.cert_table import CertKind, parse_cert_table
 from sandbox.shared.snp.emulated_psp import EmulatedPsp, PspMaterial
 from sandbox.shared.snp.product import Cpuid, Product, TcbLayout
 from sandbox.shared.snp.report import FirmwareVersion, parse_report
 from sandbox.shared.snp.tcb import TcbVersion
+from tests.psp_serve import psp_socket_for
 
 KEY_D = 0x1234567890ABCDEF
 KEY = KEY_D.to_bytes(48, "big")
-SIGN = P384Signer(KEY).sign
+SIGN = vcek_signer(KEY)
 
 
 def material(**overrides: object) -> PspMaterial:
@@ -52,11 +53,17 @@ def openssl_verifies(report: bytes) -> bool:
     return True
 
 
-def paths(tmp_path: Path, **present: bytes | None) -> g.GuestPaths:
-    """GuestPaths under tmp_path; each name given in `present` is created (file content or a dir)."""
+def paths(tmp_path: Path, psp: PspMaterial | None = None, **present: bytes | None) -> g.GuestPaths:
+    """GuestPaths under tmp_path; each name given in `present` is created (file content or a dir); with
+    `psp`, the emulated PSP serves that material on the guest's port."""
+    port = None
+    if psp is not None:
+        (tmp_path / "psp.json").write_bytes(psp.to_bytes())
+        port = psp_socket_for(tmp_path / "psp.json")
     p = g.GuestPaths(configfs_tsm=tmp_path / "tsm" / "report", sev_guest=tmp_path / "dev" / "sev-guest",
                      sev_sysfs=tmp_path / "sys" / "sev", msr=tmp_path / "dev" / "msr",
-                     kmsg=tmp_path / "dev" / "kmsg", fw_cfg_psp=tmp_path / "fw_cfg" / "raw")
+                     kmsg=tmp_path / "dev" / "kmsg", virtio_ports=tmp_path / "sys" / "class" / "virtio-ports",
+                     psp_port=port)
     for name, content in present.items():
         path: Path = getattr(p, name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +99,8 @@ def test_emulated_report_is_exact_format_and_openssl_verifies_it(version: int) -
     assert not openssl_verifies(bytes(tampered))
 
 
-def test_emulated_backend_through_fw_cfg(tmp_path: Path) -> None:
-    p = paths(tmp_path, fw_cfg_psp=material().to_bytes())
+def test_emulated_backend_through_the_psp_port(tmp_path: Path) -> None:
+    p = paths(tmp_path, psp=material())
     assert g.select_backend(p) == g.ReportBackend.EMULATED
     result = g.get_extended_report(b"nonce-hash", paths=p)
     assert result.backend == g.ReportBackend.EMULATED
@@ -106,8 +113,8 @@ def test_emulated_backend_through_fw_cfg(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("tee_sign", "content"), [
     ("sev_sysfs", None), ("sev_guest", b""),
     ("kmsg", b"6,123,456,-;Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP\n")])
-def test_tee_guest_never_uses_fw_cfg_material(tmp_path: Path, tee_sign: str, content: bytes | None) -> None:
-    p = paths(tmp_path, fw_cfg_psp=material().to_bytes())
+def test_tee_guest_never_uses_the_emulated_psp(tmp_path: Path, tee_sign: str, content: bytes | None) -> None:
+    p = paths(tmp_path, psp=material())
     assert g.select_backend(p) == g.ReportBackend.EMULATED
     path: Path = getattr(p, tee_sign)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +127,7 @@ def test_tee_guest_never_uses_fw_cfg_material(tmp_path: Path, tee_sign: str, con
 
 
 def test_configfs_tsm_counts_only_with_a_provider(tmp_path: Path) -> None:
-    p = paths(tmp_path, fw_cfg_psp=material().to_bytes(), configfs_tsm=None)
+    p = paths(tmp_path, psp=material(), configfs_tsm=None)
     psp = EmulatedPsp(material(), SIGN)
     # TSM_REPORTS=y without a provider (an ordinary guest): mkdir fails with ENXIO; emulation is fine.
     assert g.select_backend(p, FakeTsm(p.configfs_tsm, psp, provider=None)) == g.ReportBackend.EMULATED
@@ -278,7 +285,7 @@ def test_sev_guest_plain_report_and_errors(tmp_path: Path) -> None:
 
 def test_evidence_for_a_nonce_binds_the_runtime_key(tmp_path: Path) -> None:
     from sandbox.shared.snp.evidence import ReportEvidence
-    p = paths(tmp_path, fw_cfg_psp=material().to_bytes())
+    p = paths(tmp_path, psp=material())
     assert g.runtime_key() is g.runtime_key()  # one key per agent process
     evidence = g.evidence_for(bytes(range(16)), paths=p)
     payload = evidence.to_payload()

@@ -150,7 +150,7 @@ def test_messages_round_trip_through_json_text(message: Message) -> None:
 def test_wire_form_of_requests() -> None:
     """The payloads as docs/protocol.md spells them (bytes as base64 or hex, tuples as arrays)."""
     assert EXAMPLES[Op.set_policy].to_json() == {"policy": "eyJhIjogMX0KAP8="}
-    assert EXAMPLES[Op.get_report].to_json() == {"nonce": bytes(range(32)).hex()}
+    assert EXAMPLES[Op.get_report].to_json() == {"nonce": bytes(range(32)).hex(), "runtime_key": True}
     assert EXAMPLES[Op.create_volume].to_json() == {"name": "cfg", "kind": "secret", "size_mib": 4,
                                                    "items": {"token": "czNjcjN0"}}
     # Fields whose default is None are left out when None: the payload the launcher always sent.

@@ -29,6 +29,7 @@ from sandbox.launch import measured, selfcheck
 from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.messages import GetReportRequest
 from sandbox.shared.snp.report import parse_report
+from tests.psp_serve import psp_socket_for
 
 pytestmark = pytest.mark.usefixtures("ca")
 KEYS = Path(__file__).parents[1] / "data" / "snp-id"
@@ -52,14 +53,16 @@ class GuestAgent:
 
     def call(self, request: GetReportRequest, timeout: float = 0) -> dict[str, Any]:
         assert isinstance(request, GetReportRequest)
-        return snp_report.evidence_for(request.nonce, key=self.key, paths=self.paths).to_payload()
+        return snp_report.evidence_for(request.nonce, key=self.key, paths=self.paths,
+                                       bind_runtime_key=request.runtime_key).to_payload()
 
 
 def launch(identity: measured.LaunchIdentity, tmp_path: Path) -> GuestAgent:
     fw_cfg = tmp_path / "fw_cfg" / "psp"
     measured.write_emulated_psp(identity, fw_cfg)
     return GuestAgent(snp_report.GuestPaths(configfs_tsm=tmp_path / "n1", sev_guest=tmp_path / "n2",
-                                            sev_sysfs=tmp_path / "n3", msr=tmp_path / "n4", fw_cfg_psp=fw_cfg))
+                                            sev_sysfs=tmp_path / "n3", msr=tmp_path / "n4",
+                                            psp_port=psp_socket_for(fw_cfg)))
 
 
 def test_self_check_passes_and_records_the_evidence(uvm: SimpleNamespace, tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ def snp_launch(*, with_id: bool = False) -> SnpLaunch:
 
 def config(tee: Tee, accel: Accel, *, with_id: bool = False) -> VmConfig:
     snp = snp_launch(with_id=with_id) if tee == Tee.sev_snp else None
-    fw_cfg = () if snp else (FwCfgFile("opt/parma/psp", RUN / "psp.json"),)
+    fw_cfg = () if snp else (FwCfgFile("opt/parma/kbs_url", RUN / "kbs_url"),)
     return VmConfig(
         name="hello", tee=tee, accel=accel, vcpus=1, memory_mib=512,
         kernel=CACHE / "uvm/abc/bzImage",
@@ -49,6 +49,7 @@ def config(tee: Tee, accel: Accel, *, with_id: bool = False) -> VmConfig:
         agent_sockets=tuple(RUN / f"agent-{i}.sock" for i in range(4)),
         console_log=RUN / "console.log", qmp_socket=RUN / "qmp.sock",
         forwards=(PortForward(8080, 18080),), fw_cfg=fw_cfg, snp=snp, pidfile=RUN / "qemu.pid",
+        psp_socket=None if snp else RUN / "psp.sock",
     )
 
 
@@ -94,13 +95,16 @@ def test_snp_argv_binds_the_policy_hash() -> None:
     assert "memory-backend-memfd" in argv[argv.index("-object") + 1]
     assert argv[argv.index("-bios") + 1].endswith("OVMF.amdsev.fd")
     assert "-fw_cfg" not in argv  # nothing host-supplied beyond the measured launch
+    assert "org.parma.psp" not in " ".join(argv)   # the real PSP answers an SNP guest
     assert "virtio-rng-pci" not in argv  # nor entropy: the host could feed the guest chosen "random" bytes
     assert build_domain_xml(config(Tee.sev_snp, Accel.kvm)).count("<rng") == 0
 
 
-def test_emulated_argv_passes_the_emulated_psp_by_fw_cfg_and_forwards_to_loopback() -> None:
+def test_emulated_argv_has_the_emulated_psp_port_and_forwards_to_loopback() -> None:
     argv = build_argv(config(Tee.emulated, Accel.tcg))
-    assert "name=opt/parma/psp,file=/run/user/0/parma-sandbox/hello/psp.json" in argv
+    assert "socket,id=psp0,path=/run/user/0/parma-sandbox/hello/psp.sock,server=on,wait=off" in argv
+    assert "virtserialport,bus=vserial0.0,chardev=psp0,name=org.parma.psp" in argv
+    assert not any("opt/parma/psp" in a for a in argv)   # the emulated VCEK key stays on the host
     assert "user,id=net0,hostfwd=tcp:127.0.0.1:18080-:8080" in argv
     assert "sev-snp-guest" not in " ".join(argv)
     assert argv[argv.index("-machine") + 1] == "q35,accel=tcg"
@@ -125,7 +129,8 @@ def test_both_renderings_have_the_same_devices(mode: str) -> None:
                   if a.startswith("if=none")]
     assert disks == argv_disks == [(os.fspath(d.path), d.serial) for d in cfg.disks]
     channels = [(c.find("source").get("path"), c.find("target").get("name")) for c in dom.iter("channel")]
-    assert channels == [(os.fspath(s), f"org.parma.agent.{i}") for i, s in enumerate(cfg.agent_sockets)]
+    psp = [(os.fspath(cfg.psp_socket), "org.parma.psp")] if cfg.psp_socket else []
+    assert channels == [(os.fspath(s), f"org.parma.agent.{i}") for i, s in enumerate(cfg.agent_sockets)] + psp
     assert all(f"name={n}" in " ".join(argv) for _, n in channels)
     assert dom.find("os/kernel").text == argv[argv.index("-kernel") + 1]
     assert dom.find("os/cmdline").text == argv[argv.index("-append") + 1]

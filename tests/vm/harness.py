@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandbox.attest import psp_service
 from sandbox.attest.psp import write_launch_material
 from sandbox.group import GroupSpec
 from sandbox.images.layout import LAYER_TAR, write_layout
@@ -25,10 +26,9 @@ from sandbox.launch.agent_client import AgentClient, wait_for_agent
 from sandbox.layers.convert import convert_layer
 from sandbox.policy.gen import generate_policy
 from sandbox.shared.protocol import PORT_COUNT
-from sandbox.shared.snp.emulated_psp import FW_CFG_NAME
 from sandbox.uvm.build import ensure_uvm
 from sandbox.vmm import backend as vmm
-from sandbox.vmm.config import Accel, Backend, Disk, DiskBus, FwCfgFile, PortForward, Tee, VmConfig
+from sandbox.vmm.config import Accel, Backend, Disk, DiskBus, PortForward, Tee, VmConfig
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "cat", "echo", "httpd", "wget", "sleep", "head", "ls", "id", "env", "true", "false", "wc", "tty",
@@ -186,7 +186,8 @@ def boot(state: Path, *, spec: GroupSpec, images: dict[str, ResolvedImage], disk
                 for p, serial in disks),
         agent_sockets=tuple(state / f"agent-{i}.sock" for i in range(PORT_COUNT)),
         console_log=state / "console.log", qmp_socket=state / "qmp.sock", forwards=forwards,
-        fw_cfg=(FwCfgFile(FW_CFG_NAME, psp),), pidfile=state / "qemu.pid")
+        psp_socket=state / "psp.sock", pidfile=state / "qemu.pid")
+    psp_service.spawn(state / "psp.sock", psp, state / psp_service.LOG_FILE)   # it ends with the VM
     vm = vmm.launch(cfg, backend, log_file=state / "qemu.log", attached=True)
     try:
         t0 = time.monotonic()

@@ -17,8 +17,8 @@ MAX_NONCE = 1024
 
 
 def report_data_for(nonce: bytes, runtime_public_key_der: bytes) -> bytes:
+    """SHA-512(nonce ‖ key). An empty key binds the nonce alone: evidence that names no key (the launch
+    self-check's) shows which guest answered, and no secret can be released on it."""
     if not MIN_NONCE <= len(nonce) <= MAX_NONCE:
         raise InputError(f"nonce must be {MIN_NONCE}..{MAX_NONCE} bytes, got {len(nonce)}")
-    if not runtime_public_key_der:
-        raise InputError("runtime public key is empty")
     return hashlib.sha512(nonce + runtime_public_key_der).digest()

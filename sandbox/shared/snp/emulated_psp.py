@@ -1,14 +1,12 @@
 """The emulated PSP: what it is given at launch, and how it signs reports.
 
-In emulation mode the host passes one JSON document to the guest through QEMU fw_cfg
-(`-fw_cfg name=opt/parma/psp,file=...`; in the guest
-/sys/firmware/qemu_fw_cfg/by_name/opt/parma/psp/raw). It holds everything a real PSP would put in a
-report (launch measurement, HOST_DATA, policy, TCB, CHIP_ID...), the emulated VCEK's private key
-and the emulated certificate chain. The guest agent builds ATTESTATION_REPORTs in the exact AMD
-format from it and signs them with ECDSA P-384/SHA-384, like the PSP does with the VCEK.
-The format is documented in docs/attestation.md ("The emulated PSP"). Host side:
-sandbox/attest/psp.py writes it; guest side: sandbox/guest/snp_report.py reads it and signs with
-OpenSSL (sandbox/guest/keys.py): this stdlib-only zone takes the signing function as a parameter.
+In emulation mode the launcher writes one JSON document per launch (`<state dir>/psp.json`, mode 0600). It
+holds everything a real PSP would put in a report (launch measurement, HOST_DATA, policy, TCB, CHIP_ID...),
+the emulated VCEK's private key and the emulated certificate chain. The emulated PSP's host service
+(sandbox/attest/psp_service.py) reads it and builds ATTESTATION_REPORTs in the exact AMD format, signed with
+ECDSA P-384/SHA-384 like the PSP does with the VCEK; the guest asks for them through its port
+org.parma.psp (sandbox/shared/snp/psp_port.py) and never sees the key. The format is documented in
+docs/attestation.md ("The emulated PSP"). This stdlib-only zone takes the signing function as a parameter.
 """
 
 from __future__ import annotations
@@ -35,8 +33,6 @@ from sandbox.shared.snp.report import (
 from sandbox.shared.snp.tcb import TcbVersion
 
 FORMAT = "parma-sandbox/emulated-psp/v1"
-FW_CFG_NAME = "opt/parma/psp"
-GUEST_PATH = "/sys/firmware/qemu_fw_cfg/by_name/opt/parma/psp/raw"
 CERT_ORDER = (CertKind.VCEK, CertKind.ASK, CertKind.ARK)
 
 # JSON key -> byte length, for the fixed-size hex fields.
@@ -81,7 +77,7 @@ class PspMaterial:
         return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, source: str = FW_CFG_NAME) -> PspMaterial:
+    def from_bytes(cls, data: bytes, *, source: str = "emulated PSP material") -> PspMaterial:
         try:
             doc = json.loads(data.rstrip(b"\0").decode())
         except (UnicodeDecodeError, ValueError, RecursionError) as e:

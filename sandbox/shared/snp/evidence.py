@@ -4,7 +4,9 @@
  "cert_table": base64 of the certificate table ("" when the platform supplied none),
  "runtime_public_key": base64 of the agent's runtime public key, DER SubjectPublicKeyInfo (P-384),
  "nonce": hex of the verifier's nonce, "backend": "configfs-tsm" | "sev-guest" | "emulated"}
-with REPORT_DATA = SHA-512(nonce ‖ runtime_public_key) (sandbox/shared/snp/binding.py).
+with REPORT_DATA = SHA-512(nonce ‖ runtime_public_key) (sandbox/shared/snp/binding.py). The launch self-check
+asks for evidence that names no key (runtime_public_key ""): only readers that say so accept it, and the
+key broker is not one of them.
 Both sides use this module, so the payload is checked identically in the guest and on the host.
 """
 
@@ -44,7 +46,8 @@ class ReportEvidence:
                 "backend": self.backend}
 
     @classmethod
-    def from_payload(cls, payload: Any, *, source: str = "get_report result") -> ReportEvidence:
+    def from_payload(cls, payload: Any, *, source: str = "get_report result", keyless: bool = False) -> ReportEvidence:
+        """Decode and check the payload; `keyless=True` also accepts evidence that names no runtime key."""
         if not isinstance(payload, dict) or set(payload) != set(KEYS):
             raise InputError(f"{source}: expected an object with exactly the keys {', '.join(KEYS)}")
         try:
@@ -57,6 +60,8 @@ class ReportEvidence:
         if len(evidence.report) != REPORT_SIZE:
             raise InputError(f"{source}: the report is {len(evidence.report)} bytes, not {REPORT_SIZE}")
         key = evidence.runtime_public_key
+        if keyless and not key:
+            return evidence
         if len(key) != P384_SPKI_SIZE or not key.startswith(P384_SPKI_PREFIX):
             raise InputError(f"{source}: runtime_public_key is not a P-384 SubjectPublicKeyInfo "
                              f"(DER, uncompressed point; got {len(key)} bytes)")
