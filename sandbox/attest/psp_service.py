@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sandbox.run import spawn as spawn_process
 from sandbox.shared.errors import InputError, SandboxError
 from sandbox.shared.snp.emulated_psp import EmulatedPsp, PspMaterial, Sign
 from sandbox.shared.snp.psp_port import MAX_LINE, PspReportReply, PspReportRequest, from_line, to_line
@@ -131,10 +131,8 @@ def spawn(socket_path: Path, material_path: Path, log_path: Path) -> ProcessRef:
     """Start the service for one VM, in a session of its own (it outlives `up -d`); its exit is reaped
     here while this process lives, so that a finished service never looks alive."""
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "sandbox.attest.psp_service", "--socket", os.fspath(socket_path),
-                                 "--material", os.fspath(material_path)],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                                env=os.environ.copy())
+        proc = spawn_process([sys.executable, "-m", "sandbox.attest.psp_service", "--socket", socket_path,
+                               "--material", material_path], stdout=out, stderr=out, new_session=True)
     threading.Thread(target=proc.wait, name="psp-service-reaper", daemon=True).start()
     return ProcessRef.of(proc.pid)
 

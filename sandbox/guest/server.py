@@ -179,21 +179,22 @@ def serve_fd(fd: int, handler: RequestHandler, *, reconnecting: bool, stop: thre
                 break
 
 
-def find_ports(prefix: str = P.PORT_PREFIX) -> dict[str, PortDevice]:
+def find_ports(prefix: str = P.PORT_PREFIX, *, sys_dir: str | os.PathLike[str] = VIRTIO_PORTS,
+               dev_dir: str | os.PathLike[str] = "/dev") -> dict[str, PortDevice]:
     """virtio-serial ports whose name starts with prefix: name -> /dev node (no udev here)."""
     found: dict[str, PortDevice] = {}
     try:
-        entries = sorted(os.listdir(VIRTIO_PORTS))
+        entries = sorted(os.listdir(sys_dir))
     except OSError:
         return found
     for entry in entries:
         try:
-            with open(os.path.join(VIRTIO_PORTS, entry, "name")) as f:
+            with open(os.path.join(sys_dir, entry, "name")) as f:
                 name = f.read().strip()
         except OSError:
             continue
         if name.startswith(prefix):
-            found[name] = f"/dev/{entry}"
+            found[name] = os.path.join(dev_dir, entry)
     return found
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sandbox.guest.keys import RuntimeKey
+from sandbox.guest.server import find_ports
 from sandbox.shared.errors import AttestationError, InputError
 from sandbox.shared.snp.binding import report_data_for
 from sandbox.shared.snp.evidence import ReportEvidence
@@ -363,21 +364,11 @@ def select_backend(paths: GuestPaths = DEFAULT_PATHS, fs_ops: FsOps | None = Non
 
 def find_psp_port(paths: GuestPaths = DEFAULT_PATHS) -> Path | None:
     """The emulated PSP's port: paths.psp_port if it exists, else the virtio-serial port named
-    org.parma.psp (its /dev node: there is no udev in the UVM to make /dev/virtio-ports links)."""
+    org.parma.psp (found as the agent finds its own ports: there is no udev in the UVM)."""
     if paths.psp_port is not None:
         return paths.psp_port if paths.psp_port.exists() else None
-    try:
-        entries = sorted(os.listdir(paths.virtio_ports))
-    except OSError:
-        return None
-    for entry in entries:
-        try:
-            name = (paths.virtio_ports / entry / "name").read_text().strip()
-        except OSError:
-            continue
-        if name == PORT_NAME:
-            return paths.dev / entry
-    return None
+    dev = find_ports(PORT_NAME, sys_dir=paths.virtio_ports, dev_dir=paths.dev).get(PORT_NAME)
+    return Path(dev) if dev is not None else None
 
 
 class EmulatedPspPort:

@@ -121,7 +121,7 @@ def publish(cfg: VmConfig, domain: str, user: QemuUser | None) -> Published:
             dst = target / name
             if how == "copy":           # libvirt chowns it for the run: keep the original out of reach
                 _copy(src, dst, 0o644)
-            elif how == "private":      # fw_cfg material (the emulated PSP's key): the QEMU group only
+            elif how == "private":      # fw_cfg files (e.g. the broker's location): the QEMU group only
                 _copy(src, dst, 0o640, user.gid)
             elif how == "shared":       # read-only and never relabelled: QEMU reads it as "other"
                 _link_or_copy(src, dst, readable=True)
