@@ -303,7 +303,9 @@ class Ext4Writer:
             if self.watcher is not None:
                 self.watcher.written(self._buf_pos)
             return
-        fill = self._fill
+        if self._fill >= _FLUSH_AT:     # write_file's fast path fills past _FLUSH_AT without flushing
+            self._flush()
+        fill = self._fill               # < _FLUSH_AT, so the piece fits: the buffer never grows
         self._buf[fill:fill + n] = data
         self._fill = fill + n
         if self._fill >= _FLUSH_AT:

@@ -334,6 +334,27 @@ def test_rewriting_a_block_split_by_a_flush(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_small_pieces_after_the_buffer_passed_its_flush_mark(tmp_path: Path) -> None:
+    """write_file's fast path can leave the buffer past its flush mark; the next small piece must flush
+    first rather than grow the buffer (a BufferError once, depending on where a tar's chunks split)."""
+    from sandbox.layers import ext4_writer as W
+
+    piece = W._DIRECT_AT - 1
+    count = (W._FLUSH_AT + W._DIRECT_AT) // piece + 2     # enough to overflow the buffer without the flush
+    pieces = [bytes([i]) * piece for i in range(count)]
+    fd = os.open(tmp_path / "img", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        w = W.Ext4Writer(fd)
+        ino = w.new_inode(F.FileType.regular, 0o644)
+        first = w.next_block
+        w.write_file(ino, pieces, piece * count)
+        w.write_file(w.new_inode(F.FileType.regular, 0o644), [b"x" * 100], 100)   # through _append
+        w._flush()
+        assert os.pread(fd, piece * count, first * F.BLOCK_SIZE) == b"".join(pieces)
+    finally:
+        os.close(fd)
+
+
 def test_the_layers_package_does_not_import_aci() -> None:
     """sandbox.aci builds on the converter (its rules come in through Ext4Options), never the other way round."""
     import ast
