@@ -32,7 +32,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from sandbox.guest import boot_cache
+from sandbox.guest import boot_cache, boot_modules
 
 if TYPE_CHECKING:
     from sandbox.guest.service import AgentService
@@ -45,6 +45,10 @@ PRELOAD = ("sandbox.guest.snp_report", "sandbox.shared.policy.engine", "sandbox.
            "sandbox.shared.policy.re2machine", "sandbox.guest.blockdev", "sandbox.shared.agent_rules",
            "sandbox.guest.runtime", "sandbox.guest.oci", "sandbox.guest.users", "sandbox.guest.etcfiles")
 PRELOAD_NICE = 19   # the preload thread runs when request threads wait (Linux: per-thread niceness)
+# The modules main() imports to serve, after the boot cache: the image build imports the same to know what
+# goes in the boot-modules bundle (boot_modules.py); tests/unit/test_agent_startup.py keeps the two equal.
+SERVING = ("sandbox.guest.sysapi", "sandbox.guest.sysinit", "sandbox.guest.server", "sandbox.guest.service",
+           "sandbox.shared.protocol")
 
 
 def log(message: str) -> None:
@@ -83,9 +87,18 @@ def main() -> int:
     if len(ports.devices) < PORT_COUNT:
         log(f"{len(ports.devices)} of {PORT_COUNT} agent ports ({PORT_PREFIX}*) present; serving those and any "
             "that appear")
+    log(bundle_note())
     threading.Thread(target=after_ready, args=(service,), name="after-ready", daemon=True).start()
     threading.Event().wait()
     return 0
+
+
+def bundle_note() -> str:
+    """Whether the start-up imports came from the boot-modules bundle (a stale bundle is only slower)."""
+    bundle = next((f for f in sys.meta_path if isinstance(f, boot_modules.BundleFinder)), None)
+    if bundle is None:
+        return "boot modules: no bundle, imported the usual way"
+    return f"boot modules: {len(bundle.loaded)} from the bundle, {len(bundle.entries)} of it unused"
 
 
 def after_ready(service: AgentService) -> None:

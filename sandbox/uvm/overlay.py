@@ -29,7 +29,7 @@ from sandbox.uvm.base import SOURCE_DATE_EPOCH, BaseArtifact, build_base, uvm_ca
 from sandbox.uvm.fetch import sha256_file
 from sandbox.uvm.source_tree import PACKAGE_DIR, UVM_IMAGE_DIR
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 4
 # Dropped from the base tar: package-manager state and caches a read-only UVM never uses, unused stdlib
 # parts, and /dev (the kernel mounts devtmpfs there).
 DROP = re.compile(r"^(dev/.+|var/cache/.+|var/lib/apt/.+|var/log/.+|var/lib/dpkg/[^/]+-old"
@@ -159,6 +159,17 @@ def agent_modules(files: list[tuple[str, Path]]) -> list[str]:
 BOOT_CACHE_WARM = ("sandbox.guest.keys:load", "sandbox.guest.keys:RuntimeKey.generate")
 
 
+def agent_tree(files: list[tuple[str, Path]], out_dir: Path) -> Path:
+    """A copy of exactly the agent files the image gets, laid out as under AGENT_PREFIX (made once)."""
+    tree = out_dir / "agent-tree"
+    if not tree.is_dir():
+        for dest, src in files:
+            target = tree / PurePosixPath(dest).relative_to(AGENT_PREFIX)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(src.read_bytes())
+    return tree
+
+
 def build_boot_cache(py: GuestPython, files: list[tuple[str, Path]], out_dir: Path) -> tuple[str, Path]:
     """The boot cache (sandbox/guest/boot_cache.py) for the agent, made by the guest's python3.
 
@@ -166,16 +177,63 @@ def build_boot_cache(py: GuestPython, files: list[tuple[str, Path]], out_dir: Pa
     from the base's dist-packages) and records what dataclasses and re compute; a second, fresh run
     compiles the sources (deterministic: same interpreter, PYTHONHASHSEED=0, nothing else in the
     process). Returns (path inside the image, file)."""
-    tree = out_dir / "boot-cache-tree"
-    for dest, src in files:
-        target = tree / PurePosixPath(dest).relative_to(AGENT_PREFIX)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(src.read_bytes())
+    tree = agent_tree(files, out_dir)
     env = {**py.env, "PYTHONPATH": os.pathsep.join([str(tree), *py.dist_packages]), "OPENSSL_CONF": os.devnull}
     entry = "import sys\nfrom sandbox.guest.boot_cache import main\nmain(sys.argv[1:])\n"
     recorded = run([*py.argv, "-c", entry, "record", *BOOT_CACHE_WARM], input=json.dumps(agent_modules(files)).encode(),
                    env=env).stdout
     name = run([*py.argv, "-c", entry, "dump", out_dir], input=recorded, env=env).stdout.decode().strip()
+    return f"{AGENT_PREFIX}/{name}", out_dir / name
+
+
+# Run by the guest's python3 with the agent's files on sys.path: what the init and agent.main() import
+# before "ready", in their order, with the boot cache at argv[1] (which keeps inspect away, as in the
+# agent) -> a JSON list of [name, origin, is_package] of every module loaded from a .py file meanwhile.
+BOOT_IMPORTS_SCRIPT = """
+import sys
+from sandbox.guest import boot_modules  # the init imports it before installing the bundle
+before = set(sys.modules)
+from sandbox.guest import agent, boot_cache
+boot_cache.install(sys.argv[1])
+for name in agent.SERVING:
+    __import__(name)
+specs = [(name, getattr(module, "__spec__", None)) for name, module in list(sys.modules.items())]
+found = sorted((name, spec.origin, spec.submodule_search_locations is not None) for name, spec in specs
+               if name not in before and spec is not None and str(spec.origin).endswith(".py"))
+import json
+json.dump(found, sys.stdout)
+"""
+
+
+def build_boot_modules(py: GuestPython, files: list[tuple[str, Path]], compiled: list[tuple[str, Path]],
+                       boot_cache: Path, out_dir: Path) -> tuple[str, Path]:
+    """The boot-modules bundle (sandbox/guest/boot_modules.py): the code of every module the agent imports
+    before "ready", from the very .pyc files the image holds, made by the guest's python3.
+
+    One run imports what the agent imports (with the boot cache, as the agent does) and lists the modules;
+    a second packs their .pyc files: the agent's as compiled above, the stdlib's from the base (the guest
+    python's copy of it). Returns (path inside the image, file)."""
+    tree = agent_tree(files, out_dir)
+    home = Path(py.env["PYTHONHOME"]).parent    # the guest python's root: <home>/usr/lib/python3.X/...
+    env = {**py.env, "PYTHONPATH": str(tree)}
+    # -P: the agent's modules come from the tree, not from the current directory
+    listed = json.loads(run([*py.argv, "-P", "-c", BOOT_IMPORTS_SCRIPT, str(boot_cache)], env=env).stdout)
+    pycs = {dest: path for dest, path in compiled}
+    modules = []
+    for name, origin, is_package in listed:
+        source = Path(origin)
+        if source.is_relative_to(tree):
+            dest = PurePosixPath(AGENT_PREFIX) / source.relative_to(tree).as_posix()
+        elif source.is_relative_to(home):
+            dest = PurePosixPath(source.relative_to(home).as_posix())
+        else:
+            continue    # not from the image (nothing the agent imports before "ready")
+        cached = dest.parent / "__pycache__" / f"{dest.stem}.{py.cache_tag}.pyc"
+        pyc = pycs.get(str(cached)) or home / cached
+        modules.append((name, is_package, f"/{dest}", f"/{cached}", str(pyc)))
+    entry = "import sys\nfrom sandbox.guest.boot_modules import main\nmain(sys.argv[1:])\n"
+    name = run([*py.argv, "-c", entry, "pack", str(out_dir)], input=json.dumps(modules).encode(),
+               env=env).stdout.decode().strip()
     return f"{AGENT_PREFIX}/{name}", out_dir / name
 
 
@@ -200,8 +258,9 @@ def write_rootfs_tar(base: BaseArtifact, out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="uvm-overlay-") as tmp, guest_python(base.tar) as py:
         compiled = compile_agent(py, files, Path(tmp))
         boot_cache = build_boot_cache(py, files, Path(tmp))
+        boot_modules = build_boot_modules(py, files, compiled, boot_cache[1], Path(tmp))
         added: dict[str, tuple[tarfile.TarInfo, Path | None]] = {}
-        for dest, path in [*files, *compiled, boot_cache, (INIT_PATH, INIT_SCRIPT)]:
+        for dest, path in [*files, *compiled, boot_cache, boot_modules, (INIT_PATH, INIT_SCRIPT)]:
             parts = PurePosixPath(dest).parts
             for i in range(1, len(parts)):
                 d = "/".join(parts[:i])
