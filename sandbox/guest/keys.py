@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # annotations only: the real imports are lazy
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-P384_SCALAR_SIZE = 48
 # The agent runs `python3 -S` (no site.py: a faster boot), which leaves Debian's dist-packages off
 # sys.path. It is appended, last, on first use: nothing there can shadow the stdlib or the agent.
 DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
@@ -51,12 +50,12 @@ def _modules() -> Any:
 
     from cryptography.exceptions import InvalidSignature, InvalidTag
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, utils
+    from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
     return SimpleNamespace(InvalidSignature=InvalidSignature, InvalidTag=InvalidTag, hashes=hashes,
-                           serialization=serialization, ec=ec, utils=utils, AESGCM=AESGCM, HKDF=HKDF)
+                           serialization=serialization, ec=ec, AESGCM=AESGCM, HKDF=HKDF)
 
 
 def load() -> None:
@@ -98,27 +97,6 @@ class RuntimeKey:
         """ECDH (SEC 1 §3.3.1): the 48-byte shared secret with the peer's public key."""
         m = _modules()
         return self._private.exchange(m.ec.ECDH(), load_p384_public(peer_public_der))
-
-
-class P384Signer:
-    """ECDSA P-384 with SHA-384 under a given private scalar (the emulated PSP's VCEK)."""
-
-    def __init__(self, scalar: bytes) -> None:
-        if len(scalar) != P384_SCALAR_SIZE:
-            raise CryptoError(f"a P-384 private key is {P384_SCALAR_SIZE} bytes, got {len(scalar)}")
-        m = _modules()
-        try:
-            self._private = m.ec.derive_private_key(int.from_bytes(scalar, "big"), m.ec.SECP384R1())
-        except ValueError as e:
-            raise CryptoError(f"not a P-384 private key: {e}") from None
-        self.public_der = _spki(self._private.public_key())
-
-    def sign(self, data: bytes) -> tuple[int, int]:
-        """(r, s) of an ECDSA-SHA384 signature over `data`."""
-        m = _modules()
-        signature = self._private.sign(data, m.ec.ECDSA(m.hashes.SHA384()))
-        r, s = m.utils.decode_dss_signature(signature)
-        return r, s
 
 
 def verify_p384(public_der: bytes, data: bytes, signature_der: bytes) -> bool:

@@ -1,7 +1,7 @@
 """The agent's crypto (sandbox/guest/keys.py) under Debian's own python3 and python3-cryptography: the
 exact library version the UVM rootfs pins (images/uvm/packages.lock.json), run as the agent runs
 (`python3 -S`, so dist-packages is not on sys.path until keys.py adds it). The host side (pyca/cryptography
-from PyPI) seals and verifies; the Debian side generates, signs and opens."""
+from PyPI) signs and seals; the Debian side generates, verifies and opens."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from sandbox.kbs.release import seal
 from sandbox.shared.kbs_protocol import key_pin
@@ -43,7 +42,6 @@ def debian_python() -> Path:
 
 
 def test_sign_exchange_and_open_with_debians_cryptography(debian_python: Path) -> None:
-    scalar = (0x1234567890ABCDEF).to_bytes(48, "big")
     broker = ec.generate_private_key(ec.SECP384R1())
     nonce = os.urandom(32)
     value = os.urandom(2000)
@@ -55,14 +53,14 @@ from sandbox.guest.keyapi import open_sealed
 from sandbox.shared.kbs_protocol import Sealed
 request = json.loads(sys.stdin.readline())
 runtime = keys.RuntimeKey.generate()
-signer = keys.P384Signer(bytes.fromhex(request["scalar"]))
-r, s = signer.sign(b"report bytes")
+verified = [keys.verify_p384(base64.b64decode(request["signer"]), data, base64.b64decode(request["signature"]))
+            for data in (b"report bytes", b"other bytes")]
 print(json.dumps({"runtime": base64.b64encode(runtime.public_der).decode()}), flush=True)
 sealed = Sealed.from_payload(json.loads(sys.stdin.readline()))
 value = open_sealed(sealed, secret="db-key", nonce=bytes.fromhex(request["nonce"]), runtime_key=runtime,
                     pins={request["pin"]})
 import cryptography  # importable now: keys.py put dist-packages on sys.path
-print(json.dumps({"version": cryptography.__version__, "r": r, "s": s, "value": base64.b64encode(value).decode(),
+print(json.dumps({"version": cryptography.__version__, "verified": verified, "value": base64.b64encode(value).decode(),
                   "path_tail": sys.path[-1]}))
 '''
     pin = key_pin(broker.public_key().public_bytes(serialization.Encoding.DER,
@@ -71,7 +69,12 @@ print(json.dumps({"version": cryptography.__version__, "r": r, "s": s, "value": 
                             stderr=subprocess.PIPE, text=True, cwd="/",
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(json.dumps({"scalar": scalar.hex(), "nonce": nonce.hex(), "pin": pin}) + "\n")
+    signer = ec.generate_private_key(ec.SECP384R1())
+    signature = signer.sign(b"report bytes", ec.ECDSA(hashes.SHA384()))
+    signer_der = signer.public_key().public_bytes(serialization.Encoding.DER,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    proc.stdin.write(json.dumps({"signer": base64.b64encode(signer_der).decode(), "nonce": nonce.hex(), "pin": pin,
+                                 "signature": base64.b64encode(signature).decode()}) + "\n")
     proc.stdin.flush()
     runtime_der = base64.b64decode(json.loads(proc.stdout.readline())["runtime"])
     sealed = seal(value, secret="db-key", nonce=nonce, runtime_public_key=runtime_der, broker_key=broker)
@@ -81,5 +84,4 @@ print(json.dumps({"version": cryptography.__version__, "r": r, "s": s, "value": 
     assert result["version"] == _debian_cryptography_version()
     assert result["path_tail"] == "/usr/lib/python3/dist-packages"  # found the way the agent finds it
     assert base64.b64decode(result["value"]) == value
-    public = ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP384R1()).public_key()
-    public.verify(encode_dss_signature(result["r"], result["s"]), b"report bytes", ec.ECDSA(hashes.SHA384()))
+    assert result["verified"] == [True, False]
