@@ -51,7 +51,7 @@ def loads(data: bytes) -> "dict[str, Entry]":
     if not data.startswith(header):
         raise ValueError("not a boot-modules bundle for this interpreter")
     try:
-        entries = marshal.loads(data[len(header):])
+        entries = marshal.loads(memoryview(data)[len(header):])   # no copy of the megabyte
     except (EOFError, TypeError, ValueError) as e:
         raise ValueError(f"malformed boot-modules bundle: {e}") from None
     if not isinstance(entries, dict) or not all(

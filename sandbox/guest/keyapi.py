@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import http.client
 import json
 import os
@@ -46,6 +45,7 @@ from typing import Any
 from sandbox.guest import keys, snp_report
 from sandbox.guest.broker_address import BrokerAddressRefused, CheckedConnection
 from sandbox.guest.keys import CryptoError, RuntimeKey
+from sandbox.shared import sha2
 from sandbox.shared.bounded_server import BoundedThreadingMixIn
 from sandbox.shared.errors import InputError, KeyReleaseRefused, NetworkError, SandboxError
 from sandbox.shared.jsonstrict import JsonObject, loads_bounded
@@ -336,7 +336,7 @@ class _Handler(BaseHTTPRequestHandler):
             runtime_data = base64.b64decode(doc["runtime_data"], validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(HTTPStatus.BAD_REQUEST, "runtime_data is not valid base64") from None
-        report_data = hashlib.sha256(runtime_data).digest() + bytes(32)
+        report_data = sha2.sha256(runtime_data).digest() + bytes(32)
         result = snp_report.get_extended_report(report_data, paths=self.server.config.paths)
         self._reply(HTTPStatus.OK, {"report": result.report.hex(),
                                     "cert_table": base64.b64encode(result.cert_table).decode(),

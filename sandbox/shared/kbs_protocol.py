@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from sandbox.shared import sha2
 from sandbox.shared.errors import CheckFailed, InputError
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def check_secret_name(name: Any, *, where: str = "secret name") -> str:
 
 def key_pin(public_key_der: bytes) -> str:
     """How policies and users name a broker: SHA-256 (hex) of its DER SubjectPublicKeyInfo."""
-    return hashlib.sha256(public_key_der).hexdigest()
+    return sha2.sha256(public_key_der).hexdigest()
 
 
 def canonical(doc: Mapping[str, object]) -> bytes:
@@ -135,7 +135,7 @@ def signed_bytes(aad: bytes, iv: bytes, ciphertext: bytes) -> bytes:
 
 def key_info(aad: bytes) -> bytes:
     """HKDF's `info` for the sealing key: the label and SHA-384 of the header (salt: the nonce)."""
-    return KEY_INFO + hashlib.sha384(aad).digest()
+    return KEY_INFO + sha2.sha384(aad).digest()
 
 
 @dataclass(frozen=True)

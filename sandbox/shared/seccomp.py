@@ -21,12 +21,12 @@ the UVM would answer it, and it would hand syscall decisions to a process outsid
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from sandbox.shared import sha2
 from sandbox.shared.errors import InputError
 from sandbox.shared.jsonstrict import JsonObject, decode_utf8, loads_strict
 from sandbox.shared.messages import MAX_SECCOMP_PROFILE_BYTES as MAX_PROFILE_BYTES
@@ -75,7 +75,7 @@ class SeccompProfile:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.canonical).hexdigest()
+        return sha2.sha256(self.canonical).hexdigest()
 
     def to_oci(self) -> dict[str, object]:
         """The spec's linux.seccomp, exactly the measured object."""

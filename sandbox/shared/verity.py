@@ -13,7 +13,6 @@ Stdlib only: this module is in the shared zone.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import signal
 import struct
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sandbox.shared import sha2
 from sandbox.shared.errors import InputError
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def hash_start_block(hash_offset: int, *, superblock: bool, hash_block_size: int
 
 def tree_size(data_blocks: int, *, hash_block_size: int = BLOCK_SIZE, algorithm: str = ALGORITHM) -> int:
     """Bytes of hash tree (no superblock) for `data_blocks` data blocks."""
-    per = digests_per_block(hash_block_size, hashlib.new(algorithm).digest_size)
+    per = digests_per_block(hash_block_size, sha2.new(algorithm).digest_size)
     return sum(level_sizes(data_blocks, per)) * hash_block_size
 
 
@@ -144,7 +144,7 @@ def _check_params(salt: bytes, data_block_size: int, hash_block_size: int, algor
         if size < 512 or size & (size - 1):
             raise InputError(f"verity {what} block size {size} is not a power of two >= 512")
     try:
-        digest_size = hashlib.new(algorithm).digest_size
+        digest_size = sha2.new(algorithm).digest_size
     except ValueError as e:
         raise InputError(f"unknown hash algorithm {algorithm!r} for dm-verity") from e
     if digest_size > hash_block_size:
@@ -161,6 +161,8 @@ class BlockHasher:
     """
 
     def __init__(self, *, salt: bytes, block_size: int, algorithm: str = ALGORITHM, slot: int | None = None) -> None:
+        import hashlib  # OpenSSL, for bulk hashing (the host builds trees; the guest never does)
+
         if algorithm in hashlib.algorithms_guaranteed:
             self._new: Callable[[memoryview], _Hash] = getattr(hashlib, algorithm)
         else:
@@ -274,7 +276,7 @@ def _hash_first_level(src_fd: int, blocks: int, hasher: BlockHasher, dst_fd: int
 
 def first_level_slot(hash_block_size: int = BLOCK_SIZE, algorithm: str = ALGORITHM) -> int:
     """Bytes each data block's digest takes in the tree's first level (the digest, zero-padded)."""
-    return hash_block_size // digests_per_block(hash_block_size, hashlib.new(algorithm).digest_size)
+    return hash_block_size // digests_per_block(hash_block_size, sha2.new(algorithm).digest_size)
 
 
 def first_level_hasher(*, salt: bytes = ZERO_SALT, data_block_size: int = BLOCK_SIZE,
@@ -410,7 +412,7 @@ def format_verity(data: Path, *, salt: bytes = ZERO_SALT, superblock: bool = Tru
 
 def derived_uuid(root: bytes) -> bytes:
     """A superblock UUID that is a function of the tree (cryptsetup would pick a random one)."""
-    return hashlib.sha256(b"parma-sandbox verity uuid\0" + root).digest()[:16]
+    return sha2.sha256(b"parma-sandbox verity uuid\0" + root).digest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -525,7 +527,7 @@ def read_verity_layout(read_at: Callable[[int, int], bytes], *, algorithm: str =
     if blocks * dbs != data_size:
         raise VerityLayoutError(f"dm-verity superblock covers {blocks} blocks but the ext4 filesystem has "
                                 f"{data_size // block_size}")
-    base = hashlib.new(algorithm)
+    base = sha2.new(algorithm)
     base.update(salt)
     sizes = level_sizes(blocks, digests_per_block(hbs, base.digest_size))
     start = hash_start_block(data_size, superblock=True, hash_block_size=hbs)

@@ -20,13 +20,13 @@ the bytes are pure ASCII, hence UTF-8), integers only, and no trailing newline.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from sandbox.shared import sha2
 from sandbox.shared.errors import InvalidDocument
 from sandbox.shared.jsoncheck import Checker, join
 from sandbox.shared.jsonstrict import JsonObject, decode_utf8, loads_strict
@@ -266,7 +266,7 @@ def _refuse_floats(value: Any, path: str) -> None:
 
 def policy_hash(raw: bytes) -> str:
     """SHA-256 hex of the exact policy bytes: the value that becomes SNP HOST_DATA."""
-    return hashlib.sha256(raw).hexdigest()
+    return sha2.sha256(raw).hexdigest()
 
 
 def is_rego(raw: bytes) -> bool:

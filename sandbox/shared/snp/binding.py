@@ -8,8 +8,7 @@ so secrets encrypted to that key reach only the attested guest. See docs/attesta
 
 from __future__ import annotations
 
-import hashlib
-
+from sandbox.shared import sha2
 from sandbox.shared.errors import InputError
 
 MIN_NONCE = 16
@@ -21,4 +20,4 @@ def report_data_for(nonce: bytes, runtime_public_key_der: bytes) -> bytes:
     self-check's) shows which guest answered, and no secret can be released on it."""
     if not MIN_NONCE <= len(nonce) <= MAX_NONCE:
         raise InputError(f"nonce must be {MIN_NONCE}..{MAX_NONCE} bytes, got {len(nonce)}")
-    return hashlib.sha512(nonce + runtime_public_key_der).digest()
+    return sha2.sha512(nonce + runtime_public_key_der).digest()

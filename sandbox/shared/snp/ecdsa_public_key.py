@@ -8,10 +8,10 @@ of these exact 0x404 bytes.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
 
+from sandbox.shared import sha2
 from sandbox.shared.errors import InputError
 
 SIZE = 0x404
@@ -46,4 +46,4 @@ class EcdsaPublicKey:
 
     def digest(self) -> bytes:
         """SHA-384 of the 0x404-byte structure: what a report's ID_KEY_DIGEST / AUTHOR_KEY_DIGEST holds."""
-        return hashlib.sha384(self.to_bytes()).digest()
+        return sha2.sha384(self.to_bytes()).digest()

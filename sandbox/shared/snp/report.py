@@ -8,10 +8,10 @@ and `to_bytes()` reproduces the parsed bytes exactly.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass, replace
 
+from sandbox.shared import sha2
 from sandbox.shared.errors import CheckFailed, InputError
 from sandbox.shared.snp.key_info import KeyInfo, SigningKey
 from sandbox.shared.snp.platform_info import PlatformInfo
@@ -194,7 +194,7 @@ class AttestationReport:
             "launch_tcb": self.launch_tcb.to_dict(),
             "launch_mit_vector": hex(self.launch_mit_vector or 0),
             "current_mit_vector": hex(self.current_mit_vector or 0),
-            "sha384_signed_part": hashlib.sha384(self.signed_bytes()).hexdigest(),
+            "sha384_signed_part": sha2.sha384(self.signed_bytes()).hexdigest(),
             "signature_r_le": self.signature_r.to_bytes(SIG_FIELD, "little").hex(),
             "signature_s_le": self.signature_s.to_bytes(SIG_FIELD, "little").hex(),
             "decoded": {
