@@ -15,7 +15,9 @@ Checks in the same run: in --compat aci mode our ext4 equals tar2ext4's byte for
 size as its CLI, 16 GiB) and our root hash equals the recorded ACI root hash for the recorded tar. Without
 tar2ext4 the reference is `tar -x` + `mkfs.ext4 -d` + `veritysetup format` (needs root to keep owners).
 ratio = reference median / our median (>= 1.0: we are as fast); cpu_ratio the same for CPU time, which
-tells how the two compare when no core is free (then the wall-time ratio tends to it).
+tells how the two compare when no core is free (then the wall-time ratio tends to it). `goal` names the rows
+the speed goal counts (ext4 + dm-verity, both modes) and whether they, the root hash and the memory hold;
+the ext4-only rows are context (`all_ratios_ok` covers them too).
 
 Memory: peak RSS of our conversion of a synthetic layer of --entries entries (default 200,000) and of a
 layer holding one 1 GiB file, against the 64 MiB goal (tar2ext4 + veritysetup on the same layer for context).
@@ -159,6 +161,25 @@ def compare(ours: Pipeline, reference: Pipeline, size: int) -> dict:
     o, r = ours.summary(size), reference.summary(size)
     return {"ours": o, "reference": r, "ratio": round(r["median_s"] / o["median_s"], 3),
             "cpu_ratio": round(r["cpu_median_s"] / o["cpu_median_s"], 3)}
+
+
+# Issue 17's goal is about layer conversion: the ext4 image and its dm-verity tree, the device ACI hashes
+# (hcsshim computes a layer's root hash as tar2ext4 then a Merkle tree: ConvertAndComputeRootDigest), in
+# --compat aci mode with the recorded root hash, and in the default mode. The ext4-only rows are context:
+# tar2ext4 alone against our converter with the tree left out.
+GOAL_ROWS = ("aci_verity", "default_verity")
+
+
+def goal_summary(doc: dict) -> dict:
+    """Which rows the goal counts, their ratios, and whether the goal holds in this run."""
+    ratios = {k: doc[k]["ratio"] for k in GOAL_ROWS if k in doc}
+    if not ratios and "ratio" in doc:          # no tar2ext4: ours (default mode) against the tools pipeline
+        ratios = {"default_verity_vs_tools": doc["ratio"]}
+    same_hash = doc.get("checks", {}).get("aci_root_hash_equals_recorded")
+    ok = bool(ratios) and all(r >= 1.0 for r in ratios.values()) and doc["peak_rss_ok"] and same_hash is not False
+    return {"rows": list(ratios), "ratios": ratios, "goal_ratio": 1.0, "root_hash_equals_recorded": same_hash,
+            "peak_rss_ok": doc["peak_rss_ok"], "ok": ok,
+            "context_rows": [k for k in ("aci_ext4", "default_ext4") if k in doc]}
 
 
 def sha256_file(path: Path) -> str:
@@ -348,6 +369,7 @@ def main() -> None:
     doc["peak_rss_ok"] = all(m["peak_rss_mib"] <= GOAL_RSS_MIB for m in memory.values())
     ratios = [doc[k]["ratio"] for k in ("aci_ext4", "aci_verity", "default_ext4", "default_verity") if k in doc]
     doc["all_ratios_ok"] = bool(ratios) and all(r >= 1.0 for r in ratios)
+    doc["goal"] = goal_summary(doc)
     doc["load_average"] = os.getloadavg()
     doc["python"] = platform.python_version()
     print(json.dumps(doc, indent=2))
