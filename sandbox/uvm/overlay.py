@@ -160,24 +160,23 @@ BOOT_CACHE_WARM = ("sandbox.guest.keys:load", "sandbox.guest.keys:RuntimeKey.gen
 
 
 def agent_tree(files: list[tuple[str, Path]], out_dir: Path) -> Path:
-    """A copy of exactly the agent files the image gets, laid out as under AGENT_PREFIX (made once)."""
+    """A copy of exactly the agent files the image gets, laid out as under AGENT_PREFIX: the guest's python3
+    imports the agent from it to build the boot cache and the boot-modules bundle."""
     tree = out_dir / "agent-tree"
-    if not tree.is_dir():
-        for dest, src in files:
-            target = tree / PurePosixPath(dest).relative_to(AGENT_PREFIX)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(src.read_bytes())
+    for dest, src in files:
+        target = tree / PurePosixPath(dest).relative_to(AGENT_PREFIX)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(src.read_bytes())
     return tree
 
 
-def build_boot_cache(py: GuestPython, files: list[tuple[str, Path]], out_dir: Path) -> tuple[str, Path]:
+def build_boot_cache(py: GuestPython, files: list[tuple[str, Path]], tree: Path, out_dir: Path) -> tuple[str, Path]:
     """The boot cache (sandbox/guest/boot_cache.py) for the agent, made by the guest's python3.
 
     One run imports every agent module from a copy of exactly the files the image gets (and cryptography,
     from the base's dist-packages) and records what dataclasses and re compute; a second, fresh run
     compiles the sources (deterministic: same interpreter, PYTHONHASHSEED=0, nothing else in the
-    process). Returns (path inside the image, file)."""
-    tree = agent_tree(files, out_dir)
+    process). `tree` is agent_tree(files). Returns (path inside the image, file)."""
     env = {**py.env, "PYTHONPATH": os.pathsep.join([str(tree), *py.dist_packages]), "OPENSSL_CONF": os.devnull}
     entry = "import sys\nfrom sandbox.guest.boot_cache import main\nmain(sys.argv[1:])\n"
     recorded = run([*py.argv, "-c", entry, "record", *BOOT_CACHE_WARM], input=json.dumps(agent_modules(files)).encode(),
@@ -205,15 +204,14 @@ json.dump(found, sys.stdout)
 """
 
 
-def build_boot_modules(py: GuestPython, files: list[tuple[str, Path]], compiled: list[tuple[str, Path]],
-                       boot_cache: Path, out_dir: Path) -> tuple[str, Path]:
+def build_boot_modules(py: GuestPython, tree: Path, compiled: list[tuple[str, Path]], boot_cache: Path,
+                       out_dir: Path) -> tuple[str, Path]:
     """The boot-modules bundle (sandbox/guest/boot_modules.py): the code of every module the agent imports
     before "ready", from the very .pyc files the image holds, made by the guest's python3.
 
     One run imports what the agent imports (with the boot cache, as the agent does) and lists the modules;
     a second packs their .pyc files: the agent's as compiled above, the stdlib's from the base (the guest
-    python's copy of it). Returns (path inside the image, file)."""
-    tree = agent_tree(files, out_dir)
+    python's copy of it). `tree` is agent_tree() of the agent's files. Returns (path inside the image, file)."""
     home = Path(py.env["PYTHONHOME"]).parent    # the guest python's root: <home>/usr/lib/python3.X/...
     env = {**py.env, "PYTHONPATH": str(tree)}
     # -P: the agent's modules come from the tree, not from the current directory
@@ -257,8 +255,9 @@ def write_rootfs_tar(base: BaseArtifact, out: Path) -> None:
     files = agent_files()
     with tempfile.TemporaryDirectory(prefix="uvm-overlay-") as tmp, guest_python(base.tar) as py:
         compiled = compile_agent(py, files, Path(tmp))
-        boot_cache = build_boot_cache(py, files, Path(tmp))
-        boot_modules = build_boot_modules(py, files, compiled, boot_cache[1], Path(tmp))
+        tree = agent_tree(files, Path(tmp))
+        boot_cache = build_boot_cache(py, files, tree, Path(tmp))
+        boot_modules = build_boot_modules(py, tree, compiled, boot_cache[1], Path(tmp))
         added: dict[str, tuple[tarfile.TarInfo, Path | None]] = {}
         for dest, path in [*files, *compiled, boot_cache, boot_modules, (INIT_PATH, INIT_SCRIPT)]:
             parts = PurePosixPath(dest).parts
